@@ -1,0 +1,1 @@
+"""Choosing backends for sessions."""

@@ -1,0 +1,1 @@
+"""The asyncio drivers: the only I/O on the data path."""

@@ -1,0 +1,34 @@
+"""Errors of the protocol layer; each says where it came from and what the client may see."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Origin(enum.Enum):
+    """Who caused an error: decides whether the client gets an ERR packet or a closed socket."""
+
+    CLIENT = "client"
+    BACKEND = "backend"
+    PROXY = "proxy"
+
+
+class ProtocolError(Exception):
+    """Bytes that do not follow the protocol. The session that received them ends."""
+
+    def __init__(self, message: str, origin: Origin = Origin.CLIENT) -> None:
+        super().__init__(message)
+        self.origin = origin
+
+
+class SQLError(Exception):
+    """An error the client sees as an ERR packet with this code and SQLSTATE."""
+
+    def __init__(
+        self, code: int, sqlstate: str, message: str, origin: Origin = Origin.PROXY
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.sqlstate = sqlstate
+        self.message = message
+        self.origin = origin

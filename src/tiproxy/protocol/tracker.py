@@ -1,0 +1,432 @@
+"""Where each backend response ends, and the server status after it, without copying rows.
+
+Theory of operation
+-------------------
+The proxy forwards the backend's bytes to the client in whole chunks, untouched. Beside that it
+feeds every chunk to a ResponseTracker, which walks the 4-byte packet headers in place and moves
+a small state machine per packet. Only the packets that decide something are read: the first
+packet of a result (OK, ERR, LOCAL INFILE request or column count), the terminators (EOF or the
+OK that replaces it under CLIENT_DEPRECATE_EOF) and the PREPARE_OK. Column definitions and rows are
+skipped by length; of a row only its first byte is looked at. A packet that straddles two chunks
+is carried over only when it must be read whole (a few bytes); otherwise the tracker remembers how
+many bytes of it to skip.
+
+Each command the relay sends pushes what it expects back (`expect`). When a response completes the
+tracker calls `on_done(token, status, failed)` and starts on the next expected response; a
+response with SERVER_MORE_RESULTS_EXISTS in its terminator continues with the next result.
+
+Response layouts: https://dev.mysql.com/doc/dev/mysql-server/latest/page_protocol_command_phase.html
+Terminator rule: a packet starting 0xFE with a payload shorter than 0xFFFFFF ends a row stream;
+a text row may start with 0xFE only as an 8-byte length, which makes its packet 16 MiB long. A
+terminator of 5 bytes is an EOF packet (warnings, status); a longer one is an OK packet.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from tiproxy.protocol.codec import U16, U32, Buffer, read_lenenc_int
+from tiproxy.protocol.constants import MAX_PAYLOAD, Command, ServerStatus
+from tiproxy.protocol.errors import Origin, ProtocolError
+
+
+class Expect(enum.IntEnum):
+    """What a command's response looks like."""
+
+    NOTHING = 0  # COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA, COM_QUIT
+    RESULT = 1  # OK | ERR | LOCAL INFILE | text result sets, possibly several
+    BINARY = 2  # COM_STMT_EXECUTE: OK | ERR | binary result sets; a cursor ends after the columns
+    SINGLE = 3  # exactly one packet of any shape (COM_PING, COM_STATISTICS, ...)
+    PREPARE = 4  # PREPARE_OK, parameter and column definitions | ERR
+    FETCH = 5  # binary rows then a terminator | ERR
+    FIELD_LIST = 6  # column definitions then a terminator | ERR
+    AUTH = 7  # COM_CHANGE_USER: auth switch and more-data rounds, then OK | ERR
+
+
+# What every command's response looks like. A command missing here is refused by the proxy.
+EXPECT_BY_COMMAND: dict[int, Expect] = {
+    Command.SLEEP: Expect.SINGLE,
+    Command.QUIT: Expect.NOTHING,
+    Command.INIT_DB: Expect.SINGLE,
+    Command.QUERY: Expect.RESULT,
+    Command.FIELD_LIST: Expect.FIELD_LIST,
+    Command.CREATE_DB: Expect.SINGLE,
+    Command.DROP_DB: Expect.SINGLE,
+    Command.REFRESH: Expect.SINGLE,
+    Command.SHUTDOWN: Expect.SINGLE,
+    Command.STATISTICS: Expect.SINGLE,
+    Command.PROCESS_INFO: Expect.RESULT,
+    Command.CONNECT: Expect.SINGLE,
+    Command.PROCESS_KILL: Expect.SINGLE,
+    Command.DEBUG: Expect.SINGLE,
+    Command.PING: Expect.SINGLE,
+    Command.TIME: Expect.SINGLE,
+    Command.DELAYED_INSERT: Expect.SINGLE,
+    Command.CHANGE_USER: Expect.AUTH,
+    Command.STMT_PREPARE: Expect.PREPARE,
+    Command.STMT_EXECUTE: Expect.BINARY,
+    Command.STMT_SEND_LONG_DATA: Expect.NOTHING,
+    Command.STMT_CLOSE: Expect.NOTHING,
+    Command.STMT_RESET: Expect.SINGLE,
+    Command.SET_OPTION: Expect.SINGLE,
+    Command.STMT_FETCH: Expect.FETCH,
+    Command.DAEMON: Expect.SINGLE,
+    Command.RESET_CONNECTION: Expect.SINGLE,
+}
+
+# Phases of the state machine, as plain ints: they are compared once per packet on the hot path.
+IDLE = 0
+FIRST = 1  # the first packet of a (text or binary) result
+COLUMNS = 2  # column definitions to skip
+COLUMNS_EOF = 3  # the EOF after the column definitions (no CLIENT_DEPRECATE_EOF)
+ROWS = 4
+SINGLE = 5
+PREPARE_OK = 6
+PREPARE_DEFS = 7  # parameter, then column, definitions of a prepared statement
+PREPARE_EOF = 8
+FIELDS = 9
+AUTH = 10
+
+_MORE = ServerStatus.MORE_RESULTS_EXISTS
+_CURSOR = ServerStatus.CURSOR_EXISTS
+
+
+def terminator_status(buf: Buffer, start: int, length: int) -> int:
+    """The status flags of an EOF packet (5 bytes) or of an OK packet (7 bytes or more)."""
+    if length == 5:
+        return int(U16.unpack_from(buf, start + 3)[0])
+    return ok_status(buf, start, length)
+
+
+def ok_status(buf: Buffer, start: int, length: int) -> int:
+    pos = start + 1
+    end = start + length
+    _, pos = read_lenenc_int(buf, pos)  # affected rows
+    _, pos = read_lenenc_int(buf, pos)  # last insert id
+    if pos + 2 > end:
+        raise ProtocolError("OK packet without status flags", Origin.BACKEND)
+    return int(U16.unpack_from(buf, pos)[0])
+
+
+def _skip_plain_rows(data: Buffer, pos: int, n: int) -> int:
+    """Pass over whole rows that cannot end the result; return where the first other packet is.
+
+    The hot loop of a large result: one header read and one byte compare per row.
+    """
+    unpack = U32.unpack_from
+    while pos + 4 < n:
+        length = unpack(data, pos)[0] & 0xFFFFFF
+        end = pos + 4 + length
+        if end > n or length == 0 or length == MAX_PAYLOAD:
+            return pos
+        first = data[pos + 4]
+        if first == 0xFE or first == 0xFF:
+            return pos
+        pos = end
+    return pos
+
+
+class ResponseTracker:
+    """Frames the backend's responses; see the module docstring."""
+
+    __slots__ = (
+        "_binary",
+        "_carry",
+        "_columns",
+        "_continued",
+        "_defs_left",
+        "_eof_after_defs",
+        "_pending",
+        "_skip",
+        "deprecate_eof",
+        "local_infile",
+        "on_done",
+        "phase",
+        "status",
+        "prepared",
+    )
+
+    def __init__(
+        self,
+        deprecate_eof: bool,
+        on_done: Callable[[Any, int, bool], None],
+        status: int = ServerStatus.AUTOCOMMIT,
+    ) -> None:
+        self.deprecate_eof = deprecate_eof
+        self.on_done = on_done
+        self.status = status
+        self.phase = IDLE
+        self.local_infile = False  # the backend asked for a file; the client is sending it
+        # (statement id, columns, params) of the last PREPARE_OK, for the session to record.
+        self.prepared: tuple[int, int, int] | None = None
+        self._pending: deque[tuple[Expect, Any]] = deque()
+        # A packet split across chunks that must be read whole. Only small packets are wanted
+        # whole (headers, terminators, PREPARE_OK); one packet is at most 16 MiB by framing.
+        self._carry = bytearray()
+        self._skip = 0  # payload bytes of the current packet still to pass over
+        self._continued = False  # the last packet was 16 MiB: the next one continues it
+        self._binary = False
+        self._columns = 0
+        self._defs_left = 0
+        self._eof_after_defs = 0  # PREPARE: column definitions still to come after the params
+
+    # -- the relay's side -------------------------------------------------------------------
+
+    def expect(self, kind: Expect, token: Any = None) -> None:
+        """A command was sent: its response comes after those already expected."""
+        if kind is Expect.NOTHING:
+            self.on_done(token, self.status, False)
+            return
+        self._pending.append((kind, token))
+        if self.phase == IDLE:
+            self._start_next()
+
+    @property
+    def idle(self) -> bool:
+        return self.phase == IDLE and not self._pending
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def feed(self, data: Buffer) -> None:
+        """Scan a chunk the backend sent. Raises ProtocolError on bytes no response can hold."""
+        n = len(data)
+        pos = 0
+        if self._skip:
+            if self._skip >= n:
+                self._skip -= n
+                return
+            pos = self._skip
+            self._skip = 0
+        if self._carry:
+            pos = self._fill_carry(data, pos)
+            if pos >= n:
+                return
+        self._scan(data, pos)
+
+    # -- scanning ---------------------------------------------------------------------------
+
+    def _scan(self, data: Buffer, pos: int) -> None:
+        n = len(data)
+        unpack = U32.unpack_from
+        while pos + 4 <= n:
+            if self.phase == ROWS and not self._continued:
+                pos = _skip_plain_rows(data, pos, n)
+                if pos + 4 > n:
+                    break
+            length = unpack(data, pos)[0] & 0xFFFFFF
+            start = pos + 4
+            end = start + length
+            if self._continued:
+                # The rest of a 16 MiB packet: raw data whatever its first byte.
+                self._continued = length == MAX_PAYLOAD
+            elif end <= n:
+                self._packet(data, start, length)
+                if length == MAX_PAYLOAD:
+                    self._continued = True
+            elif start < n and not self._wants_whole(data[start], length):
+                self._packet(data, start, length)
+                if length == MAX_PAYLOAD:
+                    self._continued = True
+            else:
+                self._carry += data[pos:]
+                return
+            if end > n:
+                self._skip = end - n
+                return
+            pos = end
+        if pos < n:
+            self._carry += data[pos:]
+
+    def _fill_carry(self, data: Buffer, pos: int) -> int:
+        """Complete the carried packet from `data`; returns where scanning resumes."""
+        carry = self._carry
+        n = len(data)
+        if len(carry) < 4:
+            take = min(4 - len(carry), n - pos)
+            carry += data[pos : pos + take]
+            pos += take
+            if len(carry) < 4:
+                return n
+        length = U32.unpack_from(carry, 0)[0] & 0xFFFFFF
+        have = len(carry) - 4
+        if self._continued:
+            self._carry = bytearray()
+            self._continued = length == MAX_PAYLOAD
+            return self._skip_from(pos, n, length - have)
+        if length and not have:
+            if pos >= n:
+                return n
+            if not self._wants_whole(data[pos], length):
+                self._carry = bytearray()
+                self._packet(bytes((data[pos],)), 0, length)
+                self._continued = length == MAX_PAYLOAD
+                return self._skip_from(pos, n, length)
+        take = min(length - have, n - pos)
+        carry += data[pos : pos + take]
+        pos += take
+        if len(carry) - 4 < length:
+            return n
+        self._carry = bytearray()
+        self._packet(carry, 4, length)
+        self._continued = length == MAX_PAYLOAD
+        return pos
+
+    def _skip_from(self, pos: int, n: int, count: int) -> int:
+        if pos + count > n:
+            self._skip = pos + count - n
+            return n
+        return pos + count
+
+    def _wants_whole(self, first: int, length: int) -> bool:
+        """Whether a packet must be read whole, knowing only its first byte and length."""
+        phase = self.phase
+        if phase in (ROWS, FIELDS):
+            return first in (0xFE, 0xFF) and length < MAX_PAYLOAD
+        return phase not in (COLUMNS, PREPARE_DEFS, SINGLE)
+
+    # -- the state machine ------------------------------------------------------------------
+
+    def _packet(self, buf: Buffer, start: int, length: int) -> None:
+        """One packet; buf[start] is always there, the rest only if _wants_whole said so."""
+        phase = self.phase
+        if length == 0:
+            raise ProtocolError(f"empty packet in response phase {phase}", Origin.BACKEND)
+        if phase == ROWS:
+            first = buf[start]
+            if first == 0xFE and length < MAX_PAYLOAD:
+                self._end_result(terminator_status(buf, start, length))
+            elif first == 0xFF:
+                self._finish(self.status, True)
+            return
+        if phase == COLUMNS:
+            self._columns -= 1
+            if not self._columns:
+                self.phase = ROWS if self.deprecate_eof else COLUMNS_EOF
+            return
+        first = buf[start]
+        if phase == FIRST:
+            self._first(buf, start, length, first)
+        elif phase == COLUMNS_EOF:
+            if first != 0xFE:
+                raise ProtocolError("column definitions not followed by EOF", Origin.BACKEND)
+            status = terminator_status(buf, start, length)
+            if self._binary and status & _CURSOR:
+                self._end_result(status)  # a cursor: rows come with COM_STMT_FETCH
+            else:
+                self.status = status
+                self.phase = ROWS
+        elif phase == SINGLE:
+            if first == 0x00 and length >= 7:
+                self.status = ok_status(buf, start, length)
+            elif first == 0xFE and length == 5:
+                self.status = terminator_status(buf, start, length)
+            self._finish(self.status, first == 0xFF)
+        elif phase == FIELDS:
+            if first == 0xFE and length < MAX_PAYLOAD:
+                self._finish(terminator_status(buf, start, length), False)
+            elif first == 0xFF:
+                self._finish(self.status, True)
+        elif phase == PREPARE_OK:
+            self._prepare_ok(buf, start, length, first)
+        elif phase == PREPARE_DEFS:
+            self._defs_left -= 1
+            if not self._defs_left:
+                self._defs_done()
+        elif phase == PREPARE_EOF:
+            if first != 0xFE:
+                raise ProtocolError("prepared statement definitions without EOF", Origin.BACKEND)
+            self._after_prepare_eof()
+        elif phase == AUTH:
+            if first == 0x00:
+                self._finish(ok_status(buf, start, length), False)
+            elif first == 0xFF:
+                self._finish(self.status, True)
+            # 0xFE auth switch and 0x01 more data: the client answers, the exchange goes on.
+        else:
+            raise ProtocolError(f"backend sent a packet nobody asked for (0x{first:02x})", Origin.BACKEND)
+
+    def _first(self, buf: Buffer, start: int, length: int, first: int) -> None:
+        if first == 0x00:
+            self._end_result(ok_status(buf, start, length))
+        elif first == 0xFF:
+            self._finish(self.status, True)
+        elif first == 0xFB and not self._binary:
+            self.local_infile = True  # the OK or ERR comes after the client's file
+        elif first == 0xFE:
+            self._end_result(terminator_status(buf, start, length))
+        else:
+            count, _ = read_lenenc_int(buf, start)
+            if count == 0:
+                raise ProtocolError("result set with no columns", Origin.BACKEND)
+            self._columns = count
+            self.phase = COLUMNS
+
+    def _prepare_ok(self, buf: Buffer, start: int, length: int, first: int) -> None:
+        if first == 0xFF:
+            self._finish(self.status, True)
+            return
+        if first != 0x00 or length < 12:
+            raise ProtocolError("malformed PREPARE_OK", Origin.BACKEND)
+        stmt_id = U32.unpack_from(buf, start + 1)[0]
+        columns = U16.unpack_from(buf, start + 5)[0]
+        params = U16.unpack_from(buf, start + 7)[0]
+        self.prepared = (stmt_id, columns, params)
+        self._eof_after_defs = columns
+        if params:
+            self._defs_left = params
+            self.phase = PREPARE_DEFS
+        else:
+            self._after_prepare_eof()
+
+    def _defs_done(self) -> None:
+        if self.deprecate_eof:
+            self._after_prepare_eof()
+        else:
+            self.phase = PREPARE_EOF
+
+    def _after_prepare_eof(self) -> None:
+        columns = self._eof_after_defs
+        self._eof_after_defs = 0
+        if columns:
+            self._defs_left = columns
+            self.phase = PREPARE_DEFS
+        else:
+            self._finish(self.status, False)
+
+    def _end_result(self, status: int) -> None:
+        if status & _MORE:
+            self.status = status
+            self.phase = FIRST
+        else:
+            self._finish(status, False)
+
+    def _finish(self, status: int, failed: bool) -> None:
+        self.status = status
+        self.local_infile = False
+        _, token = self._pending.popleft()
+        self.phase = IDLE
+        if self._pending:
+            self._start_next()
+        self.on_done(token, status, failed)
+
+    def _start_next(self) -> None:
+        kind, _ = self._pending[0]
+        self._binary = kind is Expect.BINARY
+        if kind is Expect.RESULT or kind is Expect.BINARY:
+            self.phase = FIRST
+        elif kind is Expect.SINGLE:
+            self.phase = SINGLE
+        elif kind is Expect.PREPARE:
+            self.phase = PREPARE_OK
+        elif kind is Expect.FETCH:
+            self._binary = True
+            self.phase = ROWS
+        elif kind is Expect.FIELD_LIST:
+            self.phase = FIELDS
+        else:
+            self.phase = AUTH

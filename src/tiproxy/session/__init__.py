@@ -1,0 +1,1 @@
+"""Per-session logic without I/O: connection phase, command inspection."""

@@ -1,0 +1,111 @@
+"""Commands the proxy reads or rewrites before the backend sees them.
+
+Most commands go through untouched. These do not:
+- KILL [HARD|SOFT] [CONNECTION|QUERY] <id> and COM_PROCESS_KILL carry the connection id the
+  client got from the proxy; the backend knows the session by its own id.
+- COM_CHANGE_USER logs in again: like the first login, it is sent with a plugin no server knows so
+  that the backend answers with an AuthSwitchRequest and a salt of its own.
+References: https://mariadb.com/kb/en/kill/ , https://mariadb.com/kb/en/com_change_user/
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tiproxy.protocol.codec import (
+    U32,
+    read_bytes,
+    read_eof_bytes,
+    read_lenenc_bytes,
+    read_nul_bytes,
+    read_u8,
+)
+from tiproxy.protocol.constants import Capability, Command
+from tiproxy.protocol.errors import ProtocolError
+
+# KILL [HARD | SOFT] [CONNECTION | QUERY] <thread id>. "KILL QUERY ID <query id>" and
+# "KILL USER <name>" name no connection id and go through untouched.
+_KILL = re.compile(
+    rb"\A\s*KILL\s+(?P<mode>(?:HARD|SOFT)\s+)?(?P<what>(?:CONNECTION|QUERY)\s+)?"
+    rb"(?P<id>\d{1,20})\s*;?\s*\Z",
+    re.IGNORECASE,
+)
+# A COM_QUERY whose first byte is one of these may be a KILL: K, k, whitespace, a comment.
+MAYBE_KILL_FIRST_BYTES = frozenset(b"Kk \t\r\n/(")
+
+
+@dataclass(frozen=True)
+class KillRequest:
+    connection_id: int
+    query_only: bool
+    prefix: bytes  # "KILL HARD QUERY " etc, kept so the rewritten statement keeps its options
+
+    def for_backend(self, backend_connection_id: int) -> bytes:
+        return self.prefix + str(backend_connection_id).encode()
+
+
+def parse_kill_query(sql: bytes) -> KillRequest | None:
+    m = _KILL.match(sql)
+    if m is None:
+        return None
+    what = (m.group("what") or b"").strip().upper()
+    mode = (m.group("mode") or b"").strip().upper()
+    prefix = b"KILL " + (mode + b" " if mode else b"") + (what + b" " if what else b"")
+    return KillRequest(int(m.group("id")), what == b"QUERY", prefix)
+
+
+def parse_process_kill(payload: bytes) -> int:
+    if len(payload) < 5:
+        raise ProtocolError("COM_PROCESS_KILL without a connection id")
+    return int(U32.unpack_from(payload, 1)[0])
+
+
+def build_process_kill(connection_id: int) -> bytes:
+    return bytes((Command.PROCESS_KILL,)) + U32.pack(connection_id & 0xFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class ChangeUser:
+    user: bytes
+    database: bytes
+    rewritten: bytes  # the payload to send to the backend
+
+
+def rewrite_change_user(payload: bytes, capabilities: int, plugin: str) -> ChangeUser:
+    """COM_CHANGE_USER with its auth data dropped and its plugin replaced by `plugin`."""
+    _, pos = read_u8(payload, 0)
+    user, pos = read_nul_bytes(payload, pos)
+    if capabilities & Capability.SECURE_CONNECTION:
+        size, pos = read_u8(payload, pos)
+        _, pos = read_bytes(payload, pos, size)
+    else:
+        _, pos = read_nul_bytes(payload, pos)
+    database, pos = read_nul_bytes(payload, pos)
+    charset = b""
+    if pos < len(payload):
+        charset, pos = read_bytes(payload, pos, 2)
+    if pos < len(payload) and capabilities & Capability.PLUGIN_AUTH:
+        _, pos = read_nul_bytes(payload, pos)
+    attrs = b""
+    if pos < len(payload) and capabilities & Capability.CONNECT_ATTRS:
+        start = pos
+        _, pos = read_lenenc_bytes(payload, pos)
+        attrs = payload[start:pos]
+    rest, _ = read_eof_bytes(payload, pos)
+    if not capabilities & Capability.PLUGIN_AUTH:
+        raise ProtocolError("COM_CHANGE_USER from a client without pluggable authentication")
+    auth = b"\0" if capabilities & Capability.SECURE_CONNECTION else b"\0"
+    rewritten = b"".join(
+        (
+            bytes((Command.CHANGE_USER,)),
+            user + b"\0",
+            auth,
+            database + b"\0",
+            charset or b"\x21\x00",
+            plugin.encode() + b"\0",
+            attrs,
+            rest,
+        )
+    )
+    return ChangeUser(user, database, rewritten)

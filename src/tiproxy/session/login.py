@@ -1,0 +1,216 @@
+"""The connection phase of one session, from the proxy's greeting to the backend's OK or ERR.
+
+Theory of operation
+-------------------
+The proxy greets the client with its own connection id and salt, in the image of a backend's
+greeting (server version, character set), with only the capabilities the proxy can frame. The
+client answers with a HandshakeResponse41 (after an SSLRequest and TLS, if it wants TLS). The
+proxy then routes: the driver connects to a backend and hands over that backend's greeting. The
+proxy forwards the client's response with an authentication plugin no server knows and no auth
+data, so the backend answers with an AuthSwitchRequest carrying its own salt and the user's real
+plugin. From there the proxy relays every packet both ways, renumbering the client's leg by one
+if TLS added a packet, until the backend says OK (the session is established) or ERR (the client
+gets the server's own error). Any plugin works this way (mysql_native_password, ed25519,
+caching_sha2_password); the proxy never sees a password.
+
+    state      input                          next       actions
+    GREETED    client SSLRequest              TLS        StartClientTLS
+    GREETED    client HandshakeResponse       ROUTING    Route
+    TLS        client HandshakeResponse       ROUTING    Route
+    ROUTING    backend greeting               AUTH       SendBackend(response)
+    AUTH       backend 0xFE / 0x01 packet     AUTH       SendClient
+    AUTH       client packet                  AUTH       SendBackend
+    AUTH       backend OK                     DONE       SendClient, Established
+    AUTH       backend ERR                    FAILED     SendClient, Refused
+Anything else is a protocol error.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, replace
+
+from tiproxy.protocol.constants import (
+    PER_LEG_CAPABILITIES,
+    PROXY_CAPABILITIES,
+    Capability,
+)
+from tiproxy.protocol.errors import Origin, ProtocolError
+from tiproxy.protocol.packets import (
+    Greeting,
+    HandshakeResponse,
+    build_greeting,
+    build_handshake_response,
+    frame,
+    parse_err,
+    parse_greeting,
+    parse_handshake_response,
+)
+from tiproxy.protocol.tracker import ok_status
+
+# Sent to the backend in place of the client's plugin: no server has it, so every server answers
+# with an AuthSwitchRequest for the user's real plugin and a salt of its own.
+FORCE_SWITCH_PLUGIN = "tiproxy_pass_through"
+
+
+class LoginState(enum.Enum):
+    GREETED = "greeted"
+    TLS = "tls"
+    ROUTING = "routing"
+    AUTH = "auth"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class SendClient:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SendBackend:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StartClientTLS:
+    pass
+
+
+@dataclass(frozen=True)
+class Route:
+    user: str
+    database: str | None
+
+
+@dataclass(frozen=True)
+class Established:
+    client_capabilities: int  # what the client leg negotiated (COMPRESS among them)
+    backend_capabilities: int  # what the backend leg negotiated
+    status: int
+    backend_connection_id: int
+    user: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str  # for the log; the client already has the backend's ERR
+
+
+Action = SendClient | SendBackend | StartClientTLS | Route | Established | Refused
+
+
+def make_salt() -> bytes:
+    """20 random printable bytes, never NUL or '$', as servers make them."""
+    raw = secrets.token_bytes(20)
+    return bytes(0x21 + b % 0x5D if 0x21 + b % 0x5D != 0x24 else 0x25 for b in raw)
+
+
+class Login:
+    """See the module docstring. Feed packets in; carry out the actions that come back."""
+
+    def __init__(self, template: Greeting, connection_id: int, tls_available: bool) -> None:
+        caps = template.capabilities & PROXY_CAPABILITIES | Capability.PLUGIN_AUTH
+        caps |= Capability.COMPRESS | Capability.LONG_PASSWORD  # compression is the proxy's own
+        if tls_available:
+            caps |= Capability.SSL
+        else:
+            caps &= ~Capability.SSL
+        self.greeting = replace(
+            template,
+            connection_id=connection_id,
+            salt=make_salt(),
+            capabilities=caps,
+            mariadb_capabilities=0,
+            auth_plugin=template.auth_plugin or "mysql_native_password",
+        )
+        self.state = LoginState.GREETED
+        self.response: HandshakeResponse | None = None
+        self.backend_greeting: Greeting | None = None
+        self._seq_shift = 0  # the client leg runs one packet ahead once TLS was set up
+        self._backend_caps = 0
+
+    def start(self) -> bytes:
+        return frame(build_greeting(self.greeting), 0)
+
+    @property
+    def client_capabilities(self) -> int:
+        return self.response.capabilities if self.response else 0
+
+    def client_packet(self, seq: int, payload: bytes) -> list[Action]:
+        state = self.state
+        if state in (LoginState.GREETED, LoginState.TLS):
+            return self._client_response(seq, payload)
+        if state is LoginState.AUTH:
+            return [SendBackend(frame(payload, seq - self._seq_shift))]
+        raise ProtocolError(f"client sent a packet during the {state.value} step of login")
+
+    def _client_response(self, seq: int, payload: bytes) -> list[Action]:
+        resp = parse_handshake_response(payload)
+        resp = replace(resp, capabilities=resp.capabilities & self.greeting.capabilities)
+        if resp.ssl_request_only:
+            if self.state is LoginState.TLS or not resp.capabilities & Capability.SSL:
+                raise ProtocolError("SSLRequest where a handshake response was due")
+            self.state = LoginState.TLS
+            self._seq_shift = 1
+            return [StartClientTLS()]
+        if not resp.capabilities & Capability.PLUGIN_AUTH:
+            raise ProtocolError("client does not support pluggable authentication")
+        if seq != 1 + self._seq_shift:
+            raise ProtocolError(f"handshake response with sequence id {seq}")
+        self.response = resp
+        self.state = LoginState.ROUTING
+        db = resp.database.decode("utf-8", "replace") if resp.database else None
+        return [Route(resp.user.decode("utf-8", "replace"), db)]
+
+    def backend_greeting_received(self, payload: bytes) -> list[Action]:
+        """The driver connected to a backend; this is its first packet."""
+        if self.state is not LoginState.ROUTING or self.response is None:
+            raise ProtocolError("backend greeting out of turn", Origin.PROXY)
+        if payload[:1] == b"\xff":
+            err = parse_err(payload)
+            raise ProtocolError(f"backend refused the connection: {err.code} {err.message}",
+                                Origin.BACKEND)
+        greeting = parse_greeting(payload)
+        if not greeting.capabilities & Capability.PLUGIN_AUTH:
+            raise ProtocolError("backend does not support pluggable authentication", Origin.BACKEND)
+        self.backend_greeting = greeting
+        resp = self.response
+        caps = resp.capabilities & ~PER_LEG_CAPABILITIES & greeting.capabilities
+        caps |= Capability.PLUGIN_AUTH | Capability.LONG_PASSWORD
+        self._backend_caps = caps
+        forwarded = replace(
+            resp,
+            capabilities=caps,
+            auth_data=b"",
+            auth_plugin=FORCE_SWITCH_PLUGIN,
+            mariadb_capabilities=0,
+            ssl_request_only=False,
+        )
+        self.state = LoginState.AUTH
+        return [SendBackend(frame(build_handshake_response(forwarded), 1))]
+
+    def backend_packet(self, seq: int, payload: bytes) -> list[Action]:
+        if self.state is not LoginState.AUTH or not payload:
+            raise ProtocolError("backend sent a packet out of turn during login", Origin.BACKEND)
+        out = frame(payload, seq + self._seq_shift)
+        first = payload[0]
+        if first == 0x00:
+            self.state = LoginState.DONE
+            assert self.response is not None and self.backend_greeting is not None
+            return [
+                SendClient(out),
+                Established(
+                    client_capabilities=self.response.capabilities,
+                    backend_capabilities=self._backend_caps,
+                    status=ok_status(payload, 0, len(payload)),
+                    backend_connection_id=self.backend_greeting.connection_id,
+                    user=self.response.user.decode("utf-8", "replace"),
+                ),
+            ]
+        if first == 0xFF:
+            self.state = LoginState.FAILED
+            err = parse_err(payload)
+            return [SendClient(out), Refused(f"backend refused login: {err.code} {err.message}")]
+        return [SendClient(out)]
