@@ -1,0 +1,85 @@
+"""Prometheus metrics with TiProxy's names, read from the `ProxyView` at scrape time.
+
+The data path never touches a prometheus object: sessions keep plain integer counts, and this
+collector turns them into metric families only when Prometheus scrapes. Names and labels follow
+TiProxy's pkg/metrics so that its Grafana dashboard works unchanged:
+
+- `tiproxy_server_connections` (gauge): client connections.
+- `tiproxy_session_query_total{backend,cmd_type}` (counter): commands run on each backend.
+- `tiproxy_backend_b_status{backend}` (gauge): 1 while the backend is up, 0 while it is down.
+- `tiproxy_balance_b_conn{backend}` (gauge): connections routed to each backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from tiproxy.api.interface import BackendView, ProxyView
+
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Statuses in which a backend answers (TiProxy's b_status is 1 for a healthy backend). A
+# draining backend is up: it only takes no new sessions.
+_UP_STATUSES = frozenset({"healthy", "draining"})
+
+
+class ProxyCollector(Collector):
+    """Builds TiProxy's metric families from one snapshot of the view per scrape."""
+
+    def __init__(self, view: ProxyView) -> None:
+        self._view = view
+
+    def collect(self) -> Iterable[Metric]:
+        backends = self._view.backends()
+        connections = GaugeMetricFamily("tiproxy_server_connections", "Number of connections.")
+        connections.add_metric([], self._view.connection_count())
+        yield connections
+        yield _query_totals(backends)
+        yield _backend_status(backends)
+        yield _backend_connections(backends)
+
+
+def _query_totals(backends: list[BackendView]) -> Metric:
+    family = CounterMetricFamily(
+        "tiproxy_session_query", "Counter of queries.", labels=["backend", "cmd_type"]
+    )
+    for b in backends:
+        for cmd_type, total in sorted(b.query_counts.items()):
+            family.add_metric([b.addr, cmd_type], total)
+    return family
+
+
+def _backend_status(backends: list[BackendView]) -> Metric:
+    family = GaugeMetricFamily(
+        "tiproxy_backend_b_status", "Gauge of backend status.", labels=["backend"]
+    )
+    for b in backends:
+        family.add_metric([b.addr], 1 if b.status in _UP_STATUSES else 0)
+    return family
+
+
+def _backend_connections(backends: list[BackendView]) -> Metric:
+    family = GaugeMetricFamily(
+        "tiproxy_balance_b_conn", "Number of backend connections.", labels=["backend"]
+    )
+    for b in backends:
+        family.add_metric([b.addr], b.connections)
+    return family
+
+
+def build_registry(view: ProxyView) -> CollectorRegistry:
+    """A registry of its own (not the global one) with the proxy's and the process's metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(view))
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total etc., read from /proc
+    return registry
+
+
+def render_metrics(registry: CollectorRegistry) -> bytes:
+    """The registry in Prometheus' text exposition format."""
+    return generate_latest(registry)

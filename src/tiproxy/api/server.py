@@ -1,0 +1,116 @@
+"""The HTTP API on the api address: TiProxy's routes, read through a `ProxyView`.
+
+Routes (TiProxy's, plus our own backend list):
+- `GET /api/debug/health`: 200 with `{"config_checksum": ...}`, 502 while shutting down, so a
+  load balancer in front stops sending new clients during graceful shutdown.
+- `GET /api/admin/config`: the effective config as TOML; as JSON with `?format=json` or
+  `Accept: application/json`. Always redacted.
+- `GET /api/admin/backends`: `[{"addr", "status", "connections"}, ...]`.
+- `GET /metrics` and `GET /api/metrics`: Prometheus text format.
+Handlers only read the view; nothing here blocks the event loop for long.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from prometheus_client.registry import CollectorRegistry
+
+from tiproxy.api.interface import ProxyView
+from tiproxy.api.metrics import METRICS_CONTENT_TYPE, build_registry, render_metrics
+from tiproxy.config import config_checksum, config_to_dict, config_to_toml
+from tiproxy.config.values import split_host_port
+
+_VIEW: web.AppKey[ProxyView] = web.AppKey("view")
+_REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
+
+# Seconds that close() waits for requests in flight; API requests are short.
+_SHUTDOWN_TIMEOUT = 2.0
+
+
+class APIServer:
+    """A running API server; `port` is the bound port (useful when started on port 0)."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+        self._runner = runner
+        self.host = host
+        self.port = port
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+async def start_api(view: ProxyView, addr: str) -> APIServer:
+    """Serve the API for `view` on `addr` ("host:port"; an empty host means all interfaces)."""
+    host, port = split_host_port(addr, listen=True)
+    runner = web.AppRunner(build_app(view), shutdown_timeout=_SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host or None, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound_port: int = runner.addresses[0][1]
+    return APIServer(runner, host, bound_port)
+
+
+def build_app(view: ProxyView) -> web.Application:
+    """The aiohttp application; tests may serve it with aiohttp's test utilities."""
+    app = web.Application()
+    app[_VIEW] = view
+    app[_REGISTRY] = build_registry(view)
+    routes = [
+        ("/api/debug/health", _health),
+        ("/api/admin/config", _config_get),
+        ("/api/admin/backends", _backends),
+        ("/metrics", _metrics),
+        ("/api/metrics", _metrics),
+    ]
+    for path, handler in routes:
+        app.router.add_get(path, handler)
+        app.router.add_get(path + "/", handler)  # TiProxy registers its groups with a slash
+    return app
+
+
+async def _health(request: web.Request) -> web.Response:
+    view = request.app[_VIEW]
+    shutting_down = view.shutting_down
+    body = {
+        "config_checksum": config_checksum(view.config()),
+        "status": "shutting down" if shutting_down else "healthy",
+    }
+    return web.json_response(body, status=502 if shutting_down else 200)
+
+
+async def _config_get(request: web.Request) -> web.Response:
+    cfg = request.app[_VIEW].config()
+    if _wants_json(request):
+        return web.json_response(config_to_dict(cfg, redact=True), dumps=_dumps)
+    return web.Response(
+        text=config_to_toml(cfg, redact=True), content_type="application/toml", charset="utf-8"
+    )
+
+
+def _wants_json(request: web.Request) -> bool:
+    fmt = request.query.get("format")
+    if fmt is not None:
+        return fmt.lower() == "json"
+    return "application/json" in request.headers.get("Accept", "")
+
+
+async def _backends(request: web.Request) -> web.Response:
+    backends = request.app[_VIEW].backends()
+    body = [{"addr": b.addr, "status": b.status, "connections": b.connections} for b in backends]
+    return web.json_response(body, dumps=_dumps)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=render_metrics(request.app[_REGISTRY]), headers={"Content-Type": METRICS_CONTENT_TYPE}
+    )
+
+
+def _dumps(obj: object) -> str:
+    return json.dumps(obj, indent=2)

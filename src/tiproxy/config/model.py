@@ -1,0 +1,264 @@
+"""The config's shape: frozen dataclasses with TiProxy's keys, defaults and value checks.
+
+Every attribute is the TOML key with "-" written as "_" (`max-connections` is
+`cfg.proxy.max_connections`). A field's metadata (built by `rules()`) records how the loader
+checks it and how the dumper writes it; the loader and the dumper
+walk these dataclasses generically, so adding a key is one line here. Defaults are TiProxy's
+(lib/config in pingcap/tiproxy) except where noted: `pd-addrs` is empty because we start without
+PD, and `backend-addrs` is our own key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tiproxy.config.values import (
+    Check,
+    all_of,
+    check_backend_name,
+    check_dial_addr,
+    check_host,
+    check_listen_addr,
+    check_listen_addr_list,
+    each,
+    format_duration,
+    in_range,
+    non_negative,
+    one_of,
+    parse_duration,
+    unique,
+    zero_or_above,
+    zero_or_range,
+)
+
+# Field metadata keys, read by load.py and dump.py.
+CHECK = "check"  # Check: raises ValueError with the reason a value is refused
+DECODE = "decode"  # raw TOML value -> attribute value, instead of the type-driven decoding
+ENCODE = "encode"  # attribute value -> TOML value, the inverse of DECODE
+# True: config_to_dict(redact=True) writes REDACTED instead of the value.
+SECRET = "secret"  # noqa: S105 - a metadata key, not a password
+
+REDACTED = "******"
+
+PROXY_PROTOCOLS = ("", "v2")
+LOG_LEVELS = ("debug", "info", "warn", "error", "panic")
+LOG_ENCODERS = ("tidb", "json", "console")
+TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+BALANCE_POLICIES = ("resource", "location", "connection")
+
+# TiProxy's conn-buffer-size: 32 KiB by default, 0 also means the default, else 1 KiB..16 MiB.
+DEFAULT_CONN_BUFFER_SIZE = 32 * 1024
+_MIN_CONN_BUFFER_SIZE = 1024
+_MAX_CONN_BUFFER_SIZE = 16 * 1024 * 1024
+
+
+def rules(
+    *,
+    check: Check | None = None,
+    decode: Callable[[object], Any] | None = None,
+    encode: Callable[[Any], object] | None = None,
+    secret: bool = False,
+) -> dict[str, Any]:
+    """Field metadata telling the loader and the dumper how to treat a field."""
+    return {CHECK: check, DECODE: decode, ENCODE: encode, SECRET: secret}
+
+
+def one_of_rules(*choices: str) -> dict[str, Any]:
+    return rules(check=one_of(*choices))
+
+
+# A duration in seconds, written as a Go duration string ("60s"), which TiProxy also reads.
+DURATION = rules(check=non_negative, decode=parse_duration, encode=format_duration)
+# A count or a number of seconds: never negative.
+COUNT = rules(check=non_negative)
+# Migrations per second: never negative, 0 means the router's default.
+RATE = COUNT
+
+
+def _decode_addr_list(raw: object) -> tuple[str, ...]:
+    """TiProxy writes `pd-addrs` as one comma-separated string; a TOML list is accepted too."""
+    if isinstance(raw, str):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        return tuple(raw)
+    raise TypeError('a list of "host:port" strings')
+
+
+_ADDR_LIST = rules(check=all_of(each(check_dial_addr), unique))
+_PD_ADDRS = rules(check=all_of(each(check_dial_addr), unique), decode=_decode_addr_list)
+_BACKEND_NAMES = rules(check=all_of(each(check_backend_name), unique))
+_CONN_BUFFER_SIZE = rules(check=zero_or_range(_MIN_CONN_BUFFER_SIZE, _MAX_CONN_BUFFER_SIZE))
+
+
+@dataclass(frozen=True)
+class KeepAliveConfig:
+    """TCP keep-alive of one side; idle, cnt and intvl apply only while the connection is idle."""
+
+    enabled: bool = False
+    idle: float = field(default=0.0, metadata=DURATION)
+    cnt: int = field(default=0, metadata=COUNT)
+    intvl: float = field(default=0.0, metadata=DURATION)
+    timeout: float = field(default=0.0, metadata=DURATION)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """`[proxy]`: the SQL port and how sessions on it are kept and shut down."""
+
+    addr: str = field(default="0.0.0.0:6000", metadata=rules(check=check_listen_addr_list))
+    advertise_addr: str = field(default="", metadata=rules(check=check_host))
+    pd_addrs: tuple[str, ...] = field(default=(), metadata=_PD_ADDRS)
+    backend_addrs: tuple[str, ...] = field(default=(), metadata=_ADDR_LIST)  # ours: static list
+    max_connections: int = field(default=0, metadata=COUNT)  # 0: unlimited
+    conn_buffer_size: int = field(default=DEFAULT_CONN_BUFFER_SIZE, metadata=_CONN_BUFFER_SIZE)
+    frontend_keepalive: KeepAliveConfig = field(default=KeepAliveConfig(enabled=True))
+    backend_healthy_keepalive: KeepAliveConfig = field(
+        default=KeepAliveConfig(enabled=True, idle=60.0, cnt=5, intvl=3.0, timeout=15.0)
+    )
+    backend_unhealthy_keepalive: KeepAliveConfig = field(
+        default=KeepAliveConfig(enabled=True, idle=10.0, cnt=5, intvl=1.0, timeout=5.0)
+    )
+    proxy_protocol: str = field(default="", metadata=one_of_rules(*PROXY_PROTOCOLS))
+    graceful_wait_before_shutdown: int = field(default=0, metadata=COUNT)  # seconds
+    graceful_close_conn_timeout: int = field(default=15, metadata=COUNT)  # seconds
+    fail_backend_list: tuple[str, ...] = field(default=(), metadata=_BACKEND_NAMES)
+    failover_timeout: int = field(default=60, metadata=COUNT)  # seconds
+
+    @property
+    def listen_addrs(self) -> tuple[str, ...]:
+        """`addr` may list several addresses separated by commas, as in TiProxy."""
+        return tuple(part.strip() for part in self.addr.split(","))
+
+
+@dataclass(frozen=True)
+class APIConfig:
+    """`[api]`: the HTTP API and metrics port."""
+
+    addr: str = field(default="0.0.0.0:3080", metadata=rules(check=check_listen_addr))
+    proxy_protocol: str = field(default="", metadata=one_of_rules(*PROXY_PROTOCOLS))
+
+
+@dataclass(frozen=True)
+class LogFileConfig:
+    filename: str = ""  # empty: log to stderr only
+    max_size: int = field(default=300, metadata=COUNT)  # MB
+    max_days: int = field(default=3, metadata=COUNT)
+    max_backups: int = field(default=3, metadata=COUNT)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = field(default="info", metadata=one_of_rules(*LOG_LEVELS))
+    encoder: str = field(default="tidb", metadata=one_of_rules(*LOG_ENCODERS))
+    log_file: LogFileConfig = field(default=LogFileConfig())
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """One TLS object of `[security]`; the same fields serve client and server objects."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""  # a path to the key, not the key: no need to redact
+    min_tls_version: str = field(default="1.2", metadata=one_of_rules(*TLS_VERSIONS))
+    auto_certs: bool = False
+    rsa_key_size: int = field(default=0, metadata=COUNT)  # 0: the default size
+    autocert_expire_duration: str = ""
+    skip_ca: bool = False
+
+    def cross_check(self) -> tuple[str, str] | None:
+        """(key, reason) when the fields disagree with each other."""
+        if self.cert and not self.key:
+            return "key", "cert is set, so key must be set too"
+        if self.key and not self.cert:
+            return "cert", "key is set, so cert must be set too"
+        return None
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    server_tls: TLSConfig = field(default=TLSConfig())  # clients -> the SQL port
+    server_http_tls: TLSConfig = field(default=TLSConfig())  # clients -> the API port
+    cluster_tls: TLSConfig = field(default=TLSConfig())  # the proxy -> PD / TiDB status ports
+    sql_tls: TLSConfig = field(default=TLSConfig())  # the proxy -> backends' SQL ports
+    require_backend_tls: bool = False
+
+
+@dataclass(frozen=True)
+class FactorConfig:
+    enabled: bool = True
+    migrations_per_second: float = field(default=0.0, metadata=RATE)  # 0: the router's default
+
+
+@dataclass(frozen=True)
+class StatusFactorConfig:
+    migrations_per_second: float = field(default=0.0, metadata=RATE)
+
+
+@dataclass(frozen=True)
+class CPUFactorConfig:
+    enabled: bool = True
+    migrations_per_second: float = field(default=0.0, metadata=RATE)
+    min_balance_usage: float = field(default=0.0, metadata=rules(check=in_range(0.0, 1.0)))
+
+
+@dataclass(frozen=True)
+class ConnCountFactorConfig:
+    migrations_per_second: float = field(default=0.0, metadata=RATE)
+    count_ratio_threshold: float = field(default=0.0, metadata=rules(check=zero_or_above(1.0)))
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    """`[balance]`: the policy and its factors, in TiProxy's order of priority."""
+
+    label_name: str = ""
+    policy: str = field(default="resource", metadata=one_of_rules(*BALANCE_POLICIES))
+    status: StatusFactorConfig = field(default=StatusFactorConfig())
+    health: FactorConfig = field(default=FactorConfig())
+    memory: FactorConfig = field(default=FactorConfig())
+    cpu: CPUFactorConfig = field(default=CPUFactorConfig())
+    location: FactorConfig = field(default=FactorConfig())
+    conn_count: ConnCountFactorConfig = field(default=ConnCountFactorConfig())
+
+
+class FrozenMap(Mapping[str, str]):
+    """An immutable, hashable and picklable str -> str mapping (unlike MappingProxyType, which
+    cannot be pickled: configs will travel to worker processes)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str] | None = None) -> None:
+        self._items: dict[str, str] = dict(items or {})
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole config file. `Config()` is the config of an empty file."""
+
+    proxy: ProxyConfig = field(default=ProxyConfig())
+    api: APIConfig = field(default=APIConfig())
+    log: LogConfig = field(default=LogConfig())
+    security: SecurityConfig = field(default=SecurityConfig())
+    balance: BalanceConfig = field(default=BalanceConfig())
+    labels: Mapping[str, str] = field(default=FrozenMap())  # e.g. zone = "z1"

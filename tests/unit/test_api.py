@@ -1,0 +1,204 @@
+"""The HTTP API and metrics, served on a real port for a small fake view of the data plane."""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+
+from tiproxy.api import BackendView, ProxyView, start_api
+from tiproxy.config import Config, config_checksum, config_to_dict, parse_config
+
+CONFIG = parse_config(
+    """
+[proxy]
+addr = "127.0.0.1:6000"
+backend-addrs = ["127.0.0.1:3306", "127.0.0.1:3307"]
+max-connections = 100
+
+[proxy.backend-healthy-keepalive]
+idle = "1m30s"
+
+[balance]
+policy = "connection"
+"""
+)
+
+
+@dataclass
+class FakeView:
+    """The data plane as the API sees it, with values a test can change between requests."""
+
+    shutting_down: bool = False
+    connections: int = 7
+    backend_list: list[BackendView] = field(default_factory=list)
+    cfg: Config = CONFIG
+
+    def connection_count(self) -> int:
+        return self.connections
+
+    def backends(self) -> list[BackendView]:
+        return self.backend_list
+
+    def config(self) -> Config:
+        return self.cfg
+
+
+def _view() -> FakeView:
+    return FakeView(
+        backend_list=[
+            BackendView("127.0.0.1:3306", "healthy", 4, {"Query": 12, "StmtExecute": 3}),
+            BackendView("127.0.0.1:3307", "down", 0, {}),
+            BackendView("127.0.0.1:3308", "draining", 3, {"Query": 1}),
+        ]
+    )
+
+
+Check = Callable[[aiohttp.ClientSession, str], Awaitable[None]]
+
+
+def _serve(view: FakeView, check: Check) -> None:
+    """Start the API on a free port, run `check(session, base_url)`, and stop the API."""
+
+    async def main() -> None:
+        server = await start_api(view, "127.0.0.1:0")
+        try:
+            async with aiohttp.ClientSession() as session:
+                await check(session, f"http://127.0.0.1:{server.port}")
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+def test_health_is_200_with_the_config_checksum() -> None:
+    view = _view()
+
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(f"{base}/api/debug/health") as r:
+            assert r.status == 200
+            body = await r.json()
+        assert body["config_checksum"] == config_checksum(CONFIG)
+
+    _serve(view, check)
+
+
+def test_health_is_502_while_shutting_down() -> None:
+    view = _view()
+
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        view.shutting_down = True
+        async with session.get(f"{base}/api/debug/health") as r:
+            assert r.status == 502
+            assert (await r.json())["status"] == "shutting down"
+
+    _serve(view, check)
+
+
+def test_config_toml_parses_back_to_the_running_config() -> None:
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(f"{base}/api/admin/config") as r:
+            assert r.status == 200
+            assert r.content_type == "application/toml"
+            text = await r.text()
+        assert parse_config(text) == CONFIG
+        assert tomllib.loads(text)["proxy"]["max-connections"] == 100
+
+    _serve(_view(), check)
+
+
+@pytest.mark.parametrize(
+    ("query", "headers"),
+    [("?format=json", {}), ("?format=JSON", {}), ("", {"Accept": "application/json"})],
+)
+def test_config_as_json(query: str, headers: dict[str, str]) -> None:
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(f"{base}/api/admin/config{query}", headers=headers) as r:
+            assert r.status == 200
+            assert r.content_type == "application/json"
+            body = await r.json()
+        assert body == config_to_dict(CONFIG, redact=True)
+        assert body["proxy"]["backend-addrs"] == ["127.0.0.1:3306", "127.0.0.1:3307"]
+        assert body["balance"]["policy"] == "connection"
+
+    _serve(_view(), check)
+
+
+def test_backends_list() -> None:
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(f"{base}/api/admin/backends") as r:
+            assert r.status == 200
+            body = await r.json()
+        assert body == [
+            {"addr": "127.0.0.1:3306", "status": "healthy", "connections": 4},
+            {"addr": "127.0.0.1:3307", "status": "down", "connections": 0},
+            {"addr": "127.0.0.1:3308", "status": "draining", "connections": 3},
+        ]
+
+    _serve(_view(), check)
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/api/metrics", "/api/metrics/"])
+def test_metrics_have_tiproxys_names_and_the_views_values(path: str) -> None:
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(base + path) as r:
+            assert r.status == 200
+            assert r.content_type == "text/plain"
+            text = await r.text()
+        lines = set(text.splitlines())
+        assert "# TYPE tiproxy_server_connections gauge" in lines
+        assert "tiproxy_server_connections 7.0" in lines
+        assert "# TYPE tiproxy_session_query_total counter" in lines
+        assert (
+            'tiproxy_session_query_total{backend="127.0.0.1:3306",cmd_type="Query"} 12.0' in lines
+        )
+        assert (
+            'tiproxy_session_query_total{backend="127.0.0.1:3306",cmd_type="StmtExecute"} 3.0'
+            in lines
+        )
+        assert 'tiproxy_backend_b_status{backend="127.0.0.1:3306"} 1.0' in lines
+        assert 'tiproxy_backend_b_status{backend="127.0.0.1:3307"} 0.0' in lines
+        assert 'tiproxy_backend_b_status{backend="127.0.0.1:3308"} 1.0' in lines  # draining: up
+        assert 'tiproxy_balance_b_conn{backend="127.0.0.1:3308"} 3.0' in lines
+
+    _serve(_view(), check)
+
+
+def test_metrics_are_read_from_the_view_at_each_scrape() -> None:
+    view = _view()
+
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        view.connections = 42
+        async with session.get(f"{base}/metrics") as r:
+            assert "tiproxy_server_connections 42.0" in (await r.text()).splitlines()
+        view.connections = 3
+        async with session.get(f"{base}/metrics") as r:
+            assert "tiproxy_server_connections 3.0" in (await r.text()).splitlines()
+
+    _serve(view, check)
+
+
+def test_unknown_route_is_404() -> None:
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(f"{base}/api/nope") as r:
+            assert r.status == 404
+
+    _serve(_view(), check)
+
+
+def test_start_api_refuses_a_bad_address() -> None:
+    async def main() -> None:
+        await start_api(_view(), "localhost")
+
+    with pytest.raises(ValueError, match="no port"):
+        asyncio.run(main())
+
+
+def test_the_view_protocol_is_satisfied_by_the_fake() -> None:
+    # mypy checks this assignment; at run time it documents the contract.
+    view: ProxyView = _view()
+    assert view.connection_count() == 7
