@@ -1,0 +1,77 @@
+"""Fixtures that start real MariaDB servers (tiproxy.playground.mariadb) for integration tests.
+
+Servers start only when a test asks for them, so unit tests run without MariaDB installed. An
+integration test on a machine without MariaDB fails with the reason rather than being skipped:
+CI installs it (scripts/setup.sh), and a silent skip would hide a broken setup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import pytest
+
+from support.backends import BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.mariadb import (
+    AppUser,
+    LauncherError,
+    MariaDBServer,
+    create_app_user,
+    find_mariadbd,
+)
+
+
+@pytest.fixture(scope="session")
+def mariadb_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDBFactory]:
+    """Start servers on demand; every one is stopped at the end of the session."""
+    try:
+        find_mariadbd()
+    except LauncherError as exc:
+        pytest.fail(f"integration tests need MariaDB: {exc}", pytrace=False)
+    started: list[MariaDBServer] = []
+
+    def start(extra_args: Sequence[str] = (), users: Sequence[AppUser] = ()) -> MariaDBServer:
+        server = MariaDBServer(tmp_path_factory.mktemp("mariadb"), extra_args=list(extra_args))
+        started.append(server)
+        server.start()
+        for user in users:
+            create_app_user(server, user.name, user.password, user.plugin, user.database)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def backends(mariadb_factory: MariaDBFactory) -> list[MariaDBServer]:
+    """Two servers shared by the whole session, with database `test` and users APP and EDU.
+
+    Tests must leave them running and unpaused; a test that stops, kills or pauses a server
+    starts its own with mariadb_factory.
+    """
+    return [mariadb_factory(BACKEND_ARGS, BACKEND_USERS) for _ in range(2)]
+
+
+@pytest.fixture(scope="session")
+def proxy(backends: list[MariaDBServer], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """One proxy in front of the shared `backends`, shared by the tests that leave it as it is."""
+    p = ProxyProcess(tmp_path_factory.mktemp("proxy"), [b.addr for b in backends]).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def proxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFactory]:
+    """Start a proxy of a test's own; stopped when the test ends, pass or fail."""
+    started: list[ProxyProcess] = []
+
+    def start(backend_addrs: Sequence[str], extra_toml: str = "") -> ProxyProcess:
+        p = ProxyProcess(tmp_path_factory.mktemp("proxy"), backend_addrs, extra_toml)
+        started.append(p)
+        return p.start()
+
+    yield start
+    for p in started:
+        p.stop()

@@ -1,0 +1,111 @@
+"""The proxy as its users run it: `python -m tiproxy --config FILE`, as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pymysql
+
+from support.backends import APP
+from support.net import wait_for_port
+from tiproxy.playground.mariadb import AppUser, free_port
+
+
+class ProxyProcess:
+    """One proxy on free ports with a log file; stop() is safe to call twice."""
+
+    def __init__(self, workdir: Path, backend_addrs: Sequence[str], extra_toml: str = "") -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.api_port = free_port()
+        self.config_path = workdir / "proxy.toml"
+        self.log_path = workdir / "proxy.log"
+        addrs = ", ".join(f'"{a}"' for a in backend_addrs)
+        proxy_extra, _, rest = extra_toml.partition("\n[")
+        self.config_path.write_text(
+            "[proxy]\n"
+            f'addr = "127.0.0.1:{self.port}"\n'
+            f"backend-addrs = [{addrs}]\n"
+            f"{proxy_extra}\n"
+            "[api]\n"
+            f'addr = "127.0.0.1:{self.api_port}"\n'
+            "[log]\n"
+            'level = "info"\n' + (f"[{rest}\n" if rest else "")
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20.0) -> ProxyProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tiproxy", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                wait_for_port("127.0.0.1", self.api_port, timeout=0.2)
+                wait_for_port("127.0.0.1", self.port, timeout=0.2)
+                return self
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def connect(self, user: AppUser = APP, **kwargs: Any) -> pymysql.connections.Connection[Any]:
+        kwargs.setdefault("database", user.database)
+        kwargs.setdefault("connect_timeout", 10)
+        kwargs.setdefault("read_timeout", 120)
+        return pymysql.connect(
+            host="127.0.0.1", port=self.port, user=user.name, password=user.password, **kwargs
+        )
+
+    def api(self, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.api_port}{path}", data=body, method=method
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def backends(self) -> list[dict[str, Any]]:
+        status, body = self.api("/api/admin/backends")
+        assert status == 200, body
+        result: list[dict[str, Any]] = json.loads(body)
+        return result
+
+
+class ProxyFactory:
+    """The callable the `proxy_factory` fixture returns (a Protocol in spirit)."""
+
+    def __call__(self, backend_addrs: Sequence[str], extra_toml: str = "") -> ProxyProcess:
+        raise NotImplementedError
