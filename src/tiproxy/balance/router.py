@@ -7,11 +7,14 @@ dead backend costs one failed connect per period, not one per client.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from tiproxy.protocol.packets import Greeting
+
+log = logging.getLogger("tiproxy.router")
 
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
@@ -69,3 +72,4 @@ class Router:
         backend.last_error = reason
         delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (backend.failures - 1))
         backend.retry_at = time.monotonic() + delay
+        log.warning("backend %s unavailable (%s); next try in %.0fs", backend.addr, reason, delay)

@@ -278,7 +278,6 @@ class Session:
                 actions = self.login.backend_greeting_received(payload)
             except (OSError, TimeoutError, ProtocolError) as e:
                 router.failed(backend, _reason(e))
-                log.warning("session %d: backend %s unavailable: %s", self.id, backend.addr, _reason(e))
                 if "leg" in locals() and leg.transport is not None:
                     leg.transport.abort()
                 continue

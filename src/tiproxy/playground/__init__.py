@@ -1,0 +1,1 @@
+"""Throwaway local MariaDB servers for the `tiproxy playground` command and the test suite."""

@@ -1,0 +1,220 @@
+"""Routing, limits, failures and KILL through the proxy, against real MariaDB servers."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+import tomllib
+from typing import Any
+
+import pymysql
+import pytest
+
+from support.backends import APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.mariadb import MariaDBServer, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_refused_backend_is_skipped(backends: list[MariaDBServer], proxy_factory: ProxyFactory) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    proxy = proxy_factory([dead, backends[0].addr])
+    for _ in range(4):
+        with proxy.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchall() == ((1,),)
+    status = {b["addr"]: b["status"] for b in proxy.backends()}
+    assert status == {dead: "down", backends[0].addr: "healthy"}
+    assert "unavailable" in proxy.log()
+
+
+def test_no_backend_gives_a_clear_error(proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory([f"127.0.0.1:{free_port()}"])
+    started = time.monotonic()
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        proxy.connect()
+    assert time.monotonic() - started < 15  # an answer, not a hang
+    assert info.value.args[0] == 1105
+    assert "no backend is available" in info.value.args[1]
+    assert proxy.alive
+
+
+def test_max_connections(backends: list[MariaDBServer], proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory([backends[0].addr], "max-connections = 3")
+    held = [proxy.connect() for _ in range(3)]
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        proxy.connect()
+    assert info.value.args[0] == 1040
+    assert "Too many connections" in info.value.args[1]
+    for conn in held:  # the sessions already in are not disturbed
+        with conn.cursor() as cur:
+            cur.execute("SELECT 2")
+            assert cur.fetchall() == ((2,),)
+    held.pop().close()
+    time.sleep(0.2)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT 3")
+        assert cur.fetchall() == ((3,),)
+    for conn in held:
+        conn.close()
+
+
+def _raw_login(proxy: ProxyProcess) -> socket.socket:
+    """Log in with PyMySQL and steal its socket, to write bytes no client library would."""
+    conn = proxy.connect()
+    sock = conn._sock  # noqa: SLF001
+    assert sock is not None
+    conn._sock = None  # noqa: SLF001 - PyMySQL must not close it
+    return sock
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x04\x00\x00\x07\x03SEL",  # a command packet with a wrong sequence id
+        b"\x00\x00\x00\x00",  # an empty command
+        b"\xff\xff\xff\x00" + b"\x03" + b"x" * 100,  # a 16 MiB packet that never comes
+    ],
+)
+def test_malformed_packets_close_only_that_session(proxy: ProxyProcess, garbage: bytes) -> None:
+    with proxy.connect() as bystander:
+        sock = _raw_login(proxy)
+        sock.sendall(garbage)
+        sock.settimeout(10)
+        if garbage.startswith(b"\xff\xff\xff"):
+            sock.close()
+        else:
+            data = b""
+            try:
+                while chunk := sock.recv(4096):
+                    data += chunk
+            except OSError:
+                pass
+            sock.close()
+            assert b"SEL" not in data
+        with bystander.cursor() as cur:
+            cur.execute("SELECT 'still here'")
+            assert cur.fetchall() == (("still here",),)
+    assert proxy.alive
+    if not garbage.startswith(b"\xff\xff\xff"):
+        deadline = time.monotonic() + 5
+        while "protocol error from client" not in proxy.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "protocol error from client" in proxy.log()
+
+
+def test_garbage_before_login(proxy: ProxyProcess) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.recv(4096)  # the greeting
+        sock.sendall(struct.pack("<I", 40 | 1 << 24) + b"\x00" * 40)
+        assert sock.recv(4096) == b""  # closed: a response without protocol 4.1
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    assert proxy.alive
+
+
+def test_backend_dies_mid_query(mariadb_factory: MariaDBFactory,
+                                backends: list[MariaDBServer],
+                                proxy_factory: ProxyFactory) -> None:
+    doomed = mariadb_factory(BACKEND_ARGS, BACKEND_USERS)
+    proxy = proxy_factory([doomed.addr, backends[0].addr])
+    victim = proxy.connect()
+    other = proxy.connect()
+    on_doomed = victim if proxy.backends()[0]["connections"] else other
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with on_doomed.cursor() as cur:
+                cur.execute("SELECT SLEEP(30)")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.5)
+    doomed.kill()
+    t.join(20)
+    assert not t.is_alive()
+    assert errors and isinstance(errors[0], pymysql.err.OperationalError)
+    assert errors[0].args[0] in (2013, 2006)
+    survivor = other if on_doomed is victim else victim
+    with survivor.cursor() as cur:
+        cur.execute("SELECT 'alive'")
+        assert cur.fetchall() == (("alive",),)
+    with proxy.connect() as conn, conn.cursor() as cur:  # new sessions go to the live one
+        cur.execute("SELECT 1")
+    assert proxy.alive
+    survivor.close()
+
+
+def test_kill_query_and_connection(backends: list[MariaDBServer], proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory([backends[0].addr])
+    victim = proxy.connect()
+    killer = proxy.connect()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with victim.cursor() as cur:
+                cur.execute("SELECT SLEEP(20)")
+                errors.append(AssertionError(f"not interrupted: {cur.fetchall()}"))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    with killer.cursor() as cur:
+        cur.execute(f"KILL QUERY {victim.thread_id()}")
+    t.join(15)
+    assert time.monotonic() - started < 10
+    # MariaDB answers an interrupted SLEEP() with 1 (or error 1317 for other statements).
+    assert errors == [] or isinstance(errors[0], pymysql.err.OperationalError)
+    with victim.cursor() as cur:  # KILL QUERY leaves the connection usable
+        cur.execute("SELECT 'alive'")
+        assert cur.fetchall() == (("alive",),)
+    with killer.cursor() as cur, pytest.raises(pymysql.err.OperationalError) as info:
+        cur.execute("KILL 999999")
+    assert info.value.args[0] == 1094
+    killer.kill(victim.thread_id())  # COM_PROCESS_KILL
+    time.sleep(0.3)
+    with pytest.raises(pymysql.err.OperationalError):
+        with victim.cursor() as cur:
+            cur.execute("SELECT 1")
+    with killer.cursor() as cur:
+        cur.execute("SELECT 'killer fine'")
+        assert cur.fetchall() == (("killer fine",),)
+    killer.close()
+
+
+def test_api_reports_the_running_proxy(proxy: ProxyProcess, backends: list[MariaDBServer]) -> None:
+    status, body = proxy.api("/api/debug/health")
+    assert status == 200
+    status, body = proxy.api("/api/admin/config")
+    assert status == 200
+    cfg = tomllib.loads(body.decode())
+    assert cfg["proxy"]["backend-addrs"] == [b.addr for b in backends]
+    status, body = proxy.api("/api/admin/config?format=json")
+    assert status == 200
+    with proxy.connect() as conn, conn.cursor() as cur:
+        for _ in range(5):
+            cur.execute("SELECT 1")
+        listed = proxy.backends()
+        assert {b["addr"] for b in listed} == {b.addr for b in backends}
+        assert sum(b["connections"] for b in listed) >= 1
+        status, body = proxy.api("/metrics")
+    text = body.decode()
+    assert status == 200
+    assert "tiproxy_server_connections" in text
+    queries = [line for line in text.splitlines()
+               if line.startswith("tiproxy_session_query_total{") and 'cmd_type="Query"' in line]
+    assert queries and sum(float(q.rsplit(" ", 1)[1]) for q in queries) >= 5
+
+
+def _ignore(*_: Any) -> None:
+    return None
