@@ -12,7 +12,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from support.backends import APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.backends import BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.mariadb import MariaDBServer, free_port
 
@@ -65,9 +65,9 @@ def test_max_connections(backends: list[MariaDBServer], proxy_factory: ProxyFact
 def _raw_login(proxy: ProxyProcess) -> socket.socket:
     """Log in with PyMySQL and steal its socket, to write bytes no client library would."""
     conn = proxy.connect()
-    sock = conn._sock  # noqa: SLF001
+    sock = conn._sock
     assert sock is not None
-    conn._sock = None  # noqa: SLF001 - PyMySQL must not close it
+    conn._sock = None
     return sock
 
 
@@ -130,7 +130,7 @@ def test_backend_dies_mid_query(mariadb_factory: MariaDBFactory,
         try:
             with on_doomed.cursor() as cur:
                 cur.execute("SELECT SLEEP(30)")
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     t = threading.Thread(target=run)
@@ -162,7 +162,7 @@ def test_kill_query_and_connection(backends: list[MariaDBServer], proxy_factory:
             with victim.cursor() as cur:
                 cur.execute("SELECT SLEEP(20)")
                 errors.append(AssertionError(f"not interrupted: {cur.fetchall()}"))
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
     t = threading.Thread(target=run)
@@ -183,9 +183,8 @@ def test_kill_query_and_connection(backends: list[MariaDBServer], proxy_factory:
     assert info.value.args[0] == 1094
     killer.kill(victim.thread_id())  # COM_PROCESS_KILL
     time.sleep(0.3)
-    with pytest.raises(pymysql.err.OperationalError):
-        with victim.cursor() as cur:
-            cur.execute("SELECT 1")
+    with pytest.raises(pymysql.err.OperationalError), victim.cursor() as cur:
+        cur.execute("SELECT 1")
     with killer.cursor() as cur:
         cur.execute("SELECT 'killer fine'")
         assert cur.fetchall() == (("killer fine",),)
@@ -218,3 +217,42 @@ def test_api_reports_the_running_proxy(proxy: ProxyProcess, backends: list[Maria
 
 def _ignore(*_: Any) -> None:
     return None
+
+
+def _read_packets(sock: socket.socket, count: int) -> list[bytes]:
+    """Read `count` packets; return their payloads."""
+    buf = b""
+    out: list[bytes] = []
+    while len(out) < count:
+        while len(buf) >= 4:
+            length = int.from_bytes(buf[:3], "little")
+            if len(buf) < 4 + length:
+                break
+            out.append(buf[4 : 4 + length])
+            buf = buf[4 + length :]
+            if len(out) == count:
+                break
+        if len(out) < count:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {out!r}"
+            buf += chunk
+    return out
+
+
+def _command(payload: bytes) -> bytes:
+    return struct.pack("<I", len(payload)) + payload
+
+
+def test_pipelined_commands_keep_their_order(proxy: ProxyProcess) -> None:
+    """Commands sent back to back, one of them answered by the proxy itself, answer in order."""
+    sock = _raw_login(proxy)
+    sock.settimeout(10)
+    try:
+        sock.sendall(_command(b"\x03SELECT SLEEP(0.2)") + _command(b"\x20") + _command(b"\x0e"))
+        # result set: count, column, EOF, row, EOF; then the proxy's ERR; then PING's OK
+        packets = _read_packets(sock, 7)
+        assert packets[3] == b"\x010"  # the row: SLEEP() returned 0
+        assert packets[5][0] == 0xFF and b"0x20" in packets[5]
+        assert packets[6][0] == 0x00
+    finally:
+        sock.close()

@@ -56,11 +56,11 @@ class ProxyProcess:
             try:
                 wait_for_port("127.0.0.1", self.api_port, timeout=0.2)
                 wait_for_port("127.0.0.1", self.port, timeout=0.2)
-                return self
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
-        return self
+            else:
+                return self
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

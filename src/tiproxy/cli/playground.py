@@ -17,7 +17,7 @@ from tiproxy.config import Config
 from tiproxy.playground.mariadb import AppUser, LauncherError, MariaDBCluster
 
 DEFAULT_USER = "tiproxy"
-DEFAULT_PASSWORD = "tiproxy-playground"  # a local playground on loopback: not a secret
+DEFAULT_PASSWORD = "tiproxy-playground"  # noqa: S105 - a local playground on loopback
 
 
 def main(argv: list[str] | None = None) -> int:

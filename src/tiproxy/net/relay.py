@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 from tiproxy.balance.router import Backend
@@ -48,6 +49,7 @@ from tiproxy.session.commands import (
 )
 from tiproxy.session.login import (
     FORCE_SWITCH_PLUGIN,
+    Action,
     Established,
     Login,
     Refused,
@@ -183,7 +185,8 @@ class Session:
         server.session_opened(self)
         if server.over_capacity():
             log.warning("session %d from %s refused: too many connections", self.id, self.peer)
-            self._send_client(frame(build_err(ER_CON_COUNT_ERROR, "08004", "Too many connections"), 0))
+            err = build_err(ER_CON_COUNT_ERROR, "08004", "Too many connections")
+            self._send_client(frame(err, 0))
             self.close("too many connections", quiet=True)
             return
         loop = asyncio.get_running_loop()
@@ -249,7 +252,7 @@ class Session:
             if rest:
                 self.client_data(rest)
 
-    def _run(self, actions: list[object]) -> None:
+    def _run(self, actions: Sequence[Action]) -> None:
         for action in actions:
             if isinstance(action, SendClient):
                 self.client.write(action.data)
@@ -269,7 +272,7 @@ class Session:
     async def _route(self) -> None:
         assert self.login is not None
         router = self.server.router
-        err_seq = 2 + self.login._seq_shift  # noqa: SLF001
+        err_seq = 2 + self.login._seq_shift
         for backend in router.candidates():
             if self.phase == CLOSED:
                 return
@@ -333,7 +336,8 @@ class Session:
         if est.client_capabilities & Capability.COMPRESS:
             self._decompress = Decompressor()
         self.client_caps = est.client_capabilities
-        log.info("session %d: %s@%s logged in on %s", self.id, self.user, self.peer, self.backend.addr)
+        log.info("session %d: %s@%s logged in on %s",
+                 self.id, self.user, self.peer, self.backend.addr)
 
     def _login_timed_out(self) -> None:
         if self.phase == LOGIN:
@@ -398,18 +402,21 @@ class Session:
                 elif tracker.phase == AUTH and seq != 0:
                     self.bt.write(packet)
                 elif seq != 0:
-                    raise ProtocolError(f"client packet with sequence id {seq} where a command was due")
+                    raise ProtocolError(f"packet with sequence id {seq} where a command was due")
                 elif length == 0:
                     raise ProtocolError("empty command packet")
-                else:
-                    self._command(packet, length)
+                elif not self._command(packet, length):
+                    pos -= len(packet)  # it waits, with what follows, until the backend is idle
+                    self._held = True
+                    self.pause_client_reading("held", True)
         except ProtocolError as e:
             self._protocol_error(e)
             return
         finally:
             del buf[:pos]
 
-    def _command(self, packet: bytes, length: int) -> None:
+    def _command(self, packet: bytes, length: int) -> bool:
+        """Carry out one command; False if it must wait until earlier responses are complete."""
         tracker = self.tracker
         assert tracker is not None and self.bt is not None
         cmd = packet[4]
@@ -417,7 +424,7 @@ class Session:
         kind = EXPECT_BY_COMMAND.get(cmd)
         if cmd == Command.QUIT:
             self.close("client quit", quiet=True)
-            return
+            return True
         needs_idle = (
             kind is None
             or cmd in _REFUSED
@@ -425,20 +432,20 @@ class Session:
             or (cmd == Command.QUERY and length > 1 and packet[5] in MAYBE_KILL_FIRST_BYTES)
         )
         if needs_idle and not tracker.idle:
-            self._hold(packet)
-            return
+            self._ccont = False
+            return False
         if kind is None or cmd in _REFUSED:
             self._reply_err(ER_UNKNOWN_COM_ERROR, "08S01",
                             f"TiProxy does not relay command 0x{cmd:02x}")
-            return
+            return True
         if cmd == Command.PROCESS_KILL:
             self._kill(parse_process_kill(packet[4:]), query_only=False, sql=None)
-            return
+            return True
         if cmd == Command.QUERY and needs_idle:
             req = parse_kill_query(packet[5:])
             if req is not None:
                 self._kill(req.connection_id, req.query_only, req.prefix)
-                return
+                return True
         if cmd == Command.CHANGE_USER:
             change = rewrite_change_user(packet[4:], self.client_caps, FORCE_SWITCH_PLUGIN)
             self.user = change.user.decode("utf-8", "replace")
@@ -446,12 +453,7 @@ class Session:
         self.bt.write(packet)
         self._counts[_NAMES[cmd]] += 1
         tracker.expect(kind, cmd)
-
-    def _hold(self, packet: bytes) -> None:
-        """Keep this command (and what follows) until the backend is idle."""
-        self._cbuf[0:0] = packet
-        self._held = True
-        self.pause_client_reading("held", True)
+        return True
 
     def _kill(self, target_id: int, query_only: bool, sql: bytes | None) -> None:
         tracker = self.tracker

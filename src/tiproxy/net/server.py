@@ -7,11 +7,11 @@ import logging
 import socket
 from typing import TYPE_CHECKING
 
+from tiproxy.api.interface import BackendView
 from tiproxy.balance.router import Router, split_addr
 from tiproxy.net.relay import ClientLeg
 
 if TYPE_CHECKING:
-    from tiproxy.api.interface import BackendView
     from tiproxy.config import Config
     from tiproxy.net.relay import Session
 
@@ -88,8 +88,6 @@ class ProxyServer:
         return len(self.sessions)
 
     def backends(self) -> list[BackendView]:
-        from tiproxy.api.interface import BackendView
-
         return [
             BackendView(b.addr, b.status, b.connections, dict(b.query_counts))
             for b in self.router.backends.values()
