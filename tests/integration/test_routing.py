@@ -12,7 +12,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from support.backends import BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.backends import APP, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.mariadb import MariaDBServer, free_port
 
@@ -256,3 +256,61 @@ def test_pipelined_commands_keep_their_order(proxy: ProxyProcess) -> None:
         assert packets[6][0] == 0x00
     finally:
         sock.close()
+
+
+def test_kill_across_backends(backends: list[MariaDBServer], proxy_factory: ProxyFactory) -> None:
+    for b in backends:
+        b.sql("CREATE USER IF NOT EXISTS 'tiproxy_admin'@'%' IDENTIFIED BY 'admin-pass';"
+              "GRANT ALL PRIVILEGES ON *.* TO 'tiproxy_admin'@'%';")
+    proxy = proxy_factory(
+        [b.addr for b in backends],
+        '\n[security]\nauth-sync-user = "tiproxy_admin"\nauth-sync-password = "admin-pass"',
+    )
+    victim = proxy.connect()
+    killer = proxy.connect()
+    filler = proxy.connect()
+    outsider = proxy.connect(EDU)  # another user, on the killer's backend
+    assert sorted(b["connections"] for b in proxy.backends()) == [2, 2]
+    with victim.cursor() as cur:
+        cur.execute("SELECT @@port")
+        victim_port = cur.fetchone()[0]
+    with killer.cursor() as cur:
+        cur.execute("SELECT @@port")
+        assert cur.fetchone()[0] != victim_port  # fewest connections: another backend
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            with victim.cursor() as cur:
+                cur.execute("SELECT SLEEP(20)")
+        except pymysql.err.OperationalError as e:
+            assert e.args[0] == 1317  # Query execution was interrupted
+        finally:
+            done.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(0.5)
+    with killer.cursor() as cur:
+        cur.execute(f"KILL QUERY {victim.thread_id()}")
+    assert done.wait(10), "KILL QUERY did not interrupt the query on the other backend"
+    t.join()
+    with outsider.cursor() as cur, pytest.raises(pymysql.err.OperationalError) as info:
+        cur.execute(f"KILL {victim.thread_id()}")
+    assert info.value.args[0] == 1095
+    with victim.cursor() as cur:
+        cur.execute("SELECT 'alive'")
+        assert cur.fetchall() == (("alive",),)
+    with killer.cursor() as cur:
+        cur.execute(f"KILL {victim.thread_id()}")
+    time.sleep(0.3)
+    with pytest.raises(pymysql.err.OperationalError), victim.cursor() as cur:
+        cur.execute("SELECT 1")
+    assert "admin-pass" not in proxy.log()
+    status, body = proxy.api("/api/admin/config")
+    assert b"admin-pass" not in body
+    with outsider.cursor() as cur:
+        cur.execute("SELECT @@port")
+        assert cur.fetchone()[0] != victim_port
+    for conn in (killer, outsider, filler):
+        conn.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import sys
 from dataclasses import replace
 
@@ -33,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= ns.backends <= 16:
         parser.error("--backends must be between 1 and 16")
     setup_logging(ns.log_level)
+    # The proxy's own account (KILL across backends; later, credential sync for migration).
+    admin = AppUser("tiproxy_admin", secrets.token_urlsafe(18))
     cluster = MariaDBCluster(
         ns.backends,
-        users=[AppUser(ns.user, ns.password)],
+        users=[AppUser(ns.user, ns.password), admin],
         extra_args=["--max-allowed-packet=64M", "--local-infile=ON"],
     )
     print(f"starting {ns.backends} MariaDB servers in {cluster.basedir} ...", flush=True)
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             base,
             proxy=replace(base.proxy, addr=ns.addr, backend_addrs=tuple(cluster.addrs)),
             api=replace(base.api, addr=ns.api_addr),
+            security=replace(base.security, auth_sync_user=admin.name,
+                             auth_sync_password=admin.password),
         )
         host, _, port = ns.addr.rpartition(":")
         api_host, _, api_port = ns.api_addr.rpartition(":")

@@ -184,6 +184,10 @@ class SecurityConfig:
     cluster_tls: TLSConfig = field(default=TLSConfig())  # the proxy -> PD / TiDB status ports
     sql_tls: TLSConfig = field(default=TLSConfig())  # the proxy -> backends' SQL ports
     require_backend_tls: bool = False
+    # Ours: the proxy's own account on the backends (mysql_native_password). It carries out
+    # what no client connection can, such as a KILL aimed at a session on another backend.
+    auth_sync_user: str = ""
+    auth_sync_password: str = field(default="", metadata=rules(secret=True))
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 from tiproxy.balance.router import Backend
+from tiproxy.net.admin import AdminConnection
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
 from tiproxy.protocol.constants import (
@@ -36,9 +37,9 @@ from tiproxy.protocol.constants import (
     Capability,
     Command,
 )
-from tiproxy.protocol.errors import Origin, ProtocolError
+from tiproxy.protocol.errors import Origin, ProtocolError, SQLError
 from tiproxy.protocol.framer import PacketSplitter
-from tiproxy.protocol.packets import build_err, frame, parse_greeting
+from tiproxy.protocol.packets import build_err, build_ok, frame, parse_greeting
 from tiproxy.protocol.tracker import AUTH, EXPECT_BY_COMMAND, Expect, ResponseTracker
 from tiproxy.session.commands import (
     MAYBE_KILL_FIRST_BYTES,
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiproxy.session")
 
 ER_UNKNOWN_ERROR = 1105
+ER_KILL_DENIED = 1095
 LOGIN_PACKET_LIMIT = 1 << 20  # a handshake response with connect attributes is a few KiB
 LOGIN_TIMEOUT = 30.0  # a client that does not finish logging in by then is cut off
 CONNECT_TIMEOUT = 5.0
@@ -463,11 +465,7 @@ class Session:
             self._reply_err(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {target_id}")
             return
         if target.backend is not self.backend:
-            self._reply_err(
-                ER_UNKNOWN_ERROR, "HY000",
-                f"TiProxy: connection {target_id} is on another backend; "
-                "KILL across backends is not supported yet",
-            )
+            self._kill_elsewhere(target, query_only)
             return
         if sql is None:
             packet = frame(build_process_kill(target.backend_connection_id), 0)
@@ -481,6 +479,51 @@ class Session:
                  target_id, target.backend_connection_id)
         self.bt.write(packet)
         tracker.expect(kind, cmd)
+
+    def _kill_elsewhere(self, target: Session, query_only: bool) -> None:
+        """KILL a session on another backend, with the proxy's own account there.
+
+        Allowed, as MySQL allows it, to the session's own user; other users would need the
+        server's privilege check, which the proxy cannot run for them on another backend.
+        """
+        security = self.server.config().security
+        if target.user != self.user:
+            self._reply_err(ER_KILL_DENIED, "HY000", f"You are not owner of thread {target.id}")
+            return
+        if not security.auth_sync_user:
+            self._reply_err(
+                ER_UNKNOWN_ERROR, "HY000",
+                f"TiProxy: connection {target.id} is on another backend; KILL there needs "
+                "[security] auth-sync-user",
+            )
+            return
+        assert target.backend is not None
+        self._held = True
+        self.pause_client_reading("held", True)
+        sql = f"KILL {'QUERY' if query_only else 'CONNECTION'} {target.backend_connection_id}"
+        backend = target.backend
+        log.info("session %d: %s (session %d) on %s", self.id, sql, target.id, backend.addr)
+
+        async def run() -> None:
+            try:
+                conn = await AdminConnection.open(backend.host, backend.port,
+                                                  security.auth_sync_user,
+                                                  security.auth_sync_password)
+                try:
+                    await conn.query(sql)
+                finally:
+                    conn.close()
+            except SQLError as e:
+                self._reply_err(e.code, e.sqlstate, e.message)
+            except (OSError, TimeoutError, ProtocolError) as e:
+                self._reply_err(ER_UNKNOWN_ERROR, "HY000",
+                                f"TiProxy: KILL on the other backend failed: {_reason(e)}")
+            else:
+                assert self.tracker is not None
+                self._send_client(frame(build_ok(self.tracker.status), 1))
+            self._release_held()
+
+        self._task = asyncio.get_running_loop().create_task(run())
 
     def _reply_err(self, code: int, state: str, message: str) -> None:
         self._send_client(frame(build_err(code, state, message), 1))
