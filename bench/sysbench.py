@@ -1,0 +1,662 @@
+"""Benchmark the proxy against direct connections and HAProxy with the same sysbench workloads.
+
+Theory of operation (DESIGN.md section 9): the machine is small, shared and noisy, so absolute
+numbers mean little; ratios measured side by side mean more. One MariaDB server is started with
+the project's launcher and sysbench's tables are prepared once. The proxy (`python -m tiproxy`)
+and HAProxy (TCP mode, one thread, `balance leastconn`) both forward to that server. For each
+workload, each round runs sysbench once against every target, in an order that rotates from
+round to round, so a slow spell of the machine hurts every target alike. Each run reports
+queries/s and the 95th percentile latency; the CPU time of the proxy's and HAProxy's processes
+over the run, divided by the queries the run made, gives their CPU seconds per 1,000 queries.
+The table shows medians across rounds and the ratios proxy/direct and proxy/haproxy.
+
+A failing target (the proxy is young) is reported with sysbench's error and the proxy's log lines
+written during the run; the other targets still run. A proxy that died is restarted before its
+next run. Everything started here is stopped, and the temporary directory removed, on exit,
+error, Ctrl-C or SIGTERM.
+
+    .venv/bin/python bench/sysbench.py --quick
+    .venv/bin/python bench/sysbench.py --time 30 --rounds 3 --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from tiproxy.playground.mariadb import HOST, MariaDBServer, create_app_user, free_port
+
+USER = "sbtest"
+PASSWORD = "sbtest-pass"  # a throwaway account on a throwaway server
+DATABASE = "sbtest"
+TARGETS = ("direct", "proxy", "haproxy")
+
+# Only the range query of oltp_read_only, 1,000 rows (about 120 KB) per result, no BEGIN/COMMIT.
+_LARGE_RESULT_ARGS = (
+    "--range_size=1000",
+    "--skip_trx=on",
+    "--point_selects=0",
+    "--simple_ranges=1",
+    "--sum_ranges=0",
+    "--order_ranges=0",
+    "--distinct_ranges=0",
+)
+# name -> (sysbench script, extra options)
+WORKLOADS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "oltp_point_select": ("oltp_point_select", ()),
+    "oltp_read_only": ("oltp_read_only", ()),
+    "large_result": ("oltp_read_only", _LARGE_RESULT_ARGS),
+    "oltp_read_write": ("oltp_read_write", ()),
+}
+DEFAULT_WORKLOADS = ("oltp_point_select", "oltp_read_only", "large_result")
+
+_SERVER_ARGS = (
+    "--innodb-buffer-pool-size=256M",  # the whole data set stays in memory
+    "--max-connections=2000",
+    # Port probes (connect, then close) count as connect errors; never block 127.0.0.1 for them.
+    "--max-connect-errors=1000000",
+)
+_READY_TIMEOUT = 30.0
+_STOP_TIMEOUT = 20.0
+_RUN_GRACE = 60.0  # a run that takes this much longer than --time is hung: kill sysbench
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_QUERIES = re.compile(r"^\s*queries:\s+(\d+)\s+\(([\d.]+) per sec\.\)", re.MULTILINE)
+_P95 = re.compile(r"^\s*95th percentile:\s+([\d.]+)", re.MULTILINE)
+_TOTAL_TIME = re.compile(r"^\s*total time:\s+([\d.]+)s", re.MULTILINE)
+_IGNORED = re.compile(r"^\s*(ignored errors|reconnects):\s+(\d+)", re.MULTILINE)
+_TAIL_LINES = 15
+
+
+class BenchError(Exception):
+    """A component of the benchmark could not be started or prepared."""
+
+
+# --- CPU accounting -----------------------------------------------------------------------
+
+
+def _proc_stats() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, utime+stime+cutime+cstime in ticks) for every process visible now."""
+    stats: dict[int, tuple[int, int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "stat").read_text()
+        except OSError:  # the process exited meanwhile
+            continue
+        # Fields after the command name, which is in parentheses and may hold spaces.
+        fields = text[text.rindex(")") + 2 :].split()
+        ticks = sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+        stats[int(entry.name)] = (int(fields[1]), ticks)
+    return stats
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by pid and all its descendants (reaped ones via cutime/cstime)."""
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(child)
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        if current in stats:
+            total += stats[current][1]
+            pending.extend(children.get(current, ()))
+    return total / _CLK_TCK
+
+
+# --- child processes ----------------------------------------------------------------------
+
+
+def wait_for_port(port: int, deadline: float, alive: ChildProcess | None = None) -> None:
+    while time.monotonic() < deadline:
+        if alive is not None and not alive.running:
+            raise BenchError(f"{alive.name} exited with code {alive.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"nothing accepts on {HOST}:{port}")
+
+
+@dataclass
+class ChildProcess:
+    """A long-running program started in its own session, with stdout+stderr in one log file."""
+
+    name: str
+    cmd: list[str]
+    log_path: Path
+    _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _log: IO[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._process is None else self._process.poll()
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def spawn(self) -> None:
+        self._log = self.log_path.open("ab")
+        # Its own session: Ctrl-C reaches only this script, which then stops the children.
+        self._process = subprocess.Popen(
+            self.cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._log is not None:
+            self._log.close()
+        self._process = self._log = None
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since(self, offset: int) -> str:
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+
+
+def start_proxy(workdir: Path, backend: str) -> tuple[ChildProcess, int]:
+    """Start `python -m tiproxy` and wait for its health endpoint and SQL port."""
+    port, api_port = free_port(), free_port()
+    config = workdir / "proxy.toml"
+    config.write_text(
+        "[proxy]\n"
+        f'addr = "{HOST}:{port}"\n'
+        f'backend-addrs = ["{backend}"]\n'
+        "[api]\n"
+        f'addr = "{HOST}:{api_port}"\n'
+        "[log]\n"
+        'level = "warn"\n'
+    )
+    proxy = ChildProcess(
+        "proxy", [sys.executable, "-m", "tiproxy", "--config", str(config)], workdir / "proxy.log"
+    )
+    proxy.spawn()
+    try:
+        _wait_for_proxy(proxy, port, f"http://{HOST}:{api_port}/api/debug/health")
+    except BaseException:
+        proxy.stop()
+        raise
+    return proxy, port
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:  # refused, or an HTTP error status
+        return False
+
+
+def _wait_for_proxy(proxy: ChildProcess, port: int, url: str) -> None:
+    deadline = time.monotonic() + _READY_TIMEOUT
+    while True:
+        if not proxy.running:
+            raise BenchError(f"proxy exited with code {proxy.returncode}:\n{proxy.log_since(0)}")
+        if _healthy(url):
+            break
+        if time.monotonic() > deadline:
+            raise BenchError(f"proxy health {url} did not answer 200:\n{proxy.log_since(0)}")
+        time.sleep(0.05)
+    wait_for_port(port, deadline, proxy)
+
+
+def start_haproxy(workdir: Path, backend: str) -> tuple[ChildProcess, int]:
+    haproxy_bin = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    port = free_port()
+    config = workdir / "haproxy.cfg"
+    config.write_text(
+        "global\n"
+        "    nbthread 1\n"
+        "    maxconn 4000\n"
+        "defaults\n"
+        "    mode tcp\n"
+        "    timeout connect 5s\n"
+        "    timeout client 1h\n"
+        "    timeout server 1h\n"
+        "listen mysql\n"
+        f"    bind {HOST}:{port}\n"
+        "    balance leastconn\n"
+        f"    server db0 {backend}\n"
+    )
+    haproxy = ChildProcess(
+        "haproxy", [haproxy_bin, "-f", str(config), "-db"], workdir / "haproxy.log"
+    )
+    haproxy.spawn()
+    try:
+        wait_for_port(port, time.monotonic() + _READY_TIMEOUT, haproxy)
+    except BaseException:
+        haproxy.stop()
+        raise
+    return haproxy, port
+
+
+def start_database(workdir: Path, tables: int, table_size: int) -> MariaDBServer:
+    server = MariaDBServer(workdir / "mariadb", extra_args=list(_SERVER_ARGS))
+    server.start()
+    create_app_user(server, USER, PASSWORD, database=DATABASE)
+    print(f"preparing {tables} tables x {table_size} rows ...", flush=True)
+    options = sysbench_options(server.port, tables, table_size, min(tables, 4))
+    result = subprocess.run(
+        ["sysbench", "oltp_read_only", *options, "prepare"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise BenchError(f"sysbench prepare failed:\n{result.stdout}{result.stderr}")
+    return server
+
+
+# --- sysbench -----------------------------------------------------------------------------
+
+
+def sysbench_options(port: int, tables: int, table_size: int, threads: int) -> list[str]:
+    return [
+        "--db-driver=mysql",
+        f"--mysql-host={HOST}",
+        f"--mysql-port={port}",
+        f"--mysql-user={USER}",
+        f"--mysql-password={PASSWORD}",
+        f"--mysql-db={DATABASE}",
+        f"--tables={tables}",
+        f"--table-size={table_size}",
+        f"--threads={threads}",
+    ]
+
+
+@dataclass
+class Run:
+    """One sysbench run against one target."""
+
+    workload: str
+    target: str
+    round: int
+    seconds: float = 0.0
+    queries: int = 0
+    qps: float = 0.0
+    p95_ms: float = 0.0
+    cpu_seconds: float | None = None  # the proxy's or HAProxy's, None for direct
+    notes: list[str] = field(default_factory=list)  # ignored errors, log lines
+    error: str = ""
+
+    @property
+    def cpu_per_1k(self) -> float | None:
+        if self.cpu_seconds is None or self.queries == 0:
+            return None
+        return self.cpu_seconds / self.queries * 1000
+
+
+def tail(text: str, lines: int = _TAIL_LINES) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def error_lines(text: str, lines: int = _TAIL_LINES) -> str:
+    """The last distinct lines of a failed run: every sysbench thread repeats the same error."""
+    distinct = dict.fromkeys(
+        line for line in text.strip().splitlines() if not line.startswith("(last message")
+    )
+    return "\n".join(list(distinct)[-lines:])
+
+
+def parse_sysbench(run: Run, output: str) -> None:
+    queries, p95, total = _QUERIES.search(output), _P95.search(output), _TOTAL_TIME.search(output)
+    if queries is None or p95 is None or total is None:
+        run.error = "could not parse sysbench's output:\n" + tail(output)
+        return
+    run.queries, run.qps = int(queries.group(1)), float(queries.group(2))
+    run.p95_ms, run.seconds = float(p95.group(1)), float(total.group(1))
+    run.notes += [
+        f"{m.group(1)}: {m.group(2)}" for m in _IGNORED.finditer(output) if m.group(2) != "0"
+    ]
+
+
+@dataclass
+class Bench:
+    """The targets and the sysbench settings every run shares."""
+
+    args: argparse.Namespace
+    workdir: Path
+    ports: dict[str, int]
+    processes: dict[str, ChildProcess]
+    db_addr: str
+
+    def run(self, workload: str, target: str, round_: int, seconds: int) -> Run:
+        run = Run(workload, target, round_)
+        if target == "proxy" and not self.processes["proxy"].running:
+            try:
+                self._restart_proxy(run)
+            except BenchError as exc:
+                run.error = f"could not restart the proxy: {exc}"
+                return run
+        process = self.processes.get(target)
+        script, extra = WORKLOADS[workload]
+        cmd = [
+            "sysbench",
+            script,
+            *sysbench_options(
+                self.ports[target], self.args.tables, self.args.table_size, self.args.threads
+            ),
+            f"--time={seconds}",
+            "--events=0",
+            "--percentile=95",
+            "--report-interval=0",
+            *([f"--db-ps-mode={self.args.db_ps_mode}"] if self.args.db_ps_mode else []),
+            *extra,
+            "run",
+        ]
+        log_offset = process.log_size() if process else 0
+        cpu_before = tree_cpu_seconds(process.pid) if process and process.running else None
+        run.error = run_sysbench(run, cmd, seconds + _RUN_GRACE)
+        if process is not None:
+            if cpu_before is not None and process.running:
+                run.cpu_seconds = tree_cpu_seconds(process.pid) - cpu_before
+            elif not process.running:
+                run.error += f"\n{target} exited with code {process.returncode} during the run"
+            logged = tail(process.log_since(log_offset), 40)
+            if logged:
+                run.notes.append(f"{target} log during the run:\n{logged}")
+        return run
+
+    def _restart_proxy(self, run: Run) -> None:
+        proxy = self.processes["proxy"]
+        run.notes.append(f"proxy had exited with code {proxy.returncode}; restarted")
+        proxy.stop()
+        new_proxy, port = start_proxy(self.workdir, self.db_addr)
+        self.processes["proxy"], self.ports["proxy"] = new_proxy, port
+
+
+def run_sysbench(run: Run, cmd: list[str], timeout: float) -> str:
+    """Run sysbench, fill in run's numbers; return what went wrong, or ""."""
+    try:
+        result = subprocess.run(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        # The partial output of a killed run is bytes, whatever text= says.
+        output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
+        return f"sysbench hung (killed after {timeout:.0f} s):\n{error_lines(output)}"
+    output = result.stdout.decode(errors="replace")
+    if result.returncode != 0:
+        return f"sysbench exited with code {result.returncode}:\n{error_lines(output)}"
+    parse_sysbench(run, output)
+    return run.error
+
+
+def check_login(port: int) -> str:
+    """Run SELECT 1 through a port with the mariadb client; return the error, or ""."""
+    cmd = [
+        "mariadb",
+        "--no-defaults",
+        f"-h{HOST}",
+        f"-P{port}",
+        f"-u{USER}",
+        f"-p{PASSWORD}",
+        "--batch",
+        "--skip-column-names",
+        "-e",
+        "SELECT 1",
+        DATABASE,
+    ]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+    except subprocess.TimeoutExpired:
+        return "SELECT 1 timed out after 20 s"
+    if result.returncode != 0 or result.stdout.strip() != "1":
+        return f"SELECT 1 failed: {(result.stdout + result.stderr).strip()}"
+    return ""
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(runs: list[Run], workload: str) -> dict[str, Any]:
+    per_target: dict[str, dict[str, Any]] = {}
+    for target in TARGETS:
+        ok = [
+            run
+            for run in runs
+            if run.target == target and run.workload == workload and not run.error
+        ]
+        total = sum(1 for run in runs if run.target == target and run.workload == workload)
+        per_target[target] = {
+            "qps": _median([run.qps for run in ok]),
+            "p95_ms": _median([run.p95_ms for run in ok]),
+            "cpu_s_per_1k": _median([run.cpu_per_1k for run in ok]),
+            "ok_runs": len(ok),
+            "runs": total,
+        }
+
+    def ratio(key: str, top: str, bottom: str) -> float | None:
+        a, b = per_target[top][key], per_target[bottom][key]
+        return a / b if a is not None and b else None
+
+    ratios = {
+        f"{key}_{top}/{bottom}": ratio(key, top, bottom)
+        for key in ("qps", "p95_ms", "cpu_s_per_1k")
+        for top, bottom in (("proxy", "direct"), ("proxy", "haproxy"))
+        if not (key == "cpu_s_per_1k" and bottom == "direct")
+    }
+    return {"targets": per_target, "ratios": ratios}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(workload: str, summary: dict[str, Any]) -> None:
+    print(f"\n== {workload} ==")
+    print(f"{'target':<9} {'QPS':>10} {'p95 ms':>8} {'CPU s/1k q':>11} {'runs ok':>8}")
+    for target, row in summary["targets"].items():
+        print(
+            f"{target:<9} {_fmt(row['qps'], '.1f'):>10} {_fmt(row['p95_ms'], '.2f'):>8} "
+            f"{_fmt(row['cpu_s_per_1k'], '.4f'):>11} {row['ok_runs']:>4}/{row['runs']}"
+        )
+    r = summary["ratios"]
+    for bottom in ("direct", "haproxy"):
+        line = (
+            f"proxy/{bottom:<8} QPS x{_fmt(r[f'qps_proxy/{bottom}'], '.3f')}"
+            f"  p95 x{_fmt(r[f'p95_ms_proxy/{bottom}'], '.2f')}"
+        )
+        if bottom == "haproxy":
+            line += f"  CPU/query x{_fmt(r['cpu_s_per_1k_proxy/haproxy'], '.1f')}"
+        print(line)
+
+
+def print_problems(runs: list[Run]) -> None:
+    for run in runs:
+        if run.error or run.notes:
+            print(f"\n-- {run.workload} / {run.target} / round {run.round}:")
+            if run.error:
+                print(f"FAILED: {run.error.strip()}")
+            for note in run.notes:
+                print(note)
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--workloads",
+        default=",".join(DEFAULT_WORKLOADS),
+        help=f"comma-separated, from: {', '.join(WORKLOADS)}",
+    )
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--time", type=int, default=20, help="seconds per run")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--tables", type=int, default=4)
+    parser.add_argument("--table-size", type=int, default=10_000)
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="seconds of oltp_read_only per target before measuring (0: none)",
+    )
+    parser.add_argument(
+        "--db-ps-mode",
+        choices=("auto", "disable"),
+        help="sysbench's --db-ps-mode (default: sysbench's, auto)",
+    )
+    parser.add_argument("--json", type=Path, help="write every run and the summaries here")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke check: 5 s runs, 1 round, no warm-up"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.time, args.rounds, args.warmup = 5, 1, 0
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    return args
+
+
+@contextlib.contextmanager
+def workspace(keep: bool) -> Iterator[Path]:
+    workdir = Path(tempfile.mkdtemp(prefix="tiproxy-bench-"))
+    try:
+        yield workdir
+    finally:
+        if keep:
+            print(f"\nkept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _raise_exit(signum: int, _frame: object) -> None:
+    print("terminated: stopping everything", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> list[Run]:
+    server = start_database(workdir, args.tables, args.table_size)
+    stack.callback(server.stop)
+    processes: dict[str, ChildProcess] = {}
+    ports = {"direct": server.port}
+
+    def stop_targets() -> None:
+        for process in processes.values():
+            process.stop()
+
+    stack.callback(stop_targets)
+    processes["proxy"], ports["proxy"] = start_proxy(workdir, server.addr)
+    processes["haproxy"], ports["haproxy"] = start_haproxy(workdir, server.addr)
+    bench = Bench(args, workdir, ports, processes, server.addr)
+    for target in TARGETS:
+        error = check_login(bench.ports[target])
+        print(f"login through {target}: {error or 'ok'}", flush=True)
+    if args.warmup:
+        for target in TARGETS:
+            warm = bench.run("oltp_read_only", target, 0, args.warmup)
+            print(f"warm-up {target}: {warm.error.strip() or f'{warm.qps:.0f} q/s'}", flush=True)
+    runs: list[Run] = []
+    for workload in args.workloads.split(","):
+        for round_ in range(1, args.rounds + 1):
+            shift = (round_ - 1) % len(TARGETS)
+            for target in TARGETS[shift:] + TARGETS[:shift]:
+                run = bench.run(workload, target, round_, args.time)
+                runs.append(run)
+                status = (
+                    "FAILED"
+                    if run.error
+                    else (
+                        f"{run.qps:.1f} q/s, p95 {run.p95_ms:.2f} ms"
+                        + (
+                            f", CPU {run.cpu_per_1k:.4f} s/1k q"
+                            if run.cpu_per_1k is not None
+                            else ""
+                        )
+                    )
+                )
+                print(f"{workload} round {round_} {target}: {status}", flush=True)
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_exit)
+    with workspace(args.keep) as workdir, contextlib.ExitStack() as stack:
+        print(
+            f"workdir {workdir}; {args.threads} threads, {args.time} s x {args.rounds} rounds, "
+            f"{os.cpu_count()} CPUs",
+            flush=True,
+        )
+        try:
+            runs = run_all(args, workdir, stack)
+        except BenchError as exc:
+            print(f"benchmark setup failed: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted: stopping everything", file=sys.stderr)
+            return 130
+        summaries = {workload: summarize(runs, workload) for workload in args.workloads.split(",")}
+        for workload, summary in summaries.items():
+            print_table(workload, summary)
+        print_problems(runs)
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "settings": {
+                            key: str(value) if isinstance(value, Path) else value
+                            for key, value in vars(args).items()
+                        },
+                        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                        "summaries": summaries,
+                        "runs": [asdict(run) | {"cpu_s_per_1k": run.cpu_per_1k} for run in runs],
+                    },
+                    indent=2,
+                )
+            )
+        failed = sum(1 for run in runs if run.error)
+        return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
