@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import MySQLdb
 import mysql.connector
+import MySQLdb
 import pymysql
 import pytest
 

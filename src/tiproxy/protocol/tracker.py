@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from tiproxy.protocol.codec import U16, U32, Buffer, read_lenenc_int
@@ -77,6 +78,8 @@ EXPECT_BY_COMMAND: dict[int, Expect] = {
     Command.RESET_CONNECTION: Expect.SINGLE,
 }
 
+_NOTHING = Expect.NOTHING
+
 # Phases of the state machine, as plain ints: they are compared once per packet on the hot path.
 IDLE = 0
 FIRST = 1  # the first packet of a (text or binary) result
@@ -90,32 +93,58 @@ PREPARE_EOF = 8
 FIELDS = 9
 AUTH = 10
 
-_MORE = ServerStatus.MORE_RESULTS_EXISTS
-_CURSOR = ServerStatus.CURSOR_EXISTS
+# Plain ints: IntFlag arithmetic costs a Python call per operation on the hot path.
+_MORE = int(ServerStatus.MORE_RESULTS_EXISTS)
+_CURSOR = int(ServerStatus.CURSOR_EXISTS)
 
 
 def terminator_status(buf: Buffer, start: int, length: int) -> int:
     """The status flags of an EOF packet (5 bytes) or of an OK packet (7 bytes or more)."""
     if length == 5:
-        return int(U16.unpack_from(buf, start + 3)[0])
+        return buf[start + 3] | buf[start + 4] << 8
     return ok_status(buf, start, length)
 
 
 def ok_status(buf: Buffer, start: int, length: int) -> int:
+    if length >= 7 and buf[start + 1] < 0xFB and buf[start + 2] < 0xFB:
+        # Both counts fit in one byte, as in almost every OK: the status follows them.
+        return buf[start + 3] | buf[start + 4] << 8
     pos = start + 1
     end = start + length
-    _, pos = read_lenenc_int(buf, pos)  # affected rows
-    _, pos = read_lenenc_int(buf, pos)  # last insert id
+    _, pos = _lenenc(buf, pos)  # affected rows
+    _, pos = _lenenc(buf, pos)  # last insert id
     if pos + 2 > end:
         raise ProtocolError("OK packet without status flags", Origin.BACKEND)
     return int(U16.unpack_from(buf, pos)[0])
 
 
-def _skip_plain_rows(data: Buffer, pos: int, n: int) -> int:
+def _lenenc(buf: Buffer, pos: int) -> tuple[int, int]:
+    """A length-encoded integer the backend sent: a bad one is the backend's protocol error."""
+    try:
+        return read_lenenc_int(buf, pos)
+    except ProtocolError as e:
+        raise ProtocolError(str(e), Origin.BACKEND) from None
+
+
+# The phase a response starts in, by what the command expects.
+_FIRST_PHASE = {
+    Expect.RESULT: FIRST,
+    Expect.BINARY: FIRST,
+    Expect.SINGLE: SINGLE,
+    Expect.PREPARE: PREPARE_OK,
+    Expect.FETCH: ROWS,
+    Expect.FIELD_LIST: FIELDS,
+    Expect.AUTH: AUTH,
+}
+
+
+def _skip_plain_rows_py(data: Buffer, pos: int) -> int:
     """Pass over whole rows that cannot end the result; return where the first other packet is.
 
-    The hot loop of a large result: one header read and one byte compare per row.
+    The hot loop of a large result: one header read and one byte compare per row. The compiled
+    twin in _rowscan.c does the same about fifty times faster; this one is the fallback.
     """
+    n = len(data)
     unpack = U32.unpack_from
     while pos + 4 < n:
         length = unpack(data, pos)[0] & 0xFFFFFF
@@ -127,6 +156,12 @@ def _skip_plain_rows(data: Buffer, pos: int, n: int) -> int:
             return pos
         pos = end
     return pos
+
+
+try:
+    from tiproxy.protocol._rowscan import skip_plain_rows
+except ImportError:  # pragma: no cover - built by setup.py; the Python loop is the fallback
+    skip_plain_rows = _skip_plain_rows_py
 
 
 class ResponseTracker:
@@ -145,8 +180,8 @@ class ResponseTracker:
         "local_infile",
         "on_done",
         "phase",
-        "status",
         "prepared",
+        "status",
     )
 
     def __init__(
@@ -177,9 +212,10 @@ class ResponseTracker:
 
     def expect(self, kind: Expect, token: Any = None) -> None:
         """A command was sent: its response comes after those already expected."""
-        if kind is Expect.NOTHING:
+        if kind is _NOTHING and not self._pending:
             self.on_done(token, self.status, False)
             return
+        # Behind other responses, a command without one is done right after them, in order.
         self._pending.append((kind, token))
         if self.phase == IDLE:
             self._start_next()
@@ -214,21 +250,25 @@ class ResponseTracker:
         n = len(data)
         unpack = U32.unpack_from
         while pos + 4 <= n:
-            if self.phase == ROWS and not self._continued:
-                pos = _skip_plain_rows(data, pos, n)
+            phase = self.phase
+            if phase == ROWS and not self._continued:
+                pos = skip_plain_rows(data, pos)
                 if pos + 4 > n:
                     break
             length = unpack(data, pos)[0] & 0xFFFFFF
             start = pos + 4
             end = start + length
+            if phase == COLUMNS and end <= n and not self._continued:
+                # Inlined _packet for the commonest packet of a small result.
+                self._columns -= 1
+                if not self._columns:
+                    self.phase = ROWS if self.deprecate_eof else COLUMNS_EOF
+                pos = end
+                continue
             if self._continued:
                 # The rest of a 16 MiB packet: raw data whatever its first byte.
                 self._continued = length == MAX_PAYLOAD
-            elif end <= n:
-                self._packet(data, start, length)
-                if length == MAX_PAYLOAD:
-                    self._continued = True
-            elif start < n and not self._wants_whole(data[start], length):
+            elif end <= n or (start < n and not self._wants_whole(data[start], length)):
                 self._packet(data, start, length)
                 if length == MAX_PAYLOAD:
                     self._continued = True
@@ -283,11 +323,19 @@ class ResponseTracker:
         return pos + count
 
     def _wants_whole(self, first: int, length: int) -> bool:
-        """Whether a packet must be read whole, knowing only its first byte and length."""
+        """Whether a packet must be read whole, knowing only its first byte and length.
+
+        Every packet that may end the response is read whole, so that a response is done only
+        once its last byte is in: a session the relay calls idle has no bytes still to come.
+        """
         phase = self.phase
         if phase in (ROWS, FIELDS):
             return first in (0xFE, 0xFF) and length < MAX_PAYLOAD
-        return phase not in (COLUMNS, PREPARE_DEFS, SINGLE)
+        if phase == COLUMNS:
+            return False
+        if phase == PREPARE_DEFS:
+            return self._defs_left == 1  # the last definition may end the response
+        return True  # SINGLE included: its one packet ends the response
 
     # -- the state machine ------------------------------------------------------------------
 
@@ -321,8 +369,11 @@ class ResponseTracker:
                 self.status = status
                 self.phase = ROWS
         elif phase == SINGLE:
+            # Any shape: COM_STATISTICS answers a bare string, whatever its first byte. The
+            # status is taken from the packet only when it reads as an OK or an EOF.
             if first == 0x00 and length >= 7:
-                self.status = ok_status(buf, start, length)
+                with suppress(ProtocolError):
+                    self.status = ok_status(buf, start, length)
             elif first == 0xFE and length == 5:
                 self.status = terminator_status(buf, start, length)
             self._finish(self.status, first == 0xFF)
@@ -360,7 +411,7 @@ class ResponseTracker:
         elif first == 0xFE:
             self._end_result(terminator_status(buf, start, length))
         else:
-            count, _ = read_lenenc_int(buf, start)
+            count = first if first < 0xFB else _lenenc(buf, start)[0]
             if count == 0:
                 raise ProtocolError("result set with no columns", Origin.BACKEND)
             self._columns = count
@@ -406,27 +457,25 @@ class ResponseTracker:
             self._finish(status, False)
 
     def _finish(self, status: int, failed: bool) -> None:
+        status &= ~_MORE  # an ERR after a result that announced more still ends the response
         self.status = status
         self.local_infile = False
-        _, token = self._pending.popleft()
+        pending = self._pending
+        _, token = pending.popleft()
         self.phase = IDLE
-        if self._pending:
+        silent: list[Any] | None = None
+        if pending and pending[0][0] is _NOTHING:
+            silent = []  # commands without a response of their own: done with this one
+            while pending and pending[0][0] is _NOTHING:
+                silent.append(pending.popleft()[1])
+        if pending:
             self._start_next()
         self.on_done(token, status, failed)
+        if silent:
+            for other in silent:
+                self.on_done(other, status, False)
 
     def _start_next(self) -> None:
         kind, _ = self._pending[0]
-        self._binary = kind is Expect.BINARY
-        if kind is Expect.RESULT or kind is Expect.BINARY:
-            self.phase = FIRST
-        elif kind is Expect.SINGLE:
-            self.phase = SINGLE
-        elif kind is Expect.PREPARE:
-            self.phase = PREPARE_OK
-        elif kind is Expect.FETCH:
-            self._binary = True
-            self.phase = ROWS
-        elif kind is Expect.FIELD_LIST:
-            self.phase = FIELDS
-        else:
-            self.phase = AUTH
+        self._binary = kind is Expect.BINARY or kind is Expect.FETCH
+        self.phase = _FIRST_PHASE[kind]

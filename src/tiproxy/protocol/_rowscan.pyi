@@ -1,0 +1,3 @@
+from tiproxy.protocol.codec import Buffer
+
+def skip_plain_rows(data: Buffer, pos: int, /) -> int: ...
