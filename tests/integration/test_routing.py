@@ -12,7 +12,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from support.backends import APP, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
+from support.backends import BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.mariadb import MariaDBServer, free_port
 
@@ -307,7 +307,7 @@ def test_kill_across_backends(backends: list[MariaDBServer], proxy_factory: Prox
     with pytest.raises(pymysql.err.OperationalError), victim.cursor() as cur:
         cur.execute("SELECT 1")
     assert "admin-pass" not in proxy.log()
-    status, body = proxy.api("/api/admin/config")
+    _, body = proxy.api("/api/admin/config")
     assert b"admin-pass" not in body
     with outsider.cursor() as cur:
         cur.execute("SELECT @@port")

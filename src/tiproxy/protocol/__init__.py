@@ -1,1 +1,4 @@
-"""The MySQL wire protocol, sans-IO: bytes in, parsed facts out. Never imports asyncio, socket or ssl."""
+"""The MySQL wire protocol, sans-IO: bytes in, parsed facts out.
+
+Nothing here imports asyncio, socket or ssl.
+"""

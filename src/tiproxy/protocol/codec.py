@@ -20,7 +20,8 @@ Buffer = bytes | bytearray | memoryview
 
 def _need(buf: Buffer, pos: int, size: int, what: str) -> None:
     if pos + size > len(buf):
-        raise ProtocolError(f"truncated {what}: need {size} bytes at offset {pos}, have {len(buf) - pos}")
+        have = len(buf) - pos
+        raise ProtocolError(f"truncated {what}: need {size} bytes at offset {pos}, have {have}")
 
 
 def read_u8(buf: Buffer, pos: int) -> tuple[int, int]:

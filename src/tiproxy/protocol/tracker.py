@@ -149,10 +149,9 @@ def _skip_plain_rows_py(data: Buffer, pos: int) -> int:
     while pos + 4 < n:
         length = unpack(data, pos)[0] & 0xFFFFFF
         end = pos + 4 + length
-        if end > n or length == 0 or length == MAX_PAYLOAD:
+        if end > n or length in (0, MAX_PAYLOAD):
             return pos
-        first = data[pos + 4]
-        if first == 0xFE or first == 0xFF:
+        if data[pos + 4] in (0xFE, 0xFF):
             return pos
         pos = end
     return pos
@@ -339,7 +338,7 @@ class ResponseTracker:
 
     # -- the state machine ------------------------------------------------------------------
 
-    def _packet(self, buf: Buffer, start: int, length: int) -> None:
+    def _packet(self, buf: Buffer, start: int, length: int) -> None:  # noqa: PLR0915 - one table
         """One packet; buf[start] is always there, the rest only if _wants_whole said so."""
         phase = self.phase
         if length == 0:
@@ -399,7 +398,8 @@ class ResponseTracker:
                 self._finish(self.status, True)
             # 0xFE auth switch and 0x01 more data: the client answers, the exchange goes on.
         else:
-            raise ProtocolError(f"backend sent a packet nobody asked for (0x{first:02x})", Origin.BACKEND)
+            raise ProtocolError(f"backend sent a packet nobody asked for (0x{first:02x})",
+                                Origin.BACKEND)
 
     def _first(self, buf: Buffer, start: int, length: int, first: int) -> None:
         if first == 0x00:

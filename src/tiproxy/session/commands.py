@@ -95,7 +95,8 @@ def rewrite_change_user(payload: bytes, capabilities: int, plugin: str) -> Chang
     rest, _ = read_eof_bytes(payload, pos)
     if not capabilities & Capability.PLUGIN_AUTH:
         raise ProtocolError("COM_CHANGE_USER from a client without pluggable authentication")
-    auth = b"\0" if capabilities & Capability.SECURE_CONNECTION else b"\0"
+    # No auth data: a zero length byte (SECURE_CONNECTION) or an empty NUL-ended string.
+    auth = b"\0"
     rewritten = b"".join(
         (
             bytes((Command.CHANGE_USER,)),
