@@ -1,0 +1,116 @@
+"""A connection to a backend: read packet by packet while the proxy talks to it, or relayed.
+
+Two modes. Detached, every byte goes through a PacketSplitter and whole packets wait in a queue
+for `read_packet` (the login, a migration's capture and restore, the proxy's own queries).
+Attached, every chunk goes straight to the session's hot path (`Session.backend_data`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+from tiproxy.protocol.errors import Origin
+from tiproxy.protocol.framer import PacketSplitter
+
+if TYPE_CHECKING:
+    from tiproxy.net.relay import Session
+
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 10.0
+
+
+class BackendLeg(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None  # attached: chunks go to its hot path
+        self._splitter = PacketSplitter(origin=Origin.BACKEND)
+        self._packets: deque[tuple[int, bytes]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+
+    @classmethod
+    async def open(cls, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> BackendLeg:
+        loop = asyncio.get_running_loop()
+        leg = cls()
+        await asyncio.wait_for(loop.create_connection(lambda: leg, host, port), timeout)
+        return leg
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.backend_data(data)
+            return
+        try:
+            self._packets.extend(self._splitter.feed(data))
+        except Exception as e:  # noqa: BLE001 - handed to the reader, which raises it
+            self._error = e
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._error = exc or ConnectionError("backend closed the connection")
+        if self.session is not None:
+            self.session.backend_lost(exc)
+        self._wake()
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_client_reading("backend", True)
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.pause_client_reading("backend", False)
+
+    # -- detached mode ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read_packet(self, timeout: float = READ_TIMEOUT) -> tuple[int, bytes]:
+        """The next whole packet (sequence id, payload). Raises on close, error or timeout."""
+        while not self._packets:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, timeout)
+            finally:
+                self._waiter = None
+        return self._packets.popleft()
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def attach(self, session: Session) -> None:
+        """From now on chunks go to the session; bytes already read but not taken go first."""
+        if self._packets:
+            raise RuntimeError("attaching a backend with unread packets")
+        self.session = session
+        rest = self._splitter.take_rest()
+        if rest:
+            session.backend_data(rest)
+
+    def detach(self) -> None:
+        """Back to reading packet by packet (a migration's capture). Only between responses."""
+        self.session = None
+
+    @property
+    def closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def close(self, quit_first: bool = True) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            if quit_first:
+                self.transport.write(b"\x01\x00\x00\x00\x01")  # COM_QUIT
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

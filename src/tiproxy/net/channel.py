@@ -1,0 +1,105 @@
+"""The proxy's own statements on a detached backend connection, with their results read whole.
+
+Used to log in as the proxy, and by migrations to capture and restore session state. Small
+results only: everything is held in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tiproxy.net.backend import BackendLeg
+from tiproxy.protocol.codec import U16, U32, read_lenenc_bytes, read_lenenc_int
+from tiproxy.protocol.constants import Command, ServerStatus
+from tiproxy.protocol.errors import Origin, ProtocolError, SQLError
+from tiproxy.protocol.packets import frame, parse_err
+from tiproxy.protocol.tracker import terminator_status
+
+Row = list[bytes | None]
+
+
+@dataclass
+class Result:
+    rows: list[Row]
+    status: int
+
+
+def sql_error(payload: bytes) -> SQLError:
+    err = parse_err(payload)
+    return SQLError(err.code, err.sqlstate, err.message, Origin.BACKEND)
+
+
+async def query(leg: BackendLeg, sql: str | bytes, deprecate_eof: bool) -> Result:
+    """Run one statement; its rows as text values (a statement without rows gives [])."""
+    body = sql.encode() if isinstance(sql, str) else sql
+    leg.write(frame(bytes((Command.QUERY,)) + body, 0))
+    result = await read_result(leg, deprecate_eof)
+    while result.status & ServerStatus.MORE_RESULTS_EXISTS:
+        result = await read_result(leg, deprecate_eof)
+    return result
+
+
+async def read_result(leg: BackendLeg, deprecate_eof: bool) -> Result:
+    _, payload = await leg.read_packet()
+    first = payload[0] if payload else -1
+    if first == 0x00:
+        return Result([], terminator_status(payload, 0, len(payload)))
+    if first == 0xFF:
+        raise sql_error(payload)
+    if first in (-1, 0xFB, 0xFE):
+        raise ProtocolError("unexpected response to the proxy's statement", Origin.BACKEND)
+    columns, _ = read_lenenc_int(payload, 0)
+    for _ in range(columns):
+        await leg.read_packet()
+    if not deprecate_eof:
+        await leg.read_packet()
+    rows: list[Row] = []
+    while True:
+        _, payload = await leg.read_packet()
+        if payload[:1] == b"\xfe" and len(payload) < 0xFFFFFF:
+            return Result(rows, terminator_status(payload, 0, len(payload)))
+        if payload[:1] == b"\xff":
+            raise sql_error(payload)
+        rows.append(text_row(payload, columns))
+
+
+def text_row(payload: bytes, columns: int) -> Row:
+    row: Row = []
+    pos = 0
+    for _ in range(columns):
+        if pos < len(payload) and payload[pos] == 0xFB:
+            row.append(None)
+            pos += 1
+        else:
+            value, pos = read_lenenc_bytes(payload, pos)
+            row.append(value)
+    return row
+
+
+@dataclass
+class Prepared:
+    stmt_id: int
+    columns: int
+    params: int
+
+
+def send_prepare(leg: BackendLeg, sql: bytes) -> None:
+    leg.write(frame(bytes((Command.STMT_PREPARE,)) + sql, 0))
+
+
+async def read_prepare(leg: BackendLeg, deprecate_eof: bool) -> Prepared:
+    """The response to a COM_STMT_PREPARE (several may be in flight, answered in order)."""
+    _, payload = await leg.read_packet()
+    if payload[:1] == b"\xff":
+        raise sql_error(payload)
+    if payload[:1] != b"\x00" or len(payload) < 12:
+        raise ProtocolError("malformed PREPARE_OK", Origin.BACKEND)
+    stmt_id = U32.unpack_from(payload, 1)[0]
+    columns = U16.unpack_from(payload, 5)[0]
+    params = U16.unpack_from(payload, 7)[0]
+    for count in (params, columns):
+        for _ in range(count):
+            await leg.read_packet()
+        if count and not deprecate_eof:
+            await leg.read_packet()
+    return Prepared(stmt_id, columns, params)

@@ -1,0 +1,61 @@
+"""Stored password hashes, by user, and recovering a reusable credential from a login.
+
+Sources: `[security] users-file` (lines `user *HEX`, as `SELECT User, authentication_string
+FROM mysql.user` gives them; `#` starts a comment) and the backends themselves, read by the
+account `[security] auth-sync-user` (see control/auth_sync.py). A user may have several hashes
+(one account per host pattern); the one that verifies wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tiproxy.protocol.auth import NATIVE_PLUGIN, parse_native_hash, recover_stage1
+
+
+class UsersFileError(ValueError):
+    pass
+
+
+class CredentialStore:
+    def __init__(self) -> None:
+        self._file: dict[str, set[bytes]] = {}
+        self._synced: dict[str, set[bytes]] = {}
+
+    def load_users_file(self, path: str | Path) -> int:
+        """Read a users file; returns how many hashes it held. Raises UsersFileError."""
+        hashes: dict[str, set[bytes]] = {}
+        text = Path(path).read_text(encoding="utf-8")
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            user, _, auth = line.replace(":", " ", 1).rpartition(" ")
+            parsed = parse_native_hash(auth)
+            if not user.strip() or parsed is None:
+                raise UsersFileError(f"{path}:{number}: expected `user *HEX41`")
+            hashes.setdefault(user.strip(), set()).add(parsed)
+        self._file = hashes
+        return sum(len(v) for v in hashes.values())
+
+    def replace_synced(self, rows: Iterable[tuple[str, str, str]]) -> int:
+        """Rows of (user, plugin, authentication_string) read from a backend."""
+        hashes: dict[str, set[bytes]] = {}
+        for user, plugin, auth in rows:
+            parsed = parse_native_hash(auth) if plugin in (NATIVE_PLUGIN, "") else None
+            if parsed is not None:
+                hashes.setdefault(user, set()).add(parsed)
+        self._synced = hashes
+        return sum(len(v) for v in hashes.values())
+
+    def knows(self, user: str) -> bool:
+        return user in self._file or user in self._synced
+
+    def recover(self, user: str, salt: bytes, scramble: bytes) -> bytes | None:
+        """SHA1(password) for this login, or None when no stored hash verifies it."""
+        for stored in self._file.get(user, set()) | self._synced.get(user, set()):
+            stage1 = recover_stage1(scramble, salt, stored)
+            if stage1 is not None:
+                return stage1
+        return None

@@ -1,0 +1,139 @@
+"""A session's state as the proxy tracks it: prepared statements, pins, and what keeps it put.
+
+The MySQL dialect reads most state from the backend at the moment of a move (variables, the
+current database). What the backend cannot tell, the proxy keeps here as the session runs:
+- the SQL text of every server-side prepared statement, its parameter types, and the statement
+  id the client knows it by (which stays the same when the backend's id changes after a move);
+- SQL-level prepared statements (PREPARE name FROM ...), to prepare them again;
+- pins: temporary tables, named locks, table locks, open HANDLERs, pending long data, open
+  cursors. A pinned session moves only once the pin is released.
+Every map a client can grow is bounded by what the backend itself allows (max_prepared_stmt_count
+and the like): the proxy only records what the backend accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tiproxy.session.statements import StatementEffects
+
+
+@dataclass
+class PreparedStatement:
+    client_id: int  # what the client uses in COM_STMT_EXECUTE etc.
+    backend_id: int  # what the current backend knows it by
+    sql: bytes
+    params: int
+    columns: int
+    param_types: bytes | None = None  # the types of the last execute that sent them
+    long_data: bool = False  # COM_STMT_SEND_LONG_DATA since the last execute or reset
+    cursor_open: bool = False
+
+
+@dataclass
+class SessionState:
+    stmts: dict[int, PreparedStatement] = field(default_factory=dict)
+    # backend id -> client id, only once they differ (after a move); empty means identity
+    to_client: dict[int, int] = field(default_factory=dict)
+    sql_prepared: dict[str, bytes] = field(default_factory=dict)
+    temp_tables: set[str] = field(default_factory=set)
+    named_locks: set[str] = field(default_factory=set)
+    table_locks: bool = False
+    handlers: set[str] = field(default_factory=set)
+    no_credential: str = ""  # why the proxy cannot log this user in elsewhere, if it cannot
+
+    @property
+    def mapped(self) -> bool:
+        """Whether statement ids must be translated between client and backend."""
+        return bool(self.to_client)
+
+    # -- prepared statements ----------------------------------------------------------------
+
+    def prepared(self, backend_id: int, sql: bytes, columns: int, params: int) -> int:
+        """A COM_STMT_PREPARE succeeded; returns the id to give the client."""
+        client_id = backend_id
+        if self.mapped or backend_id in self.stmts:
+            client_id = self._free_client_id(backend_id)
+            if client_id != backend_id:
+                self.to_client[backend_id] = client_id
+        self.stmts[client_id] = PreparedStatement(client_id, backend_id, sql, params, columns)
+        return client_id
+
+    def _free_client_id(self, wanted: int) -> int:
+        candidate = wanted
+        while candidate in self.stmts or candidate == 0:
+            candidate = (candidate + 1) & 0xFFFFFFFF
+        return candidate
+
+    def closed(self, client_id: int) -> None:
+        stmt = self.stmts.pop(client_id, None)
+        if stmt is not None:
+            self.to_client.pop(stmt.backend_id, None)
+
+    def backend_id(self, client_id: int) -> int:
+        stmt = self.stmts.get(client_id)
+        return stmt.backend_id if stmt is not None else client_id
+
+    def rebound(self, new_ids: dict[int, int]) -> None:
+        """After a move: client id -> the new backend's id for every statement."""
+        self.to_client = {}
+        for client_id, backend_id in new_ids.items():
+            stmt = self.stmts[client_id]
+            stmt.backend_id = backend_id
+            stmt.cursor_open = False
+            if backend_id != client_id:
+                self.to_client[backend_id] = client_id
+
+    # -- statements with effects ------------------------------------------------------------
+
+    def apply(self, fx: StatementEffects) -> None:
+        """A statement succeeded: record what it did."""
+        if fx.temp_created is not None:
+            self.temp_tables.add(fx.temp_created)
+        for name in fx.temp_dropped:
+            self.temp_tables.discard(name)
+        if fx.table_locks is not None:
+            self.table_locks = fx.table_locks
+        if fx.named_lock is not None:
+            self.named_locks.add(fx.named_lock)
+        if fx.lock_released is not None:
+            self.named_locks.discard(fx.lock_released)
+        if fx.all_locks_released:
+            self.named_locks.clear()
+        if fx.prepared is not None:
+            self.sql_prepared[fx.prepared[0]] = fx.prepared[1]
+        if fx.deallocated is not None:
+            self.sql_prepared.pop(fx.deallocated, None)
+        if fx.handler_opened is not None:
+            self.handlers.add(fx.handler_opened)
+        if fx.handler_closed is not None:
+            self.handlers.discard(fx.handler_closed)
+        if fx.begins_transaction:
+            self.table_locks = False  # START TRANSACTION releases table locks
+
+    def reset(self) -> None:
+        """COM_RESET_CONNECTION or COM_CHANGE_USER: the server forgot all of it."""
+        credential_reason = self.no_credential
+        self.__init__()  # type: ignore[misc]
+        self.no_credential = credential_reason
+
+    # -- pins -------------------------------------------------------------------------------
+
+    def pins(self) -> list[str]:
+        """Why this session cannot move now, besides the server status (transaction, cursor)."""
+        reasons = []
+        if self.temp_tables:
+            reasons.append("temporary tables: " + ", ".join(sorted(self.temp_tables)))
+        if self.named_locks:
+            reasons.append("named locks (GET_LOCK)")
+        if self.table_locks:
+            reasons.append("LOCK TABLES")
+        if self.handlers:
+            reasons.append("open HANDLER")
+        if any(s.long_data for s in self.stmts.values()):
+            reasons.append("pending long data")
+        if any(s.cursor_open for s in self.stmts.values()):
+            reasons.append("open cursor")
+        if self.no_credential:
+            reasons.append(self.no_credential)
+        return reasons

@@ -1,0 +1,158 @@
+"""What a COM_QUERY statement does to the session beyond its result, read from its text.
+
+The MySQL dialect has to know when a session holds something no other backend can be given:
+temporary tables, named locks (GET_LOCK), table locks (LOCK TABLES), an open HANDLER; and which
+SQL-level prepared statements exist (PREPARE name FROM ...), to prepare them again after a move.
+None of these set a status flag, so the proxy reads them from the statements.
+
+Cost matters: every COM_QUERY passes `may_change_state` on the hot path. It looks at the first
+byte and does three substring searches; only statements that pass it are parsed with the regular
+expressions below. Statements inside stored procedures are not seen (a documented limit).
+References: https://mariadb.com/kb/en/create-table/#create-temporary-table ,
+https://mariadb.com/kb/en/get_lock/ , https://mariadb.com/kb/en/lock-tables/ ,
+https://mariadb.com/kb/en/prepare-statement/
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from tiproxy.protocol.codec import Buffer
+
+# First bytes of statements that may change what the proxy tracks (CREATE, DROP, LOCK, UNLOCK,
+# PREPARE, DEALLOCATE, KILL, HANDLER, BEGIN, START, XA) or that hide their first keyword behind
+# whitespace or a comment.
+_FIRST_BYTES = frozenset(b"CcDdLlUuPpKkHhBbSsXx \t\r\n/#-(")
+_LOCK_MARKS = (b"_lock", b"_LOCK", b"_Lock")  # GET_LOCK, RELEASE_LOCK, RELEASE_ALL_LOCKS
+
+_LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
+_WORD = re.compile(rb"[A-Za-z_]+")
+_IDENT = rb"(?:`(?:[^`]|``)+`|[A-Za-z0-9_$]+)"
+_QUALIFIED = rb"(?:" + _IDENT + rb"\s*\.\s*)?(" + _IDENT + rb")"
+
+_CREATE_TEMP = re.compile(
+    rb"CREATE\s+(?:OR\s+REPLACE\s+)?TEMPORARY\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?" + _QUALIFIED,
+    re.IGNORECASE,
+)
+_DROP_TABLE = re.compile(rb"DROP\s+(?:TEMPORARY\s+)?TABLES?\s+(?:IF\s+EXISTS\s+)?(.*)",
+                         re.IGNORECASE | re.DOTALL)
+_GET_LOCK = re.compile(rb"GET_LOCK\s*\(", re.IGNORECASE)
+_RELEASE_LOCK = re.compile(rb"RELEASE_LOCK\s*\(\s*'((?:[^'\\]|\\.|'')*)'", re.IGNORECASE)
+_RELEASE_ALL = re.compile(rb"RELEASE_ALL_LOCKS\s*\(", re.IGNORECASE)
+_GET_LOCK_NAME = re.compile(rb"GET_LOCK\s*\(\s*'((?:[^'\\]|\\.|'')*)'", re.IGNORECASE)
+_LOCK_TABLES = re.compile(rb"LOCK\s+TABLES?\b", re.IGNORECASE)
+_UNLOCK_TABLES = re.compile(rb"UNLOCK\s+TABLES?\b", re.IGNORECASE)
+_PREPARE = re.compile(rb"PREPARE\s+(" + _IDENT + rb")\s+FROM\s", re.IGNORECASE)
+_DEALLOCATE = re.compile(rb"(?:DEALLOCATE|DROP)\s+PREPARE\s+(" + _IDENT + rb")", re.IGNORECASE)
+_HANDLER = re.compile(rb"HANDLER\s+" + _QUALIFIED + rb"\s+(OPEN|CLOSE)\b", re.IGNORECASE)
+_BEGIN = re.compile(rb"(?:BEGIN(?:\s+WORK)?|START\s+TRANSACTION\b[^;]*)\s*;?\s*\Z", re.IGNORECASE)
+
+
+def may_change_state(payload: Buffer, multi_statements: bool) -> bool:
+    """A cheap first look at a COM_QUERY packet payload (command byte included).
+
+    False means the statement certainly changes nothing the proxy tracks.
+    """
+    if len(payload) < 2:
+        return False
+    if payload[1] in _FIRST_BYTES:
+        return True
+    if any(mark in payload for mark in _LOCK_MARKS):
+        return True
+    return multi_statements and b";" in payload
+
+
+def first_keyword(sql: bytes) -> bytes:
+    """The statement's first word, upper case, after whitespace and comments."""
+    m = _WORD.match(sql, _skip_leading(sql))
+    return m.group(0).upper() if m else b""
+
+
+def _skip_leading(sql: bytes) -> int:
+    """Where the statement starts after whitespace and comments."""
+    m = _LEADING.match(sql)
+    return m.end() if m else 0
+
+
+def _name(raw: bytes) -> str:
+    if raw.startswith(b"`"):
+        raw = raw[1:-1].replace(b"``", b"`")
+    return raw.decode("utf-8", "replace").lower()
+
+
+def _literal(raw: bytes) -> str:
+    return raw.replace(b"''", b"'").decode("utf-8", "replace")
+
+
+@dataclass
+class StatementEffects:
+    """What a statement does to tracked state, applied once it succeeded."""
+
+    temp_created: str | None = None
+    temp_dropped: tuple[str, ...] = ()
+    table_locks: bool | None = None  # True: LOCK TABLES; False: UNLOCK TABLES
+    named_lock: str | None = None  # GET_LOCK('name'); "" for a name that is not a literal
+    lock_released: str | None = None
+    all_locks_released: bool = False
+    prepared: tuple[str, bytes] | None = None  # (name, the whole PREPARE statement)
+    deallocated: str | None = None
+    handler_opened: str | None = None
+    handler_closed: str | None = None
+    begins_transaction: bool = False
+
+    def __bool__(self) -> bool:
+        return self != _NOTHING
+
+
+_NOTHING = StatementEffects()
+
+
+def statement_effects(sql: bytes) -> StatementEffects:
+    """Parse a statement that passed may_change_state. Statements in a multi-statement query
+    are each looked at."""
+    effects = StatementEffects()
+    for part in _split(sql):
+        _one_statement(part, effects)
+    return effects
+
+
+def _split(sql: bytes) -> list[bytes]:
+    if b";" not in sql:
+        return [sql]
+    return [p for p in sql.split(b";") if p.strip()]  # quotes with ';' only over-report
+
+
+def _one_statement(sql: bytes, fx: StatementEffects) -> None:
+    body = sql[_skip_leading(sql) :]
+    word = first_keyword(body)
+    if word == b"CREATE" and (m := _CREATE_TEMP.match(body)):
+        fx.temp_created = _name(m.group(1))
+    elif word == b"DROP":
+        if m := _DEALLOCATE.match(body):
+            fx.deallocated = _name(m.group(1))
+        elif m := _DROP_TABLE.match(body):
+            names = re.findall(_QUALIFIED, m.group(1))
+            fx.temp_dropped = tuple(_name(n) for n in names)
+    elif word == b"LOCK" and _LOCK_TABLES.match(body):
+        fx.table_locks = True
+    elif word == b"UNLOCK" and _UNLOCK_TABLES.match(body):
+        fx.table_locks = False
+    elif word == b"PREPARE" and (m := _PREPARE.match(body)):
+        fx.prepared = (_name(m.group(1)), body.strip())
+    elif word == b"DEALLOCATE" and (m := _DEALLOCATE.match(body)):
+        fx.deallocated = _name(m.group(1))
+    elif word == b"HANDLER" and (m := _HANDLER.match(body)):
+        if m.group(2).upper() == b"OPEN":
+            fx.handler_opened = _name(m.group(1))
+        else:
+            fx.handler_closed = _name(m.group(1))
+    elif word in (b"BEGIN", b"START") and _BEGIN.match(body):
+        fx.begins_transaction = True
+    if _GET_LOCK.search(body):
+        m = _GET_LOCK_NAME.search(body)
+        fx.named_lock = _literal(m.group(1)) if m else ""
+    if m := _RELEASE_LOCK.search(body):
+        fx.lock_released = _literal(m.group(1))
+    if _RELEASE_ALL.search(body):
+        fx.all_locks_released = True
