@@ -84,7 +84,8 @@ def read_nul_bytes(buf: Buffer, pos: int) -> tuple[bytes, int]:
 
 
 def read_eof_bytes(buf: Buffer, pos: int) -> tuple[bytes, int]:
-    """The rest of the packet."""
+    """The rest of the packet (empty at its end; past its end is a truncation like any other)."""
+    _need(buf, pos, 0, "string")
     return bytes(buf[pos:]), len(buf)
 
 

@@ -59,12 +59,16 @@ class Decompressor:
 
 def _inflate(payload: bytes, ulen: int) -> bytes:
     # The declared length bounds the output: a small frame cannot inflate into gigabytes.
+    # The stream must also end there: a truncated stream, or one with more in it (output still
+    # held inside zlib, or bytes after its end), does not match the frame.
     d = zlib.decompressobj()
     try:
         data = d.decompress(payload, ulen)
+        if not d.eof and len(data) == ulen and d.decompress(d.unconsumed_tail, 1):
+            raise ProtocolError("compressed frame inflates past its declared length")
     except zlib.error as e:
         raise ProtocolError(f"bad compressed frame: {e}") from None
-    if len(data) != ulen or d.unconsumed_tail:
+    if len(data) != ulen or not d.eof or d.unconsumed_tail or d.unused_data:
         raise ProtocolError("compressed frame does not match its declared length")
     return data
 

@@ -411,7 +411,9 @@ class ResponseTracker:
         elif first == 0xFE:
             self._end_result(terminator_status(buf, start, length))
         else:
-            count = first if first < 0xFB else _lenenc(buf, start)[0]
+            count, end = (first, start + 1) if first < 0xFB else _lenenc(buf, start)
+            if end > start + length:
+                raise ProtocolError("column count longer than its packet", Origin.BACKEND)
             if count == 0:
                 raise ProtocolError("result set with no columns", Origin.BACKEND)
             self._columns = count

@@ -24,15 +24,21 @@ from tiproxy.protocol.codec import (
 from tiproxy.protocol.constants import Capability, Command
 from tiproxy.protocol.errors import ProtocolError
 
-# KILL [HARD | SOFT] [CONNECTION | QUERY] <thread id>. "KILL QUERY ID <query id>" and
-# "KILL USER <name>" name no connection id and go through untouched.
+# KILL [HARD | SOFT] [CONNECTION | QUERY] <thread id>, once comments are gone. "KILL QUERY ID
+# <query id>" and "KILL USER <name>" name no connection id and go through untouched. \s is the
+# server's whitespace too: space and 0x09 to 0x0D.
 _KILL = re.compile(
     rb"\A\s*KILL\s+(?P<mode>(?:HARD|SOFT)\s+)?(?P<what>(?:CONNECTION|QUERY)\s+)?"
     rb"(?P<id>\d{1,20})\s*;?\s*\Z",
     re.IGNORECASE,
 )
-# A COM_QUERY whose first byte is one of these may be a KILL: K, k, whitespace, a comment.
-MAYBE_KILL_FIRST_BYTES = frozenset(b"Kk \t\r\n/(")
+_KILL_WORD = re.compile(rb"kill", re.IGNORECASE)
+# What may start a comment or a quoted string; "/*!" and "/*M!" comments are run by the server.
+_SPECIAL = re.compile(rb"['\"`#]|/\*|--")
+_EXECUTABLE = re.compile(rb"M?!\d{0,6}")
+# A COM_QUERY whose first byte is one of these may be a KILL: K, k, the server's whitespace, the
+# start of a comment. The relay passes anything else to the backend without parsing it.
+MAYBE_KILL_FIRST_BYTES = frozenset(b"Kk \t\n\x0b\x0c\r/#-(")
 
 
 @dataclass(frozen=True)
@@ -46,13 +52,51 @@ class KillRequest:
 
 
 def parse_kill_query(sql: bytes) -> KillRequest | None:
-    m = _KILL.match(sql)
+    if _KILL_WORD.search(sql) is None:
+        return None
+    text = _without_comments(sql)
+    if text is None:
+        return None
+    m = _KILL.match(text)
     if m is None:
         return None
     what = (m.group("what") or b"").strip().upper()
     mode = (m.group("mode") or b"").strip().upper()
     prefix = b"KILL " + (mode + b" " if mode else b"") + (what + b" " if what else b"")
     return KillRequest(int(m.group("id")), what == b"QUERY", prefix)
+
+
+def _without_comments(sql: bytes) -> bytes | None:
+    """The statement with its comments turned into spaces and its executable comments into their
+    text, as the server reads it; None if it holds a quoted string, which no KILL <id> does.
+
+    A comment must not hide a KILL from the proxy: the backend would run it on its own ids.
+    """
+    out: list[bytes] = []
+    pos = 0
+    n = len(sql)
+    while (m := _SPECIAL.search(sql, pos)) is not None:
+        out.append(sql[pos : m.start()])
+        token = m.group()
+        pos = m.end()
+        if token == b"/*":
+            end = sql.find(b"*/", pos)
+            if end < 0:
+                return None  # unterminated: the server refuses the statement
+            body = sql[pos:end]
+            executable = _EXECUTABLE.match(body)
+            out.append(b" " + body[executable.end() :] + b" " if executable else b" ")
+            pos = end + 2
+        elif token == b"#" or (token == b"--" and (pos == n or sql[pos] <= 0x20)):
+            end = sql.find(b"\n", pos)  # "--" opens a comment only before a space or control
+            out.append(b" ")
+            pos = n if end < 0 else end
+        elif token == b"--":
+            out.append(token)
+        else:
+            return None  # a quote
+    out.append(sql[pos:])
+    return b"".join(out)
 
 
 def parse_process_kill(payload: bytes) -> int:

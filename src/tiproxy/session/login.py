@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import enum
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from tiproxy.protocol.constants import (
@@ -107,6 +109,16 @@ def make_salt() -> bytes:
     return bytes(0x21 + b % 0x5D if 0x21 + b % 0x5D != 0x24 else 0x25 for b in raw)
 
 
+@contextmanager
+def _backend_bytes() -> Iterator[None]:
+    """Parsing what the backend sent: a protocol error in it is the backend's, not the client's."""
+    try:
+        yield
+    except ProtocolError as e:
+        e.origin = Origin.BACKEND
+        raise
+
+
 class Login:
     """See the module docstring. Feed packets in; carry out the actions that come back."""
 
@@ -168,11 +180,13 @@ class Login:
         """The driver connected to a backend; this is its first packet."""
         if self.state is not LoginState.ROUTING or self.response is None:
             raise ProtocolError("backend greeting out of turn", Origin.PROXY)
-        if payload[:1] == b"\xff":
-            err = parse_err(payload)
-            raise ProtocolError(f"backend refused the connection: {err.code} {err.message}",
-                                Origin.BACKEND)
-        greeting = parse_greeting(payload)
+        with _backend_bytes():
+            if payload[:1] == b"\xff":
+                err = parse_err(payload)
+                raise ProtocolError(
+                    f"backend refused the connection: {err.code} {err.message}", Origin.BACKEND
+                )
+            greeting = parse_greeting(payload)
         if not greeting.capabilities & Capability.PLUGIN_AUTH:
             raise ProtocolError("backend does not support pluggable authentication", Origin.BACKEND)
         self.backend_greeting = greeting
@@ -197,6 +211,8 @@ class Login:
         out = frame(payload, seq + self._seq_shift)
         first = payload[0]
         if first == 0x00:
+            with _backend_bytes():
+                status = ok_status(payload, 0, len(payload))
             self.state = LoginState.DONE
             assert self.response is not None and self.backend_greeting is not None
             return [
@@ -204,13 +220,14 @@ class Login:
                 Established(
                     client_capabilities=self.response.capabilities,
                     backend_capabilities=self._backend_caps,
-                    status=ok_status(payload, 0, len(payload)),
+                    status=status,
                     backend_connection_id=self.backend_greeting.connection_id,
                     user=self.response.user.decode("utf-8", "replace"),
                 ),
             ]
         if first == 0xFF:
+            with _backend_bytes():
+                err = parse_err(payload)
             self.state = LoginState.FAILED
-            err = parse_err(payload)
             return [SendClient(out), Refused(f"backend refused login: {err.code} {err.message}")]
         return [SendClient(out)]
