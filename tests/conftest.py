@@ -11,8 +11,9 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from support.backends import BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.backends import APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
 from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.galera import GaleraCluster
 from tiproxy.playground.mariadb import (
     AppUser,
     LauncherError,
@@ -75,3 +76,21 @@ def proxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFac
     yield start
     for p in started:
         p.stop()
+
+
+@pytest.fixture(scope="session")
+def galera_cluster() -> Iterator[GaleraCluster]:
+    """A 3-node Galera cluster shared by the whole session, with database `test` and user APP.
+
+    Tests may stop and restart single nodes but must leave all three running, Synced and
+    unpaused. The cluster makes its own base directory: pytest's is private to root, and as
+    root the SST's rsync daemon runs as nobody (see tiproxy.playground.galera).
+    """
+    try:
+        find_mariadbd()
+        cluster = GaleraCluster(3, users=(APP,))
+    except LauncherError as exc:
+        pytest.fail(f"Galera tests need MariaDB and galera-4: {exc}", pytrace=False)
+    cluster.start_all()
+    yield cluster
+    cluster.stop_all()
