@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from tiproxy.api import BackendView, ProxyView, start_api
+from tiproxy.api.interface import MigrationStats, SessionView
 from tiproxy.config import Config, config_checksum, config_to_dict, parse_config
 
 CONFIG = parse_config(
@@ -47,13 +48,21 @@ class FakeView:
     def config(self) -> Config:
         return self.cfg
 
+    def session_views(self) -> list[SessionView]:
+        return [SessionView(3, "app", "127.0.0.1:5000", "127.0.0.1:3308", True, "drained",
+                            "pinned: LOCK TABLES")]
+
+    def migration_stats(self) -> MigrationStats:
+        return MigrationStats({("127.0.0.1:3308", "127.0.0.1:3306", "drained", "succeed"): 2},
+                              (0.01, 0.1), [1, 1, 0], 0.05)
+
 
 def _view() -> FakeView:
     return FakeView(
         backend_list=[
             BackendView("127.0.0.1:3306", "healthy", 4, {"Query": 12, "StmtExecute": 3}),
-            BackendView("127.0.0.1:3307", "down", 0, {}),
-            BackendView("127.0.0.1:3308", "draining", 3, {"Query": 1}),
+            BackendView("127.0.0.1:3307", "down", 0, {}, last_error="connection refused"),
+            BackendView("127.0.0.1:3308", "draining", 3, {"Query": 1}, drained_by=["drained"]),
         ]
     )
 
@@ -134,10 +143,45 @@ def test_backends_list() -> None:
             assert r.status == 200
             body = await r.json()
         assert body == [
-            {"addr": "127.0.0.1:3306", "status": "healthy", "connections": 4},
-            {"addr": "127.0.0.1:3307", "status": "down", "connections": 0},
-            {"addr": "127.0.0.1:3308", "status": "draining", "connections": 3},
+            {"addr": "127.0.0.1:3306", "status": "healthy", "connections": 4,
+             "drained_by": [], "last_error": ""},
+            {"addr": "127.0.0.1:3307", "status": "down", "connections": 0,
+             "drained_by": [], "last_error": "connection refused"},
+            {"addr": "127.0.0.1:3308", "status": "draining", "connections": 3,
+             "drained_by": ["drained"], "last_error": ""},
         ]
+
+    _serve(_view(), check)
+
+
+def test_sessions_say_why_they_wait() -> None:
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(f"{base}/api/admin/sessions") as r:
+            assert r.status == 200
+            body = await r.json()
+        assert body == [{"id": 3, "user": "app", "client": "127.0.0.1:5000",
+                         "backend": "127.0.0.1:3308", "moving": True, "move_reason": "drained",
+                         "waiting": "pinned: LOCK TABLES"}]
+
+    _serve(_view(), check)
+
+
+def test_migration_metrics() -> None:
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(f"{base}/metrics") as r:
+            text = await r.text()
+        assert ('tiproxy_balance_migrate_total{from="127.0.0.1:3308",migrate_res="succeed",'
+                'reason="drained",to="127.0.0.1:3306"} 2.0') in text
+        assert 'tiproxy_balance_migrate_duration_seconds_bucket{le="0.1"} 2.0' in text
+        assert 'tiproxy_balance_migrate_duration_seconds_bucket{le="+Inf"} 2.0' in text
+
+    _serve(_view(), check)
+
+
+def test_control_routes_need_a_controllable_view() -> None:
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.post(f"{base}/api/debug/redirect") as r:
+            assert r.status == 501
 
     _serve(_view(), check)
 

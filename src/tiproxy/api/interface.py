@@ -6,9 +6,9 @@ processes (the view then sums what the workers report) without the API changing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tiproxy.config import Config
 
@@ -19,6 +19,27 @@ class BackendView:
     status: str  # "healthy", "down", "draining"
     connections: int
     query_counts: Mapping[str, int]  # cmd_type (e.g. "Query", "StmtExecute") -> queries run here
+    drained_by: Sequence[str] = ()  # why it is draining: "drained", "fail-backend-list", ...
+    last_error: str = ""  # why it is down
+
+
+@dataclass(frozen=True)
+class SessionView:
+    id: int
+    user: str
+    client: str
+    backend: str
+    moving: bool  # a move is requested and not done yet
+    move_reason: str
+    waiting: str  # why it has not moved yet, or why it could not move now ("pinned: ...")
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    counts: Mapping[tuple[str, str, str, str], int]  # (from, to, reason, migrate_res) -> moves
+    buckets: Sequence[float]  # upper bounds of the duration histogram, seconds
+    bucket_counts: Sequence[int]  # one more than buckets: the last is +Inf
+    total_seconds: float
 
 
 class ProxyView(Protocol):
@@ -26,4 +47,15 @@ class ProxyView(Protocol):
     def shutting_down(self) -> bool: ...
     def connection_count(self) -> int: ...
     def backends(self) -> list[BackendView]: ...
+    def session_views(self) -> list[SessionView]: ...
+    def migration_stats(self) -> MigrationStats: ...
     def config(self) -> Config: ...
+
+
+@runtime_checkable
+class ProxyControl(ProxyView, Protocol):
+    """What the API may change: the routes that drain, redirect and reload."""
+
+    def drain(self, addr: str, drain: bool) -> None: ...  # KeyError: unknown backend
+    def redirect_all(self) -> int: ...
+    def apply_config(self, cfg: Config) -> None: ...

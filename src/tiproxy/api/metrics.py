@@ -15,11 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from tiproxy.api.interface import BackendView, ProxyView
+from tiproxy.api.interface import BackendView, MigrationStats, ProxyView
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -42,6 +47,7 @@ class ProxyCollector(Collector):
         yield _query_totals(backends)
         yield _backend_status(backends)
         yield _backend_connections(backends)
+        yield from _migrations(self._view.migration_stats())
 
 
 def _query_totals(backends: list[BackendView]) -> Metric:
@@ -70,6 +76,27 @@ def _backend_connections(backends: list[BackendView]) -> Metric:
     for b in backends:
         family.add_metric([b.addr], b.connections)
     return family
+
+
+def _migrations(stats: MigrationStats) -> Iterable[Metric]:
+    total = CounterMetricFamily(
+        "tiproxy_balance_migrate", "Number of migrations.",
+        labels=["from", "to", "reason", "migrate_res"],
+    )
+    for (source, target, reason, result), count in sorted(stats.counts.items()):
+        total.add_metric([source, target, reason, result], count)
+    yield total
+    cumulative = 0
+    buckets = []
+    for bound, count in zip(stats.buckets, stats.bucket_counts, strict=False):
+        cumulative += count
+        buckets.append((repr(bound), cumulative))
+    cumulative += stats.bucket_counts[-1] if stats.bucket_counts else 0
+    buckets.append(("+Inf", cumulative))
+    duration = HistogramMetricFamily(
+        "tiproxy_balance_migrate_duration_seconds", "Bucketed histogram of migrating time (s).")
+    duration.add_metric([], buckets, sum_value=stats.total_seconds)
+    yield duration
 
 
 def build_registry(view: ProxyView) -> CollectorRegistry:

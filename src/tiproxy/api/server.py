@@ -13,13 +13,20 @@ Handlers only read the view; nothing here blocks the event loop for long.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from aiohttp import web
 from prometheus_client.registry import CollectorRegistry
 
-from tiproxy.api.interface import ProxyView
+from tiproxy.api.interface import ProxyControl, ProxyView
 from tiproxy.api.metrics import METRICS_CONTENT_TYPE, build_registry, render_metrics
-from tiproxy.config import config_checksum, config_to_dict, config_to_toml
+from tiproxy.config import (
+    ConfigError,
+    config_checksum,
+    config_to_dict,
+    config_to_toml,
+    merge_config,
+)
 from tiproxy.config.values import split_host_port
 
 _VIEW: web.AppKey[ProxyView] = web.AppKey("view")
@@ -62,15 +69,20 @@ def build_app(view: ProxyView) -> web.Application:
     app[_VIEW] = view
     app[_REGISTRY] = build_registry(view)
     routes = [
-        ("/api/debug/health", _health),
-        ("/api/admin/config", _config_get),
-        ("/api/admin/backends", _backends),
-        ("/metrics", _metrics),
-        ("/api/metrics", _metrics),
+        ("GET", "/api/debug/health", _health),
+        ("GET", "/api/admin/config", _config_get),
+        ("PUT", "/api/admin/config", _config_put),
+        ("GET", "/api/admin/backends", _backends),
+        ("POST", "/api/admin/backends/{addr}/drain", _drain),
+        ("POST", "/api/admin/backends/{addr}/undrain", _undrain),
+        ("GET", "/api/admin/sessions", _sessions),
+        ("POST", "/api/debug/redirect", _redirect),
+        ("GET", "/metrics", _metrics),
+        ("GET", "/api/metrics", _metrics),
     ]
-    for path, handler in routes:
-        app.router.add_get(path, handler)
-        app.router.add_get(path + "/", handler)  # TiProxy registers its groups with a slash
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler)
+        app.router.add_route(method, path + "/", handler)  # TiProxy registers groups with "/"
     return app
 
 
@@ -100,10 +112,59 @@ def _wants_json(request: web.Request) -> bool:
     return "application/json" in request.headers.get("Accept", "")
 
 
+async def _config_put(request: web.Request) -> web.Response:
+    """TiProxy's online reload: a (partial) TOML document applied over the running config."""
+    view = request.app[_VIEW]
+    text = await request.text()
+    try:
+        cfg = merge_config(view.config(), text)
+    except ConfigError as e:
+        return web.json_response({"error": str(e)}, status=400)
+    _control(view).apply_config(cfg)
+    return web.json_response({"config_checksum": config_checksum(cfg)})
+
+
 async def _backends(request: web.Request) -> web.Response:
     backends = request.app[_VIEW].backends()
-    body = [{"addr": b.addr, "status": b.status, "connections": b.connections} for b in backends]
+    body = [
+        {"addr": b.addr, "status": b.status, "connections": b.connections,
+         "drained_by": list(b.drained_by), "last_error": b.last_error}
+        for b in backends
+    ]
     return web.json_response(body, dumps=_dumps)
+
+
+async def _drain(request: web.Request) -> web.Response:
+    return _set_drain(request, drain=True)
+
+
+async def _undrain(request: web.Request) -> web.Response:
+    return _set_drain(request, drain=False)
+
+
+def _set_drain(request: web.Request, drain: bool) -> web.Response:
+    addr = request.match_info["addr"]
+    try:
+        _control(request.app[_VIEW]).drain(addr, drain)
+    except KeyError:
+        return web.json_response({"error": f"unknown backend {addr}"}, status=404)
+    return web.json_response({"addr": addr, "draining": drain})
+
+
+async def _sessions(request: web.Request) -> web.Response:
+    sessions = request.app[_VIEW].session_views()
+    return web.json_response([asdict(s) for s in sessions], dumps=_dumps)
+
+
+async def _redirect(request: web.Request) -> web.Response:
+    count = _control(request.app[_VIEW]).redirect_all()
+    return web.json_response({"sessions": count})
+
+
+def _control(view: ProxyView) -> ProxyControl:
+    if not isinstance(view, ProxyControl):
+        raise web.HTTPNotImplemented(text="this proxy view cannot be changed")
+    return view
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -1,8 +1,13 @@
-"""Which backend a new session goes to: the one with the fewest sessions among those that accept.
+"""Which backend a session goes to, and which backends sessions must leave.
 
-A backend that refused a connection, or whose greeting was an error, is skipped until its retry
-time; the delay doubles with each failure in a row (up to a minute) and resets on success, so a
-dead backend costs one failed connect per period, not one per client.
+New sessions go to the backend with the fewest sessions among those that accept. A backend that
+refused a connection, or whose greeting was an error, is skipped until its retry time; the delay
+doubles with each failure in a row (up to a minute) and resets on success, so a dead backend
+costs one failed connect per period, not one per client.
+
+A backend is draining when it is in `[proxy] fail-backend-list`, was drained through the API, or
+left the configured list: it gets no new sessions and its sessions move away at their next safe
+point. A removed backend is forgotten once its last session has left.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ log = logging.getLogger("tiproxy.router")
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 
+DRAIN_API = "drained"
+DRAIN_FAIL_LIST = "fail-backend-list"
+DRAIN_REMOVED = "removed from config"
+
 
 @dataclass
 class Backend:
@@ -29,11 +38,22 @@ class Backend:
     failures: int = 0
     retry_at: float = 0.0
     last_error: str = ""
+    drained_by: set[str] = field(default_factory=set)  # the reasons it is draining
     query_counts: Counter[str] = field(default_factory=Counter)
 
     @property
+    def draining(self) -> bool:
+        return bool(self.drained_by)
+
+    @property
+    def down(self) -> bool:
+        return bool(self.failures) and time.monotonic() < self.retry_at
+
+    @property
     def status(self) -> str:
-        return "down" if self.failures and time.monotonic() < self.retry_at else "healthy"
+        if self.draining:
+            return "draining"
+        return "down" if self.down else "healthy"
 
 
 def split_addr(addr: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -43,29 +63,62 @@ def split_addr(addr: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
 
 
 class Router:
-    def __init__(self, addrs: list[str]) -> None:
+    def __init__(self, addrs: list[str], fail_list: tuple[str, ...] = ()) -> None:
         self.backends: dict[str, Backend] = {}
         self.template: Greeting | None = None  # the last greeting a backend sent
         self.set_backends(addrs)
+        self.set_fail_list(fail_list)
 
     def set_backends(self, addrs: list[str]) -> None:
-        """Replace the static list; backends that stay keep their counters."""
-        fresh: dict[str, Backend] = {}
+        """The configured list changed: new ones join; those gone drain, then are forgotten."""
         for addr in addrs:
-            host, port = split_addr(addr)
-            fresh[addr] = self.backends.get(addr) or Backend(addr, host, port)
-        self.backends = fresh
+            backend = self.backends.get(addr)
+            if backend is None:
+                host, port = split_addr(addr)
+                self.backends[addr] = Backend(addr, host, port)
+            else:
+                backend.drained_by.discard(DRAIN_REMOVED)
+        for addr, backend in self.backends.items():
+            if addr not in addrs and DRAIN_REMOVED not in backend.drained_by:
+                backend.drained_by.add(DRAIN_REMOVED)
+                log.info("backend %s left the config: draining", addr)
+        self.forget_empty()
 
-    def candidates(self) -> list[Backend]:
-        """Backends to try for a new session, best first; those waiting to be retried last."""
+    def set_fail_list(self, addrs: tuple[str, ...]) -> None:
+        for addr, backend in self.backends.items():
+            if addr in addrs:
+                backend.drained_by.add(DRAIN_FAIL_LIST)
+            else:
+                backend.drained_by.discard(DRAIN_FAIL_LIST)
+
+    def drain(self, addr: str, drain: bool) -> Backend:
+        backend = self.backends[addr]
+        if drain:
+            backend.drained_by.add(DRAIN_API)
+        else:
+            backend.drained_by.discard(DRAIN_API)
+        log.info("backend %s %s", addr, "drained" if drain else "undrained")
+        return backend
+
+    def forget_empty(self) -> None:
+        for addr in [a for a, b in self.backends.items()
+                     if DRAIN_REMOVED in b.drained_by and b.connections <= 0]:
+            del self.backends[addr]
+
+    def candidates(self, exclude: Backend | None = None) -> list[Backend]:
+        """Backends to try for a session, best first."""
         now = time.monotonic()
-        ready = [b for b in self.backends.values() if not b.failures or now >= b.retry_at]
+        ready = [
+            b for b in self.backends.values()
+            if b is not exclude and not b.draining and (not b.failures or now >= b.retry_at)
+        ]
         return sorted(ready, key=lambda b: (b.connections, b.failures))
 
-    def succeeded(self, backend: Backend, greeting: Greeting) -> None:
+    def succeeded(self, backend: Backend, greeting: Greeting | None) -> None:
         backend.failures = 0
         backend.last_error = ""
-        self.template = greeting
+        if greeting is not None:
+            self.template = greeting
 
     def failed(self, backend: Backend, reason: str) -> None:
         backend.failures += 1

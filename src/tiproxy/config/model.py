@@ -188,6 +188,11 @@ class SecurityConfig:
     # what no client connection can, such as a KILL aimed at a session on another backend.
     auth_sync_user: str = ""
     auth_sync_password: str = field(default="", metadata=rules(secret=True))
+    # Ours: where the stored mysql_native_password hashes come from, so that sessions can log
+    # in to another backend when they move: a file of `user *HEX` lines, and/or the backends'
+    # mysql.user read by auth-sync-user every auth-sync-interval (and after a failed match).
+    users_file: str = ""
+    auth_sync_interval: float = field(default=60.0, metadata=DURATION)
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,11 @@ class BackendLeg(asyncio.Protocol):
         self.session = None
 
     @property
+    def clean(self) -> bool:
+        """Nothing read and not taken: the connection is between responses."""
+        return not self._packets and not self._splitter.buffered and self._error is None
+
+    @property
     def closed(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 

@@ -6,13 +6,16 @@ A session owns a client leg and, once routed, a backend leg (both asyncio.Protoc
 every packet is read whole and given to `session.login.Login`, whose actions this driver carries
 out. After login the hot path takes over:
 - client to backend: a chunk that is exactly one command packet of a plain command is forwarded
-  as it is; everything else (packets split across chunks, pipelined commands, KILL,
-  COM_CHANGE_USER, COM_QUIT, LOCAL INFILE data, commands the proxy refuses) is cut into packets
-  and handled one by one. A command the proxy answers itself waits until the backend's earlier
-  responses are complete, so its reply never lands inside another response.
+  as it is; everything else (packets split across chunks, pipelined commands, statements that
+  change tracked state, statement commands after a move, KILL, COM_CHANGE_USER, COM_QUIT, LOCAL
+  INFILE data, commands the proxy refuses) is cut into packets and handled one by one. A
+  command the proxy answers itself waits until the backend's earlier responses are complete,
+  so its reply never lands inside another response.
 - backend to client: every chunk is forwarded whole and fed to the ResponseTracker, which says
-  when each response ends and what the server status is.
-Each leg pausing its writes pauses reads on the other (paired flow control).
+  when each response ends and what the server status is. Each response's token says what to
+  record once it succeeded (a prepared statement, a temporary table, a cursor...).
+Each leg pausing its writes pauses reads on the other (paired flow control). Moving the session
+to another backend is the SessionMoves part (net/moves.py).
 """
 
 from __future__ import annotations
@@ -22,32 +25,33 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from tiproxy.balance.router import Backend
-from tiproxy.net.admin import AdminConnection
+from tiproxy.net.backend import CONNECT_TIMEOUT, BackendLeg
+from tiproxy.net.kill import handle_kill
+from tiproxy.net.moves import SessionMoves
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
 from tiproxy.protocol.constants import (
     COMMAND_NAMES,
     ER_CON_COUNT_ERROR,
-    ER_NO_SUCH_THREAD,
     ER_UNKNOWN_COM_ERROR,
     MAX_PAYLOAD,
     Capability,
     Command,
+    ServerStatus,
 )
-from tiproxy.protocol.errors import Origin, ProtocolError, SQLError
+from tiproxy.protocol.errors import Origin, ProtocolError
 from tiproxy.protocol.framer import PacketSplitter
-from tiproxy.protocol.packets import build_err, build_ok, frame, parse_greeting
-from tiproxy.protocol.tracker import AUTH, EXPECT_BY_COMMAND, Expect, ResponseTracker
-from tiproxy.session.commands import (
-    MAYBE_KILL_FIRST_BYTES,
-    build_process_kill,
-    parse_kill_query,
-    parse_process_kill,
-    rewrite_change_user,
+from tiproxy.protocol.packets import (
+    HandshakeResponse,
+    build_err,
+    frame,
+    parse_auth_switch,
+    parse_greeting,
 )
+from tiproxy.protocol.tracker import AUTH, EXPECT_BY_COMMAND, Expect, ResponseTracker
+from tiproxy.session.commands import parse_kill_query, parse_process_kill, rewrite_change_user
 from tiproxy.session.login import (
     FORCE_SWITCH_PLUGIN,
     Action,
@@ -59,24 +63,33 @@ from tiproxy.session.login import (
     SendClient,
     StartClientTLS,
 )
+from tiproxy.session.prepared import execute_types, packet_stmt_id, with_stmt_id, with_types
+from tiproxy.session.state import SessionState
+from tiproxy.session.statements import may_change_state, statement_effects
 
 if TYPE_CHECKING:
+    from tiproxy.balance.router import Backend
     from tiproxy.net.server import ProxyServer
 
 log = logging.getLogger("tiproxy.session")
 
 ER_UNKNOWN_ERROR = 1105
-ER_KILL_DENIED = 1095
 LOGIN_PACKET_LIMIT = 1 << 20  # a handshake response with connect attributes is a few KiB
 LOGIN_TIMEOUT = 30.0  # a client that does not finish logging in by then is cut off
-CONNECT_TIMEOUT = 5.0
+NO_CREDENTIAL = "no reusable credential"
 
-# Commands that go to the backend untouched on the fast path, with the response they expect.
+# Commands that may go to the backend untouched on the fast path, with the response they expect.
+# The statement commands are here too: the fast path takes them only while statement ids need
+# no translation and nothing about them has to be recorded.
 _FAST: dict[int, Expect] = {
     cmd: kind
     for cmd, kind in EXPECT_BY_COMMAND.items()
-    if cmd not in (Command.QUIT, Command.PROCESS_KILL, Command.CHANGE_USER)
+    if cmd not in (Command.QUIT, Command.PROCESS_KILL, Command.CHANGE_USER,
+                   Command.STMT_PREPARE, Command.STMT_CLOSE, Command.STMT_RESET,
+                   Command.STMT_SEND_LONG_DATA, Command.STMT_FETCH, Command.RESET_CONNECTION)
 }
+_STMT_COMMANDS = frozenset((Command.STMT_EXECUTE, Command.STMT_FETCH, Command.STMT_CLOSE,
+                            Command.STMT_RESET, Command.STMT_SEND_LONG_DATA))
 # Replication and other commands whose responses never end or that the proxy cannot relay.
 _REFUSED = frozenset(
     (Command.BINLOG_DUMP, Command.BINLOG_DUMP_GTID, Command.TABLE_DUMP,
@@ -84,6 +97,11 @@ _REFUSED = frozenset(
 )
 _NAMES = [COMMAND_NAMES.get(i, f"Unknown{i:#04x}") for i in range(256)]
 _unpack_u32 = U32.unpack_from
+_QUERY = int(Command.QUERY)
+_EXECUTE = int(Command.STMT_EXECUTE)
+_IN_TRANS = int(ServerStatus.IN_TRANS)
+_CURSOR_EXISTS = int(ServerStatus.CURSOR_EXISTS)
+_LAST_ROW_SENT = int(ServerStatus.LAST_ROW_SENT)
 
 LOGIN, COMMAND, CLOSED = 0, 1, 2
 
@@ -114,52 +132,11 @@ class ClientLeg(asyncio.Protocol):
             self.session.pause_backend_reading(False)
 
 
-class BackendLeg(asyncio.Protocol):
-    """A backend's socket. Until the greeting arrives it only waits for it."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.transport: asyncio.Transport | None = None
-        self.greeting: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.splitter = PacketSplitter(LOGIN_PACKET_LIMIT, Origin.BACKEND)
-        self.attached = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self.attached:
-            self.session.backend_data(data)
-            return
-        if self.greeting.done():
-            self.splitter.keep(data)  # nothing is due before the login goes on; keep it anyway
-            return
-        try:
-            for _, payload in self.splitter.feed(data):
-                self.greeting.set_result(payload)
-                break
-        except ProtocolError as e:
-            self.greeting.set_exception(e)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.greeting.done():
-            self.greeting.set_exception(ConnectionError("backend closed before its greeting"))
-        if self.attached:
-            self.session.backend_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self.attached:
-            self.session.pause_client_reading("backend", True)
-
-    def resume_writing(self) -> None:
-        if self.attached:
-            self.session.pause_client_reading("backend", False)
-
-
-class Session:
+class Session(SessionMoves):
     """One client session; see the module docstring."""
 
     def __init__(self, server: ProxyServer, transport: asyncio.Transport) -> None:
+        super().__init__()
         self.server = server
         self.client = transport
         self.id = server.new_session_id()
@@ -169,21 +146,29 @@ class Session:
         self.backend_leg: BackendLeg | None = None
         self.bt: asyncio.Transport | None = None  # the backend transport, once attached
         self.backend_connection_id = 0
+        self.backend_caps = 0
+        self.client_caps = 0
+        self.dialect = "mysql"
         self.user = ""
+        self.login_response: HandshakeResponse | None = None
+        self.credential: bytes | None = None  # SHA1(password): secret, never logged
+        self.state = SessionState()
         self.tracker: ResponseTracker | None = None
         self.login: Login | None = None
+        self.started = time.time()
         self._splitter = PacketSplitter(LOGIN_PACKET_LIMIT, Origin.CLIENT)
         self._cbuf = bytearray()  # client bytes not yet handled (partial or held packets)
         self._ccont = False  # the last client packet was 16 MiB: the next one continues it
-        self._held = False  # a command waits for the backend to finish earlier responses
+        self._held: set[str] = set()  # why client commands wait (earlier responses, a move)
+        self._intercept: bytearray | None = None  # a response kept back to be rewritten
         self._pause_reasons: set[str] = set()
         self._decompress: Decompressor | None = None
         self._zseq = 0
         self._counts: Counter[str] = Counter()
-        self.client_caps = 0
+        self._native_salt: bytes | None = None  # a native-password auth switch in progress
+        self._native_exchange: tuple[bytes, bytes] | None = None  # (salt, client's scramble)
         self._login_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
-        self.started = time.time()
         server.session_opened(self)
         if server.over_capacity():
             log.warning("session %d from %s refused: too many connections", self.id, self.peer)
@@ -213,29 +198,18 @@ class Session:
         """No backend has greeted the proxy yet: connect to one to learn what to greet with."""
         for backend in self.server.router.candidates():
             try:
-                leg, payload = await self._open_backend(backend)
+                leg = await BackendLeg.open(backend.host, backend.port)
+                try:
+                    _, payload = await leg.read_packet(CONNECT_TIMEOUT)
+                finally:
+                    leg.abort()
+                greeting = parse_greeting(payload) if payload[:1] != b"\xff" else None
             except (OSError, TimeoutError, ProtocolError) as e:
                 self.server.router.failed(backend, _reason(e))
                 continue
-            if leg.transport is not None:
-                leg.transport.close()
-            if payload[:1] != b"\xff":
-                self.server.router.succeeded(backend, parse_greeting(payload))
+            if greeting is not None:
+                self.server.router.succeeded(backend, greeting)
                 return
-
-    async def _open_backend(self, backend: Backend) -> tuple[BackendLeg, bytes]:
-        loop = asyncio.get_running_loop()
-        leg = BackendLeg(self)
-        try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: leg, backend.host, backend.port), CONNECT_TIMEOUT
-            )
-            payload = await asyncio.wait_for(asyncio.shield(leg.greeting), CONNECT_TIMEOUT)
-        except BaseException:
-            if leg.transport is not None:
-                leg.transport.abort()
-            raise
-        return leg, payload
 
     def _login_client_data(self, data: bytes) -> None:
         login = self.login
@@ -243,6 +217,9 @@ class Session:
             for seq, payload in self._splitter.feed(data):
                 if login is None:
                     raise ProtocolError("client spoke before the greeting")
+                if self._native_salt is not None:
+                    self._native_exchange = (self._native_salt, payload)
+                    self._native_salt = None
                 self._run(login.client_packet(seq, payload))
                 if self.phase != LOGIN:
                     break
@@ -259,8 +236,8 @@ class Session:
             if isinstance(action, SendClient):
                 self.client.write(action.data)
             elif isinstance(action, SendBackend):
-                assert self.bt is not None
-                self.bt.write(action.data)
+                assert self.backend_leg is not None
+                self.backend_leg.write(action.data)
             elif isinstance(action, Route):
                 self.user = action.user
                 self._task = asyncio.get_running_loop().create_task(self._route())
@@ -273,73 +250,94 @@ class Session:
 
     async def _route(self) -> None:
         assert self.login is not None
+        login = self.login
         router = self.server.router
-        err_seq = 2 + self.login._seq_shift
         for backend in router.candidates():
             if self.phase == CLOSED:
                 return
+            leg: BackendLeg | None = None
             try:
-                leg, payload = await self._open_backend(backend)
-                actions = self.login.backend_greeting_received(payload)
+                leg = await BackendLeg.open(backend.host, backend.port)
+                _, payload = await leg.read_packet(CONNECT_TIMEOUT)
+                actions = login.backend_greeting_received(payload)
             except (OSError, TimeoutError, ProtocolError) as e:
                 router.failed(backend, _reason(e))
-                if "leg" in locals() and leg.transport is not None:
-                    leg.transport.abort()
+                if leg is not None:
+                    leg.abort()
                 continue
-            assert self.login.backend_greeting is not None and leg.transport is not None
-            router.succeeded(backend, self.login.backend_greeting)
+            router.succeeded(backend, login.backend_greeting)
             if self.phase == CLOSED:
-                leg.transport.abort()
+                leg.abort()
                 return
-            self._attach(backend, leg)
+            self.backend = backend
+            self.backend_leg = leg
+            backend.connections += 1
+            greeting = login.backend_greeting
+            if greeting is not None and "TiDB" in greeting.server_version:
+                self.dialect = "tidb"
             self._run(actions)
+            await self._relay_login(leg)
             return
-        self._refuse_no_backend(err_seq)
+        self._refuse_no_backend(2 + login._seq_shift)
 
-    def _attach(self, backend: Backend, leg: BackendLeg) -> None:
-        self.backend = backend
-        self.backend_leg = leg
-        self.bt = leg.transport
-        backend.connections += 1
-        leg.attached = True
-        rest = leg.splitter.take_rest()
-        if rest:
-            self.backend_data(rest)
+    async def _relay_login(self, leg: BackendLeg) -> None:
+        """Relay the backend's side of the authentication until OK or ERR."""
+        assert self.login is not None
+        try:
+            while self.phase == LOGIN:
+                seq, payload = await leg.read_packet(LOGIN_TIMEOUT)
+                if payload[:1] == b"\xfe":
+                    switch = parse_auth_switch(payload)
+                    native = switch.plugin == "mysql_native_password"
+                    self._native_salt = switch.data[:20] if native else None
+                self._run(self.login.backend_packet(seq, payload))
+        except ProtocolError as e:
+            self._protocol_error(e)
+        except (OSError, TimeoutError) as e:
+            self.close(f"backend failed during login: {_reason(e)}")
 
     def _refuse_no_backend(self, seq: int) -> None:
         msg = "TiProxy: no backend is available, try again later"
         self._send_client(frame(build_err(ER_UNKNOWN_ERROR, "HY000", msg), seq))
         self.close("no backend available")
 
-    def _login_backend_data(self, data: bytes) -> None:
-        assert self.backend_leg is not None and self.login is not None
-        try:
-            for seq, payload in self.backend_leg.splitter.feed(data):
-                self._run(self.login.backend_packet(seq, payload))
-                if self.phase != LOGIN:
-                    break
-        except ProtocolError as e:
-            self._protocol_error(e)
-            return
-        if self.phase == COMMAND:
-            rest = self.backend_leg.splitter.take_rest()
-            if rest:
-                self.backend_data(rest)
-
     def _established(self, est: Established) -> None:
-        assert self.backend is not None
+        assert self.backend is not None and self.backend_leg is not None and self.login
         self.phase = COMMAND
         if self._login_timer is not None:
             self._login_timer.cancel()
         self.backend_connection_id = est.backend_connection_id
+        self.backend_caps = est.backend_capabilities
+        self.client_caps = est.client_capabilities
+        self.login_response = self.login.response
         deprecate_eof = bool(est.backend_capabilities & Capability.DEPRECATE_EOF)
         self.tracker = ResponseTracker(deprecate_eof, self._response_done, est.status)
         self._counts = self.backend.query_counts
         if est.client_capabilities & Capability.COMPRESS:
             self._decompress = Decompressor()
-        self.client_caps = est.client_capabilities
+        self._take_credential()
+        self.bt = self.backend_leg.transport
+        self.backend_leg.attach(self)
         log.info("session %d: %s@%s logged in on %s",
                  self.id, self.user, self.peer, self.backend.addr)
+
+    def _take_credential(self) -> None:
+        """Keep SHA1(password) if this login proved it against a stored hash."""
+        exchange, self._native_exchange = self._native_exchange, None
+        self.credential = None
+        if self.dialect == "tidb":
+            self.state.no_credential = ""  # TiDB moves with a session token
+            return
+        if exchange is not None:
+            self.credential = self.server.credentials.recover(self.user, *exchange)
+        self.state.no_credential = "" if self.credential is not None else NO_CREDENTIAL
+        if self.credential is None and exchange is not None:
+            self.server.refresh_credential(self, exchange)  # the stored hash may be stale
+
+    def credential_recovered(self, credential: bytes) -> None:
+        """A refresh of the stored hashes verified this session's login after all."""
+        self.credential = credential
+        self.state.no_credential = ""
 
     def _login_timed_out(self) -> None:
         if self.phase == LOGIN:
@@ -368,16 +366,35 @@ class Session:
             if n > 5:
                 header = _unpack_u32(data, 0)[0]
                 # One whole packet, sequence id 0: a command on its own.
-                if header + 4 == n and n - 4 < MAX_PAYLOAD:
+                if header + 4 == n and n - 4 < MAX_PAYLOAD and self._fast(data):
                     cmd = data[4]
-                    kind = _FAST.get(cmd)
-                    if kind is not None and (cmd != 3 or data[5] not in MAYBE_KILL_FIRST_BYTES):
-                        self.bt.write(data)  # type: ignore[union-attr]
-                        self._counts[_NAMES[cmd]] += 1
-                        tracker.expect(kind, cmd)
-                        return
+                    self.bt.write(data)  # type: ignore[union-attr]
+                    self._counts[_NAMES[cmd]] += 1
+                    tracker.expect(_FAST[cmd], cmd)
+                    return
         self._cbuf += data
         self._drain_client()
+
+    def _fast(self, data: bytes) -> bool:
+        """Whether a whole command packet may go untouched, with nothing to record."""
+        cmd = data[4]
+        if cmd == _QUERY:
+            return self._move is None and not may_change_state(
+                data[4:], bool(self.client_caps & Capability.MULTI_STATEMENTS))
+        if cmd == _EXECUTE:
+            return not self.state.mapped and self._execute_is_plain(data)
+        return cmd in _FAST
+
+    def _execute_is_plain(self, packet: bytes) -> bool:
+        """A COM_STMT_EXECUTE without a cursor, for a statement with nothing pending.
+        Keeps the parameter types it carries, for the first execute after a move."""
+        stmt = self.state.stmts.get(packet_stmt_id(packet))
+        if stmt is None:
+            return True  # unknown to the proxy: the backend will answer with an error
+        flags, types = execute_types(packet, stmt.params)
+        if types is not None:
+            stmt.param_types = types
+        return not flags and not stmt.long_data and not stmt.cursor_open
 
     def _drain_client(self) -> None:
         buf = self._cbuf
@@ -402,15 +419,14 @@ class Session:
                     if length == 0:
                         tracker.local_infile = False  # the file is sent; OK or ERR comes next
                 elif tracker.phase == AUTH and seq != 0:
-                    self.bt.write(packet)
+                    self._change_user_auth(packet)
                 elif seq != 0:
                     raise ProtocolError(f"packet with sequence id {seq} where a command was due")
                 elif length == 0:
                     raise ProtocolError("empty command packet")
                 elif not self._command(packet, length):
                     pos -= len(packet)  # it waits, with what follows, until the backend is idle
-                    self._held = True
-                    self.pause_client_reading("held", True)
+                    self.hold_input("idle")
         except ProtocolError as e:
             self._protocol_error(e)
             return
@@ -422,108 +438,101 @@ class Session:
         tracker = self.tracker
         assert tracker is not None and self.bt is not None
         cmd = packet[4]
-        self._ccont = length == MAX_PAYLOAD
         kind = EXPECT_BY_COMMAND.get(cmd)
         if cmd == Command.QUIT:
             self.close("client quit", quiet=True)
             return True
-        needs_idle = (
-            kind is None
-            or cmd in _REFUSED
-            or cmd == Command.PROCESS_KILL
-            or (cmd == Command.QUERY and length > 1 and packet[5] in MAYBE_KILL_FIRST_BYTES)
-        )
-        if needs_idle and not tracker.idle:
-            self._ccont = False
-            return False
-        if kind is None or cmd in _REFUSED:
+        token: Any = cmd
+        if cmd == _QUERY:
+            sql = packet[5:]
+            kill = parse_kill_query(sql) if self._fast_kill_candidate(sql) else None
+            if kill is not None or self._begin_shortcut(sql):
+                if not tracker.idle:
+                    return False
+                if kill is not None:
+                    handle_kill(self, kill.connection_id, kill.query_only, kill.prefix)
+                    return True
+                return False  # the move runs first; the BEGIN follows on the new backend
+            fx = statement_effects(sql) if may_change_state(packet[4:], True) else None
+            if fx:
+                token = ("query", fx)
+        elif kind is None or cmd in _REFUSED:
+            if not tracker.idle:
+                return False
             self._reply_err(ER_UNKNOWN_COM_ERROR, "08S01",
                             f"TiProxy does not relay command 0x{cmd:02x}")
             return True
-        if cmd == Command.PROCESS_KILL:
-            self._kill(parse_process_kill(packet[4:]), query_only=False, sql=None)
+        elif cmd == Command.PROCESS_KILL:
+            if not tracker.idle:
+                return False
+            handle_kill(self, parse_process_kill(packet[4:]), query_only=False, prefix=None)
             return True
-        if cmd == Command.QUERY and needs_idle:
-            req = parse_kill_query(packet[5:])
-            if req is not None:
-                self._kill(req.connection_id, req.query_only, req.prefix)
+        elif cmd in _STMT_COMMANDS:
+            result = self._statement_command(packet, cmd)
+            if result is None:
                 return True
-        if cmd == Command.CHANGE_USER:
+            packet, token = result
+        elif cmd == Command.STMT_PREPARE:
+            if self.state.mapped:
+                if not tracker.idle:
+                    return False
+                self._intercept = bytearray()  # its PREPARE_OK gets the client's id
+            token = ("prepare", packet[5:])
+        elif cmd == Command.CHANGE_USER:
             change = rewrite_change_user(packet[4:], self.client_caps, FORCE_SWITCH_PLUGIN)
-            self.user = change.user.decode("utf-8", "replace")
             packet = frame(change.rewritten, 0)
+            token = ("change_user", change.user.decode("utf-8", "replace"))
+        elif cmd == Command.RESET_CONNECTION:
+            token = ("reset",)
+        self._ccont = length == MAX_PAYLOAD
         self.bt.write(packet)
         self._counts[_NAMES[cmd]] += 1
-        tracker.expect(kind, cmd)
+        tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
 
-    def _kill(self, target_id: int, query_only: bool, sql: bytes | None) -> None:
-        tracker = self.tracker
-        assert tracker is not None and self.bt is not None
-        target = self.server.sessions.get(target_id)
-        if target is None or target.backend is None or target.phase != COMMAND:
-            self._reply_err(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {target_id}")
-            return
-        if target.backend is not self.backend:
-            self._kill_elsewhere(target, query_only)
-            return
-        if sql is None:
-            packet = frame(build_process_kill(target.backend_connection_id), 0)
-            kind = Expect.SINGLE
-            cmd = Command.PROCESS_KILL
-        else:
-            packet = frame(b"\x03" + sql + str(target.backend_connection_id).encode(), 0)
-            kind = Expect.RESULT
-            cmd = Command.QUERY
-        log.info("session %d: KILL %s%d (backend id %d)", self.id, "QUERY " if query_only else "",
-                 target_id, target.backend_connection_id)
+    @staticmethod
+    def _fast_kill_candidate(sql: bytes) -> bool:
+        return bool(sql) and sql[:1] in (b"K", b"k", b" ", b"\t", b"\n", b"\r", b"/")
+
+    def _statement_command(self, packet: bytes, cmd: int) -> tuple[bytes, Any] | None:
+        """Translate the statement id and record what the command does; None: nothing to send."""
+        state = self.state
+        client_id = packet_stmt_id(packet)
+        stmt = state.stmts.get(client_id)
+        if stmt is not None and stmt.backend_id != client_id:
+            packet = with_stmt_id(packet, stmt.backend_id)
+        token: Any = cmd
+        if stmt is None:
+            pass  # unknown statement: the backend answers with its own error
+        elif cmd == Command.STMT_EXECUTE:
+            flags, types = execute_types(packet, stmt.params)
+            if types is not None:
+                stmt.param_types = types
+                stmt.types_sent = True
+            elif not stmt.types_sent and stmt.param_types is not None:
+                packet = with_types(packet, stmt.params, stmt.param_types)
+                stmt.types_sent = True
+            stmt.long_data = False
+            stmt.cursor_open = False
+            token = ("execute", client_id) if flags else cmd
+        elif cmd == Command.STMT_FETCH:
+            token = ("fetch", client_id)
+        elif cmd == Command.STMT_CLOSE:
+            state.closed(client_id)
+        elif cmd == Command.STMT_RESET:
+            stmt.long_data = False
+            stmt.cursor_open = False
+        elif cmd == Command.STMT_SEND_LONG_DATA:
+            stmt.long_data = True
+        return packet, token
+
+    def _change_user_auth(self, packet: bytes) -> None:
+        """A client packet in the middle of COM_CHANGE_USER's authentication."""
+        if self._native_salt is not None:
+            self._native_exchange = (self._native_salt, packet[4:])
+            self._native_salt = None
+        assert self.bt is not None
         self.bt.write(packet)
-        tracker.expect(kind, cmd)
-
-    def _kill_elsewhere(self, target: Session, query_only: bool) -> None:
-        """KILL a session on another backend, with the proxy's own account there.
-
-        Allowed, as MySQL allows it, to the session's own user; other users would need the
-        server's privilege check, which the proxy cannot run for them on another backend.
-        """
-        security = self.server.config().security
-        if target.user != self.user:
-            self._reply_err(ER_KILL_DENIED, "HY000", f"You are not owner of thread {target.id}")
-            return
-        if not security.auth_sync_user:
-            self._reply_err(
-                ER_UNKNOWN_ERROR, "HY000",
-                f"TiProxy: connection {target.id} is on another backend; KILL there needs "
-                "[security] auth-sync-user",
-            )
-            return
-        assert target.backend is not None
-        self._held = True
-        self.pause_client_reading("held", True)
-        sql = f"KILL {'QUERY' if query_only else 'CONNECTION'} {target.backend_connection_id}"
-        backend = target.backend
-        log.info("session %d: %s (session %d) on %s", self.id, sql, target.id, backend.addr)
-
-        async def run() -> None:
-            try:
-                conn = await AdminConnection.open(backend.host, backend.port,
-                                                  security.auth_sync_user,
-                                                  security.auth_sync_password)
-                try:
-                    await conn.query(sql)
-                finally:
-                    conn.close()
-            except SQLError as e:
-                self._reply_err(e.code, e.sqlstate, e.message)
-            except (OSError, TimeoutError, ProtocolError) as e:
-                self._reply_err(ER_UNKNOWN_ERROR, "HY000",
-                                f"TiProxy: KILL on the other backend failed: {_reason(e)}")
-            else:
-                assert self.tracker is not None
-                self._send_client(frame(build_ok(self.tracker.status), 1))
-            self._release_held()
-
-        self._task = asyncio.get_running_loop().create_task(run())
 
     def _reply_err(self, code: int, state: str, message: str) -> None:
         self._send_client(frame(build_err(code, state, message), 1))
@@ -532,26 +541,101 @@ class Session:
 
     def backend_data(self, data: bytes) -> None:
         if self.phase != COMMAND:
-            if self.phase == LOGIN:
-                self._login_backend_data(data)
             return
-        if self._decompress is None:
+        tracker = self.tracker
+        assert tracker is not None
+        if self._intercept is not None:
+            self._intercept += data
+        elif self._decompress is None:
             self.client.write(data)
         else:
             self._send_client(data)
+        if tracker.phase == AUTH:
+            self._watch_auth_switch(data)
         try:
-            self.tracker.feed(data)  # type: ignore[union-attr]
+            tracker.feed(data)
         except ProtocolError as e:
             self._protocol_error(e)
 
-    def _response_done(self, cmd: int, status: int, failed: bool) -> None:
-        if self._held and self.tracker is not None and self.tracker.idle:
-            asyncio.get_running_loop().call_soon(self._release_held)
+    def _watch_auth_switch(self, data: bytes) -> None:
+        """COM_CHANGE_USER: note a native-password salt, to recover the new credential."""
+        if len(data) > 5 and data[4] == 0xFE:
+            try:
+                switch = parse_auth_switch(data[4 : 4 + (_unpack_u32(data, 0)[0] & 0xFFFFFF)])
+            except ProtocolError:
+                return
+            native = switch.plugin == "mysql_native_password"
+            self._native_salt = switch.data[:20] if native else None
 
-    def _release_held(self) -> None:
-        if self.phase != COMMAND or not self._held:
+    def _response_done(self, token: Any, status: int, failed: bool) -> None:
+        if token.__class__ is not int:
+            self._record(token, status, failed)
+        if (self._held or self._move is not None) and self.tracker is not None \
+                and self.tracker.idle:
+            asyncio.get_running_loop().call_soon(self._idle_again)
+
+    def _record(self, token: tuple[Any, ...], status: int, failed: bool) -> None:
+        """A response completed: record what its command did to the session."""
+        kind = token[0]
+        state = self.state
+        if kind == "query":
+            if not failed:
+                state.apply(token[1])
+        elif kind == "prepare":
+            self._prepared(token[1], failed)
+        elif kind == "execute":
+            stmt = state.stmts.get(token[1])
+            if stmt is not None:
+                stmt.cursor_open = not failed and bool(status & _CURSOR_EXISTS)
+        elif kind == "fetch":
+            stmt = state.stmts.get(token[1])
+            if stmt is not None and (failed or status & _LAST_ROW_SENT):
+                stmt.cursor_open = False
+        elif kind == "reset" and not failed:
+            state.reset()
+        elif kind == "change_user":
+            self._user_changed(token[1], failed)
+
+    def _prepared(self, sql: bytes, failed: bool) -> None:
+        assert self.tracker is not None
+        prepared = self.tracker.prepared
+        client_id = None
+        if not failed and prepared is not None:
+            backend_id, columns, params = prepared
+            client_id = self.state.prepared(backend_id, sql, columns, params)
+        held, self._intercept = self._intercept, None
+        if held is not None:
+            if client_id is not None and len(held) >= 9:
+                held[5:9] = U32.pack(client_id)  # PREPARE_OK's statement id, first packet
+            self._send_client(bytes(held))
+
+    def _user_changed(self, user: str, failed: bool) -> None:
+        if failed:
+            self._native_exchange = None
             return
-        self._held = False
+        self.user = user
+        self.state.reset()
+        self._take_credential()
+
+    def _idle_again(self) -> None:
+        """The backend finished every response: held commands go on, or a move can start."""
+        if self.phase != COMMAND:
+            return
+        if self._move is not None and self.try_move():
+            return
+        self.release_input("idle")
+
+    def hold_input(self, reason: str) -> None:
+        """Client commands wait (they are read into the buffer no further)."""
+        self._held.add(reason)
+        self.pause_client_reading("held", True)
+
+    def release_input(self, reason: str) -> None:
+        self._held.discard(reason)
+        if self.tracker is not None and self.tracker.idle:
+            self._held.discard("idle")
+        if self._held or self.phase != COMMAND:
+            return
         self.pause_client_reading("held", False)
         self._drain_client()
 
@@ -605,12 +689,12 @@ class Session:
         self.phase = CLOSED
         if self._login_timer is not None:
             self._login_timer.cancel()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        if self.bt is not None:
-            if was_established and self.tracker is not None and self.tracker.idle:
-                self.bt.write(frame(b"\x01", 0))  # COM_QUIT: the backend logs a clean exit
-            self.bt.close()
+        for task in (self._task, self._move_task):
+            if task is not None and not task.done():
+                task.cancel()
+        if self.backend_leg is not None:
+            idle = was_established and self.tracker is not None and self.tracker.idle
+            self.backend_leg.close(quit_first=idle)  # COM_QUIT: the backend logs a clean exit
         if self.backend is not None:
             self.backend.connections -= 1
         self.client.close()
@@ -627,4 +711,3 @@ def _peer(transport: asyncio.Transport) -> str:
 
 def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
-

@@ -1,15 +1,31 @@
-"""The proxy's data plane: the listener, the registry of sessions, and its view for the API."""
+"""The proxy's data plane: the listener, the registry of sessions, and its view for the API.
+
+Beside accepting clients it runs two small loops of the control plane, which stay here until the
+planes split into processes:
+- maintenance, twice a second: sessions on a draining backend are asked to move; moves whose
+  retry time has come are tried again; sessions still pinned on a draining backend after
+  `[proxy] failover-timeout` are closed with a logged reason;
+- credential sync: the stored password hashes are read from the backends by `[security]
+  auth-sync-user` every `auth-sync-interval`, and at once when a login matched none of them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tiproxy.api.interface import BackendView
-from tiproxy.balance.router import Router, split_addr
-from tiproxy.net.relay import ClientLeg
+from tiproxy.api.interface import BackendView, MigrationStats, SessionView
+from tiproxy.balance.router import DRAIN_REMOVED, Router, split_addr
+from tiproxy.net.admin import AdminConnection
+from tiproxy.net.relay import COMMAND, ClientLeg
+from tiproxy.protocol.errors import ProtocolError, SQLError
+from tiproxy.session.credentials import CredentialStore, UsersFileError
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
@@ -17,18 +33,48 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tiproxy.server")
 
+MAINTENANCE_INTERVAL = 0.5
+MIN_SYNC_GAP = 2.0  # a burst of unmatched logins triggers one sync, not one each
+# Upper bounds of tiproxy_balance_migrate_duration_seconds, as TiProxy's buckets go.
+DURATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+USERS_QUERY = "SELECT User, plugin, authentication_string FROM mysql.user"
+
+
+@dataclass
+class _Durations:
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                self.counts[i] += 1
+                break
+        else:
+            self.counts[-1] += 1
+        self.total += seconds
+
 
 class ProxyServer:
     """Accepts clients and keeps the sessions; implements the API's ProxyView."""
 
     def __init__(self, cfg: Config) -> None:
         self._config = cfg
-        self.router = Router(list(cfg.proxy.backend_addrs))
+        self.router = Router(list(cfg.proxy.backend_addrs), cfg.proxy.fail_backend_list)
         self.sessions: dict[int, Session] = {}
+        self.credentials = CredentialStore()
         self._next_id = 0
         self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._shutting_down = False
+        self._sync_now = asyncio.Event()
+        self._last_sync = 0.0
+        self._stale: list[tuple[Session, tuple[bytes, bytes]]] = []
+        self._migrations: Counter[tuple[str, str, str, str]] = Counter()
+        self._durations = _Durations()
         self.port = 0
+        if cfg.security.users_file:
+            self._load_users_file(cfg.security.users_file)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -44,6 +90,9 @@ class ProxyServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.port = self.port or server.sockets[0].getsockname()[1]
             log.info("proxy listening on %s:%d", host, server.sockets[0].getsockname()[1])
+        self._tasks = [loop.create_task(self._maintain()), loop.create_task(self._sync_loop())]
+        if self._config.security.auth_sync_user:
+            self._sync_now.set()  # the first sync at once: sessions need hashes to move
 
     def begin_shutdown(self) -> None:
         """Health turns 502 so that load balancers stop sending clients; sessions go on."""
@@ -51,6 +100,8 @@ class ProxyServer:
 
     async def stop(self) -> None:
         self._shutting_down = True
+        for task in self._tasks:
+            task.cancel()
         for server in self._servers:
             server.close()
         for session in list(self.sessions.values()):
@@ -59,8 +110,23 @@ class ProxyServer:
             await server.wait_closed()
 
     def apply_config(self, cfg: Config) -> None:
+        """A reloaded config: the backend list and the fail list take effect at once."""
+        old = self._config
         self._config = cfg
         self.router.set_backends(list(cfg.proxy.backend_addrs))
+        self.router.set_fail_list(cfg.proxy.fail_backend_list)
+        if cfg.security.users_file and cfg.security.users_file != old.security.users_file:
+            self._load_users_file(cfg.security.users_file)
+        self._sync_now.set()
+        self._drain_sessions()
+
+    def _load_users_file(self, path: str) -> None:
+        try:
+            count = self.credentials.load_users_file(path)
+        except (OSError, UsersFileError) as e:
+            log.error("users file not loaded: %s", e)  # noqa: TRY400 - the reason is the message
+            return
+        log.info("users file %s: %d password hashes", path, count)
 
     # -- the registry ---------------------------------------------------------------------------
 
@@ -78,6 +144,112 @@ class ProxyServer:
         limit = self._config.proxy.max_connections
         return bool(limit) and len(self.sessions) > limit
 
+    # -- moves ----------------------------------------------------------------------------------
+
+    def drain(self, addr: str, drain: bool) -> None:
+        """Drain (or undrain) a backend through the API. Raises KeyError if unknown."""
+        self.router.drain(addr, drain)
+        if drain:
+            self._drain_sessions()
+        else:
+            for session in self.sessions.values():
+                move = session.move_request
+                if session.backend is not None and session.backend.addr == addr and move \
+                        and move.target is None and not session.backend.draining:
+                    session.cancel_move()
+
+    def redirect_all(self) -> int:
+        """TiProxy's /api/debug/redirect: every session moves to another backend."""
+        count = 0
+        for session in list(self.sessions.values()):
+            if session.phase == COMMAND:
+                session.request_move("redirect")
+                count += 1
+        return count
+
+    def _drain_sessions(self) -> None:
+        for session in list(self.sessions.values()):
+            backend = session.backend
+            if session.phase == COMMAND and backend is not None and backend.draining \
+                    and session.move_request is None:
+                session.request_move(sorted(backend.drained_by)[0])
+
+    def record_migration(self, source: str, target: str, reason: str, ok: bool,
+                         seconds: float) -> None:
+        self._migrations[(source, target, reason, "succeed" if ok else "fail")] += 1
+        self._durations.observe(seconds)
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            self._drain_sessions()
+            timeout = self._config.proxy.failover_timeout
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                move = session.move_request
+                if move is None or session.phase != COMMAND:
+                    continue
+                if not session.try_move() and timeout and session.backend is not None \
+                        and session.backend.draining and now - move.requested_at > timeout:
+                    session.close(f"still on draining backend {session.backend.addr} after "
+                                  f"failover-timeout ({timeout}s): {move.waiting}")
+            self.router.forget_empty()
+
+    # -- credentials ------------------------------------------------------------------------------
+
+    def refresh_credential(self, session: Session, exchange: tuple[bytes, bytes]) -> None:
+        """A login matched no stored hash: sync now, then try that login again."""
+        if not self._config.security.auth_sync_user:
+            return
+        self._stale.append((session, exchange))
+        del self._stale[:-1000]  # bounded: unmatched logins of a burst, not forever
+        self._sync_now.set()
+
+    async def _sync_loop(self) -> None:
+        while True:
+            interval = self._config.security.auth_sync_interval or 60.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sync_now.wait(), interval)
+            self._sync_now.clear()
+            if not self._config.security.auth_sync_user:
+                continue
+            wait = self._last_sync + MIN_SYNC_GAP - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self.sync_credentials()
+
+    async def sync_credentials(self) -> bool:
+        """Read the stored hashes from the first backend that answers."""
+        security = self._config.security
+        self._last_sync = time.monotonic()
+        for backend in self.router.candidates():
+            try:
+                conn = await AdminConnection.open(backend.host, backend.port,
+                                                  security.auth_sync_user,
+                                                  security.auth_sync_password)
+                try:
+                    rows = await conn.query(USERS_QUERY)
+                finally:
+                    conn.close()
+            except (OSError, TimeoutError, ProtocolError, SQLError) as e:
+                log.warning("credential sync from %s failed: %s", backend.addr, e)
+                continue
+            count = self.credentials.replace_synced(
+                (_text(r[0]), _text(r[1]), _text(r[2])) for r in rows if len(r) == 3)
+            log.info("credential sync from %s: %d password hashes", backend.addr, count)
+            self._retry_stale()
+            return True
+        return False
+
+    def _retry_stale(self) -> None:
+        stale, self._stale = self._stale, []
+        for session, exchange in stale:
+            if session.phase != COMMAND:
+                continue
+            credential = self.credentials.recover(session.user, *exchange)
+            if credential is not None:
+                session.credential_recovered(credential)
+
     # -- ProxyView ------------------------------------------------------------------------------
 
     @property
@@ -89,9 +261,38 @@ class ProxyServer:
 
     def backends(self) -> list[BackendView]:
         return [
-            BackendView(b.addr, b.status, b.connections, dict(b.query_counts))
+            BackendView(b.addr, b.status, b.connections, dict(b.query_counts),
+                        sorted(b.drained_by), b.last_error if b.down else "")
             for b in self.router.backends.values()
         ]
 
+    def session_views(self) -> list[SessionView]:
+        views = []
+        for s in self.sessions.values():
+            move = s.move_request
+            waiting = move.waiting if move is not None else ""
+            if not waiting and move is None and s.phase == COMMAND:
+                pins = s.state.pins()
+                waiting = "pinned: " + "; ".join(pins) if pins else ""
+            views.append(SessionView(
+                id=s.id, user=s.user, client=s.peer,
+                backend=s.backend.addr if s.backend else "",
+                moving=move is not None, move_reason=move.reason if move else "",
+                waiting=waiting,
+            ))
+        return views
+
+    def migration_stats(self) -> MigrationStats:
+        return MigrationStats(dict(self._migrations), DURATION_BUCKETS,
+                              list(self._durations.counts), self._durations.total)
+
     def config(self) -> Config:
         return self._config
+
+    def backend_addr_known(self, addr: str) -> bool:
+        return addr in self.router.backends and \
+            DRAIN_REMOVED not in self.router.backends[addr].drained_by
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("utf-8", "replace") if value is not None else ""

@@ -28,6 +28,7 @@ class PreparedStatement:
     param_types: bytes | None = None  # the types of the last execute that sent them
     long_data: bool = False  # COM_STMT_SEND_LONG_DATA since the last execute or reset
     cursor_open: bool = False
+    types_sent: bool = True  # the current backend has seen param_types (False after a move)
 
 
 @dataclass
@@ -81,6 +82,7 @@ class SessionState:
             stmt = self.stmts[client_id]
             stmt.backend_id = backend_id
             stmt.cursor_open = False
+            stmt.types_sent = False
             if backend_id != client_id:
                 self.to_client[backend_id] = client_id
 

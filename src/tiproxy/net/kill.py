@@ -1,0 +1,91 @@
+"""KILL and KILL QUERY through the proxy: the client names sessions by the proxy's ids.
+
+A target on the killer's own backend gets the statement rewritten to its backend id and sent on
+the killer's connection, so the backend checks privileges as usual. A target on another backend
+is killed with the proxy's own account there (`[security] auth-sync-user`), which the proxy
+allows only to the target's own user (MySQL lets every user kill their own sessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from tiproxy.net.admin import AdminConnection
+from tiproxy.protocol.constants import ER_NO_SUCH_THREAD, Command
+from tiproxy.protocol.errors import ProtocolError, SQLError
+from tiproxy.protocol.packets import build_ok, frame
+from tiproxy.protocol.tracker import Expect
+from tiproxy.session.commands import build_process_kill
+
+if TYPE_CHECKING:
+    from tiproxy.net.relay import Session
+
+log = logging.getLogger("tiproxy.session")
+
+ER_UNKNOWN_ERROR = 1105
+ER_KILL_DENIED = 1095
+
+
+def handle_kill(session: Session, target_id: int, query_only: bool, prefix: bytes | None) -> None:
+    """`prefix` starts the rewritten statement ("KILL [HARD] [QUERY] "); None: COM_PROCESS_KILL."""
+    tracker = session.tracker
+    assert tracker is not None and session.backend_leg is not None
+    target = session.server.sessions.get(target_id)
+    if target is None or target.backend is None or target.backend_connection_id == 0:
+        session._reply_err(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {target_id}")
+        return
+    if target.backend is not session.backend:
+        _kill_elsewhere(session, target, query_only)
+        return
+    if prefix is None:
+        packet = frame(build_process_kill(target.backend_connection_id), 0)
+        kind, cmd = Expect.SINGLE, Command.PROCESS_KILL
+    else:
+        packet = frame(b"\x03" + prefix + str(target.backend_connection_id).encode(), 0)
+        kind, cmd = Expect.RESULT, Command.QUERY
+    log.info("session %d: KILL %s%d (backend id %d)", session.id,
+             "QUERY " if query_only else "", target_id, target.backend_connection_id)
+    session.backend_leg.write(packet)
+    tracker.expect(kind, int(cmd))
+
+
+def _kill_elsewhere(session: Session, target: Session, query_only: bool) -> None:
+    security = session.server.config().security
+    if target.user != session.user:
+        session._reply_err(ER_KILL_DENIED, "HY000", f"You are not owner of thread {target.id}")
+        return
+    if not security.auth_sync_user:
+        session._reply_err(
+            ER_UNKNOWN_ERROR, "HY000",
+            f"TiProxy: connection {target.id} is on another backend; KILL there needs "
+            "[security] auth-sync-user",
+        )
+        return
+    backend = target.backend
+    assert backend is not None
+    sql = f"KILL {'QUERY' if query_only else 'CONNECTION'} {target.backend_connection_id}"
+    log.info("session %d: %s (session %d) on %s", session.id, sql, target.id, backend.addr)
+    session.hold_input("kill")
+
+    async def run() -> None:
+        try:
+            conn = await AdminConnection.open(backend.host, backend.port,
+                                              security.auth_sync_user, security.auth_sync_password)
+            try:
+                await conn.query(sql)
+            finally:
+                conn.close()
+        except SQLError as e:
+            session._reply_err(e.code, e.sqlstate, e.message)
+        except (OSError, TimeoutError, ProtocolError) as e:
+            why = str(e) or type(e).__name__
+            session._reply_err(ER_UNKNOWN_ERROR, "HY000",
+                               f"TiProxy: KILL on the other backend failed: {why}")
+        else:
+            assert session.tracker is not None
+            session._send_client(frame(build_ok(session.tracker.status), 1))
+        session.release_input("kill")
+
+    session._task = asyncio.get_running_loop().create_task(run())

@@ -1,0 +1,189 @@
+"""Moving one session to another backend: capture, log in elsewhere, restore, swap.
+
+Theory of operation
+-------------------
+The relay calls `move_session` at a safe point, with the client's input held. The old backend
+connection is detached from the hot path and asked for the session's state; a new connection to
+the target logs in as the same user without the password and is given that state; only then
+are the two swapped. Any failure before the swap closes the new connection and leaves the
+session on its old backend as it was: the capture statements change nothing a client can see.
+If the old connection itself broke, the session cannot go on and the caller closes it.
+
+Dialects differ in three steps (DESIGN section 5):
+- MySQL (MariaDB, MySQL): capture with two SELECTs; log in with mysql_native_password using
+  SHA1(password) recovered at the first login; restore with one SET, the SQL-level PREPAREs,
+  and the server-side prepared statements prepared again in one pipelined batch.
+- TiDB: `SHOW SESSION_STATES` gives the state and a session token; the token logs in
+  (`tidb_session_token`); `SET SESSION_STATES '...'` restores everything, statement ids too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from tiproxy.net.backend import BackendLeg
+from tiproxy.net.channel import query, read_prepare, send_prepare, sql_error
+from tiproxy.protocol.auth import NATIVE_PLUGIN, scramble_from_stage1
+from tiproxy.protocol.constants import Capability
+from tiproxy.protocol.errors import Origin, ProtocolError
+from tiproxy.protocol.packets import (
+    build_handshake_response,
+    frame,
+    parse_auth_switch,
+    parse_greeting,
+)
+from tiproxy.protocol.tracker import ok_status
+from tiproxy.session.dialects import mysql as mysql_dialect
+
+if TYPE_CHECKING:
+    from tiproxy.balance.router import Backend
+    from tiproxy.net.relay import Session
+
+TIDB_TOKEN_PLUGIN = "tidb_session_token"  # noqa: S105 - a plugin name
+
+
+class MigrationError(Exception):
+    """A move failed at `step`; `old_intact` says whether the old connection can go on."""
+
+    def __init__(self, step: str, reason: str, old_intact: bool = True) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.old_intact = old_intact
+
+
+@dataclass
+class MoveResult:
+    leg: BackendLeg
+    connection_id: int
+    status: int
+    stmt_ids: dict[int, int]  # client id -> new backend id
+
+
+async def move_session(session: Session, target: Backend) -> MoveResult:
+    old = session.backend_leg
+    assert old is not None
+    deprecate_eof = bool(session.backend_caps & Capability.DEPRECATE_EOF)
+    old.detach()
+    try:
+        captured = await _capture(session, old, deprecate_eof)
+    except Exception as e:
+        raise MigrationError("capture", _why(e), old_intact=_reattach(old, session)) from e
+    try:
+        new = await BackendLeg.open(target.host, target.port)
+    except Exception as e:
+        raise MigrationError("connect", _why(e), old_intact=_reattach(old, session)) from e
+    try:
+        connection_id, status = await _login(session, new, captured)
+        stmt_ids = await _restore(session, new, captured, deprecate_eof)
+    except Exception as e:
+        new.abort()
+        raise MigrationError("restore", _why(e), old_intact=_reattach(old, session)) from e
+    return MoveResult(new, connection_id, status, stmt_ids)
+
+
+def _reattach(old: BackendLeg, session: Session) -> bool:
+    if old.closed or not old.clean:
+        return False
+    old.attach(session)
+    return True
+
+
+def _why(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+@dataclass
+class _Captured:
+    mysql: mysql_dialect.CapturedState | None = None
+    tidb_states: bytes = b""
+    tidb_token: bytes = b""
+
+
+async def _capture(session: Session, leg: BackendLeg, deprecate_eof: bool) -> _Captured:
+    if session.dialect == "tidb":
+        result = await query(leg, "SHOW SESSION_STATES", deprecate_eof)
+        if len(result.rows) != 1 or len(result.rows[0]) < 2:
+            raise ProtocolError("SHOW SESSION_STATES did not return one row", Origin.BACKEND)
+        states, token = result.rows[0][0], result.rows[0][1]
+        return _Captured(tidb_states=states or b"", tidb_token=token or b"")
+    result = await query(leg, mysql_dialect.CAPTURE_SQL, deprecate_eof)
+    state = mysql_dialect.parse_capture(result.rows)
+    second = mysql_dialect.string_values_sql(state)
+    if second is not None:
+        values = await query(leg, second, deprecate_eof)
+        mysql_dialect.apply_string_values(state, values.rows[0])
+    return _Captured(mysql=state)
+
+
+async def _login(session: Session, leg: BackendLeg, captured: _Captured) -> tuple[int, int]:
+    """Log in as the session's user; returns (backend connection id, status)."""
+    _, payload = await leg.read_packet()
+    if payload[:1] == b"\xff":
+        raise sql_error(payload)
+    greeting = parse_greeting(payload)
+    base = session.login_response
+    assert base is not None
+    caps = session.backend_caps
+    database = base.database
+    if captured.mysql is not None:
+        database = captured.mysql.database
+        caps = caps | Capability.CONNECT_WITH_DB if database else caps & ~Capability.CONNECT_WITH_DB
+    if session.dialect == "tidb":
+        plugin, auth = TIDB_TOKEN_PLUGIN, captured.tidb_token
+    else:
+        stage1 = session.credential
+        if stage1 is None:
+            raise ProtocolError("no reusable credential", Origin.PROXY)
+        plugin = NATIVE_PLUGIN
+        native = greeting.auth_plugin == plugin
+        auth = scramble_from_stage1(stage1, greeting.salt) if native else b""
+    response = replace(
+        base, capabilities=caps | Capability.PLUGIN_AUTH, user=session.user.encode(),
+        auth_data=auth, auth_plugin=plugin, database=database, mariadb_capabilities=0,
+        ssl_request_only=False,
+    )
+    leg.write(frame(build_handshake_response(response), 1))
+    while True:
+        seq, payload = await leg.read_packet()
+        if payload[:1] == b"\x00":
+            return greeting.connection_id, ok_status(payload, 0, len(payload))
+        if payload[:1] == b"\xff":
+            raise sql_error(payload)
+        if payload[:1] != b"\xfe" or session.dialect == "tidb":
+            raise ProtocolError("unexpected packet while logging in again", Origin.BACKEND)
+        switch = parse_auth_switch(payload)
+        if switch.plugin != NATIVE_PLUGIN or session.credential is None:
+            raise ProtocolError(f"backend asks for {switch.plugin}", Origin.BACKEND)
+        leg.write(frame(scramble_from_stage1(session.credential, switch.data), seq + 1))
+
+
+async def _restore(session: Session, leg: BackendLeg, captured: _Captured,
+                   deprecate_eof: bool) -> dict[int, int]:
+    if session.dialect == "tidb":
+        await query(leg, tidb_restore_sql(captured.tidb_states), deprecate_eof)
+        return {cid: s.backend_id for cid, s in session.state.stmts.items()}
+    assert captured.mysql is not None
+    restore = mysql_dialect.restore_sql(captured.mysql)
+    if restore is not None:
+        await query(leg, restore, deprecate_eof)
+    for text in session.state.sql_prepared.values():
+        await query(leg, text, deprecate_eof)
+    stmts = sorted(session.state.stmts.values(), key=lambda s: s.client_id)
+    for stmt in stmts:
+        send_prepare(leg, stmt.sql)
+    new_ids: dict[int, int] = {}
+    for stmt in stmts:
+        prepared = await read_prepare(leg, deprecate_eof)
+        if (prepared.params, prepared.columns) != (stmt.params, stmt.columns):
+            raise ProtocolError("a prepared statement changed shape on the new backend",
+                                Origin.BACKEND)
+        new_ids[stmt.client_id] = prepared.stmt_id
+    return new_ids
+
+
+
+def tidb_restore_sql(states: bytes) -> bytes:
+    """SET SESSION_STATES with the JSON as a string literal (backslashes and quotes escaped)."""
+    escaped = states.replace(b"\\", b"\\\\").replace(b"'", b"\\'")
+    return b"SET SESSION_STATES '" + escaped + b"'"

@@ -1,0 +1,236 @@
+"""The part of a session that moves it to another backend when asked.
+
+Theory of operation
+-------------------
+A move is requested (a drained backend, the redirect API, a rebalance) with a reason. The session
+moves at its next safe point: between commands, with every response complete, outside a
+transaction, with no pin (temporary tables, locks, an open cursor, pending long data, a user
+without a reusable credential). Until then it reports why it waits. The client's input is held
+while the move runs, so no command can slip in between capture and restore.
+
+TiProxy's shortcut: when a move is due and the client sends BEGIN or START TRANSACTION inside a
+transaction (which would commit it anyway), the proxy commits on the old backend, moves, and
+sends the BEGIN to the new one.
+
+A failed move leaves the session where it was; it is counted and tried again after a delay that
+doubles up to half a minute, never at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tiproxy.net.channel import query
+from tiproxy.net.migration import MigrationError, move_session
+from tiproxy.protocol.constants import Capability, ServerStatus
+from tiproxy.session.statements import statement_effects
+
+if TYPE_CHECKING:
+    from tiproxy.balance.router import Backend
+    from tiproxy.net.backend import BackendLeg
+
+log = logging.getLogger("tiproxy.session")
+
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+_IN_TRANS = int(ServerStatus.IN_TRANS)
+
+
+@dataclass
+class MoveRequest:
+    reason: str
+    target: Backend | None  # None: the router chooses
+    requested_at: float
+    retry_at: float = 0.0
+    failures: int = 0
+    waiting: str = ""  # why it has not moved yet
+
+
+class SessionMoves:
+    """Mixed into Session (net/relay.py), whose attributes it uses."""
+
+    # Provided by Session.
+    server: Any
+    id: int
+    phase: int
+    backend: Backend | None
+    backend_leg: BackendLeg | None
+    tracker: Any
+    state: Any
+    backend_caps: int
+    _cbuf: bytearray
+    _ccont: bool
+
+    def __init__(self) -> None:
+        self._move: MoveRequest | None = None
+        self._moving = False
+        self._move_task: asyncio.Task[None] | None = None
+
+    def hold_input(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def release_input(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def close(self, reason: str, quiet: bool = False) -> None:
+        raise NotImplementedError
+
+    # -- asking -----------------------------------------------------------------------------
+
+    def request_move(self, reason: str, target: Backend | None = None) -> None:
+        """Move at the next safe point (now, if this is one)."""
+        if self._move is None:
+            self._move = MoveRequest(reason, target, time.monotonic())
+        elif target is not None:
+            self._move.target = target
+        self.try_move()
+
+    def cancel_move(self) -> None:
+        if not self._moving:
+            self._move = None
+
+    @property
+    def move_request(self) -> MoveRequest | None:
+        return self._move
+
+    def wait_reason(self) -> str:
+        """Why the session cannot move right now; "" at a safe point."""
+        tracker = self.tracker
+        if self.phase != 1 or tracker is None:
+            return "not logged in"
+        if not tracker.idle or self._ccont or tracker.local_infile:
+            return "busy with a command"
+        reasons = ["in a transaction"] if tracker.status & _IN_TRANS else []
+        pins = self.state.pins()
+        if pins:
+            reasons.append("pinned: " + "; ".join(pins))
+        return "; ".join(reasons)
+
+    def try_move(self) -> bool:
+        """Start the requested move if this is a safe point; True if it started."""
+        move = self._move
+        if move is None or self._moving or self.phase != 1:
+            return False
+        if time.monotonic() < move.retry_at:
+            return False
+        move.waiting = self.wait_reason()
+        if move.waiting:
+            return False
+        target = move.target
+        if target is None or target.draining or target is self.backend:
+            choices = self.server.router.candidates(exclude=self.backend)
+            target = choices[0] if choices else None
+        if target is None:
+            move.waiting = "no backend to move to"
+            return False
+        self._start_move(target)
+        return True
+
+    # -- moving -----------------------------------------------------------------------------
+
+    def _start_move(self, target: Backend, commit_first: bool = False) -> None:
+        self._moving = True
+        self.hold_input("move")
+        self._move_task = asyncio.get_running_loop().create_task(
+            self._run_move(target, commit_first))
+
+    async def _run_move(self, target: Backend, commit_first: bool) -> None:
+        move = self._move
+        assert move is not None and self.backend is not None
+        source = self.backend
+        started = time.monotonic()
+        try:
+            if commit_first:
+                await self._commit_for_move()
+            result = await move_session(self, target)  # type: ignore[arg-type]
+        except MigrationError as e:
+            self.server.record_migration(source.addr, target.addr, move.reason, False,
+                                         time.monotonic() - started)
+            if not e.old_intact:
+                self.close(f"move to {target.addr} failed and broke the old connection: {e}")
+                return
+            move.failures += 1
+            delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (move.failures - 1))
+            move.retry_at = time.monotonic() + delay
+            move.waiting = f"last move failed ({e}); next try in {delay:.0f}s"
+            log.warning("session %d: move %s -> %s failed at %s", self.id, source.addr,
+                        target.addr, e)
+        else:
+            self._swap(result, target)
+            self.server.record_migration(source.addr, target.addr, move.reason, True,
+                                         time.monotonic() - started)
+            log.info("session %d moved %s -> %s (%s) in %.1f ms", self.id, source.addr,
+                     target.addr, move.reason, (time.monotonic() - started) * 1000)
+            self._move = None
+        finally:
+            self._moving = False
+            if self.phase == 1:
+                self.release_input("move")
+
+    async def _commit_for_move(self) -> None:
+        """The BEGIN shortcut: end the open transaction on the old backend first."""
+        leg = self.backend_leg
+        assert leg is not None
+        leg.detach()
+        try:
+            result = await query(leg, "COMMIT", bool(self.backend_caps & Capability.DEPRECATE_EOF))
+        except Exception as e:
+            raise MigrationError("commit", str(e), old_intact=_reattach(self, leg)) from e
+        self.tracker.status = result.status
+        if not leg.clean:
+            raise MigrationError("commit", "unexpected data", old_intact=False)
+        leg.attach(self)  # type: ignore[arg-type]
+        if result.status & _IN_TRANS:
+            raise MigrationError("commit", "still in a transaction after COMMIT")
+
+    def _swap(self, result: Any, target: Backend) -> None:
+        old_leg, old_backend = self.backend_leg, self.backend
+        assert old_leg is not None and old_backend is not None
+        old_leg.close(quit_first=True)
+        old_backend.connections -= 1
+        target.connections += 1
+        self.backend = target
+        self.backend_leg = result.leg
+        self._counts = target.query_counts
+        self.bt = result.leg.transport
+        self.backend_connection_id = result.connection_id
+        self.tracker.status = result.status
+        self.state.rebound(result.stmt_ids)
+        result.leg.attach(self)
+        self.server.router.forget_empty()
+
+    def _begin_shortcut(self, sql: bytes) -> bool:
+        """A BEGIN inside a transaction while a move is due: commit, move, then BEGIN."""
+        move = self._move
+        if move is None or self._moving or not self.tracker.idle:
+            return False
+        if not self.tracker.status & _IN_TRANS or time.monotonic() < move.retry_at:
+            return False
+        if not statement_effects(sql).begins_transaction:
+            return False
+        saved = self.tracker.status
+        self.tracker.status = saved & ~_IN_TRANS  # the commit ends it; check the rest
+        reason = self.wait_reason()
+        self.tracker.status = saved
+        if reason:
+            move.waiting = reason
+            return False
+        choices = self.server.router.candidates(exclude=self.backend)
+        target = move.target if move.target is not None and not move.target.draining else (
+            choices[0] if choices else None)
+        if target is None:
+            move.waiting = "no backend to move to"
+            return False
+        self._start_move(target, commit_first=True)
+        return True
+
+
+def _reattach(session: SessionMoves, leg: BackendLeg) -> bool:
+    if leg.closed or not leg.clean:
+        return False
+    leg.attach(session)  # type: ignore[arg-type]
+    return True

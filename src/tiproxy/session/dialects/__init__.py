@@ -1,0 +1,1 @@
+"""How each kind of backend captures a session's state, logs in elsewhere and restores it."""

@@ -1,0 +1,166 @@
+"""The MySQL dialect (MariaDB, MySQL): capture a session's state with queries, restore it with SET.
+
+Theory of operation
+-------------------
+At a safe point the proxy asks the old backend, in one statement, for the current database,
+LAST_INSERT_ID(), every session system variable that differs from its global value (with its
+type) and the user variables (with their types); string user variables need a second statement
+for their exact bytes and collation. The new backend gets one SET statement that assigns all of
+them, with literals that give back the same types: integers as integers (unsigned through CAST),
+decimals through CAST with their scale, doubles with an exponent, strings as hex literals with
+their character set and collation. The current database goes in the login packet. SQL-level
+prepared statements are prepared again by their original text, server-side ones by
+COM_STMT_PREPARE (see net/migration.py).
+
+Everything the proxy sends is ASCII, so the new session's character set does not matter while
+it parses it. Values travel as HEX() so that the session's character_set_results cannot change
+them on the way.
+
+Not carried over (documented limits): FOUND_ROWS(), ROW_COUNT() and warnings of the last
+statement; one-shot `SET TRANSACTION` characteristics; variables only a stored program set.
+References: https://mariadb.com/kb/en/information-schema-system_variables-table/ ,
+https://mariadb.com/kb/en/information-schema-user_variables-table/
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Row = list[bytes | None]
+
+CAPTURE_SQL = (
+    "SELECT 'db', NULL, HEX(DATABASE()) "
+    "UNION ALL SELECT 'lii', NULL, LAST_INSERT_ID() "
+    "UNION ALL SELECT 'sys', CONCAT(VARIABLE_TYPE, ' ', VARIABLE_NAME), HEX(SESSION_VALUE) "
+    "FROM information_schema.SYSTEM_VARIABLES WHERE VARIABLE_SCOPE = 'SESSION' "
+    "AND READ_ONLY = 'NO' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE) "
+    "UNION ALL SELECT 'user', CONCAT(VARIABLE_TYPE, ' ', HEX(VARIABLE_NAME)), VARIABLE_VALUE "
+    "FROM information_schema.USER_VARIABLES"
+)
+
+# System variables never worth restoring: derived from others, or owned by the server.
+_SKIP_SYSTEM = frozenset(
+    {"character_set_database", "collation_database", "wsrep_trx_fragment_size"}
+)
+_NUMERIC_SYSTEM_TYPES = frozenset({"INT", "INT UNSIGNED", "BIGINT", "BIGINT UNSIGNED", "DOUBLE"})
+# Charsets first, then collations: a collation implies its charset, not the other way round.
+_ORDER = ("character_set_", "collation_")
+
+
+@dataclass
+class UserVariable:
+    name: bytes
+    type: str  # INT, INT UNSIGNED, DECIMAL, DOUBLE, VARCHAR
+    value: bytes | None  # text from USER_VARIABLES; for strings, filled by the second query
+    collation: str | None = None
+
+
+@dataclass
+class CapturedState:
+    database: bytes | None = None
+    last_insert_id: int = 0
+    system: list[tuple[str, str, bytes | None]] = field(default_factory=list)  # name, type, value
+    user: list[UserVariable] = field(default_factory=list)
+
+    def strings(self) -> list[UserVariable]:
+        return [v for v in self.user if v.type == "VARCHAR" and v.value is not None]
+
+
+def parse_capture(rows: list[Row]) -> CapturedState:
+    state = CapturedState()
+    for kind, key, value in (_three(r) for r in rows):
+        if kind == b"db":
+            state.database = bytes.fromhex(value.decode()) if value else None
+        elif kind == b"lii":
+            state.last_insert_id = int(value or b"0")
+        elif kind == b"sys" and key is not None:
+            vtype, _, name = key.decode().rpartition(" ")
+            name = name.lower()
+            if name not in _SKIP_SYSTEM:
+                raw = bytes.fromhex(value.decode()) if value is not None else None
+                state.system.append((name, vtype, raw))
+        elif kind == b"user" and key is not None:
+            vtype, _, hexname = key.decode().rpartition(" ")
+            state.user.append(UserVariable(bytes.fromhex(hexname), vtype, value))
+    state.system.sort(key=_system_order)
+    return state
+
+
+def _three(row: Row) -> tuple[bytes, bytes | None, bytes | None]:
+    if len(row) != 3 or row[0] is None:
+        raise ValueError("unexpected capture row")
+    return row[0], row[1], row[2]
+
+
+def _system_order(item: tuple[str, str, bytes | None]) -> tuple[int, str]:
+    name = item[0]
+    for rank, prefix in enumerate(_ORDER):
+        if name.startswith(prefix):
+            return rank, name
+    return len(_ORDER), name
+
+
+def string_values_sql(state: CapturedState) -> str | None:
+    """The second capture statement: exact bytes and collation of string user variables."""
+    strings = state.strings()
+    if not strings:
+        return None
+    cols = ", ".join(f"HEX({_uvar(v.name)}), COLLATION({_uvar(v.name)})" for v in strings)
+    return f"SELECT {cols}"
+
+
+def apply_string_values(state: CapturedState, row: Row) -> None:
+    for i, var in enumerate(state.strings()):
+        hexvalue, collation = row[2 * i], row[2 * i + 1]
+        var.value = hexvalue
+        var.collation = collation.decode() if collation else None
+
+
+def restore_sql(state: CapturedState) -> str | None:
+    """One SET statement that gives a new session the captured variables."""
+    parts = [f"SESSION {name} = {_system_literal(vtype, value)}"
+             for name, vtype, value in state.system]
+    parts += [f"{_uvar(v.name)} = {_user_literal(v)}" for v in state.user]
+    if state.last_insert_id:
+        parts.append(f"SESSION last_insert_id = {state.last_insert_id}")
+    return "SET " + ", ".join(parts) if parts else None
+
+
+def _uvar(name: bytes) -> str:
+    # Backquoted: user variable names may hold anything; a backquote is doubled.
+    text = name.decode("utf-8", "replace").replace("`", "``")
+    return f"@`{text}`"
+
+
+def _system_literal(vtype: str, value: bytes | None) -> str:
+    if value is None:
+        return "NULL"
+    if vtype in _NUMERIC_SYSTEM_TYPES:
+        text = value.decode("ascii")
+        float(text)  # a number, or ValueError: never pass other text unquoted
+        return text
+    return f"_utf8mb4 X'{value.hex()}'"
+
+
+def _user_literal(var: UserVariable) -> str:
+    value = var.value
+    if value is None:
+        return "NULL"
+    text = value.decode("ascii", "replace")
+    if var.type == "INT":
+        return str(int(text))
+    if var.type == "INT UNSIGNED":
+        return f"CAST({int(text)} AS UNSIGNED)"
+    if var.type == "DECIMAL":
+        digits = text.lstrip("-")
+        scale = len(digits.partition(".")[2])
+        float(text)
+        return f"CAST('{text}' AS DECIMAL(65,{scale}))"
+    if var.type == "DOUBLE":
+        float(text)
+        return text if "e" in text.lower() else f"{text}e0"
+    # A string: the hex of its bytes (from the second capture statement) and its collation.
+    collation = var.collation or "binary"
+    charset = "binary" if collation == "binary" else collation.split("_", 1)[0]
+    literal = f"_{charset} X'{text}'"
+    return literal if collation == "binary" else f"{literal} COLLATE {collation}"

@@ -1,0 +1,331 @@
+"""Connection migration between real MariaDB servers: state survives, pins hold, failures heal."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import mysql.connector
+import pytest
+
+from support.backends import APP, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
+from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.mariadb import MariaDBServer
+
+pytestmark = pytest.mark.integration
+
+ADMIN_TOML = '\n[security]\nauth-sync-user = "tiproxy_admin"\nauth-sync-password = "admin-pass"'
+
+
+def add_admin(server: MariaDBServer) -> None:
+    server.sql("CREATE USER IF NOT EXISTS 'tiproxy_admin'@'%' IDENTIFIED BY 'admin-pass';"
+               "GRANT ALL PRIVILEGES ON *.* TO 'tiproxy_admin'@'%';")
+
+
+@pytest.fixture(scope="module")
+def pair(backends: list[MariaDBServer]) -> list[MariaDBServer]:
+    for b in backends:
+        add_admin(b)
+        b.sql("CREATE DATABASE IF NOT EXISTS mig_db; "
+              "CREATE TABLE IF NOT EXISTS mig_db.ai (id INT AUTO_INCREMENT PRIMARY KEY, v INT)")
+    return backends
+
+
+@pytest.fixture
+def mproxy(pair: list[MariaDBServer], proxy_factory: ProxyFactory) -> ProxyProcess:
+    return proxy_factory([b.addr for b in pair], ADMIN_TOML)
+
+
+def sessions(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    status, body = proxy.api("/api/admin/sessions")
+    assert status == 200, body
+    result: list[dict[str, Any]] = json.loads(body)
+    return result
+
+
+def session_of(proxy: ProxyProcess, conn_id: int) -> dict[str, Any]:
+    for s in sessions(proxy):
+        if s["id"] == conn_id:
+            return s
+    raise AssertionError(f"session {conn_id} not listed")
+
+
+def wait_moved(proxy: ProxyProcess, conn_id: int, old_backend: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = session_of(proxy, conn_id)
+        if s["backend"] != old_backend and not s["moving"]:
+            return str(s["backend"])
+        time.sleep(0.01)
+    raise AssertionError(f"session {conn_id} did not move: {session_of(proxy, conn_id)}")
+
+
+def redirect(proxy: ProxyProcess) -> None:
+    status, body = proxy.api("/api/debug/redirect", method="POST", body=b"")
+    assert status == 200, body
+
+
+SNAPSHOT = (
+    "SELECT DATABASE(), @@sql_mode, @@time_zone, @@collation_connection, @@character_set_client,"
+    " @@autocommit, @@tx_isolation, @@tx_read_only, @@max_join_size, @@div_precision_increment,"
+    " LAST_INSERT_ID(), @i, @u, @d, @f, HEX(@s), COLLATION(@s), HEX(@b), COLLATION(@b), @n,"
+    " @big, @@port"
+)
+USER_TYPES = ("SELECT VARIABLE_NAME, VARIABLE_TYPE, CHARACTER_SET_NAME "
+              "FROM information_schema.USER_VARIABLES ORDER BY 1")
+
+
+def snapshot(cur: Any) -> tuple[tuple[Any, ...], list[Any], int]:
+    cur.execute(SNAPSHOT)
+    row = cur.fetchall()[0]
+    cur.execute(USER_TYPES)
+    types = cur.fetchall()
+    return tuple(row[:-1]), types, int(row[-1])
+
+
+def stmt_id(cursor: Any) -> int:
+    """The server-side statement id a prepared cursor of mysql-connector executes."""
+    return int(cursor._prepared["statement_id"])
+
+
+def test_state_survives_100_moves(mproxy: ProxyProcess) -> None:
+    conn = mysql.connector.connect(host="127.0.0.1", port=mproxy.port, user=APP.name,
+                                   password=APP.password, database="test", use_pure=True,
+                                   autocommit=True)
+    try:
+        cur = conn.cursor()
+        cur.execute("USE mig_db")
+        cur.execute("SET SESSION sql_mode = 'ANSI_QUOTES,NO_ZERO_DATE', time_zone = '+05:30',"
+                    " collation_connection = 'utf8mb4_bin', max_join_size = 1000000,"
+                    " div_precision_increment = 7")
+        cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        cur.execute("SET @i = -42, @u = CAST(18446744073709551615 AS UNSIGNED), @d = 12.50,"
+                    " @f = 0.1e0 + 0.2e0, @s = _latin1 X'636166E9' COLLATE latin1_german1_ci,"
+                    " @b = X'00FF7F', @n = NULL, @big = 9007199254740993, @x = 21")
+        cur.execute("INSERT INTO ai (v) VALUES (1)")
+        cur.execute("PREPARE sql_stmt FROM 'SELECT ? * 2'")
+        stmts = [conn.cursor(prepared=True) for _ in range(5)]
+        ops = [f"SELECT ? + {k}, 'p{k}'" for k in range(5)]  # the same objects: the cursor
+        for k, pc in enumerate(stmts):  # prepares again for an operation that is not the same
+            pc.execute(ops[k], (0,))
+            assert pc.fetchall() == [(k, f"p{k}")]
+        ids = [stmt_id(pc) for pc in stmts]
+        assert len(set(ids)) == 5
+        cur.execute("SET autocommit = 0")
+        cur.execute("COMMIT")
+        before, before_types, port = snapshot(cur)
+        cur.execute("COMMIT")
+        assert before[0] == "mig_db" and before[10] > 0
+        seen_ports = {port}
+        for i in range(100):
+            old = session_of(mproxy, conn.connection_id)["backend"]
+            redirect(mproxy)
+            wait_moved(mproxy, conn.connection_id, old)
+            after, after_types, new_port = snapshot(cur)
+            assert new_port != port, f"move {i} left the session on the same server"
+            assert after == before, f"move {i} changed state"
+            assert after_types == before_types, f"move {i} changed user variable types"
+            port = new_port
+            seen_ports.add(port)
+            for k, pc in enumerate(stmts):
+                pc.execute(ops[k], (i,))
+                assert pc.fetchall() == [(i + k, f"p{k}")]
+                assert stmt_id(pc) == ids[k]  # the client's id never changes
+            cur.execute("EXECUTE sql_stmt USING @x")
+            assert cur.fetchall() == [(42,)]
+            cur.execute("COMMIT")
+        assert len(seen_ports) == 2
+        # a statement prepared after the moves gets an id of its own and works
+        late = conn.cursor(prepared=True)
+        late.execute("SELECT ? + 100, 'late'", (5,))
+        assert late.fetchall() == [(105, "late")]
+        assert stmt_id(late) not in ids
+        for pc in [*stmts, late]:
+            pc.close()
+    finally:
+        conn.close()
+
+
+def test_cursor_opened_before_a_move_is_fetched_after(mproxy: ProxyProcess) -> None:
+    conn = mysql.connector.connect(host="127.0.0.1", port=mproxy.port, user=APP.name,
+                                   password=APP.password, database="test", use_pure=True,
+                                   autocommit=True)
+    try:
+        stmt = conn.cmd_stmt_prepare(b"SELECT seq FROM seq_1_to_20 WHERE seq > ?")
+        result = conn.cmd_stmt_execute(stmt["statement_id"], data=(0,),
+                                       parameters=stmt["parameters"], flags=1)
+        columns = result["columns"] if isinstance(result, dict) else result[1]
+        conn.cmd_stmt_fetch(stmt["statement_id"], 5)
+        rows, _ = conn.get_rows(binary=True, columns=columns)
+        got = [int(r[0]) for r in rows]
+        old = session_of(mproxy, conn.connection_id)["backend"]
+        redirect(mproxy)
+        time.sleep(0.3)
+        s = session_of(mproxy, conn.connection_id)
+        assert s["backend"] == old and "open cursor" in s["waiting"]
+        while True:
+            conn.cmd_stmt_fetch(stmt["statement_id"], 5)
+            rows, eof = conn.get_rows(binary=True, columns=columns)
+            got.extend(int(r[0]) for r in rows)
+            if eof is None or eof.get("status_flag", 0) & 0x80:
+                break
+        assert got == list(range(1, 21))
+        conn.cmd_stmt_reset(stmt["statement_id"])
+        wait_moved(mproxy, conn.connection_id, old)
+        # a new cursor on the new backend, through the same statement id
+        result = conn.cmd_stmt_execute(stmt["statement_id"], data=(15,),
+                                       parameters=stmt["parameters"], flags=1)
+        conn.cmd_stmt_fetch(stmt["statement_id"], 100)
+        rows, _ = conn.get_rows(binary=True, columns=columns)
+        assert [int(r[0]) for r in rows] == [16, 17, 18, 19, 20]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("pin", "release", "why"),
+    [
+        ("BEGIN", "COMMIT", "in a transaction"),
+        ("CREATE TEMPORARY TABLE tmp_pin (a INT)", "DROP TEMPORARY TABLE tmp_pin", "temporary"),
+        ("SELECT GET_LOCK('pin_lock', 1)", "SELECT RELEASE_LOCK('pin_lock')", "GET_LOCK"),
+        ("LOCK TABLES mig_db.ai READ", "UNLOCK TABLES", "LOCK TABLES"),
+    ],
+)
+def test_pinned_session_moves_once_released(mproxy: ProxyProcess, pin: str, release: str,
+                                             why: str) -> None:
+    with mproxy.connect() as conn, conn.cursor() as cur:
+        cur.execute(pin)
+        cur.fetchall()
+        cur.execute("SELECT @@port")
+        port = cur.fetchone()[0]
+        old = session_of(mproxy, conn.thread_id())["backend"]
+        redirect(mproxy)
+        time.sleep(0.5)
+        s = session_of(mproxy, conn.thread_id())
+        assert s["backend"] == old and s["moving"] and why in s["waiting"]
+        cur.execute("SELECT @@port")
+        assert cur.fetchone()[0] == port
+        cur.execute(release)
+        cur.fetchall()
+        wait_moved(mproxy, conn.thread_id(), old)
+        cur.execute("SELECT @@port")
+        assert cur.fetchone()[0] != port
+
+
+def test_begin_inside_a_transaction_moves_by_the_shortcut(mproxy: ProxyProcess) -> None:
+    with mproxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS mig_db.shortcut (id INT PRIMARY KEY) ENGINE=InnoDB")
+        cur.execute("DELETE FROM mig_db.shortcut")
+        cur.execute("BEGIN")
+        cur.execute("INSERT INTO mig_db.shortcut VALUES (1)")
+        cur.execute("SELECT @@port")
+        port = cur.fetchone()[0]
+        old = session_of(mproxy, conn.thread_id())["backend"]
+        redirect(mproxy)
+        time.sleep(0.3)
+        assert session_of(mproxy, conn.thread_id())["backend"] == old
+        cur.execute("BEGIN")  # commits the open transaction, as it would anyway
+        cur.execute("SELECT @@port, @@in_transaction")
+        new_port, in_trans = cur.fetchone()
+        assert new_port != port and in_trans == 1
+        cur.execute("COMMIT")
+    with mproxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT id FROM mig_db.shortcut")
+        assert cur.fetchall() == ((1,),)
+
+
+def test_user_without_reusable_credential_stays_and_says_why(mproxy: ProxyProcess) -> None:
+    with mproxy.connect(EDU) as conn, conn.cursor() as cur:
+        old = session_of(mproxy, conn.thread_id())["backend"]
+        redirect(mproxy)
+        time.sleep(0.3)
+        s = session_of(mproxy, conn.thread_id())
+        assert s["backend"] == old and "no reusable credential" in s["waiting"]
+        cur.execute("SELECT CURRENT_USER()")
+        assert cur.fetchall() == (("edu@%",),)
+
+
+def test_drain_and_undrain_through_the_api(mproxy: ProxyProcess, pair: list[MariaDBServer]) -> None:
+    conns = [mproxy.connect() for _ in range(4)]
+    try:
+        target = pair[0].addr
+        status, _ = mproxy.api(f"/api/admin/backends/{target}/drain", method="POST", body=b"")
+        assert status == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            counts = {b["addr"]: b["connections"] for b in mproxy.backends()}
+            if counts[target] == 0:
+                break
+            time.sleep(0.05)
+        assert counts[target] == 0
+        assert {b["addr"]: b["status"] for b in mproxy.backends()}[target] == "draining"
+        for c in conns:
+            with c.cursor() as cur:
+                cur.execute("SELECT @@port")
+                assert cur.fetchone()[0] == pair[1].port
+        with mproxy.connect() as c, c.cursor() as cur:  # new sessions avoid it too
+            cur.execute("SELECT @@port")
+            assert cur.fetchone()[0] == pair[1].port
+        status, _ = mproxy.api(f"/api/admin/backends/{target}/undrain", method="POST", body=b"")
+        assert status == 200
+        assert {b["addr"]: b["status"] for b in mproxy.backends()}[target] == "healthy"
+        status, _ = mproxy.api("/api/admin/backends/127.0.0.1:1/drain", method="POST", body=b"")
+        assert status == 404
+    finally:
+        for c in conns:
+            c.close()
+    _, body = mproxy.api("/metrics")
+    assert b'tiproxy_balance_migrate_total{from="' + target.encode() in body
+    assert b'migrate_res="succeed"' in body
+
+
+def test_fail_backend_list_online(mproxy: ProxyProcess, pair: list[MariaDBServer]) -> None:
+    conns = [mproxy.connect() for _ in range(4)]
+    try:
+        victim = pair[1].addr
+        status, body = mproxy.api("/api/admin/config", method="PUT",
+                                  body=f'[proxy]\nfail-backend-list = ["{victim}"]\n'.encode())
+        assert status == 200, body
+        for c in conns:
+            deadline = time.monotonic() + 10
+            while True:
+                with c.cursor() as cur:
+                    cur.execute("SELECT @@port")
+                    if cur.fetchone()[0] == pair[0].port:
+                        break
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        status, body = mproxy.api("/api/admin/config", method="PUT",
+                                  body=b"[proxy]\nfail-backend-list = []\n")
+        assert status == 200, body
+        status, body = mproxy.api("/api/admin/config", method="PUT",
+                                  body=b"[proxy]\nno-such-key = 1\n")
+        assert status == 400 and b"no-such-key" in body
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_failed_move_leaves_the_session_working(
+    pair: list[MariaDBServer], mariadb_factory: MariaDBFactory, proxy_factory: ProxyFactory
+) -> None:
+    """The target refuses the login (the user has another password there): no harm done."""
+    other = mariadb_factory(BACKEND_ARGS, BACKEND_USERS)
+    add_admin(other)
+    other.sql("ALTER USER 'app'@'%' IDENTIFIED BY 'another-password'")
+    proxy = proxy_factory([pair[0].addr, other.addr], ADMIN_TOML)
+    proxy.api(f"/api/admin/backends/{other.addr}/drain", method="POST", body=b"")
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SET @keep = 'me'")
+        proxy.api(f"/api/admin/backends/{other.addr}/undrain", method="POST", body=b"")
+        proxy.api(f"/api/admin/backends/{pair[0].addr}/drain", method="POST", body=b"")
+        time.sleep(1.0)
+        cur.execute("SELECT @keep, @@port")
+        assert cur.fetchone() == ("me", pair[0].port)
+        s = session_of(proxy, conn.thread_id())
+        assert "failed" in s["waiting"]
+    _, body = proxy.api("/metrics")
+    assert b'migrate_res="fail"' in body
+    assert "move" in proxy.log() and "failed" in proxy.log()
+    assert "another-password" not in proxy.log() and "app-pass" not in proxy.log()
