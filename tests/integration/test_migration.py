@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
 import mysql.connector
+import pymysql
 import pytest
 
 from support.backends import APP, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
+from support.faults import CuttingRelay
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.mariadb import MariaDBServer
 
@@ -329,3 +334,111 @@ def test_failed_move_leaves_the_session_working(
     assert b'migrate_res="fail"' in body
     assert "move" in proxy.log() and "failed" in proxy.log()
     assert "another-password" not in proxy.log() and "app-pass" not in proxy.log()
+
+
+def test_target_dying_during_restore_leaves_the_session_working(
+    pair: list[MariaDBServer], proxy_factory: ProxyFactory
+) -> None:
+    relay = CuttingRelay(pair[1].port, trigger=b"SET SESSION")
+    try:
+        proxy = proxy_factory([pair[0].addr, relay.addr], ADMIN_TOML)
+        proxy.api(f"/api/admin/backends/{relay.addr}/drain", method="POST", body=b"")
+        with proxy.connect() as conn, conn.cursor() as cur:
+            cur.execute("SET SESSION time_zone = '+01:00', @keep = 7")
+            cur.execute("SELECT @@port")
+            assert cur.fetchone()[0] == pair[0].port
+            proxy.api(f"/api/admin/backends/{relay.addr}/undrain", method="POST", body=b"")
+            redirect(proxy)
+            deadline = time.monotonic() + 10
+            while relay.cuts == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert relay.cuts >= 1, "the move never reached the restore"
+            time.sleep(0.2)
+            cur.execute("SELECT @keep, @@time_zone, @@port")
+            assert cur.fetchone() == (7, "+01:00", pair[0].port)
+            assert "failed (restore:" in session_of(proxy, conn.thread_id())["waiting"]
+    finally:
+        relay.stop()
+
+
+def test_failover_timeout_closes_pinned_sessions(
+    pair: list[MariaDBServer], proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory([b.addr for b in pair], "failover-timeout = 1" + ADMIN_TOML)
+    pinned = proxy.connect()
+    free = proxy.connect()
+    with pinned.cursor() as cur:
+        cur.execute("SELECT @@port")
+        port = cur.fetchone()[0]
+        cur.execute("CREATE TEMPORARY TABLE keep_me (a INT)")
+    with free.cursor() as cur:
+        cur.execute("SELECT @@port")
+        if cur.fetchone()[0] != port:  # put both on the pinned one's backend
+            free.close()
+            free = proxy.connect()
+    addr = f"127.0.0.1:{port}"
+    proxy.api(f"/api/admin/backends/{addr}/drain", method="POST", body=b"")
+    time.sleep(2.5)
+    with pytest.raises(pymysql.err.OperationalError), pinned.cursor() as cur:
+        cur.execute("SELECT 1")
+    with free.cursor() as cur:
+        cur.execute("SELECT @@port")
+        assert cur.fetchone()[0] != port
+    assert "failover-timeout" in proxy.log() and "temporary tables: keep_me" in proxy.log()
+    free.close()
+
+
+def test_backend_removed_from_the_config_is_drained(
+    pair: list[MariaDBServer], proxy_factory: ProxyFactory
+) -> None:
+    proxy = proxy_factory([b.addr for b in pair], ADMIN_TOML)
+    conns = [proxy.connect() for _ in range(4)]
+    try:
+        status, body = proxy.api("/api/admin/config", method="PUT",
+                                 body=f'[proxy]\nbackend-addrs = ["{pair[0].addr}"]\n'.encode())
+        assert status == 200, body
+        deadline = time.monotonic() + 10
+        while {b["addr"] for b in proxy.backends()} != {pair[0].addr}:
+            assert time.monotonic() < deadline, proxy.backends()
+            time.sleep(0.05)
+        for c in conns:
+            with c.cursor() as cur:
+                cur.execute("SELECT @@port")
+                assert cur.fetchone()[0] == pair[0].port
+        # and back through the config file and SIGHUP, as an operator would reload it
+        text = proxy.config_path.read_text()
+        proxy.config_path.write_text(text.replace(
+            f'backend-addrs = ["{pair[0].addr}", "{pair[1].addr}"]',
+            f'backend-addrs = ["{pair[1].addr}"]'))
+        assert proxy.proc is not None
+        proxy.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while {b["addr"] for b in proxy.backends()} != {pair[1].addr}:
+            assert time.monotonic() < deadline, proxy.backends()
+            time.sleep(0.05)
+        for c in conns:
+            with c.cursor() as cur:
+                cur.execute("SELECT @@port")
+                assert cur.fetchone()[0] == pair[1].port
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_tiproxyctl_drain_sessions_redirect(mproxy: ProxyProcess, pair: list[MariaDBServer]) -> None:
+    ctl = [sys.executable, "-m", "tiproxy.cli.ctl", "--addr", f"127.0.0.1:{mproxy.api_port}"]
+    with mproxy.connect() as conn:
+        out = subprocess.run([*ctl, "sessions"], capture_output=True, text=True, check=True)
+        assert str(conn.thread_id()) in out.stdout and "app" in out.stdout
+        out = subprocess.run([*ctl, "backend", "drain", pair[0].addr], capture_output=True,
+                             text=True, check=True)
+        assert "draining" in out.stdout
+        out = subprocess.run([*ctl, "backends"], capture_output=True, text=True, check=True)
+        assert "draining" in out.stdout
+        subprocess.run([*ctl, "backend", "undrain", pair[0].addr], check=True,
+                       capture_output=True)
+        out = subprocess.run([*ctl, "redirect"], capture_output=True, text=True, check=True)
+        assert "1 sessions asked to move" in out.stdout
+        out = subprocess.run([*ctl, "backend", "drain", "127.0.0.1:1"], capture_output=True,
+                             text=True, check=False)
+        assert out.returncode == 1 and "unknown backend" in out.stderr

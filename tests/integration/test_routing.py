@@ -181,6 +181,9 @@ def test_kill_query_and_connection(backends: list[MariaDBServer], proxy_factory:
     with killer.cursor() as cur, pytest.raises(pymysql.err.OperationalError) as info:
         cur.execute("KILL 999999")
     assert info.value.args[0] == 1094
+    with killer.cursor() as cur, pytest.raises(pymysql.err.OperationalError) as info:
+        cur.execute(f"KILL {victim.thread_id()} + 0")  # never run on the backend's own ids
+    assert "plain number" in info.value.args[1]
     killer.kill(victim.thread_id())  # COM_PROCESS_KILL
     time.sleep(0.3)
     with pytest.raises(pymysql.err.OperationalError), victim.cursor() as cur:

@@ -17,6 +17,7 @@ from tiproxy.session.commands import (
     MAYBE_KILL_FIRST_BYTES,
     KillRequest,
     build_process_kill,
+    is_unmapped_kill,
     parse_kill_query,
     parse_process_kill,
     rewrite_change_user,
@@ -256,3 +257,22 @@ def test_change_user_truncated() -> None:
 
 def test_process_kill_id_is_little_endian() -> None:
     assert parse_process_kill(b"\x0c" + U32.pack(42)) == 42
+
+
+@pytest.mark.parametrize(
+    ("sql", "unmapped"),
+    [
+        (b"KILL 4+1", True),
+        (b"KILL '5'", True),
+        (b"KILL (5)", True),
+        (b"kill 0x5", True),
+        (b"/* c */ KILL 3+1", True),
+        (b"KILL 5", False),
+        (b"KILL USER app", False),
+        (b"KILL QUERY ID 5", False),
+        (b"KILL HARD QUERY ID 5", False),
+        (b"SELECT 'KILL 4+1'", False),
+    ],
+)
+def test_kill_the_proxy_cannot_map_is_recognised(sql: bytes, unmapped: bool) -> None:
+    assert is_unmapped_kill(sql) is unmapped

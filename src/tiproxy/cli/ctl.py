@@ -3,6 +3,9 @@
     tiproxyctl [--addr HOST:PORT] health
     tiproxyctl [--addr HOST:PORT] config get [--json]
     tiproxyctl [--addr HOST:PORT] backends
+    tiproxyctl [--addr HOST:PORT] backend drain|undrain ADDR
+    tiproxyctl [--addr HOST:PORT] sessions
+    tiproxyctl [--addr HOST:PORT] redirect
 
 It uses only the standard library (urllib) so it starts fast and needs no event loop. Every
 failure is one line on stderr and exit code 1.
@@ -14,6 +17,7 @@ import argparse
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
     get.set_defaults(command=_config_get)
     backends = sub.add_parser("backends", help="list the backends and their connections")
     backends.set_defaults(command=_backends)
+    backend = sub.add_parser("backend", help="drain or undrain one backend")
+    backend.add_argument("action", choices=("drain", "undrain"))
+    backend.add_argument("backend_addr", metavar="ADDR", help="the backend, host:port")
+    backend.set_defaults(command=_backend)
+    sessions = sub.add_parser("sessions", help="list the sessions, and why a move waits")
+    sessions.set_defaults(command=_sessions)
+    redirect = sub.add_parser("redirect", help="move every session to another backend")
+    redirect.set_defaults(command=_redirect)
     return parser
 
 
@@ -103,6 +115,35 @@ def _backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backend(args: argparse.Namespace) -> int:
+    path = f"/api/admin/backends/{urllib.parse.quote(args.backend_addr)}/{args.action}"
+    _request(args.addr, path, method="POST")
+    print(f"{args.backend_addr}: {'draining' if args.action == 'drain' else 'accepting sessions'}")
+    return 0
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    body = _get(args.addr, "/api/admin/sessions").json()
+    if not isinstance(body, list):
+        raise CtlError("the API answered /api/admin/sessions with something other than a list")
+    rows = [("ID", "USER", "CLIENT", "BACKEND", "MOVE", "WAITING")]
+    for item in body:
+        if not isinstance(item, dict):
+            raise CtlError("the API answered /api/admin/sessions with a malformed entry")
+        move = str(item.get("move_reason")) if item.get("moving") else ""
+        rows.append((str(item.get("id")), str(item.get("user")), str(item.get("client")),
+                     str(item.get("backend")), move, str(item.get("waiting") or "")))
+    print(format_table(rows))
+    return 0
+
+
+def _redirect(args: argparse.Namespace) -> int:
+    body = _request(args.addr, "/api/debug/redirect", method="POST").json()
+    count = body.get("sessions") if isinstance(body, dict) else "?"
+    print(f"{count} sessions asked to move")
+    return 0
+
+
 def format_table(rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns separated by two spaces; the first row is the header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -111,9 +152,14 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def _get(addr: str, path: str, ok: tuple[int, ...] = (200,)) -> Reply:
-    url = f"http://{addr}{path}"
+    return _request(addr, path, ok=ok)
+
+
+def _request(addr: str, path: str, method: str = "GET", ok: tuple[int, ...] = (200,)) -> Reply:
+    request = urllib.request.Request(f"http://{addr}{path}", method=method,
+                                     data=b"" if method != "GET" else None)
     try:
-        with urllib.request.urlopen(url, timeout=_TIMEOUT_SECONDS) as response:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_SECONDS) as response:  # noqa: S310 - http only
             reply = Reply(response.status, response.read(_MAX_RESPONSE_BYTES))
     except urllib.error.HTTPError as e:
         reply = Reply(e.code, e.read(_MAX_RESPONSE_BYTES))

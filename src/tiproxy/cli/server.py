@@ -8,9 +8,13 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tiproxy import __version__
 from tiproxy.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from tiproxy.net.server import ProxyServer
 
 log = logging.getLogger("tiproxy")
 
@@ -34,8 +38,12 @@ def install_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
-    """Run the proxy and its API until SIGINT/SIGTERM, then shut down gracefully."""
+async def serve(cfg: Config, config_path: Path | None = None) -> None:
+    """Run the proxy and its API until SIGINT/SIGTERM, then shut down gracefully.
+
+    SIGHUP reloads the config file (TiProxy watches its file; a signal is the Unix way): a bad
+    file is refused with the key and the reason, and the running config stays.
+    """
     from tiproxy.api.server import start_api  # noqa: PLC0415
     from tiproxy.net.server import ProxyServer  # noqa: PLC0415
 
@@ -47,8 +55,8 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
+    if config_path is not None:
+        loop.add_signal_handler(signal.SIGHUP, _reload, server, config_path)
     await stop.wait()
     log.info("shutting down")
     server.begin_shutdown()
@@ -56,6 +64,16 @@ async def serve(cfg: Config, ready: asyncio.Event | None = None) -> None:
         await asyncio.sleep(cfg.proxy.graceful_wait_before_shutdown)
     await server.stop()
     await api.close()
+
+
+def _reload(server: ProxyServer, path: Path) -> None:
+    try:
+        cfg = load_config(path)
+    except (ConfigError, OSError) as e:
+        log.error("config reload refused, keeping the running config: %s", e)  # noqa: TRY400
+        return
+    server.apply_config(cfg)
+    log.info("config reloaded from %s", path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log.level)
     install_event_loop()
     try:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, ns.config))
     except OSError as e:
         log.error("cannot start: %s", e)  # noqa: TRY400 - the reason is the message
         return 1

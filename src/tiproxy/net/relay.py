@@ -51,7 +51,13 @@ from tiproxy.protocol.packets import (
     parse_greeting,
 )
 from tiproxy.protocol.tracker import AUTH, EXPECT_BY_COMMAND, Expect, ResponseTracker
-from tiproxy.session.commands import parse_kill_query, parse_process_kill, rewrite_change_user
+from tiproxy.session.commands import (
+    MAYBE_KILL_FIRST_BYTES,
+    is_unmapped_kill,
+    parse_kill_query,
+    parse_process_kill,
+    rewrite_change_user,
+)
 from tiproxy.session.login import (
     FORCE_SWITCH_PLUGIN,
     Action,
@@ -445,13 +451,18 @@ class Session(SessionMoves):
         token: Any = cmd
         if cmd == _QUERY:
             sql = packet[5:]
-            kill = parse_kill_query(sql) if self._fast_kill_candidate(sql) else None
-            if kill is not None or self._begin_shortcut(sql):
+            maybe_kill = bool(sql) and sql[0] in MAYBE_KILL_FIRST_BYTES
+            kill = parse_kill_query(sql) if maybe_kill else None
+            if kill is not None or (maybe_kill and is_unmapped_kill(sql)):
                 if not tracker.idle:
                     return False
-                if kill is not None:
+                if kill is None:
+                    self._reply_err(ER_UNKNOWN_ERROR, "HY000", "TiProxy: KILL takes the "
+                                    "connection id as a plain number here")
+                else:
                     handle_kill(self, kill.connection_id, kill.query_only, kill.prefix)
-                    return True
+                return True
+            if self._begin_shortcut(sql):
                 return False  # the move runs first; the BEGIN follows on the new backend
             fx = statement_effects(sql) if may_change_state(packet[4:], True) else None
             if fx:
@@ -489,10 +500,6 @@ class Session(SessionMoves):
         self._counts[_NAMES[cmd]] += 1
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
-
-    @staticmethod
-    def _fast_kill_candidate(sql: bytes) -> bool:
-        return bool(sql) and sql[:1] in (b"K", b"k", b" ", b"\t", b"\n", b"\r", b"/")
 
     def _statement_command(self, packet: bytes, cmd: int) -> tuple[bytes, Any] | None:
         """Translate the statement id and record what the command does; None: nothing to send."""

@@ -66,6 +66,23 @@ def parse_kill_query(sql: bytes) -> KillRequest | None:
     return KillRequest(int(m.group("id")), what == b"QUERY", prefix)
 
 
+# KILL forms that name no connection id: KILL USER <name>, KILL [..] QUERY ID <query id>.
+_KILL_NO_ID = re.compile(rb"\A\s*KILL\s+(?:(?:HARD|SOFT)\s+)?(?:USER|QUERY\s+ID)\b", re.IGNORECASE)
+
+
+def is_unmapped_kill(sql: bytes) -> bool:
+    """A KILL whose target the proxy cannot map: an expression, a quoted or hex id. Such a
+    statement must not reach a backend, which would read the id as one of its own."""
+    if _KILL_WORD.search(sql) is None:
+        return False
+    text = _without_comments(sql)
+    if text is None:
+        text = sql
+    if not re.match(rb"\A\s*KILL\b", text, re.IGNORECASE):
+        return False
+    return _KILL_NO_ID.match(text) is None and _KILL.match(text) is None
+
+
 def _without_comments(sql: bytes) -> bytes | None:
     """The statement with its comments turned into spaces and its executable comments into their
     text, as the server reads it; None if it holds a quoted string, which no KILL <id> does.

@@ -19,11 +19,12 @@ import re
 from dataclasses import dataclass
 
 from tiproxy.protocol.codec import Buffer
+from tiproxy.session.commands import MAYBE_KILL_FIRST_BYTES
 
 # First bytes of statements that may change what the proxy tracks (CREATE, DROP, LOCK, UNLOCK,
-# PREPARE, DEALLOCATE, KILL, HANDLER, BEGIN, START, XA) or that hide their first keyword behind
-# whitespace or a comment.
-_FIRST_BYTES = frozenset(b"CcDdLlUuPpKkHhBbSsXx \t\r\n/#-(")
+# PREPARE, DEALLOCATE, KILL, HANDLER, XA) or that hide their first keyword behind whitespace or a
+# comment. BEGIN and START matter only while a move is due, when every statement is looked at.
+_FIRST_BYTES = frozenset(b"CcDdLlUuPpHhXx") | MAYBE_KILL_FIRST_BYTES
 _LOCK_MARKS = (b"_lock", b"_LOCK", b"_Lock")  # GET_LOCK, RELEASE_LOCK, RELEASE_ALL_LOCKS
 
 _LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
