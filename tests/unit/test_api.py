@@ -60,7 +60,9 @@ class FakeView:
 def _view() -> FakeView:
     return FakeView(
         backend_list=[
-            BackendView("127.0.0.1:3306", "healthy", 4, {"Query": 12, "StmtExecute": 3}),
+            BackendView("127.0.0.1:3306", "healthy", 4, {"Query": 12, "StmtExecute": 3},
+                        sources=["static"], labels={"zone": "east"}, score=4.0,
+                        threads_running=1.5, queries_per_second=20.0),
             BackendView("127.0.0.1:3307", "down", 0, {}, last_error="connection refused"),
             BackendView("127.0.0.1:3308", "draining", 3, {"Query": 1}, drained_by=["drained"]),
         ]
@@ -142,14 +144,15 @@ def test_backends_list() -> None:
         async with session.get(f"{base}/api/admin/backends") as r:
             assert r.status == 200
             body = await r.json()
-        assert body == [
-            {"addr": "127.0.0.1:3306", "status": "healthy", "connections": 4,
-             "drained_by": [], "last_error": ""},
-            {"addr": "127.0.0.1:3307", "status": "down", "connections": 0,
-             "drained_by": [], "last_error": "connection refused"},
-            {"addr": "127.0.0.1:3308", "status": "draining", "connections": 3,
-             "drained_by": ["drained"], "last_error": ""},
+        assert [(b["addr"], b["status"], b["connections"], b["drained_by"], b["last_error"])
+                for b in body] == [
+            ("127.0.0.1:3306", "healthy", 4, [], ""),
+            ("127.0.0.1:3307", "down", 0, [], "connection refused"),
+            ("127.0.0.1:3308", "draining", 3, ["drained"], ""),
         ]
+        assert body[0]["labels"] == {"zone": "east"} and body[0]["score"] == 4.0
+        assert body[0]["load"] == {"threads_running": 1.5, "queries_per_second": 20.0}
+        assert body[0]["sources"] == ["static"]
 
     _serve(_view(), check)
 
@@ -161,7 +164,7 @@ def test_sessions_say_why_they_wait() -> None:
             body = await r.json()
         assert body == [{"id": 3, "user": "app", "client": "127.0.0.1:5000",
                          "backend": "127.0.0.1:3308", "moving": True, "move_reason": "drained",
-                         "waiting": "pinned: LOCK TABLES"}]
+                         "waiting": "pinned: LOCK TABLES", "moves": 0}]
 
     _serve(_view(), check)
 

@@ -7,7 +7,7 @@ processes (the view then sums what the workers report) without the API changing.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from tiproxy.config import Config
@@ -21,6 +21,13 @@ class BackendView:
     query_counts: Mapping[str, int]  # cmd_type (e.g. "Query", "StmtExecute") -> queries run here
     drained_by: Sequence[str] = ()  # why it is draining: "drained", "fail-backend-list", ...
     last_error: str = ""  # why it is down
+    sources: Sequence[str] = ()  # "static", "etcd", "dns"
+    health: str = ""  # why the health checks say it is unhealthy; "" when healthy
+    labels: Mapping[str, str] = field(default_factory=dict)
+    namespace: str = ""
+    score: float = 0.0  # lower is better: new sessions go to the lowest
+    threads_running: float = 0.0
+    queries_per_second: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class SessionView:
     moving: bool  # a move is requested and not done yet
     move_reason: str
     waiting: str  # why it has not moved yet, or why it could not move now ("pinned: ...")
+    moves: int = 0  # how many times it has moved
 
 
 @dataclass(frozen=True)

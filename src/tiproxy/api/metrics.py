@@ -47,6 +47,7 @@ class ProxyCollector(Collector):
         yield _query_totals(backends)
         yield _backend_status(backends)
         yield _backend_connections(backends)
+        yield _backend_scores(backends)
         yield from _migrations(self._view.migration_stats())
 
 
@@ -75,6 +76,16 @@ def _backend_connections(backends: list[BackendView]) -> Metric:
     )
     for b in backends:
         family.add_metric([b.addr], b.connections)
+    return family
+
+
+def _backend_scores(backends: list[BackendView]) -> Metric:
+    family = GaugeMetricFamily(
+        "tiproxy_balance_b_score", "Score of backends (lower takes new sessions first).",
+        labels=["backend"],
+    )
+    for b in backends:
+        family.add_metric([b.addr], b.score)
     return family
 
 

@@ -128,7 +128,11 @@ async def _backends(request: web.Request) -> web.Response:
     backends = request.app[_VIEW].backends()
     body = [
         {"addr": b.addr, "status": b.status, "connections": b.connections,
-         "drained_by": list(b.drained_by), "last_error": b.last_error}
+         "drained_by": list(b.drained_by), "last_error": b.last_error,
+         "sources": list(b.sources), "health": b.health, "labels": dict(b.labels),
+         "namespace": b.namespace, "score": b.score,
+         "load": {"threads_running": b.threads_running,
+                  "queries_per_second": b.queries_per_second}}
         for b in backends
     ]
     return web.json_response(body, dumps=_dumps)

@@ -1,13 +1,17 @@
 """Which backend a session goes to, and which backends sessions must leave.
 
-New sessions go to the backend with the fewest sessions among those that accept. A backend that
-refused a connection, or whose greeting was an error, is skipped until its retry time; the delay
-doubles with each failure in a row (up to a minute) and resets on success, so a dead backend
-costs one failed connect per period, not one per client.
+Backends come from discovery sources (the static list, etcd, DNS); each source hands over its
+complete set and the router merges them. A backend that no source lists any more drains and is
+forgotten once its last session has left. A backend drains too when it is in `[proxy]
+fail-backend-list`, was drained through the API, or its health checks failed: it gets no new
+sessions and its sessions move away at their next safe point.
 
-A backend is draining when it is in `[proxy] fail-backend-list`, was drained through the API, or
-left the configured list: it gets no new sessions and its sessions move away at their next safe
-point. A removed backend is forgotten once its last session has left.
+New sessions go to the best backend of their namespace by the factors in priority order (the
+`[balance] policy` decides which apply): health (draining and down backends are out), location
+(a backend whose `label-name` label matches the proxy's own), load (sampled from the backend's
+status counters), then the number of sessions. Load counts in coarse steps so that noise in a
+sample does not reorder backends. A backend that refused a connection is skipped until its retry
+time; the delay doubles with each failure in a row (up to a minute).
 """
 
 from __future__ import annotations
@@ -15,18 +19,37 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from tiproxy.discovery.base import DiscoveredBackend
 from tiproxy.protocol.packets import Greeting
+
+if TYPE_CHECKING:
+    from tiproxy.config import Config
 
 log = logging.getLogger("tiproxy.router")
 
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
+LOAD_STEP = 2.0  # threads running per step of the load factor
 
 DRAIN_API = "drained"
 DRAIN_FAIL_LIST = "fail-backend-list"
-DRAIN_REMOVED = "removed from config"
+DRAIN_REMOVED = "removed"
+DRAIN_UNHEALTHY = "unhealthy"
+
+DEFAULT_NAMESPACE = ""
+
+
+@dataclass
+class Load:
+    """What the last health check read from the backend's status counters."""
+
+    threads_running: float = 0.0  # smoothed, the check's own thread not counted
+    queries_per_second: float = 0.0
+    sampled: bool = False
 
 
 @dataclass
@@ -34,11 +57,16 @@ class Backend:
     addr: str
     host: str
     port: int
+    namespace: str = DEFAULT_NAMESPACE
+    sources: dict[str, DiscoveredBackend] = field(default_factory=dict)
+    static_labels: Mapping[str, str] = field(default_factory=dict)
     connections: int = 0
-    failures: int = 0
+    failures: int = 0  # failed connects in a row (sessions' and checks')
     retry_at: float = 0.0
     last_error: str = ""
+    health: str = ""  # why the checks say it is unhealthy; "" when healthy
     drained_by: set[str] = field(default_factory=set)  # the reasons it is draining
+    load: Load = field(default_factory=Load)
     query_counts: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -51,9 +79,30 @@ class Backend:
 
     @property
     def status(self) -> str:
+        if DRAIN_UNHEALTHY in self.drained_by:
+            return "unhealthy"
         if self.draining:
             return "draining"
         return "down" if self.down else "healthy"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for found in self.sources.values():
+            merged.update(found.labels)
+        merged.update(self.static_labels)
+        return merged
+
+    @property
+    def status_port(self) -> int | None:
+        for found in self.sources.values():
+            if found.status_port:
+                return found.status_port
+        return None
+
+    @property
+    def load_step(self) -> int:
+        return int(self.load.threads_running // LOAD_STEP)
 
 
 def split_addr(addr: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -63,28 +112,58 @@ def split_addr(addr: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
 
 
 class Router:
-    def __init__(self, addrs: list[str], fail_list: tuple[str, ...] = ()) -> None:
+    def __init__(self) -> None:
         self.backends: dict[str, Backend] = {}
         self.template: Greeting | None = None  # the last greeting a backend sent
-        self.set_backends(addrs)
-        self.set_fail_list(fail_list)
+        self.policy = "resource"
+        self.label_name = ""
+        self.own_labels: Mapping[str, str] = {}
+        self.user_namespaces: dict[str, str] = {}  # user -> namespace
+        self.static_labels: dict[str, Mapping[str, str]] = {}
+        self._fail_list: tuple[str, ...] = ()
+        self._namespace_of: dict[str, str] = {}  # backend addr -> namespace
 
-    def set_backends(self, addrs: list[str]) -> None:
-        """The configured list changed: new ones join; those gone drain, then are forgotten."""
-        for addr in addrs:
+    # -- configuration ----------------------------------------------------------------------
+
+    def configure(self, cfg: Config) -> None:
+        """Policy, labels, namespaces and the fail list from a (re)loaded config."""
+        self.policy = cfg.balance.policy
+        self.label_name = cfg.balance.label_name
+        self.own_labels = dict(cfg.labels)
+        self.user_namespaces = {u: n.name for n in cfg.namespaces for u in n.users}
+        self._namespace_of = {a: n.name for n in cfg.namespaces for a in n.backend_addrs}
+        self.static_labels = {b.addr: b.labels for b in cfg.proxy.backend_labels}
+        for backend in self.backends.values():
+            backend.namespace = self._namespace_of.get(backend.addr, DEFAULT_NAMESPACE)
+            backend.static_labels = self.static_labels.get(backend.addr, {})
+        self.set_fail_list(cfg.proxy.fail_backend_list)
+
+    def update(self, source: str, found: Mapping[str, DiscoveredBackend]) -> None:
+        """A discovery source's complete set (BackendSink)."""
+        for addr, info in found.items():
             backend = self.backends.get(addr)
             if backend is None:
                 host, port = split_addr(addr)
-                self.backends[addr] = Backend(addr, host, port)
-            else:
+                backend = Backend(addr, host, port,
+                                  namespace=self._namespace_of.get(addr, DEFAULT_NAMESPACE),
+                                  static_labels=self.static_labels.get(addr, {}))
+                if addr in self._fail_list:
+                    backend.drained_by.add(DRAIN_FAIL_LIST)
+                self.backends[addr] = backend
+                log.info("backend %s joined (from %s)", addr, source)
+            backend.sources[source] = info
+            if DRAIN_REMOVED in backend.drained_by:
                 backend.drained_by.discard(DRAIN_REMOVED)
+                log.info("backend %s is back (from %s)", addr, source)
         for addr, backend in self.backends.items():
-            if addr not in addrs and DRAIN_REMOVED not in backend.drained_by:
+            if addr not in found and backend.sources.pop(source, None) is not None \
+                    and not backend.sources:
                 backend.drained_by.add(DRAIN_REMOVED)
-                log.info("backend %s left the config: draining", addr)
+                log.info("backend %s left %s: draining", addr, source)
         self.forget_empty()
 
     def set_fail_list(self, addrs: tuple[str, ...]) -> None:
+        self._fail_list = addrs
         for addr, backend in self.backends.items():
             if addr in addrs:
                 backend.drained_by.add(DRAIN_FAIL_LIST)
@@ -100,19 +179,54 @@ class Router:
         log.info("backend %s %s", addr, "drained" if drain else "undrained")
         return backend
 
+    def set_health(self, backend: Backend, problem: str) -> None:
+        """The checks' verdict: "" healthy, else why not. Unhealthy backends drain."""
+        if problem and not backend.health:
+            log.warning("backend %s unhealthy: %s", backend.addr, problem)
+        elif backend.health and not problem:
+            log.info("backend %s healthy again", backend.addr)
+        backend.health = problem
+        if problem:
+            backend.drained_by.add(DRAIN_UNHEALTHY)
+        else:
+            backend.drained_by.discard(DRAIN_UNHEALTHY)
+
     def forget_empty(self) -> None:
         for addr in [a for a, b in self.backends.items()
                      if DRAIN_REMOVED in b.drained_by and b.connections <= 0]:
             del self.backends[addr]
 
-    def candidates(self, exclude: Backend | None = None) -> list[Backend]:
-        """Backends to try for a session, best first."""
+    # -- choosing -----------------------------------------------------------------------------
+
+    def namespace_of_user(self, user: str) -> str:
+        return self.user_namespaces.get(user, DEFAULT_NAMESPACE)
+
+    def candidates(self, exclude: Backend | None = None,
+                   namespace: str | None = DEFAULT_NAMESPACE) -> list[Backend]:
+        """Backends to try for a session of `namespace` (None: any), best first."""
         now = time.monotonic()
         ready = [
             b for b in self.backends.values()
-            if b is not exclude and not b.draining and (not b.failures or now >= b.retry_at)
+            if b is not exclude and namespace in (None, b.namespace) and not b.draining
+            and (not b.failures or now >= b.retry_at)
         ]
-        return sorted(ready, key=lambda b: (b.connections, b.failures))
+        return sorted(ready, key=self.score_key)
+
+    def score_key(self, b: Backend) -> tuple[int, int, int, int]:
+        """Lower is better: (location, load, connections, failures)."""
+        location = 0
+        if self.label_name and self.policy in ("resource", "location"):
+            want = self.own_labels.get(self.label_name)
+            location = 0 if want is None or b.labels.get(self.label_name) == want else 1
+        load = b.load_step if self.policy == "resource" else 0
+        return location, load, b.connections, b.failures
+
+    def score(self, b: Backend) -> float:
+        """One number for the API and tiproxy_balance_b_score: lower is better."""
+        location, load, connections, _ = self.score_key(b)
+        return location * 1_000_000 + load * 1_000 + connections
+
+    # -- connect results ------------------------------------------------------------------------
 
     def succeeded(self, backend: Backend, greeting: Greeting | None) -> None:
         backend.failures = 0

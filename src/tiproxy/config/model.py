@@ -16,6 +16,7 @@ from typing import Any
 
 from tiproxy.config.values import (
     Check,
+    ItemError,
     all_of,
     check_backend_name,
     check_dial_addr,
@@ -93,6 +94,90 @@ _CONN_BUFFER_SIZE = rules(check=zero_or_range(_MIN_CONN_BUFFER_SIZE, _MAX_CONN_B
 
 
 @dataclass(frozen=True)
+class BackendLabels:
+    """Labels of one statically listed backend (TiDB's come from its topology instead)."""
+
+    addr: str
+    labels: Mapping[str, str]
+
+
+def _decode_backend_labels(raw: object) -> tuple[BackendLabels, ...]:
+    """`[proxy.backend-labels]` "host:port" = { zone = "east" }."""
+    if not isinstance(raw, dict):
+        raise TypeError('a table of "host:port" = { label = "value" }')
+    out = []
+    for addr, labels in raw.items():
+        try:
+            check_dial_addr(addr)
+        except ValueError as e:
+            raise ItemError(f".{addr}", str(e)) from None
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise ItemError(f".{addr}", "expected a table of strings")
+        out.append(BackendLabels(addr, FrozenMap(labels)))
+    return tuple(out)
+
+
+def _encode_backend_labels(value: tuple[BackendLabels, ...]) -> dict[str, dict[str, str]]:
+    return {b.addr: dict(b.labels) for b in value}
+
+
+@dataclass(frozen=True)
+class NamespaceConfig:
+    """Ours, in the spirit of TiProxy's namespaces: these users go to these backends only."""
+
+    name: str
+    users: tuple[str, ...]
+    backend_addrs: tuple[str, ...]
+
+
+def _decode_namespaces(raw: object) -> tuple[NamespaceConfig, ...]:
+    """`[namespaces.NAME]` users = [...], backend-addrs = [...]."""
+    if not isinstance(raw, dict):
+        raise TypeError("a table of namespaces")
+    out = []
+    seen_users: set[str] = set()
+    for name, table in raw.items():
+        if not isinstance(table, dict) or set(table) - {"users", "backend-addrs"}:
+            raise ItemError(f".{name}", "expected a table with users and backend-addrs")
+        users, addrs = table.get("users", []), table.get("backend-addrs", [])
+        for key, values in (("users", users), ("backend-addrs", addrs)):
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise ItemError(f".{name}.{key}", "expected a list of strings")
+        for i, addr in enumerate(addrs):
+            try:
+                check_dial_addr(addr)
+            except ValueError as e:
+                raise ItemError(f".{name}.backend-addrs[{i}]", str(e)) from None
+        if not addrs:
+            raise ItemError(f".{name}.backend-addrs", "a namespace needs backends")
+        for user in users:
+            if user in seen_users:
+                raise ItemError(f".{name}.users", f"user {user!r} is in two namespaces")
+            seen_users.add(user)
+        out.append(NamespaceConfig(name, tuple(users), tuple(addrs)))
+    return tuple(out)
+
+
+def _encode_namespaces(value: tuple[NamespaceConfig, ...]) -> dict[str, dict[str, list[str]]]:
+    return {n.name: {"users": list(n.users), "backend-addrs": list(n.backend_addrs)}
+            for n in value}
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Ours: how backends are checked. A check connects, reads the greeting and, with
+    `[security] auth-sync-user`, logs in and reads the status counters (Galera state, load)."""
+
+    enable: bool = True
+    interval: float = field(default=3.0, metadata=DURATION)
+    timeout: float = field(default=2.0, metadata=DURATION)
+    failure_threshold: int = field(default=3, metadata=COUNT)  # failures in a row: unhealthy
+    success_threshold: int = field(default=2, metadata=COUNT)  # successes in a row: healthy
+
+
+@dataclass(frozen=True)
 class KeepAliveConfig:
     """TCP keep-alive of one side; idle, cnt and intvl apply only while the connection is idle."""
 
@@ -125,6 +210,11 @@ class ProxyConfig:
     graceful_close_conn_timeout: int = field(default=15, metadata=COUNT)  # seconds
     fail_backend_list: tuple[str, ...] = field(default=(), metadata=_BACKEND_NAMES)
     failover_timeout: int = field(default=60, metadata=COUNT)  # seconds
+    # Ours: DNS names ("name:port") re-resolved every dns-interval, one backend per address.
+    backend_dns: tuple[str, ...] = field(default=(), metadata=_ADDR_LIST)
+    dns_interval: float = field(default=5.0, metadata=DURATION)
+    backend_labels: tuple[BackendLabels, ...] = field(
+        default=(), metadata=rules(decode=_decode_backend_labels, encode=_encode_backend_labels))
 
     @property
     def listen_addrs(self) -> tuple[str, ...]:
@@ -271,3 +361,6 @@ class Config:
     security: SecurityConfig = field(default=SecurityConfig())
     balance: BalanceConfig = field(default=BalanceConfig())
     labels: Mapping[str, str] = field(default=FrozenMap())  # e.g. zone = "z1"
+    health: HealthConfig = field(default=HealthConfig())
+    namespaces: tuple[NamespaceConfig, ...] = field(
+        default=(), metadata=rules(decode=_decode_namespaces, encode=_encode_namespaces))

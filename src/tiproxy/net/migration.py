@@ -73,12 +73,17 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
         new = await BackendLeg.open(target.host, target.port)
     except Exception as e:
         raise MigrationError("connect", _why(e), old_intact=_reattach(old, session)) from e
+    step = "login"
     try:
         connection_id, status = await _login(session, new, captured)
+        step = "restore"
         stmt_ids = await _restore(session, new, captured, deprecate_eof)
-    except Exception as e:
+    except BaseException as e:
         new.abort()
-        raise MigrationError("restore", _why(e), old_intact=_reattach(old, session)) from e
+        intact = _reattach(old, session)
+        if not isinstance(e, Exception):
+            raise  # cancelled: the session is closing
+        raise MigrationError(step, _why(e), old_intact=intact) from e
     return MoveResult(new, connection_id, status, stmt_ids)
 
 
@@ -131,6 +136,8 @@ async def _login(session: Session, leg: BackendLeg, captured: _Captured) -> tupl
         caps = caps | Capability.CONNECT_WITH_DB if database else caps & ~Capability.CONNECT_WITH_DB
     if session.dialect == "tidb":
         plugin, auth = TIDB_TOKEN_PLUGIN, captured.tidb_token
+        if len(auth) > 250:  # a token of ~500 bytes needs a length-encoded length, as TiProxy
+            caps |= Capability.PLUGIN_AUTH_LENENC_CLIENT_DATA  # sends it; TiDB reads the flag
     else:
         stage1 = session.credential
         if stage1 is None:

@@ -69,6 +69,9 @@ class SessionMoves:
         self._move: MoveRequest | None = None
         self._moving = False
         self._move_task: asyncio.Task[None] | None = None
+        self.balanced_at = float("-inf")  # when the rebalance loop last moved this session
+        self.moves = 0
+        self.namespace = ""
 
     def hold_input(self, reason: str) -> None:
         raise NotImplementedError
@@ -97,6 +100,11 @@ class SessionMoves:
     def move_request(self) -> MoveRequest | None:
         return self._move
 
+    @property
+    def moving(self) -> bool:
+        """A move is asked for or under way."""
+        return self._move is not None
+
     def wait_reason(self) -> str:
         """Why the session cannot move right now; "" at a safe point."""
         tracker = self.tracker
@@ -122,7 +130,8 @@ class SessionMoves:
             return False
         target = move.target
         if target is None or target.draining or target is self.backend:
-            choices = self.server.router.candidates(exclude=self.backend)
+            choices = self.server.router.candidates(exclude=self.backend,
+                                                    namespace=self.namespace)
             target = choices[0] if choices else None
         if target is None:
             move.waiting = "no backend to move to"
@@ -161,6 +170,7 @@ class SessionMoves:
                         target.addr, e)
         else:
             self._swap(result, target)
+            self.moves += 1
             self.server.record_migration(source.addr, target.addr, move.reason, True,
                                          time.monotonic() - started)
             log.info("session %d moved %s -> %s (%s) in %.1f ms", self.id, source.addr,
@@ -219,7 +229,7 @@ class SessionMoves:
         if reason:
             move.waiting = reason
             return False
-        choices = self.server.router.candidates(exclude=self.backend)
+        choices = self.server.router.candidates(exclude=self.backend, namespace=self.namespace)
         target = move.target if move.target is not None and not move.target.draining else (
             choices[0] if choices else None)
         if target is None:

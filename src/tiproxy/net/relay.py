@@ -202,7 +202,7 @@ class Session(SessionMoves):
 
     async def _probe_template(self) -> None:
         """No backend has greeted the proxy yet: connect to one to learn what to greet with."""
-        for backend in self.server.router.candidates():
+        for backend in self.server.router.candidates(namespace=None):
             try:
                 leg = await BackendLeg.open(backend.host, backend.port)
                 try:
@@ -258,7 +258,8 @@ class Session(SessionMoves):
         assert self.login is not None
         login = self.login
         router = self.server.router
-        for backend in router.candidates():
+        self.namespace = router.namespace_of_user(self.user)
+        for backend in router.candidates(namespace=self.namespace):
             if self.phase == CLOSED:
                 return
             leg: BackendLeg | None = None

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tiproxy.api.interface import BackendView, MigrationStats, SessionView
+from tiproxy.balance.balancer import Rebalancer
+from tiproxy.balance.health import HealthChecker
 from tiproxy.balance.router import DRAIN_REMOVED, Router, split_addr
+from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
 from tiproxy.net.admin import AdminConnection
 from tiproxy.net.relay import COMMAND, ClientLeg
 from tiproxy.protocol.errors import ProtocolError, SQLError
@@ -60,7 +63,12 @@ class ProxyServer:
 
     def __init__(self, cfg: Config) -> None:
         self._config = cfg
-        self.router = Router(list(cfg.proxy.backend_addrs), cfg.proxy.fail_backend_list)
+        self.router = Router()
+        self._configure_router(cfg)
+        self.health = HealthChecker(self.router, cfg)
+        self.rebalancer = Rebalancer(self.router, cfg)
+        self._sources: dict[str, tuple[tuple[str, ...], asyncio.Task[None]]] = {}
+        self.source_errors: dict[str, DiscoverySource] = {}
         self.sessions: dict[int, Session] = {}
         self.credentials = CredentialStore()
         self._next_id = 0
@@ -90,7 +98,9 @@ class ProxyServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.port = self.port or server.sockets[0].getsockname()[1]
             log.info("proxy listening on %s:%d", host, server.sockets[0].getsockname()[1])
-        self._tasks = [loop.create_task(self._maintain()), loop.create_task(self._sync_loop())]
+        self._tasks = [loop.create_task(self._maintain()), loop.create_task(self._sync_loop()),
+                       loop.create_task(self.health.run())]
+        self._start_sources()
         if self._config.security.auth_sync_user:
             self._sync_now.set()  # the first sync at once: sessions need hashes to move
 
@@ -100,7 +110,7 @@ class ProxyServer:
 
     async def stop(self) -> None:
         self._shutting_down = True
-        for task in self._tasks:
+        for task in [*self._tasks, *(task for _, task in self._sources.values())]:
             task.cancel()
         for server in self._servers:
             server.close()
@@ -113,12 +123,45 @@ class ProxyServer:
         """A reloaded config: the backend list and the fail list take effect at once."""
         old = self._config
         self._config = cfg
-        self.router.set_backends(list(cfg.proxy.backend_addrs))
-        self.router.set_fail_list(cfg.proxy.fail_backend_list)
+        self.health.config = cfg
+        self.rebalancer.config = cfg
+        self._configure_router(cfg)
+        self._start_sources()
         if cfg.security.users_file and cfg.security.users_file != old.security.users_file:
             self._load_users_file(cfg.security.users_file)
         self._sync_now.set()
         self._drain_sessions()
+
+    def _configure_router(self, cfg: Config) -> None:
+        self.router.configure(cfg)
+        static = list(cfg.proxy.backend_addrs) + [a for n in cfg.namespaces
+                                                  for a in n.backend_addrs]
+        self.router.update("static", {a: DiscoveredBackend(a) for a in static})
+
+    def _start_sources(self) -> None:
+        """etcd from `[proxy] pd-addrs`, DNS from `backend-dns`: started, or restarted when
+        their settings change."""
+        proxy = self._config.proxy
+        wanted: dict[str, tuple[tuple[str, ...], DiscoverySource | None]] = {
+            "etcd": (proxy.pd_addrs, _etcd(proxy.pd_addrs) if proxy.pd_addrs else None),
+            "dns": ((*proxy.backend_dns, str(proxy.dns_interval)),
+                    _dns(proxy.backend_dns, proxy.dns_interval) if proxy.backend_dns
+                    else None),
+        }
+        loop = asyncio.get_running_loop()
+        for name, (settings, source) in wanted.items():
+            running = self._sources.get(name)
+            if running is not None and running[0] == settings:
+                continue
+            if running is not None:
+                running[1].cancel()
+                del self._sources[name]
+                self.source_errors.pop(name, None)
+                if source is None:
+                    self.router.update(name, {})
+            if source is not None:
+                self._sources[name] = (settings, loop.create_task(source.run(self.router)))
+                self.source_errors[name] = source
 
     def _load_users_file(self, path: str) -> None:
         try:
@@ -180,9 +223,13 @@ class ProxyServer:
         self._durations.observe(seconds)
 
     async def _maintain(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
+            ticks += 1
             self._drain_sessions()
+            if ticks % 2 == 0:
+                self.rebalancer.tick(s for s in self.sessions.values() if s.phase == COMMAND)
             timeout = self._config.proxy.failover_timeout
             now = time.monotonic()
             for session in list(self.sessions.values()):
@@ -261,8 +308,13 @@ class ProxyServer:
 
     def backends(self) -> list[BackendView]:
         return [
-            BackendView(b.addr, b.status, b.connections, dict(b.query_counts),
-                        sorted(b.drained_by), b.last_error if b.down else "")
+            BackendView(
+                b.addr, b.status, b.connections, dict(b.query_counts), sorted(b.drained_by),
+                b.last_error if b.down else "", sources=sorted(b.sources), health=b.health,
+                labels=b.labels, namespace=b.namespace, score=self.router.score(b),
+                threads_running=b.load.threads_running,
+                queries_per_second=b.load.queries_per_second,
+            )
             for b in self.router.backends.values()
         ]
 
@@ -278,7 +330,7 @@ class ProxyServer:
                 id=s.id, user=s.user, client=s.peer,
                 backend=s.backend.addr if s.backend else "",
                 moving=move is not None, move_reason=move.reason if move else "",
-                waiting=waiting,
+                waiting=waiting, moves=s.moves,
             ))
         return views
 
@@ -292,6 +344,18 @@ class ProxyServer:
     def backend_addr_known(self, addr: str) -> bool:
         return addr in self.router.backends and \
             DRAIN_REMOVED not in self.router.backends[addr].drained_by
+
+
+def _etcd(endpoints: tuple[str, ...]) -> DiscoverySource:
+    from tiproxy.discovery.etcd import EtcdTopology  # noqa: PLC0415 - only when configured
+
+    return EtcdTopology(endpoints)
+
+
+def _dns(names: tuple[str, ...], interval: float) -> DiscoverySource:
+    from tiproxy.discovery.dns import DNSNames  # noqa: PLC0415 - only when configured
+
+    return DNSNames(names, interval)
 
 
 def _text(value: bytes | None) -> str:

@@ -1,0 +1,168 @@
+"""Health checks: is each backend fit to take sessions, and how loaded is it.
+
+Every `[health] interval` each backend is checked once; a check still running when the next is
+due is not doubled (a hung backend cannot pile checks up), and each has `timeout` to finish.
+A check must:
+- accept a TCP connection and send its greeting (a SIGSTOPped server accepts but never greets);
+- with `[security] auth-sync-user`, log in and answer SHOW GLOBAL STATUS: a MariaDB Galera node
+  must be `wsrep_ready = ON` and Synced (`wsrep_local_state = 4`), since a joining, donor or
+  desynced node refuses or delays queries; Threads_running and the Questions rate give the load;
+- for TiDB (a status port in its topology), answer `GET /status` on the status port.
+`failure-threshold` failures in a row mark a backend unhealthy (it gets no new sessions and its
+sessions move away while it still answers); `success-threshold` successes mark it healthy again.
+The checks run in the event loop but never touch the data path: they are separate connections
+with their own timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from tiproxy.balance.router import Backend, Router
+from tiproxy.net.admin import AdminConnection
+from tiproxy.net.backend import BackendLeg
+from tiproxy.net.channel import sql_error
+from tiproxy.protocol.errors import ProtocolError, SQLError
+from tiproxy.protocol.packets import parse_greeting
+
+if TYPE_CHECKING:
+    from tiproxy.config import Config
+
+log = logging.getLogger("tiproxy.health")
+
+STATUS_SQL = ("SHOW GLOBAL STATUS WHERE Variable_name IN "
+              "('wsrep_ready', 'wsrep_local_state', 'wsrep_local_state_comment', "
+              "'Threads_running', 'Questions')")
+WSREP_ON_SQL = "SHOW GLOBAL VARIABLES WHERE Variable_name = 'wsrep_on'"
+GALERA_SYNCED = "4"
+SMOOTHING = 0.5  # weight of the newest load sample
+
+
+@dataclass
+class _Streak:
+    failures: int = 0
+    successes: int = 0
+    questions: float = -1.0
+    questions_at: float = 0.0
+
+
+class HealthChecker:
+    def __init__(self, router: Router, config: Config) -> None:
+        self.router = router
+        self.config = config
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._streaks: dict[str, _Streak] = {}
+
+    async def run(self) -> None:
+        while True:
+            health = self.config.health
+            if health.enable:
+                self.check_all()
+            await asyncio.sleep(health.interval or 3.0)
+
+    def check_all(self) -> None:
+        for addr in list(self._streaks):
+            if addr not in self.router.backends:
+                del self._streaks[addr]
+        for backend in list(self.router.backends.values()):
+            task = self._running.get(backend.addr)
+            if task is not None and not task.done():
+                continue  # still checking: a hung backend gets one check at a time
+            self._running[backend.addr] = asyncio.get_running_loop().create_task(
+                self._check(backend))
+
+    async def _check(self, backend: Backend) -> None:
+        streak = self._streaks.setdefault(backend.addr, _Streak())
+        health = self.config.health
+        try:
+            problem = await asyncio.wait_for(self._probe(backend, streak), health.timeout)
+        except TimeoutError:
+            problem = f"no answer within {health.timeout:g}s"
+        except (OSError, ProtocolError, SQLError, aiohttp.ClientError) as e:
+            problem = str(e) or type(e).__name__
+        if problem:
+            streak.failures += 1
+            streak.successes = 0
+            if streak.failures >= health.failure_threshold:
+                self.router.set_health(backend, problem)
+        else:
+            streak.successes += 1
+            streak.failures = 0
+            if backend.health and streak.successes >= health.success_threshold:
+                self.router.set_health(backend, "")
+
+    async def _probe(self, backend: Backend, streak: _Streak) -> str:
+        security = self.config.security
+        if security.auth_sync_user:
+            conn = await AdminConnection.open(backend.host, backend.port,
+                                              security.auth_sync_user,
+                                              security.auth_sync_password)
+            try:
+                problem = await self._status(conn, backend, streak)
+            finally:
+                conn.close()
+        else:
+            problem = await _greets(backend)
+        if not problem and backend.status_port:
+            problem = await _tidb_status(backend.host, backend.status_port)
+        return problem
+
+    async def _status(self, conn: AdminConnection, backend: Backend, streak: _Streak) -> str:
+        status = {_text(r[0]).lower(): _text(r[1]) for r in await conn.query(STATUS_SQL)}
+        wsrep = {_text(r[0]).lower(): _text(r[1]) for r in await conn.query(WSREP_ON_SQL)}
+        _sample_load(backend, streak, status)
+        if wsrep.get("wsrep_on", "OFF").upper() != "ON":
+            return ""
+        ready = status.get("wsrep_ready", "OFF")
+        state = status.get("wsrep_local_state", "?")
+        if ready.upper() != "ON" or state != GALERA_SYNCED:
+            comment = status.get("wsrep_local_state_comment", "")
+            return f"galera node not synced: wsrep_ready={ready}, " \
+                   f"wsrep_local_state={state} ({comment})"
+        return ""
+
+
+async def _greets(backend: Backend) -> str:
+    leg = await BackendLeg.open(backend.host, backend.port)
+    try:
+        _, payload = await leg.read_packet()
+    finally:
+        leg.abort()
+    if payload[:1] == b"\xff":
+        err = sql_error(payload)
+        return f"refuses connections: {err.code} {err.message}"
+    parse_greeting(payload)
+    return ""
+
+
+async def _tidb_status(host: str, port: int) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/status") as r:
+        return "" if r.status == 200 else f"status port answered HTTP {r.status}"
+
+
+def _sample_load(backend: Backend, streak: _Streak, status: dict[str, str]) -> None:
+    load = backend.load
+    try:
+        running = max(0.0, float(status.get("threads_running", "1")) - 1)  # not the check itself
+        questions = float(status.get("questions", "0"))
+    except ValueError:
+        return
+    now = time.monotonic()
+    if streak.questions >= 0 and now > streak.questions_at:
+        qps = max(0.0, questions - streak.questions) / (now - streak.questions_at)
+        load.queries_per_second = qps
+    streak.questions, streak.questions_at = questions, now
+    if load.sampled:
+        running = SMOOTHING * running + (1 - SMOOTHING) * load.threads_running
+    load.threads_running = running
+    load.sampled = True
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("utf-8", "replace") if value is not None else ""

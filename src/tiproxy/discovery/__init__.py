@@ -1,0 +1,1 @@
+"""Where backends come from: the static list, TiDB's topology in etcd, DNS names."""
