@@ -13,6 +13,7 @@ import pytest
 
 from support.backends import APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
 from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.etcd import EtcdLauncherError, EtcdServer, find_etcd
 from tiproxy.playground.galera import GaleraCluster
 from tiproxy.playground.mariadb import (
     AppUser,
@@ -94,3 +95,19 @@ def galera_cluster() -> Iterator[GaleraCluster]:
     cluster.start_all()
     yield cluster
     cluster.stop_all()
+
+
+@pytest.fixture(scope="session")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """One etcd member shared by the session, standing in for PD's etcd.
+
+    Tests may stop and restart it but must leave it running; each test registers its TiDBs
+    under a prefix of its own so that tests do not see each other's servers.
+    """
+    try:
+        find_etcd()
+    except EtcdLauncherError as exc:
+        pytest.fail(f"etcd discovery tests need etcd: {exc}", pytrace=False)
+    server = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
+    yield server
+    server.close()

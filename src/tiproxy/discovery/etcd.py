@@ -29,7 +29,7 @@ import base64
 import json
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -371,8 +371,3 @@ class EtcdTopology:
         self._last = current
         log.info("etcd discovery: %d TiDB servers: %s", len(current), sorted(current))
         sink.update(self.name, dict(current))
-
-    @property
-    def backends(self) -> Mapping[str, DiscoveredBackend]:
-        """The set last handed to the sink (empty before the first successful read)."""
-        return dict(self._last or {})

@@ -22,6 +22,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -64,8 +65,9 @@ _RUNNING: set[EtcdServer] = set()
 
 @atexit.register
 def _kill_leftovers() -> None:
+    # The keep-alive threads are daemons: they end with the interpreter.
     for server in list(_RUNNING):
-        server.close()
+        server.kill()
 
 
 class EtcdServer:
@@ -104,8 +106,10 @@ class EtcdServer:
         """Start etcd (again) and wait until it is healthy."""
         if self.running:
             return self
+        # Ports are chosen once: the member's peer URL is recorded in its data directory.
         attempts = 1 if self._started_once else _PORT_ATTEMPTS
-        for attempt in range(attempts):
+        tail = ""
+        for _ in range(attempts):
             if not self._started_once:
                 self.client_port, self.peer_port = free_port(), free_port()
                 shutil.rmtree(self.datadir, ignore_errors=True)
@@ -113,15 +117,15 @@ class EtcdServer:
             self._spawn()
             try:
                 self._wait_healthy(time.monotonic() + timeout)
-            except EtcdLauncherError:
-                self.stop()
-                tail = self._log_since(offset)
-                if _PORT_IN_USE in tail.lower() and attempt + 1 < attempts:
-                    continue
-                raise EtcdLauncherError(f"etcd did not start: {tail[-2000:]}") from None
+            except EtcdLauncherError as exc:
+                self.kill()
+                tail = f"{exc}: {self._log_since(offset)[-2000:]}"
+                if _PORT_IN_USE not in tail.lower():
+                    raise EtcdLauncherError(f"etcd did not start: {tail}") from None
+                continue
             self._started_once = True
             return self
-        raise AssertionError("unreachable")
+        raise EtcdLauncherError(f"etcd found no free ports in {attempts} attempts: {tail}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop etcd, keeping its data and the keep-alives for a later start()."""
@@ -129,12 +133,33 @@ class EtcdServer:
         _RUNNING.discard(self)
         if proc is None or proc.poll() is not None:
             return
+        proc.send_signal(signal.SIGCONT)  # a paused etcd cannot act on SIGTERM
         proc.terminate()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL etcd, as a crash; its data stays for a later start()."""
+        proc, self._proc = self._proc, None
+        _RUNNING.discard(self)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def pause(self) -> None:
+        """Freeze etcd (SIGSTOP): its connections stay open but nothing answers."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, signum: signal.Signals) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            raise EtcdLauncherError("etcd is not running")
+        self._proc.send_signal(signum)
 
     def close(self) -> None:
         """Stop the keep-alives and etcd, and remove the data directory."""
@@ -251,8 +276,9 @@ class EtcdServer:
     def expire(self, addr: str, prefix: str = TIDB_TOPOLOGY_PREFIX) -> None:
         """Stop keeping the lease alive: the ttl key vanishes within its TTL, info stays."""
         keeper = self._keepers.pop(prefix + addr, None)
-        if keeper is not None:
-            keeper.stop()
+        if keeper is None:
+            raise EtcdLauncherError(f"{prefix}{addr} is not registered here")
+        keeper.stop()
 
     def deregister(self, addr: str, prefix: str = TIDB_TOPOLOGY_PREFIX) -> None:
         """Remove both keys and revoke the lease, as a TiDB that shuts down cleanly."""
