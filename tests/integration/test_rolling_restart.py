@@ -1,0 +1,297 @@
+"""A rolling restart of a 3-node Galera cluster under load: through the proxy no client notices.
+
+The acceptance test of connection migration. Eight clients (support/workload.py) hold session
+state and run write transactions and reads without pause. Each Galera node in turn is drained
+through the proxy's API (its sessions move to the other nodes at their next safe point), stopped,
+started again (it rejoins and is Synced), and undrained; the workload runs on between
+nodes. Through the proxy every client must see no error, no lost state and no lost row, on the
+one connection it opened, and must make progress in every phase.
+
+The same workload behind HAProxy (TCP mode, leastconn, plain `check`) during the same restarts,
+without a drain (HAProxy has none), is the contrast: its clients reconnect when their connection
+dies, as an application's pool would, and lose their session state each time. Its figures are
+reported beside the proxy's (printed, with -s, and as the `rolling_restart` property), never
+asserted to be zero; that test fails only if it could not run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pymysql
+import pytest
+
+from support.backends import APP, connect
+from support.haproxy import HAProxyProcess
+from support.proxy import ProxyFactory, ProxyProcess
+from support.workload import DATABASE, Workload
+from tiproxy.playground.galera import GaleraCluster
+
+pytestmark = pytest.mark.integration
+
+ADMIN_USER, ADMIN_PASSWORD = "tiproxy_admin", "admin-pass"  # as in test_migration.py
+ADMIN_TOML = f'\n[security]\nauth-sync-user = "{ADMIN_USER}"\nauth-sync-password = "{ADMIN_PASSWORD}"'
+CLIENTS = 8
+READ_TIMEOUT = 30  # seconds: a client stuck behind a node that hangs fails instead of hanging
+PHASE_MIN = 1.0  # seconds every phase lasts at least, so that every client can show progress
+SETTLE = 2.0  # seconds the workload runs between two nodes and before the first
+DRAIN_TIMEOUT = 20.0
+_MIGRATE_SAMPLE = re.compile(r"^tiproxy_balance_migrate_total\{(.*)\} (\S+)$", re.MULTILINE)
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    progress: list[int]  # commits per client during the phase
+
+
+@dataclass
+class Run:
+    """One rolling restart: its phases, in order."""
+
+    workload: Workload
+    phases: list[Phase] = field(default_factory=list)
+    _mark: list[int] = field(default_factory=list)
+    _since: float = 0.0
+
+    def begin(self) -> None:
+        self._mark, self._since = self.workload.commits(), time.monotonic()
+
+    def end(self, name: str) -> None:
+        elapsed = time.monotonic() - self._since
+        if elapsed < PHASE_MIN:
+            time.sleep(PHASE_MIN - elapsed)
+        now = self.workload.commits()
+        self.phases.append(Phase(name, time.monotonic() - self._since,
+                                 [b - a for a, b in zip(self._mark, now, strict=True)]))
+        self.begin()
+
+    def stalled(self) -> list[str]:
+        """The phases in which some client committed nothing."""
+        return [f"{p.name} ({p.seconds:.1f}s): {p.progress}" for p in self.phases
+                if min(p.progress) == 0]
+
+    def describe(self) -> str:
+        return "; ".join(f"{p.name} {p.seconds:.1f}s +{sum(p.progress)}" for p in self.phases)
+
+
+@pytest.fixture(scope="module")
+def report() -> Iterator[dict[str, str]]:
+    """Both runs' figures, printed side by side once the module is done."""
+    figures: dict[str, str] = {}
+    yield figures
+    if figures:
+        print("\nrolling restart: " + " | ".join(f"{k} {v}" for k, v in figures.items()))
+
+
+@pytest.fixture
+def cluster(galera_cluster: GaleraCluster) -> Iterator[GaleraCluster]:
+    """The session's cluster with the proxy's account and the workload's database; whatever
+    node a test leaves stopped, pass or fail, is started again (the cluster is shared)."""
+    _restore(galera_cluster)
+    galera_cluster.nodes[0].sql(
+        f"CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'%' IDENTIFIED BY '{ADMIN_PASSWORD}';"
+        f"GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'%';"
+        f"CREATE DATABASE IF NOT EXISTS {DATABASE}"
+    )
+    for node in galera_cluster.nodes:  # Galera replicates both; wait until every node has them
+        with connect(node, autocommit=True,
+                     init_command="SET SESSION wsrep_sync_wait = 1") as conn, conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM mysql.global_priv WHERE User = %s", (ADMIN_USER,))
+            assert cur.fetchone() == (1,)
+    yield galera_cluster
+    _restore(galera_cluster)
+
+
+def _restore(cluster: GaleraCluster) -> None:
+    for i, node in enumerate(cluster.nodes):
+        if not node.running:
+            cluster.start_node(i)
+
+
+def rolling_restart(cluster: GaleraCluster, run: Run, *, take_out: Callable[[int], None],
+                    put_back: Callable[[int], None]) -> None:
+    """Restart every node in turn while the workload runs, recording each phase."""
+    time.sleep(SETTLE)
+    run.end("warm-up")
+    for i in range(cluster.size):
+        take_out(i)
+        run.end(f"node{i} taken out")
+        cluster.stop_node(i)
+        cluster.start_node(i)
+        run.end(f"node{i} stopped+rejoined")
+        put_back(i)
+        time.sleep(SETTLE)
+        run.end(f"node{i} back")
+
+
+def check_rows(cluster: GaleraCluster, workload: Workload) -> dict[str, dict[str, tuple[int, int]]]:
+    """Per node: the tables whose rows are not exactly the acknowledged commits."""
+    result = {}
+    for i, node in enumerate(cluster.nodes):
+        with connect(node, autocommit=True,
+                     init_command="SET SESSION wsrep_sync_wait = 1") as conn:
+            wrong = workload.missing_rows(conn)
+        if wrong:
+            result[f"node{i}"] = wrong
+    return result
+
+
+def migrations(proxy: ProxyProcess) -> Counter[str]:
+    """The proxy's moves so far by result ("succeed", "fail"), from its /metrics."""
+    status, body = proxy.api("/metrics")
+    assert status == 200, body
+    counts: Counter[str] = Counter()
+    for labels, value in _MIGRATE_SAMPLE.findall(body.decode()):
+        result = re.search(r'migrate_res="([^"]*)"', labels)
+        counts[result.group(1) if result else "?"] += int(float(value))
+    return counts
+
+
+class ProxyDrain:
+    """Takes a node out through the proxy's API (drain, wait for its last session to leave)
+    and puts it back (undrain)."""
+
+    def __init__(self, proxy: ProxyProcess, cluster: GaleraCluster) -> None:
+        self.proxy, self.addrs = proxy, cluster.addrs
+        self.seconds: list[float] = []  # how long each drain took
+
+    def take_out(self, i: int) -> None:
+        addr, asked = self.addrs[i], time.monotonic()
+        self._post(addr, "drain")
+        while (left := _connections(self.proxy, addr)) > 0:
+            assert time.monotonic() < asked + DRAIN_TIMEOUT, (
+                f"{left} sessions still on {addr} after {DRAIN_TIMEOUT}s: "
+                f"{json.dumps(_sessions(self.proxy, addr))}\n{_log_tail(self.proxy)}")
+            time.sleep(0.02)
+        self.seconds.append(time.monotonic() - asked)
+
+    def put_back(self, i: int) -> None:
+        self._post(self.addrs[i], "undrain")
+
+    def _post(self, addr: str, action: str) -> None:
+        status, body = self.proxy.api(f"/api/admin/backends/{addr}/{action}", method="POST",
+                                      body=b"")
+        assert status == 200, body
+
+
+def assert_unnoticed(workload: Workload, first_ids: list[int], proxy: ProxyProcess,
+                     context: str) -> None:
+    """No client saw an error or lost anything, each on the one session it opened."""
+    figures = workload.figures()
+    assert not any(c.broken for c in workload.clients), context
+    assert (figures.errors, figures.lost_state, figures.row_mismatches) == (0, 0, 0), context
+    assert (figures.reconnects, figures.unknown_commits) == (0, 0), context
+    for client, first in zip(workload.clients, first_ids, strict=True):
+        assert client.conn is not None and client.conn.open, client.table
+        assert client.thread_ids == [first] == [client.conn.thread_id()], client.table
+    assert sorted(s["id"] for s in _sessions(proxy)) == sorted(first_ids)
+    # every session moved at least once, as each node was drained in turn
+    assert all(len(c.ports) >= 2 for c in workload.clients), [c.ports for c in workload.clients]
+
+
+def test_rolling_restart_through_the_proxy(
+    cluster: GaleraCluster, proxy_factory: ProxyFactory, report: dict[str, str],
+    record_property: Callable[[str, object], None],
+) -> None:
+    started = time.monotonic()
+    proxy = proxy_factory(cluster.addrs, ADMIN_TOML)
+    workload = Workload(lambda: proxy.connect(autocommit=True, read_timeout=READ_TIMEOUT,
+                                              write_timeout=READ_TIMEOUT), "proxy", CLIENTS)
+    run, drain = Run(workload), ProxyDrain(proxy, cluster)
+    try:
+        try:
+            workload.start()
+            first_ids = [c.thread_ids[0] for c in workload.clients]
+            run.begin()
+            rolling_restart(cluster, run, take_out=drain.take_out, put_back=drain.put_back)
+        finally:
+            workload.stop()
+        moves = migrations(proxy)
+        line = (f"{workload.figures().summary()} moves={moves['succeed']} "
+                f"failed_moves={moves['fail']} "
+                f"drains={'/'.join(f'{d:.2f}' for d in drain.seconds)}s "
+                f"({time.monotonic() - started:.0f}s)")
+        report["proxy"] = line
+        record_property("rolling_restart", f"proxy {line}")
+        print(f"\nproxy: {line}\nphases: {run.describe()}")
+        problems = "\n".join(workload.problems()[:40])
+        context = f"{line}\n{problems}\n{_log_about(proxy, workload)}"
+        assert_unnoticed(workload, first_ids, proxy, context)
+        assert not run.stalled(), f"no progress: {run.stalled()}"
+        assert check_rows(cluster, workload) == {}
+    finally:
+        workload.close()
+
+
+def test_rolling_restart_through_haproxy(
+    cluster: GaleraCluster, tmp_path: Path, report: dict[str, str],
+    record_property: Callable[[str, object], None],
+) -> None:
+    """The contrast: errors and lost state are counted and reported, not asserted away."""
+    started = time.monotonic()
+    haproxy = HAProxyProcess(tmp_path, cluster.addrs, check=True).start()
+
+    def log_in() -> pymysql.connections.Connection[Any]:
+        return pymysql.connect(host="127.0.0.1", port=haproxy.port, user=APP.name,
+                               password=APP.password, database=APP.database, autocommit=True,
+                               connect_timeout=5, read_timeout=READ_TIMEOUT,
+                               write_timeout=READ_TIMEOUT)
+
+    workload = Workload(log_in, "haproxy", CLIENTS, reconnect=True)
+    run = Run(workload)
+    try:
+        try:
+            workload.start()
+            run.begin()
+            rolling_restart(cluster, run, take_out=lambda i: None, put_back=lambda i: None)
+        finally:
+            workload.stop()
+        figures = workload.figures()
+        wrong_rows = check_rows(cluster, workload)
+        seconds = time.monotonic() - started
+        wrong = sum(sum(pair) for tables in wrong_rows.values() for pair in tables.values())
+        line = f"{figures.summary()} wrong_rows={wrong} ({seconds:.0f}s)"
+        report["haproxy"] = line
+        record_property("rolling_restart", f"haproxy {line}")
+        kinds = ", ".join(f"{k} x{n}" for k, n in figures.error_kinds.most_common())
+        print(f"\nhaproxy: {line}\nphases: {run.describe()}\nerrors: {kinds}")
+        # It must have run: every client worked, and none gave up or hit a bug of the workload.
+        assert all(n > 0 for n in workload.commits()), workload.commits()
+        assert not any(c.broken for c in workload.clients), workload.problems()
+    finally:
+        workload.close()
+        haproxy.stop()
+
+
+def _sessions(proxy: ProxyProcess, backend: str | None = None) -> list[dict[str, Any]]:
+    status, body = proxy.api("/api/admin/sessions")
+    assert status == 200, body
+    listed: list[dict[str, Any]] = json.loads(body)
+    return [s for s in listed if backend is None or s["backend"] == backend]
+
+
+def _connections(proxy: ProxyProcess, addr: str) -> int:
+    return int({b["addr"]: b["connections"] for b in proxy.backends()}[addr])
+
+
+def _log_about(proxy: ProxyProcess, workload: Workload, lines: int = 60) -> str:
+    """The proxy's warnings and errors, and what it logged about the sessions that saw one."""
+    troubled = {c.thread_ids[0] for c in workload.clients if c.broken or c.problems}
+    patterns = [r"\[(WARNING|ERROR|CRITICAL)\]"]
+    patterns += [rf"session {i}\b" for i in sorted(troubled)]
+    wanted = re.compile("|".join(patterns))
+    picked = [line for line in proxy.log().splitlines() if wanted.search(line)]
+    return "--- proxy log (warnings, troubled sessions) ---\n" + "\n".join(picked[-lines:])
+
+
+def _log_tail(proxy: ProxyProcess, lines: int = 40) -> str:
+    return "--- proxy log ---\n" + "\n".join(proxy.log().splitlines()[-lines:])
