@@ -117,7 +117,8 @@ class HealthChecker:
         status = {_text(r[0]).lower(): _text(r[1]) for r in await conn.query(STATUS_SQL)}
         wsrep = {_text(r[0]).lower(): _text(r[1]) for r in await conn.query(WSREP_ON_SQL)}
         _sample_load(backend, streak, status)
-        if wsrep.get("wsrep_on", "OFF").upper() != "ON":
+        backend.galera = wsrep.get("wsrep_on", "OFF").upper() == "ON"
+        if not backend.galera:
             return ""
         ready = status.get("wsrep_ready", "OFF")
         state = status.get("wsrep_local_state", "?")

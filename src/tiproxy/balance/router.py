@@ -67,6 +67,7 @@ class Backend:
     health: str = ""  # why the checks say it is unhealthy; "" when healthy
     drained_by: set[str] = field(default_factory=set)  # the reasons it is draining
     load: Load = field(default_factory=Load)
+    galera: bool = False  # a Galera node (wsrep_on), as the health checks found
     query_counts: Counter[str] = field(default_factory=Counter)
 
     @property

@@ -77,7 +77,7 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
     try:
         connection_id, status = await _login(session, new, captured)
         step = "restore"
-        stmt_ids = await _restore(session, new, captured, deprecate_eof)
+        stmt_ids = await _restore(session, new, target, captured, deprecate_eof)
     except BaseException as e:
         new.abort()
         intact = _reattach(old, session)
@@ -103,6 +103,12 @@ class _Captured:
     mysql: mysql_dialect.CapturedState | None = None
     tidb_states: bytes = b""
     tidb_token: bytes = b""
+    galera_gtid: str = ""  # the session's last write on a Galera node: read it back after
+
+
+# Galera: a move must not let the session read from a node that has not yet applied its own last
+# write. The new node waits (up to this many seconds) until it has; if it cannot, the move fails.
+GALERA_WAIT_SECONDS = 5
 
 
 async def _capture(session: Session, leg: BackendLeg, deprecate_eof: bool) -> _Captured:
@@ -118,7 +124,11 @@ async def _capture(session: Session, leg: BackendLeg, deprecate_eof: bool) -> _C
     if second is not None:
         values = await query(leg, second, deprecate_eof)
         mysql_dialect.apply_string_values(state, values.rows[0])
-    return _Captured(mysql=state)
+    gtid = ""
+    if session.backend is not None and session.backend.galera:
+        rows = (await query(leg, "SELECT WSREP_LAST_WRITTEN_GTID()", deprecate_eof)).rows
+        gtid = (rows[0][0] or b"").decode("ascii", "replace") if rows else ""
+    return _Captured(mysql=state, galera_gtid=gtid)
 
 
 async def _login(session: Session, leg: BackendLeg, captured: _Captured) -> tuple[int, int]:
@@ -165,12 +175,16 @@ async def _login(session: Session, leg: BackendLeg, captured: _Captured) -> tupl
         leg.write(frame(scramble_from_stage1(session.credential, switch.data), seq + 1))
 
 
-async def _restore(session: Session, leg: BackendLeg, captured: _Captured,
+async def _restore(session: Session, leg: BackendLeg, target: Backend, captured: _Captured,
                    deprecate_eof: bool) -> dict[int, int]:
     if session.dialect == "tidb":
         await query(leg, tidb_restore_sql(captured.tidb_states), deprecate_eof)
         return {cid: s.backend_id for cid, s in session.state.stmts.items()}
     assert captured.mysql is not None
+    if captured.galera_gtid and target.galera:
+        gtid = captured.galera_gtid.replace("'", "")
+        await query(leg, f"SELECT WSREP_SYNC_WAIT_UPTO_GTID('{gtid}', {GALERA_WAIT_SECONDS})",
+                    deprecate_eof)
     restore = mysql_dialect.restore_sql(captured.mysql)
     if restore is not None:
         await query(leg, restore, deprecate_eof)

@@ -71,7 +71,7 @@ from tiproxy.session.login import (
 )
 from tiproxy.session.prepared import execute_types, packet_stmt_id, with_stmt_id, with_types
 from tiproxy.session.state import SessionState
-from tiproxy.session.statements import may_change_state, statement_effects
+from tiproxy.session.statements import STATE_FIRST_BYTES, may_change_state, statement_effects
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
@@ -154,6 +154,7 @@ class Session(SessionMoves):
         self.backend_connection_id = 0
         self.backend_caps = 0
         self.client_caps = 0
+        self._multi = False  # the client may send several statements in one COM_QUERY
         self.dialect = "mysql"
         self.user = ""
         self.login_response: HandshakeResponse | None = None
@@ -316,6 +317,7 @@ class Session(SessionMoves):
         self.backend_connection_id = est.backend_connection_id
         self.backend_caps = est.backend_capabilities
         self.client_caps = est.client_capabilities
+        self._multi = bool(est.client_capabilities & Capability.MULTI_STATEMENTS)
         self.login_response = self.login.response
         deprecate_eof = bool(est.backend_capabilities & Capability.DEPRECATE_EOF)
         self.tracker = ResponseTracker(deprecate_eof, self._response_done, est.status)
@@ -372,25 +374,25 @@ class Session(SessionMoves):
             n = len(data)
             if n > 5:
                 header = _unpack_u32(data, 0)[0]
-                # One whole packet, sequence id 0: a command on its own.
-                if header + 4 == n and n - 4 < MAX_PAYLOAD and self._fast(data):
+                # One whole packet, sequence id 0: a command on its own. It goes untouched
+                # when nothing about it needs recording (statements.py says why that is cheap).
+                if header + 4 == n and n - 4 < MAX_PAYLOAD:
                     cmd = data[4]
-                    self.bt.write(data)  # type: ignore[union-attr]
-                    self._counts[_NAMES[cmd]] += 1
-                    tracker.expect(_FAST[cmd], cmd)
-                    return
+                    if cmd == _QUERY:
+                        fast = (self._move is None and data[5] not in STATE_FIRST_BYTES
+                                and b"_lock" not in data and b"_LOCK" not in data
+                                and b"_Lock" not in data and not (self._multi and b";" in data))
+                    elif cmd == _EXECUTE:
+                        fast = not self.state.to_client and self._execute_is_plain(data)
+                    else:
+                        fast = cmd in _FAST
+                    if fast:
+                        self.bt.write(data)  # type: ignore[union-attr]
+                        self._counts[_NAMES[cmd]] += 1
+                        tracker.expect(_FAST[cmd], cmd)
+                        return
         self._cbuf += data
         self._drain_client()
-
-    def _fast(self, data: bytes) -> bool:
-        """Whether a whole command packet may go untouched, with nothing to record."""
-        cmd = data[4]
-        if cmd == _QUERY:
-            return self._move is None and not may_change_state(
-                data[4:], bool(self.client_caps & Capability.MULTI_STATEMENTS))
-        if cmd == _EXECUTE:
-            return not self.state.mapped and self._execute_is_plain(data)
-        return cmd in _FAST
 
     def _execute_is_plain(self, packet: bytes) -> bool:
         """A COM_STMT_EXECUTE without a cursor, for a statement with nothing pending.

@@ -24,8 +24,7 @@ from tiproxy.session.commands import MAYBE_KILL_FIRST_BYTES
 # First bytes of statements that may change what the proxy tracks (CREATE, DROP, LOCK, UNLOCK,
 # PREPARE, DEALLOCATE, KILL, HANDLER, XA) or that hide their first keyword behind whitespace or a
 # comment. BEGIN and START matter only while a move is due, when every statement is looked at.
-_FIRST_BYTES = frozenset(b"CcDdLlUuPpHhXx") | MAYBE_KILL_FIRST_BYTES
-_LOCK_MARKS = (b"_lock", b"_LOCK", b"_Lock")  # GET_LOCK, RELEASE_LOCK, RELEASE_ALL_LOCKS
+STATE_FIRST_BYTES = frozenset(b"CcDdLlUuPpHhXx") | MAYBE_KILL_FIRST_BYTES
 
 _LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
 _WORD = re.compile(rb"[A-Za-z_]+")
@@ -57,10 +56,10 @@ def may_change_state(payload: Buffer, multi_statements: bool) -> bool:
     """
     if len(payload) < 2:
         return False
-    if payload[1] in _FIRST_BYTES:
+    if payload[1] in STATE_FIRST_BYTES:
         return True
-    if any(mark in payload for mark in _LOCK_MARKS):
-        return True
+    if b"_lock" in payload or b"_LOCK" in payload or b"_Lock" in payload:
+        return True  # GET_LOCK, RELEASE_LOCK, RELEASE_ALL_LOCKS (the relay inlines this test)
     return multi_statements and b";" in payload
 
 
