@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 
-from support.backends import APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.backends import ADMIN, APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.etcd import EtcdLauncherError, EtcdServer, find_etcd
 from tiproxy.playground.galera import GaleraCluster
@@ -81,7 +81,7 @@ def proxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFac
 
 @pytest.fixture(scope="session")
 def galera_cluster() -> Iterator[GaleraCluster]:
-    """A 3-node Galera cluster shared by the whole session, with database `test` and user APP.
+    """A 3-node Galera cluster shared by the whole session, with database `test`, APP and ADMIN.
 
     Tests may stop and restart single nodes but must leave all three running, Synced and
     unpaused. The cluster makes its own base directory: pytest's is private to root, and as
@@ -89,7 +89,7 @@ def galera_cluster() -> Iterator[GaleraCluster]:
     """
     try:
         find_mariadbd()
-        cluster = GaleraCluster(3, users=(APP,))
+        cluster = GaleraCluster(3, users=(APP, ADMIN))
     except LauncherError as exc:
         pytest.fail(f"Galera tests need MariaDB and galera-4: {exc}", pytrace=False)
     cluster.start_all()

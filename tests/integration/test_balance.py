@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -11,27 +10,18 @@ from typing import Any
 import pymysql
 import pytest
 
-from support.backends import APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.mariadb import MariaDBServer
 
 pytestmark = pytest.mark.integration
 
-ADMIN = '\n[security]\nauth-sync-user = "tiproxy_admin"\nauth-sync-password = "admin-pass"'
 FAST_HEALTH = '\n[health]\ninterval = "0.5s"\ntimeout = "0.5s"\nfailure-threshold = 2\n' \
               'success-threshold = 2'
 
 
-def add_admin(server: MariaDBServer) -> None:
-    server.sql("CREATE USER IF NOT EXISTS 'tiproxy_admin'@'%' IDENTIFIED BY 'admin-pass';"
-               "GRANT ALL PRIVILEGES ON *.* TO 'tiproxy_admin'@'%';")
-
-
 def fresh(factory: MariaDBFactory, n: int) -> list[MariaDBServer]:
-    servers = [factory(BACKEND_ARGS, BACKEND_USERS) for _ in range(n)]
-    for s in servers:
-        add_admin(s)
-    return servers
+    return [factory(BACKEND_ARGS, BACKEND_USERS) for _ in range(n)]
 
 
 def backend_of(conn: Any) -> int:
@@ -55,7 +45,7 @@ def status_of(proxy: ProxyProcess, addr: str) -> dict[str, Any]:
 def test_hung_backend_is_marked_unhealthy(mariadb_factory: MariaDBFactory,
                                           proxy_factory: ProxyFactory) -> None:
     servers = fresh(mariadb_factory, 2)
-    proxy = proxy_factory([s.addr for s in servers], FAST_HEALTH + ADMIN)
+    proxy = proxy_factory([s.addr for s in servers], FAST_HEALTH + ADMIN_TOML)
     hung = servers[0]
     hung.pause()
     try:
@@ -72,10 +62,7 @@ def test_hung_backend_is_marked_unhealthy(mariadb_factory: MariaDBFactory,
 
 
 def test_galera_node_desynced_is_drained(galera_cluster: Any, proxy_factory: ProxyFactory) -> None:
-    galera_cluster.nodes[0].sql("CREATE USER IF NOT EXISTS 'tiproxy_admin'@'%' "
-                                "IDENTIFIED BY 'admin-pass'; GRANT ALL PRIVILEGES ON *.* TO "
-                                "'tiproxy_admin'@'%';")
-    proxy = proxy_factory(galera_cluster.addrs, FAST_HEALTH + ADMIN)
+    proxy = proxy_factory(galera_cluster.addrs, FAST_HEALTH + ADMIN_TOML)
     conns = [proxy.connect() for _ in range(6)]
     node = galera_cluster.nodes[1]
     try:
@@ -102,7 +89,7 @@ def test_scale_out_moves_sessions_onto_the_new_backend(mariadb_factory: MariaDBF
                                                        proxy_factory: ProxyFactory) -> None:
     servers = fresh(mariadb_factory, 3)
     proxy = proxy_factory([s.addr for s in servers[:2]],
-                          '\n[balance]\npolicy = "connection"' + ADMIN)
+                          '\n[balance]\npolicy = "connection"' + ADMIN_TOML)
     conns = [proxy.connect() for _ in range(30)]
     try:
         for i, c in enumerate(conns):
@@ -127,7 +114,7 @@ def test_loaded_backend_gets_fewer_new_sessions_and_nothing_bounces(
     mariadb_factory: MariaDBFactory, proxy_factory: ProxyFactory
 ) -> None:
     servers = fresh(mariadb_factory, 3)
-    proxy = proxy_factory([s.addr for s in servers], '\n[health]\ninterval = "0.5s"' + ADMIN)
+    proxy = proxy_factory([s.addr for s in servers], '\n[health]\ninterval = "0.5s"' + ADMIN_TOML)
     busy = servers[0]
     stop = threading.Event()
 
@@ -151,7 +138,7 @@ def test_loaded_backend_gets_fewer_new_sessions_and_nothing_bounces(
         assert placed[busy.port] <= 1, placed
         # the balancer may move sessions off the loaded backend, but no session twice in a row
         time.sleep(15)
-        for s in _sessions(proxy):
+        for s in proxy.sessions():
             assert s["moves"] <= 1, s
         assert all(backend_of(c) != busy.port for c in conns)
     finally:
@@ -160,12 +147,6 @@ def test_loaded_backend_gets_fewer_new_sessions_and_nothing_bounces(
             t.join()
         for c in conns:
             c.close()
-
-
-def _sessions(proxy: ProxyProcess) -> list[dict[str, Any]]:
-    _, body = proxy.api("/api/admin/sessions")
-    result: list[dict[str, Any]] = json.loads(body)
-    return result
 
 
 def test_namespaces_keep_users_apart(mariadb_factory: MariaDBFactory,

@@ -8,13 +8,12 @@ from typing import Any
 
 import pytest
 
-from support.backends import BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.backends import ADMIN_TOML, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
 from support.proxy import ProxyFactory
 from tiproxy.playground.etcd import EtcdServer
 
 pytestmark = pytest.mark.integration
 
-ADMIN = '\n[security]\nauth-sync-user = "tiproxy_admin"\nauth-sync-password = "admin-pass"'
 
 
 def port_of(conn: Any) -> int:
@@ -26,9 +25,6 @@ def port_of(conn: Any) -> int:
 def test_sessions_follow_the_topology(etcd_server: EtcdServer, mariadb_factory: MariaDBFactory,
                                       proxy_factory: ProxyFactory) -> None:
     servers = [mariadb_factory(BACKEND_ARGS, BACKEND_USERS) for _ in range(3)]
-    for s in servers:
-        s.sql("CREATE USER IF NOT EXISTS 'tiproxy_admin'@'%' IDENTIFIED BY 'admin-pass';"
-              "GRANT ALL PRIVILEGES ON *.* TO 'tiproxy_admin'@'%';")
     info = {"version": "8.0.11-TiDB-v7.5.0", "git_hash": "test", "labels": {"zone": "z1"}}
     registered = []
     try:
@@ -37,7 +33,7 @@ def test_sessions_follow_the_topology(etcd_server: EtcdServer, mariadb_factory: 
             registered.append(s.addr)
         proxy = proxy_factory(
             [], f'pd-addrs = ["{etcd_server.endpoint}"]\n[balance]\npolicy = "connection"'
-            + ADMIN)
+            + ADMIN_TOML)
         deadline = time.monotonic() + 15
         while {b["addr"] for b in proxy.backends()} != {s.addr for s in servers[:2]}:
             assert time.monotonic() < deadline, proxy.backends()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -13,25 +12,16 @@ import mysql.connector
 import pymysql
 import pytest
 
-from support.backends import APP, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
+from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
 from support.faults import CuttingRelay
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.mariadb import MariaDBServer
 
 pytestmark = pytest.mark.integration
 
-ADMIN_TOML = '\n[security]\nauth-sync-user = "tiproxy_admin"\nauth-sync-password = "admin-pass"'
-
-
-def add_admin(server: MariaDBServer) -> None:
-    server.sql("CREATE USER IF NOT EXISTS 'tiproxy_admin'@'%' IDENTIFIED BY 'admin-pass';"
-               "GRANT ALL PRIVILEGES ON *.* TO 'tiproxy_admin'@'%';")
-
-
 @pytest.fixture(scope="module")
 def pair(backends: list[MariaDBServer]) -> list[MariaDBServer]:
     for b in backends:
-        add_admin(b)
         b.sql("CREATE DATABASE IF NOT EXISTS mig_db; "
               "CREATE TABLE IF NOT EXISTS mig_db.ai (id INT AUTO_INCREMENT PRIMARY KEY, v INT)")
     return backends
@@ -40,35 +30,6 @@ def pair(backends: list[MariaDBServer]) -> list[MariaDBServer]:
 @pytest.fixture
 def mproxy(pair: list[MariaDBServer], proxy_factory: ProxyFactory) -> ProxyProcess:
     return proxy_factory([b.addr for b in pair], ADMIN_TOML)
-
-
-def sessions(proxy: ProxyProcess) -> list[dict[str, Any]]:
-    status, body = proxy.api("/api/admin/sessions")
-    assert status == 200, body
-    result: list[dict[str, Any]] = json.loads(body)
-    return result
-
-
-def session_of(proxy: ProxyProcess, conn_id: int) -> dict[str, Any]:
-    for s in sessions(proxy):
-        if s["id"] == conn_id:
-            return s
-    raise AssertionError(f"session {conn_id} not listed")
-
-
-def wait_moved(proxy: ProxyProcess, conn_id: int, old_backend: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = session_of(proxy, conn_id)
-        if s["backend"] != old_backend and not s["moving"]:
-            return str(s["backend"])
-        time.sleep(0.01)
-    raise AssertionError(f"session {conn_id} did not move: {session_of(proxy, conn_id)}")
-
-
-def redirect(proxy: ProxyProcess) -> None:
-    status, body = proxy.api("/api/debug/redirect", method="POST", body=b"")
-    assert status == 200, body
 
 
 SNAPSHOT = (
@@ -124,9 +85,9 @@ def test_state_survives_100_moves(mproxy: ProxyProcess) -> None:
         assert before[0] == "mig_db" and before[10] > 0
         seen_ports = {port}
         for i in range(100):
-            old = session_of(mproxy, conn.connection_id)["backend"]
-            redirect(mproxy)
-            wait_moved(mproxy, conn.connection_id, old)
+            old = mproxy.session(conn.connection_id)["backend"]
+            mproxy.redirect()
+            mproxy.wait_moved(conn.connection_id, old)
             after, after_types, new_port = snapshot(cur)
             assert new_port != port, f"move {i} left the session on the same server"
             assert after == before, f"move {i} changed state"
@@ -164,10 +125,10 @@ def test_cursor_opened_before_a_move_is_fetched_after(mproxy: ProxyProcess) -> N
         conn.cmd_stmt_fetch(stmt["statement_id"], 5)
         rows, _ = conn.get_rows(binary=True, columns=columns)
         got = [int(r[0]) for r in rows]
-        old = session_of(mproxy, conn.connection_id)["backend"]
-        redirect(mproxy)
+        old = mproxy.session(conn.connection_id)["backend"]
+        mproxy.redirect()
         time.sleep(0.3)
-        s = session_of(mproxy, conn.connection_id)
+        s = mproxy.session(conn.connection_id)
         assert s["backend"] == old and "open cursor" in s["waiting"]
         while True:
             conn.cmd_stmt_fetch(stmt["statement_id"], 5)
@@ -177,7 +138,7 @@ def test_cursor_opened_before_a_move_is_fetched_after(mproxy: ProxyProcess) -> N
                 break
         assert got == list(range(1, 21))
         conn.cmd_stmt_reset(stmt["statement_id"])
-        wait_moved(mproxy, conn.connection_id, old)
+        mproxy.wait_moved(conn.connection_id, old)
         # a new cursor on the new backend, through the same statement id
         result = conn.cmd_stmt_execute(stmt["statement_id"], data=(15,),
                                        parameters=stmt["parameters"], flags=1)
@@ -204,16 +165,16 @@ def test_pinned_session_moves_once_released(mproxy: ProxyProcess, pin: str, rele
         cur.fetchall()
         cur.execute("SELECT @@port")
         port = cur.fetchone()[0]
-        old = session_of(mproxy, conn.thread_id())["backend"]
-        redirect(mproxy)
+        old = mproxy.session(conn.thread_id())["backend"]
+        mproxy.redirect()
         time.sleep(0.5)
-        s = session_of(mproxy, conn.thread_id())
+        s = mproxy.session(conn.thread_id())
         assert s["backend"] == old and s["moving"] and why in s["waiting"]
         cur.execute("SELECT @@port")
         assert cur.fetchone()[0] == port
         cur.execute(release)
         cur.fetchall()
-        wait_moved(mproxy, conn.thread_id(), old)
+        mproxy.wait_moved(conn.thread_id(), old)
         cur.execute("SELECT @@port")
         assert cur.fetchone()[0] != port
 
@@ -226,10 +187,10 @@ def test_begin_inside_a_transaction_moves_by_the_shortcut(mproxy: ProxyProcess) 
         cur.execute("INSERT INTO mig_db.shortcut VALUES (1)")
         cur.execute("SELECT @@port")
         port = cur.fetchone()[0]
-        old = session_of(mproxy, conn.thread_id())["backend"]
-        redirect(mproxy)
+        old = mproxy.session(conn.thread_id())["backend"]
+        mproxy.redirect()
         time.sleep(0.3)
-        assert session_of(mproxy, conn.thread_id())["backend"] == old
+        assert mproxy.session(conn.thread_id())["backend"] == old
         cur.execute("BEGIN")  # commits the open transaction, as it would anyway
         cur.execute("SELECT @@port, @@in_transaction")
         new_port, in_trans = cur.fetchone()
@@ -242,10 +203,10 @@ def test_begin_inside_a_transaction_moves_by_the_shortcut(mproxy: ProxyProcess) 
 
 def test_user_without_reusable_credential_stays_and_says_why(mproxy: ProxyProcess) -> None:
     with mproxy.connect(EDU) as conn, conn.cursor() as cur:
-        old = session_of(mproxy, conn.thread_id())["backend"]
-        redirect(mproxy)
+        old = mproxy.session(conn.thread_id())["backend"]
+        mproxy.redirect()
         time.sleep(0.3)
-        s = session_of(mproxy, conn.thread_id())
+        s = mproxy.session(conn.thread_id())
         assert s["backend"] == old and "no reusable credential" in s["waiting"]
         cur.execute("SELECT CURRENT_USER()")
         assert cur.fetchall() == (("edu@%",),)
@@ -317,7 +278,6 @@ def test_failed_move_leaves_the_session_working(
 ) -> None:
     """The target refuses the login (the user has another password there): no harm done."""
     other = mariadb_factory(BACKEND_ARGS, BACKEND_USERS)
-    add_admin(other)
     other.sql("ALTER USER 'app'@'%' IDENTIFIED BY 'another-password'")
     proxy = proxy_factory([pair[0].addr, other.addr], ADMIN_TOML)
     proxy.api(f"/api/admin/backends/{other.addr}/drain", method="POST", body=b"")
@@ -328,7 +288,7 @@ def test_failed_move_leaves_the_session_working(
         time.sleep(1.0)
         cur.execute("SELECT @keep, @@port")
         assert cur.fetchone() == ("me", pair[0].port)
-        s = session_of(proxy, conn.thread_id())
+        s = proxy.session(conn.thread_id())
         assert "failed" in s["waiting"]
     _, body = proxy.api("/metrics")
     assert b'migrate_res="fail"' in body
@@ -348,7 +308,7 @@ def test_target_dying_during_restore_leaves_the_session_working(
             cur.execute("SELECT @@port")
             assert cur.fetchone()[0] == pair[0].port
             proxy.api(f"/api/admin/backends/{relay.addr}/undrain", method="POST", body=b"")
-            redirect(proxy)
+            proxy.redirect()
             deadline = time.monotonic() + 10
             while relay.cuts == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -356,7 +316,7 @@ def test_target_dying_during_restore_leaves_the_session_working(
             time.sleep(0.2)
             cur.execute("SELECT @keep, @@time_zone, @@port")
             assert cur.fetchone() == (7, "+01:00", pair[0].port)
-            assert "failed (restore:" in session_of(proxy, conn.thread_id())["waiting"]
+            assert "failed (restore:" in proxy.session(conn.thread_id())["waiting"]
     finally:
         relay.stop()
 

@@ -28,7 +28,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from support.backends import APP, connect
+from support.backends import ADMIN_TOML, APP, connect
 from support.haproxy import HAProxyProcess
 from support.proxy import ProxyFactory, ProxyProcess
 from support.workload import DATABASE, Workload
@@ -36,8 +36,6 @@ from tiproxy.playground.galera import GaleraCluster
 
 pytestmark = pytest.mark.integration
 
-ADMIN_USER, ADMIN_PASSWORD = "tiproxy_admin", "admin-pass"  # as in test_migration.py
-ADMIN_TOML = f'\n[security]\nauth-sync-user = "{ADMIN_USER}"\nauth-sync-password = "{ADMIN_PASSWORD}"'
 CLIENTS = 8
 READ_TIMEOUT = 30  # seconds: a client stuck behind a node that hangs fails instead of hanging
 PHASE_MIN = 1.0  # seconds every phase lasts at least, so that every client can show progress
@@ -94,18 +92,15 @@ def report() -> Iterator[dict[str, str]]:
 
 @pytest.fixture
 def cluster(galera_cluster: GaleraCluster) -> Iterator[GaleraCluster]:
-    """The session's cluster with the proxy's account and the workload's database; whatever
-    node a test leaves stopped, pass or fail, is started again (the cluster is shared)."""
+    """The session's cluster with the workload's database; whatever node a test leaves
+    stopped, pass or fail, is started again (the cluster is shared)."""
     _restore(galera_cluster)
-    galera_cluster.nodes[0].sql(
-        f"CREATE USER IF NOT EXISTS '{ADMIN_USER}'@'%' IDENTIFIED BY '{ADMIN_PASSWORD}';"
-        f"GRANT ALL PRIVILEGES ON *.* TO '{ADMIN_USER}'@'%';"
-        f"CREATE DATABASE IF NOT EXISTS {DATABASE}"
-    )
-    for node in galera_cluster.nodes:  # Galera replicates both; wait until every node has them
+    galera_cluster.nodes[0].sql(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+    for node in galera_cluster.nodes:  # Galera replicates it; wait until every node has it
         with connect(node, autocommit=True,
                      init_command="SET SESSION wsrep_sync_wait = 1") as conn, conn.cursor() as cur:
-            cur.execute("SELECT COUNT(*) FROM mysql.global_priv WHERE User = %s", (ADMIN_USER,))
+            cur.execute("SELECT COUNT(*) FROM information_schema.SCHEMATA "
+                        "WHERE SCHEMA_NAME = %s", (DATABASE,))
             assert cur.fetchone() == (1,)
     yield galera_cluster
     _restore(galera_cluster)

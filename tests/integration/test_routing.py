@@ -12,7 +12,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from support.backends import BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
+from support.backends import ADMIN_TOML, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.mariadb import MariaDBServer, free_port
 
@@ -262,13 +262,7 @@ def test_pipelined_commands_keep_their_order(proxy: ProxyProcess) -> None:
 
 
 def test_kill_across_backends(backends: list[MariaDBServer], proxy_factory: ProxyFactory) -> None:
-    for b in backends:
-        b.sql("CREATE USER IF NOT EXISTS 'tiproxy_admin'@'%' IDENTIFIED BY 'admin-pass';"
-              "GRANT ALL PRIVILEGES ON *.* TO 'tiproxy_admin'@'%';")
-    proxy = proxy_factory(
-        [b.addr for b in backends],
-        '\n[security]\nauth-sync-user = "tiproxy_admin"\nauth-sync-password = "admin-pass"',
-    )
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
     victim = proxy.connect()
     killer = proxy.connect()
     filler = proxy.connect()

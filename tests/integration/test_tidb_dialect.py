@@ -216,34 +216,20 @@ def strangers() -> Iterator[tuple[ScriptedTiDB, ScriptedTiDB]]:
     assert not a.errors + b.errors, "".join(a.errors + b.errors)
 
 
-def session_of(proxy: ProxyProcess, conn_id: int) -> dict[str, Any]:
-    status, body = proxy.api("/api/admin/sessions")
-    assert status == 200, body
-    for s in json.loads(body):
-        if s["id"] == conn_id:
-            return dict(s)
-    raise AssertionError(f"session {conn_id} not listed")
-
-
-def redirect(proxy: ProxyProcess) -> None:
-    status, body = proxy.api("/api/debug/redirect", method="POST", body=b"")
-    assert status == 200, body
-
-
 def wait_session(proxy: ProxyProcess, conn_id: int, done: Callable[[dict[str, Any]], bool],
                  what: str, timeout: float = 5) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        s = session_of(proxy, conn_id)
+        s = proxy.session(conn_id)
         if done(s):
             return s
         time.sleep(0.01)
-    raise AssertionError(f"session {conn_id} {what}: {session_of(proxy, conn_id)}\n{proxy.log()}")
+    raise AssertionError(f"session {conn_id} {what}: {proxy.session(conn_id)}\n{proxy.log()}")
 
 
 def move(proxy: ProxyProcess, conn_id: int) -> None:
-    old = session_of(proxy, conn_id)["backend"]
-    redirect(proxy)
+    old = proxy.session(conn_id)["backend"]
+    proxy.redirect()
     wait_session(proxy, conn_id, lambda s: s["backend"] != old and not s["moving"],
                  "did not move")
 
@@ -372,7 +358,7 @@ def test_refused_token_leaves_the_session_on_its_backend(
     home, other = backend_named(str(first), strangers)
     client.query(f"SET @s = {sql_string(TRICKY)}")
 
-    redirect(proxy)
+    proxy.redirect()
     s = wait_session(proxy, client.id, lambda s: "failed" in s["waiting"], "did not fail")
     assert s["backend"] == home.addr
     assert client.query("SELECT @@hostname, @s") == [(home.name, TRICKY)]

@@ -10,8 +10,12 @@ import pymysql
 from tiproxy.playground.mariadb import AppUser, MariaDBServer
 
 APP = AppUser("app", "app-pass")  # mysql_native_password
+# The proxy's own account ([security] auth-sync-user): credential sync, health checks, KILL.
+ADMIN = AppUser("tiproxy_admin", "admin-pass")
+ADMIN_TOML = (f'\n[security]\nauth-sync-user = "{ADMIN.name}"\n'
+              f'auth-sync-password = "{ADMIN.password}"')
 EDU = AppUser("edu", "ed-pass", plugin="ed25519")
-BACKEND_USERS = (APP, EDU)
+BACKEND_USERS = (APP, EDU, ADMIN)
 # 64M so rows larger than one 16 MiB protocol packet go through; LOAD DATA LOCAL for its tests.
 BACKEND_ARGS = ("--max-allowed-packet=64M", "--local-infile=ON")
 

@@ -97,6 +97,33 @@ class ProxyProcess:
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
+    def sessions(self) -> list[dict[str, Any]]:
+        status, body = self.api("/api/admin/sessions")
+        assert status == 200, body
+        result: list[dict[str, Any]] = json.loads(body)
+        return result
+
+    def session(self, conn_id: int) -> dict[str, Any]:
+        for s in self.sessions():
+            if s["id"] == conn_id:
+                return s
+        raise AssertionError(f"session {conn_id} not listed")
+
+    def redirect(self) -> None:
+        """TiProxy's /api/debug/redirect: every session is asked to move."""
+        status, body = self.api("/api/debug/redirect", method="POST", body=b"")
+        assert status == 200, body
+
+    def wait_moved(self, conn_id: int, old_backend: str, timeout: float = 10) -> str:
+        """Wait until the session sits on another backend with no move pending; its backend."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.session(conn_id)
+            if s["backend"] != old_backend and not s["moving"]:
+                return str(s["backend"])
+            time.sleep(0.01)
+        raise AssertionError(f"session {conn_id} did not move: {self.session(conn_id)}")
+
     def backends(self) -> list[dict[str, Any]]:
         status, body = self.api("/api/admin/backends")
         assert status == 200, body

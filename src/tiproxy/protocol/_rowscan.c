@@ -1,5 +1,6 @@
 /*
- * The one loop the profile says is worth compiling: passing over the rows of a result set.
+ * The loops the profile says are worth compiling: passing over the rows of a result set, and
+ * reading a whole small result response in one call (scan_result, below).
  *
  * skip_plain_rows(data, pos) -> int
  *   From offset `pos` of `data` (any object with the buffer protocol), walk whole packets whose
@@ -45,9 +46,148 @@ skip_plain_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(pos);
 }
 
+/* A length-encoded integer at p[*at], within [.., end). Returns 0 on success. */
+static int
+lenenc(const unsigned char *p, Py_ssize_t *at, Py_ssize_t end, unsigned long long *out)
+{
+    Py_ssize_t i = *at;
+    if (i >= end)
+        return -1;
+    unsigned char b = p[i];
+    int size = b < 0xFB ? 0 : b == 0xFC ? 2 : b == 0xFD ? 3 : b == 0xFE ? 8 : -1;
+    if (size < 0 || i + 1 + size > end)
+        return -1;
+    if (size == 0) {
+        *out = b;
+    } else {
+        unsigned long long v = 0;
+        for (int k = size - 1; k >= 0; k--)
+            v = v << 8 | p[i + 1 + k];
+        *out = v;
+    }
+    *at = i + 1 + size;
+    return 0;
+}
+
+/* Status flags of a terminator (EOF of 5 bytes, or an OK); -1 if malformed. */
+static long
+terminator(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
+{
+    if (length == 5)
+        return p[start + 3] | p[start + 4] << 8;
+    Py_ssize_t at = start + 1, end = start + length;
+    unsigned long long skip;
+    if (lenenc(p, &at, end, &skip) || lenenc(p, &at, end, &skip) || at + 2 > end)
+        return -1;
+    return p[at] | p[at + 1] << 8;
+}
+
+#define MORE_RESULTS 0x0008
+#define CURSOR_EXISTS 0x0040
+
+/*
+ * scan_result(data, pos, deprecate_eof, binary, status) -> (end, status, failed) | None
+ *
+ * A whole result response (what COM_QUERY or COM_STMT_EXECUTE gets back, several results if
+ * MORE_RESULTS_EXISTS says so) lying wholly in `data` from `pos`: where it ends, the status
+ * after it, and whether it ended with an ERR. None whenever anything is not plain: the response
+ * does not end in `data`, a 16 MiB packet, LOCAL INFILE, a terminator or 251+ columns where the
+ * first packet is, or bytes that are not a response. The tracker then reads the same bytes with
+ * its Python state machine, which is the reference; this only makes the common case cheap.
+ */
+static PyObject *
+scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "scan_result(data, pos, deprecate_eof, binary, status)");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
+    int deprecate_eof = PyObject_IsTrue(args[2]);
+    int binary = PyObject_IsTrue(args[3]);
+    long status = PyLong_AsLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *p = (const unsigned char *)view.buf;
+    Py_ssize_t n = view.len;
+    int failed = 0, done = 0;
+
+#define PACKET(len_, first_)                                                               \
+    if (pos < 0 || pos + 4 > n) goto plain;                                                \
+    len_ = (Py_ssize_t)p[pos] | (Py_ssize_t)p[pos + 1] << 8 | (Py_ssize_t)p[pos + 2] << 16; \
+    if (len_ == 0 || len_ == 0xFFFFFF || pos + 4 + len_ > n) goto plain;                    \
+    first_ = p[pos + 4];
+
+    while (!done) {
+        Py_ssize_t len;
+        unsigned char first;
+        PACKET(len, first)
+        if (first == 0x00) {                       /* OK */
+            long st = terminator(p, pos + 4, len);
+            if (st < 0) goto plain;
+            status = st;
+            pos += 4 + len;
+            done = !(st & MORE_RESULTS);
+            continue;
+        }
+        if (first == 0xFF) {                       /* ERR: the response ends */
+            pos += 4 + len;
+            failed = 1;
+            break;
+        }
+        if (first >= 0xFB)                         /* LOCAL INFILE, a terminator, 251+ columns */
+            goto plain;
+        Py_ssize_t columns = first;
+        pos += 4 + len;
+        for (Py_ssize_t c = 0; c < columns; c++) {
+            PACKET(len, first)
+            pos += 4 + len;
+        }
+        if (!deprecate_eof) {                      /* the EOF after the column definitions */
+            PACKET(len, first)
+            if (first != 0xFE) goto plain;
+            long st = terminator(p, pos + 4, len);
+            if (st < 0) goto plain;
+            pos += 4 + len;
+            status = st;
+            if (binary && (st & CURSOR_EXISTS)) {  /* a cursor: rows come with COM_STMT_FETCH */
+                done = !(st & MORE_RESULTS);
+                continue;
+            }
+        }
+        for (;;) {                                 /* rows, then a terminator or an ERR */
+            PACKET(len, first)
+            pos += 4 + len;
+            if (first == 0xFE) {
+                long st = terminator(p, pos - len, len);
+                if (st < 0) goto plain;
+                status = st;
+                done = !(st & MORE_RESULTS);
+                break;
+            }
+            if (first == 0xFF) {
+                failed = 1;
+                done = 1;
+                break;
+            }
+        }
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nli)", pos, status & ~MORE_RESULTS, failed);
+plain:
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+#undef PACKET
+}
+
 static PyMethodDef methods[] = {
     {"skip_plain_rows", (PyCFunction)(void (*)(void))skip_plain_rows, METH_FASTCALL,
      "Offset of the first packet from pos that is not a plain whole row."},
+    {"scan_result", (PyCFunction)(void (*)(void))scan_result, METH_FASTCALL,
+     "End, status and failure of a whole result response, or None."},
     {NULL, NULL, 0, NULL},
 };
 

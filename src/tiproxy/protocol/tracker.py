@@ -157,10 +157,13 @@ def _skip_plain_rows_py(data: Buffer, pos: int) -> int:
     return pos
 
 
+ScanResult = Callable[[Buffer, int, bool, bool, int], "tuple[int, int, bool] | None"]
+scan_result: ScanResult | None
 try:
-    from tiproxy.protocol._rowscan import skip_plain_rows
-except ImportError:  # pragma: no cover - built by setup.py; the Python loop is the fallback
+    from tiproxy.protocol._rowscan import scan_result, skip_plain_rows
+except ImportError:  # pragma: no cover - built by setup.py; the Python code is the fallback
     skip_plain_rows = _skip_plain_rows_py
+    scan_result = None
 
 
 class ResponseTracker:
@@ -250,6 +253,14 @@ class ResponseTracker:
         unpack = U32.unpack_from
         while pos + 4 <= n:
             phase = self.phase
+            if phase == FIRST and scan_result is not None and not self._continued:
+                # A whole small result in this chunk: one compiled call instead of a Python
+                # step per packet. None means "not plain": the state machine below reads it.
+                whole = scan_result(data, pos, self.deprecate_eof, self._binary, self.status)
+                if whole is not None:
+                    pos, status, failed = whole
+                    self._finish(status, bool(failed))
+                    continue
             if phase == ROWS and not self._continued:
                 pos = skip_plain_rows(data, pos)
                 if pos + 4 > n:
