@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import mysql.connector
@@ -402,3 +403,25 @@ def test_tiproxyctl_drain_sessions_redirect(mproxy: ProxyProcess, pair: list[Mar
         out = subprocess.run([*ctl, "backend", "drain", "127.0.0.1:1"], capture_output=True,
                              text=True, check=False)
         assert out.returncode == 1 and "unknown backend" in out.stderr
+
+
+def test_users_file_is_enough_to_move(pair: list[MariaDBServer], proxy_factory: ProxyFactory,
+                                      tmp_path: Path) -> None:
+    """No auth-sync-user: the stored hash comes from a file written by the operator."""
+    stored = pair[0].sql("SELECT authentication_string FROM mysql.user WHERE User = 'app'").split()
+    users = tmp_path / "users"
+    users.write_text(f"# user  SHA1(SHA1(password))\napp {stored[0]}\nother *{'0' * 40}\n")
+    proxy = proxy_factory([b.addr for b in pair], f'\n[security]\nusers-file = "{users}"')
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SET @kept = 'yes'")
+        old = proxy.session(conn.thread_id())["backend"]
+        proxy.redirect()
+        proxy.wait_moved(conn.thread_id(), old)
+        cur.execute("SELECT @kept")
+        assert cur.fetchone() == ("yes",)
+    with proxy.connect(EDU) as conn:  # not in the file: it stays, and says why
+        old = proxy.session(conn.thread_id())["backend"]
+        proxy.redirect()
+        time.sleep(0.3)
+        s = proxy.session(conn.thread_id())
+        assert s["backend"] == old and "no reusable credential" in s["waiting"]

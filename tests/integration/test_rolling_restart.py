@@ -267,6 +267,55 @@ def test_rolling_restart_through_haproxy(
         haproxy.stop()
 
 
+def test_rolling_restart_by_stop_and_start_only(
+    cluster: GaleraCluster, proxy_factory: ProxyFactory, report: dict[str, str],
+    record_property: Callable[[str, object], None],
+) -> None:
+    """No drain, no config change: the proxy must notice each node leaving by its health
+    checks. A session whose node stops under it loses its connection (TiProxy's behaviour: one
+    error, the client reconnects); every other session goes on, and nothing acknowledged is lost.
+    The figures are reported; the errors are bounded by the sessions the stopped nodes held."""
+    started = time.monotonic()
+    health = '\n[health]\ninterval = "0.5s"\ntimeout = "1s"\nfailure-threshold = 2'
+    proxy = proxy_factory(cluster.addrs, health + ADMIN_TOML)
+    workload = Workload(lambda: proxy.connect(autocommit=True, read_timeout=READ_TIMEOUT,
+                                              write_timeout=READ_TIMEOUT),
+                        "stopstart", CLIENTS, reconnect=True)
+    run = Run(workload)
+    held: list[int] = []  # sessions on each node when it was stopped
+
+    def note(i: int) -> None:
+        held.append(_connections(proxy, cluster.addrs[i]))
+
+    def readmitted(i: int) -> None:
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        while {b["addr"]: b["status"] for b in proxy.backends()}[cluster.addrs[i]] != "healthy":
+            assert time.monotonic() < deadline, proxy.backends()
+            time.sleep(0.05)
+
+    try:
+        try:
+            workload.start()
+            run.begin()
+            rolling_restart(cluster, run, take_out=note, put_back=readmitted)
+        finally:
+            workload.stop()
+        figures = workload.figures()
+        noticed = sum(f"backend {a} unhealthy" in proxy.log() for a in cluster.addrs)
+        line = (f"{figures.summary()} sessions_on_stopped_nodes={'/'.join(map(str, held))} "
+                f"noticed_by_health={noticed}/3 ({time.monotonic() - started:.0f}s)")
+        report["proxy_stop_start"] = line
+        record_property("rolling_restart", f"proxy stop/start only {line}")
+        kinds = ", ".join(f"{k} x{n}" for k, n in figures.error_kinds.most_common())
+        print(f"\nproxy, stop/start only: {line}\nerrors: {kinds}")
+        assert noticed == 3, _log_tail(proxy)
+        assert figures.errors <= sum(held), line
+        assert all(n > 0 for n in workload.commits()), workload.commits()
+        assert check_rows(cluster, workload) == {}
+    finally:
+        workload.close()
+
+
 def _sessions(proxy: ProxyProcess, backend: str | None = None) -> list[dict[str, Any]]:
     status, body = proxy.api("/api/admin/sessions")
     assert status == 200, body

@@ -71,7 +71,13 @@ from tiproxy.session.login import (
 )
 from tiproxy.session.prepared import execute_types, packet_stmt_id, with_stmt_id, with_types
 from tiproxy.session.state import SessionState
-from tiproxy.session.statements import STATE_FIRST_BYTES, may_change_state, statement_effects
+from tiproxy.session.statements import (
+    LETTERS,
+    STATE_FIRST_BYTES,
+    STATE_PREFIXES,
+    may_change_state,
+    statement_effects,
+)
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
@@ -379,7 +385,11 @@ class Session(SessionMoves):
                 if header + 4 == n and n - 4 < MAX_PAYLOAD:
                     cmd = data[4]
                     if cmd == _QUERY:
-                        fast = (self._move is None and data[5] not in STATE_FIRST_BYTES
+                        first = data[5]
+                        fast = (self._move is None
+                                and (first not in STATE_FIRST_BYTES or (
+                                    first in LETTERS
+                                    and data[5:9].upper() not in STATE_PREFIXES))
                                 and b"_lock" not in data and b"_LOCK" not in data
                                 and b"_Lock" not in data and not (self._multi and b";" in data))
                     elif cmd == _EXECUTE:
