@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from typing import Any
@@ -40,6 +41,8 @@ def test_sessions_follow_the_topology(etcd_server: EtcdServer, mariadb_factory: 
             time.sleep(0.1)
         assert all(b["sources"] == ["etcd"] and b["labels"] == {"zone": "z1"}
                    for b in proxy.backends())
+        _, health = proxy.api("/api/debug/health")
+        assert json.loads(health)["discovery"] == {"etcd": "ok"}
         conns = [proxy.connect() for _ in range(100)]
         for i, c in enumerate(conns):
             with c.cursor() as cur:

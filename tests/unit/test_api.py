@@ -48,6 +48,9 @@ class FakeView:
     def config(self) -> Config:
         return self.cfg
 
+    def discovery_status(self) -> dict[str, str]:
+        return {"etcd": "ok"}
+
     def session_views(self) -> list[SessionView]:
         return [SessionView(3, "app", "127.0.0.1:5000", "127.0.0.1:3308", True, "drained",
                             "pinned: LOCK TABLES")]
@@ -94,6 +97,7 @@ def test_health_is_200_with_the_config_checksum() -> None:
             assert r.status == 200
             body = await r.json()
         assert body["config_checksum"] == config_checksum(CONFIG)
+        assert body["discovery"] == {"etcd": "ok"}
 
     _serve(view, check)
 
@@ -151,7 +155,8 @@ def test_backends_list() -> None:
             ("127.0.0.1:3308", "draining", 3, ["drained"], ""),
         ]
         assert body[0]["labels"] == {"zone": "east"} and body[0]["score"] == 4.0
-        assert body[0]["load"] == {"threads_running": 1.5, "queries_per_second": 20.0}
+        assert body[0]["load"] == {"threads_running": 1.5, "queries_per_second": 20.0,
+                                   "cpu": 0.0}
         assert body[0]["sources"] == ["static"]
 
     _serve(_view(), check)

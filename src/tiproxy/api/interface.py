@@ -28,6 +28,7 @@ class BackendView:
     score: float = 0.0  # lower is better: new sessions go to the lowest
     threads_running: float = 0.0
     queries_per_second: float = 0.0
+    cpu: float = 0.0  # a TiDB's cores busy
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class ProxyView(Protocol):
     def session_views(self) -> list[SessionView]: ...
     def migration_stats(self) -> MigrationStats: ...
     def config(self) -> Config: ...
+    def discovery_status(self) -> Mapping[str, str]: ...  # source -> "ok" or its error
 
 
 @runtime_checkable

@@ -92,6 +92,7 @@ async def _health(request: web.Request) -> web.Response:
     body = {
         "config_checksum": config_checksum(view.config()),
         "status": "shutting down" if shutting_down else "healthy",
+        "discovery": dict(view.discovery_status()),
     }
     return web.json_response(body, status=502 if shutting_down else 200)
 
@@ -132,7 +133,7 @@ async def _backends(request: web.Request) -> web.Response:
          "sources": list(b.sources), "health": b.health, "labels": dict(b.labels),
          "namespace": b.namespace, "score": b.score,
          "load": {"threads_running": b.threads_running,
-                  "queries_per_second": b.queries_per_second}}
+                  "queries_per_second": b.queries_per_second, "cpu": b.cpu}}
         for b in backends
     ]
     return web.json_response(body, dumps=_dumps)

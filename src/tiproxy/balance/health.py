@@ -7,7 +7,8 @@ A check must:
 - with `[security] auth-sync-user`, log in and answer SHOW GLOBAL STATUS: a MariaDB Galera node
   must be `wsrep_ready = ON` and Synced (`wsrep_local_state = 4`), since a joining, donor or
   desynced node refuses or delays queries; Threads_running and the Questions rate give the load;
-- for TiDB (a status port in its topology), answer `GET /status` on the status port.
+- for TiDB (a status port in its topology), answer `GET /status` on the status port; its
+  `/metrics` (process_cpu_seconds_total) gives the load.
 `failure-threshold` failures in a row mark a backend unhealthy (it gets no new sessions and its
 sessions move away while it still answers); `success-threshold` successes mark it healthy again.
 The checks run in the event loop but never touch the data path: they are separate connections
@@ -42,6 +43,7 @@ STATUS_SQL = ("SHOW GLOBAL STATUS WHERE Variable_name IN "
 WSREP_ON_SQL = "SHOW GLOBAL VARIABLES WHERE Variable_name = 'wsrep_on'"
 GALERA_SYNCED = "4"
 SMOOTHING = 0.5  # weight of the newest load sample
+METRICS_LIMIT = 4 << 20  # bytes of a TiDB's /metrics read: enough for its own, bounded
 
 
 @dataclass
@@ -50,6 +52,8 @@ class _Streak:
     successes: int = 0
     questions: float = -1.0
     questions_at: float = 0.0
+    cpu_seconds: float = -1.0
+    cpu_at: float = 0.0
 
 
 class HealthChecker:
@@ -110,7 +114,7 @@ class HealthChecker:
         else:
             problem = await _greets(backend)
         if not problem and backend.status_port:
-            problem = await _tidb_status(backend.host, backend.status_port)
+            problem = await _tidb_status(backend, streak)
         return problem
 
     async def _status(self, conn: AdminConnection, backend: Backend, streak: _Streak) -> str:
@@ -142,9 +146,36 @@ async def _greets(backend: Backend) -> str:
     return ""
 
 
-async def _tidb_status(host: str, port: int) -> str:
-    async with aiohttp.ClientSession() as http, http.get(f"http://{host}:{port}/status") as r:
-        return "" if r.status == 200 else f"status port answered HTTP {r.status}"
+async def _tidb_status(backend: Backend, streak: _Streak) -> str:
+    """TiDB's status port: /status must answer 200; /metrics gives its CPU (the load)."""
+    base = f"http://{backend.host}:{backend.status_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/status") as r:
+            if r.status != 200:
+                return f"status port answered HTTP {r.status}"
+        async with http.get(f"{base}/metrics") as r:
+            text = await r.content.read(METRICS_LIMIT) if r.status == 200 else b""
+    cpu = _metric(text, b"process_cpu_seconds_total")
+    now = time.monotonic()
+    if cpu is not None:
+        if streak.cpu_seconds >= 0 and now > streak.cpu_at:
+            rate = max(0.0, cpu - streak.cpu_seconds) / (now - streak.cpu_at)
+            load = backend.load
+            load.cpu = SMOOTHING * rate + (1 - SMOOTHING) * load.cpu if load.sampled else rate
+            load.sampled = True
+        streak.cpu_seconds, streak.cpu_at = cpu, now
+    return ""
+
+
+def _metric(text: bytes, name: bytes) -> float | None:
+    """The value of an unlabelled sample in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + b" "):
+            try:
+                return float(line.split()[1])
+            except (IndexError, ValueError):
+                return None
+    return None
 
 
 def _sample_load(backend: Backend, streak: _Streak, status: dict[str, str]) -> None:

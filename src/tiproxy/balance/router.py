@@ -34,6 +34,7 @@ log = logging.getLogger("tiproxy.router")
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 LOAD_STEP = 2.0  # threads running per step of the load factor
+CPU_AS_THREADS = 4.0  # a TiDB's busy core counts as this many running threads
 
 DRAIN_API = "drained"
 DRAIN_FAIL_LIST = "fail-backend-list"
@@ -49,6 +50,7 @@ class Load:
 
     threads_running: float = 0.0  # smoothed, the check's own thread not counted
     queries_per_second: float = 0.0
+    cpu: float = 0.0  # cores busy, from a TiDB's own metrics (process_cpu_seconds_total)
     sampled: bool = False
 
 
@@ -103,7 +105,9 @@ class Backend:
 
     @property
     def load_step(self) -> int:
-        return int(self.load.threads_running // LOAD_STEP)
+        """Coarse load: MariaDB/MySQL by threads running, TiDB by CPU (a core ~ 4 threads)."""
+        busy = max(self.load.threads_running, self.load.cpu * CPU_AS_THREADS)
+        return int(busy // LOAD_STEP)
 
 
 def split_addr(addr: str, default_host: str = "127.0.0.1") -> tuple[str, int]:

@@ -292,7 +292,7 @@ class Session(SessionMoves):
             self._run(actions)
             await self._relay_login(leg)
             return
-        self._refuse_no_backend(2 + login._seq_shift)
+        self._refuse_no_backend(2 + login.seq_shift)
 
     async def _relay_login(self, leg: BackendLeg) -> None:
         """Relay the backend's side of the authentication until OK or ERR."""

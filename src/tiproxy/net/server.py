@@ -4,7 +4,8 @@ Beside accepting clients it runs two small loops of the control plane, which sta
 planes split into processes:
 - maintenance, twice a second: sessions on a draining backend are asked to move; moves whose
   retry time has come are tried again; sessions still pinned on a draining backend after
-  `[proxy] failover-timeout` are closed with a logged reason;
+  `[proxy] failover-timeout` are closed with a logged reason, and other moves still waiting
+  then (a redirect of a pinned session) are given up;
 - credential sync: the stored password hashes are read from the backends by `[security]
   auth-sync-user` every `auth-sync-interval`, and at once when a login matched none of them.
 """
@@ -68,7 +69,7 @@ class ProxyServer:
         self.health = HealthChecker(self.router, cfg)
         self.rebalancer = Rebalancer(self.router, cfg)
         self._sources: dict[str, tuple[tuple[str, ...], asyncio.Task[None]]] = {}
-        self.source_errors: dict[str, DiscoverySource] = {}
+        self._running_sources: dict[str, DiscoverySource] = {}
         self.sessions: dict[int, Session] = {}
         self.credentials = CredentialStore()
         self._next_id = 0
@@ -156,12 +157,12 @@ class ProxyServer:
             if running is not None:
                 running[1].cancel()
                 del self._sources[name]
-                self.source_errors.pop(name, None)
+                self._running_sources.pop(name, None)
                 if source is None:
                     self.router.update(name, {})
             if source is not None:
                 self._sources[name] = (settings, loop.create_task(source.run(self.router)))
-                self.source_errors[name] = source
+                self._running_sources[name] = source
 
     def _load_users_file(self, path: str) -> None:
         try:
@@ -234,12 +235,18 @@ class ProxyServer:
             now = time.monotonic()
             for session in list(self.sessions.values()):
                 move = session.move_request
-                if move is None or session.phase != COMMAND:
+                if move is None or session.phase != COMMAND or session.try_move():
                     continue
-                if not session.try_move() and timeout and session.backend is not None \
-                        and session.backend.draining and now - move.requested_at > timeout:
-                    session.close(f"still on draining backend {session.backend.addr} after "
+                backend = session.backend
+                if not timeout or backend is None or now - move.requested_at <= timeout:
+                    continue
+                if backend.draining:
+                    session.close(f"still on draining backend {backend.addr} after "
                                   f"failover-timeout ({timeout}s): {move.waiting}")
+                else:  # a redirect or a rebalance that never found its moment: let it go
+                    log.info("session %d: move (%s) given up after %ds: %s", session.id,
+                             move.reason, timeout, move.waiting)
+                    session.cancel_move()
             self.router.forget_empty()
 
     # -- credentials ------------------------------------------------------------------------------
@@ -313,7 +320,7 @@ class ProxyServer:
                 b.last_error if b.down else "", sources=sorted(b.sources), health=b.health,
                 labels=b.labels, namespace=b.namespace, score=self.router.score(b),
                 threads_running=b.load.threads_running,
-                queries_per_second=b.load.queries_per_second,
+                queries_per_second=b.load.queries_per_second, cpu=b.load.cpu,
             )
             for b in self.router.backends.values()
         ]
@@ -340,6 +347,10 @@ class ProxyServer:
 
     def config(self) -> Config:
         return self._config
+
+    def discovery_status(self) -> dict[str, str]:
+        """Each running discovery source: "ok", or why it cannot reach its origin."""
+        return {name: source.error or "ok" for name, source in self._running_sources.items()}
 
     def backend_addr_known(self, addr: str) -> bool:
         return addr in self.router.backends and \

@@ -143,6 +143,11 @@ class Login:
         self._seq_shift = 0  # the client leg runs one packet ahead once TLS was set up
         self._backend_caps = 0
 
+    @property
+    def seq_shift(self) -> int:
+        """How far the client leg's sequence ids run ahead of the backend's (1 after TLS)."""
+        return self._seq_shift
+
     def start(self) -> bytes:
         return frame(build_greeting(self.greeting), 0)
 
