@@ -136,10 +136,10 @@ def test_loaded_backend_gets_fewer_new_sessions_and_nothing_bounces(
         conns = [proxy.connect() for _ in range(12)]
         placed = Counter(backend_of(c) for c in conns)
         assert placed[busy.port] <= 1, placed
-        # the balancer may move sessions off the loaded backend, but no session twice in a row
-        time.sleep(15)
+        # a minute of balancing under load: no session moves more than twice
+        time.sleep(60)
         for s in proxy.sessions():
-            assert s["moves"] <= 1, s
+            assert s["moves"] <= 2, s
         assert all(backend_of(c) != busy.port for c in conns)
     finally:
         stop.set()

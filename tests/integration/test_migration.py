@@ -425,3 +425,18 @@ def test_users_file_is_enough_to_move(pair: list[MariaDBServer], proxy_factory: 
         time.sleep(0.3)
         s = proxy.session(conn.thread_id())
         assert s["backend"] == old and "no reusable credential" in s["waiting"]
+
+
+def test_a_redirect_that_cannot_happen_is_given_up(pair: list[MariaDBServer],
+                                                   proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory([b.addr for b in pair], "failover-timeout = 1" + ADMIN_TOML)
+    with proxy.connect(EDU) as conn, conn.cursor() as cur:
+        proxy.redirect()
+        assert proxy.session(conn.thread_id())["moving"]
+        deadline = time.monotonic() + 5
+        while proxy.session(conn.thread_id())["moving"]:
+            assert time.monotonic() < deadline, proxy.session(conn.thread_id())
+            time.sleep(0.1)
+        cur.execute("SELECT 1")  # the session lives on where it was
+        assert cur.fetchone() == (1,)
+    assert "given up" in proxy.log()
