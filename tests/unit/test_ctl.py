@@ -32,6 +32,9 @@ class FakeView:
     def config(self) -> Config:
         return CONFIG
 
+    def discovery_status(self) -> dict[str, str]:
+        return {}
+
 
 @dataclass
 class RunningAPI:
