@@ -162,12 +162,8 @@ CURSOR_TYPE_READ_ONLY = 0x01
 
 # Error codes the proxy itself sends (with their SQLSTATE), from the server's error list.
 ER_CON_COUNT_ERROR = 1040  # Too many connections, SQLSTATE 08004
-ER_HANDSHAKE_ERROR = 1043  # Bad handshake, SQLSTATE 08S01
 ER_UNKNOWN_COM_ERROR = 1047  # Unknown command, SQLSTATE 08S01
 ER_NO_SUCH_THREAD = 1094  # Unknown thread id, SQLSTATE HY000
 ER_NET_PACKET_TOO_LARGE = 1153  # SQLSTATE 08S01
-ER_NET_READ_ERROR = 1158
 ER_CONNECTION_KILLED = 1927  # MariaDB's "Connection was killed", SQLSTATE 70100
-CR_CONN_HOST_ERROR = 2003  # client error code, used for "backend unavailable"
 
-DEFAULT_AUTH_PLUGIN = "mysql_native_password"
