@@ -8,6 +8,7 @@ CI installs it (scripts/setup.sh), and a silent skip would hide a broken setup.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -69,8 +70,8 @@ def proxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFac
     """Start a proxy of a test's own; stopped when the test ends, pass or fail."""
     started: list[ProxyProcess] = []
 
-    def start(backend_addrs: Sequence[str], extra_toml: str = "") -> ProxyProcess:
-        p = ProxyProcess(tmp_path_factory.mktemp("proxy"), backend_addrs, extra_toml)
+    def start(backend_addrs: Sequence[str], extra_toml: str = "", **options: Any) -> ProxyProcess:
+        p = ProxyProcess(tmp_path_factory.mktemp("proxy"), backend_addrs, extra_toml, **options)
         started.append(p)
         return p.start()
 

@@ -19,12 +19,21 @@ from tiproxy.playground.mariadb import AppUser, free_port
 
 
 class ProxyProcess:
-    """One proxy on free ports with a log file; stop() is safe to call twice."""
+    """One proxy on free ports with a log file; stop() is safe to call twice.
 
-    def __init__(self, workdir: Path, backend_addrs: Sequence[str], extra_toml: str = "") -> None:
+    `api_host` is where the API listens (127.0.0.1 unless a test needs another interface);
+    `api_token_file` becomes `[api] auth-token-file`, and `api()` sends `api_token`, if given,
+    as the bearer token.
+    """
+
+    def __init__(self, workdir: Path, backend_addrs: Sequence[str], extra_toml: str = "", *,
+                 api_host: str = "127.0.0.1", api_token_file: Path | None = None,
+                 api_token: str | None = None) -> None:
         self.workdir = workdir
         self.port = free_port()
+        self.api_host = api_host
         self.api_port = free_port()
+        self.api_token = api_token
         self.config_path = workdir / "proxy.toml"
         self.log_path = workdir / "proxy.log"
         addrs = ", ".join(f'"{a}"' for a in backend_addrs)
@@ -35,7 +44,8 @@ class ProxyProcess:
             f"backend-addrs = [{addrs}]\n"
             f"{proxy_extra}\n"
             "[api]\n"
-            f'addr = "127.0.0.1:{self.api_port}"\n'
+            f'addr = "{api_host}:{self.api_port}"\n'
+            + (f'auth-token-file = "{api_token_file}"\n' if api_token_file else "") +
             "[log]\n"
             'level = "info"\n' + (f"[{rest}\n" if rest else "")
         )
@@ -54,7 +64,7 @@ class ProxyProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                wait_for_port("127.0.0.1", self.api_port, timeout=0.2)
+                wait_for_port(self.api_host, self.api_port, timeout=0.2)
                 wait_for_port("127.0.0.1", self.port, timeout=0.2)
             except TimeoutError:
                 if time.monotonic() > deadline:
@@ -88,8 +98,10 @@ class ProxyProcess:
         )
 
     def api(self, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
+        headers = {"Authorization": f"Bearer {self.api_token}"} if self.api_token else {}
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.api_port}{path}", data=body, method=method
+            f"http://{self.api_host}:{self.api_port}{path}", data=body, method=method,
+            headers=headers,
         )
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
@@ -134,5 +146,6 @@ class ProxyProcess:
 class ProxyFactory:
     """The callable the `proxy_factory` fixture returns (a Protocol in spirit)."""
 
-    def __call__(self, backend_addrs: Sequence[str], extra_toml: str = "") -> ProxyProcess:
+    def __call__(self, backend_addrs: Sequence[str], extra_toml: str = "",
+                 **options: Any) -> ProxyProcess:  # options: ProxyProcess's keywords
         raise NotImplementedError

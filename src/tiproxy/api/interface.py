@@ -41,6 +41,8 @@ class SessionView:
     move_reason: str
     waiting: str  # why it has not moved yet, or why it could not move now ("pinned: ...")
     moves: int = 0  # how many times it has moved
+    client_tls: bool = False  # the client leg is TLS
+    backend_tls: bool = False  # the backend leg is TLS (kept when the session moves)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ProxyView(Protocol):
     def migration_stats(self) -> MigrationStats: ...
     def config(self) -> Config: ...
     def discovery_status(self) -> Mapping[str, str]: ...  # source -> "ok" or its error
+    def server_errors(self) -> Mapping[str, int]: ...  # tiproxy_server_err by type
 
 
 @runtime_checkable
@@ -68,4 +71,4 @@ class ProxyControl(ProxyView, Protocol):
 
     def drain(self, addr: str, drain: bool) -> None: ...  # KeyError: unknown backend
     def redirect_all(self) -> int: ...
-    def apply_config(self, cfg: Config) -> None: ...
+    async def apply_config(self, cfg: Config) -> None: ...  # checked: config/reload.py

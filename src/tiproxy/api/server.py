@@ -7,17 +7,22 @@ Routes (TiProxy's, plus our own backend list):
   `Accept: application/json`. Always redacted.
 - `GET /api/admin/backends`: `[{"addr", "status", "connections"}, ...]`.
 - `GET /metrics` and `GET /api/metrics`: Prometheus text format.
-Handlers only read the view; nothing here blocks the event loop for long.
+- `PUT /api/admin/config`, `POST /api/debug/redirect`, `POST /api/admin/backends/{addr}/drain`
+  and `/undrain`: the write routes, which auth.py guards (every method but GET and HEAD).
+Nothing here blocks the event loop for long: a request body is at most 1 MiB (413 beyond), and
+the files a new config names are checked in a thread (config/reload.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import asdict
 
 from aiohttp import web
 from prometheus_client.registry import CollectorRegistry
 
+from tiproxy.api.auth import write_guard
 from tiproxy.api.interface import ProxyControl, ProxyView
 from tiproxy.api.metrics import METRICS_CONTENT_TYPE, build_registry, render_metrics
 from tiproxy.config import (
@@ -27,10 +32,16 @@ from tiproxy.config import (
     config_to_toml,
     merge_config,
 )
+from tiproxy.config.reload import check_reload
 from tiproxy.config.values import split_host_port
 
 _VIEW: web.AppKey[ProxyView] = web.AppKey("view")
 _REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
+# One config change at a time: each is merged onto the config the one before it left.
+_RELOAD_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("reload_lock")
+
+# Bodies are partial TOML configs: 1 MiB is plenty, and stops a caller from filling memory.
+MAX_BODY_BYTES = 1024 * 1024
 
 # Seconds that close() waits for requests in flight; API requests are short.
 _SHUTDOWN_TIMEOUT = 2.0
@@ -65,9 +76,13 @@ async def start_api(view: ProxyView, addr: str) -> APIServer:
 
 def build_app(view: ProxyView) -> web.Application:
     """The aiohttp application; tests may serve it with aiohttp's test utilities."""
-    app = web.Application()
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[write_guard(lambda: view.config().api.auth_token_file)],
+    )
     app[_VIEW] = view
     app[_REGISTRY] = build_registry(view)
+    app[_RELOAD_LOCK] = asyncio.Lock()
     routes = [
         ("GET", "/api/debug/health", _health),
         ("GET", "/api/admin/config", _config_get),
@@ -116,12 +131,22 @@ def _wants_json(request: web.Request) -> bool:
 async def _config_put(request: web.Request) -> web.Response:
     """TiProxy's online reload: a (partial) TOML document applied over the running config."""
     view = request.app[_VIEW]
-    text = await request.text()
+    control = _control(view)
     try:
-        cfg = merge_config(view.config(), text)
-    except ConfigError as e:
-        return web.json_response({"error": str(e)}, status=400)
-    _control(view).apply_config(cfg)
+        text = (await request.read()).decode("utf-8")
+    except web.HTTPRequestEntityTooLarge:
+        return web.json_response(
+            {"error": f"the body is larger than {MAX_BODY_BYTES // 1024} KiB"}, status=413)
+    except UnicodeDecodeError:
+        return web.json_response({"error": "the body is not UTF-8 text"}, status=400)
+    async with request.app[_RELOAD_LOCK]:
+        running = view.config()
+        try:
+            cfg = merge_config(running, text)
+            await check_reload(running, cfg)
+        except ConfigError as e:
+            return web.json_response({"error": str(e)}, status=400)
+        await control.apply_config(cfg)
     return web.json_response({"config_checksum": config_checksum(cfg)})
 
 

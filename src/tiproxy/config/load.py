@@ -18,7 +18,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tiproxy.config.model import CHECK, DECODE, REDACTED, SECRET, Config, FrozenMap
+from tiproxy.config.model import (
+    CHECK,
+    DECODE,
+    OFFLINE_SECTIONS,
+    ONLINE,
+    REDACTED,
+    SECRET,
+    Config,
+    FrozenMap,
+)
 from tiproxy.config.values import ItemError
 
 T = TypeVar("T")
@@ -58,6 +67,23 @@ def merge_config(cfg: Config, partial_toml_text: str) -> Config:
     from the API (redacted) can be edited and sent back without erasing passwords.
     """
     return _decode_onto(cfg, _parse_toml(partial_toml_text), "", merging=True)
+
+
+def offline_changes(running: object, new: object, path: str = "") -> list[str]:
+    """The dotted keys whose value differs between two configs (or sections of one) although
+    the running proxy does not re-read them (`online=False` in model.py, or a field whose class
+    is in OFFLINE_SECTIONS, which counts as one key)."""
+    changed: list[str] = []
+    for f in dataclasses.fields(running):  # type: ignore[arg-type]
+        old_value, new_value = getattr(running, f.name), getattr(new, f.name)
+        if old_value == new_value:
+            continue
+        key = f"{path}.{f.name.replace('_', '-')}" if path else f.name.replace("_", "-")
+        if not f.metadata.get(ONLINE, True) or type(old_value) in OFFLINE_SECTIONS:
+            changed.append(key)
+        elif dataclasses.is_dataclass(old_value):
+            changed.extend(offline_changes(old_value, new_value, key))
+    return changed
 
 
 def _parse_toml(text: str) -> dict[str, Any]:

@@ -9,7 +9,6 @@ account `[security] auth-sync-user` (see control/auth_sync.py). A user may have 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from tiproxy.protocol.auth import NATIVE_PLUGIN, parse_native_hash, recover_stage1
 
@@ -23,10 +22,15 @@ class CredentialStore:
         self._file: dict[str, set[bytes]] = {}
         self._synced: dict[str, set[bytes]] = {}
 
-    def load_users_file(self, path: str | Path) -> int:
-        """Read a users file; returns how many hashes it held. Raises UsersFileError."""
+    def load_users(self, data: bytes, origin: str) -> int:
+        """Replace the hashes of the users file with those in `data` (its content; `origin`
+        names it in errors); returns how many it held. Raises UsersFileError, naming the line
+        but never showing it (it holds a hash)."""
         hashes: dict[str, set[bytes]] = {}
-        text = Path(path).read_text(encoding="utf-8")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsersFileError(f"{origin}: not UTF-8 text") from None
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.split("#", 1)[0].strip()
             if not line:
@@ -34,7 +38,7 @@ class CredentialStore:
             user, _, auth = line.replace(":", " ", 1).rpartition(" ")
             parsed = parse_native_hash(auth)
             if not user.strip() or parsed is None:
-                raise UsersFileError(f"{path}:{number}: expected `user *HEX41`")
+                raise UsersFileError(f"{origin}:{number}: expected `user *HEX41`")
             hashes.setdefault(user.strip(), set()).add(parsed)
         self._file = hashes
         return sum(len(v) for v in hashes.values())
