@@ -51,6 +51,9 @@ class FakeView:
     def discovery_status(self) -> dict[str, str]:
         return {"etcd": "ok"}
 
+    def server_errors(self) -> dict[str, int]:
+        return {"load_cert": 2}
+
     def session_views(self) -> list[SessionView]:
         return [SessionView(3, "app", "127.0.0.1:5000", "127.0.0.1:3308", True, "drained",
                             "pinned: LOCK TABLES")]
@@ -169,7 +172,8 @@ def test_sessions_say_why_they_wait() -> None:
             body = await r.json()
         assert body == [{"id": 3, "user": "app", "client": "127.0.0.1:5000",
                          "backend": "127.0.0.1:3308", "moving": True, "move_reason": "drained",
-                         "waiting": "pinned: LOCK TABLES", "moves": 0}]
+                         "waiting": "pinned: LOCK TABLES", "moves": 0,
+                         "client_tls": False, "backend_tls": False}]
 
     _serve(_view(), check)
 

@@ -8,6 +8,8 @@ TiProxy's pkg/metrics so that its Grafana dashboard works unchanged:
 - `tiproxy_session_query_total{backend,cmd_type}` (counter): commands run on each backend.
 - `tiproxy_backend_b_status{backend}` (gauge): 1 while the backend is up, 0 while it is down.
 - `tiproxy_balance_b_conn{backend}` (gauge): connections routed to each backend.
+- `tiproxy_server_err{type}` (counter): errors of the proxy itself, e.g. `load_cert` for a
+  certificate file that did not load.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class ProxyCollector(Collector):
         yield _backend_connections(backends)
         yield _backend_scores(backends)
         yield from _migrations(self._view.migration_stats())
+        errors = CounterMetricFamily("tiproxy_server_err", "Counter of errors.", labels=["type"])
+        for kind, count in sorted(self._view.server_errors().items()):
+            errors.add_metric([kind], count)
+        yield errors
 
 
 def _query_totals(backends: list[BackendView]) -> Metric:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -29,6 +31,7 @@ from tiproxy.balance.router import Backend, Router
 from tiproxy.net.admin import AdminConnection
 from tiproxy.net.backend import BackendLeg
 from tiproxy.net.channel import sql_error
+from tiproxy.protocol.constants import Capability
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import parse_greeting
 
@@ -57,9 +60,13 @@ class _Streak:
 
 
 class HealthChecker:
-    def __init__(self, router: Router, config: Config) -> None:
+    def __init__(self, router: Router, config: Config,
+                 admin_tls: Callable[[], dict[str, Any]] = dict,
+                 cluster_tls: Callable[[], ssl.SSLContext | None] = lambda: None) -> None:
         self.router = router
         self.config = config
+        self.admin_tls = admin_tls  # the TLS arguments of the checks' logins (CertStore's)
+        self.cluster_tls = cluster_tls  # for TiDB's status port
         self._running: dict[str, asyncio.Task[None]] = {}
         self._streaks: dict[str, _Streak] = {}
 
@@ -106,7 +113,9 @@ class HealthChecker:
         if security.auth_sync_user:
             conn = await AdminConnection.open(backend.host, backend.port,
                                               security.auth_sync_user,
-                                              security.auth_sync_password)
+                                              security.auth_sync_password,
+                                              **self.admin_tls())
+            backend.offers_tls = conn.offers_tls
             try:
                 problem = await self._status(conn, backend, streak)
             finally:
@@ -114,7 +123,7 @@ class HealthChecker:
         else:
             problem = await _greets(backend)
         if not problem and backend.status_port:
-            problem = await _tidb_status(backend, streak)
+            problem = await _tidb_status(backend, streak, self.cluster_tls())
         return problem
 
     async def _status(self, conn: AdminConnection, backend: Backend, streak: _Streak) -> str:
@@ -142,14 +151,17 @@ async def _greets(backend: Backend) -> str:
     if payload[:1] == b"\xff":
         err = sql_error(payload)
         return f"refuses connections: {err.code} {err.message}"
-    parse_greeting(payload)
+    greeting = parse_greeting(payload)
+    backend.offers_tls = bool(greeting.capabilities & Capability.SSL)
     return ""
 
 
-async def _tidb_status(backend: Backend, streak: _Streak) -> str:
-    """TiDB's status port: /status must answer 200; /metrics gives its CPU (the load)."""
-    base = f"http://{backend.host}:{backend.status_port}"
-    async with aiohttp.ClientSession() as http:
+async def _tidb_status(backend: Backend, streak: _Streak, tls: ssl.SSLContext | None) -> str:
+    """TiDB's status port: /status must answer 200; /metrics gives its CPU (the load). Over
+    HTTPS with `[security] cluster-tls`."""
+    base = f"{'https' if tls else 'http'}://{backend.host}:{backend.status_port}"
+    connector = aiohttp.TCPConnector(ssl=tls if tls else True)
+    async with aiohttp.ClientSession(connector=connector) as http:
         async with http.get(f"{base}/status") as r:
             if r.status != 200:
                 return f"status port answered HTTP {r.status}"

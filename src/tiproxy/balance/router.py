@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tiproxy.discovery.base import DiscoveredBackend
+from tiproxy.protocol.constants import Capability
 from tiproxy.protocol.packets import Greeting
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class Backend:
     drained_by: set[str] = field(default_factory=set)  # the reasons it is draining
     load: Load = field(default_factory=Load)
     galera: bool = False  # a Galera node (wsrep_on), as the health checks found
+    offers_tls: bool | None = None  # its last greeting had CLIENT_SSL; None: not seen yet
     query_counts: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -207,13 +209,14 @@ class Router:
         return self.user_namespaces.get(user, DEFAULT_NAMESPACE)
 
     def candidates(self, exclude: Backend | None = None,
-                   namespace: str | None = DEFAULT_NAMESPACE) -> list[Backend]:
-        """Backends to try for a session of `namespace` (None: any), best first."""
+                   namespace: str | None = DEFAULT_NAMESPACE, tls: bool = False) -> list[Backend]:
+        """Backends to try for a session of `namespace` (None: any), best first; with `tls`,
+        only those that may offer TLS (a TLS session's backend leg stays TLS when it moves)."""
         now = time.monotonic()
         ready = [
             b for b in self.backends.values()
             if b is not exclude and namespace in (None, b.namespace) and not b.draining
-            and (not b.failures or now >= b.retry_at)
+            and (not b.failures or now >= b.retry_at) and not (tls and b.offers_tls is False)
         ]
         return sorted(ready, key=self.score_key)
 
@@ -238,6 +241,7 @@ class Router:
         backend.last_error = ""
         if greeting is not None:
             self.template = greeting
+            backend.offers_tls = bool(greeting.capabilities & Capability.SSL)
 
     def failed(self, backend: Backend, reason: str) -> None:
         backend.failures += 1

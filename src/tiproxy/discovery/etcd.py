@@ -29,6 +29,7 @@ import base64
 import json
 import logging
 import random
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -235,8 +236,9 @@ def apply_watch_message(line: bytes, view: TopologyView) -> int:
     return len(events)
 
 
-def _endpoint_url(endpoint: str) -> str:
-    url = endpoint if "://" in endpoint else f"http://{endpoint}"
+def _endpoint_url(endpoint: str, tls: bool = False) -> str:
+    """A pd-addrs entry as a URL: "host:port" is http, or https with `[security] cluster-tls`."""
+    url = endpoint if "://" in endpoint else f"{'https' if tls else 'http'}://{endpoint}"
     return url.rstrip("/")
 
 
@@ -255,11 +257,13 @@ class EtcdTopology:
     name = "etcd"
 
     def __init__(
-        self, endpoints: Sequence[str], prefix: str = TIDB_TOPOLOGY_PREFIX, timeout: float = 5.0
+        self, endpoints: Sequence[str], prefix: str = TIDB_TOPOLOGY_PREFIX, timeout: float = 5.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("etcd discovery needs at least one endpoint")
-        self._urls = [_endpoint_url(e) for e in endpoints]
+        self._tls = tls  # `[security] cluster-tls`: etcd is reached over HTTPS
+        self._urls = [_endpoint_url(e, tls is not None) for e in endpoints]
         self._prefix = prefix if prefix.endswith("/") else prefix + "/"
         self._timeout = timeout
         self._idle = 2 * timeout  # a watch silent this long is probed
@@ -268,7 +272,7 @@ class EtcdTopology:
         self.error = ""
 
     async def run(self, sink: BackendSink) -> None:
-        connector = aiohttp.TCPConnector(limit=4)
+        connector = aiohttp.TCPConnector(limit=4, ssl=self._tls if self._tls else True)
         timeout = aiohttp.ClientTimeout(total=self._timeout)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             index = 0

@@ -8,6 +8,8 @@ stored password hashes that let sessions move.
 from __future__ import annotations
 
 import asyncio
+import ssl
+from dataclasses import replace
 
 from tiproxy.net.backend import BackendLeg
 from tiproxy.net.channel import Row, query, sql_error
@@ -33,19 +35,26 @@ class AdminConnection:
     """Log in, run statements, close. Methods raise SQLError, ProtocolError, OSError or
     TimeoutError."""
 
-    def __init__(self, leg: BackendLeg, deprecate_eof: bool) -> None:
+    def __init__(self, leg: BackendLeg, deprecate_eof: bool, offers_tls: bool) -> None:
         self._leg = leg
         self._deprecate_eof = deprecate_eof
+        self.offers_tls = offers_tls  # the server's greeting had CLIENT_SSL
 
     @classmethod
-    async def open(cls, host: str, port: int, user: str, password: str) -> AdminConnection:
+    async def open(cls, host: str, port: int, user: str, password: str, *,
+                   tls: ssl.SSLContext | None = None, require_tls: bool = False,
+                   ) -> AdminConnection:
+        """Log in; over TLS when `tls` is given and the backend offers it (always, with
+        `require_tls`: `[security] require-backend-tls`)."""
         leg = await BackendLeg.open(host, port, TIMEOUT)
         try:
-            caps = await asyncio.wait_for(_login(leg, user, password.encode()), TIMEOUT)
+            caps, offered = await asyncio.wait_for(
+                _login(leg, host, user, password.encode(), tls=tls, require_tls=require_tls),
+                TIMEOUT)
         except BaseException:
             leg.abort()
             raise
-        return cls(leg, bool(caps & Capability.DEPRECATE_EOF))
+        return cls(leg, bool(caps & Capability.DEPRECATE_EOF), bool(offered & Capability.SSL))
 
     async def query(self, sql: str) -> list[Row]:
         result = await asyncio.wait_for(query(self._leg, sql, self._deprecate_eof), TIMEOUT)
@@ -55,12 +64,20 @@ class AdminConnection:
         self._leg.close()
 
 
-async def _login(leg: BackendLeg, user: str, password: bytes) -> int:
+async def _login(leg: BackendLeg, host: str, user: str, password: bytes, *,
+                 tls: ssl.SSLContext | None, require_tls: bool) -> tuple[int, int]:
+    """Log in; (the capabilities used, the capabilities the server offered)."""
     _, payload = await leg.read_packet()
     if payload[:1] == b"\xff":
         raise sql_error(payload)
     greeting = parse_greeting(payload)
     caps = _CAPS & greeting.capabilities | Capability.PROTOCOL_41
+    use_tls = tls is not None and bool(greeting.capabilities & Capability.SSL)
+    if require_tls and not use_tls:
+        why = "sql-tls is not configured" if tls is None else "the backend does not offer TLS"
+        raise ProtocolError(f"require-backend-tls is set, but {why}", Origin.PROXY)
+    if use_tls:
+        caps |= Capability.SSL
     native = greeting.auth_plugin == NATIVE_PLUGIN
     response = HandshakeResponse(
         capabilities=caps,
@@ -70,11 +87,17 @@ async def _login(leg: BackendLeg, user: str, password: bytes) -> int:
         auth_data=native_password_scramble(password, greeting.salt) if native else b"",
         auth_plugin=NATIVE_PLUGIN,
     )
-    leg.write(frame(build_handshake_response(response), 1))
+    seq = 1
+    if use_tls:
+        assert tls is not None
+        leg.write(frame(build_handshake_response(replace(response, ssl_request_only=True)), 1))
+        await leg.start_tls(tls, host)
+        seq = 2
+    leg.write(frame(build_handshake_response(response), seq))
     while True:
         seq, payload = await leg.read_packet()
         if payload[:1] == b"\x00":
-            return caps
+            return caps, greeting.capabilities
         if payload[:1] == b"\xff":
             raise sql_error(payload)
         if payload[:1] != b"\xfe":

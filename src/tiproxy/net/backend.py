@@ -8,6 +8,7 @@ Attached, every chunk goes straight to the session's hot path (`Session.backend_
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 10.0
+TLS_HANDSHAKE_TIMEOUT = 5.0
 
 
 class BackendLeg(asyncio.Protocol):
@@ -36,6 +38,22 @@ class BackendLeg(asyncio.Protocol):
         leg = cls()
         await asyncio.wait_for(loop.create_connection(lambda: leg, host, port), timeout)
         return leg
+
+    async def start_tls(self, ctx: ssl.SSLContext, server_hostname: str) -> None:
+        """Upgrade to TLS after the SSLRequest (detached, nothing unread: the server sends
+        nothing between its greeting and the TLS handshake). Raises OSError or ssl.SSLError."""
+        assert self.transport is not None and self.session is None and self.clean
+        loop = asyncio.get_running_loop()
+        tls = await loop.start_tls(self.transport, self, ctx, server_hostname=server_hostname,
+                                   ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        if tls is None:
+            raise ConnectionError("backend closed the connection during the TLS handshake")
+        self.transport = tls
+
+    @property
+    def tls(self) -> bool:
+        return self.transport is not None and \
+            self.transport.get_extra_info("ssl_object") is not None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 

@@ -72,7 +72,8 @@ def _kill_elsewhere(session: Session, target: Session, query_only: bool) -> None
     async def run() -> None:
         try:
             conn = await AdminConnection.open(backend.host, backend.port,
-                                              security.auth_sync_user, security.auth_sync_password)
+                                              security.auth_sync_user, security.auth_sync_password,
+                                              **session.server.tls.admin_options())
             try:
                 await conn.query(sql)
             finally:

@@ -28,6 +28,7 @@ from tiproxy.protocol.auth import NATIVE_PLUGIN, scramble_from_stage1
 from tiproxy.protocol.constants import Capability
 from tiproxy.protocol.errors import Origin, ProtocolError
 from tiproxy.protocol.packets import (
+    HandshakeResponse,
     build_handshake_response,
     frame,
     parse_auth_switch,
@@ -75,7 +76,7 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
         raise MigrationError("connect", _why(e), old_intact=_reattach(old, session)) from e
     step = "login"
     try:
-        connection_id, status = await _login(session, new, captured)
+        connection_id, status = await _login(session, new, captured, target)
         step = "restore"
         stmt_ids = await _restore(session, new, target, captured, deprecate_eof)
     except BaseException as e:
@@ -131,7 +132,23 @@ async def _capture(session: Session, leg: BackendLeg, deprecate_eof: bool) -> _C
     return _Captured(mysql=state, galera_gtid=gtid)
 
 
-async def _login(session: Session, leg: BackendLeg, captured: _Captured) -> tuple[int, int]:
+async def _start_tls(session: Session, leg: BackendLeg, offered: int,
+                     response: HandshakeResponse, target: Backend) -> int:
+    """SSLRequest and TLS on the new leg; the sequence id of the response that follows."""
+    ctx = session.server.tls.sql
+    target.offers_tls = bool(offered & Capability.SSL)  # the router skips it for TLS moves
+    if ctx is None or not offered & Capability.SSL:
+        why = "sql-tls is no longer configured" if ctx is None else "the target offers no TLS"
+        raise ProtocolError(f"the session's backend leg is TLS, but {why}", Origin.PROXY)
+    request = replace(response, capabilities=response.capabilities | Capability.SSL,
+                      ssl_request_only=True)
+    leg.write(frame(build_handshake_response(request), 1))
+    await leg.start_tls(ctx, target.host)
+    return 2
+
+
+async def _login(session: Session, leg: BackendLeg, captured: _Captured,
+                 target: Backend) -> tuple[int, int]:
     """Log in as the session's user; returns (backend connection id, status)."""
     _, payload = await leg.read_packet()
     if payload[:1] == b"\xff":
@@ -155,12 +172,17 @@ async def _login(session: Session, leg: BackendLeg, captured: _Captured) -> tupl
         plugin = NATIVE_PLUGIN
         native = greeting.auth_plugin == plugin
         auth = scramble_from_stage1(stage1, greeting.salt) if native else b""
+    caps = caps & ~Capability.SSL | Capability.PLUGIN_AUTH
     response = replace(
-        base, capabilities=caps | Capability.PLUGIN_AUTH, user=session.user.encode(),
+        base, capabilities=caps, user=session.user.encode(),
         auth_data=auth, auth_plugin=plugin, database=database, mariadb_capabilities=0,
         ssl_request_only=False,
     )
-    leg.write(frame(build_handshake_response(response), 1))
+    seq = 1
+    if session.backend_tls:  # the session keeps its TLS decision on every backend
+        seq = await _start_tls(session, leg, greeting.capabilities, response, target)
+        response = replace(response, capabilities=caps | Capability.SSL)
+    leg.write(frame(build_handshake_response(response), seq))
     while True:
         seq, payload = await leg.read_packet()
         if payload[:1] == b"\x00":

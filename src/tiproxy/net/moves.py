@@ -62,6 +62,10 @@ class SessionMoves:
     tracker: Any
     state: Any
     backend_caps: int
+    backend_tls: bool
+    keepalive_unhealthy: bool
+
+    def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None: ...
     _cbuf: bytearray
     _ccont: bool
 
@@ -129,15 +133,20 @@ class SessionMoves:
         if move.waiting:
             return False
         target = move.target
-        if target is None or target.draining or target is self.backend:
+        if target is None or target.draining or target is self.backend or not self._fits(target):
             choices = self.server.router.candidates(exclude=self.backend,
-                                                    namespace=self.namespace)
+                                                    namespace=self.namespace,
+                                                    tls=self.backend_tls)
             target = choices[0] if choices else None
         if target is None:
             move.waiting = "no backend to move to"
             return False
         self._start_move(target)
         return True
+
+    def _fits(self, target: Backend) -> bool:
+        """A TLS backend leg may only move to a backend that offers TLS."""
+        return not (self.backend_tls and target.offers_tls is False)
 
     # -- moving -----------------------------------------------------------------------------
 
@@ -205,6 +214,7 @@ class SessionMoves:
         target.connections += 1
         self.backend = target
         self.backend_leg = result.leg
+        self.set_backend_keepalive(result.leg, bool(target.health))
         self._counts = target.query_counts
         self.bt = result.leg.transport
         self.backend_connection_id = result.connection_id
@@ -229,9 +239,10 @@ class SessionMoves:
         if reason:
             move.waiting = reason
             return False
-        choices = self.server.router.candidates(exclude=self.backend, namespace=self.namespace)
-        target = move.target if move.target is not None and not move.target.draining else (
-            choices[0] if choices else None)
+        choices = self.server.router.candidates(exclude=self.backend, namespace=self.namespace,
+                                                tls=self.backend_tls)
+        target = move.target if move.target is not None and not move.target.draining \
+            and self._fits(move.target) else (choices[0] if choices else None)
         if target is None:
             move.waiting = "no backend to move to"
             return False

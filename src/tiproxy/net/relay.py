@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import closing
 from typing import TYPE_CHECKING, Any, cast
 
 from tiproxy.net.backend import CONNECT_TIMEOUT, BackendLeg
+from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kill import handle_kill
 from tiproxy.net.moves import SessionMoves
+from tiproxy.net.tls import start_server_tls
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
 from tiproxy.protocol.constants import (
     COMMAND_NAMES,
+    ER_ACCESS_DENIED_ERROR,
     ER_CON_COUNT_ERROR,
     ER_UNKNOWN_COM_ERROR,
     MAX_PAYLOAD,
@@ -63,10 +68,12 @@ from tiproxy.session.login import (
     Action,
     Established,
     Login,
+    NoBackendTLS,
     Refused,
     Route,
     SendBackend,
     SendClient,
+    StartBackendTLS,
     StartClientTLS,
 )
 from tiproxy.session.prepared import execute_types, packet_stmt_id, with_stmt_id, with_types
@@ -78,6 +85,7 @@ from tiproxy.session.statements import (
     may_change_state,
     statement_effects,
 )
+from tiproxy.tls import peer_cn_allowed
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
@@ -181,8 +189,14 @@ class Session(SessionMoves):
         self._native_salt: bytes | None = None  # a native-password auth switch in progress
         self._native_exchange: tuple[bytes, bytes] | None = None  # (salt, client's scramble)
         self._login_timer: asyncio.TimerHandle | None = None
+        self.client_tls = False
+        self.backend_tls = False  # kept when the session moves: the target must offer TLS
+        self._tls_early: bytearray | None = None  # client bytes while its TLS is set up
+        self._tls_refusal = ""  # why the client's certificate is not accepted
         self._task: asyncio.Task[None] | None = None
         server.session_opened(self)
+        apply_keepalive(transport, server.config().proxy.frontend_keepalive)
+        self.keepalive_unhealthy = False  # which backend keep-alive the backend socket has
         if server.over_capacity():
             log.warning("session %d from %s refused: too many connections", self.id, self.peer)
             err = build_err(ER_CON_COUNT_ERROR, "08004", "Too many connections")
@@ -204,7 +218,10 @@ class Session(SessionMoves):
                 return
         if self.phase == CLOSED:
             return
-        self.login = Login(router.template, self.id, tls_available=False)
+        tls = self.server.tls
+        self.login = Login(router.template, self.id, tls_available=tls.server is not None,
+                           sql_tls=tls.sql is not None,
+                           require_backend_tls=tls.require_backend_tls)
         self.client.write(self.login.start())
 
     async def _probe_template(self) -> None:
@@ -225,19 +242,27 @@ class Session(SessionMoves):
                 return
 
     def _login_client_data(self, data: bytes) -> None:
+        if self._tls_early is not None:  # decrypted before start_tls returned: keep it
+            self._tls_early += data
+            return
         login = self.login
         try:
-            for seq, payload in self._splitter.feed(data):
-                if login is None:
-                    raise ProtocolError("client spoke before the greeting")
-                if self._native_salt is not None:
-                    self._native_exchange = (self._native_salt, payload)
-                    self._native_salt = None
-                self._run(login.client_packet(seq, payload))
-                if self.phase != LOGIN:
-                    break
+            with closing(self._splitter.feed(data)) as packets:
+                for seq, payload in packets:
+                    if login is None:
+                        raise ProtocolError("client spoke before the greeting")
+                    if self._native_salt is not None:
+                        self._native_exchange = (self._native_salt, payload)
+                        self._native_salt = None
+                    self._run(login.client_packet(seq, payload))
+                    if self.phase != LOGIN or self._tls_early is not None:
+                        break
         except ProtocolError as e:
             self._protocol_error(e)
+            return
+        if self._tls_early is not None:
+            # Whatever followed the SSLRequest is the start of the TLS handshake.
+            self._start_client_tls(self._splitter.take_rest())
             return
         if self.phase == COMMAND:
             rest = self._splitter.take_rest()
@@ -253,46 +278,106 @@ class Session(SessionMoves):
                 self.backend_leg.write(action.data)
             elif isinstance(action, Route):
                 self.user = action.user
+                if self._tls_refusal:
+                    assert self.login is not None
+                    self._refuse(self.login.client_reply_seq, f"TiProxy: {self._tls_refusal}",
+                                 self._tls_refusal, ER_ACCESS_DENIED_ERROR, "28000")
+                    return
                 self._task = asyncio.get_running_loop().create_task(self._route())
             elif isinstance(action, Established):
                 self._established(action)
             elif isinstance(action, Refused):
                 self.close(action.reason, quiet=True)
             elif isinstance(action, StartClientTLS):
-                raise ProtocolError("TLS requested but not offered")
+                self._tls_early = bytearray()
+                self.client.pause_reading()
 
     async def _route(self) -> None:
         assert self.login is not None
         login = self.login
         router = self.server.router
         self.namespace = router.namespace_of_user(self.user)
+        no_tls = ""
         for backend in router.candidates(namespace=self.namespace):
             if self.phase == CLOSED:
                 return
             leg: BackendLeg | None = None
             try:
                 leg = await BackendLeg.open(backend.host, backend.port)
+                self.set_backend_keepalive(leg, bool(backend.health))
                 _, payload = await leg.read_packet(CONNECT_TIMEOUT)
                 actions = login.backend_greeting_received(payload)
-            except (OSError, TimeoutError, ProtocolError) as e:
+                router.succeeded(backend, login.backend_greeting)
+                if isinstance(actions[0], NoBackendTLS):
+                    no_tls = f"{actions[0].reason} ({backend.addr})"
+                    leg.abort()
+                    continue
+                await self._backend_handshake(leg, backend, actions)
+            except (OSError, TimeoutError, ProtocolError, ssl.SSLError) as e:
                 router.failed(backend, _reason(e))
+                login.backend_failed()
                 if leg is not None:
                     leg.abort()
                 continue
-            router.succeeded(backend, login.backend_greeting)
             if self.phase == CLOSED:
                 leg.abort()
                 return
             self.backend = backend
             self.backend_leg = leg
+            self.backend_tls = login.backend_tls
             backend.connections += 1
             greeting = login.backend_greeting
             if greeting is not None and "TiDB" in greeting.server_version:
                 self.dialect = "tidb"
-            self._run(actions)
             await self._relay_login(leg)
             return
-        self._refuse_no_backend(2 + login.seq_shift)
+        if no_tls:
+            log.warning("session %d: %s", self.id, no_tls)
+            self._refuse(login.client_reply_seq, f"TiProxy: {no_tls}", "no backend with TLS")
+            return
+        self._refuse_no_backend(login.client_reply_seq)
+
+    def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None:
+        """The backend socket's keep-alive, by the health of its backend."""
+        proxy = self.server.config().proxy
+        cfg = proxy.backend_unhealthy_keepalive if unhealthy else proxy.backend_healthy_keepalive
+        apply_keepalive(leg.transport if leg is not None else None, cfg)
+        self.keepalive_unhealthy = unhealthy
+
+    async def _backend_handshake(self, leg: BackendLeg, backend: Backend,
+                                 actions: Sequence[Action]) -> None:
+        """Send the client's response to the backend, after TLS if the login chose it."""
+        for action in actions:
+            if isinstance(action, StartBackendTLS):
+                ctx = self.server.tls.sql
+                assert ctx is not None
+                await leg.start_tls(ctx, backend.host)
+            elif isinstance(action, SendBackend):
+                leg.write(action.data)
+
+    def _start_client_tls(self, early: bytes) -> None:
+        """The client asked for TLS: upgrade its transport; `early` is what followed its
+        SSLRequest in the same read (the start of its TLS handshake)."""
+        ctx = self.server.tls.server
+        assert ctx is not None
+        self._task = asyncio.get_running_loop().create_task(self._client_tls(ctx, early))
+
+    async def _client_tls(self, ctx: ssl.SSLContext, early: bytes) -> None:
+        raw = self.client
+        try:
+            self.client = await start_server_tls(raw, ctx, early, LOGIN_TIMEOUT)
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            self.close(f"TLS handshake with the client failed: {_reason(e)}", quiet=True)
+            return
+        self.client_tls = True
+        refusal = peer_cn_allowed(self.server.tls.server_config,
+                                  self.client.get_extra_info("peercert"))
+        if refusal is not None:
+            log.warning("session %d from %s refused: %s", self.id, self.peer, refusal)
+            self._tls_refusal = refusal
+        early_data, self._tls_early = self._tls_early, None
+        if early_data:
+            self._login_client_data(bytes(early_data))
 
     async def _relay_login(self, leg: BackendLeg) -> None:
         """Relay the backend's side of the authentication until OK or ERR."""
@@ -311,9 +396,13 @@ class Session(SessionMoves):
             self.close(f"backend failed during login: {_reason(e)}")
 
     def _refuse_no_backend(self, seq: int) -> None:
-        msg = "TiProxy: no backend is available, try again later"
-        self._send_client(frame(build_err(ER_UNKNOWN_ERROR, "HY000", msg), seq))
-        self.close("no backend available")
+        self._refuse(seq, "TiProxy: no backend is available, try again later",
+                     "no backend available")
+
+    def _refuse(self, seq: int, message: str, reason: str,
+                code: int = ER_UNKNOWN_ERROR, sqlstate: str = "HY000") -> None:
+        self._send_client(frame(build_err(code, sqlstate, message), seq))
+        self.close(reason)
 
     def _established(self, est: Established) -> None:
         assert self.backend is not None and self.backend_leg is not None and self.login
@@ -685,6 +774,12 @@ class Session(SessionMoves):
             self._pause_reasons.discard(reason)
             if not self._pause_reasons and not self.client.is_closing():
                 self.client.resume_reading()
+
+    def between_transactions(self) -> bool:
+        """Every response complete and no transaction open: closing now loses nothing."""
+        tracker = self.tracker
+        return tracker is not None and tracker.idle and not tracker.status & _IN_TRANS \
+            and not self._cbuf
 
     def client_lost(self, exc: Exception | None) -> None:
         if self.phase != CLOSED:

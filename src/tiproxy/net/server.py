@@ -8,6 +8,8 @@ planes split into processes:
   then (a redirect of a pinned session) are given up;
 - credential sync: the stored password hashes are read from the backends by `[security]
   auth-sync-user` every `auth-sync-interval`, and at once when a login matched none of them.
+`[security] users-file` is read at start and when a reload names another one, always in a
+thread and through config.files.read_small_file (a FIFO or /dev/zero must not stall the loop).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,11 +28,13 @@ from tiproxy.api.interface import BackendView, MigrationStats, SessionView
 from tiproxy.balance.balancer import Rebalancer
 from tiproxy.balance.health import HealthChecker
 from tiproxy.balance.router import DRAIN_REMOVED, Router, split_addr
+from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_file
 from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
 from tiproxy.net.admin import AdminConnection
 from tiproxy.net.relay import COMMAND, ClientLeg
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.session.credentials import CredentialStore, UsersFileError
+from tiproxy.tls import CertStore
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
@@ -66,7 +71,9 @@ class ProxyServer:
         self._config = cfg
         self.router = Router()
         self._configure_router(cfg)
-        self.health = HealthChecker(self.router, cfg)
+        self.tls = CertStore(cfg)  # raises TLSLoadError for a certificate that does not load
+        self.health = HealthChecker(self.router, cfg, self.tls.admin_options,
+                                    lambda: self.tls.cluster)
         self.rebalancer = Rebalancer(self.router, cfg)
         self._sources: dict[str, tuple[tuple[str, ...], asyncio.Task[None]]] = {}
         self._running_sources: dict[str, DiscoverySource] = {}
@@ -82,12 +89,13 @@ class ProxyServer:
         self._migrations: Counter[tuple[str, str, str, str]] = Counter()
         self._durations = _Durations()
         self.port = 0
-        if cfg.security.users_file:
-            self._load_users_file(cfg.security.users_file)
+        self._reloading = asyncio.Lock()  # one apply_config at a time: they await a file
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._config.security.users_file:
+            await self._load_users_file(self._config.security.users_file)
         loop = asyncio.get_running_loop()
         for addr in self._config.proxy.listen_addrs:
             host, port = split_addr(addr, default_host="")
@@ -100,7 +108,7 @@ class ProxyServer:
             self.port = self.port or server.sockets[0].getsockname()[1]
             log.info("proxy listening on %s:%d", host, server.sockets[0].getsockname()[1])
         self._tasks = [loop.create_task(self._maintain()), loop.create_task(self._sync_loop()),
-                       loop.create_task(self.health.run())]
+                       loop.create_task(self.health.run()), loop.create_task(self.tls.watch())]
         self._start_sources()
         if self._config.security.auth_sync_user:
             self._sync_now.set()  # the first sync at once: sessions need hashes to move
@@ -115,21 +123,40 @@ class ProxyServer:
             task.cancel()
         for server in self._servers:
             server.close()
-        for session in list(self.sessions.values()):
-            session.close("proxy shutting down", quiet=True)
+        await self._close_sessions(self._config.proxy.graceful_close_conn_timeout)
         for server in self._servers:
             await server.wait_closed()
 
-    def apply_config(self, cfg: Config) -> None:
-        """A reloaded config: the backend list and the fail list take effect at once."""
-        old = self._config
+    async def _close_sessions(self, timeout: float) -> None:
+        """TiProxy's graceful close: each session is closed at its next safe point (between
+        commands, outside a transaction), and those still busy after `timeout` seconds then."""
+        deadline = time.monotonic() + timeout
+        while self.sessions and time.monotonic() < deadline:
+            for session in list(self.sessions.values()):
+                if session.phase != COMMAND or session.between_transactions():
+                    session.close("proxy shutting down", quiet=True)
+            if self.sessions:
+                await asyncio.sleep(0.05)
+        for session in list(self.sessions.values()):
+            session.close(f"proxy shutting down: still busy after graceful-close-conn-timeout "
+                          f"({timeout:g}s)")
+
+    async def apply_config(self, cfg: Config) -> None:
+        """A reloaded config (checked by config.reload): the backend list and the fail list
+        take effect at once; a users-file of another name is read first."""
+        async with self._reloading:
+            old = self._config
+            if cfg.security.users_file and cfg.security.users_file != old.security.users_file:
+                await self._load_users_file(cfg.security.users_file)
+            self._apply(cfg)
+
+    def _apply(self, cfg: Config) -> None:
         self._config = cfg
         self.health.config = cfg
         self.rebalancer.config = cfg
+        self.tls.reconfigure(cfg)
         self._configure_router(cfg)
         self._start_sources()
-        if cfg.security.users_file and cfg.security.users_file != old.security.users_file:
-            self._load_users_file(cfg.security.users_file)
         self._sync_now.set()
         self._drain_sessions()
 
@@ -144,7 +171,8 @@ class ProxyServer:
         their settings change."""
         proxy = self._config.proxy
         wanted: dict[str, tuple[tuple[str, ...], DiscoverySource | None]] = {
-            "etcd": (proxy.pd_addrs, _etcd(proxy.pd_addrs) if proxy.pd_addrs else None),
+            "etcd": ((*proxy.pd_addrs, repr(self._config.security.cluster_tls)),
+                     _etcd(proxy.pd_addrs, self.tls.cluster) if proxy.pd_addrs else None),
             "dns": ((*proxy.backend_dns, str(proxy.dns_interval)),
                     _dns(proxy.backend_dns, proxy.dns_interval) if proxy.backend_dns
                     else None),
@@ -164,11 +192,12 @@ class ProxyServer:
                 self._sources[name] = (settings, loop.create_task(source.run(self.router)))
                 self._running_sources[name] = source
 
-    def _load_users_file(self, path: str) -> None:
+    async def _load_users_file(self, path: str) -> None:
         try:
-            count = self.credentials.load_users_file(path)
-        except (OSError, UsersFileError) as e:
-            log.error("users file not loaded: %s", e)  # noqa: TRY400 - the reason is the message
+            data = await asyncio.to_thread(read_small_file, path, USERS_FILE_LIMIT)
+            count = self.credentials.load_users(data, path)
+        except (FileRefusedError, UsersFileError) as e:
+            log.error("users file %s not loaded: %s", path, e)  # noqa: TRY400 - the reason
             return
         log.info("users file %s: %d password hashes", path, count)
 
@@ -229,6 +258,7 @@ class ProxyServer:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             ticks += 1
             self._drain_sessions()
+            self._switch_keepalive()
             if ticks % 2 == 0:
                 self.rebalancer.tick(s for s in self.sessions.values() if s.phase == COMMAND)
             timeout = self._config.proxy.failover_timeout
@@ -248,6 +278,13 @@ class ProxyServer:
                              move.reason, timeout, move.waiting)
                     session.cancel_move()
             self.router.forget_empty()
+
+    def _switch_keepalive(self) -> None:
+        """Backend sockets take the keep-alive of their backend's health as it changes."""
+        for session in self.sessions.values():
+            backend = session.backend
+            if backend is not None and bool(backend.health) != session.keepalive_unhealthy:
+                session.set_backend_keepalive(session.backend_leg, bool(backend.health))
 
     # -- credentials ------------------------------------------------------------------------------
 
@@ -280,7 +317,8 @@ class ProxyServer:
             try:
                 conn = await AdminConnection.open(backend.host, backend.port,
                                                   security.auth_sync_user,
-                                                  security.auth_sync_password)
+                                                  security.auth_sync_password,
+                                                  **self.tls.admin_options())
                 try:
                     rows = await conn.query(USERS_QUERY)
                 finally:
@@ -337,7 +375,8 @@ class ProxyServer:
                 id=s.id, user=s.user, client=s.peer,
                 backend=s.backend.addr if s.backend else "",
                 moving=move is not None, move_reason=move.reason if move else "",
-                waiting=waiting, moves=s.moves,
+                waiting=waiting, moves=s.moves, client_tls=s.client_tls,
+                backend_tls=s.backend_tls,
             ))
         return views
 
@@ -348,6 +387,9 @@ class ProxyServer:
     def config(self) -> Config:
         return self._config
 
+    def server_errors(self) -> dict[str, int]:
+        return dict(self.tls.errors)
+
     def discovery_status(self) -> dict[str, str]:
         """Each running discovery source: "ok", or why it cannot reach its origin."""
         return {name: source.error or "ok" for name, source in self._running_sources.items()}
@@ -357,10 +399,10 @@ class ProxyServer:
             DRAIN_REMOVED not in self.router.backends[addr].drained_by
 
 
-def _etcd(endpoints: tuple[str, ...]) -> DiscoverySource:
+def _etcd(endpoints: tuple[str, ...], tls: ssl.SSLContext | None) -> DiscoverySource:
     from tiproxy.discovery.etcd import EtcdTopology  # noqa: PLC0415 - only when configured
 
-    return EtcdTopology(endpoints)
+    return EtcdTopology(endpoints, tls=tls)
 
 
 def _dns(names: tuple[str, ...], interval: float) -> DiscoverySource:

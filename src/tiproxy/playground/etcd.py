@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import threading
 import time
@@ -73,9 +74,13 @@ def _kill_leftovers() -> None:
 class EtcdServer:
     """One etcd member on 127.0.0.1 under `basedir` (see the module docstring)."""
 
-    def __init__(self, basedir: Path, name: str = "playground") -> None:
+    def __init__(self, basedir: Path, name: str = "playground",
+                 tls: tuple[Path, Path, Path] | None = None) -> None:
+        """`tls`: (cert, key, ca) to serve the client URL over HTTPS."""
         self.basedir = basedir
         self.name = name
+        self.tls = tls
+        self._ctx = ssl.create_default_context(cafile=str(tls[2])) if tls else None
         self.client_port = 0
         self.peer_port = 0
         self._proc: subprocess.Popen[bytes] | None = None
@@ -96,7 +101,7 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
 
     @property
     def running(self) -> bool:
@@ -184,6 +189,8 @@ class EtcdServer:
             "--logger=zap",
             "--log-level=warn",
         ]
+        if self.tls is not None:
+            args += [f"--cert-file={self.tls[0]}", f"--key-file={self.tls[1]}"]
         with self.log_path.open("ab") as log_file:
             self._proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
@@ -195,7 +202,8 @@ class EtcdServer:
             if self._proc is None or self._proc.poll() is not None:
                 raise EtcdLauncherError("etcd exited")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1.0) as resp:  # noqa: S310 (our own http URL)
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1.0,  # noqa: S310 (our own URL)
+                                            context=self._ctx) as resp:
                     if json.loads(resp.read()).get("health") == "true":
                         return
             except (OSError, ValueError):
@@ -219,7 +227,8 @@ class EtcdServer:
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=_REQUEST_TIMEOUT) as resp:  # noqa: S310 (our own http URL)
+            with urllib.request.urlopen(request, timeout=_REQUEST_TIMEOUT,  # noqa: S310 (our own URL)
+                                        context=self._ctx) as resp:
                 answer = json.loads(resp.read())
         except (OSError, ValueError) as exc:
             raise EtcdLauncherError(f"etcd {path}: {exc}") from exc

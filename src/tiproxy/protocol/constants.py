@@ -162,6 +162,7 @@ CURSOR_TYPE_READ_ONLY = 0x01
 
 # Error codes the proxy itself sends (with their SQLSTATE), from the server's error list.
 ER_CON_COUNT_ERROR = 1040  # Too many connections, SQLSTATE 08004
+ER_ACCESS_DENIED_ERROR = 1045  # Access denied, SQLSTATE 28000
 ER_UNKNOWN_COM_ERROR = 1047  # Unknown command, SQLSTATE 08S01
 ER_NO_SUCH_THREAD = 1094  # Unknown thread id, SQLSTATE HY000
 ER_NET_PACKET_TOO_LARGE = 1153  # SQLSTATE 08S01

@@ -6,7 +6,7 @@ and the proxy's own commands to a backend do, since every packet there is small 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 
 from tiproxy.protocol.codec import U32, Buffer
 from tiproxy.protocol.constants import MAX_PAYLOAD
@@ -30,7 +30,7 @@ class PacketSplitter:
         self.origin = origin
         self.continued = False
 
-    def feed(self, data: Buffer) -> Iterator[tuple[int, bytes]]:
+    def feed(self, data: Buffer) -> Generator[tuple[int, bytes], None, None]:
         buf = self._buf
         buf += data
         pos = 0

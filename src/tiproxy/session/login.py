@@ -13,11 +13,22 @@ if TLS added a packet, until the backend says OK (the session is established) or
 gets the server's own error). Any plugin works this way (mysql_native_password, ed25519,
 caching_sha2_password); the proxy never sees a password.
 
+TLS adds a packet on its leg: the client's SSLRequest (sequence id 1) before its response, and
+the proxy's own SSLRequest to a backend when that leg uses TLS. TiProxy's three rules decide:
+with `require-backend-tls` the leg is always TLS (a backend without TLS, or no `sql-tls`, is
+refused); otherwise it is TLS when the client used TLS, `sql-tls` is configured and the backend
+offers it; otherwise plaintext. Each leg numbers its packets on its own; `seq_shift` is how
+far the client leg runs ahead of the backend leg (+1, 0 or -1).
+
     state      input                          next       actions
     GREETED    client SSLRequest              TLS        StartClientTLS
     GREETED    client HandshakeResponse       ROUTING    Route
     TLS        client HandshakeResponse       ROUTING    Route
     ROUTING    backend greeting               AUTH       SendBackend(response)
+    ROUTING    backend greeting, TLS chosen   AUTH       SendBackend(SSLRequest),
+                                                         StartBackendTLS, SendBackend(response)
+    ROUTING    backend greeting, TLS required ROUTING    NoBackendTLS (the driver tries another)
+                 but impossible
     AUTH       backend 0xFE / 0x01 packet     AUTH       SendClient
     AUTH       client packet                  AUTH       SendBackend
     AUTH       backend OK                     DONE       SendClient, Established
@@ -81,6 +92,16 @@ class StartClientTLS:
 
 
 @dataclass(frozen=True)
+class StartBackendTLS:
+    pass
+
+
+@dataclass(frozen=True)
+class NoBackendTLS:
+    reason: str  # this backend cannot give the leg TLS; the driver tries another
+
+
+@dataclass(frozen=True)
 class Route:
     user: str
     database: str | None
@@ -100,7 +121,8 @@ class Refused:
     reason: str  # for the log; the client already has the backend's ERR
 
 
-Action = SendClient | SendBackend | StartClientTLS | Route | Established | Refused
+Action = (SendClient | SendBackend | StartClientTLS | StartBackendTLS | NoBackendTLS | Route
+          | Established | Refused)
 
 
 def make_salt() -> bytes:
@@ -122,7 +144,8 @@ def _backend_bytes() -> Iterator[None]:
 class Login:
     """See the module docstring. Feed packets in; carry out the actions that come back."""
 
-    def __init__(self, template: Greeting, connection_id: int, tls_available: bool) -> None:
+    def __init__(self, template: Greeting, connection_id: int, tls_available: bool,
+                 sql_tls: bool = False, require_backend_tls: bool = False) -> None:
         caps = template.capabilities & PROXY_CAPABILITIES | Capability.PLUGIN_AUTH
         caps |= Capability.COMPRESS | Capability.LONG_PASSWORD  # compression is the proxy's own
         if tls_available:
@@ -140,13 +163,22 @@ class Login:
         self.state = LoginState.GREETED
         self.response: HandshakeResponse | None = None
         self.backend_greeting: Greeting | None = None
-        self._seq_shift = 0  # the client leg runs one packet ahead once TLS was set up
+        self._sql_tls = sql_tls  # the proxy can speak TLS to backends (`sql-tls`)
+        self._require_backend_tls = require_backend_tls
+        self.client_tls = False  # the client sent an SSLRequest
+        self.backend_tls = False  # the proxy sent one to the backend
+        self._seq_shift = 0
         self._backend_caps = 0
 
     @property
     def seq_shift(self) -> int:
-        """How far the client leg's sequence ids run ahead of the backend's (1 after TLS)."""
+        """How far the client leg's sequence ids run ahead of the backend's."""
         return self._seq_shift
+
+    @property
+    def client_reply_seq(self) -> int:
+        """The sequence id of the proxy's answer to the client's handshake response."""
+        return 2 + self.client_tls
 
     def start(self) -> bytes:
         return frame(build_greeting(self.greeting), 0)
@@ -170,6 +202,7 @@ class Login:
             if self.state is LoginState.TLS or not resp.capabilities & Capability.SSL:
                 raise ProtocolError("SSLRequest where a handshake response was due")
             self.state = LoginState.TLS
+            self.client_tls = True
             self._seq_shift = 1
             return [StartClientTLS()]
         if not resp.capabilities & Capability.PLUGIN_AUTH:
@@ -195,11 +228,39 @@ class Login:
         if not greeting.capabilities & Capability.PLUGIN_AUTH:
             raise ProtocolError("backend does not support pluggable authentication", Origin.BACKEND)
         self.backend_greeting = greeting
-        resp = self.response
+        offers_tls = bool(greeting.capabilities & Capability.SSL)
+        if self._require_backend_tls and not (offers_tls and self._sql_tls):
+            why = ("sql-tls is not configured" if not self._sql_tls
+                   else "the backend does not offer TLS")
+            return [NoBackendTLS(f"require-backend-tls is set, but {why}")]
+        tls = offers_tls and self._sql_tls and (self._require_backend_tls or self.client_tls)
+        forwarded = self._forwarded(tls)
+        self._backend_caps = forwarded.capabilities
+        self.backend_tls = tls
+        self._seq_shift = self.client_tls - tls
+        self.state = LoginState.AUTH
+        response = SendBackend(frame(build_handshake_response(forwarded), 1 + tls))
+        if not tls:
+            return [response]
+        ssl_request = replace(forwarded, ssl_request_only=True)
+        return [SendBackend(frame(build_handshake_response(ssl_request), 1)),
+                StartBackendTLS(), response]
+
+    def backend_failed(self) -> None:
+        """The backend leg broke before its answer (its TLS handshake): try another."""
+        if self.state is LoginState.AUTH:
+            self.state = LoginState.ROUTING
+            self.backend_tls = False
+            self._seq_shift = int(self.client_tls)
+
+    def _forwarded(self, tls: bool) -> HandshakeResponse:
+        resp, greeting = self.response, self.backend_greeting
+        assert resp is not None and greeting is not None
         caps = resp.capabilities & ~PER_LEG_CAPABILITIES & greeting.capabilities
         caps |= Capability.PLUGIN_AUTH | Capability.LONG_PASSWORD
-        self._backend_caps = caps
-        forwarded = replace(
+        if tls:
+            caps |= Capability.SSL
+        return replace(
             resp,
             capabilities=caps,
             auth_data=b"",
@@ -207,8 +268,6 @@ class Login:
             mariadb_capabilities=0,
             ssl_request_only=False,
         )
-        self.state = LoginState.AUTH
-        return [SendBackend(frame(build_handshake_response(forwarded), 1))]
 
     def backend_packet(self, seq: int, payload: bytes) -> list[Action]:
         if self.state is not LoginState.AUTH or not payload:

@@ -1,0 +1,38 @@
+"""TCP keep-alive on the proxy's sockets, from TiProxy's keep-alive objects.
+
+`[proxy] frontend-keepalive` applies to client connections; `backend-healthy-keepalive` to
+backend connections while their backend is healthy and `backend-unhealthy-keepalive` (shorter
+by default, to notice a dead backend sooner) while it is not: the maintenance loop switches a
+session's backend socket when its backend's health changes. Each object: `enabled` turns
+SO_KEEPALIVE on; `idle`, `intvl` and `cnt` (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) are set
+when above 0, else the kernel's defaults stay; `timeout` is TCP_USER_TIMEOUT, how long sent
+data may stay unacknowledged before the kernel gives up on the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from tiproxy.config.model import KeepAliveConfig
+
+log = logging.getLogger("tiproxy.net")
+
+
+def apply_keepalive(transport: asyncio.BaseTransport | None, cfg: KeepAliveConfig) -> None:
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(cfg.enabled))
+        if cfg.enabled:
+            for option, value in ((socket.TCP_KEEPIDLE, cfg.idle),
+                                  (socket.TCP_KEEPINTVL, cfg.intvl),
+                                  (socket.TCP_KEEPCNT, cfg.cnt)):
+                if value > 0:
+                    sock.setsockopt(socket.IPPROTO_TCP, option, max(1, int(value)))
+        if cfg.timeout > 0:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(cfg.timeout * 1000))
+    except OSError as e:  # a socket closing under us: nothing to keep alive
+        log.debug("keep-alive not set: %s", e)

@@ -1,0 +1,179 @@
+"""ssl.SSLContext objects from `[security]` TLS objects, by TiProxy's rules.
+
+A server object (`server-tls`, for clients of the SQL port) is on when it has `cert`, or
+`auto-certs`; with `ca`, client certificates are verified and required unless `skip-ca` (then
+verified when given); `cert-allowed-cn` is checked after the handshake (`peer_cn_allowed`).
+A client object (`sql-tls`, for the backends) is on when it has `ca` (the backend's certificate
+is verified, and its name: the backend's host) or `skip-ca` (encrypted, not verified); `cert`
+and `key` are then a client certificate. Anything else means no TLS: `None`.
+
+Building reads files, so callers off the event loop run it in a thread (store.py does).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import ssl
+import stat
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from tiproxy.config.model import TLSConfig
+from tiproxy.tls.autocert import DEFAULT_LIFETIME, DEFAULT_RSA_KEY_SIZE, Issued, issue, load_into
+
+# A PEM certificate chain or key is a few KiB; a bound keeps a path such as /dev/zero from
+# making OpenSSL read without end.
+MAX_PEM_BYTES = 1 << 20
+
+_VERSIONS = {
+    "1.0": ssl.TLSVersion.TLSv1,
+    "1.1": ssl.TLSVersion.TLSv1_1,
+    "1.2": ssl.TLSVersion.TLSv1_2,
+    "1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+class TLSLoadError(Exception):
+    """A TLS object could not be built; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Built:
+    """One built context and what the store needs to know about it."""
+
+    context: ssl.SSLContext
+    not_after: datetime.datetime | None  # the served certificate's expiry, if one is served
+    auto: Issued | None = None  # the generated certificate, with auto-certs
+
+
+def server_enabled(cfg: TLSConfig) -> bool:
+    return bool(cfg.cert) or cfg.auto_certs
+
+
+def client_enabled(cfg: TLSConfig) -> bool:
+    return bool(cfg.ca) or cfg.skip_ca
+
+
+def check_pem_file(path: str) -> None:
+    """Refuse what is not a regular, reasonably small file, before OpenSSL opens it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise TLSLoadError(f"{path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise TLSLoadError(f"{path}: not a regular file")
+    if st.st_size > MAX_PEM_BYTES:
+        raise TLSLoadError(f"{path}: larger than {MAX_PEM_BYTES} bytes")
+
+
+def build_server(cfg: TLSConfig, auto: Issued | None = None) -> Built | None:
+    """The context for a server object, or None when it is off. `auto` reuses a certificate
+    generated before (auto-certs), so that a reload does not make a new key each time."""
+    if not server_enabled(cfg):
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = _VERSIONS[cfg.min_tls_version]
+    not_after: datetime.datetime | None
+    try:
+        if cfg.cert:
+            _load_chain(ctx, cfg.cert, cfg.key)
+            not_after = certificate_expiry(cfg.cert)
+            auto = None
+        else:
+            if auto is None:
+                auto = issue("tiproxy", key_size=cfg.rsa_key_size or DEFAULT_RSA_KEY_SIZE,
+                             lifetime=cfg.autocert_expire_duration or DEFAULT_LIFETIME)
+            load_into(ctx, auto)
+            not_after = auto.not_after
+        if cfg.ca:
+            _load_ca(ctx, cfg.ca)
+            ctx.verify_mode = ssl.CERT_OPTIONAL if cfg.skip_ca else ssl.CERT_REQUIRED
+    except ssl.SSLError as e:
+        raise TLSLoadError(_ssl_reason(e)) from None
+    return Built(ctx, not_after, auto)
+
+
+def build_client(cfg: TLSConfig) -> Built | None:
+    """The context for a client object, or None when it is off."""
+    if not client_enabled(cfg):
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = _VERSIONS[cfg.min_tls_version]
+    not_after = None
+    try:
+        if cfg.ca:
+            _load_ca(ctx, cfg.ca)
+        else:  # skip-ca: encrypted, the backend's certificate is not checked
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if cfg.cert:
+            _load_chain(ctx, cfg.cert, cfg.key)
+            not_after = certificate_expiry(cfg.cert)
+    except ssl.SSLError as e:
+        raise TLSLoadError(_ssl_reason(e)) from None
+    return Built(ctx, not_after)
+
+
+def _load_chain(ctx: ssl.SSLContext, cert: str, key: str) -> None:
+    check_pem_file(cert)
+    check_pem_file(key)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise TLSLoadError(f"{cert} / {key}: {_ssl_reason(e)}") from None
+    except OSError as e:
+        raise TLSLoadError(f"{cert} / {key}: {e.strerror}") from None
+
+
+def _load_ca(ctx: ssl.SSLContext, ca: str) -> None:
+    check_pem_file(ca)
+    try:
+        ctx.load_verify_locations(cafile=ca)
+    except ssl.SSLError as e:
+        raise TLSLoadError(f"{ca}: {_ssl_reason(e)}") from None
+    except OSError as e:
+        raise TLSLoadError(f"{ca}: {e.strerror}") from None
+
+
+def _ssl_reason(e: ssl.SSLError) -> str:
+    return e.reason.lower().replace("_", " ") if e.reason else str(e)
+
+
+def certificate_expiry(path: str) -> datetime.datetime | None:
+    """When the first certificate in a PEM file expires (None if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read(MAX_PEM_BYTES))
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_after_utc
+
+
+def peer_cn(peercert: object) -> str | None:
+    """The common name in a peer certificate as ssl's getpeercert() gives it."""
+    if not isinstance(peercert, dict):
+        return None
+    for rdn in peercert.get("subject", ()):
+        for name, value in rdn:
+            if name == "commonName":
+                return str(value)
+    return None
+
+
+def peer_cn_allowed(cfg: TLSConfig, peercert: object) -> str | None:
+    """None when the peer may go on; else why not (`cert-allowed-cn`)."""
+    if not cfg.cert_allowed_cn:
+        return None
+    cn = peer_cn(peercert)
+    if cn is None:
+        return "no client certificate, and cert-allowed-cn is set"
+    if cn not in cfg.cert_allowed_cn:
+        return f"client certificate CN {cn!r} is not in cert-allowed-cn"
+    return None
+
+
+__all__ = ["Built", "TLSLoadError", "build_client", "build_server",
+           "certificate_expiry", "check_pem_file", "client_enabled", "peer_cn",
+           "peer_cn_allowed", "server_enabled"]

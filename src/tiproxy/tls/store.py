@@ -1,0 +1,186 @@
+"""The proxy's TLS contexts, kept current while certificate files change.
+
+Theory of operation
+-------------------
+`CertStore` builds one context per TLS object in use (`server-tls` for the SQL port, `sql-tls`
+towards the backends) when the proxy starts; a file that does not load then refuses the start
+with the dotted key. Afterwards `watch()` looks at the files once a second (their inode, size and
+mtime; a rename onto the path, as cert-manager and certbot do, counts) and rebuilds, in a thread,
+the contexts whose files changed or whose config changed on reload. New handshakes take the new
+context; live sessions keep theirs. A rebuild that fails keeps the old context, logs why and
+counts `tiproxy_server_err{type="load_cert"}`. A served certificate within 24 hours of its expiry
+logs a warning once; an auto-certs certificate is renewed when a tenth of its life is left.
+Polling rather than inotify: the standard library has no file watch, and a stat a second per file
+costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tiproxy.config.model import Config, TLSConfig
+from tiproxy.tls.contexts import Built, TLSLoadError, build_client, build_server
+
+log = logging.getLogger("tiproxy.tls")
+
+POLL_INTERVAL = 1.0
+EXPIRY_WARNING = datetime.timedelta(hours=24)
+_RENEW_FRACTION = 0.1  # auto-certs: renew when this much of the lifetime is left
+
+Signature = tuple[tuple[int, int, int], ...]
+
+
+@dataclass
+class _Slot:
+    """One TLS object: its config, its built context and what its files looked like."""
+
+    key: str  # the dotted config key, for messages
+    server_side: bool
+    cfg: TLSConfig
+    built: Built | None = None
+    files: Signature = ()
+    built_cfg: TLSConfig | None = None  # the config `built` was made from
+    warned_expiry: bool = False
+    issued_at: datetime.datetime = field(
+        default_factory=lambda: datetime.datetime.now(datetime.UTC))
+
+    def paths(self) -> tuple[str, ...]:
+        return tuple(p for p in (self.cfg.cert, self.cfg.key, self.cfg.ca) if p)
+
+    def build(self) -> Built | None:
+        if self.server_side:
+            same = self.built is not None and self.cfg == self.built_cfg
+            keep = self.built.auto if same and self.built is not None else None
+            return build_server(self.cfg, auto=keep)
+        return build_client(self.cfg)
+
+
+def _signature(paths: tuple[str, ...]) -> Signature:
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append((0, 0, 0))
+            continue
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class CertStore:
+    """The TLS contexts in force. Raises TLSLoadError (with the dotted key) when built."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.errors: Counter[str] = Counter()  # tiproxy_server_err by type
+        self._slots = {
+            "server": _Slot("security.server-tls", True, cfg.security.server_tls),
+            "sql": _Slot("security.sql-tls", False, cfg.security.sql_tls),
+            "cluster": _Slot("security.cluster-tls", False, cfg.security.cluster_tls),
+        }
+        self.require_backend_tls = cfg.security.require_backend_tls
+        for slot in self._slots.values():
+            slot.files = _signature(slot.paths())
+            try:
+                self._install(slot, slot.build())
+            except TLSLoadError as e:
+                raise TLSLoadError(f"{slot.key}: {e}") from None
+        self._wake = asyncio.Event()
+
+    # -- what sessions use --------------------------------------------------------------------
+
+    @property
+    def server(self) -> ssl.SSLContext | None:
+        """For clients of the SQL port; None: the proxy offers no TLS."""
+        built = self._slots["server"].built
+        return built.context if built is not None else None
+
+    @property
+    def server_config(self) -> TLSConfig:
+        return self._slots["server"].cfg
+
+    @property
+    def sql(self) -> ssl.SSLContext | None:
+        """Towards the backends; None: `sql-tls` is not configured."""
+        built = self._slots["sql"].built
+        return built.context if built is not None else None
+
+    def admin_options(self) -> dict[str, Any]:
+        """AdminConnection.open's TLS arguments for the proxy's own connections."""
+        return {"tls": self.sql, "require_tls": self.require_backend_tls}
+
+    @property
+    def cluster(self) -> ssl.SSLContext | None:
+        """Towards etcd (`pd-addrs`) and TiDB's status ports; None: plain HTTP."""
+        built = self._slots["cluster"].built
+        return built.context if built is not None else None
+
+    # -- changes --------------------------------------------------------------------------------
+
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded config: changed TLS objects are rebuilt by the watch loop."""
+        self.require_backend_tls = cfg.security.require_backend_tls
+        for name, new in (("server", cfg.security.server_tls), ("sql", cfg.security.sql_tls),
+                          ("cluster", cfg.security.cluster_tls)):
+            slot = self._slots[name]
+            if slot.cfg != new:
+                slot.cfg = new
+                slot.files = ()  # rebuild at the next look
+        self._wake.set()
+
+    async def watch(self, interval: float = POLL_INTERVAL) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            for slot in self._slots.values():
+                await self._check(slot)
+
+    async def _check(self, slot: _Slot) -> None:
+        files = await asyncio.to_thread(_signature, slot.paths())
+        renew = self._auto_renew_due(slot)
+        if files != slot.files or renew:
+            slot.files = files
+            if renew:
+                slot.built = None  # a new certificate, not the one kept for reloads
+            try:
+                built = await asyncio.to_thread(slot.build)
+            except TLSLoadError as e:
+                self.errors["load_cert"] += 1
+                log.error("%s: not reloaded, the previous certificate stays: %s",  # noqa: TRY400
+                          slot.key, e)
+                return
+            self._install(slot, built)
+            log.info("%s: %s", slot.key, "loaded" if built is not None else "turned off")
+        self._warn_expiry(slot)
+
+    def _install(self, slot: _Slot, built: Built | None) -> None:
+        slot.built = built
+        slot.built_cfg = slot.cfg
+        slot.warned_expiry = False
+        slot.issued_at = datetime.datetime.now(datetime.UTC)
+
+    def _auto_renew_due(self, slot: _Slot) -> bool:
+        built = slot.built
+        if built is None or built.auto is None:
+            return False
+        left = built.auto.not_after - datetime.datetime.now(datetime.UTC)
+        return left < (built.auto.not_after - slot.issued_at) * _RENEW_FRACTION
+
+    def _warn_expiry(self, slot: _Slot, now: Callable[[], datetime.datetime] | None = None) -> None:
+        built = slot.built
+        if built is None or built.not_after is None or slot.warned_expiry:
+            return
+        current = (now or (lambda: datetime.datetime.now(datetime.UTC)))()
+        if built.not_after - current < EXPIRY_WARNING:
+            slot.warned_expiry = True
+            log.warning("%s: the certificate expires at %s", slot.key,
+                        built.not_after.isoformat(timespec="seconds"))

@@ -1,0 +1,473 @@
+"""TLS on both legs, by TiProxy's rules, against real MariaDB servers started with TLS.
+
+Certificates come from tests/support/certs.py (a CA, server and client certificates). Every
+connector verifies the proxy's certificate against the CA; `SHOW SESSION STATUS LIKE
+'Ssl_cipher'` runs on the backend, so it tells whether the backend leg is TLS.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mysql.connector
+import MySQLdb
+import pymysql
+import pytest
+
+from support.backends import ADMIN, APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.certs import PKI, make_pki, mariadb_tls_args
+from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.etcd import EtcdServer
+from tiproxy.playground.mariadb import MariaDBServer, free_port
+from tiproxy.protocol.codec import U32
+from tiproxy.protocol.constants import Capability
+from tiproxy.protocol.packets import HandshakeResponse, build_handshake_response, frame
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def tls_backends(mariadb_factory: MariaDBFactory, pki: PKI) -> list[MariaDBServer]:
+    """Two MariaDB servers with TLS (the CA's server certificate)."""
+    return [mariadb_factory((*BACKEND_ARGS, *mariadb_tls_args(pki)), BACKEND_USERS)
+            for _ in range(2)]
+
+
+def tls_toml(pki: PKI, *, server: bool = True, sql: bool = True, require: bool = False,
+             **server_extra: str) -> str:
+    """[security] with the proxy's account (KILL across backends), TLS objects as asked."""
+    out = (f'\n[security]\nauth-sync-user = "{ADMIN.name}"\n'
+           f'auth-sync-password = "{ADMIN.password}"\n')
+    if require:
+        out += "require-backend-tls = true\n"
+    if server:
+        out += (f'[security.server-tls]\ncert = "{pki.server.cert}"\n'
+                f'key = "{pki.server.key}"\n')
+        out += "".join(f"{k} = {v}\n" for k, v in server_extra.items())
+    if sql:
+        out += f'[security.sql-tls]\nca = "{pki.ca}"\n'
+    return out
+
+
+def verified(proxy: ProxyProcess, pki: PKI, **kwargs: Any) -> pymysql.Connection[Any]:
+    """PyMySQL over TLS, checking the proxy's certificate and its name."""
+    return proxy.connect(ssl_ca=str(pki.ca), ssl_verify_cert=True, ssl_verify_identity=True,
+                         **kwargs)
+
+
+def backend_cipher(cur: Any) -> str:
+    cur.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+    value = cur.fetchall()[0][1]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@pytest.fixture(scope="module")
+def tls_proxy(tls_backends: list[MariaDBServer], pki: PKI,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    p = ProxyProcess(tmp_path_factory.mktemp("tls-proxy"), [b.addr for b in tls_backends],
+                     tls_toml(pki)).start()
+    yield p
+    p.stop()
+
+
+# -- connectors ---------------------------------------------------------------------------------
+
+
+def test_pymysql_verifies_the_proxy_and_both_legs_are_tls(tls_proxy: ProxyProcess,
+                                                          pki: PKI) -> None:
+    with verified(tls_proxy, pki) as conn, conn.cursor() as cur:
+        assert isinstance(conn._sock, ssl.SSLSocket)
+        assert conn._sock.version() in ("TLSv1.2", "TLSv1.3")
+        assert backend_cipher(cur)
+        session = tls_proxy.session(conn.thread_id())
+        assert (session["client_tls"], session["backend_tls"]) == (True, True)
+
+
+def test_mysqlclient_verifies_the_proxy(tls_proxy: ProxyProcess, pki: PKI) -> None:
+    conn = MySQLdb.connect(host="127.0.0.1", port=tls_proxy.port, user=APP.name,
+                           password=APP.password, database="test",
+                           ssl_mode="VERIFY_IDENTITY", ssl={"ca": str(pki.ca)})
+    try:
+        cur = conn.cursor()
+        cur.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        assert cur.fetchall()[0][1]
+        assert tls_proxy.session(conn.thread_id())["client_tls"] is True
+    finally:
+        conn.close()
+
+
+def test_connector_python_verifies_the_proxy(tls_proxy: ProxyProcess, pki: PKI) -> None:
+    conn = mysql.connector.connect(host="127.0.0.1", port=tls_proxy.port, user=APP.name,
+                                   password=APP.password, database="test", use_pure=True,
+                                   ssl_ca=str(pki.ca), ssl_verify_cert=True,
+                                   ssl_verify_identity=True)
+    try:
+        cur = conn.cursor()
+        cur.execute("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+        assert cur.fetchall()[0][1]
+        assert tls_proxy.session(conn.connection_id)["client_tls"] is True
+    finally:
+        conn.close()
+
+
+def test_mariadb_cli_verifies_the_proxy(tls_proxy: ProxyProcess, pki: PKI) -> None:
+    def cli(statement: str) -> str:
+        out = subprocess.run(
+            ["mariadb", "--no-defaults", "-h127.0.0.1", f"-P{tls_proxy.port}", f"-u{APP.name}",
+             f"-p{APP.password}", "--ssl", f"--ssl-ca={pki.ca}", "--ssl-verify-server-cert",
+             "--batch", "test", "-e", statement],
+            capture_output=True, text=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert "Ssl_cipher\tTLS" in cli("SHOW SESSION STATUS LIKE 'Ssl_cipher'")
+    assert "Cipher in use is" in cli("STATUS")  # the CLI's own leg, to the proxy
+
+
+def test_wrong_ca_is_refused_by_the_client(tls_proxy: ProxyProcess, pki: PKI) -> None:
+    with pytest.raises(pymysql.err.OperationalError, match="CERTIFICATE_VERIFY_FAILED"):
+        tls_proxy.connect(ssl_ca=str(pki.other_ca), ssl_verify_cert=True)
+    with verified(tls_proxy, pki) as conn:  # and the proxy goes on
+        conn.ping()
+
+
+# -- what runs over TLS ------------------------------------------------------------------------
+
+
+def test_tls_with_compression_big_rows_local_infile_prepared_and_kill(
+    tls_proxy: ProxyProcess, pki: PKI, tmp_path: Path,
+) -> None:
+    compressed = MySQLdb.connect(host="127.0.0.1", port=tls_proxy.port, user=APP.name,
+                                 password=APP.password, database="test", compress=True,
+                                 ssl_mode="VERIFY_IDENTITY", ssl={"ca": str(pki.ca)})
+    try:
+        cur = compressed.cursor()
+        cur.execute("SELECT REPEAT('y', 17 * 1024 * 1024), %s + 1", (41,))
+        big, answer = cur.fetchall()[0]
+        assert (len(big), answer) == (17 * 1024 * 1024, 42)
+        cur.execute("SHOW SESSION STATUS LIKE 'Compression'")
+        assert cur.fetchall()[0][1] == "OFF"  # compression is the client leg's, TLS is both
+        assert tls_proxy.session(compressed.thread_id())["client_tls"] is True
+    finally:
+        compressed.close()
+    with verified(tls_proxy, pki, local_infile=True) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TEMPORARY TABLE tls_load (id INT, v VARCHAR(10))")
+        data = tmp_path / "rows.tsv"
+        data.write_text("".join(f"{i}\tv{i}\n" for i in range(5000)))
+        cur.execute(f"LOAD DATA LOCAL INFILE '{data}' INTO TABLE tls_load")
+        cur.execute("SELECT COUNT(*), MAX(id) FROM tls_load")
+        assert cur.fetchall() == ((5000, 4999),)
+        assert backend_cipher(cur)
+    conn2 = mysql.connector.connect(host="127.0.0.1", port=tls_proxy.port, user=APP.name,
+                                    password=APP.password, database="test", use_pure=True,
+                                    ssl_ca=str(pki.ca))
+    try:
+        cur2 = conn2.cursor(prepared=True)
+        cur2.execute("SELECT ? * 2, ?", (21, "tls"))
+        assert cur2.fetchall() == [(42, "tls")]
+    finally:
+        conn2.close()
+    with verified(tls_proxy, pki) as victim, verified(tls_proxy, pki) as killer, \
+            killer.cursor() as kcur:
+        kcur.execute(f"KILL {victim.thread_id()}")
+        with pytest.raises(pymysql.err.OperationalError):
+            victim.ping(reconnect=False)
+
+
+# -- TiProxy's three rules for the backend leg ---------------------------------------------------
+
+
+def test_plain_client_gets_a_plain_backend_leg_unless_required(
+    tls_backends: list[MariaDBServer], pki: PKI, proxy_factory: ProxyFactory,
+) -> None:
+    addrs = [b.addr for b in tls_backends]
+    optional = proxy_factory(addrs, tls_toml(pki))
+    with optional.connect(ssl_disabled=True) as conn, conn.cursor() as cur:
+        assert not isinstance(conn._sock, ssl.SSLSocket)
+        assert backend_cipher(cur) == ""  # the client did not use TLS: neither does the leg
+    with verified(optional, pki) as conn, conn.cursor() as cur:
+        assert backend_cipher(cur)
+    required = proxy_factory(addrs, tls_toml(pki, server=False, require=True))
+    with required.connect(ssl_disabled=True) as conn, conn.cursor() as cur:
+        assert backend_cipher(cur)  # required: TLS whatever the client did
+        session = required.session(conn.thread_id())
+        assert (session["client_tls"], session["backend_tls"]) == (False, True)
+    no_client_tls = proxy_factory(addrs, tls_toml(pki, sql=False))  # no sql-tls: plain leg
+    with verified(no_client_tls, pki) as conn, conn.cursor() as cur:
+        assert backend_cipher(cur) == ""
+
+
+def test_require_backend_tls_refuses_clearly(
+    backends: list[MariaDBServer], tls_backends: list[MariaDBServer], pki: PKI,
+    proxy_factory: ProxyFactory,
+) -> None:
+    plain = proxy_factory([backends[0].addr], tls_toml(pki, server=False, require=True))
+    with pytest.raises(pymysql.err.OperationalError) as err:
+        plain.connect(ssl_disabled=True)
+    assert "require-backend-tls is set, but the backend does not offer TLS" in str(err.value)
+    no_sql_tls = proxy_factory([tls_backends[0].addr],
+                               tls_toml(pki, server=False, sql=False, require=True))
+    with pytest.raises(pymysql.err.OperationalError) as err:
+        no_sql_tls.connect(ssl_disabled=True)
+    assert "require-backend-tls is set, but sql-tls is not configured" in str(err.value)
+    assert plain.alive and no_sql_tls.alive
+
+
+def test_secure_transport_server_and_require_ssl_user(
+    mariadb_factory: MariaDBFactory, pki: PKI, proxy_factory: ProxyFactory,
+) -> None:
+    server = mariadb_factory((*BACKEND_ARGS, *mariadb_tls_args(pki),
+                              "--require-secure-transport=ON"), BACKEND_USERS)
+    server.sql("CREATE USER 'sslonly'@'%' IDENTIFIED BY 'ssl-pass' REQUIRE SSL;\n"
+               "GRANT ALL ON test.* TO 'sslonly'@'%';")
+    proxy = proxy_factory([server.addr], tls_toml(pki, server=False, require=True))
+    with proxy.connect(ssl_disabled=True) as conn, conn.cursor() as cur:
+        assert backend_cipher(cur)
+    conn = pymysql.connect(host="127.0.0.1", port=proxy.port, user="sslonly",
+                           password="ssl-pass", database="test", ssl_disabled=True)
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT CURRENT_USER()")
+        assert cur.fetchall() == (("sslonly@%",),)
+
+
+# -- client certificates -----------------------------------------------------------------------
+
+
+def test_client_certificates_are_verified_and_cn_checked(
+    tls_backends: list[MariaDBServer], pki: PKI, proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([tls_backends[0].addr], tls_toml(
+        pki, sql=False, ca=f'"{pki.ca}"', **{"cert-allowed-cn": '["app-client"]'}))
+    with pytest.raises(pymysql.err.OperationalError):  # no client certificate
+        verified(proxy, pki)
+    with pytest.raises(pymysql.err.OperationalError):  # signed by a CA the proxy does not trust
+        verified(proxy, pki, ssl_cert=str(pki.untrusted_client.cert),
+                 ssl_key=str(pki.untrusted_client.key))
+    with pytest.raises(pymysql.err.OperationalError) as err:  # trusted, but not allowed
+        verified(proxy, pki, ssl_cert=str(pki.other_client.cert),
+                 ssl_key=str(pki.other_client.key))
+    assert err.value.args[0] == 1045
+    assert "'intruder' is not in cert-allowed-cn" in err.value.args[1]
+    with verified(proxy, pki, ssl_cert=str(pki.client.cert), ssl_key=str(pki.client.key)) as c:
+        c.ping()
+    assert "no client certificate" in proxy.log() or "certificate" in proxy.log()
+
+
+def test_auto_certs(tls_backends: list[MariaDBServer], proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory([tls_backends[0].addr],
+                          "\n[security.server-tls]\nauto-certs = true\nrsa-key-size = 2048\n")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with proxy.connect(ssl=ctx) as conn:
+        assert isinstance(conn._sock, ssl.SSLSocket)
+        cert = ssl.DER_cert_to_PEM_cert(conn._sock.getpeercert(binary_form=True))
+        assert "BEGIN CERTIFICATE" in cert
+        conn.ping()
+
+
+# -- migration -----------------------------------------------------------------------------------
+
+
+def test_tls_session_moves_to_another_tls_backend(tls_backends: list[MariaDBServer],
+                                                  pki: PKI,
+                                                  proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory([b.addr for b in tls_backends], tls_toml(pki))
+    with verified(proxy, pki) as conn, conn.cursor() as cur:
+        cur.execute("SET @tls_var = 'kept', SESSION sql_mode = 'ANSI_QUOTES'")
+        cur.execute("SELECT @@port")
+        port_before = cur.fetchone()[0]
+        old = proxy.session(conn.thread_id())["backend"]
+        status, body = proxy.api(f"/api/admin/backends/{old}/drain", method="POST", body=b"")
+        assert status == 200, body
+        proxy.wait_moved(conn.thread_id(), old)
+        cur.execute("SELECT @tls_var, @@sql_mode, @@port")
+        var, mode, port_after = cur.fetchone()
+        assert (var, mode) == ("kept", "ANSI_QUOTES")
+        assert port_after != port_before
+        assert backend_cipher(cur)
+        assert proxy.session(conn.thread_id())["backend_tls"] is True
+
+
+def test_tls_session_never_moves_to_a_backend_without_tls(
+    tls_backends: list[MariaDBServer], backends: list[MariaDBServer], pki: PKI,
+    proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([tls_backends[0].addr], tls_toml(pki))
+    with verified(proxy, pki) as conn, conn.cursor() as cur:
+        status, _ = proxy.api("/api/admin/config", method="PUT", body=(
+            f'[proxy]\nbackend-addrs = ["{tls_backends[0].addr}", "{backends[0].addr}"]\n'
+        ).encode())
+        assert status == 200
+        proxy.redirect()  # the first try may find out that the plain backend offers no TLS
+        deadline = time.monotonic() + 15
+        while "no backend to move to" not in proxy.session(conn.thread_id())["waiting"]:
+            assert time.monotonic() < deadline, proxy.session(conn.thread_id())
+            time.sleep(0.05)
+        assert proxy.session(conn.thread_id())["backend"] == tls_backends[0].addr
+        assert backend_cipher(cur)
+
+
+# -- bytes of the TLS handshake in the same read as the SSLRequest -------------------------------
+
+
+def test_client_hello_in_the_same_segment_as_the_ssl_request(tls_proxy: ProxyProcess,
+                                                             pki: PKI) -> None:
+    """The TLS handshake's first bytes may arrive with the SSLRequest; they must go to TLS."""
+    with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=10) as sock:
+        greeting = _read_packet(sock)[1]
+        assert greeting[0] == 10
+        caps = (Capability.PROTOCOL_41 | Capability.SSL | Capability.SECURE_CONNECTION
+                | Capability.PLUGIN_AUTH | Capability.LONG_PASSWORD)
+        request = HandshakeResponse(capabilities=caps, max_packet=1 << 24, charset=45,
+                                    user=b"", auth_data=b"", ssl_request_only=True)
+        ctx = ssl.create_default_context(cafile=str(pki.ca))
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        sock.sendall(frame(build_handshake_response(request), 1) + outgoing.read())
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    sock.sendall(outgoing.read())
+                chunk = sock.recv(65536)
+                assert chunk, "the proxy closed the connection during the handshake"
+                incoming.write(chunk)
+        if outgoing.pending:
+            sock.sendall(outgoing.read())
+        response = HandshakeResponse(capabilities=caps, max_packet=1 << 24, charset=45,
+                                     user=APP.name.encode(), auth_data=b"",
+                                     auth_plugin="mysql_native_password", database=b"test")
+        tls.write(frame(build_handshake_response(response), 2))
+        sock.sendall(outgoing.read())
+        # The backend's auth switch comes back through the proxy, over TLS, numbered 3.
+        data = b""
+        while len(data) < 4 or len(data) < 4 + (U32.unpack_from(data, 0)[0] & 0xFFFFFF):
+            try:
+                data += tls.read(65536)
+            except ssl.SSLWantReadError:
+                chunk = sock.recv(65536)
+                assert chunk, "the proxy closed the connection after the handshake"
+                incoming.write(chunk)
+        assert data[3] == 3 and data[4] == 0xFE, data[:40]
+
+
+def _read_packet(sock: socket.socket) -> tuple[int, bytes]:
+    header = _recv_exactly(sock, 4)
+    length = U32.unpack_from(header, 0)[0] & 0xFFFFFF
+    return header[3], _recv_exactly(sock, length)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk
+        data += chunk
+    return data
+
+
+# -- certificate files ---------------------------------------------------------------------------
+
+
+def test_corrupt_certificate_refuses_the_start(tls_backends: list[MariaDBServer], pki: PKI,
+                                                tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f'[proxy]\naddr = "127.0.0.1:{free_port()}"\nbackend-addrs = ["{tls_backends[0].addr}"]\n'
+        f'[api]\naddr = "127.0.0.1:{free_port()}"\n'
+        f'[security.server-tls]\ncert = "{bad}"\nkey = "{pki.server.key}"\n')
+    out = subprocess.run([sys.executable, "-m", "tiproxy", "--config", str(config)],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 2, out.stderr
+    assert "security.server-tls" in out.stderr
+    assert str(bad) in out.stderr
+
+
+def _served_serial(proxy: ProxyProcess, pki: PKI) -> int:
+    from cryptography import x509  # noqa: PLC0415
+
+    with verified(proxy, pki) as conn:
+        der = conn._sock.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_rotated_certificate_is_served_and_a_bad_one_is_not(
+    tls_backends: list[MariaDBServer], pki: PKI, proxy_factory: ProxyFactory,
+    tmp_path: Path,
+) -> None:
+    first = pki.issue_server(tmp_path, "first")
+    proxy = proxy_factory([tls_backends[0].addr], (
+        f'\n[security.server-tls]\ncert = "{first.cert}"\nkey = "{first.key}"\n'))
+    from cryptography import x509  # noqa: PLC0415
+
+    serial = x509.load_pem_x509_certificate(first.cert.read_bytes()).serial_number
+    assert _served_serial(proxy, pki) == serial
+    live = verified(proxy, pki)
+    second = pki.issue_server(tmp_path, "second")
+    # Key first, then certificate, each by rename, as certificate managers do.
+    (tmp_path / "first-key.new").write_bytes(second.key.read_bytes())
+    (tmp_path / "first.new").write_bytes(second.cert.read_bytes())
+    (tmp_path / "first-key.new").rename(first.key)
+    (tmp_path / "first.new").rename(first.cert)
+    new_serial = x509.load_pem_x509_certificate(first.cert.read_bytes()).serial_number
+    deadline = time.monotonic() + 2.5
+    while _served_serial(proxy, pki) != new_serial:
+        assert time.monotonic() < deadline, proxy.log()[-2000:]
+        time.sleep(0.1)
+    live.ping()  # the session from before goes on
+    first.cert.write_text("garbage\n")
+    deadline = time.monotonic() + 5
+    while "not reloaded" not in proxy.log():
+        assert time.monotonic() < deadline, proxy.log()[-2000:]
+        time.sleep(0.1)
+    assert _served_serial(proxy, pki) == new_serial  # the last good one stays
+    status, metrics = proxy.api("/metrics")
+    assert status == 200
+    assert 'tiproxy_server_err_total{type="load_cert"} 1.0' in metrics.decode()
+    live.close()
+
+
+# -- cluster-tls: etcd over HTTPS ---------------------------------------------------------------
+
+
+def test_cluster_tls_discovers_backends_from_etcd_over_https(
+    tls_backends: list[MariaDBServer], pki: PKI, proxy_factory: ProxyFactory,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    etcd = EtcdServer(tmp_path_factory.mktemp("etcd-tls"),
+                      tls=(pki.server.cert, pki.server.key, pki.ca)).start()
+    try:
+        assert etcd.url.startswith("https://")
+        backend = tls_backends[0]
+        etcd.register_tidb(backend.addr, {"ip": "127.0.0.1", "status_port": 0}, ttl_seconds=10)
+        proxy = proxy_factory([], f'pd-addrs = ["{etcd.endpoint}"]\n'
+                              f'\n[security.cluster-tls]\nca = "{pki.ca}"\n')
+        deadline = time.monotonic() + 10
+        while not any(b["addr"] == backend.addr and "etcd" in b["sources"]
+                      for b in proxy.backends()):
+            assert time.monotonic() < deadline, (proxy.backends(), proxy.log()[-2000:])
+            time.sleep(0.1)
+        with proxy.connect(ssl_disabled=True) as conn, conn.cursor() as cur:
+            cur.execute("SELECT @@port")
+            assert cur.fetchone()[0] == backend.port
+    finally:
+        etcd.close()
