@@ -49,12 +49,9 @@ labels = { zone = "z1", dc = "dc1" }
 
 [proxy]
 addr = "127.0.0.1:6001,127.0.0.1:6002"
-advertise-addr = "proxy-0.example"
 pd-addrs = ["10.0.0.1:2379", "10.0.0.2:2379"]
 backend-addrs = ["127.0.0.1:3306", "[::1]:3307", "db.example:3308"]
 max-connections = 500
-conn-buffer-size = 65536
-proxy-protocol = "v2"
 graceful-wait-before-shutdown = 5
 graceful-close-conn-timeout = 30
 fail-backend-list = ["db-tidb-0", "10.0.0.10:4000"]
@@ -86,9 +83,6 @@ min-tls-version = "1.3"
 [balance]
 policy = "connection"
 label-name = "zone"
-
-[balance.cpu]
-min-balance-usage = 0.5
 
 [balance.conn-count]
 migrations-per-second = 2.5
@@ -261,10 +255,52 @@ def test_merge_validates_like_a_whole_file() -> None:
 def test_merge_can_complete_a_cross_checked_pair() -> None:
     # A cert alone is refused, but the merged result is what is checked, so a later merge can
     # add the key to a config that already has the cert, and vice versa.
-    with_both = parse_config('[security.sql-tls]\ncert = "c.pem"\nkey = "k.pem"')
-    merged = merge_config(with_both, '[security.sql-tls]\ncert = "other.pem"')
-    assert merged.security.sql_tls.cert == "other.pem"
-    assert merged.security.sql_tls.key == "k.pem"
+    with_both = parse_config('[security.server-tls]\ncert = "c.pem"\nkey = "k.pem"')
+    merged = merge_config(with_both, '[security.server-tls]\ncert = "other.pem"')
+    assert merged.security.server_tls.cert == "other.pem"
+    assert merged.security.server_tls.key == "k.pem"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('[proxy]\nadvertise-addr = "proxy-0.example"', "proxy.advertise-addr"),
+        ("[proxy]\nconn-buffer-size = 65536", "proxy.conn-buffer-size"),
+        ('[proxy]\nproxy-protocol = "v2"', "proxy.proxy-protocol"),
+        ('[api]\nproxy-protocol = "v2"', "api.proxy-protocol"),
+        ('[security.server-http-tls]\ncert = "c"\nkey = "k"', "security.server-http-tls"),
+        ("[balance.memory]\nenabled = false", "balance.memory"),
+        ("[balance.cpu]\nmin-balance-usage = 0.5", "balance.cpu.min-balance-usage"),
+        ("[balance.location]\nenabled = false", "balance.location.enabled"),
+    ],
+)
+def test_keys_not_built_are_refused_not_ignored(text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert info.value.key == key
+    assert "not supported" in info.value.reason
+    parse_config(config_to_toml(Config()))  # every default, written out, still loads
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("[security.sql-tls]\nauto-certs = true", "security.sql-tls.auto-certs", "client TLS"),
+        ('[security.sql-tls]\ncert-allowed-cn = ["a"]', "security.sql-tls.cert-allowed-cn",
+         "client TLS"),
+        ('[security.sql-tls]\ncert = "c"\nkey = "k"', "security.sql-tls.cert", "needs ca"),
+        ('[security.server-tls]\nca = "ca.pem"', "security.server-tls.ca", "needs cert"),
+        ("[security.server-tls]\nrsa-key-size = 4096", "security.server-tls.rsa-key-size",
+         "auto-certs"),
+        ("[security.server-tls]\nauto-certs = true\nrsa-key-size = 1024",
+         "security.server-tls.rsa-key-size", "between 2048"),
+    ],
+)
+def test_tls_objects_that_could_not_work_are_refused(text: str, key: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert info.value.key == key
+    assert reason in info.value.reason
 
 
 def test_checksum_follows_the_config() -> None:
@@ -316,3 +352,9 @@ def test_configs_can_be_pickled_for_worker_processes() -> None:
     cfg = parse_config(RICH)
     assert pickle.loads(pickle.dumps(cfg)) == cfg
     assert hash(cfg) == hash(parse_config(RICH))
+
+
+def test_checksum_is_not_taken_over_secrets() -> None:
+    one = parse_config('[security]\nauth-sync-user = "a"\nauth-sync-password = "pw-one"\n')
+    two = parse_config('[security]\nauth-sync-user = "a"\nauth-sync-password = "pw-two"\n')
+    assert config_checksum(one) == config_checksum(two)

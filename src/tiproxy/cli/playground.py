@@ -13,7 +13,8 @@ import secrets
 import sys
 from dataclasses import replace
 
-from tiproxy.cli.server import install_event_loop, serve, setup_logging
+from tiproxy.cli.logs import setup_logging
+from tiproxy.cli.server import install_event_loop, serve
 from tiproxy.config import Config
 from tiproxy.playground.mariadb import AppUser, LauncherError, MariaDBCluster
 

@@ -11,21 +11,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiproxy import __version__
-from tiproxy.config import Config, ConfigError, load_config
+from tiproxy.cli.logs import setup_logging
+from tiproxy.config import Config, ConfigError, load_config, parse_config
+from tiproxy.config.files import (
+    CONFIG_FILE_LIMIT,
+    FileRefusedError,
+    check_config_files,
+    read_small_file,
+)
+from tiproxy.config.reload import check_reload
+from tiproxy.tls import TLSLoadError
 
 if TYPE_CHECKING:
     from tiproxy.net.server import ProxyServer
 
 log = logging.getLogger("tiproxy")
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def install_event_loop() -> None:
@@ -42,7 +42,8 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
     """Run the proxy and its API until SIGINT/SIGTERM, then shut down gracefully.
 
     SIGHUP reloads the config file (TiProxy watches its file; a signal is the Unix way): a bad
-    file is refused with the key and the reason, and the running config stays.
+    file, or one that changes a key the running proxy cannot change, is refused with the key
+    and the reason, and the running config stays.
     """
     from tiproxy.api.server import start_api  # noqa: PLC0415
     from tiproxy.net.server import ProxyServer  # noqa: PLC0415
@@ -56,24 +57,52 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if config_path is not None:
-        loop.add_signal_handler(signal.SIGHUP, _reload, server, config_path)
+        loop.add_signal_handler(signal.SIGHUP, _SignalReload(server, config_path).schedule)
     await stop.wait()
     log.info("shutting down")
     server.begin_shutdown()
-    if cfg.proxy.graceful_wait_before_shutdown:
-        await asyncio.sleep(cfg.proxy.graceful_wait_before_shutdown)
+    wait = server.config().proxy.graceful_wait_before_shutdown  # as reloaded, if it was
+    if wait:
+        await asyncio.sleep(wait)
     await server.stop()
     await api.close()
 
 
-def _reload(server: ProxyServer, path: Path) -> None:
+class _SignalReload:
+    """SIGHUP: each signal schedules a reload of the file; reloads run one at a time, in order,
+    and read the file (and the files it names) in a thread."""
+
+    def __init__(self, server: ProxyServer, path: Path) -> None:
+        self._server = server
+        self._path = path
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()  # kept, or the loop may drop them
+
+    def schedule(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload(self) -> None:
+        async with self._lock:
+            try:
+                cfg = await _read_config(self._path)
+                await check_reload(self._server.config(), cfg)
+            except ConfigError as e:
+                log.error("config reload refused, keeping the running config: %s", e)  # noqa: TRY400
+                return
+            await self._server.apply_config(cfg)
+            log.info("config reloaded from %s", self._path)
+
+
+async def _read_config(path: Path) -> Config:
     try:
-        cfg = load_config(path)
-    except (ConfigError, OSError) as e:
-        log.error("config reload refused, keeping the running config: %s", e)  # noqa: TRY400
-        return
-    server.apply_config(cfg)
-    log.info("config reloaded from %s", path)
+        data = await asyncio.to_thread(read_small_file, path, CONFIG_FILE_LIMIT)
+        return parse_config(data.decode("utf-8"))
+    except FileRefusedError as e:
+        raise ConfigError("", f"config file {str(path)!r}: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"config file {str(path)!r} is not UTF-8 text") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,16 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(args)
     try:
         cfg = load_config(ns.config)
+        check_config_files(cfg)  # before the loop runs, so reading them blocks nothing
     except ConfigError as e:
         print(f"tiproxy: invalid config: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"tiproxy: cannot read config: {e}", file=sys.stderr)
         return 2
-    setup_logging(cfg.log.level)
+    setup_logging(cfg.log)
     install_event_loop()
     try:
         asyncio.run(serve(cfg, ns.config))
+    except TLSLoadError as e:  # a certificate named in the config does not load
+        print(f"tiproxy: invalid config: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         log.error("cannot start: %s", e)  # noqa: TRY400 - the reason is the message
         return 1

@@ -40,6 +40,10 @@ DECODE = "decode"  # raw TOML value -> attribute value, instead of the type-driv
 ENCODE = "encode"  # attribute value -> TOML value, the inverse of DECODE
 # True: config_to_dict(redact=True) writes REDACTED instead of the value.
 SECRET = "secret"  # noqa: S105 - a metadata key, not a password
+# False: the running proxy reads the field only at start, so a reload (PUT /api/admin/config,
+# SIGHUP) that changes it is refused by name (load.offline_changes). A dataclass-valued field
+# marked offline counts as one key; so does a field whose class is in OFFLINE_SECTIONS.
+ONLINE = "online"
 
 REDACTED = "******"
 
@@ -55,15 +59,33 @@ _MIN_CONN_BUFFER_SIZE = 1024
 _MAX_CONN_BUFFER_SIZE = 16 * 1024 * 1024
 
 
+def not_built(section: object, keys: Mapping[str, str]) -> tuple[str, str] | None:
+    """(key, "not supported yet: why") for the first of `keys` whose value differs from its
+    default: a key the proxy does not act on is refused, never parsed and ignored. The default
+    itself passes, so a config written out by the API (every key) can be sent back."""
+    default = type(section)()
+    for key, why in keys.items():
+        attr = key.replace("-", "_")
+        if getattr(section, attr) != getattr(default, attr):
+            return key, f"not supported yet: {why}"
+    return None
+
+
 def rules(
     *,
     check: Check | None = None,
     decode: Callable[[object], Any] | None = None,
     encode: Callable[[Any], object] | None = None,
     secret: bool = False,
+    online: bool = True,
 ) -> dict[str, Any]:
     """Field metadata telling the loader and the dumper how to treat a field."""
-    return {CHECK: check, DECODE: decode, ENCODE: encode, SECRET: secret}
+    return {CHECK: check, DECODE: decode, ENCODE: encode, SECRET: secret, ONLINE: online}
+
+
+def offline(metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`metadata` (or no rules) for a field that cannot change while the proxy runs."""
+    return {**(metadata if metadata is not None else rules()), ONLINE: False}
 
 
 def one_of_rules(*choices: str) -> dict[str, Any]:
@@ -91,6 +113,8 @@ _ADDR_LIST = rules(check=all_of(each(check_dial_addr), unique))
 _PD_ADDRS = rules(check=all_of(each(check_dial_addr), unique), decode=_decode_addr_list)
 _BACKEND_NAMES = rules(check=all_of(each(check_backend_name), unique))
 _CONN_BUFFER_SIZE = rules(check=zero_or_range(_MIN_CONN_BUFFER_SIZE, _MAX_CONN_BUFFER_SIZE))
+# RSA keys for auto-certs: 0 is TiProxy's default (4096); smaller than 2048 is not safe.
+_RSA_KEY_SIZE = rules(check=zero_or_range(2048, 16384))
 
 
 @dataclass(frozen=True)
@@ -192,12 +216,14 @@ class KeepAliveConfig:
 class ProxyConfig:
     """`[proxy]`: the SQL port and how sessions on it are kept and shut down."""
 
-    addr: str = field(default="0.0.0.0:6000", metadata=rules(check=check_listen_addr_list))
-    advertise_addr: str = field(default="", metadata=rules(check=check_host))
+    addr: str = field(default="0.0.0.0:6000",
+                      metadata=rules(check=check_listen_addr_list, online=False))
+    advertise_addr: str = field(default="", metadata=rules(check=check_host, online=False))
     pd_addrs: tuple[str, ...] = field(default=(), metadata=_PD_ADDRS)
     backend_addrs: tuple[str, ...] = field(default=(), metadata=_ADDR_LIST)  # ours: static list
     max_connections: int = field(default=0, metadata=COUNT)  # 0: unlimited
-    conn_buffer_size: int = field(default=DEFAULT_CONN_BUFFER_SIZE, metadata=_CONN_BUFFER_SIZE)
+    conn_buffer_size: int = field(default=DEFAULT_CONN_BUFFER_SIZE,
+                                  metadata=offline(_CONN_BUFFER_SIZE))
     frontend_keepalive: KeepAliveConfig = field(default=KeepAliveConfig(enabled=True))
     backend_healthy_keepalive: KeepAliveConfig = field(
         default=KeepAliveConfig(enabled=True, idle=60.0, cnt=5, intvl=3.0, timeout=15.0)
@@ -205,7 +231,7 @@ class ProxyConfig:
     backend_unhealthy_keepalive: KeepAliveConfig = field(
         default=KeepAliveConfig(enabled=True, idle=10.0, cnt=5, intvl=1.0, timeout=5.0)
     )
-    proxy_protocol: str = field(default="", metadata=one_of_rules(*PROXY_PROTOCOLS))
+    proxy_protocol: str = field(default="", metadata=offline(one_of_rules(*PROXY_PROTOCOLS)))
     graceful_wait_before_shutdown: int = field(default=0, metadata=COUNT)  # seconds
     graceful_close_conn_timeout: int = field(default=15, metadata=COUNT)  # seconds
     fail_backend_list: tuple[str, ...] = field(default=(), metadata=_BACKEND_NAMES)
@@ -215,6 +241,13 @@ class ProxyConfig:
     dns_interval: float = field(default=5.0, metadata=DURATION)
     backend_labels: tuple[BackendLabels, ...] = field(
         default=(), metadata=rules(decode=_decode_backend_labels, encode=_encode_backend_labels))
+
+    def cross_check(self) -> tuple[str, str] | None:
+        return not_built(self, {
+            "advertise-addr": "the proxy registers itself nowhere (no TiProxy topology in etcd)",
+            "conn-buffer-size": "socket reads are sized by the event loop",
+            "proxy-protocol": "PROXY protocol headers are not read or sent",
+        })
 
     @property
     def listen_addrs(self) -> tuple[str, ...]:
@@ -226,8 +259,15 @@ class ProxyConfig:
 class APIConfig:
     """`[api]`: the HTTP API and metrics port."""
 
-    addr: str = field(default="0.0.0.0:3080", metadata=rules(check=check_listen_addr))
-    proxy_protocol: str = field(default="", metadata=one_of_rules(*PROXY_PROTOCOLS))
+    addr: str = field(default="0.0.0.0:3080",
+                      metadata=rules(check=check_listen_addr, online=False))
+    proxy_protocol: str = field(default="", metadata=offline(one_of_rules(*PROXY_PROTOCOLS)))
+    # Ours: a file holding the bearer token that lets a caller other than a loopback peer (or
+    # one with a verified client certificate) use the write routes; empty: no token works.
+    auth_token_file: str = ""
+
+    def cross_check(self) -> tuple[str, str] | None:
+        return not_built(self, {"proxy-protocol": "PROXY protocol headers are not read"})
 
 
 @dataclass(frozen=True)
@@ -240,22 +280,27 @@ class LogFileConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = field(default="info", metadata=one_of_rules(*LOG_LEVELS))
-    encoder: str = field(default="tidb", metadata=one_of_rules(*LOG_ENCODERS))
-    log_file: LogFileConfig = field(default=LogFileConfig())
+    """`[log]`: set up once at start."""
+
+    level: str = field(default="info", metadata=offline(one_of_rules(*LOG_LEVELS)))
+    encoder: str = field(default="tidb", metadata=offline(one_of_rules(*LOG_ENCODERS)))
+    log_file: LogFileConfig = field(default=LogFileConfig(), metadata=offline())
 
 
 @dataclass(frozen=True)
 class TLSConfig:
-    """One TLS object of `[security]`; the same fields serve client and server objects."""
+    """One TLS object of `[security]`, with TiProxy's fields. A server object (`server-tls`)
+    is on with `cert` or `auto-certs`; a client object (`sql-tls`) with `ca` or `skip-ca`.
+    See tiproxy/tls/contexts.py for what each field does on each side."""
 
     ca: str = ""
     cert: str = ""
     key: str = ""  # a path to the key, not the key: no need to redact
     min_tls_version: str = field(default="1.2", metadata=one_of_rules(*TLS_VERSIONS))
+    cert_allowed_cn: tuple[str, ...] = ()  # server objects: the client certificate's CN
     auto_certs: bool = False
-    rsa_key_size: int = field(default=0, metadata=COUNT)  # 0: the default size
-    autocert_expire_duration: str = ""
+    rsa_key_size: int = field(default=0, metadata=_RSA_KEY_SIZE)  # 0: TiProxy's 4096
+    autocert_expire_duration: float = field(default=0.0, metadata=DURATION)  # 0: 90 days
     skip_ca: bool = False
 
     def cross_check(self) -> tuple[str, str] | None:
@@ -264,13 +309,41 @@ class TLSConfig:
             return "key", "cert is set, so key must be set too"
         if self.key and not self.cert:
             return "cert", "key is set, so cert must be set too"
+        if not self.auto_certs:
+            if self.rsa_key_size:
+                return "rsa-key-size", "only used with auto-certs = true"
+            if self.autocert_expire_duration:
+                return "autocert-expire-duration", "only used with auto-certs = true"
         return None
+
+    def client_object_problem(self) -> tuple[str, str] | None:
+        """(key, reason) for fields that mean nothing on a client object (`sql-tls`)."""
+        if self.auto_certs:
+            return "auto-certs", "not supported on a client TLS object"
+        if self.cert_allowed_cn:
+            return "cert-allowed-cn", "not supported on a client TLS object"
+        if self.cert and not (self.ca or self.skip_ca):
+            return "cert", "a client certificate needs ca or skip-ca (else TLS is off)"
+        return None
+
+    def server_object_problem(self) -> tuple[str, str] | None:
+        """(key, reason) for a server object set up so that it could not serve TLS."""
+        if not (self.cert or self.auto_certs):
+            for key, value in (("ca", self.ca), ("skip-ca", self.skip_ca),
+                               ("cert-allowed-cn", self.cert_allowed_cn)):
+                if value:
+                    return key, "needs cert and key, or auto-certs = true (else TLS is off)"
+        return None
+
+    @property
+    def configured(self) -> bool:
+        return self != TLSConfig()
 
 
 @dataclass(frozen=True)
 class SecurityConfig:
     server_tls: TLSConfig = field(default=TLSConfig())  # clients -> the SQL port
-    server_http_tls: TLSConfig = field(default=TLSConfig())  # clients -> the API port
+    server_http_tls: TLSConfig = field(default=TLSConfig(), metadata=offline())  # -> the API
     cluster_tls: TLSConfig = field(default=TLSConfig())  # the proxy -> PD / TiDB status ports
     sql_tls: TLSConfig = field(default=TLSConfig())  # the proxy -> backends' SQL ports
     require_backend_tls: bool = False
@@ -283,6 +356,19 @@ class SecurityConfig:
     # mysql.user read by auth-sync-user every auth-sync-interval (and after a failed match).
     users_file: str = ""
     auth_sync_interval: float = field(default=60.0, metadata=DURATION)
+
+    def cross_check(self) -> tuple[str, str] | None:
+        """(key, reason) for a TLS object used in a way the proxy does not build."""
+        problem = self.server_tls.server_object_problem()
+        if problem is not None:
+            return f"server-tls.{problem[0]}", problem[1]
+        for key, obj in (("sql-tls", self.sql_tls), ("cluster-tls", self.cluster_tls)):
+            problem = obj.client_object_problem()
+            if problem is not None:
+                return f"{key}.{problem[0]}", problem[1]
+        if self.server_http_tls.configured:
+            return "server-http-tls", "not supported yet: the API is served over plain HTTP only"
+        return None
 
 
 @dataclass(frozen=True)
@@ -321,6 +407,18 @@ class BalanceConfig:
     cpu: CPUFactorConfig = field(default=CPUFactorConfig())
     location: FactorConfig = field(default=FactorConfig())
     conn_count: ConnCountFactorConfig = field(default=ConnCountFactorConfig())
+
+    def cross_check(self) -> tuple[str, str] | None:
+        why = "this factor is not built; the router uses location, load and connection count"
+        problem = not_built(self, {"status": why, "health": why, "memory": why})
+        if problem is None and not self.cpu.enabled:
+            problem = "cpu.enabled", "not supported yet: the load factor cannot be turned off"
+        if problem is None and self.cpu.min_balance_usage:
+            problem = "cpu.min-balance-usage", "not supported yet"
+        if problem is None and not self.location.enabled:
+            problem = "location.enabled", "not supported yet: use label-name = \"\" instead"
+        return problem
+
 
 
 class FrozenMap(Mapping[str, str]):
@@ -364,3 +462,9 @@ class Config:
     health: HealthConfig = field(default=HealthConfig())
     namespaces: tuple[NamespaceConfig, ...] = field(
         default=(), metadata=rules(decode=_decode_namespaces, encode=_encode_namespaces))
+
+
+# Config classes the running proxy reads only at start, for classes whose fields carry no
+# ONLINE metadata of their own: a change anywhere inside one is refused as a change of the whole
+# object. None today: TLS objects are rebuilt on reload (tls/store.py).
+OFFLINE_SECTIONS: frozenset[type] = frozenset()
