@@ -13,7 +13,7 @@ import ipaddress
 import os
 import ssl
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -31,8 +31,8 @@ _CLOCK_SKEW = 3600.0  # valid from an hour ago: peers whose clocks lag still acc
 class Issued:
     """A certificate and its key, PEM-encoded. `key_pem` is a secret: never log it."""
 
-    cert_pem: bytes
-    key_pem: bytes
+    cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)  # never in a repr, so never in a log or a traceback
     not_after: datetime.datetime
 
 
