@@ -15,8 +15,22 @@ written during the run; the other targets still run. A proxy that died is restar
 next run. Everything started here is stopped, and the temporary directory removed, on exit,
 error, Ctrl-C or SIGTERM.
 
+With --tls every connection to MariaDB is TLS. A CA, a server certificate (127.0.0.1, localhost)
+and a client certificate are made in the temporary directory with tiproxy.tls.autocert; MariaDB
+runs with them and `require_secure_transport = ON`, so a plaintext connection is refused rather
+than measured. sysbench connects with `--mysql-ssl=on` (sysbench 1.0 has no CA option: it reads
+cacert.pem, client-cert.pem and client-key.pem from its working directory, which is a directory
+of its own here) to the same three targets: MariaDB; the proxy, with TLS on both legs
+(`[security.server-tls]` with the server certificate, `[security.sql-tls]` with the CA,
+`require-backend-tls = true`); and HAProxy, which in TCP mode passes the client's TLS through to
+MariaDB untouched. Before measuring, each target is checked: sysbench's own connection must have
+a cipher (its debug trace), and `SHOW SESSION STATUS LIKE 'Ssl_cipher'` through it, which runs on
+MariaDB and so describes the proxy's backend leg, must not be empty; a plaintext leg stops the
+benchmark with an error.
+
     .venv/bin/python bench/sysbench.py --quick
     .venv/bin/python bench/sysbench.py --time 30 --rounds 3 --json results.json
+    .venv/bin/python bench/sysbench.py --tls --quick
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tiproxy.playground.mariadb import HOST, MariaDBServer, create_app_user, free_port
+from tiproxy.tls.autocert import Issued, issue
 
 USER = "sbtest"
 PASSWORD = "sbtest-pass"  # a throwaway account on a throwaway server
@@ -82,6 +97,9 @@ _P95 = re.compile(r"^\s*95th percentile:\s+([\d.]+)", re.MULTILINE)
 _TOTAL_TIME = re.compile(r"^\s*total time:\s+([\d.]+)s", re.MULTILINE)
 _IGNORED = re.compile(r"^\s*(ignored errors|reconnects):\s+(\d+)", re.MULTILINE)
 _TAIL_LINES = 15
+_KEY_SIZE = 2048  # certificates for one run: quick to make, as fast to handshake as real ones
+# Printed by sysbench's --mysql-debug=on trace after it connects with --mysql-ssl=on.
+_SYSBENCH_CIPHER = re.compile(r'mysql_get_ssl_cipher\(con\): "([^"]*)"')
 
 
 class BenchError(Exception):
@@ -121,6 +139,64 @@ def tree_cpu_seconds(pid: int) -> float:
             total += stats[current][1]
             pending.extend(children.get(current, ()))
     return total / _CLK_TCK
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The bench's CA and the certificates it signed, as PEM files in the temporary directory."""
+
+    ca: Path
+    server_cert: Path  # for 127.0.0.1 and localhost: MariaDB's and the proxy's
+    server_key: Path
+    sysbench_dir: Path  # sysbench 1.0 reads cacert.pem, client-cert.pem, client-key.pem here
+
+    def mariadb_args(self) -> list[str]:
+        return [
+            f"--ssl-ca={self.ca}",
+            f"--ssl-cert={self.server_cert}",
+            f"--ssl-key={self.server_key}",
+            "--require-secure-transport=ON",  # a plaintext client is refused, not measured
+        ]
+
+    def proxy_toml(self) -> str:
+        return (
+            "[security]\n"
+            "require-backend-tls = true\n"
+            "[security.server-tls]\n"
+            f'cert = "{self.server_cert}"\n'
+            f'key = "{self.server_key}"\n'
+            "[security.sql-tls]\n"
+            f'ca = "{self.ca}"\n'
+        )
+
+
+def _write_pem(path: Path, data: bytes, secret: bool = False) -> Path:
+    path.write_bytes(data)
+    if secret:
+        path.chmod(0o600)
+    return path
+
+
+def make_tls_files(workdir: Path) -> TlsFiles:
+    """A CA, a server certificate and sysbench's client certificate, all signed by the CA."""
+    tls_dir, sysbench_dir = workdir / "tls", workdir / "sysbench-tls"
+    tls_dir.mkdir()
+    sysbench_dir.mkdir()
+    ca = issue("tiproxy bench CA", key_size=_KEY_SIZE, is_ca=True)
+    server = issue("localhost", key_size=_KEY_SIZE, issuer=ca)
+    client: Issued = issue("sysbench", key_size=_KEY_SIZE, issuer=ca)
+    _write_pem(sysbench_dir / "cacert.pem", ca.cert_pem)
+    _write_pem(sysbench_dir / "client-cert.pem", client.cert_pem)
+    _write_pem(sysbench_dir / "client-key.pem", client.key_pem, secret=True)
+    return TlsFiles(
+        ca=_write_pem(tls_dir / "ca.pem", ca.cert_pem),
+        server_cert=_write_pem(tls_dir / "server.pem", server.cert_pem),
+        server_key=_write_pem(tls_dir / "server-key.pem", server.key_pem, secret=True),
+        sysbench_dir=sysbench_dir,
+    )
 
 
 # --- child processes ----------------------------------------------------------------------

@@ -12,6 +12,8 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -471,3 +473,45 @@ def test_cluster_tls_discovers_backends_from_etcd_over_https(
             assert cur.fetchone()[0] == backend.port
     finally:
         etcd.close()
+
+
+# -- server-http-tls: the API over HTTPS, health also in plain HTTP -----------------------------
+
+
+def _https(url: str, ctx: ssl.SSLContext | None, method: str = "GET") -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=b"" if method != "GET" else None, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_api_over_https_with_client_certificates(tls_backends: list[MariaDBServer], pki: PKI,
+                                                 proxy_factory: ProxyFactory) -> None:
+    proxy = proxy_factory([tls_backends[0].addr], (
+        f'\n[security.server-http-tls]\ncert = "{pki.server.cert}"\nkey = "{pki.server.key}"\n'
+        f'ca = "{pki.ca}"\ncert-allowed-cn = ["app-client"]\n'))
+    plain = f"http://127.0.0.1:{proxy.api_port}"
+    secure = f"https://127.0.0.1:{proxy.api_port}"
+    assert _https(f"{plain}/api/debug/health", None)[0] == 200  # load balancers' probe
+    status, body = _https(f"{plain}/api/admin/backends", None)
+    assert status == 400 and b"HTTPS" in body
+    ctx = ssl.create_default_context(cafile=str(pki.ca))
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # no client certificate
+        _https(f"{secure}/api/admin/backends", ctx)
+    intruder = ssl.create_default_context(cafile=str(pki.ca))
+    intruder.load_cert_chain(pki.other_client.cert, pki.other_client.key)
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # CN not allowed
+        _https(f"{secure}/api/admin/backends", intruder)
+    ctx.load_cert_chain(pki.client.cert, pki.client.key)
+    status, body = _https(f"{secure}/api/admin/backends", ctx)
+    assert status == 200 and tls_backends[0].addr.encode() in body
+    assert _https(f"{secure}/api/debug/redirect", ctx, method="POST")[0] == 200
+    out = subprocess.run(
+        [sys.executable, "-m", "tiproxy.cli.ctl", "--addr", f"127.0.0.1:{proxy.api_port}",
+         "--ca", str(pki.ca), "--cert", str(pki.client.cert), "--key", str(pki.client.key),
+         "backends"], capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    assert tls_backends[0].addr in out.stdout
+    assert "refused: client certificate CN 'intruder'" in proxy.log()

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
+from collections.abc import Callable
 from dataclasses import asdict
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client.registry import CollectorRegistry
 
 from tiproxy.api.auth import write_guard
 from tiproxy.api.interface import ProxyControl, ProxyView
+from tiproxy.api.listener import APIConnection, plain_http_guard
 from tiproxy.api.metrics import METRICS_CONTENT_TYPE, build_registry, render_metrics
 from tiproxy.config import (
     ConfigError,
@@ -32,6 +36,7 @@ from tiproxy.config import (
     config_to_toml,
     merge_config,
 )
+from tiproxy.config.model import TLSConfig
 from tiproxy.config.reload import check_reload
 from tiproxy.config.values import split_host_port
 
@@ -47,38 +52,60 @@ MAX_BODY_BYTES = 1024 * 1024
 _SHUTDOWN_TIMEOUT = 2.0
 
 
+class HTTPSContexts(Protocol):
+    """Where the API finds `[security.server-http-tls]` as built now (the CertStore)."""
+
+    @property
+    def http(self) -> ssl.SSLContext | None: ...
+    @property
+    def http_config(self) -> TLSConfig: ...
+
+
 class APIServer:
     """A running API server; `port` is the bound port (useful when started on port 0)."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+    def __init__(self, runner: web.AppRunner, listener: asyncio.AbstractServer, host: str,
+                 port: int) -> None:
         self._runner = runner
+        self._listener = listener
         self.host = host
         self.port = port
 
     async def close(self) -> None:
+        self._listener.close()
         await self._runner.cleanup()
 
 
-async def start_api(view: ProxyView, addr: str) -> APIServer:
-    """Serve the API for `view` on `addr` ("host:port"; an empty host means all interfaces)."""
+async def start_api(view: ProxyView, addr: str, tls: HTTPSContexts | None = None) -> APIServer:
+    """Serve the API for `view` on `addr` ("host:port"; an empty host means all interfaces);
+    HTTPS too when `tls` has a server-http-tls context (listener.py)."""
     host, port = split_host_port(addr, listen=True)
-    runner = web.AppRunner(build_app(view), shutdown_timeout=_SHUTDOWN_TIMEOUT)
+
+    def https() -> tuple[ssl.SSLContext | None, TLSConfig]:
+        return (tls.http, tls.http_config) if tls is not None else (None, TLSConfig())
+
+    runner = web.AppRunner(build_app(view, lambda: https()[0] is not None),
+                           shutdown_timeout=_SHUTDOWN_TIMEOUT)
     await runner.setup()
+    factory = runner.server
+    assert factory is not None
     try:
-        site = web.TCPSite(runner, host or None, port)
-        await site.start()
+        listener = await asyncio.get_running_loop().create_server(
+            lambda: APIConnection(factory, https), host or None, port, reuse_address=True)
     except BaseException:
         await runner.cleanup()
         raise
-    bound_port: int = runner.addresses[0][1]
-    return APIServer(runner, host, bound_port)
+    bound_port: int = listener.sockets[0].getsockname()[1]
+    return APIServer(runner, listener, host, bound_port)
 
 
-def build_app(view: ProxyView) -> web.Application:
+def build_app(view: ProxyView,
+              https_configured: Callable[[], bool] = lambda: False) -> web.Application:
     """The aiohttp application; tests may serve it with aiohttp's test utilities."""
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
-        middlewares=[write_guard(lambda: view.config().api.auth_token_file)],
+        middlewares=[plain_http_guard(https_configured),
+                     write_guard(lambda: view.config().api.auth_token_file)],
     )
     app[_VIEW] = view
     app[_REGISTRY] = build_registry(view)

@@ -50,7 +50,7 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
 
     server = ProxyServer(cfg)
     await server.start()
-    api = await start_api(server, cfg.api.addr)
+    api = await start_api(server, cfg.api.addr, server.tls)
     log.info("API listening on port %d", api.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -343,7 +343,7 @@ class TLSConfig:
 @dataclass(frozen=True)
 class SecurityConfig:
     server_tls: TLSConfig = field(default=TLSConfig())  # clients -> the SQL port
-    server_http_tls: TLSConfig = field(default=TLSConfig(), metadata=offline())  # -> the API
+    server_http_tls: TLSConfig = field(default=TLSConfig())  # clients -> the API port
     cluster_tls: TLSConfig = field(default=TLSConfig())  # the proxy -> PD / TiDB status ports
     sql_tls: TLSConfig = field(default=TLSConfig())  # the proxy -> backends' SQL ports
     require_backend_tls: bool = False
@@ -359,15 +359,15 @@ class SecurityConfig:
 
     def cross_check(self) -> tuple[str, str] | None:
         """(key, reason) for a TLS object used in a way the proxy does not build."""
-        problem = self.server_tls.server_object_problem()
-        if problem is not None:
-            return f"server-tls.{problem[0]}", problem[1]
+        for key, obj in (("server-tls", self.server_tls),
+                         ("server-http-tls", self.server_http_tls)):
+            problem = obj.server_object_problem()
+            if problem is not None:
+                return f"{key}.{problem[0]}", problem[1]
         for key, obj in (("sql-tls", self.sql_tls), ("cluster-tls", self.cluster_tls)):
             problem = obj.client_object_problem()
             if problem is not None:
                 return f"{key}.{problem[0]}", problem[1]
-        if self.server_http_tls.configured:
-            return "server-http-tls", "not supported yet: the API is served over plain HTTP only"
         return None
 
 

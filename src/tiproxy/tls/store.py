@@ -85,6 +85,7 @@ class CertStore:
             "server": _Slot("security.server-tls", True, cfg.security.server_tls),
             "sql": _Slot("security.sql-tls", False, cfg.security.sql_tls),
             "cluster": _Slot("security.cluster-tls", False, cfg.security.cluster_tls),
+            "http": _Slot("security.server-http-tls", True, cfg.security.server_http_tls),
         }
         self.require_backend_tls = cfg.security.require_backend_tls
         for slot in self._slots.values():
@@ -118,6 +119,16 @@ class CertStore:
         return {"tls": self.sql, "require_tls": self.require_backend_tls}
 
     @property
+    def http(self) -> ssl.SSLContext | None:
+        """For the API port; None: plain HTTP only."""
+        built = self._slots["http"].built
+        return built.context if built is not None else None
+
+    @property
+    def http_config(self) -> TLSConfig:
+        return self._slots["http"].cfg
+
+    @property
     def cluster(self) -> ssl.SSLContext | None:
         """Towards etcd (`pd-addrs`) and TiDB's status ports; None: plain HTTP."""
         built = self._slots["cluster"].built
@@ -129,7 +140,8 @@ class CertStore:
         """A reloaded config: changed TLS objects are rebuilt by the watch loop."""
         self.require_backend_tls = cfg.security.require_backend_tls
         for name, new in (("server", cfg.security.server_tls), ("sql", cfg.security.sql_tls),
-                          ("cluster", cfg.security.cluster_tls)):
+                          ("cluster", cfg.security.cluster_tls),
+                          ("http", cfg.security.server_http_tls)):
             slot = self._slots[name]
             if slot.cfg != new:
                 slot.cfg = new

@@ -1,0 +1,129 @@
+"""The API port's connections: HTTPS with `[security.server-http-tls]`, plain HTTP otherwise.
+
+With server-http-tls, one port serves both, as TiProxy's does: a connection whose first byte
+is 0x16 (a TLS handshake record) is upgraded to TLS (client certificates verified and required
+with `ca` unless `skip-ca`, `cert-allowed-cn` checked) and then served by aiohttp; any other
+connection is served in plain HTTP, where only `/api/debug/health` answers (for load balancers
+that probe without TLS) and every other route says to use HTTPS (`plain_http_guard`). Without
+server-http-tls every connection is plain and every route answers.
+
+`APIConnection` is the protocol of each accepted socket until it knows which: it holds the first
+bytes, then hands the transport (raw or TLS) and those bytes to aiohttp's request handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from tiproxy.config.model import TLSConfig
+from tiproxy.net.tls import start_server_tls
+from tiproxy.tls.contexts import peer_cn_allowed
+
+log = logging.getLogger("tiproxy.api")
+
+TLS_RECORD_HANDSHAKE = 0x16
+HANDSHAKE_TIMEOUT = 10.0
+HEALTH_PATHS = frozenset({"/api/debug/health", "/api/debug/health/"})
+_EARLY_LIMIT = 64 * 1024  # bytes held before a handler exists: a TLS hello, a request line
+
+
+class APIConnection(asyncio.Protocol):
+    """One accepted API connection, until it is handed to aiohttp."""
+
+    def __init__(self, handler_factory: Callable[[], asyncio.Protocol],
+                 tls: Callable[[], tuple[ssl.SSLContext | None, TLSConfig]]) -> None:
+        self._factory = handler_factory
+        self._tls = tls
+        self._raw: asyncio.Transport | None = None
+        self._early = bytearray()
+        self._handler: asyncio.Protocol | None = None
+        self._upgrading = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._raw = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is not None:  # handed over: nothing more should come here
+            self._handler.data_received(data)
+            return
+        self._early += data
+        if len(self._early) > _EARLY_LIMIT:
+            assert self._raw is not None
+            self._raw.abort()
+            return
+        if self._upgrading:
+            return
+        ctx, cfg = self._tls()
+        if ctx is not None and self._early[0] == TLS_RECORD_HANDSHAKE:
+            self._upgrading = True
+            early, self._early = bytes(self._early), bytearray()
+            asyncio.get_running_loop().create_task(self._upgrade(ctx, cfg, early))
+        else:
+            assert self._raw is not None
+            self._hand_over(self._raw)
+
+    async def _upgrade(self, ctx: ssl.SSLContext, cfg: TLSConfig, early: bytes) -> None:
+        raw = self._raw
+        assert raw is not None
+        try:
+            tls = await start_server_tls(raw, ctx, early, HANDSHAKE_TIMEOUT)
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            log.info("API: TLS handshake failed: %s", e)
+            raw.abort()
+            return
+        refusal = peer_cn_allowed(cfg, tls.get_extra_info("peercert"))
+        if refusal is not None:
+            log.warning("API: %s refused: %s", tls.get_extra_info("peername"), refusal)
+            tls.abort()
+            return
+        self._hand_over(tls)
+
+    def _hand_over(self, transport: asyncio.Transport) -> None:
+        """aiohttp's handler takes the transport (raw or TLS) and the bytes held so far."""
+        handler = self._factory()
+        self._handler = handler
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        early, self._early = bytes(self._early), bytearray()
+        if early:
+            handler.data_received(early)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handler is not None:
+            self._handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+    def eof_received(self) -> bool | None:
+        if self._handler is not None:
+            return self._handler.eof_received()
+        return None
+
+
+def plain_http_guard(https_configured: Callable[[], bool]) -> Any:
+    """Middleware: with server-http-tls, plain HTTP serves only the health route."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        plain = transport is None or transport.get_extra_info("ssl_object") is None
+        if plain and https_configured() and request.path not in HEALTH_PATHS:
+            return web.json_response(
+                {"error": "this API is served over HTTPS (security.server-http-tls); plain "
+                          "HTTP answers only /api/debug/health"}, status=400)
+        return await handler(request)
+
+    return guard
