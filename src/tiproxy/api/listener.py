@@ -31,7 +31,7 @@ log = logging.getLogger("tiproxy.api")
 TLS_RECORD_HANDSHAKE = 0x16
 HANDSHAKE_TIMEOUT = 10.0
 HEALTH_PATHS = frozenset({"/api/debug/health", "/api/debug/health/"})
-_EARLY_LIMIT = 64 * 1024  # bytes held before a handler exists: a TLS hello, a request line
+_EARLY_LIMIT = 1024 * 1024  # bytes held while the TLS handshake runs (a client may pipeline)
 
 
 class APIConnection(asyncio.Protocol):
@@ -54,11 +54,10 @@ class APIConnection(asyncio.Protocol):
             self._handler.data_received(data)
             return
         self._early += data
-        if len(self._early) > _EARLY_LIMIT:
-            assert self._raw is not None
-            self._raw.abort()
-            return
-        if self._upgrading:
+        if self._upgrading:  # the TLS handshake is under way: hold what comes, within a bound
+            if len(self._early) > _EARLY_LIMIT:
+                assert self._raw is not None
+                self._raw.abort()
             return
         ctx, cfg = self._tls()
         if ctx is not None and self._early[0] == TLS_RECORD_HANDSHAKE:

@@ -72,6 +72,8 @@ class Backend:
     load: Load = field(default_factory=Load)
     galera: bool = False  # a Galera node (wsrep_on), as the health checks found
     offers_tls: bool | None = None  # its last greeting had CLIENT_SSL; None: not seen yet
+    # information_schema.USER_VARIABLES answers there; None: not tried yet (net/migration.py)
+    user_variables_table: bool | None = None
     query_counts: Counter[str] = field(default_factory=Counter)
 
     @property

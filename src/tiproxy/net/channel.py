@@ -6,7 +6,7 @@ results only: everything is held in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tiproxy.net.backend import BackendLeg
 from tiproxy.protocol.codec import U16, U32, read_lenenc_bytes, read_lenenc_int
@@ -22,6 +22,7 @@ Row = list[bytes | None]
 class Result:
     rows: list[Row]
     status: int
+    types: list[tuple[int, int]] = field(default_factory=list)  # (column type, flags) each
 
 
 def sql_error(payload: bytes) -> SQLError:
@@ -49,18 +50,31 @@ async def read_result(leg: BackendLeg, deprecate_eof: bool) -> Result:
     if first in (-1, 0xFB, 0xFE):
         raise ProtocolError("unexpected response to the proxy's statement", Origin.BACKEND)
     columns, _ = read_lenenc_int(payload, 0)
-    for _ in range(columns):
-        await leg.read_packet()
+    types = [column_type((await leg.read_packet())[1]) for _ in range(columns)]
     if not deprecate_eof:
         await leg.read_packet()
     rows: list[Row] = []
     while True:
         _, payload = await leg.read_packet()
         if payload[:1] == b"\xfe" and len(payload) < 0xFFFFFF:
-            return Result(rows, terminator_status(payload, 0, len(payload)))
+            return Result(rows, terminator_status(payload, 0, len(payload)), types)
         if payload[:1] == b"\xff":
             raise sql_error(payload)
         rows.append(text_row(payload, columns))
+
+
+def column_type(payload: bytes) -> tuple[int, int]:
+    """(type, flags) of a ColumnDefinition41: six length-encoded strings (catalog, schema,
+    table, org_table, name, org_name), the fixed-field length, charset (2), length (4), then
+    type (1) and flags (2). https://mariadb.com/kb/en/result-set-packets/#column-definition-packet
+    """
+    pos = 0
+    for _ in range(6):
+        _, pos = read_lenenc_bytes(payload, pos)
+    _, pos = read_lenenc_int(payload, pos)
+    if pos + 9 > len(payload):
+        raise ProtocolError("column definition too short", Origin.BACKEND)
+    return payload[pos + 6], U16.unpack_from(payload, pos + 7)[0]
 
 
 def text_row(payload: bytes, columns: int) -> Row:

@@ -19,6 +19,7 @@ Dialects differ in three steps (DESIGN section 5):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from tiproxy.net.backend import BackendLeg
 from tiproxy.net.channel import query, read_prepare, send_prepare, sql_error
 from tiproxy.protocol.auth import NATIVE_PLUGIN, scramble_from_stage1
 from tiproxy.protocol.constants import Capability
-from tiproxy.protocol.errors import Origin, ProtocolError
+from tiproxy.protocol.errors import Origin, ProtocolError, SQLError
 from tiproxy.protocol.packets import (
     HandshakeResponse,
     build_handshake_response,
@@ -40,6 +41,8 @@ from tiproxy.session.dialects import mysql as mysql_dialect
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
     from tiproxy.net.relay import Session
+
+log = logging.getLogger("tiproxy.migration")
 
 TIDB_TOKEN_PLUGIN = "tidb_session_token"  # noqa: S105 - a plugin name
 
@@ -119,12 +122,7 @@ async def _capture(session: Session, leg: BackendLeg, deprecate_eof: bool) -> _C
             raise ProtocolError("SHOW SESSION_STATES did not return one row", Origin.BACKEND)
         states, token = result.rows[0][0], result.rows[0][1]
         return _Captured(tidb_states=states or b"", tidb_token=token or b"")
-    result = await query(leg, mysql_dialect.CAPTURE_SQL, deprecate_eof)
-    state = mysql_dialect.parse_capture(result.rows)
-    second = mysql_dialect.string_values_sql(state)
-    if second is not None:
-        values = await query(leg, second, deprecate_eof)
-        mysql_dialect.apply_string_values(state, values.rows[0])
+    state = await _capture_mysql(session, leg, deprecate_eof)
     gtid = ""
     if session.backend is not None and session.backend.galera:
         rows = (await query(leg, "SELECT WSREP_LAST_WRITTEN_GTID()", deprecate_eof)).rows
@@ -145,6 +143,44 @@ async def _start_tls(session: Session, leg: BackendLeg, offered: int,
     leg.write(frame(build_handshake_response(request), 1))
     await leg.start_tls(ctx, target.host)
     return 2
+
+
+async def _capture_mysql(session: Session, leg: BackendLeg,
+                         deprecate_eof: bool) -> mysql_dialect.CapturedState:
+    """Database, variables and user variables: listed by information_schema.USER_VARIABLES
+    where the server has it, else read by the names the session's statements used."""
+    backend = session.backend
+    if backend is None or backend.user_variables_table is not False:
+        try:
+            result = await query(leg, mysql_dialect.CAPTURE_SQL, deprecate_eof)
+        except SQLError as e:
+            if e.code != mysql_dialect.ER_UNKNOWN_TABLE or backend is None:
+                raise
+            backend.user_variables_table = False
+            log.warning("backend %s has no information_schema.USER_VARIABLES (%s): user "
+                        "variables are carried by the names sessions use", backend.addr,
+                        e.message)
+        else:
+            if backend is not None:
+                backend.user_variables_table = True
+            state = mysql_dialect.parse_capture(result.rows)
+            second = mysql_dialect.string_values_sql(state)
+            if second is not None:
+                values = await query(leg, second, deprecate_eof)
+                mysql_dialect.apply_string_values(state, values.rows[0])
+            return state
+    result = await query(leg, mysql_dialect.CAPTURE_WITHOUT_USER_SQL, deprecate_eof)
+    state = mysql_dialect.parse_capture(result.rows)
+    names = sorted(session.state.user_var_names)
+    if names:
+        named = await query(leg, mysql_dialect.named_user_vars_sql(names), deprecate_eof)
+        mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types)
+    return state
+
+
+def native_answer(stage1: bytes, salt: bytes) -> bytes:
+    """mysql_native_password's answer: empty for a user without a password."""
+    return scramble_from_stage1(stage1, salt) if stage1 else b""
 
 
 async def _login(session: Session, leg: BackendLeg, captured: _Captured,
@@ -171,7 +207,7 @@ async def _login(session: Session, leg: BackendLeg, captured: _Captured,
             raise ProtocolError("no reusable credential", Origin.PROXY)
         plugin = NATIVE_PLUGIN
         native = greeting.auth_plugin == plugin
-        auth = scramble_from_stage1(stage1, greeting.salt) if native else b""
+        auth = native_answer(stage1, greeting.salt) if native else b""
     caps = caps & ~Capability.SSL | Capability.PLUGIN_AUTH
     response = replace(
         base, capabilities=caps, user=session.user.encode(),
@@ -194,7 +230,7 @@ async def _login(session: Session, leg: BackendLeg, captured: _Captured,
         switch = parse_auth_switch(payload)
         if switch.plugin != NATIVE_PLUGIN or session.credential is None:
             raise ProtocolError(f"backend asks for {switch.plugin}", Origin.BACKEND)
-        leg.write(frame(scramble_from_stage1(session.credential, switch.data), seq + 1))
+        leg.write(frame(native_answer(session.credential, switch.data), seq + 1))
 
 
 async def _restore(session: Session, leg: BackendLeg, target: Backend, captured: _Captured,
@@ -210,6 +246,7 @@ async def _restore(session: Session, leg: BackendLeg, target: Backend, captured:
     restore = mysql_dialect.restore_sql(captured.mysql)
     if restore is not None:
         await query(leg, restore, deprecate_eof)
+    session.state.note_user_vars({v.name for v in captured.mysql.user})
     for text in session.state.sql_prepared.values():
         await query(leg, text, deprecate_eof)
     stmts = sorted(session.state.stmts.values(), key=lambda s: s.client_id)

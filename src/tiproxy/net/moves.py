@@ -118,6 +118,9 @@ class SessionMoves:
             return "busy with a command"
         reasons = ["in a transaction"] if tracker.status & _IN_TRANS else []
         pins = self.state.pins()
+        if self.state.user_vars_overflow and self.backend is not None \
+                and self.backend.user_variables_table is False:
+            pins.append("too many user variables to carry where USER_VARIABLES is missing")
         if pins:
             reasons.append("pinned: " + "; ".join(pins))
         return "; ".join(reasons)

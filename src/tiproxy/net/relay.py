@@ -84,6 +84,7 @@ from tiproxy.session.statements import (
     STATE_PREFIXES,
     may_change_state,
     statement_effects,
+    user_variable_names,
 )
 from tiproxy.tls import peer_cn_allowed
 
@@ -97,6 +98,7 @@ ER_UNKNOWN_ERROR = 1105
 LOGIN_PACKET_LIMIT = 1 << 20  # a handshake response with connect attributes is a few KiB
 LOGIN_TIMEOUT = 30.0  # a client that does not finish logging in by then is cut off
 NO_CREDENTIAL = "no reusable credential"
+EMPTY_PASSWORD = b""  # the credential of a user without a password (else SHA1(password))
 
 # Commands that may go to the backend untouched on the fast path, with the response they expect.
 # The statement commands are here too: the fast path takes them only while statement ids need
@@ -432,7 +434,11 @@ class Session(SessionMoves):
         if self.dialect == "tidb":
             self.state.no_credential = ""  # TiDB moves with a session token
             return
-        if exchange is not None:
+        if exchange is not None and not exchange[1]:
+            # An empty answer to mysql_native_password that the backend accepted: the user has
+            # no password, and an empty answer logs in anywhere the account is the same.
+            self.credential = EMPTY_PASSWORD
+        elif exchange is not None:
             self.credential = self.server.credentials.recover(self.user, *exchange)
         self.state.no_credential = "" if self.credential is not None else NO_CREDENTIAL
         if self.credential is None and exchange is not None:
@@ -480,7 +486,8 @@ class Session(SessionMoves):
                                     first in LETTERS
                                     and data[5:9].upper() not in STATE_PREFIXES))
                                 and b"_lock" not in data and b"_LOCK" not in data
-                                and b"_Lock" not in data and not (self._multi and b";" in data))
+                                and b"_Lock" not in data and b"@" not in data
+                                and not (self._multi and b";" in data))
                     elif cmd == _EXECUTE:
                         fast = not self.state.to_client and self._execute_is_plain(data)
                     else:
@@ -552,21 +559,10 @@ class Session(SessionMoves):
             return True
         token: Any = cmd
         if cmd == _QUERY:
-            sql = packet[5:]
-            maybe_kill = bool(sql) and sql[0] in MAYBE_KILL_FIRST_BYTES
-            kill = parse_kill_query(sql) if maybe_kill else None
-            if kill is not None or (maybe_kill and is_unmapped_kill(sql)):
-                if not tracker.idle:
-                    return False
-                if kill is None:
-                    self._reply_err(ER_UNKNOWN_ERROR, "HY000", "TiProxy: KILL takes the "
-                                    "connection id as a plain number here")
-                else:
-                    handle_kill(self, kill.connection_id, kill.query_only, kill.prefix)
-                return True
-            if self._begin_shortcut(sql):
-                return False  # the move runs first; the BEGIN follows on the new backend
-            fx = statement_effects(sql) if may_change_state(packet[4:], True) else None
+            handled = self._query_command(packet)
+            if handled is not None:
+                return handled
+            fx = statement_effects(packet[5:]) if may_change_state(packet[4:], True) else None
             if fx:
                 token = ("query", fx)
         elif kind is None or cmd in _REFUSED:
@@ -586,6 +582,8 @@ class Session(SessionMoves):
                 return True
             packet, token = result
         elif cmd == Command.STMT_PREPARE:
+            if b"@" in packet:
+                self.state.note_user_vars(user_variable_names(packet[5:]))
             if self.state.mapped:
                 if not tracker.idle:
                     return False
@@ -602,6 +600,27 @@ class Session(SessionMoves):
         self._counts[_NAMES[cmd]] += 1
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
+
+    def _query_command(self, packet: bytes) -> bool | None:
+        """A COM_QUERY the proxy answers or holds: True answered (KILL), False wait (the
+        backend is busy, or a move comes first); None: send it on."""
+        sql = packet[5:]
+        maybe_kill = bool(sql) and sql[0] in MAYBE_KILL_FIRST_BYTES
+        kill = parse_kill_query(sql) if maybe_kill else None
+        if kill is not None or (maybe_kill and is_unmapped_kill(sql)):
+            if not self.tracker or not self.tracker.idle:
+                return False
+            if kill is None:
+                self._reply_err(ER_UNKNOWN_ERROR, "HY000", "TiProxy: KILL takes the "
+                                "connection id as a plain number here")
+            else:
+                handle_kill(self, kill.connection_id, kill.query_only, kill.prefix)
+            return True
+        if self._begin_shortcut(sql):
+            return False  # the move runs first; the BEGIN follows on the new backend
+        if b"@" in sql:
+            self.state.note_user_vars(user_variable_names(sql))
+        return None
 
     def _statement_command(self, packet: bytes, cmd: int) -> tuple[bytes, Any] | None:
         """Translate the statement id and record what the command does; None: nothing to send."""

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from tiproxy.session.statements import StatementEffects
 
+MAX_TRACKED_USER_VARS = 1024  # a client naming more is pinned where they cannot be listed
+
 
 @dataclass
 class PreparedStatement:
@@ -42,6 +44,11 @@ class SessionState:
     table_locks: bool = False
     handlers: set[str] = field(default_factory=set)
     no_credential: str = ""  # why the proxy cannot log this user in elsewhere, if it cannot
+    # User variables the session's statements named, for servers that cannot list them
+    # (information_schema.USER_VARIABLES disabled). Bounded: past the bound the session is
+    # pinned on such servers instead.
+    user_var_names: set[bytes] = field(default_factory=set)
+    user_vars_overflow: bool = False
 
     @property
     def mapped(self) -> bool:
@@ -85,6 +92,14 @@ class SessionState:
             stmt.types_sent = False
             if backend_id != client_id:
                 self.to_client[backend_id] = client_id
+
+    def note_user_vars(self, names: set[bytes]) -> None:
+        if self.user_vars_overflow:
+            return
+        self.user_var_names |= names
+        if len(self.user_var_names) > MAX_TRACKED_USER_VARS:
+            self.user_var_names.clear()
+            self.user_vars_overflow = True
 
     # -- statements with effects ------------------------------------------------------------
 

@@ -55,6 +55,23 @@ _HANDLER = re.compile(rb"HANDLER\s+" + _QUALIFIED + rb"\s+(OPEN|CLOSE)\b", re.IG
 _BEGIN = re.compile(rb"(?:BEGIN(?:\s+WORK)?|START\s+TRANSACTION\b[^;]*)\s*;?\s*\Z", re.IGNORECASE)
 
 
+# A user variable: @name, @`name`, @'name' or @"name" (not @@, a system variable).
+_USER_VAR = re.compile(
+    rb"(?<![@\w$])@(`(?:[^`]|``)+`|'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\""
+    rb"|[A-Za-z0-9_$.]+)")
+
+
+def user_variable_names(sql: bytes) -> set[bytes]:
+    """Every user variable a statement names (set or read: reading one is harmless to carry).
+    Used where the server cannot list a session's user variables."""
+    names = set()
+    for found in _USER_VAR.findall(sql):
+        quote = found[:1]
+        names.add(found[1:-1].replace(quote + quote, quote) if quote in (b"`", b"'", b'"')
+                  else found)
+    return names
+
+
 def may_change_state(payload: Buffer, multi_statements: bool) -> bool:
     """A cheap first look at a COM_QUERY packet payload (command byte included).
 

@@ -28,15 +28,26 @@ from dataclasses import dataclass, field
 
 Row = list[bytes | None]
 
-CAPTURE_SQL = (
+CAPTURE_WITHOUT_USER_SQL = (
     "SELECT 'db', NULL, HEX(DATABASE()) "
     "UNION ALL SELECT 'lii', NULL, LAST_INSERT_ID() "
     "UNION ALL SELECT 'sys', CONCAT(VARIABLE_TYPE, ' ', VARIABLE_NAME), HEX(SESSION_VALUE) "
     "FROM information_schema.SYSTEM_VARIABLES WHERE VARIABLE_SCOPE = 'SESSION' "
-    "AND READ_ONLY = 'NO' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE) "
-    "UNION ALL SELECT 'user', CONCAT(VARIABLE_TYPE, ' ', HEX(VARIABLE_NAME)), VARIABLE_VALUE "
+    "AND READ_ONLY = 'NO' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE)"
+)
+CAPTURE_SQL = (
+    CAPTURE_WITHOUT_USER_SQL
+    + " UNION ALL SELECT 'user', CONCAT(VARIABLE_TYPE, ' ', HEX(VARIABLE_NAME)), VARIABLE_VALUE "
     "FROM information_schema.USER_VARIABLES"
 )
+# MariaDB's answer when the user_variables plugin is disabled
+# (--loose-skip-plugin-user-variables): "Unknown table 'USER_VARIABLES' in information_schema".
+ER_UNKNOWN_TABLE = 1109
+
+# Column types of `SELECT @v` (https://mariadb.com/kb/en/result-set-packets/#field-types):
+# how a named user variable's type is read where USER_VARIABLES is missing.
+_TYPE_DOUBLE, _TYPE_NULL, _TYPE_LONGLONG, _TYPE_NEWDECIMAL = 5, 6, 8, 246
+_UNSIGNED_FLAG = 0x20
 
 # System variables never worth restoring: derived from others, or owned by the server.
 _SKIP_SYSTEM = frozenset(
@@ -98,6 +109,34 @@ def _system_order(item: tuple[str, str, bytes | None]) -> tuple[int, str]:
         if name.startswith(prefix):
             return rank, name
     return len(_ORDER), name
+
+
+def named_user_vars_sql(names: list[bytes]) -> str:
+    """Capture named user variables without USER_VARIABLES: each as itself (its column type
+    says its type), as HEX() and with its COLLATION()."""
+    cols = ", ".join(f"{_uvar(n)}, HEX({_uvar(n)}), COLLATION({_uvar(n)})" for n in names)
+    return f"SELECT {cols}"
+
+
+def apply_named_user_vars(state: CapturedState, names: list[bytes], row: Row,
+                          types: list[tuple[int, int]]) -> None:
+    """The answer of named_user_vars_sql into `state.user`; variables that are NULL (or were
+    never set) are left out."""
+    for i, name in enumerate(names):
+        value, hexvalue, collation = row[3 * i], row[3 * i + 1], row[3 * i + 2]
+        column_type, flags = types[3 * i]
+        if value is None or column_type == _TYPE_NULL:
+            continue
+        if column_type == _TYPE_LONGLONG:
+            vtype = "INT UNSIGNED" if flags & _UNSIGNED_FLAG else "INT"
+            state.user.append(UserVariable(name, vtype, value))
+        elif column_type == _TYPE_NEWDECIMAL:
+            state.user.append(UserVariable(name, "DECIMAL", value))
+        elif column_type == _TYPE_DOUBLE:
+            state.user.append(UserVariable(name, "DOUBLE", value))
+        else:
+            state.user.append(UserVariable(name, "VARCHAR", hexvalue,
+                                           collation.decode() if collation else None))
 
 
 def string_values_sql(state: CapturedState) -> str | None:

@@ -1,0 +1,94 @@
+"""Migration on server configurations the common path does not walk: no USER_VARIABLES table,
+users without a password. Each test compares the session's state before and after moves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pymysql
+import pytest
+
+from support.backends import ADMIN, ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.mariadb import MariaDBServer
+
+pytestmark = pytest.mark.integration
+
+# Every type a user variable can have, strings in several character sets.
+SET_VARS = (
+    "SET @i = -42, @u = CAST(18446744073709551615 AS UNSIGNED), @d = 12.50, @f = 0.1e0 + 0.2e0,"
+    " @s = _latin1 X'636166E9' COLLATE latin1_german1_ci, @b = X'00FF7F', @n = NULL,"
+    " @w = _utf32 X'0001F600' COLLATE utf32_unicode_ci, @c = _ucs2 X'00E9' COLLATE ucs2_bin,"
+    " @`odd name` = 'spaced'"
+)
+READ_VARS = (
+    "SELECT @i, @u, @d, @f, HEX(@s), COLLATION(@s), HEX(@b), COLLATION(@b), @n, HEX(@w),"
+    " COLLATION(@w), HEX(@c), COLLATION(@c), @`odd name`, @i + 0.5, @u DIV 2, @d * 3,"
+    " @into, @assigned, @@sql_mode"
+)
+
+
+@pytest.fixture(scope="module")
+def no_user_variables(mariadb_factory: MariaDBFactory) -> list[MariaDBServer]:
+    """Two servers whose information_schema has no USER_VARIABLES (as in MariaDB's test setup)."""
+    return [mariadb_factory((*BACKEND_ARGS, "--loose-skip-plugin-user-variables"), BACKEND_USERS)
+            for _ in range(2)]
+
+
+def _move(proxy: ProxyProcess, conn_id: int) -> None:
+    old = proxy.session(conn_id)["backend"]
+    proxy.redirect()
+    proxy.wait_moved(conn_id, old)
+
+
+def _state(cur: Any) -> tuple[Any, ...]:
+    cur.execute(READ_VARS)
+    return tuple(cur.fetchall()[0])
+
+
+def test_user_variables_move_where_the_server_cannot_list_them(
+    no_user_variables: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    server = no_user_variables[0]
+    with pymysql.connect(host="127.0.0.1", port=server.port, user=ADMIN.name,
+                         password=ADMIN.password) as direct, direct.cursor() as cur, \
+            pytest.raises(pymysql.err.OperationalError, match="USER_VARIABLES"):
+        cur.execute("SELECT * FROM information_schema.USER_VARIABLES")
+    proxy = proxy_factory([s.addr for s in no_user_variables], ADMIN_TOML)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute(SET_VARS)
+        cur.execute("SELECT 7 INTO @into")
+        cur.execute("SELECT @assigned := 'by :='")
+        cur.execute("SET SESSION sql_mode = 'ANSI_QUOTES'")
+        before = _state(cur)
+        assert before[0] == -42 and before[-3:] == (7, "by :=", "ANSI_QUOTES")
+        ports = set()
+        for _ in range(4):
+            _move(proxy, conn.thread_id())
+            assert _state(cur) == before
+            cur.execute("SELECT @@port")
+            ports.add(cur.fetchone()[0])
+        assert len(ports) == 2
+        assert "has no information_schema.USER_VARIABLES" in proxy.log()
+        metrics = proxy.api("/metrics")[1].decode()
+        assert 'migrate_res="succeed"' in metrics
+        assert 'migrate_res="fail"' not in metrics  # no move failed on the way
+
+
+def test_a_user_without_a_password_moves(backends: list[MariaDBServer],
+                                         proxy_factory: ProxyFactory) -> None:
+    for b in backends:
+        b.sql("CREATE OR REPLACE USER 'nopass'@'%' IDENTIFIED BY '';"
+              "GRANT ALL ON test.* TO 'nopass'@'%';")
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    with pymysql.connect(host="127.0.0.1", port=proxy.port, user="nopass", password="",
+                         database="test") as conn, conn.cursor() as cur:
+        cur.execute("SET @kept = 'yes'")
+        session = proxy.session(conn.thread_id())
+        assert "no reusable credential" not in session["waiting"]
+        _move(proxy, conn.thread_id())
+        cur.execute("SELECT @kept, CURRENT_USER()")
+        assert cur.fetchall() == (("yes", "nopass@%"),)
+    with pytest.raises(pymysql.err.OperationalError):  # and a wrong password still fails
+        pymysql.connect(host="127.0.0.1", port=proxy.port, user=APP.name, password="",
+                        database="test")
