@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tiproxy.playground.mariadb import HOST, MariaDBServer, create_app_user, free_port
-from tiproxy.tls.autocert import Issued, issue
+from tiproxy.tls.autocert import issue
 
 USER = "sbtest"
 PASSWORD = "sbtest-pass"  # a throwaway account on a throwaway server
@@ -187,7 +187,7 @@ def make_tls_files(workdir: Path) -> TlsFiles:
     sysbench_dir.mkdir()
     ca = issue("tiproxy bench CA", key_size=_KEY_SIZE, is_ca=True)
     server = issue("localhost", key_size=_KEY_SIZE, issuer=ca)
-    client: Issued = issue("sysbench", key_size=_KEY_SIZE, issuer=ca)
+    client = issue("sysbench", key_size=_KEY_SIZE, issuer=ca)
     _write_pem(sysbench_dir / "cacert.pem", ca.cert_pem)
     _write_pem(sysbench_dir / "client-cert.pem", client.cert_pem)
     _write_pem(sysbench_dir / "client-key.pem", client.key_pem, secret=True)
@@ -269,7 +269,7 @@ class ChildProcess:
             return log.read().decode(errors="replace")
 
 
-def start_proxy(workdir: Path, backend: str) -> tuple[ChildProcess, int]:
+def start_proxy(workdir: Path, backend: str, tls: TlsFiles | None) -> tuple[ChildProcess, int]:
     """Start `python -m tiproxy` and wait for its health endpoint and SQL port."""
     port, api_port = free_port(), free_port()
     config = workdir / "proxy.toml"
@@ -280,7 +280,7 @@ def start_proxy(workdir: Path, backend: str) -> tuple[ChildProcess, int]:
         "[api]\n"
         f'addr = "{HOST}:{api_port}"\n'
         "[log]\n"
-        'level = "warn"\n'
+        'level = "warn"\n' + (tls.proxy_toml() if tls else "")
     )
     proxy = ChildProcess(
         "proxy", [sys.executable, "-m", "tiproxy", "--config", str(config)], workdir / "proxy.log"
@@ -345,18 +345,23 @@ def start_haproxy(workdir: Path, backend: str) -> tuple[ChildProcess, int]:
     return haproxy, port
 
 
-def start_database(workdir: Path, tables: int, table_size: int) -> MariaDBServer:
-    server = MariaDBServer(workdir / "mariadb", extra_args=list(_SERVER_ARGS))
+def start_database(
+    workdir: Path, tables: int, table_size: int, tls: TlsFiles | None
+) -> MariaDBServer:
+    server = MariaDBServer(
+        workdir / "mariadb", extra_args=[*_SERVER_ARGS, *(tls.mariadb_args() if tls else ())]
+    )
     server.start()
-    create_app_user(server, USER, PASSWORD, database=DATABASE)
+    create_app_user(server, USER, PASSWORD, database=DATABASE)  # as root, over the unix socket
     print(f"preparing {tables} tables x {table_size} rows ...", flush=True)
-    options = sysbench_options(server.port, tables, table_size, min(tables, 4))
+    options = sysbench_options(server.port, tables, table_size, min(tables, 4), tls)
     result = subprocess.run(
         ["sysbench", "oltp_read_only", *options, "prepare"],
         capture_output=True,
         text=True,
         timeout=1800,
         check=False,
+        cwd=sysbench_cwd(tls),
     )
     if result.returncode != 0:
         raise BenchError(f"sysbench prepare failed:\n{result.stdout}{result.stderr}")
@@ -366,7 +371,9 @@ def start_database(workdir: Path, tables: int, table_size: int) -> MariaDBServer
 # --- sysbench -----------------------------------------------------------------------------
 
 
-def sysbench_options(port: int, tables: int, table_size: int, threads: int) -> list[str]:
+def sysbench_options(
+    port: int, tables: int, table_size: int, threads: int, tls: TlsFiles | None
+) -> list[str]:
     return [
         "--db-driver=mysql",
         f"--mysql-host={HOST}",
@@ -377,7 +384,13 @@ def sysbench_options(port: int, tables: int, table_size: int, threads: int) -> l
         f"--tables={tables}",
         f"--table-size={table_size}",
         f"--threads={threads}",
+        *(["--mysql-ssl=on"] if tls else []),
     ]
+
+
+def sysbench_cwd(tls: TlsFiles | None) -> Path | None:
+    """Where sysbench runs: with --mysql-ssl=on it reads its CA and client certificate there."""
+    return tls.sysbench_dir if tls else None
 
 
 @dataclass
@@ -435,6 +448,7 @@ class Bench:
     ports: dict[str, int]
     processes: dict[str, ChildProcess]
     db_addr: str
+    tls: TlsFiles | None = None
 
     def run(self, workload: str, target: str, round_: int, seconds: int) -> Run:
         run = Run(workload, target, round_)
@@ -450,7 +464,11 @@ class Bench:
             "sysbench",
             script,
             *sysbench_options(
-                self.ports[target], self.args.tables, self.args.table_size, self.args.threads
+                self.ports[target],
+                self.args.tables,
+                self.args.table_size,
+                self.args.threads,
+                self.tls,
             ),
             f"--time={seconds}",
             "--events=0",
@@ -462,7 +480,7 @@ class Bench:
         ]
         log_offset = process.log_size() if process else 0
         cpu_before = tree_cpu_seconds(process.pid) if process and process.running else None
-        run.error = run_sysbench(run, cmd, seconds + _RUN_GRACE)
+        run.error = run_sysbench(run, cmd, seconds + _RUN_GRACE, sysbench_cwd(self.tls))
         if process is not None:
             if cpu_before is not None and process.running:
                 run.cpu_seconds = tree_cpu_seconds(process.pid) - cpu_before
@@ -477,15 +495,54 @@ class Bench:
         proxy = self.processes["proxy"]
         run.notes.append(f"proxy had exited with code {proxy.returncode}; restarted")
         proxy.stop()
-        new_proxy, port = start_proxy(self.workdir, self.db_addr)
+        new_proxy, port = start_proxy(self.workdir, self.db_addr, self.tls)
         self.processes["proxy"], self.ports["proxy"] = new_proxy, port
 
+    def sysbench_cipher(self, target: str) -> tuple[str, str]:
+        """Connect to target once as the runs do, with sysbench's debug trace.
 
-def run_sysbench(run: Run, cmd: list[str], timeout: float) -> str:
+        Return the cipher of sysbench's own connection ("" if plaintext) and what went wrong
+        ("" if sysbench ran).
+        """
+        cmd = [
+            "sysbench",
+            "oltp_point_select",
+            *sysbench_options(
+                self.ports[target], self.args.tables, self.args.table_size, 1, self.tls
+            ),
+            "--mysql-debug=on",
+            "--events=1",
+            "--time=0",
+            "run",
+        ]
+        try:
+            result = subprocess.run(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+                check=False,
+                cwd=sysbench_cwd(self.tls),
+            )
+        except subprocess.TimeoutExpired:
+            return "", "sysbench timed out after 60 s"
+        output = result.stdout.decode(errors="replace")
+        match = _SYSBENCH_CIPHER.search(output)  # traced once connected, whatever fails later
+        if match is None and result.returncode != 0:
+            return "", f"sysbench exited with code {result.returncode}:\n{error_lines(output)}"
+        return ("" if match is None or match.group(1) == "(null)" else match.group(1)), ""
+
+
+def run_sysbench(run: Run, cmd: list[str], timeout: float, cwd: Path | None) -> str:
     """Run sysbench, fill in run's numbers; return what went wrong, or ""."""
     try:
         result = subprocess.run(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, check=False
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+            cwd=cwd,
         )
     except subprocess.TimeoutExpired as exc:
         # The partial output of a killed run is bytes, whatever text= says.
@@ -498,8 +555,15 @@ def run_sysbench(run: Run, cmd: list[str], timeout: float) -> str:
     return run.error
 
 
-def check_login(port: int) -> str:
-    """Run SELECT 1 through a port with the mariadb client; return the error, or ""."""
+def check_login(target: str, port: int, tls: TlsFiles | None) -> str:
+    """Run SELECT 1 through target's port with the mariadb client; return the error, or "".
+
+    With tls the client verifies the certificate it is shown against the bench's CA, and
+    MariaDB's Ssl_cipher for the session (the proxy's backend leg, through the proxy) must not
+    be empty: a plaintext connection to MariaDB raises BenchError.
+    """
+    query = "SELECT 1; SHOW SESSION STATUS LIKE 'Ssl_cipher'" if tls else "SELECT 1"
+    tls_options = ["--ssl", f"--ssl-ca={tls.ca}", "--ssl-verify-server-cert"] if tls else []
     cmd = [
         "mariadb",
         "--no-defaults",
@@ -507,19 +571,41 @@ def check_login(port: int) -> str:
         f"-P{port}",
         f"-u{USER}",
         f"-p{PASSWORD}",
+        *tls_options,
         "--batch",
         "--skip-column-names",
         "-e",
-        "SELECT 1",
+        query,
         DATABASE,
     ]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
     except subprocess.TimeoutExpired:
-        return "SELECT 1 timed out after 20 s"
-    if result.returncode != 0 or result.stdout.strip() != "1":
-        return f"SELECT 1 failed: {(result.stdout + result.stderr).strip()}"
+        return f"{query} timed out after 20 s"
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    if result.returncode != 0 or not rows or rows[0] != ["1"]:
+        return f"{query} failed: {(result.stdout + result.stderr).strip()}"
+    if tls and (len(rows) < 2 or len(rows[1]) < 2 or not rows[1][1].strip()):
+        raise BenchError(
+            f"--tls: the connection through {target} (port {port}) reaches MariaDB in plaintext "
+            f"(Ssl_cipher is empty): {result.stdout.strip()!r}"
+        )
     return ""
+
+
+def check_tls_login(bench: Bench, target: str) -> str:
+    """Log in through target as sysbench and as the mariadb client; return the error, or "".
+
+    Both legs must be TLS: sysbench's own connection (to the proxy, or end to end to MariaDB),
+    and the connection MariaDB sees (the proxy's backend leg). A plaintext one raises BenchError;
+    a target that cannot be reached at all is only reported, as without --tls.
+    """
+    cipher, error = bench.sysbench_cipher(target)
+    if error:
+        return f"sysbench could not connect: {error}"
+    if not cipher:
+        raise BenchError(f"--tls: sysbench's connection to {target} is not TLS")
+    return check_login(target, bench.ports[target], bench.tls)
 
 
 # --- report -------------------------------------------------------------------------------
@@ -564,8 +650,8 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_table(workload: str, summary: dict[str, Any]) -> None:
-    print(f"\n== {workload} ==")
+def print_table(title: str, summary: dict[str, Any]) -> None:
+    print(f"\n== {title} ==")
     print(f"{'target':<9} {'QPS':>10} {'p95 ms':>8} {'CPU s/1k q':>11} {'runs ok':>8}")
     for target, row in summary["targets"].items():
         print(
@@ -624,6 +710,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="smoke check: 5 s runs, 1 round, no warm-up"
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="every connection to MariaDB is TLS; through the proxy, both legs",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.time, args.rounds, args.warmup = 5, 1, 0
@@ -651,7 +742,8 @@ def _raise_exit(signum: int, _frame: object) -> None:
 
 
 def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> list[Run]:
-    server = start_database(workdir, args.tables, args.table_size)
+    tls = make_tls_files(workdir) if args.tls else None
+    server = start_database(workdir, args.tables, args.table_size, tls)
     stack.callback(server.stop)
     processes: dict[str, ChildProcess] = {}
     ports = {"direct": server.port}
@@ -661,12 +753,15 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
             process.stop()
 
     stack.callback(stop_targets)
-    processes["proxy"], ports["proxy"] = start_proxy(workdir, server.addr)
+    processes["proxy"], ports["proxy"] = start_proxy(workdir, server.addr, tls)
     processes["haproxy"], ports["haproxy"] = start_haproxy(workdir, server.addr)
-    bench = Bench(args, workdir, ports, processes, server.addr)
+    bench = Bench(args, workdir, ports, processes, server.addr, tls)
     for target in TARGETS:
-        error = check_login(bench.ports[target])
-        print(f"login through {target}: {error or 'ok'}", flush=True)
+        if tls is None:
+            error = check_login(target, bench.ports[target], None)
+        else:
+            error = check_tls_login(bench, target)
+        print(f"login through {target}: {error or ('ok, TLS' if tls else 'ok')}", flush=True)
     if args.warmup:
         for target in TARGETS:
             warm = bench.run("oltp_read_only", target, 0, args.warmup)
@@ -700,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
     with workspace(args.keep) as workdir, contextlib.ExitStack() as stack:
         print(
             f"workdir {workdir}; {args.threads} threads, {args.time} s x {args.rounds} rounds, "
-            f"{os.cpu_count()} CPUs",
+            f"{os.cpu_count()} CPUs{', TLS' if args.tls else ''}",
             flush=True,
         )
         try:
@@ -713,7 +808,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         summaries = {workload: summarize(runs, workload) for workload in args.workloads.split(",")}
         for workload, summary in summaries.items():
-            print_table(workload, summary)
+            print_table(f"{workload} (TLS)" if args.tls else workload, summary)
         print_problems(runs)
         if args.json:
             args.json.write_text(
