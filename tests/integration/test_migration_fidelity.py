@@ -3,8 +3,10 @@ users without a password. Each test compares the session's state before and afte
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import mysql.connector
 import pymysql
 import pytest
 
@@ -92,3 +94,72 @@ def test_a_user_without_a_password_moves(backends: list[MariaDBServer],
     with pytest.raises(pymysql.err.OperationalError):  # and a wrong password still fails
         pymysql.connect(host="127.0.0.1", port=proxy.port, user=APP.name, password="",
                         database="test")
+
+
+def _waits(proxy: ProxyProcess, conn_id: int, reason: str) -> None:
+    """A redirect is asked for; the session stays where it is and says why."""
+    before = proxy.session(conn_id)["backend"]
+    proxy.redirect()
+    deadline = time.monotonic() + 5
+    while reason not in proxy.session(conn_id)["waiting"]:
+        assert time.monotonic() < deadline, proxy.session(conn_id)
+        time.sleep(0.05)
+    assert proxy.session(conn_id)["backend"] == before
+
+
+@pytest.mark.parametrize(("statements", "reason"), [
+    (["PREPARE s FROM 'CREATE TEMPORARY TABLE tmp_p (a INT)'", "EXECUTE s"],
+     "temporary tables: tmp_p"),
+    (["EXECUTE IMMEDIATE 'CREATE TEMPORARY TABLE tmp_i (a INT)'"], "temporary tables: tmp_i"),
+    (["SET STATEMENT max_statement_time = 100 FOR CREATE TEMPORARY TABLE tmp_s (a INT)"],
+     "temporary tables: tmp_s"),
+    (["execute immediate 'DO GET_LOCK(''fid_lock'', 1)'"], "named locks (GET_LOCK)"),
+    (["SET @sql = 'CREATE TEMPORARY TABLE tmp_v (a INT)'", "PREPARE s FROM @sql", "EXECUTE s"],
+     "prepared from a text the proxy cannot read"),
+])
+def test_every_sql_path_to_session_state_pins(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory, statements: list[str],
+    reason: str,
+) -> None:
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        for sql in statements:
+            cur.execute(sql)
+        _waits(proxy, conn.thread_id(), reason)
+        cur.execute("SELECT 1")  # the session goes on where its state is
+
+
+def test_a_server_side_prepared_statement_that_creates_a_temporary_table_pins(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    conn = mysql.connector.connect(host="127.0.0.1", port=proxy.port, user=APP.name,
+                                   password=APP.password, database="test", use_pure=True)
+    try:
+        cur = conn.cursor(prepared=True)
+        cur.execute("CREATE TEMPORARY TABLE tmp_ps (a INT)")
+        conn.cursor().execute("INSERT INTO tmp_ps VALUES (1)")
+        _waits(proxy, conn.connection_id, "temporary tables: tmp_ps")
+        plain = conn.cursor()
+        plain.execute("SELECT COUNT(*) FROM tmp_ps")
+        assert plain.fetchall() == [(1,)]
+    finally:
+        conn.close()
+
+
+def test_user_variables_set_through_prepared_statements_move(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("PREPARE s FROM 'SET @from_prepared = ?'")
+        cur.execute("SET @arg = 'via execute'")
+        cur.execute("EXECUTE s USING @arg")
+        cur.execute("EXECUTE IMMEDIATE 'SET @immediate = 5'")
+        _move(proxy, conn.thread_id())
+        cur.execute("SELECT @from_prepared, @immediate")
+        assert cur.fetchall() == (("via execute", 5),)
+        cur.execute("SET @arg = 'again'")
+        cur.execute("EXECUTE s USING @arg")  # the SQL-level statement was prepared again
+        cur.execute("SELECT @from_prepared")
+        assert cur.fetchall() == (("again",),)

@@ -249,6 +249,9 @@ async def _restore(session: Session, leg: BackendLeg, target: Backend, captured:
     session.state.note_user_vars({v.name for v in captured.mysql.user})
     for text in session.state.sql_prepared.values():
         await query(leg, text, deprecate_eof)
+    again = mysql_dialect.restore_sql(captured.mysql, user_only=True)
+    if session.state.sql_prepared and again is not None:
+        await query(leg, again, deprecate_eof)
     stmts = sorted(session.state.stmts.values(), key=lambda s: s.client_id)
     for stmt in stmts:
         send_prepare(leg, stmt.sql)

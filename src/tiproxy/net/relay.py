@@ -481,7 +481,7 @@ class Session(SessionMoves):
                     cmd = data[4]
                     if cmd == _QUERY:
                         first = data[5]
-                        fast = (self._move is None
+                        fast = (self._move is None and not self.state.table_locks
                                 and (first not in STATE_FIRST_BYTES or (
                                     first in LETTERS
                                     and data[5:9].upper() not in STATE_PREFIXES))
@@ -509,7 +509,7 @@ class Session(SessionMoves):
         flags, types = execute_types(packet, stmt.params)
         if types is not None:
             stmt.param_types = types
-        return not flags and not stmt.long_data and not stmt.cursor_open
+        return not flags and not stmt.long_data and not stmt.cursor_open and stmt.effects is None
 
     def _drain_client(self) -> None:
         buf = self._cbuf
@@ -562,7 +562,9 @@ class Session(SessionMoves):
             handled = self._query_command(packet)
             if handled is not None:
                 return handled
-            fx = statement_effects(packet[5:]) if may_change_state(packet[4:], True) else None
+            # While LOCK TABLES holds, every statement is read: START TRANSACTION releases it.
+            look = self.state.table_locks or may_change_state(packet[4:], True)
+            fx = statement_effects(packet[5:]) if look else None
             if fx:
                 token = ("query", fx)
         elif kind is None or cmd in _REFUSED:
@@ -642,7 +644,7 @@ class Session(SessionMoves):
                 stmt.types_sent = True
             stmt.long_data = False
             stmt.cursor_open = False
-            token = ("execute", client_id) if flags else cmd
+            token = ("execute", client_id) if flags or stmt.effects is not None else cmd
         elif cmd == Command.STMT_FETCH:
             token = ("fetch", client_id)
         elif cmd == Command.STMT_CLOSE:
@@ -715,6 +717,8 @@ class Session(SessionMoves):
             stmt = state.stmts.get(token[1])
             if stmt is not None:
                 stmt.cursor_open = not failed and bool(status & _CURSOR_EXISTS)
+                if stmt.effects is not None and not failed:
+                    state.apply(stmt.effects)
         elif kind == "fetch":
             stmt = state.stmts.get(token[1])
             if stmt is not None and (failed or status & _LAST_ROW_SENT):

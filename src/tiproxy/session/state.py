@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tiproxy.session.statements import StatementEffects
+from tiproxy.session.statements import StatementEffects, prepared_effects
 
 MAX_TRACKED_USER_VARS = 1024  # a client naming more is pinned where they cannot be listed
 
@@ -28,6 +28,7 @@ class PreparedStatement:
     params: int
     columns: int
     param_types: bytes | None = None  # the types of the last execute that sent them
+    effects: StatementEffects | None = None  # what executing it does to tracked state
     long_data: bool = False  # COM_STMT_SEND_LONG_DATA since the last execute or reset
     cursor_open: bool = False
     types_sent: bool = True  # the current backend has seen param_types (False after a move)
@@ -39,6 +40,9 @@ class SessionState:
     # backend id -> client id, only once they differ (after a move); empty means identity
     to_client: dict[int, int] = field(default_factory=dict)
     sql_prepared: dict[str, bytes] = field(default_factory=dict)
+    # name -> what EXECUTE name does to tracked state (only those that do something)
+    sql_prepared_effects: dict[str, StatementEffects] = field(default_factory=dict)
+    opaque: str = ""  # a statement whose effects the proxy could not read ran: a pin
     temp_tables: set[str] = field(default_factory=set)
     named_locks: set[str] = field(default_factory=set)
     table_locks: bool = False
@@ -64,7 +68,8 @@ class SessionState:
             client_id = self._free_client_id(backend_id)
             if client_id != backend_id:
                 self.to_client[backend_id] = client_id
-        self.stmts[client_id] = PreparedStatement(client_id, backend_id, sql, params, columns)
+        self.stmts[client_id] = PreparedStatement(client_id, backend_id, sql, params, columns,
+                                                  effects=prepared_effects(sql))
         return client_id
 
     def _free_client_id(self, wanted: int) -> int:
@@ -118,9 +123,18 @@ class SessionState:
         if fx.all_locks_released:
             self.named_locks.clear()
         if fx.prepared is not None:
-            self.sql_prepared[fx.prepared[0]] = fx.prepared[1]
+            name = fx.prepared[0]
+            self.sql_prepared[name] = fx.prepared[1]
+            self.sql_prepared_effects.pop(name, None)
+            if fx.prepared_effects is not None:
+                self.sql_prepared_effects[name] = fx.prepared_effects
         if fx.deallocated is not None:
             self.sql_prepared.pop(fx.deallocated, None)
+            self.sql_prepared_effects.pop(fx.deallocated, None)
+        if fx.executed is not None and fx.executed in self.sql_prepared_effects:
+            self.apply(self.sql_prepared_effects[fx.executed])
+        if fx.opaque:
+            self.opaque = fx.opaque
         if fx.handler_opened is not None:
             self.handlers.add(fx.handler_opened)
         if fx.handler_closed is not None:
@@ -153,4 +167,6 @@ class SessionState:
             reasons.append("open cursor")
         if self.no_credential:
             reasons.append(self.no_credential)
+        if self.opaque:
+            reasons.append(self.opaque)
         return reasons

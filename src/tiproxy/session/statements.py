@@ -15,6 +15,7 @@ https://mariadb.com/kb/en/prepare-statement/
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -22,15 +23,16 @@ from tiproxy.protocol.codec import Buffer
 from tiproxy.session.commands import MAYBE_KILL_FIRST_BYTES
 
 # First bytes of statements that may change what the proxy tracks (CREATE, DROP, LOCK, UNLOCK,
-# PREPARE, DEALLOCATE, KILL, HANDLER, XA) or that hide their first keyword behind whitespace or a
-# comment. BEGIN and START matter only while a move is due, when every statement is looked at.
-STATE_FIRST_BYTES = frozenset(b"CcDdLlUuPpHhXx") | MAYBE_KILL_FIRST_BYTES
+# PREPARE, DEALLOCATE, EXECUTE, KILL, HANDLER, XA) or that hide their first keyword behind
+# whitespace or a comment. BEGIN and START matter only while a move is due, when every statement
+# is looked at.
+STATE_FIRST_BYTES = frozenset(b"CcDdLlUuPpHhXxEeSs") | MAYBE_KILL_FIRST_BYTES
 LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # The first four letters, upper case, of the statements behind STATE_FIRST_BYTES that do change
 # tracked state. COMMIT, UPDATE, DELETE, CALL, LOAD and the like start with the same letters
 # and are common: a four-byte look lets them stay on the fast path.
 STATE_PREFIXES = frozenset((b"CREA", b"DROP", b"DEAL", b"LOCK", b"UNLO", b"PREP", b"HAND",
-                            b"KILL"))
+                            b"KILL", b"EXEC", b"SET "))
 
 _LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
 _WORD = re.compile(rb"[A-Za-z_]+")
@@ -49,7 +51,17 @@ _RELEASE_ALL = re.compile(rb"RELEASE_ALL_LOCKS\s*\(", re.IGNORECASE)
 _GET_LOCK_NAME = re.compile(rb"GET_LOCK\s*\(\s*'((?:[^'\\]|\\.|'')*)'", re.IGNORECASE)
 _LOCK_TABLES = re.compile(rb"LOCK\s+TABLES?\b", re.IGNORECASE)
 _UNLOCK_TABLES = re.compile(rb"UNLOCK\s+TABLES?\b", re.IGNORECASE)
-_PREPARE = re.compile(rb"PREPARE\s+(" + _IDENT + rb")\s+FROM\s", re.IGNORECASE)
+_PREPARE = re.compile(rb"PREPARE\s+(" + _IDENT + rb")\s+FROM\s*", re.IGNORECASE)
+_EXECUTE = re.compile(rb"EXECUTE\s+(" + _IDENT + rb")", re.IGNORECASE)
+# SET STATEMENT var = value [, ...] FOR statement: the statement is what runs
+# (https://mariadb.com/kb/en/set-statement/).
+_SET_STATEMENT = re.compile(rb"SET\s+STATEMENT\s+.*?\bFOR\s+", re.IGNORECASE | re.DOTALL)
+_EXECUTE_IMMEDIATE = re.compile(rb"EXECUTE\s+IMMEDIATE\s*", re.IGNORECASE)
+# A string literal, optionally with a character set introducer: '...' or "...", with backslash
+# escapes and doubled quotes (https://mariadb.com/kb/en/string-literals/).
+_LITERAL = re.compile(rb"(?:_[A-Za-z0-9]+\s*)?('(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\")"
+                      rb"\s*;?\s*\Z", re.DOTALL)
+_ESCAPES = {b"0": b"\0", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"Z": b"\x1a"}
 _DEALLOCATE = re.compile(rb"(?:DEALLOCATE|DROP)\s+PREPARE\s+(" + _IDENT + rb")", re.IGNORECASE)
 _HANDLER = re.compile(rb"HANDLER\s+" + _QUALIFIED + rb"\s+(OPEN|CLOSE)\b", re.IGNORECASE)
 _BEGIN = re.compile(rb"(?:BEGIN(?:\s+WORK)?|START\s+TRANSACTION\b[^;]*)\s*;?\s*\Z", re.IGNORECASE)
@@ -126,12 +138,48 @@ class StatementEffects:
     handler_opened: str | None = None
     handler_closed: str | None = None
     begins_transaction: bool = False
+    executed: str | None = None  # EXECUTE name: the effects of what `name` was prepared from
+    # What a PREPARE prepares (None: nothing the proxy tracks), OPAQUE when its text is not a
+    # literal (PREPARE s FROM @sql): then the proxy cannot know what EXECUTE s does.
+    prepared_effects: StatementEffects | None = None
+    opaque: str = ""  # why this statement's effects cannot be known (it is then a pin)
 
     def __bool__(self) -> bool:
         return self != _NOTHING
 
 
 _NOTHING = StatementEffects()
+OPAQUE = StatementEffects(opaque="EXECUTE of a statement prepared from a text the proxy cannot "
+                                 "read")
+
+
+def literal_text(sql: bytes) -> bytes | None:
+    """The text of a statement that is one string literal (what PREPARE ... FROM and EXECUTE
+    IMMEDIATE take); None when it is anything else (a variable, an expression)."""
+    m = _LITERAL.match(sql)
+    if m is None:
+        return None
+    raw = m.group(1)
+    quote = raw[:1]
+    body = raw[1:-1].replace(quote + quote, quote)
+    return re.sub(rb"\\(.)", lambda e: _ESCAPES.get(e.group(1), e.group(1)), body, flags=re.DOTALL)
+
+
+def _effects_or_none(sql: bytes) -> StatementEffects | None:
+    fx = statement_effects(sql) if may_change_state(b"\x03" + sql, True) else None
+    return fx if fx else None
+
+
+def prepared_effects(sql: bytes) -> StatementEffects | None:
+    """What executing a COM_STMT_PREPARE'd statement does to tracked state, if anything."""
+    return _effects_or_none(sql)
+
+
+def _merge(into: StatementEffects, other: StatementEffects) -> None:
+    for f in dataclasses.fields(other):
+        value = getattr(other, f.name)
+        if value != f.default:
+            setattr(into, f.name, value)
 
 
 def statement_effects(sql: bytes) -> StatementEffects:
@@ -152,6 +200,9 @@ def _split(sql: bytes) -> list[bytes]:
 def _one_statement(sql: bytes, fx: StatementEffects) -> None:
     body = sql[_skip_leading(sql) :]
     word = first_keyword(body)
+    if word == b"SET" and (m := _SET_STATEMENT.match(body)):
+        _one_statement(body[m.end():], fx)
+        return
     if word == b"CREATE" and (m := _CREATE_TEMP.match(body)):
         fx.temp_created = _name(m.group(1))
     elif word == b"DROP":
@@ -166,7 +217,19 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
         fx.table_locks = False
     elif word == b"PREPARE" and (m := _PREPARE.match(body)):
         fx.prepared = (_name(m.group(1)), body.strip())
-    elif word == b"DEALLOCATE" and (m := _DEALLOCATE.match(body)):
+        inner = literal_text(body[m.end():])
+        fx.prepared_effects = OPAQUE if inner is None else _effects_or_none(inner)
+    elif word == b"EXECUTE" and (m := _EXECUTE_IMMEDIATE.match(body)):
+        inner = literal_text(body[m.end():])
+        if inner is None:
+            fx.opaque = "EXECUTE IMMEDIATE of a text the proxy cannot read"
+        else:
+            _merge(fx, statement_effects(inner))
+    elif word == b"EXECUTE" and (m := _EXECUTE.match(body)):
+        fx.executed = _name(m.group(1))
+    if word in (b"PREPARE", b"EXECUTE"):
+        return  # the text inside is looked at above (and for PREPARE only when it runs)
+    if word == b"DEALLOCATE" and (m := _DEALLOCATE.match(body)):
         fx.deallocated = _name(m.group(1))
     elif word == b"HANDLER" and (m := _HANDLER.match(body)):
         if m.group(2).upper() == b"OPEN":

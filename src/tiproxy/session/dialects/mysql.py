@@ -155,11 +155,15 @@ def apply_string_values(state: CapturedState, row: Row) -> None:
         var.collation = collation.decode() if collation else None
 
 
-def restore_sql(state: CapturedState) -> str | None:
-    """One SET statement that gives a new session the captured variables."""
+def restore_sql(state: CapturedState, user_only: bool = False) -> str | None:
+    """One SET statement that gives a new session the captured variables (`user_only`: the
+    user variables alone, set again after PREPARE: MariaDB's PREPARE of `SET @v = ?` makes
+    @v binary)."""
     parts = [f"SESSION {name} = {_system_literal(vtype, value)}"
-             for name, vtype, value in state.system]
+             for name, vtype, value in state.system if not user_only]
     parts += [f"{_uvar(v.name)} = {_user_literal(v)}" for v in state.user]
+    if user_only:
+        return "SET " + ", ".join(parts) if parts else None
     if state.last_insert_id:
         parts.append(f"SESSION last_insert_id = {state.last_insert_id}")
     return "SET " + ", ".join(parts) if parts else None

@@ -1,0 +1,149 @@
+"""Statement inspection: what a COM_QUERY or a prepared text does to the state the proxy tracks.
+
+Every case goes through `may_change_state` first, as the relay does: a statement it lets pass
+on the fast path is never parsed, so it must not pass anything that changes tracked state.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tiproxy.session.state import SessionState
+from tiproxy.session.statements import (
+    OPAQUE,
+    StatementEffects,
+    literal_text,
+    may_change_state,
+    prepared_effects,
+    statement_effects,
+    user_variable_names,
+)
+
+
+def effects(sql: bytes, multi: bool = True, state: SessionState | None = None,
+            ) -> StatementEffects | None:
+    """What the relay would record for this COM_QUERY text (it reads every statement while
+    LOCK TABLES holds)."""
+    look = (state is not None and state.table_locks) or may_change_state(b"\x03" + sql, multi)
+    return statement_effects(sql) if look else None
+
+
+def applied(*statements: bytes) -> SessionState:
+    state = SessionState()
+    for sql in statements:
+        fx = effects(sql, state=state)
+        if fx:
+            state.apply(fx)
+    return state
+
+
+@pytest.mark.parametrize("sql", [
+    b"CREATE TEMPORARY TABLE t (a INT)",
+    b"create temporary table t (a int)",
+    b"Create Or Replace Temporary Table IF NOT EXISTS db.`t` (a INT)",
+    b"  /* a comment */ CREATE TEMPORARY TABLE t (a INT)",
+    b"-- a line comment\nCREATE TEMPORARY TABLE t (a INT)",
+    b"# hash comment\n\tCREATE TEMPORARY TABLE t SELECT 1",
+    b"SET STATEMENT max_statement_time = 10 FOR CREATE TEMPORARY TABLE t (a INT)",
+    b"SELECT 1; CREATE TEMPORARY TABLE t (a INT)",
+    b"EXECUTE IMMEDIATE 'CREATE TEMPORARY TABLE t (a INT)'",
+])
+def test_temporary_tables_are_seen_in_every_form(sql: bytes) -> None:
+    assert applied(sql).temp_tables == {"t"}
+    assert applied(sql, b"DROP TEMPORARY TABLE t").temp_tables == set()
+
+
+def test_a_multi_statement_needs_the_multi_statement_flag_to_be_looked_at() -> None:
+    # Without CLIENT_MULTI_STATEMENTS the server refuses the second statement anyway.
+    assert effects(b"SELECT 1; CREATE TEMPORARY TABLE t (a INT)", multi=False) is None
+
+
+@pytest.mark.parametrize(("sql", "pin"), [
+    (b"SELECT GET_LOCK('a', 1)", "named locks (GET_LOCK)"),
+    (b"select get_lock('a', 1)", "named locks (GET_LOCK)"),
+    (b"DO GET_LOCK(CONCAT('a', 'b'), 1)", "named locks (GET_LOCK)"),
+    (b"LOCK TABLES t READ", "LOCK TABLES"),
+    (b"lock table t write", "LOCK TABLES"),
+    (b"HANDLER t OPEN", "open HANDLER"),
+    (b"EXECUTE IMMEDIATE @sql", "EXECUTE IMMEDIATE of a text the proxy cannot read"),
+    (b"EXECUTE IMMEDIATE CONCAT('CREATE ', 'TEMPORARY TABLE t (a INT)')",
+     "EXECUTE IMMEDIATE of a text the proxy cannot read"),
+])
+def test_pins(sql: bytes, pin: str) -> None:
+    assert pin in applied(sql).pins()
+
+
+def test_pins_are_released_by_their_undoing() -> None:
+    assert applied(b"SELECT GET_LOCK('a', 1)", b"SELECT RELEASE_LOCK('a')").pins() == []
+    assert applied(b"SELECT GET_LOCK('a', 1)", b"DO RELEASE_ALL_LOCKS()").pins() == []
+    assert applied(b"LOCK TABLES t READ", b"UNLOCK TABLES").pins() == []
+    assert applied(b"LOCK TABLES t READ", b"START TRANSACTION").pins() == []
+    assert applied(b"HANDLER t OPEN", b"HANDLER t CLOSE").pins() == []
+
+
+def test_sql_prepare_execute_and_deallocate() -> None:
+    prepare = b"PREPARE s FROM 'CREATE TEMPORARY TABLE t (a INT)'"
+    state = applied(prepare)
+    assert state.sql_prepared == {"s": prepare}
+    assert state.temp_tables == set()  # preparing creates nothing
+    state = applied(prepare, b"EXECUTE s")
+    assert state.temp_tables == {"t"}
+    state = applied(prepare, b"DEALLOCATE PREPARE s", b"EXECUTE s")
+    assert state.sql_prepared == {} and state.temp_tables == set()
+    state = applied(b'PREPARE s FROM "SELECT GET_LOCK(\'x\', 1)"', b"execute s")
+    assert state.named_locks == {"x"}
+    state = applied(b"PREPARE s FROM 'SELECT ?'", b"EXECUTE s USING @a")
+    assert state.pins() == []  # a statement without effects runs freely
+
+
+def test_a_statement_prepared_from_a_variable_pins_when_it_runs() -> None:
+    state = applied(b"PREPARE s FROM @sql")
+    assert state.pins() == []
+    state = applied(b"PREPARE s FROM @sql", b"EXECUTE s")
+    assert state.pins() == [OPAQUE.opaque]
+    state.reset()
+    assert state.pins() == []
+
+
+def test_prepared_text_of_com_stmt_prepare() -> None:
+    fx = prepared_effects(b"CREATE TEMPORARY TABLE t (a INT)")
+    assert fx is not None and fx.temp_created == "t"
+    assert prepared_effects(b"SELECT ? + 1") is None
+    assert prepared_effects(b"SELECT GET_LOCK(?, 1)") is not None
+
+
+@pytest.mark.parametrize("sql", [
+    b"SELECT 1", b"SELECT * FROM t WHERE c = 'CREATE TEMPORARY TABLE'", b"INSERT INTO t VALUES (1)",
+    b"UPDATE t SET a = 1", b"DELETE FROM t", b"COMMIT", b"CALL p()", b"SHOW TABLES",
+    b"EXPLAIN SELECT 1",
+])
+def test_ordinary_statements_change_nothing(sql: bytes) -> None:
+    fx = effects(sql)
+    assert not fx
+
+
+def test_literal_text() -> None:
+    assert literal_text(b"'SELECT 1'") == b"SELECT 1"
+    assert literal_text(b"\"SELECT 'a'\"") == b"SELECT 'a'"
+    assert literal_text(b"'it''s'") == b"it's"
+    assert literal_text(b"'a\\'b\\nc'") == b"a'b\nc"
+    assert literal_text(b"_utf8mb4'SELECT 1' ;") == b"SELECT 1"
+    assert literal_text(b"@sql") is None
+    assert literal_text(b"CONCAT('a', 'b')") is None
+    assert literal_text(b"'a' 'b'") is None
+
+
+def test_user_variable_names() -> None:
+    names = user_variable_names(b"SET @a = 1, @`odd ``name` = 2, @'q' = 3, @\"d\" := @@port, "
+                                b"@b.c = 4; SELECT 1 INTO @into; SELECT x@y")
+    assert names == {b"a", b"odd `name", b"q", b"d", b"b.c", b"into"}
+
+
+@given(st.binary(max_size=200))
+def test_inspection_never_raises(sql: bytes) -> None:
+    may_change_state(b"\x03" + sql, True)
+    statement_effects(sql)
+    user_variable_names(sql)
+    literal_text(sql)
