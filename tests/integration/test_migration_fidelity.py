@@ -163,3 +163,31 @@ def test_user_variables_set_through_prepared_statements_move(
         cur.execute("EXECUTE s USING @arg")  # the SQL-level statement was prepared again
         cur.execute("SELECT @from_prepared")
         assert cur.fetchall() == (("again",),)
+
+
+def test_the_last_statements_diagnostics_survive_a_move(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """A redirect comes between a statement and the command that reads its warnings or row
+    counts: that command runs where they are, and the session moves right after."""
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        checks = [
+            ("SELECT CAST('12abc' AS INT)", "SHOW WARNINGS",
+             lambda rows: rows and rows[0][1] == 1292),
+            ("SELECT CAST('12abc' AS INT)", "SELECT @@warning_count",
+             lambda rows: rows == ((1,),)),
+            ("SELECT SQL_CALC_FOUND_ROWS seq FROM seq_1_to_50 LIMIT 3", "SELECT FOUND_ROWS()",
+             lambda rows: rows == ((50,),)),
+            ("DO 1 / 0", "SHOW COUNT(*) WARNINGS", lambda rows: rows == ((1,),)),
+        ]
+        for statement, reader, ok in checks:
+            cur.execute("SELECT @@port")
+            port = cur.fetchone()[0]
+            cur.execute(statement)
+            proxy.redirect()  # the move is due now, before the reader arrives
+            cur.execute(reader)
+            rows = cur.fetchall()
+            assert ok(rows), (statement, reader, rows)
+            cur.execute("SELECT @@port")  # any other command: the move comes first
+            assert cur.fetchone()[0] != port

@@ -17,7 +17,7 @@ from pathlib import Path
 from tiproxy.config.model import LogConfig
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
-           "error": logging.ERROR, "panic": logging.CRITICAL}
+           "warning": logging.WARNING, "error": logging.ERROR, "panic": logging.CRITICAL}
 _TEXT = "[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"
 _CONSOLE = "%(asctime)s %(levelname)-5s %(name)s %(message)s"
 

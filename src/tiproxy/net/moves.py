@@ -50,6 +50,11 @@ class MoveRequest:
     waiting: str = ""  # why it has not moved yet
 
 
+# How long a session that sends nothing waits before it moves: a client reads the warnings or
+# FOUND_ROWS() of a statement right after it, well within this.
+DIAGNOSTICS_GRACE = 0.1
+
+
 class SessionMoves:
     """Mixed into Session (net/relay.py), whose attributes it uses."""
 
@@ -73,6 +78,8 @@ class SessionMoves:
         self._move: MoveRequest | None = None
         self._moving = False
         self._move_task: asyncio.Task[None] | None = None
+        self._soon: asyncio.TimerHandle | None = None  # a quiet session's move, after the grace
+        self.answered_at = float("-inf")  # when a response last completed with a move due
         self.balanced_at = float("-inf")  # when the rebalance loop last moved this session
         self.moves = 0
         self.namespace = ""
@@ -125,15 +132,25 @@ class SessionMoves:
             reasons.append("pinned: " + "; ".join(pins))
         return "; ".join(reasons)
 
-    def try_move(self) -> bool:
-        """Start the requested move if this is a safe point; True if it started."""
+    def try_move(self, at_command: bool = False) -> bool:
+        """Start the requested move if this is a safe point; True if it started.
+
+        A move starts when the client's next command arrives (`at_command`), unless that command
+        reads the last statement's diagnostics (warnings, FOUND_ROWS()...): those exist only on
+        this backend. A session that sends nothing moves once it has been quiet for
+        DIAGNOSTICS_GRACE, a client reading its warnings asks for them sooner than that."""
         move = self._move
         if move is None or self._moving or self.phase != 1:
             return False
-        if time.monotonic() < move.retry_at:
+        now = time.monotonic()
+        if now < move.retry_at:
             return False
         move.waiting = self.wait_reason()
         if move.waiting:
+            return False
+        quiet = now - max(self.answered_at, move.requested_at)
+        if not at_command and quiet < DIAGNOSTICS_GRACE:
+            self._move_soon(DIAGNOSTICS_GRACE - quiet)
             return False
         target = move.target
         if target is None or target.draining or target is self.backend or not self._fits(target):
@@ -146,6 +163,15 @@ class SessionMoves:
             return False
         self._start_move(target)
         return True
+
+    def _move_soon(self, delay: float) -> None:
+        if self._soon is None:
+            self._soon = asyncio.get_running_loop().call_later(delay, self._quiet_enough)
+
+    def _quiet_enough(self) -> None:
+        self._soon = None
+        if self.phase == 1 and self._move is not None and self.tracker.idle and not self._cbuf:
+            self.try_move()
 
     def _fits(self, target: Backend) -> bool:
         """A TLS backend leg may only move to a backend that offers TLS."""

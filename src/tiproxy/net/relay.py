@@ -83,6 +83,7 @@ from tiproxy.session.statements import (
     STATE_FIRST_BYTES,
     STATE_PREFIXES,
     may_change_state,
+    reads_diagnostics,
     statement_effects,
     user_variable_names,
 )
@@ -471,7 +472,8 @@ class Session(SessionMoves):
                 return
         tracker = self.tracker
         assert tracker is not None
-        if not self._cbuf and not self._held and not self._ccont and not tracker.local_infile:
+        if not self._cbuf and not self._held and not self._ccont and not tracker.local_infile \
+                and self._move is None:
             n = len(data)
             if n > 5:
                 header = _unpack_u32(data, 0)[0]
@@ -481,7 +483,7 @@ class Session(SessionMoves):
                     cmd = data[4]
                     if cmd == _QUERY:
                         first = data[5]
-                        fast = (self._move is None and not self.state.table_locks
+                        fast = (not self.state.table_locks
                                 and (first not in STATE_FIRST_BYTES or (
                                     first in LETTERS
                                     and data[5:9].upper() not in STATE_PREFIXES))
@@ -557,6 +559,9 @@ class Session(SessionMoves):
         if cmd == Command.QUIT:
             self.close("client quit", quiet=True)
             return True
+        if self._move is not None and not self._moving and not reads_diagnostics(packet) \
+                and self.try_move(at_command=True):
+            return False  # the move first; the command then runs on the new backend
         token: Any = cmd
         if cmd == _QUERY:
             handled = self._query_command(packet)
@@ -702,6 +707,7 @@ class Session(SessionMoves):
             self._record(token, status, failed)
         if (self._held or self._move is not None) and self.tracker is not None \
                 and self.tracker.idle:
+            self.answered_at = time.monotonic()
             asyncio.get_running_loop().call_soon(self._idle_again)
 
     def _record(self, token: tuple[Any, ...], status: int, failed: bool) -> None:
@@ -827,6 +833,8 @@ class Session(SessionMoves):
         self.phase = CLOSED
         if self._login_timer is not None:
             self._login_timer.cancel()
+        if self._soon is not None:
+            self._soon.cancel()
         for task in (self._task, self._move_task):
             if task is not None and not task.done():
                 task.cancel()

@@ -84,6 +84,20 @@ def user_variable_names(sql: bytes) -> set[bytes]:
     return names
 
 
+# Statements that read what the previous statement left: its warnings and errors, FOUND_ROWS(),
+# ROW_COUNT() (https://mariadb.com/kb/en/show-warnings/ , .../get-diagnostics/).
+_DIAGNOSTICS = re.compile(
+    rb"SHOW\s+(?:COUNT\s*\(\s*\*\s*\)\s+)?(?:WARNINGS|ERRORS)|GET\s+(?:CURRENT\s+)?DIAGNOSTICS"
+    rb"|@@(?:SESSION\.|LOCAL\.)?(?:WARNING_COUNT|ERROR_COUNT)|FOUND_ROWS\s*\(|ROW_COUNT\s*\(",
+    re.IGNORECASE)
+
+
+def reads_diagnostics(packet: Buffer) -> bool:
+    """Whether a command packet (with its 4-byte header) reads the last statement's
+    diagnostics: a move waits until after it, so it reads them on the backend that has them."""
+    return len(packet) > 5 and packet[4] == 0x03 and _DIAGNOSTICS.search(packet, 5) is not None
+
+
 def may_change_state(payload: Buffer, multi_statements: bool) -> bool:
     """A cheap first look at a COM_QUERY packet payload (command byte included).
 
