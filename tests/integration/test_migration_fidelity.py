@@ -191,3 +191,31 @@ def test_the_last_statements_diagnostics_survive_a_move(
             assert ok(rows), (statement, reader, rows)
             cur.execute("SELECT @@port")  # any other command: the move comes first
             assert cur.fetchone()[0] != port
+
+
+def test_kill_with_an_expression_gets_the_servers_answer(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    direct = pymysql.connect(host="127.0.0.1", port=backends[0].port, user=APP.name,
+                             password=APP.password, database="test")
+    with proxy.connect() as killer, proxy.connect() as victim, killer.cursor() as cur, \
+            direct, direct.cursor() as dcur:
+        for statement in ("KILL abc", "KILL 1 2", "KILL QUERY"):
+            with pytest.raises(pymysql.err.MySQLError) as through:
+                cur.execute(statement)
+            with pytest.raises(pymysql.err.MySQLError) as straight:
+                dcur.execute(statement)
+            assert through.value.args == straight.value.args, statement
+        with pytest.raises(pymysql.err.OperationalError) as info:
+            cur.execute("SET @nobody = 999999")
+            cur.execute("KILL @nobody")
+        assert info.value.args == (1094, "Unknown thread id: 999999")
+        cur.execute(f"SET @v = {victim.thread_id()}")
+        cur.execute("KILL CONNECTION @v - 0")  # the proxy id the expression gives
+        time.sleep(0.3)
+        with pytest.raises(pymysql.err.OperationalError), victim.cursor() as vcur:
+            vcur.execute("SELECT 1")
+        cur.execute("SELECT 'killer goes on'")
+        assert cur.fetchall() == (("killer goes on",),)
+        assert [s["id"] for s in proxy.sessions()] == [killer.thread_id()]

@@ -13,11 +13,13 @@ import logging
 from typing import TYPE_CHECKING
 
 from tiproxy.net.admin import AdminConnection
-from tiproxy.protocol.constants import ER_NO_SUCH_THREAD, Command
+from tiproxy.net.backend import BackendLeg
+from tiproxy.net.channel import query
+from tiproxy.protocol.constants import ER_NO_SUCH_THREAD, Capability, Command
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import build_ok, frame
 from tiproxy.protocol.tracker import Expect
-from tiproxy.session.commands import build_process_kill
+from tiproxy.session.commands import KillExpression, build_process_kill, split_kill_expression
 
 if TYPE_CHECKING:
     from tiproxy.net.relay import Session
@@ -90,3 +92,56 @@ def _kill_elsewhere(session: Session, target: Session, query_only: bool) -> None
         session.release_input("kill")
 
     session._task = asyncio.get_running_loop().create_task(run())
+
+
+# The server's own parser judges a KILL <expression>: the statement is prepared (not run) on
+# the killer's connection under this name, then deallocated.
+_PROBE = b"__tiproxy_kill"
+
+
+def handle_kill_expression(session: Session, sql: bytes) -> None:
+    """KILL <expression>: the server says what it says of the statement (its parse errors), the
+    expression is evaluated on the killer's own backend, and the session with that proxy id is
+    killed as for KILL <id>. Nothing else is ever killed: the backend never runs the KILL."""
+    parts = split_kill_expression(sql)
+    if parts is None:
+        session._reply_err(ER_UNKNOWN_ERROR, "HY000",
+                           "TiProxy: a KILL with a backslash in it is not evaluated")
+        return
+    session.hold_input("kill")
+    session._task = asyncio.get_running_loop().create_task(_evaluate(session, parts))
+
+
+async def _evaluate(session: Session, parts: KillExpression) -> None:
+    leg = session.backend_leg
+    assert leg is not None
+    eof = bool(session.backend_caps & Capability.DEPRECATE_EOF)
+    leg.detach()
+    target: int | None = None
+    try:
+        quoted = b"'" + parts.statement.replace(b"'", b"''") + b"'"
+        await query(leg, b"PREPARE " + _PROBE + b" FROM " + quoted, eof)
+        await query(leg, b"DEALLOCATE PREPARE " + _PROBE, eof)
+        result = await query(leg, b"SELECT CAST((" + parts.expression + b") AS SIGNED)", eof)
+        value = result.rows[0][0] if result.rows and result.rows[0] else None
+        target = int(value) if value is not None else 0
+    except SQLError as e:
+        _reattached(session, leg)
+        session._reply_err(e.code, e.sqlstate, e.message)
+    except (OSError, TimeoutError, ProtocolError, ValueError) as e:
+        if _reattached(session, leg):
+            session._reply_err(ER_UNKNOWN_ERROR, "HY000",
+                               f"TiProxy: KILL not evaluated: {str(e) or type(e).__name__}")
+    else:
+        if _reattached(session, leg):
+            handle_kill(session, target, parts.query_only, parts.prefix)
+    session.release_input("kill")
+
+
+def _reattached(session: Session, leg: BackendLeg) -> bool:
+    """Back on the hot path; a connection left in a bad state ends the session."""
+    if leg.closed or not leg.clean:
+        session.close("backend connection broke while a KILL was evaluated")
+        return False
+    leg.attach(session)
+    return True

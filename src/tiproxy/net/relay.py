@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from tiproxy.net.backend import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net.keepalive import apply_keepalive
-from tiproxy.net.kill import handle_kill
+from tiproxy.net.kill import handle_kill, handle_kill_expression
 from tiproxy.net.moves import SessionMoves
 from tiproxy.net.tls import start_server_tls
 from tiproxy.protocol.codec import U32
@@ -618,8 +618,7 @@ class Session(SessionMoves):
             if not self.tracker or not self.tracker.idle:
                 return False
             if kill is None:
-                self._reply_err(ER_UNKNOWN_ERROR, "HY000", "TiProxy: KILL takes the "
-                                "connection id as a plain number here")
+                handle_kill_expression(self, sql)
             else:
                 handle_kill(self, kill.connection_id, kill.query_only, kill.prefix)
             return True

@@ -83,6 +83,37 @@ def is_unmapped_kill(sql: bytes) -> bool:
     return _KILL_NO_ID.match(text) is None and _KILL.match(text) is None
 
 
+_KILL_PARTS = re.compile(
+    rb"\A\s*KILL\s+(?P<mode>(?:HARD|SOFT)\s+)?(?P<what>(?:CONNECTION|QUERY)\s+)?"
+    rb"(?P<expr>.*?)\s*;?\s*\Z", re.IGNORECASE | re.DOTALL)
+
+
+@dataclass(frozen=True)
+class KillExpression:
+    """KILL [HARD|SOFT] [CONNECTION|QUERY] <expression>, split for the proxy to evaluate."""
+
+    statement: bytes  # the whole KILL, as the server will parse it
+    expression: bytes
+    query_only: bool
+    prefix: bytes  # "KILL [HARD] [QUERY] " for the rewritten statement
+
+
+def split_kill_expression(sql: bytes) -> KillExpression | None:
+    """The parts of a KILL whose id is an expression; None if the proxy cannot take it apart
+    safely (a backslash: its meaning depends on the session's sql_mode)."""
+    if b"\\" in sql:
+        return None
+    text = _without_comments(sql)
+    m = _KILL_PARTS.match(text if text is not None else sql)
+    if m is None:
+        return None
+    what = (m.group("what") or b"").strip().upper()
+    mode = (m.group("mode") or b"").strip().upper()
+    prefix = b"KILL " + (mode + b" " if mode else b"") + (what + b" " if what else b"")
+    statement = (text if text is not None else sql).strip().rstrip(b";")
+    return KillExpression(statement, m.group("expr"), what == b"QUERY", prefix)
+
+
 def _without_comments(sql: bytes) -> bytes | None:
     """The statement with its comments turned into spaces and its executable comments into their
     text, as the server reads it; None if it holds a quoted string, which no KILL <id> does.
