@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 
 from tiproxy.protocol.codec import lenenc_bytes
-from tiproxy.protocol.constants import Capability, ServerStatus
+from tiproxy.protocol.constants import Capability, MariaDBCapability, ServerStatus
 from tiproxy.protocol.errors import Origin, ProtocolError
 from tiproxy.protocol.framer import PacketSplitter
 from tiproxy.protocol.packets import (
@@ -31,6 +31,7 @@ from tiproxy.protocol.packets import (
 from tiproxy.session.login import (
     FORCE_SWITCH_PLUGIN,
     Action,
+    BackendUnfit,
     Established,
     Login,
     LoginState,
@@ -56,6 +57,8 @@ SERVER_CAPS = (
 )  # fmt: skip
 
 # A backend's greeting, used as the template of the proxy's own.
+M = MariaDBCapability
+
 TEMPLATE = Greeting(
     server_version="5.5.5-10.11.6-MariaDB",
     connection_id=77,
@@ -120,10 +123,41 @@ def test_greeting_is_the_proxys_own(tls: bool) -> None:
                    C.MULTI_FACTOR_AUTH, C.CAPABILITY_EXTENSION):  # fmt: skip
         assert not g.capabilities & masked, masked
     for kept in (C.PROTOCOL_41, C.SECURE_CONNECTION, C.PLUGIN_AUTH, C.DEPRECATE_EOF, C.COMPRESS,
-                 C.MULTI_STATEMENTS, C.CONNECT_ATTRS, C.LONG_PASSWORD):  # fmt: skip
+                 C.MULTI_STATEMENTS, C.CONNECT_ATTRS):  # fmt: skip
         assert g.capabilities & kept, kept
     assert bool(g.capabilities & C.SSL) is tls
-    assert g.mariadb_capabilities == 0  # MariaDB's bulk and metadata extensions are not framed
+    # Of a MariaDB backend's extensions (0x1F), bulk execution and extended type info pass;
+    # progress reports, COM_MULTI and cached metadata are not framed. CLIENT_MYSQL stays clear.
+    assert g.mariadb_capabilities == M.STMT_BULK_OPERATIONS | M.EXTENDED_METADATA
+    assert not g.capabilities & C.LONG_PASSWORD
+
+
+def test_a_backend_without_mariadb_extensions_is_greeted_for_as_mysql() -> None:
+    mysql_like = replace(TEMPLATE, capabilities=SERVER_CAPS | C.LONG_PASSWORD,
+                         mariadb_capabilities=0)
+    _, g = greeting_of(Login(mysql_like, 1, tls_available=False))
+    assert g.capabilities & C.LONG_PASSWORD
+    assert g.mariadb_capabilities == 0
+
+
+def test_mariadb_extensions_are_negotiated_alike_on_both_legs() -> None:
+    login = Login(TEMPLATE, 1, tls_available=False)
+    maria = replace(RESPONSE, capabilities=CLIENT_CAPS & ~C.LONG_PASSWORD,
+                    mariadb_capabilities=0x1F)
+    login.client_packet(1, build_handshake_response(maria))
+    [action] = login.backend_greeting_received(build_greeting(BACKEND))
+    assert isinstance(action, SendBackend)
+    [(_, payload)] = list(PacketSplitter().feed(action.data))
+    sent = parse_handshake_response(payload)
+    assert sent.mariadb_capabilities == M.STMT_BULK_OPERATIONS | M.EXTENDED_METADATA
+    assert not sent.capabilities & C.LONG_PASSWORD
+    # A backend without them cannot serve this client: the driver tries another.
+    login = Login(TEMPLATE, 1, tls_available=False)
+    login.client_packet(1, build_handshake_response(maria))
+    poorer = replace(BACKEND, mariadb_capabilities=M.STMT_BULK_OPERATIONS)
+    [unfit] = login.backend_greeting_received(build_greeting(poorer))
+    assert isinstance(unfit, BackendUnfit)
+    assert "0x8" in unfit.reason
 
 
 def test_each_login_has_its_own_salt() -> None:

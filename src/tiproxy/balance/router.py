@@ -74,6 +74,7 @@ class Backend:
     offers_tls: bool | None = None  # its last greeting had CLIENT_SSL; None: not seen yet
     # information_schema.USER_VARIABLES answers there; None: not tried yet (net/migration.py)
     user_variables_table: bool | None = None
+    mariadb_capabilities: int | None = None  # of its last greeting; None: not seen yet
     query_counts: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -244,6 +245,7 @@ class Router:
         if greeting is not None:
             self.template = greeting
             backend.offers_tls = bool(greeting.capabilities & Capability.SSL)
+            backend.mariadb_capabilities = greeting.mariadb_capabilities
 
     def failed(self, backend: Backend, reason: str) -> None:
         backend.failures += 1

@@ -30,17 +30,20 @@ def sql_error(payload: bytes) -> SQLError:
     return SQLError(err.code, err.sqlstate, err.message, Origin.BACKEND)
 
 
-async def query(leg: BackendLeg, sql: str | bytes, deprecate_eof: bool) -> Result:
-    """Run one statement; its rows as text values (a statement without rows gives [])."""
+async def query(leg: BackendLeg, sql: str | bytes, deprecate_eof: bool,
+                extended_metadata: bool = False) -> Result:
+    """Run one statement; its rows as text values (a statement without rows gives []).
+    `extended_metadata`: the connection negotiated MariaDB's extended type info."""
     body = sql.encode() if isinstance(sql, str) else sql
     leg.write(frame(bytes((Command.QUERY,)) + body, 0))
-    result = await read_result(leg, deprecate_eof)
+    result = await read_result(leg, deprecate_eof, extended_metadata)
     while result.status & ServerStatus.MORE_RESULTS_EXISTS:
-        result = await read_result(leg, deprecate_eof)
+        result = await read_result(leg, deprecate_eof, extended_metadata)
     return result
 
 
-async def read_result(leg: BackendLeg, deprecate_eof: bool) -> Result:
+async def read_result(leg: BackendLeg, deprecate_eof: bool,
+                      extended_metadata: bool = False) -> Result:
     _, payload = await leg.read_packet()
     first = payload[0] if payload else -1
     if first == 0x00:
@@ -50,7 +53,8 @@ async def read_result(leg: BackendLeg, deprecate_eof: bool) -> Result:
     if first in (-1, 0xFB, 0xFE):
         raise ProtocolError("unexpected response to the proxy's statement", Origin.BACKEND)
     columns, _ = read_lenenc_int(payload, 0)
-    types = [column_type((await leg.read_packet())[1]) for _ in range(columns)]
+    types = [column_type((await leg.read_packet())[1], extended_metadata)
+             for _ in range(columns)]
     if not deprecate_eof:
         await leg.read_packet()
     rows: list[Row] = []
@@ -63,13 +67,14 @@ async def read_result(leg: BackendLeg, deprecate_eof: bool) -> Result:
         rows.append(text_row(payload, columns))
 
 
-def column_type(payload: bytes) -> tuple[int, int]:
+def column_type(payload: bytes, extended_metadata: bool = False) -> tuple[int, int]:
     """(type, flags) of a ColumnDefinition41: six length-encoded strings (catalog, schema,
-    table, org_table, name, org_name), the fixed-field length, charset (2), length (4), then
-    type (1) and flags (2). https://mariadb.com/kb/en/result-set-packets/#column-definition-packet
+    table, org_table, name, org_name), MariaDB's extended type info (one more length-encoded
+    block) when negotiated, the fixed-field length, charset (2), length (4), then type (1) and
+    flags (2). https://mariadb.com/kb/en/result-set-packets/#column-definition-packet
     """
     pos = 0
-    for _ in range(6):
+    for _ in range(7 if extended_metadata else 6):
         _, pos = read_lenenc_bytes(payload, pos)
     _, pos = read_lenenc_int(payload, pos)
     if pos + 9 > len(payload):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from tiproxy.net.backend import BackendLeg
 from tiproxy.net.channel import query, read_prepare, send_prepare, sql_error
 from tiproxy.protocol.auth import NATIVE_PLUGIN, scramble_from_stage1
-from tiproxy.protocol.constants import Capability
+from tiproxy.protocol.constants import Capability, MariaDBCapability
 from tiproxy.protocol.errors import Origin, ProtocolError, SQLError
 from tiproxy.protocol.packets import (
     HandshakeResponse,
@@ -173,7 +173,9 @@ async def _capture_mysql(session: Session, leg: BackendLeg,
     state = mysql_dialect.parse_capture(result.rows)
     names = sorted(session.state.user_var_names)
     if names:
-        named = await query(leg, mysql_dialect.named_user_vars_sql(names), deprecate_eof)
+        extended = bool(session.mariadb_caps & MariaDBCapability.EXTENDED_METADATA)
+        named = await query(leg, mysql_dialect.named_user_vars_sql(names), deprecate_eof,
+                            extended_metadata=extended)
         mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types)
     return state
 
@@ -209,9 +211,16 @@ async def _login(session: Session, leg: BackendLeg, captured: _Captured,
         native = greeting.auth_plugin == plugin
         auth = native_answer(stage1, greeting.salt) if native else b""
     caps = caps & ~Capability.SSL | Capability.PLUGIN_AUTH
+    ext = session.mariadb_caps
+    target.mariadb_capabilities = greeting.mariadb_capabilities
+    if ext & ~greeting.mariadb_capabilities:
+        raise ProtocolError("the target lacks MariaDB capabilities the client negotiated",
+                            Origin.PROXY)
+    if ext:
+        caps &= ~Capability.LONG_PASSWORD  # CLIENT_MYSQL clear: the extension is read
     response = replace(
         base, capabilities=caps, user=session.user.encode(),
-        auth_data=auth, auth_plugin=plugin, database=database, mariadb_capabilities=0,
+        auth_data=auth, auth_plugin=plugin, database=database, mariadb_capabilities=ext,
         ssl_request_only=False,
     )
     seq = 1

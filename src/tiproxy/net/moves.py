@@ -68,6 +68,7 @@ class SessionMoves:
     state: Any
     backend_caps: int
     backend_tls: bool
+    mariadb_caps: int
     keepalive_unhealthy: bool
 
     def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None: ...
@@ -154,9 +155,7 @@ class SessionMoves:
             return False
         target = move.target
         if target is None or target.draining or target is self.backend or not self._fits(target):
-            choices = self.server.router.candidates(exclude=self.backend,
-                                                    namespace=self.namespace,
-                                                    tls=self.backend_tls)
+            choices = self._targets()
             target = choices[0] if choices else None
         if target is None:
             move.waiting = "no backend to move to"
@@ -173,9 +172,19 @@ class SessionMoves:
         if self.phase == 1 and self._move is not None and self.tracker.idle and not self._cbuf:
             self.try_move()
 
+    def _targets(self) -> list[Backend]:
+        """Where this session may move, best first."""
+        return [b for b in self.server.router.candidates(exclude=self.backend,
+                                                         namespace=self.namespace,
+                                                         tls=self.backend_tls) if self._fits(b)]
+
     def _fits(self, target: Backend) -> bool:
-        """A TLS backend leg may only move to a backend that offers TLS."""
-        return not (self.backend_tls and target.offers_tls is False)
+        """A TLS backend leg may only move to a backend that offers TLS, a session with
+        MariaDB's extended capabilities only to one that offers them all."""
+        if self.backend_tls and target.offers_tls is False:
+            return False
+        offered = target.mariadb_capabilities
+        return offered is None or not self.mariadb_caps & ~offered
 
     # -- moving -----------------------------------------------------------------------------
 
@@ -268,8 +277,7 @@ class SessionMoves:
         if reason:
             move.waiting = reason
             return False
-        choices = self.server.router.candidates(exclude=self.backend, namespace=self.namespace,
-                                                tls=self.backend_tls)
+        choices = self._targets()
         target = move.target if move.target is not None and not move.target.draining \
             and self._fits(move.target) else (choices[0] if choices else None)
         if target is None:

@@ -66,9 +66,9 @@ from tiproxy.session.commands import (
 from tiproxy.session.login import (
     FORCE_SWITCH_PLUGIN,
     Action,
+    BackendUnfit,
     Established,
     Login,
-    NoBackendTLS,
     Refused,
     Route,
     SendBackend,
@@ -109,10 +109,12 @@ _FAST: dict[int, Expect] = {
     for cmd, kind in EXPECT_BY_COMMAND.items()
     if cmd not in (Command.QUIT, Command.PROCESS_KILL, Command.CHANGE_USER,
                    Command.STMT_PREPARE, Command.STMT_CLOSE, Command.STMT_RESET,
-                   Command.STMT_SEND_LONG_DATA, Command.STMT_FETCH, Command.RESET_CONNECTION)
+                   Command.STMT_SEND_LONG_DATA, Command.STMT_FETCH, Command.RESET_CONNECTION,
+                   Command.STMT_BULK_EXECUTE)
 }
 _STMT_COMMANDS = frozenset((Command.STMT_EXECUTE, Command.STMT_FETCH, Command.STMT_CLOSE,
-                            Command.STMT_RESET, Command.STMT_SEND_LONG_DATA))
+                            Command.STMT_RESET, Command.STMT_SEND_LONG_DATA,
+                            Command.STMT_BULK_EXECUTE))
 # Replication and other commands whose responses never end or that the proxy cannot relay.
 _REFUSED = frozenset(
     (Command.BINLOG_DUMP, Command.BINLOG_DUMP_GTID, Command.TABLE_DUMP,
@@ -171,6 +173,7 @@ class Session(SessionMoves):
         self.backend_connection_id = 0
         self.backend_caps = 0
         self.client_caps = 0
+        self.mariadb_caps = 0  # MariaDB's extended capabilities, the same on both legs
         self._multi = False  # the client may send several statements in one COM_QUERY
         self.dialect = "mysql"
         self.user = ""
@@ -300,7 +303,7 @@ class Session(SessionMoves):
         login = self.login
         router = self.server.router
         self.namespace = router.namespace_of_user(self.user)
-        no_tls = ""
+        unfit = ""
         for backend in router.candidates(namespace=self.namespace):
             if self.phase == CLOSED:
                 return
@@ -311,8 +314,8 @@ class Session(SessionMoves):
                 _, payload = await leg.read_packet(CONNECT_TIMEOUT)
                 actions = login.backend_greeting_received(payload)
                 router.succeeded(backend, login.backend_greeting)
-                if isinstance(actions[0], NoBackendTLS):
-                    no_tls = f"{actions[0].reason} ({backend.addr})"
+                if isinstance(actions[0], BackendUnfit):
+                    unfit = f"{actions[0].reason} ({backend.addr})"
                     leg.abort()
                     continue
                 await self._backend_handshake(leg, backend, actions)
@@ -334,9 +337,9 @@ class Session(SessionMoves):
                 self.dialect = "tidb"
             await self._relay_login(leg)
             return
-        if no_tls:
-            log.warning("session %d: %s", self.id, no_tls)
-            self._refuse(login.client_reply_seq, f"TiProxy: {no_tls}", "no backend with TLS")
+        if unfit:
+            log.warning("session %d: %s", self.id, unfit)
+            self._refuse(login.client_reply_seq, f"TiProxy: {unfit}", "no backend fits")
             return
         self._refuse_no_backend(login.client_reply_seq)
 
@@ -415,6 +418,7 @@ class Session(SessionMoves):
         self.backend_connection_id = est.backend_connection_id
         self.backend_caps = est.backend_capabilities
         self.client_caps = est.client_capabilities
+        self.mariadb_caps = est.mariadb_capabilities
         self._multi = bool(est.client_capabilities & Capability.MULTI_STATEMENTS)
         self.login_response = self.login.response
         deprecate_eof = bool(est.backend_capabilities & Capability.DEPRECATE_EOF)

@@ -121,6 +121,27 @@ class Command(enum.IntEnum):
     DAEMON = 0x1D
     BINLOG_DUMP_GTID = 0x1E
     RESET_CONNECTION = 0x1F
+    STMT_BULK_EXECUTE = 0xFA  # MariaDB's, with MARIADB_CLIENT_STMT_BULK_OPERATIONS
+
+
+class MariaDBCapability(enum.IntFlag):
+    """MariaDB's extended capabilities: the 4 bytes at the end of the greeting's and the
+    handshake response's filler, when bit 0 (CLIENT_MYSQL) is clear.
+    https://mariadb.com/kb/en/connection/#capabilities"""
+
+    PROGRESS = 1 << 0
+    COM_MULTI = 1 << 1
+    STMT_BULK_OPERATIONS = 1 << 2
+    EXTENDED_METADATA = 1 << 3  # column definitions carry extended type info (format=json)
+    CACHE_METADATA = 1 << 4
+
+
+# The extended capabilities the proxy passes through: extended metadata only adds bytes inside
+# column definitions, which the tracker counts without reading; bulk execution answers like
+# COM_STMT_EXECUTE. Progress reports (ERR packets before the real answer), COM_MULTI (gone from
+# MariaDB) and cached metadata (result sets without their column definitions) are not framed.
+PROXY_MARIADB_CAPABILITIES = (MariaDBCapability.STMT_BULK_OPERATIONS
+                              | MariaDBCapability.EXTENDED_METADATA)
 
 
 # Names used in metrics, following TiProxy's cmd_type label (the Go names without "Com").

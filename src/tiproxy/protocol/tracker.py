@@ -76,6 +76,7 @@ EXPECT_BY_COMMAND: dict[int, Expect] = {
     Command.STMT_FETCH: Expect.FETCH,
     Command.DAEMON: Expect.SINGLE,
     Command.RESET_CONNECTION: Expect.SINGLE,
+    Command.STMT_BULK_EXECUTE: Expect.BINARY,  # OK, or the rows of INSERT ... RETURNING
 }
 
 _NOTHING = Expect.NOTHING

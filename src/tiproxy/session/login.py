@@ -27,8 +27,8 @@ far the client leg runs ahead of the backend leg (+1, 0 or -1).
     ROUTING    backend greeting               AUTH       SendBackend(response)
     ROUTING    backend greeting, TLS chosen   AUTH       SendBackend(SSLRequest),
                                                          StartBackendTLS, SendBackend(response)
-    ROUTING    backend greeting, TLS required ROUTING    NoBackendTLS (the driver tries another)
-                 but impossible
+    ROUTING    backend greeting, unfit        ROUTING    BackendUnfit (the driver tries another)
+                 (no TLS where required, MariaDB capabilities missing)
     AUTH       backend 0xFE / 0x01 packet     AUTH       SendClient
     AUTH       client packet                  AUTH       SendBackend
     AUTH       backend OK                     DONE       SendClient, Established
@@ -47,6 +47,7 @@ from dataclasses import dataclass, replace
 from tiproxy.protocol.constants import (
     PER_LEG_CAPABILITIES,
     PROXY_CAPABILITIES,
+    PROXY_MARIADB_CAPABILITIES,
     Capability,
 )
 from tiproxy.protocol.errors import Origin, ProtocolError
@@ -97,8 +98,8 @@ class StartBackendTLS:
 
 
 @dataclass(frozen=True)
-class NoBackendTLS:
-    reason: str  # this backend cannot give the leg TLS; the driver tries another
+class BackendUnfit:
+    reason: str  # this backend cannot serve this client (TLS, MariaDB capabilities): try another
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class Established:
     status: int
     backend_connection_id: int
     user: str
+    mariadb_capabilities: int = 0  # MariaDB's extended capabilities of both legs
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ class Refused:
     reason: str  # for the log; the client already has the backend's ERR
 
 
-Action = (SendClient | SendBackend | StartClientTLS | StartBackendTLS | NoBackendTLS | Route
+Action = (SendClient | SendBackend | StartClientTLS | StartBackendTLS | BackendUnfit | Route
           | Established | Refused)
 
 
@@ -152,12 +154,17 @@ class Login:
             caps |= Capability.SSL
         else:
             caps &= ~Capability.SSL
+        # A MariaDB backend clears CLIENT_MYSQL (bit 0) and offers extended capabilities: the
+        # proxy offers those it can frame, the same way.
+        ext = template.mariadb_capabilities & PROXY_MARIADB_CAPABILITIES
+        if ext:
+            caps &= ~Capability.LONG_PASSWORD
         self.greeting = replace(
             template,
             connection_id=connection_id,
             salt=make_salt(),
             capabilities=caps,
-            mariadb_capabilities=0,
+            mariadb_capabilities=ext,
             auth_plugin=template.auth_plugin or "mysql_native_password",
         )
         self.state = LoginState.GREETED
@@ -169,6 +176,7 @@ class Login:
         self.backend_tls = False  # the proxy sent one to the backend
         self._seq_shift = 0
         self._backend_caps = 0
+        self._backend_ext = 0
 
     @property
     def seq_shift(self) -> int:
@@ -197,7 +205,11 @@ class Login:
 
     def _client_response(self, seq: int, payload: bytes) -> list[Action]:
         resp = parse_handshake_response(payload)
-        resp = replace(resp, capabilities=resp.capabilities & self.greeting.capabilities)
+        # Bit 0 is the client's own statement (CLIENT_MYSQL: no MariaDB extensions): kept.
+        offered = self.greeting.capabilities | Capability.LONG_PASSWORD
+        resp = replace(resp, capabilities=resp.capabilities & offered,
+                       mariadb_capabilities=resp.mariadb_capabilities
+                       & self.greeting.mariadb_capabilities)
         if resp.ssl_request_only:
             if self.state is LoginState.TLS or not resp.capabilities & Capability.SSL:
                 raise ProtocolError("SSLRequest where a handshake response was due")
@@ -228,14 +240,19 @@ class Login:
         if not greeting.capabilities & Capability.PLUGIN_AUTH:
             raise ProtocolError("backend does not support pluggable authentication", Origin.BACKEND)
         self.backend_greeting = greeting
+        missing = self.response.mariadb_capabilities & ~greeting.mariadb_capabilities
+        if missing:
+            return [BackendUnfit(f"the backend lacks MariaDB capabilities 0x{missing:x} that the "
+                                 "client negotiated")]
         offers_tls = bool(greeting.capabilities & Capability.SSL)
         if self._require_backend_tls and not (offers_tls and self._sql_tls):
             why = ("sql-tls is not configured" if not self._sql_tls
                    else "the backend does not offer TLS")
-            return [NoBackendTLS(f"require-backend-tls is set, but {why}")]
+            return [BackendUnfit(f"require-backend-tls is set, but {why}")]
         tls = offers_tls and self._sql_tls and (self._require_backend_tls or self.client_tls)
         forwarded = self._forwarded(tls)
         self._backend_caps = forwarded.capabilities
+        self._backend_ext = forwarded.mariadb_capabilities
         self.backend_tls = tls
         self._seq_shift = self.client_tls - tls
         self.state = LoginState.AUTH
@@ -258,6 +275,9 @@ class Login:
         assert resp is not None and greeting is not None
         caps = resp.capabilities & ~PER_LEG_CAPABILITIES & greeting.capabilities
         caps |= Capability.PLUGIN_AUTH | Capability.LONG_PASSWORD
+        ext = resp.mariadb_capabilities & greeting.mariadb_capabilities
+        if ext:
+            caps &= ~Capability.LONG_PASSWORD  # CLIENT_MYSQL clear: the extension is read
         if tls:
             caps |= Capability.SSL
         return replace(
@@ -265,7 +285,7 @@ class Login:
             capabilities=caps,
             auth_data=b"",
             auth_plugin=FORCE_SWITCH_PLUGIN,
-            mariadb_capabilities=0,
+            mariadb_capabilities=ext,
             ssl_request_only=False,
         )
 
@@ -283,6 +303,7 @@ class Login:
                 SendClient(out),
                 Established(
                     client_capabilities=self.response.capabilities,
+                    mariadb_capabilities=self._backend_ext,
                     backend_capabilities=self._backend_caps,
                     status=status,
                     backend_connection_id=self.backend_greeting.connection_id,

@@ -1,0 +1,96 @@
+"""MariaDB's extended capabilities through the proxy: extended type info (a JSON column's
+format), bulk execution (MariaDB Connector/J's batch insert), and sessions that negotiated them
+moving between backends. Compared with the same client directly against the server."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import MySQLdb
+import pytest
+
+from support.backends import ADMIN_TOML, APP
+from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.mariadb import MariaDBServer
+
+pytestmark = pytest.mark.integration
+
+CONNECTOR_J = Path("/usr/share/java/mariadb-java-client.jar")  # Debian's libmariadb-java
+
+
+def _cli(port: int, sql: str) -> str:
+    out = subprocess.run(
+        ["mariadb", "--no-defaults", "-h127.0.0.1", f"-P{port}", f"-u{APP.name}",
+         f"-p{APP.password}", "--column-type-info", "-t", "test", "-e", sql],
+        capture_output=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.decode("latin1")
+
+
+def test_extended_type_info_comes_through(backends: list[MariaDBServer],
+                                          proxy_factory: ProxyFactory) -> None:
+    for b in backends:
+        b.sql("CREATE OR REPLACE TABLE test.ext_meta (id INT PRIMARY KEY, j JSON, p POINT);"
+              "INSERT INTO test.ext_meta VALUES (1, '{\"a\": 1}', POINT(1, 2));")
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    sql = "SELECT id, j, p FROM ext_meta"
+    direct, through = _cli(backends[0].port, sql), _cli(proxy.port, sql)
+    assert "BLOB (format=json)" in direct and "GEOMETRY (type=point)" in direct
+    assert "BLOB (format=json)" in through and "GEOMETRY (type=point)" in through
+    strip = [line for line in direct.splitlines() if not line.startswith("Max_length")]
+    assert [line for line in through.splitlines() if not line.startswith("Max_length")] == strip
+
+
+def _java(tmp_path: Path) -> Path:
+    """BulkInsert.java compiled into tmp_path (the JDK and Connector/J are Debian's)."""
+    javac = shutil.which("javac")
+    assert javac is not None, "the JDK is missing (scripts/setup.sh installs it)"
+    assert CONNECTOR_J.exists(), "MariaDB Connector/J is missing (scripts/setup.sh installs it)"
+    source = Path(__file__).parent.parent / "support" / "java" / "BulkInsert.java"
+    subprocess.run([javac, "-cp", str(CONNECTOR_J), "-d", str(tmp_path), str(source)],
+                   check=True, timeout=120)
+    return tmp_path
+
+
+def _bulk(classes: Path, port: int, table: str) -> str:
+    out = subprocess.run(
+        ["java", "-cp", f"{CONNECTOR_J}:{classes}", "BulkInsert", "127.0.0.1", str(port),
+         APP.name, APP.password, table, "2000"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_connector_j_batch_insert_uses_bulk_execution(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory, tmp_path: Path,
+) -> None:
+    classes = _java(tmp_path)
+    proxy = proxy_factory([backends[0].addr], ADMIN_TOML)
+    direct = _bulk(classes, backends[0].port, "bulk_direct")
+    through = _bulk(classes, proxy.port, "bulk_proxy")
+    assert direct == through
+    assert "rows 2000 1999000 row-999" in through
+    metrics = proxy.api("/metrics")[1].decode()
+    assert 'cmd_type="StmtBulkExecute"' in metrics  # it really was sent as one bulk command
+
+
+def test_a_session_with_mariadb_extensions_moves(backends: list[MariaDBServer],
+                                                proxy_factory: ProxyFactory) -> None:
+    """mysqlclient (MariaDB Connector/C) negotiates extended type info; after moves its
+    prepared and text queries still parse."""
+    proxy: ProxyProcess = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    conn = MySQLdb.connect(host="127.0.0.1", port=proxy.port, user=APP.name,
+                           password=APP.password, database="test")
+    try:
+        cur = conn.cursor()
+        cur.execute("SET @m = 'moved'")
+        for _ in range(3):
+            old = proxy.session(conn.thread_id())["backend"]
+            proxy.redirect()
+            proxy.wait_moved(conn.thread_id(), old)
+            cur.execute("SELECT @m, JSON_OBJECT('k', 1), %s", ("param",))
+            assert cur.fetchall() == (("moved", '{"k": 1}', "param"),)
+    finally:
+        conn.close()
