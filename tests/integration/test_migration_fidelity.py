@@ -219,3 +219,33 @@ def test_kill_with_an_expression_gets_the_servers_answer(
         cur.execute("SELECT 'killer goes on'")
         assert cur.fetchall() == (("killer goes on",),)
         assert [s["id"] for s in proxy.sessions()] == [killer.thread_id()]
+
+
+def test_a_lasting_move_failure_is_reported_once_and_not_retried_in_a_loop(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """The user exists on one backend only: a move to the other fails at login (1045) every
+    time. It is tried once, reported on the backend and in the metrics, and not again soon."""
+    only, other = backends
+    only.sql("CREATE OR REPLACE USER 'onlyhere'@'%' IDENTIFIED BY 'here-pass';"
+             "GRANT ALL ON test.* TO 'onlyhere'@'%';")
+    other.sql("DROP USER IF EXISTS 'onlyhere'@'%'")
+    proxy = proxy_factory([only.addr, other.addr], ADMIN_TOML)
+    assert proxy.api(f"/api/admin/backends/{other.addr}/drain", method="POST", body=b"")[0] == 200
+    with pymysql.connect(host="127.0.0.1", port=proxy.port, user="onlyhere",
+                         password="here-pass", database="test") as conn, conn.cursor() as cur:
+        assert proxy.api(f"/api/admin/backends/{other.addr}/undrain", method="POST",
+                         body=b"")[0] == 200
+        proxy.redirect()
+        deadline = time.monotonic() + 10
+        while "lasting problem" not in proxy.session(conn.thread_id())["waiting"]:
+            assert time.monotonic() < deadline, proxy.session(conn.thread_id())
+            time.sleep(0.05)
+        time.sleep(2.5)  # a retry loop would have tried again by now (first retry: 1 s)
+        metrics = proxy.api("/metrics")[1].decode()
+        assert 'tiproxy_server_err_total{type="migrate_lasting"} 1.0' in metrics
+        problem = {b["addr"]: b["move_problem"] for b in proxy.backends()}[other.addr]
+        assert "1045" in problem or "Access denied" in problem
+        assert proxy.log().count("fail and are held") == 1
+        cur.execute("SELECT CURRENT_USER()")  # the session goes on where it is
+        assert cur.fetchall() == (("onlyhere@%",),)

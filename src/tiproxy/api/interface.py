@@ -29,6 +29,7 @@ class BackendView:
     threads_running: float = 0.0
     queries_per_second: float = 0.0
     cpu: float = 0.0  # a TiDB's cores busy
+    move_problem: str = ""  # why moves from or to it fail for a lasting reason
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,7 @@ async def _backends(request: web.Request) -> web.Response:
         {"addr": b.addr, "status": b.status, "connections": b.connections,
          "drained_by": list(b.drained_by), "last_error": b.last_error,
          "sources": list(b.sources), "health": b.health, "labels": dict(b.labels),
-         "namespace": b.namespace, "score": b.score,
+         "namespace": b.namespace, "score": b.score, "move_problem": b.move_problem,
          "load": {"threads_running": b.threads_running,
                   "queries_per_second": b.queries_per_second, "cpu": b.cpu}}
         for b in backends

@@ -75,6 +75,7 @@ class Backend:
     # information_schema.USER_VARIABLES answers there; None: not tried yet (net/migration.py)
     user_variables_table: bool | None = None
     mariadb_capabilities: int | None = None  # of its last greeting; None: not seen yet
+    move_problem: str = ""  # why moves from or to it fail for a lasting reason, if they do
     query_counts: Counter[str] = field(default_factory=Counter)
 
     @property

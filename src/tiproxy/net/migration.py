@@ -50,10 +50,25 @@ TIDB_TOKEN_PLUGIN = "tidb_session_token"  # noqa: S105 - a plugin name
 class MigrationError(Exception):
     """A move failed at `step`; `old_intact` says whether the old connection can go on."""
 
-    def __init__(self, step: str, reason: str, old_intact: bool = True) -> None:
+    def __init__(self, step: str, reason: str, old_intact: bool = True,
+                 cause: BaseException | None = None) -> None:
         super().__init__(f"{step}: {reason}")
         self.step = step
         self.old_intact = old_intact
+        # The server's error code when a backend refused a statement or the login.
+        self.code = cause.code if isinstance(cause, SQLError) else 0
+
+    @property
+    def lasting(self) -> bool:
+        """A failure that trying again will not cure: a missing table or privilege, an account
+        or a variable the target does not have."""
+        return self.code in LASTING_ERRORS
+
+
+# Server errors that make a move fail the same way every time (MariaDB's codes): unknown table
+# (an information_schema plugin disabled), table/column/specific/database access denied, access
+# denied at login, no such table, unknown system variable, read-only or bad variable value.
+LASTING_ERRORS = frozenset({1109, 1142, 1143, 1227, 1044, 1045, 1146, 1193, 1238, 1231, 1232})
 
 
 @dataclass
@@ -72,7 +87,8 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
     try:
         captured = await _capture(session, old, deprecate_eof)
     except Exception as e:
-        raise MigrationError("capture", _why(e), old_intact=_reattach(old, session)) from e
+        raise MigrationError("capture", _why(e), old_intact=_reattach(old, session),
+                             cause=e) from e
     try:
         new = await BackendLeg.open(target.host, target.port)
     except Exception as e:
@@ -87,7 +103,7 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
         intact = _reattach(old, session)
         if not isinstance(e, Exception):
             raise  # cancelled: the session is closing
-        raise MigrationError(step, _why(e), old_intact=intact) from e
+        raise MigrationError(step, _why(e), old_intact=intact, cause=e) from e
     return MoveResult(new, connection_id, status, stmt_ids)
 
 

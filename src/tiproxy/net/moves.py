@@ -37,6 +37,9 @@ log = logging.getLogger("tiproxy.session")
 
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
+# A move that failed for a lasting reason (LASTING_ERRORS) is tried again this much later, not
+# in a loop: an operator may have fixed a privilege meanwhile.
+LASTING_RETRY = 300.0
 _IN_TRANS = int(ServerStatus.IN_TRANS)
 
 
@@ -210,11 +213,17 @@ class SessionMoves:
                 self.close(f"move to {target.addr} failed and broke the old connection: {e}")
                 return
             move.failures += 1
-            delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (move.failures - 1))
+            if e.lasting:
+                delay = LASTING_RETRY
+                move.waiting = f"cannot move: {e} (a lasting problem; next try in {delay:.0f}s)"
+                self.server.lasting_move_problem(source if e.step == "capture" else target,
+                                                 str(e))
+            else:
+                delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (move.failures - 1))
+                move.waiting = f"last move failed ({e}); next try in {delay:.0f}s"
+                log.warning("session %d: move %s -> %s failed at %s", self.id, source.addr,
+                            target.addr, e)
             move.retry_at = time.monotonic() + delay
-            move.waiting = f"last move failed ({e}); next try in {delay:.0f}s"
-            log.warning("session %d: move %s -> %s failed at %s", self.id, source.addr,
-                        target.addr, e)
         else:
             self._swap(result, target)
             self.moves += 1

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING
 from tiproxy.api.interface import BackendView, MigrationStats, SessionView
 from tiproxy.balance.balancer import Rebalancer
 from tiproxy.balance.health import HealthChecker
-from tiproxy.balance.router import DRAIN_REMOVED, Router, split_addr
+from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
 from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_file
 from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
 from tiproxy.net.admin import AdminConnection
+from tiproxy.net.moves import LASTING_RETRY
 from tiproxy.net.relay import COMMAND, ClientLeg
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.session.credentials import CredentialStore, UsersFileError
@@ -87,6 +88,7 @@ class ProxyServer:
         self._last_sync = 0.0
         self._stale: list[tuple[Session, tuple[bytes, bytes]]] = []
         self._migrations: Counter[tuple[str, str, str, str]] = Counter()
+        self.errors: Counter[str] = Counter()  # tiproxy_server_err by type, besides TLS's
         self._durations = _Durations()
         self.port = 0
         self._reloading = asyncio.Lock()  # one apply_config at a time: they await a file
@@ -247,6 +249,15 @@ class ProxyServer:
                     and session.move_request is None:
                 session.request_move(sorted(backend.drained_by)[0])
 
+    def lasting_move_problem(self, backend: Backend, problem: str) -> None:
+        """Moves from or to `backend` fail for a reason that will not go away: logged once
+        per backend and problem, counted, shown in /api/admin/backends."""
+        self.errors["migrate_lasting"] += 1
+        if backend.move_problem != problem:
+            backend.move_problem = problem
+            log.error("moves involving backend %s fail and are held for %.0fs: %s",
+                      backend.addr, LASTING_RETRY, problem)
+
     def record_migration(self, source: str, target: str, reason: str, ok: bool,
                          seconds: float) -> None:
         self._migrations[(source, target, reason, "succeed" if ok else "fail")] += 1
@@ -356,6 +367,7 @@ class ProxyServer:
             BackendView(
                 b.addr, b.status, b.connections, dict(b.query_counts), sorted(b.drained_by),
                 b.last_error if b.down else "", sources=sorted(b.sources), health=b.health,
+                move_problem=b.move_problem,
                 labels=b.labels, namespace=b.namespace, score=self.router.score(b),
                 threads_running=b.load.threads_running,
                 queries_per_second=b.load.queries_per_second, cpu=b.load.cpu,
@@ -388,7 +400,7 @@ class ProxyServer:
         return self._config
 
     def server_errors(self) -> dict[str, int]:
-        return dict(self.tls.errors)
+        return dict(self.tls.errors + self.errors)
 
     def discovery_status(self) -> dict[str, str]:
         """Each running discovery source: "ok", or why it cannot reach its origin."""
