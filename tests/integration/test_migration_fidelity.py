@@ -238,7 +238,7 @@ def test_a_lasting_move_failure_is_reported_once_and_not_retried_in_a_loop(
                          body=b"")[0] == 200
         proxy.redirect()
         deadline = time.monotonic() + 10
-        while "lasting problem" not in proxy.session(conn.thread_id())["waiting"]:
+        while "lasting reason" not in proxy.session(conn.thread_id())["waiting"]:
             assert time.monotonic() < deadline, proxy.session(conn.thread_id())
             time.sleep(0.05)
         time.sleep(2.5)  # a retry loop would have tried again by now (first retry: 1 s)
@@ -246,6 +246,6 @@ def test_a_lasting_move_failure_is_reported_once_and_not_retried_in_a_loop(
         assert 'tiproxy_server_err_total{type="migrate_lasting"} 1.0' in metrics
         problem = {b["addr"]: b["move_problem"] for b in proxy.backends()}[other.addr]
         assert "1045" in problem or "Access denied" in problem
-        assert proxy.log().count("fail and are held") == 1
+        assert proxy.log().count("failed for a lasting reason; such moves are held") == 1
         cur.execute("SELECT CURRENT_USER()")  # the session goes on where it is
         assert cur.fetchall() == (("onlyhere@%",),)

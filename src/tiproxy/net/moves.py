@@ -215,7 +215,8 @@ class SessionMoves:
             move.failures += 1
             if e.lasting:
                 delay = LASTING_RETRY
-                move.waiting = f"cannot move: {e} (a lasting problem; next try in {delay:.0f}s)"
+                move.waiting = (f"last move failed for a lasting reason ({e}); next try in "
+                                f"{delay:.0f}s")
                 self.server.lasting_move_problem(source if e.step == "capture" else target,
                                                  str(e))
             else:

@@ -255,7 +255,8 @@ class ProxyServer:
         self.errors["migrate_lasting"] += 1
         if backend.move_problem != problem:
             backend.move_problem = problem
-            log.error("moves involving backend %s fail and are held for %.0fs: %s",
+            log.error("moves involving backend %s failed for a lasting reason; such moves "
+                      "are held for %.0fs: %s",
                       backend.addr, LASTING_RETRY, problem)
 
     def record_migration(self, source: str, target: str, reason: str, ok: bool,
