@@ -31,7 +31,7 @@ async def start_server_tls(raw: asyncio.Transport, ctx: ssl.SSLContext, early: b
     upgrade = loop.create_task(loop.start_tls(raw, app_protocol, ctx, server_side=True,
                                               ssl_handshake_timeout=timeout))
     if early:
-        loop.call_soon(_when_swapped, loop, raw, app_protocol, early)
+        loop.call_soon(_when_swapped, loop, raw, app_protocol, early, upgrade)
     try:
         tls = await upgrade
     except asyncio.CancelledError:
@@ -43,11 +43,12 @@ async def start_server_tls(raw: asyncio.Transport, ctx: ssl.SSLContext, early: b
 
 
 def _when_swapped(loop: asyncio.AbstractEventLoop, raw: asyncio.Transport,
-                  app_protocol: asyncio.BaseProtocol, early: bytes) -> None:
-    if raw.is_closing():
-        return
+                  app_protocol: asyncio.BaseProtocol, early: bytes,
+                  upgrade: asyncio.Task[Any]) -> None:
+    if raw.is_closing() or upgrade.done():
+        return  # closed, or start_tls failed before it swapped the protocol
     if raw.get_protocol() is app_protocol:  # start_tls has not run its first step yet
-        loop.call_soon(_when_swapped, loop, raw, app_protocol, early)
+        loop.call_soon(_when_swapped, loop, raw, app_protocol, early, upgrade)
         return
     loop.call_soon(_feed, raw.get_protocol(), early)  # after the TLS protocol's connection_made
 

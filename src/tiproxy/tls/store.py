@@ -47,7 +47,7 @@ class _Slot:
     server_side: bool
     cfg: TLSConfig
     built: Built | None = None
-    files: Signature = ()
+    files: Signature | None = ()  # None: rebuild at the next look (the config changed)
     built_cfg: TLSConfig | None = None  # the config `built` was made from
     warned_expiry: bool = False
     issued_at: datetime.datetime = field(
@@ -145,7 +145,7 @@ class CertStore:
             slot = self._slots[name]
             if slot.cfg != new:
                 slot.cfg = new
-                slot.files = ()  # rebuild at the next look
+                slot.files = None  # rebuild at the next look, even with no files to watch
         self._wake.set()
 
     async def watch(self, interval: float = POLL_INTERVAL) -> None:
