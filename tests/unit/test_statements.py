@@ -17,6 +17,7 @@ from tiproxy.session.statements import (
     literal_text,
     may_change_state,
     prepared_effects,
+    reads_diagnostics,
     statement_effects,
     user_variable_names,
 )
@@ -147,3 +148,36 @@ def test_inspection_never_raises(sql: bytes) -> None:
     statement_effects(sql)
     user_variable_names(sql)
     literal_text(sql)
+
+
+def test_handler_aliases_and_execute_immediate_using() -> None:
+    assert applied(b"HANDLER t OPEN AS h", b"HANDLER h CLOSE").pins() == []
+    assert applied(b"HANDLER t OPEN h", b"HANDLER h CLOSE").pins() == []
+    assert "open HANDLER" in applied(b"HANDLER t OPEN AS h", b"HANDLER t CLOSE").pins()
+    state = applied(b"EXECUTE IMMEDIATE 'SELECT ? INTO @x' USING 5")
+    assert state.pins() == []
+    state = applied(b"EXECUTE IMMEDIATE 'CREATE TEMPORARY TABLE t (a INT)' USING 1")
+    assert state.temp_tables == {"t"}
+    assert literal_text(b"'a' USING 1") is None  # PREPARE ... FROM takes no USING
+
+
+def test_session_only_variables_are_noted_until_unset() -> None:
+    state = applied(b"SET timestamp = 946684800, @@session.insert_id = 5000")
+    assert state.session_only == {"timestamp", "insert_id"}
+    state = applied(b"SET timestamp = 946684800", b"SET timestamp = DEFAULT")
+    assert state.session_only == set()
+    assert applied(b"SET @timestamp = 5").session_only == set()
+
+
+def test_reading_diagnostics() -> None:
+    def query(sql: bytes) -> bytes:
+        return b"\x00\x00\x00\x00\x03" + sql
+
+    for sql in (b"SHOW WARNINGS", b"show count(*) errors", b"GET DIAGNOSTICS @n = NUMBER",
+                b"SELECT @@warning_count", b"SELECT @@session.error_count",
+                b"SELECT FOUND_ROWS()", b"SELECT row_count()"):
+        assert reads_diagnostics(query(sql)), sql
+    assert not reads_diagnostics(query(b"SELECT 1"))
+    execute = b"\x00\x00\x00\x00\x17\x01\x00\x00\x00"
+    assert reads_diagnostics(execute, b"SELECT FOUND_ROWS()")
+    assert not reads_diagnostics(execute, b"SELECT ?")

@@ -37,6 +37,7 @@ from tiproxy.protocol.packets import (
 )
 from tiproxy.protocol.tracker import ok_status
 from tiproxy.session.dialects import mysql as mysql_dialect
+from tiproxy.session.statements import SESSION_ONLY_TYPES
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
@@ -180,6 +181,7 @@ async def _capture_mysql(session: Session, leg: BackendLeg,
             if backend is not None:
                 backend.user_variables_table = True
             state = mysql_dialect.parse_capture(result.rows)
+            await _capture_session_only(session, leg, deprecate_eof, state)
             second = mysql_dialect.string_values_sql(state)
             if second is not None:
                 values = await query(leg, second, deprecate_eof)
@@ -187,6 +189,7 @@ async def _capture_mysql(session: Session, leg: BackendLeg,
             return state
     result = await query(leg, mysql_dialect.CAPTURE_WITHOUT_USER_SQL, deprecate_eof)
     state = mysql_dialect.parse_capture(result.rows)
+    await _capture_session_only(session, leg, deprecate_eof, state)
     names = sorted(session.state.user_var_names)
     if names:
         extended = bool(session.mariadb_caps & MariaDBCapability.EXTENDED_METADATA)
@@ -199,6 +202,18 @@ async def _capture_mysql(session: Session, leg: BackendLeg,
 def native_answer(stage1: bytes, salt: bytes) -> bytes:
     """mysql_native_password's answer: empty for a user without a password."""
     return scramble_from_stage1(stage1, salt) if stage1 else b""
+
+
+async def _capture_session_only(session: Session, leg: BackendLeg, deprecate_eof: bool,
+                                state: mysql_dialect.CapturedState) -> None:
+    """timestamp and insert_id, when the session set them (they have no global value)."""
+    names = sorted(session.state.session_only)
+    if not names:
+        return
+    cols = ", ".join(f"@@session.{name}" for name in names)
+    result = await query(leg, f"SELECT {cols} LIMIT 1", deprecate_eof)
+    for name, value in zip(names, result.rows[0], strict=True):
+        state.system.append((name, SESSION_ONLY_TYPES[name], value))
 
 
 async def _login(session: Session, leg: BackendLeg, captured: _Captured,

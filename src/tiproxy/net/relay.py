@@ -563,7 +563,8 @@ class Session(SessionMoves):
         if cmd == Command.QUIT:
             self.close("client quit", quiet=True)
             return True
-        if self._move is not None and not self._moving and not reads_diagnostics(packet) \
+        if self._move is not None and not self._moving \
+                and not reads_diagnostics(packet, self._executed_sql(packet, cmd)) \
                 and self.try_move(at_command=True):
             return False  # the move first; the command then runs on the new backend
         token: Any = cmd
@@ -611,6 +612,13 @@ class Session(SessionMoves):
         self._counts[_NAMES[cmd]] += 1
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
+
+    def _executed_sql(self, packet: bytes, cmd: int) -> bytes | None:
+        """The text of the prepared statement a COM_STMT_EXECUTE runs, if the proxy knows it."""
+        if cmd != _EXECUTE:
+            return None
+        stmt = self.state.stmts.get(packet_stmt_id(packet))
+        return stmt.sql if stmt is not None else None
 
     def _query_command(self, packet: bytes) -> bool | None:
         """A COM_QUERY the proxy answers or holds: True answered (KILL), False wait (the

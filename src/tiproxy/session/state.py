@@ -43,6 +43,7 @@ class SessionState:
     # name -> what EXECUTE name does to tracked state (only those that do something)
     sql_prepared_effects: dict[str, StatementEffects] = field(default_factory=dict)
     opaque: str = ""  # a statement whose effects the proxy could not read ran: a pin
+    session_only: set[str] = field(default_factory=set)  # set session-only variables
     temp_tables: set[str] = field(default_factory=set)
     named_locks: set[str] = field(default_factory=set)
     table_locks: bool = False
@@ -135,6 +136,8 @@ class SessionState:
             self.apply(self.sql_prepared_effects[fx.executed])
         if fx.opaque:
             self.opaque = fx.opaque
+        for name, is_set in fx.session_only:
+            (self.session_only.add if is_set else self.session_only.discard)(name)
         if fx.handler_opened is not None:
             self.handlers.add(fx.handler_opened)
         if fx.handler_closed is not None:

@@ -60,10 +60,18 @@ _EXECUTE_IMMEDIATE = re.compile(rb"EXECUTE\s+IMMEDIATE\s*", re.IGNORECASE)
 # A string literal, optionally with a character set introducer: '...' or "...", with backslash
 # escapes and doubled quotes (https://mariadb.com/kb/en/string-literals/).
 _LITERAL = re.compile(rb"(?:_[A-Za-z0-9]+\s*)?('(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\")"
-                      rb"\s*;?\s*\Z", re.DOTALL)
+                      rb"(?P<using>\s+USING\b.*)?\s*;?\s*\Z", re.DOTALL | re.IGNORECASE)
 _ESCAPES = {b"0": b"\0", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"Z": b"\x1a"}
 _DEALLOCATE = re.compile(rb"(?:DEALLOCATE|DROP)\s+PREPARE\s+(" + _IDENT + rb")", re.IGNORECASE)
-_HANDLER = re.compile(rb"HANDLER\s+" + _QUALIFIED + rb"\s+(OPEN|CLOSE)\b", re.IGNORECASE)
+# HANDLER tbl OPEN [[AS] alias]: later statements name the alias (https://mariadb.com/kb/en/handler-commands/)
+_HANDLER = re.compile(rb"HANDLER\s+" + _QUALIFIED + rb"\s+(OPEN|CLOSE)\b(?:\s+(?:AS\s+)?("
+                      + _IDENT + rb"))?", re.IGNORECASE)
+# Session-only variables (no global value, so the capture's comparison cannot see them) that a
+# client sets to pin time or the next AUTO_INCREMENT value; = DEFAULT or = 0 unsets them.
+_SESSION_ONLY = re.compile(rb"(?<![@\w$])(?:@@(?:SESSION\.|LOCAL\.)?|(?:SESSION|LOCAL)\s+)?"
+                           rb"(timestamp|insert_id)\s*:?=\s*(DEFAULT\b|0+(?![\d.]))?",
+                           re.IGNORECASE)
+SESSION_ONLY_TYPES = {"timestamp": "DOUBLE", "insert_id": "BIGINT UNSIGNED"}
 _BEGIN = re.compile(rb"(?:BEGIN(?:\s+WORK)?|START\s+TRANSACTION\b[^;]*)\s*;?\s*\Z", re.IGNORECASE)
 
 
@@ -92,10 +100,15 @@ _DIAGNOSTICS = re.compile(
     re.IGNORECASE)
 
 
-def reads_diagnostics(packet: Buffer) -> bool:
+def reads_diagnostics(packet: Buffer, prepared_sql: bytes | None = None) -> bool:
     """Whether a command packet (with its 4-byte header) reads the last statement's
-    diagnostics: a move waits until after it, so it reads them on the backend that has them."""
-    return len(packet) > 5 and packet[4] == 0x03 and _DIAGNOSTICS.search(packet, 5) is not None
+    diagnostics: a move waits until after it, so it reads them on the backend that has them.
+    `prepared_sql`: the text of the statement a COM_STMT_EXECUTE runs."""
+    if len(packet) <= 5:
+        return False
+    if packet[4] == 0x03:
+        return _DIAGNOSTICS.search(packet, 5) is not None
+    return prepared_sql is not None and _DIAGNOSTICS.search(prepared_sql) is not None
 
 
 def may_change_state(payload: Buffer, multi_statements: bool) -> bool:
@@ -157,6 +170,7 @@ class StatementEffects:
     # literal (PREPARE s FROM @sql): then the proxy cannot know what EXECUTE s does.
     prepared_effects: StatementEffects | None = None
     opaque: str = ""  # why this statement's effects cannot be known (it is then a pin)
+    session_only: tuple[tuple[str, bool], ...] = ()  # (timestamp|insert_id, set: True/unset)
 
     def __bool__(self) -> bool:
         return self != _NOTHING
@@ -167,11 +181,12 @@ OPAQUE = StatementEffects(opaque="EXECUTE of a statement prepared from a text th
                                  "read")
 
 
-def literal_text(sql: bytes) -> bytes | None:
+def literal_text(sql: bytes, using: bool = False) -> bytes | None:
     """The text of a statement that is one string literal (what PREPARE ... FROM and EXECUTE
-    IMMEDIATE take); None when it is anything else (a variable, an expression)."""
+    IMMEDIATE take; `using`: EXECUTE IMMEDIATE's USING list may follow); None when it is
+    anything else (a variable, an expression)."""
     m = _LITERAL.match(sql)
-    if m is None:
+    if m is None or (m.group("using") and not using):
         return None
     raw = m.group(1)
     quote = raw[:1]
@@ -217,6 +232,9 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
     if word == b"SET" and (m := _SET_STATEMENT.match(body)):
         _one_statement(body[m.end():], fx)
         return
+    if word == b"SET":
+        fx.session_only += tuple((m.group(1).decode().lower(), m.group(2) is None)
+                                 for m in _SESSION_ONLY.finditer(body))
     if word == b"CREATE" and (m := _CREATE_TEMP.match(body)):
         fx.temp_created = _name(m.group(1))
     elif word == b"DROP":
@@ -234,7 +252,7 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
         inner = literal_text(body[m.end():])
         fx.prepared_effects = OPAQUE if inner is None else _effects_or_none(inner)
     elif word == b"EXECUTE" and (m := _EXECUTE_IMMEDIATE.match(body)):
-        inner = literal_text(body[m.end():])
+        inner = literal_text(body[m.end():], using=True)
         if inner is None:
             fx.opaque = "EXECUTE IMMEDIATE of a text the proxy cannot read"
         else:
@@ -247,7 +265,7 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
         fx.deallocated = _name(m.group(1))
     elif word == b"HANDLER" and (m := _HANDLER.match(body)):
         if m.group(2).upper() == b"OPEN":
-            fx.handler_opened = _name(m.group(1))
+            fx.handler_opened = _name(m.group(3) or m.group(1))
         else:
             fx.handler_closed = _name(m.group(1))
     elif word in (b"BEGIN", b"START") and _BEGIN.match(body):

@@ -28,17 +28,21 @@ from dataclasses import dataclass, field
 
 Row = list[bytes | None]
 
-CAPTURE_WITHOUT_USER_SQL = (
+# An explicit LIMIT: the session's own sql_select_limit would otherwise cut the capture short
+# (an explicit LIMIT overrides it; a trailing one applies to the whole UNION).
+_ALL_ROWS = " LIMIT 18446744073709551615"
+_CAPTURE_BASE = (
     "SELECT 'db', NULL, HEX(DATABASE()) "
     "UNION ALL SELECT 'lii', NULL, LAST_INSERT_ID() "
     "UNION ALL SELECT 'sys', CONCAT(VARIABLE_TYPE, ' ', VARIABLE_NAME), HEX(SESSION_VALUE) "
     "FROM information_schema.SYSTEM_VARIABLES WHERE VARIABLE_SCOPE = 'SESSION' "
     "AND READ_ONLY = 'NO' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE)"
 )
+CAPTURE_WITHOUT_USER_SQL = _CAPTURE_BASE + _ALL_ROWS
 CAPTURE_SQL = (
-    CAPTURE_WITHOUT_USER_SQL
+    _CAPTURE_BASE
     + " UNION ALL SELECT 'user', CONCAT(VARIABLE_TYPE, ' ', HEX(VARIABLE_NAME)), VARIABLE_VALUE "
-    "FROM information_schema.USER_VARIABLES"
+    "FROM information_schema.USER_VARIABLES" + _ALL_ROWS
 )
 # MariaDB's answer when the user_variables plugin is disabled
 # (--loose-skip-plugin-user-variables): "Unknown table 'USER_VARIABLES' in information_schema".
@@ -74,7 +78,8 @@ class CapturedState:
     user: list[UserVariable] = field(default_factory=list)
 
     def strings(self) -> list[UserVariable]:
-        return [v for v in self.user if v.type == "VARCHAR" and v.value is not None]
+        """String variables, NULL ones too: a NULL keeps its character set."""
+        return [v for v in self.user if v.type == "VARCHAR"]
 
 
 def parse_capture(rows: list[Row]) -> CapturedState:
@@ -115,7 +120,7 @@ def named_user_vars_sql(names: list[bytes]) -> str:
     """Capture named user variables without USER_VARIABLES: each as itself (its column type
     says its type), as HEX() and with its COLLATION()."""
     cols = ", ".join(f"{_uvar(n)}, HEX({_uvar(n)}), COLLATION({_uvar(n)})" for n in names)
-    return f"SELECT {cols}"
+    return f"SELECT {cols}{_ALL_ROWS}"
 
 
 def apply_named_user_vars(state: CapturedState, names: list[bytes], row: Row,
@@ -145,7 +150,7 @@ def string_values_sql(state: CapturedState) -> str | None:
     if not strings:
         return None
     cols = ", ".join(f"HEX({_uvar(v.name)}), COLLATION({_uvar(v.name)})" for v in strings)
-    return f"SELECT {cols}"
+    return f"SELECT {cols}{_ALL_ROWS}"
 
 
 def apply_string_values(state: CapturedState, row: Row) -> None:
@@ -185,10 +190,18 @@ def _system_literal(vtype: str, value: bytes | None) -> str:
     return f"_utf8mb4 X'{value.hex()}'"
 
 
+# A NULL keeps its variable's type (SET @d = 1.5e0; SET @d = NULL leaves a DOUBLE).
+_TYPED_NULLS = {"INT": "CAST(NULL AS SIGNED)", "INT UNSIGNED": "CAST(NULL AS UNSIGNED)",
+                "DECIMAL": "CAST(NULL AS DECIMAL(65,0))", "DOUBLE": "CAST(NULL AS DOUBLE)"}
+
+
 def _user_literal(var: UserVariable) -> str:
     value = var.value
+    if value is None and var.type == "VARCHAR" and var.collation not in (None, "binary"):
+        charset = var.collation.split("_", 1)[0]
+        return f"CAST(NULL AS CHAR CHARACTER SET {charset}) COLLATE {var.collation}"
     if value is None:
-        return "NULL"
+        return _TYPED_NULLS.get(var.type, "NULL")
     text = value.decode("ascii", "replace")
     if var.type == "INT":
         return str(int(text))
