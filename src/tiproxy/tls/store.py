@@ -98,11 +98,14 @@ class CertStore:
 
     # -- what sessions use --------------------------------------------------------------------
 
+    def _context(self, name: str) -> ssl.SSLContext | None:
+        built = self._slots[name].built
+        return built.context if built is not None else None
+
     @property
     def server(self) -> ssl.SSLContext | None:
         """For clients of the SQL port; None: the proxy offers no TLS."""
-        built = self._slots["server"].built
-        return built.context if built is not None else None
+        return self._context("server")
 
     @property
     def server_config(self) -> TLSConfig:
@@ -111,8 +114,7 @@ class CertStore:
     @property
     def sql(self) -> ssl.SSLContext | None:
         """Towards the backends; None: `sql-tls` is not configured."""
-        built = self._slots["sql"].built
-        return built.context if built is not None else None
+        return self._context("sql")
 
     def admin_options(self) -> dict[str, Any]:
         """AdminConnection.open's TLS arguments for the proxy's own connections."""
@@ -121,8 +123,7 @@ class CertStore:
     @property
     def http(self) -> ssl.SSLContext | None:
         """For the API port; None: plain HTTP only."""
-        built = self._slots["http"].built
-        return built.context if built is not None else None
+        return self._context("http")
 
     @property
     def http_config(self) -> TLSConfig:
@@ -131,8 +132,7 @@ class CertStore:
     @property
     def cluster(self) -> ssl.SSLContext | None:
         """Towards etcd (`pd-addrs`) and TiDB's status ports; None: plain HTTP."""
-        built = self._slots["cluster"].built
-        return built.context if built is not None else None
+        return self._context("cluster")
 
     # -- changes --------------------------------------------------------------------------------
 
