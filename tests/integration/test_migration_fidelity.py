@@ -249,3 +249,45 @@ def test_a_lasting_move_failure_is_reported_once_and_not_retried_in_a_loop(
         assert proxy.log().count("failed for a lasting reason; such moves are held") == 1
         cur.execute("SELECT CURRENT_USER()")  # the session goes on where it is
         assert cur.fetchall() == (("onlyhere@%",),)
+
+
+def test_prepared_statements_are_prepared_again_in_their_own_database(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    for b in backends:
+        b.sql("CREATE DATABASE IF NOT EXISTS fid_a; CREATE DATABASE IF NOT EXISTS fid_b;"
+              "CREATE OR REPLACE TABLE fid_a.here (w VARCHAR(10));"
+              "CREATE OR REPLACE TABLE fid_b.here (w VARCHAR(10));"
+              "INSERT INTO fid_a.here VALUES ('in a'); INSERT INTO fid_b.here VALUES ('in b');"
+              "GRANT ALL ON fid_a.* TO 'app'@'%'; GRANT ALL ON fid_b.* TO 'app'@'%';")
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    conn = mysql.connector.connect(host="127.0.0.1", port=proxy.port, user=APP.name,
+                                   password=APP.password, database="fid_a", use_pure=True,
+                                   autocommit=True)
+    try:
+        text = conn.cursor()
+        text.execute("PREPARE s FROM 'SELECT w FROM here'")
+        ps = conn.cursor(prepared=True)
+        ps.execute("SELECT w, ? FROM here", (1,))
+        assert ps.fetchall() == [("in a", 1)]
+        conn.cmd_init_db("fid_b")  # COM_INIT_DB
+        text.execute("EXECUTE s")
+        assert text.fetchall() == [("in a",)]  # prepared in fid_a: it reads fid_a.here
+        for _ in range(2):
+            old = proxy.session(conn.connection_id)["backend"]
+            proxy.redirect()
+            proxy.wait_moved(conn.connection_id, old)
+            text.execute("EXECUTE s")
+            assert text.fetchall() == [("in a",)]
+            ps.execute("SELECT w, ? FROM here", (2,))
+            assert ps.fetchall() == [("in a", 2)]
+            text.execute("SELECT DATABASE(), w FROM here")  # the session is still in fid_b
+            assert text.fetchall() == [("fid_b", "in b")]
+        text.execute("USE fid_a")
+        old = proxy.session(conn.connection_id)["backend"]
+        proxy.redirect()
+        proxy.wait_moved(conn.connection_id, old)
+        text.execute("SELECT DATABASE()")
+        assert text.fetchall() == [("fid_a",)]
+    finally:
+        conn.close()

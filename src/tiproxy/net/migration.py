@@ -78,6 +78,7 @@ class MoveResult:
     connection_id: int
     status: int
     stmt_ids: dict[int, int]  # client id -> new backend id
+    database: bytes | None = None  # the current database after the move (b"": none; None: ?)
 
 
 async def move_session(session: Session, target: Backend) -> MoveResult:
@@ -105,7 +106,10 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
         if not isinstance(e, Exception):
             raise  # cancelled: the session is closing
         raise MigrationError(step, _why(e), old_intact=intact, cause=e) from e
-    return MoveResult(new, connection_id, status, stmt_ids)
+    current = None
+    if captured.mysql is not None:
+        current = captured.mysql.database or b""
+    return MoveResult(new, connection_id, status, stmt_ids, current)
 
 
 def _reattach(old: BackendLeg, session: Session) -> bool:
@@ -287,22 +291,48 @@ async def _restore(session: Session, leg: BackendLeg, target: Backend, captured:
     if restore is not None:
         await query(leg, restore, deprecate_eof)
     session.state.note_user_vars({v.name for v in captured.mysql.user})
-    for text in session.state.sql_prepared.values():
+    current = captured.mysql.database
+    state = session.state
+    where = _Databases(leg, deprecate_eof, current)
+    for name, text in state.sql_prepared.items():
+        await where.enter(state.sql_prepared_db.get(name))
         await query(leg, text, deprecate_eof)
     again = mysql_dialect.restore_sql(captured.mysql, user_only=True)
-    if session.state.sql_prepared and again is not None:
+    if state.sql_prepared and again is not None:
         await query(leg, again, deprecate_eof)
-    stmts = sorted(session.state.stmts.values(), key=lambda s: s.client_id)
-    for stmt in stmts:
-        send_prepare(leg, stmt.sql)
+    stmts = sorted(state.stmts.values(), key=lambda s: (s.database or b"", s.client_id))
     new_ids: dict[int, int] = {}
-    for stmt in stmts:
-        prepared = await read_prepare(leg, deprecate_eof)
-        if (prepared.params, prepared.columns) != (stmt.params, stmt.columns):
-            raise ProtocolError("a prepared statement changed shape on the new backend",
-                                Origin.BACKEND)
-        new_ids[stmt.client_id] = prepared.stmt_id
+    for database in dict.fromkeys(s.database for s in stmts):
+        await where.enter(database)
+        group = [s for s in stmts if s.database == database]
+        for stmt in group:
+            send_prepare(leg, stmt.sql)
+        for stmt in group:
+            prepared = await read_prepare(leg, deprecate_eof)
+            if (prepared.params, prepared.columns) != (stmt.params, stmt.columns):
+                raise ProtocolError("a prepared statement changed shape on the new backend",
+                                    Origin.BACKEND)
+            new_ids[stmt.client_id] = prepared.stmt_id
+    await where.enter(current)
     return new_ids
+
+
+class _Databases:
+    """USE on the new leg so that each prepared statement is prepared in the database it was
+    first prepared in (its unqualified names resolve there), then back to the current one."""
+
+    def __init__(self, leg: BackendLeg, deprecate_eof: bool, current: bytes | None) -> None:
+        self._leg = leg
+        self._eof = deprecate_eof
+        self._current = current
+        self._active = current
+
+    async def enter(self, database: bytes | None) -> None:
+        if database is None or database == self._active or self._current is None:
+            return  # unknown, already there, or no way back to "no database": stay
+        quoted = b"`" + database.replace(b"`", b"``") + b"`"
+        await query(self._leg, b"USE " + quoted, self._eof)
+        self._active = database
 
 
 

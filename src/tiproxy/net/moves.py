@@ -268,6 +268,8 @@ class SessionMoves:
         self.backend_connection_id = result.connection_id
         self.tracker.status = result.status
         self.state.rebound(result.stmt_ids)
+        if result.database is not None:
+            self.state.use(result.database or None)
         result.leg.attach(self)
         self.server.router.forget_empty()
 

@@ -110,7 +110,7 @@ _FAST: dict[int, Expect] = {
     if cmd not in (Command.QUIT, Command.PROCESS_KILL, Command.CHANGE_USER,
                    Command.STMT_PREPARE, Command.STMT_CLOSE, Command.STMT_RESET,
                    Command.STMT_SEND_LONG_DATA, Command.STMT_FETCH, Command.RESET_CONNECTION,
-                   Command.STMT_BULK_EXECUTE)
+                   Command.STMT_BULK_EXECUTE, Command.INIT_DB)
 }
 _STMT_COMMANDS = frozenset((Command.STMT_EXECUTE, Command.STMT_FETCH, Command.STMT_CLOSE,
                             Command.STMT_RESET, Command.STMT_SEND_LONG_DATA,
@@ -421,6 +421,10 @@ class Session(SessionMoves):
         self.mariadb_caps = est.mariadb_capabilities
         self._multi = bool(est.client_capabilities & Capability.MULTI_STATEMENTS)
         self.login_response = self.login.response
+        resp = self.login.response
+        if resp is not None:
+            with_db = bool(resp.capabilities & Capability.CONNECT_WITH_DB) and resp.database
+            self.state.use(resp.database if with_db else None)
         deprecate_eof = bool(est.backend_capabilities & Capability.DEPRECATE_EOF)
         self.tracker = ResponseTracker(deprecate_eof, self._response_done, est.status)
         self._counts = self.backend.query_counts
@@ -607,6 +611,8 @@ class Session(SessionMoves):
             token = ("change_user", change.user.decode("utf-8", "replace"))
         elif cmd == Command.RESET_CONNECTION:
             token = ("reset",)
+        elif cmd == Command.INIT_DB:
+            token = ("init_db", packet[5:])
         self._ccont = length == MAX_PAYLOAD
         self.bt.write(packet)
         self._counts[_NAMES[cmd]] += 1
@@ -742,6 +748,8 @@ class Session(SessionMoves):
                 stmt.cursor_open = False
         elif kind == "reset" and not failed:
             state.reset()
+        elif kind == "init_db" and not failed:
+            state.use(token[1])
         elif kind == "change_user":
             self._user_changed(token[1], failed)
 
@@ -764,6 +772,7 @@ class Session(SessionMoves):
             return
         self.user = user
         self.state.reset()
+        self.state.database_known = False  # the new login named its own database, if any
         self._take_credential()
 
     def _idle_again(self) -> None:

@@ -29,6 +29,7 @@ class PreparedStatement:
     columns: int
     param_types: bytes | None = None  # the types of the last execute that sent them
     effects: StatementEffects | None = None  # what executing it does to tracked state
+    database: bytes | None = None  # the current database it was prepared in, if known
     long_data: bool = False  # COM_STMT_SEND_LONG_DATA since the last execute or reset
     cursor_open: bool = False
     types_sent: bool = True  # the current backend has seen param_types (False after a move)
@@ -40,6 +41,11 @@ class SessionState:
     # backend id -> client id, only once they differ (after a move); empty means identity
     to_client: dict[int, int] = field(default_factory=dict)
     sql_prepared: dict[str, bytes] = field(default_factory=dict)
+    sql_prepared_db: dict[str, bytes | None] = field(default_factory=dict)  # prepared in
+    # The current database as the proxy follows it (login, COM_INIT_DB, USE, moves); only
+    # meaningful while database_known: prepared statements are prepared again in theirs.
+    database: bytes | None = None
+    database_known: bool = False
     # name -> what EXECUTE name does to tracked state (only those that do something)
     sql_prepared_effects: dict[str, StatementEffects] = field(default_factory=dict)
     opaque: str = ""  # a statement whose effects the proxy could not read ran: a pin
@@ -69,8 +75,9 @@ class SessionState:
             client_id = self._free_client_id(backend_id)
             if client_id != backend_id:
                 self.to_client[backend_id] = client_id
-        self.stmts[client_id] = PreparedStatement(client_id, backend_id, sql, params, columns,
-                                                  effects=prepared_effects(sql))
+        self.stmts[client_id] = PreparedStatement(
+            client_id, backend_id, sql, params, columns, effects=prepared_effects(sql),
+            database=self.database if self.database_known else None)
         return client_id
 
     def _free_client_id(self, wanted: int) -> int:
@@ -123,14 +130,18 @@ class SessionState:
             self.named_locks.discard(fx.lock_released)
         if fx.all_locks_released:
             self.named_locks.clear()
+        if fx.use_db is not None:
+            self.use(fx.use_db)
         if fx.prepared is not None:
             name = fx.prepared[0]
             self.sql_prepared[name] = fx.prepared[1]
+            self.sql_prepared_db[name] = self.database if self.database_known else None
             self.sql_prepared_effects.pop(name, None)
             if fx.prepared_effects is not None:
                 self.sql_prepared_effects[name] = fx.prepared_effects
         if fx.deallocated is not None:
             self.sql_prepared.pop(fx.deallocated, None)
+            self.sql_prepared_db.pop(fx.deallocated, None)
             self.sql_prepared_effects.pop(fx.deallocated, None)
         if fx.executed is not None and fx.executed in self.sql_prepared_effects:
             self.apply(self.sql_prepared_effects[fx.executed])
@@ -145,11 +156,19 @@ class SessionState:
         if fx.begins_transaction:
             self.table_locks = False  # START TRANSACTION releases table locks
 
+    def use(self, database: bytes | None) -> None:
+        """The current database is now known to be `database`."""
+        self.database = database
+        self.database_known = True
+
     def reset(self) -> None:
-        """COM_RESET_CONNECTION or COM_CHANGE_USER: the server forgot all of it."""
+        """COM_RESET_CONNECTION or COM_CHANGE_USER: the server forgot all of it (on MariaDB the
+        current database stays through COM_RESET_CONNECTION)."""
         credential_reason = self.no_credential
+        database, known = self.database, self.database_known
         self.__init__()  # type: ignore[misc]
         self.no_credential = credential_reason
+        self.database, self.database_known = database, known
 
     # -- pins -------------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # tracked state. COMMIT, UPDATE, DELETE, CALL, LOAD and the like start with the same letters
 # and are common: a four-byte look lets them stay on the fast path.
 STATE_PREFIXES = frozenset((b"CREA", b"DROP", b"DEAL", b"LOCK", b"UNLO", b"PREP", b"HAND",
-                            b"KILL", b"EXEC", b"SET "))
+                            b"KILL", b"EXEC", b"SET ", b"USE "))
 
 _LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
 _WORD = re.compile(rb"[A-Za-z_]+")
@@ -53,6 +53,7 @@ _LOCK_TABLES = re.compile(rb"LOCK\s+TABLES?\b", re.IGNORECASE)
 _UNLOCK_TABLES = re.compile(rb"UNLOCK\s+TABLES?\b", re.IGNORECASE)
 _PREPARE = re.compile(rb"PREPARE\s+(" + _IDENT + rb")\s+FROM\s*", re.IGNORECASE)
 _EXECUTE = re.compile(rb"EXECUTE\s+(" + _IDENT + rb")", re.IGNORECASE)
+_USE = re.compile(rb"USE\s+(" + _IDENT + rb")\s*;?\s*\Z", re.IGNORECASE)
 # SET STATEMENT var = value [, ...] FOR statement: the statement is what runs
 # (https://mariadb.com/kb/en/set-statement/).
 _SET_STATEMENT = re.compile(rb"SET\s+STATEMENT\s+.*?\bFOR\s+", re.IGNORECASE | re.DOTALL)
@@ -171,6 +172,7 @@ class StatementEffects:
     prepared_effects: StatementEffects | None = None
     opaque: str = ""  # why this statement's effects cannot be known (it is then a pin)
     session_only: tuple[tuple[str, bool], ...] = ()  # (timestamp|insert_id, set: True/unset)
+    use_db: bytes | None = None  # USE db: the current database after it
 
     def __bool__(self) -> bool:
         return self != _NOTHING
@@ -259,6 +261,9 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
             _merge(fx, statement_effects(inner))
     elif word == b"EXECUTE" and (m := _EXECUTE.match(body)):
         fx.executed = _name(m.group(1))
+    elif word == b"USE" and (m := _USE.match(body)):
+        raw = m.group(1)
+        fx.use_db = raw[1:-1].replace(b"``", b"`") if raw.startswith(b"`") else raw
     if word in (b"PREPARE", b"EXECUTE"):
         return  # the text inside is looked at above (and for PREPARE only when it runs)
     if word == b"DEALLOCATE" and (m := _DEALLOCATE.match(body)):
