@@ -291,3 +291,20 @@ def test_prepared_statements_are_prepared_again_in_their_own_database(
         assert text.fetchall() == [("fid_a",)]
     finally:
         conn.close()
+
+
+def test_kill_connection_id_means_the_killers_own_session(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    direct = pymysql.connect(host="127.0.0.1", port=backends[0].port, user=APP.name,
+                             password=APP.password, database="test")
+    with proxy.connect() as conn, conn.cursor() as cur, direct, direct.cursor() as dcur:
+        with pytest.raises(pymysql.err.MySQLError) as through:
+            cur.execute("KILL QUERY CONNECTION_ID()")
+        with pytest.raises(pymysql.err.MySQLError) as straight:
+            dcur.execute("KILL QUERY CONNECTION_ID()")
+        assert through.value.args == straight.value.args  # its own statement is interrupted
+        cur.execute("SELECT 'still here'")
+        assert cur.fetchall() == (("still here",),)
+        assert len(proxy.sessions()) == 1

@@ -254,6 +254,9 @@ def test_client_certificates_are_verified_and_cn_checked(
         pki, sql=False, ca=f'"{pki.ca}"', **{"cert-allowed-cn": '["app-client"]'}))
     with pytest.raises(pymysql.err.OperationalError):  # no client certificate
         verified(proxy, pki)
+    with pytest.raises(pymysql.err.OperationalError) as plain:  # no TLS at all: no certificate
+        proxy.connect(ssl_disabled=True)
+    assert plain.value.args[0] == 1045 and "requires TLS" in plain.value.args[1]
     with pytest.raises(pymysql.err.OperationalError):  # signed by a CA the proxy does not trust
         verified(proxy, pki, ssl_cert=str(pki.untrusted_client.cert),
                  ssl_key=str(pki.untrusted_client.key))

@@ -99,10 +99,12 @@ def test_sql_prepare_execute_and_deallocate() -> None:
     assert state.pins() == []  # a statement without effects runs freely
 
 
-def test_a_statement_prepared_from_a_variable_pins_when_it_runs() -> None:
+def test_a_statement_prepared_from_a_variable_pins_and_running_it_pins_for_good() -> None:
+    # Prepared again after a move it would take the variable's text of then: pinned at once.
     state = applied(b"PREPARE s FROM @sql")
-    assert state.pins() == []
-    state = applied(b"PREPARE s FROM @sql", b"EXECUTE s")
+    assert len(state.pins()) == 1 and "prepared from a variable" in state.pins()[0]
+    # What it did when it ran cannot be known: that pin stays even once it is deallocated.
+    state = applied(b"PREPARE s FROM @sql", b"EXECUTE s", b"DEALLOCATE PREPARE s")
     assert state.pins() == [OPAQUE.opaque]
     state.reset()
     assert state.pins() == []
@@ -181,3 +183,34 @@ def test_reading_diagnostics() -> None:
     execute = b"\x00\x00\x00\x00\x17\x01\x00\x00\x00"
     assert reads_diagnostics(execute, b"SELECT FOUND_ROWS()")
     assert not reads_diagnostics(execute, b"SELECT ?")
+
+
+def test_a_statement_prepared_from_a_variable_pins_until_deallocated() -> None:
+    state = applied(b"SET @q = 'SELECT 1'", b"PREPARE s FROM @q")
+    assert any("prepared from a variable" in p for p in state.pins())
+    assert applied(b"PREPARE s FROM @q", b"DEALLOCATE PREPARE s").pins() == []
+    assert applied(b"PREPARE s FROM @q", b"PREPARE s FROM 'SELECT 2'").pins() == []
+
+
+def test_hostile_whitespace_does_not_stall_the_parsers() -> None:
+    """Runs of spaces before a stray byte made the old patterns backtrack for minutes (a KILL
+    or PREPARE is parsed on the event loop, before any backend sees it)."""
+    from tiproxy.session.commands import (  # noqa: PLC0415
+        is_unmapped_kill,
+        parse_kill_query,
+        split_kill_expression,
+    )
+
+    tail = b" " * 200_000 + b"x"
+    assert parse_kill_query(b"KILL 1" + tail) is None
+    assert is_unmapped_kill(b"KILL 1" + tail)
+    parts = split_kill_expression(b"KILL 1" + tail)
+    assert parts is not None and parts.expression.endswith(b"x")
+    assert literal_text(b"'x'" + tail) is None
+    assert effects(b"PREPARE s FROM 'x'" + tail) is not None
+
+
+def test_user_variable_names_past_the_servers_limit_are_not_kept() -> None:
+    state = SessionState()
+    state.note_user_vars({b"a" * 10_000, b"ok"})
+    assert state.user_var_names == {b"ok"}

@@ -62,6 +62,9 @@ class APIConnection(asyncio.Protocol):
         ctx, cfg = self._tls()
         if ctx is not None and self._early[0] == TLS_RECORD_HANDSHAKE:
             self._upgrading = True
+            # Nothing more is read as plaintext: start_tls resumes reading through TLS.
+            assert self._raw is not None
+            self._raw.pause_reading()
             early, self._early = bytes(self._early), bytearray()
             asyncio.get_running_loop().create_task(self._upgrade(ctx, cfg, early))
         else:

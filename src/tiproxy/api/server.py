@@ -39,6 +39,7 @@ from tiproxy.config import (
 from tiproxy.config.model import TLSConfig
 from tiproxy.config.reload import check_reload
 from tiproxy.config.values import split_host_port
+from tiproxy.tls.contexts import server_enabled
 
 _VIEW: web.AppKey[ProxyView] = web.AppKey("view")
 _REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
@@ -84,7 +85,10 @@ async def start_api(view: ProxyView, addr: str, tls: HTTPSContexts | None = None
     def https() -> tuple[ssl.SSLContext | None, TLSConfig]:
         return (tls.http, tls.http_config) if tls is not None else (None, TLSConfig())
 
-    runner = web.AppRunner(build_app(view, lambda: https()[0] is not None),
+    def https_configured() -> bool:  # by the config: a context lost to a bad reload is no
+        return tls is not None and server_enabled(tls.http_config)  # reason to go plain
+
+    runner = web.AppRunner(build_app(view, https_configured),
                            shutdown_timeout=_SHUTDOWN_TIMEOUT)
     await runner.setup()
     factory = runner.server

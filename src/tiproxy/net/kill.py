@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING
 
 from tiproxy.net.admin import AdminConnection
@@ -97,6 +98,7 @@ def _kill_elsewhere(session: Session, target: Session, query_only: bool) -> None
 # The server's own parser judges a KILL <expression>: the statement is prepared (not run) on
 # the killer's connection under this name, then deallocated.
 _PROBE = b"__tiproxy_kill"
+_CONNECTION_ID = re.compile(rb"\bCONNECTION_ID\s*\(\s*\)", re.IGNORECASE)
 
 
 def handle_kill_expression(session: Session, sql: bytes) -> None:
@@ -122,7 +124,9 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
         quoted = b"'" + parts.statement.replace(b"'", b"''") + b"'"
         await query(leg, b"PREPARE " + _PROBE + b" FROM " + quoted, eof)
         await query(leg, b"DEALLOCATE PREPARE " + _PROBE, eof)
-        result = await query(leg, b"SELECT CAST((" + parts.expression + b") AS SIGNED)", eof)
+        # CONNECTION_ID() means the killer's own id, which the client knows as the proxy's.
+        expression = _CONNECTION_ID.sub(str(session.id).encode(), parts.expression)
+        result = await query(leg, b"SELECT CAST((" + expression + b") AS SIGNED)", eof)
         value = result.rows[0][0] if result.rows and result.rows[0] else None
         target = int(value) if value is not None else 0
     except SQLError as e:

@@ -76,6 +76,7 @@ class SessionMoves:
 
     def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None: ...
     _cbuf: bytearray
+    _held: set[str]
     _ccont: bool
 
     def __init__(self) -> None:
@@ -125,7 +126,7 @@ class SessionMoves:
         tracker = self.tracker
         if self.phase != 1 or tracker is None:
             return "not logged in"
-        if not tracker.idle or self._ccont or tracker.local_infile:
+        if not tracker.idle or self._ccont or tracker.local_infile or self._held - {"idle"}:
             return "busy with a command"
         reasons = ["in a transaction"] if tracker.status & _IN_TRANS else []
         pins = self.state.pins()

@@ -284,6 +284,9 @@ class Session(SessionMoves):
                 self.backend_leg.write(action.data)
             elif isinstance(action, Route):
                 self.user = action.user
+                if not self.client_tls and self.server.tls.client_certificate_required:
+                    self._tls_refusal = ("this proxy requires TLS with a client certificate "
+                                         "(security.server-tls.ca)")
                 if self._tls_refusal:
                     assert self.login is not None
                     self._refuse(self.login.client_reply_seq, f"TiProxy: {self._tls_refusal}",
@@ -356,7 +359,8 @@ class Session(SessionMoves):
         for action in actions:
             if isinstance(action, StartBackendTLS):
                 ctx = self.server.tls.sql
-                assert ctx is not None
+                if ctx is None:  # sql-tls turned off by a reload during this login
+                    raise ProtocolError("sql-tls was turned off during the login", Origin.PROXY)
                 await leg.start_tls(ctx, backend.host)
             elif isinstance(action, SendBackend):
                 leg.write(action.data)
@@ -365,7 +369,9 @@ class Session(SessionMoves):
         """The client asked for TLS: upgrade its transport; `early` is what followed its
         SSLRequest in the same read (the start of its TLS handshake)."""
         ctx = self.server.tls.server
-        assert ctx is not None
+        if ctx is None:  # turned off by a reload since the greeting offered it
+            self.close("TLS was turned off while the client logged in")
+            return
         self._task = asyncio.get_running_loop().create_task(self._client_tls(ctx, early))
 
     async def _client_tls(self, ctx: ssl.SSLContext, early: bytes) -> None:

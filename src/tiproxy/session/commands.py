@@ -29,7 +29,7 @@ from tiproxy.protocol.errors import ProtocolError
 # server's whitespace too: space and 0x09 to 0x0D.
 _KILL = re.compile(
     rb"\A\s*KILL\s+(?P<mode>(?:HARD|SOFT)\s+)?(?P<what>(?:CONNECTION|QUERY)\s+)?"
-    rb"(?P<id>\d{1,20})\s*;?\s*\Z",
+    rb"(?P<id>\d{1,20})\Z",
     re.IGNORECASE,
 )
 _KILL_WORD = re.compile(rb"kill", re.IGNORECASE)
@@ -57,7 +57,7 @@ def parse_kill_query(sql: bytes) -> KillRequest | None:
     text = _without_comments(sql)
     if text is None:
         return None
-    m = _KILL.match(text)
+    m = _KILL.match(_statement_end(text))
     if m is None:
         return None
     what = (m.group("what") or b"").strip().upper()
@@ -80,12 +80,20 @@ def is_unmapped_kill(sql: bytes) -> bool:
         text = sql
     if not re.match(rb"\A\s*KILL\b", text, re.IGNORECASE):
         return False
-    return _KILL_NO_ID.match(text) is None and _KILL.match(text) is None
+    return _KILL_NO_ID.match(text) is None and _KILL.match(_statement_end(text)) is None
 
 
 _KILL_PARTS = re.compile(
     rb"\A\s*KILL\s+(?P<mode>(?:HARD|SOFT)\s+)?(?P<what>(?:CONNECTION|QUERY)\s+)?"
-    rb"(?P<expr>.*?)\s*;?\s*\Z", re.IGNORECASE | re.DOTALL)
+    rb"(?P<expr>.*)\Z", re.IGNORECASE | re.DOTALL)
+_SPACE = b" \t\n\x0b\x0c\r"
+
+
+def _statement_end(text: bytes) -> bytes:
+    """The statement without trailing whitespace and one trailing ';' (done here, not in the
+    regular expressions: a run of spaces would make them backtrack without end)."""
+    text = text.rstrip(_SPACE)
+    return text[:-1].rstrip(_SPACE) if text.endswith(b";") else text
 
 
 @dataclass(frozen=True)
@@ -104,13 +112,13 @@ def split_kill_expression(sql: bytes) -> KillExpression | None:
     if b"\\" in sql:
         return None
     text = _without_comments(sql)
-    m = _KILL_PARTS.match(text if text is not None else sql)
+    m = _KILL_PARTS.match(_statement_end(text if text is not None else sql))
     if m is None:
         return None
     what = (m.group("what") or b"").strip().upper()
     mode = (m.group("mode") or b"").strip().upper()
     prefix = b"KILL " + (mode + b" " if mode else b"") + (what + b" " if what else b"")
-    statement = (text if text is not None else sql).strip().rstrip(b";")
+    statement = _statement_end(text if text is not None else sql).lstrip(_SPACE)
     return KillExpression(statement, m.group("expr"), what == b"QUERY", prefix)
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tiproxy.session.statements import StatementEffects, prepared_effects
+from tiproxy.session.statements import OPAQUE, StatementEffects, prepared_effects
 
 MAX_TRACKED_USER_VARS = 1024  # a client naming more is pinned where they cannot be listed
+MAX_USER_VAR_NAME = 64 * 4  # MariaDB refuses names over 64 characters (4 bytes each at most)
 
 
 @dataclass
@@ -49,6 +50,9 @@ class SessionState:
     # name -> what EXECUTE name does to tracked state (only those that do something)
     sql_prepared_effects: dict[str, StatementEffects] = field(default_factory=dict)
     opaque: str = ""  # a statement whose effects the proxy could not read ran: a pin
+    # SQL PREPAREd from a variable: prepared again after a move, the variable's text now might
+    # not be the text then. A pin until deallocated.
+    opaque_prepared: set[str] = field(default_factory=set)
     session_only: set[str] = field(default_factory=set)  # set session-only variables
     temp_tables: set[str] = field(default_factory=set)
     named_locks: set[str] = field(default_factory=set)
@@ -109,7 +113,7 @@ class SessionState:
     def note_user_vars(self, names: set[bytes]) -> None:
         if self.user_vars_overflow:
             return
-        self.user_var_names |= names
+        self.user_var_names |= {n for n in names if len(n) <= MAX_USER_VAR_NAME}
         if len(self.user_var_names) > MAX_TRACKED_USER_VARS:
             self.user_var_names.clear()
             self.user_vars_overflow = True
@@ -139,9 +143,14 @@ class SessionState:
             self.sql_prepared_effects.pop(name, None)
             if fx.prepared_effects is not None:
                 self.sql_prepared_effects[name] = fx.prepared_effects
+            if fx.prepared_effects is OPAQUE:
+                self.opaque_prepared.add(name)
+            else:
+                self.opaque_prepared.discard(name)
         if fx.deallocated is not None:
             self.sql_prepared.pop(fx.deallocated, None)
             self.sql_prepared_db.pop(fx.deallocated, None)
+            self.opaque_prepared.discard(fx.deallocated)
             self.sql_prepared_effects.pop(fx.deallocated, None)
         if fx.executed is not None and fx.executed in self.sql_prepared_effects:
             self.apply(self.sql_prepared_effects[fx.executed])
@@ -191,4 +200,7 @@ class SessionState:
             reasons.append(self.no_credential)
         if self.opaque:
             reasons.append(self.opaque)
+        if self.opaque_prepared:
+            reasons.append("statements prepared from a variable (deallocate them to move): "
+                           + ", ".join(sorted(self.opaque_prepared)))
         return reasons

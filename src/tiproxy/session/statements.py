@@ -61,7 +61,7 @@ _EXECUTE_IMMEDIATE = re.compile(rb"EXECUTE\s+IMMEDIATE\s*", re.IGNORECASE)
 # A string literal, optionally with a character set introducer: '...' or "...", with backslash
 # escapes and doubled quotes (https://mariadb.com/kb/en/string-literals/).
 _LITERAL = re.compile(rb"(?:_[A-Za-z0-9]+\s*)?('(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\")"
-                      rb"(?P<using>\s+USING\b.*)?\s*;?\s*\Z", re.DOTALL | re.IGNORECASE)
+                      rb"(?P<using>\s+USING\b.*)?\Z", re.DOTALL | re.IGNORECASE)
 _ESCAPES = {b"0": b"\0", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"Z": b"\x1a"}
 _DEALLOCATE = re.compile(rb"(?:DEALLOCATE|DROP)\s+PREPARE\s+(" + _IDENT + rb")", re.IGNORECASE)
 # HANDLER tbl OPEN [[AS] alias]: later statements name the alias (https://mariadb.com/kb/en/handler-commands/)
@@ -187,6 +187,8 @@ def literal_text(sql: bytes, using: bool = False) -> bytes | None:
     """The text of a statement that is one string literal (what PREPARE ... FROM and EXECUTE
     IMMEDIATE take; `using`: EXECUTE IMMEDIATE's USING list may follow); None when it is
     anything else (a variable, an expression)."""
+    sql = sql.rstrip(b" \t\n\x0b\x0c\r")
+    sql = sql[:-1].rstrip(b" \t\n\x0b\x0c\r") if sql.endswith(b";") else sql
     m = _LITERAL.match(sql)
     if m is None or (m.group("using") and not using):
         return None

@@ -49,6 +49,7 @@ class _Slot:
     built: Built | None = None
     files: Signature | None = ()  # None: rebuild at the next look (the config changed)
     built_cfg: TLSConfig | None = None  # the config `built` was made from
+    renew: bool = False  # auto-certs: the next build makes a new certificate
     warned_expiry: bool = False
     issued_at: datetime.datetime = field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC))
@@ -58,7 +59,7 @@ class _Slot:
 
     def build(self) -> Built | None:
         if self.server_side:
-            same = self.built is not None and self.cfg == self.built_cfg
+            same = self.built is not None and self.cfg == self.built_cfg and not self.renew
             keep = self.built.auto if same and self.built is not None else None
             return build_server(self.cfg, auto=keep)
         return build_client(self.cfg)
@@ -117,8 +118,19 @@ class CertStore:
         return self._context("sql")
 
     def admin_options(self) -> dict[str, Any]:
-        """AdminConnection.open's TLS arguments for the proxy's own connections."""
-        return {"tls": self.sql, "require_tls": self.require_backend_tls}
+        """AdminConnection.open's TLS arguments for the proxy's own connections: with sql-tls
+        they always use TLS (they read password hashes; a greeting stripped of CLIENT_SSL on
+        the way must not turn that into plaintext)."""
+        sql = self.sql
+        return {"tls": sql, "require_tls": self.require_backend_tls or sql is not None}
+
+    @property
+    def client_certificate_required(self) -> bool:
+        """server-tls asks every client for a certificate (ca without skip-ca, or
+        cert-allowed-cn): a client that does not use TLS cannot be let in."""
+        cfg = self.server_config
+        return self.server is not None and ((bool(cfg.ca) and not cfg.skip_ca)
+                                            or bool(cfg.cert_allowed_cn))
 
     @property
     def http(self) -> ssl.SSLContext | None:
@@ -161,8 +173,7 @@ class CertStore:
         renew = self._auto_renew_due(slot)
         if files != slot.files or renew:
             slot.files = files
-            if renew:
-                slot.built = None  # a new certificate, not the one kept for reloads
+            slot.renew = renew  # a new certificate, not the one kept for reloads
             try:
                 built = await asyncio.to_thread(slot.build)
             except TLSLoadError as e:
@@ -177,6 +188,7 @@ class CertStore:
     def _install(self, slot: _Slot, built: Built | None) -> None:
         slot.built = built
         slot.built_cfg = slot.cfg
+        slot.renew = False
         slot.warned_expiry = False
         slot.issued_at = datetime.datetime.now(datetime.UTC)
 
