@@ -47,6 +47,8 @@ class Playground:
     def __init__(self, log_path: Path, *args: str) -> None:
         self.port = free_port()
         self.api_port = free_port()
+        while self.api_port == self.port:  # the kernel may hand the same free port out twice
+            self.api_port = free_port()
         self.log_path = log_path
         self.basedir: Path | None = None
         self.exit_code: int | None = None

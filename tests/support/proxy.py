@@ -33,6 +33,8 @@ class ProxyProcess:
         self.port = free_port()
         self.api_host = api_host
         self.api_port = free_port()
+        while self.api_port == self.port:  # the kernel may hand the same free port out twice
+            self.api_port = free_port()
         self.api_token = api_token
         self.config_path = workdir / "proxy.toml"
         self.log_path = workdir / "proxy.log"
