@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from dataclasses import replace
 
 from tiproxy.net.backend import BackendLeg
 from tiproxy.net.channel import Row, query, sql_error
@@ -75,7 +74,8 @@ async def _login(leg: BackendLeg, host: str, user: str, password: bytes, *,
     use_tls = tls is not None and bool(greeting.capabilities & Capability.SSL)
     if require_tls and not use_tls:
         why = "sql-tls is not configured" if tls is None else "the backend does not offer TLS"
-        raise ProtocolError(f"require-backend-tls is set, but {why}", Origin.PROXY)
+        raise ProtocolError(f"the proxy's own connections need TLS here, but {why}",
+                            Origin.PROXY)
     if use_tls:
         caps |= Capability.SSL
     native = greeting.auth_plugin == NATIVE_PLUGIN
@@ -87,12 +87,7 @@ async def _login(leg: BackendLeg, host: str, user: str, password: bytes, *,
         auth_data=native_password_scramble(password, greeting.salt) if native else b"",
         auth_plugin=NATIVE_PLUGIN,
     )
-    seq = 1
-    if use_tls:
-        assert tls is not None
-        leg.write(frame(build_handshake_response(replace(response, ssl_request_only=True)), 1))
-        await leg.start_tls(tls, host)
-        seq = 2
+    seq = await leg.ssl_request(response, tls, host) if tls is not None and use_tls else 1
     leg.write(frame(build_handshake_response(response), seq))
     while True:
         seq, payload = await leg.read_packet()

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
+from tiproxy.protocol.constants import Capability
 from tiproxy.protocol.errors import Origin
 from tiproxy.protocol.framer import PacketSplitter
+from tiproxy.protocol.packets import HandshakeResponse, build_handshake_response, frame
 
 if TYPE_CHECKING:
     from tiproxy.net.relay import Session
@@ -49,6 +52,17 @@ class BackendLeg(asyncio.Protocol):
         if tls is None:
             raise ConnectionError("backend closed the connection during the TLS handshake")
         self.transport = tls
+
+    async def ssl_request(self, response: HandshakeResponse, ctx: ssl.SSLContext,
+                          server_hostname: str) -> int:
+        """The proxy's own login over TLS: the SSLRequest (the response's first 32 bytes with
+        CLIENT_SSL, sequence id 1), then the handshake; returns the sequence id of the
+        handshake response that follows."""
+        request = replace(response, capabilities=response.capabilities | Capability.SSL,
+                          ssl_request_only=True)
+        self.write(frame(build_handshake_response(request), 1))
+        await self.start_tls(ctx, server_hostname)
+        return 2
 
     @property
     def tls(self) -> bool:

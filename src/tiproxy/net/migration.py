@@ -159,11 +159,7 @@ async def _start_tls(session: Session, leg: BackendLeg, offered: int,
     if ctx is None or not offered & Capability.SSL:
         why = "sql-tls is no longer configured" if ctx is None else "the target offers no TLS"
         raise ProtocolError(f"the session's backend leg is TLS, but {why}", Origin.PROXY)
-    request = replace(response, capabilities=response.capabilities | Capability.SSL,
-                      ssl_request_only=True)
-    leg.write(frame(build_handshake_response(request), 1))
-    await leg.start_tls(ctx, target.host)
-    return 2
+    return await leg.ssl_request(response, ctx, target.host)
 
 
 async def _capture_mysql(session: Session, leg: BackendLeg,

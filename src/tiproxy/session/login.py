@@ -174,14 +174,13 @@ class Login:
         self._require_backend_tls = require_backend_tls
         self.client_tls = False  # the client sent an SSLRequest
         self.backend_tls = False  # the proxy sent one to the backend
-        self._seq_shift = 0
         self._backend_caps = 0
         self._backend_ext = 0
 
     @property
     def seq_shift(self) -> int:
         """How far the client leg's sequence ids run ahead of the backend's."""
-        return self._seq_shift
+        return self.client_tls - self.backend_tls
 
     @property
     def client_reply_seq(self) -> int:
@@ -200,7 +199,7 @@ class Login:
         if state in (LoginState.GREETED, LoginState.TLS):
             return self._client_response(seq, payload)
         if state is LoginState.AUTH:
-            return [SendBackend(frame(payload, seq - self._seq_shift))]
+            return [SendBackend(frame(payload, seq - self.seq_shift))]
         raise ProtocolError(f"client sent a packet during the {state.value} step of login")
 
     def _client_response(self, seq: int, payload: bytes) -> list[Action]:
@@ -215,11 +214,10 @@ class Login:
                 raise ProtocolError("SSLRequest where a handshake response was due")
             self.state = LoginState.TLS
             self.client_tls = True
-            self._seq_shift = 1
             return [StartClientTLS()]
         if not resp.capabilities & Capability.PLUGIN_AUTH:
             raise ProtocolError("client does not support pluggable authentication")
-        if seq != 1 + self._seq_shift:
+        if seq != 1 + self.client_tls:
             raise ProtocolError(f"handshake response with sequence id {seq}")
         self.response = resp
         self.state = LoginState.ROUTING
@@ -254,7 +252,6 @@ class Login:
         self._backend_caps = forwarded.capabilities
         self._backend_ext = forwarded.mariadb_capabilities
         self.backend_tls = tls
-        self._seq_shift = self.client_tls - tls
         self.state = LoginState.AUTH
         response = SendBackend(frame(build_handshake_response(forwarded), 1 + tls))
         if not tls:
@@ -268,7 +265,6 @@ class Login:
         if self.state is LoginState.AUTH:
             self.state = LoginState.ROUTING
             self.backend_tls = False
-            self._seq_shift = int(self.client_tls)
 
     def _forwarded(self, tls: bool) -> HandshakeResponse:
         resp, greeting = self.response, self.backend_greeting
@@ -292,7 +288,7 @@ class Login:
     def backend_packet(self, seq: int, payload: bytes) -> list[Action]:
         if self.state is not LoginState.AUTH or not payload:
             raise ProtocolError("backend sent a packet out of turn during login", Origin.BACKEND)
-        out = frame(payload, seq + self._seq_shift)
+        out = frame(payload, seq + self.seq_shift)
         first = payload[0]
         if first == 0x00:
             with _backend_bytes():
