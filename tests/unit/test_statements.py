@@ -112,7 +112,7 @@ def test_a_statement_prepared_from_a_variable_pins_and_running_it_pins_for_good(
 
 def test_prepared_text_of_com_stmt_prepare() -> None:
     fx = prepared_effects(b"CREATE TEMPORARY TABLE t (a INT)")
-    assert fx is not None and fx.temp_created == "t"
+    assert fx is not None and fx.temp_created == ("t",)
     assert prepared_effects(b"SELECT ? + 1") is None
     assert prepared_effects(b"SELECT GET_LOCK(?, 1)") is not None
 

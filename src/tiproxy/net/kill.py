@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from tiproxy.net.admin import AdminConnection
 from tiproxy.net.backend import BackendLeg
 from tiproxy.net.channel import query
-from tiproxy.protocol.constants import ER_NO_SUCH_THREAD, Capability, Command
+from tiproxy.protocol.constants import ER_NO_SUCH_THREAD, Capability, Command, ServerStatus
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import build_ok, frame
 from tiproxy.protocol.tracker import Expect
@@ -89,7 +89,9 @@ def _kill_elsewhere(session: Session, target: Session, query_only: bool) -> None
                                f"TiProxy: KILL on the other backend failed: {why}")
         else:
             assert session.tracker is not None
-            session._send_client(frame(build_ok(session.tracker.status), 1))
+            # The proxy's own OK carries no session state: the flag would promise some.
+            status = session.tracker.status & ~ServerStatus.SESSION_STATE_CHANGED
+            session._send_client(frame(build_ok(status), 1))
         session.release_input("kill")
 
     session._task = asyncio.get_running_loop().create_task(run())
@@ -122,7 +124,10 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
     target: int | None = None
     try:
         quoted = b"'" + parts.statement.replace(b"'", b"''") + b"'"
-        await query(leg, b"PREPARE " + _PROBE + b" FROM " + quoted, eof)
+        try:
+            await query(leg, b"PREPARE " + _PROBE + b" FROM " + quoted, eof)
+        finally:
+            session.state.sql_prepares += 1  # the server counts it even when it fails
         await query(leg, b"DEALLOCATE PREPARE " + _PROBE, eof)
         # CONNECTION_ID() means the killer's own id, which the client knows as the proxy's.
         expression = _CONNECTION_ID.sub(str(session.id).encode(), parts.expression)

@@ -52,10 +52,11 @@ class MigrationError(Exception):
     """A move failed at `step`; `old_intact` says whether the old connection can go on."""
 
     def __init__(self, step: str, reason: str, old_intact: bool = True,
-                 cause: BaseException | None = None) -> None:
+                 cause: BaseException | None = None, pinned: bool = False) -> None:
         super().__init__(f"{step}: {reason}")
         self.step = step
         self.old_intact = old_intact
+        self.pinned = pinned  # not a failure: the session holds state no move can carry
         # The server's error code when a backend refused a statement or the login.
         self.code = cause.code if isinstance(cause, SQLError) else 0
 
@@ -88,6 +89,9 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
     old.detach()
     try:
         captured = await _capture(session, old, deprecate_eof)
+    except HiddenStateError as e:
+        raise MigrationError("check", str(e), old_intact=_reattach(old, session),
+                             pinned=True) from e
     except Exception as e:
         raise MigrationError("capture", _why(e), old_intact=_reattach(old, session),
                              cause=e) from e
@@ -110,6 +114,10 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
     if captured.mysql is not None:
         current = captured.mysql.database or b""
     return MoveResult(new, connection_id, status, stmt_ids, current)
+
+
+class HiddenStateError(Exception):
+    """The session holds state no capture carries (SessionState.unseen): now a pin."""
 
 
 def _reattach(old: BackendLeg, session: Session) -> bool:
@@ -186,6 +194,7 @@ async def _capture_mysql(session: Session, leg: BackendLeg,
             if second is not None:
                 values = await query(leg, second, deprecate_eof)
                 mysql_dialect.apply_string_values(state, values.rows[0])
+            _check_unseen(session, state)
             return state
     result = await query(leg, mysql_dialect.CAPTURE_WITHOUT_USER_SQL, deprecate_eof)
     state = mysql_dialect.parse_capture(result.rows)
@@ -196,7 +205,16 @@ async def _capture_mysql(session: Session, leg: BackendLeg,
         named = await query(leg, mysql_dialect.named_user_vars_sql(names), deprecate_eof,
                             extended_metadata=extended)
         mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types)
+    _check_unseen(session, state)
     return state
+
+
+def _check_unseen(session: Session, captured: mysql_dialect.CapturedState) -> None:
+    """State the session made where the proxy could not see it pins the session."""
+    pin = session.state.unseen(captured.counts)
+    if pin:
+        session.state.hidden = pin
+        raise HiddenStateError(pin)
 
 
 def native_answer(stage1: bytes, salt: bytes) -> bytes:

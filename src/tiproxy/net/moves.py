@@ -208,6 +208,13 @@ class SessionMoves:
                 await self._commit_for_move()
             result = await move_session(self, target)  # type: ignore[arg-type]
         except MigrationError as e:
+            if e.pinned:
+                log.info("session %d pinned: %s", self.id, e)
+                if not e.old_intact:
+                    self.close(f"move to {target.addr} broke the old connection: {e}")
+                    return
+                move.waiting = self.wait_reason()
+                return
             self.server.record_migration(source.addr, target.addr, move.reason, False,
                                          time.monotonic() - started)
             if not e.old_intact:
@@ -269,6 +276,8 @@ class SessionMoves:
         self.backend_connection_id = result.connection_id
         self.tracker.status = result.status
         self.state.rebound(result.stmt_ids)
+        # A new connection: the server's counts start from what the restore did.
+        self.state.temp_creates, self.state.sql_prepares = 0, len(self.state.sql_prepared)
         if result.database is not None:
             self.state.use(result.database or None)
         result.leg.attach(self)

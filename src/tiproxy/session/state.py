@@ -50,6 +50,11 @@ class SessionState:
     # name -> what EXECUTE name does to tracked state (only those that do something)
     sql_prepared_effects: dict[str, StatementEffects] = field(default_factory=dict)
     opaque: str = ""  # a statement whose effects the proxy could not read ran: a pin
+    # What the proxy saw succeed on this backend connection, to compare with what the server
+    # counted (see unseen()); hidden: what the comparison found, a pin until a reset.
+    temp_creates: int = 0
+    sql_prepares: int = 0
+    hidden: str = ""
     # SQL PREPAREd from a variable: prepared again after a move, the variable's text now might
     # not be the text then. A pin until deallocated.
     opaque_prepared: set[str] = field(default_factory=set)
@@ -122,8 +127,8 @@ class SessionState:
 
     def apply(self, fx: StatementEffects) -> None:
         """A statement succeeded: record what it did."""
-        if fx.temp_created is not None:
-            self.temp_tables.add(fx.temp_created)
+        self.temp_tables.update(fx.temp_created)
+        self.temp_creates += len(fx.temp_created)
         for name in fx.temp_dropped:
             self.temp_tables.discard(name)
         if fx.table_locks is not None:
@@ -137,6 +142,7 @@ class SessionState:
         if fx.use_db is not None:
             self.use(fx.use_db)
         if fx.prepared is not None:
+            self.sql_prepares += 1
             name = fx.prepared[0]
             self.sql_prepared[name] = fx.prepared[1]
             self.sql_prepared_db[name] = self.database if self.database_known else None
@@ -181,6 +187,26 @@ class SessionState:
 
     # -- pins -------------------------------------------------------------------------------
 
+    def unseen(self, counts: dict[str, int]) -> str:
+        """What this backend connection holds that the proxy never saw made, by the server's
+        own per-connection counts (reset with the connection); "" when it holds nothing.
+
+        The proxy reads temporary tables and SQL prepared statements from the statements it
+        relays. Stored procedures, functions and triggers make them where it cannot look; MariaDB
+        counts them all the same (COM_CREATE_TEMPORARY_TABLE, COM_PREPARE_SQL). The proxy counts
+        the ones it saw succeed: the server counting more means some were made unseen (or failed,
+        which the server counts too), and no move can carry them.
+        """
+        made = []
+        if counts.get("COM_CREATE_TEMPORARY_TABLE", self.temp_creates) != self.temp_creates:
+            made.append("a temporary table")
+        if counts.get("COM_PREPARE_SQL", self.sql_prepares) != self.sql_prepares:
+            made.append("a prepared statement")
+        if not made:
+            return ""
+        return (" and ".join(made) + " made where the proxy cannot see (a stored procedure, "
+                "function or trigger, or a statement that failed): reset the connection to move")
+
     def pins(self) -> list[str]:
         """Why this session cannot move now, besides the server status (transaction, cursor)."""
         reasons = []
@@ -200,6 +226,8 @@ class SessionState:
             reasons.append(self.no_credential)
         if self.opaque:
             reasons.append(self.opaque)
+        if self.hidden:
+            reasons.append(self.hidden)
         if self.opaque_prepared:
             reasons.append("statements prepared from a variable (deallocate them to move): "
                            + ", ".join(sorted(self.opaque_prepared)))

@@ -155,7 +155,7 @@ def _literal(raw: bytes) -> str:
 class StatementEffects:
     """What a statement does to tracked state, applied once it succeeded."""
 
-    temp_created: str | None = None
+    temp_created: tuple[str, ...] = ()  # CREATE TEMPORARY TABLE, each one in the text
     temp_dropped: tuple[str, ...] = ()
     table_locks: bool | None = None  # True: LOCK TABLES; False: UNLOCK TABLES
     named_lock: str | None = None  # GET_LOCK('name'); "" for a name that is not a literal
@@ -240,7 +240,7 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
         fx.session_only += tuple((m.group(1).decode().lower(), m.group(2) is None)
                                  for m in _SESSION_ONLY.finditer(body))
     if word == b"CREATE" and (m := _CREATE_TEMP.match(body)):
-        fx.temp_created = _name(m.group(1))
+        fx.temp_created += (_name(m.group(1)),)
     elif word == b"DROP":
         if m := _DEALLOCATE.match(body):
             fx.deallocated = _name(m.group(1))

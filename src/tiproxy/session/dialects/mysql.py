@@ -36,7 +36,11 @@ _CAPTURE_BASE = (
     "UNION ALL SELECT 'lii', NULL, LAST_INSERT_ID() "
     "UNION ALL SELECT 'sys', CONCAT(VARIABLE_TYPE, ' ', VARIABLE_NAME), HEX(SESSION_VALUE) "
     "FROM information_schema.SYSTEM_VARIABLES WHERE VARIABLE_SCOPE = 'SESSION' "
-    "AND READ_ONLY = 'NO' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE)"
+    "AND READ_ONLY = 'NO' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE) "
+    # What the connection made, counted by the server wherever it was made (SessionState.unseen)
+    "UNION ALL SELECT 'count', VARIABLE_NAME, VARIABLE_VALUE "
+    "FROM information_schema.SESSION_STATUS "
+    "WHERE VARIABLE_NAME IN ('COM_CREATE_TEMPORARY_TABLE', 'COM_PREPARE_SQL')"
 )
 CAPTURE_WITHOUT_USER_SQL = _CAPTURE_BASE + _ALL_ROWS
 CAPTURE_SQL = (
@@ -76,6 +80,7 @@ class CapturedState:
     last_insert_id: int = 0
     system: list[tuple[str, str, bytes | None]] = field(default_factory=list)  # name, type, value
     user: list[UserVariable] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # SESSION_STATUS counters by name
 
     def strings(self) -> list[UserVariable]:
         """String variables, NULL ones too: a NULL keeps its character set."""
@@ -95,6 +100,8 @@ def parse_capture(rows: list[Row]) -> CapturedState:
             if name not in _SKIP_SYSTEM:
                 raw = bytes.fromhex(value.decode()) if value is not None else None
                 state.system.append((name, vtype, raw))
+        elif kind == b"count" and key is not None:
+            state.counts[key.decode().upper()] = int(value or b"0")
         elif kind == b"user" and key is not None:
             vtype, _, hexname = key.decode().rpartition(" ")
             state.user.append(UserVariable(bytes.fromhex(hexname), vtype, value))

@@ -1,0 +1,266 @@
+"""State a session makes where the proxy cannot read it (SessionState.unseen).
+
+What is checked, against real MariaDB servers:
+- state a stored procedure, function or trigger makes: the session moves with it when a capture
+  can carry it (user and system variables), and is pinned with the reason when none can (a
+  temporary table, a prepared statement), until the connection is reset;
+- statements the proxy reads itself pin nothing they should not;
+- what a client receives is byte for byte what the server sends it directly, with and without
+  CLIENT_SESSION_TRACK (the proxy adds and takes away nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import mysql.connector
+import pymysql
+import pytest
+
+from support.backends import ADMIN_TOML, APP, connect
+from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.mariadb import MariaDBServer
+
+pytestmark = pytest.mark.integration
+
+SESSION_TRACK = 1 << 23
+
+ROUTINES = """
+USE test;
+CREATE OR REPLACE TABLE st_trig (a INT);
+CREATE OR REPLACE TABLE st_plain (a INT);
+DELIMITER //
+CREATE OR REPLACE PROCEDURE st_temp() BEGIN CREATE TEMPORARY TABLE st_tmp (a INT); END//
+CREATE OR REPLACE PROCEDURE st_var(OUT o INT) BEGIN SET @st_var = 'from st_var', o = 7; END//
+CREATE OR REPLACE PROCEDURE st_sysvar() BEGIN SET SESSION time_zone = '+02:00'; END//
+CREATE OR REPLACE PROCEDURE st_rows() BEGIN SELECT 1 AS one; END//
+CREATE OR REPLACE PROCEDURE st_prepare() BEGIN PREPARE st_ps FROM 'SELECT 42'; END//
+CREATE OR REPLACE PROCEDURE st_fail() BEGIN
+  CREATE TEMPORARY TABLE st_fail_tmp (a INT);
+  SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'st_fail';
+END//
+CREATE OR REPLACE FUNCTION st_fn() RETURNS INT BEGIN SET @st_fn = 'from st_fn'; RETURN 1; END//
+CREATE OR REPLACE TRIGGER st_trig_ai AFTER INSERT ON st_trig FOR EACH ROW SET @st_trig = NEW.a//
+DELIMITER ;
+"""
+
+
+@pytest.fixture(scope="module")
+def routines(backends: list[MariaDBServer]) -> list[MariaDBServer]:
+    for b in backends:
+        b.sql(ROUTINES)
+    return backends
+
+
+def _move(proxy: ProxyProcess, conn_id: int) -> str:
+    old = proxy.session(conn_id)["backend"]
+    proxy.redirect()
+    return proxy.wait_moved(conn_id, old)
+
+
+def _waits(proxy: ProxyProcess, conn_id: int, reason: str) -> None:
+    before = proxy.session(conn_id)["backend"]
+    proxy.redirect()
+    deadline = time.monotonic() + 5
+    while reason not in proxy.session(conn_id)["waiting"]:
+        assert time.monotonic() < deadline, proxy.session(conn_id)
+        time.sleep(0.05)
+    assert proxy.session(conn_id)["backend"] == before
+
+
+# -- what the client receives -------------------------------------------------------------------
+
+@contextmanager
+def raw_packets() -> Iterator[list[bytes]]:
+    """Every packet PyMySQL reads, as the server (or the proxy) sent it."""
+    seen: list[bytes] = []
+    original = pymysql.connections.Connection._read_packet
+
+    def read(self: Any, *args: Any, **kwargs: Any) -> Any:
+        packet = original(self, *args, **kwargs)
+        seen.append(bytes(packet._data))
+        return packet
+
+    pymysql.connections.Connection._read_packet = read  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        pymysql.connections.Connection._read_packet = original  # type: ignore[method-assign]
+
+
+SCRIPT = [
+    "SET @a = 1",
+    "SET NAMES utf8mb4",
+    "SET SESSION time_zone = '+01:00'",
+    "USE mysql",
+    "USE test",
+    "CALL st_var(@o)",
+    "CALL st_rows()",
+    "SELECT st_fn()",
+    "DO st_fn()",
+    "INSERT INTO st_plain VALUES (1), (2)",
+    "UPDATE st_plain SET a = a + 1",
+    "PREPARE s FROM 'SELECT 1'",
+    "EXECUTE s",
+    "DEALLOCATE PREPARE s",
+    "SET STATEMENT max_statement_time = 10 FOR SELECT 1",
+    "SET session_track_state_change = ON",
+    "SET @b = 2",
+    "CALL st_var(@o)",
+    "SET session_track_state_change = OFF",
+    "SET @c = 3",
+    "CREATE TEMPORARY TABLE st_t (a INT)",
+    "DROP TEMPORARY TABLE st_t",
+]
+
+
+def _transcript(port: int, client_flag: int) -> list[list[bytes]]:
+    out = []
+    with pymysql.connect(host="127.0.0.1", port=port, user=APP.name, password=APP.password,
+                         database="test", client_flag=client_flag) as conn, conn.cursor() as cur:
+        for sql in SCRIPT:
+            with raw_packets() as seen:
+                cur.execute(sql)
+                cur.fetchall()
+            out.append(seen)
+    return out
+
+
+@pytest.mark.parametrize("client_flag", [0, SESSION_TRACK], ids=["no_tracking", "tracking"])
+def test_the_client_receives_what_the_server_would_send_it(
+    routines: list[MariaDBServer], proxy_factory: ProxyFactory, client_flag: int,
+) -> None:
+    proxy = proxy_factory([routines[0].addr], ADMIN_TOML)
+    direct = _transcript(routines[0].port, client_flag)
+    through = _transcript(proxy.port, client_flag)
+    for sql, want, got in zip(SCRIPT, direct, through, strict=True):
+        assert got == want, sql
+    if client_flag:
+        # The client's own tracking shows: the schema, the variables, its own state-change
+        # entries while it has them on, and nothing of the proxy's while it has them off.
+        flat = [p for packets in direct for p in packets]
+        assert any(b"\x01\x05\x04test" in p for p in flat)  # USE test: the schema entry
+        assert any(b"\x02\x011" in p for p in direct[SCRIPT.index("SET @b = 2")])
+        assert not any(b"\x02\x011" in p for p in direct[SCRIPT.index("SET @c = 3")])
+
+
+# -- state where the proxy cannot see it ----------------------------------------------------------
+
+@pytest.mark.parametrize(("statements", "reads", "want"), [
+    (["CALL st_var(@o)"], "SELECT @st_var, @o", ("from st_var", 7)),
+    (["CALL st_sysvar()"], "SELECT @@time_zone", ("+02:00",)),
+    (["SELECT st_fn()"], "SELECT @st_fn", ("from st_fn",)),
+    (["INSERT INTO st_trig VALUES (5)"], "SELECT @st_trig", (5,)),
+    (["CALL st_rows()"], "SELECT 'nothing to carry'", ("nothing to carry",)),
+])
+def test_state_a_capture_carries_moves(
+    routines: list[MariaDBServer], proxy_factory: ProxyFactory, statements: list[str],
+    reads: str, want: tuple[Any, ...],
+) -> None:
+    with connect(routines[0], autocommit=True) as direct, direct.cursor() as cur:
+        for sql in statements:
+            cur.execute(sql)
+            cur.fetchall()
+        cur.execute(reads)
+        assert cur.fetchone() == want  # what the server itself keeps after the statements
+    proxy = proxy_factory([b.addr for b in routines], ADMIN_TOML)
+    with proxy.connect(autocommit=True) as conn, conn.cursor() as cur:
+        for sql in statements:
+            cur.execute(sql)
+            cur.fetchall()
+        for _ in range(2):
+            _move(proxy, conn.thread_id())
+            cur.execute(reads)
+            assert cur.fetchone() == want
+
+
+@pytest.mark.parametrize(("statements", "reason", "check"), [
+    (["CALL st_temp()"], "a temporary table made where the proxy cannot see",
+     "SELECT COUNT(*) FROM st_tmp"),
+    (["CALL st_prepare()"], "a prepared statement made where the proxy cannot see",
+     "EXECUTE st_ps"),
+])
+def test_state_no_capture_carries_pins_until_reset(
+    routines: list[MariaDBServer], proxy_factory: ProxyFactory, statements: list[str],
+    reason: str, check: str,
+) -> None:
+    proxy = proxy_factory([b.addr for b in routines], ADMIN_TOML)
+    conn = mysql.connector.connect(host="127.0.0.1", port=proxy.port, user=APP.name,
+                                   password=APP.password, database="test", use_pure=True)
+    try:
+        cur = conn.cursor()
+        for sql in statements:
+            cur.execute(sql)
+            cur.fetchall()
+        _waits(proxy, conn.connection_id, reason)
+        cur.execute(check)  # the state is there, on the backend that has it
+        cur.fetchall()
+        assert "reset the connection" in proxy.session(conn.connection_id)["waiting"]
+        pinned_on = proxy.session(conn.connection_id)["backend"]
+        conn.cmd_reset_connection()  # the server forgets it: the session moves
+        proxy.wait_moved(conn.connection_id, pinned_on)
+        cur = conn.cursor()
+        cur.execute("SELECT 1")
+        assert cur.fetchall() == [(1,)]
+        # The server's counts and the proxy's start again with the reset: they still agree.
+        for sql in statements:
+            cur.execute(sql)
+            cur.fetchall()
+        _waits(proxy, conn.connection_id, reason)
+    finally:
+        conn.close()
+
+
+def test_a_failed_call_that_left_a_temporary_table_pins(
+    routines: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([b.addr for b in routines], ADMIN_TOML)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        with pytest.raises(pymysql.err.OperationalError, match="st_fail"):
+            cur.execute("CALL st_fail()")
+        _waits(proxy, conn.thread_id(), "a temporary table made where the proxy cannot see")
+        cur.execute("SELECT COUNT(*) FROM st_fail_tmp")
+        assert cur.fetchone() == (0,)
+
+
+def test_a_prepared_call_is_watched_like_a_plain_one(
+    routines: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([b.addr for b in routines], ADMIN_TOML)
+    conn = mysql.connector.connect(host="127.0.0.1", port=proxy.port, user=APP.name,
+                                   password=APP.password, database="test", use_pure=True)
+    try:
+        conn.cursor(prepared=True).execute("CALL st_temp()")
+        _waits(proxy, conn.connection_id, "a temporary table made where the proxy cannot see")
+    finally:
+        conn.close()
+
+
+def test_statements_the_proxy_follows_do_not_pin(
+    routines: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """The server's counts agree with the proxy's after temporary tables and prepared
+    statements the client made itself, and after moves (which prepare statements again)."""
+    proxy = proxy_factory([b.addr for b in routines], ADMIN_TOML)
+    with proxy.connect(client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS) as conn, \
+            conn.cursor() as cur:
+        for sql in ("SET @x = 1", "SET SESSION sql_mode = 'ANSI_QUOTES'", "USE test",
+                    "PREPARE p FROM 'SELECT @x'", "PREPARE p FROM 'SELECT @x'",
+                    "EXECUTE IMMEDIATE 'CREATE TEMPORARY TABLE gone1 (a INT)'",
+                    "CREATE TEMPORARY TABLE gone2 (a INT); CREATE TEMPORARY TABLE gone3 (a INT)",
+                    "DROP TEMPORARY TABLE gone1, gone2, gone3", "CALL st_var(@o)",
+                    "KILL (SELECT 0)"):
+            with contextlib.suppress(pymysql.err.OperationalError):  # KILL: no such thread
+                cur.execute(sql)
+                while cur.nextset():
+                    pass
+        for _ in range(3):
+            _move(proxy, conn.thread_id())
+            cur.execute("EXECUTE p")
+            assert cur.fetchall() == ((1,),)
+        cur.execute("SELECT @@sql_mode, @st_var")
+        assert cur.fetchone() == ("ANSI_QUOTES", "from st_var")
