@@ -38,6 +38,8 @@ def responses(draw: Any) -> tuple[bytes, bool, bool]:
         more = MORE if i < results - 1 else 0
         status = draw(st.sampled_from([0, IN_TRANS, 2])) | more
         kind = draw(st.sampled_from(["ok", "err", "rows", "rows_err", "cursor"]))
+        for _ in range(draw(st.integers(0, 2))):  # MariaDB progress reports first
+            out += pkt(1, b"\xff\xff\xff\x01\x01\x02\x10\x00\x00\x04copy")
         if kind == "ok":
             out += pkt(1, ok(status))
         elif kind == "err":
@@ -45,9 +47,12 @@ def responses(draw: Any) -> tuple[bytes, bool, bool]:
             break
         else:
             columns = draw(st.integers(1, 5))
-            out += pkt(1, bytes((columns,)))
-            out += b"".join(pkt(2, b"\x03def" + b"x" * draw(st.integers(0, 30)))
-                            for _ in range(columns))
+            # CACHE_METADATA's "metadata follows" byte after the count, or no such byte
+            follows = draw(st.sampled_from([b"", b"\x01", b"\x00"]))
+            out += pkt(1, bytes((columns,)) + follows)
+            if follows != b"\x00":
+                out += b"".join(pkt(2, b"\x03def" + b"x" * draw(st.integers(0, 30)))
+                                for _ in range(columns))
             if kind == "cursor" and binary and not deprecate:
                 out += pkt(3, eof(status | CURSOR))
                 continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import MySQLdb
@@ -94,3 +95,60 @@ def test_a_session_with_mariadb_extensions_moves(backends: list[MariaDBServer],
             assert cur.fetchall() == (("moved", '{"k": 1}', "param"),)
     finally:
         conn.close()
+
+
+def _c_client(tmp_path: Path) -> Path:
+    """ps_progress.c built against Debian's MariaDB Connector/C (libmariadb-dev)."""
+    source = Path(__file__).parent.parent / "support" / "c" / "ps_progress.c"
+    flags = subprocess.run(["mariadb_config", "--cflags", "--libs"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    binary = tmp_path / "ps_progress"
+    subprocess.run(["cc", "-Wall", "-o", str(binary), str(source), *flags], check=True,
+                   timeout=120)
+    return binary
+
+
+def _run_c_client(binary: Path, port: int, between: Callable[[], None] = lambda: None) -> str:
+    proc = subprocess.Popen([str(binary), "127.0.0.1", str(port), APP.name, APP.password, "test"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        lines = []
+        while (line := proc.stdout.readline()) and line != "pause\n":
+            lines.append(line)
+        assert line == "pause\n", "".join(lines)
+        between()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines) + rest
+    return "".join(lines) + "pause\n" + rest
+
+
+def test_cached_metadata_and_progress_reports_come_through(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory, tmp_path: Path,
+) -> None:
+    """Connector/C negotiates CACHE_METADATA (executes of a prepared statement come without
+    column definitions) and PROGRESS (a long ALTER TABLE reports as it goes). Through the proxy
+    the client reads the same rows and gets progress reports, also after its session moved to
+    another backend between two executes of the same prepared statements."""
+    for b in backends:
+        b.sql("CREATE OR REPLACE TABLE ps_progress_big (a INT PRIMARY KEY, b VARCHAR(40));"
+              "INSERT INTO ps_progress_big SELECT seq, REPEAT('x', 40) FROM seq_1_to_400000;",
+              database="test")
+    binary = _c_client(tmp_path)
+    direct = _run_c_client(binary, backends[0].port)
+    assert "n=5: n(8)=5 s(253)=x5 d(246)=12.5" in direct
+    assert "progress reports: yes" in direct
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+
+    def move() -> None:
+        [session] = proxy.sessions()
+        proxy.redirect()
+        proxy.wait_moved(session["id"], session["backend"])
+
+    assert _run_c_client(binary, proxy.port, move) == direct

@@ -126,9 +126,9 @@ def test_greeting_is_the_proxys_own(tls: bool) -> None:
                  C.MULTI_STATEMENTS, C.CONNECT_ATTRS):  # fmt: skip
         assert g.capabilities & kept, kept
     assert bool(g.capabilities & C.SSL) is tls
-    # Of a MariaDB backend's extensions (0x1F), bulk execution and extended type info pass;
-    # progress reports, COM_MULTI and cached metadata are not framed. CLIENT_MYSQL stays clear.
-    assert g.mariadb_capabilities == M.STMT_BULK_OPERATIONS | M.EXTENDED_METADATA
+    # Of a MariaDB backend's extensions (0x1F) all pass but COM_MULTI, which MariaDB never
+    # shipped. CLIENT_MYSQL stays clear.
+    assert g.mariadb_capabilities == 0x1F & ~M.COM_MULTI
     assert not g.capabilities & C.LONG_PASSWORD
 
 
@@ -149,7 +149,7 @@ def test_mariadb_extensions_are_negotiated_alike_on_both_legs() -> None:
     assert isinstance(action, SendBackend)
     [(_, payload)] = list(PacketSplitter().feed(action.data))
     sent = parse_handshake_response(payload)
-    assert sent.mariadb_capabilities == M.STMT_BULK_OPERATIONS | M.EXTENDED_METADATA
+    assert sent.mariadb_capabilities == 0x1F & ~M.COM_MULTI
     assert not sent.capabilities & C.LONG_PASSWORD
     # A backend without them cannot serve this client: the driver tries another.
     login = Login(TEMPLATE, 1, tls_available=False)
@@ -157,7 +157,7 @@ def test_mariadb_extensions_are_negotiated_alike_on_both_legs() -> None:
     poorer = replace(BACKEND, mariadb_capabilities=M.STMT_BULK_OPERATIONS)
     [unfit] = login.backend_greeting_received(build_greeting(poorer))
     assert isinstance(unfit, BackendUnfit)
-    assert "0x8" in unfit.reason
+    assert "0x19" in unfit.reason  # progress, extended metadata, cached metadata
 
 
 def test_each_login_has_its_own_salt() -> None:

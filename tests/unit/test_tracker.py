@@ -418,6 +418,59 @@ def execute(s: Script) -> None:
 
 
 @transcript()
+def cached_metadata(s: Script) -> None:
+    """MARIADB_CLIENT_CACHE_METADATA: each column count carries a "metadata follows" byte; an
+    execute whose client has the definitions already gets none (the EOF that would end them
+    stays). A cursor opened without them ends the response at that EOF all the same."""
+    s.command(Command.STMT_EXECUTE, "first")
+    s.send(lenenc_int(2) + b"\x01", column_def(b"a"), column_def(b"b"))
+    if not s.deprecate_eof:
+        s.send(eof(AUTOCOMMIT))
+    s.send(binary_row(b"1", b"2"), s.terminator(AUTOCOMMIT))
+    s.done("first", AUTOCOMMIT)
+    s.command(Command.STMT_EXECUTE, "again")
+    s.send(lenenc_int(2) + b"\x00")
+    if not s.deprecate_eof:
+        s.send(eof(AUTOCOMMIT))
+    s.send(binary_row(b"3", b"4"), binary_row(None, None), s.terminator(AUTOCOMMIT))
+    s.done("again", AUTOCOMMIT)
+    s.command(Command.QUERY, "text")  # text results always carry their definitions
+    s.send(lenenc_int(1) + b"\x01", column_def(b"c"))
+    if not s.deprecate_eof:
+        s.send(eof(AUTOCOMMIT))
+    s.send(text_row(b"\x00"), s.terminator(AUTOCOMMIT))
+    s.done("text", AUTOCOMMIT)
+    if not s.deprecate_eof:
+        s.command(Command.STMT_EXECUTE, "cursor")
+        s.send(lenenc_int(2) + b"\x00", eof(AUTOCOMMIT | CURSOR))
+        s.done("cursor", AUTOCOMMIT | CURSOR)
+
+
+def progress(stage: int, max_stage: int, permille: int, info: bytes) -> bytes:
+    """A MariaDB progress report: an ERR packet with code 0xFFFF."""
+    return (b"\xff\xff\xff\x01" + bytes((stage, max_stage)) + permille.to_bytes(3, "little")
+            + lenenc_bytes(info))
+
+
+@transcript()
+def progress_reports(s: Script) -> None:
+    """MARIADB_CLIENT_PROGRESS: ALTER TABLE reports as it goes, then answers; so may a statement
+    that fails in the end, or one that returns rows (CHECK TABLE on Aria)."""
+    s.command(Command.QUERY, "alter")
+    s.send(progress(1, 2, 12345, b"copy to tmp table"), progress(2, 2, 50000, b"enable keys"))
+    s.send(ok(AUTOCOMMIT, affected=400000, info=lenenc_bytes(b"Records: 400000")))
+    s.done("alter", AUTOCOMMIT)
+    s.command(Command.QUERY, "alter that fails")
+    s.send(progress(1, 1, 99000, b"copy to tmp table"))
+    s.send(err(1062, "23000", "Duplicate entry '1' for key 'PRIMARY'"))
+    s.done("alter that fails", AUTOCOMMIT, failed=True)
+    s.command(Command.QUERY, "check")
+    s.send(progress(1, 1, 1000, b"checking"))
+    s.result_set([b"Table", b"Msg_text"], [text_row(b"t", b"OK")], AUTOCOMMIT)
+    s.done("check", AUTOCOMMIT)
+
+
+@transcript()
 def cursor(s: Script) -> None:
     """COM_STMT_EXECUTE with a read-only cursor: the response ends after the column definitions
     (their EOF, or with CLIENT_DEPRECATE_EOF an OK, says CURSOR_EXISTS); rows come with FETCH."""

@@ -45,6 +45,8 @@ async def query(leg: BackendLeg, sql: str | bytes, deprecate_eof: bool,
 async def read_result(leg: BackendLeg, deprecate_eof: bool,
                       extended_metadata: bool = False) -> Result:
     _, payload = await leg.read_packet()
+    while payload[:3] == b"\xff\xff\xff":  # MariaDB progress reports before the answer
+        _, payload = await leg.read_packet()
     first = payload[0] if payload else -1
     if first == 0x00:
         return Result([], terminator_status(payload, 0, len(payload)))

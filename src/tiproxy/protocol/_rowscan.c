@@ -92,7 +92,8 @@ terminator(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
  * MORE_RESULTS_EXISTS says so) lying wholly in `data` from `pos`: where it ends, the status
  * after it, and whether it ended with an ERR. None whenever anything is not plain: the response
  * does not end in `data`, a 16 MiB packet, LOCAL INFILE, a terminator or 251+ columns where the
- * first packet is, or bytes that are not a response. The tracker then reads the same bytes with
+ * first packet is, a progress report, a column count without column definitions (cached
+ * metadata), or bytes that are not a response. The tracker then reads the same bytes with
  * its Python state machine, which is the reference; this only makes the common case cheap.
  */
 static PyObject *
@@ -134,6 +135,8 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             continue;
         }
         if (first == 0xFF) {                       /* ERR: the response ends */
+            if (len >= 3 && p[pos + 5] == 0xFF && p[pos + 6] == 0xFF)
+                goto plain;                        /* a progress report: it does not */
             pos += 4 + len;
             failed = 1;
             break;
@@ -141,6 +144,8 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (first >= 0xFB)                         /* LOCAL INFILE, a terminator, 251+ columns */
             goto plain;
         Py_ssize_t columns = first;
+        if (len > 1 && p[pos + 5] == 0)            /* cached metadata: no definitions */
+            goto plain;
         pos += 4 + len;
         for (Py_ssize_t c = 0; c < columns; c++) {
             PACKET(len, first)

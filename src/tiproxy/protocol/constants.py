@@ -136,12 +136,15 @@ class MariaDBCapability(enum.IntFlag):
     CACHE_METADATA = 1 << 4
 
 
-# The extended capabilities the proxy passes through: extended metadata only adds bytes inside
-# column definitions, which the tracker counts without reading; bulk execution answers like
-# COM_STMT_EXECUTE. Progress reports (ERR packets before the real answer), COM_MULTI (gone from
-# MariaDB) and cached metadata (result sets without their column definitions) are not framed.
-PROXY_MARIADB_CAPABILITIES = (MariaDBCapability.STMT_BULK_OPERATIONS
-                              | MariaDBCapability.EXTENDED_METADATA)
+# The extended capabilities the proxy passes through, each framed by the tracker: extended
+# metadata only adds bytes inside column definitions, which it counts without reading; bulk
+# execution answers like COM_STMT_EXECUTE; progress reports are ERR packets with code 0xFFFF
+# before the real answer; with cached metadata a column count says whether the column
+# definitions follow. COM_MULTI is not offered (MariaDB never shipped it).
+PROXY_MARIADB_CAPABILITIES = (MariaDBCapability.PROGRESS
+                              | MariaDBCapability.STMT_BULK_OPERATIONS
+                              | MariaDBCapability.EXTENDED_METADATA
+                              | MariaDBCapability.CACHE_METADATA)
 
 
 # Names used in metrics, following TiProxy's cmd_type label (the Go names without "Com").

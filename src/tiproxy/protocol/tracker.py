@@ -16,6 +16,13 @@ tracker calls `on_done(token, status, failed)` and starts on the next expected r
 response with SERVER_MORE_RESULTS_EXISTS in its terminator continues with the next result.
 
 Response layouts: https://dev.mysql.com/doc/dev/mysql-server/latest/page_protocol_command_phase.html
+MariaDB's extended capabilities change two shapes (https://mariadb.com/kb/en/err_packet/ ,
+https://mariadb.com/kb/en/result-set-packets/): with PROGRESS, ERR packets with error code 0xFFFF
+are progress reports, and the real answer still follows; with CACHE_METADATA, a column count is
+followed by one more byte, 0 when the column definitions are left out (an execute of a prepared
+statement whose client already has them). Both are read from the packets themselves: without the
+capability no server sends an error 0xFFFF or a byte after the column count.
+
 Terminator rule: a packet starting 0xFE with a payload shorter than 0xFFFFFF ends a row stream;
 a text row may start with 0xFE only as an 8-byte length, which makes its packet 16 MiB long. A
 terminator of 5 bytes is an EOF packet (warnings, status); a longer one is an OK packet.
@@ -417,6 +424,8 @@ class ResponseTracker:
         if first == 0x00:
             self._end_result(ok_status(buf, start, length))
         elif first == 0xFF:
+            if length >= 3 and buf[start + 1] == 0xFF and buf[start + 2] == 0xFF:
+                return  # a progress report: the answer is still to come
             self._finish(self.status, True)
         elif first == 0xFB and not self._binary:
             self.local_infile = True  # the OK or ERR comes after the client's file
@@ -428,6 +437,10 @@ class ResponseTracker:
                 raise ProtocolError("column count longer than its packet", Origin.BACKEND)
             if count == 0:
                 raise ProtocolError("result set with no columns", Origin.BACKEND)
+            if end < start + length and buf[end] == 0:
+                # CACHE_METADATA's "metadata follows" byte says no: no column definitions.
+                self.phase = ROWS if self.deprecate_eof else COLUMNS_EOF
+                return
             self._columns = count
             self.phase = COLUMNS
 
