@@ -3,7 +3,8 @@
 What is checked, against real MariaDB servers:
 - state a stored procedure, function or trigger makes: the session moves with it when a capture
   can carry it (user and system variables), and is pinned with the reason when none can (a
-  temporary table, a prepared statement), until the connection is reset;
+  temporary table, a prepared statement), until the connection is reset; a named lock holds the
+  move until it is released (where the server can list it: the metadata_lock_info plugin);
 - statements the proxy reads itself pin nothing they should not;
 - what a client receives is byte for byte what the server sends it directly, with and without
   CLIENT_SESSION_TRACK (the proxy adds and takes away nothing).
@@ -21,7 +22,14 @@ import mysql.connector
 import pymysql
 import pytest
 
-from support.backends import ADMIN_TOML, APP, connect
+from support.backends import (
+    ADMIN_TOML,
+    APP,
+    BACKEND_ARGS,
+    BACKEND_USERS,
+    MariaDBFactory,
+    connect,
+)
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.mariadb import MariaDBServer
 
@@ -264,3 +272,31 @@ def test_statements_the_proxy_follows_do_not_pin(
             assert cur.fetchall() == ((1,),)
         cur.execute("SELECT @@sql_mode, @st_var")
         assert cur.fetchone() == ("ANSI_QUOTES", "from st_var")
+
+
+@pytest.fixture(scope="module")
+def lock_info_servers(mariadb_factory: MariaDBFactory) -> list[MariaDBServer]:
+    """Two servers with the metadata_lock_info plugin (information_schema.METADATA_LOCK_INFO)."""
+    servers = [mariadb_factory((*BACKEND_ARGS, "--plugin-load-add=metadata_lock_info"),
+                               BACKEND_USERS) for _ in range(2)]
+    for server in servers:
+        server.sql(ROUTINES + "DELIMITER //\nCREATE OR REPLACE PROCEDURE st_lock() "
+                   "BEGIN DO GET_LOCK('st lock', 0); END//\nDELIMITER ;\n")
+    return servers
+
+
+def test_a_named_lock_taken_in_a_procedure_holds_the_move_until_released(
+    lock_info_servers: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([s.addr for s in lock_info_servers], ADMIN_TOML)
+    with proxy.connect(autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("CALL st_lock()")
+        _waits(proxy, conn.thread_id(), "named locks taken where the proxy cannot see")
+        assert "st lock" in proxy.session(conn.thread_id())["waiting"]
+        cur.execute("SELECT IS_USED_LOCK('st lock') = CONNECTION_ID()")
+        assert cur.fetchone() == (1,)  # still held, where it was taken
+        pinned_on = proxy.session(conn.thread_id())["backend"]
+        cur.execute("SELECT RELEASE_LOCK('st lock')")
+        proxy.wait_moved(conn.thread_id(), pinned_on, timeout=15)  # checked again: moves
+        cur.execute("SELECT IS_USED_LOCK('st lock')")
+        assert cur.fetchone() == (None,)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tiproxy.session.dialects.mysql import parse_capture
+from tiproxy.session.dialects.mysql import capture_sql, missing_table, parse_capture
 from tiproxy.session.state import SessionState
 from tiproxy.session.statements import statement_effects
 
@@ -33,3 +33,18 @@ def test_the_capture_reads_the_counts() -> None:
         [b"count", b"COM_CREATE_TEMPORARY_TABLE", b"2"], [b"count", b"com_prepare_sql", b"5"],
     ]
     assert parse_capture(rows).counts == {TEMP: 2, PREP: 5}
+
+
+def test_the_capture_reads_named_locks_where_the_server_lists_them() -> None:
+    assert "METADATA_LOCK_INFO" in capture_sql(True, True)
+    assert "METADATA_LOCK_INFO" not in capture_sql(True, False)
+    assert "USER_VARIABLES" not in capture_sql(False, True)
+    for sql in (capture_sql(u, lk) for u in (False, True) for lk in (False, True)):
+        assert sql.endswith("LIMIT 18446744073709551615")  # sql_select_limit cannot cut it
+    rows: list[list[bytes | None]] = [[b"lock", None, b"7374206C6F636B"], [b"lock", None, b""]]
+    assert parse_capture(rows).locks == [b"st lock", b""]
+    message = "Unknown table 'METADATA_LOCK_INFO' in information_schema"
+    assert missing_table(1109, message) == "METADATA_LOCK_INFO"
+    assert missing_table(1109, "Unknown table 'user_variables' in information_schema") \
+        == "USER_VARIABLES"
+    assert missing_table(1146, message) is None

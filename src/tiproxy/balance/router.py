@@ -74,6 +74,7 @@ class Backend:
     offers_tls: bool | None = None  # its last greeting had CLIENT_SSL; None: not seen yet
     # information_schema.USER_VARIABLES answers there; None: not tried yet (net/migration.py)
     user_variables_table: bool | None = None
+    lock_info_table: bool | None = None  # information_schema.METADATA_LOCK_INFO, the same way
     mariadb_capabilities: int | None = None  # of its last greeting; None: not seen yet
     move_problem: str = ""  # why moves from or to it fail for a lasting reason, if they do
     query_counts: Counter[str] = field(default_factory=Counter)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from tiproxy.net.backend import BackendLeg
-from tiproxy.net.channel import query, read_prepare, send_prepare, sql_error
+from tiproxy.net.channel import Row, query, read_prepare, send_prepare, sql_error
 from tiproxy.protocol.auth import NATIVE_PLUGIN, scramble_from_stage1
 from tiproxy.protocol.constants import Capability, MariaDBCapability
 from tiproxy.protocol.errors import Origin, ProtocolError, SQLError
@@ -52,11 +52,14 @@ class MigrationError(Exception):
     """A move failed at `step`; `old_intact` says whether the old connection can go on."""
 
     def __init__(self, step: str, reason: str, old_intact: bool = True,
-                 cause: BaseException | None = None, pinned: bool = False) -> None:
+                 cause: BaseException | None = None, *, pinned: bool = False,
+                 recheck: bool = False) -> None:
         super().__init__(f"{step}: {reason}")
         self.step = step
         self.old_intact = old_intact
-        self.pinned = pinned  # not a failure: the session holds state no move can carry
+        # Not a failure: the session holds state no move can carry; `recheck`: until it is gone
+        self.pinned = pinned
+        self.recheck = recheck
         # The server's error code when a backend refused a statement or the login.
         self.code = cause.code if isinstance(cause, SQLError) else 0
 
@@ -91,7 +94,7 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
         captured = await _capture(session, old, deprecate_eof)
     except HiddenStateError as e:
         raise MigrationError("check", str(e), old_intact=_reattach(old, session),
-                             pinned=True) from e
+                             pinned=True, recheck=e.recheck) from e
     except Exception as e:
         raise MigrationError("capture", _why(e), old_intact=_reattach(old, session),
                              cause=e) from e
@@ -117,7 +120,12 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
 
 
 class HiddenStateError(Exception):
-    """The session holds state no capture carries (SessionState.unseen): now a pin."""
+    """The session holds state no capture carries (SessionState.unseen): now a pin, or, with
+    `recheck`, a wait until it is gone (a named lock)."""
+
+    def __init__(self, reason: str, recheck: bool = False) -> None:
+        super().__init__(reason)
+        self.recheck = recheck
 
 
 def _reattach(old: BackendLeg, session: Session) -> bool:
@@ -175,46 +183,70 @@ async def _capture_mysql(session: Session, leg: BackendLeg,
     """Database, variables and user variables: listed by information_schema.USER_VARIABLES
     where the server has it, else read by the names the session's statements used."""
     backend = session.backend
-    if backend is None or backend.user_variables_table is not False:
-        try:
-            result = await query(leg, mysql_dialect.CAPTURE_SQL, deprecate_eof)
-        except SQLError as e:
-            if e.code != mysql_dialect.ER_UNKNOWN_TABLE or backend is None:
-                raise
-            backend.user_variables_table = False
-            log.warning("backend %s has no information_schema.USER_VARIABLES (%s): user "
-                        "variables are carried by the names sessions use", backend.addr,
-                        e.message)
-        else:
-            if backend is not None:
-                backend.user_variables_table = True
-            state = mysql_dialect.parse_capture(result.rows)
-            await _capture_session_only(session, leg, deprecate_eof, state)
-            second = mysql_dialect.string_values_sql(state)
-            if second is not None:
-                values = await query(leg, second, deprecate_eof)
-                mysql_dialect.apply_string_values(state, values.rows[0])
-            _check_unseen(session, state)
-            return state
-    result = await query(leg, mysql_dialect.CAPTURE_WITHOUT_USER_SQL, deprecate_eof)
-    state = mysql_dialect.parse_capture(result.rows)
+    users, rows = await _capture_rows(leg, backend, deprecate_eof)
+    state = mysql_dialect.parse_capture(rows)
     await _capture_session_only(session, leg, deprecate_eof, state)
-    names = sorted(session.state.user_var_names)
-    if names:
-        extended = bool(session.mariadb_caps & MariaDBCapability.EXTENDED_METADATA)
-        named = await query(leg, mysql_dialect.named_user_vars_sql(names), deprecate_eof,
-                            extended_metadata=extended)
-        mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types)
+    if users:
+        second = mysql_dialect.string_values_sql(state)
+        if second is not None:
+            values = await query(leg, second, deprecate_eof)
+            mysql_dialect.apply_string_values(state, values.rows[0])
+    else:
+        names = sorted(session.state.user_var_names)
+        if names:
+            extended = bool(session.mariadb_caps & MariaDBCapability.EXTENDED_METADATA)
+            named = await query(leg, mysql_dialect.named_user_vars_sql(names), deprecate_eof,
+                                extended_metadata=extended)
+            mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types)
     _check_unseen(session, state)
     return state
 
 
+async def _capture_rows(leg: BackendLeg, backend: Backend | None,
+                        deprecate_eof: bool) -> tuple[bool, list[Row]]:
+    """The capture statement with the plugin tables this backend has, learnt at the first
+    move from it: (USER_VARIABLES read, rows)."""
+    while True:
+        users = backend is None or backend.user_variables_table is not False
+        locks = backend is not None and backend.lock_info_table is not False
+        try:
+            result = await query(leg, mysql_dialect.capture_sql(users, locks), deprecate_eof)
+        except SQLError as e:
+            missing = mysql_dialect.missing_table(e.code, e.message)
+            if backend is None or missing is None:
+                raise
+            if missing == mysql_dialect.USER_VARIABLES and users:
+                backend.user_variables_table = False
+                log.warning("backend %s has no information_schema.USER_VARIABLES (%s): user "
+                            "variables are carried by the names sessions use", backend.addr,
+                            e.message)
+            elif missing == mysql_dialect.METADATA_LOCK_INFO and locks:
+                backend.lock_info_table = False
+                log.info("backend %s has no information_schema.METADATA_LOCK_INFO: named locks "
+                         "taken inside stored programs are not seen there (load the "
+                         "metadata_lock_info plugin to see them)", backend.addr)
+            else:
+                raise
+            continue
+        if backend is not None:
+            backend.user_variables_table = users
+            backend.lock_info_table = locks
+        return users, result.rows
+
+
 def _check_unseen(session: Session, captured: mysql_dialect.CapturedState) -> None:
-    """State the session made where the proxy could not see it pins the session."""
+    """State the session made where the proxy could not see it: temporary tables and prepared
+    statements pin it until a reset; named locks hold the move until they are released (the
+    proxy's own record of the session's locks pinned it before the capture, so any lock the
+    server lists here was taken unseen)."""
     pin = session.state.unseen(captured.counts)
     if pin:
         session.state.hidden = pin
         raise HiddenStateError(pin)
+    if captured.locks:
+        names = ", ".join(n.decode("utf-8", "replace") for n in captured.locks)
+        raise HiddenStateError(f"named locks taken where the proxy cannot see (a stored "
+                               f"program): {names}", recheck=True)
 
 
 def native_answer(stage1: bytes, salt: bytes) -> bytes:

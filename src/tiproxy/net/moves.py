@@ -40,6 +40,7 @@ RETRY_MAX = 30.0
 # A move that failed for a lasting reason (LASTING_ERRORS) is tried again this much later, not
 # in a loop: an operator may have fixed a privilege meanwhile.
 LASTING_RETRY = 300.0
+RECHECK = 5.0  # a session holding a lock the proxy did not see taken is looked at again then
 _IN_TRANS = int(ServerStatus.IN_TRANS)
 
 
@@ -213,7 +214,11 @@ class SessionMoves:
                 if not e.old_intact:
                     self.close(f"move to {target.addr} broke the old connection: {e}")
                     return
-                move.waiting = self.wait_reason()
+                if e.recheck:
+                    move.retry_at = time.monotonic() + RECHECK
+                    move.waiting = f"{e}; checked again in {RECHECK:.0f}s"
+                else:
+                    move.waiting = self.wait_reason()
                 return
             self.server.record_migration(source.addr, target.addr, move.reason, False,
                                          time.monotonic() - started)

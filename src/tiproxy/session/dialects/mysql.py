@@ -42,15 +42,37 @@ _CAPTURE_BASE = (
     "FROM information_schema.SESSION_STATUS "
     "WHERE VARIABLE_NAME IN ('COM_CREATE_TEMPORARY_TABLE', 'COM_PREPARE_SQL')"
 )
-CAPTURE_WITHOUT_USER_SQL = _CAPTURE_BASE + _ALL_ROWS
-CAPTURE_SQL = (
-    _CAPTURE_BASE
-    + " UNION ALL SELECT 'user', CONCAT(VARIABLE_TYPE, ' ', HEX(VARIABLE_NAME)), VARIABLE_VALUE "
-    "FROM information_schema.USER_VARIABLES" + _ALL_ROWS
+_CAPTURE_USER = (
+    " UNION ALL SELECT 'user', CONCAT(VARIABLE_TYPE, ' ', HEX(VARIABLE_NAME)), VARIABLE_VALUE "
+    "FROM information_schema.USER_VARIABLES"
 )
-# MariaDB's answer when the user_variables plugin is disabled
-# (--loose-skip-plugin-user-variables): "Unknown table 'USER_VARIABLES' in information_schema".
+# Named locks (GET_LOCK) the connection holds, wherever it took them: only where the
+# metadata_lock_info plugin is loaded (https://mariadb.com/kb/en/metadata-lock-info-plugin/).
+_CAPTURE_LOCKS = (
+    " UNION ALL SELECT 'lock', NULL, HEX(TABLE_SCHEMA) FROM information_schema.METADATA_LOCK_INFO "
+    "WHERE THREAD_ID = CONNECTION_ID() AND LOCK_TYPE = 'User lock'"
+)
+# MariaDB's answer when a plugin's table is missing (the user_variables plugin disabled with
+# --loose-skip-plugin-user-variables, metadata_lock_info not loaded):
+# "Unknown table 'USER_VARIABLES' in information_schema".
 ER_UNKNOWN_TABLE = 1109
+USER_VARIABLES, METADATA_LOCK_INFO = "USER_VARIABLES", "METADATA_LOCK_INFO"
+
+
+def capture_sql(user_variables: bool, lock_info: bool) -> str:
+    """The one statement that captures a session, with the plugin tables the server has."""
+    return (_CAPTURE_BASE + (_CAPTURE_USER if user_variables else "")
+            + (_CAPTURE_LOCKS if lock_info else "") + _ALL_ROWS)
+
+
+def missing_table(code: int, message: str) -> str | None:
+    """Which plugin table an error says the server lacks, if it says so."""
+    if code != ER_UNKNOWN_TABLE:
+        return None
+    for table in (USER_VARIABLES, METADATA_LOCK_INFO):
+        if f"'{table}'" in message.upper():
+            return table
+    return None
 
 # Column types of `SELECT @v` (https://mariadb.com/kb/en/result-set-packets/#field-types):
 # how a named user variable's type is read where USER_VARIABLES is missing.
@@ -81,6 +103,7 @@ class CapturedState:
     system: list[tuple[str, str, bytes | None]] = field(default_factory=list)  # name, type, value
     user: list[UserVariable] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # SESSION_STATUS counters by name
+    locks: list[bytes] = field(default_factory=list)  # named locks held (METADATA_LOCK_INFO)
 
     def strings(self) -> list[UserVariable]:
         """String variables, NULL ones too: a NULL keeps its character set."""
@@ -100,6 +123,8 @@ def parse_capture(rows: list[Row]) -> CapturedState:
             if name not in _SKIP_SYSTEM:
                 raw = bytes.fromhex(value.decode()) if value is not None else None
                 state.system.append((name, vtype, raw))
+        elif kind == b"lock":
+            state.locks.append(bytes.fromhex(value.decode()) if value else b"")
         elif kind == b"count" and key is not None:
             state.counts[key.decode().upper()] = int(value or b"0")
         elif kind == b"user" and key is not None:
