@@ -269,15 +269,19 @@ class ChildProcess:
             return log.read().decode(errors="replace")
 
 
-def start_proxy(workdir: Path, backend: str, tls: TlsFiles | None) -> tuple[ChildProcess, int]:
-    """Start `python -m tiproxy` and wait for its health endpoint and SQL port."""
+def start_proxy(
+    workdir: Path, backend: str, tls: TlsFiles | None, proxy_keys: str = ""
+) -> tuple[ChildProcess, int]:
+    """Start `python -m tiproxy` and wait for its health endpoint and SQL port.
+
+    proxy_keys: more TOML lines for the [proxy] table (churn.py's `workers = N`).
+    """
     port, api_port = free_port(), free_port()
     config = workdir / "proxy.toml"
     config.write_text(
         "[proxy]\n"
         f'addr = "{HOST}:{port}"\n'
-        f'backend-addrs = ["{backend}"]\n'
-        "[api]\n"
+        f'backend-addrs = ["{backend}"]\n' + proxy_keys + "[api]\n"
         f'addr = "{HOST}:{api_port}"\n'
         "[log]\n"
         'level = "warn"\n' + (tls.proxy_toml() if tls else "")
@@ -345,14 +349,23 @@ def start_haproxy(workdir: Path, backend: str) -> tuple[ChildProcess, int]:
     return haproxy, port
 
 
-def start_database(
-    workdir: Path, tables: int, table_size: int, tls: TlsFiles | None
+def start_mariadb(
+    workdir: Path, tls: TlsFiles | None = None, extra_args: Sequence[str] = ()
 ) -> MariaDBServer:
+    """Start the one MariaDB server with the bench's account; extra_args win over the defaults."""
     server = MariaDBServer(
-        workdir / "mariadb", extra_args=[*_SERVER_ARGS, *(tls.mariadb_args() if tls else ())]
+        workdir / "mariadb",
+        extra_args=[*_SERVER_ARGS, *(tls.mariadb_args() if tls else ()), *extra_args],
     )
     server.start()
     create_app_user(server, USER, PASSWORD, database=DATABASE)  # as root, over the unix socket
+    return server
+
+
+def start_database(
+    workdir: Path, tables: int, table_size: int, tls: TlsFiles | None
+) -> MariaDBServer:
+    server = start_mariadb(workdir, tls)
     print(f"preparing {tables} tables x {table_size} rows ...", flush=True)
     options = sysbench_options(server.port, tables, table_size, min(tables, 4), tls)
     result = subprocess.run(

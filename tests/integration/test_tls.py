@@ -28,9 +28,16 @@ from support.certs import PKI, make_pki, mariadb_tls_args
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.etcd import EtcdServer
 from tiproxy.playground.mariadb import MariaDBServer, free_port
+from tiproxy.protocol.auth import native_password_scramble
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import Capability
-from tiproxy.protocol.packets import HandshakeResponse, build_handshake_response, frame
+from tiproxy.protocol.packets import (
+    HandshakeResponse,
+    build_handshake_response,
+    frame,
+    parse_auth_switch,
+    parse_greeting,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -339,8 +346,18 @@ def test_tls_session_never_moves_to_a_backend_without_tls(
 
 def test_client_hello_in_the_same_segment_as_the_ssl_request(tls_proxy: ProxyProcess,
                                                              pki: PKI) -> None:
-    """The TLS handshake's first bytes may arrive with the SSLRequest; they must go to TLS."""
-    with socket.create_connection(("127.0.0.1", tls_proxy.port), timeout=10) as sock:
+    """The TLS handshake's first bytes may arrive with the SSLRequest; they must go to TLS.
+    The second login follows the first at once, so the proxy greets it with its backend's salt:
+    it needs no auth switch."""
+    _raw_tls_login(tls_proxy.port, pki)
+    assert _raw_tls_login(tls_proxy.port, pki) == [3]
+
+
+def _raw_tls_login(port: int, pki: PKI) -> list[int]:
+    """Log in with a hand-made client whose ClientHello shares a segment with its SSLRequest;
+    the sequence ids of the backend's answers."""
+    seqs = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         greeting = _read_packet(sock)[1]
         assert greeting[0] == 10
         caps = (Capability.PROTOCOL_41 | Capability.SSL | Capability.SECURE_CONNECTION
@@ -365,21 +382,40 @@ def test_client_hello_in_the_same_segment_as_the_ssl_request(tls_proxy: ProxyPro
                 incoming.write(chunk)
         if outgoing.pending:
             sock.sendall(outgoing.read())
-        response = HandshakeResponse(capabilities=caps, max_packet=1 << 24, charset=45,
-                                     user=APP.name.encode(), auth_data=b"",
-                                     auth_plugin="mysql_native_password", database=b"test")
-        tls.write(frame(build_handshake_response(response), 2))
-        sock.sendall(outgoing.read())
-        # The backend's auth switch comes back through the proxy, over TLS, numbered 3.
-        data = b""
-        while len(data) < 4 or len(data) < 4 + (U32.unpack_from(data, 0)[0] & 0xFFFFFF):
-            try:
-                data += tls.read(65536)
-            except ssl.SSLWantReadError:
-                chunk = sock.recv(65536)
-                assert chunk, "the proxy closed the connection after the handshake"
-                incoming.write(chunk)
-        assert data[3] == 3 and data[4] == 0xFE, data[:40]
+        salt = parse_greeting(greeting).salt
+        response = HandshakeResponse(
+            capabilities=caps, max_packet=1 << 24, charset=45, user=APP.name.encode(),
+            auth_data=native_password_scramble(APP.password.encode(), salt),
+            auth_plugin="mysql_native_password", database=b"test")
+        seq, answer = _tls_exchange(sock, tls, incoming, outgoing,
+                                    frame(build_handshake_response(response), 2))
+        # Over TLS, numbered 3: OK where the proxy greeted with the backend's own salt, else the
+        # backend's auth switch, answered in turn.
+        seqs.append(seq)
+        if answer[:1] == b"\xfe":
+            switch = parse_auth_switch(answer)
+            scramble = native_password_scramble(APP.password.encode(), switch.data[:20])
+            seq, answer = _tls_exchange(sock, tls, incoming, outgoing, frame(scramble, 4))
+            seqs.append(seq)
+        assert answer[:1] == b"\x00", answer[:40]
+    assert seqs in ([3], [3, 5])
+    return seqs
+
+
+def _tls_exchange(sock: socket.socket, tls: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                  outgoing: ssl.MemoryBIO, packet: bytes) -> tuple[int, bytes]:
+    """Send one packet over the TLS object, read one back: (sequence id, payload)."""
+    tls.write(packet)
+    sock.sendall(outgoing.read())
+    data = b""
+    while len(data) < 4 or len(data) < 4 + (U32.unpack_from(data, 0)[0] & 0xFFFFFF):
+        try:
+            data += tls.read(65536)
+        except ssl.SSLWantReadError:
+            chunk = sock.recv(65536)
+            assert chunk, "the proxy closed the connection after the handshake"
+            incoming.write(chunk)
+    return data[3], data[4 : 4 + (U32.unpack_from(data, 0)[0] & 0xFFFFFF)]
 
 
 def _read_packet(sock: socket.socket) -> tuple[int, bytes]:

@@ -31,7 +31,6 @@ from tiproxy.balance.router import Backend, Router
 from tiproxy.net.admin import AdminConnection
 from tiproxy.net.backend import BackendLeg
 from tiproxy.net.channel import sql_error
-from tiproxy.protocol.constants import Capability
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import parse_greeting
 
@@ -115,13 +114,13 @@ class HealthChecker:
                                               security.auth_sync_user,
                                               security.auth_sync_password,
                                               **self.admin_tls())
-            backend.offers_tls = conn.offers_tls
+            self.router.note_greeting(backend, conn.greeting)
             try:
                 problem = await self._status(conn, backend, streak)
             finally:
                 conn.close()
         else:
-            problem = await _greets(backend)
+            problem = await _greets(self.router, backend)
         if not problem and backend.status_port:
             problem = await _tidb_status(backend, streak, self.cluster_tls())
         return problem
@@ -142,7 +141,7 @@ class HealthChecker:
         return ""
 
 
-async def _greets(backend: Backend) -> str:
+async def _greets(router: Router, backend: Backend) -> str:
     leg = await BackendLeg.open(backend.host, backend.port)
     try:
         _, payload = await leg.read_packet()
@@ -151,8 +150,7 @@ async def _greets(backend: Backend) -> str:
     if payload[:1] == b"\xff":
         err = sql_error(payload)
         return f"refuses connections: {err.code} {err.message}"
-    greeting = parse_greeting(payload)
-    backend.offers_tls = bool(greeting.capabilities & Capability.SSL)
+    router.note_greeting(backend, parse_greeting(payload))
     return ""
 
 

@@ -245,9 +245,13 @@ class Router:
         backend.failures = 0
         backend.last_error = ""
         if greeting is not None:
-            self.template = greeting
-            backend.offers_tls = bool(greeting.capabilities & Capability.SSL)
-            backend.mariadb_capabilities = greeting.mariadb_capabilities
+            self.note_greeting(backend, greeting)
+
+    def note_greeting(self, backend: Backend, greeting: Greeting) -> None:
+        """What a backend's greeting says of it; the proxy greets clients in its image."""
+        self.template = greeting
+        backend.offers_tls = bool(greeting.capabilities & Capability.SSL)
+        backend.mariadb_capabilities = greeting.mariadb_capabilities
 
     def failed(self, backend: Backend, reason: str) -> None:
         backend.failures += 1

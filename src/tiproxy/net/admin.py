@@ -16,6 +16,7 @@ from tiproxy.protocol.auth import NATIVE_PLUGIN, native_password_scramble
 from tiproxy.protocol.constants import Capability
 from tiproxy.protocol.errors import Origin, ProtocolError, SQLError
 from tiproxy.protocol.packets import (
+    Greeting,
     HandshakeResponse,
     build_handshake_response,
     frame,
@@ -34,10 +35,10 @@ class AdminConnection:
     """Log in, run statements, close. Methods raise SQLError, ProtocolError, OSError or
     TimeoutError."""
 
-    def __init__(self, leg: BackendLeg, deprecate_eof: bool, offers_tls: bool) -> None:
+    def __init__(self, leg: BackendLeg, deprecate_eof: bool, greeting: Greeting) -> None:
         self._leg = leg
         self._deprecate_eof = deprecate_eof
-        self.offers_tls = offers_tls  # the server's greeting had CLIENT_SSL
+        self.greeting = greeting  # the server's
 
     @classmethod
     async def open(cls, host: str, port: int, user: str, password: str, *,
@@ -47,13 +48,13 @@ class AdminConnection:
         `require_tls`: `[security] require-backend-tls`)."""
         leg = await BackendLeg.open(host, port, TIMEOUT)
         try:
-            caps, offered = await asyncio.wait_for(
+            caps, greeting = await asyncio.wait_for(
                 _login(leg, host, user, password.encode(), tls=tls, require_tls=require_tls),
                 TIMEOUT)
         except BaseException:
             leg.abort()
             raise
-        return cls(leg, bool(caps & Capability.DEPRECATE_EOF), bool(offered & Capability.SSL))
+        return cls(leg, bool(caps & Capability.DEPRECATE_EOF), greeting)
 
     async def query(self, sql: str) -> list[Row]:
         result = await asyncio.wait_for(query(self._leg, sql, self._deprecate_eof), TIMEOUT)
@@ -64,8 +65,8 @@ class AdminConnection:
 
 
 async def _login(leg: BackendLeg, host: str, user: str, password: bytes, *,
-                 tls: ssl.SSLContext | None, require_tls: bool) -> tuple[int, int]:
-    """Log in; (the capabilities used, the capabilities the server offered)."""
+                 tls: ssl.SSLContext | None, require_tls: bool) -> tuple[int, Greeting]:
+    """Log in; (the capabilities used, the server's greeting)."""
     _, payload = await leg.read_packet()
     if payload[:1] == b"\xff":
         raise sql_error(payload)
@@ -92,7 +93,7 @@ async def _login(leg: BackendLeg, host: str, user: str, password: bytes, *,
     while True:
         seq, payload = await leg.read_packet()
         if payload[:1] == b"\x00":
-            return caps, greeting.capabilities
+            return caps, greeting
         if payload[:1] == b"\xff":
             raise sql_error(payload)
         if payload[:1] != b"\xfe":

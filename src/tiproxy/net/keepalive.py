@@ -22,8 +22,13 @@ log = logging.getLogger("tiproxy.net")
 
 def apply_keepalive(transport: asyncio.BaseTransport | None, cfg: KeepAliveConfig) -> None:
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return
+    if sock is not None:
+        apply_keepalive_socket(sock, cfg)
+
+
+def apply_keepalive_socket(sock: socket.socket, cfg: KeepAliveConfig) -> None:
+    """On a listening socket, for the connections it accepts from then on (Linux copies these
+    options to each accepted socket)."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(cfg.enabled))
         if cfg.enabled:

@@ -49,6 +49,7 @@ from tiproxy.protocol.constants import (
 from tiproxy.protocol.errors import Origin, ProtocolError
 from tiproxy.protocol.framer import PacketSplitter
 from tiproxy.protocol.packets import (
+    Greeting,
     HandshakeResponse,
     build_err,
     frame,
@@ -200,8 +201,9 @@ class Session(SessionMoves):
         self._tls_early: bytearray | None = None  # client bytes while its TLS is set up
         self._tls_refusal = ""  # why the client's certificate is not accepted
         self._task: asyncio.Task[None] | None = None
-        server.session_opened(self)
-        apply_keepalive(transport, server.config().proxy.frontend_keepalive)
+        # A backend connected before the greeting: (backend, leg, its greeting packet)
+        self._early: tuple[Backend, BackendLeg, bytes] | None = None
+        server.session_opened(self)  # keep-alive: inherited from the listening socket
         self.keepalive_unhealthy = False  # which backend keep-alive the backend socket has
         if server.over_capacity():
             log.warning("session %d from %s refused: too many connections", self.id, self.peer)
@@ -217,35 +219,50 @@ class Session(SessionMoves):
 
     async def _greet(self) -> None:
         router = self.server.router
-        if router.template is None:
-            await self._probe_template()
+        template = await self._connect_early() if self.server.logins_recently() else None
+        if template is None and router.template is None:
+            await self.server.probe_template()
             if router.template is None:
                 self._refuse_no_backend(0)
                 return
         if self.phase == CLOSED:
+            if self._early is not None:
+                self._early[1].abort()
             return
         tls = self.server.tls
-        self.login = Login(router.template, self.id, tls_available=tls.server is not None,
-                           sql_tls=tls.sql is not None,
-                           require_backend_tls=tls.require_backend_tls)
+        self.login = Login(template or router.template, self.id,
+                           tls_available=tls.server is not None, sql_tls=tls.sql is not None,
+                           require_backend_tls=tls.require_backend_tls,
+                           early_salt=template is not None)
         self.client.write(self.login.start())
 
-    async def _probe_template(self) -> None:
-        """No backend has greeted the proxy yet: connect to one to learn what to greet with."""
-        for backend in self.server.router.candidates(namespace=None):
+    async def _connect_early(self) -> Greeting | None:
+        """Connect to the backend this session will most likely use before greeting the client,
+        and greet with that backend's salt (session/login.py: the auth switch round trip is
+        saved). Only where the backend does not depend on the user (no user namespaces), and
+        only while clients are logging in (server.logins_recently): a proxy probed by a load
+        balancer's TCP checks and nothing else opens no backend connections for them."""
+        router = self.server.router
+        if router.user_namespaces:
+            return None
+        for backend in router.candidates()[:1]:
+            leg: BackendLeg | None = None
             try:
                 leg = await BackendLeg.open(backend.host, backend.port)
-                try:
-                    _, payload = await leg.read_packet(CONNECT_TIMEOUT)
-                finally:
-                    leg.abort()
+                _, payload = await leg.read_packet(CONNECT_TIMEOUT)
                 greeting = parse_greeting(payload) if payload[:1] != b"\xff" else None
             except (OSError, TimeoutError, ProtocolError) as e:
-                self.server.router.failed(backend, _reason(e))
-                continue
-            if greeting is not None:
-                self.server.router.succeeded(backend, greeting)
-                return
+                router.failed(backend, _reason(e))
+                if leg is not None:
+                    leg.abort()
+                return None
+            if greeting is None or not greeting.capabilities & Capability.PLUGIN_AUTH:
+                leg.abort()
+                return None
+            router.succeeded(backend, greeting)
+            self._early = (backend, leg, payload)
+            return greeting
+        return None
 
     def _login_client_data(self, data: bytes) -> None:
         if self._tls_early is not None:  # decrypted before start_tls returned: keep it
@@ -307,16 +324,24 @@ class Session(SessionMoves):
         router = self.server.router
         self.namespace = router.namespace_of_user(self.user)
         unfit = ""
-        for backend in router.candidates(namespace=self.namespace):
+        candidates = router.candidates(namespace=self.namespace)
+        early, self._early = self._early, None
+        if early is not None and early[0] in candidates:  # still a choice: it goes first
+            candidates = [early[0], *(b for b in candidates if b is not early[0])]
+        elif early is not None:
+            early[1].abort()
+            early = None
+        for backend in candidates:
             if self.phase == CLOSED:
+                if early is not None:
+                    early[1].abort()
                 return
             leg: BackendLeg | None = None
             try:
-                leg = await BackendLeg.open(backend.host, backend.port)
+                mine = early if early is not None and backend is early[0] else None
+                early = None if mine is not None else early
+                leg, actions = await self._backend_greeting(backend, mine)
                 self.set_backend_keepalive(leg, bool(backend.health))
-                _, payload = await leg.read_packet(CONNECT_TIMEOUT)
-                actions = login.backend_greeting_received(payload)
-                router.succeeded(backend, login.backend_greeting)
                 if isinstance(actions[0], BackendUnfit):
                     unfit = f"{actions[0].reason} ({backend.addr})"
                     leg.abort()
@@ -345,6 +370,29 @@ class Session(SessionMoves):
             self._refuse(login.client_reply_seq, f"TiProxy: {unfit}", "no backend fits")
             return
         self._refuse_no_backend(login.client_reply_seq)
+
+    async def _backend_greeting(self, backend: Backend, early: tuple[Backend, BackendLeg, bytes]
+                                | None) -> tuple[BackendLeg, list[Action]]:
+        """A leg to `backend` that has greeted, and what the login answers its greeting."""
+        login = self.login
+        assert login is not None
+        leg = early[1] if early is not None else await BackendLeg.open(backend.host, backend.port)
+        try:
+            if early is not None:
+                actions = login.backend_greeting_received(early[2], early=True)
+                resp = login.response
+                if resp is not None and resp.auth_plugin == "mysql_native_password":
+                    # The client answered the backend's own salt: the exchange to recover the
+                    # credential from, unless the backend switches plugins after all.
+                    self._native_exchange = (login.greeting.salt, resp.auth_data)
+                return leg, actions
+            _, payload = await leg.read_packet(CONNECT_TIMEOUT)
+            actions = login.backend_greeting_received(payload)
+        except BaseException:
+            leg.abort()
+            raise
+        self.server.router.succeeded(backend, login.backend_greeting)
+        return leg, actions
 
     def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None:
         """The backend socket's keep-alive, by the health of its backend."""
@@ -398,6 +446,7 @@ class Session(SessionMoves):
             while self.phase == LOGIN:
                 seq, payload = await leg.read_packet(LOGIN_TIMEOUT)
                 if payload[:1] == b"\xfe":
+                    self._native_exchange = None
                     switch = parse_auth_switch(payload)
                     native = switch.plugin == "mysql_native_password"
                     self._native_salt = switch.data[:20] if native else None
@@ -439,8 +488,9 @@ class Session(SessionMoves):
         self._take_credential()
         self.bt = self.backend_leg.transport
         self.backend_leg.attach(self)
-        log.info("session %d: %s@%s logged in on %s",
-                 self.id, self.user, self.peer, self.backend.addr)
+        self.server.last_login = time.monotonic()
+        log.debug("session %d: %s@%s logged in on %s",
+                  self.id, self.user, self.peer, self.backend.addr)
 
     def _take_credential(self) -> None:
         """Keep SHA1(password) if this login proved it against a stored hash."""
@@ -861,6 +911,9 @@ class Session(SessionMoves):
             self._login_timer.cancel()
         if self._soon is not None:
             self._soon.cancel()
+        if self._early is not None:
+            self._early[1].abort()
+            self._early = None
         for task in (self._task, self._move_task):
             if task is not None and not task.done():
                 task.cancel()
@@ -871,7 +924,8 @@ class Session(SessionMoves):
             self.backend.connections -= 1
         self.client.close()
         self.server.session_closed(self)
-        (log.info if quiet else log.warning)("session %d closed: %s", self.id, reason)
+        # A client that ends its own session is routine (debug); the proxy ending one is not.
+        (log.debug if quiet else log.warning)("session %d closed: %s", self.id, reason)
 
 
 def _peer(transport: asyncio.Transport) -> str:

@@ -31,9 +31,12 @@ from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
 from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_file
 from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
 from tiproxy.net.admin import AdminConnection
+from tiproxy.net.backend import CONNECT_TIMEOUT, BackendLeg
+from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.moves import LASTING_RETRY
 from tiproxy.net.relay import COMMAND, ClientLeg
 from tiproxy.protocol.errors import ProtocolError, SQLError
+from tiproxy.protocol.packets import parse_greeting
 from tiproxy.session.credentials import CredentialStore, UsersFileError
 from tiproxy.tls import CertStore
 
@@ -45,6 +48,7 @@ log = logging.getLogger("tiproxy.server")
 
 MAINTENANCE_INTERVAL = 0.5
 MIN_SYNC_GAP = 2.0  # a burst of unmatched logins triggers one sync, not one each
+EARLY_WINDOW = 10.0  # seconds after a login during which new connections reach a backend early
 # Upper bounds of tiproxy_balance_migrate_duration_seconds, as TiProxy's buckets go.
 DURATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 USERS_QUERY = "SELECT User, plugin, authentication_string FROM mysql.user"
@@ -81,7 +85,9 @@ class ProxyServer:
         self.sessions: dict[int, Session] = {}
         self.credentials = CredentialStore()
         self._next_id = 0
-        self._servers: list[asyncio.AbstractServer] = []
+        self.last_login = float("-inf")  # when a session last logged in (monotonic)
+        self._template_probe: asyncio.Task[None] | None = None
+        self._servers: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._shutting_down = False
         self._sync_now = asyncio.Event()
@@ -107,6 +113,8 @@ class ProxyServer:
             self._servers.append(server)
             for sock in server.sockets:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Accepted sockets inherit it: nothing to set per connection.
+                apply_keepalive_socket(sock, self._config.proxy.frontend_keepalive)
             self.port = self.port or server.sockets[0].getsockname()[1]
             log.info("proxy listening on %s:%d", host, server.sockets[0].getsockname()[1])
         self._tasks = [loop.create_task(self._maintain()), loop.create_task(self._sync_loop()),
@@ -154,6 +162,9 @@ class ProxyServer:
 
     def _apply(self, cfg: Config) -> None:
         self._config = cfg
+        for server in self._servers:  # for the connections accepted from now on
+            for sock in server.sockets:
+                apply_keepalive_socket(sock, cfg.proxy.frontend_keepalive)
         self.health.config = cfg
         self.rebalancer.config = cfg
         self.tls.reconfigure(cfg)
@@ -204,6 +215,36 @@ class ProxyServer:
         log.info("users file %s: %d password hashes", path, count)
 
     # -- the registry ---------------------------------------------------------------------------
+
+    async def probe_template(self) -> None:
+        """No backend has greeted the proxy yet (the health checks learn it too): connect to
+        one to learn what to greet clients with. One probe at a time, shared by the sessions
+        that wait for it, and not cancelled with any of them (a client that hangs up at once
+        must not leave the next one to probe again)."""
+        if self._template_probe is None or self._template_probe.done():
+            self._template_probe = asyncio.get_running_loop().create_task(self._probe_once())
+        await asyncio.shield(self._template_probe)
+
+    async def _probe_once(self) -> None:
+        for backend in self.router.candidates(namespace=None):
+            try:
+                leg = await BackendLeg.open(backend.host, backend.port)
+                try:
+                    _, payload = await leg.read_packet(CONNECT_TIMEOUT)
+                finally:
+                    leg.abort()
+                greeting = parse_greeting(payload) if payload[:1] != b"\xff" else None
+            except (OSError, TimeoutError, ProtocolError) as e:
+                self.router.failed(backend, str(e) or type(e).__name__)
+                continue
+            if greeting is not None:
+                self.router.succeeded(backend, greeting)
+                return
+
+    def logins_recently(self) -> bool:
+        """Clients logged in within the last EARLY_WINDOW seconds: a new connection is most
+        likely one more, worth a backend connection before its greeting (net/relay.py)."""
+        return time.monotonic() - self.last_login < EARLY_WINDOW
 
     def new_session_id(self) -> int:
         self._next_id += 1

@@ -13,6 +13,12 @@ if TLS added a packet, until the backend says OK (the session is established) or
 gets the server's own error). Any plugin works this way (mysql_native_password, ed25519,
 caching_sha2_password); the proxy never sees a password.
 
+An early backend: when the driver connected to a backend before greeting the client, the proxy
+greets with that backend's own salt and plugin (`early_salt`), so the client's answer is valid
+for it as it is: that backend gets the client's response with its auth data untouched, and the
+auth switch round trip on both legs is saved. Any other backend (the early one turned out unfit)
+gets the forced switch as above, since the client's answer is bound to a salt it never issued.
+
 TLS adds a packet on its leg: the client's SSLRequest (sequence id 1) before its response, and
 the proxy's own SSLRequest to a backend when that leg uses TLS. TiProxy's three rules decide:
 with `require-backend-tls` the leg is always TLS (a backend without TLS, or no `sql-tls`, is
@@ -146,8 +152,9 @@ def _backend_bytes() -> Iterator[None]:
 class Login:
     """See the module docstring. Feed packets in; carry out the actions that come back."""
 
-    def __init__(self, template: Greeting, connection_id: int, tls_available: bool,
-                 sql_tls: bool = False, require_backend_tls: bool = False) -> None:
+    def __init__(self, template: Greeting, connection_id: int, tls_available: bool, *,
+                 sql_tls: bool = False, require_backend_tls: bool = False,
+                 early_salt: bool = False) -> None:
         caps = template.capabilities & PROXY_CAPABILITIES | Capability.PLUGIN_AUTH
         caps |= Capability.COMPRESS | Capability.LONG_PASSWORD  # compression is the proxy's own
         if tls_available:
@@ -159,10 +166,11 @@ class Login:
         ext = template.mariadb_capabilities & PROXY_MARIADB_CAPABILITIES
         if ext:
             caps &= ~Capability.LONG_PASSWORD
+        self.early_salt = early_salt  # the template is the greeting of the early backend
         self.greeting = replace(
             template,
             connection_id=connection_id,
-            salt=make_salt(),
+            salt=template.salt if early_salt else make_salt(),
             capabilities=caps,
             mariadb_capabilities=ext,
             auth_plugin=template.auth_plugin or "mysql_native_password",
@@ -224,8 +232,9 @@ class Login:
         db = resp.database.decode("utf-8", "replace") if resp.database else None
         return [Route(resp.user.decode("utf-8", "replace"), db)]
 
-    def backend_greeting_received(self, payload: bytes) -> list[Action]:
-        """The driver connected to a backend; this is its first packet."""
+    def backend_greeting_received(self, payload: bytes, early: bool = False) -> list[Action]:
+        """The driver connected to a backend; this is its first packet. `early`: the backend
+        whose salt the client's greeting carried."""
         if self.state is not LoginState.ROUTING or self.response is None:
             raise ProtocolError("backend greeting out of turn", Origin.PROXY)
         with _backend_bytes():
@@ -248,7 +257,7 @@ class Login:
                    else "the backend does not offer TLS")
             return [BackendUnfit(f"require-backend-tls is set, but {why}")]
         tls = offers_tls and self._sql_tls and (self._require_backend_tls or self.client_tls)
-        forwarded = self._forwarded(tls)
+        forwarded = self._forwarded(tls, early and self.early_salt)
         self._backend_caps = forwarded.capabilities
         self._backend_ext = forwarded.mariadb_capabilities
         self.backend_tls = tls
@@ -266,7 +275,7 @@ class Login:
             self.state = LoginState.ROUTING
             self.backend_tls = False
 
-    def _forwarded(self, tls: bool) -> HandshakeResponse:
+    def _forwarded(self, tls: bool, same_salt: bool = False) -> HandshakeResponse:
         resp, greeting = self.response, self.backend_greeting
         assert resp is not None and greeting is not None
         caps = resp.capabilities & ~PER_LEG_CAPABILITIES & greeting.capabilities
@@ -279,8 +288,8 @@ class Login:
         return replace(
             resp,
             capabilities=caps,
-            auth_data=b"",
-            auth_plugin=FORCE_SWITCH_PLUGIN,
+            auth_data=resp.auth_data if same_salt else b"",
+            auth_plugin=resp.auth_plugin if same_salt else FORCE_SWITCH_PLUGIN,
             mariadb_capabilities=ext,
             ssl_request_only=False,
         )
