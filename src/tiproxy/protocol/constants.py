@@ -12,7 +12,11 @@ MAX_PAYLOAD = 0xFFFFFF  # a payload of this length is continued in the next pack
 HEADER_SIZE = 4
 
 
-class Capability(enum.IntFlag):
+# The flag sets below are plain int constants, not enum.IntFlag: every capability test on the
+# login path and status test on the command path would otherwise build an IntFlag object.
+
+
+class Capability:
     """Client/server capability flags (the low 32 bits; MariaDB's extension lives elsewhere)."""
 
     LONG_PASSWORD = 1 << 0
@@ -124,7 +128,7 @@ class Command(enum.IntEnum):
     STMT_BULK_EXECUTE = 0xFA  # MariaDB's, with MARIADB_CLIENT_STMT_BULK_OPERATIONS
 
 
-class MariaDBCapability(enum.IntFlag):
+class MariaDBCapability:
     """MariaDB's extended capabilities: the 4 bytes at the end of the greeting's and the
     handshake response's filler, when bit 0 (CLIENT_MYSQL) is clear.
     https://mariadb.com/kb/en/connection/#capabilities"""
@@ -155,7 +159,7 @@ COMMAND_NAMES[Command.QUERY] = "Query"
 COMMAND_NAMES[Command.INIT_DB] = "InitDB"
 
 
-class ServerStatus(enum.IntFlag):
+class ServerStatus:
     IN_TRANS = 0x0001
     AUTOCOMMIT = 0x0002
     MORE_RESULTS_EXISTS = 0x0008
