@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import resource
 import signal
 import statistics
@@ -63,7 +61,9 @@ from sysbench import (
     start_proxy,
     tail,
     tree_cpu_seconds,
+    tree_pids,
     workspace,
+    write_json,
 )
 
 _CONNECT_TIMEOUT = 5  # seconds; also read and write timeouts, so no thread hangs for long
@@ -204,26 +204,6 @@ def run_clients(port: int, threads: int, seconds: float) -> ClientRun:
 
 
 # --- memory -------------------------------------------------------------------------------
-
-
-def tree_pids(pid: int) -> list[int]:
-    """pid and all its descendants alive now (the tree tree_cpu_seconds walks)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = Path(entry.path, "stat").read_text()
-        except OSError:  # the process exited meanwhile
-            continue
-        ppid = int(text[text.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    pids, pending = [], [pid]
-    while pending:
-        current = pending.pop()
-        pids.append(current)
-        pending.extend(children.get(current, ()))
-    return pids
 
 
 def tree_rss_kb(pid: int) -> int:
@@ -628,22 +608,8 @@ def main(argv: list[str] | None = None) -> int:
             print_idle(idle)
         print_problems(bench, runs)
         if args.json:
-            args.json.write_text(
-                json.dumps(
-                    {
-                        "settings": {
-                            key: str(value) if isinstance(value, Path) else value
-                            for key, value in vars(args).items()
-                        },
-                        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                        "unavailable": bench.unavailable,
-                        "summary": summary,
-                        "runs": [run.as_json() for run in runs],
-                        "idle_sessions": idle,
-                    },
-                    indent=2,
-                )
-            )
+            write_json(args.json, args, unavailable=bench.unavailable, summary=summary,
+                       runs=[run.as_json() for run in runs], idle_sessions=idle)
         failed = any(run.errors or not run.ok for run in runs) or bool(idle and ("error" in idle))
         return 1 if failed else 0
 

@@ -126,19 +126,25 @@ def _proc_stats() -> dict[int, tuple[int, int]]:
     return stats
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds used so far by pid and all its descendants (reaped ones via cutime/cstime)."""
-    stats = _proc_stats()
+def tree_pids(pid: int, stats: dict[int, tuple[int, int]] | None = None) -> list[int]:
+    """pid and all its descendants alive now."""
+    stats = _proc_stats() if stats is None else stats
     children: dict[int, list[int]] = {}
     for child, (parent, _) in stats.items():
         children.setdefault(parent, []).append(child)
-    total, pending = 0, [pid]
+    pids, pending = [], [pid]
     while pending:
         current = pending.pop()
         if current in stats:
-            total += stats[current][1]
+            pids.append(current)
             pending.extend(children.get(current, ()))
-    return total / _CLK_TCK
+    return pids
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds used so far by pid and all its descendants (reaped ones via cutime/cstime)."""
+    stats = _proc_stats()
+    return sum(stats[member][1] for member in tree_pids(pid, stats)) / _CLK_TCK
 
 
 # --- TLS ----------------------------------------------------------------------------------
@@ -624,6 +630,14 @@ def check_tls_login(bench: Bench, target: str) -> str:
 # --- report -------------------------------------------------------------------------------
 
 
+def write_json(path: Path, args: argparse.Namespace, **sections: Any) -> None:
+    """The run's settings and machine, then `sections`, as JSON (the benches' --json)."""
+    settings = {key: str(value) if isinstance(value, Path) else value
+                for key, value in vars(args).items()}
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    path.write_text(json.dumps({"settings": settings, "machine": machine, **sections}, indent=2))
+
+
 def _median(values: Sequence[float | None]) -> float | None:
     present = [value for value in values if value is not None]
     return statistics.median(present) if present else None
@@ -824,20 +838,8 @@ def main(argv: list[str] | None = None) -> int:
             print_table(f"{workload} (TLS)" if args.tls else workload, summary)
         print_problems(runs)
         if args.json:
-            args.json.write_text(
-                json.dumps(
-                    {
-                        "settings": {
-                            key: str(value) if isinstance(value, Path) else value
-                            for key, value in vars(args).items()
-                        },
-                        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                        "summaries": summaries,
-                        "runs": [asdict(run) | {"cpu_s_per_1k": run.cpu_per_1k} for run in runs],
-                    },
-                    indent=2,
-                )
-            )
+            write_json(args.json, args, summaries=summaries,
+                       runs=[asdict(run) | {"cpu_s_per_1k": run.cpu_per_1k} for run in runs])
         failed = sum(1 for run in runs if run.error)
         return 1 if failed else 0
 

@@ -11,7 +11,7 @@ import pymysql
 import pytest
 
 from support.backends import ADMIN, ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
-from support.proxy import ProxyFactory, ProxyProcess
+from support.proxy import ProxyFactory
 from tiproxy.playground.mariadb import MariaDBServer
 
 pytestmark = pytest.mark.integration
@@ -37,10 +37,6 @@ def no_user_variables(mariadb_factory: MariaDBFactory) -> list[MariaDBServer]:
             for _ in range(2)]
 
 
-def _move(proxy: ProxyProcess, conn_id: int) -> None:
-    old = proxy.session(conn_id)["backend"]
-    proxy.redirect()
-    proxy.wait_moved(conn_id, old)
 
 
 def _state(cur: Any) -> tuple[Any, ...]:
@@ -66,7 +62,7 @@ def test_user_variables_move_where_the_server_cannot_list_them(
         assert before[0] == -42 and before[-3:] == (7, "by :=", "ANSI_QUOTES")
         ports = set()
         for _ in range(4):
-            _move(proxy, conn.thread_id())
+            proxy.move(conn.thread_id())
             assert _state(cur) == before
             cur.execute("SELECT @@port")
             ports.add(cur.fetchone()[0])
@@ -88,7 +84,7 @@ def test_a_user_without_a_password_moves(backends: list[MariaDBServer],
         cur.execute("SET @kept = 'yes'")
         session = proxy.session(conn.thread_id())
         assert "no reusable credential" not in session["waiting"]
-        _move(proxy, conn.thread_id())
+        proxy.move(conn.thread_id())
         cur.execute("SELECT @kept, CURRENT_USER()")
         assert cur.fetchall() == (("yes", "nopass@%"),)
     with pytest.raises(pymysql.err.OperationalError):  # and a wrong password still fails
@@ -96,15 +92,6 @@ def test_a_user_without_a_password_moves(backends: list[MariaDBServer],
                         database="test")
 
 
-def _waits(proxy: ProxyProcess, conn_id: int, reason: str) -> None:
-    """A redirect is asked for; the session stays where it is and says why."""
-    before = proxy.session(conn_id)["backend"]
-    proxy.redirect()
-    deadline = time.monotonic() + 5
-    while reason not in proxy.session(conn_id)["waiting"]:
-        assert time.monotonic() < deadline, proxy.session(conn_id)
-        time.sleep(0.05)
-    assert proxy.session(conn_id)["backend"] == before
 
 
 @pytest.mark.parametrize(("statements", "reason"), [
@@ -125,7 +112,7 @@ def test_every_sql_path_to_session_state_pins(
     with proxy.connect() as conn, conn.cursor() as cur:
         for sql in statements:
             cur.execute(sql)
-        _waits(proxy, conn.thread_id(), reason)
+        proxy.waits(conn.thread_id(), reason)
         cur.execute("SELECT 1")  # the session goes on where its state is
 
 
@@ -139,7 +126,7 @@ def test_a_server_side_prepared_statement_that_creates_a_temporary_table_pins(
         cur = conn.cursor(prepared=True)
         cur.execute("CREATE TEMPORARY TABLE tmp_ps (a INT)")
         conn.cursor().execute("INSERT INTO tmp_ps VALUES (1)")
-        _waits(proxy, conn.connection_id, "temporary tables: tmp_ps")
+        proxy.waits(conn.connection_id, "temporary tables: tmp_ps")
         plain = conn.cursor()
         plain.execute("SELECT COUNT(*) FROM tmp_ps")
         assert plain.fetchall() == [(1,)]
@@ -156,7 +143,7 @@ def test_user_variables_set_through_prepared_statements_move(
         cur.execute("SET @arg = 'via execute'")
         cur.execute("EXECUTE s USING @arg")
         cur.execute("EXECUTE IMMEDIATE 'SET @immediate = 5'")
-        _move(proxy, conn.thread_id())
+        proxy.move(conn.thread_id())
         cur.execute("SELECT @from_prepared, @immediate")
         assert cur.fetchall() == (("via execute", 5),)
         cur.execute("SET @arg = 'again'")

@@ -13,7 +13,6 @@ What is checked, against real MariaDB servers:
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,7 +29,7 @@ from support.backends import (
     MariaDBFactory,
     connect,
 )
-from support.proxy import ProxyFactory, ProxyProcess
+from support.proxy import ProxyFactory
 from tiproxy.playground.mariadb import MariaDBServer
 
 pytestmark = pytest.mark.integration
@@ -64,20 +63,8 @@ def routines(backends: list[MariaDBServer]) -> list[MariaDBServer]:
     return backends
 
 
-def _move(proxy: ProxyProcess, conn_id: int) -> str:
-    old = proxy.session(conn_id)["backend"]
-    proxy.redirect()
-    return proxy.wait_moved(conn_id, old)
 
 
-def _waits(proxy: ProxyProcess, conn_id: int, reason: str) -> None:
-    before = proxy.session(conn_id)["backend"]
-    proxy.redirect()
-    deadline = time.monotonic() + 5
-    while reason not in proxy.session(conn_id)["waiting"]:
-        assert time.monotonic() < deadline, proxy.session(conn_id)
-        time.sleep(0.05)
-    assert proxy.session(conn_id)["backend"] == before
 
 
 # -- what the client receives -------------------------------------------------------------------
@@ -181,7 +168,7 @@ def test_state_a_capture_carries_moves(
             cur.execute(sql)
             cur.fetchall()
         for _ in range(2):
-            _move(proxy, conn.thread_id())
+            proxy.move(conn.thread_id())
             cur.execute(reads)
             assert cur.fetchone() == want
 
@@ -204,7 +191,7 @@ def test_state_no_capture_carries_pins_until_reset(
         for sql in statements:
             cur.execute(sql)
             cur.fetchall()
-        _waits(proxy, conn.connection_id, reason)
+        proxy.waits(conn.connection_id, reason)
         cur.execute(check)  # the state is there, on the backend that has it
         cur.fetchall()
         assert "reset the connection" in proxy.session(conn.connection_id)["waiting"]
@@ -218,7 +205,7 @@ def test_state_no_capture_carries_pins_until_reset(
         for sql in statements:
             cur.execute(sql)
             cur.fetchall()
-        _waits(proxy, conn.connection_id, reason)
+        proxy.waits(conn.connection_id, reason)
     finally:
         conn.close()
 
@@ -230,7 +217,7 @@ def test_a_failed_call_that_left_a_temporary_table_pins(
     with proxy.connect() as conn, conn.cursor() as cur:
         with pytest.raises(pymysql.err.OperationalError, match="st_fail"):
             cur.execute("CALL st_fail()")
-        _waits(proxy, conn.thread_id(), "a temporary table made where the proxy cannot see")
+        proxy.waits(conn.thread_id(), "a temporary table made where the proxy cannot see")
         cur.execute("SELECT COUNT(*) FROM st_fail_tmp")
         assert cur.fetchone() == (0,)
 
@@ -243,7 +230,7 @@ def test_a_prepared_call_is_watched_like_a_plain_one(
                                    password=APP.password, database="test", use_pure=True)
     try:
         conn.cursor(prepared=True).execute("CALL st_temp()")
-        _waits(proxy, conn.connection_id, "a temporary table made where the proxy cannot see")
+        proxy.waits(conn.connection_id, "a temporary table made where the proxy cannot see")
     finally:
         conn.close()
 
@@ -267,7 +254,7 @@ def test_statements_the_proxy_follows_do_not_pin(
                 while cur.nextset():
                     pass
         for _ in range(3):
-            _move(proxy, conn.thread_id())
+            proxy.move(conn.thread_id())
             cur.execute("EXECUTE p")
             assert cur.fetchall() == ((1,),)
         cur.execute("SELECT @@sql_mode, @st_var")
@@ -291,7 +278,7 @@ def test_a_named_lock_taken_in_a_procedure_holds_the_move_until_released(
     proxy = proxy_factory([s.addr for s in lock_info_servers], ADMIN_TOML)
     with proxy.connect(autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("CALL st_lock()")
-        _waits(proxy, conn.thread_id(), "named locks taken where the proxy cannot see")
+        proxy.waits(conn.thread_id(), "named locks taken where the proxy cannot see")
         assert "st lock" in proxy.session(conn.thread_id())["waiting"]
         cur.execute("SELECT IS_USED_LOCK('st lock') = CONNECTION_ID()")
         assert cur.fetchone() == (1,)  # still held, where it was taken

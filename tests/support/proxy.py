@@ -138,6 +138,22 @@ class ProxyProcess:
             time.sleep(0.01)
         raise AssertionError(f"session {conn_id} did not move: {self.session(conn_id)}")
 
+    def move(self, conn_id: int) -> str:
+        """Redirect every session and wait until this one sits on another backend; that one."""
+        old = self.session(conn_id)["backend"]
+        self.redirect()
+        return self.wait_moved(conn_id, old)
+
+    def waits(self, conn_id: int, reason: str, timeout: float = 5) -> None:
+        """Redirect; the session stays where it is and says `reason` is why."""
+        before = self.session(conn_id)["backend"]
+        self.redirect()
+        deadline = time.monotonic() + timeout
+        while reason not in self.session(conn_id)["waiting"]:
+            assert time.monotonic() < deadline, self.session(conn_id)
+            time.sleep(0.05)
+        assert self.session(conn_id)["backend"] == before
+
     def backends(self) -> list[dict[str, Any]]:
         status, body = self.api("/api/admin/backends")
         assert status == 200, body
