@@ -22,6 +22,15 @@ import pytest
 from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, EDU, connect
 from support.proxy import ProxyFactory
 from tiproxy.playground.mariadb import MariaDBServer
+from tiproxy.protocol.auth import native_password_scramble
+from tiproxy.protocol.constants import Capability
+from tiproxy.protocol.packets import (
+    HandshakeResponse,
+    build_handshake_response,
+    frame,
+    parse_auth_switch,
+    parse_greeting,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -96,3 +105,80 @@ def test_tcp_checks_of_an_idle_proxy_open_no_backend_connection(
     time.sleep(0.5)
     # One backend connection at most: the proxy learning what to greet with, once.
     assert _aborted_connects(server) - before <= 1
+
+
+def _threads_connected(server: MariaDBServer) -> int:
+    with connect(server) as conn, conn.cursor() as cur:
+        cur.execute("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
+        return int(cur.fetchone()[1]) - 1  # not this one
+
+
+def _raw_login(port: int, pause: float) -> list[int]:
+    """Log in as APP with a hand-made client that waits `pause` seconds between the greeting and
+    its answer; the sequence ids of the answers it got (auth switch, OK)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        _, greeting = _read_packet(sock)
+        time.sleep(pause)
+        caps = (Capability.PROTOCOL_41 | Capability.SECURE_CONNECTION | Capability.PLUGIN_AUTH
+                | Capability.LONG_PASSWORD)
+        response = HandshakeResponse(
+            capabilities=caps, max_packet=1 << 24, charset=45, user=APP.name.encode(),
+            auth_data=native_password_scramble(APP.password.encode(),
+                                               parse_greeting(greeting).salt),
+            auth_plugin="mysql_native_password")
+        sock.sendall(frame(build_handshake_response(response), 1))
+        seqs = []
+        seq, answer = _read_packet(sock)
+        seqs.append(seq)
+        if answer[:1] == b"\xfe":
+            switch = parse_auth_switch(answer)
+            sock.sendall(frame(native_password_scramble(APP.password.encode(),
+                                                        switch.data[:20]), seq + 1))
+            seq, answer = _read_packet(sock)
+            seqs.append(seq)
+        assert answer[:1] == b"\x00", answer
+        return seqs
+
+
+def _read_packet(sock: socket.socket) -> tuple[int, bytes]:
+    header = b""
+    while len(header) < 4:
+        header += sock.recv(4 - len(header))
+    length = int.from_bytes(header[:3], "little")
+    data = b""
+    while len(data) < length:
+        chunk = sock.recv(length - len(data))
+        assert chunk, "closed"
+        data += chunk
+    return header[3], data
+
+
+def test_an_early_backend_that_hung_up_is_replaced(
+    mariadb_factory: Any, proxy_factory: ProxyFactory,
+) -> None:
+    """The backend closes the early connection (its connect_timeout) while the client takes its
+    time to answer the greeting: the login goes on over a new connection, at once."""
+    server = mariadb_factory((*BACKEND_ARGS, "--connect-timeout=2"), BACKEND_USERS)
+    proxy = proxy_factory([server.addr])
+    assert _raw_login(proxy.port, 0) in ([2], [2, 4])  # whichever greeting, it logs in
+    started = time.monotonic()
+    assert _raw_login(proxy.port, 3) == [2, 4]  # the early salt is gone: an auth switch
+    assert time.monotonic() - started < 10  # not the 30 s login timeout
+    assert proxy.alive
+
+
+def test_clients_that_hang_up_before_answering_leave_no_backend_connection(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([backends[0].addr])
+    proxy.connect().close()  # clients are logging in: new ones get an early backend
+    baseline = _threads_connected(backends[0])
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", proxy.port)):
+            time.sleep(0.01)
+    deadline = time.monotonic() + 3
+    while _threads_connected(backends[0]) > baseline:
+        assert time.monotonic() < deadline, "backend connections left behind"
+        time.sleep(0.1)
+    with proxy.connect() as conn, conn.cursor() as cur:  # and logins still work
+        cur.execute("SELECT 1")

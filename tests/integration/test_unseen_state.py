@@ -287,3 +287,28 @@ def test_a_named_lock_taken_in_a_procedure_holds_the_move_until_released(
         proxy.wait_moved(conn.thread_id(), pinned_on, timeout=15)  # checked again: moves
         cur.execute("SELECT IS_USED_LOCK('st lock')")
         assert cur.fetchone() == (None,)
+
+
+def test_a_failed_change_user_resets_what_the_proxy_counts(
+    routines: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """MariaDB resets the session even when COM_CHANGE_USER fails (the user stays): the proxy
+    must forget what it counted too, or a temporary table a procedure makes afterwards would
+    look like the one the client made before."""
+    proxy = proxy_factory([b.addr for b in routines], ADMIN_TOML)
+    conn = mysql.connector.connect(host="127.0.0.1", port=proxy.port, user=APP.name,
+                                   password=APP.password, database="test", use_pure=True)
+    try:
+        cur = conn.cursor()
+        cur.execute("CREATE TEMPORARY TABLE st_tmp (a INT)")
+        with pytest.raises(mysql.connector.Error):
+            conn.cmd_change_user(username=APP.name, password="wrong", database="test")
+        cur = conn.cursor()
+        cur.execute("SELECT CURRENT_USER()")
+        assert cur.fetchall() == [(f"{APP.name}@%",)]
+        with pytest.raises(mysql.connector.Error):  # the server dropped it
+            cur.execute("SELECT * FROM st_tmp")
+        cur.execute("CALL st_temp()")  # makes st_tmp again, where the proxy cannot see
+        proxy.waits(conn.connection_id, "a temporary table made where the proxy cannot see")
+    finally:
+        conn.close()

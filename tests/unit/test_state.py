@@ -48,3 +48,21 @@ def test_the_capture_reads_named_locks_where_the_server_lists_them() -> None:
     assert missing_table(1109, "Unknown table 'user_variables' in information_schema") \
         == "USER_VARIABLES"
     assert missing_table(1146, message) is None
+
+
+def test_routine_bodies_and_flush_status() -> None:
+    """A stored program's body runs later, elsewhere: creating one makes nothing now. FLUSH
+    STATUS zeroes the server's counts, so they cannot be compared any more."""
+    body = (b"CREATE DEFINER=`app`@`%` PROCEDURE fill() BEGIN DROP TEMPORARY TABLE IF EXISTS t;"
+            b" CREATE TEMPORARY TABLE tmp_ids (id INT); PREPARE s FROM 'SELECT 1'; END")
+    assert not statement_effects(body)
+    for create in (b"create or replace function f() returns int return 1",
+                   b"/* c */ CREATE TRIGGER tr AFTER INSERT ON t FOR EACH ROW SET @x = 1",
+                   b"CREATE EVENT e ON SCHEDULE EVERY 1 DAY DO CREATE TEMPORARY TABLE x (a INT)"):
+        assert not statement_effects(create)
+    state = SessionState()
+    state.apply(statement_effects(b"FLUSH LOCAL STATUS"))
+    assert "FLUSH STATUS" in state.unseen({TEMP: 0, PREP: 0})
+    assert state.unseen({}) == ""  # a server without the counts: nothing to compare anyway
+    state.reset()
+    assert state.unseen({TEMP: 0, PREP: 0}) == ""

@@ -45,7 +45,9 @@ class BackendLeg(asyncio.Protocol):
     async def start_tls(self, ctx: ssl.SSLContext, server_hostname: str) -> None:
         """Upgrade to TLS after the SSLRequest (detached, nothing unread: the server sends
         nothing between its greeting and the TLS handshake). Raises OSError or ssl.SSLError."""
-        assert self.transport is not None and self.session is None and self.clean
+        assert self.transport is not None and self.session is None
+        if self.closed or not self.clean:
+            raise ConnectionError("backend connection closed before its TLS handshake")
         loop = asyncio.get_running_loop()
         tls = await loop.start_tls(self.transport, self, ctx, server_hostname=server_hostname,
                                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
@@ -118,6 +120,8 @@ class BackendLeg(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
+        if self.transport.is_closing():  # uvloop raises RuntimeError on a closed handle
+            raise ConnectionError("backend connection closed")
         self.transport.write(data)
 
     def attach(self, session: Session) -> None:

@@ -12,8 +12,10 @@ data may stay unacknowledged before the kernel gives up on the connection.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
+from pathlib import Path
 
 from tiproxy.config.model import KeepAliveConfig
 
@@ -28,16 +30,31 @@ def apply_keepalive(transport: asyncio.BaseTransport | None, cfg: KeepAliveConfi
 
 def apply_keepalive_socket(sock: socket.socket, cfg: KeepAliveConfig) -> None:
     """On a listening socket, for the connections it accepts from then on (Linux copies these
-    options to each accepted socket)."""
+    options to each accepted socket). A value of 0 sets the kernel's default explicitly, so a
+    reload back to 0 undoes what an earlier value set on the listening socket."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(cfg.enabled))
         if cfg.enabled:
             for option, value in ((socket.TCP_KEEPIDLE, cfg.idle),
                                   (socket.TCP_KEEPINTVL, cfg.intvl),
                                   (socket.TCP_KEEPCNT, cfg.cnt)):
-                if value > 0:
-                    sock.setsockopt(socket.IPPROTO_TCP, option, max(1, int(value)))
-        if cfg.timeout > 0:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(cfg.timeout * 1000))
+                chosen = max(1, int(value)) if value > 0 else _kernel_default(option)
+                if chosen:
+                    sock.setsockopt(socket.IPPROTO_TCP, option, chosen)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                        int(cfg.timeout * 1000) if cfg.timeout > 0 else 0)  # 0: the default
     except OSError as e:  # a socket closing under us: nothing to keep alive
         log.debug("keep-alive not set: %s", e)
+
+
+_SYSCTL = {socket.TCP_KEEPIDLE: "tcp_keepalive_time", socket.TCP_KEEPINTVL: "tcp_keepalive_intvl",
+           socket.TCP_KEEPCNT: "tcp_keepalive_probes"}
+
+
+@functools.cache
+def _kernel_default(option: int) -> int:
+    """The kernel's value for a keep-alive option (net.ipv4.*); 0 where it cannot be read."""
+    try:
+        return int(Path("/proc/sys/net/ipv4", _SYSCTL[option]).read_text())
+    except (OSError, ValueError):
+        return 0

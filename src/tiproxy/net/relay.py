@@ -99,6 +99,10 @@ log = logging.getLogger("tiproxy.session")
 ER_UNKNOWN_ERROR = 1105
 LOGIN_PACKET_LIMIT = 1 << 20  # a handshake response with connect attributes is a few KiB
 LOGIN_TIMEOUT = 30.0  # a client that does not finish logging in by then is cut off
+# Early backend connections (before the greeting) waiting for their clients at once, at most:
+# a burst of connections that never log in cannot take more of the backends' connections.
+EARLY_LEGS_MAX = 64
+SALT_LENGTH = 20  # the greeting's salt the proxy can hand on (8 + 12 bytes)
 NO_CREDENTIAL = "no reusable credential"
 EMPTY_PASSWORD = b""  # the credential of a user without a password (else SHA1(password))
 
@@ -226,9 +230,7 @@ class Session(SessionMoves):
                 self._refuse_no_backend(0)
                 return
         if self.phase == CLOSED:
-            if self._early is not None:
-                self._early[1].abort()
-            return
+            return  # close() dropped the early backend connection, if there was one
         tls = self.server.tls
         self.login = Login(template or router.template, self.id,
                            tls_available=tls.server is not None, sql_tls=tls.sql is not None,
@@ -242,27 +244,52 @@ class Session(SessionMoves):
         saved). Only where the backend does not depend on the user (no user namespaces), and
         only while clients are logging in (server.logins_recently): a proxy probed by a load
         balancer's TCP checks and nothing else opens no backend connections for them."""
-        router = self.server.router
-        if router.user_namespaces:
+        server, router = self.server, self.server.router
+        if router.user_namespaces or server.early_legs >= EARLY_LEGS_MAX:
             return None
         for backend in router.candidates()[:1]:
             leg: BackendLeg | None = None
+            server.early_legs += 1
             try:
                 leg = await BackendLeg.open(backend.host, backend.port)
                 _, payload = await leg.read_packet(CONNECT_TIMEOUT)
                 greeting = parse_greeting(payload) if payload[:1] != b"\xff" else None
             except (OSError, TimeoutError, ProtocolError) as e:
                 router.failed(backend, _reason(e))
-                if leg is not None:
-                    leg.abort()
                 return None
-            if greeting is None or not greeting.capabilities & Capability.PLUGIN_AUTH:
-                leg.abort()
-                return None
-            router.succeeded(backend, greeting)
-            self._early = (backend, leg, payload)
-            return greeting
+            else:
+                if greeting is None or not greeting.capabilities & Capability.PLUGIN_AUTH \
+                        or len(greeting.salt) != SALT_LENGTH:
+                    return None  # the usual path, with a greeting of the proxy's own
+                router.succeeded(backend, greeting)
+                self._early = (backend, leg, payload)
+                backend.connections += 1  # counted now, so that a burst spreads
+                return greeting
+            finally:
+                if self._early is None:
+                    server.early_legs -= 1
+                    if leg is not None:
+                        leg.abort()
         return None
+
+    def _candidates(self) -> tuple[list[Backend], tuple[Backend, BackendLeg, bytes] | None]:
+        """The backends to try for this login, best first: the early one first while it is
+        still a choice for the user's namespace (else its connection is dropped)."""
+        candidates = self.server.router.candidates(namespace=self.namespace)
+        early = self._take_early()
+        if early is not None and early[0] in candidates:
+            return [early[0], *(b for b in candidates if b is not early[0])], early
+        if early is not None:
+            early[1].abort()
+        return candidates, None
+
+    def _take_early(self) -> tuple[Backend, BackendLeg, bytes] | None:
+        """The early backend connection, for the route to use or drop; nobody else's."""
+        early, self._early = self._early, None
+        if early is not None:
+            self.server.early_legs -= 1
+            early[0].connections -= 1  # counted again if the login goes through on it
+        return early
 
     def _login_client_data(self, data: bytes) -> None:
         if self._tls_early is not None:  # decrypted before start_tls returned: keep it
@@ -324,13 +351,7 @@ class Session(SessionMoves):
         router = self.server.router
         self.namespace = router.namespace_of_user(self.user)
         unfit = ""
-        candidates = router.candidates(namespace=self.namespace)
-        early, self._early = self._early, None
-        if early is not None and early[0] in candidates:  # still a choice: it goes first
-            candidates = [early[0], *(b for b in candidates if b is not early[0])]
-        elif early is not None:
-            early[1].abort()
-            early = None
+        candidates, early = self._candidates()
         for backend in candidates:
             if self.phase == CLOSED:
                 if early is not None:
@@ -353,6 +374,11 @@ class Session(SessionMoves):
                 if leg is not None:
                     leg.abort()
                 continue
+            except BaseException:  # cancelled: the session is closing
+                for other in (leg, early[1] if early is not None else None):
+                    if other is not None:
+                        other.abort()
+                raise
             if self.phase == CLOSED:
                 leg.abort()
                 return
@@ -376,6 +402,9 @@ class Session(SessionMoves):
         """A leg to `backend` that has greeted, and what the login answers its greeting."""
         login = self.login
         assert login is not None
+        if early is not None and (early[1].closed or not early[1].clean):
+            early[1].abort()  # the backend hung up while the client was answering: a new leg
+            early = None
         leg = early[1] if early is not None else await BackendLeg.open(backend.host, backend.port)
         try:
             if early is not None:
@@ -825,6 +854,9 @@ class Session(SessionMoves):
     def _user_changed(self, user: str, failed: bool) -> None:
         if failed:
             self._native_exchange = None
+            if self.dialect != "tidb":
+                # MariaDB keeps the old user but has reset the session all the same.
+                self.state.reset()
             return
         self.user = user
         self.state.reset()
@@ -911,9 +943,9 @@ class Session(SessionMoves):
             self._login_timer.cancel()
         if self._soon is not None:
             self._soon.cancel()
-        if self._early is not None:
-            self._early[1].abort()
-            self._early = None
+        early = self._take_early()
+        if early is not None:
+            early[1].abort()
         for task in (self._task, self._move_task):
             if task is not None and not task.done():
                 task.cancel()

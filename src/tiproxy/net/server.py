@@ -87,6 +87,7 @@ class ProxyServer:
         self._next_id = 0
         self.last_login = float("-inf")  # when a session last logged in (monotonic)
         self._template_probe: asyncio.Task[None] | None = None
+        self.early_legs = 0  # backend connections made before a greeting, not yet taken
         self._servers: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._shutting_down = False

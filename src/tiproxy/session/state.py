@@ -54,6 +54,7 @@ class SessionState:
     # counted (see unseen()); hidden: what the comparison found, a pin until a reset.
     temp_creates: int = 0
     sql_prepares: int = 0
+    counts_reset: bool = False  # FLUSH STATUS since the last reset: the comparison is off
     hidden: str = ""
     # SQL PREPAREd from a variable: prepared again after a move, the variable's text now might
     # not be the text then. A pin until deallocated.
@@ -127,6 +128,7 @@ class SessionState:
 
     def apply(self, fx: StatementEffects) -> None:
         """A statement succeeded: record what it did."""
+        self.counts_reset = self.counts_reset or fx.counts_reset
         self.temp_tables.update(fx.temp_created)
         self.temp_creates += len(fx.temp_created)
         for name in fx.temp_dropped:
@@ -197,6 +199,9 @@ class SessionState:
         the ones it saw succeed: the server counting more means some were made unseen (or failed,
         which the server counts too), and no move can carry them.
         """
+        if self.counts_reset and counts:
+            return ("FLUSH STATUS reset the server's counts of what this connection made, so "
+                    "they cannot be compared: reset the connection to move")
         made = []
         if counts.get("COM_CREATE_TEMPORARY_TABLE", self.temp_creates) != self.temp_creates:
             made.append("a temporary table")

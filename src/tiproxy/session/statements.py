@@ -26,13 +26,13 @@ from tiproxy.session.commands import MAYBE_KILL_FIRST_BYTES
 # PREPARE, DEALLOCATE, EXECUTE, KILL, HANDLER, XA) or that hide their first keyword behind
 # whitespace or a comment. BEGIN and START matter only while a move is due, when every statement
 # is looked at.
-STATE_FIRST_BYTES = frozenset(b"CcDdLlUuPpHhXxEeSs") | MAYBE_KILL_FIRST_BYTES
+STATE_FIRST_BYTES = frozenset(b"CcDdLlUuPpHhXxEeSsFf") | MAYBE_KILL_FIRST_BYTES
 LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # The first four letters, upper case, of the statements behind STATE_FIRST_BYTES that do change
 # tracked state. COMMIT, UPDATE, DELETE, CALL, LOAD and the like start with the same letters
 # and are common: a four-byte look lets them stay on the fast path.
 STATE_PREFIXES = frozenset((b"CREA", b"DROP", b"DEAL", b"LOCK", b"UNLO", b"PREP", b"HAND",
-                            b"KILL", b"EXEC", b"SET ", b"USE "))
+                            b"KILL", b"EXEC", b"SET ", b"USE ", b"FLUS"))
 
 _LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
 _WORD = re.compile(rb"[A-Za-z_]+")
@@ -73,6 +73,14 @@ _SESSION_ONLY = re.compile(rb"(?<![@\w$])(?:@@(?:SESSION\.|LOCAL\.)?|(?:SESSION|
                            rb"(timestamp|insert_id)\s*:?=\s*(DEFAULT\b|0+(?![\d.]))?",
                            re.IGNORECASE)
 SESSION_ONLY_TYPES = {"timestamp": "DOUBLE", "insert_id": "BIGINT UNSIGNED"}
+# CREATE PROCEDURE/FUNCTION/TRIGGER/EVENT/PACKAGE: the body's statements run later, elsewhere
+# (inside CALL and the like), so nothing in it is read as this statement's effects.
+_CREATE_ROUTINE = re.compile(
+    rb"CREATE\s+(?:OR\s+REPLACE\s+)?(?:DEFINER\s*=\s*(?:CURRENT_USER(?:\s*\(\s*\))?|\S+)\s+)?"
+    rb"(?:SQL\s+SECURITY\s+\w+\s+)?(?:AGGREGATE\s+)?(?:PROCEDURE|FUNCTION|TRIGGER|EVENT|PACKAGE)\b",
+    re.IGNORECASE)
+# FLUSH STATUS zeroes the connection's counters that SessionState.unseen compares.
+_FLUSH_STATUS = re.compile(rb"FLUSH\b.*\bSTATUS\b", re.IGNORECASE | re.DOTALL)
 _BEGIN = re.compile(rb"(?:BEGIN(?:\s+WORK)?|START\s+TRANSACTION\b[^;]*)\s*;?\s*\Z", re.IGNORECASE)
 
 
@@ -173,6 +181,7 @@ class StatementEffects:
     opaque: str = ""  # why this statement's effects cannot be known (it is then a pin)
     session_only: tuple[tuple[str, bool], ...] = ()  # (timestamp|insert_id, set: True/unset)
     use_db: bytes | None = None  # USE db: the current database after it
+    counts_reset: bool = False  # FLUSH STATUS: the server's counts start again from 0
 
     def __bool__(self) -> bool:
         return self != _NOTHING
@@ -219,6 +228,8 @@ def statement_effects(sql: bytes) -> StatementEffects:
     """Parse a statement that passed may_change_state. Statements in a multi-statement query
     are each looked at."""
     effects = StatementEffects()
+    if _CREATE_ROUTINE.match(sql, _skip_leading(sql)):
+        return effects  # one statement, whatever semicolons its body holds
     for part in _split(sql):
         _one_statement(part, effects)
     return effects
@@ -277,6 +288,13 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
             fx.handler_closed = _name(m.group(1))
     elif word in (b"BEGIN", b"START") and _BEGIN.match(body):
         fx.begins_transaction = True
+    elif word == b"FLUSH" and _FLUSH_STATUS.match(body):
+        fx.counts_reset = True
+    _lock_functions(body, fx)
+
+
+def _lock_functions(body: bytes, fx: StatementEffects) -> None:
+    """GET_LOCK, RELEASE_LOCK and RELEASE_ALL_LOCKS anywhere in the statement."""
     if _GET_LOCK.search(body):
         m = _GET_LOCK_NAME.search(body)
         fx.named_lock = _literal(m.group(1)) if m else ""
