@@ -97,12 +97,12 @@ def test_a_session_with_mariadb_extensions_moves(backends: list[MariaDBServer],
         conn.close()
 
 
-def _c_client(tmp_path: Path) -> Path:
-    """ps_progress.c built against Debian's MariaDB Connector/C (libmariadb-dev)."""
-    source = Path(__file__).parent.parent / "support" / "c" / "ps_progress.c"
+def _c_client(tmp_path: Path, name: str = "ps_progress") -> Path:
+    """tests/support/c/<name>.c built against Debian's MariaDB Connector/C (libmariadb-dev)."""
+    source = Path(__file__).parent.parent / "support" / "c" / f"{name}.c"
     flags = subprocess.run(["mariadb_config", "--cflags", "--libs"], capture_output=True,
                            text=True, check=True).stdout.split()
-    binary = tmp_path / "ps_progress"
+    binary = tmp_path / name
     subprocess.run(["cc", "-Wall", "-o", str(binary), str(source), *flags], check=True,
                    timeout=120)
     return binary
@@ -152,3 +152,43 @@ def test_cached_metadata_and_progress_reports_come_through(
         proxy.wait_moved(session["id"], session["backend"])
 
     assert _run_c_client(binary, proxy.port, move) == direct
+
+
+CORNERS = """
+CREATE OR REPLACE TABLE corners_load (a INT, b VARCHAR(10));
+DELIMITER //
+CREATE OR REPLACE PROCEDURE corners_open_cursor() BEGIN
+  DECLARE c1 CURSOR FOR SELECT 1;
+  OPEN c1;
+  SELECT seq, seq * 10 FROM seq_1_to_3;
+END//
+CREATE OR REPLACE FUNCTION corners_out_of_range() RETURNS TINYINT RETURN 1000//
+DELIMITER ;
+"""
+
+
+def test_binary_protocol_corners_found_by_mariadbs_own_test_suite(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory, tmp_path: Path,
+) -> None:
+    """A prepared CALL whose procedure holds a cursor open, a prepared LOAD DATA LOCAL INFILE,
+    and a cursor that fails to open: each used to end the session through the proxy (MariaDB's
+    test suite with --ps-protocol and --cursor-protocol found them). Connector/C gets the same
+    through the proxy as directly, and stays connected."""
+    backends[0].sql(CORNERS, database="test")
+    data = tmp_path / "corners.txt"
+    data.write_text("1\tone\n2\ttwo\n")
+    binary = _c_client(tmp_path, "ps_corners")
+    proxy = proxy_factory([backends[0].addr], ADMIN_TOML)
+    outputs = []
+    for port in (backends[0].port, proxy.port):
+        backends[0].sql("TRUNCATE TABLE corners_load", database="test")
+        out = subprocess.run([str(binary), "127.0.0.1", str(port), APP.name, APP.password,
+                              "test", str(data)], capture_output=True, text=True, timeout=60,
+                             check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        outputs.append(out.stdout)
+    direct, through = outputs
+    assert "  1 10\n  2 20\n  3 30\n" in direct and "  affected 2\n" in direct
+    assert "  error 1264\n" in direct and direct.endswith("still connected\n")
+    assert through == direct
+    assert "protocol error" not in proxy.log()

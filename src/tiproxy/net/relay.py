@@ -132,6 +132,8 @@ _EXECUTE = int(Command.STMT_EXECUTE)
 _IN_TRANS = int(ServerStatus.IN_TRANS)
 _CURSOR_EXISTS = int(ServerStatus.CURSOR_EXISTS)
 _LAST_ROW_SENT = int(ServerStatus.LAST_ROW_SENT)
+# COM_STMT_EXECUTE's flags byte: CURSOR_TYPE_READ_ONLY, FOR_UPDATE, SCROLLABLE
+_CURSOR_TYPES = 0x07
 
 LOGIN, COMMAND, CLOSED = 0, 1, 2
 
@@ -682,6 +684,8 @@ class Session(SessionMoves):
             if result is None:
                 return True
             packet, token = result
+            if cmd == _EXECUTE and length > 5 and packet[9] & _CURSOR_TYPES:
+                kind = Expect.CURSOR  # only a cursor asked for ends the response at the EOF
         elif cmd == Command.STMT_PREPARE:
             if b"@" in packet:
                 self.state.note_user_vars(user_variable_names(packet[5:]))

@@ -87,6 +87,8 @@ terminator(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
 
 /*
  * scan_result(data, pos, deprecate_eof, binary, status) -> (end, status, failed) | None
+ * binary: 0 text, 1 binary, 2 binary with a cursor asked for (only then CURSOR_EXISTS after the
+ * column definitions ends the response).
  *
  * A whole result response (what COM_QUERY or COM_STMT_EXECUTE gets back, several results if
  * MORE_RESULTS_EXISTS says so) lying wholly in `data` from `pos`: where it ends, the status
@@ -106,7 +108,7 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     Py_ssize_t pos = PyLong_AsSsize_t(args[1]);
     int deprecate_eof = PyObject_IsTrue(args[2]);
-    int binary = PyObject_IsTrue(args[3]);
+    long binary = PyLong_AsLong(args[3]);
     long status = PyLong_AsLong(args[4]);
     if (PyErr_Occurred())
         return NULL;
@@ -158,7 +160,7 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (st < 0) goto plain;
             pos += 4 + len;
             status = st;
-            if (binary && (st & CURSOR_EXISTS)) {  /* a cursor: rows come with COM_STMT_FETCH */
+            if (binary == 2 && (st & CURSOR_EXISTS)) {  /* a cursor: rows come with COM_STMT_FETCH */
                 done = !(st & MORE_RESULTS);
                 continue;
             }
@@ -174,6 +176,8 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 break;
             }
             if (first == 0xFF) {
+                if (len >= 3 && p[pos - len + 1] == 0xFF && p[pos - len + 2] == 0xFF)
+                    goto plain;                    /* a progress report between rows */
                 failed = 1;
                 done = 1;
                 break;

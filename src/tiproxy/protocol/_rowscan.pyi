@@ -2,5 +2,5 @@ from tiproxy.protocol.codec import Buffer
 
 def skip_plain_rows(data: Buffer, pos: int, /) -> int: ...
 def scan_result(
-    data: Buffer, pos: int, deprecate_eof: bool, binary: bool, status: int, /
+    data: Buffer, pos: int, deprecate_eof: bool, binary: int, status: int, /
 ) -> tuple[int, int, bool] | None: ...

@@ -52,6 +52,10 @@ class Expect(enum.IntEnum):
     FETCH = 5  # binary rows then a terminator | ERR
     FIELD_LIST = 6  # column definitions then a terminator | ERR
     AUTH = 7  # COM_CHANGE_USER: auth switch and more-data rounds, then OK | ERR
+    # COM_STMT_EXECUTE that asked for a cursor: as BINARY, and a CURSOR_EXISTS status after the
+    # column definitions ends the response (rows come with COM_STMT_FETCH). Only then: a plain
+    # execute of a CALL whose procedure has a cursor open carries the flag too, rows following.
+    CURSOR = 8
 
 
 # What every command's response looks like. A command missing here is refused by the proxy.
@@ -104,6 +108,12 @@ AUTH = 10
 # Plain ints: IntFlag arithmetic costs a Python call per operation on the hot path.
 _MORE = int(ServerStatus.MORE_RESULTS_EXISTS)
 _CURSOR = int(ServerStatus.CURSOR_EXISTS)
+_CURSOR_BINARY = 2  # ResponseTracker._binary: 0 text, 1 binary, 2 binary with a cursor asked for
+
+
+def _progress(buf: Buffer, start: int, length: int) -> bool:
+    """An ERR packet (read whole) that is a MariaDB progress report: error code 0xFFFF."""
+    return length >= 3 and buf[start + 1] == 0xFF and buf[start + 2] == 0xFF
 
 
 def terminator_status(buf: Buffer, start: int, length: int) -> int:
@@ -138,6 +148,7 @@ def _lenenc(buf: Buffer, pos: int) -> tuple[int, int]:
 _FIRST_PHASE = {
     Expect.RESULT: FIRST,
     Expect.BINARY: FIRST,
+    Expect.CURSOR: FIRST,
     Expect.SINGLE: SINGLE,
     Expect.PREPARE: PREPARE_OK,
     Expect.FETCH: ROWS,
@@ -165,7 +176,7 @@ def _skip_plain_rows_py(data: Buffer, pos: int) -> int:
     return pos
 
 
-ScanResult = Callable[[Buffer, int, bool, bool, int], "tuple[int, int, bool] | None"]
+ScanResult = Callable[[Buffer, int, bool, int, int], "tuple[int, int, bool] | None"]
 scan_result: ScanResult | None
 try:
     from tiproxy.protocol._rowscan import scan_result, skip_plain_rows
@@ -213,7 +224,7 @@ class ResponseTracker:
         self._carry = bytearray()
         self._skip = 0  # payload bytes of the current packet still to pass over
         self._continued = False  # the last packet was 16 MiB: the next one continues it
-        self._binary = False
+        self._binary = 0  # 0 text, 1 binary, _CURSOR_BINARY
         self._columns = 0
         self._defs_left = 0
         self._eof_after_defs = 0  # PREPARE: column definitions still to come after the params
@@ -366,8 +377,8 @@ class ResponseTracker:
             first = buf[start]
             if first == 0xFE and length < MAX_PAYLOAD:
                 self._end_result(terminator_status(buf, start, length))
-            elif first == 0xFF:
-                self._finish(self.status, True)
+            elif first == 0xFF and not _progress(buf, start, length):
+                self._finish(self.status, True)  # (REPAIR TABLE reports between its rows)
             return
         if phase == COLUMNS:
             self._columns -= 1
@@ -378,10 +389,14 @@ class ResponseTracker:
         if phase == FIRST:
             self._first(buf, start, length, first)
         elif phase == COLUMNS_EOF:
+            if first == 0xFF:
+                if not _progress(buf, start, length):
+                    self._finish(self.status, True)  # a cursor that failed to open
+                return
             if first != 0xFE:
                 raise ProtocolError("column definitions not followed by EOF", Origin.BACKEND)
             status = terminator_status(buf, start, length)
-            if self._binary and status & _CURSOR:
+            if self._binary == _CURSOR_BINARY and status & _CURSOR:
                 self._end_result(status)  # a cursor: rows come with COM_STMT_FETCH
             else:
                 self.status = status
@@ -424,11 +439,12 @@ class ResponseTracker:
         if first == 0x00:
             self._end_result(ok_status(buf, start, length))
         elif first == 0xFF:
-            if length >= 3 and buf[start + 1] == 0xFF and buf[start + 2] == 0xFF:
-                return  # a progress report: the answer is still to come
-            self._finish(self.status, True)
-        elif first == 0xFB and not self._binary:
-            self.local_infile = True  # the OK or ERR comes after the client's file
+            if not _progress(buf, start, length):  # a report: the answer is still to come
+                self._finish(self.status, True)
+        elif first == 0xFB:
+            # LOCAL INFILE (a prepared LOAD DATA LOCAL too): the OK or ERR comes after the
+            # client's file. No column count starts with 0xFB (the length-encoded NULL).
+            self.local_infile = True
         elif first == 0xFE:
             self._end_result(terminator_status(buf, start, length))
         else:
@@ -504,5 +520,6 @@ class ResponseTracker:
 
     def _start_next(self) -> None:
         kind, _ = self._pending[0]
-        self._binary = kind is Expect.BINARY or kind is Expect.FETCH
+        self._binary = (_CURSOR_BINARY if kind is Expect.CURSOR
+                        else int(kind is Expect.BINARY or kind is Expect.FETCH))
         self.phase = _FIRST_PHASE[kind]
