@@ -46,7 +46,7 @@ class Expect(enum.IntEnum):
 
     NOTHING = 0  # COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA, COM_QUIT
     RESULT = 1  # OK | ERR | LOCAL INFILE | text result sets, possibly several
-    BINARY = 2  # COM_STMT_EXECUTE: OK | ERR | binary result sets; a cursor ends after the columns
+    BINARY = 2  # COM_STMT_EXECUTE: OK | ERR | LOCAL INFILE | binary result sets
     SINGLE = 3  # exactly one packet of any shape (COM_PING, COM_STATISTICS, ...)
     PREPARE = 4  # PREPARE_OK, parameter and column definitions | ERR
     FETCH = 5  # binary rows then a terminator | ERR
@@ -224,7 +224,7 @@ class ResponseTracker:
         self._carry = bytearray()
         self._skip = 0  # payload bytes of the current packet still to pass over
         self._continued = False  # the last packet was 16 MiB: the next one continues it
-        self._binary = 0  # 0 text, 1 binary, _CURSOR_BINARY
+        self._binary = 0  # 0 text, 1 binary, _CURSOR_BINARY: a cursor was asked for
         self._columns = 0
         self._defs_left = 0
         self._eof_after_defs = 0  # PREPARE: column definitions still to come after the params
