@@ -19,7 +19,15 @@ import MySQLdb
 import pymysql
 import pytest
 
-from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, EDU, connect
+from support.backends import (
+    ADMIN_TOML,
+    APP,
+    BACKEND_ARGS,
+    BACKEND_USERS,
+    EDU,
+    MariaDBFactory,
+    connect,
+)
 from support.proxy import ProxyFactory
 from tiproxy.playground.mariadb import MariaDBServer
 from tiproxy.protocol.auth import native_password_scramble
@@ -92,7 +100,7 @@ def test_a_login_while_clients_log_in_needs_no_authentication_switch(
 
 
 def test_tcp_checks_of_an_idle_proxy_open_no_backend_connection(
-    mariadb_factory: Any, proxy_factory: ProxyFactory,
+    mariadb_factory: MariaDBFactory, proxy_factory: ProxyFactory,
 ) -> None:
     server = mariadb_factory(BACKEND_ARGS, BACKEND_USERS)
     # Health checks off: without an account they read greetings too, every few seconds.
@@ -154,7 +162,7 @@ def _read_packet(sock: socket.socket) -> tuple[int, bytes]:
 
 
 def test_an_early_backend_that_hung_up_is_replaced(
-    mariadb_factory: Any, proxy_factory: ProxyFactory,
+    mariadb_factory: MariaDBFactory, proxy_factory: ProxyFactory,
 ) -> None:
     """The backend closes the early connection (its connect_timeout) while the client takes its
     time to answer the greeting: the login goes on over a new connection, at once."""

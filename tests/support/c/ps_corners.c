@@ -8,32 +8,12 @@
  *
  *   ps_corners HOST PORT USER PASSWORD DATABASE FILE
  */
-#include <mysql.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-static void die(const char *what, const char *error)
-{
-    printf("ERROR %s: %s\n", what, error);
-    exit(1);
-}
-
-static void query(MYSQL *mysql, const char *sql)
-{
-    if (mysql_query(mysql, sql))
-        die(sql, mysql_error(mysql));
-    MYSQL_RES *res = mysql_store_result(mysql);
-    if (res)
-        mysql_free_result(res);
-}
+#include "client.h"
 
 /* Execute a prepared statement (with a read-only cursor if asked); print every result set. */
 static void run(MYSQL *mysql, const char *sql, int cursor)
 {
-    MYSQL_STMT *stmt = mysql_stmt_init(mysql);
-    if (mysql_stmt_prepare(stmt, sql, strlen(sql)))
-        die("prepare", mysql_stmt_error(stmt));
+    MYSQL_STMT *stmt = prepare(mysql, sql);
     if (cursor) {
         unsigned long type = CURSOR_TYPE_READ_ONLY;
         mysql_stmt_attr_set(stmt, STMT_ATTR_CURSOR_TYPE, &type);

@@ -10,10 +10,7 @@
  *   ps_progress HOST PORT USER PASSWORD DATABASE
  * After "pause" it waits for a line on stdin.
  */
-#include <mysql.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
+#include "client.h"
 
 static int progress_reports;
 
@@ -23,29 +20,6 @@ static void on_progress(const MYSQL *mysql, unsigned int stage, unsigned int max
     (void)mysql; (void)stage; (void)max_stage; (void)progress; (void)proc_info;
     (void)proc_info_length;
     progress_reports++;
-}
-
-static void die(const char *what, const char *error)
-{
-    printf("ERROR %s: %s\n", what, error);
-    exit(1);
-}
-
-static void query(MYSQL *mysql, const char *sql)
-{
-    if (mysql_query(mysql, sql))
-        die(sql, mysql_error(mysql));
-    MYSQL_RES *res = mysql_store_result(mysql);
-    if (res)
-        mysql_free_result(res);
-}
-
-static MYSQL_STMT *prepare(MYSQL *mysql, const char *sql)
-{
-    MYSQL_STMT *stmt = mysql_stmt_init(mysql);
-    if (!stmt || mysql_stmt_prepare(stmt, sql, strlen(sql)))
-        die("prepare", stmt ? mysql_stmt_error(stmt) : mysql_error(mysql));
-    return stmt;
 }
 
 /* Execute with every parameter = n; print every row, with the column names and types. */
