@@ -74,7 +74,8 @@ def responses(draw: Any) -> tuple[bytes, bool, int]:
 
 def run(data: bytes, deprecate: bool, binary: int) -> tuple[list[Any], int, int] | str:
     done: list[Any] = []
-    t = ResponseTracker(deprecate, lambda tok, status, failed: done.append((tok, status, failed)))
+    t = ResponseTracker(deprecate, lambda tok, status, failed: done.append(
+        (tok, status, failed, t.error if failed else 0)))
     kind = (Expect.RESULT, Expect.BINARY, Expect.CURSOR)[binary]
     t.expect(kind, 1)
     t.expect(kind, 2)

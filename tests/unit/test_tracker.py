@@ -960,3 +960,24 @@ def test_backend_garbage_raises_protocol_error_from_the_backend(case: str, bytew
         for chunk in chunks:
             tracker.feed(chunk)
     assert info.value.origin is Origin.BACKEND
+
+
+@pytest.mark.parametrize("bytewise", [False, True])  # whole: the compiled scan; bytewise: Python
+def test_a_failed_response_leaves_its_error_code(bytewise: bool) -> None:
+    """The relay reads `error` after a failure (a Galera node's 1047 puts it in doubt)."""
+    codes: list[int] = []
+    t = ResponseTracker(True, lambda token, status, failed: codes.append(t.error if failed else 0))
+    stream = b"".join((
+        frame(err(1047, "08S01", "WSREP has not yet prepared node for application use"), 1),
+        frame(ok(AUTOCOMMIT), 1),
+        frame(b"\x01", 1), frame(column_def(b"a"), 2), frame(text_row(b"1"), 3),
+        frame(err(1317, "70100", "Query execution was interrupted"), 4),  # between rows
+        frame(err(1146, "42S02", "Table 'shop.nope' doesn't exist"), 1),  # a single answer
+    ))
+    for _ in range(3):
+        t.expect(Expect.RESULT)
+    t.expect(Expect.SINGLE)
+    for chunk in ([stream[i : i + 1] for i in range(len(stream))] if bytewise else [stream]):
+        t.feed(chunk)
+    assert codes == [1047, 0, 1317, 1146]
+    assert t.idle

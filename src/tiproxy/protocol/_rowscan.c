@@ -86,14 +86,15 @@ terminator(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
 #define CURSOR_EXISTS 0x0040
 
 /*
- * scan_result(data, pos, deprecate_eof, binary, status) -> (end, status, failed) | None
+ * scan_result(data, pos, deprecate_eof, binary, status) -> (end, status, error) | None
  * binary: 0 text, 1 binary, 2 binary with a cursor asked for (only then CURSOR_EXISTS after the
  * column definitions ends the response).
  *
  * A whole result response (what COM_QUERY or COM_STMT_EXECUTE gets back, several results if
  * MORE_RESULTS_EXISTS says so) lying wholly in `data` from `pos`: where it ends, the status
- * after it, and whether it ended with an ERR. None whenever anything is not plain: the response
- * does not end in `data`, a 16 MiB packet, LOCAL INFILE, a terminator or 251+ columns where the
+ * after it, and the code of the ERR it ended with (0 if none, 1 if the ERR is too short to hold
+ * a code). None whenever anything is not plain: the response does not end in `data`, a 16 MiB
+ * packet, LOCAL INFILE, a terminator or 251+ columns where the
  * first packet is, a progress report, a column count without column definitions (cached
  * metadata), or bytes that are not a response. The tracker then reads the same bytes with
  * its Python state machine, which is the reference; this only makes the common case cheap.
@@ -116,7 +117,7 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     const unsigned char *p = (const unsigned char *)view.buf;
     Py_ssize_t n = view.len;
-    int failed = 0, done = 0;
+    int error = 0, done = 0;
 
 #define PACKET(len_, first_)                                                               \
     if (pos < 0 || pos + 4 > n) goto plain;                                                \
@@ -139,8 +140,9 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (first == 0xFF) {                       /* ERR: the response ends */
             if (len >= 3 && p[pos + 5] == 0xFF && p[pos + 6] == 0xFF)
                 goto plain;                        /* a progress report: it does not */
+            error = len >= 3 ? (p[pos + 5] | p[pos + 6] << 8) : 1;
+            if (!error) error = 1;
             pos += 4 + len;
-            failed = 1;
             break;
         }
         if (first >= 0xFB)                         /* LOCAL INFILE, a terminator, 251+ columns */
@@ -178,14 +180,15 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (first == 0xFF) {
                 if (len >= 3 && p[pos - len + 1] == 0xFF && p[pos - len + 2] == 0xFF)
                     goto plain;                    /* a progress report between rows */
-                failed = 1;
+                error = len >= 3 ? (p[pos - len + 1] | p[pos - len + 2] << 8) : 1;
+                if (!error) error = 1;
                 done = 1;
                 break;
             }
         }
     }
     PyBuffer_Release(&view);
-    return Py_BuildValue("(nli)", pos, status & ~MORE_RESULTS, failed);
+    return Py_BuildValue("(nli)", pos, status & ~MORE_RESULTS, error);
 plain:
     PyBuffer_Release(&view);
     Py_RETURN_NONE;

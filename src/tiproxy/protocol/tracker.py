@@ -12,8 +12,9 @@ is carried over only when it must be read whole (a few bytes); otherwise the tra
 many bytes of it to skip.
 
 Each command the relay sends pushes what it expects back (`expect`). When a response completes the
-tracker calls `on_done(token, status, failed)` and starts on the next expected response; a
-response with SERVER_MORE_RESULTS_EXISTS in its terminator continues with the next result.
+tracker calls `on_done(token, status, failed)` (a failed one's ERR code is then in `error`) and
+starts on the next expected response; a response with SERVER_MORE_RESULTS_EXISTS in its
+terminator continues with the next result.
 
 Response layouts: https://dev.mysql.com/doc/dev/mysql-server/latest/page_protocol_command_phase.html
 MariaDB's extended capabilities change two shapes (https://mariadb.com/kb/en/err_packet/ ,
@@ -111,6 +112,11 @@ _CURSOR = int(ServerStatus.CURSOR_EXISTS)
 _CURSOR_BINARY = 2  # ResponseTracker._binary: 0 text, 1 binary, 2 binary with a cursor asked for
 
 
+def _error_code(buf: Buffer, start: int, length: int) -> int:
+    """The code of an ERR packet read whole; 1 when it is too short to hold one."""
+    return (buf[start + 1] | buf[start + 2] << 8) or 1 if length >= 3 else 1
+
+
 def _progress(buf: Buffer, start: int, length: int) -> bool:
     """An ERR packet (read whole) that is a MariaDB progress report: error code 0xFFFF."""
     return length >= 3 and buf[start + 1] == 0xFF and buf[start + 2] == 0xFF
@@ -176,7 +182,7 @@ def _skip_plain_rows_py(data: Buffer, pos: int) -> int:
     return pos
 
 
-ScanResult = Callable[[Buffer, int, bool, int, int], "tuple[int, int, bool] | None"]
+ScanResult = Callable[[Buffer, int, bool, int, int], "tuple[int, int, int] | None"]
 scan_result: ScanResult | None
 try:
     from tiproxy.protocol._rowscan import scan_result, skip_plain_rows
@@ -198,6 +204,7 @@ class ResponseTracker:
         "_pending",
         "_skip",
         "deprecate_eof",
+        "error",
         "local_infile",
         "on_done",
         "phase",
@@ -215,6 +222,7 @@ class ResponseTracker:
         self.on_done = on_done
         self.status = status
         self.phase = IDLE
+        self.error = 0  # the code of the last response that failed (an ERR), 0 before any
         self.local_infile = False  # the backend asked for a file; the client is sending it
         # (statement id, columns, params) of the last PREPARE_OK, for the session to record.
         self.prepared: tuple[int, int, int] | None = None
@@ -277,8 +285,8 @@ class ResponseTracker:
                 # step per packet. None means "not plain": the state machine below reads it.
                 whole = scan_result(data, pos, self.deprecate_eof, self._binary, self.status)
                 if whole is not None:
-                    pos, status, failed = whole
-                    self._finish(status, bool(failed))
+                    pos, status, error = whole
+                    self._finish(status, error)
                     continue
             if phase == ROWS and not self._continued:
                 pos = skip_plain_rows(data, pos)
@@ -378,7 +386,8 @@ class ResponseTracker:
             if first == 0xFE and length < MAX_PAYLOAD:
                 self._end_result(terminator_status(buf, start, length))
             elif first == 0xFF and not _progress(buf, start, length):
-                self._finish(self.status, True)  # (REPAIR TABLE reports between its rows)
+                # (REPAIR TABLE reports progress between its rows)
+                self._finish(self.status, _error_code(buf, start, length))
             return
         if phase == COLUMNS:
             self._columns -= 1
@@ -391,7 +400,8 @@ class ResponseTracker:
         elif phase == COLUMNS_EOF:
             if first == 0xFF:
                 if not _progress(buf, start, length):
-                    self._finish(self.status, True)  # a cursor that failed to open
+                    # a cursor that failed to open
+                    self._finish(self.status, _error_code(buf, start, length))
                 return
             if first != 0xFE:
                 raise ProtocolError("column definitions not followed by EOF", Origin.BACKEND)
@@ -409,12 +419,12 @@ class ResponseTracker:
                     self.status = ok_status(buf, start, length)
             elif first == 0xFE and length == 5:
                 self.status = terminator_status(buf, start, length)
-            self._finish(self.status, first == 0xFF)
+            self._finish(self.status, _error_code(buf, start, length) if first == 0xFF else 0)
         elif phase == FIELDS:
             if first == 0xFE and length < MAX_PAYLOAD:
-                self._finish(terminator_status(buf, start, length), False)
+                self._finish(terminator_status(buf, start, length), 0)
             elif first == 0xFF:
-                self._finish(self.status, True)
+                self._finish(self.status, _error_code(buf, start, length))
         elif phase == PREPARE_OK:
             self._prepare_ok(buf, start, length, first)
         elif phase == PREPARE_DEFS:
@@ -427,9 +437,9 @@ class ResponseTracker:
             self._after_prepare_eof()
         elif phase == AUTH:
             if first == 0x00:
-                self._finish(ok_status(buf, start, length), False)
+                self._finish(ok_status(buf, start, length), 0)
             elif first == 0xFF:
-                self._finish(self.status, True)
+                self._finish(self.status, _error_code(buf, start, length))
             # 0xFE auth switch and 0x01 more data: the client answers, the exchange goes on.
         else:
             raise ProtocolError(f"backend sent a packet nobody asked for (0x{first:02x})",
@@ -440,7 +450,7 @@ class ResponseTracker:
             self._end_result(ok_status(buf, start, length))
         elif first == 0xFF:
             if not _progress(buf, start, length):  # a report: the answer is still to come
-                self._finish(self.status, True)
+                self._finish(self.status, _error_code(buf, start, length))
         elif first == 0xFB:
             # LOCAL INFILE (a prepared LOAD DATA LOCAL too): the OK or ERR comes after the
             # client's file. No column count starts with 0xFB (the length-encoded NULL).
@@ -462,7 +472,7 @@ class ResponseTracker:
 
     def _prepare_ok(self, buf: Buffer, start: int, length: int, first: int) -> None:
         if first == 0xFF:
-            self._finish(self.status, True)
+            self._finish(self.status, _error_code(buf, start, length))
             return
         if first != 0x00 or length < 12:
             raise ProtocolError("malformed PREPARE_OK", Origin.BACKEND)
@@ -490,16 +500,17 @@ class ResponseTracker:
             self._defs_left = columns
             self.phase = PREPARE_DEFS
         else:
-            self._finish(self.status, False)
+            self._finish(self.status, 0)
 
     def _end_result(self, status: int) -> None:
         if status & _MORE:
             self.status = status
             self.phase = FIRST
         else:
-            self._finish(status, False)
+            self._finish(status, 0)
 
-    def _finish(self, status: int, failed: bool) -> None:
+    def _finish(self, status: int, error: int) -> None:
+        """The response ends: `error` is its ERR's code, 0 when it succeeded."""
         status &= ~_MORE  # an ERR after a result that announced more still ends the response
         self.status = status
         self.local_infile = False
@@ -513,7 +524,9 @@ class ResponseTracker:
                 silent.append(pending.popleft()[1])
         if pending:
             self._start_next()
-        self.on_done(token, status, failed)
+        if error:
+            self.error = error
+        self.on_done(token, status, bool(error))
         if silent:
             for other in silent:
                 self.on_done(other, status, False)
