@@ -88,3 +88,15 @@ def test_unhealthy_backends_drain_and_come_back() -> None:
     assert [b.addr for b in r.candidates()] == ["b:1"]
     r.set_health(r.backends["a:1"], "")
     assert r.backends["a:1"].status == "healthy"
+
+
+def test_a_doubted_backend_is_tried_last_until_cleared() -> None:
+    r = Router()
+    r.update("static", found("a:1", "b:1"))
+    r.backends["b:1"].connections = 4  # a:1 would be first
+    r.doubt(r.backends["a:1"], "a session got 1047 (WSREP not ready)")
+    assert [b.addr for b in r.candidates()] == ["b:1", "a:1"]  # still there if b:1 fails
+    assert r.score(r.backends["a:1"]) > r.score(r.backends["b:1"])
+    assert r.backends["a:1"].status == "healthy"  # a doubt is not a verdict
+    r.backends["a:1"].doubt = ""  # what a passing health check does
+    assert [b.addr for b in r.candidates()] == ["a:1", "b:1"]

@@ -30,6 +30,8 @@ class BackendView:
     queries_per_second: float = 0.0
     cpu: float = 0.0  # a TiDB's cores busy
     move_problem: str = ""  # why moves from or to it fail for a lasting reason
+    doubt: str = ""  # why a session's error put it in doubt until its next health check passes
+    galera: bool = False  # a Galera node, as the health checks found (wsrep_on)
 
 
 @dataclass(frozen=True)

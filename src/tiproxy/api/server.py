@@ -188,6 +188,7 @@ async def _backends(request: web.Request) -> web.Response:
          "drained_by": list(b.drained_by), "last_error": b.last_error,
          "sources": list(b.sources), "health": b.health, "labels": dict(b.labels),
          "namespace": b.namespace, "score": b.score, "move_problem": b.move_problem,
+         "doubt": b.doubt, "galera": b.galera,
          "load": {"threads_running": b.threads_running,
                   "queries_per_second": b.queries_per_second, "cpu": b.cpu}}
         for b in backends

@@ -63,7 +63,8 @@ class Rebalancer:
         asked = 0
         for namespace in {b.namespace for b in self.router.backends.values()}:
             backends = [b for b in self.router.backends.values()
-                        if b.namespace == namespace and not b.draining and not b.down]
+                        if b.namespace == namespace and not b.draining and not b.down
+                        and not b.doubt]
             if len(backends) < 2:
                 continue
             asked += self._location(backends, by_backend)

@@ -9,6 +9,10 @@ A check must:
   desynced node refuses or delays queries; Threads_running and the Questions rate give the load;
 - for TiDB (a status port in its topology), answer `GET /status` on the status port; its
   `/metrics` (process_cpu_seconds_total) gives the load.
+A session whose Galera node answers 1047 (WSREP not ready: the node left the primary component
+or is shutting down) puts the node in doubt: it is checked at once, and until a check passes it is
+tried last for new sessions and gets no balancing moves, so that clients reconnecting after the
+error do not land on it again before `failure-threshold` checks have failed.
 `failure-threshold` failures in a row mark a backend unhealthy (it gets no new sessions and its
 sessions move away while it still answers); `success-threshold` successes mark it healthy again.
 The checks run in the event loop but never touch the data path: they are separate connections
@@ -81,9 +85,13 @@ class HealthChecker:
             if addr not in self.router.backends:
                 del self._streaks[addr]
         for backend in list(self.router.backends.values()):
-            task = self._running.get(backend.addr)
-            if task is not None and not task.done():
-                continue  # still checking: a hung backend gets one check at a time
+            self.check_now(backend)
+
+    def check_now(self, backend: Backend) -> None:
+        """Check one backend now, unless a check of it is running (a hung backend gets one
+        check at a time) or checks are off."""
+        task = self._running.get(backend.addr)
+        if task is None or task.done():
             self._running[backend.addr] = asyncio.get_running_loop().create_task(
                 self._check(backend))
 
@@ -104,6 +112,7 @@ class HealthChecker:
         else:
             streak.successes += 1
             streak.failures = 0
+            backend.doubt = ""  # a passing check is the answer to a session's doubt
             if backend.health and streak.successes >= health.success_threshold:
                 self.router.set_health(backend, "")
 

@@ -68,6 +68,9 @@ class Backend:
     retry_at: float = 0.0
     last_error: str = ""
     health: str = ""  # why the checks say it is unhealthy; "" when healthy
+    # Why a session's error put it in doubt (a Galera node that answered "not ready"): it is
+    # tried last for new sessions and moves until a health check passes again.
+    doubt: str = ""
     drained_by: set[str] = field(default_factory=set)  # the reasons it is draining
     load: Load = field(default_factory=Load)
     galera: bool = False  # a Galera node (wsrep_on), as the health checks found
@@ -203,6 +206,12 @@ class Router:
         else:
             backend.drained_by.discard(DRAIN_UNHEALTHY)
 
+    def doubt(self, backend: Backend, why: str) -> None:
+        """A session saw the backend fail in a way its health checks can confirm."""
+        if not backend.doubt:
+            log.info("backend %s in doubt until its next health check: %s", backend.addr, why)
+        backend.doubt = why
+
     def forget_empty(self) -> None:
         for addr in [a for a, b in self.backends.items()
                      if DRAIN_REMOVED in b.drained_by and b.connections <= 0]:
@@ -225,19 +234,19 @@ class Router:
         ]
         return sorted(ready, key=self.score_key)
 
-    def score_key(self, b: Backend) -> tuple[int, int, int, int]:
-        """Lower is better: (location, load, connections, failures)."""
+    def score_key(self, b: Backend) -> tuple[bool, int, int, int, int]:
+        """Lower is better: (in doubt, location, load, connections, failures)."""
         location = 0
         if self.label_name and self.policy in ("resource", "location"):
             want = self.own_labels.get(self.label_name)
             location = 0 if want is None or b.labels.get(self.label_name) == want else 1
         load = b.load_step if self.policy == "resource" else 0
-        return location, load, b.connections, b.failures
+        return bool(b.doubt), location, load, b.connections, b.failures
 
     def score(self, b: Backend) -> float:
         """One number for the API and tiproxy_balance_b_score: lower is better."""
-        location, load, connections, _ = self.score_key(b)
-        return location * 1_000_000 + load * 1_000 + connections
+        doubted, location, load, connections, _ = self.score_key(b)
+        return doubted * 1_000_000_000 + location * 1_000_000 + load * 1_000 + connections
 
     # -- connect results ------------------------------------------------------------------------
 

@@ -811,6 +811,9 @@ class Session(SessionMoves):
     def _response_done(self, token: Any, status: int, failed: bool) -> None:
         if token.__class__ is not int:
             self._record(token, status, failed)
+        if failed and self.backend is not None and self.backend.galera \
+                and self.tracker is not None and self.tracker.error == ER_UNKNOWN_COM_ERROR:
+            self.server.doubt_backend(self.backend, "a session got 1047 (WSREP not ready)")
         if (self._held or self._move is not None) and self.tracker is not None \
                 and self.tracker.idle:
             self.answered_at = time.monotonic()

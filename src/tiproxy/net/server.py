@@ -333,6 +333,12 @@ class ProxyServer:
                     session.cancel_move()
             self.router.forget_empty()
 
+    def doubt_backend(self, backend: Backend, why: str) -> None:
+        """A session's error says the backend may be going away: the health checks decide."""
+        if self.config().health.enable:
+            self.router.doubt(backend, why)
+            self.health.check_now(backend)
+
     def _switch_keepalive(self) -> None:
         """Backend sockets take the keep-alive of their backend's health as it changes."""
         for session in self.sessions.values():
@@ -410,7 +416,7 @@ class ProxyServer:
             BackendView(
                 b.addr, b.status, b.connections, dict(b.query_counts), sorted(b.drained_by),
                 b.last_error if b.down else "", sources=sorted(b.sources), health=b.health,
-                move_problem=b.move_problem,
+                move_problem=b.move_problem, doubt=b.doubt, galera=b.galera,
                 labels=b.labels, namespace=b.namespace, score=self.router.score(b),
                 threads_running=b.load.threads_running,
                 queries_per_second=b.load.queries_per_second, cpu=b.load.cpu,
