@@ -68,8 +68,8 @@ class Backend:
     retry_at: float = 0.0
     last_error: str = ""
     health: str = ""  # why the checks say it is unhealthy; "" when healthy
-    # Why a session's error put it in doubt (a Galera node that answered "not ready"): it is
-    # tried last for new sessions and moves until a health check passes again.
+    # Why a session's error put it in doubt (a Galera node that answered "not ready"): until a
+    # health check passes again it is tried last for new sessions and gets no rebalancing.
     doubt: str = ""
     drained_by: set[str] = field(default_factory=set)  # the reasons it is draining
     load: Load = field(default_factory=Load)

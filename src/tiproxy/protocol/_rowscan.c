@@ -94,9 +94,9 @@ terminator(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
  * MORE_RESULTS_EXISTS says so) lying wholly in `data` from `pos`: where it ends, the status
  * after it, and the code of the ERR it ended with (0 if none, 1 if the ERR is too short to hold
  * a code). None whenever anything is not plain: the response does not end in `data`, a 16 MiB
- * packet, LOCAL INFILE, a terminator or 251+ columns where the
- * first packet is, a progress report, a column count without column definitions (cached
- * metadata), or bytes that are not a response. The tracker then reads the same bytes with
+ * packet, LOCAL INFILE, a terminator or 251+ columns where the first packet is, a progress
+ * report, a column count without column definitions (cached metadata), or bytes that are not a
+ * response. The tracker then reads the same bytes with
  * its Python state machine, which is the reference; this only makes the common case cheap.
  */
 static PyObject *
