@@ -82,6 +82,14 @@ terminator(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
     return p[at] | p[at + 1] << 8;
 }
 
+/* The code of an ERR packet; 1 when it is too short to hold one (0 means "no error"). */
+static int
+error_code(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
+{
+    int code = length >= 3 ? (p[start + 1] | p[start + 2] << 8) : 0;
+    return code ? code : 1;
+}
+
 #define MORE_RESULTS 0x0008
 #define CURSOR_EXISTS 0x0040
 
@@ -140,8 +148,7 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (first == 0xFF) {                       /* ERR: the response ends */
             if (len >= 3 && p[pos + 5] == 0xFF && p[pos + 6] == 0xFF)
                 goto plain;                        /* a progress report: it does not */
-            error = len >= 3 ? (p[pos + 5] | p[pos + 6] << 8) : 1;
-            if (!error) error = 1;
+            error = error_code(p, pos + 4, len);
             pos += 4 + len;
             break;
         }
@@ -180,8 +187,7 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (first == 0xFF) {
                 if (len >= 3 && p[pos - len + 1] == 0xFF && p[pos - len + 2] == 0xFF)
                     goto plain;                    /* a progress report between rows */
-                error = len >= 3 ? (p[pos - len + 1] | p[pos - len + 2] << 8) : 1;
-                if (!error) error = 1;
+                error = error_code(p, pos - len, len);
                 done = 1;
                 break;
             }
