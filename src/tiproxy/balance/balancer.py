@@ -10,7 +10,10 @@ Once a second, per namespace, among the backends that take sessions:
   two sessions or more, sessions move from the most to the least used, at
   `[balance.conn-count] migrations-per-second`.
 Hysteresis: a session moved by the balancer is not moved by it again for `COOLDOWN` seconds, and
-only sessions at a safe point are picked, so a move never waits and nothing bounces. Moves that
+only sessions at a safe point are picked, so a move never waits and nothing bounces.
+The decision needs counts only (sessions and movable sessions per backend, summed over the
+processes that hold sessions); it comes out as MoveOrders, which the holder of the sessions
+carries out (carry_out), so it works the same with one process or with workers. Moves that
 drain a backend (health, API, config) are not limited here: they happen in the sessions.
 """
 
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from tiproxy.balance.router import Backend, Router
@@ -37,6 +42,17 @@ DEFAULT_RATIO = 1.2
 LOAD_GAP = 2  # load steps between busiest and idlest before the balancer acts
 
 
+@dataclass(frozen=True)
+class MoveOrder:
+    """Move `count` sessions from `source` to `target`: what a round decides, by backend
+    address, so that whoever holds the sessions (this process or a worker) carries it out."""
+
+    source: str
+    target: str
+    reason: str  # "conn", "load" or "location"
+    count: int
+
+
 class Movable(Protocol):
     backend: Backend | None
     balanced_at: float
@@ -47,31 +63,64 @@ class Movable(Protocol):
     def moving(self) -> bool: ...
 
 
+def movable(s: Movable, now: float) -> bool:
+    """At a safe point, no move asked for, and not moved by the balancer lately."""
+    return not s.moving and now - s.balanced_at >= COOLDOWN and not s.wait_reason()
+
+
+def count_movable(sessions: Iterable[Movable]) -> Counter[str]:
+    """Sessions the balancer may pick, by backend address."""
+    now = time.monotonic()
+    return Counter(s.backend.addr for s in sessions
+                   if s.backend is not None and movable(s, now))
+
+
+def carry_out(order: MoveOrder, sessions: Iterable[Movable], target: Backend) -> int:
+    """Ask up to `order.count` movable sessions on `order.source` to move; returns how many."""
+    now = time.monotonic()
+    asked = 0
+    for s in sessions:
+        if asked >= order.count:
+            break
+        if s.backend is not None and s.backend.addr == order.source and movable(s, now):
+            s.balanced_at = now
+            s.request_move(order.reason, target)
+            asked += 1
+    if asked:
+        log.debug("rebalance (%s): %d sessions %s -> %s", order.reason, asked, order.source,
+                  order.target)
+    return asked
+
+
 class Rebalancer:
+    """Decides from counts alone: the backends' sessions (every process's, summed) and how many
+    of them are movable now. It never sees a session."""
+
     def __init__(self, router: Router, config: Config) -> None:
         self.router = router
         self.config = config
         self._budget: dict[str, float] = {}  # reason -> moves allowed now (a token bucket)
+        self._movable: Counter[str] = Counter()
+        self._orders: Counter[tuple[str, str, str]] = Counter()
 
-    def tick(self, sessions: Iterable[Movable]) -> int:
-        """One round; returns how many moves it asked for."""
+    def plan(self, movable_counts: Mapping[str, int]) -> list[MoveOrder]:
+        """One round: the moves to make, given the movable sessions by backend address."""
         self._refill()
-        by_backend: dict[str, list[Movable]] = {}
-        for s in sessions:
-            if s.backend is not None:
-                by_backend.setdefault(s.backend.addr, []).append(s)
-        asked = 0
+        self._movable = Counter(movable_counts)
+        self._orders = Counter()
         for namespace in {b.namespace for b in self.router.backends.values()}:
             backends = [b for b in self.router.backends.values()
                         if b.namespace == namespace and not b.draining and not b.down
                         and not b.doubt]
             if len(backends) < 2:
                 continue
-            asked += self._location(backends, by_backend)
+            counts = {b.addr: b.connections for b in backends}
+            self._location(backends, counts)
             if self.router.policy == "resource":
-                asked += self._load(backends, by_backend)
-            asked += self._connections(backends, by_backend)
-        return asked
+                self._load(backends, counts)
+            self._connections(backends, counts)
+        return [MoveOrder(source, target, reason, n)
+                for (source, target, reason), n in self._orders.items()]
 
     def _refill(self) -> None:
         balance = self.config.balance
@@ -83,42 +132,35 @@ class Rebalancer:
         for reason, rate in rates.items():
             self._budget[reason] = min(rate, self._budget.get(reason, 0.0) + rate * INTERVAL)
 
-    def _location(self, backends: list[Backend], by_backend: dict[str, list[Movable]]) -> int:
+    def _location(self, backends: list[Backend], counts: dict[str, int]) -> None:
         router = self.router
         want = router.own_labels.get(router.label_name) if router.label_name else None
         if want is None or router.policy not in ("resource", "location"):
-            return 0
+            return
         good = [b for b in backends if b.labels.get(router.label_name) == want]
         if not good:
-            return 0
-        asked = 0
+            return
         for b in backends:
             if b in good:
                 continue
-            for s in by_backend.get(b.addr, []):
-                target = min(good, key=lambda g: g.connections)
-                if self._move(s, target, "location"):
-                    asked += 1
-        return asked
+            while self._take(b, min(good, key=lambda g: counts[g.addr]), "location", counts):
+                pass
 
-    def _load(self, backends: list[Backend], by_backend: dict[str, list[Movable]]) -> int:
+    def _load(self, backends: list[Backend], counts: dict[str, int]) -> None:
         sampled = [b for b in backends if b.load.sampled]
         if len(sampled) < 2:
-            return 0
+            return
         busiest = max(sampled, key=lambda b: b.load_step)
-        idlest = min(sampled, key=lambda b: (b.load_step, b.connections))
-        if busiest.load_step - idlest.load_step < LOAD_GAP:
-            return 0
-        return self._move_some(by_backend.get(busiest.addr, []), idlest, "load", limit=1)
+        idlest = min(sampled, key=lambda b: (b.load_step, counts[b.addr]))
+        if busiest.load_step - idlest.load_step >= LOAD_GAP:
+            self._take(busiest, idlest, "load", counts)
 
-    def _connections(self, backends: list[Backend], by_backend: dict[str, list[Movable]]) -> int:
-        counts = {b.addr: b.connections for b in backends}
-        total = sum(counts.values())
+    def _connections(self, backends: list[Backend], counts: dict[str, int]) -> None:
+        total = sum(counts[b.addr] for b in backends)
         if total == 0:
-            return 0
+            return
         ratio = self.config.balance.conn_count.count_ratio_threshold or DEFAULT_RATIO
         average = total / len(backends)
-        asked = 0
         if self.router.policy == "resource":
             # Load comes first: never fill a busier backend to even out counts.
             lowest = min(b.load_step for b in backends)
@@ -128,31 +170,18 @@ class Rebalancer:
             least = min(backends, key=lambda b: counts[b.addr])
             even = counts[most.addr] <= average * ratio and counts[least.addr] >= average / ratio
             if even or counts[most.addr] - counts[least.addr] < 2:
-                return asked
-            if not self._move_some(by_backend.get(most.addr, []), least, "conn", limit=1):
-                return asked
-            counts[most.addr] -= 1
-            counts[least.addr] += 1
-            asked += 1
+                return
+            if not self._take(most, least, "conn", counts):
+                return
 
-    def _move_some(self, sessions: list[Movable], target: Backend, reason: str,
-                   limit: int) -> int:
-        asked = 0
-        for s in sessions:
-            if asked >= limit:
-                break
-            if self._move(s, target, reason):
-                asked += 1
-        return asked
-
-    def _move(self, s: Movable, target: Backend, reason: str) -> bool:
-        if self._budget.get(reason, 0.0) < 1.0:
-            return False
-        if s.moving or s.wait_reason() or time.monotonic() - s.balanced_at < COOLDOWN:
+    def _take(self, source: Backend, target: Backend, reason: str,
+              counts: dict[str, int]) -> bool:
+        """One session from source to target, if the budget and a movable session allow."""
+        if self._budget.get(reason, 0.0) < 1.0 or self._movable[source.addr] < 1:
             return False
         self._budget[reason] -= 1.0
-        s.balanced_at = time.monotonic()
-        source = s.backend.addr if s.backend else "?"
-        log.debug("rebalance (%s): a session %s -> %s", reason, source, target.addr)
-        s.request_move(reason, target)
+        self._movable[source.addr] -= 1
+        self._orders[(source.addr, target.addr, reason)] += 1
+        counts[source.addr] -= 1
+        counts[target.addr] += 1
         return True

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tiproxy.api.interface import BackendView, MigrationStats, SessionView
-from tiproxy.balance.balancer import Rebalancer
+from tiproxy.balance.balancer import Rebalancer, carry_out, count_movable
 from tiproxy.balance.health import HealthChecker
 from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
 from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_file
@@ -314,7 +314,7 @@ class ProxyServer:
             self._drain_sessions()
             self._switch_keepalive()
             if ticks % 2 == 0:
-                self.rebalancer.tick(s for s in self.sessions.values() if s.phase == COMMAND)
+                self._rebalance()
             timeout = self._config.proxy.failover_timeout
             now = time.monotonic()
             for session in list(self.sessions.values()):
@@ -332,6 +332,13 @@ class ProxyServer:
                              move.reason, timeout, move.waiting)
                     session.cancel_move()
             self.router.forget_empty()
+
+    def _rebalance(self) -> None:
+        sessions = [s for s in self.sessions.values() if s.phase == COMMAND]
+        for order in self.rebalancer.plan(count_movable(sessions)):
+            target = self.router.backends.get(order.target)
+            if target is not None:
+                carry_out(order, sessions, target)
 
     def doubt_backend(self, backend: Backend, why: str) -> None:
         """A session's error says the backend may be going away: the health checks decide."""
