@@ -1,7 +1,7 @@
 """Benchmark connection churn: connect, SELECT 1, close, through the proxy, HAProxy and directly.
 
 Theory of operation (DESIGN.md section 9, as bench/sysbench.py): one MariaDB server from the
-project's launcher; the proxy (`python -m tiproxy`) and HAProxy (TCP mode, one thread) both
+project's launcher; the proxy (`python -m tiproxy`) and HAProxy (TCP mode) both
 forward to it. Each run starts --threads client threads in this process that loop, as fast as
 they can for --time seconds, over: connect with mysqlclient (MySQLdb), `SELECT 1`, fetch, close.
 Only iterations that complete count; failed ones are counted as errors, and the first distinct
@@ -11,9 +11,9 @@ proxy's and HAProxy's process trees (and of mariadbd) over a run, divided by the
 run made, gives CPU seconds per 1,000 connections. The table shows medians across rounds and the
 ratios proxy/direct and proxy/haproxy.
 
---workers N writes `[proxy] workers = N` into the proxy's config (only when given). A proxy that
-refuses the key, or fails to start for any other reason, is reported and the other targets still
-run. A proxy that dies is restarted before its next run.
+--workers N writes `[proxy] workers = N` into the proxy's config (default 1) and gives HAProxy
+as many threads unless --haproxy-threads says otherwise. A proxy that fails to start is reported
+and the other targets still run. A proxy that dies is restarted before its next run.
 
 --idle-sessions N, after the rounds: N connections are opened through the proxy (each runs
 `SELECT 1`, so both legs are up) and left idle; the proxy's memory per idle session is (VmRSS of
@@ -62,6 +62,7 @@ from sysbench import (
     tail,
     tree_cpu_seconds,
     tree_pids,
+    workers_toml,
     workspace,
     write_json,
 )
@@ -278,7 +279,7 @@ class ChurnBench:
 
     @property
     def proxy_keys(self) -> str:
-        return "" if self.args.workers is None else f"workers = {self.args.workers}\n"
+        return workers_toml(self.args.workers)
 
     def stop_targets(self) -> None:
         for process in self.processes.values():
@@ -291,11 +292,7 @@ class ChurnBench:
             )
         except BenchError as exc:
             self.processes.pop("proxy", None)
-            why = (
-                f"the proxy refused to start with `[proxy] workers = {self.args.workers}`"
-                if self.args.workers is not None
-                else "the proxy did not start"
-            )
+            why = f"the proxy did not start with `[proxy] workers = {self.args.workers}`"
             self.unavailable["proxy"] = f"{why}: {tail(str(exc))}"
         else:
             self.unavailable.pop("proxy", None)
@@ -303,7 +300,7 @@ class ChurnBench:
     def start_haproxy(self) -> None:
         try:
             self.processes["haproxy"], self.ports["haproxy"] = start_haproxy(
-                self.workdir, self.server.addr
+                self.workdir, self.server.addr, self.args.haproxy_threads or self.args.workers
             )
         except BenchError as exc:
             self.unavailable["haproxy"] = f"HAProxy did not start: {tail(str(exc))}"
@@ -509,9 +506,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=float, default=2, help="seconds of churn per target before measuring"
     )
     parser.add_argument(
-        "--workers",
-        type=int,
-        help="write `[proxy] workers = N` into the proxy's config (not written unless given)",
+        "--workers", type=int, default=1, help="the proxy's [proxy] workers (default 1)"
+    )
+    parser.add_argument(
+        "--haproxy-threads", type=int, help="HAProxy's nbthread (default: --workers)"
     )
     parser.add_argument(
         "--idle-sessions",
@@ -586,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"workdir {workdir}; {args.threads} threads, {args.time:g} s x {args.rounds} rounds, "
             f"{os.cpu_count()} CPUs"
-            + (f", [proxy] workers = {args.workers}" if args.workers is not None else "")
+            + f", [proxy] workers = {args.workers}, HAProxy nbthread = "
+            f"{args.haproxy_threads or args.workers}"
             + (f", then {args.idle_sessions} idle sessions" if args.idle_sessions else ""),
             flush=True,
         )

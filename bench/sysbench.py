@@ -3,9 +3,10 @@
 Theory of operation (DESIGN.md section 9): the machine is small, shared and noisy, so absolute
 numbers mean little; ratios measured side by side mean more. One MariaDB server is started with
 the project's launcher and sysbench's tables are prepared once. The proxy (`python -m tiproxy`)
-and HAProxy (TCP mode, one thread, `balance leastconn`) both forward to that server. For each
-workload, each round runs sysbench once against every target, in an order that rotates from
-round to round, so a slow spell of the machine hurts every target alike. Each run reports
+and HAProxy (TCP mode, `balance leastconn`) both forward to that server; --workers N sets the
+proxy's `[proxy] workers` and HAProxy's `nbthread` (default 1 each) so they use as many cores.
+For each workload, each round runs sysbench once against every target, in an order that rotates
+from round to round, so a slow spell of the machine hurts every target alike. Each run reports
 queries/s and the 95th percentile latency; the CPU time of the proxy's and HAProxy's processes
 over the run, divided by the queries the run made, gives their CPU seconds per 1,000 queries.
 The table shows medians across rounds and the ratios proxy/direct and proxy/haproxy.
@@ -325,13 +326,17 @@ def _wait_for_proxy(proxy: ChildProcess, port: int, url: str) -> None:
     wait_for_port(port, deadline, proxy)
 
 
-def start_haproxy(workdir: Path, backend: str) -> tuple[ChildProcess, int]:
+def workers_toml(workers: int) -> str:
+    return f"workers = {workers}\n"
+
+
+def start_haproxy(workdir: Path, backend: str, threads: int = 1) -> tuple[ChildProcess, int]:
     haproxy_bin = shutil.which("haproxy") or "/usr/sbin/haproxy"
     port = free_port()
     config = workdir / "haproxy.cfg"
     config.write_text(
         "global\n"
-        "    nbthread 1\n"
+        f"    nbthread {threads}\n"
         "    maxconn 4000\n"
         "defaults\n"
         "    mode tcp\n"
@@ -514,7 +519,8 @@ class Bench:
         proxy = self.processes["proxy"]
         run.notes.append(f"proxy had exited with code {proxy.returncode}; restarted")
         proxy.stop()
-        new_proxy, port = start_proxy(self.workdir, self.db_addr, self.tls)
+        new_proxy, port = start_proxy(self.workdir, self.db_addr, self.tls,
+                                      workers_toml(self.args.workers))
         self.processes["proxy"], self.ports["proxy"] = new_proxy, port
 
     def sysbench_cipher(self, target: str) -> tuple[str, str]:
@@ -717,6 +723,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated, from: {', '.join(WORKLOADS)}",
     )
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument(
+        "--workers", type=int, default=1,
+        help="the proxy's [proxy] workers and HAProxy's nbthread (default 1)",
+    )
     parser.add_argument("--time", type=int, default=20, help="seconds per run")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tables", type=int, default=4)
@@ -780,8 +790,9 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
             process.stop()
 
     stack.callback(stop_targets)
-    processes["proxy"], ports["proxy"] = start_proxy(workdir, server.addr, tls)
-    processes["haproxy"], ports["haproxy"] = start_haproxy(workdir, server.addr)
+    processes["proxy"], ports["proxy"] = start_proxy(workdir, server.addr, tls,
+                                                     workers_toml(args.workers))
+    processes["haproxy"], ports["haproxy"] = start_haproxy(workdir, server.addr, args.workers)
     bench = Bench(args, workdir, ports, processes, server.addr, tls)
     for target in TARGETS:
         if tls is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +17,10 @@ import pymysql
 from support.backends import APP
 from support.net import wait_for_port
 from tiproxy.playground.mariadb import AppUser, free_port
+
+# The data plane's processes of every proxy the tests start: 1 (everything in one process) unless
+# TIPROXY_TEST_WORKERS says otherwise.
+WORKERS = int(os.environ.get("TIPROXY_TEST_WORKERS", "1"))
 
 
 class ProxyProcess:
@@ -40,6 +45,8 @@ class ProxyProcess:
         self.log_path = workdir / "proxy.log"
         addrs = ", ".join(f'"{a}"' for a in backend_addrs)
         proxy_extra, _, rest = extra_toml.partition("\n[")
+        if "workers" not in proxy_extra:  # the suite runs in both modes (.ci/run)
+            proxy_extra += f"\nworkers = {WORKERS}"
         self.config_path.write_text(
             "[proxy]\n"
             f'addr = "127.0.0.1:{self.port}"\n'

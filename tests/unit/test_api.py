@@ -39,6 +39,9 @@ class FakeView:
     backend_list: list[BackendView] = field(default_factory=list)
     cfg: Config = CONFIG
 
+    async def refresh(self) -> None:
+        pass
+
     def connection_count(self) -> int:
         return self.connections
 
@@ -54,7 +57,7 @@ class FakeView:
     def server_errors(self) -> dict[str, int]:
         return {"load_cert": 2}
 
-    def session_views(self) -> list[SessionView]:
+    async def session_views(self) -> list[SessionView]:
         return [SessionView(3, "app", "127.0.0.1:5000", "127.0.0.1:3308", True, "drained",
                             "pinned: LOCK TABLES")]
 

@@ -39,13 +39,16 @@ class ControlledView:
     drained: list[tuple[str, bool]] = field(default_factory=list)
     redirects: int = 0
 
+    async def refresh(self) -> None:
+        pass
+
     def connection_count(self) -> int:
         return 0
 
     def backends(self) -> list[object]:
         return []
 
-    def session_views(self) -> list[SessionView]:
+    async def session_views(self) -> list[SessionView]:
         return []
 
     def migration_stats(self) -> MigrationStats:
@@ -63,7 +66,7 @@ class ControlledView:
     def drain(self, addr: str, drain: bool) -> None:
         self.drained.append((addr, drain))
 
-    def redirect_all(self) -> int:
+    async def redirect_all(self) -> int:
         self.redirects += 1
         return 2
 

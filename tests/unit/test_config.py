@@ -267,7 +267,6 @@ def test_merge_can_complete_a_cross_checked_pair() -> None:
         ('[proxy]\nadvertise-addr = "proxy-0.example"', "proxy.advertise-addr"),
         ("[proxy]\nconn-buffer-size = 65536", "proxy.conn-buffer-size"),
         ('[proxy]\nproxy-protocol = "v2"', "proxy.proxy-protocol"),
-        ("[proxy]\nworkers = 2", "proxy.workers"),
         ('[api]\nproxy-protocol = "v2"', "api.proxy-protocol"),
         ("[balance.memory]\nenabled = false", "balance.memory"),
         ("[balance.cpu]\nmin-balance-usage = 0.5", "balance.cpu.min-balance-usage"),

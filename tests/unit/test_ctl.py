@@ -29,6 +29,9 @@ class FakeView:
     cfg: Config = CONFIG
     redirects: int = 0
 
+    async def refresh(self) -> None:
+        pass
+
     def connection_count(self) -> int:
         return sum(b.connections for b in self.backend_list)
 
@@ -41,7 +44,7 @@ class FakeView:
     def discovery_status(self) -> dict[str, str]:
         return {}
 
-    def session_views(self) -> list[SessionView]:
+    async def session_views(self) -> list[SessionView]:
         return []
 
     def migration_stats(self) -> MigrationStats:
@@ -53,7 +56,7 @@ class FakeView:
     def drain(self, addr: str, drain: bool) -> None:
         raise KeyError(addr)
 
-    def redirect_all(self) -> int:
+    async def redirect_all(self) -> int:
         self.redirects += 1
         return 3
 

@@ -182,6 +182,7 @@ async def _config_put(request: web.Request) -> web.Response:
 
 
 async def _backends(request: web.Request) -> web.Response:
+    await request.app[_VIEW].refresh()
     backends = request.app[_VIEW].backends()
     body = [
         {"addr": b.addr, "status": b.status, "connections": b.connections,
@@ -214,12 +215,12 @@ def _set_drain(request: web.Request, drain: bool) -> web.Response:
 
 
 async def _sessions(request: web.Request) -> web.Response:
-    sessions = request.app[_VIEW].session_views()
+    sessions = await request.app[_VIEW].session_views()
     return web.json_response([asdict(s) for s in sessions], dumps=_dumps)
 
 
 async def _redirect(request: web.Request) -> web.Response:
-    count = _control(request.app[_VIEW]).redirect_all()
+    count = await _control(request.app[_VIEW]).redirect_all()
     return web.json_response({"sessions": count})
 
 
@@ -230,6 +231,7 @@ def _control(view: ProxyView) -> ProxyControl:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    await request.app[_VIEW].refresh()
     return web.Response(
         body=render_metrics(request.app[_REGISTRY]), headers={"Content-Type": METRICS_CONTENT_TYPE}
     )

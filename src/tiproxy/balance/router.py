@@ -63,7 +63,8 @@ class Backend:
     namespace: str = DEFAULT_NAMESPACE
     sources: dict[str, DiscoveredBackend] = field(default_factory=dict)
     static_labels: Mapping[str, str] = field(default_factory=dict)
-    connections: int = 0
+    connections: int = 0  # this process's sessions on it (the control process: every worker's)
+    elsewhere: int = 0  # in a worker: the other workers' sessions on it, as last reported
     failures: int = 0  # failed connects in a row (sessions' and checks')
     retry_at: float = 0.0
     last_error: str = ""
@@ -241,7 +242,7 @@ class Router:
             want = self.own_labels.get(self.label_name)
             location = 0 if want is None or b.labels.get(self.label_name) == want else 1
         load = b.load_step if self.policy == "resource" else 0
-        return bool(b.doubt), location, load, b.connections, b.failures
+        return bool(b.doubt), location, load, b.connections + b.elsewhere, b.failures
 
     def score(self, b: Backend) -> float:
         """One number for the API and tiproxy_balance_b_score: lower is better."""

@@ -71,5 +71,9 @@ def setup_logging(cfg: LogConfig | str) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(_LEVELS.get(log_cfg.level, logging.INFO))
+    root.setLevel(level_of(log_cfg))
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def level_of(cfg: LogConfig) -> int:
+    return _LEVELS.get(cfg.level, logging.INFO)

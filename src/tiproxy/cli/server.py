@@ -47,8 +47,10 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
     """
     from tiproxy.api.server import start_api  # noqa: PLC0415
     from tiproxy.net.server import ProxyServer  # noqa: PLC0415
+    from tiproxy.workers.control import ControlServer, worker_count  # noqa: PLC0415
 
-    server = ProxyServer(cfg)
+    workers = worker_count(cfg)
+    server = ControlServer(cfg, workers) if workers > 1 else ProxyServer(cfg)
     await server.start()
     api = await start_api(server, cfg.api.addr, server.tls)
     log.info("API listening on port %d", api.port)

@@ -222,7 +222,8 @@ class ProxyConfig:
     pd_addrs: tuple[str, ...] = field(default=(), metadata=_PD_ADDRS)
     backend_addrs: tuple[str, ...] = field(default=(), metadata=_ADDR_LIST)  # ours: static list
     max_connections: int = field(default=0, metadata=COUNT)  # 0: unlimited
-    workers: int = field(default=1, metadata=offline(COUNT))  # ours: data-plane processes
+    # Ours: data-plane processes; 0: one per CPU this process may use (workers/control.py).
+    workers: int = field(default=0, metadata=offline(COUNT))
     conn_buffer_size: int = field(default=DEFAULT_CONN_BUFFER_SIZE,
                                   metadata=offline(_CONN_BUFFER_SIZE))
     frontend_keepalive: KeepAliveConfig = field(default=KeepAliveConfig(enabled=True))
@@ -248,7 +249,6 @@ class ProxyConfig:
             "advertise-addr": "the proxy registers itself nowhere (no TiProxy topology in etcd)",
             "conn-buffer-size": "socket reads are sized by the event loop",
             "proxy-protocol": "PROXY protocol headers are not read or sent",
-            "workers": "the proxy runs as one process (1 is the only value)",
         })
 
     @property

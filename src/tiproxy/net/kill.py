@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tiproxy.balance.router import split_addr
 from tiproxy.net.admin import AdminConnection
 from tiproxy.net.backend import BackendLeg
 from tiproxy.net.channel import query
@@ -31,15 +33,48 @@ ER_UNKNOWN_ERROR = 1105
 ER_KILL_DENIED = 1095
 
 
+@dataclass(frozen=True)
+class KillTarget:
+    """What a KILL needs of its target, wherever (in whichever worker) the target lives."""
+
+    id: int
+    user: str
+    backend_addr: str
+    backend_connection_id: int
+
+
 def handle_kill(session: Session, target_id: int, query_only: bool, prefix: bytes | None) -> None:
-    """`prefix` starts the rewritten statement ("KILL [HARD] [QUERY] "); None: COM_PROCESS_KILL."""
+    """`prefix` starts the rewritten statement ("KILL [HARD] [QUERY] "); None: COM_PROCESS_KILL.
+    A target another worker owns is looked up there first (the client's input waits)."""
+    server = session.server
+    local = server.sessions.get(target_id)
+    if local is not None or not server.kill_target_elsewhere(target_id):
+        target = None
+        if local is not None and local.backend is not None and local.backend_connection_id:
+            target = KillTarget(local.id, local.user, local.backend.addr,
+                                local.backend_connection_id)
+        _kill(session, target_id, target, query_only, prefix)
+        return
+    session.hold_input("kill lookup")
+
+    async def lookup() -> None:
+        target = await server.find_kill_target(target_id)  # cancelled if the session closes
+        _kill(session, target_id, target, query_only, prefix)
+        session.release_input("kill lookup")
+
+    session._task = asyncio.get_running_loop().create_task(lookup())
+
+
+def _kill(session: Session, target_id: int, target: KillTarget | None, query_only: bool,
+          prefix: bytes | None) -> None:
     tracker = session.tracker
-    assert tracker is not None and session.backend_leg is not None
-    target = session.server.sessions.get(target_id)
-    if target is None or target.backend is None or target.backend_connection_id == 0:
+    leg = session.backend_leg
+    if target is None:
         session._reply_err(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {target_id}")
         return
-    if target.backend is not session.backend:
+    if tracker is None or leg is None or session.backend is None:
+        return
+    if target.backend_addr != session.backend.addr:
         _kill_elsewhere(session, target, query_only)
         return
     if prefix is None:
@@ -50,11 +85,11 @@ def handle_kill(session: Session, target_id: int, query_only: bool, prefix: byte
         kind, cmd = Expect.RESULT, Command.QUERY
     log.info("session %d: KILL %s%d (backend id %d)", session.id,
              "QUERY " if query_only else "", target_id, target.backend_connection_id)
-    session.backend_leg.write(packet)
+    leg.write(packet)
     tracker.expect(kind, int(cmd))
 
 
-def _kill_elsewhere(session: Session, target: Session, query_only: bool) -> None:
+def _kill_elsewhere(session: Session, target: KillTarget, query_only: bool) -> None:
     security = session.server.config().security
     if target.user != session.user:
         session._reply_err(ER_KILL_DENIED, "HY000", f"You are not owner of thread {target.id}")
@@ -66,15 +101,15 @@ def _kill_elsewhere(session: Session, target: Session, query_only: bool) -> None
             "[security] auth-sync-user",
         )
         return
-    backend = target.backend
-    assert backend is not None
+    host, port = split_addr(target.backend_addr)
     sql = f"KILL {'QUERY' if query_only else 'CONNECTION'} {target.backend_connection_id}"
-    log.info("session %d: %s (session %d) on %s", session.id, sql, target.id, backend.addr)
+    log.info("session %d: %s (session %d) on %s", session.id, sql, target.id,
+             target.backend_addr)
     session.hold_input("kill")
 
     async def run() -> None:
         try:
-            conn = await AdminConnection.open(backend.host, backend.port,
+            conn = await AdminConnection.open(host, port,
                                               security.auth_sync_user, security.auth_sync_password,
                                               **session.server.tls.admin_options())
             try:

@@ -519,7 +519,7 @@ class Session(SessionMoves):
         self._take_credential()
         self.bt = self.backend_leg.transport
         self.backend_leg.attach(self)
-        self.server.last_login = time.monotonic()
+        self.server.logged_in()
         log.debug("session %d: %s@%s logged in on %s",
                   self.id, self.user, self.peer, self.backend.addr)
 

@@ -42,6 +42,7 @@ from tiproxy.tls import CertStore
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
+    from tiproxy.net.kill import KillTarget
     from tiproxy.net.relay import Session
 
 log = logging.getLogger("tiproxy.server")
@@ -72,11 +73,12 @@ class _Durations:
 class ProxyServer:
     """Accepts clients and keeps the sessions; implements the API's ProxyView."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, tls: CertStore | None = None) -> None:
         self._config = cfg
         self.router = Router()
         self._configure_router(cfg)
-        self.tls = CertStore(cfg)  # raises TLSLoadError for a certificate that does not load
+        # CertStore raises TLSLoadError for a certificate that does not load.
+        self.tls = CertStore(cfg) if tls is None else tls
         self.health = HealthChecker(self.router, cfg, self.tls.admin_options,
                                     lambda: self.tls.cluster)
         self.rebalancer = Rebalancer(self.router, cfg)
@@ -103,8 +105,18 @@ class ProxyServer:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Listen, and run the control plane's loops in this process."""
         if self._config.security.users_file:
             await self._load_users_file(self._config.security.users_file)
+        await self._listen()
+        loop = asyncio.get_running_loop()
+        self._tasks += [loop.create_task(self._maintain()), loop.create_task(self._sync_loop()),
+                        loop.create_task(self.health.run()), loop.create_task(self.tls.watch())]
+        self._start_sources()
+        if self._config.security.auth_sync_user:
+            self._sync_now.set()  # the first sync at once: sessions need hashes to move
+
+    async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         for addr in self._config.proxy.listen_addrs:
             host, port = split_addr(addr, default_host="")
@@ -118,23 +130,29 @@ class ProxyServer:
                 apply_keepalive_socket(sock, self._config.proxy.frontend_keepalive)
             self.port = self.port or server.sockets[0].getsockname()[1]
             log.info("proxy listening on %s:%d", host, server.sockets[0].getsockname()[1])
-        self._tasks = [loop.create_task(self._maintain()), loop.create_task(self._sync_loop()),
-                       loop.create_task(self.health.run()), loop.create_task(self.tls.watch())]
-        self._start_sources()
-        if self._config.security.auth_sync_user:
-            self._sync_now.set()  # the first sync at once: sessions need hashes to move
+
+    async def serve_sockets(self, socks: list[socket.socket]) -> None:
+        """Accept on listening sockets made elsewhere (a worker's, bound by the control
+        process)."""
+        loop = asyncio.get_running_loop()
+        for sock in socks:
+            self._servers.append(await loop.create_server(lambda: ClientLeg(self), sock=sock,
+                                                          backlog=1024))
 
     def begin_shutdown(self) -> None:
         """Health turns 502 so that load balancers stop sending clients; sessions go on."""
         self._shutting_down = True
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting and close the sessions, gracefully within `timeout` seconds
+        (default `[proxy] graceful-close-conn-timeout`)."""
         self._shutting_down = True
         for task in [*self._tasks, *(task for _, task in self._sources.values())]:
             task.cancel()
         for server in self._servers:
             server.close()
-        await self._close_sessions(self._config.proxy.graceful_close_conn_timeout)
+        await self._close_sessions(self._config.proxy.graceful_close_conn_timeout
+                                   if timeout is None else timeout)
         for server in self._servers:
             await server.wait_closed()
 
@@ -213,6 +231,7 @@ class ProxyServer:
         except (FileRefusedError, UsersFileError) as e:
             log.error("users file %s not loaded: %s", path, e)  # noqa: TRY400 - the reason
             return
+        self.credentials_changed()
         log.info("users file %s: %d password hashes", path, count)
 
     # -- the registry ---------------------------------------------------------------------------
@@ -242,6 +261,9 @@ class ProxyServer:
                 self.router.succeeded(backend, greeting)
                 return
 
+    def logged_in(self) -> None:
+        self.last_login = time.monotonic()
+
     def logins_recently(self) -> bool:
         """Clients logged in within the last EARLY_WINDOW seconds: a new connection is most
         likely one more, worth a backend connection before its greeting (net/relay.py)."""
@@ -257,6 +279,13 @@ class ProxyServer:
     def session_closed(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
 
+    def kill_target_elsewhere(self, session_id: int) -> bool:
+        """Whether another process may own the session `session_id` (a worker's peers)."""
+        return False
+
+    async def find_kill_target(self, session_id: int) -> KillTarget | None:
+        return None
+
     def over_capacity(self) -> bool:
         limit = self._config.proxy.max_connections
         return bool(limit) and len(self.sessions) > limit
@@ -269,13 +298,20 @@ class ProxyServer:
         if drain:
             self._drain_sessions()
         else:
-            for session in self.sessions.values():
-                move = session.move_request
-                if session.backend is not None and session.backend.addr == addr and move \
-                        and move.target is None and not session.backend.draining:
-                    session.cancel_move()
+            self._undrained(addr)
 
-    def redirect_all(self) -> int:
+    def _undrained(self, addr: str) -> None:
+        """Moves away from `addr` that it no longer needs are called off."""
+        for session in self.sessions.values():
+            move = session.move_request
+            if session.backend is not None and session.backend.addr == addr and move \
+                    and move.target is None and not session.backend.draining:
+                session.cancel_move()
+
+    async def redirect_all(self) -> int:
+        return self.redirect_local()
+
+    def redirect_local(self) -> int:
         """TiProxy's /api/debug/redirect: every session moves to another backend."""
         count = 0
         for session in list(self.sessions.values()):
@@ -396,9 +432,13 @@ class ProxyServer:
             count = self.credentials.replace_synced(
                 (_text(r[0]), _text(r[1]), _text(r[2])) for r in rows if len(r) == 3)
             log.info("credential sync from %s: %d password hashes", backend.addr, count)
-            self._retry_stale()
+            self.credentials_changed()
             return True
         return False
+
+    def credentials_changed(self) -> None:
+        """The stored hashes changed: logins that matched none are tried again."""
+        self._retry_stale()
 
     def _retry_stale(self) -> None:
         stale, self._stale = self._stale, []
@@ -414,6 +454,9 @@ class ProxyServer:
     @property
     def shutting_down(self) -> bool:
         return self._shutting_down
+
+    async def refresh(self) -> None:
+        pass  # this process holds the sessions: its counters are current
 
     def connection_count(self) -> int:
         return len(self.sessions)
@@ -431,7 +474,10 @@ class ProxyServer:
             for b in self.router.backends.values()
         ]
 
-    def session_views(self) -> list[SessionView]:
+    async def session_views(self) -> list[SessionView]:
+        return self.local_session_views()
+
+    def local_session_views(self) -> list[SessionView]:
         views = []
         for s in self.sessions.values():
             move = s.move_request

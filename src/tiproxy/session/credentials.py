@@ -63,3 +63,10 @@ class CredentialStore:
             if stage1 is not None:
                 return stage1
         return None
+
+    def snapshot(self) -> tuple[dict[str, set[bytes]], dict[str, set[bytes]]]:
+        """Every stored hash, for a worker process to hold the same (workers/messages.py)."""
+        return self._file, self._synced
+
+    def restore(self, snapshot: tuple[dict[str, set[bytes]], dict[str, set[bytes]]]) -> None:
+        self._file, self._synced = snapshot

@@ -7,16 +7,21 @@ A client object (`sql-tls`, for the backends) is on when it has `ca` (the backen
 is verified, and its name: the backend's host) or `skip-ca` (encrypted, not verified); `cert`
 and `key` are then a client certificate. Anything else means no TLS: `None`.
 
-Building reads files, so callers off the event loop run it in a thread (store.py does).
+Building reads files, so callers off the event loop run it in a thread (store.py does). Each file
+is read once, and OpenSSL loads those bytes (through a memfd), not the path again: the context is
+exactly what the bytes kept in `Built.files` say, and a worker process given the same bytes
+builds the same context (workers/messages.py), however the files change meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import ssl
 import stat
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -47,6 +52,7 @@ class Built:
     context: ssl.SSLContext
     not_after: datetime.datetime | None  # the served certificate's expiry, if one is served
     auto: Issued | None = None  # the generated certificate, with auto-certs
+    files: Mapping[str, bytes] = field(default_factory=dict, repr=False)  # holds a key: secret
 
 
 class LeanSSLObject(ssl.SSLObject):
@@ -93,18 +99,56 @@ def check_pem_file(path: str) -> None:
         raise TLSLoadError(f"{path}: larger than {MAX_PEM_BYTES} bytes")
 
 
-def build_server(cfg: TLSConfig, auto: Issued | None = None) -> Built | None:
+def read_files(cfg: TLSConfig) -> dict[str, bytes]:
+    """Every file the object names, read once and bounded."""
+    files: dict[str, bytes] = {}
+    for path in (cfg.cert, cfg.key, cfg.ca):
+        if not path or path in files:
+            continue
+        check_pem_file(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_PEM_BYTES + 1)
+        except OSError as e:
+            raise TLSLoadError(f"{path}: {e.strerror}") from None
+        if len(data) > MAX_PEM_BYTES:
+            raise TLSLoadError(f"{path}: larger than {MAX_PEM_BYTES} bytes")
+        files[path] = data
+    return files
+
+
+@contextlib.contextmanager
+def _loadable(files: Mapping[str, bytes]) -> Iterator[dict[str, str]]:
+    """A path OpenSSL can open for each file's bytes, for the time of the build."""
+    fds: list[int] = []
+    try:
+        paths = {}
+        for path, data in files.items():
+            fd = os.memfd_create("tiproxy-tls", os.MFD_CLOEXEC)
+            fds.append(fd)
+            os.write(fd, data)
+            paths[path] = f"/proc/self/fd/{fd}"
+        yield paths
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def build_server(cfg: TLSConfig, auto: Issued | None = None,
+                 files: Mapping[str, bytes] | None = None) -> Built | None:
     """The context for a server object, or None when it is off. `auto` reuses a certificate
-    generated before (auto-certs), so that a reload does not make a new key each time."""
+    generated before (auto-certs), so that a reload does not make a new key each time; `files`
+    are the files' bytes as read before (by another process), else they are read now."""
     if not server_enabled(cfg):
         return None
+    files = read_files(cfg) if files is None else files
     ctx = _context(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[cfg.min_tls_version]
     not_after: datetime.datetime | None
     try:
         if cfg.cert:
-            _load_chain(ctx, cfg.cert, cfg.key)
-            not_after = certificate_expiry(cfg.cert)
+            _load_chain(ctx, cfg.cert, cfg.key, files)
+            not_after = _expiry(files[cfg.cert])
             auto = None
         else:
             if auto is None:
@@ -113,49 +157,49 @@ def build_server(cfg: TLSConfig, auto: Issued | None = None) -> Built | None:
             load_into(ctx, auto)
             not_after = auto.not_after
         if cfg.ca:
-            _load_ca(ctx, cfg.ca)
+            _load_ca(ctx, cfg.ca, files)
             ctx.verify_mode = ssl.CERT_OPTIONAL if cfg.skip_ca else ssl.CERT_REQUIRED
     except ssl.SSLError as e:
         raise TLSLoadError(_ssl_reason(e)) from None
-    return Built(ctx, not_after, auto)
+    return Built(ctx, not_after, auto, files)
 
 
-def build_client(cfg: TLSConfig) -> Built | None:
+def build_client(cfg: TLSConfig, files: Mapping[str, bytes] | None = None) -> Built | None:
     """The context for a client object, or None when it is off."""
     if not client_enabled(cfg):
         return None
+    files = read_files(cfg) if files is None else files
     ctx = _context(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = _VERSIONS[cfg.min_tls_version]
     not_after = None
     try:
         if cfg.ca:
-            _load_ca(ctx, cfg.ca)
+            _load_ca(ctx, cfg.ca, files)
         else:  # skip-ca: encrypted, the backend's certificate is not checked
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         if cfg.cert:
-            _load_chain(ctx, cfg.cert, cfg.key)
-            not_after = certificate_expiry(cfg.cert)
+            _load_chain(ctx, cfg.cert, cfg.key, files)
+            not_after = _expiry(files[cfg.cert])
     except ssl.SSLError as e:
         raise TLSLoadError(_ssl_reason(e)) from None
-    return Built(ctx, not_after)
+    return Built(ctx, not_after, None, files)
 
 
-def _load_chain(ctx: ssl.SSLContext, cert: str, key: str) -> None:
-    check_pem_file(cert)
-    check_pem_file(key)
+def _load_chain(ctx: ssl.SSLContext, cert: str, key: str, files: Mapping[str, bytes]) -> None:
     try:
-        ctx.load_cert_chain(cert, key)
+        with _loadable({cert: files[cert], key: files[key]}) as paths:
+            ctx.load_cert_chain(paths[cert], paths[key])
     except ssl.SSLError as e:
         raise TLSLoadError(f"{cert} / {key}: {_ssl_reason(e)}") from None
     except OSError as e:
         raise TLSLoadError(f"{cert} / {key}: {e.strerror}") from None
 
 
-def _load_ca(ctx: ssl.SSLContext, ca: str) -> None:
-    check_pem_file(ca)
+def _load_ca(ctx: ssl.SSLContext, ca: str, files: Mapping[str, bytes]) -> None:
     try:
-        ctx.load_verify_locations(cafile=ca)
+        with _loadable({ca: files[ca]}) as paths:
+            ctx.load_verify_locations(cafile=paths[ca])
     except ssl.SSLError as e:
         raise TLSLoadError(f"{ca}: {_ssl_reason(e)}") from None
     except OSError as e:
@@ -164,6 +208,13 @@ def _load_ca(ctx: ssl.SSLContext, ca: str) -> None:
 
 def _ssl_reason(e: ssl.SSLError) -> str:
     return e.reason.lower().replace("_", " ") if e.reason else str(e)
+
+
+def _expiry(pem: bytes) -> datetime.datetime | None:
+    try:
+        return x509.load_pem_x509_certificate(pem).not_valid_after_utc
+    except ValueError:
+        return None
 
 
 def certificate_expiry(path: str) -> datetime.datetime | None:

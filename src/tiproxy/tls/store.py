@@ -12,6 +12,10 @@ counts `tiproxy_server_err{type="load_cert"}`. A served certificate within 24 ho
 logs a warning once; an auto-certs certificate is renewed when a tenth of its life is left.
 Polling rather than inotify: the standard library has no file watch, and a stat a second per file
 costs nothing.
+
+With workers, only the control process watches: each time a context is (re)built it hands the
+bytes it was built from (`materials()`) to the workers, whose stores follow (`follow()`), so
+every worker serves the same certificate, auto-certs' too, and a file is judged once.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import logging
 import os
 import ssl
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from tiproxy.config.model import Config, TLSConfig
+from tiproxy.tls.autocert import Issued
 from tiproxy.tls.contexts import Built, TLSLoadError, build_client, build_server
 
 log = logging.getLogger("tiproxy.tls")
@@ -37,6 +42,15 @@ EXPIRY_WARNING = datetime.timedelta(hours=24)
 _RENEW_FRACTION = 0.1  # auto-certs: renew when this much of the lifetime is left
 
 Signature = tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class Material:
+    """What one TLS object's context was built from, for another process to build the same."""
+
+    cfg: TLSConfig
+    files: Mapping[str, bytes] = field(repr=False)  # path -> content; holds a key: secret
+    auto: Issued | None = None
 
 
 @dataclass
@@ -64,6 +78,11 @@ class _Slot:
             return build_server(self.cfg, auto=keep)
         return build_client(self.cfg)
 
+    def build_from(self, material: Material) -> Built | None:
+        if self.server_side:
+            return build_server(material.cfg, auto=material.auto, files=material.files)
+        return build_client(material.cfg, files=material.files)
+
 
 def _signature(paths: tuple[str, ...]) -> Signature:
     out = []
@@ -80,8 +99,12 @@ def _signature(paths: tuple[str, ...]) -> Signature:
 class CertStore:
     """The TLS contexts in force. Raises TLSLoadError (with the dotted key) when built."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, materials: Mapping[str, Material | None] | None = None,
+                 ) -> None:
+        """`materials`: a worker's store, built from what the control process's built."""
         self.errors: Counter[str] = Counter()  # tiproxy_server_err by type
+        self.changed: Callable[[], None] | None = None  # called after each rebuild
+        self._following = materials is not None
         self._slots = {
             "server": _Slot("security.server-tls", True, cfg.security.server_tls),
             "sql": _Slot("security.sql-tls", False, cfg.security.sql_tls),
@@ -89,13 +112,34 @@ class CertStore:
             "http": _Slot("security.server-http-tls", True, cfg.security.server_http_tls),
         }
         self.require_backend_tls = cfg.security.require_backend_tls
+        self._wake = asyncio.Event()
+        if materials is not None:
+            self.follow(materials)
+            return
         for slot in self._slots.values():
             slot.files = _signature(slot.paths())
             try:
                 self._install(slot, slot.build())
             except TLSLoadError as e:
                 raise TLSLoadError(f"{slot.key}: {e}") from None
-        self._wake = asyncio.Event()
+
+    def materials(self) -> dict[str, Material | None]:
+        return {name: Material(slot.built_cfg or slot.cfg, slot.built.files, slot.built.auto)
+                if slot.built is not None else None for name, slot in self._slots.items()}
+
+    def follow(self, materials: Mapping[str, Material | None]) -> None:
+        """Take the contexts another process built (a worker's store)."""
+        for name, material in materials.items():
+            slot = self._slots[name]
+            if material is None:
+                self._install(slot, None)
+                continue
+            slot.cfg = material.cfg
+            try:
+                self._install(slot, slot.build_from(material))
+            except TLSLoadError as e:  # it loaded there: this process's OpenSSL differs
+                self.errors["load_cert"] += 1
+                log.error("%s: not taken from the control process: %s", slot.key, e)  # noqa: TRY400
 
     # -- what sessions use --------------------------------------------------------------------
 
@@ -151,6 +195,8 @@ class CertStore:
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config: changed TLS objects are rebuilt by the watch loop."""
         self.require_backend_tls = cfg.security.require_backend_tls
+        if self._following:
+            return  # the control process sends what it rebuilt
         for name, new in (("server", cfg.security.server_tls), ("sql", cfg.security.sql_tls),
                           ("cluster", cfg.security.cluster_tls),
                           ("http", cfg.security.server_http_tls)):
@@ -183,6 +229,8 @@ class CertStore:
                 return
             self._install(slot, built)
             log.info("%s: %s", slot.key, "loaded" if built is not None else "turned off")
+            if self.changed is not None:
+                self.changed()
         self._warn_expiry(slot)
 
     def _install(self, slot: _Slot, built: Built | None) -> None:

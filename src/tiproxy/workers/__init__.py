@@ -1,0 +1,1 @@
+"""`[proxy] workers` > 1: a control process and worker processes that hold the sessions."""

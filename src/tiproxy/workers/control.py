@@ -1,0 +1,401 @@
+"""The control process of `[proxy] workers` > 1: the control plane, and the workers' keeper.
+
+It binds every listening address once per worker (SO_REUSEPORT: the kernel spreads new
+connections over the sockets) and starts each worker with its sockets; it keeps its own copies
+open, so a worker that dies leaves its queue of new connections intact for the one that replaces
+it. It runs what ProxyServer runs for one process (discovery, health checks, the router's state,
+the rebalancer, credential sync, config reload) plus the API, and it holds no session:
+- every 100 ms each worker gets the backend table if it changed (at once after a drain), so
+  routing a new connection never waits for this process;
+- the workers' session counts are in shared memory (workers/shared.py): the backends'
+  connections here are their sums, so the rebalancer, the API and `/metrics` see one proxy;
+  counters add up the live workers' and those of workers that died before;
+- a worker that dies is logged, counted (tiproxy_server_err{type="worker_died"}) and started
+  again, sooner or later depending on how long it lived; the others go on untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tiproxy.api.interface import BackendView, MigrationStats, SessionView
+from tiproxy.balance.balancer import MoveOrder
+from tiproxy.balance.router import split_addr
+from tiproxy.net.keepalive import apply_keepalive_socket
+from tiproxy.net.server import DURATION_BUCKETS, ProxyServer
+from tiproxy.workers import messages as m
+from tiproxy.workers.shared import FIRST_SLOT, SESSIONS, SLOTS, SharedCounts
+
+if TYPE_CHECKING:
+    from tiproxy.config import Config
+    from tiproxy.net.kill import KillTarget
+
+log = logging.getLogger("tiproxy.workers")
+
+PUSH_INTERVAL = 0.1
+RESTART_FIRST = 0.5
+RESTART_MAX = 30.0
+STABLE_AFTER = 30.0  # a worker that lived this long restarts at once again if it dies
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def worker_count(cfg: Config) -> int:
+    return cfg.proxy.workers or available_cpus()
+
+
+@dataclasses.dataclass
+class _Worker:
+    index: int
+    incarnation: int = 0
+    proc: asyncio.subprocess.Process | None = None
+    link: m.Link | None = None
+    reader: asyncio.Task[None] | None = None  # link.run(), kept so that it is not collected
+    stats: m.Stats | None = None
+    sent: m.Table | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.link is not None and self.proc is not None and self.proc.returncode is None
+
+
+@dataclasses.dataclass
+class _Totals:
+    """Counters of workers that have died: they must not go back."""
+
+    migrations: Counter[tuple[str, str, str, str]] = dataclasses.field(default_factory=Counter)
+    durations: list[int] = dataclasses.field(default_factory=lambda: [0] *
+                                             (len(DURATION_BUCKETS) + 1))
+    duration_total: float = 0.0
+    errors: Counter[str] = dataclasses.field(default_factory=Counter)
+    queries: dict[str, Counter[str]] = dataclasses.field(default_factory=dict)
+
+    def add(self, stats: m.Stats) -> None:
+        self.migrations.update(stats.migrations)
+        self.durations = [a + b for a, b in zip(self.durations, stats.duration_counts,
+                                                strict=True)]
+        self.duration_total += stats.duration_total
+        self.errors.update(stats.errors)
+        for addr, counts in stats.query_counts.items():
+            self.queries.setdefault(addr, Counter()).update(counts)
+
+
+class ControlServer(ProxyServer):
+    def __init__(self, cfg: Config, count: int) -> None:
+        super().__init__(cfg)
+        self.count = count
+        self._workers = [_Worker(i) for i in range(count)]
+        self._listening: list[list[socket.socket]] = [[] for _ in range(count)]
+        self._retired = _Totals()
+        self.counts = SharedCounts(count)
+        self.tls.changed = lambda: self._broadcast(m.TLSChanged(self.tls.materials()))
+        self._slots: dict[str, int] = {}  # backend addr -> its column in self.counts
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        for addr in self._config.proxy.listen_addrs:
+            for i, socks in enumerate(_bind(addr, self.count)):
+                for sock in socks:
+                    apply_keepalive_socket(sock, self._config.proxy.frontend_keepalive)
+                self._listening[i] += socks
+            port = self._listening[0][-1].getsockname()[1]
+            self.port = self.port or port
+            log.info("proxy listening on %s (port %d) for %d workers", addr, port, self.count)
+        loop = asyncio.get_running_loop()
+        for worker in self._workers:
+            await self._spawn(worker)
+        self._tasks += [loop.create_task(self._supervise(w)) for w in self._workers]
+        self._tasks.append(loop.create_task(self._push()))
+
+    async def _spawn(self, worker: _Worker) -> None:
+        parent, child = socket.socketpair()
+        fds = [child.fileno(), self.counts.fd, *(s.fileno() for s in self._listening[worker.index])]
+        worker.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tiproxy.workers.worker", *map(str, fds), pass_fds=fds)
+        child.close()
+        link = m.Link(parent, lambda msg: self._handle(worker, msg),
+                      lambda what, arg: self._answer(worker, what, arg))
+        await link.open()
+        worker.link, worker.stats, worker.sent = link, None, None
+        link.send(m.Setup(self._config, worker.index, self.count, worker.incarnation,
+                          self.tls.materials()))
+        link.send(m.Credentials(self.credentials.snapshot()))
+        self._send_table(worker)
+        worker.reader = asyncio.get_running_loop().create_task(link.run())
+
+    async def _supervise(self, worker: _Worker) -> None:
+        delay = RESTART_FIRST
+        while True:
+            assert worker.proc is not None
+            started = time.monotonic()
+            code = await worker.proc.wait()
+            if worker.link is not None:
+                worker.link.close()
+            if self._shutting_down:
+                return
+            lost = self.counts.get(worker.index, SESSIONS)
+            if worker.stats is not None:
+                self._retired.add(worker.stats)
+            worker.stats, worker.link = None, None
+            self.counts.clear(worker.index)
+            self._recount()
+            self.errors["worker_died"] += 1
+            delay = RESTART_FIRST if time.monotonic() - started > STABLE_AFTER \
+                else min(RESTART_MAX, delay * 2)
+            log.error("worker %d (pid %d) exited with %s: its %d sessions are lost; "
+                      "starting it again in %.1fs", worker.index, worker.proc.pid,
+                      _exit_status(code), lost, delay)
+            await asyncio.sleep(delay)
+            worker.incarnation += 1
+            await self._spawn(worker)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """The workers close their sessions gracefully; new connections are refused from the
+        moment this starts (the listening sockets close here and in the workers)."""
+        grace = self._config.proxy.graceful_close_conn_timeout if timeout is None else timeout
+        self._shutting_down = True
+        for socks in self._listening:
+            for sock in socks:
+                sock.close()
+        for worker in self._workers:
+            if worker.live and worker.link is not None:
+                worker.link.send(m.Shutdown())
+        procs = [w.proc for w in self._workers if w.proc is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace + 5)
+        except TimeoutError:
+            stuck = [p for p in procs if p.returncode is None]
+            log.error("workers %s did not stop in time; killed",  # noqa: TRY400
+                      [p.pid for p in stuck])
+            for proc in stuck:
+                proc.kill()
+        await super().stop(timeout=0)
+
+    # -- from the workers -------------------------------------------------------------------
+
+    def _handle(self, worker: _Worker, message: object) -> None:
+        backend = self.router.backends.get(getattr(message, "addr", ""))
+        if isinstance(message, m.Stats):
+            worker.stats = message
+            self._recount_queries()
+        elif isinstance(message, m.LogLine):
+            logging.getLogger(message.name).log(message.level, "%s", message.message)
+        elif isinstance(message, m.SyncNow):
+            self._sync_now.set()
+        elif backend is None:
+            return
+        elif isinstance(message, m.Failed):
+            self.router.failed(backend, message.reason)
+        elif isinstance(message, m.Succeeded):
+            self.router.succeeded(backend, None)
+        elif isinstance(message, m.Doubt):
+            self.doubt_backend(backend, message.why)
+        elif isinstance(message, m.LastingProblem):
+            self.lasting_move_problem(backend, message.problem)
+
+    async def _answer(self, worker: _Worker, what: str, arg: Any) -> Any:
+        if what == "kill_target":
+            return await self.find_kill_target(int(arg))
+        if what == "template":
+            if self.router.template is None:
+                await self.probe_template()
+            return self.router.template
+        raise ValueError(what)
+
+    def _slot(self, addr: str) -> int:
+        slot = self._slots.get(addr)
+        if slot is None:
+            slot = FIRST_SLOT + len(self._slots) % SLOTS  # past SLOTS: the oldest again
+            self._slots[addr] = slot
+        return slot
+
+    def _recount(self) -> None:
+        for backend in self.router.backends.values():
+            backend.connections = self.counts.total(self._slot(backend.addr))
+
+    def _recount_queries(self) -> None:
+        for addr, backend in self.router.backends.items():
+            total = Counter(self._retired.queries.get(addr, Counter()))
+            for w in self._workers:
+                if w.stats is not None:
+                    total.update(w.stats.query_counts.get(addr, {}))
+            backend.query_counts = total
+
+    # -- to the workers ---------------------------------------------------------------------
+
+    async def _push(self) -> None:
+        while True:
+            await asyncio.sleep(PUSH_INTERVAL)
+            self._recount()
+            for worker in self._workers:
+                if worker.live:
+                    self._send_table(worker)
+
+    def _send_table(self, worker: _Worker) -> None:
+        if worker.link is None:
+            return
+        table = m.Table(
+            tuple(m.BackendState(
+                b.addr, b.namespace, dict(b.sources), frozenset(b.drained_by), b.health,
+                b.doubt, b.failures, b.retry_at, b.last_error, dataclasses.replace(b.load),
+                b.galera, b.offers_tls, b.mariadb_capabilities, b.move_problem,
+                self._slot(b.addr),
+            ) for b in self.router.backends.values()),
+            self.router.template,
+        )
+        if table != worker.sent:
+            worker.link.send(table)
+            worker.sent = table
+
+    def _broadcast(self, message: object) -> None:
+        for worker in self._workers:
+            if worker.live and worker.link is not None:
+                worker.link.send(message)
+
+    def _apply(self, cfg: Config) -> None:
+        super()._apply(cfg)
+        self._broadcast(m.ConfigChanged(cfg))
+
+    def credentials_changed(self) -> None:
+        self._broadcast(m.Credentials(self.credentials.snapshot()))
+
+    def drain(self, addr: str, drain: bool) -> None:
+        super().drain(addr, drain)
+        for worker in self._workers:
+            self._send_table(worker)
+
+    def _rebalance(self) -> None:
+        self._recount()
+        movable: list[Counter[str]] = [Counter(w.stats.movable if w.stats and w.live else {})
+                                       for w in self._workers]
+        orders = self.rebalancer.plan(sum(movable, Counter()))
+        shares: list[list[MoveOrder]] = [[] for _ in self._workers]
+        for order in orders:
+            left = order.count
+            for i in sorted(range(self.count), key=lambda i: -movable[i][order.source]):
+                take = min(left, movable[i][order.source])
+                if take > 0:
+                    shares[i].append(dataclasses.replace(order, count=take))
+                    movable[i][order.source] -= take
+                    left -= take
+        for worker, share in zip(self._workers, shares, strict=True):
+            if share and worker.link is not None:
+                worker.link.send(m.Moves(tuple(share)))
+
+    # -- one proxy, seen from outside -------------------------------------------------------------
+
+    def kill_target_elsewhere(self, session_id: int) -> bool:
+        return True
+
+    async def find_kill_target(self, session_id: int) -> KillTarget | None:
+        owner = self._workers[(session_id - 1) % self.count]
+        if not owner.live or owner.link is None:
+            return None
+        try:
+            target: KillTarget | None = await owner.link.ask("kill_target", session_id)
+        except (TimeoutError, ConnectionError):
+            return None
+        return target
+
+    async def _ask_all(self, what: str) -> list[Any]:
+        links = [w.link for w in self._workers if w.live and w.link is not None]
+        answers = await asyncio.gather(*(link.ask(what) for link in links),
+                                       return_exceptions=True)
+        return [a for a in answers if not isinstance(a, BaseException)]
+
+    async def refresh(self) -> None:
+        """The workers' counters as of now (the API reads them right after what it checks)."""
+        links = [(w, w.link) for w in self._workers if w.live and w.link is not None]
+        answers = await asyncio.gather(*(link.ask("stats") for _, link in links),
+                                       return_exceptions=True)
+        for (worker, _), stats in zip(links, answers, strict=True):
+            if isinstance(stats, m.Stats):
+                worker.stats = stats
+        self._recount_queries()
+
+    async def session_views(self) -> list[SessionView]:
+        views = [v for answer in await self._ask_all("sessions") for v in answer or ()]
+        return sorted(views, key=lambda v: v.id)
+
+    async def redirect_all(self) -> int:
+        return sum(n or 0 for n in await self._ask_all("redirect"))
+
+    def connection_count(self) -> int:
+        return self.counts.total(SESSIONS)
+
+    def backends(self) -> list[BackendView]:
+        self._recount()
+        return super().backends()
+
+    def _live_stats(self) -> list[m.Stats]:
+        return [w.stats for w in self._workers if w.stats is not None]
+
+    def migration_stats(self) -> MigrationStats:
+        migrations = Counter(self._retired.migrations)
+        durations = list(self._retired.durations)
+        total = self._retired.duration_total
+        for stats in self._live_stats():
+            migrations.update(stats.migrations)
+            durations = [a + b for a, b in zip(durations, stats.duration_counts, strict=True)]
+            total += stats.duration_total
+        return MigrationStats(dict(migrations), DURATION_BUCKETS, durations, total)
+
+    def server_errors(self) -> dict[str, int]:
+        errors = Counter(super().server_errors()) + self._retired.errors
+        for stats in self._live_stats():
+            errors.update(stats.errors)
+        return dict(errors)
+
+
+def _bind(addr: str, count: int) -> list[list[socket.socket]]:
+    """`count` listening sockets on `addr`, in one SO_REUSEPORT group (all interfaces for an
+    empty host, as asyncio binds them): a list of sockets for each worker."""
+    host, port = split_addr(addr, default_host="")
+    infos = list(dict.fromkeys(
+        (family, sockaddr[0]) for family, _, _, _, sockaddr in
+        socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)))
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            for family, ip in infos:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((ip, port))
+                port = port or sock.getsockname()[1]  # port 0: every socket on the first's
+                sock.listen(1024)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setblocking(False)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    n = len(infos)
+    return [socks[i * n:(i + 1) * n] for i in range(count)]
+
+
+def _exit_status(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"code {code}"

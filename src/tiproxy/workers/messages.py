@@ -1,0 +1,255 @@
+"""The boundary between the control process and its workers: every message, and the link.
+
+One Unix socket pair per worker carries length-prefixed pickles of the dataclasses below (both
+ends are this program, started by the control process; nothing else can reach the socket).
+
+Control to worker: Setup first, then Table whenever what a worker routes by changes, Config on a
+reload, Credentials when the stored hashes change, TLSChanged when a context was rebuilt, Moves
+from the rebalancer, Shutdown.
+Worker to control: Stats once a second (counters, movable sessions), and the events the control
+plane acts on: Failed, Succeeded, Doubt, SyncNow, LastingProblem, LogLine.
+Session counts do not travel as messages: they are in shared memory (workers/shared.py), so
+least-connections balancing and `max-connections` hold across workers at every login.
+Either side may `ask` the other (Request/Reply): the control process asks for a worker's
+sessions, to redirect them, or for a KILL target; a worker asks it to find a KILL target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import pickle
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tiproxy.balance.balancer import MoveOrder
+    from tiproxy.balance.router import Load
+    from tiproxy.config import Config
+    from tiproxy.discovery.base import DiscoveredBackend
+    from tiproxy.protocol.packets import Greeting
+    from tiproxy.tls.store import Material
+
+log = logging.getLogger("tiproxy.workers")
+
+_LENGTH = struct.Struct("!I")
+ASK_TIMEOUT = 5.0
+
+
+# -- control to worker -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    config: Config
+    index: int  # this worker's number, 0..count-1
+    count: int
+    incarnation: int  # how many times this worker has been started before
+    tls: Mapping[str, Material | None]  # the contexts, as the control process built them
+
+
+@dataclass(frozen=True)
+class ConfigChanged:
+    config: Config
+
+
+@dataclass(frozen=True)
+class BackendState:
+    """What the control plane knows of a backend; the worker keeps its own session count."""
+
+    addr: str
+    namespace: str
+    sources: Mapping[str, DiscoveredBackend]
+    drained_by: frozenset[str]
+    health: str
+    doubt: str
+    failures: int
+    retry_at: float  # time.monotonic(): the same clock in every process of the machine
+    last_error: str
+    load: Load
+    galera: bool
+    offers_tls: bool | None
+    mariadb_capabilities: int | None
+    move_problem: str
+    slot: int  # its column in the shared session counts
+
+
+@dataclass(frozen=True)
+class Table:
+    backends: tuple[BackendState, ...]
+    template: Greeting | None
+
+
+@dataclass(frozen=True)
+class TLSChanged:
+    tls: Mapping[str, Material | None]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    snapshot: tuple[dict[str, set[bytes]], dict[str, set[bytes]]]
+
+
+@dataclass(frozen=True)
+class Moves:
+    orders: tuple[MoveOrder, ...]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# -- worker to control ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Totals since the worker started (the control process adds them up)."""
+
+    movable: Mapping[str, int]  # backend addr -> sessions the rebalancer may move now
+    migrations: Mapping[tuple[str, str, str, str], int]
+    duration_counts: tuple[int, ...]
+    duration_total: float
+    errors: Mapping[str, int]
+    query_counts: Mapping[str, Mapping[str, int]]  # backend addr -> cmd_type -> count
+
+
+@dataclass(frozen=True)
+class Failed:
+    addr: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    addr: str
+
+
+@dataclass(frozen=True)
+class Doubt:
+    addr: str
+    why: str
+
+
+@dataclass(frozen=True)
+class SyncNow:
+    pass
+
+
+@dataclass(frozen=True)
+class LastingProblem:
+    addr: str
+    problem: str
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """A worker's log record, written by the control process's handler (one log file)."""
+
+    name: str
+    level: int
+    message: str
+
+
+# -- either way ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    what: str  # "sessions", "redirect", "kill_target"
+    arg: Any = None
+
+
+@dataclass(frozen=True)
+class Reply:
+    id: int
+    value: Any = None
+
+
+Answer = Callable[[str, Any], Awaitable[Any]]
+
+
+@dataclass
+class Link:
+    """One end of a worker's socket pair. `handle` takes the plain messages, `answer` the
+    requests; run() returns when the other end is gone."""
+
+    sock: socket.socket
+    handle: Callable[[object], None]
+    answer: Answer
+    _reader: asyncio.StreamReader | None = None
+    _writer: asyncio.StreamWriter | None = None
+    _pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def send(self, message: object) -> None:
+        if self._writer is None or self._writer.is_closing():
+            return
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        self._writer.write(_LENGTH.pack(len(data)) + data)
+
+    async def ask(self, what: str, arg: Any = None, timeout: float = ASK_TIMEOUT) -> Any:
+        """The other end's answer; raises TimeoutError, or ConnectionError once it is gone."""
+        if self._writer is None or self._writer.is_closing():
+            raise ConnectionError("worker link closed")
+        request = Request(next(self._ids), what, arg)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[request.id] = future
+        try:
+            self.send(request)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending.pop(request.id, None)
+
+    async def open(self) -> None:
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sock)
+
+    async def run(self) -> None:
+        if self._reader is None:
+            await self.open()
+        reader = self._reader
+        assert reader is not None
+        try:
+            while True:
+                try:
+                    head = await reader.readexactly(_LENGTH.size)
+                    message = pickle.loads(await reader.readexactly(_LENGTH.unpack(head)[0]))  # noqa: S301 - our own process
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                if isinstance(message, Reply):
+                    future = self._pending.get(message.id)
+                    if future is not None and not future.done():
+                        future.set_result(message.value)
+                elif isinstance(message, Request):
+                    task = asyncio.get_running_loop().create_task(self._answer(message))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                else:
+                    self.handle(message)
+        finally:
+            self.close()
+
+    async def _answer(self, request: Request) -> None:
+        try:
+            value = await self.answer(request.what, request.arg)
+        except Exception:
+            log.exception("request %r failed", request.what)
+            value = None
+        self.send(Reply(request.id, value))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("worker link closed"))
+        with contextlib.suppress(OSError):
+            self.sock.close()

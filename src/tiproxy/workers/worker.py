@@ -1,0 +1,350 @@
+"""A worker process: the data plane for its share of the clients, fed by the control process.
+
+It accepts on the listening sockets the control process bound and handed down (one
+SO_REUSEPORT socket per address and worker, so the kernel spreads connections over workers),
+and owns the sessions it accepts. It routes on its own replica of the backend table: every
+field comes from the control process's Table, except the session counts, which every worker
+keeps in shared memory (workers/shared.py): its own row it writes, its peers' it reads, so
+least-connections holds across workers at every login without a round trip. What its sessions
+learn that the control plane acts on (a backend refusing connections, a doubt, a login no
+stored hash verifies, a lasting move problem) goes up as an event; the control process's answer
+comes back as a table.
+
+Run as `python -m tiproxy.workers.worker CHANNEL_FD COUNTS_FD LISTEN_FD...` by the control
+process only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from tiproxy.balance.balancer import carry_out, count_movable
+from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
+from tiproxy.cli.logs import level_of
+from tiproxy.net.backend import CONNECT_TIMEOUT
+from tiproxy.net.kill import KillTarget
+from tiproxy.net.relay import COMMAND
+from tiproxy.net.server import EARLY_WINDOW, ProxyServer
+from tiproxy.tls import CertStore
+from tiproxy.workers import messages as m
+from tiproxy.workers.shared import LAST_LOGIN, SESSIONS, SharedCounts
+
+if TYPE_CHECKING:
+    from tiproxy.config import Config
+    from tiproxy.protocol.packets import Greeting
+
+log = logging.getLogger("tiproxy.workers")
+
+STATS_INTERVAL = 1.0
+ID_SPACE = 1 << 32
+
+
+class SharedBackend(Backend):
+    """A replica's backend: its session count is this worker's cell of the shared table, and
+    `elsewhere` the sum of the other workers' cells."""
+
+    def __init__(self, addr: str, host: str, port: int, *, counts: SharedCounts, worker: int,
+                 slot: int) -> None:
+        self._counts, self._worker, self.slot = counts, worker, slot
+        super().__init__(addr, host, port)
+
+    @property
+    def connections(self) -> int:
+        return self._counts.get(self._worker, self.slot)
+
+    @connections.setter
+    def connections(self, value: int) -> None:
+        self._counts.set(self._worker, self.slot, value)
+
+    @property
+    def elsewhere(self) -> int:
+        return self._counts.others(self._worker, self.slot)
+
+    @elsewhere.setter
+    def elsewhere(self, value: int) -> None:
+        pass  # read from the table, never set
+
+
+class ReplicaRouter(Router):
+    """The control process's router as last pushed; connect results also go up."""
+
+    def __init__(self, link: m.Link, counts: SharedCounts, worker: int) -> None:
+        super().__init__()
+        self._link = link
+        self._counts = counts
+        self._worker = worker
+
+    def succeeded(self, backend: Backend, greeting: Greeting | None) -> None:
+        if backend.failures:
+            self._link.send(m.Succeeded(backend.addr))
+        super().succeeded(backend, greeting)
+
+    def failed(self, backend: Backend, reason: str) -> None:
+        self._link.send(m.Failed(backend.addr, reason))
+        super().failed(backend, reason)
+
+    def apply(self, table: m.Table) -> list[str]:
+        """Take the pushed table; returns the backends that stopped draining."""
+        if table.template is not None:
+            self.template = table.template
+        undrained = []
+        listed = set()
+        for state in table.backends:
+            listed.add(state.addr)
+            backend = self.backends.get(state.addr)
+            if backend is None:
+                host, port = split_addr(state.addr)
+                backend = SharedBackend(state.addr, host, port, counts=self._counts,
+                                        worker=self._worker, slot=state.slot)
+                backend.static_labels = self.static_labels.get(state.addr, {})
+                self.backends[state.addr] = backend
+            elif backend.draining and not state.drained_by:
+                undrained.append(state.addr)
+            backend.namespace = state.namespace
+            backend.sources = dict(state.sources)
+            backend.drained_by = set(state.drained_by)
+            backend.health = state.health
+            backend.doubt = state.doubt
+            backend.failures = state.failures
+            backend.retry_at = state.retry_at
+            backend.last_error = state.last_error
+            backend.load = state.load
+            backend.galera = state.galera
+            if state.offers_tls is not None:
+                backend.offers_tls = state.offers_tls
+            if state.mariadb_capabilities is not None:
+                backend.mariadb_capabilities = state.mariadb_capabilities
+            backend.move_problem = state.move_problem
+        for addr, backend in self.backends.items():
+            if addr not in listed:  # gone from every source; sessions here still move away
+                backend.drained_by.add(DRAIN_REMOVED)
+        self.forget_empty()
+        return undrained
+
+
+class WorkerServer(ProxyServer):
+    """ProxyServer without the control plane's loops; see the module docstring."""
+
+    def __init__(self, cfg: Config, setup: m.Setup, link: m.Link, counts: SharedCounts) -> None:
+        self.link = link
+        super().__init__(cfg, CertStore(cfg, setup.tls))
+        self.index, self.count = setup.index, setup.count
+        self.counts = counts
+        counts.clear(self.index)
+        self.replica = ReplicaRouter(link, counts, self.index)
+        self.router = self.replica
+        self.replica.configure(cfg)
+        self._next_id = setup.incarnation * 1_000_000
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._maintain()), loop.create_task(self._report())]
+
+    def _configure_router(self, cfg: Config) -> None:
+        self.router.configure(cfg)  # the backends themselves come with the table
+
+    def _start_sources(self) -> None:
+        pass  # discovery runs in the control process
+
+    def _rebalance(self) -> None:
+        pass  # the control process decides (Moves)
+
+    # -- from the control process -------------------------------------------------------------
+
+    def handle(self, message: object) -> None:
+        if isinstance(message, m.Table):
+            for addr in self.replica.apply(message):
+                self._undrained(addr)
+            self._drain_sessions()
+        elif isinstance(message, m.Credentials):
+            self.credentials.restore(message.snapshot)
+            self._retry_stale()
+        elif isinstance(message, m.Moves):
+            sessions = [s for s in self.sessions.values() if s.phase == COMMAND]
+            for order in message.orders:
+                target = self.router.backends.get(order.target)
+                if target is not None:
+                    carry_out(order, sessions, target)
+        elif isinstance(message, m.ConfigChanged):
+            self._apply(message.config)
+        elif isinstance(message, m.TLSChanged):
+            self.tls.follow(message.tls)
+
+    async def answer(self, what: str, arg: Any) -> Any:
+        if what == "sessions":
+            return self.local_session_views()
+        if what == "stats":
+            return self._stats()
+        if what == "redirect":
+            return self.redirect_local()
+        if what == "kill_target":
+            return self._local_kill_target(arg)
+        raise ValueError(what)
+
+    def _local_kill_target(self, session_id: int) -> KillTarget | None:
+        s = self.sessions.get(session_id)
+        if s is None or s.backend is None or not s.backend_connection_id:
+            return None
+        return KillTarget(s.id, s.user, s.backend.addr, s.backend_connection_id)
+
+    # -- to the control process -----------------------------------------------------------------
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            self.link.send(self._stats())
+
+    def _stats(self) -> m.Stats:
+        command = [s for s in self.sessions.values() if s.phase == COMMAND]
+        return m.Stats(
+            movable=dict(count_movable(command)),
+            migrations=dict(self._migrations),
+            duration_counts=tuple(self._durations.counts),
+            duration_total=self._durations.total,
+            errors=self.server_errors(),
+            query_counts={b.addr: dict(b.query_counts) for b in self.router.backends.values()
+                          if b.query_counts},
+        )
+
+    async def probe_template(self) -> None:
+        """No greeting known yet: the control process probes once for every worker."""
+        try:
+            template = await self.link.ask("template", timeout=CONNECT_TIMEOUT + 1)
+        except (TimeoutError, ConnectionError):
+            return
+        if template is not None and self.router.template is None:
+            self.router.template = template
+
+    def doubt_backend(self, backend: Backend, why: str) -> None:
+        if self.config().health.enable:
+            self.router.doubt(backend, why)
+            self.link.send(m.Doubt(backend.addr, why))
+
+    def refresh_credential(self, session: Any, exchange: tuple[bytes, bytes]) -> None:
+        if not self._config.security.auth_sync_user:
+            return
+        self._stale.append((session, exchange))
+        del self._stale[:-1000]
+        self.link.send(m.SyncNow())
+
+    def lasting_move_problem(self, backend: Backend, problem: str) -> None:
+        if backend.move_problem != problem:
+            backend.move_problem = problem
+            self.link.send(m.LastingProblem(backend.addr, problem))
+
+    # -- one proxy, seen from outside --------------------------------------------------------------
+
+    def new_session_id(self) -> int:
+        """Ids of worker i are i+1 modulo the worker count, so any process finds the owner;
+        a restarted worker starts a million ids further on (a stale id names nobody)."""
+        self._next_id += 1
+        return (self._next_id * self.count + self.index) % ID_SPACE + 1
+
+    def kill_target_elsewhere(self, session_id: int) -> bool:
+        return (session_id - 1) % self.count != self.index
+
+    async def find_kill_target(self, session_id: int) -> KillTarget | None:
+        try:
+            target: KillTarget | None = await self.link.ask("kill_target", session_id)
+        except (TimeoutError, ConnectionError):
+            return None
+        return target
+
+    def session_opened(self, session: Any) -> None:
+        super().session_opened(session)
+        self.counts.set(self.index, SESSIONS, len(self.sessions))
+
+    def session_closed(self, session: Any) -> None:
+        super().session_closed(session)
+        self.counts.set(self.index, SESSIONS, len(self.sessions))
+
+    def logged_in(self) -> None:
+        self.counts.set(self.index, LAST_LOGIN, int(time.monotonic() * 1000))
+
+    def logins_recently(self) -> bool:
+        return time.monotonic() * 1000 - self.counts.latest(LAST_LOGIN) < EARLY_WINDOW * 1000
+
+    def over_capacity(self) -> bool:
+        limit = self._config.proxy.max_connections
+        return bool(limit) and self.counts.total(SESSIONS) > limit
+
+
+class _Forward(logging.Handler):
+    """Log records go to the control process, which writes the one log (stderr or the file)."""
+
+    def __init__(self, link: m.Link, index: int) -> None:
+        super().__init__()
+        self._link = link
+        self._prefix = f"[worker {index}] "
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = self._prefix + record.getMessage()
+        if record.exc_info:
+            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        self._link.send(m.LogLine(record.name, record.levelno, message))
+
+
+async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.socket]) -> None:
+    setup_received: asyncio.Future[m.Setup] = asyncio.get_running_loop().create_future()
+    server: WorkerServer | None = None
+    early: list[object] = []  # what came with Setup, for the server once it exists
+    stop = asyncio.Event()
+
+    def handle(message: object) -> None:
+        if isinstance(message, m.Setup) and not setup_received.done():
+            setup_received.set_result(message)
+        elif isinstance(message, m.Shutdown):
+            stop.set()
+        elif server is not None:
+            server.handle(message)
+        else:
+            early.append(message)
+
+    async def answer(what: str, arg: Any) -> Any:
+        return await server.answer(what, arg) if server is not None else None
+
+    link = m.Link(channel, handle, answer)
+    link_task = asyncio.get_running_loop().create_task(link.run())
+    setup = await setup_received
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(_Forward(link, setup.index))
+    root.setLevel(level_of(setup.config.log))
+    server = WorkerServer(setup.config, setup, link, SharedCounts(setup.count, counts_fd))
+    for message in early:
+        server.handle(message)
+    await server.serve_sockets(listening)
+    await server.start()
+    log.info("started (pid %d)", os.getpid())
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    stopping = asyncio.get_running_loop().create_task(stop.wait())
+    done, _ = await asyncio.wait({stopping, link_task}, return_when=asyncio.FIRST_COMPLETED)
+    if link_task in done:  # the control process is gone: nobody routes or restarts us
+        await server.stop(timeout=0)
+        return
+    await server.stop()
+    link.close()
+
+
+def main(argv: list[str]) -> int:
+    from tiproxy.cli.server import install_event_loop  # noqa: PLC0415
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the control process decides
+    channel = socket.socket(fileno=int(argv[0]))
+    listening = [socket.socket(fileno=int(fd)) for fd in argv[2:]]
+    install_event_loop()
+    asyncio.run(_run(channel, int(argv[1]), listening))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
