@@ -23,8 +23,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from tiproxy.config.model import TLSConfig
-from tiproxy.net.tls import start_server_tls
 from tiproxy.tls.contexts import peer_cn_allowed
+from tiproxy.tls.upgrade import start_server_tls
 
 log = logging.getLogger("tiproxy.api")
 

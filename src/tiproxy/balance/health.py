@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from tiproxy.balance.router import Backend, Router
-from tiproxy.net.admin import AdminConnection
-from tiproxy.net.backend import BackendLeg
-from tiproxy.net.channel import sql_error
+from tiproxy.client.admin import AdminConnection
+from tiproxy.client.channel import sql_error
+from tiproxy.client.leg import BackendLeg
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import parse_greeting
 

@@ -20,22 +20,13 @@ from tiproxy.config.files import (
     read_small_file,
 )
 from tiproxy.config.reload import check_reload
+from tiproxy.net.loop import install_event_loop
 from tiproxy.tls import TLSLoadError
 
 if TYPE_CHECKING:
     from tiproxy.net.server import ProxyServer
 
 log = logging.getLogger("tiproxy")
-
-
-def install_event_loop() -> None:
-    """uvloop is the default loop: the relay spends most of its time in the loop's I/O."""
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - uvloop is a dependency; this is a fallback
-        log.warning("uvloop is not installed; using asyncio's default event loop")
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 async def serve(cfg: Config, config_path: Path | None = None) -> None:

@@ -8,16 +8,15 @@ allows only to the target's own user (MySQL lets every user kill their own sessi
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tiproxy.balance.router import split_addr
-from tiproxy.net.admin import AdminConnection
-from tiproxy.net.backend import BackendLeg
-from tiproxy.net.channel import query
+from tiproxy.client.admin import AdminConnection
+from tiproxy.client.channel import query
+from tiproxy.client.leg import BackendLeg
 from tiproxy.protocol.constants import ER_NO_SUCH_THREAD, Capability, Command, ServerStatus
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import build_ok, frame
@@ -62,7 +61,7 @@ def handle_kill(session: Session, target_id: int, query_only: bool, prefix: byte
         _kill(session, target_id, target, query_only, prefix)
         session.release_input("kill lookup")
 
-    session._task = asyncio.get_running_loop().create_task(lookup())
+    session.run_task(lookup())
 
 
 def _kill(session: Session, target_id: int, target: KillTarget | None, query_only: bool,
@@ -70,7 +69,7 @@ def _kill(session: Session, target_id: int, target: KillTarget | None, query_onl
     tracker = session.tracker
     leg = session.backend_leg
     if target is None:
-        session._reply_err(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {target_id}")
+        session.reply_error(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {target_id}")
         return
     if tracker is None or leg is None or session.backend is None:
         return
@@ -92,10 +91,10 @@ def _kill(session: Session, target_id: int, target: KillTarget | None, query_onl
 def _kill_elsewhere(session: Session, target: KillTarget, query_only: bool) -> None:
     security = session.server.config().security
     if target.user != session.user:
-        session._reply_err(ER_KILL_DENIED, "HY000", f"You are not owner of thread {target.id}")
+        session.reply_error(ER_KILL_DENIED, "HY000", f"You are not owner of thread {target.id}")
         return
     if not security.auth_sync_user:
-        session._reply_err(
+        session.reply_error(
             ER_UNKNOWN_ERROR, "HY000",
             f"TiProxy: connection {target.id} is on another backend; KILL there needs "
             "[security] auth-sync-user",
@@ -117,19 +116,19 @@ def _kill_elsewhere(session: Session, target: KillTarget, query_only: bool) -> N
             finally:
                 conn.close()
         except SQLError as e:
-            session._reply_err(e.code, e.sqlstate, e.message)
+            session.reply_error(e.code, e.sqlstate, e.message)
         except (OSError, TimeoutError, ProtocolError) as e:
             why = str(e) or type(e).__name__
-            session._reply_err(ER_UNKNOWN_ERROR, "HY000",
+            session.reply_error(ER_UNKNOWN_ERROR, "HY000",
                                f"TiProxy: KILL on the other backend failed: {why}")
         else:
             assert session.tracker is not None
             # The proxy's own OK carries no session state: the flag would promise some.
             status = session.tracker.status & ~ServerStatus.SESSION_STATE_CHANGED
-            session._send_client(frame(build_ok(status), 1))
+            session.send_client(frame(build_ok(status), 1))
         session.release_input("kill")
 
-    session._task = asyncio.get_running_loop().create_task(run())
+    session.run_task(run())
 
 
 # The server's own parser judges a KILL <expression>: the statement is prepared (not run) on
@@ -144,11 +143,11 @@ def handle_kill_expression(session: Session, sql: bytes) -> None:
     killed as for KILL <id>. Nothing else is ever killed: the backend never runs the KILL."""
     parts = split_kill_expression(sql)
     if parts is None:
-        session._reply_err(ER_UNKNOWN_ERROR, "HY000",
+        session.reply_error(ER_UNKNOWN_ERROR, "HY000",
                            "TiProxy: a KILL with a backslash in it is not evaluated")
         return
     session.hold_input("kill")
-    session._task = asyncio.get_running_loop().create_task(_evaluate(session, parts))
+    session.run_task(_evaluate(session, parts))
 
 
 async def _evaluate(session: Session, parts: KillExpression) -> None:
@@ -171,10 +170,10 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
         target = int(value) if value is not None else 0
     except SQLError as e:
         _reattached(session, leg)
-        session._reply_err(e.code, e.sqlstate, e.message)
+        session.reply_error(e.code, e.sqlstate, e.message)
     except (OSError, TimeoutError, ProtocolError, ValueError) as e:
         if _reattached(session, leg):
-            session._reply_err(ER_UNKNOWN_ERROR, "HY000",
+            session.reply_error(ER_UNKNOWN_ERROR, "HY000",
                                f"TiProxy: KILL not evaluated: {str(e) or type(e).__name__}")
     else:
         if _reattached(session, leg):

@@ -23,8 +23,8 @@ import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from tiproxy.net.backend import BackendLeg
-from tiproxy.net.channel import Row, query, read_prepare, send_prepare, sql_error
+from tiproxy.client.channel import Row, query, read_prepare, send_prepare, sql_error
+from tiproxy.client.leg import BackendLeg
 from tiproxy.protocol.auth import NATIVE_PLUGIN, scramble_from_stage1
 from tiproxy.protocol.constants import Capability, MariaDBCapability
 from tiproxy.protocol.errors import Origin, ProtocolError, SQLError

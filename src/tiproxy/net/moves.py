@@ -22,16 +22,20 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from tiproxy.net.channel import query
+from tiproxy.client.channel import query
 from tiproxy.net.migration import MigrationError, move_session
 from tiproxy.protocol.constants import Capability, ServerStatus
 from tiproxy.session.statements import statement_effects
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
-    from tiproxy.net.backend import BackendLeg
+    from tiproxy.client.leg import BackendLeg
+    from tiproxy.net.migration import MoveResult
+    from tiproxy.net.server import ProxyServer
+    from tiproxy.protocol.tracker import ResponseTracker
+    from tiproxy.session.state import SessionState
 
 log = logging.getLogger("tiproxy.session")
 
@@ -63,13 +67,13 @@ class SessionMoves:
     """Mixed into Session (net/relay.py), whose attributes it uses."""
 
     # Provided by Session.
-    server: Any
+    server: ProxyServer
     id: int
     phase: int
     backend: Backend | None
     backend_leg: BackendLeg | None
-    tracker: Any
-    state: Any
+    tracker: ResponseTracker | None
+    state: SessionState
     backend_caps: int
     backend_tls: bool
     mariadb_caps: int
@@ -97,6 +101,15 @@ class SessionMoves:
         raise NotImplementedError
 
     def close(self, reason: str, quiet: bool = False) -> None:
+        raise NotImplementedError
+
+    def backend_data(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def backend_lost(self, exc: Exception | None) -> None:
+        raise NotImplementedError
+
+    def pause_client_reading(self, reason: str, pause: bool) -> None:
         raise NotImplementedError
 
     # -- asking -----------------------------------------------------------------------------
@@ -174,7 +187,8 @@ class SessionMoves:
 
     def _quiet_enough(self) -> None:
         self._soon = None
-        if self.phase == 1 and self._move is not None and self.tracker.idle and not self._cbuf:
+        if self.phase == 1 and self._move is not None and self.tracker is not None \
+                and self.tracker.idle and not self._cbuf:
             self.try_move()
 
     def _targets(self) -> list[Backend]:
@@ -260,14 +274,15 @@ class SessionMoves:
             result = await query(leg, "COMMIT", bool(self.backend_caps & Capability.DEPRECATE_EOF))
         except Exception as e:
             raise MigrationError("commit", str(e), old_intact=_reattach(self, leg)) from e
+        assert self.tracker is not None  # moves happen in the command phase
         self.tracker.status = result.status
         if not leg.clean:
             raise MigrationError("commit", "unexpected data", old_intact=False)
-        leg.attach(self)  # type: ignore[arg-type]
+        leg.attach(self)
         if result.status & _IN_TRANS:
             raise MigrationError("commit", "still in a transaction after COMMIT")
 
-    def _swap(self, result: Any, target: Backend) -> None:
+    def _swap(self, result: MoveResult, target: Backend) -> None:
         old_leg, old_backend = self.backend_leg, self.backend
         assert old_leg is not None and old_backend is not None
         old_leg.close(quit_first=True)
@@ -279,6 +294,7 @@ class SessionMoves:
         self._counts = target.query_counts
         self.bt = result.leg.transport
         self.backend_connection_id = result.connection_id
+        assert self.tracker is not None
         self.tracker.status = result.status
         self.state.rebound(result.stmt_ids)
         # A new connection: the server's counts start from what the restore did.
@@ -291,7 +307,7 @@ class SessionMoves:
     def _begin_shortcut(self, sql: bytes) -> bool:
         """A BEGIN inside a transaction while a move is due: commit, move, then BEGIN."""
         move = self._move
-        if move is None or self._moving or not self.tracker.idle:
+        if move is None or self._moving or self.tracker is None or not self.tracker.idle:
             return False
         if not self.tracker.status & _IN_TRANS or time.monotonic() < move.retry_at:
             return False
@@ -317,5 +333,5 @@ class SessionMoves:
 def _reattach(session: SessionMoves, leg: BackendLeg) -> bool:
     if leg.closed or not leg.clean:
         return False
-    leg.attach(session)  # type: ignore[arg-type]
+    leg.attach(session)
     return True

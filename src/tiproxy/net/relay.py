@@ -25,15 +25,14 @@ import logging
 import ssl
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from contextlib import closing
 from typing import TYPE_CHECKING, Any, cast
 
-from tiproxy.net.backend import CONNECT_TIMEOUT, BackendLeg
+from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kill import handle_kill, handle_kill_expression
 from tiproxy.net.moves import SessionMoves
-from tiproxy.net.tls import start_server_tls
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
 from tiproxy.protocol.constants import (
@@ -89,6 +88,7 @@ from tiproxy.session.statements import (
     user_variable_names,
 )
 from tiproxy.tls import peer_cn_allowed
+from tiproxy.tls.upgrade import start_server_tls
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
@@ -214,7 +214,7 @@ class Session(SessionMoves):
         if server.over_capacity():
             log.warning("session %d from %s refused: too many connections", self.id, self.peer)
             err = build_err(ER_CON_COUNT_ERROR, "08004", "Too many connections")
-            self._send_client(frame(err, 0))
+            self.send_client(frame(err, 0))
             self.close("too many connections", quiet=True)
             return
         loop = asyncio.get_running_loop()
@@ -234,7 +234,9 @@ class Session(SessionMoves):
         if self.phase == CLOSED:
             return  # close() dropped the early backend connection, if there was one
         tls = self.server.tls
-        self.login = Login(template or router.template, self.id,
+        greeting = template or router.template
+        assert greeting is not None  # the probe found one, or the client was refused
+        self.login = Login(greeting, self.id,
                            tls_available=tls.server is not None, sql_tls=tls.sql is not None,
                            require_backend_tls=tls.require_backend_tls,
                            early_salt=template is not None)
@@ -493,7 +495,7 @@ class Session(SessionMoves):
 
     def _refuse(self, seq: int, message: str, reason: str,
                 code: int = ER_UNKNOWN_ERROR, sqlstate: str = "HY000") -> None:
-        self._send_client(frame(build_err(code, sqlstate, message), seq))
+        self.send_client(frame(build_err(code, sqlstate, message), seq))
         self.close(reason)
 
     def _established(self, est: Established) -> None:
@@ -671,7 +673,7 @@ class Session(SessionMoves):
         elif kind is None or cmd in _REFUSED:
             if not tracker.idle:
                 return False
-            self._reply_err(ER_UNKNOWN_COM_ERROR, "08S01",
+            self.reply_error(ER_UNKNOWN_COM_ERROR, "08S01",
                             f"TiProxy does not relay command 0x{cmd:02x}")
             return True
         elif cmd == Command.PROCESS_KILL:
@@ -775,8 +777,13 @@ class Session(SessionMoves):
         assert self.bt is not None
         self.bt.write(packet)
 
-    def _reply_err(self, code: int, state: str, message: str) -> None:
-        self._send_client(frame(build_err(code, state, message), 1))
+    def run_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        """The session's one task of the moment (a KILL's lookup or statement); cancelled
+        when the session closes."""
+        self._task = asyncio.get_running_loop().create_task(coro)
+
+    def reply_error(self, code: int, state: str, message: str) -> None:
+        self.send_client(frame(build_err(code, state, message), 1))
 
     # -- command phase: backend to client ---------------------------------------------------
 
@@ -790,7 +797,7 @@ class Session(SessionMoves):
         elif self._decompress is None:
             self.client.write(data)
         else:
-            self._send_client(data)
+            self.send_client(data)
         if tracker.phase == AUTH:
             self._watch_auth_switch(data)
         try:
@@ -856,7 +863,7 @@ class Session(SessionMoves):
         if held is not None:
             if client_id is not None and len(held) >= 9:
                 held[5:9] = U32.pack(client_id)  # PREPARE_OK's statement id, first packet
-            self._send_client(bytes(held))
+            self.send_client(bytes(held))
 
     def _user_changed(self, user: str, failed: bool) -> None:
         if failed:
@@ -892,7 +899,7 @@ class Session(SessionMoves):
         self.pause_client_reading("held", False)
         self._drain_client()
 
-    def _send_client(self, data: bytes) -> None:
+    def send_client(self, data: bytes) -> None:
         if self._decompress is None:
             self.client.write(data)
             return

@@ -28,10 +28,10 @@ from tiproxy.api.interface import BackendView, MigrationStats, SessionView
 from tiproxy.balance.balancer import Rebalancer, carry_out, count_movable
 from tiproxy.balance.health import HealthChecker
 from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
+from tiproxy.client.admin import AdminConnection
+from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_file
 from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
-from tiproxy.net.admin import AdminConnection
-from tiproxy.net.backend import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.moves import LASTING_RETRY
 from tiproxy.net.relay import COMMAND, ClientLeg

@@ -138,7 +138,7 @@ class ControlServer(ProxyServer):
         await link.open()
         worker.link, worker.stats, worker.sent = link, None, None
         link.send(m.Setup(self._config, worker.index, self.count, worker.incarnation,
-                          self.tls.materials()))
+                          self.tls.materials(), logging.getLogger().level))
         link.send(m.Credentials(self.credentials.snapshot()))
         self._send_table(worker)
         worker.reader = asyncio.get_running_loop().create_task(link.run())

@@ -51,6 +51,7 @@ class Setup:
     count: int
     incarnation: int  # how many times this worker has been started before
     tls: Mapping[str, Material | None]  # the contexts, as the control process built them
+    log_level: int  # the control process's: a worker's records below it are not even sent
 
 
 @dataclass(frozen=True)

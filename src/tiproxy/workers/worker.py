@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from tiproxy.balance.balancer import carry_out, count_movable
 from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
-from tiproxy.cli.logs import level_of
-from tiproxy.net.backend import CONNECT_TIMEOUT
+from tiproxy.client.leg import CONNECT_TIMEOUT
 from tiproxy.net.kill import KillTarget
+from tiproxy.net.loop import install_event_loop
 from tiproxy.net.relay import COMMAND
 from tiproxy.net.server import EARLY_WINDOW, ProxyServer
 from tiproxy.tls import CertStore
@@ -318,7 +318,7 @@ async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.so
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(_Forward(link, setup.index))
-    root.setLevel(level_of(setup.config.log))
+    root.setLevel(setup.log_level)
     server = WorkerServer(setup.config, setup, link, SharedCounts(setup.count, counts_fd))
     for message in early:
         server.handle(message)
@@ -336,8 +336,6 @@ async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.so
 
 
 def main(argv: list[str]) -> int:
-    from tiproxy.cli.server import install_event_loop  # noqa: PLC0415
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the control process decides
     channel = socket.socket(fileno=int(argv[0]))
     listening = [socket.socket(fileno=int(fd)) for fd in argv[2:]]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from tiproxy.net.backend import BackendLeg
-from tiproxy.net.channel import Row, query, sql_error
+from tiproxy.client.channel import Row, query, sql_error
+from tiproxy.client.leg import BackendLeg
 from tiproxy.protocol.auth import NATIVE_PLUGIN, native_password_scramble
 from tiproxy.protocol.constants import Capability
 from tiproxy.protocol.errors import Origin, ProtocolError, SQLError

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tiproxy.net.backend import BackendLeg
+from tiproxy.client.leg import BackendLeg
 from tiproxy.protocol.codec import U16, U32, read_lenenc_bytes, read_lenenc_int
 from tiproxy.protocol.constants import Command, ServerStatus
 from tiproxy.protocol.errors import Origin, ProtocolError, SQLError

@@ -2,7 +2,7 @@
 
 Two modes. Detached, every byte goes through a PacketSplitter and whole packets wait in a queue
 for `read_packet` (the login, a migration's capture and restore, the proxy's own queries).
-Attached, every chunk goes straight to the session's hot path (`Session.backend_data`).
+Attached, every chunk goes straight to its owner's hot path (a session's `backend_data`).
 """
 
 from __future__ import annotations
@@ -11,25 +11,30 @@ import asyncio
 import ssl
 from collections import deque
 from dataclasses import replace
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 from tiproxy.protocol.constants import Capability
 from tiproxy.protocol.errors import Origin
 from tiproxy.protocol.framer import PacketSplitter
 from tiproxy.protocol.packets import HandshakeResponse, build_handshake_response, frame
 
-if TYPE_CHECKING:
-    from tiproxy.net.relay import Session
-
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 10.0
 TLS_HANDSHAKE_TIMEOUT = 5.0
 
 
+class Owner(Protocol):
+    """What an attached leg hands its bytes and events to (net/relay.py's Session)."""
+
+    def backend_data(self, data: bytes) -> None: ...
+    def backend_lost(self, exc: Exception | None) -> None: ...
+    def pause_client_reading(self, reason: str, pause: bool) -> None: ...
+
+
 class BackendLeg(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.session: Session | None = None  # attached: chunks go to its hot path
+        self.session: Owner | None = None  # attached: chunks go to its hot path
         self._splitter = PacketSplitter(origin=Origin.BACKEND)
         self._packets: deque[tuple[int, bytes]] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -124,7 +129,7 @@ class BackendLeg(asyncio.Protocol):
             raise ConnectionError("backend connection closed")
         self.transport.write(data)
 
-    def attach(self, session: Session) -> None:
+    def attach(self, session: Owner) -> None:
         """From now on chunks go to the session; bytes already read but not taken go first."""
         if self._packets:
             raise RuntimeError("attaching a backend with unread packets")
