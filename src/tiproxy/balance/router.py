@@ -34,6 +34,9 @@ log = logging.getLogger("tiproxy.router")
 
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
+# A move that failed for a lasting reason (Backend.move_problem) is tried again this much later,
+# not in a loop: an operator may have fixed a privilege meanwhile (net/moves.py).
+LASTING_RETRY = 300.0
 LOAD_STEP = 2.0  # threads running per step of the load factor
 CPU_AS_THREADS = 4.0  # a TiDB's busy core counts as this many running threads
 

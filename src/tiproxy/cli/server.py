@@ -24,7 +24,7 @@ from tiproxy.net.loop import install_event_loop
 from tiproxy.tls import TLSLoadError
 
 if TYPE_CHECKING:
-    from tiproxy.net.server import ProxyServer
+    from tiproxy.control.proxy import Proxy
 
 log = logging.getLogger("tiproxy")
 
@@ -37,13 +37,17 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
     and the reason, and the running config stays.
     """
     from tiproxy.api.server import start_api  # noqa: PLC0415
+    from tiproxy.control.cluster import Cluster  # noqa: PLC0415
+    from tiproxy.control.proxy import Proxy, SessionHolder  # noqa: PLC0415
     from tiproxy.net.server import ProxyServer  # noqa: PLC0415
-    from tiproxy.workers.control import ControlServer, worker_count  # noqa: PLC0415
+    from tiproxy.workers.control import Workers, worker_count  # noqa: PLC0415
 
+    cluster = Cluster(cfg)
     workers = worker_count(cfg)
-    server = ControlServer(cfg, workers) if workers > 1 else ProxyServer(cfg)
+    holder: SessionHolder = Workers(cluster, workers) if workers > 1 else ProxyServer.of(cluster)
+    server = Proxy(cluster, holder)
     await server.start()
-    api = await start_api(server, cfg.api.addr, server.tls)
+    api = await start_api(server, cfg.api.addr, cluster.tls)
     log.info("API listening on port %d", api.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -65,7 +69,7 @@ class _SignalReload:
     """SIGHUP: each signal schedules a reload of the file; reloads run one at a time, in order,
     and read the file (and the files it names) in a thread."""
 
-    def __init__(self, server: ProxyServer, path: Path) -> None:
+    def __init__(self, server: Proxy, path: Path) -> None:
         self._server = server
         self._path = path
         self._lock = asyncio.Lock()

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tiproxy.balance.router import LASTING_RETRY
 from tiproxy.client.channel import query
 from tiproxy.net.migration import MigrationError, move_session
 from tiproxy.protocol.constants import Capability, ServerStatus
@@ -41,9 +42,6 @@ log = logging.getLogger("tiproxy.session")
 
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
-# A move that failed for a lasting reason (LASTING_ERRORS) is tried again this much later, not
-# in a loop: an operator may have fixed a privilege meanwhile.
-LASTING_RETRY = 300.0
 RECHECK = 5.0  # a session holding a lock the proxy did not see taken is looked at again then
 _IN_TRANS = int(ServerStatus.IN_TRANS)
 

@@ -1,58 +1,56 @@
-"""The proxy's data plane: the listener, the registry of sessions, and its view for the API.
+"""The data plane of one process: the listener and the registry of its sessions.
 
-Beside accepting clients it runs two small loops of the control plane, which stay here until the
-planes split into processes:
-- maintenance, twice a second: sessions on a draining backend are asked to move; moves whose
-  retry time has come are tried again; sessions still pinned on a draining backend after
-  `[proxy] failover-timeout` are closed with a logged reason, and other moves still waiting
-  then (a redirect of a pinned session) are given up;
-- credential sync: the stored password hashes are read from the backends by `[security]
-  auth-sync-user` every `auth-sync-interval`, and at once when a login matched none of them.
-`[security] users-file` is read at start and when a reload names another one, always in a
-thread and through config.files.read_small_file (a FIFO or /dev/zero must not stall the loop).
+What it routes by (the router, the TLS contexts, the stored hashes) it is given, and what its
+sessions learn that the control plane acts on goes to a ControlPlane: the Cluster itself when
+the proxy is one process, or the control process through a worker's link (workers/worker.py).
+It is control/proxy.py's SessionHolder for the one-process proxy. Besides accepting clients it
+runs the sessions' maintenance twice a second: sessions on a draining backend are asked to move;
+moves whose retry time has come are tried again; sessions still pinned on a draining backend
+after `[proxy] failover-timeout` are closed with a logged reason, and other moves still waiting
+then (a redirect of a pinned session) are given up; backend sockets follow their backend's
+health in keep-alive.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
-import ssl
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from tiproxy.api.interface import BackendView, MigrationStats, SessionView
-from tiproxy.balance.balancer import Rebalancer, carry_out, count_movable
-from tiproxy.balance.health import HealthChecker
-from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
-from tiproxy.client.admin import AdminConnection
-from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
-from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_file
-from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
+from tiproxy.api.interface import MigrationStats, SessionView
+from tiproxy.balance.balancer import MoveOrder, carry_out, count_movable
+from tiproxy.balance.router import Backend, Router, split_addr
 from tiproxy.net.keepalive import apply_keepalive_socket
-from tiproxy.net.moves import LASTING_RETRY
 from tiproxy.net.relay import COMMAND, ClientLeg
-from tiproxy.protocol.errors import ProtocolError, SQLError
-from tiproxy.protocol.packets import parse_greeting
-from tiproxy.session.credentials import CredentialStore, UsersFileError
+from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
+    from tiproxy.control.cluster import Cluster
     from tiproxy.net.kill import KillTarget
     from tiproxy.net.relay import Session
 
 log = logging.getLogger("tiproxy.server")
 
 MAINTENANCE_INTERVAL = 0.5
-MIN_SYNC_GAP = 2.0  # a burst of unmatched logins triggers one sync, not one each
 EARLY_WINDOW = 10.0  # seconds after a login during which new connections reach a backend early
 # Upper bounds of tiproxy_balance_migrate_duration_seconds, as TiProxy's buckets go.
 DURATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
-USERS_QUERY = "SELECT User, plugin, authentication_string FROM mysql.user"
+
+
+class ControlPlane(Protocol):
+    """What sessions tell the control plane (control/cluster.py's Cluster has these)."""
+
+    def doubt(self, backend: Backend, why: str) -> None: ...
+    def lasting_problem(self, backend: Backend, problem: str) -> None: ...
+    def sync_soon(self) -> None: ...
+    async def probe_template(self) -> None: ...
 
 
 @dataclass
@@ -71,50 +69,42 @@ class _Durations:
 
 
 class ProxyServer:
-    """Accepts clients and keeps the sessions; implements the API's ProxyView."""
+    """Accepts clients and keeps their sessions; see the module docstring."""
 
-    def __init__(self, cfg: Config, tls: CertStore | None = None) -> None:
+    def __init__(self, cfg: Config, router: Router, tls: CertStore,
+                 credentials: CredentialStore, control: ControlPlane) -> None:
         self._config = cfg
-        self.router = Router()
-        self._configure_router(cfg)
-        # CertStore raises TLSLoadError for a certificate that does not load.
-        self.tls = CertStore(cfg) if tls is None else tls
-        self.health = HealthChecker(self.router, cfg, self.tls.admin_options,
-                                    lambda: self.tls.cluster)
-        self.rebalancer = Rebalancer(self.router, cfg)
-        self._sources: dict[str, tuple[tuple[str, ...], asyncio.Task[None]]] = {}
-        self._running_sources: dict[str, DiscoverySource] = {}
+        self.router = router
+        self.tls = tls
+        self.credentials = credentials
+        self.control = control
         self.sessions: dict[int, Session] = {}
-        self.credentials = CredentialStore()
         self._next_id = 0
         self.last_login = float("-inf")  # when a session last logged in (monotonic)
-        self._template_probe: asyncio.Task[None] | None = None
         self.early_legs = 0  # backend connections made before a greeting, not yet taken
         self._servers: list[asyncio.Server] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._shutting_down = False
-        self._sync_now = asyncio.Event()
-        self._last_sync = 0.0
         self._stale: list[tuple[Session, tuple[bytes, bytes]]] = []
         self._migrations: Counter[tuple[str, str, str, str]] = Counter()
         self.errors: Counter[str] = Counter()  # tiproxy_server_err by type, besides TLS's
         self._durations = _Durations()
         self.port = 0
-        self._reloading = asyncio.Lock()  # one apply_config at a time: they await a file
+
+    @classmethod
+    def of(cls, cluster: Cluster) -> ProxyServer:
+        """The data plane of a one-process proxy: the cluster's own state, shared."""
+        server = cls(cluster.config, cluster.router, cluster.tls, cluster.credentials, cluster)
+        cluster.on_credentials = server.credentials_changed
+        return server
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen, and run the control plane's loops in this process."""
-        if self._config.security.users_file:
-            await self._load_users_file(self._config.security.users_file)
-        await self._listen()
-        loop = asyncio.get_running_loop()
-        self._tasks += [loop.create_task(self._maintain()), loop.create_task(self._sync_loop()),
-                        loop.create_task(self.health.run()), loop.create_task(self.tls.watch())]
-        self._start_sources()
-        if self._config.security.auth_sync_user:
-            self._sync_now.set()  # the first sync at once: sessions need hashes to move
+        """Listen on `[proxy] addr` (unless serve_sockets gave sockets), and maintain."""
+        if not self._servers:
+            await self._listen()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._maintain()))
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
@@ -139,20 +129,14 @@ class ProxyServer:
             self._servers.append(await loop.create_server(lambda: ClientLeg(self), sock=sock,
                                                           backlog=1024))
 
-    def begin_shutdown(self) -> None:
-        """Health turns 502 so that load balancers stop sending clients; sessions go on."""
+    async def stop(self, timeout: float) -> None:
+        """Stop accepting and close the sessions, gracefully within `timeout` seconds."""
         self._shutting_down = True
-
-    async def stop(self, timeout: float | None = None) -> None:
-        """Stop accepting and close the sessions, gracefully within `timeout` seconds
-        (default `[proxy] graceful-close-conn-timeout`)."""
-        self._shutting_down = True
-        for task in [*self._tasks, *(task for _, task in self._sources.values())]:
+        for task in self._tasks:
             task.cancel()
         for server in self._servers:
             server.close()
-        await self._close_sessions(self._config.proxy.graceful_close_conn_timeout
-                                   if timeout is None else timeout)
+        await self._close_sessions(timeout)
         for server in self._servers:
             await server.wait_closed()
 
@@ -170,96 +154,20 @@ class ProxyServer:
             session.close(f"proxy shutting down: still busy after graceful-close-conn-timeout "
                           f"({timeout:g}s)")
 
-    async def apply_config(self, cfg: Config) -> None:
-        """A reloaded config (checked by config.reload): the backend list and the fail list
-        take effect at once; a users-file of another name is read first."""
-        async with self._reloading:
-            old = self._config
-            if cfg.security.users_file and cfg.security.users_file != old.security.users_file:
-                await self._load_users_file(cfg.security.users_file)
-            self._apply(cfg)
-
-    def _apply(self, cfg: Config) -> None:
+    def config_changed(self, cfg: Config) -> None:
         self._config = cfg
         for server in self._servers:  # for the connections accepted from now on
             for sock in server.sockets:
                 apply_keepalive_socket(sock, cfg.proxy.frontend_keepalive)
-        self.health.config = cfg
-        self.rebalancer.config = cfg
-        self.tls.reconfigure(cfg)
-        self._configure_router(cfg)
-        self._start_sources()
-        self._sync_now.set()
         self._drain_sessions()
 
-    def _configure_router(self, cfg: Config) -> None:
-        self.router.configure(cfg)
-        static = list(cfg.proxy.backend_addrs) + [a for n in cfg.namespaces
-                                                  for a in n.backend_addrs]
-        self.router.update("static", {a: DiscoveredBackend(a) for a in static})
-
-    def _start_sources(self) -> None:
-        """etcd from `[proxy] pd-addrs`, DNS from `backend-dns`: started, or restarted when
-        their settings change."""
-        proxy = self._config.proxy
-        wanted: dict[str, tuple[tuple[str, ...], DiscoverySource | None]] = {
-            "etcd": ((*proxy.pd_addrs, repr(self._config.security.cluster_tls)),
-                     _etcd(proxy.pd_addrs, self.tls.cluster) if proxy.pd_addrs else None),
-            "dns": ((*proxy.backend_dns, str(proxy.dns_interval)),
-                    _dns(proxy.backend_dns, proxy.dns_interval) if proxy.backend_dns
-                    else None),
-        }
-        loop = asyncio.get_running_loop()
-        for name, (settings, source) in wanted.items():
-            running = self._sources.get(name)
-            if running is not None and running[0] == settings:
-                continue
-            if running is not None:
-                running[1].cancel()
-                del self._sources[name]
-                self._running_sources.pop(name, None)
-                if source is None:
-                    self.router.update(name, {})
-            if source is not None:
-                self._sources[name] = (settings, loop.create_task(source.run(self.router)))
-                self._running_sources[name] = source
-
-    async def _load_users_file(self, path: str) -> None:
-        try:
-            data = await asyncio.to_thread(read_small_file, path, USERS_FILE_LIMIT)
-            count = self.credentials.load_users(data, path)
-        except (FileRefusedError, UsersFileError) as e:
-            log.error("users file %s not loaded: %s", path, e)  # noqa: TRY400 - the reason
-            return
-        self.credentials_changed()
-        log.info("users file %s: %d password hashes", path, count)
+    def config(self) -> Config:
+        return self._config
 
     # -- the registry ---------------------------------------------------------------------------
 
     async def probe_template(self) -> None:
-        """No backend has greeted the proxy yet (the health checks learn it too): connect to
-        one to learn what to greet clients with. One probe at a time, shared by the sessions
-        that wait for it, and not cancelled with any of them (a client that hangs up at once
-        must not leave the next one to probe again)."""
-        if self._template_probe is None or self._template_probe.done():
-            self._template_probe = asyncio.get_running_loop().create_task(self._probe_once())
-        await asyncio.shield(self._template_probe)
-
-    async def _probe_once(self) -> None:
-        for backend in self.router.candidates(namespace=None):
-            try:
-                leg = await BackendLeg.open(backend.host, backend.port)
-                try:
-                    _, payload = await leg.read_packet(CONNECT_TIMEOUT)
-                finally:
-                    leg.abort()
-                greeting = parse_greeting(payload) if payload[:1] != b"\xff" else None
-            except (OSError, TimeoutError, ProtocolError) as e:
-                self.router.failed(backend, str(e) or type(e).__name__)
-                continue
-            if greeting is not None:
-                self.router.succeeded(backend, greeting)
-                return
+        await self.control.probe_template()
 
     def logged_in(self) -> None:
         self.last_login = time.monotonic()
@@ -292,9 +200,8 @@ class ProxyServer:
 
     # -- moves ----------------------------------------------------------------------------------
 
-    def drain(self, addr: str, drain: bool) -> None:
-        """Drain (or undrain) a backend through the API. Raises KeyError if unknown."""
-        self.router.drain(addr, drain)
+    def drained(self, addr: str, drain: bool) -> None:
+        """A backend's drain changed: its sessions move away, or stop waiting to."""
         if drain:
             self._drain_sessions()
         else:
@@ -327,15 +234,21 @@ class ProxyServer:
                     and session.move_request is None:
                 session.request_move(sorted(backend.drained_by)[0])
 
+    def movable(self) -> Counter[str]:
+        return count_movable(s for s in self.sessions.values() if s.phase == COMMAND)
+
+    def carry_out(self, orders: Sequence[MoveOrder]) -> None:
+        sessions = [s for s in self.sessions.values() if s.phase == COMMAND]
+        for order in orders:
+            target = self.router.backends.get(order.target)
+            if target is not None:
+                carry_out(order, sessions, target)
+
     def lasting_move_problem(self, backend: Backend, problem: str) -> None:
-        """Moves from or to `backend` fail for a reason that will not go away: logged once
-        per backend and problem, counted, shown in /api/admin/backends."""
-        self.errors["migrate_lasting"] += 1
-        if backend.move_problem != problem:
-            backend.move_problem = problem
-            log.error("moves involving backend %s failed for a lasting reason; such moves "
-                      "are held for %.0fs: %s",
-                      backend.addr, LASTING_RETRY, problem)
+        self.control.lasting_problem(backend, problem)
+
+    def doubt_backend(self, backend: Backend, why: str) -> None:
+        self.control.doubt(backend, why)
 
     def record_migration(self, source: str, target: str, reason: str, ok: bool,
                          seconds: float) -> None:
@@ -343,14 +256,10 @@ class ProxyServer:
         self._durations.observe(seconds)
 
     async def _maintain(self) -> None:
-        ticks = 0
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
-            ticks += 1
             self._drain_sessions()
             self._switch_keepalive()
-            if ticks % 2 == 0:
-                self._rebalance()
             timeout = self._config.proxy.failover_timeout
             now = time.monotonic()
             for session in list(self.sessions.values()):
@@ -369,19 +278,6 @@ class ProxyServer:
                     session.cancel_move()
             self.router.forget_empty()
 
-    def _rebalance(self) -> None:
-        sessions = [s for s in self.sessions.values() if s.phase == COMMAND]
-        for order in self.rebalancer.plan(count_movable(sessions)):
-            target = self.router.backends.get(order.target)
-            if target is not None:
-                carry_out(order, sessions, target)
-
-    def doubt_backend(self, backend: Backend, why: str) -> None:
-        """A session's error says the backend may be going away: the health checks decide."""
-        if self.config().health.enable:
-            self.router.doubt(backend, why)
-            self.health.check_now(backend)
-
     def _switch_keepalive(self) -> None:
         """Backend sockets take the keep-alive of their backend's health as it changes."""
         for session in self.sessions.values():
@@ -397,50 +293,10 @@ class ProxyServer:
             return
         self._stale.append((session, exchange))
         del self._stale[:-1000]  # bounded: unmatched logins of a burst, not forever
-        self._sync_now.set()
-
-    async def _sync_loop(self) -> None:
-        while True:
-            interval = self._config.security.auth_sync_interval or 60.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sync_now.wait(), interval)
-            self._sync_now.clear()
-            if not self._config.security.auth_sync_user:
-                continue
-            wait = self._last_sync + MIN_SYNC_GAP - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            await self.sync_credentials()
-
-    async def sync_credentials(self) -> bool:
-        """Read the stored hashes from the first backend that answers."""
-        security = self._config.security
-        self._last_sync = time.monotonic()
-        for backend in self.router.candidates():
-            try:
-                conn = await AdminConnection.open(backend.host, backend.port,
-                                                  security.auth_sync_user,
-                                                  security.auth_sync_password,
-                                                  **self.tls.admin_options())
-                try:
-                    rows = await conn.query(USERS_QUERY)
-                finally:
-                    conn.close()
-            except (OSError, TimeoutError, ProtocolError, SQLError) as e:
-                log.warning("credential sync from %s failed: %s", backend.addr, e)
-                continue
-            count = self.credentials.replace_synced(
-                (_text(r[0]), _text(r[1]), _text(r[2])) for r in rows if len(r) == 3)
-            log.info("credential sync from %s: %d password hashes", backend.addr, count)
-            self.credentials_changed()
-            return True
-        return False
+        self.control.sync_soon()
 
     def credentials_changed(self) -> None:
         """The stored hashes changed: logins that matched none are tried again."""
-        self._retry_stale()
-
-    def _retry_stale(self) -> None:
         stale, self._stale = self._stale, []
         for session, exchange in stale:
             if session.phase != COMMAND:
@@ -449,30 +305,13 @@ class ProxyServer:
             if credential is not None:
                 session.credential_recovered(credential)
 
-    # -- ProxyView ------------------------------------------------------------------------------
-
-    @property
-    def shutting_down(self) -> bool:
-        return self._shutting_down
+    # -- what the API sees ------------------------------------------------------------------------
 
     async def refresh(self) -> None:
         pass  # this process holds the sessions: its counters are current
 
     def connection_count(self) -> int:
         return len(self.sessions)
-
-    def backends(self) -> list[BackendView]:
-        return [
-            BackendView(
-                b.addr, b.status, b.connections, dict(b.query_counts), sorted(b.drained_by),
-                b.last_error if b.down else "", sources=sorted(b.sources), health=b.health,
-                move_problem=b.move_problem, doubt=b.doubt, galera=b.galera,
-                labels=b.labels, namespace=b.namespace, score=self.router.score(b),
-                threads_running=b.load.threads_running,
-                queries_per_second=b.load.queries_per_second, cpu=b.load.cpu,
-            )
-            for b in self.router.backends.values()
-        ]
 
     async def session_views(self) -> list[SessionView]:
         return self.local_session_views()
@@ -498,32 +337,6 @@ class ProxyServer:
         return MigrationStats(dict(self._migrations), DURATION_BUCKETS,
                               list(self._durations.counts), self._durations.total)
 
-    def config(self) -> Config:
-        return self._config
-
-    def server_errors(self) -> dict[str, int]:
-        return dict(self.tls.errors + self.errors)
-
-    def discovery_status(self) -> dict[str, str]:
-        """Each running discovery source: "ok", or why it cannot reach its origin."""
-        return {name: source.error or "ok" for name, source in self._running_sources.items()}
-
-    def backend_addr_known(self, addr: str) -> bool:
-        return addr in self.router.backends and \
-            DRAIN_REMOVED not in self.router.backends[addr].drained_by
-
-
-def _etcd(endpoints: tuple[str, ...], tls: ssl.SSLContext | None) -> DiscoverySource:
-    from tiproxy.discovery.etcd import EtcdTopology  # noqa: PLC0415 - only when configured
-
-    return EtcdTopology(endpoints, tls=tls)
-
-
-def _dns(names: tuple[str, ...], interval: float) -> DiscoverySource:
-    from tiproxy.discovery.dns import DNSNames  # noqa: PLC0415 - only when configured
-
-    return DNSNames(names, interval)
-
-
-def _text(value: bytes | None) -> str:
-    return value.decode("utf-8", "replace") if value is not None else ""
+    def server_errors(self) -> Mapping[str, int]:
+        """This data plane's own errors (the cluster counts the TLS store's)."""
+        return dict(self.errors)

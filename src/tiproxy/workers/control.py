@@ -1,10 +1,11 @@
-"""The control process of `[proxy] workers` > 1: the control plane, and the workers' keeper.
+"""The worker processes of `[proxy] workers` > 1, kept by the control process.
 
-It binds every listening address once per worker (SO_REUSEPORT: the kernel spreads new
+The control process runs the Cluster (control/cluster.py) and the API, as a one-process proxy
+does, with Workers as the holder of the sessions (control/proxy.py) instead of a ProxyServer.
+Workers binds every listening address once per worker (SO_REUSEPORT: the kernel spreads new
 connections over the sockets) and starts each worker with its sockets; it keeps its own copies
 open, so a worker that dies leaves its queue of new connections intact for the one that replaces
-it. It runs what ProxyServer runs for one process (discovery, health checks, the router's state,
-the rebalancer, credential sync, config reload) plus the API, and it holds no session:
+it. The control process holds no session:
 - every 100 ms each worker gets the backend table if it changed (at once after a drain), so
   routing a new connection never waits for this process;
 - the workers' session counts are in shared memory (workers/shared.py): the backends'
@@ -27,16 +28,19 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tiproxy.api.interface import BackendView, MigrationStats, SessionView
+from tiproxy.api.interface import MigrationStats, SessionView
 from tiproxy.balance.balancer import MoveOrder
 from tiproxy.balance.router import split_addr
 from tiproxy.net.keepalive import apply_keepalive_socket
-from tiproxy.net.server import DURATION_BUCKETS, ProxyServer
+from tiproxy.net.server import DURATION_BUCKETS
 from tiproxy.workers import messages as m
 from tiproxy.workers.shared import FIRST_SLOT, SESSIONS, SLOTS, SharedCounts
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from tiproxy.config import Config
+    from tiproxy.control.cluster import Cluster
     from tiproxy.net.kill import KillTarget
 
 log = logging.getLogger("tiproxy.workers")
@@ -99,27 +103,36 @@ class _Totals:
             self.queries.setdefault(addr, Counter()).update(counts)
 
 
-class ControlServer(ProxyServer):
-    def __init__(self, cfg: Config, count: int) -> None:
-        super().__init__(cfg)
+class Workers:
+    """The worker processes, as control/proxy.py's SessionHolder; see the module docstring."""
+
+    def __init__(self, cluster: Cluster, count: int) -> None:
+        self.cluster = cluster
         self.count = count
         self._workers = [_Worker(i) for i in range(count)]
         self._listening: list[list[socket.socket]] = [[] for _ in range(count)]
         self._retired = _Totals()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.errors: Counter[str] = Counter()
         self.counts = SharedCounts(count)
-        self.tls.changed = lambda: self._broadcast(m.TLSChanged(self.tls.materials()))
         self._slots: dict[str, int] = {}  # backend addr -> its column in self.counts
+        cluster.on_credentials = lambda: self._broadcast(
+            m.Credentials(cluster.credentials.snapshot()))
+        cluster.tls.changed = lambda: self._broadcast(m.TLSChanged(cluster.tls.materials()))
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def _listen(self) -> None:
-        for addr in self._config.proxy.listen_addrs:
+    async def start(self) -> None:
+        """Bind every address for every worker (an address in use fails the start here),
+        then start the workers."""
+        cfg = self.cluster.config
+        for addr in cfg.proxy.listen_addrs:
             for i, socks in enumerate(_bind(addr, self.count)):
                 for sock in socks:
-                    apply_keepalive_socket(sock, self._config.proxy.frontend_keepalive)
+                    apply_keepalive_socket(sock, cfg.proxy.frontend_keepalive)
                 self._listening[i] += socks
             port = self._listening[0][-1].getsockname()[1]
-            self.port = self.port or port
             log.info("proxy listening on %s (port %d) for %d workers", addr, port, self.count)
         loop = asyncio.get_running_loop()
         for worker in self._workers:
@@ -134,12 +147,13 @@ class ControlServer(ProxyServer):
             sys.executable, "-m", "tiproxy.workers.worker", *map(str, fds), pass_fds=fds)
         child.close()
         link = m.Link(parent, lambda msg: self._handle(worker, msg),
-                      lambda what, arg: self._answer(worker, what, arg))
+                      self._answer)
         await link.open()
         worker.link, worker.stats, worker.sent = link, None, None
-        link.send(m.Setup(self._config, worker.index, self.count, worker.incarnation,
-                          self.tls.materials(), logging.getLogger().level))
-        link.send(m.Credentials(self.credentials.snapshot()))
+        cluster = self.cluster
+        link.send(m.Setup(cluster.config, worker.index, self.count, worker.incarnation,
+                          cluster.tls.materials(), logging.getLogger().level))
+        link.send(m.Credentials(cluster.credentials.snapshot()))
         self._send_table(worker)
         worker.reader = asyncio.get_running_loop().create_task(link.run())
 
@@ -151,7 +165,7 @@ class ControlServer(ProxyServer):
             code = await worker.proc.wait()
             if worker.link is not None:
                 worker.link.close()
-            if self._shutting_down:
+            if self._stopping:
                 return
             lost = self.counts.get(worker.index, SESSIONS)
             if worker.stats is not None:
@@ -169,58 +183,68 @@ class ControlServer(ProxyServer):
             worker.incarnation += 1
             await self._spawn(worker)
 
-    async def stop(self, timeout: float | None = None) -> None:
-        """The workers close their sessions gracefully; new connections are refused from the
-        moment this starts (the listening sockets close here and in the workers)."""
-        grace = self._config.proxy.graceful_close_conn_timeout if timeout is None else timeout
-        self._shutting_down = True
+    async def stop(self, timeout: float) -> None:
+        """The workers close their sessions gracefully within `timeout`; new connections are
+        refused from the moment this starts (the listening sockets close here and in the
+        workers)."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
         for socks in self._listening:
             for sock in socks:
                 sock.close()
-        for worker in self._workers:
-            if worker.live and worker.link is not None:
-                worker.link.send(m.Shutdown())
+        self._broadcast(m.Shutdown())
         procs = [w.proc for w in self._workers if w.proc is not None]
         try:
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), grace + 5)
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), timeout + 5)
         except TimeoutError:
             stuck = [p for p in procs if p.returncode is None]
             log.error("workers %s did not stop in time; killed",  # noqa: TRY400
                       [p.pid for p in stuck])
             for proc in stuck:
                 proc.kill()
-        await super().stop(timeout=0)
 
     # -- from the workers -------------------------------------------------------------------
 
     def _handle(self, worker: _Worker, message: object) -> None:
-        backend = self.router.backends.get(getattr(message, "addr", ""))
+        cluster = self.cluster
+        backend = cluster.router.backends.get(getattr(message, "addr", ""))
         if isinstance(message, m.Stats):
             worker.stats = message
             self._recount_queries()
         elif isinstance(message, m.LogLine):
             logging.getLogger(message.name).log(message.level, "%s", message.message)
         elif isinstance(message, m.SyncNow):
-            self._sync_now.set()
+            cluster.sync_soon()
         elif backend is None:
             return
         elif isinstance(message, m.Failed):
-            self.router.failed(backend, message.reason)
+            cluster.router.failed(backend, message.reason)
         elif isinstance(message, m.Succeeded):
-            self.router.succeeded(backend, None)
+            cluster.router.succeeded(backend, None)
         elif isinstance(message, m.Doubt):
-            self.doubt_backend(backend, message.why)
+            cluster.doubt(backend, message.why)
         elif isinstance(message, m.LastingProblem):
-            self.lasting_move_problem(backend, message.problem)
+            cluster.lasting_problem(backend, message.problem)
 
-    async def _answer(self, worker: _Worker, what: str, arg: Any) -> Any:
+    async def _answer(self, what: str, arg: Any) -> Any:
         if what == "kill_target":
-            return await self.find_kill_target(int(arg))
+            return await self._find_kill_target(int(arg))
         if what == "template":
-            if self.router.template is None:
-                await self.probe_template()
-            return self.router.template
+            if self.cluster.router.template is None:
+                await self.cluster.probe_template()
+            return self.cluster.router.template
         raise ValueError(what)
+
+    async def _find_kill_target(self, session_id: int) -> KillTarget | None:
+        owner = self._workers[(session_id - 1) % self.count]
+        if not owner.live or owner.link is None:
+            return None
+        try:
+            target: KillTarget | None = await owner.link.ask("kill_target", session_id)
+        except (TimeoutError, ConnectionError):
+            return None
+        return target
 
     def _slot(self, addr: str) -> int:
         slot = self._slots.get(addr)
@@ -230,11 +254,11 @@ class ControlServer(ProxyServer):
         return slot
 
     def _recount(self) -> None:
-        for backend in self.router.backends.values():
+        for backend in self.cluster.router.backends.values():
             backend.connections = self.counts.total(self._slot(backend.addr))
 
     def _recount_queries(self) -> None:
-        for addr, backend in self.router.backends.items():
+        for addr, backend in self.cluster.router.backends.items():
             total = Counter(self._retired.queries.get(addr, Counter()))
             for w in self._workers:
                 if w.stats is not None:
@@ -247,6 +271,7 @@ class ControlServer(ProxyServer):
         while True:
             await asyncio.sleep(PUSH_INTERVAL)
             self._recount()
+            self.cluster.router.forget_empty()
             for worker in self._workers:
                 if worker.live:
                     self._send_table(worker)
@@ -254,14 +279,15 @@ class ControlServer(ProxyServer):
     def _send_table(self, worker: _Worker) -> None:
         if worker.link is None:
             return
+        router = self.cluster.router
         table = m.Table(
             tuple(m.BackendState(
                 b.addr, b.namespace, dict(b.sources), frozenset(b.drained_by), b.health,
                 b.doubt, b.failures, b.retry_at, b.last_error, dataclasses.replace(b.load),
                 b.galera, b.offers_tls, b.mariadb_capabilities, b.move_problem,
                 self._slot(b.addr),
-            ) for b in self.router.backends.values()),
-            self.router.template,
+            ) for b in router.backends.values()),
+            router.template,
         )
         if table != worker.sent:
             worker.link.send(table)
@@ -272,23 +298,21 @@ class ControlServer(ProxyServer):
             if worker.live and worker.link is not None:
                 worker.link.send(message)
 
-    def _apply(self, cfg: Config) -> None:
-        super()._apply(cfg)
+    def config_changed(self, cfg: Config) -> None:
         self._broadcast(m.ConfigChanged(cfg))
 
-    def credentials_changed(self) -> None:
-        self._broadcast(m.Credentials(self.credentials.snapshot()))
-
-    def drain(self, addr: str, drain: bool) -> None:
-        super().drain(addr, drain)
-        for worker in self._workers:
+    def drained(self, addr: str, drain: bool) -> None:
+        for worker in self._workers:  # at once, not at the next push
             self._send_table(worker)
 
-    def _rebalance(self) -> None:
+    def movable(self) -> Counter[str]:
         self._recount()
-        movable: list[Counter[str]] = [Counter(w.stats.movable if w.stats and w.live else {})
-                                       for w in self._workers]
-        orders = self.rebalancer.plan(sum(movable, Counter()))
+        return sum((Counter(w.stats.movable) for w in self._workers
+                    if w.stats is not None and w.live), Counter())
+
+    def carry_out(self, orders: Sequence[MoveOrder]) -> None:
+        """Each order is split over the workers by how many movable sessions each has there."""
+        movable = [Counter(w.stats.movable if w.stats and w.live else {}) for w in self._workers]
         shares: list[list[MoveOrder]] = [[] for _ in self._workers]
         for order in orders:
             left = order.count
@@ -302,50 +326,32 @@ class ControlServer(ProxyServer):
             if share and worker.link is not None:
                 worker.link.send(m.Moves(tuple(share)))
 
-    # -- one proxy, seen from outside -------------------------------------------------------------
+    # -- what the API sees ------------------------------------------------------------------------
 
-    def kill_target_elsewhere(self, session_id: int) -> bool:
-        return True
-
-    async def find_kill_target(self, session_id: int) -> KillTarget | None:
-        owner = self._workers[(session_id - 1) % self.count]
-        if not owner.live or owner.link is None:
-            return None
-        try:
-            target: KillTarget | None = await owner.link.ask("kill_target", session_id)
-        except (TimeoutError, ConnectionError):
-            return None
-        return target
-
-    async def _ask_all(self, what: str) -> list[Any]:
-        links = [w.link for w in self._workers if w.live and w.link is not None]
-        answers = await asyncio.gather(*(link.ask(what) for link in links),
+    async def _ask_all(self, what: str) -> list[tuple[_Worker, Any]]:
+        live = [w for w in self._workers if w.live and w.link is not None]
+        answers = await asyncio.gather(*(w.link.ask(what) for w in live if w.link is not None),
                                        return_exceptions=True)
-        return [a for a in answers if not isinstance(a, BaseException)]
+        return [(w, a) for w, a in zip(live, answers, strict=True)
+                if not isinstance(a, BaseException)]
 
     async def refresh(self) -> None:
         """The workers' counters as of now (the API reads them right after what it checks)."""
-        links = [(w, w.link) for w in self._workers if w.live and w.link is not None]
-        answers = await asyncio.gather(*(link.ask("stats") for _, link in links),
-                                       return_exceptions=True)
-        for (worker, _), stats in zip(links, answers, strict=True):
+        for worker, stats in await self._ask_all("stats"):
             if isinstance(stats, m.Stats):
                 worker.stats = stats
+        self._recount()
         self._recount_queries()
 
     async def session_views(self) -> list[SessionView]:
-        views = [v for answer in await self._ask_all("sessions") for v in answer or ()]
+        views = [v for _, answer in await self._ask_all("sessions") for v in answer or ()]
         return sorted(views, key=lambda v: v.id)
 
     async def redirect_all(self) -> int:
-        return sum(n or 0 for n in await self._ask_all("redirect"))
+        return sum(n or 0 for _, n in await self._ask_all("redirect"))
 
     def connection_count(self) -> int:
         return self.counts.total(SESSIONS)
-
-    def backends(self) -> list[BackendView]:
-        self._recount()
-        return super().backends()
 
     def _live_stats(self) -> list[m.Stats]:
         return [w.stats for w in self._workers if w.stats is not None]
@@ -361,7 +367,7 @@ class ControlServer(ProxyServer):
         return MigrationStats(dict(migrations), DURATION_BUCKETS, durations, total)
 
     def server_errors(self) -> dict[str, int]:
-        errors = Counter(super().server_errors()) + self._retired.errors
+        errors = self.errors + self._retired.errors
         for stats in self._live_stats():
             errors.update(stats.errors)
         return dict(errors)

@@ -24,15 +24,15 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tiproxy.balance.balancer import carry_out, count_movable
 from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
 from tiproxy.client.leg import CONNECT_TIMEOUT
 from tiproxy.net.kill import KillTarget
 from tiproxy.net.loop import install_event_loop
-from tiproxy.net.relay import COMMAND
 from tiproxy.net.server import EARLY_WINDOW, ProxyServer
+from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
 from tiproxy.workers import messages as m
 from tiproxy.workers.shared import LAST_LOGIN, SESSIONS, SharedCounts
@@ -130,32 +130,55 @@ class ReplicaRouter(Router):
         return undrained
 
 
+class LinkedControl:
+    """The ControlPlane of a worker's sessions: the control process, through the link."""
+
+    def __init__(self, link: m.Link, router: Router, health_enabled: Callable[[], bool]) -> None:
+        self._link = link
+        self._router = router
+        self._health_enabled = health_enabled
+
+    def doubt(self, backend: Backend, why: str) -> None:
+        if self._health_enabled():
+            self._router.doubt(backend, why)  # at once here; the table confirms it
+            self._link.send(m.Doubt(backend.addr, why))
+
+    def lasting_problem(self, backend: Backend, problem: str) -> None:
+        if backend.move_problem != problem:
+            backend.move_problem = problem
+            self._link.send(m.LastingProblem(backend.addr, problem))
+
+    def sync_soon(self) -> None:
+        self._link.send(m.SyncNow())
+
+    async def probe_template(self) -> None:
+        """No greeting known yet: the control process probes once for every worker."""
+        try:
+            template = await self._link.ask("template", timeout=CONNECT_TIMEOUT + 1)
+        except (TimeoutError, ConnectionError):
+            return
+        if template is not None and self._router.template is None:
+            self._router.template = template
+
+
 class WorkerServer(ProxyServer):
-    """ProxyServer without the control plane's loops; see the module docstring."""
+    """The data plane of one worker; see the module docstring."""
 
     def __init__(self, cfg: Config, setup: m.Setup, link: m.Link, counts: SharedCounts) -> None:
+        router = ReplicaRouter(link, counts, setup.index)
+        router.configure(cfg)
+        super().__init__(cfg, router, CertStore(cfg, setup.tls), CredentialStore(),
+                         LinkedControl(link, router, lambda: self.config().health.enable))
+        self.replica = router
         self.link = link
-        super().__init__(cfg, CertStore(cfg, setup.tls))
         self.index, self.count = setup.index, setup.count
         self.counts = counts
         counts.clear(self.index)
-        self.replica = ReplicaRouter(link, counts, self.index)
-        self.router = self.replica
-        self.replica.configure(cfg)
         self._next_id = setup.incarnation * 1_000_000
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._maintain()), loop.create_task(self._report())]
-
-    def _configure_router(self, cfg: Config) -> None:
-        self.router.configure(cfg)  # the backends themselves come with the table
-
-    def _start_sources(self) -> None:
-        pass  # discovery runs in the control process
-
-    def _rebalance(self) -> None:
-        pass  # the control process decides (Moves)
+        await super().start()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._report()))
 
     # -- from the control process -------------------------------------------------------------
 
@@ -166,15 +189,13 @@ class WorkerServer(ProxyServer):
             self._drain_sessions()
         elif isinstance(message, m.Credentials):
             self.credentials.restore(message.snapshot)
-            self._retry_stale()
+            self.credentials_changed()
         elif isinstance(message, m.Moves):
-            sessions = [s for s in self.sessions.values() if s.phase == COMMAND]
-            for order in message.orders:
-                target = self.router.backends.get(order.target)
-                if target is not None:
-                    carry_out(order, sessions, target)
+            self.carry_out(message.orders)
         elif isinstance(message, m.ConfigChanged):
-            self._apply(message.config)
+            self.router.configure(message.config)  # the backends themselves come with tables
+            self.tls.require_backend_tls = message.config.security.require_backend_tls
+            self.config_changed(message.config)
         elif isinstance(message, m.TLSChanged):
             self.tls.follow(message.tls)
 
@@ -203,9 +224,8 @@ class WorkerServer(ProxyServer):
             self.link.send(self._stats())
 
     def _stats(self) -> m.Stats:
-        command = [s for s in self.sessions.values() if s.phase == COMMAND]
         return m.Stats(
-            movable=dict(count_movable(command)),
+            movable=dict(self.movable()),
             migrations=dict(self._migrations),
             duration_counts=tuple(self._durations.counts),
             duration_total=self._durations.total,
@@ -214,31 +234,8 @@ class WorkerServer(ProxyServer):
                           if b.query_counts},
         )
 
-    async def probe_template(self) -> None:
-        """No greeting known yet: the control process probes once for every worker."""
-        try:
-            template = await self.link.ask("template", timeout=CONNECT_TIMEOUT + 1)
-        except (TimeoutError, ConnectionError):
-            return
-        if template is not None and self.router.template is None:
-            self.router.template = template
-
-    def doubt_backend(self, backend: Backend, why: str) -> None:
-        if self.config().health.enable:
-            self.router.doubt(backend, why)
-            self.link.send(m.Doubt(backend.addr, why))
-
-    def refresh_credential(self, session: Any, exchange: tuple[bytes, bytes]) -> None:
-        if not self._config.security.auth_sync_user:
-            return
-        self._stale.append((session, exchange))
-        del self._stale[:-1000]
-        self.link.send(m.SyncNow())
-
-    def lasting_move_problem(self, backend: Backend, problem: str) -> None:
-        if backend.move_problem != problem:
-            backend.move_problem = problem
-            self.link.send(m.LastingProblem(backend.addr, problem))
+    def server_errors(self) -> dict[str, int]:
+        return dict(self.tls.errors + self.errors)  # its TLS store: the contexts it followed
 
     # -- one proxy, seen from outside --------------------------------------------------------------
 
@@ -331,7 +328,7 @@ async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.so
     if link_task in done:  # the control process is gone: nobody routes or restarts us
         await server.stop(timeout=0)
         return
-    await server.stop()
+    await server.stop(server.config().proxy.graceful_close_conn_timeout)
     link.close()
 
 

@@ -1,0 +1,266 @@
+"""The control plane's state: which backends there are and how they are, and what sessions need.
+
+One Cluster per proxy, in its only process or in the control process of `[proxy] workers`:
+- the router's state, from the discovery sources (the static list, etcd from `pd-addrs`, DNS
+  from `backend-dns`; each restarted when its settings change) and the health checks;
+- drains (the API, `fail-backend-list`), doubts and lasting move problems that sessions report;
+- the rebalancer's decisions (balance/balancer.py), from the movable sessions' counts;
+- the stored password hashes: `[security] users-file`, read at start and when a reload names
+  another one (always in a thread, through config.files.read_small_file: a FIFO or /dev/zero
+  must not stall the loop), and the backends' own, read by `auth-sync-user` every
+  `auth-sync-interval` and soon after a login matched none of them;
+- the TLS contexts (tls/store.py) and the config in force.
+It never holds a session: whoever holds them (net/server.py, or the workers) is told through
+`on_credentials`, and asks through the methods of net/server.py's ControlPlane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from tiproxy.api.interface import BackendView
+from tiproxy.balance.balancer import MoveOrder, Rebalancer
+from tiproxy.balance.health import HealthChecker
+from tiproxy.balance.router import LASTING_RETRY, Backend, Router
+from tiproxy.client.admin import AdminConnection
+from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
+from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_file
+from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
+from tiproxy.protocol.errors import ProtocolError, SQLError
+from tiproxy.protocol.packets import parse_greeting
+from tiproxy.session.credentials import CredentialStore, UsersFileError
+from tiproxy.tls import CertStore
+
+if TYPE_CHECKING:
+    from tiproxy.config import Config
+
+log = logging.getLogger("tiproxy.server")
+
+MIN_SYNC_GAP = 2.0  # a burst of unmatched logins triggers one sync, not one each
+USERS_QUERY = "SELECT User, plugin, authentication_string FROM mysql.user"
+
+
+class Cluster:
+    def __init__(self, cfg: Config) -> None:
+        self.config = cfg
+        self.router = Router()
+        self._configure_router(cfg)
+        self.tls = CertStore(cfg)  # raises TLSLoadError for a certificate that does not load
+        self.health = HealthChecker(self.router, cfg, self.tls.admin_options,
+                                    lambda: self.tls.cluster)
+        self.rebalancer = Rebalancer(self.router, cfg)
+        self.credentials = CredentialStore()
+        self.on_credentials: Callable[[], None] = lambda: None  # the hashes changed
+        self.errors: Counter[str] = Counter()  # tiproxy_server_err by type, besides TLS's
+        self._sources: dict[str, tuple[tuple[str, ...], asyncio.Task[None]]] = {}
+        self._running_sources: dict[str, DiscoverySource] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._template_probe: asyncio.Task[None] | None = None
+        self._sync_now = asyncio.Event()
+        self._last_sync = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.config.security.users_file:
+            await self._load_users_file(self.config.security.users_file)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._sync_loop()), loop.create_task(self.health.run()),
+                       loop.create_task(self.tls.watch())]
+        self._start_sources()
+        if self.config.security.auth_sync_user:
+            self._sync_now.set()  # the first sync at once: sessions need hashes to move
+
+    def stop(self) -> None:
+        for task in [*self._tasks, *(task for _, task in self._sources.values())]:
+            task.cancel()
+
+    async def apply_config(self, cfg: Config) -> None:
+        """A reloaded config (checked by config.reload): the backend list and the fail list
+        take effect at once; a users-file of another name is read first."""
+        old = self.config
+        if cfg.security.users_file and cfg.security.users_file != old.security.users_file:
+            await self._load_users_file(cfg.security.users_file)
+        self.config = cfg
+        self.health.config = cfg
+        self.rebalancer.config = cfg
+        self.tls.reconfigure(cfg)
+        self._configure_router(cfg)
+        self._start_sources()
+        self._sync_now.set()
+
+    def _configure_router(self, cfg: Config) -> None:
+        self.router.configure(cfg)
+        static = list(cfg.proxy.backend_addrs) + [a for n in cfg.namespaces
+                                                  for a in n.backend_addrs]
+        self.router.update("static", {a: DiscoveredBackend(a) for a in static})
+
+    def _start_sources(self) -> None:
+        proxy = self.config.proxy
+        wanted: dict[str, tuple[tuple[str, ...], DiscoverySource | None]] = {
+            "etcd": ((*proxy.pd_addrs, repr(self.config.security.cluster_tls)),
+                     _etcd(proxy.pd_addrs, self.tls.cluster) if proxy.pd_addrs else None),
+            "dns": ((*proxy.backend_dns, str(proxy.dns_interval)),
+                    _dns(proxy.backend_dns, proxy.dns_interval) if proxy.backend_dns
+                    else None),
+        }
+        loop = asyncio.get_running_loop()
+        for name, (settings, source) in wanted.items():
+            running = self._sources.get(name)
+            if running is not None and running[0] == settings:
+                continue
+            if running is not None:
+                running[1].cancel()
+                del self._sources[name]
+                self._running_sources.pop(name, None)
+                if source is None:
+                    self.router.update(name, {})
+            if source is not None:
+                self._sources[name] = (settings, loop.create_task(source.run(self.router)))
+                self._running_sources[name] = source
+
+    # -- what sessions report -----------------------------------------------------------------
+
+    def doubt(self, backend: Backend, why: str) -> None:
+        """A session's error says the backend may be going away: the health checks decide."""
+        if self.config.health.enable:
+            self.router.doubt(backend, why)
+            self.health.check_now(backend)
+
+    def lasting_problem(self, backend: Backend, problem: str) -> None:
+        """Moves from or to `backend` fail for a reason that will not go away: logged once
+        per backend and problem, counted, shown in /api/admin/backends."""
+        self.errors["migrate_lasting"] += 1
+        if backend.move_problem != problem:
+            backend.move_problem = problem
+            log.error("moves involving backend %s failed for a lasting reason; such moves "
+                      "are held for %.0fs: %s", backend.addr, LASTING_RETRY, problem)
+
+    def sync_soon(self) -> None:
+        """A login matched no stored hash: read them again (at most every MIN_SYNC_GAP)."""
+        if self.config.security.auth_sync_user:
+            self._sync_now.set()
+
+    async def probe_template(self) -> None:
+        """No backend has greeted the proxy yet (the health checks learn it too): connect to
+        one to learn what to greet clients with. One probe at a time, shared by the sessions
+        that wait for it, and not cancelled with any of them (a client that hangs up at once
+        must not leave the next one to probe again)."""
+        if self._template_probe is None or self._template_probe.done():
+            self._template_probe = asyncio.get_running_loop().create_task(self._probe_once())
+        await asyncio.shield(self._template_probe)
+
+    async def _probe_once(self) -> None:
+        for backend in self.router.candidates(namespace=None):
+            try:
+                leg = await BackendLeg.open(backend.host, backend.port)
+                try:
+                    _, payload = await leg.read_packet(CONNECT_TIMEOUT)
+                finally:
+                    leg.abort()
+                greeting = parse_greeting(payload) if payload[:1] != b"\xff" else None
+            except (OSError, TimeoutError, ProtocolError) as e:
+                self.router.failed(backend, str(e) or type(e).__name__)
+                continue
+            if greeting is not None:
+                self.router.succeeded(backend, greeting)
+                return
+
+    # -- balancing --------------------------------------------------------------------------------
+
+    def plan_moves(self, movable: Mapping[str, int]) -> list[MoveOrder]:
+        return self.rebalancer.plan(movable)
+
+    # -- credentials ------------------------------------------------------------------------------
+
+    async def _load_users_file(self, path: str) -> None:
+        try:
+            data = await asyncio.to_thread(read_small_file, path, USERS_FILE_LIMIT)
+            count = self.credentials.load_users(data, path)
+        except (FileRefusedError, UsersFileError) as e:
+            log.error("users file %s not loaded: %s", path, e)  # noqa: TRY400 - the reason
+            return
+        log.info("users file %s: %d password hashes", path, count)
+        self.on_credentials()
+
+    async def _sync_loop(self) -> None:
+        while True:
+            interval = self.config.security.auth_sync_interval or 60.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sync_now.wait(), interval)
+            self._sync_now.clear()
+            if not self.config.security.auth_sync_user:
+                continue
+            wait = self._last_sync + MIN_SYNC_GAP - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            await self.sync_credentials()
+
+    async def sync_credentials(self) -> bool:
+        """Read the stored hashes from the first backend that answers."""
+        security = self.config.security
+        self._last_sync = time.monotonic()
+        for backend in self.router.candidates():
+            try:
+                conn = await AdminConnection.open(backend.host, backend.port,
+                                                  security.auth_sync_user,
+                                                  security.auth_sync_password,
+                                                  **self.tls.admin_options())
+                try:
+                    rows = await conn.query(USERS_QUERY)
+                finally:
+                    conn.close()
+            except (OSError, TimeoutError, ProtocolError, SQLError) as e:
+                log.warning("credential sync from %s failed: %s", backend.addr, e)
+                continue
+            count = self.credentials.replace_synced(
+                (_text(r[0]), _text(r[1]), _text(r[2])) for r in rows if len(r) == 3)
+            log.info("credential sync from %s: %d password hashes", backend.addr, count)
+            self.on_credentials()
+            return True
+        return False
+
+    # -- what the API shows -----------------------------------------------------------------------
+
+    def backend_views(self) -> list[BackendView]:
+        return [
+            BackendView(
+                b.addr, b.status, b.connections, dict(b.query_counts), sorted(b.drained_by),
+                b.last_error if b.down else "", sources=sorted(b.sources), health=b.health,
+                move_problem=b.move_problem, doubt=b.doubt, galera=b.galera,
+                labels=b.labels, namespace=b.namespace, score=self.router.score(b),
+                threads_running=b.load.threads_running,
+                queries_per_second=b.load.queries_per_second, cpu=b.load.cpu,
+            )
+            for b in self.router.backends.values()
+        ]
+
+    def discovery_status(self) -> dict[str, str]:
+        """Each running discovery source: "ok", or why it cannot reach its origin."""
+        return {name: source.error or "ok" for name, source in self._running_sources.items()}
+
+    def server_errors(self) -> Counter[str]:
+        return self.tls.errors + self.errors
+
+
+def _etcd(endpoints: tuple[str, ...], tls: ssl.SSLContext | None) -> DiscoverySource:
+    from tiproxy.discovery.etcd import EtcdTopology  # noqa: PLC0415 - only when configured
+
+    return EtcdTopology(endpoints, tls=tls)
+
+
+def _dns(names: tuple[str, ...], interval: float) -> DiscoverySource:
+    from tiproxy.discovery.dns import DNSNames  # noqa: PLC0415 - only when configured
+
+    return DNSNames(names, interval)
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("utf-8", "replace") if value is not None else ""
