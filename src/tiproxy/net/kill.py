@@ -120,7 +120,7 @@ def _kill_elsewhere(session: Session, target: KillTarget, query_only: bool) -> N
         except (OSError, TimeoutError, ProtocolError) as e:
             why = str(e) or type(e).__name__
             session.reply_error(ER_UNKNOWN_ERROR, "HY000",
-                               f"TiProxy: KILL on the other backend failed: {why}")
+                                f"TiProxy: KILL on the other backend failed: {why}")
         else:
             assert session.tracker is not None
             # The proxy's own OK carries no session state: the flag would promise some.
@@ -144,7 +144,7 @@ def handle_kill_expression(session: Session, sql: bytes) -> None:
     parts = split_kill_expression(sql)
     if parts is None:
         session.reply_error(ER_UNKNOWN_ERROR, "HY000",
-                           "TiProxy: a KILL with a backslash in it is not evaluated")
+                            "TiProxy: a KILL with a backslash in it is not evaluated")
         return
     session.hold_input("kill")
     session.run_task(_evaluate(session, parts))
@@ -174,7 +174,7 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
     except (OSError, TimeoutError, ProtocolError, ValueError) as e:
         if _reattached(session, leg):
             session.reply_error(ER_UNKNOWN_ERROR, "HY000",
-                               f"TiProxy: KILL not evaluated: {str(e) or type(e).__name__}")
+                                f"TiProxy: KILL not evaluated: {str(e) or type(e).__name__}")
     else:
         if _reattached(session, leg):
             handle_kill(session, target, parts.query_only, parts.prefix)

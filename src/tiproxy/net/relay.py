@@ -674,7 +674,7 @@ class Session(SessionMoves):
             if not tracker.idle:
                 return False
             self.reply_error(ER_UNKNOWN_COM_ERROR, "08S01",
-                            f"TiProxy does not relay command 0x{cmd:02x}")
+                             f"TiProxy does not relay command 0x{cmd:02x}")
             return True
         elif cmd == Command.PROCESS_KILL:
             if not tracker.idle:
