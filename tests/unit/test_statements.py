@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tiproxy.session.state import SessionState
+from tiproxy.session.state import PreparedStatement, SessionState
 from tiproxy.session.statements import (
     OPAQUE,
     StatementEffects,
@@ -214,3 +214,19 @@ def test_user_variable_names_past_the_servers_limit_are_not_kept() -> None:
     state = SessionState()
     state.note_user_vars({b"a" * 10_000, b"ok"})
     assert state.user_var_names == {b"ok"}
+
+
+@pytest.mark.parametrize("pin", [
+    {"temp_tables": {"t"}}, {"named_locks": {"a"}}, {"table_locks": True}, {"handlers": {"t"}},
+    {"no_credential": "no reusable credential"}, {"opaque": "a statement"},
+    {"hidden": "a temporary table the proxy did not see"}, {"opaque_prepared": {"s"}},
+    {"long_data": True}, {"cursor_open": True}, {},
+])
+def test_pinned_says_what_pins_says(pin: dict[str, object]) -> None:
+    """The rebalancer's quick test (every session, once a second) agrees with the reasons."""
+    state = SessionState()
+    state.stmts[1] = PreparedStatement(1, 1, b"SELECT ?", 1, 1)
+    for name, value in pin.items():
+        setattr(state.stmts[1] if name in ("long_data", "cursor_open") else state, name, value)
+    assert state.pinned() == bool(state.pins()) == bool(pin)
+    assert not SessionState().pinned()

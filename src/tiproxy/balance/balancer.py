@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -57,7 +57,7 @@ class Movable(Protocol):
     backend: Backend | None
     balanced_at: float
 
-    def wait_reason(self) -> str: ...
+    def at_safe_point(self) -> bool: ...
     def request_move(self, reason: str, target: Backend | None = None) -> None: ...
     @property
     def moving(self) -> bool: ...
@@ -65,14 +65,14 @@ class Movable(Protocol):
 
 def movable(s: Movable, now: float) -> bool:
     """At a safe point, no move asked for, and not moved by the balancer lately."""
-    return not s.moving and now - s.balanced_at >= COOLDOWN and not s.wait_reason()
+    return not s.moving and now - s.balanced_at >= COOLDOWN and s.at_safe_point()
 
 
-def count_movable(sessions: Iterable[Movable]) -> Counter[str]:
-    """Sessions the balancer may pick, by backend address."""
+def count_movable(sessions: Iterable[Movable], sources: Container[str]) -> Counter[str]:
+    """Sessions the balancer may pick on the backends `sources`, by backend address."""
     now = time.monotonic()
     return Counter(s.backend.addr for s in sessions
-                   if s.backend is not None and movable(s, now))
+                   if s.backend is not None and s.backend.addr in sources and movable(s, now))
 
 
 def carry_out(order: MoveOrder, sessions: Iterable[Movable], target: Backend) -> int:
@@ -102,6 +102,16 @@ class Rebalancer:
         self._budget: dict[str, float] = {}  # reason -> moves allowed now (a token bucket)
         self._movable: Counter[str] = Counter()
         self._orders: Counter[tuple[str, str, str]] = Counter()
+
+    def sources(self) -> set[str]:
+        """The backends this round would move sessions from if every session were movable:
+        only theirs need to be looked at (none, while the backends are balanced)."""
+        budget = dict(self._budget)
+        try:
+            orders = self.plan({b.addr: b.connections for b in self.router.backends.values()})
+        finally:
+            self._budget = budget
+        return {order.source for order in orders}
 
     def plan(self, movable_counts: Mapping[str, int]) -> list[MoveOrder]:
         """One round: the moves to make, given the movable sessions by backend address."""

@@ -3,7 +3,8 @@
 The sessions are held by a SessionHolder: this process's data plane (net/server.py's
 ProxyServer) when `[proxy] workers = 1`, or the worker processes (workers/control.py's Workers).
 Proxy is the API's ProxyControl over the two, and runs the rebalancer's round once a second:
-the holder counts its movable sessions, the cluster decides, the holder carries the orders out.
+the rebalancer names the backends it would take sessions from, the holder counts its movable
+sessions there, the rebalancer decides, the holder carries the orders out.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class SessionHolder(Protocol):
     async def session_views(self) -> list[SessionView]: ...
     async def redirect_all(self) -> int: ...
     async def refresh(self) -> None: ...  # counters and per-backend counts as of now
-    def movable(self) -> Mapping[str, int]: ...  # backend addr -> sessions movable now
+    # backend addr -> sessions movable now, on the backends `sources`
+    async def movable(self, sources: set[str]) -> Mapping[str, int]: ...
     def carry_out(self, orders: Sequence[MoveOrder]) -> None: ...
     def drained(self, addr: str, drain: bool) -> None: ...  # a backend's drain changed
     def config_changed(self, cfg: Config) -> None: ...
@@ -69,7 +71,10 @@ class Proxy:
     async def _rebalance(self) -> None:
         while True:
             await asyncio.sleep(INTERVAL)
-            orders = self.cluster.plan_moves(self.holder.movable())
+            sources = self.cluster.rebalancer.sources()
+            if not sources:
+                continue  # balanced: no session needs to be looked at
+            orders = self.cluster.plan_moves(await self.holder.movable(sources))
             if orders:
                 self.holder.carry_out(orders)
 

@@ -133,6 +133,18 @@ class SessionMoves:
         """A move is asked for or under way."""
         return self._move is not None
 
+    def at_safe_point(self) -> bool:
+        """wait_reason() == "", without building the reasons: the rebalancer asks it of every
+        session once a second."""
+        tracker = self.tracker
+        if self.phase != 1 or tracker is None or not tracker.idle or self._ccont \
+                or tracker.local_infile or tracker.status & _IN_TRANS or self.state.pinned():
+            return False
+        if self._held and self._held != {"idle"}:
+            return False
+        return not (self.state.user_vars_overflow and self.backend is not None
+                    and self.backend.user_variables_table is False)
+
     def wait_reason(self) -> str:
         """Why the session cannot move right now; "" at a safe point."""
         tracker = self.tracker

@@ -89,6 +89,7 @@ class ProxyServer:
         self._migrations: Counter[tuple[str, str, str, str]] = Counter()
         self.errors: Counter[str] = Counter()  # tiproxy_server_err by type, besides TLS's
         self._durations = _Durations()
+        self._unhealthy: set[str] = set()  # backends unhealthy at the last keep-alive switch
         self.port = 0
 
     @classmethod
@@ -228,14 +229,19 @@ class ProxyServer:
         return count
 
     def _drain_sessions(self) -> None:
+        if not any(b.draining for b in self.router.backends.values()):
+            return  # the usual case: no need to look at every session
         for session in list(self.sessions.values()):
             backend = session.backend
             if session.phase == COMMAND and backend is not None and backend.draining \
                     and session.move_request is None:
                 session.request_move(sorted(backend.drained_by)[0])
 
-    def movable(self) -> Counter[str]:
-        return count_movable(s for s in self.sessions.values() if s.phase == COMMAND)
+    async def movable(self, sources: set[str]) -> Counter[str]:
+        return self.movable_now(sources)
+
+    def movable_now(self, sources: set[str]) -> Counter[str]:
+        return count_movable((s for s in self.sessions.values() if s.phase == COMMAND), sources)
 
     def carry_out(self, orders: Sequence[MoveOrder]) -> None:
         sessions = [s for s in self.sessions.values() if s.phase == COMMAND]
@@ -262,7 +268,7 @@ class ProxyServer:
             self._switch_keepalive()
             timeout = self._config.proxy.failover_timeout
             now = time.monotonic()
-            for session in list(self.sessions.values()):
+            for session in [s for s in self.sessions.values() if s.move_request is not None]:
                 move = session.move_request
                 if move is None or session.phase != COMMAND or session.try_move():
                     continue
@@ -280,6 +286,10 @@ class ProxyServer:
 
     def _switch_keepalive(self) -> None:
         """Backend sockets take the keep-alive of their backend's health as it changes."""
+        unhealthy = {b.addr for b in self.router.backends.values() if b.health}
+        if unhealthy == self._unhealthy:
+            return  # new sessions get theirs when they connect
+        self._unhealthy = unhealthy
         for session in self.sessions.values():
             backend = session.backend
             if backend is not None and bool(backend.health) != session.keepalive_unhealthy:

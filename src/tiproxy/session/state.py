@@ -212,6 +212,13 @@ class SessionState:
         return (" and ".join(made) + " made where the proxy cannot see (a stored procedure, "
                 "function or trigger, or a statement that failed): reset the connection to move")
 
+    def pinned(self) -> bool:
+        """bool(pins()), without building the reasons for the usual session that has none."""
+        if self.temp_tables or self.named_locks or self.table_locks or self.handlers \
+                or self.no_credential or self.opaque or self.hidden or self.opaque_prepared:
+            return True
+        return bool(self.stmts) and bool(self.pins())
+
     def pins(self) -> list[str]:
         """Why this session cannot move now, besides the server status (transaction, cursor)."""
         reasons = []

@@ -75,6 +75,7 @@ class _Worker:
     link: m.Link | None = None
     reader: asyncio.Task[None] | None = None  # link.run(), kept so that it is not collected
     stats: m.Stats | None = None
+    movable: Counter[str] = dataclasses.field(default_factory=Counter)  # as last asked
     sent: m.Table | None = None
 
     @property
@@ -305,14 +306,18 @@ class Workers:
         for worker in self._workers:  # at once, not at the next push
             self._send_table(worker)
 
-    def movable(self) -> Counter[str]:
+    async def movable(self, sources: set[str]) -> Counter[str]:
+        """Every worker's movable sessions on `sources`, asked now (kept for carry_out)."""
         self._recount()
-        return sum((Counter(w.stats.movable) for w in self._workers
-                    if w.stats is not None and w.live), Counter())
+        for worker in self._workers:
+            worker.movable = Counter()
+        for worker, counts in await self._ask_all("movable", sources):
+            worker.movable = Counter(counts or {})
+        return sum((w.movable for w in self._workers), Counter())
 
     def carry_out(self, orders: Sequence[MoveOrder]) -> None:
         """Each order is split over the workers by how many movable sessions each has there."""
-        movable = [Counter(w.stats.movable if w.stats and w.live else {}) for w in self._workers]
+        movable = [Counter(w.movable) for w in self._workers]
         shares: list[list[MoveOrder]] = [[] for _ in self._workers]
         for order in orders:
             left = order.count
@@ -328,9 +333,10 @@ class Workers:
 
     # -- what the API sees ------------------------------------------------------------------------
 
-    async def _ask_all(self, what: str) -> list[tuple[_Worker, Any]]:
+    async def _ask_all(self, what: str, arg: Any = None) -> list[tuple[_Worker, Any]]:
         live = [w for w in self._workers if w.live and w.link is not None]
-        answers = await asyncio.gather(*(w.link.ask(what) for w in live if w.link is not None),
+        answers = await asyncio.gather(*(w.link.ask(what, arg) for w in live
+                                         if w.link is not None),
                                        return_exceptions=True)
         return [(w, a) for w, a in zip(live, answers, strict=True)
                 if not isinstance(a, BaseException)]

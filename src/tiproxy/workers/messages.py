@@ -6,12 +6,14 @@ ends are this program, started by the control process; nothing else can reach th
 Control to worker: Setup first, then Table whenever what a worker routes by changes, Config on a
 reload, Credentials when the stored hashes change, TLSChanged when a context was rebuilt, Moves
 from the rebalancer, Shutdown.
-Worker to control: Stats once a second (counters, movable sessions), and the events the control
-plane acts on: Failed, Succeeded, Doubt, SyncNow, LastingProblem, LogLine.
+Worker to control: Stats once a second (counters), and the events the control plane acts on:
+Failed, Succeeded, Doubt, SyncNow, LastingProblem, LogLine.
 Session counts do not travel as messages: they are in shared memory (workers/shared.py), so
 least-connections balancing and `max-connections` hold across workers at every login.
-Either side may `ask` the other (Request/Reply): the control process asks for a worker's
-sessions, to redirect them, or for a KILL target; a worker asks it to find a KILL target.
+Either side may `ask` the other (Request/Reply): the control process asks a worker for its
+sessions, its counters now, its movable sessions on the backends a rebalancing round would take
+from, to redirect its sessions, or for a KILL target; a worker asks the control process to find
+a KILL target in another worker, or for the greeting to give clients when it knows none.
 """
 
 from __future__ import annotations
@@ -113,7 +115,6 @@ class Shutdown:
 class Stats:
     """Totals since the worker started (the control process adds them up)."""
 
-    movable: Mapping[str, int]  # backend addr -> sessions the rebalancer may move now
     migrations: Mapping[tuple[str, str, str, str], int]
     duration_counts: tuple[int, ...]
     duration_total: float
@@ -164,7 +165,7 @@ class LogLine:
 @dataclass(frozen=True)
 class Request:
     id: int
-    what: str  # "sessions", "redirect", "kill_target"
+    what: str  # "sessions", "stats", "movable", "redirect", "kill_target", "template"
     arg: Any = None
 
 

@@ -204,6 +204,8 @@ class WorkerServer(ProxyServer):
             return self.local_session_views()
         if what == "stats":
             return self._stats()
+        if what == "movable":
+            return dict(self.movable_now(arg))
         if what == "redirect":
             return self.redirect_local()
         if what == "kill_target":
@@ -225,7 +227,6 @@ class WorkerServer(ProxyServer):
 
     def _stats(self) -> m.Stats:
         return m.Stats(
-            movable=dict(self.movable()),
             migrations=dict(self._migrations),
             duration_counts=tuple(self._durations.counts),
             duration_total=self._durations.total,
