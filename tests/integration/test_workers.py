@@ -160,6 +160,7 @@ def test_kill_finds_the_session_on_another_worker(
             cur.execute(f"KILL QUERY {victim.thread_id()}")
         assert done.wait(10), "KILL QUERY did not reach the session on the other worker"
         t.join()
+        assert errors == [1317]  # Query execution was interrupted
         with victim.cursor() as cur:  # KILL QUERY leaves the session alive
             cur.execute("SELECT 'alive'")
             assert cur.fetchall() == (("alive",),)

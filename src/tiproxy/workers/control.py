@@ -241,10 +241,7 @@ class Workers:
         owner = self._workers[(session_id - 1) % self.count]
         if not owner.live or owner.link is None:
             return None
-        try:
-            target: KillTarget | None = await owner.link.ask("kill_target", session_id)
-        except (TimeoutError, ConnectionError):
-            return None
+        target: KillTarget | None = await owner.link.ask_or_none("kill_target", session_id)
         return target
 
     def _slot(self, addr: str) -> int:

@@ -214,6 +214,14 @@ class Link:
     async def open(self) -> None:
         self._reader, self._writer = await asyncio.open_unix_connection(sock=self.sock)
 
+    async def ask_or_none(self, what: str, arg: Any = None,
+                          timeout: float = ASK_TIMEOUT) -> Any:
+        """ask(), or None when the other end does not answer in time or is gone."""
+        try:
+            return await self.ask(what, arg, timeout)
+        except (TimeoutError, ConnectionError):
+            return None
+
     async def run(self) -> None:
         if self._reader is None:
             await self.open()

@@ -153,10 +153,7 @@ class LinkedControl:
 
     async def probe_template(self) -> None:
         """No greeting known yet: the control process probes once for every worker."""
-        try:
-            template = await self._link.ask("template", timeout=CONNECT_TIMEOUT + 1)
-        except (TimeoutError, ConnectionError):
-            return
+        template = await self._link.ask_or_none("template", timeout=CONNECT_TIMEOUT + 1)
         if template is not None and self._router.template is None:
             self._router.template = template
 
@@ -250,10 +247,7 @@ class WorkerServer(ProxyServer):
         return (session_id - 1) % self.count != self.index
 
     async def find_kill_target(self, session_id: int) -> KillTarget | None:
-        try:
-            target: KillTarget | None = await self.link.ask("kill_target", session_id)
-        except (TimeoutError, ConnectionError):
-            return None
+        target: KillTarget | None = await self.link.ask_or_none("kill_target", session_id)
         return target
 
     def session_opened(self, session: Any) -> None:
