@@ -118,6 +118,7 @@ class Workers:
         self.errors: Counter[str] = Counter()
         self.counts = SharedCounts(count)
         self._slots: dict[str, int] = {}  # backend addr -> its column in self.counts
+        self._table: m.Table | None = None  # the last table built
         cluster.on_credentials = lambda: self._broadcast(
             m.Credentials(cluster.credentials.snapshot()))
         cluster.tls.changed = lambda: self._broadcast(m.TLSChanged(cluster.tls.materials()))
@@ -155,7 +156,7 @@ class Workers:
         link.send(m.Setup(cluster.config, worker.index, self.count, worker.incarnation,
                           cluster.tls.materials(), logging.getLogger().level))
         link.send(m.Credentials(cluster.credentials.snapshot()))
-        self._send_table(worker)
+        self._send_tables(only=worker)
         worker.reader = asyncio.get_running_loop().create_task(link.run())
 
     async def _supervise(self, worker: _Worker) -> None:
@@ -270,13 +271,10 @@ class Workers:
             await asyncio.sleep(PUSH_INTERVAL)
             self._recount()
             self.cluster.router.forget_empty()
-            for worker in self._workers:
-                if worker.live:
-                    self._send_table(worker)
+            self._send_tables()
 
-    def _send_table(self, worker: _Worker) -> None:
-        if worker.link is None:
-            return
+    def _send_tables(self, only: _Worker | None = None) -> None:
+        """The table, built once, to every worker (or `only`) whose last one differs."""
         router = self.cluster.router
         table = m.Table(
             tuple(m.BackendState(
@@ -287,9 +285,13 @@ class Workers:
             ) for b in router.backends.values()),
             router.template,
         )
-        if table != worker.sent:
-            worker.link.send(table)
-            worker.sent = table
+        if table == self._table:
+            table = self._table  # unchanged: the workers that have it are known by identity
+        self._table = table
+        for worker in self._workers if only is None else [only]:
+            if worker.live and worker.link is not None and worker.sent is not table:
+                worker.link.send(table)
+                worker.sent = table
 
     def _broadcast(self, message: object) -> None:
         for worker in self._workers:
@@ -300,8 +302,7 @@ class Workers:
         self._broadcast(m.ConfigChanged(cfg))
 
     def drained(self, addr: str, drain: bool) -> None:
-        for worker in self._workers:  # at once, not at the next push
-            self._send_table(worker)
+        self._send_tables()  # at once, not at the next push
 
     async def movable(self, sources: set[str]) -> Counter[str]:
         """Every worker's movable sessions on `sources`, asked now (kept for carry_out)."""
