@@ -1,7 +1,7 @@
-"""What the API and metrics may see of the data plane: one read-only view, nothing else.
+"""What the API and metrics may see of the proxy: one read-only view, nothing else.
 
-The control plane depends on this protocol only, so the data plane can later move into worker
-processes (the view then sums what the workers report) without the API changing.
+The API depends on this protocol only; control/proxy.py's Proxy implements it over the Cluster
+and whoever holds the sessions (this process, or the workers, whose counts it then sums).
 """
 
 from __future__ import annotations

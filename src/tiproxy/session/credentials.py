@@ -2,7 +2,7 @@
 
 Sources: `[security] users-file` (lines `user *HEX`, as `SELECT User, authentication_string
 FROM mysql.user` gives them; `#` starts a comment) and the backends themselves, read by the
-account `[security] auth-sync-user` (see control/auth_sync.py). A user may have several hashes
+account `[security] auth-sync-user` (see control/cluster.py). A user may have several hashes
 (one account per host pattern); the one that verifies wins.
 """
 
