@@ -34,7 +34,9 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
 
     SIGHUP reloads the config file (TiProxy watches its file; a signal is the Unix way): a bad
     file, or one that changes a key the running proxy cannot change, is refused with the key
-    and the reason, and the running config stays.
+    and the reason, and the running config stays. The signals are handled from before the
+    ports open (a signal's default action would end the process): a SIGHUP that comes while the
+    proxy starts is carried out once it has started, a SIGTERM shuts it down then.
     """
     from tiproxy.api.server import start_api  # noqa: PLC0415
     from tiproxy.control.cluster import Cluster  # noqa: PLC0415
@@ -46,15 +48,18 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
     workers = worker_count(cfg)
     holder: SessionHolder = Workers(cluster, workers) if workers > 1 else ProxyServer.of(cluster)
     server = Proxy(cluster, holder)
-    await server.start()
-    api = await start_api(server, cfg.api.addr, cluster.tls)
-    log.info("API listening on port %d", api.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if config_path is not None:
-        loop.add_signal_handler(signal.SIGHUP, _SignalReload(server, config_path).schedule)
+    reload = _SignalReload(server, config_path) if config_path is not None else None
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload.schedule)
+    await server.start()
+    api = await start_api(server, cfg.api.addr, cluster.tls)
+    log.info("API listening on port %d", api.port)
+    if reload is not None:
+        reload.started.set()
     await stop.wait()
     log.info("shutting down")
     server.begin_shutdown()
@@ -74,6 +79,7 @@ class _SignalReload:
         self._path = path
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()  # kept, or the loop may drop them
+        self.started = asyncio.Event()  # reloads wait until the proxy has started
 
     def schedule(self) -> None:
         task = asyncio.get_running_loop().create_task(self._reload())
@@ -81,6 +87,7 @@ class _SignalReload:
         task.add_done_callback(self._tasks.discard)
 
     async def _reload(self) -> None:
+        await self.started.wait()
         async with self._lock:
             try:
                 cfg = await _read_config(self._path)
@@ -112,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="TOML config file (TiProxy's keys)")
     parser.add_argument("--version", action="version", version=f"tiproxy {__version__}")
     ns = parser.parse_args(args)
+    # Until the event loop handles it (serve), a SIGHUP must not end the process: the file is
+    # read after this point anyway.
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: None)  # SIG_IGN would pass to children
     try:
         cfg = load_config(ns.config)
         check_config_files(cfg)  # before the loop runs, so reading them blocks nothing

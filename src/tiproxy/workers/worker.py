@@ -328,7 +328,10 @@ async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.so
 
 
 def main(argv: list[str]) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C: the control process decides
+    # A terminal's ^C or hang-up reaches the whole process group: the control process decides
+    # (it shuts the workers down, or reloads and tells them).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     channel = socket.socket(fileno=int(argv[0]))
     listening = [socket.socket(fileno=int(fd)) for fd in argv[2:]]
     install_event_loop()
