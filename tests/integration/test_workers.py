@@ -117,13 +117,10 @@ def test_max_connections_is_global(backends: list[MariaDBServer],
         time.sleep(0.05)
         held.append(proxy.connect())
     assert len({_worker_of(c) for c in held}) == 2
-    refused = 0
     for _ in range(6):  # whichever worker the kernel hands each one to
         with pytest.raises(pymysql.err.OperationalError) as info:
             proxy.connect()
         assert info.value.args[0] == 1040
-        refused += 1
-    assert refused == 6
     held.pop().close()
     time.sleep(0.3)
     proxy.connect().close()  # room again, on either worker

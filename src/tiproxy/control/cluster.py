@@ -22,11 +22,11 @@ import logging
 import ssl
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tiproxy.api.interface import BackendView
-from tiproxy.balance.balancer import MoveOrder, Rebalancer
+from tiproxy.balance.balancer import Rebalancer
 from tiproxy.balance.health import HealthChecker
 from tiproxy.balance.router import LASTING_RETRY, Backend, Router
 from tiproxy.client.admin import AdminConnection
@@ -172,11 +172,6 @@ class Cluster:
             if greeting is not None:
                 self.router.succeeded(backend, greeting)
                 return
-
-    # -- balancing --------------------------------------------------------------------------------
-
-    def plan_moves(self, movable: Mapping[str, int]) -> list[MoveOrder]:
-        return self.rebalancer.plan(movable)
 
     # -- credentials ------------------------------------------------------------------------------
 

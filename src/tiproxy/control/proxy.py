@@ -71,10 +71,11 @@ class Proxy:
     async def _rebalance(self) -> None:
         while True:
             await asyncio.sleep(INTERVAL)
-            sources = self.cluster.rebalancer.sources()
+            rebalancer = self.cluster.rebalancer
+            sources = rebalancer.sources()
             if not sources:
                 continue  # balanced: no session needs to be looked at
-            orders = self.cluster.plan_moves(await self.holder.movable(sources))
+            orders = rebalancer.plan(await self.holder.movable(sources))
             if orders:
                 self.holder.carry_out(orders)
 
