@@ -1,4 +1,5 @@
-"""The proxy's own short connections to a backend, as the account `[security] auth-sync-user`.
+"""The proxy's own short connections to a backend: as the account `[security] auth-sync-user`,
+or as a client's user with the credential the proxy recovered at its login.
 
 Not on the data path: one connection per use, text protocol only, results read whole. Used for
 what no client connection can carry: a KILL aimed at a session on another backend, reading the
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 
 from tiproxy.client.channel import Row, query, sql_error
 from tiproxy.client.leg import BackendLeg
-from tiproxy.protocol.auth import NATIVE_PLUGIN, native_password_scramble
+from tiproxy.protocol.auth import NATIVE_PLUGIN, native_answer, native_password_scramble
 from tiproxy.protocol.constants import Capability
 from tiproxy.protocol.errors import Origin, ProtocolError, SQLError
 from tiproxy.protocol.packets import (
@@ -43,14 +45,24 @@ class AdminConnection:
     @classmethod
     async def open(cls, host: str, port: int, user: str, password: str, *,
                    tls: ssl.SSLContext | None = None, require_tls: bool = False,
-                   ) -> AdminConnection:
+                   stage1: bytes | None = None) -> AdminConnection:
         """Log in; over TLS when `tls` is given and the backend offers it (always, with
-        `require_tls`: `[security] require-backend-tls`)."""
+        `require_tls`: `[security] require-backend-tls`). With `stage1` (SHA1(password), a
+        session's reusable credential; empty: no password) `password` is not used."""
+        if stage1 is not None:
+            known = stage1
+
+            def answer(salt: bytes) -> bytes:
+                return native_answer(known, salt)
+        else:
+            secret = password.encode()
+
+            def answer(salt: bytes) -> bytes:
+                return native_password_scramble(secret, salt)
         leg = await BackendLeg.open(host, port, TIMEOUT)
         try:
             caps, greeting = await asyncio.wait_for(
-                _login(leg, host, user, password.encode(), tls=tls, require_tls=require_tls),
-                TIMEOUT)
+                _login(leg, host, user, answer, tls=tls, require_tls=require_tls), TIMEOUT)
         except BaseException:
             leg.abort()
             raise
@@ -64,7 +76,7 @@ class AdminConnection:
         self._leg.close()
 
 
-async def _login(leg: BackendLeg, host: str, user: str, password: bytes, *,
+async def _login(leg: BackendLeg, host: str, user: str, answer: Callable[[bytes], bytes], *,
                  tls: ssl.SSLContext | None, require_tls: bool) -> tuple[int, Greeting]:
     """Log in; (the capabilities used, the server's greeting)."""
     _, payload = await leg.read_packet()
@@ -85,7 +97,7 @@ async def _login(leg: BackendLeg, host: str, user: str, password: bytes, *,
         max_packet=1 << 24,
         charset=greeting.charset or 45,
         user=user.encode(),
-        auth_data=native_password_scramble(password, greeting.salt) if native else b"",
+        auth_data=answer(greeting.salt) if native else b"",
         auth_plugin=NATIVE_PLUGIN,
     )
     seq = await leg.ssl_request(response, tls, host) if tls is not None and use_tls else 1
@@ -101,5 +113,6 @@ async def _login(leg: BackendLeg, host: str, user: str, password: bytes, *,
         switch = parse_auth_switch(payload)
         if switch.plugin != NATIVE_PLUGIN:
             raise SQLError(1251, "08004",
-                           f"auth-sync-user must use {NATIVE_PLUGIN}, not {switch.plugin}")
-        leg.write(frame(native_password_scramble(password, switch.data), seq + 1))
+                           f"the proxy logs in as {user} with {NATIVE_PLUGIN}; the server "
+                           f"asks for {switch.plugin}")
+        leg.write(frame(answer(switch.data), seq + 1))

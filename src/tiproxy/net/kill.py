@@ -1,9 +1,16 @@
 """KILL and KILL QUERY through the proxy: the client names sessions by the proxy's ids.
 
-A target on the killer's own backend gets the statement rewritten to its backend id and sent on
-the killer's connection, so the backend checks privileges as usual. A target on another backend
-is killed with the proxy's own account there (`[security] auth-sync-user`), which the proxy
-allows only to the target's own user (MySQL lets every user kill their own sessions).
+The statement runs with the killer's rights wherever the target is, so the server decides as it
+would directly (a user kills their own sessions; CONNECTION ADMIN or SUPER kills anyone's):
+- a target on the killer's own backend: the statement, rewritten to the target's backend id,
+  runs on the killer's own connection;
+- a target on another backend: the proxy logs in there as the killer's user, with the reusable
+  credential it recovered at the killer's login, and runs it. A killer without one (an
+  authentication plugin the proxy cannot reuse, a TiDB session token) falls back on the proxy's
+  account, `[security] auth-sync-user`, which the proxy then lets kill only the killer's own
+  user's sessions (every user may kill those).
+The server's errors come back as they are, with the backend's thread id in their text turned
+into the proxy id the client named.
 """
 
 from __future__ import annotations
@@ -17,11 +24,10 @@ from tiproxy.balance.router import split_addr
 from tiproxy.client.admin import AdminConnection
 from tiproxy.client.channel import query
 from tiproxy.client.leg import BackendLeg
-from tiproxy.protocol.constants import ER_NO_SUCH_THREAD, Capability, Command, ServerStatus
+from tiproxy.protocol.constants import ER_NO_SUCH_THREAD, Capability, ServerStatus
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import build_ok, frame
-from tiproxy.protocol.tracker import Expect
-from tiproxy.session.commands import KillExpression, build_process_kill, split_kill_expression
+from tiproxy.session.commands import KillExpression, split_kill_expression
 
 if TYPE_CHECKING:
     from tiproxy.net.relay import Session
@@ -66,69 +72,95 @@ def handle_kill(session: Session, target_id: int, query_only: bool, prefix: byte
 
 def _kill(session: Session, target_id: int, target: KillTarget | None, query_only: bool,
           prefix: bytes | None) -> None:
-    tracker = session.tracker
-    leg = session.backend_leg
     if target is None:
         session.reply_error(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {target_id}")
         return
-    if tracker is None or leg is None or session.backend is None:
-        return
-    if target.backend_addr != session.backend.addr:
-        _kill_elsewhere(session, target, query_only)
+    if session.tracker is None or session.backend_leg is None or session.backend is None:
         return
     if prefix is None:
-        packet = frame(build_process_kill(target.backend_connection_id), 0)
-        kind, cmd = Expect.SINGLE, Command.PROCESS_KILL
+        prefix = b"KILL QUERY " if query_only else b"KILL CONNECTION "
+    sql = prefix.decode("ascii", "replace") + str(target.backend_connection_id)
+    if target.backend_addr != session.backend.addr:
+        _kill_elsewhere(session, target, sql)
+        return
+    log.info("session %d: %s (session %d)", session.id, sql, target.id)
+    session.hold_input("kill")
+    session.run_task(_kill_here(session, target, sql))
+
+
+async def _kill_here(session: Session, target: KillTarget, sql: str) -> None:
+    """On the killer's own connection, out of the hot path for one statement."""
+    leg = session.backend_leg
+    assert leg is not None
+    leg.detach()
+    try:
+        await query(leg, sql, bool(session.backend_caps & Capability.DEPRECATE_EOF))
+    except SQLError as e:
+        session.reply_error(e.code, e.sqlstate, _proxy_ids(e.message, target))
+        _reattached(session, leg)  # killing itself closes the connection: the error first
+    except (OSError, TimeoutError, ProtocolError) as e:
+        if _reattached(session, leg):
+            session.reply_error(ER_UNKNOWN_ERROR, "HY000",
+                                f"TiProxy: KILL failed: {str(e) or type(e).__name__}")
     else:
-        packet = frame(b"\x03" + prefix + str(target.backend_connection_id).encode(), 0)
-        kind, cmd = Expect.RESULT, Command.QUERY
-    log.info("session %d: KILL %s%d (backend id %d)", session.id,
-             "QUERY " if query_only else "", target_id, target.backend_connection_id)
-    leg.write(packet)
-    tracker.expect(kind, int(cmd))
+        if _reattached(session, leg):
+            _reply_ok(session)
+    session.release_input("kill")
 
 
-def _kill_elsewhere(session: Session, target: KillTarget, query_only: bool) -> None:
+def _kill_elsewhere(session: Session, target: KillTarget, sql: str) -> None:
     security = session.server.config().security
-    if target.user != session.user:
+    credential = session.credential if session.dialect != "tidb" else None
+    if credential is not None:
+        user, password = session.user, ""
+    elif target.user != session.user:
         session.reply_error(ER_KILL_DENIED, "HY000", f"You are not owner of thread {target.id}")
         return
-    if not security.auth_sync_user:
+    elif not security.auth_sync_user:
         session.reply_error(
             ER_UNKNOWN_ERROR, "HY000",
-            f"TiProxy: connection {target.id} is on another backend; KILL there needs "
-            "[security] auth-sync-user",
+            f"TiProxy: connection {target.id} is on another backend; KILL there needs the "
+            "killer's reusable credential or [security] auth-sync-user",
         )
         return
+    else:
+        user, password = security.auth_sync_user, security.auth_sync_password
     host, port = split_addr(target.backend_addr)
-    sql = f"KILL {'QUERY' if query_only else 'CONNECTION'} {target.backend_connection_id}"
-    log.info("session %d: %s (session %d) on %s", session.id, sql, target.id,
-             target.backend_addr)
+    log.info("session %d: %s (session %d) on %s as %s", session.id, sql, target.id,
+             target.backend_addr, "its own user" if credential is not None else "auth-sync-user")
     session.hold_input("kill")
 
     async def run() -> None:
         try:
-            conn = await AdminConnection.open(host, port,
-                                              security.auth_sync_user, security.auth_sync_password,
+            conn = await AdminConnection.open(host, port, user, password, stage1=credential,
                                               **session.server.tls.admin_options())
             try:
                 await conn.query(sql)
             finally:
                 conn.close()
         except SQLError as e:
-            session.reply_error(e.code, e.sqlstate, e.message)
+            session.reply_error(e.code, e.sqlstate, _proxy_ids(e.message, target))
         except (OSError, TimeoutError, ProtocolError) as e:
             why = str(e) or type(e).__name__
             session.reply_error(ER_UNKNOWN_ERROR, "HY000",
                                 f"TiProxy: KILL on the other backend failed: {why}")
         else:
-            assert session.tracker is not None
-            # The proxy's own OK carries no session state: the flag would promise some.
-            status = session.tracker.status & ~ServerStatus.SESSION_STATE_CHANGED
-            session.send_client(frame(build_ok(status), 1))
+            _reply_ok(session)
         session.release_input("kill")
 
     session.run_task(run())
+
+
+def _reply_ok(session: Session) -> None:
+    assert session.tracker is not None
+    # The proxy's own OK carries no session state: the flag would promise some.
+    status = session.tracker.status & ~ServerStatus.SESSION_STATE_CHANGED
+    session.send_client(frame(build_ok(status), 1))
+
+
+def _proxy_ids(message: str, target: KillTarget) -> str:
+    """The server's message names the backend's thread id; the client named the proxy's."""
+    return re.sub(rf"\b{target.backend_connection_id}\b", str(target.id), message)
 
 
 # The server's own parser judges a KILL <expression>: the statement is prepared (not run) on

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from tiproxy.client.channel import Row, query, read_prepare, send_prepare, sql_error
 from tiproxy.client.leg import BackendLeg
-from tiproxy.protocol.auth import NATIVE_PLUGIN, scramble_from_stage1
+from tiproxy.protocol.auth import NATIVE_PLUGIN, native_answer
 from tiproxy.protocol.constants import Capability, MariaDBCapability
 from tiproxy.protocol.errors import Origin, ProtocolError, SQLError
 from tiproxy.protocol.packets import (
@@ -247,11 +247,6 @@ def _check_unseen(session: Session, captured: mysql_dialect.CapturedState) -> No
         names = ", ".join(n.decode("utf-8", "replace") for n in captured.locks)
         raise HiddenStateError(f"named locks taken where the proxy cannot see (a stored "
                                f"program): {names}", recheck=True)
-
-
-def native_answer(stage1: bytes, salt: bytes) -> bytes:
-    """mysql_native_password's answer: empty for a user without a password."""
-    return scramble_from_stage1(stage1, salt) if stage1 else b""
 
 
 async def _capture_session_only(session: Session, leg: BackendLeg, deprecate_eof: bool,

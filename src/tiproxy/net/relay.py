@@ -21,13 +21,14 @@ to another backend is the SessionMoves part (net/moves.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 import time
 from collections import Counter
 from collections.abc import Coroutine, Sequence
 from contextlib import closing
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net.keepalive import apply_keepalive
@@ -63,6 +64,7 @@ from tiproxy.session.commands import (
     parse_process_kill,
     rewrite_change_user,
 )
+from tiproxy.session.connid import ResultRewriter, find_id_uses, might_name_ids, rewrite
 from tiproxy.session.login import (
     FORCE_SWITCH_PLUGIN,
     Action,
@@ -195,6 +197,9 @@ class Session(SessionMoves):
         self._ccont = False  # the last client packet was 16 MiB: the next one continues it
         self._held: set[str] = set()  # why client commands wait (earlier responses, a move)
         self._intercept: bytearray | None = None  # a response kept back to be rewritten
+        self._rewriter: ResultRewriter | None = None  # a response rewritten as it streams
+        # backend thread id -> proxy id on the backend named, for the statement that waits
+        self._id_map: tuple[str, dict[int, int]] | None = None
         self._pause_reasons: set[str] = set()
         self._decompress: Decompressor | None = None
         self._zseq = 0
@@ -212,14 +217,16 @@ class Session(SessionMoves):
         server.session_opened(self)  # keep-alive: inherited from the listening socket
         self.keepalive_unhealthy = False  # which backend keep-alive the backend socket has
         if server.over_capacity():
-            log.warning("session %d from %s refused: too many connections", self.id, self.peer)
-            err = build_err(ER_CON_COUNT_ERROR, "08004", "Too many connections")
-            self.send_client(frame(err, 0))
-            self.close("too many connections", quiet=True)
+            self._refuse_over_capacity()
             return
         loop = asyncio.get_running_loop()
         self._login_timer = loop.call_later(LOGIN_TIMEOUT, self._login_timed_out)
         self._task = loop.create_task(self._greet())
+
+    def _refuse_over_capacity(self) -> None:
+        log.warning("session %d from %s refused: too many connections", self.id, self.peer)
+        self.send_client(frame(build_err(ER_CON_COUNT_ERROR, "08004", "Too many connections"), 0))
+        self.close("too many connections", quiet=True)
 
     # -- login ------------------------------------------------------------------------------
 
@@ -584,9 +591,11 @@ class Session(SessionMoves):
                                 and (first not in STATE_FIRST_BYTES or (
                                     first in LETTERS
                                     and data[5:9].upper() not in STATE_PREFIXES))
-                                and b"_lock" not in data and b"_LOCK" not in data
-                                and b"_Lock" not in data and b"@" not in data
-                                and not (self._multi and b";" in data))
+                                and b"@" not in data and not (self._multi and b";" in data))
+                        if fast:  # named locks and connection ids, in any letter case
+                            low = data.lower()
+                            fast = (b"_lock" not in low and b"ection_id" not in low
+                                    and b"ocesslist" not in low)
                     elif cmd == _EXECUTE:
                         fast = not self.state.to_client and self._execute_is_plain(data)
                     else:
@@ -608,7 +617,8 @@ class Session(SessionMoves):
         flags, types = execute_types(packet, stmt.params)
         if types is not None:
             stmt.param_types = types
-        return not flags and not stmt.long_data and not stmt.cursor_open and stmt.effects is None
+        return not flags and not stmt.long_data and not stmt.cursor_open \
+            and stmt.effects is None and not stmt.renames
 
     def _drain_client(self) -> None:
         buf = self._cbuf
@@ -665,6 +675,11 @@ class Session(SessionMoves):
             handled = self._query_command(packet)
             if handled is not None:
                 return handled
+            ids = self._connection_ids(packet, prepare=False)
+            if ids is False:
+                return False
+            if ids is not None:
+                packet = ids
             # While LOCK TABLES holds, every statement is read: START TRANSACTION releases it.
             look = self.state.table_locks or may_change_state(packet[4:], True)
             fx = statement_effects(packet[5:]) if look else None
@@ -682,6 +697,8 @@ class Session(SessionMoves):
             handle_kill(self, parse_process_kill(packet[4:]), query_only=False, prefix=None)
             return True
         elif cmd in _STMT_COMMANDS:
+            if cmd == _EXECUTE and self._renamed_execute(packet) is False:
+                return False
             result = self._statement_command(packet, cmd)
             if result is None:
                 return True
@@ -689,13 +706,10 @@ class Session(SessionMoves):
             if cmd == _EXECUTE and length > 5 and packet[9] & _CURSOR_TYPES:
                 kind = Expect.CURSOR  # only a cursor asked for ends the response at the EOF
         elif cmd == Command.STMT_PREPARE:
-            if b"@" in packet:
-                self.state.note_user_vars(user_variable_names(packet[5:]))
-            if self.state.mapped:
-                if not tracker.idle:
-                    return False
-                self._intercept = bytearray()  # its PREPARE_OK gets the client's id
-            token = ("prepare", packet[5:])
+            prepare = self._prepare_command(packet)
+            if prepare is None:
+                return False
+            packet, token = prepare
         elif cmd == Command.CHANGE_USER:
             change = rewrite_change_user(packet[4:], self.client_caps, FORCE_SWITCH_PLUGIN)
             packet = frame(change.rewritten, 0)
@@ -709,6 +723,23 @@ class Session(SessionMoves):
         self._counts[_NAMES[cmd]] += 1
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
+
+    def _prepare_command(self, packet: bytes) -> tuple[bytes, tuple[Any, ...]] | None:
+        """COM_STMT_PREPARE: what to send and its token; None: wait."""
+        if b"@" in packet:
+            self.state.note_user_vars(user_variable_names(packet[5:]))
+        assert self.tracker is not None
+        if self.state.mapped and not self.tracker.idle:
+            return None
+        ids = self._connection_ids(packet, prepare=True)
+        if ids is False:
+            return None
+        if ids is not None:
+            packet = ids
+        if self.state.mapped:
+            self._intercept = bytearray()  # its PREPARE_OK gets the client's id
+        renames = self._rewriter.renames if self._rewriter is not None else ()
+        return packet, ("prepare", packet[5:], renames)
 
     def _executed_sql(self, packet: bytes, cmd: int) -> bytes | None:
         """The text of the prepared statement a COM_STMT_EXECUTE runs, if the proxy knows it."""
@@ -777,6 +808,71 @@ class Session(SessionMoves):
         assert self.bt is not None
         self.bt.write(packet)
 
+    def _connection_ids(self, packet: bytes, prepare: bool) -> bytes | Literal[False] | None:
+        """A statement that names connection ids, made to show the proxy's (session/connid.py):
+        the packet to send instead, None to send it as it is, False to wait (for the backend to
+        finish earlier responses, or for the other sessions' ids)."""
+        sql = packet[5:]
+        if not might_name_ids(sql.lower()):
+            return None
+        uses = find_id_uses(sql)
+        backend = self.backend
+        tracker = self.tracker
+        if uses is None or backend is None or tracker is None:
+            return None
+        if prepare:  # executed later: other sessions' ids then are not known now
+            uses = dataclasses.replace(uses, lock_calls=(), processlist=False,
+                                       show_processlist=False)
+        if not tracker.idle:
+            return False  # the rewritten response must be the first one that comes back
+        ids: dict[int, int] | None = None
+        if uses.needs_holders:
+            known, self._id_map = self._id_map, None
+            if known is None or known[0] != backend.addr:
+                self._look_up_ids(backend.addr, locks_only=not uses.processlist)
+                return False
+            ids = known[1]
+        out = rewrite(sql, uses, self.id, ids)
+        if out.renames or (uses.processlist and ids):
+            self._rewriter = ResultRewriter(
+                out.renames, ids if uses.processlist else None,
+                show_processlist=uses.show_processlist, binary=prepare, prepare=prepare,
+                deprecate_eof=bool(self.backend_caps & Capability.DEPRECATE_EOF))
+        return frame(packet[4:5] + out.sql, 0) if out.sql != sql else None
+
+    def _look_up_ids(self, addr: str, locks_only: bool) -> None:
+        self.hold_input("ids")
+
+        async def look_up() -> None:
+            self._id_map = (addr, await self.server.backend_ids(addr, locks_only))
+            self.release_input("ids")
+
+        self.run_task(look_up())
+
+    def _renamed_execute(self, packet: bytes) -> Literal[False] | None:
+        """An execute whose statement's column names come back rewritten; False: wait until
+        the backend finished earlier responses."""
+        stmt = self.state.stmts.get(packet_stmt_id(packet))
+        if stmt is None or not stmt.renames:
+            return None
+        assert self.tracker is not None
+        if not self.tracker.idle:
+            return False
+        self._rewriter = ResultRewriter(
+            stmt.renames, None, show_processlist=False, binary=True, prepare=False,
+            deprecate_eof=bool(self.backend_caps & Capability.DEPRECATE_EOF))
+        return None
+
+    def _to_client(self, data: bytes) -> None:
+        """Backend bytes through the response rewriter, while there is one."""
+        rewriter = self._rewriter
+        if rewriter is not None:
+            data = rewriter.feed(data)
+            if rewriter.done:
+                self._rewriter = None
+        if data:
+            self.send_client(data)
+
     def run_task(self, coro: Coroutine[Any, Any, None]) -> None:
         """The session's one task of the moment (a KILL's lookup or statement); cancelled
         when the session closes."""
@@ -794,6 +890,8 @@ class Session(SessionMoves):
         assert tracker is not None
         if self._intercept is not None:
             self._intercept += data
+        elif self._rewriter is not None:
+            self._to_client(data)
         elif self._decompress is None:
             self.client.write(data)
         else:
@@ -834,7 +932,7 @@ class Session(SessionMoves):
             if not failed:
                 state.apply(token[1])
         elif kind == "prepare":
-            self._prepared(token[1], failed)
+            self._prepared(token[1], token[2], failed)
         elif kind == "execute":
             stmt = state.stmts.get(token[1])
             if stmt is not None:
@@ -852,18 +950,20 @@ class Session(SessionMoves):
         elif kind == "change_user":
             self._user_changed(token[1], failed)
 
-    def _prepared(self, sql: bytes, failed: bool) -> None:
+    def _prepared(self, sql: bytes, renames: tuple[tuple[bytes, bytes], ...],
+                  failed: bool) -> None:
         assert self.tracker is not None
         prepared = self.tracker.prepared
         client_id = None
         if not failed and prepared is not None:
             backend_id, columns, params = prepared
             client_id = self.state.prepared(backend_id, sql, columns, params)
+            self.state.stmts[client_id].renames = renames
         held, self._intercept = self._intercept, None
         if held is not None:
             if client_id is not None and len(held) >= 9:
                 held[5:9] = U32.pack(client_id)  # PREPARE_OK's statement id, first packet
-            self.send_client(bytes(held))
+            self._to_client(bytes(held))
 
     def _user_changed(self, user: str, failed: bool) -> None:
         if failed:

@@ -195,6 +195,16 @@ class ProxyServer:
     async def find_kill_target(self, session_id: int) -> KillTarget | None:
         return None
 
+    async def backend_ids(self, addr: str, locks_only: bool) -> dict[int, int]:
+        """Backend thread id -> proxy id of the sessions on `addr` (those holding named locks
+        only, if asked), in every worker: what SQL's connection ids are translated with."""
+        return self.local_backend_ids(addr, locks_only)
+
+    def local_backend_ids(self, addr: str, locks_only: bool) -> dict[int, int]:
+        return {s.backend_connection_id: s.id for s in self.sessions.values()
+                if s.backend is not None and s.backend.addr == addr and s.backend_connection_id
+                and (not locks_only or s.state.named_locks)}
+
     def over_capacity(self) -> bool:
         limit = self._config.proxy.max_connections
         return bool(limit) and len(self.sessions) > limit

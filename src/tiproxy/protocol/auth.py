@@ -57,3 +57,9 @@ def scramble_from_stage1(stage1: bytes, salt: bytes) -> bytes:
     """The mysql_native_password answer to `salt`, knowing SHA1(password)."""
     mix = _sha1(salt[:20] + _sha1(stage1))
     return bytes(a ^ b for a, b in zip(stage1, mix, strict=True))
+
+
+def native_answer(stage1: bytes, salt: bytes) -> bytes:
+    """mysql_native_password's answer from a reusable credential: empty for a user without a
+    password (whose credential is empty)."""
+    return scramble_from_stage1(stage1, salt) if stage1 else b""

@@ -161,10 +161,6 @@ def parse_process_kill(payload: bytes) -> int:
     return int(U32.unpack_from(payload, 1)[0])
 
 
-def build_process_kill(connection_id: int) -> bytes:
-    return bytes((Command.PROCESS_KILL,)) + U32.pack(connection_id & 0xFFFFFFFF)
-
-
 @dataclass(frozen=True)
 class ChangeUser:
     user: bytes

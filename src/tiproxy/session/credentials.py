@@ -35,7 +35,9 @@ class CredentialStore:
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue
-            user, _, auth = line.replace(":", " ", 1).rpartition(" ")
+            # "user *HEX", "user:*HEX" or the mariadb CLI's tab-separated output
+            fields = line.replace(":", " ", 1).rsplit(None, 1)
+            user, auth = fields if len(fields) == 2 else ("", "")
             parsed = parse_native_hash(auth)
             if not user.strip() or parsed is None:
                 raise UsersFileError(f"{origin}:{number}: expected `user *HEX41`")

@@ -34,6 +34,8 @@ class PreparedStatement:
     long_data: bool = False  # COM_STMT_SEND_LONG_DATA since the last execute or reset
     cursor_open: bool = False
     types_sent: bool = True  # the current backend has seen param_types (False after a move)
+    # Column names its results get back: its text had CONNECTION_ID() rewritten (connid.py)
+    renames: tuple[tuple[bytes, bytes], ...] = ()
 
 
 @dataclass

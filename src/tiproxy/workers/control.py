@@ -232,6 +232,11 @@ class Workers:
     async def _answer(self, what: str, arg: Any) -> Any:
         if what == "kill_target":
             return await self._find_kill_target(int(arg))
+        if what == "backend_ids":
+            ids: dict[int, int] = {}
+            for _, part in await self._ask_all("backend_ids", arg):
+                ids.update(part)
+            return ids
         if what == "template":
             if self.cluster.router.template is None:
                 await self.cluster.probe_template()

@@ -165,7 +165,8 @@ class LogLine:
 @dataclass(frozen=True)
 class Request:
     id: int
-    what: str  # "sessions", "stats", "movable", "redirect", "kill_target", "template"
+    # "sessions", "stats", "movable", "redirect", "kill_target", "backend_ids", "template"
+    what: str
     arg: Any = None
 
 

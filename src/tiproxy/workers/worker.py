@@ -207,6 +207,8 @@ class WorkerServer(ProxyServer):
             return self.redirect_local()
         if what == "kill_target":
             return self._local_kill_target(arg)
+        if what == "backend_ids":
+            return self.local_backend_ids(*arg)
         raise ValueError(what)
 
     def _local_kill_target(self, session_id: int) -> KillTarget | None:
@@ -249,6 +251,11 @@ class WorkerServer(ProxyServer):
     async def find_kill_target(self, session_id: int) -> KillTarget | None:
         target: KillTarget | None = await self.link.ask_or_none("kill_target", session_id)
         return target
+
+    async def backend_ids(self, addr: str, locks_only: bool) -> dict[int, int]:
+        ids: dict[int, int] | None = await self.link.ask_or_none("backend_ids",
+                                                                 (addr, locks_only))
+        return ids if ids is not None else self.local_backend_ids(addr, locks_only)
 
     def session_opened(self, session: Any) -> None:
         super().session_opened(session)
