@@ -1,10 +1,7 @@
 """The API's write routes seen from another host: a network namespace joined to this one by a
-veth pair, so that requests come from a real non-loopback peer. Also: SIGHUP and start refuse a
-config that changes an offline key or names a file the proxy cannot read.
-
-Needs root (ip netns, ip link). The addresses are on the test's own veth pair only (10.199.37.0/30):
-nothing is routed off the machine, and the fixture removes the namespace and the pair afterwards,
-pass or fail, after first removing any left over by an earlier run.
+veth pair (support/netns.py, 10.199.37.0/30), so that requests come from a real non-loopback
+peer. Also: SIGHUP and start refuse a config that changes an offline key or names a file the
+proxy cannot read.
 """
 
 from __future__ import annotations
@@ -22,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from support.netns import VethNamespace, veth_namespace
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.api.auth import NEED_CREDENTIAL, WRONG_TOKEN
 from tiproxy.playground.mariadb import MariaDBServer
@@ -48,33 +46,11 @@ print(json.dumps({"status": status, "body": data.decode("utf-8", "replace")}))
 """
 
 
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
-
-
-def _remove_netns() -> None:
-    _ip("link", "del", VETH_ROOT, check=False)  # takes its peer with it
-    _ip("netns", "del", NETNS, check=False)  # and the peer, had it been moved there
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
     """A namespace NETNS whose VETH_NS (NS_IP) faces VETH_ROOT (ROOT_IP) in this one."""
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root: it creates a network namespace", pytrace=False)
-    _remove_netns()
-    try:
-        _ip("netns", "add", NETNS)
-        _ip("link", "add", VETH_ROOT, "type", "veth", "peer", "name", VETH_NS)
-        _ip("link", "set", VETH_NS, "netns", NETNS)
-        _ip("addr", "add", f"{ROOT_IP}/30", "dev", VETH_ROOT)
-        _ip("link", "set", VETH_ROOT, "up")
-        _ip("-n", NETNS, "addr", "add", f"{NS_IP}/30", "dev", VETH_NS)
-        _ip("-n", NETNS, "link", "set", VETH_NS, "up")
-        _ip("-n", NETNS, "link", "set", "lo", "up")
-        yield NETNS
-    finally:
-        _remove_netns()
+    with veth_namespace(VethNamespace(NETNS, VETH_ROOT, VETH_NS, ROOT_IP, NS_IP)) as ns:
+        yield ns.name
 
 
 def _from_netns(method: str, url: str, token: str = "", body: str = "") -> tuple[int, str]:

@@ -264,10 +264,10 @@ def test_ids_stay_the_same_when_the_session_moves(idproxy: ProxyProcess) -> None
             cid, port = cur.fetchone()
             cur.execute("SHOW PROCESSLIST")
             shown = [r[0] for r in cur.fetchall() if r[7] == "SHOW PROCESSLIST"]
-            cur.execute("SELECT ID FROM information_schema.PROCESSLIST "
+            cur.execute("SELECT ID, CONNECTION_ID() FROM information_schema.PROCESSLIST "
                         "WHERE ID = CONNECTION_ID()")
             own = cur.fetchall()
-        assert len(shown) == 1 and len(own) == 1
+        assert len(shown) == 1 and len(own) == 1 and own[0][0] == own[0][1], own
         return cid, shown[0], own[0][0], port
 
     cid, shown, own, port = seen()

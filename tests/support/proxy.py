@@ -26,15 +26,17 @@ WORKERS = int(os.environ.get("TIPROXY_TEST_WORKERS", "1"))
 class ProxyProcess:
     """One proxy on free ports with a log file; stop() is safe to call twice.
 
-    `api_host` is where the API listens (127.0.0.1 unless a test needs another interface);
-    `api_token_file` becomes `[api] auth-token-file`, and `api()` sends `api_token`, if given,
+    `api_host` is where the API listens and `sql_host` the SQL port (127.0.0.1 unless a test
+    needs another interface; connect() uses 127.0.0.1 for "0.0.0.0"); `api_token_file` becomes `[api] auth-token-file`, and `api()` sends `api_token`, if given,
     as the bearer token.
     """
 
     def __init__(self, workdir: Path, backend_addrs: Sequence[str], extra_toml: str = "", *,
                  api_host: str = "127.0.0.1", api_token_file: Path | None = None,
-                 api_token: str | None = None) -> None:
+                 api_token: str | None = None, sql_host: str = "127.0.0.1") -> None:
         self.workdir = workdir
+        self.sql_host = sql_host
+        self.local_host = "127.0.0.1" if sql_host == "0.0.0.0" else sql_host
         self.port = free_port()
         self.api_host = api_host
         self.api_port = free_port()
@@ -49,7 +51,7 @@ class ProxyProcess:
             proxy_extra += f"\nworkers = {WORKERS}"
         self.config_path.write_text(
             "[proxy]\n"
-            f'addr = "127.0.0.1:{self.port}"\n'
+            f'addr = "{sql_host}:{self.port}"\n'
             f"backend-addrs = [{addrs}]\n"
             f"{proxy_extra}\n"
             "[api]\n"
@@ -74,7 +76,7 @@ class ProxyProcess:
                 raise RuntimeError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 wait_for_port(self.api_host, self.api_port, timeout=0.2)
-                wait_for_port("127.0.0.1", self.port, timeout=0.2)
+                wait_for_port(self.local_host, self.port, timeout=0.2)
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
@@ -103,7 +105,8 @@ class ProxyProcess:
         kwargs.setdefault("connect_timeout", 10)
         kwargs.setdefault("read_timeout", 120)
         return pymysql.connect(
-            host="127.0.0.1", port=self.port, user=user.name, password=user.password, **kwargs
+            host=self.local_host, port=self.port, user=user.name, password=user.password,
+            **kwargs
         )
 
     def api(self, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:

@@ -47,7 +47,8 @@ def test_a_processlist_read_keeps_connection_id_for_its_where() -> None:
     sql = b"SELECT ID FROM information_schema.PROCESSLIST WHERE ID = CONNECTION_ID()"
     uses = find_id_uses(sql)
     assert uses is not None and uses.processlist and not uses.show_processlist
-    assert rewrite(sql, uses, 5).sql == sql
+    out = rewrite(sql, uses, 5)
+    assert out.sql == sql and out.id_names == (b"CONNECTION_ID()",)
     show = find_id_uses(b"  show full processlist")
     assert show is not None and show.show_processlist
 
@@ -132,3 +133,14 @@ def test_an_error_or_a_malformed_packet_passes_untouched() -> None:
                             prepare=False, deprecate_eof=True)
     data = _packets([b"\x01", b"\xfc"])  # a column definition cut short
     assert broken.feed(data) == data
+
+
+def test_a_cursor_execute_ends_the_rewrite_with_its_definitions() -> None:
+    """Its rows come later, with COM_STMT_FETCH: the rewriter is done after the EOF."""
+    payloads = [b"\x01", _column(b"0000000042"), build_eof(0x0040)]  # CURSOR_EXISTS
+    rewriter = ResultRewriter(((b"0000000042", b"CONNECTION_ID()"),), None,
+                              show_processlist=False, binary=True, prepare=False,
+                              deprecate_eof=False, cursor=True)
+    got = _payloads(rewriter.feed(_packets(payloads)))
+    assert got[1] == _column(b"CONNECTION_ID()")
+    assert rewriter.done

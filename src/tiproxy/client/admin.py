@@ -45,10 +45,12 @@ class AdminConnection:
     @classmethod
     async def open(cls, host: str, port: int, user: str, password: str, *,
                    tls: ssl.SSLContext | None = None, require_tls: bool = False,
-                   stage1: bytes | None = None) -> AdminConnection:
+                   stage1: bytes | None = None, header: bytes | None = None,
+                   ) -> AdminConnection:
         """Log in; over TLS when `tls` is given and the backend offers it (always, with
         `require_tls`: `[security] require-backend-tls`). With `stage1` (SHA1(password), a
-        session's reusable credential; empty: no password) `password` is not used."""
+        session's reusable credential; empty: no password) `password` is not used; `header`
+        (PROXY protocol) makes the login come from that session's client."""
         if stage1 is not None:
             known = stage1
 
@@ -59,7 +61,7 @@ class AdminConnection:
 
             def answer(salt: bytes) -> bytes:
                 return native_password_scramble(secret, salt)
-        leg = await BackendLeg.open(host, port, TIMEOUT)
+        leg = await BackendLeg.open(host, port, TIMEOUT, header=header)
         try:
             caps, greeting = await asyncio.wait_for(
                 _login(leg, host, user, answer, tls=tls, require_tls=require_tls), TIMEOUT)

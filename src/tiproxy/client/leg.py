@@ -41,10 +41,14 @@ class BackendLeg(asyncio.Protocol):
         self._error: BaseException | None = None
 
     @classmethod
-    async def open(cls, host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> BackendLeg:
+    async def open(cls, host: str, port: int, timeout: float = CONNECT_TIMEOUT, *,
+                   header: bytes | None = None) -> BackendLeg:
+        """Connect; `header` (a PROXY protocol header) is the first thing sent."""
         loop = asyncio.get_running_loop()
         leg = cls()
         await asyncio.wait_for(loop.create_connection(lambda: leg, host, port), timeout)
+        if header:
+            leg.write(header)
         return leg
 
     async def start_tls(self, ctx: ssl.SSLContext, server_hostname: str) -> None:

@@ -248,7 +248,6 @@ class ProxyConfig:
         return not_built(self, {
             "advertise-addr": "the proxy registers itself nowhere (no TiProxy topology in etcd)",
             "conn-buffer-size": "socket reads are sized by the event loop",
-            "proxy-protocol": "PROXY protocol headers are not read or sent",
         })
 
     @property

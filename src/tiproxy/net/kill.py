@@ -132,8 +132,9 @@ def _kill_elsewhere(session: Session, target: KillTarget, sql: str) -> None:
 
     async def run() -> None:
         try:
+            header = session.backend_header() if credential is not None else None
             conn = await AdminConnection.open(host, port, user, password, stage1=credential,
-                                              **session.server.tls.admin_options())
+                                              header=header, **session.server.tls.admin_options())
             try:
                 await conn.query(sql)
             finally:

@@ -99,7 +99,7 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
         raise MigrationError("capture", _why(e), old_intact=_reattach(old, session),
                              cause=e) from e
     try:
-        new = await BackendLeg.open(target.host, target.port)
+        new = await BackendLeg.open(target.host, target.port, header=session.backend_header())
     except Exception as e:
         raise MigrationError("connect", _why(e), old_intact=_reattach(old, session)) from e
     step = "login"

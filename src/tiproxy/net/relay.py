@@ -34,6 +34,7 @@ from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kill import handle_kill, handle_kill_expression
 from tiproxy.net.moves import SessionMoves
+from tiproxy.protocol import proxyproto
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
 from tiproxy.protocol.constants import (
@@ -169,12 +170,20 @@ class ClientLeg(asyncio.Protocol):
 class Session(SessionMoves):
     """One client session; see the module docstring."""
 
+    # Backend thread id -> proxy id on the backend named, for the statement that waits for it
+    # (set only then: the class's None serves every session until one needs it).
+    _id_map: tuple[str, dict[int, int]] | None = None
+
     def __init__(self, server: ProxyServer, transport: asyncio.Transport) -> None:
         super().__init__()
         self.server = server
         self.client = transport
         self.id = server.new_session_id()
         self.peer = _peer(transport)
+        # PROXY protocol: the bytes of the client's header until it is judged, then None; and
+        # (client, proxy) addresses as the header gave them, for the backends' headers.
+        self._pp: bytearray | None = bytearray() if server.config().proxy.proxy_protocol else None
+        self._origin: tuple[tuple[str, int], tuple[str, int]] | None = None
         self.phase = LOGIN
         self.backend: Backend | None = None
         self.backend_leg: BackendLeg | None = None
@@ -198,8 +207,6 @@ class Session(SessionMoves):
         self._held: set[str] = set()  # why client commands wait (earlier responses, a move)
         self._intercept: bytearray | None = None  # a response kept back to be rewritten
         self._rewriter: ResultRewriter | None = None  # a response rewritten as it streams
-        # backend thread id -> proxy id on the backend named, for the statement that waits
-        self._id_map: tuple[str, dict[int, int]] | None = None
         self._pause_reasons: set[str] = set()
         self._decompress: Decompressor | None = None
         self._zseq = 0
@@ -256,7 +263,8 @@ class Session(SessionMoves):
         only while clients are logging in (server.logins_recently): a proxy probed by a load
         balancer's TCP checks and nothing else opens no backend connections for them."""
         server, router = self.server, self.server.router
-        if router.user_namespaces or server.early_legs >= EARLY_LEGS_MAX:
+        if router.user_namespaces or server.early_legs >= EARLY_LEGS_MAX \
+                or server.config().proxy.proxy_protocol:  # its header needs the client's own
             return None
         for backend in router.candidates()[:1]:
             leg: BackendLeg | None = None
@@ -303,6 +311,10 @@ class Session(SessionMoves):
         return early
 
     def _login_client_data(self, data: bytes) -> None:
+        if self._pp is not None:
+            data = self._client_proxy_header(data)
+            if not data:
+                return
         if self._tls_early is not None:  # decrypted before start_tls returned: keep it
             self._tls_early += data
             return
@@ -329,6 +341,42 @@ class Session(SessionMoves):
             rest = self._splitter.take_rest()
             if rest:
                 self.client_data(rest)
+
+    def _client_proxy_header(self, data: bytes) -> bytes:
+        """The client's PROXY header, if it starts with one (protocol/proxyproto.py): the
+        client's address is then the one it names. Returns what follows it."""
+        assert self._pp is not None
+        buf = self._pp
+        buf += data
+        try:
+            parsed = proxyproto.parse(bytes(buf))
+        except ProtocolError as e:
+            self._pp = None
+            self._protocol_error(e)
+            return b""
+        if parsed is None:
+            return b""  # not enough bytes to tell yet
+        header, used = parsed
+        self._pp = None
+        if header is not None and header.source is not None:
+            local = self.client.get_extra_info("sockname")
+            destination = header.destination or (str(local[0]), int(local[1]))
+            self._origin = (header.source, destination)
+            log.info("session %d: PROXY header from %s: client %s:%d", self.id, self.peer,
+                     *header.source)
+            self.peer = f"{header.source[0]}:{header.source[1]}"
+        return bytes(buf[used:])
+
+    def backend_header(self) -> bytes | None:
+        """What every backend connection of this session starts with: a PROXY header naming
+        the client, with `[proxy] proxy-protocol = "v2"`; else None."""
+        if not self.server.config().proxy.proxy_protocol:
+            return None
+        if self._origin is not None:
+            return proxyproto.build(*self._origin)
+        peer = self.client.get_extra_info("peername")
+        local = self.client.get_extra_info("sockname")
+        return proxyproto.build((str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
 
     def _run(self, actions: Sequence[Action]) -> None:
         for action in actions:
@@ -416,7 +464,8 @@ class Session(SessionMoves):
         if early is not None and (early[1].closed or not early[1].clean):
             early[1].abort()  # the backend hung up while the client was answering: a new leg
             early = None
-        leg = early[1] if early is not None else await BackendLeg.open(backend.host, backend.port)
+        leg = early[1] if early is not None else \
+            await BackendLeg.open(backend.host, backend.port, header=self.backend_header())
         try:
             if early is not None:
                 actions = login.backend_greeting_received(early[2], early=True)
@@ -738,7 +787,8 @@ class Session(SessionMoves):
             packet = ids
         if self.state.mapped:
             self._intercept = bytearray()  # its PREPARE_OK gets the client's id
-        renames = self._rewriter.renames if self._rewriter is not None else ()
+        # Rewritten: the rewriter was made for this statement's response just now.
+        renames = self._rewriter.renames if ids is not None and self._rewriter else ()
         return packet, ("prepare", packet[5:], renames)
 
     def _executed_sql(self, packet: bytes, cmd: int) -> bytes | None:
@@ -832,12 +882,14 @@ class Session(SessionMoves):
                 self._look_up_ids(backend.addr, locks_only=not uses.processlist)
                 return False
             ids = known[1]
+            ids[self.backend_connection_id] = self.id  # whatever it took without the proxy seeing
         out = rewrite(sql, uses, self.id, ids)
         if out.renames or (uses.processlist and ids):
             self._rewriter = ResultRewriter(
                 out.renames, ids if uses.processlist else None,
                 show_processlist=uses.show_processlist, binary=prepare, prepare=prepare,
-                deprecate_eof=bool(self.backend_caps & Capability.DEPRECATE_EOF))
+                deprecate_eof=bool(self.backend_caps & Capability.DEPRECATE_EOF),
+                id_names=out.id_names)
         return frame(packet[4:5] + out.sql, 0) if out.sql != sql else None
 
     def _look_up_ids(self, addr: str, locks_only: bool) -> None:
@@ -860,7 +912,8 @@ class Session(SessionMoves):
             return False
         self._rewriter = ResultRewriter(
             stmt.renames, None, show_processlist=False, binary=True, prepare=False,
-            deprecate_eof=bool(self.backend_caps & Capability.DEPRECATE_EOF))
+            deprecate_eof=bool(self.backend_caps & Capability.DEPRECATE_EOF),
+            cursor=len(packet) > 9 and bool(packet[9] & _CURSOR_TYPES))
         return None
 
     def _to_client(self, data: bytes) -> None:

@@ -196,14 +196,15 @@ class ProxyServer:
         return None
 
     async def backend_ids(self, addr: str, locks_only: bool) -> dict[int, int]:
-        """Backend thread id -> proxy id of the sessions on `addr` (those holding named locks
-        only, if asked), in every worker: what SQL's connection ids are translated with."""
+        """Backend thread id -> proxy id of the sessions on `addr` (only those that hold named
+        locks, seen or found by the unseen-state check, if asked), in every worker: what SQL's
+        connection ids are translated with."""
         return self.local_backend_ids(addr, locks_only)
 
     def local_backend_ids(self, addr: str, locks_only: bool) -> dict[int, int]:
         return {s.backend_connection_id: s.id for s in self.sessions.values()
                 if s.backend is not None and s.backend.addr == addr and s.backend_connection_id
-                and (not locks_only or s.state.named_locks)}
+                and (not locks_only or s.state.named_locks or s.state.hidden)}
 
     def over_capacity(self) -> bool:
         limit = self._config.proxy.max_connections

@@ -8,12 +8,14 @@ So the proxy makes SQL agree with the greeting:
   the result's column names are given their original text back.
 - `IS_USED_LOCK(x)` answers with the proxy id of a proxy session that holds the lock, so that it
   compares with CONNECTION_ID() as it does directly: the call becomes a CASE over the backend
-  ids of the proxy's sessions on that backend that hold named locks (those are pinned there,
-  so their backend ids stay valid).
+  ids of the session itself and of the proxy's sessions on that backend known to hold named
+  locks (those are pinned there, so their backend ids stay valid). The call is evaluated a second time when its answer is no
+  such session's (the ELSE), so a lock taken in between shows its new holder.
 - The processlist (`SHOW [FULL] PROCESSLIST`, `information_schema.PROCESSLIST`) shows each
   proxy session on that backend with its proxy id in the `Id` column; other connections keep
   their backend ids. In such a statement CONNECTION_ID() is left as it is, so that
-  `WHERE ID = CONNECTION_ID()` still finds the session's own row.
+  `WHERE ID = CONNECTION_ID()` still finds the session's own row, and a column that is just
+  CONNECTION_ID() is mapped in the rows as the Id column is.
 
 Only statement text is read: `CONNECTION_ID()` inside a string (`PREPARE s FROM '...'`), a
 stored program or a view is the backend's. Strings, quoted names and comments are skipped; the
@@ -123,6 +125,7 @@ def padded(proxy_id: int) -> bytes:
 class Rewritten:
     sql: bytes
     renames: tuple[tuple[bytes, bytes], ...]  # (text put in, original text) for column names
+    id_names: tuple[bytes, ...] = ()  # names of columns holding backend ids, to map in rows
 
 
 def rewrite(sql: bytes, uses: IdUses, proxy_id: int,
@@ -130,6 +133,7 @@ def rewrite(sql: bytes, uses: IdUses, proxy_id: int,
     """The statement with the session's proxy id for CONNECTION_ID() (not in a processlist
     read) and IS_USED_LOCK() answering proxy ids of `lock_holders` (backend id -> proxy id)."""
     spans: list[tuple[int, int, bytes]] = []
+    id_names = tuple(sql[start:end] for start, end in uses.connection_ids)
     if not uses.processlist:
         literal = padded(proxy_id)
         spans += [(start, end, literal) for start, end in uses.connection_ids]
@@ -140,7 +144,7 @@ def rewrite(sql: bytes, uses: IdUses, proxy_id: int,
             spans.append((start, end, b"CASE " + call + b" " + whens + b" ELSE " + call
                           + b" END"))
     if not spans:
-        return Rewritten(sql, ())
+        return Rewritten(sql, (), id_names if uses.processlist else ())
     spans.sort()
     parts: list[bytes] = []
     renames: dict[bytes, bytes] = {}
@@ -150,7 +154,8 @@ def rewrite(sql: bytes, uses: IdUses, proxy_id: int,
         renames[text] = sql[start:end]
         last = end
     parts.append(sql[last:])
-    return Rewritten(b"".join(parts), tuple(renames.items()))
+    return Rewritten(b"".join(parts), tuple(renames.items()),
+                     id_names if uses.processlist else ())
 
 
 # -- the response ----------------------------------------------------------------------------
@@ -166,12 +171,15 @@ class ResultRewriter:
 
     def __init__(self, renames: tuple[tuple[bytes, bytes], ...],
                  ids: Mapping[int, int] | None, *, show_processlist: bool, binary: bool,
-                 prepare: bool, deprecate_eof: bool) -> None:
+                 prepare: bool, deprecate_eof: bool, cursor: bool = False,
+                 id_names: tuple[bytes, ...] = ()) -> None:
         self._renames = renames
+        self._id_names = id_names
         self._ids = ids or None
         self._show = show_processlist
         self._binary = binary
         self._eof = not deprecate_eof
+        self._cursor = cursor  # an execute that opens a cursor: its rows come with fetches
         self._state = _FIRST
         self._left = 0  # definitions still to come in this phase
         self._prepare_columns = 0
@@ -260,11 +268,13 @@ class ResultRewriter:
             if self._left == 0:
                 if self._prepare_columns < 0:
                     self._state = _PASS  # a PREPARE_OK's columns: no rows follow
+                elif self._eof:
+                    self._state = _COLUMNS_EOF
                 else:
-                    self._state = _COLUMNS_EOF if self._eof else _ROWS
+                    self._state = _PASS if self._cursor else _ROWS
             return new
         if state == _COLUMNS_EOF:
-            self._state = _ROWS
+            self._state = _PASS if self._cursor else _ROWS
             return None
         # _ROWS
         if first == 0xFE and len(p) < MAX_PAYLOAD:
@@ -299,7 +309,8 @@ class ResultRewriter:
             org_table = p[fields[3][0]:fields[3][1]].upper()
             org_name = p[fields[5][0]:fields[5][1]].upper()
             if (org_table == b"PROCESSLIST" and org_name == b"ID") \
-                    or (self._show and self._index == 0 and name == b"Id"):
+                    or (self._show and self._index == 0 and name == b"Id") \
+                    or name in self._id_names:
                 self._id_columns.append(self._index)
         renamed = name
         for put, original in self._renames:
