@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -285,12 +286,27 @@ def test_rolling_restart_by_stop_and_start_only(
                                               write_timeout=READ_TIMEOUT),
                         "stopstart", CLIENTS, reconnect=True)
     run = Run(workload)
-    held: list[int] = []  # sessions on each node right before it was stopped
+    # Sessions on each node from right before it was stopped until the proxy took it out of
+    # service, at most: the rebalancer may still move one there while the node shuts down.
+    held: list[int] = []
     errors_before: list[int] = []  # the clients' errors so far, at each stop
+    samplers: list[threading.Thread] = []
 
     def note(i: int) -> None:
         errors_before.append(workload.figures().errors)
         held.append(_connections(proxy, cluster.addrs[i]))
+
+        def sample() -> None:
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            while time.monotonic() < deadline:
+                backend = {b["addr"]: b for b in proxy.backends()}[cluster.addrs[i]]
+                if backend["status"] != "healthy":
+                    return
+                held[i] = max(held[i], int(backend["connections"]))
+                time.sleep(0.05)
+
+        samplers.append(threading.Thread(target=sample, daemon=True))
+        samplers[-1].start()
 
     def readmitted(i: int) -> None:
         deadline = time.monotonic() + DRAIN_TIMEOUT
@@ -305,6 +321,8 @@ def test_rolling_restart_by_stop_and_start_only(
             rolling_restart(cluster, run, take_out=note, put_back=readmitted)
         finally:
             workload.stop()
+            for sampler in samplers:
+                sampler.join()
         figures = workload.figures()
         noticed = sum(f"backend {a} unhealthy" in proxy.log() for a in cluster.addrs)
         errors_by_stop = [b - a for a, b in zip(errors_before, [*errors_before[1:], figures.errors],

@@ -1,14 +1,18 @@
 """The HTTP API on the api address: TiProxy's routes, read through a `ProxyView`.
 
 Routes (TiProxy's, plus our own backend list):
-- `GET /api/debug/health`: 200 with `{"config_checksum": ...}`, 502 while shutting down, so a
-  load balancer in front stops sending new clients during graceful shutdown.
+- `GET /api/debug/health`: 200 with `{"config_checksum", "unhealthy_reason": ""}`; 502 with the
+  reason while shutting down ("server is closing"), so that a load balancer in front stops
+  sending new clients during graceful shutdown, or while an operator says so:
+  `PUT /api/debug/health` with `{"healthy": false, "reason": "..."}` (or `true`: healthy even
+  so, except while closing) overrides the answer until `DELETE /api/debug/health`.
 - `GET /api/admin/config`: the effective config as TOML; as JSON with `?format=json` or
   `Accept: application/json`. Always redacted.
 - `GET /api/admin/backends`: `[{"addr", "status", "connections"}, ...]`.
 - `GET /metrics` and `GET /api/metrics`: Prometheus text format.
 - `PUT /api/admin/config`, `POST /api/debug/redirect`, `POST /api/admin/backends/{addr}/drain`
-  and `/undrain`: the write routes, which auth.py guards (every method but GET and HEAD).
+  and `/undrain`, `PUT` and `DELETE /api/debug/health`: the write routes, which auth.py guards
+  (every method but GET and HEAD).
 Nothing here blocks the event loop for long: a request body is at most 1 MiB (413 beyond), and
 the files a new config names are checked in a thread (config/reload.py).
 """
@@ -17,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from aiohttp import web
@@ -41,10 +46,23 @@ from tiproxy.config.reload import check_reload
 from tiproxy.config.values import split_host_port
 from tiproxy.tls.contexts import server_enabled
 
+log = logging.getLogger("tiproxy.api")
 _VIEW: web.AppKey[ProxyView] = web.AppKey("view")
 _REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
 # One config change at a time: each is merged onto the config the one before it left.
 _RELOAD_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("reload_lock")
+
+
+@dataclass
+class _HealthOverride:
+    """PUT /api/debug/health: (healthy, reason) until DELETE; None: the proxy's own answer."""
+
+    value: tuple[bool, str] | None = None
+
+
+_HEALTH: web.AppKey[_HealthOverride] = web.AppKey("health")
+CLOSING = "server is closing"
+_REASON_LIMIT = 1024  # characters of an operator's reason kept
 
 # Bodies are partial TOML configs: 1 MiB is plenty, and stops a caller from filling memory.
 MAX_BODY_BYTES = 1024 * 1024
@@ -114,8 +132,11 @@ def build_app(view: ProxyView,
     app[_VIEW] = view
     app[_REGISTRY] = build_registry(view)
     app[_RELOAD_LOCK] = asyncio.Lock()
+    app[_HEALTH] = _HealthOverride()
     routes = [
         ("GET", "/api/debug/health", _health),
+        ("PUT", "/api/debug/health", _health_put),
+        ("DELETE", "/api/debug/health", _health_delete),
         ("GET", "/api/admin/config", _config_get),
         ("PUT", "/api/admin/config", _config_put),
         ("GET", "/api/admin/backends", _backends),
@@ -134,13 +155,40 @@ def build_app(view: ProxyView,
 
 async def _health(request: web.Request) -> web.Response:
     view = request.app[_VIEW]
-    shutting_down = view.shutting_down
+    override = request.app[_HEALTH].value
+    reason = CLOSING if view.shutting_down else "" if override is None or override[0] \
+        else override[1] or "set unhealthy through the API"
     body = {
         "config_checksum": config_checksum(view.config()),
-        "status": "shutting down" if shutting_down else "healthy",
+        "unhealthy_reason": reason,
+        "status": "shutting down" if view.shutting_down else "unhealthy" if reason
+        else "healthy",
         "discovery": dict(view.discovery_status()),
     }
-    return web.json_response(body, status=502 if shutting_down else 200)
+    return web.json_response(body, status=502 if reason else 200)
+
+
+async def _health_put(request: web.Request) -> web.Response:
+    try:
+        doc = await request.json()
+    except ValueError:
+        doc = None
+    healthy = doc.get("healthy") if isinstance(doc, dict) else None
+    reason = doc.get("reason", "") if isinstance(doc, dict) else None
+    if not isinstance(healthy, bool) or not isinstance(reason, str):
+        return web.json_response(
+            {"error": 'expected {"healthy": true|false, "reason": "..."}'}, status=400)
+    request.app[_HEALTH].value = (healthy, reason[:_REASON_LIMIT])
+    log.info("health set %s through the API%s", "healthy" if healthy else "unhealthy",
+             f": {reason[:_REASON_LIMIT]}" if reason else "")
+    return await _health(request)
+
+
+async def _health_delete(request: web.Request) -> web.Response:
+    if request.app[_HEALTH].value is not None:
+        log.info("health override removed through the API")
+    request.app[_HEALTH].value = None
+    return await _health(request)
 
 
 async def _config_get(request: web.Request) -> web.Response:

@@ -27,14 +27,16 @@ if TYPE_CHECKING:
     from tiproxy.control.proxy import Proxy
 
 log = logging.getLogger("tiproxy")
+WATCH_INTERVAL = 2.0  # seconds between looks at the config file, as TiProxy polls it
 
 
 async def serve(cfg: Config, config_path: Path | None = None) -> None:
     """Run the proxy and its API until SIGINT/SIGTERM, then shut down gracefully.
 
-    SIGHUP reloads the config file (TiProxy watches its file; a signal is the Unix way): a bad
-    file, or one that changes a key the running proxy cannot change, is refused with the key
-    and the reason, and the running config stays. The signals are handled from before the
+    The config file is reloaded when it changes (looked at every WATCH_INTERVAL, as TiProxy
+    does) and on SIGHUP: a bad file, or one that changes a key the running proxy cannot
+    change, is refused with the key and the reason, and the running config stays. The
+    signals are handled from before the
     ports open (a signal's default action would end the process): a SIGHUP that comes while the
     proxy starts is carried out once it has started, a SIGTERM shuts it down then.
     """
@@ -52,16 +54,20 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    reload = _SignalReload(server, config_path) if config_path is not None else None
+    reload = _Reloader(server, config_path) if config_path is not None else None
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, reload.schedule)
     await server.start()
     api = await start_api(server, cfg.api.addr, cluster.tls)
     log.info("API listening on port %d", api.port)
+    watch = None
     if reload is not None:
         reload.started.set()
+        watch = loop.create_task(reload.watch())
     await stop.wait()
     log.info("shutting down")
+    if watch is not None:
+        watch.cancel()
     server.begin_shutdown()
     wait = server.config().proxy.graceful_wait_before_shutdown  # as reloaded, if it was
     if wait:
@@ -70,9 +76,9 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
     await api.close()
 
 
-class _SignalReload:
-    """SIGHUP: each signal schedules a reload of the file; reloads run one at a time, in order,
-    and read the file (and the files it names) in a thread."""
+class _Reloader:
+    """Each SIGHUP, and each change of the file, schedules a reload of it; reloads run one at
+    a time, in order, and read the file (and the files it names) in a thread."""
 
     def __init__(self, server: Proxy, path: Path) -> None:
         self._server = server
@@ -86,6 +92,19 @@ class _SignalReload:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def watch(self) -> None:
+        """A new modification time, size or inode (an editor that writes a new file and
+        renames it) means a reload. A file that is gone is not read until it is back."""
+        last = _stamp(self._path)
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = _stamp(self._path)
+            if now != last:
+                last = now
+                if now is not None:
+                    log.info("config file %s changed", self._path)
+                    self.schedule()
+
     async def _reload(self) -> None:
         await self.started.wait()
         async with self._lock:
@@ -97,6 +116,14 @@ class _SignalReload:
                 return
             await self._server.apply_config(cfg)
             log.info("config reloaded from %s", self._path)
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 async def _read_config(path: Path) -> Config:

@@ -9,8 +9,9 @@ So the proxy makes SQL agree with the greeting:
 - `IS_USED_LOCK(x)` answers with the proxy id of a proxy session that holds the lock, so that it
   compares with CONNECTION_ID() as it does directly: the call becomes a CASE over the backend
   ids of the session itself and of the proxy's sessions on that backend known to hold named
-  locks (those are pinned there, so their backend ids stay valid). The call is evaluated a second time when its answer is no
-  such session's (the ELSE), so a lock taken in between shows its new holder.
+  locks (those are pinned there, so their backend ids stay valid). The call is evaluated a
+  second time when its answer is no such session's (the ELSE), so a lock taken in between
+  shows its new holder.
 - The processlist (`SHOW [FULL] PROCESSLIST`, `information_schema.PROCESSLIST`) shows each
   proxy session on that backend with its proxy id in the `Id` column; other connections keep
   their backend ids. In such a statement CONNECTION_ID() is left as it is, so that
