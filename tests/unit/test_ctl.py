@@ -104,7 +104,7 @@ def test_health_fails_while_shutting_down(
 ) -> None:
     api.view.shutting_down = True
     assert main(["--addr", api.addr, "health"]) == 1
-    assert capsys.readouterr().out.startswith("shutting down")
+    assert capsys.readouterr().out.startswith("unhealthy: server is closing")
 
 
 def test_config_get_prints_toml_of_the_running_config(
@@ -284,3 +284,25 @@ def test_the_token_reaches_the_api(
     monkeypatch.setenv("TIPROXYCTL_TOKEN", TOKEN)
     assert main(["--addr", api.addr, "redirect"]) == 0
     assert api.view.redirects == 2
+
+
+def test_config_set_sends_a_file_or_standard_input(
+    api: RunningAPI, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    change = tmp_path / "change.toml"
+    change.write_text("[proxy]\nmax-connections = 21\n")
+    assert main(["--addr", api.addr, "config", "set", "--input", str(change)]) == 0
+    assert api.view.cfg.proxy.max_connections == 21
+    assert api.view.cfg.proxy.backend_addrs == CONFIG.proxy.backend_addrs  # merged, not replaced
+    stdin = tmp_path / "stdin.toml"
+    stdin.write_text("[proxy]\nmax-connections = 22\n")
+    with stdin.open("rb") as f:
+        monkeypatch.setattr("sys.stdin", type("In", (), {"buffer": f})())
+        assert main(["--addr", api.addr, "config", "set"]) == 0
+    assert api.view.cfg.proxy.max_connections == 22
+    assert capsys.readouterr().out == "config changed\nconfig changed\n"
+    change.write_text("[proxy]\nmax-connections = -1\n")
+    assert main(["--addr", api.addr, "config", "set", "--input", str(change)]) == 1
+    assert "proxy.max-connections" in capsys.readouterr().err
+    assert api.view.cfg.proxy.max_connections == 22

@@ -2,6 +2,7 @@
 
     tiproxyctl [OPTIONS] health
     tiproxyctl [OPTIONS] config get [--json]
+    tiproxyctl [OPTIONS] config set [--input FILE]     (TOML; standard input without --input)
     tiproxyctl [OPTIONS] backends
     tiproxyctl [OPTIONS] backend drain|undrain ADDR
     tiproxyctl [OPTIONS] sessions
@@ -30,7 +31,12 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from tiproxy.config.files import TOKEN_FILE_LIMIT, FileRefusedError, read_small_file
+from tiproxy.config.files import (
+    CONFIG_FILE_LIMIT,
+    TOKEN_FILE_LIMIT,
+    FileRefusedError,
+    read_small_file,
+)
 from tiproxy.config.values import split_host_port
 
 DEFAULT_API_ADDR = "127.0.0.1:3080"
@@ -104,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     get = config_sub.add_parser("get", help="print the effective config (TOML)")
     get.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     get.set_defaults(command=_config_get)
+    put = config_sub.add_parser("set", help="change the running config (a TOML document with "
+                                "the keys to change; standard input without --input)")
+    put.add_argument("--input", metavar="FILE", help="the TOML file to send")
+    put.set_defaults(command=_config_set)
     backends = sub.add_parser("backends", help="list the backends and their connections")
     backends.set_defaults(command=_backends)
     backend = sub.add_parser("backend", help="drain or undrain one backend")
@@ -122,7 +132,8 @@ def _health(args: argparse.Namespace) -> int:
     body = reply.json()
     checksum = body.get("config_checksum") if isinstance(body, dict) else None
     if reply.status == 502:
-        print(f"shutting down (config checksum {checksum})")
+        reason = body.get("unhealthy_reason") if isinstance(body, dict) else None
+        print(f"unhealthy: {reason or 'shutting down'} (config checksum {checksum})")
         return 1
     print(f"healthy (config checksum {checksum})")
     return 0
@@ -133,6 +144,21 @@ def _config_get(args: argparse.Namespace) -> int:
     reply = _get(args.target, path)
     text = reply.body.decode("utf-8", errors="replace")
     print(text, end="" if text.endswith("\n") else "\n")
+    return 0
+
+
+def _config_set(args: argparse.Namespace) -> int:
+    if args.input:
+        try:
+            data = read_small_file(args.input, CONFIG_FILE_LIMIT)
+        except FileRefusedError as e:
+            raise CtlError(f"--input {args.input}: {e}") from None
+    else:
+        data = sys.stdin.buffer.read(CONFIG_FILE_LIMIT + 1)
+        if len(data) > CONFIG_FILE_LIMIT:
+            raise CtlError(f"the config on standard input is over {CONFIG_FILE_LIMIT} bytes")
+    _request(args.target, "/api/admin/config", method="PUT", data=data)
+    print("config changed")
     return 0
 
 
@@ -255,11 +281,12 @@ def _get(target: Target, path: str, ok: tuple[int, ...] = (200,)) -> Reply:
 
 
 def _request(target: Target, path: str, method: str = "GET",
-             ok: tuple[int, ...] = (200,)) -> Reply:
+             ok: tuple[int, ...] = (200,), data: bytes | None = None) -> Reply:
     # http.client sends bytes header values as they are (a str would have to be latin-1).
     headers: dict[str, str] = target.headers()  # type: ignore[assignment]
     url = target.base_url + path  # http:// or https://, built by api_target
-    data = b"" if method != "GET" else None
+    if data is None and method != "GET":
+        data = b""
     request = urllib.request.Request(url, data, headers, method=method)  # noqa: S310
     try:
         with urllib.request.urlopen(  # noqa: S310 - see url
