@@ -18,12 +18,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tiproxy.api import build_app, start_api
+from tiproxy.api import build_app, listener, start_api
 from tiproxy.api.auth import NEED_CREDENTIAL, NO_TOKEN_FILE, WRONG_TOKEN, is_loopback
 from tiproxy.api.interface import MigrationStats, ProxyControl, SessionView
 from tiproxy.api.server import MAX_BODY_BYTES
 from tiproxy.config import Config, parse_config
 from tiproxy.config.files import USERS_FILE_LIMIT
+from tiproxy.protocol.proxyproto import SIGNATURE, build
 
 CONFIG = parse_config('[proxy]\naddr = "127.0.0.1:6000"\nbackend-addrs = ["127.0.0.1:3306"]\n')
 TOKEN = "s3cret-token-for-the-tests"
@@ -454,3 +455,33 @@ def test_an_offline_key_is_refused_by_name(toml: str, keys: str) -> None:
 
     _serve(view, check)
     assert len(view.applied) == 1
+
+
+def test_with_proxy_protocol_the_headers_client_is_judged() -> None:
+    """`[api] proxy-protocol`: a balancer on loopback forwards a remote client's write: refused
+    as that client's; a local client's, or one without a header, is loopback's."""
+    view = ControlledView()
+
+    async def request(port: int, header: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(header + b"POST /api/debug/redirect HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        reply = await reader.read()
+        writer.close()
+        return reply.split(b"\r\n", 1)[0]
+
+    async def main() -> None:
+        server = await start_api(view, "127.0.0.1:0", proxy_protocol=True)
+        try:
+            remote = build(("192.0.2.7", 4000), ("127.0.0.1", server.port))
+            local = build(("127.0.0.1", 4001), ("127.0.0.1", server.port))
+            assert await request(server.port, remote) == b"HTTP/1.1 403 Forbidden"
+            assert await request(server.port, local) == b"HTTP/1.1 200 OK"
+            assert await request(server.port, b"") == b"HTTP/1.1 200 OK"
+            assert await request(server.port, SIGNATURE + b"\x21\x51\x00\x00") == b""  # bad
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+    assert view.redirects == 2
+    assert not listener._PROXIED  # forgotten once the connections closed

@@ -263,6 +263,7 @@ def test_merge_can_complete_a_cross_checked_pair() -> None:
 
 def test_proxy_protocol_v2_is_taken() -> None:
     assert parse_config('[proxy]\nproxy-protocol = "v2"').proxy.proxy_protocol == "v2"
+    assert parse_config('[api]\nproxy-protocol = "v2"').api.proxy_protocol == "v2"
 
 
 @pytest.mark.parametrize(
@@ -270,7 +271,6 @@ def test_proxy_protocol_v2_is_taken() -> None:
     [
         ('[proxy]\nadvertise-addr = "proxy-0.example"', "proxy.advertise-addr"),
         ("[proxy]\nconn-buffer-size = 65536", "proxy.conn-buffer-size"),
-        ('[api]\nproxy-protocol = "v2"', "api.proxy-protocol"),
         ("[balance.memory]\nenabled = false", "balance.memory"),
         ("[balance.cpu]\nmin-balance-usage = 0.5", "balance.cpu.min-balance-usage"),
         ("[balance.location]\nenabled = false", "balance.location.enabled"),

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
+from tiproxy.api.listener import peer_of
 from tiproxy.config.files import TOKEN_FILE_LIMIT, FileRefusedError, read_small_file
 
 log = logging.getLogger("tiproxy.api")
@@ -111,7 +112,7 @@ async def write_refusal(request: web.Request, token_path: str, tokens: TokenFile
     header = request.headers.get(hdrs.AUTHORIZATION)
     transport = request.transport
     if header is None:
-        if transport is not None and (is_loopback(transport.get_extra_info("peername"))
+        if transport is not None and (is_loopback(peer_of(transport))
                                       or has_verified_client_cert(transport)):
             return None
         return NEED_CREDENTIAL
@@ -145,7 +146,7 @@ def write_guard(token_path: Callable[[], str]) -> Middleware:
         now = time.monotonic()
         if now - last_logged >= _REFUSAL_LOG_INTERVAL:
             last_logged = now
-            peer = request.transport.get_extra_info("peername") if request.transport else None
+            peer = peer_of(request.transport) if request.transport else None
             log.warning("API %s %r from %s refused: %s", request.method,
                         request.raw_path[:200], peer, reason)
         return web.json_response({"error": reason}, status=403)

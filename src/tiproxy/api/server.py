@@ -95,9 +95,11 @@ class APIServer:
         await self._runner.cleanup()
 
 
-async def start_api(view: ProxyView, addr: str, tls: HTTPSContexts | None = None) -> APIServer:
+async def start_api(view: ProxyView, addr: str, tls: HTTPSContexts | None = None, *,
+                    proxy_protocol: bool = False) -> APIServer:
     """Serve the API for `view` on `addr` ("host:port"; an empty host means all interfaces);
-    HTTPS too when `tls` has a server-http-tls context (listener.py)."""
+    HTTPS too when `tls` has a server-http-tls context, and PROXY protocol headers read with
+    `proxy_protocol` (listener.py)."""
     host, port = split_host_port(addr, listen=True)
 
     def https() -> tuple[ssl.SSLContext | None, TLSConfig]:
@@ -113,7 +115,8 @@ async def start_api(view: ProxyView, addr: str, tls: HTTPSContexts | None = None
     assert factory is not None
     try:
         listener = await asyncio.get_running_loop().create_server(
-            lambda: APIConnection(factory, https), host or None, port, reuse_address=True)
+            lambda: APIConnection(factory, https, proxy_protocol), host or None, port,
+            reuse_address=True)
     except BaseException:
         await runner.cleanup()
         raise

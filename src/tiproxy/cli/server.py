@@ -58,7 +58,8 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, reload.schedule)
     await server.start()
-    api = await start_api(server, cfg.api.addr, cluster.tls)
+    api = await start_api(server, cfg.api.addr, cluster.tls,
+                          proxy_protocol=bool(cfg.api.proxy_protocol))
     log.info("API listening on port %d", api.port)
     watch = None
     if reload is not None:

@@ -267,9 +267,6 @@ class APIConfig:
     # one with a verified client certificate) use the write routes; empty: no token works.
     auth_token_file: str = ""
 
-    def cross_check(self) -> tuple[str, str] | None:
-        return not_built(self, {"proxy-protocol": "PROXY protocol headers are not read"})
-
 
 @dataclass(frozen=True)
 class LogFileConfig:
