@@ -233,7 +233,8 @@ class ProxyConfig:
     backend_unhealthy_keepalive: KeepAliveConfig = field(
         default=KeepAliveConfig(enabled=True, idle=10.0, cnt=5, intvl=1.0, timeout=5.0)
     )
-    proxy_protocol: str = field(default="", metadata=offline(one_of_rules(*PROXY_PROTOCOLS)))
+    # Online, as in TiProxy: a change applies to the connections that come after it.
+    proxy_protocol: str = field(default="", metadata=one_of_rules(*PROXY_PROTOCOLS))
     graceful_wait_before_shutdown: int = field(default=0, metadata=COUNT)  # seconds
     graceful_close_conn_timeout: int = field(default=15, metadata=COUNT)  # seconds
     fail_backend_list: tuple[str, ...] = field(default=(), metadata=_BACKEND_NAMES)

@@ -180,10 +180,10 @@ class Session(SessionMoves):
         self.client = transport
         self.id = server.new_session_id()
         self.peer = _peer(transport)
-        # PROXY protocol: the bytes of the client's header until it is judged, then None; and
-        # (client, proxy) addresses as the header gave them, for the backends' headers.
-        self._pp: bytearray | None = bytearray() if server.config().proxy.proxy_protocol else None
-        self._origin: tuple[tuple[str, int], tuple[str, int]] | None = None
+        # PROXY protocol, if on when the client connected: the bytes of the client's header
+        # until it is judged, then None; and the (client, proxy) addresses that the backends'
+        # headers name (the socket's, or the ones the client's header gave). None: off.
+        self._pp, self._origin = _proxy_protocol_start(server, transport)
         self.phase = LOGIN
         self.backend: Backend | None = None
         self.backend_leg: BackendLeg | None = None
@@ -358,10 +358,8 @@ class Session(SessionMoves):
             return b""  # not enough bytes to tell yet
         header, used = parsed
         self._pp = None
-        if header is not None and header.source is not None:
-            local = self.client.get_extra_info("sockname")
-            destination = header.destination or (str(local[0]), int(local[1]))
-            self._origin = (header.source, destination)
+        if header is not None and header.source is not None and self._origin is not None:
+            self._origin = (header.source, header.destination or self._origin[1])
             log.info("session %d: PROXY header from %s: client %s:%d", self.id, self.peer,
                      *header.source)
             self.peer = f"{header.source[0]}:{header.source[1]}"
@@ -369,14 +367,8 @@ class Session(SessionMoves):
 
     def backend_header(self) -> bytes | None:
         """What every backend connection of this session starts with: a PROXY header naming
-        the client, with `[proxy] proxy-protocol = "v2"`; else None."""
-        if not self.server.config().proxy.proxy_protocol:
-            return None
-        if self._origin is not None:
-            return proxyproto.build(*self._origin)
-        peer = self.client.get_extra_info("peername")
-        local = self.client.get_extra_info("sockname")
-        return proxyproto.build((str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
+        the client, when `[proxy] proxy-protocol = "v2"` was set as it connected; else None."""
+        return proxyproto.build(*self._origin) if self._origin is not None else None
 
     def _run(self, actions: Sequence[Action]) -> None:
         for action in actions:
@@ -1125,6 +1117,22 @@ class Session(SessionMoves):
         self.server.session_closed(self)
         # A client that ends its own session is routine (debug); the proxy ending one is not.
         (log.debug if quiet else log.warning)("session %d closed: %s", self.id, reason)
+
+
+def _proxy_protocol_start(server: ProxyServer, transport: asyncio.Transport) -> tuple[
+        bytearray | None, tuple[tuple[str, int], tuple[str, int]] | None]:
+    """A new session's PROXY protocol state (Session._pp, Session._origin)."""
+    if not server.config().proxy.proxy_protocol:
+        return None, None
+    return bytearray(), _addresses(transport)
+
+
+def _addresses(transport: asyncio.Transport) -> tuple[tuple[str, int], tuple[str, int]] | None:
+    """(peer, local) of a TCP connection; None for another kind of socket."""
+    peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+    if not (isinstance(peer, tuple) and isinstance(local, tuple)):
+        return None
+    return (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))
 
 
 def _peer(transport: asyncio.Transport) -> str:
