@@ -33,8 +33,10 @@ class ProxyProcess:
 
     def __init__(self, workdir: Path, backend_addrs: Sequence[str], extra_toml: str = "", *,
                  api_host: str = "127.0.0.1", api_token_file: Path | None = None,
-                 api_token: str | None = None, sql_host: str = "127.0.0.1") -> None:
+                 api_token: str | None = None, sql_host: str = "127.0.0.1",
+                 command_prefix: Sequence[str] = ()) -> None:
         self.workdir = workdir
+        self.command_prefix = list(command_prefix)  # e.g. a shell that joins a cgroup first
         self.sql_host = sql_host
         self.local_host = "127.0.0.1" if sql_host == "0.0.0.0" else sql_host
         self.port = free_port()
@@ -65,7 +67,8 @@ class ProxyProcess:
     def start(self, timeout: float = 20.0) -> ProxyProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tiproxy", "--config", str(self.config_path)],
+            [*self.command_prefix, sys.executable, "-m", "tiproxy", "--config",
+             str(self.config_path)],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

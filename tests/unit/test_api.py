@@ -35,6 +35,7 @@ class FakeView:
     """The data plane as the API sees it, with values a test can change between requests."""
 
     shutting_down: bool = False
+    unhealthy: str = ""
     connections: int = 7
     backend_list: list[BackendView] = field(default_factory=list)
     cfg: Config = CONFIG
@@ -56,6 +57,9 @@ class FakeView:
 
     def server_errors(self) -> dict[str, int]:
         return {"load_cert": 2}
+
+    def rejected_connections(self) -> dict[str, int]:
+        return {}
 
     async def session_views(self) -> list[SessionView]:
         return [SessionView(3, "app", "127.0.0.1:5000", "127.0.0.1:3308", True, "drained",

@@ -36,6 +36,7 @@ class ControlledView:
 
     cfg: Config = CONFIG
     shutting_down: bool = False
+    unhealthy: str = ""
     applied: list[Config] = field(default_factory=list)
     drained: list[tuple[str, bool]] = field(default_factory=list)
     redirects: int = 0
@@ -62,6 +63,9 @@ class ControlledView:
         return {}
 
     def server_errors(self) -> dict[str, int]:
+        return {}
+
+    def rejected_connections(self) -> dict[str, int]:
         return {}
 
     def drain(self, addr: str, drain: bool) -> None:

@@ -25,6 +25,7 @@ CONFIG = parse_config('[proxy]\nbackend-addrs = ["127.0.0.1:3306"]\nmax-connecti
 @dataclass
 class FakeView:
     shutting_down: bool = False
+    unhealthy: str = ""
     backend_list: list[BackendView] = field(default_factory=list)
     cfg: Config = CONFIG
     redirects: int = 0
@@ -51,6 +52,9 @@ class FakeView:
         return MigrationStats({}, (), [0], 0.0)
 
     def server_errors(self) -> dict[str, int]:
+        return {}
+
+    def rejected_connections(self) -> dict[str, int]:
         return {}
 
     def drain(self, addr: str, drain: bool) -> None:

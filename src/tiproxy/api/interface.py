@@ -59,6 +59,8 @@ class MigrationStats:
 class ProxyView(Protocol):
     @property
     def shutting_down(self) -> bool: ...
+    @property
+    def unhealthy(self) -> str: ...  # why health is 502 besides a shutdown, "" when it is not
     async def refresh(self) -> None: ...  # counters as of now, before backends() and metrics
     def connection_count(self) -> int: ...
     def backends(self) -> list[BackendView]: ...
@@ -67,6 +69,7 @@ class ProxyView(Protocol):
     def config(self) -> Config: ...
     def discovery_status(self) -> Mapping[str, str]: ...  # source -> "ok" or its error
     def server_errors(self) -> Mapping[str, int]: ...  # tiproxy_server_err by type
+    def rejected_connections(self) -> Mapping[str, int]: ...  # clients refused, by why
 
 
 @runtime_checkable

@@ -10,6 +10,8 @@ TiProxy's pkg/metrics so that its Grafana dashboard works unchanged:
 - `tiproxy_balance_b_conn{backend}` (gauge): connections routed to each backend.
 - `tiproxy_server_err{type}` (counter): errors of the proxy itself, e.g. `load_cert` for a
   certificate file that did not load.
+- `tiproxy_server_reject_connection_total{type}` (counter): clients refused before their
+  greeting: `max_connections`, `memory` (high-memory-usage-reject-threshold).
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ class ProxyCollector(Collector):
         for kind, count in sorted(self._view.server_errors().items()):
             errors.add_metric([kind], count)
         yield errors
+        rejected = CounterMetricFamily("tiproxy_server_reject_connection",
+                                       "Counter of refused connections.", labels=["type"])
+        for kind in ("max_connections", "memory"):
+            rejected.add_metric([kind], self._view.rejected_connections().get(kind, 0))
+        yield rejected
 
 
 def _query_totals(backends: list[BackendView]) -> Metric:

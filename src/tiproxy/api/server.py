@@ -3,7 +3,8 @@
 Routes (TiProxy's, plus our own backend list):
 - `GET /api/debug/health`: 200 with `{"config_checksum", "unhealthy_reason": ""}`; 502 with the
   reason while shutting down ("server is closing"), so that a load balancer in front stops
-  sending new clients during graceful shutdown, or while an operator says so:
+  sending new clients during graceful shutdown, while memory use is over
+  `high-memory-usage-reject-threshold`, or while an operator says so:
   `PUT /api/debug/health` with `{"healthy": false, "reason": "..."}` (or `true`: healthy even
   so, except while closing) overrides the answer until `DELETE /api/debug/health`.
 - `GET /api/admin/config`: the effective config as TOML; as JSON with `?format=json` or
@@ -159,8 +160,12 @@ def build_app(view: ProxyView,
 async def _health(request: web.Request) -> web.Response:
     view = request.app[_VIEW]
     override = request.app[_HEALTH].value
-    reason = CLOSING if view.shutting_down else "" if override is None or override[0] \
-        else override[1] or "set unhealthy through the API"
+    if view.shutting_down:
+        reason = CLOSING
+    elif override is not None:
+        reason = "" if override[0] else override[1] or "set unhealthy through the API"
+    else:
+        reason = view.unhealthy
     body = {
         "config_checksum": config_checksum(view.config()),
         "unhealthy_reason": reason,

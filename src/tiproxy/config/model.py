@@ -222,6 +222,10 @@ class ProxyConfig:
     pd_addrs: tuple[str, ...] = field(default=(), metadata=_PD_ADDRS)
     backend_addrs: tuple[str, ...] = field(default=(), metadata=_ADDR_LIST)  # ours: static list
     max_connections: int = field(default=0, metadata=COUNT)  # 0: unlimited
+    # TiProxy's: at or over this share of the memory it may use, new clients are refused and
+    # health says so (0: off; (0, 0.5) counts as 0.5). See control/memory.py.
+    high_memory_usage_reject_threshold: float = field(
+        default=0.9, metadata=rules(check=in_range(0.0, 1.0)))
     # Ours: data-plane processes; 0: one per CPU this process may use (workers/control.py).
     workers: int = field(default=0, metadata=offline(COUNT))
     conn_buffer_size: int = field(default=DEFAULT_CONN_BUFFER_SIZE,

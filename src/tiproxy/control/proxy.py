@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from tiproxy.balance.balancer import INTERVAL
+from tiproxy.control.memory import effective_threshold, memory_use
 
 if TYPE_CHECKING:
     from tiproxy.api.interface import BackendView, MigrationStats, SessionView
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from tiproxy.control.cluster import Cluster
 
 log = logging.getLogger("tiproxy.server")
+MEMORY_INTERVAL = 1.0  # seconds between looks at the memory use
 
 
 class SessionHolder(Protocol):
@@ -40,6 +42,9 @@ class SessionHolder(Protocol):
     def config_changed(self, cfg: Config) -> None: ...
     def migration_stats(self) -> MigrationStats: ...
     def server_errors(self) -> Mapping[str, int]: ...
+    def rejected_connections(self) -> Mapping[str, int]: ...  # clients refused, by why
+    def set_memory_high(self, reason: str) -> None: ...  # "" lets new clients in again
+    def pids(self) -> list[int]: ...  # the proxy's processes
 
 
 class Proxy:
@@ -50,12 +55,16 @@ class Proxy:
         self.holder = holder
         self._shutting_down = False
         self._rebalancing: asyncio.Task[None] | None = None
+        self._watching_memory: asyncio.Task[None] | None = None
+        self.memory_high = ""  # why new clients are refused for memory, if they are
         self._reloading = asyncio.Lock()  # reloads one at a time, cluster and holder alike
 
     async def start(self) -> None:
         await self.cluster.start()
         await self.holder.start()
-        self._rebalancing = asyncio.get_running_loop().create_task(self._rebalance())
+        loop = asyncio.get_running_loop()
+        self._rebalancing = loop.create_task(self._rebalance())
+        self._watching_memory = loop.create_task(self._watch_memory())
 
     def begin_shutdown(self) -> None:
         """Health turns 502 so that load balancers stop sending clients; sessions go on."""
@@ -63,8 +72,9 @@ class Proxy:
 
     async def stop(self) -> None:
         self._shutting_down = True
-        if self._rebalancing is not None:
-            self._rebalancing.cancel()
+        for task in (self._rebalancing, self._watching_memory):
+            if task is not None:
+                task.cancel()
         self.cluster.stop()
         await self.holder.stop(self.cluster.config.proxy.graceful_close_conn_timeout)
 
@@ -78,6 +88,26 @@ class Proxy:
             orders = rebalancer.plan(await self.holder.movable(sources))
             if orders:
                 self.holder.carry_out(orders)
+
+    async def _watch_memory(self) -> None:
+        """Once a second: over `high-memory-usage-reject-threshold`, new clients are refused
+        (sessions go on) and health says why, until the use is under it again."""
+        while True:
+            await asyncio.sleep(MEMORY_INTERVAL)
+            threshold = effective_threshold(
+                self.cluster.config.proxy.high_memory_usage_reject_threshold)
+            use = await asyncio.to_thread(memory_use, self.holder.pids()) if threshold else None
+            reason = ""
+            if use is not None and use >= threshold:
+                reason = (f"memory use {use:.0%} is at or over high-memory-usage-reject-"
+                          f"threshold ({threshold:.0%})")
+            if reason != self.memory_high:
+                if reason:
+                    log.warning("new clients refused: %s", reason)
+                else:
+                    log.info("memory use back under the threshold: new clients accepted")
+                self.memory_high = reason
+                self.holder.set_memory_high(reason)
 
     # -- ProxyView ------------------------------------------------------------------------------
 
@@ -108,6 +138,14 @@ class Proxy:
 
     def server_errors(self) -> dict[str, int]:
         return dict(self.cluster.server_errors() + Counter(self.holder.server_errors()))
+
+    def rejected_connections(self) -> dict[str, int]:
+        return dict(self.holder.rejected_connections())
+
+    @property
+    def unhealthy(self) -> str:
+        """Why health should say unhealthy besides a shutdown ("" when nothing does)."""
+        return self.memory_high
 
     # -- ProxyControl ---------------------------------------------------------------------------
 

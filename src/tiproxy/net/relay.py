@@ -223,17 +223,20 @@ class Session(SessionMoves):
         self._early: tuple[Backend, BackendLeg, bytes] | None = None
         server.session_opened(self)  # keep-alive: inherited from the listening socket
         self.keepalive_unhealthy = False  # which backend keep-alive the backend socket has
-        if server.over_capacity():
-            self._refuse_over_capacity()
+        refusal = server.refusal()
+        if refusal is not None:
+            self._refuse_at_once(*refusal)
             return
         loop = asyncio.get_running_loop()
         self._login_timer = loop.call_later(LOGIN_TIMEOUT, self._login_timed_out)
         self._task = loop.create_task(self._greet())
 
-    def _refuse_over_capacity(self) -> None:
-        log.warning("session %d from %s refused: too many connections", self.id, self.peer)
-        self.send_client(frame(build_err(ER_CON_COUNT_ERROR, "08004", "Too many connections"), 0))
-        self.close("too many connections", quiet=True)
+    def _refuse_at_once(self, kind: str, message: str) -> None:
+        """Before the greeting (max-connections, memory): MySQL's 1040, as a server full."""
+        log.warning("session %d from %s refused: %s", self.id, self.peer, message)
+        self.server.rejected[kind] += 1
+        self.send_client(frame(build_err(ER_CON_COUNT_ERROR, "08004", message), 0))
+        self.close(message, quiet=True)
 
     # -- login ------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections import Counter
@@ -88,6 +89,8 @@ class ProxyServer:
         self._stale: list[tuple[Session, tuple[bytes, bytes]]] = []
         self._migrations: Counter[tuple[str, str, str, str]] = Counter()
         self.errors: Counter[str] = Counter()  # tiproxy_server_err by type, besides TLS's
+        self.rejected: Counter[str] = Counter()  # clients refused at once, by why
+        self.memory_high = ""  # why new clients are refused for memory; set by the control plane
         self._durations = _Durations()
         self._unhealthy: set[str] = set()  # backends unhealthy at the last keep-alive switch
         self.port = 0
@@ -209,6 +212,23 @@ class ProxyServer:
     def over_capacity(self) -> bool:
         limit = self._config.proxy.max_connections
         return bool(limit) and len(self.sessions) > limit
+
+    def refusal(self) -> tuple[str, str] | None:
+        """(kind, message) when a new client must be refused at once, else None."""
+        if self.over_capacity():
+            return "max_connections", "Too many connections"
+        if self.memory_high:
+            return "memory", f"Too many connections: {self.memory_high}"
+        return None
+
+    def rejected_connections(self) -> dict[str, int]:
+        return dict(self.rejected)
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def set_memory_high(self, reason: str) -> None:
+        self.memory_high = reason
 
     # -- moves ----------------------------------------------------------------------------------
 

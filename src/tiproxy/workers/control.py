@@ -93,6 +93,7 @@ class _Totals:
     duration_total: float = 0.0
     errors: Counter[str] = dataclasses.field(default_factory=Counter)
     queries: dict[str, Counter[str]] = dataclasses.field(default_factory=dict)
+    rejected: Counter[str] = dataclasses.field(default_factory=Counter)
 
     def add(self, stats: m.Stats) -> None:
         self.migrations.update(stats.migrations)
@@ -100,6 +101,7 @@ class _Totals:
                                                 strict=True)]
         self.duration_total += stats.duration_total
         self.errors.update(stats.errors)
+        self.rejected.update(stats.rejected)
         for addr, counts in stats.query_counts.items():
             self.queries.setdefault(addr, Counter()).update(counts)
 
@@ -119,6 +121,7 @@ class Workers:
         self.counts = SharedCounts(count)
         self._slots: dict[str, int] = {}  # backend addr -> its column in self.counts
         self._table: m.Table | None = None  # the last table built
+        self._memory_high = ""  # as last told to the workers
         cluster.on_credentials = lambda: self._broadcast(
             m.Credentials(cluster.credentials.snapshot()))
         cluster.tls.changed = lambda: self._broadcast(m.TLSChanged(cluster.tls.materials()))
@@ -156,6 +159,8 @@ class Workers:
         link.send(m.Setup(cluster.config, worker.index, self.count, worker.incarnation,
                           cluster.tls.materials(), logging.getLogger().level))
         link.send(m.Credentials(cluster.credentials.snapshot()))
+        if self._memory_high:
+            link.send(m.MemoryHigh(self._memory_high))
         self._send_tables(only=worker)
         worker.reader = asyncio.get_running_loop().create_task(link.run())
 
@@ -380,6 +385,19 @@ class Workers:
         for stats in self._live_stats():
             errors.update(stats.errors)
         return dict(errors)
+
+    def rejected_connections(self) -> dict[str, int]:
+        rejected = Counter(self._retired.rejected)
+        for stats in self._live_stats():
+            rejected.update(stats.rejected)
+        return dict(rejected)
+
+    def set_memory_high(self, reason: str) -> None:
+        self._memory_high = reason
+        self._broadcast(m.MemoryHigh(reason))
+
+    def pids(self) -> list[int]:
+        return [os.getpid(), *(w.proc.pid for w in self._workers if w.live and w.proc)]
 
 
 def _bind(addr: str, count: int) -> list[list[socket.socket]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import pickle
@@ -120,6 +121,14 @@ class Stats:
     duration_total: float
     errors: Mapping[str, int]
     query_counts: Mapping[str, Mapping[str, int]]  # backend addr -> cmd_type -> count
+    rejected: Mapping[str, int] = dataclasses.field(default_factory=dict)  # clients refused
+
+
+@dataclass(frozen=True)
+class MemoryHigh:
+    """Control to worker: why new clients are refused for memory now ("" when they are not)."""
+
+    reason: str
 
 
 @dataclass(frozen=True)

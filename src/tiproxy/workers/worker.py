@@ -195,6 +195,8 @@ class WorkerServer(ProxyServer):
             self.config_changed(message.config)
         elif isinstance(message, m.TLSChanged):
             self.tls.follow(message.tls)
+        elif isinstance(message, m.MemoryHigh):
+            self.memory_high = message.reason
 
     async def answer(self, what: str, arg: Any) -> Any:
         if what == "sessions":
@@ -232,6 +234,7 @@ class WorkerServer(ProxyServer):
             errors=self.server_errors(),
             query_counts={b.addr: dict(b.query_counts) for b in self.router.backends.values()
                           if b.query_counts},
+            rejected=dict(self.rejected),
         )
 
     def server_errors(self) -> dict[str, int]:
