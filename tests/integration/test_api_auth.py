@@ -174,3 +174,34 @@ def test_start_refuses_a_users_file_that_is_a_fifo(
     with pytest.raises(RuntimeError, match="exited with 2") as info:
         proxy_factory([backends[0].addr], f'\n[security]\nusers-file = "{fifo}"')
     assert "security.users-file: not a regular file" in str(info.value)
+
+
+# Run inside the namespace: one raw HTTP request that starts with a PROXY header naming
+# 127.0.0.1, as a remote attacker would send it; prints the status line.
+_SPOOF = """
+import socket, sys
+sys.path.insert(0, sys.argv[3])
+from tiproxy.protocol.proxyproto import build
+host, port = sys.argv[1], int(sys.argv[2])
+sock = socket.create_connection((host, port), timeout=20)
+sock.sendall(build(("127.0.0.1", 40000), (host, port)) + b"POST /api/debug/redirect HTTP/1.1"
+             b"\\r\\nHost: x\\r\\nContent-Length: 0\\r\\nConnection: close\\r\\n\\r\\n")
+reply = b""
+while chunk := sock.recv(4096):
+    reply += chunk
+print(reply.split(b"\\r\\n", 1)[0].decode())
+"""
+
+
+def test_a_proxy_header_cannot_make_a_remote_peer_loopback(
+    netns: str, backends: list[MariaDBServer], proxy_factory: ProxyFactory
+) -> None:
+    """With `[api] proxy-protocol`, a header may take loopback trust away, never grant it."""
+    proxy = proxy_factory([b.addr for b in backends], api_host=ROOT_IP,
+                          api_toml='proxy-protocol = "v2"')
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    out = subprocess.run(["ip", "netns", "exec", NETNS, sys.executable, "-c", _SPOOF, ROOT_IP,
+                          str(proxy.api_port), src],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "HTTP/1.1 403 Forbidden", out
+    assert "refused" in proxy.log()

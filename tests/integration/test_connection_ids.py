@@ -128,7 +128,7 @@ def test_driver_cancels_reach_either_backend(idproxy: ProxyProcess, pair: list[M
     assert sleeping.codes and sleeping.codes[0] in (2013, 1927, ER_QUERY_INTERRUPTED), \
         sleeping.codes  # the connection was killed
     if where == "other":
-        assert "as its own user" in idproxy.log()
+        idproxy.wait_log("as its own user")
     for conn in [killer, *fillers]:
         conn.close()
 
@@ -189,7 +189,8 @@ def test_mariadb_cli_ctrl_c_kills_its_query(idproxy: ProxyProcess, pair: list[Ma
         assert b"query killed" in out, (out, err)
         assert b"1317" in err and b"interrupted" in err, err
         if where == "other":
-            assert "KILL QUERY" in idproxy.log() and "as its own user" in idproxy.log()
+            idproxy.wait_log("as its own user")
+            assert "KILL QUERY" in idproxy.log()
     finally:
         if cli.poll() is None:
             cli.kill()

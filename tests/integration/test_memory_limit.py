@@ -1,7 +1,8 @@
 """`[proxy] high-memory-usage-reject-threshold`, under a real memory cgroup: the test starts the
 proxy inside a cgroup of its own, then lowers the cgroup's limit so that the proxy's resident
-memory (its processes', workers too) is over the threshold of it, and raises it again. New clients are refused with a clear error while the
-use is over it (counted, and health says why); sessions already there go on. Needs root.
+memory (its processes', workers too) is over the threshold of it, and raises it again. New
+clients are refused with a clear error while the use is over it (counted, and health says
+why); sessions already there go on. Needs root.
 """
 
 from __future__ import annotations
@@ -65,13 +66,18 @@ def _wait(check: object, what: str, timeout: float = 10) -> None:
 
 
 def _resident(proxy: ProxyProcess) -> int:
-    """Bytes of resident memory of the proxy's processes (the control process and workers)."""
+    """Bytes of resident memory (PSS) of the proxy's processes (the control process and its
+    workers), as /proc tells it."""
     assert proxy.proc is not None
     pid = proxy.proc.pid
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    page = os.sysconf("SC_PAGE_SIZE")
-    return sum(int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
-               for p in [pid, *map(int, children)])
+    total = 0
+    for p in [pid, *map(int, children)]:
+        found = re.search(r"^Pss:\s+(\d+) kB", Path(f"/proc/{p}/smaps_rollup").read_text(),
+                          re.MULTILINE)
+        assert found is not None
+        total += int(found.group(1)) * 1024
+    return total
 
 
 def _refused(proxy: ProxyProcess) -> str | None:

@@ -83,7 +83,7 @@ def test_the_headers_client_is_who_the_backend_sees(pp_proxy: ProxyProcess) -> N
         assert cur.fetchone() == (f"pp@{CLAIMED[0]}", f"pp@{CLAIMED[0]}")
     session = pp_proxy.session(conn.thread_id())
     assert session["client"] == f"{CLAIMED[0]}:{CLAIMED[1]}"
-    assert f"client {CLAIMED[0]}:{CLAIMED[1]}" in pp_proxy.log()
+    pp_proxy.wait_log(f"client {CLAIMED[0]}:{CLAIMED[1]}")
     # A move logs in to the other backend as the same client.
     pp_proxy.move(conn.thread_id())
     with conn.cursor() as cur:
@@ -113,7 +113,7 @@ def test_a_malformed_header_closes_only_that_connection(pp_proxy: ProxyProcess) 
     while chunk := sock.recv(4096):  # the greeting, then the close
         data += chunk
     sock.close()
-    assert "PROXY header with address family 0x51" in pp_proxy.log()
+    pp_proxy.wait_log("PROXY header with address family 0x51")
     with other.cursor() as cur:
         cur.execute("SELECT 1")
         assert cur.fetchone() == (1,)

@@ -27,14 +27,16 @@ class ProxyProcess:
     """One proxy on free ports with a log file; stop() is safe to call twice.
 
     `api_host` is where the API listens and `sql_host` the SQL port (127.0.0.1 unless a test
-    needs another interface; connect() uses 127.0.0.1 for "0.0.0.0"); `api_token_file` becomes `[api] auth-token-file`, and `api()` sends `api_token`, if given,
-    as the bearer token.
+    needs another interface; connect() uses 127.0.0.1 for "0.0.0.0"); `api_token_file` becomes
+    `[api] auth-token-file`, and `api()` sends `api_token`, if given, as the bearer token;
+    `api_toml` is more lines of `[api]`; `command_prefix` runs the proxy through another
+    command (a shell that joins a cgroup first).
     """
 
     def __init__(self, workdir: Path, backend_addrs: Sequence[str], extra_toml: str = "", *,
                  api_host: str = "127.0.0.1", api_token_file: Path | None = None,
                  api_token: str | None = None, sql_host: str = "127.0.0.1",
-                 command_prefix: Sequence[str] = ()) -> None:
+                 command_prefix: Sequence[str] = (), api_toml: str = "") -> None:
         self.workdir = workdir
         self.command_prefix = list(command_prefix)  # e.g. a shell that joins a cgroup first
         self.sql_host = sql_host
@@ -58,7 +60,8 @@ class ProxyProcess:
             f"{proxy_extra}\n"
             "[api]\n"
             f'addr = "{api_host}:{self.api_port}"\n'
-            + (f'auth-token-file = "{api_token_file}"\n' if api_token_file else "") +
+            + (f'auth-token-file = "{api_token_file}"\n' if api_token_file else "")
+            + (f"{api_toml}\n" if api_toml else "") +
             "[log]\n"
             'level = "info"\n' + (f"[{rest}\n" if rest else "")
         )
@@ -98,6 +101,13 @@ class ProxyProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, text: str, timeout: float = 5.0) -> None:
+        """Until the log has `text` (a worker's lines reach it through the control process)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log()[-2000:]}"
+            time.sleep(0.05)
 
     @property
     def alive(self) -> bool:

@@ -489,3 +489,4 @@ def test_with_proxy_protocol_the_headers_client_is_judged() -> None:
     asyncio.run(main())
     assert view.redirects == 2
     assert not listener._PROXIED  # forgotten once the connections closed
+

@@ -59,8 +59,9 @@ def test_the_cheap_look_finds_every_case() -> None:
     assert not might_name_ids(b"select c from sbtest1 where id=5")
 
 
-def _column(name: bytes, org_table: bytes = b"", org_name: bytes = b"", table: bytes = b"") -> bytes:
-    strings = (b"def", b"", table, org_table, name, org_name)
+def _column(name: bytes, org_table: bytes = b"", org_name: bytes = b"", table: bytes = b"",
+            schema: bytes = b"") -> bytes:
+    strings = (b"def", schema, table, org_table, name, org_name)
     return b"".join(lenenc_bytes(s) for s in strings) + b"\x0c" + b"\x3f\x00" + b"\x0a\x00\x00\x00" \
         + b"\x08\x20\x00\x00\x00\x00"
 
@@ -83,9 +84,13 @@ def _payloads(data: bytes) -> list[bytes]:
 
 
 def test_result_names_and_processlist_ids_are_rewritten_byte_by_byte() -> None:
-    payloads = [b"\x03", _column(b"ID", b"PROCESSLIST", b"ID"), _column(b"0000000042"),
-                _column(b"USER", b"PROCESSLIST", b"USER"), build_eof(0),
-                _row(b"301", b"42", b"app"), _row(b"17", b"42", None), build_eof(0)]
+    i_s = b"information_schema"
+    payloads = [b"\x04", _column(b"ID", b"PROCESSLIST", b"ID", schema=i_s),
+                _column(b"0000000042"), _column(b"USER", b"PROCESSLIST", b"USER", schema=i_s),
+                _column(b"id", b"processlist", b"id", schema=b"app"),  # a table of the user's
+                build_eof(0),
+                _row(b"301", b"42", b"app", b"301"), _row(b"17", b"42", None, b"17"),
+                build_eof(0)]
     rewriter = ResultRewriter(((b"0000000042", b"CONNECTION_ID()"),), {301: 42},
                               show_processlist=False, binary=False, prepare=False,
                               deprecate_eof=False)
@@ -93,9 +98,9 @@ def test_result_names_and_processlist_ids_are_rewritten_byte_by_byte() -> None:
     out = b"".join(rewriter.feed(data[i:i + 1]) for i in range(len(data)))  # byte by byte
     got = _payloads(out)
     assert got[2] == _column(b"CONNECTION_ID()")
-    assert got[5] == _row(b"42", b"42", b"app")
-    assert got[6] == _row(b"17", b"42", None)  # not a proxy session: the backend's id
-    assert got[:2] == payloads[:2] and got[7] == payloads[7]
+    assert got[6] == _row(b"42", b"42", b"app", b"301")  # app.processlist's id is data
+    assert got[7] == _row(b"17", b"42", None, b"17")  # not a proxy session: the backend's id
+    assert got[:2] == payloads[:2] and got[8] == payloads[8]
     assert rewriter.done
     assert rewriter.feed(b"later") == b"later"
 
@@ -143,4 +148,37 @@ def test_a_cursor_execute_ends_the_rewrite_with_its_definitions() -> None:
                               deprecate_eof=False, cursor=True)
     got = _payloads(rewriter.feed(_packets(payloads)))
     assert got[1] == _column(b"CONNECTION_ID()")
+    assert rewriter.done
+
+
+def test_stored_definitions_keep_their_calls() -> None:
+    """A view, routine, trigger, event or DEFAULT stores its text: the id is the caller's then."""
+    for sql in (b"CREATE VIEW v AS SELECT * FROM jobs WHERE owner = CONNECTION_ID()",
+                b"/* x */ create procedure p() select connection_id()",
+                b"ALTER TABLE t ALTER c SET DEFAULT (CONNECTION_ID())"):
+        assert find_id_uses(sql) is None, sql
+
+
+def test_quoted_processlist_and_ids_inside_a_lock_argument() -> None:
+    uses = find_id_uses(b"SELECT * FROM `information_schema`.`PROCESSLIST` "
+                        b"WHERE ID = CONNECTION_ID()")
+    assert uses is not None and uses.processlist
+    sql = b"SELECT IS_USED_LOCK(CONCAT('job', CONNECTION_ID()))"
+    uses = find_id_uses(sql)
+    assert uses is not None
+    assert rewrite(sql, uses, 5, {}).sql == b"SELECT IS_USED_LOCK(CONCAT('job', 0000000005))"
+    assert rewrite(sql, uses, 5, {77: 5}).sql == (
+        b"SELECT CASE IS_USED_LOCK(CONCAT('job', 0000000005)) WHEN 77 THEN 5 ELSE "
+        b"IS_USED_LOCK(CONCAT('job', 0000000005)) END")
+
+
+def test_a_progress_report_and_an_ok_terminator_with_counts() -> None:
+    progress = b"\xff\xff\xff\x01\x00\x00\x00\x00"  # MariaDB's progress report, then the result
+    ok_end = b"\xfe\x05\x00" + (0).to_bytes(2, "little") + b"\x00\x00"
+    rewriter = ResultRewriter(((b"0000000042", b"CONNECTION_ID()"),), None,
+                              show_processlist=False, binary=False, prepare=False,
+                              deprecate_eof=True)
+    got = _payloads(rewriter.feed(_packets([progress, b"\x01", _column(b"0000000042"),
+                                            _row(b"42"), ok_end])))
+    assert got[2] == _column(b"CONNECTION_ID()")
     assert rewriter.done

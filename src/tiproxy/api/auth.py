@@ -112,7 +112,10 @@ async def write_refusal(request: web.Request, token_path: str, tokens: TokenFile
     header = request.headers.get(hdrs.AUTHORIZATION)
     transport = request.transport
     if header is None:
-        if transport is not None and (is_loopback(peer_of(transport))
+        # A PROXY header may take loopback trust away (a balancer on this host forwarding a
+        # remote client), never grant it: the socket must be loopback too.
+        if transport is not None and ((is_loopback(transport.get_extra_info("peername"))
+                                       and is_loopback(peer_of(transport)))
                                       or has_verified_client_cert(transport)):
             return None
         return NEED_CREDENTIAL

@@ -3,9 +3,10 @@
 With server-http-tls, one port serves both, as TiProxy's does: a connection whose first byte
 is 0x16 (a TLS handshake record) is upgraded to TLS (client certificates verified and required
 with `ca` unless `skip-ca`, `cert-allowed-cn` checked) and then served by aiohttp; any other
-connection is served in plain HTTP, where only `/api/debug/health` answers (for load balancers
-that probe without TLS) and every other route says to use HTTPS (`plain_http_guard`). Without
-server-http-tls every connection is plain and every route answers.
+connection is served in plain HTTP, where only `GET /api/debug/health` answers (for load
+balancers that probe without TLS; setting it is a write, over HTTPS) and every other route
+says to use HTTPS (`plain_http_guard`). Without server-http-tls every connection is plain and
+every route answers.
 
 `APIConnection` is the protocol of each accepted socket until it knows which: it holds the first
 bytes, then hands the transport (raw or TLS) and those bytes to aiohttp's request handler.
@@ -168,7 +169,8 @@ def plain_http_guard(https_configured: Callable[[], bool]) -> Any:
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         transport = request.transport
         plain = transport is None or transport.get_extra_info("ssl_object") is None
-        if plain and https_configured() and request.path not in HEALTH_PATHS:
+        health_read = request.path in HEALTH_PATHS and request.method in ("GET", "HEAD")
+        if plain and https_configured() and not health_read:
             return web.json_response(
                 {"error": "this API is served over HTTPS (security.server-http-tls); plain "
                           "HTTP answers only /api/debug/health"}, status=400)

@@ -3,10 +3,11 @@ high-memory-usage-reject-threshold` (TiProxy's: at or over it, new clients are r
 health route says so; sessions already there go on).
 
 The use is the resident memory of the proxy's processes (the control process and its
-workers). What it may use is its memory cgroup's limit (v2 `memory.max`, v1
-`memory.limit_in_bytes`) when there is one below the machine's memory, else the machine's
-memory. The cgroup's own count is not the use: it holds the page cache of everything in the
-container, which fills any limit on a busy machine and is given back on demand.
+workers; their proportional set size, so that pages they share count once). What it may use is
+its memory cgroup's limit (v2 `memory.max`, v1 `memory.limit_in_bytes`) when there is one
+below the machine's memory, else the machine's memory. The cgroup's own count is not the use:
+it holds the page cache of everything in the container, which fills any limit on a busy
+machine and is given back on demand.
 """
 
 from __future__ import annotations
@@ -34,13 +35,22 @@ def memory_use(pids: Iterable[int], root: Path = CGROUP_ROOT) -> float | None:
         limit = cgroup
     if not limit:
         return None
-    rss = 0
-    for pid in pids:
-        try:
-            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
-        except (OSError, ValueError, IndexError):
-            continue  # a worker that just exited
-    return rss / limit
+    return sum(_resident(pid) for pid in pids) / limit
+
+
+def _resident(pid: int) -> int:
+    """Bytes of a process's resident memory, its share of pages shared with the others (PSS)
+    counted once; RSS where the kernel gives no PSS. 0 for a process that has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _machine_memory() -> int:

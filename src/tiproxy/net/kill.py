@@ -102,10 +102,14 @@ async def _kill_here(session: Session, target: KillTarget, sql: str) -> None:
         if _reattached(session, leg):
             session.reply_error(ER_UNKNOWN_ERROR, "HY000",
                                 f"TiProxy: KILL failed: {str(e) or type(e).__name__}")
+    except Exception as e:  # a bug: the session cannot go on with its leg detached
+        log.exception("session %d: KILL failed", session.id)
+        session.close(f"KILL failed: {type(e).__name__}")
     else:
         if _reattached(session, leg):
             _reply_ok(session)
-    session.release_input("kill")
+    finally:
+        session.release_input("kill")
 
 
 def _kill_elsewhere(session: Session, target: KillTarget, sql: str) -> None:
@@ -141,13 +145,14 @@ def _kill_elsewhere(session: Session, target: KillTarget, sql: str) -> None:
                 conn.close()
         except SQLError as e:
             session.reply_error(e.code, e.sqlstate, _proxy_ids(e.message, target))
-        except (OSError, TimeoutError, ProtocolError) as e:
+        except (OSError, TimeoutError, ProtocolError, ValueError) as e:
             why = str(e) or type(e).__name__
             session.reply_error(ER_UNKNOWN_ERROR, "HY000",
                                 f"TiProxy: KILL on the other backend failed: {why}")
         else:
             _reply_ok(session)
-        session.release_input("kill")
+        finally:
+            session.release_input("kill")
 
     session.run_task(run())
 
@@ -179,7 +184,7 @@ def handle_kill_expression(session: Session, sql: bytes) -> None:
         session.reply_error(ER_UNKNOWN_ERROR, "HY000",
                             "TiProxy: a KILL with a backslash in it is not evaluated")
         return
-    session.hold_input("kill")
+    session.hold_input("kill expression")  # the KILL it leads to holds "kill" of its own
     session.run_task(_evaluate(session, parts))
 
 
@@ -211,7 +216,8 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
     else:
         if _reattached(session, leg):
             handle_kill(session, target, parts.query_only, parts.prefix)
-    session.release_input("kill")
+    finally:
+        session.release_input("kill expression")
 
 
 def _reattached(session: Session, leg: BackendLeg) -> bool:

@@ -858,20 +858,21 @@ class Session(SessionMoves):
         the packet to send instead, None to send it as it is, False to wait (for the backend to
         finish earlier responses, or for the other sessions' ids)."""
         sql = packet[5:]
-        if not might_name_ids(sql.lower()):
-            return None
+        if len(sql) + 1 >= MAX_PAYLOAD or not might_name_ids(sql.lower()):
+            return None  # the first 16 MiB of a longer command goes as it came
         uses = find_id_uses(sql)
         backend = self.backend
         tracker = self.tracker
         if uses is None or backend is None or tracker is None:
             return None
-        if prepare:  # executed later: other sessions' ids then are not known now
-            uses = dataclasses.replace(uses, lock_calls=(), processlist=False,
-                                       show_processlist=False)
+        if prepare:
+            # Executed later, when other sessions' ids are not the ones known now: no lock call
+            # is mapped, nor a processlist's rows (its CONNECTION_ID() stays the backend's).
+            uses = dataclasses.replace(uses, lock_calls=())
         if not tracker.idle:
             return False  # the rewritten response must be the first one that comes back
         ids: dict[int, int] | None = None
-        if uses.needs_holders:
+        if uses.needs_holders and not prepare:
             known, self._id_map = self._id_map, None
             if known is None or known[0] != backend.addr:
                 self._look_up_ids(backend.addr, locks_only=not uses.processlist)
@@ -881,7 +882,7 @@ class Session(SessionMoves):
         out = rewrite(sql, uses, self.id, ids)
         if out.renames or (uses.processlist and ids):
             self._rewriter = ResultRewriter(
-                out.renames, ids if uses.processlist else None,
+                out.renames, ids if uses.processlist and not prepare else None,
                 show_processlist=uses.show_processlist, binary=prepare, prepare=prepare,
                 deprecate_eof=bool(self.backend_caps & Capability.DEPRECATE_EOF),
                 id_names=out.id_names)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from tiproxy.protocol.codec import U16, lenenc_bytes, lenenc_int, read_lenenc_int
 from tiproxy.protocol.constants import MAX_PAYLOAD
 from tiproxy.protocol.errors import ProtocolError
+from tiproxy.protocol.tracker import terminator_status
+from tiproxy.session.statements import first_keyword
 
 # A cheap first look, on the lower-cased statement: only these statements are scanned.
 MARKERS = (b"ection_id", b"ocesslist", b"used_lock")
@@ -44,10 +46,14 @@ _OPAQUE = re.compile(
     re.DOTALL,
 )
 _CALLS = re.compile(
-    rb"(?<![\w$.])(?P<cid>connection_id)\s*\(\s*\)|(?<![\w$.])(?P<lock>is_used_lock)\s*\("
-    rb"|(?<![\w$])(?P<plist>processlist)(?![\w$])",
+    rb"(?<![\w$.])(?P<cid>connection_id)\s*\(\s*\)|(?<![\w$.])(?P<lock>is_used_lock)\s*\(",
     re.IGNORECASE,
 )
+_CONNECTION_ID = re.compile(rb"(?<![\w$.])connection_id\s*\(\s*\)", re.IGNORECASE)
+_PROCESSLIST = re.compile(rb"(?<![\w$])processlist(?![\w$])", re.IGNORECASE)
+# Statements that store their text (CREATE VIEW, routines, triggers, events, a column's DEFAULT;
+# ALTER likewise): CONNECTION_ID() there must stay a call.
+_DEFINITIONS = frozenset((b"CREATE", b"ALTER"))
 _SHOW_PROCESSLIST = re.compile(rb"\s*SHOW\s+(?:FULL\s+)?PROCESSLIST\b", re.IGNORECASE)
 
 
@@ -70,14 +76,21 @@ class IdUses:
         return bool(self.lock_calls) or self.processlist
 
 
-def _masked(sql: bytes) -> bytes:
-    """The statement with strings, quoted names and comments blanked (same length)."""
+def _masked(sql: bytes) -> tuple[bytes, bytes]:
+    """The statement with strings, quoted names and comments blanked (same length), and the
+    same with the names of quoted identifiers kept (`information_schema`.`PROCESSLIST`)."""
     if not any(c in sql for c in (b"'", b'"', b"`", b"#", b"--", b"/*")):
-        return sql
+        return sql, sql
     out = bytearray(sql)
+    names = bytearray(sql)
     for m in _OPAQUE.finditer(sql):
-        out[m.start():m.end()] = b" " * (m.end() - m.start())
-    return bytes(out)
+        blank = b" " * (m.end() - m.start())
+        out[m.start():m.end()] = blank
+        if sql[m.start()] != 0x60:  # not a quoted identifier: blank in both
+            names[m.start():m.end()] = blank
+        else:
+            names[m.start()] = names[m.end() - 1] = 0x20
+    return bytes(out), bytes(names)
 
 
 def _closing_paren(masked: bytes, open_at: int) -> int | None:
@@ -95,10 +108,11 @@ def _closing_paren(masked: bytes, open_at: int) -> int | None:
 
 def find_id_uses(sql: bytes) -> IdUses | None:
     """None when the statement names no connection id (the usual case)."""
-    masked = _masked(sql)
+    masked, names = _masked(sql)
+    if first_keyword(masked) in _DEFINITIONS:
+        return None  # stored (a view, a routine, a default): ids there are the backend's
     cids: list[tuple[int, int]] = []
     locks: list[tuple[int, int]] = []
-    plist = False
     pos = 0
     while (m := _CALLS.search(masked, pos)) is not None:
         pos = m.end()
@@ -110,12 +124,15 @@ def find_id_uses(sql: bytes) -> IdUses | None:
                 continue  # unbalanced: the server's parser will say so
             locks.append((m.start(), close + 1))
             pos = close + 1  # a lock call inside the argument is not mapped twice
-        else:
-            plist = True
+    plist = _PROCESSLIST.search(names) is not None
     if not cids and not locks and not plist:
         return None
     show = bool(_SHOW_PROCESSLIST.match(masked))
-    return IdUses(tuple(cids), tuple(locks), plist, show)
+    # CONNECTION_ID() inside an IS_USED_LOCK() argument too, as in GET_LOCK()'s.
+    for start, end in locks:
+        cids += [(start + m.start(), start + m.end())
+                 for m in _CONNECTION_ID.finditer(masked[start:end])]
+    return IdUses(tuple(sorted(cids)), tuple(locks), plist, show)
 
 
 def padded(proxy_id: int) -> bytes:
@@ -135,13 +152,33 @@ def rewrite(sql: bytes, uses: IdUses, proxy_id: int,
     read) and IS_USED_LOCK() answering proxy ids of `lock_holders` (backend id -> proxy id)."""
     spans: list[tuple[int, int, bytes]] = []
     id_names = tuple(sql[start:end] for start, end in uses.connection_ids)
+    literal = padded(proxy_id)
+    mapped = [(s, e) for s, e in uses.lock_calls] if lock_holders else []
+
+    def inside(start: int, end: int) -> bool:
+        return any(s <= start and end <= e for s, e in mapped)
+
+    def with_ids(start: int, end: int) -> bytes:
+        """sql[start:end] with its CONNECTION_ID() calls replaced (not in a processlist read)."""
+        if uses.processlist:
+            return sql[start:end]
+        parts: list[bytes] = []
+        last = start
+        for s, e in uses.connection_ids:
+            if start <= s and e <= end:
+                parts += (sql[last:s], literal)
+                last = e
+        parts.append(sql[last:end])
+        return b"".join(parts)
+
     if not uses.processlist:
-        literal = padded(proxy_id)
-        spans += [(start, end, literal) for start, end in uses.connection_ids]
-    if uses.lock_calls and lock_holders:
+        spans += [(start, end, literal) for start, end in uses.connection_ids
+                  if not inside(start, end)]
+    if mapped:
+        assert lock_holders is not None
         whens = b" ".join(b"WHEN %d THEN %d" % pair for pair in sorted(lock_holders.items()))
-        for start, end in uses.lock_calls:
-            call = sql[start:end]
+        for start, end in mapped:
+            call = with_ids(start, end)
             spans.append((start, end, b"CASE " + call + b" " + whens + b" ELSE " + call
                           + b" END"))
     if not spans:
@@ -163,6 +200,7 @@ def rewrite(sql: bytes, uses: IdUses, proxy_id: int,
 
 _FIRST, _PREPARE_PARAMS, _COLUMNS, _COLUMNS_EOF, _ROWS, _PASS = range(6)
 _MORE_RESULTS = 0x0008
+_NAME_CUT = 64  # MariaDB names an expression's column after at most this much of its text
 
 
 class ResultRewriter:
@@ -222,7 +260,7 @@ class ResultRewriter:
             except (IndexError, ValueError, struct.error, ProtocolError):
                 new = None  # not what it should be: the tracker judges it; it passes
                 self._state = _PASS
-            if new is None:
+            if new is None or len(new) >= MAX_PAYLOAD:  # one packet still, or left as it was
                 out.append(bytes(buf[pos:end]))
             else:
                 out.append(len(new).to_bytes(3, "little") + buf[pos + 3:pos + 4] + new)
@@ -237,6 +275,8 @@ class ResultRewriter:
         if state == _FIRST:
             if first == 0x00 or (first == 0xFE and len(p) < 9):
                 self._ended(p)
+            elif first == 0xFF and len(p) >= 3 and p[1] == 0xFF and p[2] == 0xFF:
+                pass  # MariaDB's progress report: the answer is still to come
             elif first in (0xFF, 0xFB):
                 self._state = _PASS  # an error, or LOCAL INFILE (the rest follows the file)
             else:
@@ -290,12 +330,7 @@ class ResultRewriter:
 
     def _ended(self, p: bytes) -> None:
         """A terminator (EOF or OK): another result follows only with MORE_RESULTS."""
-        if p[0] == 0xFE and len(p) >= 5:
-            status = U16.unpack_from(p, 3)[0]
-        else:
-            _, pos = read_lenenc_int(p, 1)
-            _, pos = read_lenenc_int(p, pos)
-            status = U16.unpack_from(p, pos)[0] if pos + 2 <= len(p) else 0
+        status = terminator_status(p, 0, len(p))
         self._state = _FIRST if status & _MORE_RESULTS else _PASS
 
     def _column(self, p: bytes) -> bytes | None:
@@ -307,9 +342,11 @@ class ResultRewriter:
             pos = start + size
         name = p[fields[4][0]:fields[4][1]]
         if self._ids is not None:
+            schema = p[fields[1][0]:fields[1][1]].upper()
             org_table = p[fields[3][0]:fields[3][1]].upper()
             org_name = p[fields[5][0]:fields[5][1]].upper()
-            if (org_table == b"PROCESSLIST" and org_name == b"ID") \
+            if (schema == b"INFORMATION_SCHEMA" and org_table == b"PROCESSLIST"
+                    and org_name == b"ID") \
                     or (self._show and self._index == 0 and name == b"Id") \
                     or name in self._id_names:
                 self._id_columns.append(self._index)
@@ -317,6 +354,8 @@ class ResultRewriter:
         for put, original in self._renames:
             if put in renamed:
                 renamed = renamed.replace(put, original)
+            elif len(name) >= _NAME_CUT and put.startswith(name):
+                renamed = original  # the server cut a long name: the original, whole
         if renamed == name:
             return None
         return p[:fields[3][1]] + lenenc_bytes(renamed) + p[fields[4][1]:]
