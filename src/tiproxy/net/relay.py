@@ -719,11 +719,10 @@ class Session(SessionMoves):
             handled = self._query_command(packet)
             if handled is not None:
                 return handled
-            ids = self._connection_ids(packet, prepare=False)
-            if ids is False:
+            rewritten = self._connection_ids(packet, prepare=False)
+            if rewritten is False:
                 return False
-            if ids is not None:
-                packet = ids
+            packet = rewritten
             # While LOCK TABLES holds, every statement is read: START TRANSACTION releases it.
             look = self.state.table_locks or may_change_state(packet[4:], True)
             fx = statement_effects(packet[5:]) if look else None
@@ -775,15 +774,14 @@ class Session(SessionMoves):
         assert self.tracker is not None
         if self.state.mapped and not self.tracker.idle:
             return None
-        ids = self._connection_ids(packet, prepare=True)
-        if ids is False:
+        rewritten = self._connection_ids(packet, prepare=True)
+        if rewritten is False:
             return None
-        if ids is not None:
-            packet = ids
         if self.state.mapped:
             self._intercept = bytearray()  # its PREPARE_OK gets the client's id
         # Rewritten: the rewriter was made for this statement's response just now.
-        renames = self._rewriter.renames if ids is not None and self._rewriter else ()
+        renames = self._rewriter.renames if rewritten is not packet and self._rewriter else ()
+        packet = rewritten
         return packet, ("prepare", packet[5:], renames)
 
     def _executed_sql(self, packet: bytes, cmd: int) -> bytes | None:
@@ -853,18 +851,18 @@ class Session(SessionMoves):
         assert self.bt is not None
         self.bt.write(packet)
 
-    def _connection_ids(self, packet: bytes, prepare: bool) -> bytes | Literal[False] | None:
+    def _connection_ids(self, packet: bytes, prepare: bool) -> bytes | Literal[False]:
         """A statement that names connection ids, made to show the proxy's (session/connid.py):
-        the packet to send instead, None to send it as it is, False to wait (for the backend to
-        finish earlier responses, or for the other sessions' ids)."""
+        the packet to send (the same one when nothing changes), or False to wait (for the
+        backend to finish earlier responses, or for the other sessions' ids)."""
         sql = packet[5:]
         if len(sql) + 1 >= MAX_PAYLOAD or not might_name_ids(sql.lower()):
-            return None  # the first 16 MiB of a longer command goes as it came
+            return packet  # the first 16 MiB of a longer command goes as it came
         uses = find_id_uses(sql)
         backend = self.backend
         tracker = self.tracker
         if uses is None or backend is None or tracker is None:
-            return None
+            return packet
         if prepare:
             # Executed later, when other sessions' ids are not the ones known now: no lock call
             # is mapped, nor a processlist's rows (its CONNECTION_ID() stays the backend's).
@@ -886,7 +884,7 @@ class Session(SessionMoves):
                 show_processlist=uses.show_processlist, binary=prepare, prepare=prepare,
                 deprecate_eof=bool(self.backend_caps & Capability.DEPRECATE_EOF),
                 id_names=out.id_names)
-        return frame(packet[4:5] + out.sql, 0) if out.sql != sql else None
+        return frame(packet[4:5] + out.sql, 0) if out.sql != sql else packet
 
     def _look_up_ids(self, addr: str, locks_only: bool) -> None:
         self.hold_input("ids")
