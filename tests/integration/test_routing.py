@@ -14,6 +14,7 @@ import pytest
 
 from support.backends import ADMIN_TOML, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
 from support.proxy import ProxyFactory, ProxyProcess
+from support.sleeper import SleepingQuery
 from tiproxy.playground.mariadb import MariaDBServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -274,26 +275,11 @@ def test_kill_across_backends(backends: list[MariaDBServer], proxy_factory: Prox
     with killer.cursor() as cur:
         cur.execute("SELECT @@port")
         assert cur.fetchone()[0] != victim_port  # fewest connections: another backend
-    done = threading.Event()
-    codes: list[int] = []  # an assert in the thread would not fail the test: checked after
-
-    def run() -> None:
-        try:
-            with victim.cursor() as cur:
-                cur.execute("SELECT SLEEP(20)")
-        except pymysql.err.OperationalError as e:
-            codes.append(e.args[0])
-        finally:
-            done.set()
-
-    t = threading.Thread(target=run)
-    t.start()
-    time.sleep(0.5)
+    sleeping = SleepingQuery(victim)
     with killer.cursor() as cur:
         cur.execute(f"KILL QUERY {victim.thread_id()}")
-    assert done.wait(10), "KILL QUERY did not interrupt the query on the other backend"
-    t.join()
-    assert codes == [1317]  # Query execution was interrupted
+    assert sleeping.wait(), "KILL QUERY did not interrupt the query on the other backend"
+    assert sleeping.codes == [1317]  # Query execution was interrupted
     with outsider.cursor() as cur, pytest.raises(pymysql.err.OperationalError) as info:
         cur.execute(f"KILL {victim.thread_id()}")
     assert info.value.args[0] == 1095

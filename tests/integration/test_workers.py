@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 
 from support.backends import ADMIN_TOML
 from support.proxy import ProxyFactory, ProxyProcess
+from support.sleeper import SleepingQuery
 from tiproxy.playground.mariadb import MariaDBServer
 
 pytestmark = pytest.mark.integration
@@ -135,29 +135,13 @@ def test_kill_finds_the_session_on_another_worker(
     killer = conns[0]
     victims = [c for c in conns if _worker_of(c) != _worker_of(killer)]
     # One victim on the killer's backend (the KILL is rewritten there) if there is one, and
-    # one on another backend (killed through the proxy's own account): both across workers.
+    # one on another backend (killed there as the killer's user): both across workers.
     for victim in victims[:2]:
-        done = threading.Event()
-        errors: list[int] = []
-
-        def run(victim: pymysql.connections.Connection[Any] = victim,
-                done: threading.Event = done, errors: list[int] = errors) -> None:
-            try:
-                with victim.cursor() as cur:
-                    cur.execute("SELECT SLEEP(20)")
-            except pymysql.err.OperationalError as e:
-                errors.append(e.args[0])
-            finally:
-                done.set()
-
-        t = threading.Thread(target=run)
-        t.start()
-        time.sleep(0.5)
+        sleeping = SleepingQuery(victim)
         with killer.cursor() as cur:
             cur.execute(f"KILL QUERY {victim.thread_id()}")
-        assert done.wait(10), "KILL QUERY did not reach the session on the other worker"
-        t.join()
-        assert errors == [1317]  # Query execution was interrupted
+        assert sleeping.wait(), "KILL QUERY did not reach the session on the other worker"
+        assert sleeping.codes == [1317]  # Query execution was interrupted
         with victim.cursor() as cur:  # KILL QUERY leaves the session alive
             cur.execute("SELECT 'alive'")
             assert cur.fetchall() == (("alive",),)
