@@ -304,13 +304,17 @@ class GaleraCluster:
     def _wait_status(self, i: int, deadline: float, done: Callable[[dict[str, str]], bool]) -> None:
         node = self.nodes[i]
         status: dict[str, str] = {}
+        failed = ""  # the last status query that failed, while the node was coming up
         while True:
             if not node.running:
                 raise LauncherError(
                     f"galera node {i} ({node.addr}) exited\n"
                     f"--- tail of {node.error_log} ---\n{node.error_log_tail()}"
                 )
-            status = self._status(i)
+            try:
+                status = self._status(i)
+            except LauncherError as e:  # a joining node may drop a connection as it starts
+                status, failed = {}, str(e)
             if done(status):
                 return
             if time.monotonic() >= deadline:
@@ -320,7 +324,8 @@ class GaleraCluster:
         shown = {name: status.get(name) for name in names}
         raise LauncherError(
             f"galera node {i} ({node.addr}) not synced in a cluster of {self.size} in time: "
-            f"{shown}\n--- tail of {node.error_log} ---\n{node.error_log_tail()}"
+            f"{shown}{f' (last: {failed})' if failed else ''}\n"
+            f"--- tail of {node.error_log} ---\n{node.error_log_tail()}"
         )
 
 
