@@ -45,11 +45,8 @@ _OPAQUE = re.compile(
     rb"|/\*(?!M?!).*?\*/|#[^\n]*|--[ \t\r\n\f\v][^\n]*|--\Z",
     re.DOTALL,
 )
-_CALLS = re.compile(
-    rb"(?<![\w$.])(?P<cid>connection_id)\s*\(\s*\)|(?<![\w$.])(?P<lock>is_used_lock)\s*\(",
-    re.IGNORECASE,
-)
 _CONNECTION_ID = re.compile(rb"(?<![\w$.])connection_id\s*\(\s*\)", re.IGNORECASE)
+_IS_USED_LOCK = re.compile(rb"(?<![\w$.])is_used_lock\s*\(", re.IGNORECASE)
 _PROCESSLIST = re.compile(rb"(?<![\w$])processlist(?![\w$])", re.IGNORECASE)
 # Statements that store their text (CREATE VIEW, routines, triggers, events, a column's DEFAULT;
 # ALTER likewise): CONNECTION_ID() there must stay a call.
@@ -111,28 +108,21 @@ def find_id_uses(sql: bytes) -> IdUses | None:
     masked, names = _masked(sql)
     if first_keyword(masked) in _DEFINITIONS:
         return None  # stored (a view, a routine, a default): ids there are the backend's
-    cids: list[tuple[int, int]] = []
+    # Every CONNECTION_ID(), inside an IS_USED_LOCK() argument too (as in GET_LOCK()'s).
+    cids = [(m.start(), m.end()) for m in _CONNECTION_ID.finditer(masked)]
     locks: list[tuple[int, int]] = []
     pos = 0
-    while (m := _CALLS.search(masked, pos)) is not None:
-        pos = m.end()
-        if m.group("cid"):
-            cids.append((m.start(), m.end()))
-        elif m.group("lock"):
-            close = _closing_paren(masked, m.end() - 1)
-            if close is None:
-                continue  # unbalanced: the server's parser will say so
-            locks.append((m.start(), close + 1))
-            pos = close + 1  # a lock call inside the argument is not mapped twice
+    while (m := _IS_USED_LOCK.search(masked, pos)) is not None:
+        close = _closing_paren(masked, m.end() - 1)
+        if close is None:
+            break  # unbalanced: the server's parser will say so
+        locks.append((m.start(), close + 1))
+        pos = close + 1  # a lock call inside the argument is not mapped twice
     plist = _PROCESSLIST.search(names) is not None
     if not cids and not locks and not plist:
         return None
     show = bool(_SHOW_PROCESSLIST.match(masked))
-    # CONNECTION_ID() inside an IS_USED_LOCK() argument too, as in GET_LOCK()'s.
-    for start, end in locks:
-        cids += [(start + m.start(), start + m.end())
-                 for m in _CONNECTION_ID.finditer(masked[start:end])]
-    return IdUses(tuple(sorted(cids)), tuple(locks), plist, show)
+    return IdUses(tuple(cids), tuple(locks), plist, show)
 
 
 def padded(proxy_id: int) -> bytes:
