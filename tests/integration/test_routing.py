@@ -55,7 +55,7 @@ def test_max_connections(backends: list[MariaDBServer], proxy_factory: ProxyFact
             cur.execute("SELECT 2")
             assert cur.fetchall() == ((2,),)
     held.pop().close()
-    time.sleep(0.2)
+    proxy.wait_sessions(len(held))
     with proxy.connect() as conn, conn.cursor() as cur:
         cur.execute("SELECT 3")
         assert cur.fetchall() == ((3,),)

@@ -114,7 +114,7 @@ def test_max_connections_is_global(backends: list[MariaDBServer],
         if len({_worker_of(c) for c in held}) == 2:
             break
         held.pop().close()
-        time.sleep(0.05)
+        proxy.wait_sessions(len(held))
         held.append(proxy.connect())
     assert len({_worker_of(c) for c in held}) == 2
     for _ in range(6):  # whichever worker the kernel hands each one to
@@ -122,7 +122,7 @@ def test_max_connections_is_global(backends: list[MariaDBServer],
             proxy.connect()
         assert info.value.args[0] == 1040
     held.pop().close()
-    time.sleep(0.3)
+    proxy.wait_sessions(len(held))
     proxy.connect().close()  # room again, on either worker
     for conn in held:
         conn.close()

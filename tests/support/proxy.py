@@ -140,6 +140,14 @@ class ProxyProcess:
         result: list[dict[str, Any]] = json.loads(body)
         return result
 
+    def wait_sessions(self, at_most: int, timeout: float = 10) -> None:
+        """Until the proxy holds at most `at_most` sessions: a client's close reaches the proxy
+        a moment after the client returns, and on a loaded machine later than any fixed sleep."""
+        deadline = time.monotonic() + timeout
+        while len(self.sessions()) > at_most:
+            assert time.monotonic() < deadline, self.sessions()
+            time.sleep(0.02)
+
     def session(self, conn_id: int) -> dict[str, Any]:
         for s in self.sessions():
             if s["id"] == conn_id:
