@@ -1080,8 +1080,8 @@ class Session(SessionMoves):
             and not self._cbuf
 
     def client_lost(self, exc: Exception | None) -> None:
-        if self.phase != CLOSED:
-            self.close("client disconnected" + (f": {exc}" if exc else ""), quiet=True)
+        if self.phase != CLOSED:  # a socket error (keep-alive gave up, a reset) is worth a line
+            self.close("client disconnected" + (f": {exc}" if exc else ""), quiet=exc is None)
 
     def backend_lost(self, exc: Exception | None) -> None:
         if self.phase == CLOSED:
