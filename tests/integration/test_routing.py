@@ -299,3 +299,28 @@ def test_kill_across_backends(backends: list[MariaDBServer], proxy_factory: Prox
         assert cur.fetchone()[0] != victim_port
     for conn in (killer, outsider, filler):
         conn.close()
+
+
+def test_a_slow_reader_holds_the_proxy_to_its_buffer(backends: list[MariaDBServer],
+                                                     proxy_factory: ProxyFactory) -> None:
+    """A client that asks for a large result and reads none of it: the proxy stops reading the
+    backend once `conn-buffer-size` waits for the client, so its memory stays flat while the
+    result is far larger; then the client reads the whole result, intact."""
+    proxy = proxy_factory([backends[0].addr], "conn-buffer-size = 16384")
+    conn = proxy.connect()
+    rows, size = 200, 1 << 20  # 200 MiB in all
+    before = proxy.rss_kb()
+    with conn.cursor(pymysql.cursors.SSCursor) as cur:
+        cur.execute(f"SELECT REPEAT('x', {size}) FROM seq_1_to_{rows}")
+        peak = before
+        deadline = time.monotonic() + 3  # the backend produces it far faster than that
+        while time.monotonic() < deadline:
+            peak = max(peak, proxy.rss_kb())
+            time.sleep(0.1)
+        assert peak - before < 32 * 1024, (before, peak)  # kB: a fraction of the 200 MiB
+        total = 0
+        for (value,) in cur:
+            assert value == "x" * size
+            total += 1
+        assert total == rows
+    conn.close()

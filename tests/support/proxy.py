@@ -109,6 +109,21 @@ class ProxyProcess:
             assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log()[-2000:]}"
             time.sleep(0.05)
 
+    def rss_kb(self) -> int:
+        """The resident memory of the proxy's processes (the control process and its workers)."""
+        assert self.proc is not None
+        total, pending = 0, [self.proc.pid]
+        while pending:
+            pid = pending.pop()
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                pending += map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+            except OSError:  # gone meanwhile
+                continue
+            total += next(int(line.split()[1]) for line in status.splitlines()
+                          if line.startswith("VmRSS:"))
+        return total
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -270,7 +270,6 @@ def test_proxy_protocol_v2_is_taken() -> None:
     ("text", "key"),
     [
         ('[proxy]\nadvertise-addr = "proxy-0.example"', "proxy.advertise-addr"),
-        ("[proxy]\nconn-buffer-size = 65536", "proxy.conn-buffer-size"),
         ("[balance.memory]\nenabled = false", "balance.memory"),
         ("[balance.cpu]\nmin-balance-usage = 0.5", "balance.cpu.min-balance-usage"),
         ("[balance.location]\nenabled = false", "balance.location.enabled"),

@@ -252,8 +252,12 @@ class ProxyConfig:
     def cross_check(self) -> tuple[str, str] | None:
         return not_built(self, {
             "advertise-addr": "the proxy registers itself nowhere (no TiProxy topology in etcd)",
-            "conn-buffer-size": "socket reads are sized by the event loop",
         })
+
+    @property
+    def buffer_size(self) -> int:
+        """conn-buffer-size, with TiProxy's 0 meaning its default."""
+        return self.conn_buffer_size or DEFAULT_CONN_BUFFER_SIZE
 
     @property
     def listen_addrs(self) -> tuple[str, ...]:

@@ -178,6 +178,7 @@ class Session(SessionMoves):
         super().__init__()
         self.server = server
         self.client = transport
+        self._bound_writes(transport)
         self.id = server.new_session_id()
         self.peer = _peer(transport)
         # PROXY protocol, if on when the client connected: the bytes of the client's header
@@ -510,6 +511,7 @@ class Session(SessionMoves):
         raw = self.client
         try:
             self.client = await start_server_tls(raw, ctx, early, LOGIN_TIMEOUT)
+            self._bound_writes(self.client)
         except (OSError, ssl.SSLError, TimeoutError) as e:
             self.close(f"TLS handshake with the client failed: {_reason(e)}", quiet=True)
             return
@@ -571,6 +573,7 @@ class Session(SessionMoves):
             self._decompress = Decompressor()
         self._take_credential()
         self.bt = self.backend_leg.transport
+        self._bound_writes(self.bt)
         self.backend_leg.attach(self)
         self.server.logged_in()
         log.debug("session %d: %s@%s logged in on %s",
@@ -1054,6 +1057,15 @@ class Session(SessionMoves):
         self.client.writelines(frames)
 
     # -- flow control and closing -----------------------------------------------------------
+
+    def _bound_writes(self, transport: asyncio.BaseTransport) -> None:
+        """`conn-buffer-size` (TiProxy's): what the proxy holds for a peer that reads slowly.
+        Past it the transport asks to pause (pause_writing), and the session stops reading the
+        other leg until it drains to a quarter; so a session buffers about that much towards
+        each peer, whatever the other side sends. (Reads go into the event loop's one shared
+        buffer, so there is no per-connection read buffer to size.)"""
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.set_write_buffer_limits(high=self.server.config().proxy.buffer_size)
 
     def pause_backend_reading(self, pause: bool) -> None:
         if self.bt is None:
