@@ -78,7 +78,7 @@ class SessionMoves:
     keepalive_unhealthy: bool
 
     def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None: ...
-    def _bound_writes(self, transport: asyncio.BaseTransport) -> None: ...
+    def bound_writes(self, transport: asyncio.BaseTransport) -> None: ...
     _cbuf: bytearray
     _held: set[str]
     _ccont: bool
@@ -304,7 +304,7 @@ class SessionMoves:
         self.set_backend_keepalive(result.leg, bool(target.health))
         self._counts = target.query_counts
         self.bt = result.leg.transport
-        self._bound_writes(self.bt)
+        self.bound_writes(self.bt)
         self.backend_connection_id = result.connection_id
         assert self.tracker is not None
         self.tracker.status = result.status

@@ -150,6 +150,7 @@ class ClientLeg(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.session = Session(self.server, cast(asyncio.Transport, transport))
+        self.session.bound_writes(transport)
 
     def data_received(self, data: bytes) -> None:
         self.session.client_data(data)  # type: ignore[union-attr]
@@ -178,7 +179,6 @@ class Session(SessionMoves):
         super().__init__()
         self.server = server
         self.client = transport
-        self._bound_writes(transport)
         self.id = server.new_session_id()
         self.peer = _peer(transport)
         # PROXY protocol, if on when the client connected: the bytes of the client's header
@@ -511,7 +511,7 @@ class Session(SessionMoves):
         raw = self.client
         try:
             self.client = await start_server_tls(raw, ctx, early, LOGIN_TIMEOUT)
-            self._bound_writes(self.client)
+            self.bound_writes(self.client)
         except (OSError, ssl.SSLError, TimeoutError) as e:
             self.close(f"TLS handshake with the client failed: {_reason(e)}", quiet=True)
             return
@@ -573,7 +573,7 @@ class Session(SessionMoves):
             self._decompress = Decompressor()
         self._take_credential()
         self.bt = self.backend_leg.transport
-        self._bound_writes(self.bt)
+        self.bound_writes(self.bt)
         self.backend_leg.attach(self)
         self.server.logged_in()
         log.debug("session %d: %s@%s logged in on %s",
@@ -1058,7 +1058,7 @@ class Session(SessionMoves):
 
     # -- flow control and closing -----------------------------------------------------------
 
-    def _bound_writes(self, transport: asyncio.BaseTransport) -> None:
+    def bound_writes(self, transport: asyncio.BaseTransport) -> None:
         """`conn-buffer-size` (TiProxy's): what the proxy holds for a peer that reads slowly.
         Past it the transport asks to pause (pause_writing), and the session stops reading the
         other leg until it drains to a quarter; so a session buffers about that much towards
