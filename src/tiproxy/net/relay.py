@@ -1058,7 +1058,7 @@ class Session(SessionMoves):
 
     # -- flow control and closing -----------------------------------------------------------
 
-    def bound_writes(self, transport: asyncio.BaseTransport) -> None:
+    def bound_writes(self, transport: asyncio.BaseTransport | None) -> None:
         """`conn-buffer-size` (TiProxy's): what the proxy holds for a peer that reads slowly.
         Past it the transport asks to pause (pause_writing), and the session stops reading the
         other leg until it drains to a quarter; so a session buffers about that much towards
