@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kill import handle_kill, handle_kill_expression
-from tiproxy.net.moves import SessionMoves
+from tiproxy.net.recovery import SessionRecovery
 from tiproxy.protocol import proxyproto
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
@@ -80,6 +80,7 @@ from tiproxy.session.login import (
     StartClientTLS,
 )
 from tiproxy.session.prepared import execute_types, packet_stmt_id, with_stmt_id, with_types
+from tiproxy.session.rebuild import variable_changes
 from tiproxy.session.state import SessionState
 from tiproxy.session.statements import (
     LETTERS,
@@ -168,7 +169,7 @@ class ClientLeg(asyncio.Protocol):
             self.session.pause_backend_reading(False)
 
 
-class Session(SessionMoves):
+class Session(SessionRecovery):
     """One client session; see the module docstring."""
 
     # Backend thread id -> proxy id on the backend named, for the statement that waits for it
@@ -624,7 +625,7 @@ class Session(SessionMoves):
         tracker = self.tracker
         assert tracker is not None
         if not self._cbuf and not self._held and not self._ccont and not tracker.local_infile \
-                and self._move is None:
+                and self._move is None and not self.stale and not self.lost_transaction:
             n = len(data)
             if n > 5:
                 header = _unpack_u32(data, 0)[0]
@@ -648,6 +649,7 @@ class Session(SessionMoves):
                     else:
                         fast = cmd in _FAST
                     if fast:
+                        self.inflight = data if tracker.idle else None
                         self.bt.write(data)  # type: ignore[union-attr]
                         self._counts[_NAMES[cmd]] += 1
                         tracker.expect(_FAST[cmd], cmd)
@@ -665,7 +667,7 @@ class Session(SessionMoves):
         if types is not None:
             stmt.param_types = types
         return not flags and not stmt.long_data and not stmt.cursor_open \
-            and stmt.effects is None and not stmt.renames
+            and stmt.effects is None and not stmt.renames and stmt.variables is None
 
     def _drain_client(self) -> None:
         buf = self._cbuf
@@ -684,8 +686,10 @@ class Session(SessionMoves):
                 seq = header >> 24
                 if self._ccont:
                     self._ccont = length == MAX_PAYLOAD
+                    self.inflight = None  # a command of several packets: never sent again
                     self.bt.write(packet)
                 elif tracker.local_infile:
+                    self.inflight = None
                     self.bt.write(packet)
                     if length == 0:
                         tracker.local_infile = False  # the file is sent; OK or ERR comes next
@@ -713,10 +717,15 @@ class Session(SessionMoves):
         if cmd == Command.QUIT:
             self.close("client quit", quiet=True)
             return True
+        if self.lost_transaction and self.transaction_lost(packet):
+            return True
         if self._move is not None and not self._moving \
                 and not reads_diagnostics(packet, self._executed_sql(packet, cmd)) \
                 and self.try_move(at_command=True):
             return False  # the move first; the command then runs on the new backend
+        if self.stale and tracker.idle and self.checkpoint_due(packet, cmd):
+            return False  # the checkpoint first (session/rebuild.py)
+        original = packet
         token: Any = cmd
         if cmd == _QUERY:
             handled = self._query_command(packet)
@@ -726,11 +735,7 @@ class Session(SessionMoves):
             if rewritten is False:
                 return False
             packet = rewritten
-            # While LOCK TABLES holds, every statement is read: START TRANSACTION releases it.
-            look = self.state.table_locks or may_change_state(packet[4:], True)
-            fx = statement_effects(packet[5:]) if look else None
-            if fx:
-                token = ("query", fx)
+            token = self._query_token(packet)
         elif kind is None or cmd in _REFUSED:
             if not tracker.idle:
                 return False
@@ -765,10 +770,22 @@ class Session(SessionMoves):
         elif cmd == Command.INIT_DB:
             token = ("init_db", packet[5:])
         self._ccont = length == MAX_PAYLOAD
+        self.inflight = original if tracker.idle and not self._ccont else None
         self.bt.write(packet)
         self._counts[_NAMES[cmd]] += 1
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
+
+    def _query_token(self, packet: bytes) -> Any:
+        """What to record of a COM_QUERY when it completes: ("query", effects, variable
+        changes), or just its command byte when there is nothing."""
+        # While LOCK TABLES holds, every statement is read: START TRANSACTION releases it.
+        look = self.state.table_locks or may_change_state(packet[4:], True)
+        fx = statement_effects(packet[5:]) if look else None
+        variables = variable_changes(packet[5:]) if self.dialect == "mysql" else None
+        if fx or (variables is not None and (variables.stale or variables.replays)):
+            return ("query", fx, variables)
+        return _QUERY
 
     def _prepare_command(self, packet: bytes) -> tuple[bytes, tuple[Any, ...]] | None:
         """COM_STMT_PREPARE: what to send and its token; None: wait."""
@@ -834,7 +851,8 @@ class Session(SessionMoves):
                 stmt.types_sent = True
             stmt.long_data = False
             stmt.cursor_open = False
-            token = ("execute", client_id) if flags or stmt.effects is not None else cmd
+            recorded = flags or stmt.effects is not None or stmt.variables is not None
+            token = ("execute", client_id) if recorded else cmd
         elif cmd == Command.STMT_FETCH:
             token = ("fetch", client_id)
         elif cmd == Command.STMT_CLOSE:
@@ -936,6 +954,7 @@ class Session(SessionMoves):
     def backend_data(self, data: bytes) -> None:
         if self.phase != COMMAND:
             return
+        self.inflight = None  # its answer has begun: never sent again
         tracker = self.tracker
         assert tracker is not None
         if self._intercept is not None:
@@ -979,8 +998,10 @@ class Session(SessionMoves):
         kind = token[0]
         state = self.state
         if kind == "query":
-            if not failed:
+            if not failed and token[1]:
                 state.apply(token[1])
+            if token[2] is not None:
+                self.variables_changed(token[2], failed)
         elif kind == "prepare":
             self._prepared(token[1], token[2], failed)
         elif kind == "execute":
@@ -989,12 +1010,15 @@ class Session(SessionMoves):
                 stmt.cursor_open = not failed and bool(status & _CURSOR_EXISTS)
                 if stmt.effects is not None and not failed:
                     state.apply(stmt.effects)
+                if stmt.variables is not None:
+                    self.variables_changed(stmt.variables, failed)
         elif kind == "fetch":
             stmt = state.stmts.get(token[1])
             if stmt is not None and (failed or status & _LAST_ROW_SENT):
                 stmt.cursor_open = False
         elif kind == "reset" and not failed:
             state.reset()
+            self.variables_reset()
         elif kind == "init_db" and not failed:
             state.use(token[1])
         elif kind == "change_user":
@@ -1016,6 +1040,7 @@ class Session(SessionMoves):
             self._to_client(bytes(held))
 
     def _user_changed(self, user: str, failed: bool) -> None:
+        self.variables_reset()
         if failed:
             self._native_exchange = None
             if self.dialect != "tidb":
@@ -1096,13 +1121,11 @@ class Session(SessionMoves):
             self.close("client disconnected" + (f": {exc}" if exc else ""), quiet=exc is None)
 
     def backend_lost(self, exc: Exception | None) -> None:
-        if self.phase == CLOSED:
-            return
-        # The client sees what a direct connection would: the socket closes, and a client
-        # waiting for a response reports the connection lost during the query.
-        addr = self.backend.addr if self.backend else "?"
-        busy = self.tracker is not None and not self.tracker.idle
-        self.close(f"backend {addr} closed the connection" + (" during a command" if busy else ""))
+        if self.phase == COMMAND:
+            self.backend_gone(exc)  # rebuilt elsewhere, or closed with the reason (recovery.py)
+        elif self.phase == LOGIN:
+            self.close(f"backend {self.backend.addr if self.backend else '?'} closed the "
+                       "connection during the login")
 
     def _protocol_error(self, e: ProtocolError) -> None:
         self.close(f"protocol error from {e.origin.value}: {e}")

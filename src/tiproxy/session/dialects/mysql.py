@@ -65,6 +65,12 @@ def capture_sql(user_variables: bool, lock_info: bool) -> str:
             + (_CAPTURE_LOCKS if lock_info else "") + _ALL_ROWS)
 
 
+def capture_user_sql() -> str:
+    """The user variables and LAST_INSERT_ID() alone, in capture_sql's rows (a checkpoint after
+    a statement that changed only user variables: a tenth of the cost of the whole capture)."""
+    return "SELECT 'lii', NULL, LAST_INSERT_ID()" + _CAPTURE_USER + _ALL_ROWS
+
+
 def missing_table(code: int, message: str) -> str | None:
     """Which plugin table an error says the server lacks, if it says so."""
     if code != ER_UNKNOWN_TABLE:
