@@ -162,7 +162,7 @@ class _InFlight(threading.Thread):
             with self.conn.cursor() as cur:
                 cur.execute(self.sql)
                 self.rows = cur.fetchall()
-        except BaseException as e:  # noqa: BLE001 - what the client saw is the result
+        except BaseException as e:  # what the client saw is the result
             self.error = e
 
 
