@@ -116,5 +116,5 @@ def history_json(history: MoveHistory, now: float) -> dict[str, object]:
     recent = [{"at": m.at, "session": m.session, "user": m.user, "from": m.source,
                "to": m.target, "reason": m.reason, "result": m.result,
                "seconds": m.seconds, "error": m.error}
-              for m in sorted(history.recent, key=lambda m: m.at, reverse=True)]
+              for m in reversed(history.recent)]  # kept oldest first
     return {"now": now, "step": STEP, "span": SPAN, "timeline": timeline, "recent": recent}
