@@ -193,6 +193,9 @@ def test_a_wrong_token_is_refused_with_the_reason_and_the_right_one_works(
     _set_token(browser, "not-the-token")
     _click(browser, f'tr[data-backend="{a.addr}"] button[data-action="drain"]')
     _notice(browser, "refused: wrong bearer token")
+    wait_for(lambda: browser.find_element(By.ID, "auth").get_attribute("open") is not None,
+             "the token field, open again after the refusal", driver=browser)
+    save_screenshot(browser, "dashboard-refused.png", tmp_path)
     assert {x["addr"]: x["status"] for x in proxy.backends()}[a.addr] == "healthy"
     errors = console_errors(browser)  # the browser reports the 403 itself, and only that
     assert errors and all("403" in e["message"] for e in errors), errors
