@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from tiproxy.api.history import MoveHistory
 from tiproxy.config import Config
 
 
@@ -54,6 +55,7 @@ class MigrationStats:
     buckets: Sequence[float]  # upper bounds of the duration histogram, seconds
     bucket_counts: Sequence[int]  # one more than buckets: the last is +Inf
     total_seconds: float
+    history: MoveHistory = field(default_factory=MoveHistory)  # recent moves, for the page
 
 
 class ProxyView(Protocol):

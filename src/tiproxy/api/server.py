@@ -10,6 +10,8 @@ Routes (TiProxy's, plus our own backend list):
 - `GET /api/admin/config`: the effective config as TOML; as JSON with `?format=json` or
   `Accept: application/json`. Always redacted.
 - `GET /api/admin/backends`: `[{"addr", "status", "connections"}, ...]`.
+- `GET /api/admin/migrations`: moves over time (history.py) and the cumulative counts.
+- `GET /` and `GET /dashboard`: the status page (dashboard.py).
 - `GET /metrics` and `GET /api/metrics`: Prometheus text format.
 - `PUT /api/admin/config`, `POST /api/debug/redirect`, `POST /api/admin/backends/{addr}/drain`
   and `/undrain`, `PUT` and `DELETE /api/debug/health`: the write routes, which auth.py guards
@@ -24,6 +26,7 @@ import asyncio
 import json
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -32,6 +35,8 @@ from aiohttp import web
 from prometheus_client.registry import CollectorRegistry
 
 from tiproxy.api.auth import write_guard
+from tiproxy.api.dashboard import add_page_routes
+from tiproxy.api.history import history_json
 from tiproxy.api.interface import ProxyControl, ProxyView
 from tiproxy.api.listener import APIConnection, plain_http_guard
 from tiproxy.api.metrics import METRICS_CONTENT_TYPE, build_registry, render_metrics
@@ -147,6 +152,7 @@ def build_app(view: ProxyView,
         ("POST", "/api/admin/backends/{addr}/drain", _drain),
         ("POST", "/api/admin/backends/{addr}/undrain", _undrain),
         ("GET", "/api/admin/sessions", _sessions),
+        ("GET", "/api/admin/migrations", _migrations),
         ("POST", "/api/debug/redirect", _redirect),
         ("GET", "/metrics", _metrics),
         ("GET", "/api/metrics", _metrics),
@@ -154,6 +160,7 @@ def build_app(view: ProxyView,
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
         app.router.add_route(method, path + "/", handler)  # TiProxy registers groups with "/"
+    add_page_routes(app)
     return app
 
 
@@ -273,6 +280,17 @@ def _set_drain(request: web.Request, drain: bool) -> web.Response:
 async def _sessions(request: web.Request) -> web.Response:
     sessions = await request.app[_VIEW].session_views()
     return web.json_response([asdict(s) for s in sessions], dumps=_dumps)
+
+
+async def _migrations(request: web.Request) -> web.Response:
+    view = request.app[_VIEW]
+    await view.refresh()
+    stats = view.migration_stats()
+    body = history_json(stats.history, time.time())
+    body["totals"] = [{"from": source, "to": target, "reason": reason, "result": result,
+                       "count": count}
+                      for (source, target, reason, result), count in sorted(stats.counts.items())]
+    return web.json_response(body, dumps=_dumps)
 
 
 async def _redirect(request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tiproxy.api.history import MoveRecord
 from tiproxy.balance.router import LASTING_RETRY
 from tiproxy.client.channel import query
 from tiproxy.net.migration import MigrationError, move_session
@@ -67,6 +68,7 @@ class SessionMoves:
     # Provided by Session.
     server: ProxyServer
     id: int
+    user: str
     phase: int
     backend: Backend | None
     backend_leg: BackendLeg | None
@@ -242,8 +244,9 @@ class SessionMoves:
                 result = rescued
             self._swap(result, target)
             self.moves += 1
-            self.server.record_migration(source.addr, target.addr, move.reason, True,
-                                         time.monotonic() - started)
+            self.server.record_migration(MoveRecord(
+                time.time(), self.id, self.user, source.addr, target.addr, move.reason, True,
+                time.monotonic() - started))
             log.info("session %d moved %s -> %s (%s) in %.1f ms", self.id, source.addr,
                      target.addr, move.reason, (time.monotonic() - started) * 1000)
             self._move = None
@@ -269,8 +272,9 @@ class SessionMoves:
             else:
                 move.waiting = self.wait_reason()
             return
-        self.server.record_migration(source.addr, target.addr, move.reason, False,
-                                     time.monotonic() - started)
+        self.server.record_migration(MoveRecord(
+            time.time(), self.id, self.user, source.addr, target.addr, move.reason, False,
+            time.monotonic() - started, str(e)))
         if not e.old_intact:
             self.close(f"move to {target.addr} failed and broke the old connection: {e}")
             return

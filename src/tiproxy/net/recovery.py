@@ -34,6 +34,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from tiproxy.api.history import MoveRecord
 from tiproxy.client.leg import BackendLeg
 from tiproxy.net.migration import (
     HiddenStateError,
@@ -269,8 +270,9 @@ class SessionRecovery(SessionMoves):
             self._moving = False
         if landed is None or self.phase != _COMMAND:
             return
-        self.server.record_migration(lost.addr, landed.addr, "backend_lost", True,
-                                     time.monotonic() - started)
+        self.server.record_migration(MoveRecord(
+            time.time(), self.id, self.user, lost.addr, landed.addr, "backend_lost", True,
+            time.monotonic() - started))
         log.warning("session %d: backend %s was lost; the session goes on on %s (rebuilt in "
                     "%.1f ms)%s", self.id, lost.addr, landed.addr,
                     (time.monotonic() - started) * 1000,

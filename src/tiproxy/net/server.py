@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from tiproxy.api.history import MoveHistory, MoveRecord
 from tiproxy.api.interface import MigrationStats, SessionView
 from tiproxy.balance.balancer import MoveOrder, carry_out, count_movable
 from tiproxy.balance.router import Backend, Router, split_addr
@@ -92,6 +93,7 @@ class ProxyServer:
         self.rejected: Counter[str] = Counter()  # clients refused at once, by why
         self.memory_high = ""  # why new clients are refused for memory; set by the control plane
         self._durations = _Durations()
+        self._history = MoveHistory()
         self._unhealthy: set[str] = set()  # backends unhealthy at the last keep-alive switch
         self.port = 0
 
@@ -287,10 +289,10 @@ class ProxyServer:
     def doubt_backend(self, backend: Backend, why: str) -> None:
         self.control.doubt(backend, why)
 
-    def record_migration(self, source: str, target: str, reason: str, ok: bool,
-                         seconds: float) -> None:
-        self._migrations[(source, target, reason, "succeed" if ok else "fail")] += 1
-        self._durations.observe(seconds)
+    def record_migration(self, move: MoveRecord) -> None:
+        self._migrations[(move.source, move.target, move.reason, move.result)] += 1
+        self._durations.observe(move.seconds)
+        self._history.record(move)
 
     async def _maintain(self) -> None:
         while True:
@@ -376,7 +378,8 @@ class ProxyServer:
 
     def migration_stats(self) -> MigrationStats:
         return MigrationStats(dict(self._migrations), DURATION_BUCKETS,
-                              list(self._durations.counts), self._durations.total)
+                              list(self._durations.counts), self._durations.total,
+                              self._history.copy())
 
     def server_errors(self) -> Mapping[str, int]:
         """This data plane's own errors (the cluster counts the TLS store's)."""

@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tiproxy.api.history import MoveHistory
 from tiproxy.api.interface import MigrationStats, SessionView
 from tiproxy.balance.balancer import MoveOrder
 from tiproxy.balance.router import split_addr
@@ -94,9 +95,11 @@ class _Totals:
     errors: Counter[str] = dataclasses.field(default_factory=Counter)
     queries: dict[str, Counter[str]] = dataclasses.field(default_factory=dict)
     rejected: Counter[str] = dataclasses.field(default_factory=Counter)
+    history: MoveHistory = dataclasses.field(default_factory=MoveHistory)
 
     def add(self, stats: m.Stats) -> None:
         self.migrations.update(stats.migrations)
+        self.history.add(stats.history)
         self.durations = [a + b for a, b in zip(self.durations, stats.duration_counts,
                                                 strict=True)]
         self.duration_total += stats.duration_total
@@ -378,7 +381,9 @@ class Workers:
             migrations.update(stats.migrations)
             durations = [a + b for a, b in zip(durations, stats.duration_counts, strict=True)]
             total += stats.duration_total
-        return MigrationStats(dict(migrations), DURATION_BUCKETS, durations, total)
+        history = MoveHistory.merged([self._retired.history,
+                                      *(stats.history for stats in self._live_stats())])
+        return MigrationStats(dict(migrations), DURATION_BUCKETS, durations, total, history)
 
     def server_errors(self) -> dict[str, int]:
         errors = self.errors + self._retired.errors

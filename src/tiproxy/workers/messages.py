@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tiproxy.api.history import MoveHistory
+
 if TYPE_CHECKING:
     from tiproxy.balance.balancer import MoveOrder
     from tiproxy.balance.router import Load
@@ -122,6 +124,7 @@ class Stats:
     errors: Mapping[str, int]
     query_counts: Mapping[str, Mapping[str, int]]  # backend addr -> cmd_type -> count
     rejected: Mapping[str, int] = dataclasses.field(default_factory=dict)  # clients refused
+    history: MoveHistory = dataclasses.field(default_factory=MoveHistory)  # for the page
 
 
 @dataclass(frozen=True)

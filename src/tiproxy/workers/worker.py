@@ -228,6 +228,7 @@ class WorkerServer(ProxyServer):
 
     def _stats(self) -> m.Stats:
         return m.Stats(
+            history=self._history,  # pickled as it is sent
             migrations=dict(self._migrations),
             duration_counts=tuple(self._durations.counts),
             duration_total=self._durations.total,
