@@ -113,6 +113,8 @@ _ADDR_LIST = rules(check=all_of(each(check_dial_addr), unique))
 _PD_ADDRS = rules(check=all_of(each(check_dial_addr), unique), decode=_decode_addr_list)
 _BACKEND_NAMES = rules(check=all_of(each(check_backend_name), unique))
 _CONN_BUFFER_SIZE = rules(check=zero_or_range(_MIN_CONN_BUFFER_SIZE, _MAX_CONN_BUFFER_SIZE))
+# What a session records of an open transaction for a replay: 1 KiB to 64 MiB.
+_REPLAY_SIZE = rules(check=zero_or_range(1024, 64 << 20))
 # RSA keys for auto-certs: 0 is TiProxy's default (4096); smaller than 2048 is not safe.
 _RSA_KEY_SIZE = rules(check=zero_or_range(2048, 16384))
 
@@ -243,6 +245,11 @@ class ProxyConfig:
     graceful_close_conn_timeout: int = field(default=15, metadata=COUNT)  # seconds
     fail_backend_list: tuple[str, ...] = field(default=(), metadata=_BACKEND_NAMES)
     failover_timeout: int = field(default=60, metadata=COUNT)  # seconds
+    # Ours: replay an open transaction on another backend when its own dies, or after a
+    # deadlock or a lock wait timeout (net/replay.py), recording at most this many bytes of
+    # statements per transaction. Read when a session logs in.
+    transaction_replay: bool = False
+    transaction_replay_max_size: int = field(default=1 << 20, metadata=_REPLAY_SIZE)
     # Ours: DNS names ("name:port") re-resolved every dns-interval, one backend per address.
     backend_dns: tuple[str, ...] = field(default=(), metadata=_ADDR_LIST)
     dns_interval: float = field(default=5.0, metadata=DURATION)

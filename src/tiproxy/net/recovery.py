@@ -57,6 +57,7 @@ from tiproxy.session.rebuild import (
     retryable,
 )
 from tiproxy.session.statements import first_keyword, reads_diagnostics
+from tiproxy.session.txlog import TransactionLog
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
@@ -223,7 +224,7 @@ class SessionRecovery(SessionMoves):
         addr = self.backend.addr
         tracker = self.tracker
         in_trans = bool(tracker.status & _IN_TRANS)
-        resend = notice = None
+        resend = notice = packet = None
         if not tracker.idle:
             packet = self.inflight
             if packet is None:
@@ -245,15 +246,18 @@ class SessionRecovery(SessionMoves):
         lost = "" if notice is not None or not in_trans else (
             f"TiProxy: backend {addr} was lost with this session's open transaction, which was "
             "rolled back; this statement did not run")
+        txlog = self.replayable_transaction(packet) if in_trans else None
         self.hold_input("rebuild")
         tracker.restart(int(ServerStatus.AUTOCOMMIT))
         self._rewriter = self._intercept = None
         self.inflight = None
         self._checkpoint_task = asyncio.get_running_loop().create_task(
-            self._recover(self.backend, resend, notice, lost))
+            self._recover(self.backend, resend, notice, lost,
+                          (txlog, packet) if txlog is not None else None))
 
     async def _recover(self, lost: Backend, resend: bytes | None, notice: str | None,
-                       lost_transaction: str) -> None:
+                       lost_transaction: str,
+                       replay: tuple[TransactionLog, bytes | None] | None) -> None:
         """Rebuild the session elsewhere, unless its server is alive and well: then the
         connection was ended on purpose (a KILL, wait_timeout), and the session ends with it,
         as a direct connection would."""
@@ -269,6 +273,10 @@ class SessionRecovery(SessionMoves):
         finally:
             self._moving = False
         if landed is None or self.phase != _COMMAND:
+            return
+        if replay is not None and await self.replay_elsewhere(replay[0]):
+            notice, lost_transaction, resend = None, "", replay[1]  # and the one in flight
+        if self.phase != _COMMAND:
             return
         self.server.record_migration(MoveRecord(
             time.time(), self.id, self.user, lost.addr, landed.addr, "backend_lost", True,
@@ -341,6 +349,13 @@ class SessionRecovery(SessionMoves):
     def _swap(self, result: MoveResult, target: Backend) -> None:
         super()._swap(result, target)
         self.captured_whole(result.captured)  # a move read every variable: a checkpoint
+
+    def replayable_transaction(self, inflight: bytes | None) -> TransactionLog | None:
+        """The open transaction, if transaction replay can carry it (net/replay.py)."""
+        return None
+
+    async def replay_elsewhere(self, txlog: TransactionLog) -> bool:
+        return False
 
     def transaction_lost(self, packet: bytes) -> bool:
         """The command after a transaction died with its backend: True if it was answered with

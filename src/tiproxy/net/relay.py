@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import ssl
 import time
+import zlib
 from collections import Counter
 from collections.abc import Coroutine, Sequence
 from contextlib import closing
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kill import handle_kill, handle_kill_expression
-from tiproxy.net.recovery import SessionRecovery
+from tiproxy.net.replay import TransactionReplay
 from tiproxy.protocol import proxyproto
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
@@ -169,7 +170,7 @@ class ClientLeg(asyncio.Protocol):
             self.session.pause_backend_reading(False)
 
 
-class Session(SessionRecovery):
+class Session(TransactionReplay):
     """One client session; see the module docstring."""
 
     # Backend thread id -> proxy id on the backend named, for the statement that waits for it
@@ -573,6 +574,8 @@ class Session(SessionRecovery):
         if est.client_capabilities & Capability.COMPRESS:
             self._decompress = Decompressor()
         self._take_credential()
+        proxy = self.server.config().proxy
+        self.replay_configured(proxy.transaction_replay, proxy.transaction_replay_max_size)
         self.bt = self.backend_leg.transport
         self.bound_writes(self.bt)
         self.backend_leg.attach(self)
@@ -650,6 +653,7 @@ class Session(SessionRecovery):
                         fast = cmd in _FAST
                     if fast:
                         self.inflight = data if tracker.idle else None
+                        self.last_command = data
                         self.bt.write(data)  # type: ignore[union-attr]
                         self._counts[_NAMES[cmd]] += 1
                         tracker.expect(_FAST[cmd], cmd)
@@ -687,9 +691,11 @@ class Session(SessionRecovery):
                 if self._ccont:
                     self._ccont = length == MAX_PAYLOAD
                     self.inflight = None  # a command of several packets: never sent again
+                    self.last_command = b""
                     self.bt.write(packet)
                 elif tracker.local_infile:
                     self.inflight = None
+                    self.last_command = b""
                     self.bt.write(packet)
                     if length == 0:
                         tracker.local_infile = False  # the file is sent; OK or ERR comes next
@@ -771,6 +777,8 @@ class Session(SessionRecovery):
             token = ("init_db", packet[5:])
         self._ccont = length == MAX_PAYLOAD
         self.inflight = original if tracker.idle and not self._ccont else None
+        # What a transaction replay sends again: a rewritten statement's text cannot be.
+        self.last_command = original if packet is original or cmd == _EXECUTE else b""
         self.bt.write(packet)
         self._counts[_NAMES[cmd]] += 1
         tracker.expect(kind, token)  # type: ignore[arg-type]
@@ -864,6 +872,14 @@ class Session(SessionRecovery):
             stmt.long_data = True
         return packet, token
 
+    def packet_for_replay(self, packet: bytes) -> tuple[bytes, Expect]:
+        """A recorded command as the current backend must get it (statement ids translated)."""
+        if packet[4] == _EXECUTE:
+            result = self._statement_command(packet, _EXECUTE)
+            assert result is not None
+            return result[0], Expect.BINARY
+        return packet, Expect.RESULT
+
     def _change_user_auth(self, packet: bytes) -> None:
         """A client packet in the middle of COM_CHANGE_USER's authentication."""
         if self._native_salt is not None:
@@ -954,7 +970,14 @@ class Session(SessionRecovery):
     def backend_data(self, data: bytes) -> None:
         if self.phase != COMMAND:
             return
-        self.inflight = None  # its answer has begun: never sent again
+        inflight = self.inflight
+        if inflight is not None:  # the first bytes of its answer: never sent again
+            self.inflight = None
+            if self.txlog is not None and data[4:5] == b"\xff" \
+                    and self.replay_on_error(data, inflight):
+                return  # a deadlock kept back: the transaction is replayed (net/replay.py)
+        if self.replay_limit:
+            self.answer_crc = zlib.crc32(data, self.answer_crc)
         tracker = self.tracker
         assert tracker is not None
         if self._intercept is not None:
@@ -983,6 +1006,8 @@ class Session(SessionRecovery):
             self._native_salt = switch.data[:20] if native else None
 
     def _response_done(self, token: Any, status: int, failed: bool) -> None:
+        if self.replay_limit:
+            self.track_transaction(token, status)
         if token.__class__ is not int:
             self._record(token, status, failed)
         if failed and self.backend is not None and self.backend.galera \

@@ -91,6 +91,8 @@ class ProxyServer:
         self._migrations: Counter[tuple[str, str, str, str]] = Counter()
         self.errors: Counter[str] = Counter()  # tiproxy_server_err by type, besides TLS's
         self.rejected: Counter[str] = Counter()  # clients refused at once, by why
+        # Transaction replays (net/replay.py) by (reason, result): attempts and outcomes.
+        self.replays: Counter[tuple[str, str]] = Counter()
         self.memory_high = ""  # why new clients are refused for memory; set by the control plane
         self._durations = _Durations()
         self._history = MoveHistory()
