@@ -48,7 +48,7 @@ ONLINE = "online"
 REDACTED = "******"
 
 PROXY_PROTOCOLS = ("", "v2")
-LOG_LEVELS = ("debug", "info", "warn", "error", "panic")
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "panic")  # any case, as zap reads
 LOG_ENCODERS = ("tidb", "json", "console")
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 BALANCE_POLICIES = ("resource", "location", "connection")
@@ -273,6 +273,11 @@ class APIConfig:
     auth_token_file: str = ""
 
 
+def _check_log_level(value: str) -> None:
+    if value.lower() not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not one of {', '.join(map(repr, LOG_LEVELS))}")
+
+
 @dataclass(frozen=True)
 class LogFileConfig:
     filename: str = ""  # empty: log to stderr only
@@ -283,9 +288,10 @@ class LogFileConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """`[log]`: set up once at start."""
+    """`[log]`: the encoder and the file are set up once at start; the level follows reloads."""
 
-    level: str = field(default="info", metadata=offline(one_of_rules(*LOG_LEVELS)))
+    # Online, as in TiProxy: a reload sets the new level (cli/logs.py apply_level).
+    level: str = field(default="info", metadata=rules(check=_check_log_level))
     encoder: str = field(default="tidb", metadata=offline(one_of_rules(*LOG_ENCODERS)))
     log_file: LogFileConfig = field(default=LogFileConfig(), metadata=offline())
 

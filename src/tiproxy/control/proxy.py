@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from tiproxy.balance.balancer import INTERVAL
+from tiproxy.cli.logs import apply_level
 from tiproxy.control.memory import effective_threshold, memory_use
 
 if TYPE_CHECKING:
@@ -160,5 +161,6 @@ class Proxy:
     async def apply_config(self, cfg: Config) -> None:
         """A reloaded config, checked by config.reload."""
         async with self._reloading:
+            apply_level(cfg.log)
             await self.cluster.apply_config(cfg)
             self.holder.config_changed(cfg)

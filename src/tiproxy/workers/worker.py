@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
+from tiproxy.cli.logs import apply_level
 from tiproxy.client.leg import CONNECT_TIMEOUT
 from tiproxy.net.kill import KillTarget
 from tiproxy.net.loop import install_event_loop
@@ -192,6 +193,7 @@ class WorkerServer(ProxyServer):
         elif isinstance(message, m.ConfigChanged):
             self.router.configure(message.config)  # the backends themselves come with tables
             self.tls.require_backend_tls = message.config.security.require_backend_tls
+            apply_level(message.config.log)  # what this worker sends the control process
             self.config_changed(message.config)
         elif isinstance(message, m.TLSChanged):
             self.tls.follow(message.tls)
