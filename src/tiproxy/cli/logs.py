@@ -51,7 +51,7 @@ class RotatingLogFile(logging.handlers.RotatingFileHandler):
     def doRollover(self) -> None:  # noqa: N802 - logging's name
         if self.stream:
             self.stream.close()
-            self.stream = None  # type: ignore[assignment] - reopened below, as logging does
+            self.stream = None  # reopened below, as logging does
         self.rotate(self.baseFilename, self._backup_path(time.time()))
         self.prune(time.time())
         if not self.delay:
