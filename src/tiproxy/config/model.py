@@ -218,6 +218,7 @@ class ProxyConfig:
 
     addr: str = field(default="0.0.0.0:6000",
                       metadata=rules(check=check_listen_addr_list, online=False))
+    # TiProxy's: the host registered in PD's etcd with pd-addrs (discovery/registration.py).
     advertise_addr: str = field(default="", metadata=rules(check=check_host, online=False))
     pd_addrs: tuple[str, ...] = field(default=(), metadata=_PD_ADDRS)
     backend_addrs: tuple[str, ...] = field(default=(), metadata=_ADDR_LIST)  # ours: static list
@@ -251,7 +252,6 @@ class ProxyConfig:
 
     def cross_check(self) -> tuple[str, str] | None:
         return not_built(self, {
-            "advertise-addr": "the proxy registers itself nowhere (no TiProxy topology in etcd)",
             "conn-buffer-size": "socket reads are sized by the event loop",
         })
 

@@ -78,6 +78,7 @@ class Proxy:
                 task.cancel()
         self.cluster.stop()
         await self.holder.stop(self.cluster.config.proxy.graceful_close_conn_timeout)
+        await self.cluster.unregister()  # last, as TiProxy: the proxy is listed while it drains
 
     async def _rebalance(self) -> None:
         while True:
