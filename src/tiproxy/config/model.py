@@ -23,6 +23,7 @@ from tiproxy.config.values import (
     check_host,
     check_listen_addr,
     check_listen_addr_list,
+    check_namespace_name,
     each,
     format_duration,
     in_range,
@@ -147,6 +148,9 @@ def _encode_backend_labels(value: tuple[BackendLabels, ...]) -> dict[str, dict[s
     return {b.addr: dict(b.labels) for b in value}
 
 
+DEFAULT_NAMESPACE_NAME = "default"  # TiProxy's: users in no namespace; [proxy] backend-addrs
+
+
 @dataclass(frozen=True)
 class NamespaceConfig:
     """Ours, in the spirit of TiProxy's namespaces: these users go to these backends only."""
@@ -162,7 +166,15 @@ def _decode_namespaces(raw: object) -> tuple[NamespaceConfig, ...]:
         raise TypeError("a table of namespaces")
     out = []
     seen_users: set[str] = set()
+    seen_addrs: dict[str, str] = {}
     for name, table in raw.items():
+        try:
+            check_namespace_name(name)
+        except ValueError as e:
+            raise ItemError(f".{name}", str(e)) from None
+        if name == DEFAULT_NAMESPACE_NAME:
+            raise ItemError(f".{name}", "the name of TiProxy's default namespace, which is "
+                            "[proxy] backend-addrs: give this one another name")
         if not isinstance(table, dict) or set(table) - {"users", "backend-addrs"}:
             raise ItemError(f".{name}", "expected a table with users and backend-addrs")
         users, addrs = table.get("users", []), table.get("backend-addrs", [])
@@ -174,6 +186,10 @@ def _decode_namespaces(raw: object) -> tuple[NamespaceConfig, ...]:
                 check_dial_addr(addr)
             except ValueError as e:
                 raise ItemError(f".{name}.backend-addrs[{i}]", str(e)) from None
+            other = seen_addrs.setdefault(addr, name)
+            if other != name or addrs.index(addr) != i:
+                raise ItemError(f".{name}.backend-addrs[{i}]",
+                                f"{addr} is in namespace {other!r} already")
         if not addrs:
             raise ItemError(f".{name}.backend-addrs", "a namespace needs backends")
         for user in users:
@@ -471,6 +487,17 @@ class Config:
     health: HealthConfig = field(default=HealthConfig())
     namespaces: tuple[NamespaceConfig, ...] = field(
         default=(), metadata=rules(decode=_decode_namespaces, encode=_encode_namespaces))
+
+    def cross_check(self) -> tuple[str, str] | None:
+        """A backend belongs to one namespace: the default one ([proxy] backend-addrs) or one
+        of [namespaces]."""
+        default = set(self.proxy.backend_addrs)
+        for ns in self.namespaces:
+            for i, addr in enumerate(ns.backend_addrs):
+                if addr in default:
+                    return (f"namespaces.{ns.name}.backend-addrs[{i}]",
+                            f"{addr} is in [proxy] backend-addrs (the default namespace) too")
+        return None
 
 
 # Config classes the running proxy reads only at start, for classes whose fields carry no
