@@ -41,7 +41,7 @@ from tiproxy import __version__
 from tiproxy.config.model import Config
 from tiproxy.config.values import split_host_port
 from tiproxy.discovery.etcdapi import FAILURES, b64, endpoint_url, post
-from tiproxy.net.interfaces import first_global_unicast, is_global_unicast
+from tiproxy.net.interfaces import first_global_unicast, names_no_one
 
 log = logging.getLogger("tiproxy.discovery")
 
@@ -97,8 +97,8 @@ def advertise_host(advertise_addr: str, listen_host: str) -> str:
     """The host this proxy announces (see the module docstring)."""
     if advertise_addr:
         return advertise_addr
-    if listen_host and is_global_unicast(listen_host) is not False:
-        return listen_host  # a host name, or an IP clients can dial
+    if not names_no_one(listen_host):
+        return listen_host  # a host name or an IP, loopback included (TiProxy keeps it too)
     found = first_global_unicast()
     if found is None:
         log.warning("no global unicast address on any interface: registering %r; set "

@@ -24,13 +24,16 @@ _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def is_global_unicast(host: str) -> bool | None:
-    """Whether an IP literal is global unicast in Go's sense; None for a host name."""
+def names_no_one(host: str) -> bool:
+    """An empty, unspecified (0.0.0.0, ::), broadcast or multicast listen host: an address to
+    listen on that a client cannot dial. A host name or any other IP can be dialed."""
+    if not host:
+        return True
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return None
-    return _global_unicast(ip)
+        return False
+    return ip.is_unspecified or ip.is_multicast or ip == _BROADCAST
 
 
 def _global_unicast(ip: IPAddress) -> bool:
