@@ -191,7 +191,10 @@ class WorkerServer(ProxyServer):
         elif isinstance(message, m.Moves):
             self.carry_out(message.orders)
         elif isinstance(message, m.ConfigChanged):
-            self.router.configure(message.config)  # the backends themselves come with tables
+            if message.table is not None:  # first: the new config may name its backends
+                for addr in self.replica.apply(message.table):
+                    self._undrained(addr)
+            self.router.configure(message.config)
             self.tls.require_backend_tls = message.config.security.require_backend_tls
             apply_level(message.config.log)  # what this worker sends the control process
             self.config_changed(message.config)
