@@ -161,6 +161,20 @@ def test_an_unreachable_etcd_is_retried_and_reported(etcd_server: EtcdServer,
     run(body)
 
 
+def test_with_no_etcd_it_says_why_and_still_stops(caplog: pytest.LogCaptureFixture) -> None:
+    async def body() -> None:
+        from tiproxy.playground.mariadb import free_port  # noqa: PLC0415
+
+        dead = f"127.0.0.1:{free_port()}"
+        reg = TopologyRegistration([dead], info(), timeout=0.5)
+        reg.start()
+        await until("the failure reported", lambda: reg.error.startswith(f"http://{dead}: "))
+        await reg.stop()  # returns: the entry would go with its lease
+
+    run(body)
+    assert "could not remove this proxy's entry from etcd" in caplog.text
+
+
 # -- the proxy as its users run it ---------------------------------------------------------------
 
 TIPROXY_PREFIX = "/topology/tiproxy/"

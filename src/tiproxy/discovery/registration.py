@@ -144,19 +144,27 @@ class TopologyRegistration:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        async with self._session() as session:
-            for url in self._urls:
-                try:
-                    for key in self._keys:
-                        await post(session, f"{url}/v3/kv/deleterange", {"key": b64(key.encode())})
-                    if self.lease:
-                        await post(session, f"{url}/v3/lease/revoke", {"ID": str(self.lease)})
-                except FAILURES as exc:
-                    log.warning("etcd %s: could not remove this proxy's registration: %s", url,
-                                exc)
-                    continue
-                log.info("unregistered %s from etcd", self.info.addr)
-                return
+        try:  # a shutdown must not wait long for an etcd that does not answer
+            async with asyncio.timeout(2 * self._timeout), self._session() as session:
+                for url in self._urls:
+                    if await self._remove(session, url):
+                        log.info("unregistered %s from etcd", self.info.addr)
+                        return
+        except TimeoutError:
+            pass
+        log.warning("could not remove this proxy's entry from etcd: it goes when its lease "
+                    "expires")
+
+    async def _remove(self, session: aiohttp.ClientSession, url: str) -> bool:
+        try:
+            for key in self._keys:
+                await post(session, f"{url}/v3/kv/deleterange", {"key": b64(key.encode())})
+            if self.lease:
+                await post(session, f"{url}/v3/lease/revoke", {"ID": str(self.lease)})
+        except FAILURES as exc:
+            log.warning("etcd %s: %s", url, exc)
+            return False
+        return True
 
     def _session(self) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
