@@ -220,7 +220,7 @@ def _parser() -> argparse.ArgumentParser:
 def _overrides(ns: argparse.Namespace) -> Callable[[Config], Config]:
     """What the command line sets over every config read from the file (and its reloads)."""
     advertise: str | None = ns.advertise_addr
-    if advertise is None:
+    if not advertise:  # an empty flag leaves the file's value, as in TiProxy
         return lambda cfg: cfg
     try:
         check_host(advertise)
