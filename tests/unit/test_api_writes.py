@@ -443,8 +443,8 @@ def test_a_readable_users_file_is_accepted(tmp_path: Path) -> None:
     ("toml", "keys"),
     [('[proxy]\naddr = "127.0.0.1:6001"\n', "proxy.addr"),
      ('[api]\naddr = "127.0.0.1:1"\n', "api.addr"),
-     ('[proxy]\naddr = "127.0.0.1:1"\n[log]\nlevel = "debug"\n', "proxy.addr, log.level"),
-     ('[log]\nencoder = "json"\n', "log.encoder")],
+     ('[proxy]\naddr = "127.0.0.1:1"\n[log]\nencoder = "json"\n', "proxy.addr, log.encoder"),
+     ('[log.log-file]\nmax-days = 9\n', "log.log-file")],
 )
 def test_an_offline_key_is_refused_by_name(toml: str, keys: str) -> None:
     view = ControlledView()

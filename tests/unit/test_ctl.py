@@ -17,7 +17,7 @@ import pytest
 from tiproxy.api import APIServer, BackendView, start_api
 from tiproxy.api.interface import MigrationStats, SessionView
 from tiproxy.cli.ctl import CtlError, Target, _parser, api_target, main
-from tiproxy.config import Config, config_to_dict, parse_config
+from tiproxy.config import Config, config_checksum, config_to_dict, parse_config
 
 CONFIG = parse_config('[proxy]\nbackend-addrs = ["127.0.0.1:3306"]\nmax-connections = 9\n')
 
@@ -98,9 +98,13 @@ def api() -> Iterator[RunningAPI]:
         loop.close()
 
 
-def test_health(api: RunningAPI, capsys: pytest.CaptureFixture[str]) -> None:
+def test_health_prints_the_answer_as_tiproxyctl_does(
+    api: RunningAPI, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["--addr", api.addr, "health"]) == 0
-    assert capsys.readouterr().out.startswith("healthy")
+    out = json.loads(capsys.readouterr().out)
+    assert out["config_checksum"] == config_checksum(CONFIG)
+    assert out["status"] == "healthy"
 
 
 def test_health_fails_while_shutting_down(
@@ -108,7 +112,9 @@ def test_health_fails_while_shutting_down(
 ) -> None:
     api.view.shutting_down = True
     assert main(["--addr", api.addr, "health"]) == 1
-    assert capsys.readouterr().out.startswith("unhealthy: server is closing")
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["unhealthy_reason"] == "server is closing"
+    assert captured.err == "tiproxyctl: unhealthy: server is closing\n"
 
 
 def test_config_get_prints_toml_of_the_running_config(
@@ -179,7 +185,7 @@ def test_host_and_port_override_addr() -> None:
 def test_host_and_port_reach_the_api(api: RunningAPI, capsys: pytest.CaptureFixture[str]) -> None:
     port = api.addr.rpartition(":")[2]
     assert main(["--addr", "192.0.2.1:1", "--host", "127.0.0.1", "--port", port, "health"]) == 0
-    assert capsys.readouterr().out.startswith("healthy")
+    assert json.loads(capsys.readouterr().out)["status"] == "healthy"
 
 
 @pytest.mark.parametrize("argv", [("--addr", "localhost"), ("--addr", "ftp://h:1"),

@@ -13,9 +13,10 @@ Routes (TiProxy's, plus our own backend list):
 - `GET /api/admin/migrations`: moves over time (history.py) and the cumulative counts.
 - `GET /` and `GET /dashboard`: the status page (dashboard.py).
 - `GET /metrics` and `GET /api/metrics`: Prometheus text format.
+- `/api/admin/namespace/...`: TiProxy's namespace routes (api/namespace.py).
 - `PUT /api/admin/config`, `POST /api/debug/redirect`, `POST /api/admin/backends/{addr}/drain`
-  and `/undrain`, `PUT` and `DELETE /api/debug/health`: the write routes, which auth.py guards
-  (every method but GET and HEAD).
+  and `/undrain`, `PUT` and `DELETE /api/debug/health`, and the namespace routes but GET: the
+  write routes, which auth.py guards (every method but GET and HEAD).
 Nothing here blocks the event loop for long: a request body is at most 1 MiB (413 beyond), and
 the files a new config names are checked in a thread (config/reload.py).
 """
@@ -40,7 +41,9 @@ from tiproxy.api.history import history_json
 from tiproxy.api.interface import ProxyControl, ProxyView
 from tiproxy.api.listener import APIConnection, plain_http_guard
 from tiproxy.api.metrics import METRICS_CONTENT_TYPE, build_registry, render_metrics
+from tiproxy.api.namespace import NamespaceRoutes
 from tiproxy.config import (
+    Config,
     ConfigError,
     config_checksum,
     config_to_dict,
@@ -156,6 +159,7 @@ def build_app(view: ProxyView,
         ("POST", "/api/debug/redirect", _redirect),
         ("GET", "/metrics", _metrics),
         ("GET", "/api/metrics", _metrics),
+        *NamespaceRoutes(view.config, lambda change: _change_config(app, change)).routes(),
     ]
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
@@ -224,8 +228,6 @@ def _wants_json(request: web.Request) -> bool:
 
 async def _config_put(request: web.Request) -> web.Response:
     """TiProxy's online reload: a (partial) TOML document applied over the running config."""
-    view = request.app[_VIEW]
-    control = _control(view)
     try:
         text = (await request.read()).decode("utf-8")
     except web.HTTPRequestEntityTooLarge:
@@ -233,15 +235,25 @@ async def _config_put(request: web.Request) -> web.Response:
             {"error": f"the body is larger than {MAX_BODY_BYTES // 1024} KiB"}, status=413)
     except UnicodeDecodeError:
         return web.json_response({"error": "the body is not UTF-8 text"}, status=400)
-    async with request.app[_RELOAD_LOCK]:
-        running = view.config()
-        try:
-            cfg = merge_config(running, text)
-            await check_reload(running, cfg)
-        except ConfigError as e:
-            return web.json_response({"error": str(e)}, status=400)
-        await control.apply_config(cfg)
+    try:
+        cfg = await _change_config(request.app, lambda _running: text)
+    except ConfigError as e:
+        return web.json_response({"error": str(e)}, status=400)
     return web.json_response({"config_checksum": config_checksum(cfg)})
+
+
+async def _change_config(app: web.Application, change: Callable[[Config], str]) -> Config:
+    """Apply `change(running config)`, a partial TOML config, as every online change is
+    applied: one at a time, merged onto the running config, checked (config/reload.py), then
+    handed to the proxy. ConfigError says why it was refused; the running config then stays."""
+    view = app[_VIEW]
+    control = _control(view)
+    async with app[_RELOAD_LOCK]:
+        running = view.config()
+        cfg = merge_config(running, change(running))
+        await check_reload(running, cfg)
+        await control.apply_config(cfg)
+    return cfg
 
 
 async def _backends(request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ from tiproxy.config.values import (
     check_host,
     check_listen_addr,
     check_listen_addr_list,
+    check_namespace_name,
     each,
     format_duration,
     in_range,
@@ -48,7 +49,7 @@ ONLINE = "online"
 REDACTED = "******"
 
 PROXY_PROTOCOLS = ("", "v2")
-LOG_LEVELS = ("debug", "info", "warn", "error", "panic")
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "panic")  # any case, as zap reads
 LOG_ENCODERS = ("tidb", "json", "console")
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 BALANCE_POLICIES = ("resource", "location", "connection")
@@ -149,6 +150,9 @@ def _encode_backend_labels(value: tuple[BackendLabels, ...]) -> dict[str, dict[s
     return {b.addr: dict(b.labels) for b in value}
 
 
+DEFAULT_NAMESPACE_NAME = "default"  # TiProxy's: users in no namespace; [proxy] backend-addrs
+
+
 @dataclass(frozen=True)
 class NamespaceConfig:
     """Ours, in the spirit of TiProxy's namespaces: these users go to these backends only."""
@@ -164,7 +168,15 @@ def _decode_namespaces(raw: object) -> tuple[NamespaceConfig, ...]:
         raise TypeError("a table of namespaces")
     out = []
     seen_users: set[str] = set()
+    seen_addrs: dict[str, str] = {}
     for name, table in raw.items():
+        try:
+            check_namespace_name(name)
+        except ValueError as e:
+            raise ItemError(f".{name}", str(e)) from None
+        if name == DEFAULT_NAMESPACE_NAME:
+            raise ItemError(f".{name}", "the name of TiProxy's default namespace, which is "
+                            "[proxy] backend-addrs: give this one another name")
         if not isinstance(table, dict) or set(table) - {"users", "backend-addrs"}:
             raise ItemError(f".{name}", "expected a table with users and backend-addrs")
         users, addrs = table.get("users", []), table.get("backend-addrs", [])
@@ -176,6 +188,10 @@ def _decode_namespaces(raw: object) -> tuple[NamespaceConfig, ...]:
                 check_dial_addr(addr)
             except ValueError as e:
                 raise ItemError(f".{name}.backend-addrs[{i}]", str(e)) from None
+            other = seen_addrs.setdefault(addr, name)
+            if other != name or addrs.index(addr) != i:
+                raise ItemError(f".{name}.backend-addrs[{i}]",
+                                f"{addr} is in namespace {other!r} already")
         if not addrs:
             raise ItemError(f".{name}.backend-addrs", "a namespace needs backends")
         for user in users:
@@ -220,6 +236,7 @@ class ProxyConfig:
 
     addr: str = field(default="0.0.0.0:6000",
                       metadata=rules(check=check_listen_addr_list, online=False))
+    # TiProxy's: the host registered in PD's etcd with pd-addrs (discovery/registration.py).
     advertise_addr: str = field(default="", metadata=rules(check=check_host, online=False))
     pd_addrs: tuple[str, ...] = field(default=(), metadata=_PD_ADDRS)
     backend_addrs: tuple[str, ...] = field(default=(), metadata=_ADDR_LIST)  # ours: static list
@@ -256,11 +273,6 @@ class ProxyConfig:
     backend_labels: tuple[BackendLabels, ...] = field(
         default=(), metadata=rules(decode=_decode_backend_labels, encode=_encode_backend_labels))
 
-    def cross_check(self) -> tuple[str, str] | None:
-        return not_built(self, {
-            "advertise-addr": "the proxy registers itself nowhere (no TiProxy topology in etcd)",
-        })
-
     @property
     def buffer_size(self) -> int:
         """conn-buffer-size, with TiProxy's 0 meaning its default."""
@@ -284,6 +296,11 @@ class APIConfig:
     auth_token_file: str = ""
 
 
+def _check_log_level(value: str) -> None:
+    if value.lower() not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not one of {', '.join(map(repr, LOG_LEVELS))}")
+
+
 @dataclass(frozen=True)
 class LogFileConfig:
     filename: str = ""  # empty: log to stderr only
@@ -294,9 +311,10 @@ class LogFileConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """`[log]`: set up once at start."""
+    """`[log]`: the encoder and the file are set up once at start; the level follows reloads."""
 
-    level: str = field(default="info", metadata=offline(one_of_rules(*LOG_LEVELS)))
+    # Online, as in TiProxy: a reload sets the new level (cli/logs.py apply_level).
+    level: str = field(default="info", metadata=rules(check=_check_log_level))
     encoder: str = field(default="tidb", metadata=offline(one_of_rules(*LOG_ENCODERS)))
     log_file: LogFileConfig = field(default=LogFileConfig(), metadata=offline())
 
@@ -476,6 +494,17 @@ class Config:
     health: HealthConfig = field(default=HealthConfig())
     namespaces: tuple[NamespaceConfig, ...] = field(
         default=(), metadata=rules(decode=_decode_namespaces, encode=_encode_namespaces))
+
+    def cross_check(self) -> tuple[str, str] | None:
+        """A backend belongs to one namespace: the default one ([proxy] backend-addrs) or one
+        of [namespaces]."""
+        default = set(self.proxy.backend_addrs)
+        for ns in self.namespaces:
+            for i, addr in enumerate(ns.backend_addrs):
+                if addr in default:
+                    return (f"namespaces.{ns.name}.backend-addrs[{i}]",
+                            f"{addr} is in [proxy] backend-addrs (the default namespace) too")
+        return None
 
 
 # Config classes the running proxy reads only at start, for classes whose fields carry no

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from tiproxy.balance.balancer import INTERVAL
+from tiproxy.cli.logs import apply_level
 from tiproxy.control.memory import effective_threshold, memory_use
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class Proxy:
                 task.cancel()
         self.cluster.stop()
         await self.holder.stop(self.cluster.config.proxy.graceful_close_conn_timeout)
+        await self.cluster.unregister()  # last, as TiProxy: the proxy is listed while it drains
 
     async def _rebalance(self) -> None:
         while True:
@@ -160,5 +162,6 @@ class Proxy:
     async def apply_config(self, cfg: Config) -> None:
         """A reloaded config, checked by config.reload."""
         async with self._reloading:
+            apply_level(cfg.log)
             await self.cluster.apply_config(cfg)
             self.holder.config_changed(cfg)

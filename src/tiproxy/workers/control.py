@@ -288,6 +288,13 @@ class Workers:
 
     def _send_tables(self, only: _Worker | None = None) -> None:
         """The table, built once, to every worker (or `only`) whose last one differs."""
+        table = self._current_table()
+        for worker in self._workers if only is None else [only]:
+            if worker.live and worker.link is not None and worker.sent is not table:
+                worker.link.send(table)
+                worker.sent = table
+
+    def _current_table(self) -> m.Table:
         router = self.cluster.router
         table = m.Table(
             tuple(m.BackendState(
@@ -301,10 +308,7 @@ class Workers:
         if table == self._table:
             table = self._table  # unchanged: the workers that have it are known by identity
         self._table = table
-        for worker in self._workers if only is None else [only]:
-            if worker.live and worker.link is not None and worker.sent is not table:
-                worker.link.send(table)
-                worker.sent = table
+        return table
 
     def _broadcast(self, message: object) -> None:
         for worker in self._workers:
@@ -312,7 +316,13 @@ class Workers:
                 worker.link.send(message)
 
     def config_changed(self, cfg: Config) -> None:
-        self._broadcast(m.ConfigChanged(cfg))
+        """The config with the table it makes (the Cluster has applied it): namespaces change
+        the users' and the backends' side at once."""
+        table = self._current_table()
+        self._broadcast(m.ConfigChanged(cfg, table))
+        for worker in self._workers:
+            if worker.live and worker.link is not None:
+                worker.sent = table
 
     def drained(self, addr: str, drain: bool) -> None:
         self._send_tables()  # at once, not at the next push

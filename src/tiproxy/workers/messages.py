@@ -62,6 +62,9 @@ class Setup:
 @dataclass(frozen=True)
 class ConfigChanged:
     config: Config
+    # The backend table as of this config, applied with it in one step: a login must never see
+    # a user mapped to a namespace whose backends the worker has not got yet, or the reverse.
+    table: Table | None = None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
+from tiproxy.cli.logs import apply_level
 from tiproxy.client.leg import CONNECT_TIMEOUT
 from tiproxy.net.kill import KillTarget
 from tiproxy.net.loop import install_event_loop
@@ -190,8 +191,12 @@ class WorkerServer(ProxyServer):
         elif isinstance(message, m.Moves):
             self.carry_out(message.orders)
         elif isinstance(message, m.ConfigChanged):
-            self.router.configure(message.config)  # the backends themselves come with tables
+            if message.table is not None:  # first: the new config may name its backends
+                for addr in self.replica.apply(message.table):
+                    self._undrained(addr)
+            self.router.configure(message.config)
             self.tls.require_backend_tls = message.config.security.require_backend_tls
+            apply_level(message.config.log)  # what this worker sends the control process
             self.config_changed(message.config)
         elif isinstance(message, m.TLSChanged):
             self.tls.follow(message.tls)
