@@ -121,9 +121,13 @@ def test_idle_sessions_survive_a_killed_backend(pair: list[MariaDBServer],
     pinned = _on(doomed, lambda: _pymysql(lproxy), others)
     with pinned.cursor() as cur:
         cur.execute("CREATE TEMPORARY TABLE scratch (a INT)")
+    timed = _on(doomed, lambda: _pymysql(lproxy), others)
+    with timed.cursor() as cur:  # read back right after it: kept, whatever its value
+        cur.execute("SELECT @t := NOW(6), @t2 := RAND()")
+        assigned = cur.fetchone()
     stale = _on(doomed, lambda: _pymysql(lproxy), others)
-    with stale.cursor() as cur:
-        cur.execute("SELECT @t := NOW(6)")  # only its server knew @t: nothing ran after it
+    with stale.cursor() as cur:  # only its server knew the value: nothing ran after it
+        cur.execute("SET SESSION div_precision_increment = 3 + 5")
 
     doomed.kill()
 
@@ -136,6 +140,9 @@ def test_idle_sessions_survive_a_killed_backend(pair: list[MariaDBServer],
     cur.execute("EXECUTE sql_stmt USING 21")
     assert cur.fetchall() == [(42,)]
     assert _port(quiet) == survivor.port
+    with timed.cursor() as cur:
+        cur.execute("SELECT @t, @t2, @@port")
+        assert cur.fetchone() == (*assigned, survivor.port)
     for gone in (pinned, stale):  # closed, not continued with state they lost
         with pytest.raises(pymysql.err.OperationalError), gone.cursor() as cur:
             cur.execute("SELECT 1")
@@ -143,7 +150,7 @@ def test_idle_sessions_survive_a_killed_backend(pair: list[MariaDBServer],
     assert "the session cannot be rebuilt elsewhere: pinned: temporary tables: scratch" in log
     assert "changed since its last checkpoint in a way only its backend knew" in log
     assert f"backend {doomed.addr} was lost; the session goes on on {survivor.addr}" in log
-    for conn in (rich, quiet, *others):
+    for conn in (rich, quiet, timed, *others):
         conn.close()
 
 

@@ -224,6 +224,20 @@ async def capture_user_variables(session: Session, leg: BackendLeg) -> \
     return state.user, state.last_insert_id if users else None
 
 
+async def capture_named_variables(session: Session, leg: BackendLeg, names: list[bytes]
+                                  ) -> tuple[list[mysql_dialect.UserVariable], int]:
+    """The user variables of these names (those set: a NULL one is left out) and
+    LAST_INSERT_ID(), read without a table: the last statement's warnings stay as they were."""
+    deprecate_eof = bool(session.backend_caps & Capability.DEPRECATE_EOF)
+    extended = bool(session.mariadb_caps & MariaDBCapability.EXTENDED_METADATA)
+    named = await query(leg, mysql_dialect.named_user_vars_sql(names, last_insert_id=True),
+                        deprecate_eof, extended_metadata=extended)
+    state = mysql_dialect.CapturedState()
+    mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types,
+                                        last_insert_id=True)
+    return state.user, state.last_insert_id
+
+
 async def _user_values(session: Session, leg: BackendLeg, deprecate_eof: bool,
                        state: mysql_dialect.CapturedState, listed: bool) -> None:
     """The user variables' exact values: the strings' bytes where USER_VARIABLES `listed`

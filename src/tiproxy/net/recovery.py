@@ -39,6 +39,7 @@ from tiproxy.client.leg import BackendLeg
 from tiproxy.net.migration import (
     HiddenStateError,
     MigrationError,
+    capture_named_variables,
     capture_state,
     capture_user_variables,
     move_session,
@@ -71,6 +72,9 @@ log = logging.getLogger("tiproxy.session")
 MAX_REPLAYS = 256
 MAX_REPLAY_BYTES = 64 * 1024
 CHECKPOINT_BACKOFF = 5.0  # after a checkpoint failed, seconds before the next try
+# An answer kept back until the variables its statement assigned are read: past this size it
+# goes on to the client (the session is then stale until its next command's checkpoint).
+HELD_ANSWER_LIMIT = 256 * 1024
 REBUILD_TARGETS = 3  # backends tried, best first, before the session is given up
 PROBE_TIMEOUT = 1.0  # is the server that lost a connection still up: a greeting within this
 ER_UNKNOWN_ERROR = 1105
@@ -97,6 +101,9 @@ class SessionRecovery(SessionMoves):
     def backend_header(self) -> bytes | None:
         raise NotImplementedError
 
+    def send_client(self, data: bytes) -> None:
+        raise NotImplementedError
+
     def __init__(self) -> None:
         super().__init__()
         self.checkpoint: CapturedState | None = None  # None: as the login left it
@@ -109,12 +116,17 @@ class SessionRecovery(SessionMoves):
         self._checkpoint_after = 0.0
         self._checkpoint_task: asyncio.Task[None] | None = None
         self.lost_transaction = ""  # the next command's error: its transaction died
+        # The answer to a statement that assigned user variables from expressions, kept back
+        # until they are read (then the statement it answers, and the names to read).
+        self.held_answer: bytearray | None = None
+        self._held_for: tuple[bytes, list[bytes]] = (b"", [])
 
     # -- keeping what a rebuild needs ---------------------------------------------------------
 
     def variables_changed(self, changes: VariableChanges, failed: bool) -> None:
         """A statement that assigns variables completed."""
-        self.stale = max(self.stale, changes.stale)
+        if not (changes.rerun_names and self.held_answer is not None):
+            self.stale = max(self.stale, changes.stale)  # (else: read right after it)
         if failed:
             return
         for key, statement in changes.replays:
@@ -212,21 +224,91 @@ class SessionRecovery(SessionMoves):
                     leg.attach(self)
                 self.release_input("checkpoint")
 
+    # -- an answer held until the variables its statement assigned are read ------------------
+
+    def hold_answer(self, packet: bytes, changes: VariableChanges) -> None:
+        """Before sending `packet`, a statement that only reads and assigns user variables
+        from expressions: keep its answer back, read those variables right after it, then
+        let the answer go. If the backend dies before they are read, the client never got the
+        answer: the statement runs again, on the backend the session is rebuilt on."""
+        if self.dialect != "mysql" or self.state.pinned() or self._moving \
+                or self.tracker is None or not self.tracker.idle:
+            return
+        self.held_answer = bytearray()
+        self._held_for = (packet, sorted(changes.rerun_names))
+        self.hold_input("capture")
+
+    def keep_answer(self, data: bytes) -> None:
+        held = self.held_answer
+        assert held is not None
+        held += data
+        if len(held) > HELD_ANSWER_LIMIT:  # too large to keep: it goes on, stale afterwards
+            self.held_answer = None
+            self.stale = max(self.stale, VARS_USER)
+            self.send_client(bytes(held))
+            self.release_input("capture")
+
+    def answer_complete(self) -> None:
+        """The held answer is whole: read the variables, then send it on."""
+        self._checkpoint_task = asyncio.get_running_loop().create_task(self._read_assigned())
+
+    async def _read_assigned(self) -> None:
+        leg = self.backend_leg
+        assert leg is not None
+        packet, names = self._held_for
+        leg.detach()
+        try:
+            users, last_insert_id = await capture_named_variables(
+                self, leg, names)  # type: ignore[arg-type]
+        except (OSError, TimeoutError, ProtocolError, SQLError) as e:
+            if self.phase != _COMMAND:
+                return
+            if leg.closed or not leg.clean:  # gone before the client saw the answer
+                self.held_answer = None
+                self.backend_gone(None, unanswered=packet)
+                self.release_input("capture")
+                return
+            self.stale = max(self.stale, VARS_USER)
+            log.info("session %d: reading its user variables failed: %s", self.id, e)
+        else:
+            base = self.checkpoint or CapturedState()
+            wanted = set(names)
+            base.user = [v for v in base.user if v.name not in wanted] + users
+            base.last_insert_id = last_insert_id
+            self.checkpoint = base
+            for name in names:  # read after them: their assignments need not run again
+                old = self.replays.pop(b"@" + name, None)
+                self._replay_bytes -= len(old) if old is not None else 0
+        if self.phase != _COMMAND:
+            return
+        held, self.held_answer = self.held_answer, None
+        leg.attach(self)
+        if held:
+            self.send_client(bytes(held))
+        self.release_input("capture")
+
     # -- the backend is gone ----------------------------------------------------------------
 
-    def backend_gone(self, exc: Exception | None) -> None:
+    def backend_gone(self, exc: Exception | None, unanswered: bytes | None = None) -> None:
         """The backend connection was lost unplanned: rebuild the session elsewhere, or close
-        it with the reason."""
+        it with the reason. `unanswered`: a statement that only reads and assigns user
+        variables, whose answer the client never got: it runs again after the rebuild."""
         if self.phase != _COMMAND or self.backend is None or self.tracker is None:
             return
         if self._moving:
             return  # the move's own queries fail; it lands from the snapshot (see _run_move)
+        if self.held_answer is not None:  # the client saw none of it: the statement runs again
+            self.held_answer = None
+            unanswered = self._held_for[0]
+            self.release_input("capture")
         addr = self.backend.addr
         tracker = self.tracker
         in_trans = bool(tracker.status & _IN_TRANS)
         resend = notice = packet = None
-        if not tracker.idle:
-            packet = self.inflight
+        if unanswered is not None and not in_trans:
+            resend = packet = unanswered
+        elif not tracker.idle or unanswered is not None:
+            packet = unanswered or self.inflight
             if packet is None:
                 self.close(f"backend {addr} closed the connection during a command whose "
                            "answer had begun (or behind another)")

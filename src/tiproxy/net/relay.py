@@ -741,7 +741,7 @@ class Session(TransactionReplay):
             if rewritten is False:
                 return False
             packet = rewritten
-            token = self._query_token(packet)
+            token = self._query_token(packet, original)
         elif kind is None or cmd in _REFUSED:
             if not tracker.idle:
                 return False
@@ -784,13 +784,15 @@ class Session(TransactionReplay):
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
 
-    def _query_token(self, packet: bytes) -> Any:
+    def _query_token(self, packet: bytes, original: bytes) -> Any:
         """What to record of a COM_QUERY when it completes: ("query", effects, variable
         changes), or just its command byte when there is nothing."""
         # While LOCK TABLES holds, every statement is read: START TRANSACTION releases it.
         look = self.state.table_locks or may_change_state(packet[4:], True)
         fx = statement_effects(packet[5:]) if look else None
         variables = variable_changes(packet[5:]) if self.dialect == "mysql" else None
+        if variables is not None and variables.rerun_names and self._rewriter is None:
+            self.hold_answer(original, variables)  # recovery.py: read them right after it
         if fx or (variables is not None and (variables.stale or variables.replays)):
             return ("query", fx, variables)
         return _QUERY
@@ -982,6 +984,8 @@ class Session(TransactionReplay):
         assert tracker is not None
         if self._intercept is not None:
             self._intercept += data
+        elif self.held_answer is not None:
+            self.keep_answer(data)
         elif self._rewriter is not None:
             self._to_client(data)
         elif self._decompress is None:
@@ -1010,6 +1014,8 @@ class Session(TransactionReplay):
             self.track_transaction(token, status)
         if token.__class__ is not int:
             self._record(token, status, failed)
+            if self.held_answer is not None:
+                self.answer_complete()  # recovery.py: its variables are read, then it goes
         if failed and self.backend is not None and self.backend.galera \
                 and self.tracker is not None and self.tracker.error == ER_UNKNOWN_COM_ERROR:
             self.server.doubt_backend(self.backend, "a session got 1047 (WSREP not ready)")

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from tiproxy.protocol.constants import Command
 from tiproxy.session.dialects.mysql import CapturedState
+from tiproxy.session.statements import user_variable_names
 
 VARS_NONE, VARS_USER, VARS_ALL = 0, 1, 2
 
@@ -81,6 +82,15 @@ _NOT_READ_ONLY = re.compile(
     rb"|\bNEXT\s+VALUE\b|\bSETVAL\s*\(|\bLASTVAL\s*\(|\bPREVIOUS\s+VALUE\b"
     rb"|\bLAST_INSERT_ID\s*\(\s*[^\s)]|\bANALYZE\b|:=",
     re.IGNORECASE)
+# Statements that may assign user variables and change nothing else, and what makes them do
+# more (locking reads, files, locks, sequences, LAST_INSERT_ID(expr), EXPLAIN ANALYZE).
+_ASSIGNING_WORDS = frozenset((b"SELECT", b"SET", b"DO", b"VALUES", b"WITH"))
+_NOT_ASSIGN_ONLY = re.compile(
+    rb"\bFOR\s+UPDATE\b|\bLOCK\s+IN\s+SHARE\s+MODE\b|\bINTO\s+(?:OUT|DUMP)FILE\b|_LOCKS?\s*\("
+    rb"|\bNEXTVAL\s*\(|\bNEXT\s+VALUE\b|\bSETVAL\s*\(|\bLASTVAL\s*\(|\bPREVIOUS\s+VALUE\b"
+    rb"|\bLAST_INSERT_ID\s*\(\s*[^\s)]|\bANALYZE\b|\bGLOBAL\b",
+    re.IGNORECASE)
+MAX_RERUN_NAMES = 64  # a capture reads each by name: a statement naming more is left stale
 # Commands that change nothing, or whose effect the proxy records only once they answer, and
 # that may therefore be sent again to the new backend when the old one died before answering.
 _RETRYABLE_COMMANDS = frozenset((Command.PING, Command.INIT_DB, Command.STMT_PREPARE,
@@ -119,6 +129,10 @@ class VariableChanges:
     # the same key makes an earlier one pointless.
     replays: list[tuple[bytes, bytes]] = field(default_factory=list)
     stale: int = VARS_NONE  # what it may have changed that only a capture can tell
+    # USER staleness of a statement that reads and assigns user variables and changes nothing
+    # else (`SELECT @n := @n + 1`, `SET @t = NOW()`): the variables it names, which a capture
+    # right after its answer reads back, and it may run again if that capture cannot.
+    rerun_names: frozenset[bytes] = frozenset()
 
 
 def variable_changes(sql: bytes) -> VariableChanges:
@@ -128,7 +142,21 @@ def variable_changes(sql: bytes) -> VariableChanges:
         _one(part, changes)
         if changes.stale == VARS_ALL:
             break
+    if changes.stale == VARS_USER and _assigns_only(sql):
+        names = user_variable_names(sql)
+        if len(names) <= MAX_RERUN_NAMES:
+            changes.rerun_names = frozenset(names)
     return changes
+
+
+def _assigns_only(sql: bytes) -> bool:
+    """Whether every statement only reads and assigns user variables (so that running it once
+    more, in place of a first run whose answer the client never got, changes nothing else)."""
+    for part in _statements(sql):
+        word, body = _first_word(part)
+        if word not in _ASSIGNING_WORDS or _NOT_ASSIGN_ONLY.search(body):
+            return False
+    return True
 
 
 def _one(sql: bytes, changes: VariableChanges) -> None:
@@ -158,7 +186,8 @@ def _set(assignments: bytes, changes: VariableChanges) -> None:
             return
         if m.group("scope"):
             scope = m.group("scope").strip().upper()
-        if scope == b"GLOBAL" or (m.group("sys") or b"").lower().startswith(b"global."):
+        if not m.group("user") and (
+                scope == b"GLOBAL" or (m.group("sys") or b"").lower().startswith(b"global.")):
             continue  # the server's, not the session's
         if m.group("user"):
             key = b"@" + m.group("user")
