@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 CLIENTS = 8
 READ_TIMEOUT = 30
 SETTLE = 2.0  # seconds of workload before the kill
-AFTER = 4.0  # and after it
+AFTER = 10.0  # and after it (Galera takes 5 s to leave a dead node out: evs.suspect_timeout)
 
 
 def _kill_busiest(cluster: GaleraCluster, held: Callable[[str], int]) -> tuple[int, int]:

@@ -49,7 +49,7 @@ _EXECUTE_IMMEDIATE = re.compile(rb"EXECUTE\s+IMMEDIATE\s*('(?:[^'\\]|\\.|'')*')\
                                 re.IGNORECASE | re.DOTALL)
 # A user variable named (`@a`, `@'a'`), not a system one (`@@a`); and what assigns one.
 _USER_VAR = re.compile(rb"(?<![@\w$])@(?!@)")
-_ASSIGNS = re.compile(rb":=|\bINTO\b", re.IGNORECASE)
+_ASSIGNS = re.compile(rb":=|\bINTO\s*@", re.IGNORECASE)
 # One item of a SET list: [scope] target = value, the target a user variable (@a, @`a`), a
 # system variable (@@[session.|local.|global.]name) or a bare name.
 _SET_ITEM = re.compile(
@@ -61,9 +61,9 @@ _SET_ITEM = re.compile(
 # hexadecimal or bit literal, NULL, TRUE, FALSE, DEFAULT.
 _LITERAL = re.compile(
     rb"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
-    rb"|(?:_[A-Za-z0-9]+\s*)?(?:'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\")"
-    rb"(?:\s*COLLATE\s+[A-Za-z0-9_]+)?"
-    rb"|0x[0-9A-Fa-f]+|[xX]'[0-9A-Fa-f]*'|0b[01]+|[bB]'[01]*'|NULL|TRUE|FALSE|DEFAULT",
+    rb"|(?:_[A-Za-z0-9]+\s*)?(?:'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\""
+    rb"|0x[0-9A-Fa-f]+|[xX]'[0-9A-Fa-f]*'|0b[01]+|[bB]'[01]*')(?:\s*COLLATE\s+[A-Za-z0-9_]+)?"
+    rb"|NULL|TRUE|FALSE|DEFAULT",
     re.IGNORECASE)
 # A system variable's value may be a bare word (SET sql_mode = ANSI, autocommit = ON).
 _WORD_VALUE = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
@@ -75,6 +75,11 @@ _CHARSET_NAMES = (b"character_set", b"collation", b"names")
 # data as it is there) and change nothing.
 _READ_WORDS = frozenset((b"SELECT", b"SHOW", b"DESCRIBE", b"DESC", b"EXPLAIN", b"HELP",
                          b"VALUES", b"WITH", b"TABLE"))
+# BEGIN [WORK], START TRANSACTION [READ ONLY|READ WRITE|WITH CONSISTENT SNAPSHOT], ROLLBACK.
+_TRANSACTION_WORDS = frozenset((b"BEGIN", b"START", b"ROLLBACK"))
+_TRANSACTION_START = re.compile(
+    rb"(?:BEGIN(?:\s+WORK)?|START\s+TRANSACTION(?:\s+(?:READ\s+ONLY|READ\s+WRITE|WITH\s+"
+    rb"CONSISTENT\s+SNAPSHOT)\s*,?)*|ROLLBACK(?:\s+WORK)?)\s*\Z", re.IGNORECASE)
 # What makes a reading statement do more: locking reads, writing a file or a variable, named
 # locks, sequences, setting LAST_INSERT_ID, EXPLAIN ANALYZE (which runs the statement).
 _NOT_READ_ONLY = re.compile(
@@ -237,11 +242,15 @@ def _top_level_items(text: bytes) -> list[bytes]:
 
 def read_only(sql: bytes) -> bool:
     """Whether a statement only reads (and may run again elsewhere with nothing changed).
+    Outside a transaction (the caller's condition), starting one or rolling back is as
+    harmless: nothing happened yet.
 
     A stored function with side effects called from a SELECT looks read-only here: the
     documented limit of retrying a read whose backend died before answering."""
     for part in _statements(sql):
         word, body = _first_word(part)
+        if word in _TRANSACTION_WORDS and _TRANSACTION_START.match(body):
+            continue
         if word not in _READ_WORDS or _NOT_READ_ONLY.search(body):
             return False
     return True
