@@ -20,7 +20,7 @@ from aiohttp import web
 
 from tiproxy.api import build_app, listener, start_api
 from tiproxy.api.auth import NEED_CREDENTIAL, NO_TOKEN_FILE, WRONG_TOKEN, is_loopback
-from tiproxy.api.interface import MigrationStats, ProxyControl, SessionView
+from tiproxy.api.interface import MigrationStats, ProxyControl, SessionView, UpgradeError
 from tiproxy.api.server import MAX_BODY_BYTES
 from tiproxy.config import Config, parse_config
 from tiproxy.config.files import USERS_FILE_LIMIT
@@ -74,6 +74,9 @@ class ControlledView:
     async def redirect_all(self) -> int:
         self.redirects += 1
         return 2
+
+    async def upgrade(self) -> int:
+        raise UpgradeError("no upgrade in these tests")
 
     async def apply_config(self, cfg: Config) -> None:
         self.applied.append(cfg)

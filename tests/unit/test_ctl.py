@@ -29,6 +29,7 @@ class FakeView:
     backend_list: list[BackendView] = field(default_factory=list)
     cfg: Config = CONFIG
     redirects: int = 0
+    upgrades: int = 0
 
     async def refresh(self) -> None:
         pass
@@ -63,6 +64,10 @@ class FakeView:
     async def redirect_all(self) -> int:
         self.redirects += 1
         return 3
+
+    async def upgrade(self) -> int:
+        self.upgrades += 1
+        return 4242
 
     async def apply_config(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -316,3 +321,10 @@ def test_config_set_sends_a_file_or_standard_input(
     assert main(["--addr", api.addr, "config", "set", "--input", str(change)]) == 1
     assert "proxy.max-connections" in capsys.readouterr().err
     assert api.view.cfg.proxy.max_connections == 22
+
+
+def test_upgrade_starts_the_new_process(api: RunningAPI,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--addr", api.addr, "upgrade"]) == 0
+    assert api.view.upgrades == 1
+    assert "new proxy process 4242 started" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tiproxy.api import APIServer, start_api
-from tiproxy.api.interface import MigrationStats, SessionView
+from tiproxy.api.interface import MigrationStats, SessionView, UpgradeError
 from tiproxy.cli.ctl import main
 from tiproxy.config import Config, parse_config
 
@@ -65,6 +65,9 @@ class ConfigHolder:
 
     async def redirect_all(self) -> int:
         return 0
+
+    async def upgrade(self) -> int:
+        raise UpgradeError("no upgrade in these tests")
 
     async def apply_config(self, cfg: Config) -> None:
         self.applied.append(cfg)

@@ -74,10 +74,15 @@ class ProxyView(Protocol):
     def rejected_connections(self) -> Mapping[str, int]: ...  # clients refused, by why
 
 
+class UpgradeError(Exception):
+    """ProxyControl.upgrade: why no new process takes over (control/upgrade.py)."""
+
+
 @runtime_checkable
 class ProxyControl(ProxyView, Protocol):
     """What the API may change: the routes that drain, redirect and reload."""
 
     def drain(self, addr: str, drain: bool) -> None: ...  # KeyError: unknown backend
     async def redirect_all(self) -> int: ...
+    async def upgrade(self) -> int: ...  # the new process's pid; UpgradeError: why not
     async def apply_config(self, cfg: Config) -> None: ...  # checked: config/reload.py

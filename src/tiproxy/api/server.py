@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -35,10 +36,11 @@ from typing import Protocol
 from aiohttp import web
 from prometheus_client.registry import CollectorRegistry
 
+from tiproxy import __version__
 from tiproxy.api.auth import write_guard
 from tiproxy.api.dashboard import add_page_routes
 from tiproxy.api.history import history_json
-from tiproxy.api.interface import ProxyControl, ProxyView
+from tiproxy.api.interface import ProxyControl, ProxyView, UpgradeError
 from tiproxy.api.listener import APIConnection, plain_http_guard
 from tiproxy.api.metrics import METRICS_CONTENT_TYPE, build_registry, render_metrics
 from tiproxy.api.namespace import NamespaceRoutes
@@ -99,16 +101,24 @@ class APIServer:
         self.host = host
         self.port = port
 
+    @property
+    def listening_socket(self) -> socket.socket:
+        """The listening socket (an upgrade hands it to the new process)."""
+        sock: socket.socket = self._listener.sockets[0]  # type: ignore[attr-defined]
+        return sock
+
     async def close(self) -> None:
         self._listener.close()
         await self._runner.cleanup()
 
 
 async def start_api(view: ProxyView, addr: str, tls: HTTPSContexts | None = None, *,
-                    proxy_protocol: bool = False) -> APIServer:
-    """Serve the API for `view` on `addr` ("host:port"; an empty host means all interfaces);
-    HTTPS too when `tls` has a server-http-tls context, and PROXY protocol headers read with
-    `proxy_protocol` (listener.py)."""
+                    proxy_protocol: bool = False, sock: socket.socket | None = None
+                    ) -> APIServer:
+    """Serve the API for `view` on `addr` ("host:port"; an empty host means all interfaces),
+    or on `sock`, a listening socket made elsewhere (an upgrade's); HTTPS too when `tls` has a
+    server-http-tls context, and PROXY protocol headers read with `proxy_protocol`
+    (listener.py)."""
     host, port = split_host_port(addr, listen=True)
 
     def https() -> tuple[ssl.SSLContext | None, TLSConfig]:
@@ -123,9 +133,12 @@ async def start_api(view: ProxyView, addr: str, tls: HTTPSContexts | None = None
     factory = runner.server
     assert factory is not None
     try:
-        listener = await asyncio.get_running_loop().create_server(
-            lambda: APIConnection(factory, https, proxy_protocol), host or None, port,
-            reuse_address=True)
+        loop = asyncio.get_running_loop()
+        listener = await (
+            loop.create_server(lambda: APIConnection(factory, https, proxy_protocol),
+                               sock=sock) if sock is not None else
+            loop.create_server(lambda: APIConnection(factory, https, proxy_protocol),
+                               host or None, port, reuse_address=True))
     except BaseException:
         await runner.cleanup()
         raise
@@ -157,6 +170,7 @@ def build_app(view: ProxyView,
         ("GET", "/api/admin/sessions", _sessions),
         ("GET", "/api/admin/migrations", _migrations),
         ("POST", "/api/debug/redirect", _redirect),
+        ("POST", "/api/admin/upgrade", _upgrade),
         ("GET", "/metrics", _metrics),
         ("GET", "/api/metrics", _metrics),
         *NamespaceRoutes(view.config, lambda change: _change_config(app, change)).routes(),
@@ -180,6 +194,7 @@ async def _health(request: web.Request) -> web.Response:
     body = {
         "config_checksum": config_checksum(view.config()),
         "unhealthy_reason": reason,
+        "version": __version__,  # ours: after an upgrade, the version that serves
         "status": "shutting down" if view.shutting_down else "unhealthy" if reason
         else "healthy",
         "discovery": dict(view.discovery_status()),
@@ -308,6 +323,16 @@ async def _migrations(request: web.Request) -> web.Response:
 async def _redirect(request: web.Request) -> web.Response:
     count = await _control(request.app[_VIEW]).redirect_all()
     return web.json_response({"sessions": count})
+
+
+async def _upgrade(request: web.Request) -> web.Response:
+    """Ours: a new proxy process takes the listeners and the sessions over (202: started;
+    the old process hands sessions over in the background and then ends)."""
+    try:
+        pid = await _control(request.app[_VIEW]).upgrade()
+    except UpgradeError as e:
+        return web.json_response({"error": str(e)}, status=409)
+    return web.json_response({"pid": pid}, status=202)
 
 
 def _control(view: ProxyView) -> ProxyControl:

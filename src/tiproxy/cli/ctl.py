@@ -155,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     backend.add_argument("backend_addr", metavar="ADDR", help="the backend, host:port")
     commands.add("sessions", "list the sessions, and why a move waits", _sessions)
     commands.add("redirect", "move every session to another backend", _redirect)
+    commands.add("upgrade", "start a new proxy process that takes the listeners and the "
+                 "sessions over (ours)", _upgrade)
     traffic = commands.add("traffic", "TiProxy's traffic capture and replay (not built)",
                            _traffic)
     traffic.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -239,6 +241,13 @@ def _redirect(args: argparse.Namespace) -> int:
     body = request(args.target, "/api/debug/redirect", method="POST").json()
     count = body.get("sessions") if isinstance(body, dict) else "?"
     print(f"{count} sessions asked to move")
+    return 0
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    body = request(args.target, "/api/admin/upgrade", method="POST", ok=(202,)).json()
+    pid = body.get("pid") if isinstance(body, dict) else "?"
+    print(f"new proxy process {pid} started; sessions follow at their next safe point")
     return 0
 
 

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiproxy import __version__
+from tiproxy.api.interface import UpgradeError
 from tiproxy.cli.logs import setup_logging
 from tiproxy.config import Config, ConfigError, load_config, parse_config
 from tiproxy.config.files import (
@@ -34,6 +36,7 @@ from tiproxy.config.files import (
 from tiproxy.config.info import ConfigInfoError, config_info
 from tiproxy.config.reload import check_reload
 from tiproxy.config.values import check_host
+from tiproxy.control.upgrade import Takeover, Upgrader
 from tiproxy.net.loop import install_event_loop
 from tiproxy.tls import TLSLoadError
 
@@ -62,9 +65,11 @@ async def serve(cfg: Config, config_path: Path | None = None,
     from tiproxy.net.server import ProxyServer  # noqa: PLC0415
     from tiproxy.workers.control import Workers, worker_count  # noqa: PLC0415
 
+    takeover = Takeover.from_environment()  # an upgrade's new process (control/upgrade.py)
     cluster = Cluster(cfg)
     workers = worker_count(cfg)
-    holder: SessionHolder = Workers(cluster, workers) if workers > 1 else ProxyServer.of(cluster)
+    holder: SessionHolder = Workers(cluster, workers, takeover) if workers > 1 \
+        else ProxyServer.of(cluster)
     server = Proxy(cluster, holder)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -73,10 +78,18 @@ async def serve(cfg: Config, config_path: Path | None = None,
     reload = _Reloader(server, config_path, adjust) if config_path is not None else None
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, reload.schedule)
+    if takeover is not None and isinstance(holder, ProxyServer):
+        await holder.serve_sockets([s for group in takeover.sockets() for s in group])
+        holder.take_ids_from(takeover.first_id)
     await server.start()
     api = await start_api(server, cfg.api.addr, cluster.tls,
-                          proxy_protocol=bool(cfg.api.proxy_protocol))
-    log.info("API listening on port %d", api.port)
+                          proxy_protocol=bool(cfg.api.proxy_protocol),
+                          sock=takeover.api_socket() if takeover is not None else None)
+    log.info("tiproxy %s (pid %d): API listening on port %d", __version__, os.getpid(), api.port)
+    server.upgrader = Upgrader(holder, lambda: api, lambda: _handed_over(server, stop))
+    loop.add_signal_handler(signal.SIGUSR2, lambda: _upgrade_soon(server))
+    if takeover is not None:
+        takeover.say_ready(await holder.open_receivers())
     watch = None
     if reload is not None:
         reload.started.set()
@@ -85,12 +98,36 @@ async def serve(cfg: Config, config_path: Path | None = None,
     log.info("shutting down")
     if watch is not None:
         watch.cancel()
-    server.begin_shutdown()
-    wait = server.config().proxy.graceful_wait_before_shutdown  # as reloaded, if it was
-    if wait:
-        await asyncio.sleep(wait)
+    if not server.handed_over:  # else the API is closed already: the new process serves it
+        server.begin_shutdown()
+        wait = server.config().proxy.graceful_wait_before_shutdown  # as reloaded, if it was
+        if wait:
+            await asyncio.sleep(wait)
     await server.stop()
-    await api.close()
+    if not server.handed_over:
+        await api.close()
+
+
+_upgrades: set[asyncio.Task[None]] = set()  # kept until done, or the loop may drop them
+
+
+def _upgrade_soon(server: Proxy) -> None:
+    """SIGUSR2: upgrade, as `tiproxyctl upgrade` does; a failure is logged, the proxy goes on."""
+
+    async def upgrade() -> None:
+        try:
+            await server.upgrade()
+        except UpgradeError as e:
+            log.error("upgrade refused: %s", e)  # noqa: TRY400 - the reason is the message
+
+    task = asyncio.get_running_loop().create_task(upgrade())
+    _upgrades.add(task)
+    task.add_done_callback(_upgrades.discard)
+
+
+def _handed_over(server: Proxy, stop: asyncio.Event) -> None:
+    server.handed_over = True
+    stop.set()
 
 
 class _Reloader:

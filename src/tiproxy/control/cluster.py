@@ -150,12 +150,13 @@ class Cluster:
             self.registration = TopologyRegistration(proxy.pd_addrs, self._info, self.tls.cluster)
             self.registration.start()
 
-    async def unregister(self) -> None:
-        """Remove this proxy's entry from etcd (a clean shutdown, or pd-addrs changed)."""
+    async def unregister(self, handed_over: bool = False) -> None:
+        """Remove this proxy's entry from etcd (a clean shutdown, or pd-addrs changed); after
+        an upgrade (`handed_over`) the entry is the new process's: only the lease goes."""
         registration, self.registration = self.registration, None
         self._registered_at = ()
         if registration is not None:
-            await registration.stop()
+            await registration.stop(delete=not handed_over)
 
     # -- what sessions report -----------------------------------------------------------------
 

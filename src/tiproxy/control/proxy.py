@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from tiproxy.api.interface import UpgradeError
 from tiproxy.balance.balancer import INTERVAL
 from tiproxy.cli.logs import apply_level
 from tiproxy.control.memory import effective_threshold, memory_use
+from tiproxy.control.upgrade import Upgrader
 
 if TYPE_CHECKING:
     from tiproxy.api.interface import BackendView, MigrationStats, SessionView
@@ -31,7 +34,8 @@ MEMORY_INTERVAL = 1.0  # seconds between looks at the memory use
 
 class SessionHolder(Protocol):
     async def start(self) -> None: ...
-    async def stop(self, timeout: float) -> None: ...  # closes the sessions gracefully
+    # Closes the sessions gracefully; `linger`: after an upgrade, they may end by themselves.
+    async def stop(self, timeout: float, linger: bool = False) -> None: ...
     def connection_count(self) -> int: ...
     async def session_views(self) -> list[SessionView]: ...
     async def redirect_all(self) -> int: ...
@@ -46,6 +50,12 @@ class SessionHolder(Protocol):
     def rejected_connections(self) -> Mapping[str, int]: ...  # clients refused, by why
     def set_memory_high(self, reason: str) -> None: ...  # "" lets new clients in again
     def pids(self) -> list[int]: ...  # the proxy's processes
+    # An upgrade (control/upgrade.py's DataPlane, and the new process's receivers).
+    def listening(self) -> list[list[socket.socket]]: ...
+    async def max_session_id(self) -> int: ...
+    def hand_over(self, receivers: list[str]) -> None: ...
+    async def handed_over(self) -> None: ...
+    async def open_receivers(self) -> list[str]: ...
 
 
 class Proxy:
@@ -59,6 +69,8 @@ class Proxy:
         self._watching_memory: asyncio.Task[None] | None = None
         self.memory_high = ""  # why new clients are refused for memory, if they are
         self._reloading = asyncio.Lock()  # reloads one at a time, cluster and holder alike
+        self.upgrader: Upgrader | None = None  # set by whoever serves (cli/server.py)
+        self.handed_over = False  # an upgrade gave everything to a new process
 
     async def start(self) -> None:
         await self.cluster.start()
@@ -77,8 +89,20 @@ class Proxy:
             if task is not None:
                 task.cancel()
         self.cluster.stop()
-        await self.holder.stop(self.cluster.config.proxy.graceful_close_conn_timeout)
-        await self.cluster.unregister()  # last, as TiProxy: the proxy is listed while it drains
+        await self.holder.stop(self.cluster.config.proxy.graceful_close_conn_timeout,
+                               linger=self.handed_over)
+        # Last, as TiProxy: the proxy is listed while it drains.
+        await self.cluster.unregister(handed_over=self.handed_over)
+
+    async def upgrade(self) -> int:
+        """Start a new proxy process that takes everything over (control/upgrade.py); its
+        pid. Rebalancing stops here: the new process balances from now on."""
+        if self.upgrader is None:
+            raise UpgradeError("this proxy cannot upgrade itself (not started by tiproxy)")
+        pid = await self.upgrader.upgrade()
+        if self._rebalancing is not None:
+            self._rebalancing.cancel()
+        return pid
 
     async def _rebalance(self) -> None:
         while True:

@@ -137,17 +137,20 @@ class TopologyRegistration:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def stop(self) -> None:
+    async def stop(self, delete: bool = True) -> None:
         """Stop refreshing; delete both keys and revoke the lease (a failure here only means
-        that the keys stay until the lease expires)."""
+        that the keys stay until the lease expires). Without `delete`, only the lease goes:
+        after an upgrade the new process wrote the keys again with a lease of its own, which
+        revoking this one leaves alone."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
         try:  # a shutdown must not wait long for an etcd that does not answer
             async with asyncio.timeout(2 * self._timeout), self._session() as session:
                 for url in self._urls:
-                    if await self._remove(session, url):
+                    if await self._remove(session, url, delete):
                         log.info("unregistered %s from etcd", self.info.addr)
                         return
         except TimeoutError:
@@ -155,9 +158,9 @@ class TopologyRegistration:
         log.warning("could not remove this proxy's entry from etcd: it goes when its lease "
                     "expires")
 
-    async def _remove(self, session: aiohttp.ClientSession, url: str) -> bool:
+    async def _remove(self, session: aiohttp.ClientSession, url: str, delete: bool) -> bool:
         try:
-            for key in self._keys:
+            for key in self._keys if delete else ():
                 await post(session, f"{url}/v3/kv/deleterange", {"key": b64(key.encode())})
             if self.lease:
                 await post(session, f"{url}/v3/lease/revoke", {"ID": str(self.lease)})

@@ -32,6 +32,7 @@ from contextlib import closing
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
+from tiproxy.net.handover import Departure, SessionHandover
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kill import handle_kill, handle_kill_expression
 from tiproxy.net.replay import TransactionReplay
@@ -146,12 +147,14 @@ LOGIN, COMMAND, CLOSED = 0, 1, 2
 class ClientLeg(asyncio.Protocol):
     """The client's socket: hands everything to its Session."""
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyServer,
+                 adopted: tuple[SessionHandover, BackendLeg] | None = None) -> None:
         self.server = server
         self.session: Session | None = None
+        self._adopted = adopted  # a session another process handed over (net/handover.py)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.session = Session(self.server, cast(asyncio.Transport, transport))
+        self.session = Session(self.server, cast(asyncio.Transport, transport), self._adopted)
         self.session.bound_writes(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -176,12 +179,14 @@ class Session(TransactionReplay):
     # Backend thread id -> proxy id on the backend named, for the statement that waits for it
     # (set only then: the class's None serves every session until one needs it).
     _id_map: tuple[str, dict[int, int]] | None = None
+    _login_timer: asyncio.TimerHandle | None
 
-    def __init__(self, server: ProxyServer, transport: asyncio.Transport) -> None:
+    def __init__(self, server: ProxyServer, transport: asyncio.Transport,
+                 adopted: tuple[SessionHandover, BackendLeg] | None = None) -> None:
         super().__init__()
         self.server = server
         self.client = transport
-        self.id = server.new_session_id()
+        self.id = server.new_session_id() if adopted is None else adopted[0].id
         self.peer = _peer(transport)
         # PROXY protocol, if on when the client connected: the bytes of the client's header
         # until it is judged, then None; and the (client, proxy) addresses that the backends'
@@ -202,9 +207,8 @@ class Session(TransactionReplay):
         self.credential: bytes | None = None  # SHA1(password): secret, never logged
         self.state = SessionState()
         self.tracker: ResponseTracker | None = None
-        self.login: Login | None = None
         self.started = time.time()
-        self._splitter = PacketSplitter(LOGIN_PACKET_LIMIT, Origin.CLIENT)
+        self._login_fields()
         self._cbuf = bytearray()  # client bytes not yet handled (partial or held packets)
         self._ccont = False  # the last client packet was 16 MiB: the next one continues it
         self._held: set[str] = set()  # why client commands wait (earlier responses, a move)
@@ -214,18 +218,15 @@ class Session(TransactionReplay):
         self._decompress: Decompressor | None = None
         self._zseq = 0
         self._counts: Counter[str] = Counter()
-        self._native_salt: bytes | None = None  # a native-password auth switch in progress
-        self._native_exchange: tuple[bytes, bytes] | None = None  # (salt, client's scramble)
-        self._login_timer: asyncio.TimerHandle | None = None
+        self.leaving: Departure | None = None  # an upgrade's: to the new process, when safe
         self.client_tls = False
         self.backend_tls = False  # kept when the session moves: the target must offer TLS
-        self._tls_early: bytearray | None = None  # client bytes while its TLS is set up
-        self._tls_refusal = ""  # why the client's certificate is not accepted
         self._task: asyncio.Task[None] | None = None
-        # A backend connected before the greeting: (backend, leg, its greeting packet)
-        self._early: tuple[Backend, BackendLeg, bytes] | None = None
         server.session_opened(self)  # keep-alive: inherited from the listening socket
         self.keepalive_unhealthy = False  # which backend keep-alive the backend socket has
+        if adopted is not None:
+            self._adopt(*adopted)
+            return
         refusal = server.refusal()
         if refusal is not None:
             self._refuse_at_once(*refusal)
@@ -233,6 +234,18 @@ class Session(TransactionReplay):
         loop = asyncio.get_running_loop()
         self._login_timer = loop.call_later(LOGIN_TIMEOUT, self._login_timed_out)
         self._task = loop.create_task(self._greet())
+
+    def _login_fields(self) -> None:
+        """What the login phase keeps, from its start."""
+        self.login: Login | None = None
+        self._splitter = PacketSplitter(LOGIN_PACKET_LIMIT, Origin.CLIENT)
+        self._native_salt: bytes | None = None  # a native-password auth switch in progress
+        self._native_exchange: tuple[bytes, bytes] | None = None  # (salt, client's scramble)
+        self._login_timer = None
+        self._tls_early: bytearray | None = None  # client bytes while its TLS is set up
+        self._tls_refusal = ""  # why the client's certificate is not accepted
+        # A backend connected before the greeting: (backend, leg, its greeting packet)
+        self._early: tuple[Backend, BackendLeg, bytes] | None = None
 
     def _refuse_at_once(self, kind: str, message: str) -> None:
         """Before the greeting (max-connections, memory): MySQL's 1040, as a server full."""
@@ -583,6 +596,92 @@ class Session(TransactionReplay):
         log.debug("session %d: %s@%s logged in on %s",
                   self.id, self.user, self.peer, self.backend.addr)
 
+    # -- handed over to or from another process (net/handover.py) ---------------------------
+
+    def at_handover_point(self) -> str:
+        """Why this session cannot be handed over now; "" when it can."""
+        if self.client_tls or self.backend_tls:
+            return "a TLS leg, whose keys stay in this process"
+        tracker = self.tracker
+        if self.phase != COMMAND or tracker is None or not tracker.idle \
+                or self._ccont or self._held - {"idle"} or self._moving \
+                or self._intercept is not None or self._rewriter is not None \
+                or self.held_answer is not None or self.lost_transaction \
+                or (self._task is not None and not self._task.done()) \
+                or (self._decompress is not None and self._decompress.buffered):
+            return "busy"
+        return ""
+
+    def handover_state(self) -> SessionHandover:
+        assert self.backend is not None and self.tracker is not None
+        return SessionHandover(
+            self.id, self.peer, self.user, self.namespace, self.dialect, self.backend.addr,
+            self.backend_connection_id, self.backend_caps, self.client_caps, self.mariadb_caps,
+            self.login_response, self.credential, self.state, self.tracker.status,
+            self._decompress is not None, self._origin, self.started, self.moves,
+            self.checkpoint, self.replays, self.stale, self.replay_limit, self.txlog,
+            bytes(self._cbuf))
+
+    def _adopt(self, h: SessionHandover, leg: BackendLeg) -> None:
+        """Go on with a session another process handed over, in the command phase."""
+        self.phase = COMMAND
+        self.peer, self.user, self.namespace, self.dialect = h.peer, h.user, h.namespace, \
+            h.dialect
+        self.backend_connection_id, self.backend_caps = h.backend_connection_id, h.backend_caps
+        self.client_caps, self.mariadb_caps = h.client_caps, h.mariadb_caps
+        self._multi = bool(h.client_caps & Capability.MULTI_STATEMENTS)
+        self.login_response, self.credential, self.state = h.login_response, h.credential, \
+            h.state
+        self._origin, self.started, self.moves = h.origin, h.started, h.moves
+        self.checkpoint, self.replays, self.stale = h.checkpoint, h.replays, h.stale
+        self.replay_limit, self.txlog = h.replay_limit, h.txlog
+        self._replay_bytes = sum(len(s) for s in h.replays.values())
+        self._decompress = Decompressor() if h.compressed else None
+        self.backend = self.server.router.adopted_backend(h.backend_addr)
+        self.backend.connections += 1
+        self._counts = self.backend.query_counts
+        deprecate_eof = bool(h.backend_caps & Capability.DEPRECATE_EOF)
+        self.tracker = ResponseTracker(deprecate_eof, self._response_done, h.status)
+        self.backend_leg, self.bt = leg, leg.transport
+        self.bound_writes(self.bt)
+        self.set_backend_keepalive(leg, bool(self.backend.health))
+        leg.attach(self)
+        if h.pending:  # a command that arrived as the old process let go
+            self._cbuf += h.pending
+            asyncio.get_running_loop().call_soon(self._drain_client)
+
+    def staying_view(self) -> tuple[int, str, str, str, str]:
+        return (self.id, self.user, self.peer, self.backend.addr if self.backend else "",
+                self.at_handover_point())
+
+    def handover_sockets(self) -> list[int]:
+        """The client's and the backend's socket descriptors, in that order."""
+        assert self.bt is not None
+        return [self.client.get_extra_info("socket").fileno(),
+                self.bt.get_extra_info("socket").fileno()]
+
+    def hold_for_handover(self, hold: bool) -> None:
+        """Nothing read from either peer (nor any move begun) while the session travels."""
+        if hold:
+            self.hold_input("handover")
+            self.pause_backend_reading(True)
+        else:
+            self.pause_backend_reading(False)
+            self.release_input("handover")
+
+    def handed_over(self) -> None:
+        """Another process has taken this session: let go of it without a word to either
+        peer (closing this process's descriptors leaves the connections open)."""
+        self.phase = CLOSED
+        if self.backend is not None:
+            self.backend.connections -= 1
+        if self.backend_leg is not None:
+            self.backend_leg.detach()
+            self.backend_leg.close(quit_first=False)
+        self.client.close()
+        self.server.session_closed(self)
+        log.info("session %d handed over to the new process", self.id)
+
     def _take_credential(self) -> None:
         """Keep SHA1(password) if this login proved it against a stored hash."""
         exchange, self._native_exchange = self._native_exchange, None
@@ -628,7 +727,8 @@ class Session(TransactionReplay):
         tracker = self.tracker
         assert tracker is not None
         if not self._cbuf and not self._held and not self._ccont and not tracker.local_infile \
-                and self._move is None and not self.stale and not self.lost_transaction:
+                and self._move is None and not self.stale and not self.lost_transaction \
+                and self.leaving is None:
             n = len(data)
             if n > 5:
                 header = _unpack_u32(data, 0)[0]
@@ -720,17 +820,9 @@ class Session(TransactionReplay):
         assert tracker is not None and self.bt is not None
         cmd = packet[4]
         kind = EXPECT_BY_COMMAND.get(cmd)
-        if cmd == Command.QUIT:
-            self.close("client quit", quiet=True)
-            return True
-        if self.lost_transaction and self.transaction_lost(packet):
-            return True
-        if self._move is not None and not self._moving \
-                and not reads_diagnostics(packet, self._executed_sql(packet, cmd)) \
-                and self.try_move(at_command=True):
-            return False  # the move first; the command then runs on the new backend
-        if self.stale and tracker.idle and self.checkpoint_due(packet, cmd):
-            return False  # the checkpoint first (session/rebuild.py)
+        first = self._before_command(packet, cmd, tracker)
+        if first is not None:
+            return first
         original = packet
         token: Any = cmd
         if cmd == _QUERY:
@@ -796,6 +888,24 @@ class Session(TransactionReplay):
         if fx or (variables is not None and (variables.stale or variables.replays)):
             return ("query", fx, variables)
         return _QUERY
+
+    def _before_command(self, packet: bytes, cmd: int, tracker: ResponseTracker) -> bool | None:
+        """What comes before a command runs: _command's answer, or None to run it."""
+        if cmd == Command.QUIT:
+            self.close("client quit", quiet=True)
+            return True
+        if self.lost_transaction and self.transaction_lost(packet):
+            return True
+        if self.leaving is not None and tracker.idle and not self.at_handover_point() \
+                and self.leaving.now(self):
+            return False  # to the new process, with this command unread (net/handover.py)
+        if self._move is not None and not self._moving \
+                and not reads_diagnostics(packet, self._executed_sql(packet, cmd)) \
+                and self.try_move(at_command=True):
+            return False  # the move first; the command then runs on the new backend
+        if self.stale and tracker.idle and self.checkpoint_due(packet, cmd):
+            return False  # the checkpoint first (session/rebuild.py)
+        return None
 
     def _prepare_command(self, packet: bytes) -> tuple[bytes, tuple[Any, ...]] | None:
         """COM_STMT_PREPARE: what to send and its token; None: wait."""

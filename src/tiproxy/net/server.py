@@ -27,6 +27,8 @@ from tiproxy.api.history import MoveHistory, MoveRecord
 from tiproxy.api.interface import MigrationStats, SessionView
 from tiproxy.balance.balancer import MoveOrder, carry_out, count_movable
 from tiproxy.balance.router import Backend, Router, split_addr
+from tiproxy.client.leg import BackendLeg
+from tiproxy.net.handover import Departure, Receiver, SessionHandover, Staying, receiver_name
 from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.relay import COMMAND, ClientLeg
 from tiproxy.session.credentials import CredentialStore
@@ -98,6 +100,9 @@ class ProxyServer:
         self._history = MoveHistory()
         self._unhealthy: set[str] = set()  # backends unhealthy at the last keep-alive switch
         self.port = 0
+        self._departure: Departure | None = None  # sessions leaving for a new process
+        self._receiver: Receiver | None = None  # sessions arriving from an old one
+        self._staying: Staying | None = None  # the old one's sessions that stay there
 
     @classmethod
     def of(cls, cluster: Cluster) -> ProxyServer:
@@ -129,6 +134,74 @@ class ProxyServer:
             self.port = self.port or server.sockets[0].getsockname()[1]
             log.info("proxy listening on %s:%d", host, server.sockets[0].getsockname()[1])
 
+    # -- an upgrade (control/upgrade.py, net/handover.py) ----------------------------------
+
+    def listening(self) -> list[list[socket.socket]]:
+        return [[s for server in self._servers for s in server.sockets]]
+
+    async def max_session_id(self) -> int:
+        return self._next_id
+
+    def take_ids_from(self, first_id: int) -> None:
+        """The new process of an upgrade: ids the old one gave out are never given again."""
+        self._next_id = max(self._next_id, first_id)
+
+    def hand_over(self, receivers: list[str]) -> None:
+        """Stop accepting (the new process accepts on the same sockets) and send every
+        session that can travel to the receivers, each at its next safe point."""
+        for server in self._servers:
+            server.close()
+        self._departure = Departure(receivers, lambda: list(self.sessions.values()))
+        for session in self.sessions.values():
+            session.leaving = self._departure
+
+    async def handed_over(self) -> None:
+        if self._departure is not None:
+            await self._departure.done.wait()
+
+    async def open_receivers(self) -> list[str]:
+        """The new process of an upgrade: take the sessions the old one hands over."""
+        if self._receiver is None:  # (asked again, it is the same one)
+            self._receiver = Receiver(receiver_name(os.getpid(), 0), self._adopt,
+                                      self._note_staying)
+        return [self._receiver.name]
+
+    def _note_staying(self, staying: Staying) -> None:
+        self._staying = staying
+        for sid, _, client, _, why in staying.sessions:
+            log.info("session %d (%s) stays with the previous process (pid %d): %s", sid,
+                     client, staying.pid, why)
+
+    def _staying_views(self) -> list[SessionView]:
+        """The previous process's sessions that could not travel, while it runs."""
+        staying = self._staying
+        if staying is None:
+            return []
+        try:
+            os.kill(staying.pid, 0)
+        except ProcessLookupError:
+            self._staying = None
+            return []
+        return [SessionView(id=sid, user=user, client=client, backend=backend, moving=False,
+                            move_reason="", waiting=f"stays with the previous process (pid "
+                            f"{staying.pid}) until it ends: {why}")
+                for sid, user, client, backend, why in staying.sessions]
+
+    async def _adopt(self, handover: SessionHandover, socks: list[socket.socket]) -> bool:
+        if self._shutting_down:
+            return False
+        client_sock, backend_sock = socks
+        loop = asyncio.get_running_loop()
+        try:
+            _, leg = await loop.create_connection(BackendLeg, sock=backend_sock)
+            await loop.connect_accepted_socket(lambda: ClientLeg(self, (handover, leg)),
+                                               sock=client_sock)
+        except OSError as e:
+            log.warning("session %d could not be taken over: %s", handover.id, e)
+            return False
+        log.info("session %d taken over from the previous process", handover.id)
+        return True
+
     async def serve_sockets(self, socks: list[socket.socket]) -> None:
         """Accept on listening sockets made elsewhere (a worker's, bound by the control
         process)."""
@@ -137,13 +210,22 @@ class ProxyServer:
             self._servers.append(await loop.create_server(lambda: ClientLeg(self), sock=sock,
                                                           backlog=1024))
 
-    async def stop(self, timeout: float) -> None:
-        """Stop accepting and close the sessions, gracefully within `timeout` seconds."""
+    async def stop(self, timeout: float, linger: bool = False) -> None:
+        """Stop accepting and close the sessions, gracefully within `timeout` seconds. With
+        `linger` (an upgrade's old process, left with sessions that could not travel), they
+        first have `timeout` seconds to end by themselves."""
         self._shutting_down = True
         for task in self._tasks:
             task.cancel()
         for server in self._servers:
             server.close()
+        for part in (self._departure, self._receiver):
+            if part is not None:
+                part.close()
+        if linger:
+            deadline = time.monotonic() + timeout
+            while self.sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
         await self._close_sessions(timeout)
         for server in self._servers:
             await server.wait_closed()
@@ -376,7 +458,7 @@ class ProxyServer:
                 waiting=waiting, moves=s.moves, client_tls=s.client_tls,
                 backend_tls=s.backend_tls,
             ))
-        return views
+        return views + self._staying_views()
 
     def migration_stats(self) -> MigrationStats:
         return MigrationStats(dict(self._migrations), DURATION_BUCKETS,

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from tiproxy.config import Config
     from tiproxy.control.cluster import Cluster
+    from tiproxy.control.upgrade import Takeover
     from tiproxy.net.kill import KillTarget
 
 log = logging.getLogger("tiproxy.workers")
@@ -50,6 +51,7 @@ PUSH_INTERVAL = 0.1
 RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
 STABLE_AFTER = 30.0  # a worker that lived this long restarts at once again if it dies
+RECEIVER_TIMEOUT = 30.0  # an upgrade's new workers: seconds to start and open their receivers
 
 
 def available_cpus() -> int:
@@ -112,9 +114,10 @@ class _Totals:
 class Workers:
     """The worker processes, as control/proxy.py's SessionHolder; see the module docstring."""
 
-    def __init__(self, cluster: Cluster, count: int) -> None:
+    def __init__(self, cluster: Cluster, count: int, takeover: Takeover | None = None) -> None:
         self.cluster = cluster
         self.count = count
+        self._takeover = takeover  # an upgrade's new process: sockets from the old one
         self._workers = [_Worker(i) for i in range(count)]
         self._listening: list[list[socket.socket]] = [[] for _ in range(count)]
         self._retired = _Totals()
@@ -135,7 +138,9 @@ class Workers:
         """Bind every address for every worker (an address in use fails the start here),
         then start the workers."""
         cfg = self.cluster.config
-        for addr in cfg.proxy.listen_addrs:
+        if self._takeover is not None:
+            self._take_sockets(self._takeover)
+        for addr in cfg.proxy.listen_addrs if self._takeover is None else ():
             for i, socks in enumerate(_bind(addr, self.count)):
                 for sock in socks:
                     apply_keepalive_socket(sock, cfg.proxy.frontend_keepalive)
@@ -147,6 +152,55 @@ class Workers:
             await self._spawn(worker)
         self._tasks += [loop.create_task(self._supervise(w)) for w in self._workers]
         self._tasks.append(loop.create_task(self._push()))
+
+    def _take_sockets(self, takeover: Takeover) -> None:
+        """The old process's listening sockets, as many groups as it had workers: worker i
+        accepts on group i (a group also serves other workers when there are fewer groups
+        than workers: several processes may accept on one socket), and on every group j
+        beyond the workers with j modulo their count, so that no queue is left unserved."""
+        groups = takeover.sockets()
+        for i in range(max(self.count, len(groups))):
+            self._listening[i % self.count] += [s for s in groups[i % len(groups)]
+                                                if s not in self._listening[i % self.count]]
+        log.info("proxy listening on the previous process's sockets for %d workers", self.count)
+
+    # -- an upgrade (control/upgrade.py) ------------------------------------------------------
+
+    def listening(self) -> list[list[socket.socket]]:
+        return self._listening
+
+    async def max_session_id(self) -> int:
+        ids = [await w.link.ask_or_none("max_id", None) for w in self._workers
+               if w.live and w.link is not None]
+        return max((i for i in ids if i is not None), default=0) + len(self._workers)
+
+    async def open_receivers(self) -> list[str]:
+        """Each worker opens its handover receiver (once it has started); their names, by
+        worker index."""
+        names = []
+        deadline = time.monotonic() + RECEIVER_TIMEOUT
+        for worker in self._workers:
+            name = None
+            while not isinstance(name, str):
+                if time.monotonic() > deadline:
+                    raise OSError(f"worker {worker.index} opened no handover receiver")
+                name = await worker.link.ask_or_none("receiver", None) if worker.link else None
+                if not isinstance(name, str):
+                    await asyncio.sleep(0.1)  # not started yet
+            names.append(name)
+        return names
+
+    def hand_over(self, receivers: list[str]) -> None:
+        """Every worker hands its sessions over and ends; none is started again."""
+        self._stopping = True
+        for socks in self._listening:
+            for sock in socks:
+                sock.close()
+        self._broadcast(m.HandOver(tuple(receivers)))
+
+    async def handed_over(self) -> None:
+        procs = [w.proc for w in self._workers if w.proc is not None]
+        await asyncio.gather(*(p.wait() for p in procs))
 
     async def _spawn(self, worker: _Worker) -> None:
         parent, child = socket.socketpair()
@@ -160,7 +214,8 @@ class Workers:
         worker.link, worker.stats, worker.sent = link, None, None
         cluster = self.cluster
         link.send(m.Setup(cluster.config, worker.index, self.count, worker.incarnation,
-                          cluster.tls.materials(), logging.getLogger().level))
+                          cluster.tls.materials(), logging.getLogger().level,
+                          self._takeover.first_id if self._takeover is not None else 0))
         link.send(m.Credentials(cluster.credentials.snapshot()))
         if self._memory_high:
             link.send(m.MemoryHigh(self._memory_high))
@@ -193,7 +248,7 @@ class Workers:
             worker.incarnation += 1
             await self._spawn(worker)
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, timeout: float, linger: bool = False) -> None:
         """The workers close their sessions gracefully within `timeout`; new connections are
         refused from the moment this starts (the listening sockets close here and in the
         workers)."""

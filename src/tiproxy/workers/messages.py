@@ -57,6 +57,7 @@ class Setup:
     incarnation: int  # how many times this worker has been started before
     tls: Mapping[str, Material | None]  # the contexts, as the control process built them
     log_level: int  # the control process's: a worker's records below it are not even sent
+    first_id: int = 0  # after an upgrade: ids below it were the old process's
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,14 @@ class Moves:
 @dataclass(frozen=True)
 class Shutdown:
     pass
+
+
+@dataclass(frozen=True)
+class HandOver:
+    """An upgrade: stop accepting, send the sessions to these receivers (net/handover.py),
+    then end once no session that can travel is left."""
+
+    receivers: tuple[str, ...]
 
 
 # -- worker to control ---------------------------------------------------------------------

@@ -173,6 +173,7 @@ class WorkerServer(ProxyServer):
         self.counts = counts
         counts.clear(self.index)
         self._next_id = setup.incarnation * 1_000_000
+        self.take_ids_from(setup.first_id)
 
     async def start(self) -> None:
         await super().start()
@@ -216,6 +217,10 @@ class WorkerServer(ProxyServer):
             return self._local_kill_target(arg)
         if what == "backend_ids":
             return self.local_backend_ids(*arg)
+        if what == "max_id":
+            return await self.max_session_id()
+        if what == "receiver":
+            return (await self.open_receivers())[0]
         raise ValueError(what)
 
     def _local_kill_target(self, session_id: int) -> KillTarget | None:
@@ -253,6 +258,12 @@ class WorkerServer(ProxyServer):
         a restarted worker starts a million ids further on (a stale id names nobody)."""
         self._next_id += 1
         return (self._next_id * self.count + self.index) % ID_SPACE + 1
+
+    async def max_session_id(self) -> int:
+        return (self._next_id * self.count + self.index) % ID_SPACE + 1
+
+    def take_ids_from(self, first_id: int) -> None:
+        self._next_id = max(self._next_id, first_id // self.count + 1)
 
     def kill_target_elsewhere(self, session_id: int) -> bool:
         return (session_id - 1) % self.count != self.index
@@ -305,12 +316,17 @@ async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.so
     server: WorkerServer | None = None
     early: list[object] = []  # what came with Setup, for the server once it exists
     stop = asyncio.Event()
+    departing: list[asyncio.Task[None]] = []  # an upgrade's handover, kept until done
 
     def handle(message: object) -> None:
         if isinstance(message, m.Setup) and not setup_received.done():
             setup_received.set_result(message)
         elif isinstance(message, m.Shutdown):
             stop.set()
+        elif isinstance(message, m.HandOver) and server is not None:
+            server.hand_over(list(message.receivers))
+            departing.append(asyncio.get_running_loop().create_task(server.handed_over()))
+            departing[-1].add_done_callback(lambda _task: stop.set())
         elif server is not None:
             server.handle(message)
         else:
@@ -339,7 +355,8 @@ async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.so
     if link_task in done:  # the control process is gone: nobody routes or restarts us
         await server.stop(timeout=0)
         return
-    await server.stop(server.config().proxy.graceful_close_conn_timeout)
+    await server.stop(server.config().proxy.graceful_close_conn_timeout,
+                      linger=bool(departing))  # an upgrade: sessions that stayed may end
     link.close()
 
 
