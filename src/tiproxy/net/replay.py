@@ -43,6 +43,7 @@ log = logging.getLogger("tiproxy.session")
 ER_LOCK_DEADLOCK = 1213
 ER_LOCK_WAIT_TIMEOUT = 1205
 MAX_ATTEMPTS = 3  # replays of one transaction after deadlocks or timeouts
+CONFLICT = "the replay met a deadlock or a lock wait timeout of its own"
 _IN_TRANS = int(ServerStatus.IN_TRANS)
 _QUERY = int(Command.QUERY)
 _EXECUTE = int(Command.STMT_EXECUTE)
@@ -127,19 +128,22 @@ class TransactionReplay(SessionRecovery):
         """The first chunk of the answer to `packet`, an ERR, while a transaction is recorded:
         True if it is kept back for a replay (1213, 1205), False to relay it as usual."""
         txlog = self.txlog
-        if txlog is None or txlog.broken or txlog.attempts >= MAX_ATTEMPTS or len(data) < 7:
+        if txlog is None or txlog.broken or len(data) < 7:
             return False
         if (U32.unpack_from(data, 0)[0] & 0xFFFFFF) + 4 != len(data):
             return False  # not one whole ERR packet alone
         code = data[5] | data[6] << 8
         if code not in (ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT):
             return False
+        reason = "deadlock" if code == ER_LOCK_DEADLOCK else "lock_wait_timeout"
+        if txlog.attempts >= MAX_ATTEMPTS:
+            self._replayed(reason, f"it was replayed {MAX_ATTEMPTS} times already")
+            return False
         txlog.attempts += 1
         self._replaying = True
         assert self.tracker is not None
         self.tracker.feed(data)  # the response ends here, as far as the tracker knows
         self.hold_input("replay")
-        reason = "deadlock" if code == ER_LOCK_DEADLOCK else "lock_wait_timeout"
         self._checkpoint_task = asyncio.get_running_loop().create_task(
             self._replay_here(txlog, bytes(data), packet, reason))
         return True
@@ -155,6 +159,11 @@ class TransactionReplay(SessionRecovery):
             if reason == "lock_wait_timeout":  # only the statement was rolled back
                 await query(leg, "ROLLBACK", eof)
             why, status = await replay_log(self, leg, txlog, eof)
+            # The replay met a conflict of its own (a storm goes on): again, while it may.
+            while why == CONFLICT and txlog.attempts < MAX_ATTEMPTS:
+                txlog.attempts += 1
+                await query(leg, "ROLLBACK", eof)
+                why, status = await replay_log(self, leg, txlog, eof)
             if why:
                 status = (await query(leg, "ROLLBACK", eof)).status
             self.tracker.status = status
@@ -237,11 +246,14 @@ def _inside_transaction(session: TransactionReplay, packet: bytes) -> bool:
 async def replay_log(session: TransactionReplay, leg: BackendLeg, txlog: TransactionLog,
                      deprecate_eof: bool) -> tuple[str, int]:
     """Run the recorded commands on a detached leg: ("", status after the last) when every
-    answer is the one the client got, else (why not, status)."""
+    answer is the one the client got, (CONFLICT, status) when one met a deadlock or a lock
+    wait timeout of its own, else (why not, status)."""
     status = int(ServerStatus.AUTOCOMMIT)
     for packet, crc in txlog.entries:
         sent, kind = session.packet_for_replay(packet)
-        got, status = await exchange(leg, sent, kind, deprecate_eof)
+        got, status, error = await exchange(leg, sent, kind, deprecate_eof)
+        if error in (ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT):
+            return CONFLICT, status
         if got != crc:
             what = first_keyword(packet[5:]).decode() if packet[4] == _QUERY else \
                 "COM_STMT_EXECUTE"
@@ -250,11 +262,15 @@ async def replay_log(session: TransactionReplay, leg: BackendLeg, txlog: Transac
 
 
 async def exchange(leg: BackendLeg, packet: bytes, kind: Expect,
-                   deprecate_eof: bool) -> tuple[int, int]:
+                   deprecate_eof: bool) -> tuple[int, int, int]:
     """One command on a detached leg: (CRC-32 of its whole answer as the backend framed it,
-    the status after it)."""
-    ended: list[int] = []
-    tracker = ResponseTracker(deprecate_eof, lambda _t, status, _f: ended.append(status))
+    the status after it, its ERR's code or 0)."""
+    ended: list[tuple[int, bool]] = []  # (status, failed)
+
+    def done(_token: object, status: int, failed: bool) -> None:
+        ended.append((status, failed))
+
+    tracker = ResponseTracker(deprecate_eof, done)
     tracker.expect(kind)
     leg.write(packet)
     crc = 0
@@ -263,4 +279,5 @@ async def exchange(leg: BackendLeg, packet: bytes, kind: Expect,
         framed = U32.pack(len(payload) | seq << 24) + payload
         crc = zlib.crc32(framed, crc)
         tracker.feed(framed)
-    return crc, ended[0]
+    status, failed = ended[0]
+    return crc, status, tracker.error if failed else 0

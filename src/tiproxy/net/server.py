@@ -222,10 +222,11 @@ class ProxyServer:
         for part in (self._departure, self._receiver):
             if part is not None:
                 part.close()
-        if linger:
-            deadline = time.monotonic() + timeout
-            while self.sessions and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
+        deadline = time.monotonic() + timeout
+        while linger and self.sessions:  # polled: they end in the clients' own time
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
         await self._close_sessions(timeout)
         for server in self._servers:
             await server.wait_closed()
