@@ -45,6 +45,7 @@ from tiproxy.net.migration import (
     move_session,
 )
 from tiproxy.net.moves import SessionMoves
+from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import Command, ServerStatus
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import parse_greeting
@@ -335,18 +336,47 @@ class SessionRecovery(SessionMoves):
         self.inflight = None
         self._checkpoint_task = asyncio.get_running_loop().create_task(
             self._recover(self.backend, resend, notice, lost,
-                          (txlog, packet) if txlog is not None else None))
+                          replay=(txlog, packet) if txlog is not None else None))
+
+    def wsrep_not_ready(self, data: bytes, packet: bytes) -> bool:
+        """The first chunk of the answer to `packet` is a Galera node's 1047 (it left the
+        primary component, or is shutting down): the statement did not run there. True when
+        the session goes on on another node instead and the statement runs there; False to
+        relay the error (inside a transaction that cannot be replayed, or a session that cannot
+        be rebuilt)."""
+        if len(data) < 7 or (data[5] | data[6] << 8) != ER_WSREP_NOT_READY \
+                or (U32.unpack_from(data, 0)[0] & 0xFFFFFF) + 4 != len(data):
+            return False
+        tracker, backend = self.tracker, self.backend
+        assert tracker is not None and backend is not None
+        in_trans = bool(tracker.status & _IN_TRANS)
+        txlog = self.replayable_transaction(packet) if in_trans else None
+        if (in_trans and txlog is None) or self.rebuild_problem() or tracker.pending > 1:
+            return False
+        self.hold_input("rebuild")
+        tracker.restart(tracker.status)  # this answer is not relayed: nothing is outstanding
+        self.server.doubt_backend(backend, "a session got 1047 (WSREP not ready)")
+        old = self.backend_leg
+        self._checkpoint_task = asyncio.get_running_loop().create_task(self._recover(
+            backend, None if in_trans else packet, None, "",
+            replay=(txlog, packet) if txlog is not None else None, probe=False,
+            original=bytes(data) if in_trans else None))
+        if old is not None:
+            old.detach()  # said goodbye to once the session lands elsewhere
+        return True
 
     async def _recover(self, lost: Backend, resend: bytes | None, notice: str | None,
-                       lost_transaction: str,
-                       replay: tuple[TransactionLog, bytes | None] | None) -> None:
+                       lost_transaction: str, *,
+                       replay: tuple[TransactionLog, bytes | None] | None = None,
+                       probe: bool = True, original: bytes | None = None) -> None:
         """Rebuild the session elsewhere, unless its server is alive and well: then the
         connection was ended on purpose (a KILL, wait_timeout), and the session ends with it,
-        as a direct connection would."""
+        as a direct connection would. (`probe` False: the server said it cannot serve;
+        `original`: its error, for the client if the transaction cannot be replayed.)"""
         started = time.monotonic()
         self._moving = True
         try:
-            if await self._server_still_up(lost):
+            if probe and await self._server_still_up(lost):
                 self.close(f"backend {lost.addr} closed the connection while the server runs on "
                            "(killed, or a timeout): the session ends with it")
                 return
@@ -358,6 +388,8 @@ class SessionRecovery(SessionMoves):
             return
         if replay is not None and await self.replay_elsewhere(replay[0]):
             notice, lost_transaction, resend = None, "", replay[1]  # and the one in flight
+        elif original is not None:
+            self.send_client(original)  # the node's own error: its transaction is gone
         if self.phase != _COMMAND:
             return
         self.server.record_migration(MoveRecord(

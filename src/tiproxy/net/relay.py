@@ -1085,9 +1085,8 @@ class Session(TransactionReplay):
         inflight = self.inflight
         if inflight is not None:  # the first bytes of its answer: never sent again
             self.inflight = None
-            if self.txlog is not None and data[4:5] == b"\xff" \
-                    and self.replay_on_error(data, inflight):
-                return  # a deadlock kept back: the transaction is replayed (net/replay.py)
+            if data[4:5] == b"\xff" and self._kept_back(data, inflight):
+                return
         if self.replay_limit:
             self.answer_crc = zlib.crc32(data, self.answer_crc)
         tracker = self.tracker
@@ -1108,6 +1107,14 @@ class Session(TransactionReplay):
             tracker.feed(data)
         except ProtocolError as e:
             self._protocol_error(e)
+
+    def _kept_back(self, data: bytes, packet: bytes) -> bool:
+        """An error answering `packet` that the client need not see: a deadlock in a
+        recorded transaction (net/replay.py), a Galera node not ready (recovery.py)."""
+        if self.txlog is not None and self.replay_on_error(data, packet):
+            return True
+        return self.backend is not None and self.backend.galera \
+            and self.wsrep_not_ready(data, packet)
 
     def _watch_auth_switch(self, data: bytes) -> None:
         """COM_CHANGE_USER: note a native-password salt, to recover the new credential."""
