@@ -1,0 +1,241 @@
+"""What a response says: its error, rows affected, rows sent and a checksum of its result sets.
+
+Capture and replay compute it the same way, so that the two compare: the capture from the bytes
+of a response the relay forwarded (read once it ended, in the writer), the replay from the
+packets its own connection reads. Only what does not depend on the client's capabilities goes
+in, so a replaying client with other capabilities gets the same figures for the same result:
+- rows affected: the sum over the response's OK packets;
+- rows sent: the row packets of its result sets;
+- the checksum: CRC-32 over, for each result set, its column count and each column's type, then
+  each row's payload. Sequence ids, the EOF-or-OK terminators (CLIENT_DEPRECATE_EOF), column
+  names and MariaDB's extended metadata stay out. A result set sent without its column
+  definitions (MariaDB's cached metadata) leaves the checksum unknown.
+Response layouts: https://dev.mysql.com/doc/dev/mysql-server/latest/page_protocol_command_phase.html
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tiproxy.client.channel import column_type
+from tiproxy.protocol.codec import U16, U32, lenenc_int, read_lenenc_int
+from tiproxy.protocol.constants import MAX_PAYLOAD, Command, ServerStatus
+from tiproxy.protocol.errors import Origin, ProtocolError
+from tiproxy.protocol.packets import parse_err
+from tiproxy.protocol.tracker import EXPECT_BY_COMMAND, Expect, terminator_status
+
+_MORE = ServerStatus.MORE_RESULTS_EXISTS
+_CURSOR = ServerStatus.CURSOR_EXISTS
+
+# Phases: plain ints, one comparison per packet.
+FIRST, COLUMNS, COLUMNS_EOF, ROWS, INFILE, SINGLE, PREPARE, PREPARE_DEFS, FIELDS, AUTH, DONE = \
+    range(11)
+_START = {Expect.RESULT: FIRST, Expect.BINARY: FIRST, Expect.CURSOR: FIRST, Expect.SINGLE: SINGLE,
+          Expect.PREPARE: PREPARE, Expect.FETCH: ROWS, Expect.FIELD_LIST: FIELDS,
+          Expect.AUTH: AUTH, Expect.NOTHING: DONE}
+
+
+@dataclass(slots=True)
+class Outcome:
+    error: int = 0  # the ERR's code; 0: it succeeded
+    message: str = ""  # the ERR's message
+    status: int | None = None  # the server status after the response, when it said one
+    affected: int | None = None  # None: no OK packet
+    rows: int | None = None  # None: no result set
+    checksum: int | None = None  # None: no result set, or one without its column types
+    prepared: tuple[int, int, int] | None = None  # PREPARE_OK: (statement id, columns, params)
+
+
+def expect_of(packet: bytes) -> Expect:
+    """What the response to a command (its payload, command byte first) looks like."""
+    cmd = packet[0]
+    kind = EXPECT_BY_COMMAND.get(cmd, Expect.SINGLE)
+    if cmd == Command.STMT_EXECUTE and len(packet) > 5 and packet[5] & 0x07:
+        return Expect.CURSOR
+    return kind
+
+
+class OutcomeReader:
+    """Fed the packets of one response (payloads, a 16 MiB packet's continuations joined);
+    `feed` says when the response is complete, `outcome` what it said."""
+
+    def __init__(self, kind: Expect, deprecate_eof: bool, extended_metadata: bool = False,
+                 ) -> None:
+        self.outcome = Outcome()
+        self._kind = kind
+        self._eof = deprecate_eof
+        self._extended = extended_metadata
+        self._phase = _START[kind]
+        self._left = 0  # column definitions still to come
+        self._crc: int | None = None
+        self._blind = False  # a result set without column definitions: no checksum
+        self._after_defs = 0  # PREPARE: column definitions after the parameters'
+        self.asked_for_file = False  # LOCAL INFILE: the client must answer with the file now
+
+    @property
+    def done(self) -> bool:
+        return self._phase == DONE
+
+    def feed(self, p: bytes) -> bool:
+        if not p:
+            raise ProtocolError("empty packet in a response", Origin.BACKEND)
+        phase = self._phase
+        if phase == ROWS:
+            self._row(p)
+        elif phase == COLUMNS:
+            self._crc = zlib.crc32(bytes((column_type(p, self._extended)[0],)), self._crc or 0)
+            self._left -= 1
+            if not self._left:
+                self._phase = ROWS if self._eof else COLUMNS_EOF
+        elif phase in (FIRST, INFILE):
+            self._first(p, phase == INFILE)
+        elif phase == COLUMNS_EOF:
+            self._columns_eof(p)
+        elif phase == SINGLE:
+            if p[0] == 0x00 and len(p) >= 7:
+                self._ok(p, final=True)
+            elif not self._error(p):
+                self._phase = DONE
+        elif phase in (PREPARE, PREPARE_DEFS):
+            self._prepare(p)
+        elif phase == FIELDS:
+            if p[0] == 0xFE and len(p) < MAX_PAYLOAD:
+                self._end(terminator_status(p, 0, len(p)))
+            else:
+                self._error(p)
+        elif phase == AUTH:
+            if p[0] == 0x00:
+                self._ok(p, final=True)
+            else:
+                self._error(p)
+        else:
+            raise ProtocolError("a packet after the response ended", Origin.BACKEND)
+        return self._phase == DONE
+
+    def _first(self, p: bytes, after_file: bool) -> None:
+        first = p[0]
+        if first == 0x00:
+            self._ok(p, final=False)
+        elif first == 0xFF:
+            self._error(p)
+        elif first == 0xFB and not after_file:
+            self._phase = INFILE  # the client's file goes to the server; its OK or ERR follows
+            self.asked_for_file = True
+        elif first == 0xFE:
+            self._end(terminator_status(p, 0, len(p)))
+        else:
+            count, end = read_lenenc_int(p, 0)
+            self._crc = zlib.crc32(lenenc_int(count), self._crc or 0)
+            self.outcome.rows = self.outcome.rows or 0
+            if end < len(p) and p[end] == 0:  # MariaDB's cached metadata: no definitions
+                self._blind = True
+                self._phase = ROWS if self._eof else COLUMNS_EOF
+            else:
+                self._left = count
+                self._phase = COLUMNS
+
+    def _columns_eof(self, p: bytes) -> None:
+        if self._error(p):
+            return
+        status = terminator_status(p, 0, len(p))
+        if self._kind is Expect.CURSOR and status & _CURSOR:
+            self._end(status)  # a cursor: rows come with COM_STMT_FETCH
+        else:
+            self._phase = ROWS
+
+    def _row(self, p: bytes) -> None:
+        if p[0] == 0xFE and len(p) < MAX_PAYLOAD:
+            self._end(terminator_status(p, 0, len(p)))
+        elif not (p[0] == 0xFF and self._error(p)):
+            self.outcome.rows = (self.outcome.rows or 0) + 1
+            self._crc = zlib.crc32(p, self._crc or 0)
+
+    def _prepare(self, p: bytes) -> None:
+        if self._phase == PREPARE:
+            if self._error(p):
+                return
+            if p[0] != 0x00 or len(p) < 12:
+                raise ProtocolError("malformed PREPARE_OK", Origin.BACKEND)
+            columns, params = U16.unpack_from(p, 5)[0], U16.unpack_from(p, 7)[0]
+            self.outcome.prepared = (U32.unpack_from(p, 1)[0], columns, params)
+            self._after_defs = columns
+            self._left = params + (1 if params and not self._eof else 0)
+            self._phase = PREPARE_DEFS
+        else:
+            self._left -= 1
+        while not self._left:
+            if not self._after_defs:
+                self._phase = DONE
+                return
+            self._left = self._after_defs + (0 if self._eof else 1)
+            self._after_defs = 0
+
+    def _ok(self, p: bytes, final: bool) -> None:
+        affected, pos = read_lenenc_int(p, 1)
+        _, pos = read_lenenc_int(p, pos)
+        self.outcome.affected = (self.outcome.affected or 0) + affected
+        status = U16.unpack_from(p, pos)[0] if pos + 2 <= len(p) else 0
+        if final:
+            self.outcome.status = status
+            self._phase = DONE
+        else:
+            self._end(status)
+
+    def _error(self, p: bytes) -> bool:
+        """An ERR packet ends the response (False: not an ERR); a progress report does not."""
+        if p[0] != 0xFF:
+            return False
+        if p[1:3] == b"\xff\xff":
+            return True  # MariaDB's progress report: the answer is still to come
+        err = parse_err(p)
+        self.outcome.error = err.code or 1
+        self.outcome.message = err.message
+        self._finish()
+        return True
+
+    def _end(self, status: int) -> None:
+        """A result ended with `status`: the next one follows, or the response is done."""
+        self.outcome.status = status & ~_MORE
+        if status & _MORE:
+            self._phase = FIRST
+        else:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._phase = DONE
+        if self._crc is not None and not self._blind:
+            self.outcome.checksum = self._crc
+
+
+def packets(data: bytes) -> Iterator[bytes]:
+    """The packets' payloads in raw protocol bytes, a 16 MiB packet joined to its continuation.
+    Raises ProtocolError at a packet cut short."""
+    pos, n = 0, len(data)
+    pending: list[bytes] = []
+    while pos < n:
+        if pos + 4 > n:
+            raise ProtocolError("a packet header cut short", Origin.BACKEND)
+        length = U32.unpack_from(data, pos)[0] & 0xFFFFFF
+        end = pos + 4 + length
+        if end > n:
+            raise ProtocolError("a packet cut short", Origin.BACKEND)
+        pending.append(data[pos + 4 : end])
+        pos = end
+        if length < MAX_PAYLOAD:
+            yield pending[0] if len(pending) == 1 else b"".join(pending)
+            pending = []
+
+
+def outcome_of(response: bytes, packet: bytes, deprecate_eof: bool,
+               extended_metadata: bool) -> Outcome | None:
+    """What a whole captured response to `packet` said; None if its bytes do not make one."""
+    reader = OutcomeReader(expect_of(packet), deprecate_eof, extended_metadata)
+    try:
+        for payload in packets(response):
+            if reader.feed(payload):
+                break
+    except ProtocolError:
+        return None
+    return reader.outcome if reader.done else None
