@@ -180,8 +180,16 @@ async def _start_tls(session: Session, leg: BackendLeg, offered: int,
 
 async def _capture_mysql(session: Session, leg: BackendLeg,
                          deprecate_eof: bool) -> mysql_dialect.CapturedState:
+    state = await read_mysql_state(session, leg, deprecate_eof)
+    _check_unseen(session, state)
+    return state
+
+
+async def read_mysql_state(session: Session, leg: BackendLeg,
+                           deprecate_eof: bool) -> mysql_dialect.CapturedState:
     """Database, variables and user variables: listed by information_schema.USER_VARIABLES
-    where the server has it, else read by the names the session's statements used."""
+    where the server has it, else read by the names the session's statements used. Also what
+    a traffic capture writes first for a session it joins (traffic/rebuild.py)."""
     backend = session.backend
     users, rows = await _capture_rows(leg, backend, deprecate_eof)
     state = mysql_dialect.parse_capture(rows)
@@ -198,7 +206,6 @@ async def _capture_mysql(session: Session, leg: BackendLeg,
             named = await query(leg, mysql_dialect.named_user_vars_sql(names), deprecate_eof,
                                 extended_metadata=extended)
             mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types)
-    _check_unseen(session, state)
     return state
 
 

@@ -92,10 +92,12 @@ from tiproxy.session.statements import (
 )
 from tiproxy.tls import peer_cn_allowed
 from tiproxy.tls.upgrade import start_server_tls
+from tiproxy.traffic.session import SessionCapture
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
     from tiproxy.net.server import ProxyServer
+    from tiproxy.traffic.sink import CaptureSink
 
 log = logging.getLogger("tiproxy.session")
 
@@ -174,6 +176,7 @@ class Session(SessionMoves):
     # Backend thread id -> proxy id on the backend named, for the statement that waits for it
     # (set only then: the class's None serves every session until one needs it).
     _id_map: tuple[str, dict[int, int]] | None = None
+    _capture: SessionCapture | None = None  # while a traffic capture runs (follow_capture)
 
     def __init__(self, server: ProxyServer, transport: asyncio.Transport) -> None:
         super().__init__()
@@ -576,6 +579,8 @@ class Session(SessionMoves):
         self.bound_writes(self.bt)
         self.backend_leg.attach(self)
         self.server.logged_in()
+        if self.server.capture is not None:
+            self.follow_capture(self.server.capture, fresh=True)
         log.debug("session %d: %s@%s logged in on %s",
                   self.id, self.user, self.peer, self.backend.addr)
 
@@ -595,6 +600,11 @@ class Session(SessionMoves):
         self.state.no_credential = "" if self.credential is not None else NO_CREDENTIAL
         if self.credential is None and exchange is not None:
             self.server.refresh_credential(self, exchange)  # the stored hash may be stale
+
+    def follow_capture(self, sink: CaptureSink | None, fresh: bool = False) -> None:
+        """A traffic capture starts (its sink in this process) or ends (None): see
+        traffic/session.py. `fresh`: the session logged in during the capture."""
+        self._capture = SessionCapture(sink, self, fresh) if sink is not None else None
 
     def credential_recovered(self, credential: bytes) -> None:
         """A refresh of the stored hashes verified this session's login after all."""
@@ -647,7 +657,7 @@ class Session(SessionMoves):
                         fast = not self.state.to_client and self._execute_is_plain(data)
                     else:
                         fast = cmd in _FAST
-                    if fast:
+                    if fast and (self._capture is None or self._capture.take(data)):
                         self.bt.write(data)  # type: ignore[union-attr]
                         self._counts[_NAMES[cmd]] += 1
                         tracker.expect(_FAST[cmd], cmd)
@@ -695,7 +705,8 @@ class Session(SessionMoves):
                     raise ProtocolError(f"packet with sequence id {seq} where a command was due")
                 elif length == 0:
                     raise ProtocolError("empty command packet")
-                elif not self._command(packet, length):
+                elif not (self._capture is None or self._capture.ready(packet)) \
+                        or not self._command(packet, length):
                     pos -= len(packet)  # it waits, with what follows, until the backend is idle
                     self.hold_input("idle")
         except ProtocolError as e:
@@ -767,6 +778,8 @@ class Session(SessionMoves):
         self._ccont = length == MAX_PAYLOAD
         self.bt.write(packet)
         self._counts[_NAMES[cmd]] += 1
+        if self._capture is not None:
+            self._capture.sent()
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
 
@@ -948,6 +961,8 @@ class Session(SessionMoves):
             self.send_client(data)
         if tracker.phase == AUTH:
             self._watch_auth_switch(data)
+        if self._capture is not None:
+            self._capture.response(data)
         try:
             tracker.feed(data)
         except ProtocolError as e:
@@ -966,6 +981,8 @@ class Session(SessionMoves):
     def _response_done(self, token: Any, status: int, failed: bool) -> None:
         if token.__class__ is not int:
             self._record(token, status, failed)
+        if self._capture is not None:
+            self._capture.done(status, failed)
         if failed and self.backend is not None and self.backend.galera \
                 and self.tracker is not None and self.tracker.error == ER_UNKNOWN_COM_ERROR:
             self.server.doubt_backend(self.backend, "a session got 1047 (WSREP not ready)")
@@ -1119,6 +1136,8 @@ class Session(SessionMoves):
         early = self._take_early()
         if early is not None:
             early[1].abort()
+        if self._capture is not None:
+            self._capture.closed()
         for task in (self._task, self._move_task):
             if task is not None and not task.done():
                 task.cancel()

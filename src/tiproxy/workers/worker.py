@@ -40,11 +40,13 @@ from tiproxy.workers.shared import LAST_LOGIN, SESSIONS, SharedCounts
 if TYPE_CHECKING:
     from tiproxy.config import Config
     from tiproxy.protocol.packets import Greeting
+    from tiproxy.traffic.sink import Record
 
 log = logging.getLogger("tiproxy.workers")
 
 STATS_INTERVAL = 1.0
 ID_SPACE = 1 << 32
+CAPTURE_LINK_LIMIT = 16 * 1024 * 1024  # capture batches waiting on the link, at most
 
 
 class SharedBackend(Backend):
@@ -197,6 +199,13 @@ class WorkerServer(ProxyServer):
             self.tls.follow(message.tls)
         elif isinstance(message, m.MemoryHigh):
             self.memory_high = message.reason
+        elif isinstance(message, m.CaptureStart):
+            self.start_capture(self._send_capture)
+
+    def _send_capture(self, records: list[Record], size: int) -> bool:
+        dropped = self.capture.dropped if self.capture is not None else 0
+        return self.link.send_if_room(m.CaptureBatch(records, size, dropped),
+                                      CAPTURE_LINK_LIMIT)
 
     async def answer(self, what: str, arg: Any) -> Any:
         if what == "sessions":
@@ -211,6 +220,8 @@ class WorkerServer(ProxyServer):
             return self._local_kill_target(arg)
         if what == "backend_ids":
             return self.local_backend_ids(*arg)
+        if what == "capture_stop":
+            return await self.stop_capture()
         raise ValueError(what)
 
     def _local_kill_target(self, session_id: int) -> KillTarget | None:

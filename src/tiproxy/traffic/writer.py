@@ -1,0 +1,230 @@
+"""The capture's writer: records in, TiProxy's files out, in a thread of the control process.
+
+Theory of operation
+-------------------
+Batches of records (sink.py) come from this process's sessions or from the workers' links and
+wait in a queue bounded by bytes; a batch with no room is dropped and counted (the data path
+never waits). The writer's thread makes each record a TrafficCommand:
+- what must not be written is left out and counted as filtered: statements that may carry a
+  password (sql.py), the statement commands of a prepared statement left out so, commands
+  TiProxy's format has no name for (MariaDB's COM_STMT_BULK_EXECUTE), commands of 16 MiB or more;
+- per connection it follows the prepared statements (from their PREPARE records, rebuilt ones
+  included), so that an execute carries the statement's text (Prepared_stmt) and the first
+  execute of each statement carries its parameter types, which a replay needs;
+- it reads the response's bytes for rows affected, rows sent and the checksum (outcome.py).
+Commands arrive in the order they ended, from several processes; files want them in the order
+they started, which is what a replay follows. So each waits REORDER_WINDOW in a heap keyed by its
+start before it is written: a command that ran longer than that is written late (a replay then
+sends it at once, keeping its connection's order).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tiproxy.protocol.codec import U32
+from tiproxy.protocol.constants import Command
+from tiproxy.protocol.errors import ProtocolError
+from tiproxy.session.prepared import execute_types, with_types
+from tiproxy.traffic.format import CMD_NAMES, TrafficCommand, encode
+from tiproxy.traffic.outcome import outcome_of
+from tiproxy.traffic.sink import DEPRECATE_EOF, EXTENDED_METADATA, FOUND_ROWS, Record
+from tiproxy.traffic.sql import is_sensitive
+from tiproxy.traffic.store import CaptureFiles
+
+log = logging.getLogger("tiproxy.traffic")
+
+QUEUE_BYTES = 64 * 1024 * 1024  # records waiting for the thread, at most
+REORDER_WINDOW_NS = 2_000_000_000
+WRITE_CHUNK = 1024 * 1024
+_TICK = 0.2  # seconds between looks at the heap when no batch comes
+_STATEMENT = frozenset((Command.STMT_EXECUTE, Command.STMT_SEND_LONG_DATA, Command.STMT_CLOSE,
+                        Command.STMT_RESET, Command.STMT_FETCH))
+_HEADER = b"\0\0\0\0"  # session/prepared.py works on whole packets
+
+
+@dataclass
+class _Statement:
+    sql: bytes
+    params: int
+    types: bytes | None  # the parameter types the client last sent
+    typed: bool = False  # an execute with its types has been written
+
+
+@dataclass
+class _Connection:
+    statements: dict[int, _Statement] = field(default_factory=dict)
+    hidden: set[int] = field(default_factory=set)  # statements left out: their commands too
+
+
+class CaptureWriter:
+    """See the module docstring. `put` is called on the event loop; the rest runs in the
+    writer's thread until `finish`."""
+
+    def __init__(self, files: CaptureFiles, failed: Callable[[], None] = lambda: None) -> None:
+        self.files = files
+        self._on_failure = failed  # called in the thread when writing stops
+        self.captured = 0
+        self.filtered = 0
+        self.error = ""  # why writing stopped, if it did
+        self._queue: queue.SimpleQueue[tuple[list[Record], int] | None] = queue.SimpleQueue()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._connections: dict[int, _Connection] = {}
+        self._heap: list[tuple[int, int, TrafficCommand]] = []
+        self._seq = 0
+        self._thread = threading.Thread(target=self._run, name="traffic-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: list[Record], size: int) -> bool:
+        """Queue a batch; False when there is no room (the caller counts it dropped)."""
+        with self._lock:
+            if self._closed or self.error or self._queued + size > QUEUE_BYTES:
+                return False
+            self._queued += size
+        self._queue.put((batch, size))
+        return True
+
+    def finish(self) -> None:
+        """Write what is left, close the last file (blocking: call it in a thread)."""
+        with self._lock:
+            self._closed = True
+        self._queue.put(None)
+        self._thread.join()
+
+    # -- the thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=_TICK)
+                except queue.Empty:
+                    item = ([], 0)
+                if item is None:
+                    break
+                batch, size = item
+                with self._lock:
+                    self._queued -= size
+                if not self.error:
+                    for record in batch:
+                        self._take(record)
+                    self._release(time.time_ns() - REORDER_WINDOW_NS)
+            if not self.error:
+                self._release(None)
+                self.files.close()
+        except OSError as e:
+            self._failed(f"failed to flush traffic to disk: {e.strerror or e}")
+        except Exception as e:
+            log.exception("traffic writer failed")
+            self._failed(f"the traffic writer failed: {e}")
+        if self.error:
+            while self._queue.get() is not None:  # until finish(): nothing more is written
+                pass
+
+    def _failed(self, error: str) -> None:
+        with self._lock:
+            self.error = error
+        log.error("traffic capture stopped: %s", error)
+        self._on_failure()
+
+    def _release(self, before_ns: int | None) -> None:
+        heap = self._heap
+        chunk: list[bytes] = []
+        size = 0
+        while heap and (before_ns is None or heap[0][0] < before_ns):
+            data = encode(heapq.heappop(heap)[2])
+            chunk.append(data)
+            size += len(data)
+            if size >= WRITE_CHUNK:
+                self._write(chunk)
+                chunk, size = [], 0
+        self._write(chunk)
+
+    def _write(self, chunk: list[bytes]) -> None:
+        if chunk:
+            self.files.write(b"".join(chunk))
+            self.captured += len(chunk)
+
+    def _take(self, record: Record) -> None:
+        try:
+            command = self._command(record)
+        except ProtocolError:
+            command = None  # a malformed statement command: not worth a line in the capture
+        if command is None:
+            self.filtered += 1
+            return
+        heapq.heappush(self._heap, (command.start_ns, self._seq, command))
+        self._seq += 1
+
+    def _command(self, r: Record) -> TrafficCommand | None:
+        packet = r.packet
+        if not packet or packet[0] >= len(CMD_NAMES):
+            return None
+        cmd = packet[0]
+        conn = self._connections.setdefault(r.conn_id, _Connection())
+        if cmd == Command.QUIT:
+            self._connections.pop(r.conn_id, None)
+        elif cmd == Command.RESET_CONNECTION:
+            conn.statements.clear()
+            conn.hidden.clear()
+        ps_id, sql = 0, None
+        if cmd in (Command.QUERY, Command.STMT_PREPARE) and is_sensitive(packet[1:]):
+            if r.statement is not None:
+                conn.hidden.add(r.statement[0])
+            return None
+        if cmd == Command.STMT_PREPARE and r.statement is not None:
+            ps_id, params, types = r.statement
+            conn.statements[ps_id] = _Statement(packet[1:], params, types)
+        elif cmd in _STATEMENT and len(packet) >= 5:
+            ps_id = U32.unpack_from(packet, 1)[0]
+            if ps_id in conn.hidden:
+                if cmd == Command.STMT_CLOSE:
+                    conn.hidden.discard(ps_id)
+                return None
+            stmt = conn.statements.get(ps_id)
+            if stmt is not None and cmd == Command.STMT_EXECUTE:
+                sql = stmt.sql
+                packet = _typed(stmt, packet)
+            elif cmd == Command.STMT_CLOSE:
+                conn.statements.pop(ps_id, None)
+        return self._with_outcome(r, TrafficCommand(
+            r.start_ns, r.conn_id, packet, not r.error, ps_id, sql,
+            error_code=r.error))
+
+    @staticmethod
+    def _with_outcome(r: Record, c: TrafficCommand) -> TrafficCommand:
+        if not r.end_ns:
+            return c
+        c.query_ns = max(0, r.end_ns - r.start_ns)
+        c.status = r.status
+        if r.response is not None and not r.error:
+            outcome = outcome_of(r.response, r.packet, bool(r.flags & DEPRECATE_EOF),
+                                 bool(r.flags & EXTENDED_METADATA))
+            if outcome is not None:
+                c.rows, c.checksum = outcome.rows, outcome.checksum
+                if not r.flags & FOUND_ROWS:  # else matched rows: no replay compares them
+                    c.affected = outcome.affected
+        return c
+
+
+def _typed(stmt: _Statement, packet: bytes) -> bytes:
+    """The execute with its statement's parameter types, if it is the first written and came
+    without them (the client sent them before the capture began)."""
+    if stmt.typed or not stmt.params:
+        return packet
+    _, types = execute_types(_HEADER + packet, stmt.params)
+    if types is not None:
+        stmt.types, stmt.typed = types, True
+        return packet
+    if stmt.types is None:
+        return packet
+    stmt.typed = True
+    return with_types(_HEADER + packet, stmt.params, stmt.types)[4:]
