@@ -14,6 +14,7 @@ Routes (TiProxy's, plus our own backend list):
 - `PUT /api/admin/config`, `POST /api/debug/redirect`, `POST /api/admin/backends/{addr}/drain`
   and `/undrain`, `PUT` and `DELETE /api/debug/health`: the write routes, which auth.py guards
   (every method but GET and HEAD).
+- TiProxy's `/api/traffic/...` routes (capture, replay, cancel, show): api/traffic.py.
 Nothing here blocks the event loop for long: a request body is at most 1 MiB (413 beyond), and
 the files a new config names are checked in a thread (config/reload.py).
 """
@@ -35,6 +36,7 @@ from tiproxy.api.auth import write_guard
 from tiproxy.api.interface import ProxyControl, ProxyView
 from tiproxy.api.listener import APIConnection, plain_http_guard
 from tiproxy.api.metrics import METRICS_CONTENT_TYPE, build_registry, render_metrics
+from tiproxy.api.traffic import register_traffic, traffic_routes
 from tiproxy.config import (
     ConfigError,
     config_checksum,
@@ -150,7 +152,9 @@ def build_app(view: ProxyView,
         ("POST", "/api/debug/redirect", _redirect),
         ("GET", "/metrics", _metrics),
         ("GET", "/api/metrics", _metrics),
+        *traffic_routes(),
     ]
+    register_traffic(app, view, app[_REGISTRY])
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
         app.router.add_route(method, path + "/", handler)  # TiProxy registers groups with "/"

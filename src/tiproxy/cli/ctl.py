@@ -7,6 +7,7 @@
     tiproxyctl [OPTIONS] backend drain|undrain ADDR
     tiproxyctl [OPTIONS] sessions
     tiproxyctl [OPTIONS] redirect
+    tiproxyctl [OPTIONS] traffic capture|replay|cancel|show ...   (cli/traffic.py)
 
 Options: where the API is (`--addr [https://]HOST:PORT`, ours, or TiProxy's `--host` and
 `--port`, which override it), how to speak TLS to it (`--ca`, `--cert`, `--key`, `-k` /
@@ -31,6 +32,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from tiproxy.cli.traffic import add_traffic_commands
 from tiproxy.config.files import (
     CONFIG_FILE_LIMIT,
     TOKEN_FILE_LIMIT,
@@ -124,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     sessions.set_defaults(command=_sessions)
     redirect = sub.add_parser("redirect", help="move every session to another backend")
     redirect.set_defaults(command=_redirect)
+    add_traffic_commands(sub, _request)
     return parser
 
 

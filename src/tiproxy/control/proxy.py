@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Protocol
 
 from tiproxy.balance.balancer import INTERVAL
 from tiproxy.control.memory import effective_threshold, memory_use
+from tiproxy.traffic.jobs import TrafficJobs
 
 if TYPE_CHECKING:
     from tiproxy.api.interface import BackendView, MigrationStats, SessionView
     from tiproxy.balance.balancer import MoveOrder
     from tiproxy.config import Config
     from tiproxy.control.cluster import Cluster
+    from tiproxy.traffic.sink import Deliver
 
 log = logging.getLogger("tiproxy.server")
 MEMORY_INTERVAL = 1.0  # seconds between looks at the memory use
@@ -45,6 +47,10 @@ class SessionHolder(Protocol):
     def rejected_connections(self) -> Mapping[str, int]: ...  # clients refused, by why
     def set_memory_high(self, reason: str) -> None: ...  # "" lets new clients in again
     def pids(self) -> list[int]: ...  # the proxy's processes
+    # A traffic capture (traffic/): every session, open or to come, records into `deliver`.
+    def start_capture(self, deliver: Deliver) -> None: ...
+    async def stop_capture(self) -> int: ...  # the commands dropped, now final
+    def capture_dropped(self) -> int: ...
 
 
 class Proxy:
@@ -58,6 +64,8 @@ class Proxy:
         self._watching_memory: asyncio.Task[None] | None = None
         self.memory_high = ""  # why new clients are refused for memory, if they are
         self._reloading = asyncio.Lock()  # reloads one at a time, cluster and holder alike
+        self.traffic = TrafficJobs(holder, lambda: self.cluster.config,
+                                   lambda: int(getattr(holder, "port", 0)))
 
     async def start(self) -> None:
         await self.cluster.start()
@@ -75,6 +83,7 @@ class Proxy:
         for task in (self._rebalancing, self._watching_memory):
             if task is not None:
                 task.cancel()
+        await self.traffic.close()
         self.cluster.stop()
         await self.holder.stop(self.cluster.config.proxy.graceful_close_conn_timeout)
 
