@@ -192,6 +192,7 @@ class OutcomeReader:
         err = parse_err(p)
         self.outcome.error = err.code or 1
         self.outcome.message = err.message
+        self._crc = None  # a failed response has no result to compare
         self._finish()
         return True
 

@@ -96,7 +96,8 @@ def prepare_output(path: str) -> Path:
     directory or already holds a capture (its `meta`)."""
     out = _local_dir(path, "output")
     try:
-        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not out.exists():
+            out.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not stat.S_ISDIR(out.stat().st_mode):
             raise StoreError(f"output {path}: not a directory")
         if (out / META).exists() or (out / META).is_symlink():

@@ -15,7 +15,8 @@ never waits). The writer's thread makes each record a TrafficCommand:
 Commands arrive in the order they ended, from several processes; files want them in the order
 they started, which is what a replay follows. So each waits REORDER_WINDOW in a heap keyed by its
 start before it is written: a command that ran longer than that is written late (a replay then
-sends it at once, keeping its connection's order).
+sends it at once, keeping its connection's order). The heap holds commands without their
+responses, and at most MAX_HELD of them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ log = logging.getLogger("tiproxy.traffic")
 
 QUEUE_BYTES = 64 * 1024 * 1024  # records waiting for the thread, at most
 REORDER_WINDOW_NS = 2_000_000_000
+MAX_HELD = 200_000  # commands waiting in the reorder heap at most (then the oldest go early)
 WRITE_CHUNK = 1024 * 1024
 _TICK = 0.2  # seconds between looks at the heap when no batch comes
 _STATEMENT = frozenset((Command.STMT_EXECUTE, Command.STMT_SEND_LONG_DATA, Command.STMT_CLOSE,
@@ -139,7 +141,7 @@ class CaptureWriter:
         heap = self._heap
         chunk: list[bytes] = []
         size = 0
-        while heap and (before_ns is None or heap[0][0] < before_ns):
+        while heap and (before_ns is None or heap[0][0] < before_ns or len(heap) > MAX_HELD):
             data = encode(heapq.heappop(heap)[2])
             chunk.append(data)
             size += len(data)
