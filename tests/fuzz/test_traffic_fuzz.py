@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tiproxy.protocol.errors import ProtocolError
 from tiproxy.protocol.tracker import Expect
 from tiproxy.traffic.format import Decoder, FormatError, go_unquote
-from tiproxy.traffic.outcome import OutcomeReader, outcome_of
+from tiproxy.traffic.outcome import OutcomeReader, summary_of
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -74,9 +74,9 @@ def test_go_unquote_raises_only_value_errors(text: str) -> None:
 @given(st.binary(max_size=300), st.sampled_from([b"\x03", b"\x16", b"\x17\x00\x00\x00\x00\x01",
                                                   b"\x1c", b"\x04", b"\x0e"]),
        st.booleans(), st.booleans())
-def test_outcome_of_any_bytes_is_an_outcome_or_none(data: bytes, packet: bytes,
+def test_a_summary_of_any_bytes_is_one_or_none(data: bytes, packet: bytes,
                                                     deprecate_eof: bool, extended: bool) -> None:
-    outcome_of(data, packet, deprecate_eof, extended)
+    summary_of(data, packet, deprecate_eof, extended)
 
 
 @FUZZ

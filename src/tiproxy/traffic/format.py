@@ -17,6 +17,7 @@ Payload_len. A file of TiProxy's simply lacks them, and a replay then compares s
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -67,27 +68,39 @@ class TrafficCommand:
 
 def encode(c: TrafficCommand) -> bytes:
     """The command's lines and payload, in the order TiProxy writes them."""
-    lines = [f"# Time: {format_time(c.start_ns)}", f"# Conn_ID: {c.conn_id}"]
-    if c.cmd != QUERY:
-        lines.append(f"# Cmd_type: {CMD_NAMES[c.cmd]}")
-    if not c.success:
-        lines.append("# Success: false")
-    if c.ps_id:
-        lines.append(f"# Captured_ps_id: {c.ps_id}")
-    if c.prepared_sql:
-        lines.append(f"# Prepared_stmt: {go_quote(c.prepared_sql)}")
-    if c.query_ns is not None:
-        lines.append(f"# Query_time: {c.query_ns / 1e9:.9f}")
-    if c.error_code:
-        lines.append(f"# Error_code: {c.error_code}")
-    for key, value in (("Server_status", c.status), ("Rows_affected", c.affected),
-                       ("Rows_sent", c.rows)):
-        if value is not None:
-            lines.append(f"# {key}: {value}")
-    if c.checksum is not None:
-        lines.append(f"# Result_checksum: {c.checksum:08x}")
-    lines.append(f"# Payload_len: {len(c.packet) - 1}\n")
-    return "\n".join(lines).encode() + c.packet[1:] + b"\n"
+    return encode_command(c.start_ns, c.conn_id, c.packet, c.success, c.ps_id, c.prepared_sql,
+                          c.query_ns, c.error_code, c.status, c.affected, c.rows, c.checksum)
+
+
+def encode_command(start_ns: int, conn_id: int, packet: bytes, success: bool = True,  # noqa: PLR0917 - the format's keys, in its order
+                   ps_id: int = 0, prepared_sql: bytes | None = None,
+                   query_ns: int | None = None, error_code: int = 0, status: int | None = None,
+                   affected: int | None = None, rows: int | None = None,
+                   checksum: int | None = None) -> bytes:
+    """encode() of a command given by its fields (the writer's way: once per command)."""
+    cmd = packet[0]
+    head = f"# Time: {format_time(start_ns)}\n# Conn_ID: {conn_id}\n"
+    if cmd != QUERY:
+        head += f"# Cmd_type: {CMD_NAMES[cmd]}\n"
+    if not success:
+        head += "# Success: false\n"
+    if ps_id:
+        head += f"# Captured_ps_id: {ps_id}\n"
+    if prepared_sql:
+        head += f"# Prepared_stmt: {go_quote(prepared_sql)}\n"
+    if query_ns is not None:
+        head += f"# Query_time: {query_ns // 1_000_000_000}.{query_ns % 1_000_000_000:09d}\n"
+    if error_code:
+        head += f"# Error_code: {error_code}\n"
+    if status is not None:
+        head += f"# Server_status: {status}\n"
+    if affected is not None:
+        head += f"# Rows_affected: {affected}\n"
+    if rows is not None:
+        head += f"# Rows_sent: {rows}\n"
+    if checksum is not None:
+        head += f"# Result_checksum: {checksum:08x}\n"
+    return b"%s# Payload_len: %d\n%s\n" % (head.encode(), len(packet) - 1, packet[1:])
 
 
 class Source(Protocol):
@@ -203,10 +216,15 @@ _RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d\d):(\d\d))")
 
 
+@functools.lru_cache(maxsize=64)  # one entry per second: commands come in time order
+def _second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def format_time(ns: int) -> str:
     """RFC 3339 in UTC with nanoseconds, trailing zeros dropped (Go's RFC3339Nano)."""
     seconds, frac = divmod(ns, 1_000_000_000)
-    text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    text = _second(seconds)
     if frac:
         text += "." + f"{frac:09d}".rstrip("0")
     return text + "Z"
@@ -239,6 +257,7 @@ _UNESCAPES = {"a": 7, "b": 8, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11, "\\": 
               '"': 0x22, "'": 0x27}
 
 
+@functools.lru_cache(maxsize=4096)  # an execute's statement text, written with every execute
 def go_quote(data: bytes) -> str:
     """A double-quoted Go string literal of `data` on one line; bytes that are not UTF-8 as
     \\xNN, as strconv.Quote writes them."""

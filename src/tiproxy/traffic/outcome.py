@@ -15,6 +15,7 @@ Response layouts: https://dev.mysql.com/doc/dev/mysql-server/latest/page_protoco
 
 from __future__ import annotations
 
+import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -210,6 +211,74 @@ class OutcomeReader:
             self.outcome.checksum = self._crc
 
 
+_COUNTS = [lenenc_int(i) for i in range(251)]
+
+
+def _plain_results(data: bytes, deprecate_eof: bool, strings: int) -> Summary | None:
+    """The common captured response (OKs and result sets, nothing long, cached or unusual) read
+    in one loop, as OutcomeReader would read it; None for anything else (the reader reads it):
+    the writer reads every captured response, so this is the capture's cost per command."""
+    n, pos = len(data), 0
+    crc: int | None = None
+    rows: int | None = None
+    affected: int | None = None
+    while pos + 4 < n:
+        start = pos + 4
+        end = start + (_unpack(data, pos)[0] & 0xFFFFFF)
+        first = data[start]
+        if end > n or end - start >= MAX_PAYLOAD or first in (0xFB, 0xFE, 0xFF):
+            return None
+        if first == 0x00:  # OK
+            count, p = read_lenenc_int(data, start + 1)
+            _, p = read_lenenc_int(data, p)
+            affected = (affected or 0) + count
+            status = U16.unpack_from(data, p)[0] if p + 2 <= end else 0
+            pos = end
+        else:
+            if first >= 0xFB or end != start + 1:  # a count of 251 or more; cached metadata
+                return None
+            crc, pos = _columns(data, end, first, strings, zlib.crc32(_COUNTS[first], crc or 0))
+            if not deprecate_eof:  # the EOF after the definitions
+                pos += 4 + (_unpack(data, pos)[0] & 0xFFFFFF)
+            rows = rows or 0
+            while True:
+                start = pos + 4
+                end = start + (_unpack(data, pos)[0] & 0xFFFFFF)
+                if end > n or end - start >= MAX_PAYLOAD:
+                    return None
+                first = data[start]
+                pos = end
+                if first == 0xFE:
+                    status = terminator_status(data, start, end - start)
+                    break
+                if first == 0xFF:
+                    return None
+                rows += 1
+                crc = zlib.crc32(data[start:end], crc)
+        if not status & _MORE:
+            return (affected, rows, crc) if pos == n else None
+    return None
+
+
+def _columns(data: bytes, pos: int, count: int, strings: int, crc: int) -> tuple[int, int]:
+    """The checksum with the column definitions' types, and where they end."""
+    types = bytearray()
+    for _ in range(count):
+        end = pos + 4 + (_unpack(data, pos)[0] & 0xFFFFFF)
+        q = pos + 4
+        for _ in range(strings):  # catalog, schema, table, org_table, name, org_name
+            size = data[q]
+            if size >= 0xFB:
+                raise ProtocolError("a long name: left to the reader", Origin.BACKEND)
+            q += 1 + size
+        types.append(data[q + 7])  # after the fixed fields' length, charset and length
+        pos = end
+    return zlib.crc32(types, crc), pos
+
+
+_unpack = U32.unpack_from
+
+
 def packets(data: bytes) -> Iterator[bytes]:
     """The packets' payloads in raw protocol bytes, a 16 MiB packet joined to its continuation.
     Raises ProtocolError at a packet cut short."""
@@ -229,14 +298,27 @@ def packets(data: bytes) -> Iterator[bytes]:
             pending = []
 
 
-def outcome_of(response: bytes, packet: bytes, deprecate_eof: bool,
-               extended_metadata: bool) -> Outcome | None:
-    """What a whole captured response to `packet` said; None if its bytes do not make one."""
-    reader = OutcomeReader(expect_of(packet), deprecate_eof, extended_metadata)
+Summary = tuple[int | None, int | None, int | None]  # rows affected, rows sent, checksum
+
+
+def summary_of(response: bytes, packet: bytes, deprecate_eof: bool,
+               extended_metadata: bool) -> Summary | None:
+    """Rows affected, rows sent and checksum of a whole captured response to `packet` (as
+    OutcomeReader reads them); None if its bytes do not make one."""
+    kind = expect_of(packet)
+    if kind is Expect.RESULT or kind is Expect.BINARY:
+        try:
+            quick = _plain_results(response, deprecate_eof, 7 if extended_metadata else 6)
+        except (ProtocolError, IndexError, struct.error):  # cut short: the reader says where
+            quick = None
+        if quick is not None:
+            return quick
+    reader = OutcomeReader(kind, deprecate_eof, extended_metadata)
     try:
         for payload in packets(response):
             if reader.feed(payload):
                 break
     except ProtocolError:
         return None
-    return reader.outcome if reader.done else None
+    o = reader.outcome
+    return (o.affected, o.rows, o.checksum) if reader.done else None

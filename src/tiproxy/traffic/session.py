@@ -10,9 +10,9 @@ While a capture runs, and only then (`Session._capture` is None otherwise), the 
 - `response(data)` with each chunk the backend sends, `done(status, failed)` when a response
   ends (the tracker's callback: in the order the commands were taken);
 - `closed()` when the session ends.
-A command becomes a Record when its response ends: its start and end, the client's packet, the
-error code and server status, and the response's bytes when the response came alone (no
-pipelined response shares its chunks) and is at most RESPONSE_LIMIT long. Nothing is parsed
+A command becomes a record (sink.py) when its response ends: its start and end, the client's
+packet, the error code and server status, and the response's bytes when the response came alone
+(no pipelined response shares its chunks) and is at most RESPONSE_LIMIT long. Nothing is parsed
 here: the writer reads those bytes (outcome.py) in the control process or its thread.
 
 A session that logs in during the capture is captured from its login on (COM_INIT_DB of its
@@ -43,13 +43,7 @@ from tiproxy.protocol.errors import ProtocolError
 from tiproxy.session.commands import rewrite_change_user
 from tiproxy.session.statements import reads_diagnostics
 from tiproxy.traffic.rebuild import rebuild
-from tiproxy.traffic.sink import (
-    DEPRECATE_EOF,
-    EXTENDED_METADATA,
-    FOUND_ROWS,
-    CaptureSink,
-    Record,
-)
+from tiproxy.traffic.sink import DEPRECATE_EOF, EXTENDED_METADATA, FOUND_ROWS, CaptureSink
 
 if TYPE_CHECKING:
     from tiproxy.net.relay import Session
@@ -107,7 +101,7 @@ class SessionCapture:
         if state == CAPTURING:
             now = self._now()
             if len(packet) - 4 >= MAX_PAYLOAD:
-                self._sink.add(Record(now, self._conn, b"", 0, 0, 0, None, None, 0))
+                self._sink.add((now, self._conn, b"", 0, 0, 0, None, None, 0))
                 self._pending.append(None)
             elif packet[4] == _CHANGE_USER:
                 self._change_db = self._change_user_db(packet)
@@ -191,8 +185,8 @@ class SessionCapture:
                              None)
         if packet is _RESET:
             body = None  # the response was COM_CHANGE_USER's
-        self._sink.add(Record(start, self._conn, packet, time.time_ns(), error, status, body,
-                              statement, self._flags))
+        self._sink.add((start, self._conn, packet, time.time_ns(), error, status, body,
+                        statement, self._flags))
         if packet is _RESET and self._change_db and not error:
             self._emit(_INIT_DB + self._change_db)
         self._change_db = None
@@ -200,7 +194,7 @@ class SessionCapture:
     def _emit(self, packet: bytes, statement: tuple[int, int, bytes | None] | None = None,
               ) -> None:
         """A command the session did not send now (its state, its quit): no response."""
-        self._sink.add(Record(self._now(), self._conn, packet, 0, 0, 0, None, statement, 0))
+        self._sink.add((self._now(), self._conn, packet, 0, 0, 0, None, statement, 0))
 
     def _now(self) -> int:
         """The time, never before the session's previous record's (its order is kept)."""

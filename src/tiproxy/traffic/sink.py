@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import NamedTuple
 
 FLUSH_INTERVAL = 0.05  # seconds a record waits in the process at most
 BATCH_RECORDS = 512
@@ -25,19 +24,17 @@ EXTENDED_METADATA = 2
 FOUND_ROWS = 4
 
 
-class Record(NamedTuple):
-    """One captured command as the session saw it; the writer makes it a TrafficCommand.
-    An empty `packet` stands for a command that could not be captured (16 MiB or more)."""
-
-    start_ns: int
-    conn_id: int
-    packet: bytes  # the command payload, command byte first, as the client sent it
-    end_ns: int  # 0: no response recorded (a rebuilt state's command, a quit)
-    error: int  # the ERR's code, 0 when it succeeded
-    status: int  # the server status after the response
-    response: bytes | None  # the whole response, when the writer may read it (session.py)
-    statement: tuple[int, int, bytes | None] | None  # PREPARE: (client id, params, types)
-    flags: int  # DEPRECATE_EOF | EXTENDED_METADATA | FOUND_ROWS
+# One captured command as the session saw it; a plain tuple, cheap to build and to pickle:
+#   (start_ns, conn_id, packet, end_ns, error, status, response, statement, flags)
+# - packet: the command payload, command byte first, as the client sent it; empty: a command
+#   that could not be captured (16 MiB or more)
+# - end_ns: when its response ended; 0: no response recorded (a rebuilt state's command, a quit)
+# - error: the ERR's code, 0 when it succeeded; status: the server status after the response
+# - response: the whole response, when the writer may read it (session.py)
+# - statement: a COM_STMT_PREPARE's (client statement id, parameters, parameter types)
+# - flags: DEPRECATE_EOF | EXTENDED_METADATA | FOUND_ROWS
+Record = tuple[int, int, bytes, int, int, int, bytes | None,
+               tuple[int, int, bytes | None] | None, int]
 
 
 Deliver = Callable[[list[Record], int], bool]  # (batch, its bytes) -> taken
@@ -59,7 +56,8 @@ class CaptureSink:
         if not self.open:
             return
         self._records.append(record)
-        self._bytes += len(record.packet) + (len(record.response) if record.response else 0)
+        response = record[6]
+        self._bytes += len(record[2]) + (len(response) if response is not None else 0)
         if len(self._records) >= BATCH_RECORDS or self._bytes >= BATCH_BYTES:
             self.flush()
         elif self._timer is None:

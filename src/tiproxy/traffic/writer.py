@@ -33,8 +33,8 @@ from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import Command
 from tiproxy.protocol.errors import ProtocolError
 from tiproxy.session.prepared import execute_types, with_types
-from tiproxy.traffic.format import CMD_NAMES, TrafficCommand, encode
-from tiproxy.traffic.outcome import outcome_of
+from tiproxy.traffic.format import CMD_NAMES, encode_command
+from tiproxy.traffic.outcome import summary_of
 from tiproxy.traffic.sink import DEPRECATE_EOF, EXTENDED_METADATA, FOUND_ROWS, Record
 from tiproxy.traffic.sql import is_sensitive
 from tiproxy.traffic.store import CaptureFiles
@@ -46,6 +46,7 @@ REORDER_WINDOW_NS = 2_000_000_000
 MAX_HELD = 200_000  # commands waiting in the reorder heap at most (then the oldest go early)
 WRITE_CHUNK = 1024 * 1024
 _TICK = 0.2  # seconds between looks at the heap when no batch comes
+_TEXT = frozenset((Command.QUERY, Command.STMT_PREPARE))
 _STATEMENT = frozenset((Command.STMT_EXECUTE, Command.STMT_SEND_LONG_DATA, Command.STMT_CLOSE,
                         Command.STMT_RESET, Command.STMT_FETCH))
 _HEADER = b"\0\0\0\0"  # session/prepared.py works on whole packets
@@ -80,7 +81,7 @@ class CaptureWriter:
         self._lock = threading.Lock()
         self._closed = False
         self._connections: dict[int, _Connection] = {}
-        self._heap: list[tuple[int, int, TrafficCommand]] = []
+        self._heap: list[tuple[int, int, bytes]] = []  # (start, arrival, the encoded command)
         self._seq = 0
         self._thread = threading.Thread(target=self._run, name="traffic-writer", daemon=True)
         self._thread.start()
@@ -142,7 +143,7 @@ class CaptureWriter:
         chunk: list[bytes] = []
         size = 0
         while heap and (before_ns is None or heap[0][0] < before_ns or len(heap) > MAX_HELD):
-            data = encode(heapq.heappop(heap)[2])
+            data = heapq.heappop(heap)[2]
             chunk.append(data)
             size += len(data)
             if size >= WRITE_CHUNK:
@@ -163,27 +164,30 @@ class CaptureWriter:
         if command is None:
             self.filtered += 1
             return
-        heapq.heappush(self._heap, (command.start_ns, self._seq, command))
+        heapq.heappush(self._heap, (record[0], self._seq, command))
         self._seq += 1
 
-    def _command(self, r: Record) -> TrafficCommand | None:
-        packet = r.packet
+    def _command(self, record: Record) -> bytes | None:
+        """The record as a command of the file, or None to leave it out."""
+        start, conn_id, packet, end, error, status, response, statement, flags = record
         if not packet or packet[0] >= len(CMD_NAMES):
             return None
         cmd = packet[0]
-        conn = self._connections.setdefault(r.conn_id, _Connection())
+        conn = self._connections.get(conn_id)
+        if conn is None:
+            conn = self._connections[conn_id] = _Connection()
         if cmd == Command.QUIT:
-            self._connections.pop(r.conn_id, None)
+            del self._connections[conn_id]
         elif cmd == Command.RESET_CONNECTION:
             conn.statements.clear()
             conn.hidden.clear()
         ps_id, sql = 0, None
-        if cmd in (Command.QUERY, Command.STMT_PREPARE) and is_sensitive(packet[1:]):
-            if r.statement is not None:
-                conn.hidden.add(r.statement[0])
+        if cmd in _TEXT and is_sensitive(packet[1:]):
+            if statement is not None:
+                conn.hidden.add(statement[0])
             return None
-        if cmd == Command.STMT_PREPARE and r.statement is not None:
-            ps_id, params, types = r.statement
+        if cmd == Command.STMT_PREPARE and statement is not None:
+            ps_id, params, types = statement
             conn.statements[ps_id] = _Statement(packet[1:], params, types)
         elif cmd in _STATEMENT and len(packet) >= 5:
             ps_id = U32.unpack_from(packet, 1)[0]
@@ -197,24 +201,18 @@ class CaptureWriter:
                 packet = _typed(stmt, packet)
             elif cmd == Command.STMT_CLOSE:
                 conn.statements.pop(ps_id, None)
-        return self._with_outcome(r, TrafficCommand(
-            r.start_ns, r.conn_id, packet, not r.error, ps_id, sql,
-            error_code=r.error))
-
-    @staticmethod
-    def _with_outcome(r: Record, c: TrafficCommand) -> TrafficCommand:
-        if not r.end_ns:
-            return c
-        c.query_ns = max(0, r.end_ns - r.start_ns)
-        c.status = r.status
-        if r.response is not None and not r.error:
-            outcome = outcome_of(r.response, r.packet, bool(r.flags & DEPRECATE_EOF),
-                                 bool(r.flags & EXTENDED_METADATA))
-            if outcome is not None:
-                c.rows, c.checksum = outcome.rows, outcome.checksum
-                if not r.flags & FOUND_ROWS:  # else matched rows: no replay compares them
-                    c.affected = outcome.affected
-        return c
+        if not end:  # no response recorded
+            return encode_command(start, conn_id, packet, True, ps_id, sql)
+        affected = rows = checksum = None
+        if response is not None and not error:
+            summary = summary_of(response, record[2], bool(flags & DEPRECATE_EOF),
+                                 bool(flags & EXTENDED_METADATA))
+            if summary is not None:
+                affected, rows, checksum = summary
+                if flags & FOUND_ROWS:  # matched rows, not changed ones: nothing to compare
+                    affected = None
+        return encode_command(start, conn_id, packet, not error, ps_id, sql,
+                              max(0, end - start), error, status, affected, rows, checksum)
 
 
 def _typed(stmt: _Statement, packet: bytes) -> bytes:
