@@ -15,10 +15,14 @@ import threading
 from pathlib import Path
 
 import mysql.connector
+import pymysql
 import pytest
 
 from support.backends import ADMIN, ADMIN_TOML, APP
 from support.proxy import ProxyFactory, ProxyProcess
+from support.tidb_backend import PASSWORD as TIDB_PASSWORD
+from support.tidb_backend import USER as TIDB_USER
+from support.tidb_backend import ScriptedTiDB, SigningKey
 from support.traffic import capture, form, jobs, stop_capture, tiproxy_read, wait_job
 from tiproxy.playground.mariadb import MariaDBServer
 from tiproxy.traffic.store import PARTIAL
@@ -219,3 +223,32 @@ def test_the_html_report_shows_statements_as_text_in_a_browser(
     assert re.search(r"<h2 id=\"fails_now\">Fails now</h2><p class=\"none\">None.</p>", dom)
     status, body = proxy.api("/api/traffic/report?format=html")
     assert status == 200 and body.decode() == page.read_text()
+
+
+def test_a_tidb_session_is_rebuilt_with_session_states_as_tiproxy_writes_them(
+        proxy_factory: ProxyFactory, tmp_path: Path) -> None:
+    key = SigningKey()
+    with ScriptedTiDB("tidb-0", key) as source, ScriptedTiDB("tidb-1", key) as target:
+        proxy = proxy_factory([source.addr])
+        conn = pymysql.connect(host="127.0.0.1", port=proxy.port, user=TIDB_USER,
+                               password=TIDB_PASSWORD, database="test", autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute("SET @greeting = 'it''s'")  # made before the capture
+            capture(proxy, tmp_path / "cap")
+            cur.execute("SELECT @greeting")
+            assert cur.fetchall() == (("it's",),)
+        conn.close()
+        proxy.wait_sessions(0)
+        stop_capture(proxy)
+        commands = tiproxy_read(tmp_path / "cap")
+        assert commands[0]["Payload"].startswith(b"SET SESSION_STATES '")
+        assert b'greeting' in commands[0]["Payload"]
+        assert commands[1]["Payload"] == b"SELECT @greeting"
+        result = subprocess.run(
+            [sys.executable, "-m", "tiproxy.cli.replayer", "--addr", target.addr, "--input",
+             str(tmp_path / "cap"), "--username", TIDB_USER, "--password", TIDB_PASSWORD],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+        rep = json.loads((tmp_path / "cap" / "report.json").read_text())
+        assert rep["summary"]["replayed"] == 2 and rep["summary"].get("differences", 0) == 0
+    assert not source.errors + target.errors, source.errors + target.errors
