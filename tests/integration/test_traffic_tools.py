@@ -42,6 +42,8 @@ def test_bad_requests_are_refused_with_the_reason_and_harm_nothing(
     (tmp_path / "file").write_text("x")
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "meta").write_text("{}")
+    (tmp_path / "fifo").mkdir()
+    os.mkfifo(tmp_path / "fifo" / PARTIAL)
     refused = [
         ({"duration": "1m"}, "output is required"),
         ({"output": str(tmp_path / "a")}, "duration is required"),
@@ -55,6 +57,7 @@ def test_bad_requests_are_refused_with_the_reason_and_harm_nothing(
         ({"output": str(tmp_path / "a"), "duration": "1m", "start-time": "2999-01-01T00:00:00Z"},
          "start time should not be in the future"),
         ({"output": "s3://bucket/dir", "duration": "1m"}, "only a local directory"),
+        ({"output": str(tmp_path / "fifo"), "duration": "1m"}, "not a regular file"),
     ]
     for fields, reason in refused:
         status, text = form(proxy, "/api/traffic/capture", **fields)
@@ -172,9 +175,11 @@ def test_no_secret_reaches_a_capture(backends: list[MariaDBServer],
 def test_a_writer_that_falls_behind_drops_commands_and_never_blocks_the_clients(
         proxy: ProxyProcess, tmp_path: Path) -> None:
     out = tmp_path / "cap"
-    out.mkdir()
-    os.mkfifo(out / PARTIAL)  # the writer's first file: blocked until someone reads it
     capture(proxy, out, compress="false")
+    # A disk that does not answer: the writer's first file (opened once its reorder window has
+    # passed) is a FIFO, so opening it blocks until someone reads it. (One that is there when
+    # the capture starts is refused.)
+    os.mkfifo(out / PARTIAL)
     sent = 0
     with proxy.connect() as conn, conn.cursor() as cur:
         # 900 KB responses, until the writer's queue is full (the writer blocks once it first

@@ -28,13 +28,13 @@ from tiproxy.traffic.store import (
     encrypt_method,
     load_key,
     prepare_output,
-    write_meta,
 )
-from tiproxy.traffic.writer import CaptureWriter
+from tiproxy.traffic.writer import CaptureWriter, Meta
 
 log = logging.getLogger("tiproxy.traffic")
 
 START_SLACK_NS = 60_000_000_000  # TiProxy's allowance for clocks that differ by a minute
+FINISH_TIMEOUT = 30.0  # seconds the writer gets to complete its files once the capture ends
 
 
 class CaptureHolder(Protocol):
@@ -87,6 +87,7 @@ class CaptureJob:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Lock()
         self._failed = asyncio.Event()  # the writer stopped writing
+        self._finished = asyncio.Event()  # the writer completed the files and meta
 
     async def start(self, key_path: str) -> None:
         """Raises StoreError for a directory or key that cannot be used."""
@@ -97,7 +98,8 @@ class CaptureJob:
         key = await asyncio.to_thread(load_key, method, key_path)
         loop = asyncio.get_running_loop()
         self.writer = CaptureWriter(CaptureFiles(self.directory, spec.compress, key),
-                                    lambda: self._tell(loop))
+                                    lambda: self._tell(loop, self._failed),
+                                    lambda: self._tell(loop, self._finished))
         self._began = time.monotonic()
         self.holder.start_capture(self.writer.put)
         log.info("traffic capture started: output %s, duration %s, compress %s%s", spec.output,
@@ -105,9 +107,10 @@ class CaptureJob:
                  f", encrypted ({method})" if method else "")
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def _tell(self, loop: asyncio.AbstractEventLoop) -> None:
-        """From the writer's thread: it stopped writing."""
-        loop.call_soon_threadsafe(self._failed.set)
+    @staticmethod
+    def _tell(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+        """From the writer's thread: it stopped writing, or finished."""
+        loop.call_soon_threadsafe(event.set)
 
     async def _run(self) -> None:
         """Until the duration is over, or the writer fails."""
@@ -126,18 +129,16 @@ class CaptureJob:
                 self._task.cancel()
             self.dropped = await self.holder.stop_capture()
             writer = self.writer
-            assert writer is not None and self.directory is not None
-            await asyncio.to_thread(writer.finish)
-            self.error = self.error or writer.error
+            assert writer is not None
             self.ended_ns = time.time_ns()
             duration = round((time.monotonic() - self._began) * 1e9)
+            writer.close(Meta(duration, encrypt_method(self.spec.method), self.dropped))
             try:
-                await asyncio.to_thread(
-                    write_meta, self.directory, duration_ns=duration, cmds=writer.captured,
-                    filtered=writer.filtered, method=encrypt_method(self.spec.method),
-                    dropped=self.dropped)
-            except OSError as e:
-                self.error = self.error or f"failed to write meta: {e.strerror or e}"
+                await asyncio.wait_for(self._finished.wait(), FINISH_TIMEOUT)
+            except TimeoutError:
+                self.error = self.error or (f"the traffic files were not complete within "
+                                            f"{FINISH_TIMEOUT:.0f}s (does the disk answer?)")
+            self.error = self.error or writer.error
             self.done = True
             (log.warning if self.error else log.info)(
                 "traffic capture %s: %d commands in %d files, %d filtered, %d dropped%s",

@@ -104,6 +104,9 @@ def prepare_output(path: str) -> Path:
             raise StoreError(f"output {path}: not a directory")
         if (out / META).exists() or (out / META).is_symlink():
             raise StoreError(f"file {META} already exists, please remove it before capture")
+        partial = out / PARTIAL
+        if partial.is_symlink() or (partial.exists() and not partial.is_file()):
+            raise StoreError(f"output {path}: {PARTIAL} is not a regular file")
         if not os.access(out, os.W_OK | os.X_OK):
             raise StoreError(f"output {path}: not writable")
     except OSError as e:

@@ -37,7 +37,7 @@ from tiproxy.traffic.format import CMD_NAMES, encode_command
 from tiproxy.traffic.outcome import summary_of
 from tiproxy.traffic.sink import DEPRECATE_EOF, EXTENDED_METADATA, FOUND_ROWS, Record
 from tiproxy.traffic.sql import is_sensitive
-from tiproxy.traffic.store import CaptureFiles
+from tiproxy.traffic.store import CaptureFiles, write_meta
 
 log = logging.getLogger("tiproxy.traffic")
 
@@ -66,13 +66,26 @@ class _Connection:
     hidden: set[int] = field(default_factory=set)  # statements left out: their commands too
 
 
-class CaptureWriter:
-    """See the module docstring. `put` is called on the event loop; the rest runs in the
-    writer's thread until `finish`."""
+@dataclass(frozen=True)
+class Meta:
+    """What `meta` says, known once the sessions stopped recording."""
 
-    def __init__(self, files: CaptureFiles, failed: Callable[[], None] = lambda: None) -> None:
+    duration_ns: int
+    method: str
+    dropped: int
+
+
+class CaptureWriter:
+    """See the module docstring. `put` and `close` are called on the event loop; everything
+    that touches the disk runs in the writer's own thread, so a disk that stops answering holds
+    up nothing else (the thread is a daemon: not even the proxy's exit)."""
+
+    def __init__(self, files: CaptureFiles, failed: Callable[[], None] = lambda: None,
+                 finished: Callable[[], None] = lambda: None) -> None:
         self.files = files
         self._on_failure = failed  # called in the thread when writing stops
+        self._on_finish = finished  # called in the thread when the files are complete
+        self._meta: Meta | None = None
         self.captured = 0
         self.filtered = 0
         self.error = ""  # why writing stopped, if it did
@@ -95,11 +108,17 @@ class CaptureWriter:
         self._queue.put((batch, size))
         return True
 
-    def finish(self) -> None:
-        """Write what is left, close the last file (blocking: call it in a thread)."""
+    def close(self, meta: Meta | None = None) -> None:
+        """Nothing more comes: the thread writes what is left, closes the last file, writes
+        `meta`, then calls `finished`."""
         with self._lock:
             self._closed = True
+            self._meta = meta
         self._queue.put(None)
+
+    def finish(self, meta: Meta | None = None) -> None:
+        """close(), and wait for the thread (blocking)."""
+        self.close(meta)
         self._thread.join()
 
     # -- the thread --------------------------------------------------------------------------------
@@ -129,8 +148,20 @@ class CaptureWriter:
             log.exception("traffic writer failed")
             self._failed(f"the traffic writer failed: {e}")
         if self.error:
-            while self._queue.get() is not None:  # until finish(): nothing more is written
+            while self._queue.get() is not None:  # until close(): nothing more is written
                 pass
+        self._write_meta()
+        self._on_finish()
+
+    def _write_meta(self) -> None:
+        meta = self._meta
+        if meta is None:
+            return
+        try:
+            write_meta(self.files.directory, duration_ns=meta.duration_ns, cmds=self.captured,
+                       filtered=self.filtered, method=meta.method, dropped=meta.dropped)
+        except OSError as e:
+            self.error = self.error or f"failed to write meta: {e.strerror or e}"
 
     def _failed(self, error: str) -> None:
         with self._lock:
