@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tiproxy.traffic import report as report_module
 from tiproxy.traffic import sql
 from tiproxy.traffic.format import Decoder, TrafficCommand, encode
+from tiproxy.traffic.outcome import Outcome
 from tiproxy.traffic.sink import CaptureSink, Record
 from tiproxy.traffic.store import (
     PARTIAL,
@@ -249,3 +251,18 @@ def test_read_only_statements(text: str, read_only: bool) -> None:
 ])
 def test_statements_that_may_carry_secrets(text: str, sensitive: bool) -> None:
     assert sql.is_sensitive(text.encode()) is sensitive
+
+
+def test_a_report_keeps_a_bounded_number_of_statements_and_errors() -> None:
+    rep = report_module.ReplayReport("in", "target", 1.0)
+    total = report_module.MAX_GROUPS + 50
+    for i in range(total):
+        text = f"SELECT c{i} FROM t"
+        rep.add(TrafficCommand(i, 1, b"\x03" + text.encode()), Outcome(), 0, text, sql.digest(text))
+    for i in range(report_module.MAX_ERRORS + 5):
+        rep.other_error("connect", f"error {i}", i)
+    assert len(rep.groups) == report_module.MAX_GROUPS + 1
+    assert rep.groups[("", "")].count == 50
+    assert rep.groups[("", "")].sample == report_module.MORE_STATEMENTS
+    assert len(rep.errors) == report_module.MAX_ERRORS + 1
+    assert sum(g.count for g in rep.groups.values()) == total == rep.counts["replayed"]

@@ -30,6 +30,11 @@ from tiproxy.traffic.outcome import Outcome
 SLOWER_RATIO = 2.0
 SLOWER_MIN_MS = 1.0
 SAMPLE_TEXT = 2000  # characters of a sample statement kept
+# A capture may hold any number of distinct statements and error messages: past these, the rest
+# are counted together, so that the report (kept in memory while the replay runs) is bounded.
+MAX_GROUPS = 10_000
+MAX_ERRORS = 1_000
+MORE_STATEMENTS = "(more statements than the report keeps)"  # the sample of the rest
 _NO_INDEX = ServerStatus.NO_INDEX_USED | ServerStatus.NO_GOOD_INDEX_USED
 DIFFERENCES = ("fails_now", "succeeds_now", "error_changed", "results_differ", "index_lost")
 _TITLES = {"fails_now": "Fails now", "succeeds_now": "Succeeds now",
@@ -100,6 +105,8 @@ class ReplayReport:
 
     def other_error(self, kind: str, message: str, conn_id: int) -> None:
         """A connection that could not log in, a file that could not be read..."""
+        if (kind, message) not in self.errors and len(self.errors) >= MAX_ERRORS:
+            message = "(more messages than the report keeps)"
         entry = self.errors.setdefault((kind, message), {
             "kind": kind, "message": message, "count": 0, "sample_conn_id": conn_id})
         entry["count"] += 1
@@ -111,7 +118,11 @@ class ReplayReport:
         name = CMD_NAMES[c.cmd]
         group = self.groups.get((name, digest))
         if group is None:
-            group = self.groups[(name, digest)] = Group(name, digest, text[:SAMPLE_TEXT])
+            key = (name, digest) if len(self.groups) < MAX_GROUPS else ("", "")
+            group = self.groups.get(key)
+            if group is None:
+                sample = text if key[0] else MORE_STATEMENTS
+                group = self.groups[key] = Group(key[0], key[1], sample[:SAMPLE_TEXT])
         group.count += 1
         if c.query_ns is not None:
             group.timed += 1
