@@ -7,12 +7,22 @@ from __future__ import annotations
 import zlib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tiproxy.protocol.codec import U16, U32, lenenc_bytes, lenenc_int
 from tiproxy.protocol.constants import MAX_PAYLOAD, ServerStatus
 from tiproxy.protocol.packets import build_eof, build_err, build_ok, frame
 from tiproxy.protocol.tracker import Expect
-from tiproxy.traffic.outcome import Outcome, OutcomeReader, expect_of, packets, summary_of
+from tiproxy.traffic.outcome import (
+    Outcome,
+    OutcomeReader,
+    _sum_rows_py,
+    expect_of,
+    packets,
+    sum_rows,
+    summary_of,
+)
 
 AUTO = ServerStatus.AUTOCOMMIT
 MORE = ServerStatus.MORE_RESULTS_EXISTS
@@ -131,3 +141,20 @@ def test_a_16_mib_row_is_joined_before_it_is_read() -> None:
 def test_bytes_that_make_no_response_give_none() -> None:
     assert summary_of(b"\x05\x00\x00\x01\x00", QUERY, True, False) is None  # cut short
     assert summary_of(wire([lenenc_int(1)]), QUERY, True, False) is None  # incomplete
+
+
+@given(st.lists(st.binary(max_size=300), max_size=20), st.integers(0, 2**32 - 1),
+       st.sampled_from([b"", build_eof(AUTO), build_ok(AUTO, header=0xFE), b"\xff\x01\x02"]),
+       st.integers(0, 12))
+def test_the_compiled_row_sum_is_the_python_one(rows: list[bytes], crc: int, last: bytes,
+                                                cut: int) -> None:
+    data = wire([*rows, last] if last else rows)
+    data = data[: len(data) - cut]  # rows cut short stop both the same way
+    assert sum_rows(data, 0, crc) == _sum_rows_py(data, 0, crc)
+
+
+def test_the_compiled_row_sum_over_long_runs_and_long_rows() -> None:
+    rows = [bytes((i % 250,)) * 1000 for i in range(40)] + [b"\x01" * 20000, b"\x02" * 7]
+    data = wire([*rows, build_ok(AUTO, header=0xFE)])
+    assert sum_rows(data, 0, 7) == _sum_rows_py(data, 0, 7)
+    assert sum_rows(data, 0, 7)[1] == len(rows)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tiproxy.client.channel import column_type
@@ -241,6 +241,8 @@ def _plain_results(data: bytes, deprecate_eof: bool, strings: int) -> Summary | 
             if not deprecate_eof:  # the EOF after the definitions
                 pos += 4 + (_unpack(data, pos)[0] & 0xFFFFFF)
             rows = rows or 0
+            pos, count, crc = sum_rows(data, pos, crc)
+            rows += count
             while True:
                 start = pos + 4
                 end = start + (_unpack(data, pos)[0] & 0xFFFFFF)
@@ -277,6 +279,29 @@ def _columns(data: bytes, pos: int, count: int, strings: int, crc: int) -> tuple
 
 
 _unpack = U32.unpack_from
+
+
+def _sum_rows_py(data: bytes, pos: int, crc: int) -> tuple[int, int, int]:
+    """Where the plain whole rows from `pos` end, how many, and the CRC-32 of their payloads
+    after `crc` (rows as tracker.skip_plain_rows passes them). _rowscan.c compiles it."""
+    n, rows = len(data), 0
+    while pos + 4 < n:
+        length = _unpack(data, pos)[0] & 0xFFFFFF
+        end = pos + 4 + length
+        if end > n or length in (0, MAX_PAYLOAD) or data[pos + 4] in (0xFE, 0xFF):
+            break
+        crc = zlib.crc32(data[pos + 4 : end], crc)
+        rows += 1
+        pos = end
+    return pos, rows, crc
+
+
+SumRows = Callable[[bytes, int, int], "tuple[int, int, int]"]
+sum_rows: SumRows
+try:
+    from tiproxy.protocol._rowscan import sum_rows
+except ImportError:  # pragma: no cover - built by setup.py; the Python loop is the fallback
+    sum_rows = _sum_rows_py
 
 
 def packets(data: bytes) -> Iterator[bytes]:
