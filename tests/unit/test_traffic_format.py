@@ -70,11 +70,11 @@ def test_a_failed_execute_carries_its_statement_and_our_outcome_keys() -> None:
 
 def test_binary_payloads_with_newlines_round_trip() -> None:
     commands = [TrafficCommand(10**18 + i, 3 + i % 2, bytes((0x17,)) + bytes(range(256)) * 3,
-                               ps_id=5, rows=i, affected=0) for i in range(4)]
+                               ps_id=5, rows=i, affected=0, types=i * 77) for i in range(4)]
     commands.append(TrafficCommand(10**18 + 9, 3, b"\x01"))  # a quit: empty payload
     decoded = decode_all(b"".join(encode(c) for c in commands))
-    assert [(c.start_ns, c.conn_id, c.packet, c.rows, c.affected) for c in decoded] == \
-        [(c.start_ns, c.conn_id, c.packet, c.rows, c.affected) for c in commands]
+    assert [(c.start_ns, c.conn_id, c.packet, c.rows, c.affected, c.types) for c in decoded] == \
+        [(c.start_ns, c.conn_id, c.packet, c.rows, c.affected, c.types) for c in commands]
 
 
 def test_keys_tiproxy_does_not_know_are_skipped_in_any_order() -> None:

@@ -71,20 +71,23 @@ def test_a_result_set_gives_rows_and_a_checksum_independent_of_the_eof_framing(
         deprecate_eof: bool) -> None:
     payloads = result_set(COLUMNS, ROWS, AUTO | NO_INDEX, deprecate_eof)
     outcome = fed(payloads, QUERY, deprecate_eof)
-    expected = zlib.crc32(ROWS[1], zlib.crc32(ROWS[0], zlib.crc32(b"\x03\xfd",
-                                                                   zlib.crc32(b"\x02"))))
-    assert outcome == Outcome(status=AUTO | NO_INDEX, rows=2, checksum=expected)
-    assert summary_of(wire(payloads), QUERY, deprecate_eof, False) == (None, 2, expected)
+    checksum = zlib.crc32(ROWS[1], zlib.crc32(ROWS[0], zlib.crc32(b"\x02")))
+    types = zlib.crc32(b"\x03\xfd")
+    assert outcome == Outcome(status=AUTO | NO_INDEX, rows=2, checksum=checksum, types=types)
+    assert summary_of(wire(payloads), QUERY, deprecate_eof, False) == (None, 2, checksum, types)
 
 
-def test_a_column_type_or_a_value_changes_the_checksum() -> None:
-    base = fed(result_set(COLUMNS, ROWS, AUTO, True), QUERY, True).checksum
-    bigint = fed(result_set([(b"id", 8), (b"v", 0xFD)], ROWS, AUTO, True), QUERY, True).checksum
-    value = fed(result_set(COLUMNS, [ROWS[0], text_row(b"2", b"")], AUTO, True), QUERY,
-                True).checksum
-    renamed = fed(result_set([(b"ID", 3), (b"w", 0xFD)], ROWS, AUTO, True), QUERY, True).checksum
-    assert len({base, bigint, value}) == 3
-    assert renamed == base  # names are not results
+def test_a_value_changes_the_checksum_and_a_column_type_the_types() -> None:
+    def both(columns: list[tuple[bytes, int]], rows: list[bytes]) -> tuple[int | None, ...]:
+        outcome = fed(result_set(columns, rows, AUTO, True), QUERY, True)
+        return outcome.checksum, outcome.types
+
+    base = both(COLUMNS, ROWS)
+    bigint = both([(b"id", 8), (b"v", 0xFD)], ROWS)
+    value = both(COLUMNS, [ROWS[0], text_row(b"2", b"")])
+    assert bigint[0] == base[0] and bigint[1] != base[1]
+    assert value[0] != base[0] and value[1] == base[1]
+    assert both([(b"ID", 3), (b"w", 0xFD)], ROWS) == base  # names are not results
 
 
 def test_ok_packets_add_up_their_rows_affected_over_several_results() -> None:
@@ -123,10 +126,19 @@ def test_a_cursor_execute_ends_after_its_column_definitions() -> None:
     assert fed(payloads, execute, False).rows == 0
 
 
-def test_cached_metadata_leaves_the_checksum_unknown() -> None:
-    payloads = [lenenc_int(1) + b"\x00", text_row(b"1"), build_ok(AUTO, header=0xFE)]
-    outcome = fed(payloads, QUERY, True)
-    assert (outcome.rows, outcome.checksum) == (1, None)
+@pytest.mark.parametrize("deprecate_eof", [False, True])
+def test_cached_metadata_leaves_the_types_unknown_not_the_rows(deprecate_eof: bool) -> None:
+    eof = [] if deprecate_eof else [build_eof(AUTO)]
+    end = build_ok(AUTO, header=0xFE) if deprecate_eof else build_eof(AUTO)
+    omitted = [lenenc_int(1) + b"\x00", *eof, text_row(b"1"), end]
+    sent = [lenenc_int(1) + b"\x01", column(b"x", 3), *eof, text_row(b"1"), end]
+    plain = [lenenc_int(1), column(b"x", 3), *eof, text_row(b"1"), end]
+    outcomes = [fed(p, QUERY, deprecate_eof) for p in (omitted, sent, plain)]
+    assert [(o.rows, o.types is None) for o in outcomes] == [(1, True), (1, False), (1, False)]
+    assert len({o.checksum for o in outcomes}) == 1
+    for payloads, outcome in zip((omitted, sent, plain), outcomes, strict=True):
+        assert summary_of(wire(payloads), QUERY, deprecate_eof, False) == (
+            None, 1, outcome.checksum, outcome.types)
 
 
 def test_a_16_mib_row_is_joined_before_it_is_read() -> None:
@@ -135,7 +147,7 @@ def test_a_16_mib_row_is_joined_before_it_is_read() -> None:
         + wire([build_ok(AUTO, header=0xFE)])
     assert [len(p) for p in packets(raw)][2] == len(big)
     assert summary_of(raw, QUERY, True, False) == (
-        None, 1, zlib.crc32(big, zlib.crc32(b"\x01\xfc")))
+        None, 1, zlib.crc32(big, zlib.crc32(b"\x01")), zlib.crc32(b"\xfc"))
 
 
 def test_bytes_that_make_no_response_give_none() -> None:

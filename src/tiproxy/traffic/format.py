@@ -11,8 +11,9 @@
 
 TiProxy's reader (pkg/sqlreplay/cmd/native.go) skips keys it does not know, so ours travel in the
 same files: what the captured response said, for a replay to compare with (Query_time in
-seconds, Error_code, Server_status, Rows_affected, Rows_sent, Result_checksum), written before
-Payload_len. A file of TiProxy's simply lacks them, and a replay then compares success alone.
+seconds, Error_code, Server_status, Rows_affected, Rows_sent, Result_checksum, Result_types),
+written before Payload_len. A file of TiProxy's simply lacks them, and a replay then compares
+success alone.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class TrafficCommand:
     status: int | None = None  # the server status after the response
     affected: int | None = None  # rows affected (OK packets)
     rows: int | None = None  # rows sent (result sets)
-    checksum: int | None = None  # outcome.py: result sets' column types and rows
+    checksum: int | None = None  # outcome.py: result sets' rows
+    types: int | None = None  # outcome.py: result sets' column types
     where: str = ""  # "file, line N" when read from a file
 
     @property
@@ -69,14 +71,15 @@ class TrafficCommand:
 def encode(c: TrafficCommand) -> bytes:
     """The command's lines and payload, in the order TiProxy writes them."""
     return encode_command(c.start_ns, c.conn_id, c.packet, c.success, c.ps_id, c.prepared_sql,
-                          c.query_ns, c.error_code, c.status, c.affected, c.rows, c.checksum)
+                          c.query_ns, c.error_code, c.status, c.affected, c.rows, c.checksum,
+                          c.types)
 
 
 def encode_command(start_ns: int, conn_id: int, packet: bytes, success: bool = True,  # noqa: PLR0917 - the format's keys, in its order
                    ps_id: int = 0, prepared_sql: bytes | None = None,
                    query_ns: int | None = None, error_code: int = 0, status: int | None = None,
                    affected: int | None = None, rows: int | None = None,
-                   checksum: int | None = None) -> bytes:
+                   checksum: int | None = None, types: int | None = None) -> bytes:
     """encode() of a command given by its fields (the writer's way: once per command)."""
     cmd = packet[0]
     head = f"# Time: {format_time(start_ns)}\n# Conn_ID: {conn_id}\n"
@@ -100,6 +103,8 @@ def encode_command(start_ns: int, conn_id: int, packet: bytes, success: bool = T
         head += f"# Rows_sent: {rows}\n"
     if checksum is not None:
         head += f"# Result_checksum: {checksum:08x}\n"
+    if types is not None:
+        head += f"# Result_types: {types:08x}\n"
     return b"%s# Payload_len: %d\n%s\n" % (head.encode(), len(packet) - 1, packet[1:])
 
 
@@ -183,8 +188,10 @@ def _ours(c: TrafficCommand, fields: dict[str, str], where: str) -> None:
             c.query_ns = round(float(fields["Query_time"]) * 1e9)
         if "Result_checksum" in fields:
             c.checksum = int(fields["Result_checksum"], 16)
+        if "Result_types" in fields:
+            c.types = int(fields["Result_types"], 16)
     except ValueError:
-        raise FormatError(f"{where}: Query_time or Result_checksum is not a number") from None
+        raise FormatError(f"{where}: Query_time or a Result_ key is not a number") from None
     c.error_code = _integer(fields.get("Error_code", "0"), "Error_code", where)
     for key, attr in (("Server_status", "status"), ("Rows_affected", "affected"),
                       ("Rows_sent", "rows")):

@@ -1,4 +1,4 @@
-"""What a response says: its error, rows affected, rows sent and a checksum of its result sets.
+"""What a response says: its error, rows affected, rows sent, a checksum of its result sets.
 
 Capture and replay compute it the same way, so that the two compare: the capture from the bytes
 of a response the relay forwarded (read once it ended, in the writer), the replay from the
@@ -6,10 +6,12 @@ packets its own connection reads. Only what does not depend on the client's capa
 in, so a replaying client with other capabilities gets the same figures for the same result:
 - rows affected: the sum over the response's OK packets;
 - rows sent: the row packets of its result sets;
-- the checksum: CRC-32 over, for each result set, its column count and each column's type, then
-  each row's payload. Sequence ids, the EOF-or-OK terminators (CLIENT_DEPRECATE_EOF), column
-  names and MariaDB's extended metadata stay out. A result set sent without its column
-  definitions (MariaDB's cached metadata) leaves the checksum unknown.
+- the checksum: CRC-32 over, for each result set, its column count then each row's payload;
+- the column types: CRC-32 of every result set's column types, in order; unknown when a result
+  set came without its column definitions (MariaDB's cached metadata: an execute of a prepared
+  statement whose client has them already).
+Sequence ids, the EOF-or-OK terminators (CLIENT_DEPRECATE_EOF), column names and MariaDB's
+extended metadata stay out.
 Response layouts: https://dev.mysql.com/doc/dev/mysql-server/latest/page_protocol_command_phase.html
 """
 
@@ -45,7 +47,8 @@ class Outcome:
     status: int | None = None  # the server status after the response, when it said one
     affected: int | None = None  # None: no OK packet
     rows: int | None = None  # None: no result set
-    checksum: int | None = None  # None: no result set, or one without its column types
+    checksum: int | None = None  # None: no result set
+    types: int | None = None  # None: no result set, or one without its column definitions
     prepared: tuple[int, int, int] | None = None  # PREPARE_OK: (statement id, columns, params)
 
 
@@ -71,7 +74,8 @@ class OutcomeReader:
         self._phase = _START[kind]
         self._left = 0  # column definitions still to come
         self._crc: int | None = None
-        self._blind = False  # a result set without column definitions: no checksum
+        self._types: int | None = None
+        self._blind = False  # a result set without column definitions: no types
         self._after_defs = 0  # PREPARE: column definitions after the parameters'
         self.asked_for_file = False  # LOCAL INFILE: the client must answer with the file now
 
@@ -86,7 +90,8 @@ class OutcomeReader:
         if phase == ROWS:
             self._row(p)
         elif phase == COLUMNS:
-            self._crc = zlib.crc32(bytes((column_type(p, self._extended)[0],)), self._crc or 0)
+            self._types = zlib.crc32(bytes((column_type(p, self._extended)[0],)),
+                                     self._types or 0)
             self._left -= 1
             if not self._left:
                 self._phase = ROWS if self._eof else COLUMNS_EOF
@@ -193,7 +198,7 @@ class OutcomeReader:
         err = parse_err(p)
         self.outcome.error = err.code or 1
         self.outcome.message = err.message
-        self._crc = None  # a failed response has no result to compare
+        self._crc = self._types = None  # a failed response has no result to compare
         self._finish()
         return True
 
@@ -207,8 +212,9 @@ class OutcomeReader:
 
     def _finish(self) -> None:
         self._phase = DONE
-        if self._crc is not None and not self._blind:
-            self.outcome.checksum = self._crc
+        self.outcome.checksum = self._crc
+        if not self._blind:
+            self.outcome.types = self._types
 
 
 _COUNTS = [lenenc_int(i) for i in range(251)]
@@ -220,6 +226,8 @@ def _plain_results(data: bytes, deprecate_eof: bool, strings: int) -> Summary | 
     the writer reads every captured response, so this is the capture's cost per command."""
     n, pos = len(data), 0
     crc: int | None = None
+    types: int | None = None
+    blind = False  # a result set without its column definitions: no types
     rows: int | None = None
     affected: int | None = None
     while pos + 4 < n:
@@ -235,9 +243,15 @@ def _plain_results(data: bytes, deprecate_eof: bool, strings: int) -> Summary | 
             status = U16.unpack_from(data, p)[0] if p + 2 <= end else 0
             pos = end
         else:
-            if first >= 0xFB or end != start + 1:  # a count of 251 or more; cached metadata
+            # A count of 251 or more is left to the reader; MariaDB's cached metadata adds a
+            # byte to the count: 1 when the definitions follow, 0 when they do not.
+            if first >= 0xFB or end > start + 2 or (end == start + 2 and data[start + 1] > 1):
                 return None
-            crc, pos = _columns(data, end, first, strings, zlib.crc32(_COUNTS[first], crc or 0))
+            crc = zlib.crc32(_COUNTS[first], crc or 0)
+            if end == start + 2 and data[start + 1] == 0:
+                blind, pos = True, end
+            else:
+                types, pos = _columns(data, end, first, strings, types or 0)
             if not deprecate_eof:  # the EOF after the definitions
                 pos += 4 + (_unpack(data, pos)[0] & 0xFFFFFF)
             rows = rows or 0
@@ -258,12 +272,12 @@ def _plain_results(data: bytes, deprecate_eof: bool, strings: int) -> Summary | 
                 rows += 1
                 crc = zlib.crc32(data[start:end], crc)
         if not status & _MORE:
-            return (affected, rows, crc) if pos == n else None
+            return (affected, rows, crc, None if blind else types) if pos == n else None
     return None
 
 
 def _columns(data: bytes, pos: int, count: int, strings: int, crc: int) -> tuple[int, int]:
-    """The checksum with the column definitions' types, and where they end."""
+    """The column types' CRC after `crc`, and where the definitions end."""
     types = bytearray()
     for _ in range(count):
         end = pos + 4 + (_unpack(data, pos)[0] & 0xFFFFFF)
@@ -323,13 +337,14 @@ def packets(data: bytes) -> Iterator[bytes]:
             pending = []
 
 
-Summary = tuple[int | None, int | None, int | None]  # rows affected, rows sent, checksum
+# rows affected, rows sent, checksum, column types
+Summary = tuple[int | None, int | None, int | None, int | None]
 
 
 def summary_of(response: bytes, packet: bytes, deprecate_eof: bool,
                extended_metadata: bool) -> Summary | None:
-    """Rows affected, rows sent and checksum of a whole captured response to `packet` (as
-    OutcomeReader reads them); None if its bytes do not make one."""
+    """Rows affected, rows sent, checksum and column types of a whole captured response to
+    `packet` (as OutcomeReader reads them); None if its bytes do not make one."""
     kind = expect_of(packet)
     if kind is Expect.RESULT or kind is Expect.BINARY:
         try:
@@ -346,4 +361,4 @@ def summary_of(response: bytes, packet: bytes, deprecate_eof: bool,
     except ProtocolError:
         return None
     o = reader.outcome
-    return (o.affected, o.rows, o.checksum) if reader.done else None
+    return (o.affected, o.rows, o.checksum, o.types) if reader.done else None

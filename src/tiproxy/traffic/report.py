@@ -5,7 +5,8 @@ response said (format.py), and each replayed command is compared with it:
 - fails now: it succeeded in the capture and fails in the replay (with the error);
 - succeeds now: it failed in the capture and succeeds now;
 - another error: it failed both times, with different error codes;
-- different results: rows affected, rows sent or the result checksum differ (outcome.py);
+- different results: rows affected, rows sent, the rows' checksum or the column types differ
+  (outcome.py);
 - without an index now: the server says it used no (good) index, where it did in the capture
   (SERVER_QUERY_NO_INDEX_USED / NO_GOOD_INDEX_USED: a dropped or unusable index);
 - slower: the statement's mean latency is SLOWER_RATIO times the captured one and SLOWER_MIN_MS
@@ -164,8 +165,9 @@ def _difference(c: TrafficCommand, o: Outcome) -> tuple[str, dict[str, Any]]:
             return "error_changed", {"captured_error": c.error_code, "error": o.error,
                                      "message": o.message}
         return "", {}
-    expected = {"affected": c.affected, "rows": c.rows, "checksum": c.checksum}
-    actual = {"affected": o.affected, "rows": o.rows, "checksum": o.checksum}
+    expected = {"affected": c.affected, "rows": c.rows, "checksum": c.checksum,
+                "types": c.types}
+    actual = {"affected": o.affected, "rows": o.rows, "checksum": o.checksum, "types": o.types}
     changed = [k for k, v in expected.items() if v is not None and actual[k] != v]
     if changed:
         return "results_differ", {
@@ -179,7 +181,7 @@ def _difference(c: TrafficCommand, o: Outcome) -> tuple[str, dict[str, Any]]:
 
 
 def _shown(key: str, value: int) -> int | str:
-    return f"{value:08x}" if key == "checksum" else value
+    return f"{value:08x}" if key in ("checksum", "types") else value
 
 
 # -- HTML ---------------------------------------------------------------------------------------

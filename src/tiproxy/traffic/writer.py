@@ -234,16 +234,17 @@ class CaptureWriter:
                 conn.statements.pop(ps_id, None)
         if not end:  # no response recorded
             return encode_command(start, conn_id, packet, True, ps_id, sql)
-        affected = rows = checksum = None
+        affected = rows = checksum = column_types = None
         if response is not None and not error:
             summary = summary_of(response, record[2], bool(flags & DEPRECATE_EOF),
                                  bool(flags & EXTENDED_METADATA))
             if summary is not None:
-                affected, rows, checksum = summary
+                affected, rows, checksum, column_types = summary
                 if flags & FOUND_ROWS:  # matched rows, not changed ones: nothing to compare
                     affected = None
         return encode_command(start, conn_id, packet, not error, ps_id, sql,
-                              max(0, end - start), error, status, affected, rows, checksum)
+                              max(0, end - start), error, status, affected, rows, checksum,
+                              column_types)
 
 
 def _typed(stmt: _Statement, packet: bytes) -> bytes:
