@@ -64,8 +64,8 @@ def connector(proxy: ProxyProcess, **kwargs: Any) -> Any:
 
 def workload(proxy: ProxyProcess, output: Path) -> dict[str, Any]:
     """Several sessions, text and prepared statements, transactions; one session open before
-    the capture with a database, variables and a prepared statement. Each session's writes are
-    its own and the phases are apart in time, so a replay's order gives the same results."""
+    the capture with a database, variables and a prepared statement. What a session writes no
+    other reads, and the phases are apart in time: a replay's order gives the same results."""
     old = connector(proxy, autocommit=True)  # else in a transaction: captured after it
     old_ps = old.cursor(prepared=True)
     old_ps.execute("SELECT note, price FROM items WHERE id = ?", (7,))
@@ -78,7 +78,7 @@ def workload(proxy: ProxyProcess, output: Path) -> dict[str, Any]:
     assert old_ps.fetchall() == [("item 8", pytest.approx(2))]
     plain.execute("SELECT qty / 7 + @bonus FROM items WHERE id = 5")
     assert str(plain.fetchall()[0][0]) == "5.1428571"
-    time.sleep(0.05)
+    time.sleep(0.2)
     # 2. prepared statements of a new session (one by the index on k), closed at the end
     new = connector(proxy)
     ps = new.cursor(prepared=True)
@@ -89,19 +89,19 @@ def workload(proxy: ProxyProcess, output: Path) -> dict[str, Any]:
     assert ps.fetchall() == [(36,)]
     ps.close()
     new.close()
-    time.sleep(0.05)
+    time.sleep(0.2)
     # 3. transactions: one committed, one rolled back
     with proxy.connect(database="shop") as conn, conn.cursor() as cur:
         conn.begin()
-        cur.execute("INSERT INTO orders VALUES (1, 5, 2)")
-        cur.execute("UPDATE items SET qty = qty - 2 WHERE id = 5")
+        cur.execute("INSERT INTO orders VALUES (1, 9, 2)")
+        cur.execute("UPDATE items SET qty = qty - 2 WHERE id = 9")
         conn.commit()
         conn.begin()
         cur.execute("INSERT INTO orders VALUES (2, 6, 1)")
         conn.rollback()
         cur.execute("SELECT COUNT(*), SUM(n) FROM orders")
         assert cur.fetchall() == ((1, 2),)
-    time.sleep(0.05)
+    time.sleep(0.2)
     # 4. another database, USE, a statement that fails, several statements in one query
     with proxy.connect(database="test",
                        client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS) as conn, \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import json
 import os
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tiproxy.protocol.packets import build_ok, frame
 from tiproxy.traffic import report as report_module
 from tiproxy.traffic import sql
+from tiproxy.traffic import writer as writer_module
 from tiproxy.traffic.format import Decoder, TrafficCommand, encode
 from tiproxy.traffic.outcome import Outcome
 from tiproxy.traffic.sink import CaptureSink, Record
@@ -266,3 +269,29 @@ def test_a_report_keeps_a_bounded_number_of_statements_and_errors() -> None:
     assert rep.groups[("", "")].sample == report_module.MORE_STATEMENTS
     assert len(rep.errors) == report_module.MAX_ERRORS + 1
     assert sum(g.count for g in rep.groups.values()) == total == rep.counts["replayed"]
+
+
+def test_a_workers_summarized_batch_writes_what_the_raw_one_does(tmp_path: Path) -> None:
+    ok = frame(build_ok(2, affected=3), 1)
+    column = b"\x03def\x00\x00\x00\x011\x00\x0c\x3f\x00\x01\x00\x00\x00\x08\x81\x00\x00\x00\x00"
+    rows = frame(b"\x01", 1) + frame(column, 2) + frame(b"\x011", 3) \
+        + frame(build_ok(2, header=0xFE), 4)
+    base = 1_700_000_000_000_000_000
+    batch: list[Record] = [
+        (base, 1, b"\x03UPDATE t SET a = 1", base + 5, 0, 2, ok, None, 1),
+        (base + 10, 1, b"\x03SELECT 1", base + 15, 0, 2, rows, None, 1),
+        (base + 20, 1, b"\x03SELECT x", base + 25, 1146, 2, b"\xff...", None, 1),
+    ]
+    summarized, size = writer_module.summarized(batch)
+    assert [type(r[6]) for r in summarized] == [tuple, tuple, type(None)]
+    assert size < sum(len(r[2]) + len(r[6] or b"") for r in batch) + 64 * 3
+    written = []
+    for name, records in (("raw", batch), ("summarized", summarized)):
+        out = tmp_path / name
+        out.mkdir()
+        writer = CaptureWriter(CaptureFiles(out, False, None))
+        assert writer.put(records, 100)
+        writer.finish()
+        written.append([dataclasses.replace(c, where="") for c in read_back(out, None)])
+    assert written[0] == written[1]
+    assert (written[0][0].affected, written[0][1].rows) == (3, 1)

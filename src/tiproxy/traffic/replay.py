@@ -126,18 +126,18 @@ class Replay:
         started = 0.0
         spec = self.spec
         while self._reading and (batch := await asyncio.to_thread(self._read, decoder)):
-            for command in batch:
+            self.decoded += len(batch)
+            if spec.cmd_end_ns is not None and batch[0].start_ns > spec.cmd_end_ns + END_SLACK_NS:
+                self.report.count("skipped_by_time", len(batch))
+                return
+            kept = [c for c in batch if self._in_window(c)]
+            self.report.count("skipped_by_time", len(batch) - len(kept))
+            for command in kept:  # logged in ahead of their first command, as a client was
+                if command.conn_id not in self._connections and command.cmd != Command.QUIT:
+                    self._open(command.conn_id)
+            for command in kept:
                 if not self._reading:
                     return
-                self.decoded += 1
-                if spec.cmd_end_ns is not None and command.start_ns > spec.cmd_end_ns:
-                    self.report.count("skipped_by_time")
-                    if command.start_ns > spec.cmd_end_ns + END_SLACK_NS:
-                        return
-                    continue
-                if spec.cmd_start_ns is not None and command.start_ns <= spec.cmd_start_ns:
-                    self.report.count("skipped_by_time")
-                    continue
                 self.last_cmd_ns = command.start_ns
                 if first is None:
                     first, started = command.start_ns, loop.time()
@@ -148,6 +148,12 @@ class Replay:
                     self._room.clear()
                     await self._room.wait()
                 self._dispatch(command)
+
+    def _in_window(self, command: TrafficCommand) -> bool:
+        """Started after cmd-start-time (TiProxy's rule: not at it) and by cmd-end-time."""
+        start, end = self.spec.cmd_start_ns, self.spec.cmd_end_ns
+        return (start is None or command.start_ns > start) \
+            and (end is None or command.start_ns <= end)
 
     def _read(self, decoder: Decoder) -> list[TrafficCommand]:
         """The next commands (in the decoding thread); [] at the end."""
@@ -173,14 +179,18 @@ class Replay:
         if conn is None:
             if command.cmd == Command.QUIT:
                 return  # a connection that did nothing here
-            conn = self._connections[command.conn_id] = _Connection(self, command.conn_id)
-            task = asyncio.get_running_loop().create_task(conn.run())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            conn = self._open(command.conn_id)
         if command.cmd == Command.QUIT:
             del self._connections[command.conn_id]  # it ends after its queue
         self._pending += 1
         conn.queue.put_nowait(command)
+
+    def _open(self, conn_id: int) -> _Connection:
+        conn = self._connections[conn_id] = _Connection(self, conn_id)
+        task = asyncio.get_running_loop().create_task(conn.run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return conn
 
     def done_one(self) -> None:
         self._pending -= 1
@@ -204,6 +214,7 @@ class _Connection:
 
     async def run(self) -> None:
         try:
+            await self._connect()  # now, before its first command is due
             while (command := await self.queue.get()) is not None:
                 try:
                     await self._execute(command)

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tiproxy.traffic.outcome import Summary
 
 FLUSH_INTERVAL = 0.05  # seconds a record waits in the process at most
 BATCH_RECORDS = 512
@@ -30,10 +34,11 @@ FOUND_ROWS = 4
 #   that could not be captured (16 MiB or more)
 # - end_ns: when its response ended; 0: no response recorded (a rebuilt state's command, a quit)
 # - error: the ERR's code, 0 when it succeeded; status: the server status after the response
-# - response: the whole response, when the writer may read it (session.py)
+# - response: the whole response, when the writer may read it (session.py); from a worker, what
+#   it said instead (outcome.Summary)
 # - statement: a COM_STMT_PREPARE's (client statement id, parameters, parameter types)
 # - flags: DEPRECATE_EOF | EXTENDED_METADATA | FOUND_ROWS
-Record = tuple[int, int, bytes, int, int, int, bytes | None,
+Record = tuple[int, int, bytes, int, int, int, "bytes | Summary | None",
                tuple[int, int, bytes | None] | None, int]
 
 
@@ -57,7 +62,7 @@ class CaptureSink:
             return
         self._records.append(record)
         response = record[6]
-        self._bytes += len(record[2]) + (len(response) if response is not None else 0)
+        self._bytes += len(record[2]) + (len(response) if type(response) is bytes else 0)
         if len(self._records) >= BATCH_RECORDS or self._bytes >= BATCH_BYTES:
             self.flush()
         elif self._timer is None:

@@ -11,7 +11,9 @@ never waits). The writer's thread makes each record a TrafficCommand:
 - per connection it follows the prepared statements (from their PREPARE records, rebuilt ones
   included), so that an execute carries the statement's text (Prepared_stmt) and the first
   execute of each statement carries its parameter types, which a replay needs;
-- it reads the response's bytes for rows affected, rows sent and the checksum (outcome.py).
+- it reads the response's bytes for rows affected, rows sent, the checksum and the column types
+  (outcome.py), unless a worker did (`summarized`: a worker sends what each response said, not
+  its bytes, which would cost more to send than to read).
 Commands arrive in the order they ended, from several processes; files want them in the order
 they started, which is what a replay follows. So each waits REORDER_WINDOW in a heap keyed by its
 start before it is written: a command that ran longer than that is written late (a replay then
@@ -34,7 +36,7 @@ from tiproxy.protocol.constants import Command
 from tiproxy.protocol.errors import ProtocolError
 from tiproxy.session.prepared import execute_types, with_types
 from tiproxy.traffic.format import CMD_NAMES, encode_command
-from tiproxy.traffic.outcome import summary_of
+from tiproxy.traffic.outcome import Summary, summary_of
 from tiproxy.traffic.sink import DEPRECATE_EOF, EXTENDED_METADATA, FOUND_ROWS, Record
 from tiproxy.traffic.sql import is_sensitive
 from tiproxy.traffic.store import CaptureFiles, write_meta
@@ -236,8 +238,7 @@ class CaptureWriter:
             return encode_command(start, conn_id, packet, True, ps_id, sql)
         affected = rows = checksum = column_types = None
         if response is not None and not error:
-            summary = summary_of(response, record[2], bool(flags & DEPRECATE_EOF),
-                                 bool(flags & EXTENDED_METADATA))
+            summary = _summary(record)
             if summary is not None:
                 affected, rows, checksum, column_types = summary
                 if flags & FOUND_ROWS:  # matched rows, not changed ones: nothing to compare
@@ -245,6 +246,30 @@ class CaptureWriter:
         return encode_command(start, conn_id, packet, not error, ps_id, sql,
                               max(0, end - start), error, status, affected, rows, checksum,
                               column_types)
+
+
+def _summary(record: Record) -> Summary | None:
+    response = record[6]
+    if not isinstance(response, bytes):
+        return response
+    flags = record[8]
+    return summary_of(response, record[2], bool(flags & DEPRECATE_EOF),
+                      bool(flags & EXTENDED_METADATA))
+
+
+def summarized(batch: list[Record]) -> tuple[list[Record], int]:
+    """The batch with each response's bytes replaced by what they say (outcome.summary_of),
+    and its size now: what a worker sends the control process."""
+    out: list[Record] = []
+    size = 0
+    for record in batch:
+        if record[6] is not None:
+            summary = _summary(record) if not record[4] else None
+            out.append((*record[:6], summary, *record[7:]))
+        else:
+            out.append(record)
+        size += len(record[2]) + 64
+    return out, size
 
 
 def _typed(stmt: _Statement, packet: bytes) -> bytes:

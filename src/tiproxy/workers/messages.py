@@ -226,12 +226,15 @@ class Link:
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         self._writer.write(_LENGTH.pack(len(data)) + data)
 
-    def send_if_room(self, message: object, limit: int) -> bool:
-        """send(), unless `limit` bytes already wait to be written (the other end is behind):
-        then nothing is sent and False says so."""
+    def full(self, limit: int) -> bool:
+        """More than `limit` bytes wait to be written (the other end is behind), or it closed."""
         writer = self._writer
-        if writer is None or writer.is_closing() \
-                or writer.transport.get_write_buffer_size() > limit:
+        return writer is None or writer.is_closing() \
+            or writer.transport.get_write_buffer_size() > limit
+
+    def send_if_room(self, message: object, limit: int) -> bool:
+        """send(), unless full(limit): then nothing is sent and False says so."""
+        if self.full(limit):
             return False
         self.send(message)
         return True

@@ -34,6 +34,7 @@ from tiproxy.net.loop import install_event_loop
 from tiproxy.net.server import EARLY_WINDOW, ProxyServer
 from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
+from tiproxy.traffic.writer import summarized
 from tiproxy.workers import messages as m
 from tiproxy.workers.shared import LAST_LOGIN, SESSIONS, SharedCounts
 
@@ -203,9 +204,13 @@ class WorkerServer(ProxyServer):
             self.start_capture(self._send_capture)
 
     def _send_capture(self, records: list[Record], size: int) -> bool:
+        """A batch of the capture to the control process's writer, with what each response
+        said rather than its bytes (traffic/writer.py)."""
+        if self.link.full(CAPTURE_LINK_LIMIT):
+            return False  # no need to read the responses of a batch that is dropped
         dropped = self.capture.dropped if self.capture is not None else 0
-        return self.link.send_if_room(m.CaptureBatch(records, size, dropped),
-                                      CAPTURE_LINK_LIMIT)
+        batch, size = summarized(records)
+        return self.link.send_if_room(m.CaptureBatch(batch, size, dropped), CAPTURE_LINK_LIMIT)
 
     async def answer(self, what: str, arg: Any) -> Any:
         if what == "sessions":
