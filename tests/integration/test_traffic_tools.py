@@ -86,8 +86,9 @@ def test_bad_requests_are_refused_with_the_reason_and_harm_nothing(
 
 def test_a_capture_ends_by_itself_when_its_duration_is_over(proxy: ProxyProcess,
                                                              tmp_path: Path) -> None:
-    capture(proxy, tmp_path / "cap", duration="1s", compress="false")
     with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")  # the proxy serves (its workers have started)
+        capture(proxy, tmp_path / "cap", duration="1s", compress="false")
         cur.execute("SELECT 2")
     job = wait_job(proxy)
     assert (job["status"], job["progress"], job.get("error")) == ("done", "100%", None)
@@ -181,13 +182,14 @@ def test_a_writer_that_falls_behind_drops_commands_and_never_blocks_the_clients(
     # the capture starts is refused.)
     os.mkfifo(out / PARTIAL)
     sent = 0
+    big = "x" * 900_000
     with proxy.connect() as conn, conn.cursor() as cur:
-        # 900 KB responses, until the writer's queue is full (the writer blocks once it first
+        # 900 KB statements, until the writer's queue is full (the writer blocks once it first
         # writes, after its reorder window) and the capture drops what has no room
         while _dropped(proxy) == 0:
             for _ in range(10):
-                cur.execute("SELECT REPEAT('x', 900000), %s", (sent,))
-                assert cur.fetchall()[0][1] == sent
+                cur.execute("SELECT LENGTH(%s), %s", (big, sent))
+                assert cur.fetchall()[0] == (900_000, sent)
                 sent += 1
             assert sent < 2000
     drained: list[bytes] = []
