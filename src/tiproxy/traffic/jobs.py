@@ -83,8 +83,9 @@ def capture_spec(form: Mapping[str, str]) -> CaptureSpec:
 
 
 def replay_spec(form: Mapping[str, str], target: tuple[str, int], key_path: str,
-                ) -> tuple[ReplaySpec, Path]:
-    """The replay's spec and report directory; blocking (reads the key): call in a thread."""
+                ) -> tuple[ReplaySpec, Path, int]:
+    """The replay's spec, report directory and the commands its meta counts; blocking (reads
+    the key and the meta): call in a thread."""
     if _first(form, "addr"):
         raise JobError("Addr is not allowed in replay config in a TiProxy node "
                        "(use tiproxy-replayer for another target)")
@@ -102,7 +103,8 @@ def replay_spec(form: Mapping[str, str], target: tuple[str, int], key_path: str,
         raise JobError("username is required")
     try:
         where = input_dir(_first(form, "input"))
-        key = load_key(read_meta(where).get("EncryptMethod", ""), key_path)
+        meta = read_meta(where)
+        key = load_key(meta.get("EncryptMethod", ""), key_path)
     except StoreError as e:
         raise JobError(str(e)) from None
     report_dir = Path(_first(form, "report-dir") or where)
@@ -113,7 +115,8 @@ def replay_spec(form: Mapping[str, str], target: tuple[str, int], key_path: str,
         ignore_errs=_truthy(form, "ignore-errs"),
         cmd_start_ns=_time(form, "cmdstarttime", "cmd-start-time", "command-start-time"),
         cmd_end_ns=_time(form, "cmdendtime", "cmd-end-time", "command-end-time"), key=key)
-    return spec, report_dir
+    total = meta.get("Cmds")
+    return spec, report_dir, total if isinstance(total, int) else 0
 
 
 def check_report_dir(directory: Path) -> None:
@@ -143,7 +146,8 @@ class ReplayJob:
 
     kind = "replay"
 
-    def __init__(self, spec: ReplaySpec, report_dir: Path, start_ns: int | None) -> None:
+    def __init__(self, spec: ReplaySpec, report_dir: Path, start_ns: int | None,
+                 total: int) -> None:
         self.spec = spec
         self.replay = Replay(spec)
         self.report_dir = report_dir
@@ -152,7 +156,7 @@ class ReplayJob:
         self.error = ""
         self.done = False
         self.reports: list[str] = []
-        self.total = int(read_meta(spec.input).get("Cmds") or 0)
+        self.total = total  # the commands the capture's meta counts (0: unknown)
         self._task: asyncio.Task[None] | None = None
         self._graceful = False
 
@@ -275,13 +279,13 @@ class TrafficJobs:
         async with self._lock:
             self._refuse_if_running()
             key_path = self._config().security.encryption_key_path
-            spec, report_dir = await asyncio.to_thread(replay_spec, form, self._target(),
-                                                       key_path)
+            spec, report_dir, total = await asyncio.to_thread(replay_spec, form, self._target(),
+                                                              key_path)
             await asyncio.to_thread(check_report_dir, report_dir)
             start = _time(form, "start-time")
             if start is not None and start + 60_000_000_000 < time.time_ns():
                 raise JobError("start time should not be in the past")
-            job = ReplayJob(spec, report_dir, start)
+            job = ReplayJob(spec, report_dir, start, total)
             job.start()
             self._add(job)
             log.info("traffic replay started: input %s, user %s, speed %g%s", spec.input,

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Batches of records (sink.py) come from this process's sessions or from the workers' links and
 wait in a queue bounded by bytes; a batch with no room is dropped and counted (the data path
-never waits). The writer's thread makes each record a TrafficCommand:
+never waits). The writer's thread makes each record a command of the file (format.py):
 - what must not be written is left out and counted as filtered: statements that may carry a
   password (sql.py), the statement commands of a prepared statement left out so, commands
   TiProxy's format has no name for (MariaDB's COM_STMT_BULK_EXECUTE), commands of 16 MiB or more;
@@ -17,8 +17,9 @@ never waits). The writer's thread makes each record a TrafficCommand:
 Commands arrive in the order they ended, from several processes; files want them in the order
 they started, which is what a replay follows. So each waits REORDER_WINDOW in a heap keyed by its
 start before it is written: a command that ran longer than that is written late (a replay then
-sends it at once, keeping its connection's order). The heap holds commands without their
-responses, and at most MAX_HELD of them.
+sends it at once, keeping its connection's order). The heap holds encoded commands (without
+their responses), at most MAX_HELD of them. Then gzip, AES-CTR and rotation (store.py); the
+meta is written last, when the job closes the writer.
 """
 
 from __future__ import annotations
