@@ -32,6 +32,14 @@ benchmark with an error.
     .venv/bin/python bench/sysbench.py --quick
     .venv/bin/python bench/sysbench.py --time 30 --rounds 3 --json results.json
     .venv/bin/python bench/sysbench.py --tls --quick
+
+With --capture a fourth target, "capture", is the same proxy with a traffic capture running
+(`POST /api/traffic/capture` before the run, `/cancel` after it; compressed files in the
+temporary directory): it rotates with the others, so capture/proxy is what capturing costs in
+queries per second and in the proxy's CPU (its writer thread, or its control process with
+--workers, included). Each capture run notes the commands captured and dropped.
+
+    .venv/bin/python bench/sysbench.py --capture --workloads oltp_point_select,oltp_read_only
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,6 +73,7 @@ USER = "sbtest"
 PASSWORD = "sbtest-pass"  # a throwaway account on a throwaway server
 DATABASE = "sbtest"
 TARGETS = ("direct", "proxy", "haproxy")
+CAPTURE_TARGETS = ("direct", "proxy", "capture", "haproxy")  # with --capture
 
 # Only the range query of oltp_read_only, 1,000 rows (about 120 KB) per result, no BEGIN/COMMIT.
 _LARGE_RESULT_ARGS = (
@@ -429,6 +440,8 @@ class Run:
     qps: float = 0.0
     p95_ms: float = 0.0
     cpu_seconds: float | None = None  # the proxy's or HAProxy's, None for direct
+    captured: int | None = None  # target "capture": commands the capture wrote
+    dropped: int | None = None  # and those it had no room for
     notes: list[str] = field(default_factory=list)  # ignored errors, log lines
     error: str = ""
 
@@ -476,12 +489,26 @@ class Bench:
 
     def run(self, workload: str, target: str, round_: int, seconds: int) -> Run:
         run = Run(workload, target, round_)
+        capturing = target == "capture"
+        target = "proxy" if capturing else target
         if target == "proxy" and not self.processes["proxy"].running:
             try:
                 self._restart_proxy(run)
             except BenchError as exc:
                 run.error = f"could not restart the proxy: {exc}"
                 return run
+        if capturing:
+            run.target = "capture"
+            self._traffic("capture", output=str(self.workdir / f"capture-{workload}-{round_}"),
+                          duration=f"{seconds + 600}s")
+        try:
+            self._measure(run, target, workload, seconds)
+        finally:
+            if capturing:
+                self._end_capture(run)
+        return run
+
+    def _measure(self, run: Run, target: str, workload: str, seconds: int) -> None:
         process = self.processes.get(target)
         script, extra = WORKLOADS[workload]
         cmd = [
@@ -513,7 +540,30 @@ class Bench:
             logged = tail(process.log_since(log_offset), 40)
             if logged:
                 run.notes.append(f"{target} log during the run:\n{logged}")
-        return run
+
+    def _traffic(self, action: str, **fields: str) -> str:
+        """POST /api/traffic/<action> to the proxy (its API address from its config)."""
+        config = tomllib.loads((self.workdir / "proxy.toml").read_text())
+        url = f"http://{config['api']['addr']}/api/traffic/{action}"
+        data = urllib.parse.urlencode(fields).encode()
+        with urllib.request.urlopen(url, data, timeout=60) as answer:
+            return str(answer.read().decode())
+
+    def _end_capture(self, run: Run) -> None:
+        answer = self._traffic("cancel")
+        config = tomllib.loads((self.workdir / "proxy.toml").read_text())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(
+                    f"http://{config['api']['addr']}/api/traffic/show", timeout=10) as shown:
+                job = json.loads(shown.read())[-1]
+            if job["status"] != "running":
+                run.captured, run.dropped = job.get("captured_cmds"), job.get("dropped_cmds")
+                run.notes.append(f"capture: {run.captured} commands captured, {run.dropped} "
+                                 f"dropped, in {len(job.get('files', []))} files")
+                return
+            time.sleep(0.1)
+        run.error += f"\nthe capture did not end: {answer}"
 
     def _restart_proxy(self, run: Run) -> None:
         proxy = self.processes["proxy"]
@@ -649,9 +699,10 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def summarize(runs: list[Run], workload: str) -> dict[str, Any]:
+def summarize(runs: list[Run], workload: str,
+              targets: Sequence[str] = TARGETS) -> dict[str, Any]:
     per_target: dict[str, dict[str, Any]] = {}
-    for target in TARGETS:
+    for target in targets:
         ok = [
             run
             for run in runs
@@ -670,10 +721,13 @@ def summarize(runs: list[Run], workload: str) -> dict[str, Any]:
         a, b = per_target[top][key], per_target[bottom][key]
         return a / b if a is not None and b else None
 
+    pairs = [("proxy", "direct"), ("proxy", "haproxy")]
+    if "capture" in targets:
+        pairs += [("capture", "proxy"), ("capture", "haproxy")]
     ratios = {
         f"{key}_{top}/{bottom}": ratio(key, top, bottom)
         for key in ("qps", "p95_ms", "cpu_s_per_1k")
-        for top, bottom in (("proxy", "direct"), ("proxy", "haproxy"))
+        for top, bottom in pairs
         if not (key == "cpu_s_per_1k" and bottom == "direct")
     }
     return {"targets": per_target, "ratios": ratios}
@@ -692,13 +746,16 @@ def print_table(title: str, summary: dict[str, Any]) -> None:
             f"{_fmt(row['cpu_s_per_1k'], '.4f'):>11} {row['ok_runs']:>4}/{row['runs']}"
         )
     r = summary["ratios"]
-    for bottom in ("direct", "haproxy"):
+    for top, bottom in (("proxy", "direct"), ("proxy", "haproxy"), ("capture", "proxy"),
+                        ("capture", "haproxy")):
+        if f"qps_{top}/{bottom}" not in r:
+            continue
         line = (
-            f"proxy/{bottom:<8} QPS x{_fmt(r[f'qps_proxy/{bottom}'], '.3f')}"
-            f"  p95 x{_fmt(r[f'p95_ms_proxy/{bottom}'], '.2f')}"
+            f"{top}/{bottom:<8} QPS x{_fmt(r[f'qps_{top}/{bottom}'], '.3f')}"
+            f"  p95 x{_fmt(r[f'p95_ms_{top}/{bottom}'], '.2f')}"
         )
-        if bottom == "haproxy":
-            line += f"  CPU/query x{_fmt(r['cpu_s_per_1k_proxy/haproxy'], '.1f')}"
+        if bottom != "direct":
+            line += f"  CPU/query x{_fmt(r[f'cpu_s_per_1k_{top}/{bottom}'], '.2f')}"
         print(line)
 
 
@@ -751,6 +808,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tls",
         action="store_true",
         help="every connection to MariaDB is TLS; through the proxy, both legs",
+    )
+    parser.add_argument(
+        "--capture",
+        action="store_true",
+        help="also run the proxy with a traffic capture running (target 'capture')",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -805,10 +867,11 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
             warm = bench.run("oltp_read_only", target, 0, args.warmup)
             print(f"warm-up {target}: {warm.error.strip() or f'{warm.qps:.0f} q/s'}", flush=True)
     runs: list[Run] = []
+    targets = CAPTURE_TARGETS if args.capture else TARGETS
     for workload in args.workloads.split(","):
         for round_ in range(1, args.rounds + 1):
-            shift = (round_ - 1) % len(TARGETS)
-            for target in TARGETS[shift:] + TARGETS[:shift]:
+            shift = (round_ - 1) % len(targets)
+            for target in targets[shift:] + targets[:shift]:
                 run = bench.run(workload, target, round_, args.time)
                 runs.append(run)
                 status = (
@@ -844,7 +907,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted: stopping everything", file=sys.stderr)
             return 130
-        summaries = {workload: summarize(runs, workload) for workload in args.workloads.split(",")}
+        targets = CAPTURE_TARGETS if args.capture else TARGETS
+        summaries = {workload: summarize(runs, workload, targets)
+                     for workload in args.workloads.split(",")}
         for workload, summary in summaries.items():
             print_table(f"{workload} (TLS)" if args.tls else workload, summary)
         print_problems(runs)

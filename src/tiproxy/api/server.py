@@ -17,6 +17,7 @@ Routes (TiProxy's, plus our own backend list):
 - `PUT /api/admin/config`, `POST /api/debug/redirect`, `POST /api/admin/backends/{addr}/drain`
   and `/undrain`, `PUT` and `DELETE /api/debug/health`, and the namespace routes but GET: the
   write routes, which auth.py guards (every method but GET and HEAD).
+- TiProxy's `/api/traffic/...` routes (capture, replay, cancel, show): api/traffic.py.
 Nothing here blocks the event loop for long: a request body is at most 1 MiB (413 beyond), and
 the files a new config names are checked in a thread (config/reload.py).
 """
@@ -44,6 +45,7 @@ from tiproxy.api.interface import ProxyControl, ProxyView, UpgradeError
 from tiproxy.api.listener import APIConnection, plain_http_guard
 from tiproxy.api.metrics import METRICS_CONTENT_TYPE, build_registry, render_metrics
 from tiproxy.api.namespace import NamespaceRoutes
+from tiproxy.api.traffic import register_traffic, traffic_routes
 from tiproxy.config import (
     Config,
     ConfigError,
@@ -174,7 +176,9 @@ def build_app(view: ProxyView,
         ("GET", "/metrics", _metrics),
         ("GET", "/api/metrics", _metrics),
         *NamespaceRoutes(view.config, lambda change: _change_config(app, change)).routes(),
+        *traffic_routes(),
     ]
+    register_traffic(app, view, app[_REGISTRY])
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
         app.router.add_route(method, path + "/", handler)  # TiProxy registers groups with "/"

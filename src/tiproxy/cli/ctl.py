@@ -9,6 +9,7 @@
     tiproxyctl [OPTIONS] backend drain|undrain ADDR
     tiproxyctl [OPTIONS] sessions
     tiproxyctl [OPTIONS] redirect
+    tiproxyctl [OPTIONS] traffic capture|replay|cancel|show ...   (cli/traffic.py)
 
 The options (apiclient.py) may come before or after the command, as TiProxy's cobra flags may:
 `tiproxyctl --host 127.0.0.1 --port 3080 config get` and `tiproxyctl config get --port 3080`.
@@ -26,7 +27,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 
 from tiproxy import __version__
-from tiproxy.cli import ctl_namespace
+from tiproxy.cli import ctl_namespace, traffic
 from tiproxy.cli.apiclient import (
     DEFAULT_API_ADDR,
     TOKEN_ENV,
@@ -157,9 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add("redirect", "move every session to another backend", _redirect)
     commands.add("upgrade", "start a new proxy process that takes the listeners and the "
                  "sessions over (ours)", _upgrade)
-    traffic = commands.add("traffic", "TiProxy's traffic capture and replay (not built)",
-                           _traffic)
-    traffic.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    traffic.add_commands(_Commands(
+        commands.add("traffic", "capture traffic, replay it, show the jobs"),
+        "traffic commands"))
     return parser
 
 
@@ -249,11 +250,6 @@ def _upgrade(args: argparse.Namespace) -> int:
     pid = body.get("pid") if isinstance(body, dict) else "?"
     print(f"new proxy process {pid} started; sessions follow at their next safe point")
     return 0
-
-
-def _traffic(_args: argparse.Namespace) -> int:
-    raise CtlError("traffic: not supported yet (TiProxy's traffic capture and replay are not "
-                   "built)")
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> str:

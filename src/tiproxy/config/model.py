@@ -388,6 +388,9 @@ class SecurityConfig:
     # mysql.user read by auth-sync-user every auth-sync-interval (and after a failed match).
     users_file: str = ""
     auth_sync_interval: float = field(default=60.0, metadata=DURATION)
+    # TiProxy's: the AES-256 key of encrypted traffic captures (its first 32 bytes). A path:
+    # the file's content is the secret, and is read only when a capture or replay needs it.
+    encryption_key_path: str = ""
 
     def cross_check(self) -> tuple[str, str] | None:
         """(key, reason) for a TLS object used in a way the proxy does not build."""
@@ -494,6 +497,8 @@ class Config:
     health: HealthConfig = field(default=HealthConfig())
     namespaces: tuple[NamespaceConfig, ...] = field(
         default=(), metadata=rules(decode=_decode_namespaces, encode=_encode_namespaces))
+    # TiProxy's: false refuses the /api/traffic routes (capture, replay, cancel, show).
+    enable_traffic_replay: bool = True
 
     def cross_check(self) -> tuple[str, str] | None:
         """A backend belongs to one namespace: the default one ([proxy] backend-addrs) or one

@@ -21,12 +21,14 @@ from tiproxy.balance.balancer import INTERVAL
 from tiproxy.cli.logs import apply_level
 from tiproxy.control.memory import effective_threshold, memory_use
 from tiproxy.control.upgrade import Upgrader
+from tiproxy.traffic.jobs import TrafficJobs
 
 if TYPE_CHECKING:
     from tiproxy.api.interface import BackendView, MigrationStats, SessionView
     from tiproxy.balance.balancer import MoveOrder
     from tiproxy.config import Config
     from tiproxy.control.cluster import Cluster
+    from tiproxy.traffic.sink import Deliver
 
 log = logging.getLogger("tiproxy.server")
 MEMORY_INTERVAL = 1.0  # seconds between looks at the memory use
@@ -56,6 +58,10 @@ class SessionHolder(Protocol):
     def hand_over(self, receivers: list[str]) -> None: ...
     async def handed_over(self) -> None: ...
     async def open_receivers(self) -> list[str]: ...
+    # A traffic capture (traffic/): every session, open or to come, records into `deliver`.
+    def start_capture(self, deliver: Deliver) -> None: ...
+    async def stop_capture(self) -> int: ...  # the commands dropped, now final
+    def capture_dropped(self) -> int: ...
 
 
 class Proxy:
@@ -71,6 +77,8 @@ class Proxy:
         self._reloading = asyncio.Lock()  # reloads one at a time, cluster and holder alike
         self.upgrader: Upgrader | None = None  # set by whoever serves (cli/server.py)
         self.handed_over = False  # an upgrade gave everything to a new process
+        self.traffic = TrafficJobs(holder, lambda: self.cluster.config,
+                                   lambda: int(getattr(holder, "port", 0)))
 
     async def start(self) -> None:
         await self.cluster.start()
@@ -88,6 +96,7 @@ class Proxy:
         for task in (self._rebalancing, self._watching_memory):
             if task is not None:
                 task.cancel()
+        await self.traffic.close()
         self.cluster.stop()
         await self.holder.stop(self.cluster.config.proxy.graceful_close_conn_timeout,
                                linger=self.handed_over)

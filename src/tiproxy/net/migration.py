@@ -192,14 +192,21 @@ async def _start_tls(session: Session, leg: BackendLeg, offered: int,
 
 async def _capture_mysql(session: Session, leg: BackendLeg,
                          deprecate_eof: bool) -> mysql_dialect.CapturedState:
+    state = await read_mysql_state(session, leg, deprecate_eof)
+    _check_unseen(session, state)
+    return state
+
+
+async def read_mysql_state(session: Session, leg: BackendLeg,
+                           deprecate_eof: bool) -> mysql_dialect.CapturedState:
     """Database, variables and user variables: listed by information_schema.USER_VARIABLES
-    where the server has it, else read by the names the session's statements used."""
+    where the server has it, else read by the names the session's statements used. Also what
+    a traffic capture writes first for a session it joins (traffic/rebuild.py)."""
     backend = session.backend
     users, rows = await _capture_rows(leg, backend, deprecate_eof)
     state = mysql_dialect.parse_capture(rows)
     await _capture_session_only(session, leg, deprecate_eof, state)
     await _user_values(session, leg, deprecate_eof, state, users)
-    _check_unseen(session, state)
     return state
 
 

@@ -95,10 +95,12 @@ from tiproxy.session.statements import (
 )
 from tiproxy.tls import peer_cn_allowed
 from tiproxy.tls.upgrade import start_server_tls
+from tiproxy.traffic.session import SessionCapture
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
     from tiproxy.net.server import ProxyServer
+    from tiproxy.traffic.sink import CaptureSink
 
 log = logging.getLogger("tiproxy.session")
 
@@ -180,6 +182,7 @@ class Session(TransactionReplay):
     # (set only then: the class's None serves every session until one needs it).
     _id_map: tuple[str, dict[int, int]] | None = None
     _login_timer: asyncio.TimerHandle | None
+    _capture: SessionCapture | None = None  # while a traffic capture runs (follow_capture)
 
     def __init__(self, server: ProxyServer, transport: asyncio.Transport,
                  adopted: tuple[SessionHandover, BackendLeg] | None = None) -> None:
@@ -593,6 +596,8 @@ class Session(TransactionReplay):
         self.bound_writes(self.bt)
         self.backend_leg.attach(self)
         self.server.logged_in()
+        if self.server.capture is not None:
+            self.follow_capture(self.server.capture, fresh=True)
         log.debug("session %d: %s@%s logged in on %s",
                   self.id, self.user, self.peer, self.backend.addr)
 
@@ -699,6 +704,11 @@ class Session(TransactionReplay):
         if self.credential is None and exchange is not None:
             self.server.refresh_credential(self, exchange)  # the stored hash may be stale
 
+    def follow_capture(self, sink: CaptureSink | None, fresh: bool = False) -> None:
+        """A traffic capture starts (its sink in this process) or ends (None): see
+        traffic/session.py. `fresh`: the session logged in during the capture."""
+        self._capture = SessionCapture(sink, self, fresh) if sink is not None else None
+
     def credential_recovered(self, credential: bytes) -> None:
         """A refresh of the stored hashes verified this session's login after all."""
         self.credential = credential
@@ -751,7 +761,7 @@ class Session(TransactionReplay):
                         fast = not self.state.to_client and self._execute_is_plain(data)
                     else:
                         fast = cmd in _FAST
-                    if fast:
+                    if fast and (self._capture is None or self._capture.take(data)):
                         self.inflight = data if tracker.idle else None
                         self.last_command = data
                         self.bt.write(data)  # type: ignore[union-attr]
@@ -805,7 +815,8 @@ class Session(TransactionReplay):
                     raise ProtocolError(f"packet with sequence id {seq} where a command was due")
                 elif length == 0:
                     raise ProtocolError("empty command packet")
-                elif not self._command(packet, length):
+                elif not (self._capture is None or self._capture.ready(packet)) \
+                        or not self._command(packet, length):
                     pos -= len(packet)  # it waits, with what follows, until the backend is idle
                     self.hold_input("idle")
         except ProtocolError as e:
@@ -873,6 +884,8 @@ class Session(TransactionReplay):
         self.last_command = original if packet is original or cmd == _EXECUTE else b""
         self.bt.write(packet)
         self._counts[_NAMES[cmd]] += 1
+        if self._capture is not None:
+            self._capture.sent()
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
 
@@ -1103,6 +1116,8 @@ class Session(TransactionReplay):
             self.send_client(data)
         if tracker.phase == AUTH:
             self._watch_auth_switch(data)
+        if self._capture is not None:
+            self._capture.response(data)
         try:
             tracker.feed(data)
         except ProtocolError as e:
@@ -1133,6 +1148,8 @@ class Session(TransactionReplay):
             self._record(token, status, failed)
             if self.held_answer is not None:
                 self.answer_complete()  # recovery.py: its variables are read, then it goes
+        if self._capture is not None:
+            self._capture.done(status, failed)
         if failed and self.backend is not None and self.backend.galera \
                 and self.tracker is not None and self.tracker.error == ER_UNKNOWN_COM_ERROR:
             self.server.doubt_backend(self.backend, "a session got 1047 (WSREP not ready)")
@@ -1290,6 +1307,8 @@ class Session(TransactionReplay):
         early = self._take_early()
         if early is not None:
             early[1].abort()
+        if self._capture is not None:
+            self._capture.closed()
         for task in (self._task, self._move_task):
             if task is not None and not task.done():
                 task.cancel()

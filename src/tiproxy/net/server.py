@@ -33,6 +33,7 @@ from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.relay import COMMAND, ClientLeg
 from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
+from tiproxy.traffic.sink import CaptureSink, Deliver
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
@@ -103,6 +104,8 @@ class ProxyServer:
         self._departure: Departure | None = None  # sessions leaving for a new process
         self._receiver: Receiver | None = None  # sessions arriving from an old one
         self._staying: Staying | None = None  # the old one's sessions that stay there
+        self.capture: CaptureSink | None = None  # this process's share of a traffic capture
+        self._capture_dropped = 0
 
     @classmethod
     def of(cls, cluster: Cluster) -> ProxyServer:
@@ -412,6 +415,33 @@ class ProxyServer:
             backend = session.backend
             if backend is not None and bool(backend.health) != session.keepalive_unhealthy:
                 session.set_backend_keepalive(session.backend_leg, bool(backend.health))
+
+    # -- traffic capture --------------------------------------------------------------------------
+
+    def start_capture(self, deliver: Deliver) -> None:
+        """Every session, open or to come, records its commands for the capture
+        (traffic/session.py) until stop_capture."""
+        if self.capture is not None:
+            self.capture.close()
+        self.capture = sink = CaptureSink(deliver)
+        for session in self.sessions.values():
+            if session.phase == COMMAND:
+                session.follow_capture(sink)
+
+    async def stop_capture(self) -> int:
+        """The capture ends here; returns the commands this process dropped."""
+        sink, self.capture = self.capture, None
+        for session in self.sessions.values():
+            session.follow_capture(None)
+        if sink is None:
+            return 0
+        sink.close()
+        self._capture_dropped = sink.dropped
+        return sink.dropped
+
+    def capture_dropped(self) -> int:
+        """Commands the running capture (else the last one) had no room for."""
+        return self.capture.dropped if self.capture is not None else self._capture_dropped
 
     # -- credentials ------------------------------------------------------------------------------
 

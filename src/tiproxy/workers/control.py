@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from tiproxy.control.cluster import Cluster
     from tiproxy.control.upgrade import Takeover
     from tiproxy.net.kill import KillTarget
+    from tiproxy.traffic.sink import Deliver
 
 log = logging.getLogger("tiproxy.workers")
 
@@ -128,6 +129,8 @@ class Workers:
         self._slots: dict[str, int] = {}  # backend addr -> its column in self.counts
         self._table: m.Table | None = None  # the last table built
         self._memory_high = ""  # as last told to the workers
+        self._capture: Deliver | None = None  # where a running capture's batches go
+        self._capture_dropped: Counter[int] = Counter()  # by worker; -1: here, no room
         cluster.on_credentials = lambda: self._broadcast(
             m.Credentials(cluster.credentials.snapshot()))
         cluster.tls.changed = lambda: self._broadcast(m.TLSChanged(cluster.tls.materials()))
@@ -219,6 +222,8 @@ class Workers:
         link.send(m.Credentials(cluster.credentials.snapshot()))
         if self._memory_high:
             link.send(m.MemoryHigh(self._memory_high))
+        if self._capture is not None:
+            link.send(m.CaptureStart())
         self._send_tables(only=worker)
         worker.reader = asyncio.get_running_loop().create_task(link.run())
 
@@ -281,6 +286,8 @@ class Workers:
             logging.getLogger(message.name).log(message.level, "%s", message.message)
         elif isinstance(message, m.SyncNow):
             cluster.sync_soon()
+        elif isinstance(message, m.CaptureBatch):
+            self._captured(worker, message)
         elif backend is None:
             return
         elif isinstance(message, m.Failed):
@@ -312,6 +319,11 @@ class Workers:
             return None
         target: KillTarget | None = await owner.link.ask_or_none("kill_target", session_id)
         return target
+
+    def _captured(self, worker: _Worker, batch: m.CaptureBatch) -> None:
+        self._capture_dropped[worker.index] = batch.dropped
+        if self._capture is None or not self._capture(batch.records, batch.size):
+            self._capture_dropped[-1] += len(batch.records)
 
     def _slot(self, addr: str) -> int:
         slot = self._slots.get(addr)
@@ -461,6 +473,20 @@ class Workers:
         for stats in self._live_stats():
             rejected.update(stats.rejected)
         return dict(rejected)
+
+    def start_capture(self, deliver: Deliver) -> None:
+        self._capture = deliver
+        self._capture_dropped = Counter()
+        self._broadcast(m.CaptureStart())
+
+    async def stop_capture(self) -> int:
+        for worker, dropped in await self._ask_all("capture_stop"):
+            self._capture_dropped[worker.index] = int(dropped or 0)
+        self._capture = None
+        return self.capture_dropped()
+
+    def capture_dropped(self) -> int:
+        return sum(self._capture_dropped.values())
 
     def set_memory_high(self, reason: str) -> None:
         self._memory_high = reason

@@ -5,14 +5,17 @@ ends are this program, started by the control process; nothing else can reach th
 
 Control to worker: Setup first, then Table whenever what a worker routes by changes, Config on a
 reload, Credentials when the stored hashes change, TLSChanged when a context was rebuilt, Moves
-from the rebalancer, Shutdown.
+from the rebalancer, CaptureStart when a traffic capture begins, Shutdown.
 Worker to control: Stats once a second (counters), and the events the control plane acts on:
-Failed, Succeeded, Doubt, SyncNow, LastingProblem, LogLine.
+Failed, Succeeded, Doubt, SyncNow, LastingProblem, LogLine; while a capture runs, CaptureBatch
+(its sessions' commands, for the one writer in the control process; sent only while the link
+has room, else dropped and counted: a capture never holds up the link or the data path).
 Session counts do not travel as messages: they are in shared memory (workers/shared.py), so
 least-connections balancing and `max-connections` hold across workers at every login.
 Either side may `ask` the other (Request/Reply): the control process asks a worker for its
 sessions, its counters now, its movable sessions on the backends a rebalancing round would take
-from, to redirect its sessions, or for a KILL target; a worker asks the control process to find
+from, to redirect its sessions, for a KILL target, or to end a capture ("capture_stop": its
+last batch comes first, then the commands it dropped); a worker asks the control process to find
 a KILL target in another worker, or for the greeting to give clients when it knows none.
 """
 
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from tiproxy.discovery.base import DiscoveredBackend
     from tiproxy.protocol.packets import Greeting
     from tiproxy.tls.store import Material
+    from tiproxy.traffic.sink import Record
 
 log = logging.getLogger("tiproxy.workers")
 
@@ -111,6 +115,11 @@ class Moves:
 
 
 @dataclass(frozen=True)
+class CaptureStart:
+    """Every session records its commands for a traffic capture until "capture_stop"."""
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
@@ -175,6 +184,15 @@ class LastingProblem:
 
 
 @dataclass(frozen=True)
+class CaptureBatch:
+    """Captured commands (traffic/sink.py), their bytes, and what the worker dropped so far."""
+
+    records: list[Record]
+    size: int
+    dropped: int
+
+
+@dataclass(frozen=True)
 class LogLine:
     """A worker's log record, written by the control process's handler (one log file)."""
 
@@ -222,6 +240,19 @@ class Link:
             return
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         self._writer.write(_LENGTH.pack(len(data)) + data)
+
+    def full(self, limit: int) -> bool:
+        """More than `limit` bytes wait to be written (the other end is behind), or it closed."""
+        writer = self._writer
+        return writer is None or writer.is_closing() \
+            or writer.transport.get_write_buffer_size() > limit
+
+    def send_if_room(self, message: object, limit: int) -> bool:
+        """send(), unless full(limit): then nothing is sent and False says so."""
+        if self.full(limit):
+            return False
+        self.send(message)
+        return True
 
     async def ask(self, what: str, arg: Any = None, timeout: float = ASK_TIMEOUT) -> Any:
         """The other end's answer; raises TimeoutError, or ConnectionError once it is gone."""

@@ -35,17 +35,20 @@ from tiproxy.net.loop import install_event_loop
 from tiproxy.net.server import EARLY_WINDOW, ProxyServer
 from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
+from tiproxy.traffic.writer import summarized
 from tiproxy.workers import messages as m
 from tiproxy.workers.shared import LAST_LOGIN, SESSIONS, SharedCounts
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
     from tiproxy.protocol.packets import Greeting
+    from tiproxy.traffic.sink import Record
 
 log = logging.getLogger("tiproxy.workers")
 
 STATS_INTERVAL = 1.0
 ID_SPACE = 1 << 32
+CAPTURE_LINK_LIMIT = 16 * 1024 * 1024  # capture batches waiting on the link, at most
 
 
 class SharedBackend(Backend):
@@ -203,6 +206,17 @@ class WorkerServer(ProxyServer):
             self.tls.follow(message.tls)
         elif isinstance(message, m.MemoryHigh):
             self.memory_high = message.reason
+        elif isinstance(message, m.CaptureStart):
+            self.start_capture(self._send_capture)
+
+    def _send_capture(self, records: list[Record], size: int) -> bool:
+        """A batch of the capture to the control process's writer, with what each response
+        said rather than its bytes (traffic/writer.py)."""
+        if self.link.full(CAPTURE_LINK_LIMIT):
+            return False  # no need to read the responses of a batch that is dropped
+        dropped = self.capture.dropped if self.capture is not None else 0
+        batch, size = summarized(records)
+        return self.link.send_if_room(m.CaptureBatch(batch, size, dropped), CAPTURE_LINK_LIMIT)
 
     async def answer(self, what: str, arg: Any) -> Any:
         if what == "sessions":
@@ -221,6 +235,8 @@ class WorkerServer(ProxyServer):
             return await self.max_session_id()
         if what == "receiver":
             return (await self.open_receivers())[0]
+        if what == "capture_stop":
+            return await self.stop_capture()
         raise ValueError(what)
 
     def _local_kill_target(self, session_id: int) -> KillTarget | None:
