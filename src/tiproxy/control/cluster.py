@@ -11,8 +11,10 @@ One Cluster per proxy, in its only process or in the control process of `[proxy]
   `auth-sync-interval` and soon after a login matched none of them;
 - the TLS contexts (tls/store.py) and the config in force;
 - this proxy's registration in PD's etcd when `pd-addrs` is set (discovery/registration.py),
-  started again at the new place when a reload changes `pd-addrs` or `cluster-tls`, removed
-  by `unregister()` at a clean shutdown.
+  and beside it its sessions per backend shared with the other proxies there
+  (discovery/peers.py, whose counts the router and the rebalancer use); both started again at
+  the new place when a reload changes `pd-addrs` or `cluster-tls`, removed by `unregister()`
+  at a clean shutdown.
 It never holds a session: whoever holds them (net/server.py, or the workers) is told through
 `on_credentials`, and asks through the methods of net/server.py's ControlPlane.
 """
@@ -36,6 +38,7 @@ from tiproxy.client.admin import AdminConnection
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_file
 from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
+from tiproxy.discovery.peers import PeerCounts, PeerSessions
 from tiproxy.discovery.registration import ProxyInfo, TopologyRegistration
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import parse_greeting
@@ -68,6 +71,7 @@ class Cluster:
         self._tasks: list[asyncio.Task[None]] = []
         self._template_probe: asyncio.Task[None] | None = None
         self.registration: TopologyRegistration | None = None
+        self.peers: PeerSessions | None = None
         self._registered_at: tuple[str, ...] = ()  # the settings it was started with
         self._info: ProxyInfo | None = None  # what it registers: the address is fixed at start
         self._started = time.time()
@@ -149,13 +153,25 @@ class Cluster:
                 self._info = ProxyInfo.of(self.config, self._started)
             self.registration = TopologyRegistration(proxy.pd_addrs, self._info, self.tls.cluster)
             self.registration.start()
+            self.peers = PeerSessions(proxy.pd_addrs, self._info.addr, self._own_sessions,
+                                      self._peers_changed, self.tls.cluster)
+            self.peers.start()
 
     async def unregister(self) -> None:
-        """Remove this proxy's entry from etcd (a clean shutdown, or pd-addrs changed)."""
+        """Remove this proxy's entry and its session counts from etcd (a clean shutdown, or
+        pd-addrs changed); the others' counts are forgotten."""
         registration, self.registration = self.registration, None
+        peers, self.peers = self.peers, None
         self._registered_at = ()
-        if registration is not None:
-            await registration.stop()
+        self.router.set_peers("", {})
+        await asyncio.gather(*(part.stop() for part in (registration, peers) if part is not None))
+
+    def _own_sessions(self) -> dict[str, int]:
+        return {addr: b.connections for addr, b in self.router.backends.items()}
+
+    def _peers_changed(self, peers: PeerCounts) -> None:
+        if self.peers is not None:
+            self.router.set_peers(self.peers.me, peers)
 
     # -- what sessions report -----------------------------------------------------------------
 
@@ -264,6 +280,7 @@ class Cluster:
                 labels=b.labels, namespace=b.namespace, score=self.router.score(b),
                 threads_running=b.load.threads_running,
                 queries_per_second=b.load.queries_per_second, cpu=b.load.cpu,
+                peer_connections=b.peers,
             )
             for b in self.router.backends.values()
         ]
@@ -274,6 +291,8 @@ class Cluster:
         status = {name: source.error or "ok" for name, source in self._running_sources.items()}
         if self.registration is not None:
             status["registration"] = self.registration.error or "ok"
+        if self.peers is not None:
+            status["peers"] = self.peers.error or "ok"
         return status
 
     def server_errors(self) -> Counter[str]:
