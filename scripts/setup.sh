@@ -6,10 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # openjdk-17-jdk-headless and libmariadb-java: MariaDB Connector/J for the bulk-execution tests;
-# chromium and chromium-driver: the status page is tested in headless Chromium (Selenium).
+# chromium and chromium-driver: the status page is tested in headless Chromium (Selenium);
+# iproute2: `ip`, which puts [ha] virtual-ip on its interface, and the tests' network namespaces.
 debs=(mariadb-server mariadb-client galera-4 rsync etcd-server etcd-client sysbench haproxy
       libmariadb-dev pkg-config build-essential openjdk-17-jdk-headless libmariadb-java
-      chromium chromium-driver)
+      chromium chromium-driver iproute2)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,7 +14,10 @@ One Cluster per proxy, in its only process or in the control process of `[proxy]
   and beside it its sessions per backend shared with the other proxies there
   (discovery/peers.py, whose counts the router and the rebalancer use); both started again at
   the new place when a reload changes `pd-addrs` or `cluster-tls`, removed by `unregister()`
-  at a clean shutdown.
+  at a clean shutdown;
+- with `[ha] virtual-ip`, the campaign for the virtual IP in the same etcd (ha/vip.py),
+  which follows `pd-addrs` the same way; a clean shutdown gives the address up first of all
+  (`release_virtual_ip()`).
 It never holds a session: whoever holds them (net/server.py, or the workers) is told through
 `on_credentials`, and asks through the methods of net/server.py's ControlPlane.
 """
@@ -40,6 +43,7 @@ from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_
 from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
 from tiproxy.discovery.peers import PeerCounts, PeerSessions
 from tiproxy.discovery.registration import ProxyInfo, TopologyRegistration
+from tiproxy.ha.vip import VirtualIPOwner
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import parse_greeting
 from tiproxy.session.credentials import CredentialStore, UsersFileError
@@ -72,6 +76,8 @@ class Cluster:
         self._template_probe: asyncio.Task[None] | None = None
         self.registration: TopologyRegistration | None = None
         self.peers: PeerSessions | None = None
+        self.vip: VirtualIPOwner | None = None
+        self._elected_at: tuple[str, ...] = ()  # the settings the campaign was started with
         self._registered_at: tuple[str, ...] = ()  # the settings it was started with
         self._info: ProxyInfo | None = None  # what it registers: the address is fixed at start
         self._started = time.time()
@@ -88,6 +94,7 @@ class Cluster:
                        loop.create_task(self.tls.watch())]
         self._start_sources()
         await self._register()
+        await self._campaign()
         if self.config.security.auth_sync_user:
             self._sync_now.set()  # the first sync at once: sessions need hashes to move
 
@@ -108,6 +115,7 @@ class Cluster:
         self._configure_router(cfg)
         self._start_sources()
         await self._register()
+        await self._campaign()
         self._sync_now.set()
 
     def _configure_router(self, cfg: Config) -> None:
@@ -165,6 +173,27 @@ class Cluster:
         self._registered_at = ()
         self.router.set_peers("", {})
         await asyncio.gather(*(part.stop() for part in (registration, peers) if part is not None))
+
+    async def _campaign(self) -> None:
+        """The virtual IP's campaign follows `pd-addrs` and `cluster-tls` (`[ha]` is read at
+        start only; the config requires `pd-addrs` with it)."""
+        proxy, ha = self.config.proxy, self.config.ha
+        wanted = (*proxy.pd_addrs, repr(self.config.security.cluster_tls)) \
+            if ha.virtual_ip and proxy.pd_addrs and self._info is not None else ()
+        if wanted == self._elected_at:
+            return
+        await self.release_virtual_ip()
+        self._elected_at = wanted
+        if wanted and self._info is not None:
+            self.vip = VirtualIPOwner(ha, proxy.pd_addrs, self._info.addr, self.tls.cluster)
+            await self.vip.start()
+
+    async def release_virtual_ip(self) -> None:
+        """Give the virtual IP up and resign (a clean shutdown, first thing)."""
+        vip, self.vip = self.vip, None
+        self._elected_at = ()
+        if vip is not None:
+            await vip.close()
 
     def _own_sessions(self) -> dict[str, int]:
         return {addr: b.connections for addr, b in self.router.backends.items()}
@@ -293,6 +322,8 @@ class Cluster:
             status["registration"] = self.registration.error or "ok"
         if self.peers is not None:
             status["peers"] = self.peers.error or "ok"
+        if self.vip is not None:
+            status["virtual-ip"] = self.vip.status
         return status
 
     def server_errors(self) -> Counter[str]:
