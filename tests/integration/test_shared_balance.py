@@ -122,8 +122,9 @@ def test_two_proxies_keep_four_backends_even_together(
     per_proxy = [own(a), own(b)]
     assert all(sum(p.values()) == 50 for p in per_proxy)
     assert [per_proxy[0][s.addr] + per_proxy[1][s.addr] for s in four] == [25] * 4
-    published = json.loads(keys_under(etcd_server, PEER_PREFIX)[f"{PEER_PREFIX}{name(b)}"][0])
-    assert published == {"backends": {s.addr: per_proxy[1][s.addr] for s in four}}
+    until("b published them", lambda: json.loads(keys_under(etcd_server, PEER_PREFIX)[
+        f"{PEER_PREFIX}{name(b)}"][0]) == {"backends": {s.addr: per_proxy[1][s.addr]
+                                                        for s in four}}, timeout=5)
 
     until("a has b's 50 sessions", lambda: peers_seen(a) == 50)
     open_sessions(a, 40, clients)  # through one proxy only
