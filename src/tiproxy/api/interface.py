@@ -33,6 +33,7 @@ class BackendView:
     move_problem: str = ""  # why moves from or to it fail for a lasting reason
     doubt: str = ""  # why a session's error put it in doubt until its next health check passes
     galera: bool = False  # a Galera node, as the health checks found (wsrep_on)
+    peer_connections: int = 0  # the other proxies' sessions on it, as they published them
 
 
 @dataclass(frozen=True)

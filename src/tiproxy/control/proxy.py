@@ -87,6 +87,10 @@ class Proxy:
         self._rebalancing = loop.create_task(self._rebalance())
         self._watching_memory = loop.create_task(self._watch_memory())
 
+    async def release_virtual_ip(self) -> None:
+        """The first step of a clean shutdown: the virtual IP goes to another proxy."""
+        await self.cluster.release_virtual_ip()
+
     def begin_shutdown(self) -> None:
         """Health turns 502 so that load balancers stop sending clients; sessions go on."""
         self._shutting_down = True
@@ -98,6 +102,7 @@ class Proxy:
                 task.cancel()
         await self.traffic.close()
         self.cluster.stop()
+        await self.cluster.release_virtual_ip()  # done already in a clean shutdown
         await self.holder.stop(self.cluster.config.proxy.graceful_close_conn_timeout,
                                linger=self.handed_over)
         # Last, as TiProxy: the proxy is listed while it drains.
