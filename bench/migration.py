@@ -12,6 +12,10 @@ Two MariaDB servers from the project's launcher, the proxy in front of them with
   right after the redirect was accepted: that query waits for the move.
 - Throughput: `--sessions` idle sessions, each with a few user variables, are all moved at once;
   the figure is sessions moved per second until the last one has moved.
+- A backend's death: `--crashes` times, `--sessions` idle sessions with state, and the server
+  half of them are on is killed with SIGKILL; each of its sessions sends its next query at that
+  moment, from a thread of its own, and waits while the proxy rebuilds it on the other server
+  (net/recovery.py). The figure is that query's latency, and every session's state afterwards.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import mysql.connector
 import pymysql
@@ -153,10 +159,67 @@ def throughput_run(port: int, api_port: int, sessions: int) -> None:
           f"sessions with wrong state afterwards: {wrong}")
 
 
+def crash_run(servers: list[MariaDBServer], port: int, sessions: int, crashes: int) -> None:
+    waits: list[float] = []
+    wrong = lost = 0
+    for crash in range(crashes):
+        conns = []
+        for i in range(sessions):
+            conn = pymysql.connect(host="127.0.0.1", port=port, user=USER, password=PASSWORD,
+                                   database="test", autocommit=True)
+            with conn.cursor() as cur:
+                cur.execute(f"SET @a = {i}, @b = 'x{i}', time_zone = '+0{i % 9}:00'")
+                cur.execute("SELECT @@port")
+                conns.append((i, conn, cur.fetchone()[0]))
+        doomed = servers[crash % 2]
+        victims = [(i, c) for i, c, p in conns if p == doomed.port]
+        start = threading.Barrier(len(victims) + 1)
+        results: list[Any] = [None] * len(victims)
+
+        def next_query(slot: int, conn: Any, start: threading.Barrier = start,
+                       results: list[Any] = results) -> None:
+            start.wait()
+            began = time.perf_counter()
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT @a, @b, @@time_zone")
+                    results[slot] = (cur.fetchone(), (time.perf_counter() - began) * 1000)
+            except pymysql.Error as exc:
+                results[slot] = exc
+
+        threads = [threading.Thread(target=next_query, args=(k, c))
+                   for k, (_, c) in enumerate(victims)]
+        for thread in threads:
+            thread.start()
+        doomed.kill()
+        start.wait()
+        for thread in threads:
+            thread.join(60)
+        for (i, _), result in zip(victims, results, strict=True):
+            if not isinstance(result, tuple):
+                lost += 1
+                continue
+            row, ms = result
+            waits.append(ms)
+            wrong += row != (i, f"x{i}", f"+0{i % 9}:00")
+        for _, conn, _ in conns:
+            conn.close()
+        doomed.start()
+        time.sleep(1)  # back in the proxy's backends (its next health check)
+    print(f"\n== a backend killed under idle sessions: {crashes} crashes, {sessions} sessions "
+          "each (half on the killed server) ==")
+    print(f"sessions rebuilt {len(waits)}, lost {lost}, with wrong state {wrong}")
+    if waits:
+        print(f"next query waits (client)  p50 {percentile(waits, 50):6.2f} ms   "
+              f"p99 {percentile(waits, 99):6.2f} ms   max {max(waits):6.2f} ms")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--moves", type=int, default=300)
     parser.add_argument("--sessions", type=int, default=300)
+    parser.add_argument("--crashes", type=int, default=3,
+                        help="times a backend is killed under --sessions idle sessions (0: none)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="tiproxy-bench-migration-"))
@@ -167,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         proxy, port, api_port = start_proxy(workdir, servers)
         pause_run(proxy, port, api_port, args.moves)
         throughput_run(port, api_port, args.sessions)
+        if args.crashes:
+            crash_run(servers, port, args.sessions, args.crashes)
     finally:
         if proxy is not None:
             proxy.stop()

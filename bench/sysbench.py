@@ -40,6 +40,14 @@ queries per second and in the proxy's CPU (its writer thread, or its control pro
 --workers, included). Each capture run notes the commands captured and dropped.
 
     .venv/bin/python bench/sysbench.py --capture --workloads oltp_point_select,oltp_read_only
+
+With --transaction-replay a target "replay" is the same proxy with `[proxy] transaction-replay
+= true` (set through PUT /api/admin/config before the run, off after it; sysbench's sessions log
+in at each run's start, when they read it): replay/proxy is what recording open transactions
+costs. The proxy target itself always keeps what rebuilding a session without its backend needs
+(net/recovery.py), so proxy/haproxy includes that.
+
+    .venv/bin/python bench/sysbench.py --transaction-replay --workloads oltp_read_write
 """
 
 from __future__ import annotations
@@ -74,6 +82,13 @@ PASSWORD = "sbtest-pass"  # a throwaway account on a throwaway server
 DATABASE = "sbtest"
 TARGETS = ("direct", "proxy", "haproxy")
 CAPTURE_TARGETS = ("direct", "proxy", "capture", "haproxy")  # with --capture
+REPLAY_TARGETS = ("direct", "proxy", "replay", "haproxy")  # with --transaction-replay
+
+
+def targets_of(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.capture:
+        return CAPTURE_TARGETS
+    return REPLAY_TARGETS if args.transaction_replay else TARGETS
 
 # Only the range query of oltp_read_only, 1,000 rows (about 120 KB) per result, no BEGIN/COMMIT.
 _LARGE_RESULT_ARGS = (
@@ -490,7 +505,8 @@ class Bench:
     def run(self, workload: str, target: str, round_: int, seconds: int) -> Run:
         run = Run(workload, target, round_)
         capturing = target == "capture"
-        target = "proxy" if capturing else target
+        replaying = target == "replay"
+        target = "proxy" if capturing or replaying else target
         if target == "proxy" and not self.processes["proxy"].running:
             try:
                 self._restart_proxy(run)
@@ -501,12 +517,26 @@ class Bench:
             run.target = "capture"
             self._traffic("capture", output=str(self.workdir / f"capture-{workload}-{round_}"),
                           duration=f"{seconds + 600}s")
+        if replaying:
+            run.target = "replay"
+            self._set_replay(True)
         try:
             self._measure(run, target, workload, seconds)
         finally:
             if capturing:
                 self._end_capture(run)
+            if replaying:
+                self._set_replay(False)
         return run
+
+    def _set_replay(self, on: bool) -> None:
+        """`[proxy] transaction-replay` through PUT /api/admin/config (read at each login)."""
+        config = tomllib.loads((self.workdir / "proxy.toml").read_text())
+        body = f"[proxy]\ntransaction-replay = {str(on).lower()}\n".encode()
+        request = urllib.request.Request(f"http://{config['api']['addr']}/api/admin/config",
+                                         data=body, method="PUT")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            answer.read()
 
     def _measure(self, run: Run, target: str, workload: str, seconds: int) -> None:
         process = self.processes.get(target)
@@ -722,8 +752,9 @@ def summarize(runs: list[Run], workload: str,
         return a / b if a is not None and b else None
 
     pairs = [("proxy", "direct"), ("proxy", "haproxy")]
-    if "capture" in targets:
-        pairs += [("capture", "proxy"), ("capture", "haproxy")]
+    for variant in ("capture", "replay"):
+        if variant in targets:
+            pairs += [(variant, "proxy"), (variant, "haproxy")]
     ratios = {
         f"{key}_{top}/{bottom}": ratio(key, top, bottom)
         for key in ("qps", "p95_ms", "cpu_s_per_1k")
@@ -747,7 +778,7 @@ def print_table(title: str, summary: dict[str, Any]) -> None:
         )
     r = summary["ratios"]
     for top, bottom in (("proxy", "direct"), ("proxy", "haproxy"), ("capture", "proxy"),
-                        ("capture", "haproxy")):
+                        ("capture", "haproxy"), ("replay", "proxy"), ("replay", "haproxy")):
         if f"qps_{top}/{bottom}" not in r:
             continue
         line = (
@@ -814,6 +845,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also run the proxy with a traffic capture running (target 'capture')",
     )
+    parser.add_argument(
+        "--transaction-replay",
+        action="store_true",
+        help="also run the proxy with [proxy] transaction-replay = true (target 'replay')",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.time, args.rounds, args.warmup = 5, 1, 0
@@ -867,7 +903,7 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
             warm = bench.run("oltp_read_only", target, 0, args.warmup)
             print(f"warm-up {target}: {warm.error.strip() or f'{warm.qps:.0f} q/s'}", flush=True)
     runs: list[Run] = []
-    targets = CAPTURE_TARGETS if args.capture else TARGETS
+    targets = targets_of(args)
     for workload in args.workloads.split(","):
         for round_ in range(1, args.rounds + 1):
             shift = (round_ - 1) % len(targets)
@@ -907,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted: stopping everything", file=sys.stderr)
             return 130
-        targets = CAPTURE_TARGETS if args.capture else TARGETS
+        targets = targets_of(args)
         summaries = {workload: summarize(runs, workload, targets)
                      for workload in args.workloads.split(",")}
         for workload, summary in summaries.items():
