@@ -29,12 +29,16 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client.registry import CollectorRegistry
 
 from tiproxy.api.auth import write_guard
 from tiproxy.api.interface import ProxyControl, ProxyView
 from tiproxy.api.listener import APIConnection, plain_http_guard
-from tiproxy.api.metrics import METRICS_CONTENT_TYPE, build_registry, render_metrics
+from tiproxy.api.metrics import (
+    METRICS_CONTENT_TYPE,
+    ProxyMetrics,
+    build_registry,
+    render_metrics,
+)
 from tiproxy.config import (
     ConfigError,
     config_checksum,
@@ -49,7 +53,7 @@ from tiproxy.tls.contexts import server_enabled
 
 log = logging.getLogger("tiproxy.api")
 _VIEW: web.AppKey[ProxyView] = web.AppKey("view")
-_REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
+_REGISTRY: web.AppKey[ProxyMetrics] = web.AppKey("registry")
 # One config change at a time: each is merged onto the config the one before it left.
 _RELOAD_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("reload_lock")
 

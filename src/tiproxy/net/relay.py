@@ -25,12 +25,14 @@ import dataclasses
 import logging
 import ssl
 import time
-from collections import Counter
+from bisect import bisect_left
 from collections.abc import Coroutine, Sequence
 from contextlib import closing
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
+from tiproxy.net import counters
+from tiproxy.net.counters import QUERY_BUCKETS, BackendCounts
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kill import handle_kill, handle_kill_expression
 from tiproxy.net.moves import SessionMoves
@@ -38,7 +40,6 @@ from tiproxy.protocol import proxyproto
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
 from tiproxy.protocol.constants import (
-    COMMAND_NAMES,
     ER_ACCESS_DENIED_ERROR,
     ER_CON_COUNT_ERROR,
     ER_UNKNOWN_COM_ERROR,
@@ -128,8 +129,8 @@ _REFUSED = frozenset(
     (Command.BINLOG_DUMP, Command.BINLOG_DUMP_GTID, Command.TABLE_DUMP,
      Command.REGISTER_SLAVE, Command.CONNECT_OUT)
 )
-_NAMES = [COMMAND_NAMES.get(i, f"Unknown{i:#04x}") for i in range(256)]
 _unpack_u32 = U32.unpack_from
+_monotonic = time.monotonic
 _QUERY = int(Command.QUERY)
 _EXECUTE = int(Command.STMT_EXECUTE)
 _IN_TRANS = int(ServerStatus.IN_TRANS)
@@ -139,6 +140,8 @@ _LAST_ROW_SENT = int(ServerStatus.LAST_ROW_SENT)
 _CURSOR_TYPES = 0x07
 
 LOGIN, COMMAND, CLOSED = 0, 1, 2
+# Where an unrouted session's traffic would count: nowhere (nothing is relayed before login).
+_UNROUTED = BackendCounts()
 
 
 class ClientLeg(asyncio.Protocol):
@@ -174,6 +177,12 @@ class Session(SessionMoves):
     # Backend thread id -> proxy id on the backend named, for the statement that waits for it
     # (set only then: the class's None serves every session until one needs it).
     _id_map: tuple[str, dict[int, int]] | None = None
+    # The metrics (net/counters.py), set at login and when the session moves: the backend's
+    # counters, and whether that backend is in another location.
+    _traffic: BackendCounts = _UNROUTED
+    _cross = False
+    _counted = False  # accepted: its end counts in tiproxy_server_disconnection_total
+    _early_seconds = 0.0  # how long the early backend connection took (the login waited)
 
     def __init__(self, server: ProxyServer, transport: asyncio.Transport) -> None:
         super().__init__()
@@ -211,7 +220,10 @@ class Session(SessionMoves):
         self._pause_reasons: set[str] = set()
         self._decompress: Decompressor | None = None
         self._zseq = 0
-        self._counts: Counter[str] = Counter()
+        self._opened = _monotonic()
+        # Commands whose responses have not ended, for their durations: (command byte, when
+        # it came), in order. A list: it is empty or short (pipelines).
+        self._sent: list[tuple[int, float]] = []
         self._native_salt: bytes | None = None  # a native-password auth switch in progress
         self._native_exchange: tuple[bytes, bytes] | None = None  # (salt, client's scramble)
         self._login_timer: asyncio.TimerHandle | None = None
@@ -224,13 +236,21 @@ class Session(SessionMoves):
         self._early: tuple[Backend, BackendLeg, bytes] | None = None
         server.session_opened(self)  # keep-alive: inherited from the listening socket
         self.keepalive_unhealthy = False  # which backend keep-alive the backend socket has
-        refusal = server.refusal()
-        if refusal is not None:
-            self._refuse_at_once(*refusal)
+        if not self._admitted():
             return
         loop = asyncio.get_running_loop()
         self._login_timer = loop.call_later(LOGIN_TIMEOUT, self._login_timed_out)
         self._task = loop.create_task(self._greet())
+
+    def _admitted(self) -> bool:
+        """Not refused at once: counted in tiproxy_server_create_connection_total."""
+        refusal = self.server.refusal()
+        if refusal is not None:
+            self._refuse_at_once(*refusal)
+            return False
+        self.server.metrics.created += 1
+        self._counted = True
+        return True
 
     def _refuse_at_once(self, kind: str, message: str) -> None:
         """Before the greeting (max-connections, memory): MySQL's 1040, as a server full."""
@@ -247,6 +267,7 @@ class Session(SessionMoves):
         if template is None and router.template is None:
             await self.server.probe_template()
             if router.template is None:
+                self.server.got_backend(_monotonic() - self._opened, False)
                 self._refuse_no_backend(0)
                 return
         if self.phase == CLOSED:
@@ -273,12 +294,13 @@ class Session(SessionMoves):
         for backend in router.candidates()[:1]:
             leg: BackendLeg | None = None
             server.early_legs += 1
+            started = _monotonic()
             try:
                 leg = await BackendLeg.open(backend.host, backend.port)
                 _, payload = await leg.read_packet(CONNECT_TIMEOUT)
                 greeting = parse_greeting(payload) if payload[:1] != b"\xff" else None
             except (OSError, TimeoutError, ProtocolError) as e:
-                router.failed(backend, _reason(e))
+                server.dial_failed(backend, _reason(e))
                 return None
             else:
                 if greeting is None or not greeting.capabilities & Capability.PLUGIN_AUTH \
@@ -286,6 +308,7 @@ class Session(SessionMoves):
                     return None  # the usual path, with a greeting of the proxy's own
                 router.succeeded(backend, greeting)
                 self._early = (backend, leg, payload)
+                self._early_seconds = _monotonic() - started
                 backend.connections += 1  # counted now, so that a burst spreads
                 return greeting
             finally:
@@ -389,13 +412,14 @@ class Session(SessionMoves):
                 if self._tls_refusal:
                     assert self.login is not None
                     self._refuse(self.login.client_reply_seq, f"TiProxy: {self._tls_refusal}",
-                                 self._tls_refusal, ER_ACCESS_DENIED_ERROR, "28000")
+                                 self._tls_refusal, ER_ACCESS_DENIED_ERROR, "28000",
+                                 kind=counters.CLIENT_HANDSHAKE)
                     return
                 self._task = asyncio.get_running_loop().create_task(self._route())
             elif isinstance(action, Established):
                 self._established(action)
             elif isinstance(action, Refused):
-                self.close(action.reason, quiet=True)
+                self.close(action.reason, quiet=True, kind=counters.AUTH_FAIL)
             elif isinstance(action, StartClientTLS):
                 self._tls_early = bytearray()
                 self.client.pause_reading()
@@ -406,6 +430,7 @@ class Session(SessionMoves):
         router = self.server.router
         self.namespace = router.namespace_of_user(self.user)
         unfit = ""
+        started = _monotonic()
         candidates, early = self._candidates()
         for backend in candidates:
             if self.phase == CLOSED:
@@ -416,6 +441,8 @@ class Session(SessionMoves):
             try:
                 mine = early if early is not None and backend is early[0] else None
                 early = None if mine is not None else early
+                if mine is not None:  # the login waited for it before the greeting
+                    started -= self._early_seconds
                 leg, actions = await self._backend_greeting(backend, mine)
                 self.set_backend_keepalive(leg, bool(backend.health))
                 if isinstance(actions[0], BackendUnfit):
@@ -424,7 +451,7 @@ class Session(SessionMoves):
                     continue
                 await self._backend_handshake(leg, backend, actions)
             except (OSError, TimeoutError, ProtocolError, ssl.SSLError) as e:
-                router.failed(backend, _reason(e))
+                self.server.dial_failed(backend, _reason(e))
                 login.backend_failed()
                 if leg is not None:
                     leg.abort()
@@ -441,14 +468,17 @@ class Session(SessionMoves):
             self.backend_leg = leg
             self.backend_tls = login.backend_tls
             backend.connections += 1
+            self.server.got_backend(_monotonic() - started, True)
             greeting = login.backend_greeting
             if greeting is not None and "TiDB" in greeting.server_version:
                 self.dialect = "tidb"
             await self._relay_login(leg)
             return
+        self.server.got_backend(_monotonic() - started, False)
         if unfit:
             log.warning("session %d: %s", self.id, unfit)
-            self._refuse(login.client_reply_seq, f"TiProxy: {unfit}", "no backend fits")
+            self._refuse(login.client_reply_seq, f"TiProxy: {unfit}", "no backend fits",
+                         kind=counters.BACKEND_HANDSHAKE)
             return
         self._refuse_no_backend(login.client_reply_seq)
 
@@ -503,7 +533,7 @@ class Session(SessionMoves):
         SSLRequest in the same read (the start of its TLS handshake)."""
         ctx = self.server.tls.server
         if ctx is None:  # turned off by a reload since the greeting offered it
-            self.close("TLS was turned off while the client logged in")
+            self.close("TLS was turned off while the client logged in", kind=counters.PROXY_ERROR)
             return
         self._task = asyncio.get_running_loop().create_task(self._client_tls(ctx, early))
 
@@ -513,7 +543,8 @@ class Session(SessionMoves):
             self.client = await start_server_tls(raw, ctx, early, LOGIN_TIMEOUT)
             self.bound_writes(self.client)
         except (OSError, ssl.SSLError, TimeoutError) as e:
-            self.close(f"TLS handshake with the client failed: {_reason(e)}", quiet=True)
+            self.close(f"TLS handshake with the client failed: {_reason(e)}", quiet=True,
+                       kind=counters.CLIENT_HANDSHAKE)
             return
         self.client_tls = True
         refusal = peer_cn_allowed(self.server.tls.server_config,
@@ -540,16 +571,17 @@ class Session(SessionMoves):
         except ProtocolError as e:
             self._protocol_error(e)
         except (OSError, TimeoutError) as e:
-            self.close(f"backend failed during login: {_reason(e)}")
+            self.close(f"backend failed during login: {_reason(e)}",
+                       kind=counters.BACKEND_HANDSHAKE)
 
     def _refuse_no_backend(self, seq: int) -> None:
         self._refuse(seq, "TiProxy: no backend is available, try again later",
-                     "no backend available")
+                     "no backend available", kind=counters.NO_BACKEND)
 
     def _refuse(self, seq: int, message: str, reason: str,
-                code: int = ER_UNKNOWN_ERROR, sqlstate: str = "HY000") -> None:
+                code: int = ER_UNKNOWN_ERROR, sqlstate: str = "HY000", *, kind: str) -> None:
         self.send_client(frame(build_err(code, sqlstate, message), seq))
-        self.close(reason)
+        self.close(reason, kind=kind)
 
     def _established(self, est: Established) -> None:
         assert self.backend is not None and self.backend_leg is not None and self.login
@@ -568,7 +600,8 @@ class Session(SessionMoves):
             self.state.use(resp.database if with_db else None)
         deprecate_eof = bool(est.backend_capabilities & Capability.DEPRECATE_EOF)
         self.tracker = ResponseTracker(deprecate_eof, self._response_done, est.status)
-        self._counts = self.backend.query_counts
+        self.count_on(self.backend)
+        self._traffic.handshakes.observe(_monotonic() - self._opened)
         if est.client_capabilities & Capability.COMPRESS:
             self._decompress = Decompressor()
         self._take_credential()
@@ -578,6 +611,11 @@ class Session(SessionMoves):
         self.server.logged_in()
         log.debug("session %d: %s@%s logged in on %s",
                   self.id, self.user, self.peer, self.backend.addr)
+
+    def count_on(self, backend: Backend) -> None:
+        """From now on the commands and traffic count on `backend` (a login, a move)."""
+        self._traffic = self.server.metrics.backend(backend.addr)
+        self._cross = self.server.router.cross_location(backend)
 
     def _take_credential(self) -> None:
         """Keep SHA1(password) if this login proved it against a stored hash."""
@@ -603,7 +641,8 @@ class Session(SessionMoves):
 
     def _login_timed_out(self) -> None:
         if self.phase == LOGIN:
-            self.close(f"login not finished within {LOGIN_TIMEOUT:.0f}s")
+            self.close(f"login not finished within {LOGIN_TIMEOUT:.0f}s",
+                       kind=counters.CLIENT_HANDSHAKE)
 
     # -- command phase: client to backend ---------------------------------------------------
 
@@ -649,7 +688,12 @@ class Session(SessionMoves):
                         fast = cmd in _FAST
                     if fast:
                         self.bt.write(data)  # type: ignore[union-attr]
-                        self._counts[_NAMES[cmd]] += 1
+                        traffic = self._traffic
+                        traffic.out_bytes += n
+                        traffic.out_packets += 1
+                        if self._cross:
+                            self.server.metrics.cross_location_bytes += n
+                        self._sent.append((cmd, _monotonic()))
                         tracker.expect(_FAST[cmd], cmd)
                         return
         self._cbuf += data
@@ -684,9 +728,9 @@ class Session(SessionMoves):
                 seq = header >> 24
                 if self._ccont:
                     self._ccont = length == MAX_PAYLOAD
-                    self.bt.write(packet)
+                    self._to_backend(packet)
                 elif tracker.local_infile:
-                    self.bt.write(packet)
+                    self._to_backend(packet)
                     if length == 0:
                         tracker.local_infile = False  # the file is sent; OK or ERR comes next
                 elif tracker.phase == AUTH and seq != 0:
@@ -711,7 +755,7 @@ class Session(SessionMoves):
         cmd = packet[4]
         kind = EXPECT_BY_COMMAND.get(cmd)
         if cmd == Command.QUIT:
-            self.close("client quit", quiet=True)
+            self.close("client quit", quiet=True, kind=counters.QUIT_OK)
             return True
         if self._move is not None and not self._moving \
                 and not reads_diagnostics(packet, self._executed_sql(packet, cmd)) \
@@ -765,8 +809,8 @@ class Session(SessionMoves):
         elif cmd == Command.INIT_DB:
             token = ("init_db", packet[5:])
         self._ccont = length == MAX_PAYLOAD
-        self.bt.write(packet)
-        self._counts[_NAMES[cmd]] += 1
+        self._to_backend(packet)
+        self._sent.append((cmd, _monotonic()))
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
 
@@ -846,13 +890,22 @@ class Session(SessionMoves):
             stmt.long_data = True
         return packet, token
 
+    def _to_backend(self, packet: bytes) -> None:
+        """One client packet to the backend, counted (the fast path does the same inline)."""
+        assert self.bt is not None
+        self.bt.write(packet)
+        traffic = self._traffic
+        traffic.out_bytes += len(packet)
+        traffic.out_packets += 1
+        if self._cross:
+            self.server.metrics.cross_location_bytes += len(packet)
+
     def _change_user_auth(self, packet: bytes) -> None:
         """A client packet in the middle of COM_CHANGE_USER's authentication."""
         if self._native_salt is not None:
             self._native_exchange = (self._native_salt, packet[4:])
             self._native_salt = None
-        assert self.bt is not None
-        self.bt.write(packet)
+        self._to_backend(packet)
 
     def _connection_ids(self, packet: bytes, prepare: bool) -> bytes | Literal[False]:
         """A statement that names connection ids, made to show the proxy's (session/connid.py):
@@ -948,10 +1001,17 @@ class Session(SessionMoves):
             self.send_client(data)
         if tracker.phase == AUTH:
             self._watch_auth_switch(data)
+        traffic = self._traffic
+        traffic.in_bytes += len(data)
+        if self._cross:
+            self.server.metrics.cross_location_bytes += len(data)
         try:
             tracker.feed(data)
         except ProtocolError as e:
             self._protocol_error(e)
+            return
+        traffic.in_packets += tracker.packets
+        tracker.packets = 0
 
     def _watch_auth_switch(self, data: bytes) -> None:
         """COM_CHANGE_USER: note a native-password salt, to recover the new credential."""
@@ -964,6 +1024,12 @@ class Session(SessionMoves):
             self._native_salt = switch.data[:20] if native else None
 
     def _response_done(self, token: Any, status: int, failed: bool) -> None:
+        cmd, started = self._sent.pop(0)
+        seconds = _monotonic() - started
+        times = self._traffic.commands[cmd]
+        times.counts[bisect_left(QUERY_BUCKETS, seconds)] += 1
+        times.total += seconds
+        self.server.metrics.since_creation.observe(started - self._opened)
         if token.__class__ is not int:
             self._record(token, status, failed)
         if failed and self.backend is not None and self.backend.galera \
@@ -1093,7 +1159,8 @@ class Session(SessionMoves):
 
     def client_lost(self, exc: Exception | None) -> None:
         if self.phase != CLOSED:  # a socket error (keep-alive gave up, a reset) is worth a line
-            self.close("client disconnected" + (f": {exc}" if exc else ""), quiet=exc is None)
+            self.close("client disconnected" + (f": {exc}" if exc else ""), quiet=exc is None,
+                       kind=counters.CLIENT_NETWORK)
 
     def backend_lost(self, exc: Exception | None) -> None:
         if self.phase == CLOSED:
@@ -1102,16 +1169,30 @@ class Session(SessionMoves):
         # waiting for a response reports the connection lost during the query.
         addr = self.backend.addr if self.backend else "?"
         busy = self.tracker is not None and not self.tracker.idle
-        self.close(f"backend {addr} closed the connection" + (" during a command" if busy else ""))
+        self.close(f"backend {addr} closed the connection" + (" during a command" if busy else ""),
+                   kind=counters.BACKEND_NETWORK)
+
+    def _count_end(self, kind: str) -> None:
+        if not self._counted:
+            return  # refused at once: counted as such, never accepted
+        metrics = self.server.metrics
+        metrics.disconnections[kind] += 1
+        metrics.lifetimes.observe(_monotonic() - self._opened)
+        tracker = self.tracker
+        if tracker is not None and tracker.packets:  # a response cut short
+            self._traffic.in_packets += tracker.packets
+            tracker.packets = 0
 
     def _protocol_error(self, e: ProtocolError) -> None:
-        self.close(f"protocol error from {e.origin.value}: {e}")
+        self.close(f"protocol error from {e.origin.value}: {e}", kind=counters.MALFORMED)
 
-    def close(self, reason: str, quiet: bool = False) -> None:
+    def close(self, reason: str, quiet: bool = False, kind: str = counters.PROXY_ERROR) -> None:
+        """End the session; `kind` is what ended it (net/counters.py), for the metrics."""
         if self.phase == CLOSED:
             return
         was_established = self.phase == COMMAND
         self.phase = CLOSED
+        self._count_end(kind)
         if self._login_timer is not None:
             self._login_timer.cancel()
         if self._soon is not None:
