@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # openjdk-17-jdk-headless and libmariadb-java: MariaDB Connector/J for the bulk-execution tests.
+# prometheus: a real Prometheus (and promtool) for the dashboard and alert rules tests.
 debs=(mariadb-server mariadb-client galera-4 rsync etcd-server etcd-client sysbench haproxy
-      libmariadb-dev pkg-config build-essential openjdk-17-jdk-headless libmariadb-java)
+      libmariadb-dev pkg-config build-essential openjdk-17-jdk-headless libmariadb-java
+      prometheus)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

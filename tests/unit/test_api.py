@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -312,3 +314,24 @@ def test_the_view_protocol_is_satisfied_by_the_fake() -> None:
     view: ProxyView = _view()
     assert view.connection_count() == 7
 
+
+def test_the_shipped_dashboard_and_rules_name_only_exported_metrics() -> None:
+    root = Path(__file__).resolve().parents[2]
+    shipped = ((root / "deploy" / "grafana" / "tiproxy.json").read_text()
+               + (root / "deploy" / "prometheus" / "tiproxy.rules.yml").read_text())
+    used = set(re.findall(r"\b((?:tiproxy|process)_[a-z_]+)\b", shipped))
+
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(f"{base}/metrics") as r:
+            text = await r.text()
+        types = dict(line.split()[2:4] for line in text.splitlines()
+                     if line.startswith("# TYPE "))
+        for name in sorted(used):
+            family = re.sub(r"_(bucket|sum|count)$", "", name)
+            if family != name:
+                assert types.get(family) == "histogram", name
+            else:
+                assert name in types, name
+
+    assert len(used) > 30
+    _serve(_view(), check)
