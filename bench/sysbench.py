@@ -29,9 +29,14 @@ a cipher (its debug trace), and `SHOW SESSION STATUS LIKE 'Ssl_cipher'` through 
 MariaDB and so describes the proxy's backend leg, must not be empty; a plaintext leg stops the
 benchmark with an error.
 
+With --scrape a fourth target, `proxy_scraped`, is the same proxy measured while its /metrics is
+fetched every second (bench/scrape.py), as a Prometheus with `scrape_interval: 1s` would; its
+QPS ratio to HAProxy's is shown beside the proxy's own, with the difference.
+
     .venv/bin/python bench/sysbench.py --quick
     .venv/bin/python bench/sysbench.py --time 30 --rounds 3 --json results.json
     .venv/bin/python bench/sysbench.py --tls --quick
+    .venv/bin/python bench/sysbench.py --scrape
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from scrape import Scraper
+
 from tiproxy.playground.mariadb import HOST, MariaDBServer, create_app_user, free_port
 from tiproxy.tls.autocert import issue
 
@@ -63,6 +70,7 @@ USER = "sbtest"
 PASSWORD = "sbtest-pass"  # a throwaway account on a throwaway server
 DATABASE = "sbtest"
 TARGETS = ("direct", "proxy", "haproxy")
+SCRAPED = "proxy_scraped"  # --scrape: the proxy while its /metrics is scraped every second
 
 # Only the range query of oltp_read_only, 1,000 rows (about 120 KB) per result, no BEGIN/COMMIT.
 _LARGE_RESULT_ARGS = (
@@ -226,6 +234,7 @@ class ChildProcess:
     name: str
     cmd: list[str]
     log_path: Path
+    api_url: str = ""  # the proxy's HTTP API
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -294,7 +303,8 @@ def start_proxy(
         'level = "warn"\n' + (tls.proxy_toml() if tls else "")
     )
     proxy = ChildProcess(
-        "proxy", [sys.executable, "-m", "tiproxy", "--config", str(config)], workdir / "proxy.log"
+        "proxy", [sys.executable, "-m", "tiproxy", "--config", str(config)], workdir / "proxy.log",
+        api_url=f"http://{HOST}:{api_port}",
     )
     proxy.spawn()
     try:
@@ -476,6 +486,7 @@ class Bench:
 
     def run(self, workload: str, target: str, round_: int, seconds: int) -> Run:
         run = Run(workload, target, round_)
+        scraped, target = target == SCRAPED, "proxy" if target == SCRAPED else target
         if target == "proxy" and not self.processes["proxy"].running:
             try:
                 self._restart_proxy(run)
@@ -504,7 +515,15 @@ class Bench:
         ]
         log_offset = process.log_size() if process else 0
         cpu_before = tree_cpu_seconds(process.pid) if process and process.running else None
-        run.error = run_sysbench(run, cmd, seconds + _RUN_GRACE, sysbench_cwd(self.tls))
+        if scraped:
+            assert process is not None
+            with Scraper(f"{process.api_url}/metrics") as scraper:
+                run.error = run_sysbench(run, cmd, seconds + _RUN_GRACE, sysbench_cwd(self.tls))
+            run.notes.append(scraper.summary())
+            if scraper.errors:
+                run.error += f"\n{len(scraper.errors)} scrapes failed: {scraper.errors[:3]}"
+        else:
+            run.error = run_sysbench(run, cmd, seconds + _RUN_GRACE, sysbench_cwd(self.tls))
         if process is not None:
             if cpu_before is not None and process.running:
                 run.cpu_seconds = tree_cpu_seconds(process.pid) - cpu_before
@@ -649,9 +668,10 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def summarize(runs: list[Run], workload: str) -> dict[str, Any]:
+def summarize(runs: list[Run], workload: str,
+              targets: Sequence[str] = TARGETS) -> dict[str, Any]:
     per_target: dict[str, dict[str, Any]] = {}
-    for target in TARGETS:
+    for target in targets:
         ok = [
             run
             for run in runs
@@ -673,7 +693,8 @@ def summarize(runs: list[Run], workload: str) -> dict[str, Any]:
     ratios = {
         f"{key}_{top}/{bottom}": ratio(key, top, bottom)
         for key in ("qps", "p95_ms", "cpu_s_per_1k")
-        for top, bottom in (("proxy", "direct"), ("proxy", "haproxy"))
+        for top, bottom in (("proxy", "direct"), ("proxy", "haproxy"),
+                            *([(SCRAPED, "haproxy")] if SCRAPED in targets else []))
         if not (key == "cpu_s_per_1k" and bottom == "direct")
     }
     return {"targets": per_target, "ratios": ratios}
@@ -685,10 +706,11 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(title: str, summary: dict[str, Any]) -> None:
     print(f"\n== {title} ==")
-    print(f"{'target':<9} {'QPS':>10} {'p95 ms':>8} {'CPU s/1k q':>11} {'runs ok':>8}")
+    width = max(9, *map(len, summary["targets"]))
+    print(f"{'target':<{width}} {'QPS':>10} {'p95 ms':>8} {'CPU s/1k q':>11} {'runs ok':>8}")
     for target, row in summary["targets"].items():
         print(
-            f"{target:<9} {_fmt(row['qps'], '.1f'):>10} {_fmt(row['p95_ms'], '.2f'):>8} "
+            f"{target:<{width}} {_fmt(row['qps'], '.1f'):>10} {_fmt(row['p95_ms'], '.2f'):>8} "
             f"{_fmt(row['cpu_s_per_1k'], '.4f'):>11} {row['ok_runs']:>4}/{row['runs']}"
         )
     r = summary["ratios"]
@@ -700,6 +722,12 @@ def print_table(title: str, summary: dict[str, Any]) -> None:
         if bottom == "haproxy":
             line += f"  CPU/query x{_fmt(r['cpu_s_per_1k_proxy/haproxy'], '.1f')}"
         print(line)
+    scraped, plain = r.get(f"qps_{SCRAPED}/haproxy"), r["qps_proxy/haproxy"]
+    if f"qps_{SCRAPED}/haproxy" in r:
+        change = "-" if scraped is None or plain is None else f"{scraped - plain:+.3f}"
+        print(f"scraped/haproxy QPS x{_fmt(scraped, '.3f')}"
+              f"  CPU/query x{_fmt(r[f'cpu_s_per_1k_{SCRAPED}/haproxy'], '.1f')}"
+              f"  (QPS ratio {change} with /metrics scraped every second)")
 
 
 def print_problems(runs: list[Run]) -> None:
@@ -751,6 +779,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tls",
         action="store_true",
         help="every connection to MariaDB is TLS; through the proxy, both legs",
+    )
+    parser.add_argument(
+        "--scrape", action="store_true",
+        help=f"also measure the proxy while /metrics is scraped every second ({SCRAPED})",
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -805,10 +837,11 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
             warm = bench.run("oltp_read_only", target, 0, args.warmup)
             print(f"warm-up {target}: {warm.error.strip() or f'{warm.qps:.0f} q/s'}", flush=True)
     runs: list[Run] = []
+    targets = run_targets(args)
     for workload in args.workloads.split(","):
         for round_ in range(1, args.rounds + 1):
-            shift = (round_ - 1) % len(TARGETS)
-            for target in TARGETS[shift:] + TARGETS[:shift]:
+            shift = (round_ - 1) % len(targets)
+            for target in targets[shift:] + targets[:shift]:
                 run = bench.run(workload, target, round_, args.time)
                 runs.append(run)
                 status = (
@@ -825,6 +858,10 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
                 )
                 print(f"{workload} round {round_} {target}: {status}", flush=True)
     return runs
+
+
+def run_targets(args: argparse.Namespace) -> tuple[str, ...]:
+    return (*TARGETS, SCRAPED) if args.scrape else TARGETS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -844,7 +881,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted: stopping everything", file=sys.stderr)
             return 130
-        summaries = {workload: summarize(runs, workload) for workload in args.workloads.split(",")}
+        summaries = {workload: summarize(runs, workload, run_targets(args))
+                     for workload in args.workloads.split(",")}
         for workload, summary in summaries.items():
             print_table(f"{workload} (TLS)" if args.tls else workload, summary)
         print_problems(runs)
