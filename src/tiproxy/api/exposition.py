@@ -9,7 +9,6 @@ name, whatever its type; the format is small: https://prometheus.io/docs/instrum
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -60,11 +59,13 @@ def render(families: Iterable[Family]) -> bytes:
     return "\n".join(lines).encode()
 
 
+_SPECIAL = {"inf": "+Inf", "-inf": "-Inf", "nan": "NaN"}
+
+
 def _number(value: float) -> str:
     """A sample value or a bucket bound as Prometheus (and Go) write it."""
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return "NaN" if math.isnan(value) else repr(float(value))
+    text = repr(float(value))
+    return _SPECIAL.get(text, text)
 
 
 def _escape_help(text: str) -> str:
@@ -72,4 +73,6 @@ def _escape_help(text: str) -> str:
 
 
 def _escape_value(text: str) -> str:
+    if "\\" not in text and '"' not in text and "\n" not in text:
+        return text  # addresses, names: the usual label value
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
