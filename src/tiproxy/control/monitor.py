@@ -4,8 +4,8 @@ the event loop running on time.
 Once a second it reads the wall clock. A reading earlier than the last one (an NTP step back, a
 virtual machine restored) is logged and counted in tiproxy_monitor_time_jump_back_total: the
 proxy's own timings use the monotonic clock, but logs, certificates' validity and TiDB's session
-tokens do not. Every fifth round without a jump counts in tiproxy_monitor_keep_alive_total, so
-that its rate falls when the control process's event loop stalls.
+tokens do not. Every fifth round without a jump counts in tiproxy_monitor_keep_alive_total: a
+heartbeat that comes less often when the control process's event loop runs late.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net import counters
-from tiproxy.net.counters import QUERY_BUCKETS, BackendCounts
+from tiproxy.net.counters import QUERY_BUCKETS, SINCE_CREATION_BUCKETS, BackendCounts, Histogram
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kill import handle_kill, handle_kill_expression
 from tiproxy.net.moves import SessionMoves
@@ -142,6 +142,7 @@ _CURSOR_TYPES = 0x07
 LOGIN, COMMAND, CLOSED = 0, 1, 2
 # Where an unrouted session's traffic would count: nowhere (nothing is relayed before login).
 _UNROUTED = BackendCounts()
+_UNROUTED_AGES = Histogram(SINCE_CREATION_BUCKETS)
 
 
 class ClientLeg(asyncio.Protocol):
@@ -178,9 +179,11 @@ class Session(SessionMoves):
     # (set only then: the class's None serves every session until one needs it).
     _id_map: tuple[str, dict[int, int]] | None = None
     # The metrics (net/counters.py), set at login and when the session moves: the backend's
-    # counters, and whether that backend is in another location.
+    # counters, whether that backend is in another location, and the data plane's histogram of
+    # the session's age at each command.
     _traffic: BackendCounts = _UNROUTED
     _cross = False
+    _ages: Histogram = _UNROUTED_AGES
     _counted = False  # accepted: its end counts in tiproxy_server_disconnection_total
     _early_seconds = 0.0  # how long the early backend connection took (the login waited)
 
@@ -616,6 +619,7 @@ class Session(SessionMoves):
         """From now on the commands and traffic count on `backend` (a login, a move)."""
         self._traffic = self.server.metrics.backend(backend.addr)
         self._cross = self.server.router.cross_location(backend)
+        self._ages = self.server.metrics.since_creation
 
     def _take_credential(self) -> None:
         """Keep SHA1(password) if this login proved it against a stored hash."""
@@ -1024,12 +1028,15 @@ class Session(SessionMoves):
             self._native_salt = switch.data[:20] if native else None
 
     def _response_done(self, token: Any, status: int, failed: bool) -> None:
-        cmd, started = self._sent.pop(0)
+        cmd, started = self._sent.pop(0)  # Histogram.observe, inlined: once per command
         seconds = _monotonic() - started
         times = self._traffic.commands[cmd]
         times.counts[bisect_left(QUERY_BUCKETS, seconds)] += 1
         times.total += seconds
-        self.server.metrics.since_creation.observe(started - self._opened)
+        age = started - self._opened
+        ages = self._ages
+        ages.counts[bisect_left(SINCE_CREATION_BUCKETS, age)] += 1
+        ages.total += age
         if token.__class__ is not int:
             self._record(token, status, failed)
         if failed and self.backend is not None and self.backend.galera \
