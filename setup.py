@@ -1,6 +1,7 @@
 """Builds the one compiled helper (protocol/_rowscan.c); everything else is in pyproject.toml.
 
-The package works without it: tracker.py falls back to the same loop in Python.
+The package works without it: tracker.py and traffic/outcome.py fall back to the same loops in
+Python. It links zlib (zlib1g-dev) for the CRC-32 a traffic capture sums rows with.
 """
 
 from setuptools import Extension, setup
@@ -8,6 +9,6 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("tiproxy.protocol._rowscan", ["src/tiproxy/protocol/_rowscan.c"],
-                  optional=True),
+                  libraries=["z"], optional=True),
     ],
 )

@@ -29,13 +29,22 @@ a cipher (its debug trace), and `SHOW SESSION STATUS LIKE 'Ssl_cipher'` through 
 MariaDB and so describes the proxy's backend leg, must not be empty; a plaintext leg stops the
 benchmark with an error.
 
-With --scrape a fourth target, `proxy_scraped`, is the same proxy measured while its /metrics is
-fetched every second (bench/scrape.py), as a Prometheus with `scrape_interval: 1s` would; its
-QPS ratio to HAProxy's is shown beside the proxy's own, with the difference.
-
     .venv/bin/python bench/sysbench.py --quick
     .venv/bin/python bench/sysbench.py --time 30 --rounds 3 --json results.json
     .venv/bin/python bench/sysbench.py --tls --quick
+
+With --capture a fourth target, "capture", is the same proxy with a traffic capture running
+(`POST /api/traffic/capture` before the run, `/cancel` after it; compressed files in the
+temporary directory): it rotates with the others, so capture/proxy is what capturing costs in
+queries per second and in the proxy's CPU (its writer thread, or its control process with
+--workers, included). Each capture run notes the commands captured and dropped.
+
+    .venv/bin/python bench/sysbench.py --capture --workloads oltp_point_select,oltp_read_only
+
+With --scrape one more target, "proxy_scraped", is the same proxy measured while its /metrics is
+fetched every second (bench/scrape.py), as a Prometheus with `scrape_interval: 1s` would; its
+QPS ratio to HAProxy's is shown beside the proxy's own, with the difference.
+
     .venv/bin/python bench/sysbench.py --scrape
 """
 
@@ -55,6 +64,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -70,6 +81,7 @@ USER = "sbtest"
 PASSWORD = "sbtest-pass"  # a throwaway account on a throwaway server
 DATABASE = "sbtest"
 TARGETS = ("direct", "proxy", "haproxy")
+CAPTURE_TARGETS = ("direct", "proxy", "capture", "haproxy")  # with --capture
 SCRAPED = "proxy_scraped"  # --scrape: the proxy while its /metrics is scraped every second
 
 # Only the range query of oltp_read_only, 1,000 rows (about 120 KB) per result, no BEGIN/COMMIT.
@@ -234,7 +246,6 @@ class ChildProcess:
     name: str
     cmd: list[str]
     log_path: Path
-    api_url: str = ""  # the proxy's HTTP API
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _log: IO[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -303,8 +314,7 @@ def start_proxy(
         'level = "warn"\n' + (tls.proxy_toml() if tls else "")
     )
     proxy = ChildProcess(
-        "proxy", [sys.executable, "-m", "tiproxy", "--config", str(config)], workdir / "proxy.log",
-        api_url=f"http://{HOST}:{api_port}",
+        "proxy", [sys.executable, "-m", "tiproxy", "--config", str(config)], workdir / "proxy.log"
     )
     proxy.spawn()
     try:
@@ -439,6 +449,8 @@ class Run:
     qps: float = 0.0
     p95_ms: float = 0.0
     cpu_seconds: float | None = None  # the proxy's or HAProxy's, None for direct
+    captured: int | None = None  # target "capture": commands the capture wrote
+    dropped: int | None = None  # and those it had no room for
     notes: list[str] = field(default_factory=list)  # ignored errors, log lines
     error: str = ""
 
@@ -486,13 +498,38 @@ class Bench:
 
     def run(self, workload: str, target: str, round_: int, seconds: int) -> Run:
         run = Run(workload, target, round_)
-        scraped, target = target == SCRAPED, "proxy" if target == SCRAPED else target
+        capturing, scraped = target == "capture", target == SCRAPED
+        target = "proxy" if capturing or scraped else target
         if target == "proxy" and not self.processes["proxy"].running:
             try:
                 self._restart_proxy(run)
             except BenchError as exc:
                 run.error = f"could not restart the proxy: {exc}"
                 return run
+        if capturing:
+            run.target = "capture"
+            self._traffic("capture", output=str(self.workdir / f"capture-{workload}-{round_}"),
+                          duration=f"{seconds + 600}s")
+        try:
+            if scraped:
+                self._measure_scraped(run, workload, seconds)
+            else:
+                self._measure(run, target, workload, seconds)
+        finally:
+            if capturing:
+                self._end_capture(run)
+        return run
+
+    def _measure_scraped(self, run: Run, workload: str, seconds: int) -> None:
+        """The proxy's run while /metrics is fetched every second (bench/scrape.py)."""
+        config = tomllib.loads((self.workdir / "proxy.toml").read_text())
+        with Scraper(f"http://{config['api']['addr']}/metrics") as scraper:
+            self._measure(run, "proxy", workload, seconds)
+        run.notes.append(scraper.summary())
+        if scraper.errors:
+            run.error += f"\n{len(scraper.errors)} scrapes failed: {scraper.errors[:3]}"
+
+    def _measure(self, run: Run, target: str, workload: str, seconds: int) -> None:
         process = self.processes.get(target)
         script, extra = WORKLOADS[workload]
         cmd = [
@@ -515,15 +552,7 @@ class Bench:
         ]
         log_offset = process.log_size() if process else 0
         cpu_before = tree_cpu_seconds(process.pid) if process and process.running else None
-        if scraped:
-            assert process is not None
-            with Scraper(f"{process.api_url}/metrics") as scraper:
-                run.error = run_sysbench(run, cmd, seconds + _RUN_GRACE, sysbench_cwd(self.tls))
-            run.notes.append(scraper.summary())
-            if scraper.errors:
-                run.error += f"\n{len(scraper.errors)} scrapes failed: {scraper.errors[:3]}"
-        else:
-            run.error = run_sysbench(run, cmd, seconds + _RUN_GRACE, sysbench_cwd(self.tls))
+        run.error = run_sysbench(run, cmd, seconds + _RUN_GRACE, sysbench_cwd(self.tls))
         if process is not None:
             if cpu_before is not None and process.running:
                 run.cpu_seconds = tree_cpu_seconds(process.pid) - cpu_before
@@ -532,7 +561,30 @@ class Bench:
             logged = tail(process.log_since(log_offset), 40)
             if logged:
                 run.notes.append(f"{target} log during the run:\n{logged}")
-        return run
+
+    def _traffic(self, action: str, **fields: str) -> str:
+        """POST /api/traffic/<action> to the proxy (its API address from its config)."""
+        config = tomllib.loads((self.workdir / "proxy.toml").read_text())
+        url = f"http://{config['api']['addr']}/api/traffic/{action}"
+        data = urllib.parse.urlencode(fields).encode()
+        with urllib.request.urlopen(url, data, timeout=60) as answer:
+            return str(answer.read().decode())
+
+    def _end_capture(self, run: Run) -> None:
+        answer = self._traffic("cancel")
+        config = tomllib.loads((self.workdir / "proxy.toml").read_text())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(
+                    f"http://{config['api']['addr']}/api/traffic/show", timeout=10) as shown:
+                job = json.loads(shown.read())[-1]
+            if job["status"] != "running":
+                run.captured, run.dropped = job.get("captured_cmds"), job.get("dropped_cmds")
+                run.notes.append(f"capture: {run.captured} commands captured, {run.dropped} "
+                                 f"dropped, in {len(job.get('files', []))} files")
+                return
+            time.sleep(0.1)
+        run.error += f"\nthe capture did not end: {answer}"
 
     def _restart_proxy(self, run: Run) -> None:
         proxy = self.processes["proxy"]
@@ -690,11 +742,15 @@ def summarize(runs: list[Run], workload: str,
         a, b = per_target[top][key], per_target[bottom][key]
         return a / b if a is not None and b else None
 
+    pairs = [("proxy", "direct"), ("proxy", "haproxy")]
+    if "capture" in targets:
+        pairs += [("capture", "proxy"), ("capture", "haproxy")]
+    if SCRAPED in targets:
+        pairs += [(SCRAPED, "haproxy")]
     ratios = {
         f"{key}_{top}/{bottom}": ratio(key, top, bottom)
         for key in ("qps", "p95_ms", "cpu_s_per_1k")
-        for top, bottom in (("proxy", "direct"), ("proxy", "haproxy"),
-                            *([(SCRAPED, "haproxy")] if SCRAPED in targets else []))
+        for top, bottom in pairs
         if not (key == "cpu_s_per_1k" and bottom == "direct")
     }
     return {"targets": per_target, "ratios": ratios}
@@ -714,19 +770,22 @@ def print_table(title: str, summary: dict[str, Any]) -> None:
             f"{_fmt(row['cpu_s_per_1k'], '.4f'):>11} {row['ok_runs']:>4}/{row['runs']}"
         )
     r = summary["ratios"]
-    for bottom in ("direct", "haproxy"):
+    for top, bottom in (("proxy", "direct"), ("proxy", "haproxy"), ("capture", "proxy"),
+                        ("capture", "haproxy")):
+        if f"qps_{top}/{bottom}" not in r:
+            continue
         line = (
-            f"proxy/{bottom:<8} QPS x{_fmt(r[f'qps_proxy/{bottom}'], '.3f')}"
-            f"  p95 x{_fmt(r[f'p95_ms_proxy/{bottom}'], '.2f')}"
+            f"{top}/{bottom:<8} QPS x{_fmt(r[f'qps_{top}/{bottom}'], '.3f')}"
+            f"  p95 x{_fmt(r[f'p95_ms_{top}/{bottom}'], '.2f')}"
         )
-        if bottom == "haproxy":
-            line += f"  CPU/query x{_fmt(r['cpu_s_per_1k_proxy/haproxy'], '.1f')}"
+        if bottom != "direct":
+            line += f"  CPU/query x{_fmt(r[f'cpu_s_per_1k_{top}/{bottom}'], '.2f')}"
         print(line)
-    scraped, plain = r.get(f"qps_{SCRAPED}/haproxy"), r["qps_proxy/haproxy"]
     if f"qps_{SCRAPED}/haproxy" in r:
+        scraped, plain = r[f"qps_{SCRAPED}/haproxy"], r["qps_proxy/haproxy"]
         change = "-" if scraped is None or plain is None else f"{scraped - plain:+.3f}"
         print(f"scraped/haproxy QPS x{_fmt(scraped, '.3f')}"
-              f"  CPU/query x{_fmt(r[f'cpu_s_per_1k_{SCRAPED}/haproxy'], '.1f')}"
+              f"  CPU/query x{_fmt(r[f'cpu_s_per_1k_{SCRAPED}/haproxy'], '.2f')}"
               f"  (QPS ratio {change} with /metrics scraped every second)")
 
 
@@ -779,6 +838,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tls",
         action="store_true",
         help="every connection to MariaDB is TLS; through the proxy, both legs",
+    )
+    parser.add_argument(
+        "--capture",
+        action="store_true",
+        help="also run the proxy with a traffic capture running (target 'capture')",
     )
     parser.add_argument(
         "--scrape", action="store_true",
@@ -861,7 +925,8 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
 
 
 def run_targets(args: argparse.Namespace) -> tuple[str, ...]:
-    return (*TARGETS, SCRAPED) if args.scrape else TARGETS
+    targets = CAPTURE_TARGETS if args.capture else TARGETS
+    return (*targets, SCRAPED) if args.scrape else targets
 
 
 def main(argv: list[str] | None = None) -> int:

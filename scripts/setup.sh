@@ -5,11 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# openjdk-17-jdk-headless and libmariadb-java: MariaDB Connector/J for the bulk-execution tests.
-# prometheus: a real Prometheus (and promtool) for the dashboard and alert rules tests.
+# openjdk-17-jdk-headless and libmariadb-java: MariaDB Connector/J for the bulk-execution tests;
+# chromium and chromium-driver: the status page is tested in headless Chromium (Selenium);
+# zlib1g-dev: the compiled row scanner's CRC-32 (traffic captures);
+# prometheus: a real Prometheus (and promtool) for the Grafana dashboard and alert rules tests.
 debs=(mariadb-server mariadb-client galera-4 rsync etcd-server etcd-client sysbench haproxy
       libmariadb-dev pkg-config build-essential openjdk-17-jdk-headless libmariadb-java
-      prometheus)
+      chromium chromium-driver zlib1g-dev prometheus)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from support.backends import ADMIN, APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.backends import ADMIN, APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory, connect
+from support.galera_runs import restore
 from support.proxy import ProxyFactory, ProxyProcess
+from support.workload import DATABASE
 from tiproxy.playground.etcd import EtcdLauncherError, EtcdServer, find_etcd
 from tiproxy.playground.galera import GaleraCluster
 from tiproxy.playground.mariadb import (
@@ -112,3 +114,28 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer
     server = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def side_by_side() -> Iterator[dict[str, str]]:
+    """The figures of a module's runs (proxy, HAProxy...), printed side by side once it is done."""
+    figures: dict[str, str] = {}
+    yield figures
+    if figures:
+        print("\nside by side: " + " | ".join(f"{k} {v}" for k, v in figures.items()))
+
+
+@pytest.fixture
+def workload_cluster(galera_cluster: GaleraCluster) -> Iterator[GaleraCluster]:
+    """The session's cluster with the workload's database; whatever node a test leaves
+    stopped, pass or fail, is started again (the cluster is shared)."""
+    restore(galera_cluster)
+    galera_cluster.nodes[0].sql(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+    for node in galera_cluster.nodes:  # Galera replicates it; wait until every node has it
+        with connect(node, autocommit=True,
+                     init_command="SET SESSION wsrep_sync_wait = 1") as conn, conn.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM information_schema.SCHEMATA "
+                        "WHERE SCHEMA_NAME = %s", (DATABASE,))
+            assert cur.fetchone() == (1,)
+    yield galera_cluster
+    restore(galera_cluster)

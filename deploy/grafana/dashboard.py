@@ -6,7 +6,7 @@ our own beside them (marked "ours" in their description): pinned sessions by rea
 waiting, the router's factors, health check results, the backends' load, refused clients.
 Every panel is a Prometheus time series on the `datasource` variable, filtered by the `job` and
 `instance` variables. tests/unit/test_deploy.py checks that the JSON is this script's output;
-tests/integration/test_dashboard.py runs every expression against a real Prometheus scraping a
+tests/integration/test_grafana.py runs every expression against a real Prometheus scraping a
 proxy under load.
 """
 

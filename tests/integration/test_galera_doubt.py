@@ -1,5 +1,7 @@
 """A Galera node that leaves the primary component: the first session to hear of it tells the
-proxy, which checks that node at once instead of at its next interval.
+proxy, which checks that node at once instead of at its next interval; the statement, which did
+not run there, runs on another node, where the session goes on (net/recovery.py); inside a
+transaction (without transaction-replay) the client gets the node's error.
 
 The node is cut off with `gmcast.isolate=1` (Galera's own switch: it drops its group links and
 becomes non-primary, answering queries with 1047 "WSREP has not yet prepared node for
@@ -55,6 +57,17 @@ def test_a_session_hearing_1047_gets_its_node_checked_at_once(
     conn = proxy.connect(autocommit=True)
     addr = proxy.session(conn.thread_id())["backend"]
     i = galera_cluster.addrs.index(addr)
+    with conn.cursor() as cur:
+        cur.execute("SET @mine = 'kept'")
+    fillers = []  # kept open, so that the next new session lands on that node too
+    in_trans = proxy.connect(autocommit=True)
+    while proxy.session(in_trans.thread_id())["backend"] != addr:
+        assert len(fillers) < 10
+        fillers.append(in_trans)
+        in_trans = proxy.connect(autocommit=True)
+    with in_trans.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute("SELECT COUNT(*) FROM mysql.db")
 
     isolate.append(i)
     galera_cluster.nodes[i].sql("SET GLOBAL wsrep_provider_options = 'gmcast.isolate=1'")
@@ -62,9 +75,14 @@ def test_a_session_hearing_1047_gets_its_node_checked_at_once(
     while galera_cluster.node_state(i)[0] != "OFF":
         assert time.monotonic() < deadline, galera_cluster.node_state(i)
         time.sleep(0.05)
-    with pytest.raises(pymysql.err.MySQLError) as failed, conn.cursor() as cur:
+    with conn.cursor() as cur:  # it did not run there: it runs elsewhere
+        cur.execute("SELECT @mine, @@port, COUNT(*) FROM mysql.db")
+        mine, port, _ = cur.fetchone()
+    assert mine == "kept" and f"127.0.0.1:{port}" != addr
+    assert proxy.session(conn.thread_id())["backend"] != addr
+    with pytest.raises(pymysql.err.MySQLError) as failed, in_trans.cursor() as cur:
         cur.execute("SELECT COUNT(*) FROM mysql.db")
-    assert failed.value.args[0] == 1047, failed.value.args
+    assert failed.value.args[0] == 1047, failed.value.args  # its transaction was there
 
     # Within the 60 s interval only the session's report can have started this check.
     deadline = time.monotonic() + 10
@@ -76,4 +94,5 @@ def test_a_session_hearing_1047_gets_its_node_checked_at_once(
     for _ in range(4):  # new sessions go elsewhere
         with proxy.connect() as fresh:
             assert proxy.session(fresh.thread_id())["backend"] in others
-    conn.close()
+    for other in (conn, in_trans, *fillers):
+        other.close()

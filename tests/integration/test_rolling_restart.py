@@ -17,11 +17,9 @@ asserted to be zero; that test fails only if it could not run.
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +27,18 @@ from typing import Any
 import pymysql
 import pytest
 
-from support.backends import ADMIN_TOML, APP, connect
+from support.backends import ADMIN_TOML, APP
+from support.galera_runs import (
+    check_rows,
+    connections,
+    log_about,
+    log_tail,
+    migrations,
+    sessions,
+)
 from support.haproxy import HAProxyProcess
 from support.proxy import ProxyFactory, ProxyProcess
-from support.workload import DATABASE, Workload
+from support.workload import Workload
 from tiproxy.playground.galera import GaleraCluster
 
 pytestmark = pytest.mark.integration
@@ -42,7 +48,6 @@ READ_TIMEOUT = 30  # seconds: a client stuck behind a node that hangs fails inst
 PHASE_MIN = 1.0  # seconds every phase lasts at least, so that every client can show progress
 SETTLE = 2.0  # seconds the workload runs between two nodes and before the first
 DRAIN_TIMEOUT = 20.0
-_MIGRATE_SAMPLE = re.compile(r"^tiproxy_balance_migrate_total\{(.*)\} (\S+)$", re.MULTILINE)
 
 
 @dataclass
@@ -82,37 +87,6 @@ class Run:
         return "; ".join(f"{p.name} {p.seconds:.1f}s +{sum(p.progress)}" for p in self.phases)
 
 
-@pytest.fixture(scope="module")
-def report() -> Iterator[dict[str, str]]:
-    """Both runs' figures, printed side by side once the module is done."""
-    figures: dict[str, str] = {}
-    yield figures
-    if figures:
-        print("\nrolling restart: " + " | ".join(f"{k} {v}" for k, v in figures.items()))
-
-
-@pytest.fixture
-def cluster(galera_cluster: GaleraCluster) -> Iterator[GaleraCluster]:
-    """The session's cluster with the workload's database; whatever node a test leaves
-    stopped, pass or fail, is started again (the cluster is shared)."""
-    _restore(galera_cluster)
-    galera_cluster.nodes[0].sql(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
-    for node in galera_cluster.nodes:  # Galera replicates it; wait until every node has it
-        with connect(node, autocommit=True,
-                     init_command="SET SESSION wsrep_sync_wait = 1") as conn, conn.cursor() as cur:
-            cur.execute("SELECT COUNT(*) FROM information_schema.SCHEMATA "
-                        "WHERE SCHEMA_NAME = %s", (DATABASE,))
-            assert cur.fetchone() == (1,)
-    yield galera_cluster
-    _restore(galera_cluster)
-
-
-def _restore(cluster: GaleraCluster) -> None:
-    for i, node in enumerate(cluster.nodes):
-        if not node.running:
-            cluster.start_node(i)
-
-
 def rolling_restart(cluster: GaleraCluster, run: Run, *, take_out: Callable[[int], None],
                     put_back: Callable[[int], None],
                     stopping: Callable[[int], None] = lambda i: None) -> None:
@@ -132,29 +106,6 @@ def rolling_restart(cluster: GaleraCluster, run: Run, *, take_out: Callable[[int
         run.end(f"node{i} back")
 
 
-def check_rows(cluster: GaleraCluster, workload: Workload) -> dict[str, dict[str, tuple[int, int]]]:
-    """Per node: the tables whose rows are not exactly the acknowledged commits."""
-    result = {}
-    for i, node in enumerate(cluster.nodes):
-        with connect(node, autocommit=True,
-                     init_command="SET SESSION wsrep_sync_wait = 1") as conn:
-            wrong = workload.missing_rows(conn)
-        if wrong:
-            result[f"node{i}"] = wrong
-    return result
-
-
-def migrations(proxy: ProxyProcess) -> Counter[str]:
-    """The proxy's moves so far by result ("succeed", "fail"), from its /metrics."""
-    status, body = proxy.api("/metrics")
-    assert status == 200, body
-    counts: Counter[str] = Counter()
-    for labels, value in _MIGRATE_SAMPLE.findall(body.decode()):
-        result = re.search(r'migrate_res="([^"]*)"', labels)
-        counts[result.group(1) if result else "?"] += int(float(value))
-    return counts
-
-
 class ProxyDrain:
     """Takes a node out through the proxy's API (drain, wait for its last session to leave)
     and puts it back (undrain)."""
@@ -166,10 +117,10 @@ class ProxyDrain:
     def take_out(self, i: int) -> None:
         addr, asked = self.addrs[i], time.monotonic()
         self._post(addr, "drain")
-        while (left := _connections(self.proxy, addr)) > 0:
+        while (left := connections(self.proxy, addr)) > 0:
             assert time.monotonic() < asked + DRAIN_TIMEOUT, (
                 f"{left} sessions still on {addr} after {DRAIN_TIMEOUT}s: "
-                f"{json.dumps(_sessions(self.proxy, addr))}\n{_log_tail(self.proxy)}")
+                f"{json.dumps(sessions(self.proxy, addr))}\n{log_tail(self.proxy)}")
             time.sleep(0.02)
         self.seconds.append(time.monotonic() - asked)
 
@@ -192,15 +143,16 @@ def assert_unnoticed(workload: Workload, first_ids: list[int], proxy: ProxyProce
     for client, first in zip(workload.clients, first_ids, strict=True):
         assert client.conn is not None and client.conn.open, client.table
         assert client.thread_ids == [first] == [client.conn.thread_id()], client.table
-    assert sorted(s["id"] for s in _sessions(proxy)) == sorted(first_ids)
+    assert sorted(s["id"] for s in sessions(proxy)) == sorted(first_ids)
     # every session moved at least once, as each node was drained in turn
     assert all(len(c.ports) >= 2 for c in workload.clients), [c.ports for c in workload.clients]
 
 
 def test_rolling_restart_through_the_proxy(
-    cluster: GaleraCluster, proxy_factory: ProxyFactory, report: dict[str, str],
+    workload_cluster: GaleraCluster, proxy_factory: ProxyFactory, side_by_side: dict[str, str],
     record_property: Callable[[str, object], None],
 ) -> None:
+    cluster, report = workload_cluster, side_by_side
     started = time.monotonic()
     proxy = proxy_factory(cluster.addrs, ADMIN_TOML)
     workload = Workload(lambda: proxy.connect(autocommit=True, read_timeout=READ_TIMEOUT,
@@ -223,7 +175,7 @@ def test_rolling_restart_through_the_proxy(
         record_property("rolling_restart", f"proxy {line}")
         print(f"\nproxy: {line}\nphases: {run.describe()}")
         problems = "\n".join(workload.problems()[:40])
-        context = f"{line}\n{problems}\n{_log_about(proxy, workload)}"
+        context = f"{line}\n{problems}\n{log_about(proxy, workload)}"
         assert_unnoticed(workload, first_ids, proxy, context)
         assert not run.stalled(), f"no progress: {run.stalled()}"
         assert check_rows(cluster, workload) == {}
@@ -232,10 +184,11 @@ def test_rolling_restart_through_the_proxy(
 
 
 def test_rolling_restart_through_haproxy(
-    cluster: GaleraCluster, tmp_path: Path, report: dict[str, str],
+    workload_cluster: GaleraCluster, tmp_path: Path, side_by_side: dict[str, str],
     record_property: Callable[[str, object], None],
 ) -> None:
     """The contrast: errors and lost state are counted and reported, not asserted away."""
+    cluster, report = workload_cluster, side_by_side
     started = time.monotonic()
     haproxy = HAProxyProcess(tmp_path, cluster.addrs, check=True).start()
 
@@ -272,13 +225,14 @@ def test_rolling_restart_through_haproxy(
 
 
 def test_rolling_restart_by_stop_and_start_only(
-    cluster: GaleraCluster, proxy_factory: ProxyFactory, report: dict[str, str],
+    workload_cluster: GaleraCluster, proxy_factory: ProxyFactory, side_by_side: dict[str, str],
     record_property: Callable[[str, object], None],
 ) -> None:
     """No drain, no config change: the proxy must notice each node leaving by its health
     checks. A session whose node stops under it loses its connection (TiProxy's behaviour: one
     error, the client reconnects); every other session goes on, and nothing acknowledged is lost.
     The figures are reported; the errors are bounded by the sessions the stopped nodes held."""
+    cluster, report = workload_cluster, side_by_side
     started = time.monotonic()
     health = '\n[health]\ninterval = "0.5s"\ntimeout = "1s"\nfailure-threshold = 2'
     proxy = proxy_factory(cluster.addrs, health + ADMIN_TOML)
@@ -294,7 +248,7 @@ def test_rolling_restart_by_stop_and_start_only(
 
     def note(i: int) -> None:
         errors_before.append(workload.figures().errors)
-        held.append(_connections(proxy, cluster.addrs[i]))
+        held.append(connections(proxy, cluster.addrs[i]))
 
         def sample() -> None:
             deadline = time.monotonic() + DRAIN_TIMEOUT
@@ -334,7 +288,7 @@ def test_rolling_restart_by_stop_and_start_only(
         record_property("rolling_restart", f"proxy stop/start only {line}")
         kinds = ", ".join(f"{k} x{n}" for k, n in figures.error_kinds.most_common())
         print(f"\nproxy, stop/start only: {line}\nerrors: {kinds}")
-        assert noticed == 3, _log_tail(proxy)
+        assert noticed == 3, log_tail(proxy)
         # each session on a stopping node sees one error; a client that reconnects lands elsewhere
         assert all(e <= h for e, h in zip(errors_by_stop, held, strict=True)), line
         assert all(n > 0 for n in workload.commits()), workload.commits()
@@ -343,26 +297,3 @@ def test_rolling_restart_by_stop_and_start_only(
         workload.close()
 
 
-def _sessions(proxy: ProxyProcess, backend: str | None = None) -> list[dict[str, Any]]:
-    status, body = proxy.api("/api/admin/sessions")
-    assert status == 200, body
-    listed: list[dict[str, Any]] = json.loads(body)
-    return [s for s in listed if backend is None or s["backend"] == backend]
-
-
-def _connections(proxy: ProxyProcess, addr: str) -> int:
-    return int({b["addr"]: b["connections"] for b in proxy.backends()}[addr])
-
-
-def _log_about(proxy: ProxyProcess, workload: Workload, lines: int = 60) -> str:
-    """The proxy's warnings and errors, and what it logged about the sessions that saw one."""
-    troubled = {c.thread_ids[0] for c in workload.clients if c.broken or c.problems}
-    patterns = [r"\[(WARNING|ERROR|CRITICAL)\]"]
-    patterns += [rf"session {i}\b" for i in sorted(troubled)]
-    wanted = re.compile("|".join(patterns))
-    picked = [line for line in proxy.log().splitlines() if wanted.search(line)]
-    return "--- proxy log (warnings, troubled sessions) ---\n" + "\n".join(picked[-lines:])
-
-
-def _log_tail(proxy: ProxyProcess, lines: int = 40) -> str:
-    return "--- proxy log ---\n" + "\n".join(proxy.log().splitlines()[-lines:])

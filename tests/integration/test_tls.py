@@ -7,6 +7,7 @@ connector verifies the proxy's certificate against the CA; `SHOW SESSION STATUS 
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 import subprocess
@@ -519,6 +520,11 @@ def test_cluster_tls_discovers_backends_from_etcd_over_https(
         with proxy.connect(ssl_disabled=True) as conn, conn.cursor() as cur:
             cur.execute("SELECT @@port")
             assert cur.fetchone()[0] == backend.port
+        # The proxy registers itself in that etcd over HTTPS too.
+        info = f"/topology/tiproxy/127.0.0.1:{proxy.port}/info"
+        while "kvs" not in etcd.call("kv/range", {"key": base64.b64encode(info.encode()).decode()}):
+            assert time.monotonic() < deadline + 10, proxy.log()[-2000:]
+            time.sleep(0.1)
     finally:
         etcd.close()
 

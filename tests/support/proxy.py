@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,19 @@ class ProxyProcess:
     needs another interface; connect() uses 127.0.0.1 for "0.0.0.0"); `api_token_file` becomes
     `[api] auth-token-file`, and `api()` sends `api_token`, if given, as the bearer token;
     `api_toml` is more lines of `[api]`; `command_prefix` runs the proxy through another
-    command (a shell that joins a cgroup first).
+    command (a shell that joins a cgroup first); `args` are more flags of `tiproxy`; `env`,
+    more environment variables.
     """
 
     def __init__(self, workdir: Path, backend_addrs: Sequence[str], extra_toml: str = "", *,
                  api_host: str = "127.0.0.1", api_token_file: Path | None = None,
                  api_token: str | None = None, sql_host: str = "127.0.0.1",
-                 command_prefix: Sequence[str] = (), api_toml: str = "") -> None:
+                 command_prefix: Sequence[str] = (), api_toml: str = "",
+                 args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
         self.workdir = workdir
         self.command_prefix = list(command_prefix)  # e.g. a shell that joins a cgroup first
+        self.args = list(args)
+        self.env = {**os.environ, **env} if env else None
         self.sql_host = sql_host
         self.local_host = "127.0.0.1" if sql_host == "0.0.0.0" else sql_host
         self.port = free_port()
@@ -71,9 +75,10 @@ class ProxyProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [*self.command_prefix, sys.executable, "-m", "tiproxy", "--config",
-             str(self.config_path)],
+             str(self.config_path), *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=self.env,
         )
         log.close()
         deadline = time.monotonic() + timeout

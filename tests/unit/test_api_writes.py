@@ -27,6 +27,7 @@ from tiproxy.api.interface import (
     ServerStats,
     SessionGauges,
     SessionView,
+    UpgradeError,
 )
 from tiproxy.api.server import MAX_BODY_BYTES
 from tiproxy.config import Config, parse_config
@@ -94,6 +95,9 @@ class ControlledView:
     async def redirect_all(self) -> int:
         self.redirects += 1
         return 2
+
+    async def upgrade(self) -> int:
+        raise UpgradeError("no upgrade in these tests")
 
     async def apply_config(self, cfg: Config) -> None:
         self.applied.append(cfg)
@@ -463,8 +467,8 @@ def test_a_readable_users_file_is_accepted(tmp_path: Path) -> None:
     ("toml", "keys"),
     [('[proxy]\naddr = "127.0.0.1:6001"\n', "proxy.addr"),
      ('[api]\naddr = "127.0.0.1:1"\n', "api.addr"),
-     ('[proxy]\naddr = "127.0.0.1:1"\n[log]\nlevel = "debug"\n', "proxy.addr, log.level"),
-     ('[log]\nencoder = "json"\n', "log.encoder")],
+     ('[proxy]\naddr = "127.0.0.1:1"\n[log]\nencoder = "json"\n', "proxy.addr, log.encoder"),
+     ('[log.log-file]\nmax-days = 9\n', "log.log-file")],
 )
 def test_an_offline_key_is_refused_by_name(toml: str, keys: str) -> None:
     view = ControlledView()
@@ -510,3 +514,84 @@ def test_with_proxy_protocol_the_headers_client_is_judged() -> None:
     assert view.redirects == 2
     assert not listener._PROXIED  # forgotten once the connections closed
 
+
+
+# -- writes from browsers' pages (origin.py) ----------------------------------------------------
+
+
+def test_a_write_from_another_sites_page_is_refused_however_authenticated(
+        token_file: Path) -> None:
+    view = _with_token_file(token_file)
+
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        port = int(base.rsplit(":", 1)[1])
+        refused = [
+            {"Origin": "http://evil.example"},
+            {"Origin": f"http://127.0.0.1:{port + 1}"},  # another port is another origin
+            {"Origin": f"https://127.0.0.1:{port}"},  # so is another scheme
+            {"Origin": "null"},  # a sandboxed or privacy-stripped page
+            {"Origin": "not a url"},
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Sec-Fetch-Site": "same-site"},  # 127.0.0.1:other-port is the same site
+            {"Origin": base, "Sec-Fetch-Site": "cross-site"},
+        ]
+        for headers in refused:
+            for credential in ({}, _bearer(TOKEN)):  # a token does not make it right
+                async with session.post(f"{base}/api/debug/redirect",
+                                        headers={**headers, **credential}) as r:
+                    assert r.status == 403, headers
+                    assert "write refused" in await _error(r)
+        # What an HTML form sends: a body, its content type, the page's origin.
+        async with session.post(f"{base}/api/admin/backends/127.0.0.1:3306/drain",
+                                data={"x": "1"}, headers={"Origin": "http://evil.example"}) as r:
+            assert r.status == 403
+        async with session.put(f"{base}/api/admin/config", data="[proxy]\nmax-connections = 5\n",
+                               headers={"Origin": "http://evil.example"}) as r:
+            assert r.status == 403
+        # The API's own page, a typed request, and clients that are not browsers go on.
+        for headers in ({"Origin": base}, {"Origin": base, "Sec-Fetch-Site": "same-origin"},
+                        {"Origin": f"http://127.0.0.1:{port}/"}, {"Sec-Fetch-Site": "none"}, {}):
+            async with session.post(f"{base}/api/debug/redirect", headers=headers) as r:
+                assert r.status == 200, headers
+        async with session.get(f"{base}/api/admin/backends",
+                               headers={"Origin": "http://evil.example",
+                                        "Sec-Fetch-Site": "cross-site"}) as r:
+            assert r.status == 200  # reads are open (a page of another origin cannot read them)
+
+    _serve(view, check)
+    assert view.redirects == 5
+    assert view.drained == []
+    assert view.applied == []
+
+
+def test_a_page_reached_under_a_host_name_gets_no_loopback_trust(token_file: Path) -> None:
+    """DNS rebinding: the browser took the API for the page's own origin, whose name resolved
+    to 127.0.0.1; the request is same-origin and comes from loopback."""
+    view = _with_token_file(token_file)
+
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        port = int(base.rsplit(":", 1)[1])
+
+        async def redirect(host: str, origin: bool, token: str = "") -> aiohttp.ClientResponse:
+            headers = {"Host": f"{host}:{port}"}
+            if origin:
+                headers["Origin"] = f"http://{host}:{port}"
+            if token:
+                headers.update(_bearer(token))
+            async with session.post(f"{base}/api/debug/redirect", headers=headers) as r:
+                await r.read()
+                return r
+
+        r = await redirect("rebound.example", origin=True)
+        assert r.status == 403
+        async with session.post(f"{base}/api/debug/redirect", headers={
+                "Host": f"rebound.example:{port}",
+                "Origin": f"http://rebound.example:{port}"}) as r:
+            assert "gets no loopback trust" in await _error(r)
+        for host in ("127.0.0.1", "localhost", "app.localhost", "[::1]"):
+            assert (await redirect(host, origin=True)).status == 200, host
+        assert (await redirect("rebound.example", origin=False)).status == 200  # not a page
+        assert (await redirect("rebound.example", origin=True, token=TOKEN)).status == 200
+
+    _serve(view, check)
+    assert view.redirects == 6

@@ -261,6 +261,11 @@ def test_merge_can_complete_a_cross_checked_pair() -> None:
     assert merged.security.server_tls.key == "k.pem"
 
 
+def test_advertise_addr_is_taken() -> None:
+    cfg = parse_config('[proxy]\nadvertise-addr = "proxy-0.example"')
+    assert cfg.proxy.advertise_addr == "proxy-0.example"
+
+
 def test_proxy_protocol_v2_is_taken() -> None:
     assert parse_config('[proxy]\nproxy-protocol = "v2"').proxy.proxy_protocol == "v2"
     assert parse_config('[api]\nproxy-protocol = "v2"').api.proxy_protocol == "v2"
@@ -269,7 +274,6 @@ def test_proxy_protocol_v2_is_taken() -> None:
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ('[proxy]\nadvertise-addr = "proxy-0.example"', "proxy.advertise-addr"),
         ("[balance.memory]\nenabled = false", "balance.memory"),
         ("[balance.cpu]\nmin-balance-usage = 0.5", "balance.cpu.min-balance-usage"),
         ("[balance.location]\nenabled = false", "balance.location.enabled"),

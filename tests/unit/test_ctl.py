@@ -17,7 +17,7 @@ import pytest
 from tiproxy.api import APIServer, BackendView, start_api
 from tiproxy.api.interface import MigrationStats, SessionView
 from tiproxy.cli.ctl import CtlError, Target, _parser, api_target, main
-from tiproxy.config import Config, config_to_dict, parse_config
+from tiproxy.config import Config, config_checksum, config_to_dict, parse_config
 
 CONFIG = parse_config('[proxy]\nbackend-addrs = ["127.0.0.1:3306"]\nmax-connections = 9\n')
 
@@ -29,6 +29,7 @@ class FakeView:
     backend_list: list[BackendView] = field(default_factory=list)
     cfg: Config = CONFIG
     redirects: int = 0
+    upgrades: int = 0
 
     async def refresh(self) -> None:
         pass
@@ -64,6 +65,10 @@ class FakeView:
         self.redirects += 1
         return 3
 
+    async def upgrade(self) -> int:
+        self.upgrades += 1
+        return 4242
+
     async def apply_config(self, cfg: Config) -> None:
         self.cfg = cfg
 
@@ -98,9 +103,13 @@ def api() -> Iterator[RunningAPI]:
         loop.close()
 
 
-def test_health(api: RunningAPI, capsys: pytest.CaptureFixture[str]) -> None:
+def test_health_prints_the_answer_as_tiproxyctl_does(
+    api: RunningAPI, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["--addr", api.addr, "health"]) == 0
-    assert capsys.readouterr().out.startswith("healthy")
+    out = json.loads(capsys.readouterr().out)
+    assert out["config_checksum"] == config_checksum(CONFIG)
+    assert out["status"] == "healthy"
 
 
 def test_health_fails_while_shutting_down(
@@ -108,7 +117,9 @@ def test_health_fails_while_shutting_down(
 ) -> None:
     api.view.shutting_down = True
     assert main(["--addr", api.addr, "health"]) == 1
-    assert capsys.readouterr().out.startswith("unhealthy: server is closing")
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["unhealthy_reason"] == "server is closing"
+    assert captured.err == "tiproxyctl: unhealthy: server is closing\n"
 
 
 def test_config_get_prints_toml_of_the_running_config(
@@ -179,7 +190,7 @@ def test_host_and_port_override_addr() -> None:
 def test_host_and_port_reach_the_api(api: RunningAPI, capsys: pytest.CaptureFixture[str]) -> None:
     port = api.addr.rpartition(":")[2]
     assert main(["--addr", "192.0.2.1:1", "--host", "127.0.0.1", "--port", port, "health"]) == 0
-    assert capsys.readouterr().out.startswith("healthy")
+    assert json.loads(capsys.readouterr().out)["status"] == "healthy"
 
 
 @pytest.mark.parametrize("argv", [("--addr", "localhost"), ("--addr", "ftp://h:1"),
@@ -310,3 +321,10 @@ def test_config_set_sends_a_file_or_standard_input(
     assert main(["--addr", api.addr, "config", "set", "--input", str(change)]) == 1
     assert "proxy.max-connections" in capsys.readouterr().err
     assert api.view.cfg.proxy.max_connections == 22
+
+
+def test_upgrade_starts_the_new_process(api: RunningAPI,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--addr", api.addr, "upgrade"]) == 0
+    assert api.view.upgrades == 1
+    assert "new proxy process 4242 started" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """The Grafana dashboard in deploy/ is what its script writes, and is laid out as Grafana reads
-it (tests/integration/test_dashboard.py runs its expressions in a real Prometheus)."""
+it (tests/integration/test_grafana.py runs its expressions in a real Prometheus)."""
 
 from __future__ import annotations
 

@@ -6,10 +6,13 @@ address (0.0.0.0:3080) anyone who reaches the port could. A write request is let
   caller that presents a token has it checked, from any peer, so a wrong one is always refused;
 - or it carries no Authorization header and comes from a loopback peer (127.0.0.0/8, ::1,
   ::ffff:127.x.x.x) or from a peer whose client certificate the API's TLS verified.
-Anyone else gets 403 and the reason as JSON. The middleware keys on the method, so a route added
-later is guarded without being listed. Tokens are compared in constant time and never logged or
-echoed. The token file is read in a thread (files.read_small_file), and read again only when a
-stat (also in a thread) shows that its inode, size or times changed.
+Anyone else gets 403 and the reason as JSON. Before any of this, a write that a browser sends
+from another site's page is refused, and a page reached under a host name gets no loopback
+trust (origin.py: cross-site request forgery, DNS rebinding). The middleware keys on the
+method, so a route added later is guarded without being listed. Tokens are compared in
+constant time and never logged or echoed. The token file is read in a thread
+(files.read_small_file), and read again only when a stat (also in a thread) shows that its
+inode, size or times changed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,12 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 
 from tiproxy.api.listener import peer_of
+from tiproxy.api.origin import (
+    cross_site_refusal,
+    from_page,
+    host_may_be_rebound,
+    rebinding_refusal,
+)
 from tiproxy.config.files import TOKEN_FILE_LIMIT, FileRefusedError, read_small_file
 
 log = logging.getLogger("tiproxy.api")
@@ -109,14 +118,21 @@ class TokenFile:
 
 async def write_refusal(request: web.Request, token_path: str, tokens: TokenFile) -> str | None:
     """Why this write request is refused, or None when it may go on."""
+    refusal = cross_site_refusal(request)
+    if refusal is not None:
+        return refusal
     header = request.headers.get(hdrs.AUTHORIZATION)
     transport = request.transport
     if header is None:
+        if transport is None:
+            return NEED_CREDENTIAL
+        if has_verified_client_cert(transport):
+            return None
         # A PROXY header may take loopback trust away (a balancer on this host forwarding a
         # remote client), never grant it: the socket must be loopback too.
-        if transport is not None and ((is_loopback(transport.get_extra_info("peername"))
-                                       and is_loopback(peer_of(transport)))
-                                      or has_verified_client_cert(transport)):
+        if is_loopback(transport.get_extra_info("peername")) and is_loopback(peer_of(transport)):
+            if from_page(request) and host_may_be_rebound(request):
+                return rebinding_refusal(request.host)
             return None
         return NEED_CREDENTIAL
     scheme, _, presented = header.strip().partition(" ")

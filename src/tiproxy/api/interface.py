@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from tiproxy.api.history import MoveHistory
 from tiproxy.config import Config
 from tiproxy.net.counters import DataPlaneCounts
 
@@ -59,6 +60,7 @@ class MigrationStats:
     buckets: Sequence[float]  # upper bounds of the duration histogram, seconds
     bucket_counts: Sequence[int]  # one more than buckets: the last is +Inf
     total_seconds: float
+    history: MoveHistory = field(default_factory=MoveHistory)  # recent moves, for the page
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,10 @@ class ProxyView(Protocol):
     def server_stats(self) -> ServerStats: ...
 
 
+class UpgradeError(Exception):
+    """ProxyControl.upgrade: why no new process takes over (control/upgrade.py)."""
+
+
 @runtime_checkable
 class ProxyControl(Protocol):
     """What the API may change: the routes that drain, redirect and reload. A view that has
@@ -120,4 +126,5 @@ class ProxyControl(Protocol):
 
     def drain(self, addr: str, drain: bool) -> None: ...  # KeyError: unknown backend
     async def redirect_all(self) -> int: ...
+    async def upgrade(self) -> int: ...  # the new process's pid; UpgradeError: why not
     async def apply_config(self, cfg: Config) -> None: ...  # checked: config/reload.py

@@ -43,13 +43,15 @@ them; not the logins nor the proxy's own statements), `tiproxy_traffic_cross_loc
 Process: `process_cpu_seconds_total`, `process_resident_memory_bytes`,
 `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`,
 `process_start_time_seconds`, for all the proxy's processes together (control/processes.py).
+Traffic capture and replay (api/traffic.py adds them): `tiproxy_traffic_capture_cmds_total{type}`
+(ours) and TiProxy's `tiproxy_replay_pending_cmds`.
 Not exported, having no meaning here: `tiproxy_server_owner` (TiProxy's etcd owner election),
-`tiproxy_replay_*` (traffic replay), `go_*`.
+`tiproxy_replay_wait_time`, `go_*`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from tiproxy.api.exposition import CONTENT_TYPE, Family, render
 from tiproxy.api.interface import BackendView, ProxyView
@@ -74,6 +76,11 @@ class ProxyMetrics:
     def __init__(self, view: ProxyView) -> None:
         self._view = view
         self._processes = ProcessReader()
+        self._sources: list[Callable[[], Iterable[Family]]] = []
+
+    def add_source(self, source: Callable[[], Iterable[Family]]) -> None:
+        """More families, read at each scrape after the proxy's (api/traffic.py's)."""
+        self._sources.append(source)
 
     def families(self) -> Iterator[Family]:
         view = self._view
@@ -84,6 +91,8 @@ class ProxyMetrics:
         yield from _backends(view, counts, backends)
         yield from _balance(view, counts, backends)
         yield from _traffic(counts)
+        for source in self._sources:
+            yield from source()
         yield from self._process()
 
     def _process(self) -> Iterator[Family]:

@@ -10,10 +10,14 @@ Routes (TiProxy's, plus our own backend list):
 - `GET /api/admin/config`: the effective config as TOML; as JSON with `?format=json` or
   `Accept: application/json`. Always redacted.
 - `GET /api/admin/backends`: `[{"addr", "status", "connections"}, ...]`.
+- `GET /api/admin/migrations`: moves over time (history.py) and the cumulative counts.
+- `GET /` and `GET /dashboard`: the status page (dashboard.py).
 - `GET /metrics` and `GET /api/metrics`: Prometheus text format.
+- `/api/admin/namespace/...`: TiProxy's namespace routes (api/namespace.py).
 - `PUT /api/admin/config`, `POST /api/debug/redirect`, `POST /api/admin/backends/{addr}/drain`
-  and `/undrain`, `PUT` and `DELETE /api/debug/health`: the write routes, which auth.py guards
-  (every method but GET and HEAD).
+  and `/undrain`, `PUT` and `DELETE /api/debug/health`, and the namespace routes but GET: the
+  write routes, which auth.py guards (every method but GET and HEAD).
+- TiProxy's `/api/traffic/...` routes (capture, replay, cancel, show): api/traffic.py.
 Nothing here blocks the event loop for long: a request body is at most 1 MiB (413 beyond), and
 the files a new config names are checked in a thread (config/reload.py).
 """
@@ -23,15 +27,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from aiohttp import web
 
+from tiproxy import __version__
 from tiproxy.api.auth import write_guard
-from tiproxy.api.interface import ProxyControl, ProxyView
+from tiproxy.api.dashboard import add_page_routes
+from tiproxy.api.history import history_json
+from tiproxy.api.interface import ProxyControl, ProxyView, UpgradeError
 from tiproxy.api.listener import APIConnection, plain_http_guard
 from tiproxy.api.metrics import (
     METRICS_CONTENT_TYPE,
@@ -39,7 +48,10 @@ from tiproxy.api.metrics import (
     build_registry,
     render_metrics,
 )
+from tiproxy.api.namespace import NamespaceRoutes
+from tiproxy.api.traffic import register_traffic, traffic_routes
 from tiproxy.config import (
+    Config,
     ConfigError,
     config_checksum,
     config_to_dict,
@@ -95,16 +107,24 @@ class APIServer:
         self.host = host
         self.port = port
 
+    @property
+    def listening_socket(self) -> socket.socket:
+        """The listening socket (an upgrade hands it to the new process)."""
+        sock: socket.socket = self._listener.sockets[0]  # type: ignore[attr-defined]
+        return sock
+
     async def close(self) -> None:
         self._listener.close()
         await self._runner.cleanup()
 
 
 async def start_api(view: ProxyView, addr: str, tls: HTTPSContexts | None = None, *,
-                    proxy_protocol: bool = False) -> APIServer:
-    """Serve the API for `view` on `addr` ("host:port"; an empty host means all interfaces);
-    HTTPS too when `tls` has a server-http-tls context, and PROXY protocol headers read with
-    `proxy_protocol` (listener.py)."""
+                    proxy_protocol: bool = False, sock: socket.socket | None = None
+                    ) -> APIServer:
+    """Serve the API for `view` on `addr` ("host:port"; an empty host means all interfaces),
+    or on `sock`, a listening socket made elsewhere (an upgrade's); HTTPS too when `tls` has a
+    server-http-tls context, and PROXY protocol headers read with `proxy_protocol`
+    (listener.py)."""
     host, port = split_host_port(addr, listen=True)
 
     def https() -> tuple[ssl.SSLContext | None, TLSConfig]:
@@ -119,9 +139,12 @@ async def start_api(view: ProxyView, addr: str, tls: HTTPSContexts | None = None
     factory = runner.server
     assert factory is not None
     try:
-        listener = await asyncio.get_running_loop().create_server(
-            lambda: APIConnection(factory, https, proxy_protocol), host or None, port,
-            reuse_address=True)
+        loop = asyncio.get_running_loop()
+        listener = await (
+            loop.create_server(lambda: APIConnection(factory, https, proxy_protocol),
+                               sock=sock) if sock is not None else
+            loop.create_server(lambda: APIConnection(factory, https, proxy_protocol),
+                               host or None, port, reuse_address=True))
     except BaseException:
         await runner.cleanup()
         raise
@@ -151,13 +174,19 @@ def build_app(view: ProxyView,
         ("POST", "/api/admin/backends/{addr}/drain", _drain),
         ("POST", "/api/admin/backends/{addr}/undrain", _undrain),
         ("GET", "/api/admin/sessions", _sessions),
+        ("GET", "/api/admin/migrations", _migrations),
         ("POST", "/api/debug/redirect", _redirect),
+        ("POST", "/api/admin/upgrade", _upgrade),
         ("GET", "/metrics", _metrics),
         ("GET", "/api/metrics", _metrics),
+        *NamespaceRoutes(view.config, lambda change: _change_config(app, change)).routes(),
+        *traffic_routes(),
     ]
+    register_traffic(app, view, app[_REGISTRY])
     for method, path, handler in routes:
         app.router.add_route(method, path, handler)
         app.router.add_route(method, path + "/", handler)  # TiProxy registers groups with "/"
+    add_page_routes(app)
     return app
 
 
@@ -173,6 +202,7 @@ async def _health(request: web.Request) -> web.Response:
     body = {
         "config_checksum": config_checksum(view.config()),
         "unhealthy_reason": reason,
+        "version": __version__,  # ours: after an upgrade, the version that serves
         "status": "shutting down" if view.shutting_down else "unhealthy" if reason
         else "healthy",
         "discovery": dict(view.discovery_status()),
@@ -221,8 +251,6 @@ def _wants_json(request: web.Request) -> bool:
 
 async def _config_put(request: web.Request) -> web.Response:
     """TiProxy's online reload: a (partial) TOML document applied over the running config."""
-    view = request.app[_VIEW]
-    control = _control(view)
     try:
         text = (await request.read()).decode("utf-8")
     except web.HTTPRequestEntityTooLarge:
@@ -230,15 +258,25 @@ async def _config_put(request: web.Request) -> web.Response:
             {"error": f"the body is larger than {MAX_BODY_BYTES // 1024} KiB"}, status=413)
     except UnicodeDecodeError:
         return web.json_response({"error": "the body is not UTF-8 text"}, status=400)
-    async with request.app[_RELOAD_LOCK]:
-        running = view.config()
-        try:
-            cfg = merge_config(running, text)
-            await check_reload(running, cfg)
-        except ConfigError as e:
-            return web.json_response({"error": str(e)}, status=400)
-        await control.apply_config(cfg)
+    try:
+        cfg = await _change_config(request.app, lambda _running: text)
+    except ConfigError as e:
+        return web.json_response({"error": str(e)}, status=400)
     return web.json_response({"config_checksum": config_checksum(cfg)})
+
+
+async def _change_config(app: web.Application, change: Callable[[Config], str]) -> Config:
+    """Apply `change(running config)`, a partial TOML config, as every online change is
+    applied: one at a time, merged onto the running config, checked (config/reload.py), then
+    handed to the proxy. ConfigError says why it was refused; the running config then stays."""
+    view = app[_VIEW]
+    control = _control(view)
+    async with app[_RELOAD_LOCK]:
+        running = view.config()
+        cfg = merge_config(running, change(running))
+        await check_reload(running, cfg)
+        await control.apply_config(cfg)
+    return cfg
 
 
 async def _backends(request: web.Request) -> web.Response:
@@ -279,9 +317,30 @@ async def _sessions(request: web.Request) -> web.Response:
     return web.json_response([asdict(s) for s in sessions], dumps=_dumps)
 
 
+async def _migrations(request: web.Request) -> web.Response:
+    view = request.app[_VIEW]
+    await view.refresh()
+    stats = view.migration_stats()
+    body = history_json(stats.history, time.time())
+    body["totals"] = [{"from": source, "to": target, "reason": reason, "result": result,
+                       "count": count}
+                      for (source, target, reason, result), count in sorted(stats.counts.items())]
+    return web.json_response(body, dumps=_dumps)
+
+
 async def _redirect(request: web.Request) -> web.Response:
     count = await _control(request.app[_VIEW]).redirect_all()
     return web.json_response({"sessions": count})
+
+
+async def _upgrade(request: web.Request) -> web.Response:
+    """Ours: a new proxy process takes the listeners and the sessions over (202: started;
+    the old process hands sessions over in the background and then ends)."""
+    try:
+        pid = await _control(request.app[_VIEW]).upgrade()
+    except UpgradeError as e:
+        return web.json_response({"error": str(e)}, status=409)
+    return web.json_response({"pid": pid}, status=202)
 
 
 def _control(view: ProxyView) -> ProxyControl:

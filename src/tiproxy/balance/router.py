@@ -179,6 +179,19 @@ class Router:
                 log.info("backend %s left %s: draining", addr, source)
         self.forget_empty()
 
+    def adopted_backend(self, addr: str) -> Backend:
+        """The backend of a session handed over by the proxy's previous process: one this
+        process may not know (its config lost it), then kept, drained, while sessions use it."""
+        backend = self.backends.get(addr)
+        if backend is None:
+            host, port = split_addr(addr)
+            backend = Backend(addr, host, port,
+                              namespace=self._namespace_of.get(addr, DEFAULT_NAMESPACE))
+            backend.drained_by.add(DRAIN_REMOVED)
+            self.backends[addr] = backend
+            log.info("backend %s: known only to sessions handed over; draining", addr)
+        return backend
+
     def set_fail_list(self, addrs: tuple[str, ...]) -> None:
         self._fail_list = addrs
         for addr, backend in self.backends.items():

@@ -1,8 +1,11 @@
 """The process's logging from `[log]`: level, encoder (tidb, json, console) and log-file.
 
-`log-file.filename` sends the log to that file instead of stderr, rotated when it reaches
-`max-size` MB; `max-backups` rotated files are kept, and rotated files older than `max-days`
-days are removed at each rotation (0: no limit), as TiProxy's lumberjack logger does.
+`log-file.filename` sends the log to that file instead of stderr, rotated as TiProxy's
+lumberjack logger rotates it: when the file would pass `max-size` MB (0: TiProxy's 300) it is
+renamed to `<name>-<local time>.<ext>` (`proxy-2024-05-01T10-20-30.000.log`) and a new one is
+started; of the rotated files the newest `max-backups` are kept (0: all) and those older than
+`max-days` days are removed (0: no age limit). `level` may change while the proxy runs
+(`apply_level`); the encoder and the file are set up once, at start.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import logging.handlers
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from tiproxy.config.model import LogConfig
@@ -20,6 +24,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING
            "warning": logging.WARNING, "error": logging.ERROR, "panic": logging.CRITICAL}
 _TEXT = "[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s"
 _CONSOLE = "%(asctime)s %(levelname)-5s %(name)s %(message)s"
+DEFAULT_MAX_SIZE_MB = 300  # TiProxy's, for max-size = 0
+_STAMP = "%Y-%m-%dT%H-%M-%S"  # lumberjack's backup time format, then ".000" milliseconds
 
 
 class JSONFormatter(logging.Formatter):
@@ -33,23 +39,57 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-class _AgedRotatingFileHandler(logging.handlers.RotatingFileHandler):
-    def __init__(self, path: str, max_bytes: int, backups: int, max_days: int) -> None:
-        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
-        self._max_age = max_days * 86400.0
+class RotatingLogFile(logging.handlers.RotatingFileHandler):
+    """A log file rotated by size into time-stamped backups, pruned by count and by age."""
+
+    def __init__(self, path: str, max_size_mb: int, backups: int, max_days: int) -> None:
+        max_bytes = (max_size_mb or DEFAULT_MAX_SIZE_MB) * 1024 * 1024
+        super().__init__(path, maxBytes=max_bytes, encoding="utf-8")
+        self.max_backups = backups
+        self.max_age = max_days * 86400.0
 
     def doRollover(self) -> None:  # noqa: N802 - logging's name
-        super().doRollover()
-        if not self._max_age:
-            return
+        if self.stream:
+            self.stream.close()
+            self.stream = None  # reopened below, as logging does
+        self.rotate(self.baseFilename, self._backup_path(time.time()))
+        self.prune(time.time())
+        if not self.delay:
+            self.stream = self._open()
+
+    def _backup_path(self, now: float) -> str:
         base = Path(self.baseFilename)
-        cutoff = time.time() - self._max_age
-        for old in base.parent.glob(base.name + ".*"):
+        millis = int(now * 1000)
+        while True:  # two rotations within one millisecond must not overwrite a backup
+            stamp = datetime.fromtimestamp(millis / 1000)
+            name = f"{base.stem}-{stamp.strftime(_STAMP)}.{millis % 1000:03d}{base.suffix}"
+            path = base.with_name(name)
+            if not path.exists():
+                return str(path)
+            millis += 1
+
+    def backups(self) -> list[tuple[float, Path]]:
+        """The rotated files of this log, newest first, with the time in their names."""
+        base = Path(self.baseFilename)
+        found = []
+        for path in base.parent.glob(f"{base.stem}-*{base.suffix}"):
+            stamp = path.name[len(base.stem) + 1: len(path.name) - len(base.suffix)]
             try:
-                if old.stat().st_mtime < cutoff:
-                    old.unlink()
-            except OSError:
-                continue
+                when = datetime.strptime(stamp, _STAMP + ".%f").timestamp()
+            except ValueError:
+                continue  # not one of ours
+            found.append((when, path))
+        return sorted(found, reverse=True)
+
+    def prune(self, now: float) -> None:
+        for i, (when, path) in enumerate(self.backups()):
+            too_many = bool(self.max_backups) and i >= self.max_backups
+            too_old = bool(self.max_age) and when < now - self.max_age
+            if too_many or too_old:
+                try:
+                    path.unlink()
+                except OSError:
+                    continue
 
 
 def setup_logging(cfg: LogConfig | str) -> None:
@@ -58,8 +98,7 @@ def setup_logging(cfg: LogConfig | str) -> None:
     handler: logging.Handler
     file = log_cfg.log_file
     if file.filename:
-        handler = _AgedRotatingFileHandler(file.filename, file.max_size * 1024 * 1024,
-                                           file.max_backups, file.max_days)
+        handler = RotatingLogFile(file.filename, file.max_size, file.max_backups, file.max_days)
     else:
         handler = logging.StreamHandler(sys.stderr)
     if log_cfg.encoder == "json":
@@ -71,9 +110,17 @@ def setup_logging(cfg: LogConfig | str) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level_of(log_cfg))
+    apply_level(log_cfg)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def apply_level(cfg: LogConfig) -> None:
+    """`[log] level` as the root logger's level: at start, and when a reload changes it."""
+    root = logging.getLogger()
+    level = level_of(cfg)
+    if root.level != level:
+        root.setLevel(level)
+
+
 def level_of(cfg: LogConfig) -> int:
-    return _LEVELS.get(cfg.level, logging.INFO)
+    return _LEVELS.get(cfg.level.lower(), logging.INFO)

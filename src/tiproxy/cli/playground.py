@@ -179,6 +179,7 @@ def _banner(ns: argparse.Namespace, playground: Playground, startup_seconds: flo
         f"backends: {', '.join(addrs)} ({playground.description}, "
         f"up in {startup_seconds:.1f} s)",
         f"connect:  mariadb -h{host} -P{port} -u{ns.user} -p{ns.password} test",
+        f"status:   {api}/ (the status page, in a browser on this host)",
         f"api:      curl {api}/api/admin/backends",
         f"metrics:  curl {api}/metrics",
         "",

@@ -1,16 +1,30 @@
-"""The `tiproxy` command: run the proxy from a config file, or a local playground."""
+"""The `tiproxy` command: run the proxy from a config file, or a local playground.
+
+    tiproxy [--config FILE] [--advertise-addr HOST] [--config-info json] [--version]
+    tiproxy playground [...]
+
+TiProxy's flags, with its meanings: `--advertise-addr` overrides `[proxy] advertise-addr` (the
+address the proxy registers in PD's etcd) in the file and in every reload of it;
+`--config-info json` prints every config key with its type, default and whether a reload may
+change it, and exits. `--log_level` and `--log_encoder`, deprecated in TiProxy, which ignores
+them, are accepted and ignored with a warning: `[log]` sets both.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
+import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiproxy import __version__
+from tiproxy.api.interface import UpgradeError
 from tiproxy.cli.logs import setup_logging
 from tiproxy.config import Config, ConfigError, load_config, parse_config
 from tiproxy.config.files import (
@@ -19,7 +33,10 @@ from tiproxy.config.files import (
     check_config_files,
     read_small_file,
 )
+from tiproxy.config.info import ConfigInfoError, config_info
 from tiproxy.config.reload import check_reload
+from tiproxy.config.values import check_host
+from tiproxy.control.upgrade import Takeover, Upgrader
 from tiproxy.net.loop import install_event_loop
 from tiproxy.tls import TLSLoadError
 
@@ -30,7 +47,8 @@ log = logging.getLogger("tiproxy")
 WATCH_INTERVAL = 2.0  # seconds between looks at the config file, as TiProxy polls it
 
 
-async def serve(cfg: Config, config_path: Path | None = None) -> None:
+async def serve(cfg: Config, config_path: Path | None = None,
+                adjust: Callable[[Config], Config] = lambda cfg: cfg) -> None:
     """Run the proxy and its API until SIGINT/SIGTERM, then shut down gracefully.
 
     The config file is reloaded when it changes (looked at every WATCH_INTERVAL, as TiProxy
@@ -38,7 +56,8 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
     change, is refused with the key and the reason, and the running config stays. The
     signals are handled from before the
     ports open (a signal's default action would end the process): a SIGHUP that comes while the
-    proxy starts is carried out once it has started, a SIGTERM shuts it down then.
+    proxy starts is carried out once it has started, a SIGTERM shuts it down then. `adjust`
+    applies the command line's overrides to each config read from the file.
     """
     from tiproxy.api.server import start_api  # noqa: PLC0415
     from tiproxy.control.cluster import Cluster  # noqa: PLC0415
@@ -46,21 +65,31 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
     from tiproxy.net.server import ProxyServer  # noqa: PLC0415
     from tiproxy.workers.control import Workers, worker_count  # noqa: PLC0415
 
+    takeover = Takeover.from_environment()  # an upgrade's new process (control/upgrade.py)
     cluster = Cluster(cfg)
     workers = worker_count(cfg)
-    holder: SessionHolder = Workers(cluster, workers) if workers > 1 else ProxyServer.of(cluster)
+    holder: SessionHolder = Workers(cluster, workers, takeover) if workers > 1 \
+        else ProxyServer.of(cluster)
     server = Proxy(cluster, holder)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    reload = _Reloader(server, config_path) if config_path is not None else None
+    reload = _Reloader(server, config_path, adjust) if config_path is not None else None
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, reload.schedule)
+    if takeover is not None and isinstance(holder, ProxyServer):
+        await holder.serve_sockets([s for group in takeover.sockets() for s in group])
+        holder.take_ids_from(takeover.first_id)
     await server.start()
     api = await start_api(server, cfg.api.addr, cluster.tls,
-                          proxy_protocol=bool(cfg.api.proxy_protocol))
-    log.info("API listening on port %d", api.port)
+                          proxy_protocol=bool(cfg.api.proxy_protocol),
+                          sock=takeover.api_socket() if takeover is not None else None)
+    log.info("tiproxy %s (pid %d): API listening on port %d", __version__, os.getpid(), api.port)
+    server.upgrader = Upgrader(holder, lambda: api, lambda: _handed_over(server, stop))
+    loop.add_signal_handler(signal.SIGUSR2, lambda: _upgrade_soon(server))
+    if takeover is not None:
+        takeover.say_ready(await holder.open_receivers())
     watch = None
     if reload is not None:
         reload.started.set()
@@ -69,21 +98,46 @@ async def serve(cfg: Config, config_path: Path | None = None) -> None:
     log.info("shutting down")
     if watch is not None:
         watch.cancel()
-    server.begin_shutdown()
-    wait = server.config().proxy.graceful_wait_before_shutdown  # as reloaded, if it was
-    if wait:
-        await asyncio.sleep(wait)
+    if not server.handed_over:  # else the API is closed already: the new process serves it
+        server.begin_shutdown()
+        wait = server.config().proxy.graceful_wait_before_shutdown  # as reloaded, if it was
+        if wait:
+            await asyncio.sleep(wait)
     await server.stop()
-    await api.close()
+    if not server.handed_over:
+        await api.close()
+
+
+_upgrades: set[asyncio.Task[None]] = set()  # kept until done, or the loop may drop them
+
+
+def _upgrade_soon(server: Proxy) -> None:
+    """SIGUSR2: upgrade, as `tiproxyctl upgrade` does; a failure is logged, the proxy goes on."""
+
+    async def upgrade() -> None:
+        try:
+            await server.upgrade()
+        except UpgradeError as e:
+            log.error("upgrade refused: %s", e)  # noqa: TRY400 - the reason is the message
+
+    task = asyncio.get_running_loop().create_task(upgrade())
+    _upgrades.add(task)
+    task.add_done_callback(_upgrades.discard)
+
+
+def _handed_over(server: Proxy, stop: asyncio.Event) -> None:
+    server.handed_over = True
+    stop.set()
 
 
 class _Reloader:
     """Each SIGHUP, and each change of the file, schedules a reload of it; reloads run one at
     a time, in order, and read the file (and the files it names) in a thread."""
 
-    def __init__(self, server: Proxy, path: Path) -> None:
+    def __init__(self, server: Proxy, path: Path, adjust: Callable[[Config], Config]) -> None:
         self._server = server
         self._path = path
+        self._adjust = adjust
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()  # kept, or the loop may drop them
         self.started = asyncio.Event()  # reloads wait until the proxy has started
@@ -110,7 +164,7 @@ class _Reloader:
         await self.started.wait()
         async with self._lock:
             try:
-                cfg = await _read_config(self._path)
+                cfg = self._adjust(await _read_config(self._path))
                 await check_reload(self._server.config(), cfg)
             except ConfigError as e:
                 log.error("config reload refused, keeping the running config: %s", e)  # noqa: TRY400
@@ -143,15 +197,24 @@ def main(argv: list[str] | None = None) -> int:
         from tiproxy.cli.playground import main as playground_main  # noqa: PLC0415
 
         return playground_main(args[1:])
-    parser = argparse.ArgumentParser(prog="tiproxy", description="A MySQL-protocol proxy.")
-    parser.add_argument("--config", type=Path, help="TOML config file (TiProxy's keys)")
-    parser.add_argument("--version", action="version", version=f"tiproxy {__version__}")
-    ns = parser.parse_args(args)
+    ns = _parser().parse_args(args)
+    if ns.config_info is not None:
+        try:
+            print(config_info(ns.config_info))
+        except ConfigInfoError as e:
+            print(f"tiproxy: --config-info {e}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        adjust = _overrides(ns)
+    except _FlagError as e:
+        print(f"tiproxy: {e}", file=sys.stderr)
+        return 2
     # Until the event loop handles it (serve), a SIGHUP must not end the process: the file is
     # read after this point anyway.
     signal.signal(signal.SIGHUP, lambda _signum, _frame: None)  # SIG_IGN would pass to children
     try:
-        cfg = load_config(ns.config)
+        cfg = adjust(load_config(ns.config))
         check_config_files(cfg)  # before the loop runs, so reading them blocks nothing
     except ConfigError as e:
         print(f"tiproxy: invalid config: {e}", file=sys.stderr)
@@ -160,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tiproxy: cannot read config: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.log)
+    for flag in ("log_level", "log_encoder"):
+        if getattr(ns, flag) is not None:
+            log.warning("--%s is deprecated and ignored, as in TiProxy: [log] %s sets it", flag,
+                        flag.removeprefix("log_"))
     install_event_loop()
     try:
-        asyncio.run(serve(cfg, ns.config))
+        asyncio.run(serve(cfg, ns.config, adjust))
     except TLSLoadError as e:  # a certificate named in the config does not load
         print(f"tiproxy: invalid config: {e}", file=sys.stderr)
         return 2
@@ -170,6 +237,42 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", e)  # noqa: TRY400 - the reason is the message
         return 1
     return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tiproxy", description="A MySQL-protocol proxy.")
+    parser.add_argument("--config", type=Path, help="TOML config file (TiProxy's keys)")
+    parser.add_argument("--advertise-addr", metavar="HOST",
+                        help="the address this proxy registers in PD's etcd for clients to use "
+                             "(overrides [proxy] advertise-addr)")
+    parser.add_argument("--config-info", metavar="FORMAT",
+                        help="print every config key with its type, default and whether a "
+                             "reload may change it (FORMAT: json), and exit")
+    parser.add_argument("--log_level", help="deprecated and ignored, as in TiProxy: use [log]")
+    parser.add_argument("--log_encoder", help="deprecated and ignored, as in TiProxy: use [log]")
+    parser.add_argument("-v", "--version", action="version", version=f"tiproxy {__version__}")
+    return parser
+
+
+def _overrides(ns: argparse.Namespace) -> Callable[[Config], Config]:
+    """What the command line sets over every config read from the file (and its reloads)."""
+    advertise: str | None = ns.advertise_addr
+    if not advertise:  # an empty flag leaves the file's value, as in TiProxy
+        return lambda cfg: cfg
+    try:
+        check_host(advertise)
+    except ValueError as e:
+        raise _FlagError(f"--advertise-addr: {e}") from None
+
+    def adjust(cfg: Config) -> Config:
+        return dataclasses.replace(
+            cfg, proxy=dataclasses.replace(cfg.proxy, advertise_addr=advertise))
+
+    return adjust
+
+
+class _FlagError(Exception):
+    """A command-line flag's value is refused; the message names the flag."""
 
 
 if __name__ == "__main__":

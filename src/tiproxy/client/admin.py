@@ -42,15 +42,25 @@ class AdminConnection:
         self._deprecate_eof = deprecate_eof
         self.greeting = greeting  # the server's
 
+    @property
+    def leg(self) -> BackendLeg:
+        """The connection, for commands of the caller's own (a traffic replay)."""
+        return self._leg
+
+    @property
+    def deprecate_eof(self) -> bool:
+        return self._deprecate_eof
+
     @classmethod
     async def open(cls, host: str, port: int, user: str, password: str, *,
                    tls: ssl.SSLContext | None = None, require_tls: bool = False,
                    stage1: bytes | None = None, header: bytes | None = None,
-                   ) -> AdminConnection:
+                   capabilities: int = 0) -> AdminConnection:
         """Log in; over TLS when `tls` is given and the backend offers it (always, with
         `require_tls`: `[security] require-backend-tls`). With `stage1` (SHA1(password), a
         session's reusable credential; empty: no password) `password` is not used; `header`
-        (PROXY protocol) makes the login come from that session's client."""
+        (PROXY protocol) makes the login come from that session's client; `capabilities`
+        are asked for besides the proxy's own (where the server offers them)."""
         if stage1 is not None:
             known = stage1
 
@@ -64,7 +74,8 @@ class AdminConnection:
         leg = await BackendLeg.open(host, port, TIMEOUT, header=header)
         try:
             caps, greeting = await asyncio.wait_for(
-                _login(leg, host, user, answer, tls=tls, require_tls=require_tls), TIMEOUT)
+                _login(leg, host, user, answer, tls=tls, require_tls=require_tls,
+                       capabilities=capabilities), TIMEOUT)
         except BaseException:
             leg.abort()
             raise
@@ -79,13 +90,14 @@ class AdminConnection:
 
 
 async def _login(leg: BackendLeg, host: str, user: str, answer: Callable[[bytes], bytes], *,
-                 tls: ssl.SSLContext | None, require_tls: bool) -> tuple[int, Greeting]:
+                 tls: ssl.SSLContext | None, require_tls: bool,
+                 capabilities: int = 0) -> tuple[int, Greeting]:
     """Log in; (the capabilities used, the server's greeting)."""
     _, payload = await leg.read_packet()
     if payload[:1] == b"\xff":
         raise sql_error(payload)
     greeting = parse_greeting(payload)
-    caps = _CAPS & greeting.capabilities | Capability.PROTOCOL_41
+    caps = (_CAPS | capabilities) & greeting.capabilities | Capability.PROTOCOL_41
     use_tls = tls is not None and bool(greeting.capabilities & Capability.SSL)
     if require_tls and not use_tls:
         why = "sql-tls is not configured" if tls is None else "the backend does not offer TLS"

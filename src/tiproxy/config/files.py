@@ -18,6 +18,7 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from tiproxy.config.load import ConfigError
 from tiproxy.config.model import Config
@@ -28,6 +29,7 @@ USERS_FILE_LIMIT = 16 * MIB  # `user *HEX` lines: 16 MiB holds some 250,000 acco
 TOKEN_FILE_LIMIT = 4 * KIB  # one bearer token
 TLS_FILE_LIMIT = 1 * MIB  # a PEM certificate chain, key or CA bundle
 CONFIG_FILE_LIMIT = 1 * MIB  # the TOML config itself, when SIGHUP re-reads it
+KEY_FILE_LIMIT = 4 * KIB  # TiProxy's encryption key: 32 bytes (and perhaps a newline)
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
 
@@ -63,6 +65,24 @@ def read_small_file(path: str | os.PathLike[str], limit: int) -> bytes:
         raise FileRefusedError(f"cannot read: {e.strerror or e}") from None
     finally:
         os.close(fd)
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """The regular file at `path` opened for reading, with read_small_file's checks but no
+    size limit: for files read as a stream (traffic captures). Raises FileRefusedError."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise FileRefusedError("not a regular file")
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        raise FileRefusedError(f"cannot open: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FileRefusedError("not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
 def _read_at_most(fd: int, limit: int) -> bytes:
@@ -106,6 +126,7 @@ _TLS_OBJECTS = ("server_tls", "server_http_tls", "cluster_tls", "sql_tls")
 CONFIG_FILES: tuple[NamedFile, ...] = (
     _named("security.users_file", USERS_FILE_LIMIT),
     _named("api.auth_token_file", TOKEN_FILE_LIMIT),
+    _named("security.encryption_key_path", KEY_FILE_LIMIT),
     *(_named(f"security.{obj}.{part}", TLS_FILE_LIMIT)
       for obj in _TLS_OBJECTS for part in ("cert", "key", "ca")),
 )

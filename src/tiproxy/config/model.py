@@ -23,6 +23,7 @@ from tiproxy.config.values import (
     check_host,
     check_listen_addr,
     check_listen_addr_list,
+    check_namespace_name,
     each,
     format_duration,
     in_range,
@@ -48,7 +49,7 @@ ONLINE = "online"
 REDACTED = "******"
 
 PROXY_PROTOCOLS = ("", "v2")
-LOG_LEVELS = ("debug", "info", "warn", "error", "panic")
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "panic")  # any case, as zap reads
 LOG_ENCODERS = ("tidb", "json", "console")
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 BALANCE_POLICIES = ("resource", "location", "connection")
@@ -113,6 +114,8 @@ _ADDR_LIST = rules(check=all_of(each(check_dial_addr), unique))
 _PD_ADDRS = rules(check=all_of(each(check_dial_addr), unique), decode=_decode_addr_list)
 _BACKEND_NAMES = rules(check=all_of(each(check_backend_name), unique))
 _CONN_BUFFER_SIZE = rules(check=zero_or_range(_MIN_CONN_BUFFER_SIZE, _MAX_CONN_BUFFER_SIZE))
+# What a session records of an open transaction for a replay: 1 KiB to 64 MiB.
+_REPLAY_SIZE = rules(check=zero_or_range(1024, 64 << 20))
 # RSA keys for auto-certs: 0 is TiProxy's default (4096); smaller than 2048 is not safe.
 _RSA_KEY_SIZE = rules(check=zero_or_range(2048, 16384))
 
@@ -147,6 +150,9 @@ def _encode_backend_labels(value: tuple[BackendLabels, ...]) -> dict[str, dict[s
     return {b.addr: dict(b.labels) for b in value}
 
 
+DEFAULT_NAMESPACE_NAME = "default"  # TiProxy's: users in no namespace; [proxy] backend-addrs
+
+
 @dataclass(frozen=True)
 class NamespaceConfig:
     """Ours, in the spirit of TiProxy's namespaces: these users go to these backends only."""
@@ -162,7 +168,15 @@ def _decode_namespaces(raw: object) -> tuple[NamespaceConfig, ...]:
         raise TypeError("a table of namespaces")
     out = []
     seen_users: set[str] = set()
+    seen_addrs: dict[str, str] = {}
     for name, table in raw.items():
+        try:
+            check_namespace_name(name)
+        except ValueError as e:
+            raise ItemError(f".{name}", str(e)) from None
+        if name == DEFAULT_NAMESPACE_NAME:
+            raise ItemError(f".{name}", "the name of TiProxy's default namespace, which is "
+                            "[proxy] backend-addrs: give this one another name")
         if not isinstance(table, dict) or set(table) - {"users", "backend-addrs"}:
             raise ItemError(f".{name}", "expected a table with users and backend-addrs")
         users, addrs = table.get("users", []), table.get("backend-addrs", [])
@@ -174,6 +188,10 @@ def _decode_namespaces(raw: object) -> tuple[NamespaceConfig, ...]:
                 check_dial_addr(addr)
             except ValueError as e:
                 raise ItemError(f".{name}.backend-addrs[{i}]", str(e)) from None
+            other = seen_addrs.setdefault(addr, name)
+            if other != name or addrs.index(addr) != i:
+                raise ItemError(f".{name}.backend-addrs[{i}]",
+                                f"{addr} is in namespace {other!r} already")
         if not addrs:
             raise ItemError(f".{name}.backend-addrs", "a namespace needs backends")
         for user in users:
@@ -218,6 +236,7 @@ class ProxyConfig:
 
     addr: str = field(default="0.0.0.0:6000",
                       metadata=rules(check=check_listen_addr_list, online=False))
+    # TiProxy's: the host registered in PD's etcd with pd-addrs (discovery/registration.py).
     advertise_addr: str = field(default="", metadata=rules(check=check_host, online=False))
     pd_addrs: tuple[str, ...] = field(default=(), metadata=_PD_ADDRS)
     backend_addrs: tuple[str, ...] = field(default=(), metadata=_ADDR_LIST)  # ours: static list
@@ -243,16 +262,16 @@ class ProxyConfig:
     graceful_close_conn_timeout: int = field(default=15, metadata=COUNT)  # seconds
     fail_backend_list: tuple[str, ...] = field(default=(), metadata=_BACKEND_NAMES)
     failover_timeout: int = field(default=60, metadata=COUNT)  # seconds
+    # Ours: replay an open transaction on another backend when its own dies, or after a
+    # deadlock or a lock wait timeout (net/replay.py), recording at most this many bytes of
+    # statements per transaction. Read when a session logs in.
+    transaction_replay: bool = False
+    transaction_replay_max_size: int = field(default=1 << 20, metadata=_REPLAY_SIZE)
     # Ours: DNS names ("name:port") re-resolved every dns-interval, one backend per address.
     backend_dns: tuple[str, ...] = field(default=(), metadata=_ADDR_LIST)
     dns_interval: float = field(default=5.0, metadata=DURATION)
     backend_labels: tuple[BackendLabels, ...] = field(
         default=(), metadata=rules(decode=_decode_backend_labels, encode=_encode_backend_labels))
-
-    def cross_check(self) -> tuple[str, str] | None:
-        return not_built(self, {
-            "advertise-addr": "the proxy registers itself nowhere (no TiProxy topology in etcd)",
-        })
 
     @property
     def buffer_size(self) -> int:
@@ -277,6 +296,11 @@ class APIConfig:
     auth_token_file: str = ""
 
 
+def _check_log_level(value: str) -> None:
+    if value.lower() not in LOG_LEVELS:
+        raise ValueError(f"{value!r} is not one of {', '.join(map(repr, LOG_LEVELS))}")
+
+
 @dataclass(frozen=True)
 class LogFileConfig:
     filename: str = ""  # empty: log to stderr only
@@ -287,9 +311,10 @@ class LogFileConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """`[log]`: set up once at start."""
+    """`[log]`: the encoder and the file are set up once at start; the level follows reloads."""
 
-    level: str = field(default="info", metadata=offline(one_of_rules(*LOG_LEVELS)))
+    # Online, as in TiProxy: a reload sets the new level (cli/logs.py apply_level).
+    level: str = field(default="info", metadata=rules(check=_check_log_level))
     encoder: str = field(default="tidb", metadata=offline(one_of_rules(*LOG_ENCODERS)))
     log_file: LogFileConfig = field(default=LogFileConfig(), metadata=offline())
 
@@ -363,6 +388,9 @@ class SecurityConfig:
     # mysql.user read by auth-sync-user every auth-sync-interval (and after a failed match).
     users_file: str = ""
     auth_sync_interval: float = field(default=60.0, metadata=DURATION)
+    # TiProxy's: the AES-256 key of encrypted traffic captures (its first 32 bytes). A path:
+    # the file's content is the secret, and is read only when a capture or replay needs it.
+    encryption_key_path: str = ""
 
     def cross_check(self) -> tuple[str, str] | None:
         """(key, reason) for a TLS object used in a way the proxy does not build."""
@@ -469,6 +497,19 @@ class Config:
     health: HealthConfig = field(default=HealthConfig())
     namespaces: tuple[NamespaceConfig, ...] = field(
         default=(), metadata=rules(decode=_decode_namespaces, encode=_encode_namespaces))
+    # TiProxy's: false refuses the /api/traffic routes (capture, replay, cancel, show).
+    enable_traffic_replay: bool = True
+
+    def cross_check(self) -> tuple[str, str] | None:
+        """A backend belongs to one namespace: the default one ([proxy] backend-addrs) or one
+        of [namespaces]."""
+        default = set(self.proxy.backend_addrs)
+        for ns in self.namespaces:
+            for i, addr in enumerate(ns.backend_addrs):
+                if addr in default:
+                    return (f"namespaces.{ns.name}.backend-addrs[{i}]",
+                            f"{addr} is in [proxy] backend-addrs (the default namespace) too")
+        return None
 
 
 # Config classes the running proxy reads only at start, for classes whose fields carry no

@@ -110,6 +110,20 @@ def check_host(value: str) -> None:
             raise ValueError(f"{value!r}: give the host only, without a port") from None
 
 
+NAMESPACE_NAME_LIMIT = 128
+
+
+def check_namespace_name(name: str) -> None:
+    """A namespace's name travels in URL paths (/api/admin/namespace/NAME) and TOML keys."""
+    if not name:
+        raise ValueError("a namespace needs a name")
+    if len(name) > NAMESPACE_NAME_LIMIT:
+        raise ValueError(f"a namespace name is at most {NAMESPACE_NAME_LIMIT} characters")
+    if "/" in name or any(c.isspace() or not c.isprintable() for c in name):
+        raise ValueError(f"{name!r}: a namespace name has no '/', white space or control "
+                         "characters")
+
+
 def check_backend_name(value: str) -> None:
     """An entry of `fail-backend-list`: a backend's name (a pod name) or its host:port."""
     if not value.strip():

@@ -9,7 +9,10 @@ One Cluster per proxy, in its only process or in the control process of `[proxy]
   another one (always in a thread, through config.files.read_small_file: a FIFO or /dev/zero
   must not stall the loop), and the backends' own, read by `auth-sync-user` every
   `auth-sync-interval` and soon after a login matched none of them;
-- the TLS contexts (tls/store.py) and the config in force.
+- the TLS contexts (tls/store.py) and the config in force;
+- this proxy's registration in PD's etcd when `pd-addrs` is set (discovery/registration.py),
+  started again at the new place when a reload changes `pd-addrs` or `cluster-tls`, removed
+  by `unregister()` at a clean shutdown.
 It never holds a session: whoever holds them (net/server.py, or the workers) is told through
 `on_credentials`, and asks through the methods of net/server.py's ControlPlane.
 """
@@ -33,6 +36,7 @@ from tiproxy.client.admin import AdminConnection
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_file
 from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
+from tiproxy.discovery.registration import ProxyInfo, TopologyRegistration
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import parse_greeting
 from tiproxy.session.credentials import CredentialStore, UsersFileError
@@ -64,6 +68,10 @@ class Cluster:
         self._running_sources: dict[str, DiscoverySource] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._template_probe: asyncio.Task[None] | None = None
+        self.registration: TopologyRegistration | None = None
+        self._registered_at: tuple[str, ...] = ()  # the settings it was started with
+        self._info: ProxyInfo | None = None  # what it registers: the address is fixed at start
+        self._started = time.time()
         self._sync_now = asyncio.Event()
         self._last_sync = 0.0
 
@@ -76,6 +84,7 @@ class Cluster:
         self._tasks = [loop.create_task(self._sync_loop()), loop.create_task(self.health.run()),
                        loop.create_task(self.tls.watch())]
         self._start_sources()
+        await self._register()
         if self.config.security.auth_sync_user:
             self._sync_now.set()  # the first sync at once: sessions need hashes to move
 
@@ -95,6 +104,7 @@ class Cluster:
         self.tls.reconfigure(cfg)
         self._configure_router(cfg)
         self._start_sources()
+        await self._register()
         self._sync_now.set()
 
     def _configure_router(self, cfg: Config) -> None:
@@ -126,6 +136,28 @@ class Cluster:
             if source is not None:
                 self._sources[name] = (settings, loop.create_task(source.run(self.router)))
                 self._running_sources[name] = source
+
+    async def _register(self) -> None:
+        """Registration follows `pd-addrs` and `cluster-tls`: started, moved, or stopped."""
+        proxy, tls = self.config.proxy, self.config.security.cluster_tls
+        wanted = (*proxy.pd_addrs, repr(tls)) if proxy.pd_addrs else ()
+        if wanted == self._registered_at:
+            return
+        await self.unregister()
+        self._registered_at = wanted
+        if proxy.pd_addrs:
+            if self._info is None:
+                self._info = ProxyInfo.of(self.config, self._started)
+            self.registration = TopologyRegistration(proxy.pd_addrs, self._info, self.tls.cluster)
+            self.registration.start()
+
+    async def unregister(self, handed_over: bool = False) -> None:
+        """Remove this proxy's entry from etcd (a clean shutdown, or pd-addrs changed); after
+        an upgrade (`handed_over`) the entry is the new process's: only the lease goes."""
+        registration, self.registration = self.registration, None
+        self._registered_at = ()
+        if registration is not None:
+            await registration.stop(delete=not handed_over)
 
     # -- what sessions report -----------------------------------------------------------------
 
@@ -241,8 +273,12 @@ class Cluster:
         ]
 
     def discovery_status(self) -> dict[str, str]:
-        """Each running discovery source: "ok", or why it cannot reach its origin."""
-        return {name: source.error or "ok" for name, source in self._running_sources.items()}
+        """Each running discovery source, and the registration: "ok", or why it cannot reach
+        its origin."""
+        status = {name: source.error or "ok" for name, source in self._running_sources.items()}
+        if self.registration is not None:
+            status["registration"] = self.registration.error or "ok"
+        return status
 
     def server_errors(self) -> Counter[str]:
         return self.tls.errors + self.errors

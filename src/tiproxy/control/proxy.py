@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from tiproxy.api.interface import HealthStats, ServerStats
+from tiproxy.api.interface import HealthStats, ServerStats, UpgradeError
 from tiproxy.balance.balancer import INTERVAL
+from tiproxy.cli.logs import apply_level
 from tiproxy.control.memory import effective_threshold, memory_use
 from tiproxy.control.monitor import ClockMonitor
+from tiproxy.control.upgrade import Upgrader
+from tiproxy.traffic.jobs import TrafficJobs
 
 if TYPE_CHECKING:
     from tiproxy.api.interface import BackendView, MigrationStats, SessionGauges, SessionView
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from tiproxy.config import Config
     from tiproxy.control.cluster import Cluster
     from tiproxy.net.counters import DataPlaneCounts
+    from tiproxy.traffic.sink import Deliver
 
 log = logging.getLogger("tiproxy.server")
 MEMORY_INTERVAL = 1.0  # seconds between looks at the memory use
@@ -34,7 +39,8 @@ MEMORY_INTERVAL = 1.0  # seconds between looks at the memory use
 
 class SessionHolder(Protocol):
     async def start(self) -> None: ...
-    async def stop(self, timeout: float) -> None: ...  # closes the sessions gracefully
+    # Closes the sessions gracefully; `linger`: after an upgrade, they may end by themselves.
+    async def stop(self, timeout: float, linger: bool = False) -> None: ...
     def connection_count(self) -> int: ...
     async def session_views(self) -> list[SessionView]: ...
     async def redirect_all(self) -> int: ...
@@ -52,6 +58,16 @@ class SessionHolder(Protocol):
     def data_plane_processes(self) -> int: ...
     def set_memory_high(self, reason: str) -> None: ...  # "" lets new clients in again
     def pids(self) -> list[int]: ...  # the proxy's processes
+    # An upgrade (control/upgrade.py's DataPlane, and the new process's receivers).
+    def listening(self) -> list[list[socket.socket]]: ...
+    async def max_session_id(self) -> int: ...
+    def hand_over(self, receivers: list[str]) -> None: ...
+    async def handed_over(self) -> None: ...
+    async def open_receivers(self) -> list[str]: ...
+    # A traffic capture (traffic/): every session, open or to come, records into `deliver`.
+    def start_capture(self, deliver: Deliver) -> None: ...
+    async def stop_capture(self) -> int: ...  # the commands dropped, now final
+    def capture_dropped(self) -> int: ...
 
 
 class Proxy:
@@ -68,6 +84,10 @@ class Proxy:
         self.monitor = ClockMonitor()
         self.events: Counter[str] = Counter()  # tiproxy_server_event: start, close
         self._reloading = asyncio.Lock()  # reloads one at a time, cluster and holder alike
+        self.upgrader: Upgrader | None = None  # set by whoever serves (cli/server.py)
+        self.handed_over = False  # an upgrade gave everything to a new process
+        self.traffic = TrafficJobs(holder, lambda: self.cluster.config,
+                                   lambda: int(getattr(holder, "port", 0)))
 
     async def start(self) -> None:
         await self.cluster.start()
@@ -91,8 +111,22 @@ class Proxy:
         for task in (self._rebalancing, self._watching_memory, self._monitoring):
             if task is not None:
                 task.cancel()
+        await self.traffic.close()
         self.cluster.stop()
-        await self.holder.stop(self.cluster.config.proxy.graceful_close_conn_timeout)
+        await self.holder.stop(self.cluster.config.proxy.graceful_close_conn_timeout,
+                               linger=self.handed_over)
+        # Last, as TiProxy: the proxy is listed while it drains.
+        await self.cluster.unregister(handed_over=self.handed_over)
+
+    async def upgrade(self) -> int:
+        """Start a new proxy process that takes everything over (control/upgrade.py); its
+        pid. Rebalancing stops here: the new process balances from now on."""
+        if self.upgrader is None:
+            raise UpgradeError("this proxy cannot upgrade itself (not started by tiproxy)")
+        pid = await self.upgrader.upgrade()
+        if self._rebalancing is not None:
+            self._rebalancing.cancel()
+        return pid
 
     async def _rebalance(self) -> None:
         while True:
@@ -192,5 +226,6 @@ class Proxy:
     async def apply_config(self, cfg: Config) -> None:
         """A reloaded config, checked by config.reload."""
         async with self._reloading:
+            apply_level(cfg.log)
             await self.cluster.apply_config(cfg)
             self.holder.config_changed(cfg)

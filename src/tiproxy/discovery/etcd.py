@@ -25,18 +25,27 @@ linearizable range, which also fails on a member cut off from its quorum.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import random
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 
 from tiproxy.discovery.base import BackendSink, DiscoveredBackend
+from tiproxy.discovery.etcdapi import (
+    FAILURES,
+    MAX_MESSAGE_BYTES,
+    EtcdError,
+    b64,
+    endpoint_url,
+    json_object,
+    post,
+    prefix_range_end,
+    unb64,
+)
 
 log = logging.getLogger("tiproxy.discovery")
 
@@ -47,9 +56,6 @@ _TTL = "ttl"
 # A topology holds one entry per TiDB; a writer gone wrong must not grow our map (and the set
 # handed to the router) without limit. Far above any real cluster.
 MAX_BACKENDS = 1024
-# Bounds one range body and one line of the watch stream. A real TiDB's info is ~300 bytes, so a
-# full MAX_BACKENDS topology is ~1.5 MB; this stops a peer from making us buffer without end.
-_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # One info document; larger ones are not TiDB's and are ignored rather than parsed.
 _MAX_INFO_BYTES = 64 * 1024
 _BACKOFF_FIRST = 0.2
@@ -59,44 +65,8 @@ _BACKOFF_MAX = 2.0  # TiProxy retries its topology read every second; stay in th
 _REQUIRE_LEADER = {"Grpc-Metadata-hasleader": "true"}
 
 
-class EtcdError(Exception):
-    """etcd answered, but not with something we can use (HTTP error, error object, bad shape)."""
-
-
 class _CompactedRevisionError(Exception):
     """The watch's start revision was compacted away: read the whole range again."""
-
-
-# What a failed attempt to talk to an endpoint can raise (ValueError, KeyError and TypeError: an
-# answer of the wrong shape); anything else is a bug and propagates.
-_FAILURES = (EtcdError, aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError, TypeError)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: object) -> bytes:
-    if not isinstance(text, str):
-        raise EtcdError(f"expected base64 text, got {type(text).__name__}")
-    return base64.b64decode(text, validate=True)
-
-
-def prefix_range_end(prefix: bytes) -> bytes:
-    """etcd's `range_end` that selects every key starting with `prefix`: the prefix plus one."""
-    end = bytearray(prefix)
-    while end and end[-1] == 0xFF:
-        end.pop()
-    if not end:
-        return b"\0"  # every key
-    end[-1] += 1
-    return bytes(end)
-
-
-def _object(value: object, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise EtcdError(f"{what}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def parse_tidb_info(addr: str, value: bytes) -> DiscoveredBackend | None:
@@ -191,7 +161,7 @@ class TopologyView:
 class LineSplitter:
     """Cuts the watch stream into lines; a line longer than `limit` is a protocol error."""
 
-    def __init__(self, limit: int = _MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, limit: int = MAX_MESSAGE_BYTES) -> None:
         self._limit = limit
         self._partial = bytearray()
 
@@ -215,11 +185,11 @@ class LineSplitter:
 
 def apply_watch_message(line: bytes, view: TopologyView) -> int:
     """Apply one line of the watch stream to `view`; returns how many events it carried."""
-    doc = _object(json.loads(line), "watch message")
+    doc = json_object(json.loads(line), "watch message")
     if "error" in doc:
-        error = _object(doc["error"], "watch error")
+        error = json_object(doc["error"], "watch error")
         raise EtcdError(f"watch failed: {error.get('message', error)}")
-    result = _object(doc.get("result", {}), "watch result")
+    result = json_object(doc.get("result", {}), "watch result")
     if result.get("canceled"):
         compacted = int(result.get("compact_revision", 0))
         if compacted:
@@ -227,28 +197,13 @@ def apply_watch_message(line: bytes, view: TopologyView) -> int:
         raise EtcdError(f"watch canceled: {result.get('cancel_reason', 'no reason given')}")
     events = result.get("events", [])
     for event in events:
-        kv = _object(_object(event, "watch event").get("kv"), "watch event kv")
-        key = _unb64(kv["key"])
+        kv = json_object(json_object(event, "watch event").get("kv"), "watch event kv")
+        key = unb64(kv["key"])
         if event.get("type") == "DELETE":
             view.delete(key)
         else:  # PUT is enum value 0, which the gateway leaves out
-            view.put(key, _unb64(kv.get("value", "")))
+            view.put(key, unb64(kv.get("value", "")))
     return len(events)
-
-
-def _endpoint_url(endpoint: str, tls: bool = False) -> str:
-    """A pd-addrs entry as a URL: "host:port" is http, or https with `[security] cluster-tls`."""
-    url = endpoint if "://" in endpoint else f"{'https' if tls else 'http'}://{endpoint}"
-    return url.rstrip("/")
-
-
-async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    body = bytearray()
-    async for chunk in stream.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise EtcdError(f"response longer than {limit} bytes")
-    return bytes(body)
 
 
 class EtcdTopology:
@@ -263,7 +218,7 @@ class EtcdTopology:
         if not endpoints:
             raise ValueError("etcd discovery needs at least one endpoint")
         self._tls = tls  # `[security] cluster-tls`: etcd is reached over HTTPS
-        self._urls = [_endpoint_url(e, tls is not None) for e in endpoints]
+        self._urls = [endpoint_url(e, tls is not None) for e in endpoints]
         self._prefix = prefix if prefix.endswith("/") else prefix + "/"
         self._timeout = timeout
         self._idle = 2 * timeout  # a watch silent this long is probed
@@ -285,7 +240,7 @@ class EtcdTopology:
                 except _CompactedRevisionError as exc:
                     log.info("etcd %s: %s; reading the topology again", url, exc)
                     continue
-                except _FAILURES as exc:
+                except FAILURES as exc:
                     detail = str(exc) or "no detail"
                     self.error = f"{url}: {exc.__class__.__name__}: {detail}"
                     log.warning("etcd discovery: %s; keeping the last set", self.error)
@@ -303,28 +258,21 @@ class EtcdTopology:
         self._publish(sink, view)
         await self._watch(session, url, view, revision + 1, sink)
 
-    async def _post(self, session: aiohttp.ClientSession, url: str, body: object) -> dict[str, Any]:
-        async with session.post(url, json=body) as resp:
-            raw = await _read_bounded(resp.content, _MAX_MESSAGE_BYTES)
-            if resp.status != 200:
-                raise EtcdError(f"HTTP {resp.status} from {url}: {raw[:200]!r}")
-        return _object(json.loads(raw), url)
-
     def _range_body(self, **extra: object) -> dict[str, object]:
         key = self._prefix.encode()
-        return {"key": _b64(key), "range_end": _b64(prefix_range_end(key)), **extra}
+        return {"key": b64(key), "range_end": b64(prefix_range_end(key)), **extra}
 
     async def _read_range(
         self, session: aiohttp.ClientSession, url: str
     ) -> tuple[TopologyView, int]:
         # Two keys per TiDB; the limit bounds the answer, `more` says it was cut.
         body = self._range_body(limit=str(2 * MAX_BACKENDS))
-        doc = await self._post(session, f"{url}/v3/kv/range", body)
-        revision = int(_object(doc.get("header"), "range header")["revision"])
+        doc = await post(session, f"{url}/v3/kv/range", body)
+        revision = int(json_object(doc.get("header"), "range header")["revision"])
         view = TopologyView(self._prefix)
         for item in doc.get("kvs", []):
-            kv = _object(item, "range kv")
-            view.put(_unb64(kv["key"]), _unb64(kv.get("value", "")))
+            kv = json_object(item, "range kv")
+            view.put(unb64(kv["key"]), unb64(kv.get("value", "")))
         if doc.get("more") or view.ignored:
             log.warning("etcd %s: topology over %d servers; the rest is ignored", url, MAX_BACKENDS)
         return view, revision
@@ -366,7 +314,7 @@ class EtcdTopology:
                 async with asyncio.timeout(self._idle):
                     return await stream.readany()
             except TimeoutError:
-                await self._post(session, f"{url}/v3/kv/range", self._range_body(count_only=True))
+                await post(session, f"{url}/v3/kv/range", self._range_body(count_only=True))
 
     def _publish(self, sink: BackendSink, view: TopologyView) -> None:
         current = view.backends()

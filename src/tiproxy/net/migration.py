@@ -37,6 +37,7 @@ from tiproxy.protocol.packets import (
 )
 from tiproxy.protocol.tracker import ok_status
 from tiproxy.session.dialects import mysql as mysql_dialect
+from tiproxy.session.rebuild import Snapshot
 from tiproxy.session.statements import SESSION_ONLY_TYPES
 
 if TYPE_CHECKING:
@@ -83,21 +84,29 @@ class MoveResult:
     status: int
     stmt_ids: dict[int, int]  # client id -> new backend id
     database: bytes | None = None  # the current database after the move (b"": none; None: ?)
+    captured: mysql_dialect.CapturedState | None = None  # what the move captured (MySQL)
 
 
-async def move_session(session: Session, target: Backend) -> MoveResult:
-    old = session.backend_leg
-    assert old is not None
+async def move_session(session: Session, target: Backend,
+                       snapshot: Snapshot | None = None) -> MoveResult:
+    """Capture the session on its backend, log in to `target`, restore it there. With a
+    `snapshot` (its old backend is gone: session/rebuild.py), restore that instead; the old
+    connection is then not touched."""
+    old = session.backend_leg if snapshot is None else None
     deprecate_eof = bool(session.backend_caps & Capability.DEPRECATE_EOF)
-    old.detach()
-    try:
-        captured = await _capture(session, old, deprecate_eof)
-    except HiddenStateError as e:
-        raise MigrationError("check", str(e), old_intact=_reattach(old, session),
-                             pinned=True, recheck=e.recheck) from e
-    except Exception as e:
-        raise MigrationError("capture", _why(e), old_intact=_reattach(old, session),
-                             cause=e) from e
+    if old is not None:
+        old.detach()
+        try:
+            captured = await _capture(session, old, deprecate_eof)
+        except HiddenStateError as e:
+            raise MigrationError("check", str(e), old_intact=_reattach(old, session),
+                                 pinned=True, recheck=e.recheck) from e
+        except Exception as e:
+            raise MigrationError("capture", _why(e), old_intact=_reattach(old, session),
+                                 cause=e) from e
+    else:
+        assert snapshot is not None
+        captured = _Captured(mysql=snapshot.state, replays=snapshot.replays, rebuilt=True)
     try:
         new = await BackendLeg.open(target.host, target.port, header=session.backend_header())
     except Exception as e:
@@ -116,7 +125,8 @@ async def move_session(session: Session, target: Backend) -> MoveResult:
     current = None
     if captured.mysql is not None:
         current = captured.mysql.database or b""
-    return MoveResult(new, connection_id, status, stmt_ids, current)
+    return MoveResult(new, connection_id, status, stmt_ids, current,
+                      None if captured.rebuilt else captured.mysql)
 
 
 class HiddenStateError(Exception):
@@ -128,8 +138,8 @@ class HiddenStateError(Exception):
         self.recheck = recheck
 
 
-def _reattach(old: BackendLeg, session: Session) -> bool:
-    if old.closed or not old.clean:
+def _reattach(old: BackendLeg | None, session: Session) -> bool:
+    if old is None or old.closed or not old.clean:
         return False
     old.attach(session)
     return True
@@ -145,6 +155,8 @@ class _Captured:
     tidb_states: bytes = b""
     tidb_token: bytes = b""
     galera_gtid: str = ""  # the session's last write on a Galera node: read it back after
+    replays: tuple[bytes, ...] = ()  # a snapshot's SET statements, run after the restore
+    rebuilt: bool = False  # from a snapshot: the old backend was not asked
 
 
 # Galera: a move must not let the session read from a node that has not yet applied its own last
@@ -180,26 +192,80 @@ async def _start_tls(session: Session, leg: BackendLeg, offered: int,
 
 async def _capture_mysql(session: Session, leg: BackendLeg,
                          deprecate_eof: bool) -> mysql_dialect.CapturedState:
+    state = await read_mysql_state(session, leg, deprecate_eof)
+    _check_unseen(session, state)
+    return state
+
+
+async def read_mysql_state(session: Session, leg: BackendLeg,
+                           deprecate_eof: bool) -> mysql_dialect.CapturedState:
     """Database, variables and user variables: listed by information_schema.USER_VARIABLES
-    where the server has it, else read by the names the session's statements used."""
+    where the server has it, else read by the names the session's statements used. Also what
+    a traffic capture writes first for a session it joins (traffic/rebuild.py)."""
     backend = session.backend
     users, rows = await _capture_rows(leg, backend, deprecate_eof)
     state = mysql_dialect.parse_capture(rows)
     await _capture_session_only(session, leg, deprecate_eof, state)
+    await _user_values(session, leg, deprecate_eof, state, users)
+    return state
+
+
+async def capture_user_variables(session: Session, leg: BackendLeg) -> \
+        tuple[list[mysql_dialect.UserVariable], int | None]:
+    """The user variables and LAST_INSERT_ID() (None where USER_VARIABLES is missing: not
+    read), for a checkpoint after a statement that changed only user variables."""
+    deprecate_eof = bool(session.backend_caps & Capability.DEPRECATE_EOF)
+    backend = session.backend
+    state = mysql_dialect.CapturedState()
+    users = backend is None or backend.user_variables_table is not False
     if users:
+        try:
+            result = await query(leg, mysql_dialect.capture_user_sql(), deprecate_eof)
+        except SQLError as e:
+            if backend is None or mysql_dialect.missing_table(e.code, e.message) is None:
+                raise
+            backend.user_variables_table = users = False
+        else:
+            state = mysql_dialect.parse_capture(result.rows)
+    await _user_values(session, leg, deprecate_eof, state, users)
+    return state.user, state.last_insert_id if users else None
+
+
+async def capture_named_variables(session: Session, leg: BackendLeg, names: list[bytes]
+                                  ) -> tuple[list[mysql_dialect.UserVariable], int]:
+    """The user variables of these names (those set: a NULL one is left out) and
+    LAST_INSERT_ID(), read without a table: the last statement's warnings stay as they were."""
+    deprecate_eof = bool(session.backend_caps & Capability.DEPRECATE_EOF)
+    extended = bool(session.mariadb_caps & MariaDBCapability.EXTENDED_METADATA)
+    named = await query(leg, mysql_dialect.named_user_vars_sql(names, last_insert_id=True),
+                        deprecate_eof, extended_metadata=extended)
+    state = mysql_dialect.CapturedState()
+    mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types,
+                                        last_insert_id=True)
+    return state.user, state.last_insert_id
+
+
+async def _user_values(session: Session, leg: BackendLeg, deprecate_eof: bool,
+                       state: mysql_dialect.CapturedState, listed: bool) -> None:
+    """The user variables' exact values: the strings' bytes where USER_VARIABLES `listed`
+    them, else every variable by the names the session's statements used."""
+    if listed:
         second = mysql_dialect.string_values_sql(state)
         if second is not None:
             values = await query(leg, second, deprecate_eof)
             mysql_dialect.apply_string_values(state, values.rows[0])
-    else:
-        names = sorted(session.state.user_var_names)
-        if names:
-            extended = bool(session.mariadb_caps & MariaDBCapability.EXTENDED_METADATA)
-            named = await query(leg, mysql_dialect.named_user_vars_sql(names), deprecate_eof,
-                                extended_metadata=extended)
-            mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types)
-    _check_unseen(session, state)
-    return state
+        return
+    names = sorted(session.state.user_var_names)
+    if names:
+        extended = bool(session.mariadb_caps & MariaDBCapability.EXTENDED_METADATA)
+        named = await query(leg, mysql_dialect.named_user_vars_sql(names), deprecate_eof,
+                            extended_metadata=extended)
+        mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types)
+
+
+async def capture_state(session: Session, leg: BackendLeg) -> mysql_dialect.CapturedState:
+    """Everything a move captures of a MySQL-dialect session (a checkpoint)."""
+    return await _capture_mysql(session, leg, bool(session.backend_caps & Capability.DEPRECATE_EOF))
 
 
 async def _capture_rows(leg: BackendLeg, backend: Backend | None,
@@ -328,9 +394,15 @@ async def _restore(session: Session, leg: BackendLeg, target: Backend, captured:
         gtid = captured.galera_gtid.replace("'", "")
         await query(leg, f"SELECT WSREP_SYNC_WAIT_UPTO_GTID('{gtid}', {GALERA_WAIT_SECONDS})",
                     deprecate_eof)
+    elif target.galera and captured.rebuilt:
+        # The old node is gone with the session's last GTID: wait until this node has applied
+        # everything the cluster had ordered, the session's own last commit included.
+        await query(leg, "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1", deprecate_eof)
     restore = mysql_dialect.restore_sql(captured.mysql)
     if restore is not None:
         await query(leg, restore, deprecate_eof)
+    for statement in captured.replays:  # in their order: the last of each variable counts
+        await query(leg, statement, deprecate_eof)
     session.state.note_user_vars({v.name for v in captured.mysql.user})
     current = captured.mysql.database
     state = session.state

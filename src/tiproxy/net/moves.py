@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tiproxy.api.history import MoveRecord
 from tiproxy.balance.router import LASTING_RETRY
 from tiproxy.client.channel import query
 from tiproxy.net import counters
@@ -68,6 +69,7 @@ class SessionMoves:
     # Provided by Session.
     server: ProxyServer
     id: int
+    user: str
     phase: int
     backend: Backend | None
     backend_leg: BackendLeg | None
@@ -232,46 +234,21 @@ class SessionMoves:
         source = self.backend
         started = time.monotonic()
         try:
-            if commit_first:
-                await self._commit_for_move()
-            result = await move_session(self, target)  # type: ignore[arg-type]
-        except MigrationError as e:
-            if e.pinned:
-                log.info("session %d pinned: %s", self.id, e)
-                if not e.old_intact:
-                    self.close(f"move to {target.addr} broke the old connection: {e}",
-                               kind=counters.PROXY_ERROR)
+            try:
+                if commit_first:
+                    await self._commit_for_move()
+                result = await move_session(self, target)  # type: ignore[arg-type]
+            except MigrationError as e:
+                rescued = await self.rescue_move(e, target)
+                if rescued is None:
+                    self._move_failed(e, move, source, target, started)
                     return
-                if e.recheck:
-                    move.retry_at = time.monotonic() + RECHECK
-                    move.waiting = f"{e}; checked again in {RECHECK:.0f}s"
-                else:
-                    move.waiting = self.wait_reason()
-                return
-            self.server.record_migration(source.addr, target.addr, move.reason, False,
-                                         time.monotonic() - started)
-            if not e.old_intact:
-                self.close(f"move to {target.addr} failed and broke the old connection: {e}",
-                           kind=counters.PROXY_ERROR)
-                return
-            move.failures += 1
-            if e.lasting:
-                delay = LASTING_RETRY
-                move.waiting = (f"last move failed for a lasting reason ({e}); next try in "
-                                f"{delay:.0f}s")
-                self.server.lasting_move_problem(source if e.step == "capture" else target,
-                                                 str(e))
-            else:
-                delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (move.failures - 1))
-                move.waiting = f"last move failed ({e}); next try in {delay:.0f}s"
-                log.warning("session %d: move %s -> %s failed at %s", self.id, source.addr,
-                            target.addr, e)
-            move.retry_at = time.monotonic() + delay
-        else:
+                result = rescued
             self._swap(result, target)
             self.moves += 1
-            self.server.record_migration(source.addr, target.addr, move.reason, True,
-                                         time.monotonic() - started)
+            self.server.record_migration(MoveRecord(
+                time.time(), self.id, self.user, source.addr, target.addr, move.reason, True,
+                time.monotonic() - started))
             log.info("session %d moved %s -> %s (%s) in %.1f ms", self.id, source.addr,
                      target.addr, move.reason, (time.monotonic() - started) * 1000)
             self._move = None
@@ -279,6 +256,44 @@ class SessionMoves:
             self._moving = False
             if self.phase == 1:
                 self.release_input("move")
+
+    async def rescue_move(self, error: MigrationError, target: Backend) -> MoveResult | None:
+        """A move that failed another way, if it can still land (recovery.py); None if not."""
+        return None
+
+    def _move_failed(self, e: MigrationError, move: MoveRequest, source: Backend,
+                     target: Backend, started: float) -> None:
+        if e.pinned:
+            log.info("session %d pinned: %s", self.id, e)
+            if not e.old_intact:
+                self.close(f"move to {target.addr} broke the old connection: {e}",
+                           kind=counters.PROXY_ERROR)
+                return
+            if e.recheck:
+                move.retry_at = time.monotonic() + RECHECK
+                move.waiting = f"{e}; checked again in {RECHECK:.0f}s"
+            else:
+                move.waiting = self.wait_reason()
+            return
+        self.server.record_migration(MoveRecord(
+            time.time(), self.id, self.user, source.addr, target.addr, move.reason, False,
+            time.monotonic() - started, str(e)))
+        if not e.old_intact:
+            self.close(f"move to {target.addr} failed and broke the old connection: {e}",
+                       kind=counters.PROXY_ERROR)
+            return
+        move.failures += 1
+        if e.lasting:
+            delay = LASTING_RETRY
+            move.waiting = (f"last move failed for a lasting reason ({e}); next try in "
+                            f"{delay:.0f}s")
+            self.server.lasting_move_problem(source if e.step == "capture" else target, str(e))
+        else:
+            delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (move.failures - 1))
+            move.waiting = f"last move failed ({e}); next try in {delay:.0f}s"
+            log.warning("session %d: move %s -> %s failed at %s", self.id, source.addr,
+                        target.addr, e)
+        move.retry_at = time.monotonic() + delay
 
     async def _commit_for_move(self) -> None:
         """The BEGIN shortcut: end the open transaction on the old backend first."""

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import ssl
 import time
+import zlib
 from bisect import bisect_left
 from collections.abc import Coroutine, Sequence
 from contextlib import closing
@@ -33,9 +34,10 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net import counters
 from tiproxy.net.counters import QUERY_BUCKETS, SINCE_CREATION_BUCKETS, BackendCounts, Histogram
+from tiproxy.net.handover import Departure, SessionHandover
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kill import handle_kill, handle_kill_expression
-from tiproxy.net.moves import SessionMoves
+from tiproxy.net.replay import TransactionReplay
 from tiproxy.protocol import proxyproto
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
@@ -81,6 +83,7 @@ from tiproxy.session.login import (
     StartClientTLS,
 )
 from tiproxy.session.prepared import execute_types, packet_stmt_id, with_stmt_id, with_types
+from tiproxy.session.rebuild import variable_changes
 from tiproxy.session.state import SessionState
 from tiproxy.session.statements import (
     LETTERS,
@@ -93,10 +96,12 @@ from tiproxy.session.statements import (
 )
 from tiproxy.tls import peer_cn_allowed
 from tiproxy.tls.upgrade import start_server_tls
+from tiproxy.traffic.session import SessionCapture
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
     from tiproxy.net.server import ProxyServer
+    from tiproxy.traffic.sink import CaptureSink
 
 log = logging.getLogger("tiproxy.session")
 
@@ -148,12 +153,14 @@ _UNROUTED_AGES = Histogram(SINCE_CREATION_BUCKETS)
 class ClientLeg(asyncio.Protocol):
     """The client's socket: hands everything to its Session."""
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyServer,
+                 adopted: tuple[SessionHandover, BackendLeg] | None = None) -> None:
         self.server = server
         self.session: Session | None = None
+        self._adopted = adopted  # a session another process handed over (net/handover.py)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.session = Session(self.server, cast(asyncio.Transport, transport))
+        self.session = Session(self.server, cast(asyncio.Transport, transport), self._adopted)
         self.session.bound_writes(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -172,7 +179,7 @@ class ClientLeg(asyncio.Protocol):
             self.session.pause_backend_reading(False)
 
 
-class Session(SessionMoves):
+class Session(TransactionReplay):
     """One client session; see the module docstring."""
 
     # Backend thread id -> proxy id on the backend named, for the statement that waits for it
@@ -186,12 +193,15 @@ class Session(SessionMoves):
     _ages: Histogram = _UNROUTED_AGES
     _counted = False  # accepted: its end counts in tiproxy_server_disconnection_total
     _early_seconds = 0.0  # how long the early backend connection took (the login waited)
+    _login_timer: asyncio.TimerHandle | None
+    _capture: SessionCapture | None = None  # while a traffic capture runs (follow_capture)
 
-    def __init__(self, server: ProxyServer, transport: asyncio.Transport) -> None:
+    def __init__(self, server: ProxyServer, transport: asyncio.Transport,
+                 adopted: tuple[SessionHandover, BackendLeg] | None = None) -> None:
         super().__init__()
         self.server = server
         self.client = transport
-        self.id = server.new_session_id()
+        self.id = server.new_session_id() if adopted is None else adopted[0].id
         self.peer = _peer(transport)
         # PROXY protocol, if on when the client connected: the bytes of the client's header
         # until it is judged, then None; and the (client, proxy) addresses that the backends'
@@ -212,9 +222,8 @@ class Session(SessionMoves):
         self.credential: bytes | None = None  # SHA1(password): secret, never logged
         self.state = SessionState()
         self.tracker: ResponseTracker | None = None
-        self.login: Login | None = None
         self.started = time.time()
-        self._splitter = PacketSplitter(LOGIN_PACKET_LIMIT, Origin.CLIENT)
+        self._login_fields()
         self._cbuf = bytearray()  # client bytes not yet handled (partial or held packets)
         self._ccont = False  # the last client packet was 16 MiB: the next one continues it
         self._held: set[str] = set()  # why client commands wait (earlier responses, a move)
@@ -227,18 +236,15 @@ class Session(SessionMoves):
         # Commands whose responses have not ended, for their durations: (command byte, when
         # it came), in order. A list: it is empty or short (pipelines).
         self._sent: list[tuple[int, float]] = []
-        self._native_salt: bytes | None = None  # a native-password auth switch in progress
-        self._native_exchange: tuple[bytes, bytes] | None = None  # (salt, client's scramble)
-        self._login_timer: asyncio.TimerHandle | None = None
+        self.leaving: Departure | None = None  # an upgrade's: to the new process, when safe
         self.client_tls = False
         self.backend_tls = False  # kept when the session moves: the target must offer TLS
-        self._tls_early: bytearray | None = None  # client bytes while its TLS is set up
-        self._tls_refusal = ""  # why the client's certificate is not accepted
         self._task: asyncio.Task[None] | None = None
-        # A backend connected before the greeting: (backend, leg, its greeting packet)
-        self._early: tuple[Backend, BackendLeg, bytes] | None = None
         server.session_opened(self)  # keep-alive: inherited from the listening socket
         self.keepalive_unhealthy = False  # which backend keep-alive the backend socket has
+        if adopted is not None:
+            self._adopt(*adopted)
+            return
         if not self._admitted():
             return
         loop = asyncio.get_running_loop()
@@ -254,6 +260,17 @@ class Session(SessionMoves):
         self.server.metrics.created += 1
         self._counted = True
         return True
+    def _login_fields(self) -> None:
+        """What the login phase keeps, from its start."""
+        self.login: Login | None = None
+        self._splitter = PacketSplitter(LOGIN_PACKET_LIMIT, Origin.CLIENT)
+        self._native_salt: bytes | None = None  # a native-password auth switch in progress
+        self._native_exchange: tuple[bytes, bytes] | None = None  # (salt, client's scramble)
+        self._login_timer = None
+        self._tls_early: bytearray | None = None  # client bytes while its TLS is set up
+        self._tls_refusal = ""  # why the client's certificate is not accepted
+        # A backend connected before the greeting: (backend, leg, its greeting packet)
+        self._early: tuple[Backend, BackendLeg, bytes] | None = None
 
     def _refuse_at_once(self, kind: str, message: str) -> None:
         """Before the greeting (max-connections, memory): MySQL's 1040, as a server full."""
@@ -608,10 +625,14 @@ class Session(SessionMoves):
         if est.client_capabilities & Capability.COMPRESS:
             self._decompress = Decompressor()
         self._take_credential()
+        proxy = self.server.config().proxy
+        self.replay_configured(proxy.transaction_replay, proxy.transaction_replay_max_size)
         self.bt = self.backend_leg.transport
         self.bound_writes(self.bt)
         self.backend_leg.attach(self)
         self.server.logged_in()
+        if self.server.capture is not None:
+            self.follow_capture(self.server.capture, fresh=True)
         log.debug("session %d: %s@%s logged in on %s",
                   self.id, self.user, self.peer, self.backend.addr)
 
@@ -620,6 +641,93 @@ class Session(SessionMoves):
         self._traffic = self.server.metrics.backend(backend.addr)
         self._cross = self.server.router.cross_location(backend)
         self._ages = self.server.metrics.since_creation
+    # -- handed over to or from another process (net/handover.py) ---------------------------
+
+    def at_handover_point(self) -> str:
+        """Why this session cannot be handed over now; "" when it can."""
+        if self.client_tls or self.backend_tls:
+            return "a TLS leg, whose keys stay in this process"
+        tracker = self.tracker
+        if self.phase != COMMAND or tracker is None or not tracker.idle \
+                or self._ccont or self._held - {"idle"} or self._moving \
+                or self._intercept is not None or self._rewriter is not None \
+                or self.held_answer is not None or self.lost_transaction \
+                or (self._task is not None and not self._task.done()) \
+                or (self._decompress is not None and self._decompress.buffered):
+            return "busy"
+        return ""
+
+    def handover_state(self) -> SessionHandover:
+        assert self.backend is not None and self.tracker is not None
+        return SessionHandover(
+            self.id, self.peer, self.user, self.namespace, self.dialect, self.backend.addr,
+            self.backend_connection_id, self.backend_caps, self.client_caps, self.mariadb_caps,
+            self.login_response, self.credential, self.state, self.tracker.status,
+            self._decompress is not None, self._origin, self.started, self.moves,
+            self.checkpoint, self.replays, self.stale, self.replay_limit, self.txlog,
+            bytes(self._cbuf))
+
+    def _adopt(self, h: SessionHandover, leg: BackendLeg) -> None:
+        """Go on with a session another process handed over, in the command phase."""
+        self.phase = COMMAND
+        self.peer, self.user, self.namespace, self.dialect = h.peer, h.user, h.namespace, \
+            h.dialect
+        self.backend_connection_id, self.backend_caps = h.backend_connection_id, h.backend_caps
+        self.client_caps, self.mariadb_caps = h.client_caps, h.mariadb_caps
+        self._multi = bool(h.client_caps & Capability.MULTI_STATEMENTS)
+        self.login_response, self.credential, self.state = h.login_response, h.credential, \
+            h.state
+        self._origin, self.started, self.moves = h.origin, h.started, h.moves
+        self.checkpoint, self.replays, self.stale = h.checkpoint, h.replays, h.stale
+        self.replay_limit, self.txlog = h.replay_limit, h.txlog
+        self._replay_bytes = sum(len(s) for s in h.replays.values())
+        self._decompress = Decompressor() if h.compressed else None
+        self.backend = self.server.router.adopted_backend(h.backend_addr)
+        self.backend.connections += 1
+        self.count_on(self.backend)
+        self._counted = True  # accepted by the old process: its end counts here
+        self._opened = _monotonic() - max(0.0, time.time() - h.started)
+        deprecate_eof = bool(h.backend_caps & Capability.DEPRECATE_EOF)
+        self.tracker = ResponseTracker(deprecate_eof, self._response_done, h.status)
+        self.backend_leg, self.bt = leg, leg.transport
+        self.bound_writes(self.bt)
+        self.set_backend_keepalive(leg, bool(self.backend.health))
+        leg.attach(self)
+        if h.pending:  # a command that arrived as the old process let go
+            self._cbuf += h.pending
+            asyncio.get_running_loop().call_soon(self._drain_client)
+
+    def staying_view(self) -> tuple[int, str, str, str, str]:
+        return (self.id, self.user, self.peer, self.backend.addr if self.backend else "",
+                self.at_handover_point())
+
+    def handover_sockets(self) -> list[int]:
+        """The client's and the backend's socket descriptors, in that order."""
+        assert self.bt is not None
+        return [self.client.get_extra_info("socket").fileno(),
+                self.bt.get_extra_info("socket").fileno()]
+
+    def hold_for_handover(self, hold: bool) -> None:
+        """Nothing read from either peer (nor any move begun) while the session travels."""
+        if hold:
+            self.hold_input("handover")
+            self.pause_backend_reading(True)
+        else:
+            self.pause_backend_reading(False)
+            self.release_input("handover")
+
+    def handed_over(self) -> None:
+        """Another process has taken this session: let go of it without a word to either
+        peer (closing this process's descriptors leaves the connections open)."""
+        self.phase = CLOSED
+        if self.backend is not None:
+            self.backend.connections -= 1
+        if self.backend_leg is not None:
+            self.backend_leg.detach()
+            self.backend_leg.close(quit_first=False)
+        self.client.close()
+        self.server.session_closed(self)
+        log.info("session %d handed over to the new process", self.id)
 
     def _take_credential(self) -> None:
         """Keep SHA1(password) if this login proved it against a stored hash."""
@@ -637,6 +745,11 @@ class Session(SessionMoves):
         self.state.no_credential = "" if self.credential is not None else NO_CREDENTIAL
         if self.credential is None and exchange is not None:
             self.server.refresh_credential(self, exchange)  # the stored hash may be stale
+
+    def follow_capture(self, sink: CaptureSink | None, fresh: bool = False) -> None:
+        """A traffic capture starts (its sink in this process) or ends (None): see
+        traffic/session.py. `fresh`: the session logged in during the capture."""
+        self._capture = SessionCapture(sink, self, fresh) if sink is not None else None
 
     def credential_recovered(self, credential: bytes) -> None:
         """A refresh of the stored hashes verified this session's login after all."""
@@ -667,7 +780,8 @@ class Session(SessionMoves):
         tracker = self.tracker
         assert tracker is not None
         if not self._cbuf and not self._held and not self._ccont and not tracker.local_infile \
-                and self._move is None:
+                and self._move is None and not self.stale and not self.lost_transaction \
+                and self.leaving is None:
             n = len(data)
             if n > 5:
                 header = _unpack_u32(data, 0)[0]
@@ -690,7 +804,9 @@ class Session(SessionMoves):
                         fast = not self.state.to_client and self._execute_is_plain(data)
                     else:
                         fast = cmd in _FAST
-                    if fast:
+                    if fast and (self._capture is None or self._capture.take(data)):
+                        self.inflight = data if tracker.idle else None
+                        self.last_command = data
                         self.bt.write(data)  # type: ignore[union-attr]
                         traffic = self._traffic
                         traffic.out_bytes += n
@@ -713,7 +829,7 @@ class Session(SessionMoves):
         if types is not None:
             stmt.param_types = types
         return not flags and not stmt.long_data and not stmt.cursor_open \
-            and stmt.effects is None and not stmt.renames
+            and stmt.effects is None and not stmt.renames and stmt.variables is None
 
     def _drain_client(self) -> None:
         buf = self._cbuf
@@ -732,8 +848,12 @@ class Session(SessionMoves):
                 seq = header >> 24
                 if self._ccont:
                     self._ccont = length == MAX_PAYLOAD
+                    self.inflight = None  # a command of several packets: never sent again
+                    self.last_command = b""
                     self._to_backend(packet)
                 elif tracker.local_infile:
+                    self.inflight = None
+                    self.last_command = b""
                     self._to_backend(packet)
                     if length == 0:
                         tracker.local_infile = False  # the file is sent; OK or ERR comes next
@@ -743,7 +863,8 @@ class Session(SessionMoves):
                     raise ProtocolError(f"packet with sequence id {seq} where a command was due")
                 elif length == 0:
                     raise ProtocolError("empty command packet")
-                elif not self._command(packet, length):
+                elif not (self._capture is None or self._capture.ready(packet)) \
+                        or not self._command(packet, length):
                     pos -= len(packet)  # it waits, with what follows, until the backend is idle
                     self.hold_input("idle")
         except ProtocolError as e:
@@ -758,13 +879,10 @@ class Session(SessionMoves):
         assert tracker is not None and self.bt is not None
         cmd = packet[4]
         kind = EXPECT_BY_COMMAND.get(cmd)
-        if cmd == Command.QUIT:
-            self.close("client quit", quiet=True, kind=counters.QUIT_OK)
-            return True
-        if self._move is not None and not self._moving \
-                and not reads_diagnostics(packet, self._executed_sql(packet, cmd)) \
-                and self.try_move(at_command=True):
-            return False  # the move first; the command then runs on the new backend
+        first = self._before_command(packet, cmd, tracker)
+        if first is not None:
+            return first
+        original = packet
         token: Any = cmd
         if cmd == _QUERY:
             handled = self._query_command(packet)
@@ -774,11 +892,7 @@ class Session(SessionMoves):
             if rewritten is False:
                 return False
             packet = rewritten
-            # While LOCK TABLES holds, every statement is read: START TRANSACTION releases it.
-            look = self.state.table_locks or may_change_state(packet[4:], True)
-            fx = statement_effects(packet[5:]) if look else None
-            if fx:
-                token = ("query", fx)
+            token = self._query_token(packet, original)
         elif kind is None or cmd in _REFUSED:
             if not tracker.idle:
                 return False
@@ -813,10 +927,46 @@ class Session(SessionMoves):
         elif cmd == Command.INIT_DB:
             token = ("init_db", packet[5:])
         self._ccont = length == MAX_PAYLOAD
+        self.inflight = original if tracker.idle and not self._ccont else None
+        # What a transaction replay sends again: a rewritten statement's text cannot be.
+        self.last_command = original if packet is original or cmd == _EXECUTE else b""
         self._to_backend(packet)
         self._sent.append((cmd, _monotonic()))
+        if self._capture is not None:
+            self._capture.sent()
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
+
+    def _query_token(self, packet: bytes, original: bytes) -> Any:
+        """What to record of a COM_QUERY when it completes: ("query", effects, variable
+        changes), or just its command byte when there is nothing."""
+        # While LOCK TABLES holds, every statement is read: START TRANSACTION releases it.
+        look = self.state.table_locks or may_change_state(packet[4:], True)
+        fx = statement_effects(packet[5:]) if look else None
+        variables = variable_changes(packet[5:]) if self.dialect == "mysql" else None
+        if variables is not None and variables.rerun_names and self._rewriter is None:
+            self.hold_answer(original, variables)  # recovery.py: read them right after it
+        if fx or (variables is not None and (variables.stale or variables.replays)):
+            return ("query", fx, variables)
+        return _QUERY
+
+    def _before_command(self, packet: bytes, cmd: int, tracker: ResponseTracker) -> bool | None:
+        """What comes before a command runs: _command's answer, or None to run it."""
+        if cmd == Command.QUIT:
+            self.close("client quit", quiet=True, kind=counters.QUIT_OK)
+            return True
+        if self.lost_transaction and self.transaction_lost(packet):
+            return True
+        if self.leaving is not None and tracker.idle and not self.at_handover_point() \
+                and self.leaving.now(self):
+            return False  # to the new process, with this command unread (net/handover.py)
+        if self._move is not None and not self._moving \
+                and not reads_diagnostics(packet, self._executed_sql(packet, cmd)) \
+                and self.try_move(at_command=True):
+            return False  # the move first; the command then runs on the new backend
+        if self.stale and tracker.idle and self.checkpoint_due(packet, cmd):
+            return False  # the checkpoint first (session/rebuild.py)
+        return None
 
     def _prepare_command(self, packet: bytes) -> tuple[bytes, tuple[Any, ...]] | None:
         """COM_STMT_PREPARE: what to send and its token; None: wait."""
@@ -882,7 +1032,8 @@ class Session(SessionMoves):
                 stmt.types_sent = True
             stmt.long_data = False
             stmt.cursor_open = False
-            token = ("execute", client_id) if flags or stmt.effects is not None else cmd
+            recorded = flags or stmt.effects is not None or stmt.variables is not None
+            token = ("execute", client_id) if recorded else cmd
         elif cmd == Command.STMT_FETCH:
             token = ("fetch", client_id)
         elif cmd == Command.STMT_CLOSE:
@@ -903,6 +1054,13 @@ class Session(SessionMoves):
         traffic.out_packets += 1
         if self._cross:
             self.server.metrics.cross_location_bytes += len(packet)
+    def packet_for_replay(self, packet: bytes) -> tuple[bytes, Expect]:
+        """A recorded command as the current backend must get it (statement ids translated)."""
+        if packet[4] == _EXECUTE:
+            result = self._statement_command(packet, _EXECUTE)
+            assert result is not None
+            return result[0], Expect.BINARY
+        return packet, Expect.RESULT
 
     def _change_user_auth(self, packet: bytes) -> None:
         """A client packet in the middle of COM_CHANGE_USER's authentication."""
@@ -993,10 +1151,19 @@ class Session(SessionMoves):
     def backend_data(self, data: bytes) -> None:
         if self.phase != COMMAND:
             return
+        inflight = self.inflight
+        if inflight is not None:  # the first bytes of its answer: never sent again
+            self.inflight = None
+            if data[4:5] == b"\xff" and self._kept_back(data, inflight):
+                return
+        if self.replay_limit:
+            self.answer_crc = zlib.crc32(data, self.answer_crc)
         tracker = self.tracker
         assert tracker is not None
         if self._intercept is not None:
             self._intercept += data
+        elif self.held_answer is not None:
+            self.keep_answer(data)
         elif self._rewriter is not None:
             self._to_client(data)
         elif self._decompress is None:
@@ -1009,6 +1176,8 @@ class Session(SessionMoves):
         traffic.in_bytes += len(data)
         if self._cross:
             self.server.metrics.cross_location_bytes += len(data)
+        if self._capture is not None:
+            self._capture.response(data)
         try:
             tracker.feed(data)
         except ProtocolError as e:
@@ -1016,6 +1185,14 @@ class Session(SessionMoves):
             return
         traffic.in_packets += tracker.packets
         tracker.packets = 0
+
+    def _kept_back(self, data: bytes, packet: bytes) -> bool:
+        """An error answering `packet` that the client need not see: a deadlock in a
+        recorded transaction (net/replay.py), a Galera node not ready (recovery.py)."""
+        if self.txlog is not None and self.replay_on_error(data, packet):
+            return True
+        return self.backend is not None and self.backend.galera \
+            and self.wsrep_not_ready(data, packet)
 
     def _watch_auth_switch(self, data: bytes) -> None:
         """COM_CHANGE_USER: note a native-password salt, to recover the new credential."""
@@ -1028,17 +1205,25 @@ class Session(SessionMoves):
             self._native_salt = switch.data[:20] if native else None
 
     def _response_done(self, token: Any, status: int, failed: bool) -> None:
-        cmd, started = self._sent.pop(0)  # Histogram.observe, inlined: once per command
-        seconds = _monotonic() - started
-        times = self._traffic.commands[cmd]
-        times.counts[bisect_left(QUERY_BUCKETS, seconds)] += 1
-        times.total += seconds
-        age = started - self._opened
-        ages = self._ages
-        ages.counts[bisect_left(SINCE_CREATION_BUCKETS, age)] += 1
-        ages.total += age
+        sent = self._sent  # Histogram.observe, inlined: once per command
+        if sent:
+            cmd, started = sent.pop(0)
+            seconds = _monotonic() - started
+            times = self._traffic.commands[cmd]
+            times.counts[bisect_left(QUERY_BUCKETS, seconds)] += 1
+            times.total += seconds
+            age = started - self._opened
+            ages = self._ages
+            ages.counts[bisect_left(SINCE_CREATION_BUCKETS, age)] += 1
+            ages.total += age
+        if self.replay_limit:
+            self.track_transaction(token, status)
         if token.__class__ is not int:
             self._record(token, status, failed)
+            if self.held_answer is not None:
+                self.answer_complete()  # recovery.py: its variables are read, then it goes
+        if self._capture is not None:
+            self._capture.done(status, failed)
         if failed and self.backend is not None and self.backend.galera \
                 and self.tracker is not None and self.tracker.error == ER_UNKNOWN_COM_ERROR:
             self.server.doubt_backend(self.backend, "a session got 1047 (WSREP not ready)")
@@ -1052,8 +1237,10 @@ class Session(SessionMoves):
         kind = token[0]
         state = self.state
         if kind == "query":
-            if not failed:
+            if not failed and token[1]:
                 state.apply(token[1])
+            if token[2] is not None:
+                self.variables_changed(token[2], failed)
         elif kind == "prepare":
             self._prepared(token[1], token[2], failed)
         elif kind == "execute":
@@ -1062,12 +1249,15 @@ class Session(SessionMoves):
                 stmt.cursor_open = not failed and bool(status & _CURSOR_EXISTS)
                 if stmt.effects is not None and not failed:
                     state.apply(stmt.effects)
+                if stmt.variables is not None:
+                    self.variables_changed(stmt.variables, failed)
         elif kind == "fetch":
             stmt = state.stmts.get(token[1])
             if stmt is not None and (failed or status & _LAST_ROW_SENT):
                 stmt.cursor_open = False
         elif kind == "reset" and not failed:
             state.reset()
+            self.variables_reset()
         elif kind == "init_db" and not failed:
             state.use(token[1])
         elif kind == "change_user":
@@ -1089,6 +1279,7 @@ class Session(SessionMoves):
             self._to_client(bytes(held))
 
     def _user_changed(self, user: str, failed: bool) -> None:
+        self.variables_reset()
         if failed:
             self._native_exchange = None
             if self.dialect != "tidb":
@@ -1170,14 +1361,11 @@ class Session(SessionMoves):
                        kind=counters.CLIENT_NETWORK)
 
     def backend_lost(self, exc: Exception | None) -> None:
-        if self.phase == CLOSED:
-            return
-        # The client sees what a direct connection would: the socket closes, and a client
-        # waiting for a response reports the connection lost during the query.
-        addr = self.backend.addr if self.backend else "?"
-        busy = self.tracker is not None and not self.tracker.idle
-        self.close(f"backend {addr} closed the connection" + (" during a command" if busy else ""),
-                   kind=counters.BACKEND_NETWORK)
+        if self.phase == COMMAND:
+            self.backend_gone(exc)  # rebuilt elsewhere, or closed with the reason (recovery.py)
+        elif self.phase == LOGIN:
+            self.close(f"backend {self.backend.addr if self.backend else '?'} closed the "
+                       "connection during the login", kind=counters.BACKEND_HANDSHAKE)
 
     def _count_end(self, kind: str) -> None:
         if not self._counted:
@@ -1207,6 +1395,8 @@ class Session(SessionMoves):
         early = self._take_early()
         if early is not None:
             early[1].abort()
+        if self._capture is not None:
+            self._capture.closed()
         for task in (self._task, self._move_task):
             if task is not None and not task.done():
                 task.cancel()

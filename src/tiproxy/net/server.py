@@ -22,15 +22,19 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from tiproxy.api.history import MoveHistory, MoveRecord
 from tiproxy.api.interface import MigrationStats, SessionGauges, SessionView
 from tiproxy.balance.balancer import MoveOrder, carry_out, count_movable
 from tiproxy.balance.router import Backend, Router, split_addr
+from tiproxy.client.leg import BackendLeg
 from tiproxy.net import counters
 from tiproxy.net.counters import MIGRATE_BUCKETS, DataPlaneCounts, Histogram
+from tiproxy.net.handover import Departure, Receiver, SessionHandover, Staying, receiver_name
 from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.relay import COMMAND, ClientLeg
 from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
+from tiproxy.traffic.sink import CaptureSink, Deliver
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
@@ -74,9 +78,17 @@ class ProxyServer:
         self.metrics = DataPlaneCounts()  # what the sessions count (net/counters.py)
         self.errors: Counter[str] = Counter()  # tiproxy_server_err by type, besides TLS's
         self.rejected: Counter[str] = Counter()  # clients refused at once, by why
+        # Transaction replays (net/replay.py) by (reason, result): attempts and outcomes.
+        self.replays: Counter[tuple[str, str]] = Counter()
         self.memory_high = ""  # why new clients are refused for memory; set by the control plane
+        self._history = MoveHistory()
         self._unhealthy: set[str] = set()  # backends unhealthy at the last keep-alive switch
         self.port = 0
+        self._departure: Departure | None = None  # sessions leaving for a new process
+        self._receiver: Receiver | None = None  # sessions arriving from an old one
+        self._staying: Staying | None = None  # the old one's sessions that stay there
+        self.capture: CaptureSink | None = None  # this process's share of a traffic capture
+        self._capture_dropped = 0
 
     @classmethod
     def of(cls, cluster: Cluster) -> ProxyServer:
@@ -108,6 +120,74 @@ class ProxyServer:
             self.port = self.port or server.sockets[0].getsockname()[1]
             log.info("proxy listening on %s:%d", host, server.sockets[0].getsockname()[1])
 
+    # -- an upgrade (control/upgrade.py, net/handover.py) ----------------------------------
+
+    def listening(self) -> list[list[socket.socket]]:
+        return [[s for server in self._servers for s in server.sockets]]
+
+    async def max_session_id(self) -> int:
+        return self._next_id
+
+    def take_ids_from(self, first_id: int) -> None:
+        """The new process of an upgrade: ids the old one gave out are never given again."""
+        self._next_id = max(self._next_id, first_id)
+
+    def hand_over(self, receivers: list[str]) -> None:
+        """Stop accepting (the new process accepts on the same sockets) and send every
+        session that can travel to the receivers, each at its next safe point."""
+        for server in self._servers:
+            server.close()
+        self._departure = Departure(receivers, lambda: list(self.sessions.values()))
+        for session in self.sessions.values():
+            session.leaving = self._departure
+
+    async def handed_over(self) -> None:
+        if self._departure is not None:
+            await self._departure.done.wait()
+
+    async def open_receivers(self) -> list[str]:
+        """The new process of an upgrade: take the sessions the old one hands over."""
+        if self._receiver is None:  # (asked again, it is the same one)
+            self._receiver = Receiver(receiver_name(os.getpid(), 0), self._adopt,
+                                      self._note_staying)
+        return [self._receiver.name]
+
+    def _note_staying(self, staying: Staying) -> None:
+        self._staying = staying
+        for sid, _, client, _, why in staying.sessions:
+            log.info("session %d (%s) stays with the previous process (pid %d): %s", sid,
+                     client, staying.pid, why)
+
+    def _staying_views(self) -> list[SessionView]:
+        """The previous process's sessions that could not travel, while it runs."""
+        staying = self._staying
+        if staying is None:
+            return []
+        try:
+            os.kill(staying.pid, 0)
+        except ProcessLookupError:
+            self._staying = None
+            return []
+        return [SessionView(id=sid, user=user, client=client, backend=backend, moving=False,
+                            move_reason="", waiting=f"stays with the previous process (pid "
+                            f"{staying.pid}) until it ends: {why}")
+                for sid, user, client, backend, why in staying.sessions]
+
+    async def _adopt(self, handover: SessionHandover, socks: list[socket.socket]) -> bool:
+        if self._shutting_down:
+            return False
+        client_sock, backend_sock = socks
+        loop = asyncio.get_running_loop()
+        try:
+            _, leg = await loop.create_connection(BackendLeg, sock=backend_sock)
+            await loop.connect_accepted_socket(lambda: ClientLeg(self, (handover, leg)),
+                                               sock=client_sock)
+        except OSError as e:
+            log.warning("session %d could not be taken over: %s", handover.id, e)
+            return False
+        log.info("session %d taken over from the previous process", handover.id)
+        return True
+
     async def serve_sockets(self, socks: list[socket.socket]) -> None:
         """Accept on listening sockets made elsewhere (a worker's, bound by the control
         process)."""
@@ -116,13 +196,23 @@ class ProxyServer:
             self._servers.append(await loop.create_server(lambda: ClientLeg(self), sock=sock,
                                                           backlog=1024))
 
-    async def stop(self, timeout: float) -> None:
-        """Stop accepting and close the sessions, gracefully within `timeout` seconds."""
+    async def stop(self, timeout: float, linger: bool = False) -> None:
+        """Stop accepting and close the sessions, gracefully within `timeout` seconds. With
+        `linger` (an upgrade's old process, left with sessions that could not travel), they
+        first have `timeout` seconds to end by themselves."""
         self._shutting_down = True
         for task in self._tasks:
             task.cancel()
         for server in self._servers:
             server.close()
+        for part in (self._departure, self._receiver):
+            if part is not None:
+                part.close()
+        deadline = time.monotonic() + timeout
+        while linger and self.sessions:  # polled: they end in the clients' own time
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.1)
         await self._close_sessions(timeout)
         for server in self._servers:
             await server.wait_closed()
@@ -271,9 +361,9 @@ class ProxyServer:
     def doubt_backend(self, backend: Backend, why: str) -> None:
         self.control.doubt(backend, why)
 
-    def record_migration(self, source: str, target: str, reason: str, ok: bool,
-                         seconds: float) -> None:
-        self.metrics.migrated(source, target, reason, ok, seconds)
+    def record_migration(self, move: MoveRecord) -> None:
+        self.metrics.migrated(move.source, move.target, move.reason, move.ok, move.seconds)
+        self._history.record(move)
 
     def dial_failed(self, backend: Backend, reason: str) -> None:
         """A session could not connect to `backend` (tiproxy_backend_dial_backend_fail)."""
@@ -321,6 +411,33 @@ class ProxyServer:
             if backend is not None and bool(backend.health) != session.keepalive_unhealthy:
                 session.set_backend_keepalive(session.backend_leg, bool(backend.health))
 
+    # -- traffic capture --------------------------------------------------------------------------
+
+    def start_capture(self, deliver: Deliver) -> None:
+        """Every session, open or to come, records its commands for the capture
+        (traffic/session.py) until stop_capture."""
+        if self.capture is not None:
+            self.capture.close()
+        self.capture = sink = CaptureSink(deliver)
+        for session in self.sessions.values():
+            if session.phase == COMMAND:
+                session.follow_capture(sink)
+
+    async def stop_capture(self) -> int:
+        """The capture ends here; returns the commands this process dropped."""
+        sink, self.capture = self.capture, None
+        for session in self.sessions.values():
+            session.follow_capture(None)
+        if sink is None:
+            return 0
+        sink.close()
+        self._capture_dropped = sink.dropped
+        return sink.dropped
+
+    def capture_dropped(self) -> int:
+        """Commands the running capture (else the last one) had no room for."""
+        return self.capture.dropped if self.capture is not None else self._capture_dropped
+
     # -- credentials ------------------------------------------------------------------------------
 
     def refresh_credential(self, session: Session, exchange: tuple[bytes, bytes]) -> None:
@@ -367,7 +484,7 @@ class ProxyServer:
                 waiting=waiting, moves=s.moves, client_tls=s.client_tls,
                 backend_tls=s.backend_tls,
             ))
-        return views
+        return views + self._staying_views()
 
     def data_plane_counts(self) -> DataPlaneCounts:
         return self.metrics
@@ -386,7 +503,7 @@ class ProxyServer:
         return SessionGauges(pending, pinned)
 
     def migration_stats(self) -> MigrationStats:
-        return migration_summary(self.metrics)
+        return migration_summary(self.metrics, self._history.copy())
 
     def data_plane_processes(self) -> int:
         return 1
@@ -396,9 +513,10 @@ class ProxyServer:
         return dict(self.errors)
 
 
-def migration_summary(counts: DataPlaneCounts) -> MigrationStats:
-    """The moves, and their durations whatever their backends and result."""
+def migration_summary(counts: DataPlaneCounts, history: MoveHistory) -> MigrationStats:
+    """The moves, their durations whatever their backends and result, and the recent ones."""
     times = Histogram(MIGRATE_BUCKETS)
     for histogram in counts.migration_times.values():
         times.add(histogram)
-    return MigrationStats(dict(counts.migrations), MIGRATE_BUCKETS, times.counts, times.total)
+    return MigrationStats(dict(counts.migrations), MIGRATE_BUCKETS, times.counts, times.total,
+                          history)

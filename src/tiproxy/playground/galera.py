@@ -169,6 +169,10 @@ class GaleraCluster:
         """Shut node i down gracefully; the others carry on as a smaller cluster."""
         self.nodes[i].stop()
 
+    def kill_node(self, i: int) -> None:
+        """Crash node i (SIGKILL, with whatever it spawned); the others carry on without it."""
+        _kill_process_group(self.nodes[i])
+
     def start_node(self, i: int, timeout: float = 120.0) -> None:
         """Start node i again: it rejoins the running nodes (IST or SST) and becomes Synced.
 

@@ -32,6 +32,11 @@ class Decompressor:
         self._buf = bytearray()
         self.last_seq = -1
 
+    @property
+    def buffered(self) -> bool:
+        """Part of a frame is waiting for the rest."""
+        return bool(self._buf)
+
     def feed(self, data: Buffer) -> bytes:
         buf = self._buf
         buf += data

@@ -259,6 +259,18 @@ class ResponseTracker:
     def idle(self) -> bool:
         return self.phase == IDLE and not self._pending
 
+    def restart(self, status: int) -> None:
+        """The backend connection was replaced with responses outstanding (its backend died):
+        they will never come; the new connection starts idle with `status`."""
+        self._pending.clear()
+        self._carry.clear()
+        self._skip = 0
+        self._continued = False
+        self.phase = IDLE
+        self.local_infile = False
+        self.prepared = None
+        self.status = status
+
     @property
     def pending(self) -> int:
         return len(self._pending)

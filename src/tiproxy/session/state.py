@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tiproxy.session.rebuild import VariableChanges, variable_changes
 from tiproxy.session.statements import OPAQUE, StatementEffects, prepared_effects
 
 # What may pin a session, as SessionState.pin_kinds names it (the metrics' labels).
@@ -39,6 +40,8 @@ class PreparedStatement:
     types_sent: bool = True  # the current backend has seen param_types (False after a move)
     # Column names its results get back: its text had CONNECTION_ID() rewritten (connid.py)
     renames: tuple[tuple[bytes, bytes], ...] = ()
+    # What executing it does to the session's variables (session/rebuild.py), if anything
+    variables: VariableChanges | None = None
 
 
 @dataclass
@@ -90,9 +93,11 @@ class SessionState:
             client_id = self._free_client_id(backend_id)
             if client_id != backend_id:
                 self.to_client[backend_id] = client_id
+        changes = variable_changes(sql)
         self.stmts[client_id] = PreparedStatement(
             client_id, backend_id, sql, params, columns, effects=prepared_effects(sql),
-            database=self.database if self.database_known else None)
+            database=self.database if self.database_known else None,
+            variables=changes if changes.stale or changes.replays else None)
         return client_id
 
     def _free_client_id(self, wanted: int) -> int:

@@ -28,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tiproxy.api.history import MoveHistory
 from tiproxy.api.interface import MigrationStats, SessionGauges, SessionView
 from tiproxy.balance.balancer import MoveOrder
 from tiproxy.balance.router import split_addr
@@ -42,7 +43,9 @@ if TYPE_CHECKING:
 
     from tiproxy.config import Config
     from tiproxy.control.cluster import Cluster
+    from tiproxy.control.upgrade import Takeover
     from tiproxy.net.kill import KillTarget
+    from tiproxy.traffic.sink import Deliver
 
 log = logging.getLogger("tiproxy.workers")
 
@@ -50,6 +53,7 @@ PUSH_INTERVAL = 0.1
 RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
 STABLE_AFTER = 30.0  # a worker that lived this long restarts at once again if it dies
+RECEIVER_TIMEOUT = 30.0  # an upgrade's new workers: seconds to start and open their receivers
 
 
 def available_cpus() -> int:
@@ -91,9 +95,11 @@ class _Totals:
     counts: DataPlaneCounts = dataclasses.field(default_factory=DataPlaneCounts)
     errors: Counter[str] = dataclasses.field(default_factory=Counter)
     rejected: Counter[str] = dataclasses.field(default_factory=Counter)
+    history: MoveHistory = dataclasses.field(default_factory=MoveHistory)
 
     def add(self, stats: m.Stats) -> None:
         self.counts.add(stats.counts)
+        self.history.add(stats.history)
         self.errors.update(stats.errors)
         self.rejected.update(stats.rejected)
 
@@ -101,9 +107,10 @@ class _Totals:
 class Workers:
     """The worker processes, as control/proxy.py's SessionHolder; see the module docstring."""
 
-    def __init__(self, cluster: Cluster, count: int) -> None:
+    def __init__(self, cluster: Cluster, count: int, takeover: Takeover | None = None) -> None:
         self.cluster = cluster
         self.count = count
+        self._takeover = takeover  # an upgrade's new process: sockets from the old one
         self._workers = [_Worker(i) for i in range(count)]
         self._listening: list[list[socket.socket]] = [[] for _ in range(count)]
         self._retired = _Totals()
@@ -114,6 +121,8 @@ class Workers:
         self._slots: dict[str, int] = {}  # backend addr -> its column in self.counts
         self._table: m.Table | None = None  # the last table built
         self._memory_high = ""  # as last told to the workers
+        self._capture: Deliver | None = None  # where a running capture's batches go
+        self._capture_dropped: Counter[int] = Counter()  # by worker; -1: here, no room
         cluster.on_credentials = lambda: self._broadcast(
             m.Credentials(cluster.credentials.snapshot()))
         cluster.tls.changed = lambda: self._broadcast(m.TLSChanged(cluster.tls.materials()))
@@ -124,7 +133,9 @@ class Workers:
         """Bind every address for every worker (an address in use fails the start here),
         then start the workers."""
         cfg = self.cluster.config
-        for addr in cfg.proxy.listen_addrs:
+        if self._takeover is not None:
+            self._take_sockets(self._takeover)
+        for addr in cfg.proxy.listen_addrs if self._takeover is None else ():
             for i, socks in enumerate(_bind(addr, self.count)):
                 for sock in socks:
                     apply_keepalive_socket(sock, cfg.proxy.frontend_keepalive)
@@ -136,6 +147,55 @@ class Workers:
             await self._spawn(worker)
         self._tasks += [loop.create_task(self._supervise(w)) for w in self._workers]
         self._tasks.append(loop.create_task(self._push()))
+
+    def _take_sockets(self, takeover: Takeover) -> None:
+        """The old process's listening sockets, as many groups as it had workers: worker i
+        accepts on group i (a group also serves other workers when there are fewer groups
+        than workers: several processes may accept on one socket), and on every group j
+        beyond the workers with j modulo their count, so that no queue is left unserved."""
+        groups = takeover.sockets()
+        for i in range(max(self.count, len(groups))):
+            self._listening[i % self.count] += [s for s in groups[i % len(groups)]
+                                                if s not in self._listening[i % self.count]]
+        log.info("proxy listening on the previous process's sockets for %d workers", self.count)
+
+    # -- an upgrade (control/upgrade.py) ------------------------------------------------------
+
+    def listening(self) -> list[list[socket.socket]]:
+        return self._listening
+
+    async def max_session_id(self) -> int:
+        ids = [await w.link.ask_or_none("max_id", None) for w in self._workers
+               if w.live and w.link is not None]
+        return max((i for i in ids if i is not None), default=0) + len(self._workers)
+
+    async def open_receivers(self) -> list[str]:
+        """Each worker opens its handover receiver (once it has started); their names, by
+        worker index."""
+        names = []
+        deadline = time.monotonic() + RECEIVER_TIMEOUT
+        for worker in self._workers:
+            name = None
+            while not isinstance(name, str):
+                if time.monotonic() > deadline:
+                    raise OSError(f"worker {worker.index} opened no handover receiver")
+                name = await worker.link.ask_or_none("receiver", None) if worker.link else None
+                if not isinstance(name, str):
+                    await asyncio.sleep(0.1)  # not started yet
+            names.append(name)
+        return names
+
+    def hand_over(self, receivers: list[str]) -> None:
+        """Every worker hands its sessions over and ends; none is started again."""
+        self._stopping = True
+        for socks in self._listening:
+            for sock in socks:
+                sock.close()
+        self._broadcast(m.HandOver(tuple(receivers)))
+
+    async def handed_over(self) -> None:
+        procs = [w.proc for w in self._workers if w.proc is not None]
+        await asyncio.gather(*(p.wait() for p in procs))
 
     async def _spawn(self, worker: _Worker) -> None:
         parent, child = socket.socketpair()
@@ -149,10 +209,13 @@ class Workers:
         worker.link, worker.stats, worker.sent = link, None, None
         cluster = self.cluster
         link.send(m.Setup(cluster.config, worker.index, self.count, worker.incarnation,
-                          cluster.tls.materials(), logging.getLogger().level))
+                          cluster.tls.materials(), logging.getLogger().level,
+                          self._takeover.first_id if self._takeover is not None else 0))
         link.send(m.Credentials(cluster.credentials.snapshot()))
         if self._memory_high:
             link.send(m.MemoryHigh(self._memory_high))
+        if self._capture is not None:
+            link.send(m.CaptureStart())
         self._send_tables(only=worker)
         worker.reader = asyncio.get_running_loop().create_task(link.run())
 
@@ -182,7 +245,7 @@ class Workers:
             worker.incarnation += 1
             await self._spawn(worker)
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, timeout: float, linger: bool = False) -> None:
         """The workers close their sessions gracefully within `timeout`; new connections are
         refused from the moment this starts (the listening sockets close here and in the
         workers)."""
@@ -216,6 +279,8 @@ class Workers:
             logging.getLogger(message.name).log(message.level, "%s", message.message)
         elif isinstance(message, m.SyncNow):
             cluster.sync_soon()
+        elif isinstance(message, m.CaptureBatch):
+            self._captured(worker, message)
         elif backend is None:
             return
         elif isinstance(message, m.Failed):
@@ -248,6 +313,11 @@ class Workers:
         target: KillTarget | None = await owner.link.ask_or_none("kill_target", session_id)
         return target
 
+    def _captured(self, worker: _Worker, batch: m.CaptureBatch) -> None:
+        self._capture_dropped[worker.index] = batch.dropped
+        if self._capture is None or not self._capture(batch.records, batch.size):
+            self._capture_dropped[-1] += len(batch.records)
+
     def _slot(self, addr: str) -> int:
         slot = self._slots.get(addr)
         if slot is None:
@@ -270,6 +340,13 @@ class Workers:
 
     def _send_tables(self, only: _Worker | None = None) -> None:
         """The table, built once, to every worker (or `only`) whose last one differs."""
+        table = self._current_table()
+        for worker in self._workers if only is None else [only]:
+            if worker.live and worker.link is not None and worker.sent is not table:
+                worker.link.send(table)
+                worker.sent = table
+
+    def _current_table(self) -> m.Table:
         router = self.cluster.router
         table = m.Table(
             tuple(m.BackendState(
@@ -283,10 +360,7 @@ class Workers:
         if table == self._table:
             table = self._table  # unchanged: the workers that have it are known by identity
         self._table = table
-        for worker in self._workers if only is None else [only]:
-            if worker.live and worker.link is not None and worker.sent is not table:
-                worker.link.send(table)
-                worker.sent = table
+        return table
 
     def _broadcast(self, message: object) -> None:
         for worker in self._workers:
@@ -294,7 +368,13 @@ class Workers:
                 worker.link.send(message)
 
     def config_changed(self, cfg: Config) -> None:
-        self._broadcast(m.ConfigChanged(cfg))
+        """The config with the table it makes (the Cluster has applied it): namespaces change
+        the users' and the backends' side at once."""
+        table = self._current_table()
+        self._broadcast(m.ConfigChanged(cfg, table))
+        for worker in self._workers:
+            if worker.live and worker.link is not None:
+                worker.sent = table
 
     def drained(self, addr: str, drain: bool) -> None:
         self._send_tables()  # at once, not at the next push
@@ -371,7 +451,9 @@ class Workers:
         return gauges
 
     def migration_stats(self) -> MigrationStats:
-        return migration_summary(self.data_plane_counts())
+        history = MoveHistory.merged([self._retired.history,
+                                      *(stats.history for stats in self._live_stats())])
+        return migration_summary(self.data_plane_counts(), history)
 
     def data_plane_processes(self) -> int:
         return self.count
@@ -387,6 +469,20 @@ class Workers:
         for stats in self._live_stats():
             rejected.update(stats.rejected)
         return dict(rejected)
+
+    def start_capture(self, deliver: Deliver) -> None:
+        self._capture = deliver
+        self._capture_dropped = Counter()
+        self._broadcast(m.CaptureStart())
+
+    async def stop_capture(self) -> int:
+        for worker, dropped in await self._ask_all("capture_stop"):
+            self._capture_dropped[worker.index] = int(dropped or 0)
+        self._capture = None
+        return self.capture_dropped()
+
+    def capture_dropped(self) -> int:
+        return sum(self._capture_dropped.values())
 
     def set_memory_high(self, reason: str) -> None:
         self._memory_high = reason

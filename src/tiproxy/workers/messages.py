@@ -5,14 +5,17 @@ ends are this program, started by the control process; nothing else can reach th
 
 Control to worker: Setup first, then Table whenever what a worker routes by changes, Config on a
 reload, Credentials when the stored hashes change, TLSChanged when a context was rebuilt, Moves
-from the rebalancer, Shutdown.
+from the rebalancer, CaptureStart when a traffic capture begins, Shutdown.
 Worker to control: Stats once a second (counters), and the events the control plane acts on:
-Failed, Succeeded, Doubt, SyncNow, LastingProblem, LogLine.
+Failed, Succeeded, Doubt, SyncNow, LastingProblem, LogLine; while a capture runs, CaptureBatch
+(its sessions' commands, for the one writer in the control process; sent only while the link
+has room, else dropped and counted: a capture never holds up the link or the data path).
 Session counts do not travel as messages: they are in shared memory (workers/shared.py), so
 least-connections balancing and `max-connections` hold across workers at every login.
 Either side may `ask` the other (Request/Reply): the control process asks a worker for its
 sessions, its counters now, its movable sessions on the backends a rebalancing round would take
-from, to redirect its sessions, or for a KILL target; a worker asks the control process to find
+from, to redirect its sessions, for a KILL target, or to end a capture ("capture_stop": its
+last batch comes first, then the commands it dropped); a worker asks the control process to find
 a KILL target in another worker, or for the greeting to give clients when it knows none.
 """
 
@@ -30,6 +33,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tiproxy.api.history import MoveHistory
+
 if TYPE_CHECKING:
     from tiproxy.api.interface import SessionGauges
     from tiproxy.balance.balancer import MoveOrder
@@ -39,6 +44,7 @@ if TYPE_CHECKING:
     from tiproxy.net.counters import DataPlaneCounts
     from tiproxy.protocol.packets import Greeting
     from tiproxy.tls.store import Material
+    from tiproxy.traffic.sink import Record
 
 log = logging.getLogger("tiproxy.workers")
 
@@ -57,11 +63,15 @@ class Setup:
     incarnation: int  # how many times this worker has been started before
     tls: Mapping[str, Material | None]  # the contexts, as the control process built them
     log_level: int  # the control process's: a worker's records below it are not even sent
+    first_id: int = 0  # after an upgrade: ids below it were the old process's
 
 
 @dataclass(frozen=True)
 class ConfigChanged:
     config: Config
+    # The backend table as of this config, applied with it in one step: a login must never see
+    # a user mapped to a namespace whose backends the worker has not got yet, or the reverse.
+    table: Table | None = None
 
 
 @dataclass(frozen=True)
@@ -107,8 +117,21 @@ class Moves:
 
 
 @dataclass(frozen=True)
+class CaptureStart:
+    """Every session records its commands for a traffic capture until "capture_stop"."""
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
+
+
+@dataclass(frozen=True)
+class HandOver:
+    """An upgrade: stop accepting, send the sessions to these receivers (net/handover.py),
+    then end once no session that can travel is left."""
+
+    receivers: tuple[str, ...]
 
 
 # -- worker to control ---------------------------------------------------------------------
@@ -121,6 +144,7 @@ class Stats:
     counts: DataPlaneCounts  # what its sessions counted (net/counters.py)
     errors: Mapping[str, int]
     rejected: Mapping[str, int] = dataclasses.field(default_factory=dict)  # clients refused
+    history: MoveHistory = dataclasses.field(default_factory=MoveHistory)  # for the page
     # Its sessions' moves and pins now: only in an answer to "stats" (a walk over the
     # sessions, made when the API asks), None in the reports of every second.
     gauges: SessionGauges | None = None
@@ -159,6 +183,15 @@ class SyncNow:
 class LastingProblem:
     addr: str
     problem: str
+
+
+@dataclass(frozen=True)
+class CaptureBatch:
+    """Captured commands (traffic/sink.py), their bytes, and what the worker dropped so far."""
+
+    records: list[Record]
+    size: int
+    dropped: int
 
 
 @dataclass(frozen=True)
@@ -209,6 +242,19 @@ class Link:
             return
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         self._writer.write(_LENGTH.pack(len(data)) + data)
+
+    def full(self, limit: int) -> bool:
+        """More than `limit` bytes wait to be written (the other end is behind), or it closed."""
+        writer = self._writer
+        return writer is None or writer.is_closing() \
+            or writer.transport.get_write_buffer_size() > limit
+
+    def send_if_room(self, message: object, limit: int) -> bool:
+        """send(), unless full(limit): then nothing is sent and False says so."""
+        if self.full(limit):
+            return False
+        self.send(message)
+        return True
 
     async def ask(self, what: str, arg: Any = None, timeout: float = ASK_TIMEOUT) -> Any:
         """The other end's answer; raises TimeoutError, or ConnectionError once it is gone."""

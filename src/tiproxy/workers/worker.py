@@ -28,23 +28,27 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
+from tiproxy.cli.logs import apply_level
 from tiproxy.client.leg import CONNECT_TIMEOUT
 from tiproxy.net.kill import KillTarget
 from tiproxy.net.loop import install_event_loop
 from tiproxy.net.server import EARLY_WINDOW, ProxyServer
 from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
+from tiproxy.traffic.writer import summarized
 from tiproxy.workers import messages as m
 from tiproxy.workers.shared import LAST_LOGIN, SESSIONS, SharedCounts
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
     from tiproxy.protocol.packets import Greeting
+    from tiproxy.traffic.sink import Record
 
 log = logging.getLogger("tiproxy.workers")
 
 STATS_INTERVAL = 1.0
 ID_SPACE = 1 << 32
+CAPTURE_LINK_LIMIT = 16 * 1024 * 1024  # capture batches waiting on the link, at most
 
 
 class SharedBackend(Backend):
@@ -172,6 +176,7 @@ class WorkerServer(ProxyServer):
         self.counts = counts
         counts.clear(self.index)
         self._next_id = setup.incarnation * 1_000_000
+        self.take_ids_from(setup.first_id)
 
     async def start(self) -> None:
         await super().start()
@@ -190,13 +195,28 @@ class WorkerServer(ProxyServer):
         elif isinstance(message, m.Moves):
             self.carry_out(message.orders)
         elif isinstance(message, m.ConfigChanged):
-            self.router.configure(message.config)  # the backends themselves come with tables
+            if message.table is not None:  # first: the new config may name its backends
+                for addr in self.replica.apply(message.table):
+                    self._undrained(addr)
+            self.router.configure(message.config)
             self.tls.require_backend_tls = message.config.security.require_backend_tls
+            apply_level(message.config.log)  # what this worker sends the control process
             self.config_changed(message.config)
         elif isinstance(message, m.TLSChanged):
             self.tls.follow(message.tls)
         elif isinstance(message, m.MemoryHigh):
             self.memory_high = message.reason
+        elif isinstance(message, m.CaptureStart):
+            self.start_capture(self._send_capture)
+
+    def _send_capture(self, records: list[Record], size: int) -> bool:
+        """A batch of the capture to the control process's writer, with what each response
+        said rather than its bytes (traffic/writer.py)."""
+        if self.link.full(CAPTURE_LINK_LIMIT):
+            return False  # no need to read the responses of a batch that is dropped
+        dropped = self.capture.dropped if self.capture is not None else 0
+        batch, size = summarized(records)
+        return self.link.send_if_room(m.CaptureBatch(batch, size, dropped), CAPTURE_LINK_LIMIT)
 
     async def answer(self, what: str, arg: Any) -> Any:
         if what == "sessions":
@@ -211,6 +231,12 @@ class WorkerServer(ProxyServer):
             return self._local_kill_target(arg)
         if what == "backend_ids":
             return self.local_backend_ids(*arg)
+        if what == "max_id":
+            return await self.max_session_id()
+        if what == "receiver":
+            return (await self.open_receivers())[0]
+        if what == "capture_stop":
+            return await self.stop_capture()
         raise ValueError(what)
 
     def _local_kill_target(self, session_id: int) -> KillTarget | None:
@@ -228,7 +254,8 @@ class WorkerServer(ProxyServer):
 
     def _stats(self, gauges: bool = False) -> m.Stats:
         return m.Stats(self.metrics, self.server_errors(), dict(self.rejected),
-                       self.session_gauges() if gauges else None)
+                       history=self._history,  # pickled as it is sent
+                       gauges=self.session_gauges() if gauges else None)
 
     def server_errors(self) -> dict[str, int]:
         return dict(self.tls.errors + self.errors)  # its TLS store: the contexts it followed
@@ -240,6 +267,12 @@ class WorkerServer(ProxyServer):
         a restarted worker starts a million ids further on (a stale id names nobody)."""
         self._next_id += 1
         return (self._next_id * self.count + self.index) % ID_SPACE + 1
+
+    async def max_session_id(self) -> int:
+        return (self._next_id * self.count + self.index) % ID_SPACE + 1
+
+    def take_ids_from(self, first_id: int) -> None:
+        self._next_id = max(self._next_id, first_id // self.count + 1)
 
     def kill_target_elsewhere(self, session_id: int) -> bool:
         return (session_id - 1) % self.count != self.index
@@ -292,12 +325,17 @@ async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.so
     server: WorkerServer | None = None
     early: list[object] = []  # what came with Setup, for the server once it exists
     stop = asyncio.Event()
+    departing: list[asyncio.Task[None]] = []  # an upgrade's handover, kept until done
 
     def handle(message: object) -> None:
         if isinstance(message, m.Setup) and not setup_received.done():
             setup_received.set_result(message)
         elif isinstance(message, m.Shutdown):
             stop.set()
+        elif isinstance(message, m.HandOver) and server is not None:
+            server.hand_over(list(message.receivers))
+            departing.append(asyncio.get_running_loop().create_task(server.handed_over()))
+            departing[-1].add_done_callback(lambda _task: stop.set())
         elif server is not None:
             server.handle(message)
         else:
@@ -326,7 +364,8 @@ async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.so
     if link_task in done:  # the control process is gone: nobody routes or restarts us
         await server.stop(timeout=0)
         return
-    await server.stop(server.config().proxy.graceful_close_conn_timeout)
+    await server.stop(server.config().proxy.graceful_close_conn_timeout,
+                      linger=bool(departing))  # an upgrade: sessions that stayed may end
     link.close()
 
 

@@ -65,6 +65,12 @@ def capture_sql(user_variables: bool, lock_info: bool) -> str:
             + (_CAPTURE_LOCKS if lock_info else "") + _ALL_ROWS)
 
 
+def capture_user_sql() -> str:
+    """The user variables and LAST_INSERT_ID() alone, in capture_sql's rows (a checkpoint after
+    a statement that changed only user variables: a tenth of the cost of the whole capture)."""
+    return "SELECT 'lii', NULL, LAST_INSERT_ID()" + _CAPTURE_USER + _ALL_ROWS
+
+
 def missing_table(code: int, message: str) -> str | None:
     """Which plugin table an error says the server lacks, if it says so."""
     if code != ER_UNKNOWN_TABLE:
@@ -148,17 +154,20 @@ def _system_order(item: tuple[str, str, bytes | None]) -> tuple[int, str]:
     return len(_ORDER), name
 
 
-def named_user_vars_sql(names: list[bytes]) -> str:
+def named_user_vars_sql(names: list[bytes], last_insert_id: bool = False) -> str:
     """Capture named user variables without USER_VARIABLES: each as itself (its column type
-    says its type), as HEX() and with its COLLATION()."""
+    says its type), as HEX() and with its COLLATION(); LAST_INSERT_ID() first if asked."""
     cols = ", ".join(f"{_uvar(n)}, HEX({_uvar(n)}), COLLATION({_uvar(n)})" for n in names)
-    return f"SELECT {cols}{_ALL_ROWS}"
+    return f"SELECT {'LAST_INSERT_ID(), ' if last_insert_id else ''}{cols}{_ALL_ROWS}"
 
 
 def apply_named_user_vars(state: CapturedState, names: list[bytes], row: Row,
-                          types: list[tuple[int, int]]) -> None:
-    """The answer of named_user_vars_sql into `state.user`; variables that are NULL (or were
-    never set) are left out."""
+                          types: list[tuple[int, int]], last_insert_id: bool = False) -> None:
+    """The answer of named_user_vars_sql into `state.user` (and `last_insert_id`); variables
+    that are NULL (or were never set) are left out."""
+    if last_insert_id:
+        state.last_insert_id = int(row[0] or b"0")
+        row, types = row[1:], types[1:]
     for i, name in enumerate(names):
         value, hexvalue, collation = row[3 * i], row[3 * i + 1], row[3 * i + 2]
         column_type, flags = types[3 * i]

@@ -1,0 +1,215 @@
+"""Sessions outlive their backend: a MariaDB server killed with SIGKILL under sessions with state
+of every kind, idle, inside a transaction and with a statement in flight (net/recovery.py).
+
+Each test starts its own two servers (it kills one) and a proxy with `auth-sync-user`, so that
+sessions have a reusable credential. Sessions are placed on the server to kill by opening more
+until enough land there (least connections alternates between the two).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import mysql.connector
+import pymysql
+import pytest
+
+from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.mariadb import MariaDBServer
+
+pytestmark = pytest.mark.integration
+
+# Everything a session can set that the test checks comes back: the database, system variables
+# set by literals and by an expression, user variables of every type and character set (by
+# literals, by an expression, by SELECT ... INTO), LAST_INSERT_ID(), SQL and server-side
+# prepared statements.
+SETUP = (
+    "USE loss_db",
+    "SET SESSION sql_mode = 'ANSI_QUOTES,NO_ZERO_DATE', time_zone = '+05:30',"
+    " max_join_size = 1000000",
+    "SET SESSION div_precision_increment = 3 + 4",  # an expression: only a capture knows it
+    "SET NAMES utf8mb4 COLLATE utf8mb4_bin",
+    "SET @i = -42, @u = CAST(18446744073709551615 AS UNSIGNED), @d = 12.50, @f = 0.1e0,"
+    " @s = _latin1 X'636166E9' COLLATE latin1_german1_ci, @b = X'00FF7F', @n = NULL",
+    "INSERT INTO loss_db.ai (v) VALUES (1)",
+    "SELECT COUNT(*) INTO @counted FROM loss_db.ai",
+    "PREPARE sql_stmt FROM 'SELECT ? * 2'",
+    "SET @last = 'literal, after the checkpoint'",  # kept as a statement to run again
+)
+STATE = ("SELECT DATABASE(), @@sql_mode, @@time_zone, @@max_join_size, @@div_precision_increment,"
+         " @@collation_connection, @@character_set_client, LAST_INSERT_ID(), @i, @u, @d, @f,"
+         " HEX(@s), COLLATION(@s), HEX(@b), @n, @counted, @last")
+
+
+@pytest.fixture
+def pair(mariadb_factory: MariaDBFactory) -> list[MariaDBServer]:
+    servers = [mariadb_factory(BACKEND_ARGS, BACKEND_USERS) for _ in range(2)]
+    for server in servers:
+        server.sql("CREATE DATABASE loss_db; CREATE TABLE loss_db.ai "
+                   "(id INT AUTO_INCREMENT PRIMARY KEY, v INT);\n"
+                   "GRANT ALL ON loss_db.* TO app;")
+    return servers
+
+
+@pytest.fixture
+def lproxy(pair: list[MariaDBServer], proxy_factory: ProxyFactory) -> ProxyProcess:
+    return proxy_factory([s.addr for s in pair], ADMIN_TOML)
+
+
+def _port(conn: Any) -> int:
+    cur = conn.cursor()
+    cur.execute("SELECT @@port")
+    port = int(cur.fetchone()[0])
+    cur.close()
+    return port
+
+
+def _on(server: MariaDBServer, connect: Callable[[], Any], others: list[Any]) -> Any:
+    """A new session on `server`; sessions that land elsewhere go to `others`, kept open."""
+    for _ in range(20):
+        conn = connect()
+        if _port(conn) == server.port:
+            return conn
+        others.append(conn)
+    raise AssertionError(f"no session landed on {server.addr}")
+
+
+def _pymysql(proxy: ProxyProcess) -> Any:
+    return proxy.connect(autocommit=True)
+
+
+def _set_up(conn: Any) -> Any:
+    """SETUP on a connector session, with a server-side prepared statement; returns it."""
+    cur = conn.cursor()
+    for statement in SETUP:
+        cur.execute(statement)
+        if cur.with_rows:
+            cur.fetchall()
+    prepared = conn.cursor(prepared=True)
+    prepared.execute("SELECT ? + 1, DATABASE()", (41,))
+    assert prepared.fetchall() == [(42, "loss_db")]
+    return prepared
+
+
+def _state(conn: Any) -> tuple[Any, ...]:
+    cur = conn.cursor()
+    cur.execute(STATE)
+    row = tuple(cur.fetchall()[0])
+    cur.close()
+    return row
+
+
+def test_idle_sessions_survive_a_killed_backend(pair: list[MariaDBServer],
+                                                lproxy: ProxyProcess) -> None:
+    doomed, survivor = pair
+    others: list[Any] = []
+
+    def connector() -> Any:
+        return mysql.connector.connect(host="127.0.0.1", port=lproxy.port, user=APP.name,
+                                       password=APP.password, database="test", autocommit=True)
+
+    rich = _on(doomed, connector, others)
+    prepared = _set_up(rich)
+    before = _state(rich)  # a plain query: its arrival took the checkpoint first
+    assert before[0] == "loss_db" and before[4] == 7 and before[-1] == "literal, after the checkpoint"
+    rich.cursor().execute("SET @last = 'set last, then idle'")  # replayed, no checkpoint after
+    quiet = _on(doomed, lambda: _pymysql(lproxy), others)  # never changed anything
+    pinned = _on(doomed, lambda: _pymysql(lproxy), others)
+    with pinned.cursor() as cur:
+        cur.execute("CREATE TEMPORARY TABLE scratch (a INT)")
+    timed = _on(doomed, lambda: _pymysql(lproxy), others)
+    with timed.cursor() as cur:  # read back right after it: kept, whatever its value
+        cur.execute("SELECT @t := NOW(6), @t2 := RAND()")
+        assigned = cur.fetchone()
+    stale = _on(doomed, lambda: _pymysql(lproxy), others)
+    with stale.cursor() as cur:  # only its server knew the value: nothing ran after it
+        cur.execute("SET SESSION div_precision_increment = 3 + 5")
+
+    doomed.kill()
+
+    after = _state(rich)
+    assert after == (*before[:-1], "set last, then idle")
+    assert _port(rich) == survivor.port
+    prepared.execute("SELECT ? + 1, DATABASE()", (1,))  # the same statement, prepared again
+    assert prepared.fetchall() == [(2, "loss_db")]
+    cur = rich.cursor()
+    cur.execute("EXECUTE sql_stmt USING 21")
+    assert cur.fetchall() == [(42,)]
+    assert _port(quiet) == survivor.port
+    with timed.cursor() as cur:
+        cur.execute("SELECT @t, @t2, @@port")
+        assert cur.fetchone() == (*assigned, survivor.port)
+    for gone in (pinned, stale):  # closed, not continued with state they lost
+        with pytest.raises(pymysql.err.OperationalError), gone.cursor() as cur:
+            cur.execute("SELECT 1")
+    log = lproxy.log()
+    assert "the session cannot be rebuilt elsewhere: pinned: temporary tables: scratch" in log
+    assert "changed since its last checkpoint in a way only its backend knew" in log
+    assert f"backend {doomed.addr} was lost; the session goes on on {survivor.addr}" in log
+    for conn in (rich, quiet, timed, *others):
+        conn.close()
+
+
+class _InFlight(threading.Thread):
+    """A statement run in a thread, to kill its backend while it runs."""
+
+    def __init__(self, conn: Any, sql: str) -> None:
+        super().__init__(daemon=True)
+        self.conn, self.sql = conn, sql
+        self.rows: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(self.sql)
+                self.rows = cur.fetchall()
+        except BaseException as e:  # what the client saw is the result
+            self.error = e
+
+
+def test_statements_in_flight_and_an_open_transaction(pair: list[MariaDBServer],
+                                                      lproxy: ProxyProcess) -> None:
+    doomed, survivor = pair
+    others: list[Any] = []
+    reader, writer, in_trans = (_on(doomed, lambda: _pymysql(lproxy), others) for _ in range(3))
+    for conn in (reader, writer, in_trans):
+        with conn.cursor() as cur:
+            cur.execute("SET @mine = CONNECTION_ID(), @@session.time_zone = '-03:00'")
+            cur.execute("SELECT 1")  # the checkpoint comes before it
+    with in_trans.cursor() as cur:
+        cur.execute("BEGIN")
+        cur.execute("INSERT INTO loss_db.ai (v) VALUES (7)")
+    read = _InFlight(reader, "SELECT SLEEP(2), @@port, @mine")
+    write = _InFlight(writer, "UPDATE loss_db.ai SET v = v + SLEEP(2)")
+    deadline = time.monotonic() + 10
+    while len(doomed.sql("SELECT ID FROM information_schema.PROCESSLIST "
+                         "WHERE INFO LIKE '%SLEEP(2)%' AND INFO NOT LIKE '%PROCESSLIST%'"
+                         ).split()) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    doomed.kill()
+
+    read.join(30)
+    write.join(30)
+    assert read.error is None, read.error  # a read whose answer had not begun ran again
+    assert read.rows == ((0, survivor.port, reader.thread_id()),)
+    assert isinstance(write.error, pymysql.err.OperationalError), write.error
+    assert write.error.args[0] == 1105 and "outcome is unknown" in write.error.args[1]
+    with writer.cursor() as cur:  # ... and its session goes on
+        cur.execute("SELECT @@port, @mine, @@time_zone")
+        assert cur.fetchone() == (survivor.port, writer.thread_id(), "-03:00")
+    with in_trans.cursor() as cur:
+        with pytest.raises(pymysql.err.OperationalError) as info:
+            cur.execute("INSERT INTO loss_db.ai (v) VALUES (8)")
+        assert "open transaction, which was rolled back" in info.value.args[1]
+        cur.execute("SELECT @@in_transaction, @@port, @mine")  # then it goes on, outside one
+        assert cur.fetchone() == (0, survivor.port, in_trans.thread_id())
+    for conn in (reader, writer, in_trans, *others):
+        conn.close()

@@ -1,0 +1,120 @@
+"""What a statement leaves for a rebuild without its backend (session/rebuild.py): literal
+assignments kept to run again, staleness only a capture clears, statements that may run again."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tiproxy.protocol.constants import Command
+from tiproxy.session.rebuild import (
+    VARS_ALL,
+    VARS_NONE,
+    VARS_USER,
+    read_only,
+    retryable,
+    variable_changes,
+)
+
+
+@pytest.mark.parametrize(
+    ("sql", "replays"),
+    [
+        (b"SET @a = 5", [(b"@a", b"SET @a = 5")]),
+        (b"set @a := -1.5e3, @`b c` = 'it''s, (x)'",
+         [(b"@a", b"SET @a := -1.5e3"), (b"@`b c`", b"SET @`b c` = 'it''s, (x)'")]),
+        (b"SET SESSION sql_mode = ANSI, autocommit = 0",
+         [(b"sql_mode", b"SET SESSION sql_mode = ANSI"),
+          (b"autocommit", b"SET SESSION autocommit = 0")]),
+        (b"SET @@session.time_zone = '+01:00'",
+         [(b"time_zone", b"SET @@session.time_zone = '+01:00'")]),
+        (b"SET @s = _latin1 X'E9' COLLATE latin1_bin, @n = NULL",
+         [(b"@s", b"SET @s = _latin1 X'E9' COLLATE latin1_bin"), (b"@n", b"SET @n = NULL")]),
+        (b"EXECUTE IMMEDIATE 'SET @z = 1'", [(b"@z", b"SET @z = 1")]),
+    ],
+)
+def test_literal_assignments_are_kept_to_run_again(sql: bytes,
+                                                   replays: list[tuple[bytes, bytes]]) -> None:
+    changes = variable_changes(sql)
+    assert changes.replays == replays
+    assert changes.stale == VARS_NONE
+
+
+@pytest.mark.parametrize(
+    ("sql", "stale"),
+    [
+        (b"SET @t = NOW()", VARS_USER),
+        (b"SELECT @n := @n + 1", VARS_USER),
+        (b"SELECT a INTO @x FROM t", VARS_USER),
+        (b"SET NAMES utf8mb4", VARS_ALL),
+        (b"SET character_set_client = latin1", VARS_ALL),  # how later literals are read
+        (b"SET SESSION div_precision_increment = 3 + 4", VARS_ALL),
+        (b"CALL p()", VARS_ALL),
+        (b"EXECUTE stmt", VARS_ALL),
+        (b"SET @a = 1; CALL p()", VARS_ALL),
+    ],
+)
+def test_what_only_a_capture_can_tell_is_stale(sql: bytes, stale: int) -> None:
+    assert variable_changes(sql).stale == stale
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [b"SELECT @a", b"SELECT * FROM t", b"INSERT INTO t VALUES (@client)",
+     b"SET GLOBAL max_connections = 10", b"SET PASSWORD = 'secret'",
+     b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+     b"SET STATEMENT max_statement_time = 1 FOR SELECT 1", b"UPDATE t SET a = 1"],
+)
+def test_statements_that_change_no_session_variable(sql: bytes) -> None:
+    changes = variable_changes(sql)
+    assert (changes.replays, changes.stale) == ([], VARS_NONE)
+
+
+def test_user_variables_assigned_in_a_reading_statement_are_read_back_by_name() -> None:
+    check = variable_changes(b"SELECT COUNT(*), @client, @n := @n + 1, @@time_zone FROM t")
+    assert check.rerun_names == frozenset({b"client", b"n"})
+    # Writing data or locking: it may not run twice, so it stays stale instead.
+    for sql in (b"UPDATE t SET a = (@x := a)", b"SELECT @x := a FROM t FOR UPDATE",
+                b"SELECT GET_LOCK('l', 1) INTO @got"):
+        changes = variable_changes(sql)
+        assert changes.stale == VARS_USER and not changes.rerun_names, sql
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        (b"SELECT 1", True), (b"/* c */ SHOW TABLES", True), (b"SELECT LAST_INSERT_ID()", True),
+        (b"BEGIN", True), (b"START TRANSACTION READ ONLY", True), (b"ROLLBACK", True),
+        (b"SELECT * FROM t FOR UPDATE", False), (b"SELECT @a := 1", False),
+        (b"SELECT GET_LOCK('a', 1)", False), (b"SELECT LAST_INSERT_ID(5)", False),
+        (b"SELECT NEXTVAL(s)", False), (b"UPDATE t SET a = 1", False), (b"COMMIT", False),
+        (b"ROLLBACK TO SAVEPOINT s", False), (b"SELECT 1; DELETE FROM t", False),
+    ],
+)
+def test_read_only_statements(sql: bytes, expected: bool) -> None:
+    assert read_only(sql) is expected
+
+
+def _packet(cmd: int, body: bytes) -> bytes:
+    payload = bytes((cmd,)) + body
+    return len(payload).to_bytes(3, "little") + b"\x00" + payload
+
+
+def test_retryable_commands() -> None:
+    assert retryable(_packet(Command.QUERY, b"SELECT 1"), None)
+    assert not retryable(_packet(Command.QUERY, b"DELETE FROM t"), None)
+    assert retryable(_packet(Command.PING, b""), None)
+    execute = _packet(Command.STMT_EXECUTE, b"\x01\x00\x00\x00\x00\x01\x00\x00\x00")
+    assert retryable(execute, b"SELECT ?")
+    assert not retryable(execute, b"INSERT INTO t VALUES (?)")
+    assert not retryable(execute, None)  # a statement the proxy does not know
+    cursor = _packet(Command.STMT_EXECUTE, b"\x01\x00\x00\x00\x01\x01\x00\x00\x00")
+    assert not retryable(cursor, b"SELECT ?")  # its rows come with later fetches
+
+
+@given(st.binary(max_size=300))
+def test_any_text_is_judged_without_error(sql: bytes) -> None:
+    changes = variable_changes(sql)
+    assert changes.stale in (VARS_NONE, VARS_USER, VARS_ALL)
+    read_only(sql)
