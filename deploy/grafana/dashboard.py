@@ -85,6 +85,9 @@ def server() -> list[dict[str, Any]]:
               "not load, a worker that died, a move that fails for a lasting reason).",
               "short",
               target(f"sum(increase(tiproxy_server_err{{{SEL}}}[1m])) by (type)", "{{type}}")),
+        panel("Owner", "The proxy that owns each job: [ha] virtual-ip's address (vip/<ip>); "
+              "empty without [ha].", "short",
+              target(f"tiproxy_server_owner{{{SEL}}}", "{{instance}} - {{type}}")),
     ]
 
 

@@ -38,6 +38,9 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "tiproxy.json"
 RULES = ROOT / "deploy" / "prometheus" / "tiproxy.rules.yml"
 # Grafana's variables, as a user who picks every instance of the job sees them.
 VARIABLES = {"$__rate_interval": "30s", "$job": "tiproxy", "$instance": ".*"}
+# Panels with data only where a feature runs that this test does not set up: the owner of
+# [ha] virtual-ip needs PD's etcd and an interface to put the address on (test_virtual_ip.py).
+WITHOUT_DATA_HERE = {"Owner"}
 
 
 def panel_queries() -> list[tuple[str, str]]:
@@ -51,7 +54,8 @@ def panel_queries() -> list[tuple[str, str]]:
                 for name, value in VARIABLES.items():
                     expr = expr.replace(name, value)
                 assert "$" not in expr.replace('"$1"', ""), expr  # every variable substituted
-                queries.append((inner["title"], expr))
+                if inner["title"] not in WITHOUT_DATA_HERE:
+                    queries.append((inner["title"], expr))
     return queries
 
 

@@ -30,22 +30,25 @@ class ProxyProcess:
     needs another interface; connect() uses 127.0.0.1 for "0.0.0.0"); `api_token_file` becomes
     `[api] auth-token-file`, and `api()` sends `api_token`, if given, as the bearer token;
     `api_toml` is more lines of `[api]`; `command_prefix` runs the proxy through another
-    command (a shell that joins a cgroup first); `args` are more flags of `tiproxy`; `env`,
-    more environment variables.
+    command (a shell that joins a cgroup first, `ip netns exec`); `args` are more flags of
+    `tiproxy`; `env`, more environment variables; `reach_host` is where this process reaches
+    the SQL port, when not at `sql_host` (a proxy in another network namespace); `port`, the
+    SQL port, is a free one unless given.
     """
 
     def __init__(self, workdir: Path, backend_addrs: Sequence[str], extra_toml: str = "", *,
                  api_host: str = "127.0.0.1", api_token_file: Path | None = None,
                  api_token: str | None = None, sql_host: str = "127.0.0.1",
                  command_prefix: Sequence[str] = (), api_toml: str = "",
-                 args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+                 args: Sequence[str] = (), env: Mapping[str, str] | None = None,
+                 reach_host: str | None = None, port: int | None = None) -> None:
         self.workdir = workdir
         self.command_prefix = list(command_prefix)  # e.g. a shell that joins a cgroup first
         self.args = list(args)
         self.env = {**os.environ, **env} if env else None
         self.sql_host = sql_host
-        self.local_host = "127.0.0.1" if sql_host == "0.0.0.0" else sql_host
-        self.port = free_port()
+        self.local_host = reach_host or ("127.0.0.1" if sql_host == "0.0.0.0" else sql_host)
+        self.port = port or free_port()
         self.api_host = api_host
         self.api_port = free_port()
         while self.api_port == self.port:  # the kernel may hand the same free port out twice

@@ -106,7 +106,7 @@ class FakeView:
                            {("127.0.0.1:3306", "succeed"): 5, ("127.0.0.1:3307", "fail"): 2})
 
     def server_stats(self) -> ServerStats:
-        return ServerStats([os.getpid()], 2, {"start": 1}, 0, 3)
+        return ServerStats([os.getpid()], 2, {"start": 1}, 0, 3, ["vip/10.0.0.9"])
 
 
 def _view() -> FakeView:
@@ -275,6 +275,8 @@ def test_metrics_have_tiproxys_names_and_the_views_values(path: str) -> None:
         assert 'tiproxy_backend_b_status{backend="127.0.0.1:3307"} 0.0' in lines
         assert 'tiproxy_backend_b_status{backend="127.0.0.1:3308"} 1.0' in lines  # draining: up
         assert 'tiproxy_balance_b_conn{backend="127.0.0.1:3308"} 3.0' in lines
+        assert 'tiproxy_server_owner{type="vip/10.0.0.9"} 1.0' in lines  # [ha] virtual-ip's
+        assert "tiproxy_server_maxprocs 2.0" in lines
 
     _serve(_view(), check)
 

@@ -13,6 +13,7 @@ from tiproxy.balance.router import Router
 from tiproxy.config import parse_config
 from tiproxy.control.monitor import ClockMonitor
 from tiproxy.control.processes import ProcessReader
+from tiproxy.control.proxy import owned_job
 from tiproxy.discovery.base import DiscoveredBackend
 from tiproxy.net.counters import (
     GET_BACKEND_BUCKETS,
@@ -149,6 +150,10 @@ def test_the_clock_monitor_counts_jumps_back_and_beats_on_time() -> None:
     monitor.look(now)  # 10 s back
     assert monitor.time_jump_back == 1
     assert monitor.keep_alive == 2
+
+
+def test_an_election_is_named_as_tiproxy_names_it() -> None:
+    assert owned_job("/tiproxy/vip/10.0.0.9/owner") == "vip/10.0.0.9"
 
 
 def test_the_processes_are_read_from_proc() -> None:

@@ -38,6 +38,7 @@ class BackendView:
     # The router's factors, each lower-is-better, in the order it weighs them (balance/router.py)
     factors: Mapping[str, float] = field(default_factory=dict)
     load_sampled: bool = False  # the health checks have read its load at least once
+    peer_connections: int = 0  # the other proxies' sessions on it, as they published them
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class ServerStats:
     events: Mapping[str, int]  # "start", "close" (a shutdown began)
     time_jump_back: int  # the wall clock went back (control/monitor.py)
     keep_alive: int  # the monitor's heartbeat: once per 5 s it ran on time
+    # The elections this proxy leads, by TiProxy's name for them ("vip/<ip>": [ha] virtual-ip)
+    owner_of: Sequence[str] = ()
 
 
 class ProxyView(Protocol):

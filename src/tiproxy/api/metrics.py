@@ -12,7 +12,9 @@ names of what ended them: `success`, `client network break`, `auth fail`, `get b
 `backend network break`, `proxy shutdown`, ...), `tiproxy_server_reject_connection_total{type}`
 (refused before the greeting: `max_connections`, `memory`), `tiproxy_server_maxprocs` (TiProxy's
 GOMAXPROCS: here the data plane's processes, 1 or `[proxy] workers`; each runs on one core at
-most), `tiproxy_server_event{type}` (`start`; `close` once a shutdown begins),
+most), `tiproxy_server_owner{type}` (1 for each election this proxy leads, absent otherwise, as
+in TiProxy: `vip/<ip>` for `[ha] virtual-ip`), `tiproxy_server_event{type}` (`start`; `close`
+once a shutdown begins),
 `tiproxy_server_err{type}` (the proxy's own errors: `load_cert`, `worker_died`,
 `migrate_lasting`), `tiproxy_monitor_time_jump_back_total` and `tiproxy_monitor_keep_alive_total`
 (control/monitor.py).
@@ -45,8 +47,7 @@ Process: `process_cpu_seconds_total`, `process_resident_memory_bytes`,
 `process_start_time_seconds`, for all the proxy's processes together (control/processes.py).
 Traffic capture and replay (api/traffic.py adds them): `tiproxy_traffic_capture_cmds_total{type}`
 (ours) and TiProxy's `tiproxy_replay_pending_cmds`.
-Not exported, having no meaning here: `tiproxy_server_owner` (TiProxy's etcd owner election),
-`tiproxy_replay_wait_time`, `go_*`.
+Not exported, having no meaning here: `tiproxy_replay_wait_time`, `go_*`.
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def _server(view: ProxyView, counts: DataPlaneCounts) -> Iterator[Family]:
                                   for kind in ("max_connections", "memory")})
     yield _single("tiproxy_server_maxprocs", "Processes of the data plane (each one core).",
                   "gauge", stats.data_plane_processes)
+    yield _by("tiproxy_server_owner", "The TiProxy owner of each job type.", "gauge", "type",
+              dict.fromkeys(stats.owner_of, 1))
     yield _by("tiproxy_server_event", "Counter of TiProxy event.", "counter", "type",
               dict(stats.events))
     errors = dict.fromkeys(_ERROR_TYPES, 0) | dict(view.server_errors())

@@ -284,6 +284,7 @@ async def _backends(request: web.Request) -> web.Response:
     backends = request.app[_VIEW].backends()
     body = [
         {"addr": b.addr, "status": b.status, "connections": b.connections,
+         "peer_connections": b.peer_connections,
          "drained_by": list(b.drained_by), "last_error": b.last_error,
          "sources": list(b.sources), "health": b.health, "labels": dict(b.labels),
          "namespace": b.namespace, "score": b.score, "move_problem": b.move_problem,

@@ -9,8 +9,10 @@ sessions and its sessions move away at their next safe point.
 New sessions go to the best backend of their namespace by the factors in priority order (the
 `[balance] policy` decides which apply): health (draining and down backends are out), location
 (a backend whose `label-name` label matches the proxy's own), load (sampled from the backend's
-status counters), then the number of sessions. Load counts in coarse steps so that noise in a
-sample does not reorder backends. A backend that refused a connection is skipped until its retry
+status counters), then the number of sessions: this proxy's, and with `pd-addrs` those the
+other proxies published in etcd (discovery/peers.py), so that proxies sharing backends fill
+them evenly together. Load counts in coarse steps so that noise in a sample does not reorder
+backends. A backend that refused a connection is skipped until its retry
 time; the delay doubles with each failure in a row (up to a minute).
 """
 
@@ -67,6 +69,7 @@ class Backend:
     static_labels: Mapping[str, str] = field(default_factory=dict)
     connections: int = 0  # this process's sessions on it (the control process: every worker's)
     elsewhere: int = 0  # in a worker: the other workers' sessions on it, as last reported
+    peers: int = 0  # the other proxies' sessions on it, as they last published them in etcd
     failures: int = 0  # failed connects in a row (sessions' and checks')
     retry_at: float = 0.0
     last_error: str = ""
@@ -139,6 +142,10 @@ class Router:
         self.static_labels: dict[str, Mapping[str, str]] = {}
         self._fail_list: tuple[str, ...] = ()
         self._namespace_of: dict[str, str] = {}  # backend addr -> namespace
+        # The other proxies sharing the balance through etcd (discovery/peers.py): this
+        # proxy's name among them, and their sessions per backend as last read.
+        self.me = ""
+        self.peer_sessions: Mapping[str, Mapping[str, int]] = {}
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -163,7 +170,8 @@ class Router:
                 host, port = split_addr(addr)
                 backend = Backend(addr, host, port,
                                   namespace=self._namespace_of.get(addr, DEFAULT_NAMESPACE),
-                                  static_labels=self.static_labels.get(addr, {}))
+                                  static_labels=self.static_labels.get(addr, {}),
+                                  peers=self._peers_on(addr))
                 if addr in self._fail_list:
                     backend.drained_by.add(DRAIN_FAIL_LIST)
                 self.backends[addr] = backend
@@ -191,6 +199,17 @@ class Router:
             self.backends[addr] = backend
             log.info("backend %s: known only to sessions handed over; draining", addr)
         return backend
+
+    def set_peers(self, me: str, peer_sessions: Mapping[str, Mapping[str, int]]) -> None:
+        """The other proxies' sessions per backend (discovery/peers.py), `me` this proxy's
+        name among them: the "connection count" factor counts the whole cluster's sessions."""
+        self.me = me
+        self.peer_sessions = peer_sessions
+        for addr, backend in self.backends.items():
+            backend.peers = self._peers_on(addr)
+
+    def _peers_on(self, addr: str) -> int:
+        return sum(counts.get(addr, 0) for counts in self.peer_sessions.values())
 
     def set_fail_list(self, addrs: tuple[str, ...]) -> None:
         self._fail_list = addrs
@@ -256,7 +275,7 @@ class Router:
             want = self.own_labels.get(self.label_name)
             location = 0 if want is None or b.labels.get(self.label_name) == want else 1
         load = b.load_step if self.policy == "resource" else 0
-        return bool(b.doubt), location, load, b.connections + b.elsewhere, b.failures
+        return bool(b.doubt), location, load, b.connections + b.elsewhere + b.peers, b.failures
 
     def score(self, b: Backend) -> float:
         """One number for the API: lower is better."""
@@ -268,7 +287,8 @@ class Router:
         (tiproxy_balance_b_score{factor}, TiProxy's names where the factor is TiProxy's):
         status 1 when it takes no new sessions (draining, down), health 1 while a session's
         error holds it in doubt, label 1 when its `label-name` label is not the proxy's, load
-        its load step (ours: threads running, a TiDB's cores), conn its sessions."""
+        its load step (ours: threads running, a TiDB's cores), conn its sessions (the other
+        proxies' too, when several balance as one)."""
         doubted, location, load, connections, _ = self.score_key(b)
         return {"status": float(b.draining or b.down), "health": float(doubted),
                 "label": float(location), "load": float(load), "conn": float(connections)}

@@ -98,6 +98,7 @@ async def serve(cfg: Config, config_path: Path | None = None,
     log.info("shutting down")
     if watch is not None:
         watch.cancel()
+    await server.release_virtual_ip()  # first, as TiProxy: its clients reach another proxy
     if not server.handed_over:  # else the API is closed already: the new process serves it
         server.begin_shutdown()
         wait = server.config().proxy.graceful_wait_before_shutdown  # as reloaded, if it was
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = adjust(load_config(ns.config))
         check_config_files(cfg)  # before the loop runs, so reading them blocks nothing
+        _check_virtual_ip(cfg)
     except ConfigError as e:
         print(f"tiproxy: invalid config: {e}", file=sys.stderr)
         return 2
@@ -237,6 +239,17 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", e)  # noqa: TRY400 - the reason is the message
         return 1
     return 0
+
+
+def _check_virtual_ip(cfg: Config) -> None:
+    """`[ha]` names an interface this machine has, and the proxy may add addresses to it and
+    send ARP from it; else ConfigError with the key."""
+    if cfg.ha.virtual_ip:
+        from tiproxy.ha.address import problem  # noqa: PLC0415 - only when configured
+
+        found = problem(cfg.ha.virtual_ip, cfg.ha.interface)
+        if found is not None:
+            raise ConfigError(*found)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,9 +21,11 @@ from tiproxy.config.values import (
     check_backend_name,
     check_dial_addr,
     check_host,
+    check_interface_name,
     check_listen_addr,
     check_listen_addr_list,
     check_namespace_name,
+    check_virtual_ip,
     each,
     format_duration,
     in_range,
@@ -456,6 +458,26 @@ class BalanceConfig:
 
 
 
+@dataclass(frozen=True)
+class HAConfig:
+    """`[ha]`: TiProxy's virtual IP (ha/vip.py). The proxies that set the same `virtual-ip`
+    elect one owner in PD's etcd; it adds the address to `interface` and announces it with
+    `garp-burst-count` gratuitous ARP packets at once (0 counts as 1, as in TiProxy), then
+    the same burst once a second `garp-refresh-count` times. Read at start only, as TiProxy."""
+
+    virtual_ip: str = field(default="", metadata=offline(rules(check=check_virtual_ip)))
+    interface: str = field(default="", metadata=offline(rules(check=check_interface_name)))
+    garp_burst_count: int = field(default=5, metadata=offline(COUNT))
+    garp_refresh_count: int = field(default=30, metadata=offline(COUNT))
+
+    def cross_check(self) -> tuple[str, str] | None:
+        if self.virtual_ip and not self.interface:
+            return "interface", "needed with virtual-ip: the interface that carries the address"
+        if self.interface and not self.virtual_ip:
+            return "virtual-ip", "needed with interface (or remove interface)"
+        return None
+
+
 class FrozenMap(Mapping[str, str]):
     """An immutable, hashable and picklable str -> str mapping (unlike MappingProxyType, which
     cannot be pickled: configs will travel to worker processes)."""
@@ -499,10 +521,14 @@ class Config:
         default=(), metadata=rules(decode=_decode_namespaces, encode=_encode_namespaces))
     # TiProxy's: false refuses the /api/traffic routes (capture, replay, cancel, show).
     enable_traffic_replay: bool = True
+    ha: HAConfig = field(default=HAConfig())
 
     def cross_check(self) -> tuple[str, str] | None:
         """A backend belongs to one namespace: the default one ([proxy] backend-addrs) or one
-        of [namespaces]."""
+        of [namespaces]. A virtual IP's owner is elected in PD's etcd."""
+        if self.ha.virtual_ip and not self.proxy.pd_addrs:
+            return ("ha.virtual-ip", "needs [proxy] pd-addrs: the proxies elect the "
+                    "address's owner in PD's etcd")
         default = set(self.proxy.backend_addrs)
         for ns in self.namespaces:
             for i, addr in enumerate(ns.backend_addrs):

@@ -110,6 +110,33 @@ def check_host(value: str) -> None:
             raise ValueError(f"{value!r}: give the host only, without a port") from None
 
 
+def check_virtual_ip(value: str) -> None:
+    """TiProxy's `[ha] virtual-ip`: an IPv4 address with a prefix length ("10.0.0.10/24", as
+    TiProxy reads it) or without one (/32, the host route TiProxy recommends); empty: no VIP."""
+    if not value:
+        return
+    try:
+        iface = ipaddress.ip_interface(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address (with an optional /prefix)") from None
+    if iface.version != 4:
+        raise ValueError(f"{value!r}: only IPv4 is supported (takeover is announced by "
+                         "gratuitous ARP)")
+    ip = iface.ip
+    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_link_local \
+            or ip == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError(f"{value!r} cannot be a service address")
+
+
+def check_interface_name(value: str) -> None:
+    """A Linux network interface's name (at most 15 bytes, no '/', no white space)."""
+    if not value:
+        return
+    if len(value.encode()) > 15 or value in (".", "..") or "/" in value \
+            or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{value!r} is not a network interface name")
+
+
 NAMESPACE_NAME_LIMIT = 128
 
 

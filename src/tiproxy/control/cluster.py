@@ -11,8 +11,13 @@ One Cluster per proxy, in its only process or in the control process of `[proxy]
   `auth-sync-interval` and soon after a login matched none of them;
 - the TLS contexts (tls/store.py) and the config in force;
 - this proxy's registration in PD's etcd when `pd-addrs` is set (discovery/registration.py),
-  started again at the new place when a reload changes `pd-addrs` or `cluster-tls`, removed
-  by `unregister()` at a clean shutdown.
+  and beside it its sessions per backend shared with the other proxies there
+  (discovery/peers.py, whose counts the router and the rebalancer use); both started again at
+  the new place when a reload changes `pd-addrs` or `cluster-tls`, removed by `unregister()`
+  at a clean shutdown;
+- with `[ha] virtual-ip`, the campaign for the virtual IP in the same etcd (ha/vip.py),
+  which follows `pd-addrs` the same way; a clean shutdown gives the address up first of all
+  (`release_virtual_ip()`).
 It never holds a session: whoever holds them (net/server.py, or the workers) is told through
 `on_credentials`, and asks through the methods of net/server.py's ControlPlane.
 """
@@ -36,7 +41,9 @@ from tiproxy.client.admin import AdminConnection
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_file
 from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
+from tiproxy.discovery.peers import PeerCounts, PeerSessions
 from tiproxy.discovery.registration import ProxyInfo, TopologyRegistration
+from tiproxy.ha.vip import VirtualIPOwner
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import parse_greeting
 from tiproxy.session.credentials import CredentialStore, UsersFileError
@@ -69,6 +76,9 @@ class Cluster:
         self._tasks: list[asyncio.Task[None]] = []
         self._template_probe: asyncio.Task[None] | None = None
         self.registration: TopologyRegistration | None = None
+        self.peers: PeerSessions | None = None
+        self.vip: VirtualIPOwner | None = None
+        self._elected_at: tuple[str, ...] = ()  # the settings the campaign was started with
         self._registered_at: tuple[str, ...] = ()  # the settings it was started with
         self._info: ProxyInfo | None = None  # what it registers: the address is fixed at start
         self._started = time.time()
@@ -85,6 +95,7 @@ class Cluster:
                        loop.create_task(self.tls.watch())]
         self._start_sources()
         await self._register()
+        await self._campaign()
         if self.config.security.auth_sync_user:
             self._sync_now.set()  # the first sync at once: sessions need hashes to move
 
@@ -105,6 +116,7 @@ class Cluster:
         self._configure_router(cfg)
         self._start_sources()
         await self._register()
+        await self._campaign()
         self._sync_now.set()
 
     def _configure_router(self, cfg: Config) -> None:
@@ -150,14 +162,48 @@ class Cluster:
                 self._info = ProxyInfo.of(self.config, self._started)
             self.registration = TopologyRegistration(proxy.pd_addrs, self._info, self.tls.cluster)
             self.registration.start()
+            self.peers = PeerSessions(proxy.pd_addrs, self._info.addr, self._own_sessions,
+                                      self._peers_changed, self.tls.cluster)
+            self.peers.start()
 
     async def unregister(self, handed_over: bool = False) -> None:
-        """Remove this proxy's entry from etcd (a clean shutdown, or pd-addrs changed); after
-        an upgrade (`handed_over`) the entry is the new process's: only the lease goes."""
+        """Remove this proxy's entry and its session counts from etcd (a clean shutdown, or
+        pd-addrs changed); the others' counts are forgotten. After an upgrade (`handed_over`)
+        both are the new process's, written with leases of its own: only ours go."""
         registration, self.registration = self.registration, None
+        peers, self.peers = self.peers, None
         self._registered_at = ()
-        if registration is not None:
-            await registration.stop(delete=not handed_over)
+        self.router.set_peers("", {})
+        await asyncio.gather(*(part.stop(delete=not handed_over)
+                               for part in (registration, peers) if part is not None))
+
+    async def _campaign(self) -> None:
+        """The virtual IP's campaign follows `pd-addrs` and `cluster-tls` (`[ha]` is read at
+        start only; the config requires `pd-addrs` with it)."""
+        proxy, ha = self.config.proxy, self.config.ha
+        wanted = (*proxy.pd_addrs, repr(self.config.security.cluster_tls)) \
+            if ha.virtual_ip and proxy.pd_addrs and self._info is not None else ()
+        if wanted == self._elected_at:
+            return
+        await self.release_virtual_ip()
+        self._elected_at = wanted
+        if wanted and self._info is not None:
+            self.vip = VirtualIPOwner(ha, proxy.pd_addrs, self._info.addr, self.tls.cluster)
+            await self.vip.start()
+
+    async def release_virtual_ip(self) -> None:
+        """Give the virtual IP up and resign (a clean shutdown, first thing)."""
+        vip, self.vip = self.vip, None
+        self._elected_at = ()
+        if vip is not None:
+            await vip.close()
+
+    def _own_sessions(self) -> dict[str, int]:
+        return {addr: b.connections for addr, b in self.router.backends.items()}
+
+    def _peers_changed(self, peers: PeerCounts) -> None:
+        if self.peers is not None:
+            self.router.set_peers(self.peers.me, peers)
 
     # -- what sessions report -----------------------------------------------------------------
 
@@ -268,6 +314,7 @@ class Cluster:
                 threads_running=b.load.threads_running,
                 queries_per_second=b.load.queries_per_second, cpu=b.load.cpu,
                 factors=self.router.factors(b), load_sampled=b.load.sampled,
+                peer_connections=b.peers,
             )
             for b in self.router.backends.values()
         ]
@@ -278,6 +325,10 @@ class Cluster:
         status = {name: source.error or "ok" for name, source in self._running_sources.items()}
         if self.registration is not None:
             status["registration"] = self.registration.error or "ok"
+        if self.peers is not None:
+            status["peers"] = self.peers.error or "ok"
+        if self.vip is not None:
+            status["virtual-ip"] = self.vip.status
         return status
 
     def server_errors(self) -> Counter[str]:

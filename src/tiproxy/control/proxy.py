@@ -98,6 +98,10 @@ class Proxy:
         self._monitoring = loop.create_task(self.monitor.run())
         self.events["start"] += 1
 
+    async def release_virtual_ip(self) -> None:
+        """The first step of a clean shutdown: the virtual IP goes to another proxy."""
+        await self.cluster.release_virtual_ip()
+
     def begin_shutdown(self) -> None:
         """Health turns 502 so that load balancers stop sending clients; sessions go on."""
         if not self._shutting_down:
@@ -113,6 +117,7 @@ class Proxy:
                 task.cancel()
         await self.traffic.close()
         self.cluster.stop()
+        await self.cluster.release_virtual_ip()  # done already in a clean shutdown
         await self.holder.stop(self.cluster.config.proxy.graceful_close_conn_timeout,
                                linger=self.handed_over)
         # Last, as TiProxy: the proxy is listed while it drains.
@@ -204,9 +209,12 @@ class Proxy:
                            dict(health.results))
 
     def server_stats(self) -> ServerStats:
+        vip = self.cluster.vip
+        owner_of = [owned_job(vip.election.name)] if vip is not None and vip.election.owner \
+            else []
         return ServerStats(self.holder.pids(), self.holder.data_plane_processes(),
                            dict(self.events), self.monitor.time_jump_back,
-                           self.monitor.keep_alive)
+                           self.monitor.keep_alive, owner_of)
 
     @property
     def unhealthy(self) -> str:
@@ -229,3 +237,8 @@ class Proxy:
             apply_level(cfg.log)
             await self.cluster.apply_config(cfg)
             self.holder.config_changed(cfg)
+
+
+def owned_job(key: str) -> str:
+    """tiproxy_server_owner's type: TiProxy's election key without "/tiproxy/" and "/owner"."""
+    return key.removeprefix("/tiproxy/").removesuffix("/owner")

@@ -71,9 +71,11 @@ async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
     return bytes(body)
 
 
-async def post(session: aiohttp.ClientSession, url: str, body: object) -> dict[str, Any]:
-    """POST a JSON body to a gateway URL; its JSON object, or EtcdError."""
-    async with session.post(url, json=body) as resp:
+async def post(session: aiohttp.ClientSession, url: str, body: object,
+               timeout: aiohttp.ClientTimeout | None = None) -> dict[str, Any]:
+    """POST a JSON body to a gateway URL; its JSON object, or EtcdError. `timeout` replaces
+    the session's for a request that may last (an election campaign)."""
+    async with session.post(url, json=body, timeout=timeout or session.timeout) as resp:
         raw = await read_bounded(resp.content, MAX_MESSAGE_BYTES)
         if resp.status != 200:
             raise EtcdError(f"HTTP {resp.status} from {url}: {raw[:200]!r}")

@@ -71,7 +71,9 @@ class ProxyInfo:
         listen_host, port = split_host_port(cfg.proxy.listen_addrs[0], listen=True)
         _, status_port = split_host_port(cfg.api.addr, listen=True)
         return cls(version=__version__, git_hash=GIT_HASH,
-                   ip=advertise_host(cfg.proxy.advertise_addr, listen_host), port=str(port),
+                   ip=advertise_host(cfg.proxy.advertise_addr, listen_host,
+                                     cfg.ha.virtual_ip.partition("/")[0]),
+                   port=str(port),
                    status_port=str(status_port), deploy_path=_deploy_path(),
                    start_timestamp=int(time.time() if started is None else started))
 
@@ -93,13 +95,14 @@ class ProxyInfo:
         return json.dumps(asdict(self), separators=(",", ":"))
 
 
-def advertise_host(advertise_addr: str, listen_host: str) -> str:
-    """The host this proxy announces (see the module docstring)."""
+def advertise_host(advertise_addr: str, listen_host: str, virtual_ip: str = "") -> str:
+    """The host this proxy announces (see the module docstring); never the virtual IP, which
+    moves between proxies."""
     if advertise_addr:
         return advertise_addr
     if not names_no_one(listen_host):
         return listen_host  # a host name or an IP, loopback included (TiProxy keeps it too)
-    found = first_global_unicast()
+    found = first_global_unicast(skip=virtual_ip)
     if found is None:
         log.warning("no global unicast address on any interface: registering %r; set "
                     "[proxy] advertise-addr", listen_host)

@@ -41,10 +41,11 @@ def _global_unicast(ip: IPAddress) -> bool:
                 or ip == _BROADCAST)
 
 
-def first_global_unicast() -> str | None:
-    """The first global unicast address of the interfaces, by interface index; None if none."""
+def first_global_unicast(skip: str = "") -> str | None:
+    """The first global unicast address of the interfaces, by interface index, other than
+    `skip` (the virtual IP, which TiProxy leaves out too); None if none."""
     for ip in interface_addresses():
-        if _global_unicast(ip):
+        if _global_unicast(ip) and str(ip) != skip:
             return str(ip)
     return None
 

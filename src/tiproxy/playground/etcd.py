@@ -75,11 +75,14 @@ class EtcdServer:
     """One etcd member on 127.0.0.1 under `basedir` (see the module docstring)."""
 
     def __init__(self, basedir: Path, name: str = "playground",
-                 tls: tuple[Path, Path, Path] | None = None) -> None:
-        """`tls`: (cert, key, ca) to serve the client URL over HTTPS."""
+                 tls: tuple[Path, Path, Path] | None = None,
+                 more_hosts: tuple[str, ...] = ()) -> None:
+        """`tls`: (cert, key, ca) to serve the client URL over HTTPS; `more_hosts`: other
+        local addresses the client port listens on too (network namespaces reach it there)."""
         self.basedir = basedir
         self.name = name
         self.tls = tls
+        self.more_hosts = more_hosts
         self._ctx = ssl.create_default_context(cafile=str(tls[2])) if tls else None
         self.client_port = 0
         self.peer_port = 0
@@ -177,11 +180,13 @@ class EtcdServer:
     def _spawn(self) -> None:
         self.basedir.mkdir(parents=True, exist_ok=True)
         client_url, peer_url = self.url, f"http://{HOST}:{self.peer_port}"
+        scheme = "https" if self.tls else "http"
+        more_urls = [f"{scheme}://{host}:{self.client_port}" for host in self.more_hosts]
         args = [
             str(find_etcd()),
             f"--name={self.name}",
             f"--data-dir={self.datadir}",
-            f"--listen-client-urls={client_url}",
+            "--listen-client-urls=" + ",".join([client_url, *more_urls]),
             f"--advertise-client-urls={client_url}",
             f"--listen-peer-urls={peer_url}",
             f"--initial-advertise-peer-urls={peer_url}",

@@ -93,6 +93,7 @@ class BackendState:
     mariadb_capabilities: int | None
     move_problem: str
     slot: int  # its column in the shared session counts
+    peers: int = 0  # the other proxies' sessions on it (discovery/peers.py)
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,7 @@ class ReplicaRouter(Router):
             if state.mariadb_capabilities is not None:
                 backend.mariadb_capabilities = state.mariadb_capabilities
             backend.move_problem = state.move_problem
+            backend.peers = state.peers
         for addr, backend in self.backends.items():
             if addr not in listed:  # gone from every source; sessions here still move away
                 backend.drained_by.add(DRAIN_REMOVED)
