@@ -48,6 +48,12 @@ costs. The proxy target itself always keeps what rebuilding a session without it
 (net/recovery.py), so proxy/haproxy includes that.
 
     .venv/bin/python bench/sysbench.py --transaction-replay --workloads oltp_read_write
+
+With --scrape one more target, "proxy_scraped", is the same proxy measured while its /metrics is
+fetched every second (bench/scrape.py), as a Prometheus with `scrape_interval: 1s` would; its
+QPS ratio to HAProxy's is shown beside the proxy's own, with the difference.
+
+    .venv/bin/python bench/sysbench.py --scrape
 """
 
 from __future__ import annotations
@@ -74,6 +80,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from scrape import Scraper
+
 from tiproxy.playground.mariadb import HOST, MariaDBServer, create_app_user, free_port
 from tiproxy.tls.autocert import issue
 
@@ -83,12 +91,7 @@ DATABASE = "sbtest"
 TARGETS = ("direct", "proxy", "haproxy")
 CAPTURE_TARGETS = ("direct", "proxy", "capture", "haproxy")  # with --capture
 REPLAY_TARGETS = ("direct", "proxy", "replay", "haproxy")  # with --transaction-replay
-
-
-def targets_of(args: argparse.Namespace) -> tuple[str, ...]:
-    if args.capture:
-        return CAPTURE_TARGETS
-    return REPLAY_TARGETS if args.transaction_replay else TARGETS
+SCRAPED = "proxy_scraped"  # --scrape: the proxy while its /metrics is scraped every second
 
 # Only the range query of oltp_read_only, 1,000 rows (about 120 KB) per result, no BEGIN/COMMIT.
 _LARGE_RESULT_ARGS = (
@@ -504,9 +507,9 @@ class Bench:
 
     def run(self, workload: str, target: str, round_: int, seconds: int) -> Run:
         run = Run(workload, target, round_)
-        capturing = target == "capture"
+        capturing, scraped = target == "capture", target == SCRAPED
         replaying = target == "replay"
-        target = "proxy" if capturing or replaying else target
+        target = "proxy" if capturing or scraped or replaying else target
         if target == "proxy" and not self.processes["proxy"].running:
             try:
                 self._restart_proxy(run)
@@ -521,7 +524,10 @@ class Bench:
             run.target = "replay"
             self._set_replay(True)
         try:
-            self._measure(run, target, workload, seconds)
+            if scraped:
+                self._measure_scraped(run, workload, seconds)
+            else:
+                self._measure(run, target, workload, seconds)
         finally:
             if capturing:
                 self._end_capture(run)
@@ -537,6 +543,15 @@ class Bench:
                                          data=body, method="PUT")
         with urllib.request.urlopen(request, timeout=30) as answer:
             answer.read()
+
+    def _measure_scraped(self, run: Run, workload: str, seconds: int) -> None:
+        """The proxy's run while /metrics is fetched every second (bench/scrape.py)."""
+        config = tomllib.loads((self.workdir / "proxy.toml").read_text())
+        with Scraper(f"http://{config['api']['addr']}/metrics") as scraper:
+            self._measure(run, "proxy", workload, seconds)
+        run.notes.append(scraper.summary())
+        if scraper.errors:
+            run.error += f"\n{len(scraper.errors)} scrapes failed: {scraper.errors[:3]}"
 
     def _measure(self, run: Run, target: str, workload: str, seconds: int) -> None:
         process = self.processes.get(target)
@@ -755,6 +770,8 @@ def summarize(runs: list[Run], workload: str,
     for variant in ("capture", "replay"):
         if variant in targets:
             pairs += [(variant, "proxy"), (variant, "haproxy")]
+    if SCRAPED in targets:
+        pairs += [(SCRAPED, "haproxy")]
     ratios = {
         f"{key}_{top}/{bottom}": ratio(key, top, bottom)
         for key in ("qps", "p95_ms", "cpu_s_per_1k")
@@ -770,10 +787,11 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(title: str, summary: dict[str, Any]) -> None:
     print(f"\n== {title} ==")
-    print(f"{'target':<9} {'QPS':>10} {'p95 ms':>8} {'CPU s/1k q':>11} {'runs ok':>8}")
+    width = max(9, *map(len, summary["targets"]))
+    print(f"{'target':<{width}} {'QPS':>10} {'p95 ms':>8} {'CPU s/1k q':>11} {'runs ok':>8}")
     for target, row in summary["targets"].items():
         print(
-            f"{target:<9} {_fmt(row['qps'], '.1f'):>10} {_fmt(row['p95_ms'], '.2f'):>8} "
+            f"{target:<{width}} {_fmt(row['qps'], '.1f'):>10} {_fmt(row['p95_ms'], '.2f'):>8} "
             f"{_fmt(row['cpu_s_per_1k'], '.4f'):>11} {row['ok_runs']:>4}/{row['runs']}"
         )
     r = summary["ratios"]
@@ -788,6 +806,12 @@ def print_table(title: str, summary: dict[str, Any]) -> None:
         if bottom != "direct":
             line += f"  CPU/query x{_fmt(r[f'cpu_s_per_1k_{top}/{bottom}'], '.2f')}"
         print(line)
+    if f"qps_{SCRAPED}/haproxy" in r:
+        scraped, plain = r[f"qps_{SCRAPED}/haproxy"], r["qps_proxy/haproxy"]
+        change = "-" if scraped is None or plain is None else f"{scraped - plain:+.3f}"
+        print(f"scraped/haproxy QPS x{_fmt(scraped, '.3f')}"
+              f"  CPU/query x{_fmt(r[f'cpu_s_per_1k_{SCRAPED}/haproxy'], '.2f')}"
+              f"  (QPS ratio {change} with /metrics scraped every second)")
 
 
 def print_problems(runs: list[Run]) -> None:
@@ -850,6 +874,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also run the proxy with [proxy] transaction-replay = true (target 'replay')",
     )
+    parser.add_argument(
+        "--scrape", action="store_true",
+        help=f"also measure the proxy while /metrics is scraped every second ({SCRAPED})",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.time, args.rounds, args.warmup = 5, 1, 0
@@ -903,7 +931,7 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
             warm = bench.run("oltp_read_only", target, 0, args.warmup)
             print(f"warm-up {target}: {warm.error.strip() or f'{warm.qps:.0f} q/s'}", flush=True)
     runs: list[Run] = []
-    targets = targets_of(args)
+    targets = run_targets(args)
     for workload in args.workloads.split(","):
         for round_ in range(1, args.rounds + 1):
             shift = (round_ - 1) % len(targets)
@@ -926,6 +954,14 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
     return runs
 
 
+def run_targets(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.capture:
+        targets = CAPTURE_TARGETS
+    else:
+        targets = REPLAY_TARGETS if args.transaction_replay else TARGETS
+    return (*targets, SCRAPED) if args.scrape else targets
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_exit)
@@ -943,8 +979,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted: stopping everything", file=sys.stderr)
             return 130
-        targets = targets_of(args)
-        summaries = {workload: summarize(runs, workload, targets)
+        summaries = {workload: summarize(runs, workload, run_targets(args))
                      for workload in args.workloads.split(",")}
         for workload, summary in summaries.items():
             print_table(f"{workload} (TLS)" if args.tls else workload, summary)

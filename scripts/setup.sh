@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 # openjdk-17-jdk-headless and libmariadb-java: MariaDB Connector/J for the bulk-execution tests;
 # chromium and chromium-driver: the status page is tested in headless Chromium (Selenium);
 # zlib1g-dev: the compiled row scanner's CRC-32 (traffic captures);
+# prometheus: a real Prometheus (and promtool) for the Grafana dashboard and alert rules tests;
 # iproute2: `ip`, which puts [ha] virtual-ip on its interface, and the tests' network namespaces.
 debs=(mariadb-server mariadb-client galera-4 rsync etcd-server etcd-client sysbench haproxy
       libmariadb-dev pkg-config build-essential openjdk-17-jdk-headless libmariadb-java
-      chromium chromium-driver zlib1g-dev iproute2)
+      chromium chromium-driver zlib1g-dev prometheus iproute2)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

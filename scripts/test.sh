@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-.venv/bin/ruff check src tests bench
+.venv/bin/ruff check src tests bench deploy
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
 status=0

@@ -72,7 +72,7 @@ def responses(draw: Any) -> tuple[bytes, bool, int]:
     return out, deprecate, binary
 
 
-def run(data: bytes, deprecate: bool, binary: int) -> tuple[list[Any], int, int] | str:
+def run(data: bytes, deprecate: bool, binary: int) -> tuple[list[Any], int, int, int] | str:
     done: list[Any] = []
     t = ResponseTracker(deprecate, lambda tok, status, failed: done.append(
         (tok, status, failed, t.error if failed else 0)))
@@ -83,7 +83,7 @@ def run(data: bytes, deprecate: bool, binary: int) -> tuple[list[Any], int, int]
         t.feed(data)
     except ProtocolError as e:
         return f"error: {e}"
-    return done, t.status, t.phase
+    return done, t.status, t.phase, t.packets
 
 
 @settings(max_examples=300, deadline=None)

@@ -194,7 +194,10 @@ def test_compress_round_trip(data: bytes, seq: int) -> None:
 KINDS = [k for k in Expect if k is not Expect.NOTHING]
 
 
-def _track(kinds: list[Expect], deprecate_eof: bool, chunks: list[bytes]) -> tuple[list[Any], bool]:
+def _track(kinds: list[Expect], deprecate_eof: bool,
+           chunks: list[bytes]) -> tuple[list[Any], bool, int]:
+    """The responses' events, whether the bytes were refused, and the packets counted (each
+    one once, however the bytes were cut)."""
     events: list[Any] = []
     tracker = ResponseTracker(deprecate_eof, lambda t, s, f: events.append((t, s, f)))
     for i, kind in enumerate(kinds):
@@ -202,7 +205,7 @@ def _track(kinds: list[Expect], deprecate_eof: bool, chunks: list[bytes]) -> tup
     error = survive(lambda: [tracker.feed(chunk) for chunk in chunks])
     if error is not None:
         assert error.origin is Origin.BACKEND  # everything the tracker reads is the backend's
-    return events, error is not None
+    return events, error is not None, tracker.packets
 
 
 @SLOW_FUZZ
@@ -241,10 +244,12 @@ PACKET = st.one_of(
 def test_tracker_framed_packets_whole_or_cut(
     kinds: list[Expect], deprecate_eof: bool, packets: list[bytes], cuts: list[int]
 ) -> None:
-    """Any packet sequence: only ProtocolError, and the same responses whether the stream comes
-    whole or cut anywhere."""
+    """Any packet sequence: only ProtocolError, and the same responses (and packet count)
+    whether the stream comes whole or cut anywhere."""
     stream = b"".join(frame(p, i + 1) for i, p in enumerate(packets))
     whole = _track(kinds, deprecate_eof, [stream])
+    if not whole[1]:  # every packet was read: each is counted once
+        assert whole[2] == len(packets)
     bounds = [0, *sorted(c for c in cuts if c < len(stream)), len(stream)]
     cut = _track(kinds, deprecate_eof, [stream[a:b] for a, b in itertools.pairwise(bounds)])
     assert cut == whole

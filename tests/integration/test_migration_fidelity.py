@@ -230,7 +230,7 @@ def test_a_lasting_move_failure_is_reported_once_and_not_retried_in_a_loop(
             time.sleep(0.05)
         time.sleep(2.5)  # a retry loop would have tried again by now (first retry: 1 s)
         metrics = proxy.api("/metrics")[1].decode()
-        assert 'tiproxy_server_err_total{type="migrate_lasting"} 1.0' in metrics
+        assert 'tiproxy_server_err{type="migrate_lasting"} 1.0' in metrics
         problem = {b["addr"]: b["move_problem"] for b in proxy.backends()}[other.addr]
         assert "1045" in problem or "Access denied" in problem
         assert proxy.log().count("failed for a lasting reason; such moves are held") == 1

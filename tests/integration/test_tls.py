@@ -493,7 +493,7 @@ def test_rotated_certificate_is_served_and_a_bad_one_is_not(
     assert _served_serial(proxy, pki) == new_serial  # the last good one stays
     status, metrics = proxy.api("/metrics")
     assert status == 200
-    assert 'tiproxy_server_err_total{type="load_cert"} 1.0' in metrics.decode()
+    assert 'tiproxy_server_err{type="load_cert"} 1.0' in metrics.decode()
     live.close()
 
 

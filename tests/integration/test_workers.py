@@ -186,7 +186,7 @@ def test_a_killed_worker_loses_only_its_sessions_and_comes_back(
     else:
         pytest.fail(f"the worker did not come back: {_workers(proxy)}")
     assert "worker 0" in proxy.log() and "exited with signal 9" in proxy.log()
-    assert re.search(r'tiproxy_server_err_total\{type="worker_died"\} 1\.0',
+    assert re.search(r'tiproxy_server_err\{type="worker_died"\} 1\.0',
                      proxy.api("/metrics")[1].decode())
     fresh = _spread(proxy, 4)  # both workers take sessions again
     assert len({_worker_of(c) for c in fresh}) == 2

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import tomllib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tiproxy.api import BackendView, ProxyView, start_api
-from tiproxy.api.interface import MigrationStats, SessionView
+from tiproxy.api.interface import (
+    HealthStats,
+    MigrationStats,
+    ServerStats,
+    SessionGauges,
+    SessionView,
+)
 from tiproxy.config import Config, config_checksum, config_to_dict, parse_config
+from tiproxy.net.counters import DataPlaneCounts
+from tiproxy.protocol.constants import Command
 
 CONFIG = parse_config(
     """
@@ -30,6 +41,20 @@ policy = "connection"
 )
 
 
+def _counts() -> DataPlaneCounts:
+    """What the sessions of the fake data plane counted."""
+    counts = DataPlaneCounts()
+    first = counts.backend("127.0.0.1:3306")
+    for _ in range(12):
+        first.commands[Command.QUERY].observe(0.001)
+    for _ in range(3):
+        first.commands[Command.STMT_EXECUTE].observe(0.002)
+    counts.backend("127.0.0.1:3308").commands[Command.QUERY].observe(0.01)
+    for seconds in (0.05, 0.03):
+        counts.migrated("127.0.0.1:3308", "127.0.0.1:3306", "drained", True, seconds)
+    return counts
+
+
 @dataclass
 class FakeView:
     """The data plane as the API sees it, with values a test can change between requests."""
@@ -39,6 +64,7 @@ class FakeView:
     connections: int = 7
     backend_list: list[BackendView] = field(default_factory=list)
     cfg: Config = CONFIG
+    counts: DataPlaneCounts = field(default_factory=_counts)
 
     async def refresh(self) -> None:
         pass
@@ -68,6 +94,19 @@ class FakeView:
     def migration_stats(self) -> MigrationStats:
         return MigrationStats({("127.0.0.1:3308", "127.0.0.1:3306", "drained", "succeed"): 2},
                               (0.01, 0.1), [1, 1, 0], 0.05)
+
+    def data_plane_counts(self) -> DataPlaneCounts:
+        return self.counts
+
+    def session_gauges(self) -> SessionGauges:
+        return SessionGauges({("127.0.0.1:3308", "", "drained"): 1}, {"lock_tables": 1})
+
+    def health_stats(self) -> HealthStats:
+        return HealthStats(0.25, {"127.0.0.1:3306": 0.003},
+                           {("127.0.0.1:3306", "succeed"): 5, ("127.0.0.1:3307", "fail"): 2})
+
+    def server_stats(self) -> ServerStats:
+        return ServerStats([os.getpid()], 2, {"start": 1}, 0, 3, ["vip/10.0.0.9"])
 
 
 def _view() -> FakeView:
@@ -191,8 +230,17 @@ def test_migration_metrics() -> None:
             text = await r.text()
         assert ('tiproxy_balance_migrate_total{from="127.0.0.1:3308",migrate_res="succeed",'
                 'reason="drained",to="127.0.0.1:3306"} 2.0') in text
-        assert 'tiproxy_balance_migrate_duration_seconds_bucket{le="0.1"} 2.0' in text
-        assert 'tiproxy_balance_migrate_duration_seconds_bucket{le="+Inf"} 2.0' in text
+        labels = 'from="127.0.0.1:3308",migrate_res="succeed",to="127.0.0.1:3306"'
+        # TiProxy's buckets: 0.1 ms doubling; 0.03 s and 0.05 s are both under 0.0512 s
+        assert f'tiproxy_balance_migrate_duration_seconds_bucket{{{labels},le="0.0256"}} 0.0' \
+            in text
+        assert f'tiproxy_balance_migrate_duration_seconds_bucket{{{labels},le="0.0512"}} 2.0' \
+            in text
+        assert f'tiproxy_balance_migrate_duration_seconds_bucket{{{labels},le="+Inf"}} 2.0' \
+            in text
+        assert f"tiproxy_balance_migrate_duration_seconds_count{{{labels}}} 2.0" in text
+        assert ('tiproxy_balance_pending_migrate{from="127.0.0.1:3308",reason="drained",to=""}'
+                ' 1.0') in text
 
     _serve(_view(), check)
 
@@ -227,6 +275,8 @@ def test_metrics_have_tiproxys_names_and_the_views_values(path: str) -> None:
         assert 'tiproxy_backend_b_status{backend="127.0.0.1:3307"} 0.0' in lines
         assert 'tiproxy_backend_b_status{backend="127.0.0.1:3308"} 1.0' in lines  # draining: up
         assert 'tiproxy_balance_b_conn{backend="127.0.0.1:3308"} 3.0' in lines
+        assert 'tiproxy_server_owner{type="vip/10.0.0.9"} 1.0' in lines  # [ha] virtual-ip's
+        assert "tiproxy_server_maxprocs 2.0" in lines
 
     _serve(_view(), check)
 
@@ -265,3 +315,25 @@ def test_the_view_protocol_is_satisfied_by_the_fake() -> None:
     # mypy checks this assignment; at run time it documents the contract.
     view: ProxyView = _view()
     assert view.connection_count() == 7
+
+
+def test_the_shipped_dashboard_and_rules_name_only_exported_metrics() -> None:
+    root = Path(__file__).resolve().parents[2]
+    shipped = ((root / "deploy" / "grafana" / "tiproxy.json").read_text()
+               + (root / "deploy" / "prometheus" / "tiproxy.rules.yml").read_text())
+    used = set(re.findall(r"\b((?:tiproxy|process)_[a-z_]+)\b", shipped))
+
+    async def check(session: aiohttp.ClientSession, base: str) -> None:
+        async with session.get(f"{base}/metrics") as r:
+            text = await r.text()
+        types = dict(line.split()[2:4] for line in text.splitlines()
+                     if line.startswith("# TYPE "))
+        for name in sorted(used):
+            family = re.sub(r"_(bucket|sum|count)$", "", name)
+            if family != name:
+                assert types.get(family) == "histogram", name
+            else:
+                assert name in types, name
+
+    assert len(used) > 30
+    _serve(_view(), check)

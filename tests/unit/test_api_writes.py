@@ -20,10 +20,19 @@ from aiohttp import web
 
 from tiproxy.api import build_app, listener, start_api
 from tiproxy.api.auth import NEED_CREDENTIAL, NO_TOKEN_FILE, WRONG_TOKEN, is_loopback
-from tiproxy.api.interface import MigrationStats, ProxyControl, SessionView, UpgradeError
+from tiproxy.api.interface import (
+    HealthStats,
+    MigrationStats,
+    ProxyControl,
+    ServerStats,
+    SessionGauges,
+    SessionView,
+    UpgradeError,
+)
 from tiproxy.api.server import MAX_BODY_BYTES
 from tiproxy.config import Config, parse_config
 from tiproxy.config.files import USERS_FILE_LIMIT
+from tiproxy.net.counters import DataPlaneCounts
 from tiproxy.protocol.proxyproto import SIGNATURE, build
 
 CONFIG = parse_config('[proxy]\naddr = "127.0.0.1:6000"\nbackend-addrs = ["127.0.0.1:3306"]\n')
@@ -67,6 +76,18 @@ class ControlledView:
 
     def rejected_connections(self) -> dict[str, int]:
         return {}
+
+    def data_plane_counts(self) -> DataPlaneCounts:
+        return DataPlaneCounts()
+
+    def session_gauges(self) -> SessionGauges:
+        return SessionGauges({}, {})
+
+    def health_stats(self) -> HealthStats:
+        return HealthStats(0.0, {}, {})
+
+    def server_stats(self) -> ServerStats:
+        return ServerStats([os.getpid()], 1, {}, 0, 0)
 
     def drain(self, addr: str, drain: bool) -> None:
         self.drained.append((addr, drain))

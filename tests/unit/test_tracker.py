@@ -802,6 +802,7 @@ def check(script: Script, cuts: Iterable[int]) -> None:
     assert tracker.idle
     assert tracker.status == script.final_status
     assert not tracker.local_infile
+    assert tracker.packets == len(script.packet_starts)  # each packet counted once
 
 
 def byte_cuts(script: Script) -> Iterable[int]:

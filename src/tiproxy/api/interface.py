@@ -6,12 +6,14 @@ and whoever holds the sessions (this process, or the workers, whose counts it th
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from tiproxy.api.history import MoveHistory
 from tiproxy.config import Config
+from tiproxy.net.counters import DataPlaneCounts
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class BackendView:
     move_problem: str = ""  # why moves from or to it fail for a lasting reason
     doubt: str = ""  # why a session's error put it in doubt until its next health check passes
     galera: bool = False  # a Galera node, as the health checks found (wsrep_on)
+    # The router's factors, each lower-is-better, in the order it weighs them (balance/router.py)
+    factors: Mapping[str, float] = field(default_factory=dict)
+    load_sampled: bool = False  # the health checks have read its load at least once
     peer_connections: int = 0  # the other proxies' sessions on it, as they published them
 
 
@@ -59,6 +64,40 @@ class MigrationStats:
     history: MoveHistory = field(default_factory=MoveHistory)  # recent moves, for the page
 
 
+@dataclass(frozen=True)
+class SessionGauges:
+    """What the sessions are doing now, counted when asked (a walk over the sessions)."""
+
+    pending: Mapping[tuple[str, str, str], int]  # (from, to, reason) -> moves asked, not done
+    pinned: Mapping[str, int]  # pin kind (SessionState.pin_kinds) -> sessions holding one
+
+    def __add__(self, other: SessionGauges) -> SessionGauges:
+        return SessionGauges(Counter(self.pending) + Counter(other.pending),
+                             Counter(self.pinned) + Counter(other.pinned))
+
+
+@dataclass(frozen=True)
+class HealthStats:
+    """The health checks' own figures (balance/health.py)."""
+
+    cycle_seconds: float  # the last round: until its slowest check ended
+    probe_seconds: Mapping[str, float]  # backend -> its last check's SQL probe
+    results: Mapping[tuple[str, str], int]  # (backend, "succeed"|"fail") -> checks
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """The proxy as a whole: its processes and the control process's clock monitor."""
+
+    pids: Sequence[int]  # the control process (or the only one) first
+    data_plane_processes: int  # 1, or `[proxy] workers` as resolved
+    events: Mapping[str, int]  # "start", "close" (a shutdown began)
+    time_jump_back: int  # the wall clock went back (control/monitor.py)
+    keep_alive: int  # the monitor's heartbeat: once per 5 s it ran on time
+    # The elections this proxy leads, by TiProxy's name for them ("vip/<ip>": [ha] virtual-ip)
+    owner_of: Sequence[str] = ()
+
+
 class ProxyView(Protocol):
     @property
     def shutting_down(self) -> bool: ...
@@ -73,6 +112,10 @@ class ProxyView(Protocol):
     def discovery_status(self) -> Mapping[str, str]: ...  # source -> "ok" or its error
     def server_errors(self) -> Mapping[str, int]: ...  # tiproxy_server_err by type
     def rejected_connections(self) -> Mapping[str, int]: ...  # clients refused, by why
+    def data_plane_counts(self) -> DataPlaneCounts: ...  # every data plane's, at refresh()
+    def session_gauges(self) -> SessionGauges: ...  # as of the last refresh()
+    def health_stats(self) -> HealthStats: ...
+    def server_stats(self) -> ServerStats: ...
 
 
 class UpgradeError(Exception):
@@ -80,8 +123,9 @@ class UpgradeError(Exception):
 
 
 @runtime_checkable
-class ProxyControl(ProxyView, Protocol):
-    """What the API may change: the routes that drain, redirect and reload."""
+class ProxyControl(Protocol):
+    """What the API may change: the routes that drain, redirect and reload. A view that has
+    these may be changed (isinstance looks at these alone, not at the view's read side)."""
 
     def drain(self, addr: str, drain: bool) -> None: ...  # KeyError: unknown backend
     async def redirect_all(self) -> int: ...

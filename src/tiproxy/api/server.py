@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from aiohttp import web
-from prometheus_client.registry import CollectorRegistry
 
 from tiproxy import __version__
 from tiproxy.api.auth import write_guard
@@ -43,7 +42,12 @@ from tiproxy.api.dashboard import add_page_routes
 from tiproxy.api.history import history_json
 from tiproxy.api.interface import ProxyControl, ProxyView, UpgradeError
 from tiproxy.api.listener import APIConnection, plain_http_guard
-from tiproxy.api.metrics import METRICS_CONTENT_TYPE, build_registry, render_metrics
+from tiproxy.api.metrics import (
+    METRICS_CONTENT_TYPE,
+    ProxyMetrics,
+    build_registry,
+    render_metrics,
+)
 from tiproxy.api.namespace import NamespaceRoutes
 from tiproxy.api.traffic import register_traffic, traffic_routes
 from tiproxy.config import (
@@ -61,7 +65,7 @@ from tiproxy.tls.contexts import server_enabled
 
 log = logging.getLogger("tiproxy.api")
 _VIEW: web.AppKey[ProxyView] = web.AppKey("view")
-_REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("registry")
+_REGISTRY: web.AppKey[ProxyMetrics] = web.AppKey("registry")
 # One config change at a time: each is merged onto the config the one before it left.
 _RELOAD_LOCK: web.AppKey[asyncio.Lock] = web.AppKey("reload_lock")
 

@@ -6,19 +6,19 @@
   runs). They are write routes: the API's write guard (auth.py) applies.
 - `GET /api/traffic/show`: the last jobs as a JSON list.
 - `GET /api/traffic/report` (ours): the last replay's report as JSON, or `?format=html`.
-Metrics: `tiproxy_traffic_capture_cmds{type}` (captured, filtered, dropped: commands the writer
-had no room for) and TiProxy's `tiproxy_replay_pending_cmds`.
+Metrics: `tiproxy_traffic_capture_cmds_total{type}` (captured, filtered, dropped: commands the
+writer had no room for) and TiProxy's `tiproxy_replay_pending_cmds`, added to api/metrics.py's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Protocol, runtime_checkable
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
 
+from tiproxy.api.exposition import Family
+from tiproxy.api.metrics import ProxyMetrics
 from tiproxy.traffic.jobs import JobError, ReplayJob, TrafficJobs
 
 _JOBS: web.AppKey[TrafficJobs | None] = web.AppKey("traffic_jobs")
@@ -43,12 +43,12 @@ def traffic_routes() -> list[tuple[str, str, Handler]]:
     ]
 
 
-def register_traffic(app: web.Application, view: object, registry: CollectorRegistry) -> None:
+def register_traffic(app: web.Application, view: object, metrics: ProxyMetrics) -> None:
     """The jobs of `view`, if it runs any, for the routes and the metrics."""
     jobs = view.traffic if isinstance(view, TrafficView) else None
     app[_JOBS] = jobs
     if jobs is not None:
-        registry.register(TrafficCollector(jobs))
+        metrics.add_source(lambda: _traffic_families(jobs))
 
 
 def _jobs(request: web.Request) -> TrafficJobs:
@@ -98,19 +98,14 @@ async def _report(request: web.Request) -> web.Response:
     return web.Response(text=report.json(), content_type="application/json")
 
 
-class TrafficCollector(Collector):
-    def __init__(self, jobs: TrafficJobs) -> None:
-        self._jobs = jobs
-
-    def collect(self) -> Iterable[Metric]:
-        captured = CounterMetricFamily("tiproxy_traffic_capture_cmds",
-                                       "Commands of traffic captures, by what became of them.",
-                                       labels=["type"])
-        for kind, count in self._jobs.capture_counts().items():
-            captured.add_metric([kind], count)
-        yield captured
-        pending = GaugeMetricFamily("tiproxy_replay_pending_cmds",
-                                    "Counter of pending commands.")
-        job = self._jobs.running()
-        pending.add_metric([], job.replay.pending if isinstance(job, ReplayJob) else 0)
-        yield pending
+def _traffic_families(jobs: TrafficJobs) -> Iterator[Family]:
+    captured = Family("tiproxy_traffic_capture_cmds_total",
+                      "Commands of traffic captures, by what became of them.", "counter",
+                      ("type",))
+    for kind, count in jobs.capture_counts().items():
+        captured.add((kind,), count)
+    yield captured
+    pending = Family("tiproxy_replay_pending_cmds", "Counter of pending commands.", "gauge")
+    job = jobs.running()
+    pending.add((), job.replay.pending if isinstance(job, ReplayJob) else 0)
+    yield pending

@@ -16,7 +16,8 @@ error do not land on it again before `failure-threshold` checks have failed.
 `failure-threshold` failures in a row mark a backend unhealthy (it gets no new sessions and its
 sessions move away while it still answers); `success-threshold` successes mark it healthy again.
 The checks run in the event loop but never touch the data path: they are separate connections
-with their own timeouts.
+with their own timeouts. For the metrics they keep each backend's last check time and its
+results, and how long the last round took (until its slowest check ended).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -72,6 +74,9 @@ class HealthChecker:
         self.cluster_tls = cluster_tls  # for TiDB's status port
         self._running: dict[str, asyncio.Task[None]] = {}
         self._streaks: dict[str, _Streak] = {}
+        self.cycle_seconds = 0.0  # the last round of check_all, until its last check ended
+        self.probe_seconds: dict[str, float] = {}  # backend -> its last check's time
+        self.results: Counter[tuple[str, str]] = Counter()  # (backend, succeed|fail) -> checks
 
     async def run(self) -> None:
         while True:
@@ -81,29 +86,46 @@ class HealthChecker:
             await asyncio.sleep(health.interval or 3.0)
 
     def check_all(self) -> None:
-        for addr in list(self._streaks):
-            if addr not in self.router.backends:
-                del self._streaks[addr]
-        for backend in list(self.router.backends.values()):
-            self.check_now(backend)
+        known = self.router.backends
+        for addr in [a for a in self._streaks if a not in known]:
+            del self._streaks[addr]
+            self.probe_seconds.pop(addr, None)
+        for key in [k for k in self.results if k[0] not in known]:
+            del self.results[key]
+        started = time.monotonic()
+        checks = [self.check_now(backend) for backend in list(known.values())]
+        left = len(checks)
 
-    def check_now(self, backend: Backend) -> None:
+        def check_ended(_: asyncio.Task[None]) -> None:
+            nonlocal left
+            left -= 1
+            if not left:
+                self.cycle_seconds = time.monotonic() - started
+
+        for check in checks:
+            check.add_done_callback(check_ended)
+
+    def check_now(self, backend: Backend) -> asyncio.Task[None]:
         """Check one backend now, unless a check of it is running (a hung backend gets one
-        check at a time) or checks are off."""
+        check at a time); returns the check."""
         task = self._running.get(backend.addr)
         if task is None or task.done():
-            self._running[backend.addr] = asyncio.get_running_loop().create_task(
+            task = self._running[backend.addr] = asyncio.get_running_loop().create_task(
                 self._check(backend))
+        return task
 
     async def _check(self, backend: Backend) -> None:
         streak = self._streaks.setdefault(backend.addr, _Streak())
         health = self.config.health
+        started = time.monotonic()
         try:
             problem = await asyncio.wait_for(self._probe(backend, streak), health.timeout)
         except TimeoutError:
             problem = f"no answer within {health.timeout:g}s"
         except (OSError, ProtocolError, SQLError, aiohttp.ClientError) as e:
             problem = str(e) or type(e).__name__
+        self.probe_seconds[backend.addr] = time.monotonic() - started
+        self.results[(backend.addr, "fail" if problem else "succeed")] += 1
         if problem:
             streak.failures += 1
             streak.successes = 0

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -87,7 +86,6 @@ class Backend:
     lock_info_table: bool | None = None  # information_schema.METADATA_LOCK_INFO, the same way
     mariadb_capabilities: int | None = None  # of its last greeting; None: not seen yet
     move_problem: str = ""  # why moves from or to it fail for a lasting reason, if they do
-    query_counts: Counter[str] = field(default_factory=Counter)
 
     @property
     def draining(self) -> bool:
@@ -280,9 +278,26 @@ class Router:
         return bool(b.doubt), location, load, b.connections + b.elsewhere + b.peers, b.failures
 
     def score(self, b: Backend) -> float:
-        """One number for the API and tiproxy_balance_b_score: lower is better."""
+        """One number for the API: lower is better."""
         doubted, location, load, connections, _ = self.score_key(b)
         return doubted * 1_000_000_000 + location * 1_000_000 + load * 1_000 + connections
+
+    def factors(self, b: Backend) -> dict[str, float]:
+        """Each factor's score, lower is better, in the order the router weighs them
+        (tiproxy_balance_b_score{factor}, TiProxy's names where the factor is TiProxy's):
+        status 1 when it takes no new sessions (draining, down), health 1 while a session's
+        error holds it in doubt, label 1 when its `label-name` label is not the proxy's, load
+        its load step (ours: threads running, a TiDB's cores), conn its sessions (the other
+        proxies' too, when several balance as one)."""
+        doubted, location, load, connections, _ = self.score_key(b)
+        return {"status": float(b.draining or b.down), "health": float(doubted),
+                "label": float(location), "load": float(load), "conn": float(connections)}
+
+    def cross_location(self, b: Backend) -> bool:
+        """The proxy has a `label-name` label and the backend another (or none), whatever the
+        policy: its traffic counts in tiproxy_traffic_cross_location_bytes."""
+        want = self.own_labels.get(self.label_name) if self.label_name else None
+        return want is not None and b.labels.get(self.label_name) != want
 
     # -- connect results ------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from tiproxy.tls import CertStore
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
+    from tiproxy.net.counters import DataPlaneCounts
 
 log = logging.getLogger("tiproxy.server")
 
@@ -302,15 +303,17 @@ class Cluster:
 
     # -- what the API shows -----------------------------------------------------------------------
 
-    def backend_views(self) -> list[BackendView]:
+    def backend_views(self, counts: DataPlaneCounts) -> list[BackendView]:
+        """Each backend as the API and metrics show it; `counts` are the sessions'."""
         return [
             BackendView(
-                b.addr, b.status, b.connections, dict(b.query_counts), sorted(b.drained_by),
-                b.last_error if b.down else "", sources=sorted(b.sources), health=b.health,
-                move_problem=b.move_problem, doubt=b.doubt, galera=b.galera,
+                b.addr, b.status, b.connections, counts.query_counts(b.addr),
+                sorted(b.drained_by), b.last_error if b.down else "", sources=sorted(b.sources),
+                health=b.health, move_problem=b.move_problem, doubt=b.doubt, galera=b.galera,
                 labels=b.labels, namespace=b.namespace, score=self.router.score(b),
                 threads_running=b.load.threads_running,
                 queries_per_second=b.load.queries_per_second, cpu=b.load.cpu,
+                factors=self.router.factors(b), load_sampled=b.load.sampled,
                 peer_connections=b.peers,
             )
             for b in self.router.backends.values()

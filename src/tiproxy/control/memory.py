@@ -35,10 +35,10 @@ def memory_use(pids: Iterable[int], root: Path = CGROUP_ROOT) -> float | None:
         limit = cgroup
     if not limit:
         return None
-    return sum(_resident(pid) for pid in pids) / limit
+    return sum(resident_bytes(pid) for pid in pids) / limit
 
 
-def _resident(pid: int) -> int:
+def resident_bytes(pid: int) -> int:
     """Bytes of a process's resident memory, its share of pages shared with the others (PSS)
     counted once; RSS where the kernel gives no PSS. 0 for a process that has exited."""
     try:

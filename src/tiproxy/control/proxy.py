@@ -4,7 +4,8 @@ The sessions are held by a SessionHolder: this process's data plane (net/server.
 ProxyServer) when `[proxy] workers = 1`, or the worker processes (workers/control.py's Workers).
 Proxy is the API's ProxyControl over the two, and runs the rebalancer's round once a second:
 the rebalancer names the backends it would take sessions from, the holder counts its movable
-sessions there, the rebalancer decides, the holder carries the orders out.
+sessions there, the rebalancer decides, the holder carries the orders out. It also runs the
+clock monitor (control/monitor.py) and counts the proxy's start and close for the metrics.
 """
 
 from __future__ import annotations
@@ -16,18 +17,20 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from tiproxy.api.interface import UpgradeError
+from tiproxy.api.interface import HealthStats, ServerStats, UpgradeError
 from tiproxy.balance.balancer import INTERVAL
 from tiproxy.cli.logs import apply_level
 from tiproxy.control.memory import effective_threshold, memory_use
+from tiproxy.control.monitor import ClockMonitor
 from tiproxy.control.upgrade import Upgrader
 from tiproxy.traffic.jobs import TrafficJobs
 
 if TYPE_CHECKING:
-    from tiproxy.api.interface import BackendView, MigrationStats, SessionView
+    from tiproxy.api.interface import BackendView, MigrationStats, SessionGauges, SessionView
     from tiproxy.balance.balancer import MoveOrder
     from tiproxy.config import Config
     from tiproxy.control.cluster import Cluster
+    from tiproxy.net.counters import DataPlaneCounts
     from tiproxy.traffic.sink import Deliver
 
 log = logging.getLogger("tiproxy.server")
@@ -50,6 +53,9 @@ class SessionHolder(Protocol):
     def migration_stats(self) -> MigrationStats: ...
     def server_errors(self) -> Mapping[str, int]: ...
     def rejected_connections(self) -> Mapping[str, int]: ...  # clients refused, by why
+    def data_plane_counts(self) -> DataPlaneCounts: ...  # as of the last refresh()
+    def session_gauges(self) -> SessionGauges: ...  # as of the last refresh()
+    def data_plane_processes(self) -> int: ...
     def set_memory_high(self, reason: str) -> None: ...  # "" lets new clients in again
     def pids(self) -> list[int]: ...  # the proxy's processes
     # An upgrade (control/upgrade.py's DataPlane, and the new process's receivers).
@@ -73,7 +79,10 @@ class Proxy:
         self._shutting_down = False
         self._rebalancing: asyncio.Task[None] | None = None
         self._watching_memory: asyncio.Task[None] | None = None
+        self._monitoring: asyncio.Task[None] | None = None
         self.memory_high = ""  # why new clients are refused for memory, if they are
+        self.monitor = ClockMonitor()
+        self.events: Counter[str] = Counter()  # tiproxy_server_event: start, close
         self._reloading = asyncio.Lock()  # reloads one at a time, cluster and holder alike
         self.upgrader: Upgrader | None = None  # set by whoever serves (cli/server.py)
         self.handed_over = False  # an upgrade gave everything to a new process
@@ -86,6 +95,8 @@ class Proxy:
         loop = asyncio.get_running_loop()
         self._rebalancing = loop.create_task(self._rebalance())
         self._watching_memory = loop.create_task(self._watch_memory())
+        self._monitoring = loop.create_task(self.monitor.run())
+        self.events["start"] += 1
 
     async def release_virtual_ip(self) -> None:
         """The first step of a clean shutdown: the virtual IP goes to another proxy."""
@@ -93,11 +104,15 @@ class Proxy:
 
     def begin_shutdown(self) -> None:
         """Health turns 502 so that load balancers stop sending clients; sessions go on."""
+        if not self._shutting_down:
+            self.events["close"] += 1
         self._shutting_down = True
 
     async def stop(self) -> None:
+        if not self._shutting_down:
+            self.events["close"] += 1
         self._shutting_down = True
-        for task in (self._rebalancing, self._watching_memory):
+        for task in (self._rebalancing, self._watching_memory, self._monitoring):
             if task is not None:
                 task.cancel()
         await self.traffic.close()
@@ -162,7 +177,7 @@ class Proxy:
         return self.holder.connection_count()
 
     def backends(self) -> list[BackendView]:
-        return self.cluster.backend_views()
+        return self.cluster.backend_views(self.holder.data_plane_counts())
 
     async def session_views(self) -> list[SessionView]:
         return await self.holder.session_views()
@@ -181,6 +196,25 @@ class Proxy:
 
     def rejected_connections(self) -> dict[str, int]:
         return dict(self.holder.rejected_connections())
+
+    def data_plane_counts(self) -> DataPlaneCounts:
+        return self.holder.data_plane_counts()
+
+    def session_gauges(self) -> SessionGauges:
+        return self.holder.session_gauges()
+
+    def health_stats(self) -> HealthStats:
+        health = self.cluster.health
+        return HealthStats(health.cycle_seconds, dict(health.probe_seconds),
+                           dict(health.results))
+
+    def server_stats(self) -> ServerStats:
+        vip = self.cluster.vip
+        owner_of = [owned_job(vip.election.name)] if vip is not None and vip.election.owner \
+            else []
+        return ServerStats(self.holder.pids(), self.holder.data_plane_processes(),
+                           dict(self.events), self.monitor.time_jump_back,
+                           self.monitor.keep_alive, owner_of)
 
     @property
     def unhealthy(self) -> str:
@@ -203,3 +237,8 @@ class Proxy:
             apply_level(cfg.log)
             await self.cluster.apply_config(cfg)
             self.holder.config_changed(cfg)
+
+
+def owned_job(key: str) -> str:
+    """tiproxy_server_owner's type: TiProxy's election key without "/tiproxy/" and "/owner"."""
+    return key.removeprefix("/tiproxy/").removesuffix("/owner")

@@ -24,6 +24,7 @@ from tiproxy.balance.router import split_addr
 from tiproxy.client.admin import AdminConnection
 from tiproxy.client.channel import query
 from tiproxy.client.leg import BackendLeg
+from tiproxy.net import counters
 from tiproxy.protocol.constants import ER_NO_SUCH_THREAD, Capability, ServerStatus
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import build_ok, frame
@@ -104,7 +105,7 @@ async def _kill_here(session: Session, target: KillTarget, sql: str) -> None:
                                 f"TiProxy: KILL failed: {str(e) or type(e).__name__}")
     except Exception as e:  # a bug: the session cannot go on with its leg detached
         log.exception("session %d: KILL failed", session.id)
-        session.close(f"KILL failed: {type(e).__name__}")
+        session.close(f"KILL failed: {type(e).__name__}", kind=counters.PROXY_ERROR)
     else:
         if _reattached(session, leg):
             _reply_ok(session)
@@ -223,7 +224,8 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
 def _reattached(session: Session, leg: BackendLeg) -> bool:
     """Back on the hot path; a connection left in a bad state ends the session."""
     if leg.closed or not leg.clean:
-        session.close("backend connection broke while a KILL was evaluated")
+        session.close("backend connection broke while a KILL was evaluated",
+                      kind=counters.BACKEND_NETWORK)
         return False
     leg.attach(session)
     return True

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from tiproxy.api.history import MoveRecord
 from tiproxy.balance.router import LASTING_RETRY
 from tiproxy.client.channel import query
+from tiproxy.net import counters
 from tiproxy.net.migration import MigrationError, move_session
 from tiproxy.protocol.constants import Capability, ServerStatus
 from tiproxy.session.statements import statement_effects
@@ -81,6 +82,7 @@ class SessionMoves:
 
     def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None: ...
     def bound_writes(self, transport: asyncio.BaseTransport | None) -> None: ...
+    def count_on(self, backend: Backend) -> None: ...
     _cbuf: bytearray
     _held: set[str]
     _ccont: bool
@@ -101,7 +103,7 @@ class SessionMoves:
     def release_input(self, reason: str) -> None:
         raise NotImplementedError
 
-    def close(self, reason: str, quiet: bool = False) -> None:
+    def close(self, reason: str, quiet: bool = False, kind: str = counters.PROXY_ERROR) -> None:
         raise NotImplementedError
 
     def backend_data(self, data: bytes) -> None:
@@ -264,7 +266,8 @@ class SessionMoves:
         if e.pinned:
             log.info("session %d pinned: %s", self.id, e)
             if not e.old_intact:
-                self.close(f"move to {target.addr} broke the old connection: {e}")
+                self.close(f"move to {target.addr} broke the old connection: {e}",
+                           kind=counters.PROXY_ERROR)
                 return
             if e.recheck:
                 move.retry_at = time.monotonic() + RECHECK
@@ -276,7 +279,8 @@ class SessionMoves:
             time.time(), self.id, self.user, source.addr, target.addr, move.reason, False,
             time.monotonic() - started, str(e)))
         if not e.old_intact:
-            self.close(f"move to {target.addr} failed and broke the old connection: {e}")
+            self.close(f"move to {target.addr} failed and broke the old connection: {e}",
+                       kind=counters.PROXY_ERROR)
             return
         move.failures += 1
         if e.lasting:
@@ -317,7 +321,7 @@ class SessionMoves:
         self.backend = target
         self.backend_leg = result.leg
         self.set_backend_keepalive(result.leg, bool(target.health))
-        self._counts = target.query_counts
+        self.count_on(target)
         self.bt = result.leg.transport
         self.bound_writes(self.bt)
         self.backend_connection_id = result.connection_id

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from tiproxy.api.history import MoveRecord
 from tiproxy.client.leg import BackendLeg
+from tiproxy.net import counters
 from tiproxy.net.migration import (
     HiddenStateError,
     MigrationError,
@@ -312,7 +313,7 @@ class SessionRecovery(SessionMoves):
             packet = unanswered or self.inflight
             if packet is None:
                 self.close(f"backend {addr} closed the connection during a command whose "
-                           "answer had begun (or behind another)")
+                           "answer had begun (or behind another)", kind=counters.BACKEND_NETWORK)
                 return
             if not in_trans and retryable(packet, self._executed_sql(packet, packet[4])):
                 resend = packet
@@ -324,7 +325,8 @@ class SessionRecovery(SessionMoves):
         if problem:
             self.close(f"backend {addr} closed the connection"
                        + (f" ({exc})" if exc else "")
-                       + f"; the session cannot be rebuilt elsewhere: {problem}")
+                       + f"; the session cannot be rebuilt elsewhere: {problem}",
+                       kind=counters.BACKEND_NETWORK)
             return
         lost = "" if notice is not None or not in_trans else (
             f"TiProxy: backend {addr} was lost with this session's open transaction, which was "
@@ -378,7 +380,8 @@ class SessionRecovery(SessionMoves):
         try:
             if probe and await self._server_still_up(lost):
                 self.close(f"backend {lost.addr} closed the connection while the server runs on "
-                           "(killed, or a timeout): the session ends with it")
+                           "(killed, or a timeout): the session ends with it",
+                           kind=counters.BACKEND_NETWORK)
                 return
             self.server.doubt_backend(lost, "a session's connection to it was lost")
             landed = await self._land_elsewhere(lost)
@@ -442,7 +445,7 @@ class SessionRecovery(SessionMoves):
             self._swap(result, target)
             return target
         self.close(f"backend {lost.addr} closed the connection and no other backend took the "
-                   f"session ({why})")
+                   f"session ({why})", kind=counters.BACKEND_NETWORK)
         return None
 
     async def rescue_move(self, error: MigrationError, target: Backend) -> MoveResult | None:

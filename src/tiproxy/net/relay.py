@@ -26,12 +26,14 @@ import logging
 import ssl
 import time
 import zlib
-from collections import Counter
+from bisect import bisect_left
 from collections.abc import Coroutine, Sequence
 from contextlib import closing
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
+from tiproxy.net import counters
+from tiproxy.net.counters import QUERY_BUCKETS, SINCE_CREATION_BUCKETS, BackendCounts, Histogram
 from tiproxy.net.handover import Departure, SessionHandover
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kill import handle_kill, handle_kill_expression
@@ -40,7 +42,6 @@ from tiproxy.protocol import proxyproto
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
 from tiproxy.protocol.constants import (
-    COMMAND_NAMES,
     ER_ACCESS_DENIED_ERROR,
     ER_CON_COUNT_ERROR,
     ER_UNKNOWN_COM_ERROR,
@@ -133,8 +134,8 @@ _REFUSED = frozenset(
     (Command.BINLOG_DUMP, Command.BINLOG_DUMP_GTID, Command.TABLE_DUMP,
      Command.REGISTER_SLAVE, Command.CONNECT_OUT)
 )
-_NAMES = [COMMAND_NAMES.get(i, f"Unknown{i:#04x}") for i in range(256)]
 _unpack_u32 = U32.unpack_from
+_monotonic = time.monotonic
 _QUERY = int(Command.QUERY)
 _EXECUTE = int(Command.STMT_EXECUTE)
 _IN_TRANS = int(ServerStatus.IN_TRANS)
@@ -144,6 +145,9 @@ _LAST_ROW_SENT = int(ServerStatus.LAST_ROW_SENT)
 _CURSOR_TYPES = 0x07
 
 LOGIN, COMMAND, CLOSED = 0, 1, 2
+# Where an unrouted session's traffic would count: nowhere (nothing is relayed before login).
+_UNROUTED = BackendCounts()
+_UNROUTED_AGES = Histogram(SINCE_CREATION_BUCKETS)
 
 
 class ClientLeg(asyncio.Protocol):
@@ -181,6 +185,14 @@ class Session(TransactionReplay):
     # Backend thread id -> proxy id on the backend named, for the statement that waits for it
     # (set only then: the class's None serves every session until one needs it).
     _id_map: tuple[str, dict[int, int]] | None = None
+    # The metrics (net/counters.py), set at login and when the session moves: the backend's
+    # counters, whether that backend is in another location, and the data plane's histogram of
+    # the session's age at each command.
+    _traffic: BackendCounts = _UNROUTED
+    _cross = False
+    _ages: Histogram = _UNROUTED_AGES
+    _counted = False  # accepted: its end counts in tiproxy_server_disconnection_total
+    _early_seconds = 0.0  # how long the early backend connection took (the login waited)
     _login_timer: asyncio.TimerHandle | None
     _capture: SessionCapture | None = None  # while a traffic capture runs (follow_capture)
 
@@ -220,7 +232,10 @@ class Session(TransactionReplay):
         self._pause_reasons: set[str] = set()
         self._decompress: Decompressor | None = None
         self._zseq = 0
-        self._counts: Counter[str] = Counter()
+        self._opened = _monotonic()
+        # Commands whose responses have not ended, for their durations: (command byte, when
+        # it came), in order. A list: it is empty or short (pipelines).
+        self._sent: list[tuple[int, float]] = []
         self.leaving: Departure | None = None  # an upgrade's: to the new process, when safe
         self.client_tls = False
         self.backend_tls = False  # kept when the session moves: the target must offer TLS
@@ -230,14 +245,21 @@ class Session(TransactionReplay):
         if adopted is not None:
             self._adopt(*adopted)
             return
-        refusal = server.refusal()
-        if refusal is not None:
-            self._refuse_at_once(*refusal)
+        if not self._admitted():
             return
         loop = asyncio.get_running_loop()
         self._login_timer = loop.call_later(LOGIN_TIMEOUT, self._login_timed_out)
         self._task = loop.create_task(self._greet())
 
+    def _admitted(self) -> bool:
+        """Not refused at once: counted in tiproxy_server_create_connection_total."""
+        refusal = self.server.refusal()
+        if refusal is not None:
+            self._refuse_at_once(*refusal)
+            return False
+        self.server.metrics.created += 1
+        self._counted = True
+        return True
     def _login_fields(self) -> None:
         """What the login phase keeps, from its start."""
         self.login: Login | None = None
@@ -265,6 +287,7 @@ class Session(TransactionReplay):
         if template is None and router.template is None:
             await self.server.probe_template()
             if router.template is None:
+                self.server.got_backend(_monotonic() - self._opened, False)
                 self._refuse_no_backend(0)
                 return
         if self.phase == CLOSED:
@@ -291,12 +314,13 @@ class Session(TransactionReplay):
         for backend in router.candidates()[:1]:
             leg: BackendLeg | None = None
             server.early_legs += 1
+            started = _monotonic()
             try:
                 leg = await BackendLeg.open(backend.host, backend.port)
                 _, payload = await leg.read_packet(CONNECT_TIMEOUT)
                 greeting = parse_greeting(payload) if payload[:1] != b"\xff" else None
             except (OSError, TimeoutError, ProtocolError) as e:
-                router.failed(backend, _reason(e))
+                server.dial_failed(backend, _reason(e))
                 return None
             else:
                 if greeting is None or not greeting.capabilities & Capability.PLUGIN_AUTH \
@@ -304,6 +328,7 @@ class Session(TransactionReplay):
                     return None  # the usual path, with a greeting of the proxy's own
                 router.succeeded(backend, greeting)
                 self._early = (backend, leg, payload)
+                self._early_seconds = _monotonic() - started
                 backend.connections += 1  # counted now, so that a burst spreads
                 return greeting
             finally:
@@ -407,13 +432,14 @@ class Session(TransactionReplay):
                 if self._tls_refusal:
                     assert self.login is not None
                     self._refuse(self.login.client_reply_seq, f"TiProxy: {self._tls_refusal}",
-                                 self._tls_refusal, ER_ACCESS_DENIED_ERROR, "28000")
+                                 self._tls_refusal, ER_ACCESS_DENIED_ERROR, "28000",
+                                 kind=counters.CLIENT_HANDSHAKE)
                     return
                 self._task = asyncio.get_running_loop().create_task(self._route())
             elif isinstance(action, Established):
                 self._established(action)
             elif isinstance(action, Refused):
-                self.close(action.reason, quiet=True)
+                self.close(action.reason, quiet=True, kind=counters.AUTH_FAIL)
             elif isinstance(action, StartClientTLS):
                 self._tls_early = bytearray()
                 self.client.pause_reading()
@@ -424,6 +450,7 @@ class Session(TransactionReplay):
         router = self.server.router
         self.namespace = router.namespace_of_user(self.user)
         unfit = ""
+        started = _monotonic()
         candidates, early = self._candidates()
         for backend in candidates:
             if self.phase == CLOSED:
@@ -434,6 +461,8 @@ class Session(TransactionReplay):
             try:
                 mine = early if early is not None and backend is early[0] else None
                 early = None if mine is not None else early
+                if mine is not None:  # the login waited for it before the greeting
+                    started -= self._early_seconds
                 leg, actions = await self._backend_greeting(backend, mine)
                 self.set_backend_keepalive(leg, bool(backend.health))
                 if isinstance(actions[0], BackendUnfit):
@@ -442,7 +471,7 @@ class Session(TransactionReplay):
                     continue
                 await self._backend_handshake(leg, backend, actions)
             except (OSError, TimeoutError, ProtocolError, ssl.SSLError) as e:
-                router.failed(backend, _reason(e))
+                self.server.dial_failed(backend, _reason(e))
                 login.backend_failed()
                 if leg is not None:
                     leg.abort()
@@ -459,14 +488,17 @@ class Session(TransactionReplay):
             self.backend_leg = leg
             self.backend_tls = login.backend_tls
             backend.connections += 1
+            self.server.got_backend(_monotonic() - started, True)
             greeting = login.backend_greeting
             if greeting is not None and "TiDB" in greeting.server_version:
                 self.dialect = "tidb"
             await self._relay_login(leg)
             return
+        self.server.got_backend(_monotonic() - started, False)
         if unfit:
             log.warning("session %d: %s", self.id, unfit)
-            self._refuse(login.client_reply_seq, f"TiProxy: {unfit}", "no backend fits")
+            self._refuse(login.client_reply_seq, f"TiProxy: {unfit}", "no backend fits",
+                         kind=counters.BACKEND_HANDSHAKE)
             return
         self._refuse_no_backend(login.client_reply_seq)
 
@@ -521,7 +553,7 @@ class Session(TransactionReplay):
         SSLRequest in the same read (the start of its TLS handshake)."""
         ctx = self.server.tls.server
         if ctx is None:  # turned off by a reload since the greeting offered it
-            self.close("TLS was turned off while the client logged in")
+            self.close("TLS was turned off while the client logged in", kind=counters.PROXY_ERROR)
             return
         self._task = asyncio.get_running_loop().create_task(self._client_tls(ctx, early))
 
@@ -531,7 +563,8 @@ class Session(TransactionReplay):
             self.client = await start_server_tls(raw, ctx, early, LOGIN_TIMEOUT)
             self.bound_writes(self.client)
         except (OSError, ssl.SSLError, TimeoutError) as e:
-            self.close(f"TLS handshake with the client failed: {_reason(e)}", quiet=True)
+            self.close(f"TLS handshake with the client failed: {_reason(e)}", quiet=True,
+                       kind=counters.CLIENT_HANDSHAKE)
             return
         self.client_tls = True
         refusal = peer_cn_allowed(self.server.tls.server_config,
@@ -558,16 +591,17 @@ class Session(TransactionReplay):
         except ProtocolError as e:
             self._protocol_error(e)
         except (OSError, TimeoutError) as e:
-            self.close(f"backend failed during login: {_reason(e)}")
+            self.close(f"backend failed during login: {_reason(e)}",
+                       kind=counters.BACKEND_HANDSHAKE)
 
     def _refuse_no_backend(self, seq: int) -> None:
         self._refuse(seq, "TiProxy: no backend is available, try again later",
-                     "no backend available")
+                     "no backend available", kind=counters.NO_BACKEND)
 
     def _refuse(self, seq: int, message: str, reason: str,
-                code: int = ER_UNKNOWN_ERROR, sqlstate: str = "HY000") -> None:
+                code: int = ER_UNKNOWN_ERROR, sqlstate: str = "HY000", *, kind: str) -> None:
         self.send_client(frame(build_err(code, sqlstate, message), seq))
-        self.close(reason)
+        self.close(reason, kind=kind)
 
     def _established(self, est: Established) -> None:
         assert self.backend is not None and self.backend_leg is not None and self.login
@@ -586,7 +620,8 @@ class Session(TransactionReplay):
             self.state.use(resp.database if with_db else None)
         deprecate_eof = bool(est.backend_capabilities & Capability.DEPRECATE_EOF)
         self.tracker = ResponseTracker(deprecate_eof, self._response_done, est.status)
-        self._counts = self.backend.query_counts
+        self.count_on(self.backend)
+        self._traffic.handshakes.observe(_monotonic() - self._opened)
         if est.client_capabilities & Capability.COMPRESS:
             self._decompress = Decompressor()
         self._take_credential()
@@ -601,6 +636,11 @@ class Session(TransactionReplay):
         log.debug("session %d: %s@%s logged in on %s",
                   self.id, self.user, self.peer, self.backend.addr)
 
+    def count_on(self, backend: Backend) -> None:
+        """From now on the commands and traffic count on `backend` (a login, a move)."""
+        self._traffic = self.server.metrics.backend(backend.addr)
+        self._cross = self.server.router.cross_location(backend)
+        self._ages = self.server.metrics.since_creation
     # -- handed over to or from another process (net/handover.py) ---------------------------
 
     def at_handover_point(self) -> str:
@@ -644,7 +684,9 @@ class Session(TransactionReplay):
         self._decompress = Decompressor() if h.compressed else None
         self.backend = self.server.router.adopted_backend(h.backend_addr)
         self.backend.connections += 1
-        self._counts = self.backend.query_counts
+        self.count_on(self.backend)
+        self._counted = True  # accepted by the old process: its end counts here
+        self._opened = _monotonic() - max(0.0, time.time() - h.started)
         deprecate_eof = bool(h.backend_caps & Capability.DEPRECATE_EOF)
         self.tracker = ResponseTracker(deprecate_eof, self._response_done, h.status)
         self.backend_leg, self.bt = leg, leg.transport
@@ -716,7 +758,8 @@ class Session(TransactionReplay):
 
     def _login_timed_out(self) -> None:
         if self.phase == LOGIN:
-            self.close(f"login not finished within {LOGIN_TIMEOUT:.0f}s")
+            self.close(f"login not finished within {LOGIN_TIMEOUT:.0f}s",
+                       kind=counters.CLIENT_HANDSHAKE)
 
     # -- command phase: client to backend ---------------------------------------------------
 
@@ -765,7 +808,12 @@ class Session(TransactionReplay):
                         self.inflight = data if tracker.idle else None
                         self.last_command = data
                         self.bt.write(data)  # type: ignore[union-attr]
-                        self._counts[_NAMES[cmd]] += 1
+                        traffic = self._traffic
+                        traffic.out_bytes += n
+                        traffic.out_packets += 1
+                        if self._cross:
+                            self.server.metrics.cross_location_bytes += n
+                        self._sent.append((cmd, _monotonic()))
                         tracker.expect(_FAST[cmd], cmd)
                         return
         self._cbuf += data
@@ -802,11 +850,11 @@ class Session(TransactionReplay):
                     self._ccont = length == MAX_PAYLOAD
                     self.inflight = None  # a command of several packets: never sent again
                     self.last_command = b""
-                    self.bt.write(packet)
+                    self._to_backend(packet)
                 elif tracker.local_infile:
                     self.inflight = None
                     self.last_command = b""
-                    self.bt.write(packet)
+                    self._to_backend(packet)
                     if length == 0:
                         tracker.local_infile = False  # the file is sent; OK or ERR comes next
                 elif tracker.phase == AUTH and seq != 0:
@@ -882,8 +930,8 @@ class Session(TransactionReplay):
         self.inflight = original if tracker.idle and not self._ccont else None
         # What a transaction replay sends again: a rewritten statement's text cannot be.
         self.last_command = original if packet is original or cmd == _EXECUTE else b""
-        self.bt.write(packet)
-        self._counts[_NAMES[cmd]] += 1
+        self._to_backend(packet)
+        self._sent.append((cmd, _monotonic()))
         if self._capture is not None:
             self._capture.sent()
         tracker.expect(kind, token)  # type: ignore[arg-type]
@@ -905,7 +953,7 @@ class Session(TransactionReplay):
     def _before_command(self, packet: bytes, cmd: int, tracker: ResponseTracker) -> bool | None:
         """What comes before a command runs: _command's answer, or None to run it."""
         if cmd == Command.QUIT:
-            self.close("client quit", quiet=True)
+            self.close("client quit", quiet=True, kind=counters.QUIT_OK)
             return True
         if self.lost_transaction and self.transaction_lost(packet):
             return True
@@ -997,6 +1045,15 @@ class Session(TransactionReplay):
             stmt.long_data = True
         return packet, token
 
+    def _to_backend(self, packet: bytes) -> None:
+        """One client packet to the backend, counted (the fast path does the same inline)."""
+        assert self.bt is not None
+        self.bt.write(packet)
+        traffic = self._traffic
+        traffic.out_bytes += len(packet)
+        traffic.out_packets += 1
+        if self._cross:
+            self.server.metrics.cross_location_bytes += len(packet)
     def packet_for_replay(self, packet: bytes) -> tuple[bytes, Expect]:
         """A recorded command as the current backend must get it (statement ids translated)."""
         if packet[4] == _EXECUTE:
@@ -1010,8 +1067,7 @@ class Session(TransactionReplay):
         if self._native_salt is not None:
             self._native_exchange = (self._native_salt, packet[4:])
             self._native_salt = None
-        assert self.bt is not None
-        self.bt.write(packet)
+        self._to_backend(packet)
 
     def _connection_ids(self, packet: bytes, prepare: bool) -> bytes | Literal[False]:
         """A statement that names connection ids, made to show the proxy's (session/connid.py):
@@ -1116,12 +1172,19 @@ class Session(TransactionReplay):
             self.send_client(data)
         if tracker.phase == AUTH:
             self._watch_auth_switch(data)
+        traffic = self._traffic
+        traffic.in_bytes += len(data)
+        if self._cross:
+            self.server.metrics.cross_location_bytes += len(data)
         if self._capture is not None:
             self._capture.response(data)
         try:
             tracker.feed(data)
         except ProtocolError as e:
             self._protocol_error(e)
+            return
+        traffic.in_packets += tracker.packets
+        tracker.packets = 0
 
     def _kept_back(self, data: bytes, packet: bytes) -> bool:
         """An error answering `packet` that the client need not see: a deadlock in a
@@ -1142,6 +1205,17 @@ class Session(TransactionReplay):
             self._native_salt = switch.data[:20] if native else None
 
     def _response_done(self, token: Any, status: int, failed: bool) -> None:
+        sent = self._sent  # Histogram.observe, inlined: once per command
+        if sent:
+            cmd, started = sent.pop(0)
+            seconds = _monotonic() - started
+            times = self._traffic.commands[cmd]
+            times.counts[bisect_left(QUERY_BUCKETS, seconds)] += 1
+            times.total += seconds
+            age = started - self._opened
+            ages = self._ages
+            ages.counts[bisect_left(SINCE_CREATION_BUCKETS, age)] += 1
+            ages.total += age
         if self.replay_limit:
             self.track_transaction(token, status)
         if token.__class__ is not int:
@@ -1283,23 +1357,37 @@ class Session(TransactionReplay):
 
     def client_lost(self, exc: Exception | None) -> None:
         if self.phase != CLOSED:  # a socket error (keep-alive gave up, a reset) is worth a line
-            self.close("client disconnected" + (f": {exc}" if exc else ""), quiet=exc is None)
+            self.close("client disconnected" + (f": {exc}" if exc else ""), quiet=exc is None,
+                       kind=counters.CLIENT_NETWORK)
 
     def backend_lost(self, exc: Exception | None) -> None:
         if self.phase == COMMAND:
             self.backend_gone(exc)  # rebuilt elsewhere, or closed with the reason (recovery.py)
         elif self.phase == LOGIN:
             self.close(f"backend {self.backend.addr if self.backend else '?'} closed the "
-                       "connection during the login")
+                       "connection during the login", kind=counters.BACKEND_HANDSHAKE)
+
+    def _count_end(self, kind: str) -> None:
+        if not self._counted:
+            return  # refused at once: counted as such, never accepted
+        metrics = self.server.metrics
+        metrics.disconnections[kind] += 1
+        metrics.lifetimes.observe(_monotonic() - self._opened)
+        tracker = self.tracker
+        if tracker is not None and tracker.packets:  # a response cut short
+            self._traffic.in_packets += tracker.packets
+            tracker.packets = 0
 
     def _protocol_error(self, e: ProtocolError) -> None:
-        self.close(f"protocol error from {e.origin.value}: {e}")
+        self.close(f"protocol error from {e.origin.value}: {e}", kind=counters.MALFORMED)
 
-    def close(self, reason: str, quiet: bool = False) -> None:
+    def close(self, reason: str, quiet: bool = False, kind: str = counters.PROXY_ERROR) -> None:
+        """End the session; `kind` is what ended it (net/counters.py), for the metrics."""
         if self.phase == CLOSED:
             return
         was_established = self.phase == COMMAND
         self.phase = CLOSED
+        self._count_end(kind)
         if self._login_timer is not None:
             self._login_timer.cancel()
         if self._soon is not None:

@@ -27,6 +27,7 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.client.channel import query
+from tiproxy.net import counters
 from tiproxy.net.recovery import SessionRecovery
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import COMMAND_NAMES, Capability, Command, ServerStatus
@@ -174,7 +175,8 @@ class TransactionReplay(SessionRecovery):
         if self.phase != 1:
             return
         if leg.closed or not leg.clean:
-            self.close(f"backend connection broke during a transaction replay: {why}")
+            self.close(f"backend connection broke during a transaction replay: {why}",
+                       kind=counters.BACKEND_NETWORK)
             return
         leg.attach(self)
         self._replayed(reason, why)
@@ -224,7 +226,8 @@ class TransactionReplay(SessionRecovery):
         finally:
             self._replaying = False
         if leg.closed or not leg.clean:
-            self.close(f"backend connection broke during a transaction replay: {why}")
+            self.close(f"backend connection broke during a transaction replay: {why}",
+                       kind=counters.BACKEND_NETWORK)
             return False
         leg.attach(self)
         self._replayed("backend_lost", why)

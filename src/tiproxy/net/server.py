@@ -20,14 +20,15 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from tiproxy.api.history import MoveHistory, MoveRecord
-from tiproxy.api.interface import MigrationStats, SessionView
+from tiproxy.api.interface import MigrationStats, SessionGauges, SessionView
 from tiproxy.balance.balancer import MoveOrder, carry_out, count_movable
 from tiproxy.balance.router import Backend, Router, split_addr
 from tiproxy.client.leg import BackendLeg
+from tiproxy.net import counters
+from tiproxy.net.counters import MIGRATE_BUCKETS, DataPlaneCounts, Histogram
 from tiproxy.net.handover import Departure, Receiver, SessionHandover, Staying, receiver_name
 from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.relay import COMMAND, ClientLeg
@@ -45,8 +46,6 @@ log = logging.getLogger("tiproxy.server")
 
 MAINTENANCE_INTERVAL = 0.5
 EARLY_WINDOW = 10.0  # seconds after a login during which new connections reach a backend early
-# Upper bounds of tiproxy_balance_migrate_duration_seconds, as TiProxy's buckets go.
-DURATION_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class ControlPlane(Protocol):
@@ -56,21 +55,6 @@ class ControlPlane(Protocol):
     def lasting_problem(self, backend: Backend, problem: str) -> None: ...
     def sync_soon(self) -> None: ...
     async def probe_template(self) -> None: ...
-
-
-@dataclass
-class _Durations:
-    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
-    total: float = 0.0
-
-    def observe(self, seconds: float) -> None:
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if seconds <= bound:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
-        self.total += seconds
 
 
 class ProxyServer:
@@ -91,13 +75,12 @@ class ProxyServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._shutting_down = False
         self._stale: list[tuple[Session, tuple[bytes, bytes]]] = []
-        self._migrations: Counter[tuple[str, str, str, str]] = Counter()
+        self.metrics = DataPlaneCounts()  # what the sessions count (net/counters.py)
         self.errors: Counter[str] = Counter()  # tiproxy_server_err by type, besides TLS's
         self.rejected: Counter[str] = Counter()  # clients refused at once, by why
         # Transaction replays (net/replay.py) by (reason, result): attempts and outcomes.
         self.replays: Counter[tuple[str, str]] = Counter()
         self.memory_high = ""  # why new clients are refused for memory; set by the control plane
-        self._durations = _Durations()
         self._history = MoveHistory()
         self._unhealthy: set[str] = set()  # backends unhealthy at the last keep-alive switch
         self.port = 0
@@ -241,12 +224,13 @@ class ProxyServer:
         while self.sessions and time.monotonic() < deadline:
             for session in list(self.sessions.values()):
                 if session.phase != COMMAND or session.between_transactions():
-                    session.close("proxy shutting down", quiet=True)
+                    session.close("proxy shutting down", quiet=True,
+                                  kind=counters.PROXY_SHUTDOWN)
             if self.sessions:
                 await asyncio.sleep(0.05)
         for session in list(self.sessions.values()):
             session.close(f"proxy shutting down: still busy after graceful-close-conn-timeout "
-                          f"({timeout:g}s)")
+                          f"({timeout:g}s)", kind=counters.PROXY_SHUTDOWN)
 
     def config_changed(self, cfg: Config) -> None:
         self._config = cfg
@@ -378,9 +362,18 @@ class ProxyServer:
         self.control.doubt(backend, why)
 
     def record_migration(self, move: MoveRecord) -> None:
-        self._migrations[(move.source, move.target, move.reason, move.result)] += 1
-        self._durations.observe(move.seconds)
+        self.metrics.migrated(move.source, move.target, move.reason, move.ok, move.seconds)
         self._history.record(move)
+
+    def dial_failed(self, backend: Backend, reason: str) -> None:
+        """A session could not connect to `backend` (tiproxy_backend_dial_backend_fail)."""
+        self.metrics.backend(backend.addr).dial_failures += 1
+        self.router.failed(backend, reason)
+
+    def got_backend(self, seconds: float, ok: bool) -> None:
+        """A login waited `seconds` for a backend, and got one or not."""
+        self.metrics.get_backend.observe(seconds)
+        self.metrics.get_backend_results["succeed" if ok else "fail"] += 1
 
     async def _maintain(self) -> None:
         while True:
@@ -398,12 +391,14 @@ class ProxyServer:
                     continue
                 if backend.draining:
                     session.close(f"still on draining backend {backend.addr} after "
-                                  f"failover-timeout ({timeout}s): {move.waiting}")
+                                  f"failover-timeout ({timeout}s): {move.waiting}",
+                                  kind=counters.PROXY_SHUTDOWN)  # TiProxy's force close
                 else:  # a redirect or a rebalance that never found its moment: let it go
                     log.info("session %d: move (%s) given up after %ds: %s", session.id,
                              move.reason, timeout, move.waiting)
                     session.cancel_move()
             self.router.forget_empty()
+            self.metrics.forget(self.router.backends)
 
     def _switch_keepalive(self) -> None:
         """Backend sockets take the keep-alive of their backend's health as it changes."""
@@ -491,11 +486,37 @@ class ProxyServer:
             ))
         return views + self._staying_views()
 
+    def data_plane_counts(self) -> DataPlaneCounts:
+        return self.metrics
+
+    def session_gauges(self) -> SessionGauges:
+        """Moves asked for and not done, and pinned sessions, by kind: one walk, when asked."""
+        pending: Counter[tuple[str, str, str]] = Counter()
+        pinned: Counter[str] = Counter()
+        for session in self.sessions.values():
+            move = session.move_request
+            if move is not None and session.backend is not None:
+                target = move.target.addr if move.target is not None else ""
+                pending[(session.backend.addr, target, move.reason)] += 1
+            if session.phase == COMMAND:
+                pinned.update(session.state.pin_kinds())
+        return SessionGauges(pending, pinned)
+
     def migration_stats(self) -> MigrationStats:
-        return MigrationStats(dict(self._migrations), DURATION_BUCKETS,
-                              list(self._durations.counts), self._durations.total,
-                              self._history.copy())
+        return migration_summary(self.metrics, self._history.copy())
+
+    def data_plane_processes(self) -> int:
+        return 1
 
     def server_errors(self) -> Mapping[str, int]:
         """This data plane's own errors (the cluster counts the TLS store's)."""
         return dict(self.errors)
+
+
+def migration_summary(counts: DataPlaneCounts, history: MoveHistory) -> MigrationStats:
+    """The moves, their durations whatever their backends and result, and the recent ones."""
+    times = Histogram(MIGRATE_BUCKETS)
+    for histogram in counts.migration_times.values():
+        times.add(histogram)
+    return MigrationStats(dict(counts.migrations), MIGRATE_BUCKETS, times.counts, times.total,
+                          history)

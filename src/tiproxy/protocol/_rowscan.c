@@ -2,10 +2,11 @@
  * The loops the profile says are worth compiling: passing over the rows of a result set, and
  * reading a whole small result response in one call (scan_result, below).
  *
- * skip_plain_rows(data, pos) -> int
+ * skip_plain_rows(data, pos) -> (int, int)
  *   From offset `pos` of `data` (any object with the buffer protocol), walk whole packets whose
  *   first byte is neither 0xFE nor 0xFF, that are not empty and not 16 MiB long, and return the
- *   offset of the first packet that is none of those, or that is not wholly in `data`.
+ *   offset of the first packet that is none of those, or that is not wholly in `data`, and how
+ *   many packets were passed over.
  *   The same contract as tracker._skip_plain_rows_py, which stays as the fallback and the
  *   reference the tests compare against.
  *
@@ -38,6 +39,7 @@ skip_plain_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t n = view.len;
     if (pos < 0)
         pos = 0;
+    Py_ssize_t packets = 0;
     while (pos + 4 < n) {
         Py_ssize_t length = (Py_ssize_t)p[pos] | (Py_ssize_t)p[pos + 1] << 8
                             | (Py_ssize_t)p[pos + 2] << 16;
@@ -48,9 +50,10 @@ skip_plain_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (first == 0xFE || first == 0xFF)
             break;
         pos = end;
+        packets++;
     }
     PyBuffer_Release(&view);
-    return PyLong_FromSsize_t(pos);
+    return Py_BuildValue("(nn)", pos, packets);
 }
 
 static PyObject *
@@ -151,18 +154,18 @@ error_code(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
 #define CURSOR_EXISTS 0x0040
 
 /*
- * scan_result(data, pos, deprecate_eof, binary, status) -> (end, status, error) | None
+ * scan_result(data, pos, deprecate_eof, binary, status) -> (end, status, error, packets) | None
  * binary: 0 text, 1 binary, 2 binary with a cursor asked for (only then CURSOR_EXISTS after the
  * column definitions ends the response).
  *
  * A whole result response (what COM_QUERY or COM_STMT_EXECUTE gets back, several results if
  * MORE_RESULTS_EXISTS says so) lying wholly in `data` from `pos`: where it ends, the status
- * after it, and the code of the ERR it ended with (0 if none, 1 if the ERR is too short to hold
- * a code). None whenever anything is not plain: the response does not end in `data`, a 16 MiB
- * packet, LOCAL INFILE, a terminator or 251+ columns where the first packet is, a progress
- * report, a column count without column definitions (cached metadata), or bytes that are not a
- * response. The tracker then reads the same bytes with
- * its Python state machine, which is the reference; this only makes the common case cheap.
+ * after it, the code of the ERR it ended with (0 if none, 1 if the ERR is too short to hold
+ * a code) and how many packets it held. None whenever anything is not plain: the response
+ * does not end in `data`, a 16 MiB packet, LOCAL INFILE, a terminator or 251+ columns where the
+ * first packet is, a progress report, a column count without column definitions (cached
+ * metadata), or bytes that are not a response. The tracker then reads the same bytes with its
+ * Python state machine, which is the reference; this only makes the common case cheap.
  */
 static PyObject *
 scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -183,12 +186,14 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *p = (const unsigned char *)view.buf;
     Py_ssize_t n = view.len;
     int error = 0, done = 0;
+    Py_ssize_t packets = 0;
 
 #define PACKET(len_, first_)                                                               \
     if (pos < 0 || pos + 4 > n) goto plain;                                                \
     len_ = (Py_ssize_t)p[pos] | (Py_ssize_t)p[pos + 1] << 8 | (Py_ssize_t)p[pos + 2] << 16; \
     if (len_ == 0 || len_ == 0xFFFFFF || pos + 4 + len_ > n) goto plain;                    \
-    first_ = p[pos + 4];
+    first_ = p[pos + 4];                                                                   \
+    packets++;
 
     while (!done) {
         Py_ssize_t len;
@@ -251,7 +256,7 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     PyBuffer_Release(&view);
-    return Py_BuildValue("(nli)", pos, status & ~MORE_RESULTS, error);
+    return Py_BuildValue("(nlin)", pos, status & ~MORE_RESULTS, error, packets);
 plain:
     PyBuffer_Release(&view);
     Py_RETURN_NONE;
@@ -260,9 +265,9 @@ plain:
 
 static PyMethodDef methods[] = {
     {"skip_plain_rows", (PyCFunction)(void (*)(void))skip_plain_rows, METH_FASTCALL,
-     "Offset of the first packet from pos that is not a plain whole row."},
+     "Offset of the first packet from pos that is not a plain whole row, and rows passed."},
     {"scan_result", (PyCFunction)(void (*)(void))scan_result, METH_FASTCALL,
-     "End, status and failure of a whole result response, or None."},
+     "End, status, failure and packets of a whole result response, or None."},
     {"sum_rows", (PyCFunction)(void (*)(void))sum_rows, METH_FASTCALL,
      "Offset after the plain whole rows from pos, their count and their payloads' CRC-32."},
     {NULL, NULL, 0, NULL},

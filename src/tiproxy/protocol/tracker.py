@@ -14,7 +14,8 @@ many bytes of it to skip.
 Each command the relay sends pushes what it expects back (`expect`). When a response completes the
 tracker calls `on_done(token, status, failed)` (a failed one's ERR code is then in `error`) and
 starts on the next expected response; a response with SERVER_MORE_RESULTS_EXISTS in its
-terminator continues with the next result.
+terminator continues with the next result. `packets` counts the packets whose header it read
+(every one, once; the owner takes the count and resets it, for the traffic metrics).
 
 Response layouts: https://dev.mysql.com/doc/dev/mysql-server/latest/page_protocol_command_phase.html
 MariaDB's extended capabilities change two shapes (https://mariadb.com/kb/en/err_packet/ ,
@@ -163,26 +164,29 @@ _FIRST_PHASE = {
 }
 
 
-def _skip_plain_rows_py(data: Buffer, pos: int) -> int:
-    """Pass over whole rows that cannot end the result; return where the first other packet is.
+def _skip_plain_rows_py(data: Buffer, pos: int) -> tuple[int, int]:
+    """Pass over whole rows that cannot end the result; return where the first other packet is
+    and how many rows were passed over.
 
     The hot loop of a large result: one header read and one byte compare per row. The compiled
     twin in _rowscan.c does the same about fifty times faster; this one is the fallback.
     """
     n = len(data)
     unpack = U32.unpack_from
+    rows = 0
     while pos + 4 < n:
         length = unpack(data, pos)[0] & 0xFFFFFF
         end = pos + 4 + length
         if end > n or length in (0, MAX_PAYLOAD):
-            return pos
+            return pos, rows
         if data[pos + 4] in (0xFE, 0xFF):
-            return pos
+            return pos, rows
         pos = end
-    return pos
+        rows += 1
+    return pos, rows
 
 
-ScanResult = Callable[[Buffer, int, bool, int, int], "tuple[int, int, int] | None"]
+ScanResult = Callable[[Buffer, int, bool, int, int], "tuple[int, int, int, int] | None"]
 scan_result: ScanResult | None
 try:
     from tiproxy.protocol._rowscan import scan_result, skip_plain_rows
@@ -207,6 +211,7 @@ class ResponseTracker:
         "error",
         "local_infile",
         "on_done",
+        "packets",
         "phase",
         "prepared",
         "status",
@@ -224,6 +229,7 @@ class ResponseTracker:
         self.phase = IDLE
         self.error = 0  # the code of the last response that failed (an ERR), 0 before any
         self.local_infile = False  # the backend asked for a file; the client is sending it
+        self.packets = 0  # packets read since the owner last took the count
         # (statement id, columns, params) of the last PREPARE_OK, for the session to record.
         self.prepared: tuple[int, int, int] | None = None
         self._pending: deque[tuple[Expect, Any]] = deque()
@@ -297,13 +303,16 @@ class ResponseTracker:
                 # step per packet. None means "not plain": the state machine below reads it.
                 whole = scan_result(data, pos, self.deprecate_eof, self._binary, self.status)
                 if whole is not None:
-                    pos, status, error = whole
+                    pos, status, error, packets = whole
+                    self.packets += packets
                     self._finish(status, error)
                     continue
             if phase == ROWS and not self._continued:
-                pos = skip_plain_rows(data, pos)
+                pos, rows = skip_plain_rows(data, pos)
+                self.packets += rows
                 if pos + 4 > n:
                     break
+            self.packets += 1  # its header is read here: it is handled or carried below
             length = unpack(data, pos)[0] & 0xFFFFFF
             start = pos + 4
             end = start + length
@@ -341,6 +350,7 @@ class ResponseTracker:
             pos += take
             if len(carry) < 4:
                 return n
+            self.packets += 1  # a header carried over in pieces is whole only now
         length = U32.unpack_from(carry, 0)[0] & 0xFFFFFF
         have = len(carry) - 4
         if self._continued:

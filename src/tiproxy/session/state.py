@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from tiproxy.session.rebuild import VariableChanges, variable_changes
 from tiproxy.session.statements import OPAQUE, StatementEffects, prepared_effects
 
+# What may pin a session, as SessionState.pin_kinds names it (the metrics' labels).
+PIN_KINDS = ("temporary_table", "named_lock", "lock_tables", "handler", "long_data", "cursor",
+             "no_credential", "unreadable_statement", "unseen_state", "prepared_from_variable")
 MAX_TRACKED_USER_VARS = 1024  # a client naming more is pinned where they cannot be listed
 MAX_USER_VAR_NAME = 64 * 4  # MariaDB refuses names over 64 characters (4 bytes each at most)
 
@@ -228,26 +231,36 @@ class SessionState:
 
     def pins(self) -> list[str]:
         """Why this session cannot move now, besides the server status (transaction, cursor)."""
-        reasons = []
+        return [why for _, why in self._pins()]
+
+    def pin_kinds(self) -> list[str]:
+        """The kinds of pins() (`temporary_table`, `named_lock`...): a few fixed names, for
+        the metrics' labels, where no table or statement name may go."""
+        return [kind for kind, _ in self._pins()] if self.pinned() else []
+
+    def _pins(self) -> list[tuple[str, str]]:
+        pins = []
         if self.temp_tables:
-            reasons.append("temporary tables: " + ", ".join(sorted(self.temp_tables)))
+            pins.append(("temporary_table",
+                         "temporary tables: " + ", ".join(sorted(self.temp_tables))))
         if self.named_locks:
-            reasons.append("named locks (GET_LOCK)")
+            pins.append(("named_lock", "named locks (GET_LOCK)"))
         if self.table_locks:
-            reasons.append("LOCK TABLES")
+            pins.append(("lock_tables", "LOCK TABLES"))
         if self.handlers:
-            reasons.append("open HANDLER")
+            pins.append(("handler", "open HANDLER"))
         if any(s.long_data for s in self.stmts.values()):
-            reasons.append("pending long data")
+            pins.append(("long_data", "pending long data"))
         if any(s.cursor_open for s in self.stmts.values()):
-            reasons.append("open cursor")
+            pins.append(("cursor", "open cursor"))
         if self.no_credential:
-            reasons.append(self.no_credential)
+            pins.append(("no_credential", self.no_credential))
         if self.opaque:
-            reasons.append(self.opaque)
+            pins.append(("unreadable_statement", self.opaque))
         if self.hidden:
-            reasons.append(self.hidden)
+            pins.append(("unseen_state", self.hidden))
         if self.opaque_prepared:
-            reasons.append("statements prepared from a variable (deallocate them to move): "
-                           + ", ".join(sorted(self.opaque_prepared)))
-        return reasons
+            pins.append(("prepared_from_variable",
+                         "statements prepared from a variable (deallocate them to move): "
+                         + ", ".join(sorted(self.opaque_prepared))))
+        return pins

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.api.history import MoveHistory
-from tiproxy.api.interface import MigrationStats, SessionView
+from tiproxy.api.interface import MigrationStats, SessionGauges, SessionView
 from tiproxy.balance.balancer import MoveOrder
 from tiproxy.balance.router import split_addr
+from tiproxy.net.counters import DataPlaneCounts
 from tiproxy.net.keepalive import apply_keepalive_socket
-from tiproxy.net.server import DURATION_BUCKETS
+from tiproxy.net.server import migration_summary
 from tiproxy.workers import messages as m
 from tiproxy.workers.shared import FIRST_SLOT, SESSIONS, SLOTS, SharedCounts
 
@@ -91,25 +92,16 @@ class _Worker:
 class _Totals:
     """Counters of workers that have died: they must not go back."""
 
-    migrations: Counter[tuple[str, str, str, str]] = dataclasses.field(default_factory=Counter)
-    durations: list[int] = dataclasses.field(default_factory=lambda: [0] *
-                                             (len(DURATION_BUCKETS) + 1))
-    duration_total: float = 0.0
+    counts: DataPlaneCounts = dataclasses.field(default_factory=DataPlaneCounts)
     errors: Counter[str] = dataclasses.field(default_factory=Counter)
-    queries: dict[str, Counter[str]] = dataclasses.field(default_factory=dict)
     rejected: Counter[str] = dataclasses.field(default_factory=Counter)
     history: MoveHistory = dataclasses.field(default_factory=MoveHistory)
 
     def add(self, stats: m.Stats) -> None:
-        self.migrations.update(stats.migrations)
+        self.counts.add(stats.counts)
         self.history.add(stats.history)
-        self.durations = [a + b for a, b in zip(self.durations, stats.duration_counts,
-                                                strict=True)]
-        self.duration_total += stats.duration_total
         self.errors.update(stats.errors)
         self.rejected.update(stats.rejected)
-        for addr, counts in stats.query_counts.items():
-            self.queries.setdefault(addr, Counter()).update(counts)
 
 
 class Workers:
@@ -280,8 +272,9 @@ class Workers:
         cluster = self.cluster
         backend = cluster.router.backends.get(getattr(message, "addr", ""))
         if isinstance(message, m.Stats):
+            if message.gauges is None and worker.stats is not None:  # as last asked
+                message = dataclasses.replace(message, gauges=worker.stats.gauges)
             worker.stats = message
-            self._recount_queries()
         elif isinstance(message, m.LogLine):
             logging.getLogger(message.name).log(message.level, "%s", message.message)
         elif isinstance(message, m.SyncNow):
@@ -335,14 +328,6 @@ class Workers:
     def _recount(self) -> None:
         for backend in self.cluster.router.backends.values():
             backend.connections = self.counts.total(self._slot(backend.addr))
-
-    def _recount_queries(self) -> None:
-        for addr, backend in self.cluster.router.backends.items():
-            total = Counter(self._retired.queries.get(addr, Counter()))
-            for w in self._workers:
-                if w.stats is not None:
-                    total.update(w.stats.query_counts.get(addr, {}))
-            backend.query_counts = total
 
     # -- to the workers ---------------------------------------------------------------------
 
@@ -435,7 +420,7 @@ class Workers:
             if isinstance(stats, m.Stats):
                 worker.stats = stats
         self._recount()
-        self._recount_queries()
+        self._retired.counts.forget(self.cluster.router.backends)
 
     async def session_views(self) -> list[SessionView]:
         views = [v for _, answer in await self._ask_all("sessions") for v in answer or ()]
@@ -450,17 +435,28 @@ class Workers:
     def _live_stats(self) -> list[m.Stats]:
         return [w.stats for w in self._workers if w.stats is not None]
 
-    def migration_stats(self) -> MigrationStats:
-        migrations = Counter(self._retired.migrations)
-        durations = list(self._retired.durations)
-        total = self._retired.duration_total
+    def data_plane_counts(self) -> DataPlaneCounts:
+        """The workers' counters as last reported, and those of workers that died."""
+        counts = DataPlaneCounts()
+        counts.add(self._retired.counts)
         for stats in self._live_stats():
-            migrations.update(stats.migrations)
-            durations = [a + b for a, b in zip(durations, stats.duration_counts, strict=True)]
-            total += stats.duration_total
+            counts.add(stats.counts)
+        return counts
+
+    def session_gauges(self) -> SessionGauges:
+        gauges = SessionGauges({}, {})
+        for stats in self._live_stats():
+            if stats.gauges is not None:
+                gauges += stats.gauges
+        return gauges
+
+    def migration_stats(self) -> MigrationStats:
         history = MoveHistory.merged([self._retired.history,
                                       *(stats.history for stats in self._live_stats())])
-        return MigrationStats(dict(migrations), DURATION_BUCKETS, durations, total, history)
+        return migration_summary(self.data_plane_counts(), history)
+
+    def data_plane_processes(self) -> int:
+        return self.count
 
     def server_errors(self) -> dict[str, int]:
         errors = self.errors + self._retired.errors

@@ -36,10 +36,12 @@ from typing import TYPE_CHECKING, Any
 from tiproxy.api.history import MoveHistory
 
 if TYPE_CHECKING:
+    from tiproxy.api.interface import SessionGauges
     from tiproxy.balance.balancer import MoveOrder
     from tiproxy.balance.router import Load
     from tiproxy.config import Config
     from tiproxy.discovery.base import DiscoveredBackend
+    from tiproxy.net.counters import DataPlaneCounts
     from tiproxy.protocol.packets import Greeting
     from tiproxy.tls.store import Material
     from tiproxy.traffic.sink import Record
@@ -140,13 +142,13 @@ class HandOver:
 class Stats:
     """Totals since the worker started (the control process adds them up)."""
 
-    migrations: Mapping[tuple[str, str, str, str], int]
-    duration_counts: tuple[int, ...]
-    duration_total: float
+    counts: DataPlaneCounts  # what its sessions counted (net/counters.py)
     errors: Mapping[str, int]
-    query_counts: Mapping[str, Mapping[str, int]]  # backend addr -> cmd_type -> count
     rejected: Mapping[str, int] = dataclasses.field(default_factory=dict)  # clients refused
     history: MoveHistory = dataclasses.field(default_factory=MoveHistory)  # for the page
+    # Its sessions' moves and pins now: only in an answer to "stats" (a walk over the
+    # sessions, made when the API asks), None in the reports of every second.
+    gauges: SessionGauges | None = None
 
 
 @dataclass(frozen=True)

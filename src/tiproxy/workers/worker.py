@@ -223,7 +223,7 @@ class WorkerServer(ProxyServer):
         if what == "sessions":
             return self.local_session_views()
         if what == "stats":
-            return self._stats()
+            return self._stats(gauges=True)
         if what == "movable":
             return dict(self.movable_now(arg))
         if what == "redirect":
@@ -253,17 +253,10 @@ class WorkerServer(ProxyServer):
             await asyncio.sleep(STATS_INTERVAL)
             self.link.send(self._stats())
 
-    def _stats(self) -> m.Stats:
-        return m.Stats(
-            history=self._history,  # pickled as it is sent
-            migrations=dict(self._migrations),
-            duration_counts=tuple(self._durations.counts),
-            duration_total=self._durations.total,
-            errors=self.server_errors(),
-            query_counts={b.addr: dict(b.query_counts) for b in self.router.backends.values()
-                          if b.query_counts},
-            rejected=dict(self.rejected),
-        )
+    def _stats(self, gauges: bool = False) -> m.Stats:
+        return m.Stats(self.metrics, self.server_errors(), dict(self.rejected),
+                       history=self._history,  # pickled as it is sent
+                       gauges=self.session_gauges() if gauges else None)
 
     def server_errors(self) -> dict[str, int]:
         return dict(self.tls.errors + self.errors)  # its TLS store: the contexts it followed
