@@ -99,6 +99,9 @@ def test_a_deadlock_victim_is_replayed_and_never_sees_1213(
         cur.execute("SELECT id, v FROM t WHERE id <= 2 ORDER BY id")
         assert cur.fetchall() == ((1, 11), (2, 11))  # both transactions, each once
     assert "transaction replayed after deadlock" in proxy.log()
+    _, metrics = proxy.api("/metrics")
+    assert b'tiproxy_session_transaction_replay_total{reason="deadlock",replay_res="succeed"} 1' \
+        in metrics
     a.close()
     b.close()
 

@@ -37,7 +37,10 @@ factor of the router, lower is better: `status`, `health`, `label`, `load`, `con
 `tiproxy_balance_migrate_total{from,to,reason,migrate_res}`,
 `tiproxy_balance_migrate_duration_seconds{from,to,migrate_res}`,
 `tiproxy_balance_pending_migrate{from,to,reason}` (moves asked for and not done; `to` is empty
-until the move picks its target).
+until the move picks its target); a session rebuilt on another backend after its own was lost
+is a move with reason `backend_lost`. Ours: `tiproxy_session_transaction_replay_total{reason,
+replay_res}` (transaction-replay's replays after a `deadlock`, a `lock_wait_timeout` or
+`backend_lost`, `succeed` or `fail`).
 Traffic: `tiproxy_traffic_inbound_bytes{backend}`, `_inbound_packets`, `_outbound_bytes`,
 `_outbound_packets` (the clients' commands and their responses, counted as the relay passes
 them; not the logins nor the proxy's own statements), `tiproxy_traffic_cross_location_bytes`
@@ -244,7 +247,12 @@ def _balance(view: ProxyView, counts: DataPlaneCounts,
                      "gauge", ("from", "to", "reason"))
     for waiting, count in sorted(view.session_gauges().pending.items()):
         pending.add(waiting, count)
-    yield from (conns, scores, moves, times, pending)
+    replays = Family("tiproxy_session_transaction_replay_total",
+                     "Transactions replayed (transaction-replay), by why and how it went.",
+                     "counter", ("reason", "replay_res"))
+    for replay, count in sorted(counts.replays.items()):
+        replays.add(replay, count)
+    yield from (conns, scores, moves, times, pending, replays)
 
 
 def _traffic(counts: DataPlaneCounts) -> Iterator[Family]:

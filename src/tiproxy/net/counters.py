@@ -136,6 +136,8 @@ class DataPlaneCounts:
         # (from, to, reason, migrate_res) -> moves; (from, to, migrate_res) -> their times
         self.migrations: Counter[tuple[str, str, str, str]] = Counter()
         self.migration_times: dict[tuple[str, str, str], Histogram] = {}
+        # Transaction replays (net/replay.py): (reason, "succeed" | "fail") -> replays
+        self.replays: Counter[tuple[str, str]] = Counter()
 
     def backend(self, addr: str) -> BackendCounts:
         counts = self.backends.get(addr)
@@ -163,6 +165,7 @@ class DataPlaneCounts:
         self.lifetimes.add(other.lifetimes)
         self.cross_location_bytes += other.cross_location_bytes
         self.migrations.update(other.migrations)
+        self.replays.update(other.replays)
         for key, times in other.migration_times.items():
             mine = self.migration_times.get(key)
             if mine is None:

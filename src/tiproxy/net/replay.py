@@ -16,7 +16,8 @@ forwards them, so recording costs one zlib call per chunk and nothing else on th
   commands run there, then the statement that was in flight, if any. A statement that may
   commit (COMMIT, or one that commits implicitly) whose answer never came has an outcome no one
   can know: it is never sent again, and its error says so.
-Attempts and outcomes are counted by reason and result (`replays` of the server's counters).
+Outcomes are counted by reason and result: `tiproxy_session_transaction_replay_total{reason,
+replay_res}` (ours), reason "deadlock", "lock_wait_timeout" or "backend_lost".
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ class TransactionReplay(SessionRecovery):
         self.release_input("replay")
 
     def _replayed(self, reason: str, why: str) -> None:
-        self.server.replays[(reason, "fail" if why else "succeed")] += 1
+        self.server.metrics.replays[(reason, "fail" if why else "succeed")] += 1
         if why:
             log.warning("session %d: transaction not replayed after %s: %s", self.id,
                         reason.replace("_", " "), why)

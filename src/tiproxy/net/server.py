@@ -78,8 +78,6 @@ class ProxyServer:
         self.metrics = DataPlaneCounts()  # what the sessions count (net/counters.py)
         self.errors: Counter[str] = Counter()  # tiproxy_server_err by type, besides TLS's
         self.rejected: Counter[str] = Counter()  # clients refused at once, by why
-        # Transaction replays (net/replay.py) by (reason, result): attempts and outcomes.
-        self.replays: Counter[tuple[str, str]] = Counter()
         self.memory_high = ""  # why new clients are refused for memory; set by the control plane
         self._history = MoveHistory()
         self._unhealthy: set[str] = set()  # backends unhealthy at the last keep-alive switch
