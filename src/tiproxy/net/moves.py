@@ -80,9 +80,6 @@ class SessionMoves:
     mariadb_caps: int
     keepalive_unhealthy: bool
 
-    def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None: ...
-    def bound_writes(self, transport: asyncio.BaseTransport | None) -> None: ...
-    def count_on(self, backend: Backend) -> None: ...
     _cbuf: bytearray
     _held: set[str]
     _ccont: bool
@@ -97,23 +94,16 @@ class SessionMoves:
         self.moves = 0
         self.namespace = ""
 
-    def hold_input(self, reason: str) -> None:
-        raise NotImplementedError
-
-    def release_input(self, reason: str) -> None:
-        raise NotImplementedError
-
-    def close(self, reason: str, quiet: bool = False, kind: str = counters.PROXY_ERROR) -> None:
-        raise NotImplementedError
-
-    def backend_data(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def backend_lost(self, exc: Exception | None) -> None:
-        raise NotImplementedError
-
-    def pause_client_reading(self, reason: str, pause: bool) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by Session and its other mixins: for the type checker only
+        def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None: ...
+        def bound_writes(self, transport: asyncio.BaseTransport | None) -> None: ...
+        def count_on(self, backend: Backend) -> None: ...
+        def hold_input(self, reason: str) -> None: ...
+        def release_input(self, reason: str) -> None: ...
+        def close(self, reason: str, quiet: bool = False, kind: str = "") -> None: ...
+        def backend_data(self, data: bytes) -> None: ...
+        def backend_lost(self, exc: Exception | None) -> None: ...
+        def pause_client_reading(self, reason: str, pause: bool) -> None: ...
 
     # -- asking -----------------------------------------------------------------------------
 

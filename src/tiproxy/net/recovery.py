@@ -94,17 +94,11 @@ class SessionRecovery(SessionMoves):
     _rewriter: Any
     _intercept: bytearray | None
 
-    def reply_error(self, code: int, state: str, message: str) -> None:
-        raise NotImplementedError
-
-    def _executed_sql(self, packet: bytes, cmd: int) -> bytes | None:
-        raise NotImplementedError
-
-    def backend_header(self) -> bytes | None:
-        raise NotImplementedError
-
-    def send_client(self, data: bytes) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by Session and its other mixins: for the type checker only
+        def reply_error(self, code: int, state: str, message: str) -> None: ...
+        def _executed_sql(self, packet: bytes, cmd: int) -> bytes | None: ...
+        def backend_header(self) -> bytes | None: ...
+        def send_client(self, data: bytes) -> None: ...
 
     def __init__(self) -> None:
         super().__init__()

@@ -31,7 +31,8 @@ from tiproxy.net import counters
 from tiproxy.net.counters import MIGRATE_BUCKETS, DataPlaneCounts, Histogram
 from tiproxy.net.handover import Departure, Receiver, SessionHandover, Staying, receiver_name
 from tiproxy.net.keepalive import apply_keepalive_socket
-from tiproxy.net.relay import COMMAND, ClientLeg
+from tiproxy.net.login_phase import COMMAND
+from tiproxy.net.relay import ClientLeg
 from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
 from tiproxy.traffic.sink import CaptureSink, Deliver

@@ -1,0 +1,537 @@
+"""A session's login phase: from the greeting to the command phase (the driver of
+session/login.py's state machine, and the backend's leg it routes the session to).
+
+Theory of operation
+-------------------
+The proxy greets the client with its own salt and connection id, or, while clients are logging
+in, with the salt of a backend connected before the greeting (`_connect_early`: the client's
+answer is then valid for that backend as it is). Every packet of the login is read whole and
+given to `Login`, whose actions (`SendClient`, `SendBackend`, `Route`, `StartClientTLS`,
+`StartBackendTLS`, `Established`, `Refused`) are carried out here. `Route` picks the backends to
+try, best first; the client's handshake response goes to the first that greets, after TLS if
+the login chose it, and the backend's side of the authentication is relayed until OK or ERR.
+Then the session enters the command phase (net/relay.py's hot path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Sequence
+from contextlib import closing
+from typing import TYPE_CHECKING, Any
+
+from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
+from tiproxy.net import counters
+from tiproxy.net.keepalive import apply_keepalive
+from tiproxy.protocol import proxyproto
+from tiproxy.protocol.compress import Decompressor
+from tiproxy.protocol.constants import (
+    ER_ACCESS_DENIED_ERROR,
+    ER_CON_COUNT_ERROR,
+    Capability,
+)
+from tiproxy.protocol.errors import Origin, ProtocolError
+from tiproxy.protocol.framer import PacketSplitter
+from tiproxy.protocol.packets import (
+    Greeting,
+    HandshakeResponse,
+    build_err,
+    frame,
+    parse_auth_switch,
+    parse_greeting,
+)
+from tiproxy.protocol.tracker import ResponseTracker
+from tiproxy.session.login import (
+    Action,
+    BackendUnfit,
+    Established,
+    Login,
+    Refused,
+    Route,
+    SendBackend,
+    SendClient,
+    StartBackendTLS,
+    StartClientTLS,
+)
+from tiproxy.session.state import SessionState
+from tiproxy.tls import peer_cn_allowed
+from tiproxy.tls.upgrade import start_server_tls
+
+if TYPE_CHECKING:
+    from tiproxy.balance.router import Backend
+    from tiproxy.net.server import ProxyServer
+
+log = logging.getLogger("tiproxy.session")
+
+ER_UNKNOWN_ERROR = 1105
+LOGIN_PACKET_LIMIT = 1 << 20  # a handshake response with connect attributes is a few KiB
+LOGIN_TIMEOUT = 30.0  # a client that does not finish logging in by then is cut off
+# Early backend connections (before the greeting) waiting for their clients at once, at most:
+# a burst of connections that never log in cannot take more of the backends' connections.
+EARLY_LEGS_MAX = 64
+SALT_LENGTH = 20  # the greeting's salt the proxy can hand on (8 + 12 bytes)
+NO_CREDENTIAL = "no reusable credential"
+EMPTY_PASSWORD = b""  # the credential of a user without a password (else SHA1(password))
+LOGIN, COMMAND, CLOSED = 0, 1, 2
+_monotonic = time.monotonic
+
+
+class SessionLogin:
+    """Mixed into Session (net/relay.py), whose attributes it uses."""
+
+    # Provided by Session.
+    server: ProxyServer
+    client: asyncio.Transport
+    id: int
+    peer: str
+    phase: int
+    backend: Backend | None
+    backend_leg: BackendLeg | None
+    bt: asyncio.Transport | None
+    backend_connection_id: int
+    backend_caps: int
+    client_caps: int
+    mariadb_caps: int
+    _multi: bool
+    dialect: str
+    user: str
+    namespace: str
+    login_response: HandshakeResponse | None
+    credential: bytes | None
+    state: SessionState
+    tracker: ResponseTracker | None
+    client_tls: bool
+    backend_tls: bool
+    keepalive_unhealthy: bool
+    _task: asyncio.Task[None] | None
+    _decompress: Decompressor | None
+    _pp: bytearray | None
+    _origin: tuple[tuple[str, int], tuple[str, int]] | None
+    _login_timer: asyncio.TimerHandle | None
+    _opened: float
+
+    if TYPE_CHECKING:  # provided by Session (net/relay.py): declared for the type checker only
+        def close(self, reason: str, quiet: bool = False, kind: str = "") -> None: ...
+        def send_client(self, data: bytes) -> None: ...
+        def client_data(self, data: bytes) -> None: ...
+        def bound_writes(self, transport: asyncio.BaseTransport | None) -> None: ...
+        def _response_done(self, token: Any, status: int, failed: bool) -> None: ...
+        def _protocol_error(self, e: ProtocolError) -> None: ...
+        def replay_configured(self, enabled: bool, limit: int) -> None: ...
+        def follow_capture(self, sink: Any, fresh: bool = False) -> None: ...
+
+    def _login_fields(self) -> None:
+        """What the login phase keeps, from its start."""
+        self.login: Login | None = None
+        self._splitter = PacketSplitter(LOGIN_PACKET_LIMIT, Origin.CLIENT)
+        self._native_salt: bytes | None = None  # a native-password auth switch in progress
+        self._native_exchange: tuple[bytes, bytes] | None = None  # (salt, client's scramble)
+        self._login_timer = None
+        self._tls_early: bytearray | None = None  # client bytes while its TLS is set up
+        self._tls_refusal = ""  # why the client's certificate is not accepted
+        # A backend connected before the greeting: (backend, leg, its greeting packet)
+        self._early: tuple[Backend, BackendLeg, bytes] | None = None
+
+    def _refuse_at_once(self, kind: str, message: str) -> None:
+        """Before the greeting (max-connections, memory): MySQL's 1040, as a server full."""
+        log.warning("session %d from %s refused: %s", self.id, self.peer, message)
+        self.server.rejected[kind] += 1
+        self.send_client(frame(build_err(ER_CON_COUNT_ERROR, "08004", message), 0))
+        self.close(message, quiet=True)
+
+    # -- login ------------------------------------------------------------------------------
+
+    async def _greet(self) -> None:
+        router = self.server.router
+        template = await self._connect_early() if self.server.logins_recently() else None
+        if template is None and router.template is None:
+            await self.server.probe_template()
+            if router.template is None:
+                self.server.got_backend(_monotonic() - self._opened, False)
+                self._refuse_no_backend(0)
+                return
+        if self.phase == CLOSED:
+            return  # close() dropped the early backend connection, if there was one
+        tls = self.server.tls
+        greeting = template or router.template
+        assert greeting is not None  # the probe found one, or the client was refused
+        self.login = Login(greeting, self.id,
+                           tls_available=tls.server is not None, sql_tls=tls.sql is not None,
+                           require_backend_tls=tls.require_backend_tls,
+                           early_salt=template is not None)
+        self.client.write(self.login.start())
+
+    async def _connect_early(self) -> Greeting | None:
+        """Connect to the backend this session will most likely use before greeting the client,
+        and greet with that backend's salt (session/login.py: the auth switch round trip is
+        saved). Only where the backend does not depend on the user (no user namespaces), and
+        only while clients are logging in (server.logins_recently): a proxy probed by a load
+        balancer's TCP checks and nothing else opens no backend connections for them."""
+        server, router = self.server, self.server.router
+        if router.user_namespaces or server.early_legs >= EARLY_LEGS_MAX \
+                or server.config().proxy.proxy_protocol:  # its header needs the client's own
+            return None
+        for backend in router.candidates()[:1]:
+            leg: BackendLeg | None = None
+            server.early_legs += 1
+            started = _monotonic()
+            try:
+                leg = await BackendLeg.open(backend.host, backend.port)
+                _, payload = await leg.read_packet(CONNECT_TIMEOUT)
+                greeting = parse_greeting(payload) if payload[:1] != b"\xff" else None
+            except (OSError, TimeoutError, ProtocolError) as e:
+                server.dial_failed(backend, _reason(e))
+                return None
+            else:
+                if greeting is None or not greeting.capabilities & Capability.PLUGIN_AUTH \
+                        or len(greeting.salt) != SALT_LENGTH:
+                    return None  # the usual path, with a greeting of the proxy's own
+                router.succeeded(backend, greeting)
+                self._early = (backend, leg, payload)
+                self._early_seconds = _monotonic() - started
+                backend.connections += 1  # counted now, so that a burst spreads
+                return greeting
+            finally:
+                if self._early is None:
+                    server.early_legs -= 1
+                    if leg is not None:
+                        leg.abort()
+        return None
+
+    def _candidates(self) -> tuple[list[Backend], tuple[Backend, BackendLeg, bytes] | None]:
+        """The backends to try for this login, best first: the early one first while it is
+        still a choice for the user's namespace (else its connection is dropped)."""
+        candidates = self.server.router.candidates(namespace=self.namespace)
+        early = self._take_early()
+        if early is not None and early[0] in candidates:
+            return [early[0], *(b for b in candidates if b is not early[0])], early
+        if early is not None:
+            early[1].abort()
+        return candidates, None
+
+    def _take_early(self) -> tuple[Backend, BackendLeg, bytes] | None:
+        """The early backend connection, for the route to use or drop; nobody else's."""
+        early, self._early = self._early, None
+        if early is not None:
+            self.server.early_legs -= 1
+            early[0].connections -= 1  # counted again if the login goes through on it
+        return early
+
+    def _login_client_data(self, data: bytes) -> None:
+        if self._pp is not None:
+            data = self._client_proxy_header(data)
+            if not data:
+                return
+        if self._tls_early is not None:  # decrypted before start_tls returned: keep it
+            self._tls_early += data
+            return
+        login = self.login
+        try:
+            with closing(self._splitter.feed(data)) as packets:
+                for seq, payload in packets:
+                    if login is None:
+                        raise ProtocolError("client spoke before the greeting")
+                    if self._native_salt is not None:
+                        self._native_exchange = (self._native_salt, payload)
+                        self._native_salt = None
+                    self._run(login.client_packet(seq, payload))
+                    if self.phase != LOGIN or self._tls_early is not None:
+                        break
+        except ProtocolError as e:
+            self._protocol_error(e)
+            return
+        if self._tls_early is not None:
+            # Whatever followed the SSLRequest is the start of the TLS handshake.
+            self._start_client_tls(self._splitter.take_rest())
+            return
+        if self.phase == COMMAND:
+            rest = self._splitter.take_rest()
+            if rest:
+                self.client_data(rest)
+
+    def _client_proxy_header(self, data: bytes) -> bytes:
+        """The client's PROXY header, if it starts with one (protocol/proxyproto.py): the
+        client's address is then the one it names. Returns what follows it."""
+        assert self._pp is not None
+        buf = self._pp
+        buf += data
+        try:
+            parsed = proxyproto.parse(bytes(buf))
+        except ProtocolError as e:
+            self._pp = None
+            self._protocol_error(e)
+            return b""
+        if parsed is None:
+            return b""  # not enough bytes to tell yet
+        header, used = parsed
+        self._pp = None
+        if header is not None and header.source is not None and self._origin is not None:
+            self._origin = (header.source, header.destination or self._origin[1])
+            log.info("session %d: PROXY header from %s: client %s:%d", self.id, self.peer,
+                     *header.source)
+            self.peer = f"{header.source[0]}:{header.source[1]}"
+        return bytes(buf[used:])
+
+    def backend_header(self) -> bytes | None:
+        """What every backend connection of this session starts with: a PROXY header naming
+        the client, when `[proxy] proxy-protocol = "v2"` was set as it connected; else None."""
+        return proxyproto.build(*self._origin) if self._origin is not None else None
+
+    def _run(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if isinstance(action, SendClient):
+                self.client.write(action.data)
+            elif isinstance(action, SendBackend):
+                assert self.backend_leg is not None
+                self.backend_leg.write(action.data)
+            elif isinstance(action, Route):
+                self.user = action.user
+                if not self.client_tls and self.server.tls.client_certificate_required:
+                    self._tls_refusal = ("this proxy requires TLS with a client certificate "
+                                         "(security.server-tls.ca)")
+                if self._tls_refusal:
+                    assert self.login is not None
+                    self._refuse(self.login.client_reply_seq, f"TiProxy: {self._tls_refusal}",
+                                 self._tls_refusal, ER_ACCESS_DENIED_ERROR, "28000",
+                                 kind=counters.CLIENT_HANDSHAKE)
+                    return
+                self._task = asyncio.get_running_loop().create_task(self._route())
+            elif isinstance(action, Established):
+                self._established(action)
+            elif isinstance(action, Refused):
+                self.close(action.reason, quiet=True, kind=counters.AUTH_FAIL)
+            elif isinstance(action, StartClientTLS):
+                self._tls_early = bytearray()
+                self.client.pause_reading()
+
+    async def _route(self) -> None:
+        assert self.login is not None
+        login = self.login
+        router = self.server.router
+        self.namespace = router.namespace_of_user(self.user)
+        unfit = ""
+        started = _monotonic()
+        candidates, early = self._candidates()
+        for backend in candidates:
+            if self.phase == CLOSED:
+                if early is not None:
+                    early[1].abort()
+                return
+            leg: BackendLeg | None = None
+            try:
+                mine = early if early is not None and backend is early[0] else None
+                early = None if mine is not None else early
+                if mine is not None:  # the login waited for it before the greeting
+                    started -= self._early_seconds
+                leg, actions = await self._backend_greeting(backend, mine)
+                self.set_backend_keepalive(leg, bool(backend.health))
+                if isinstance(actions[0], BackendUnfit):
+                    unfit = f"{actions[0].reason} ({backend.addr})"
+                    leg.abort()
+                    continue
+                await self._backend_handshake(leg, backend, actions)
+            except (OSError, TimeoutError, ProtocolError, ssl.SSLError) as e:
+                self.server.dial_failed(backend, _reason(e))
+                login.backend_failed()
+                if leg is not None:
+                    leg.abort()
+                continue
+            except BaseException:  # cancelled: the session is closing
+                for other in (leg, early[1] if early is not None else None):
+                    if other is not None:
+                        other.abort()
+                raise
+            if self.phase == CLOSED:
+                leg.abort()
+                return
+            self.backend = backend
+            self.backend_leg = leg
+            self.backend_tls = login.backend_tls
+            backend.connections += 1
+            self.server.got_backend(_monotonic() - started, True)
+            greeting = login.backend_greeting
+            if greeting is not None and "TiDB" in greeting.server_version:
+                self.dialect = "tidb"
+            await self._relay_login(leg)
+            return
+        self.server.got_backend(_monotonic() - started, False)
+        if unfit:
+            log.warning("session %d: %s", self.id, unfit)
+            self._refuse(login.client_reply_seq, f"TiProxy: {unfit}", "no backend fits",
+                         kind=counters.BACKEND_HANDSHAKE)
+            return
+        self._refuse_no_backend(login.client_reply_seq)
+
+    async def _backend_greeting(self, backend: Backend, early: tuple[Backend, BackendLeg, bytes]
+                                | None) -> tuple[BackendLeg, list[Action]]:
+        """A leg to `backend` that has greeted, and what the login answers its greeting."""
+        login = self.login
+        assert login is not None
+        if early is not None and (early[1].closed or not early[1].clean):
+            early[1].abort()  # the backend hung up while the client was answering: a new leg
+            early = None
+        leg = early[1] if early is not None else \
+            await BackendLeg.open(backend.host, backend.port, header=self.backend_header())
+        try:
+            if early is not None:
+                actions = login.backend_greeting_received(early[2], early=True)
+                resp = login.response
+                if resp is not None and resp.auth_plugin == "mysql_native_password":
+                    # The client answered the backend's own salt: the exchange to recover the
+                    # credential from, unless the backend switches plugins after all.
+                    self._native_exchange = (login.greeting.salt, resp.auth_data)
+                return leg, actions
+            _, payload = await leg.read_packet(CONNECT_TIMEOUT)
+            actions = login.backend_greeting_received(payload)
+        except BaseException:
+            leg.abort()
+            raise
+        self.server.router.succeeded(backend, login.backend_greeting)
+        return leg, actions
+
+    def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None:
+        """The backend socket's keep-alive, by the health of its backend."""
+        proxy = self.server.config().proxy
+        cfg = proxy.backend_unhealthy_keepalive if unhealthy else proxy.backend_healthy_keepalive
+        apply_keepalive(leg.transport if leg is not None else None, cfg)
+        self.keepalive_unhealthy = unhealthy
+
+    async def _backend_handshake(self, leg: BackendLeg, backend: Backend,
+                                 actions: Sequence[Action]) -> None:
+        """Send the client's response to the backend, after TLS if the login chose it."""
+        for action in actions:
+            if isinstance(action, StartBackendTLS):
+                ctx = self.server.tls.sql
+                if ctx is None:  # sql-tls turned off by a reload during this login
+                    raise ProtocolError("sql-tls was turned off during the login", Origin.PROXY)
+                await leg.start_tls(ctx, backend.host)
+            elif isinstance(action, SendBackend):
+                leg.write(action.data)
+
+    def _start_client_tls(self, early: bytes) -> None:
+        """The client asked for TLS: upgrade its transport; `early` is what followed its
+        SSLRequest in the same read (the start of its TLS handshake)."""
+        ctx = self.server.tls.server
+        if ctx is None:  # turned off by a reload since the greeting offered it
+            self.close("TLS was turned off while the client logged in", kind=counters.PROXY_ERROR)
+            return
+        self._task = asyncio.get_running_loop().create_task(self._client_tls(ctx, early))
+
+    async def _client_tls(self, ctx: ssl.SSLContext, early: bytes) -> None:
+        raw = self.client
+        try:
+            self.client = await start_server_tls(raw, ctx, early, LOGIN_TIMEOUT)
+            self.bound_writes(self.client)
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            self.close(f"TLS handshake with the client failed: {_reason(e)}", quiet=True,
+                       kind=counters.CLIENT_HANDSHAKE)
+            return
+        self.client_tls = True
+        refusal = peer_cn_allowed(self.server.tls.server_config,
+                                  self.client.get_extra_info("peercert"))
+        if refusal is not None:
+            log.warning("session %d from %s refused: %s", self.id, self.peer, refusal)
+            self._tls_refusal = refusal
+        early_data, self._tls_early = self._tls_early, None
+        if early_data:
+            self._login_client_data(bytes(early_data))
+
+    async def _relay_login(self, leg: BackendLeg) -> None:
+        """Relay the backend's side of the authentication until OK or ERR."""
+        assert self.login is not None
+        try:
+            while self.phase == LOGIN:
+                seq, payload = await leg.read_packet(LOGIN_TIMEOUT)
+                if payload[:1] == b"\xfe":
+                    self._native_exchange = None
+                    switch = parse_auth_switch(payload)
+                    native = switch.plugin == "mysql_native_password"
+                    self._native_salt = switch.data[:20] if native else None
+                self._run(self.login.backend_packet(seq, payload))
+        except ProtocolError as e:
+            self._protocol_error(e)
+        except (OSError, TimeoutError) as e:
+            self.close(f"backend failed during login: {_reason(e)}",
+                       kind=counters.BACKEND_HANDSHAKE)
+
+    def _refuse_no_backend(self, seq: int) -> None:
+        self._refuse(seq, "TiProxy: no backend is available, try again later",
+                     "no backend available", kind=counters.NO_BACKEND)
+
+    def _refuse(self, seq: int, message: str, reason: str,
+                code: int = ER_UNKNOWN_ERROR, sqlstate: str = "HY000", *, kind: str) -> None:
+        self.send_client(frame(build_err(code, sqlstate, message), seq))
+        self.close(reason, kind=kind)
+
+    def _established(self, est: Established) -> None:
+        assert self.backend is not None and self.backend_leg is not None and self.login
+        self.phase = COMMAND
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+        self.backend_connection_id = est.backend_connection_id
+        self.backend_caps = est.backend_capabilities
+        self.client_caps = est.client_capabilities
+        self.mariadb_caps = est.mariadb_capabilities
+        self._multi = bool(est.client_capabilities & Capability.MULTI_STATEMENTS)
+        self.login_response = self.login.response
+        resp = self.login.response
+        if resp is not None:
+            with_db = bool(resp.capabilities & Capability.CONNECT_WITH_DB) and resp.database
+            self.state.use(resp.database if with_db else None)
+        deprecate_eof = bool(est.backend_capabilities & Capability.DEPRECATE_EOF)
+        self.tracker = ResponseTracker(deprecate_eof, self._response_done, est.status)
+        self.count_on(self.backend)
+        self._traffic.handshakes.observe(_monotonic() - self._opened)
+        if est.client_capabilities & Capability.COMPRESS:
+            self._decompress = Decompressor()
+        self._take_credential()
+        proxy = self.server.config().proxy
+        self.replay_configured(proxy.transaction_replay, proxy.transaction_replay_max_size)
+        self.bt = self.backend_leg.transport
+        self.bound_writes(self.bt)
+        self.backend_leg.attach(self)  # type: ignore[arg-type]  # Session is the Owner
+        self.server.logged_in()
+        if self.server.capture is not None:
+            self.follow_capture(self.server.capture, fresh=True)
+        log.debug("session %d: %s@%s logged in on %s",
+                  self.id, self.user, self.peer, self.backend.addr)
+
+    def count_on(self, backend: Backend) -> None:
+        """From now on the commands and traffic count on `backend` (a login, a move)."""
+        self._traffic = self.server.metrics.backend(backend.addr)
+        self._cross = self.server.router.cross_location(backend)
+        self._ages = self.server.metrics.since_creation
+    def _take_credential(self) -> None:
+        """Keep SHA1(password) if this login proved it against a stored hash."""
+        exchange, self._native_exchange = self._native_exchange, None
+        self.credential = None
+        if self.dialect == "tidb":
+            self.state.no_credential = ""  # TiDB moves with a session token
+            return
+        if exchange is not None and not exchange[1]:
+            # An empty answer to mysql_native_password that the backend accepted: the user has
+            # no password, and an empty answer logs in anywhere the account is the same.
+            self.credential = EMPTY_PASSWORD
+        elif exchange is not None:
+            self.credential = self.server.credentials.recover(self.user, *exchange)
+        self.state.no_credential = "" if self.credential is not None else NO_CREDENTIAL
+        if self.credential is None and exchange is not None:
+            self.server.refresh_credential(self, exchange)  # type: ignore[arg-type]  # stale?
+
+    def credential_recovered(self, credential: bytes) -> None:
+        """A refresh of the stored hashes verified this session's login after all."""
+        self.credential = credential
+        self.state.no_credential = ""
+
+    def _login_timed_out(self) -> None:
+        if self.phase == LOGIN:
+            self.close(f"login not finished within {LOGIN_TIMEOUT:.0f}s",
+                       kind=counters.CLIENT_HANDSHAKE)
+
+
+
+def _reason(e: BaseException) -> str:
+    return str(e) or type(e).__name__
