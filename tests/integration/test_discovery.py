@@ -42,7 +42,7 @@ def test_sessions_follow_the_topology(etcd_server: EtcdServer, mariadb_factory: 
         assert all(b["sources"] == ["etcd"] and b["labels"] == {"zone": "z1"}
                    for b in proxy.backends())
         _, health = proxy.api("/api/debug/health")
-        assert json.loads(health)["discovery"] == {"etcd": "ok", "registration": "ok"}
+        assert json.loads(health)["discovery"] == {"etcd": "ok", "registration": "ok", "peers": "ok"}
         conns = [proxy.connect() for _ in range(100)]
         for i, c in enumerate(conns):
             with c.cursor() as cur:
