@@ -4,7 +4,11 @@ What is checked, against real MariaDB servers:
 - state a stored procedure, function or trigger makes: the session moves with it when a capture
   can carry it (user and system variables), and is pinned with the reason when none can (a
   temporary table, a prepared statement), until the connection is reset; a named lock holds the
-  move until it is released (where the server can list it: the metadata_lock_info plugin);
+  move until it is released (where the server can list it: the metadata_lock_info plugin, or
+  performance_schema);
+- on servers whose information_schema has no USER_VARIABLES, the user variables stored programs
+  set still move: listed by performance_schema where it is on, else named by the programs'
+  bodies; where auth-sync-user can read neither, a session that ran a CALL is pinned;
 - statements the proxy reads itself pin nothing they should not;
 - what a client receives is byte for byte what the server sends it directly, with and without
   CLIENT_SESSION_TRACK (the proxy adds and takes away nothing).
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from typing import Any
 
 import mysql.connector
@@ -43,6 +48,7 @@ CREATE OR REPLACE TABLE st_plain (a INT);
 DELIMITER //
 CREATE OR REPLACE PROCEDURE st_temp() BEGIN CREATE TEMPORARY TABLE st_tmp (a INT); END//
 CREATE OR REPLACE PROCEDURE st_var(OUT o INT) BEGIN SET @st_var = 'from st_var', o = 7; END//
+CREATE OR REPLACE PROCEDURE st_into() BEGIN SELECT 'by into', 2.5 INTO @st_into, @st_dec; END//
 CREATE OR REPLACE PROCEDURE st_sysvar() BEGIN SET SESSION time_zone = '+02:00'; END//
 CREATE OR REPLACE PROCEDURE st_rows() BEGIN SELECT 1 AS one; END//
 CREATE OR REPLACE PROCEDURE st_prepare() BEGIN PREPARE st_ps FROM 'SELECT 42'; END//
@@ -56,11 +62,44 @@ DELIMITER ;
 """
 
 
+LOCK_ROUTINE = ("DELIMITER //\nCREATE OR REPLACE PROCEDURE st_lock() "
+                "BEGIN DO GET_LOCK('st lock', 0); END//\nDELIMITER ;\n")
+NO_USER_VARIABLES = "--loose-skip-plugin-user-variables"
+
+
 @pytest.fixture(scope="module")
 def routines(backends: list[MariaDBServer]) -> list[MariaDBServer]:
     for b in backends:
         b.sql(ROUTINES)
     return backends
+
+
+@pytest.fixture(scope="module")
+def ps_routines(mariadb_factory: MariaDBFactory) -> list[MariaDBServer]:
+    """Two servers without USER_VARIABLES, with performance_schema on and metadata locks
+    instrumented: what lists a session's user variables and named locks there."""
+    args = (*BACKEND_ARGS, NO_USER_VARIABLES, "--performance-schema=ON",
+            "--performance-schema-instrument=wait/lock/metadata/sql/mdl=ON")
+    servers = [mariadb_factory(args, BACKEND_USERS) for _ in range(2)]
+    for server in servers:
+        server.sql(ROUTINES + LOCK_ROUTINE)
+    return servers
+
+
+SYNC_TOML = '\n[security]\nauth-sync-user = "st_sync"\nauth-sync-password = "sync-pass"'
+
+
+@pytest.fixture(scope="module")
+def unlisted_routines(mariadb_factory: MariaDBFactory) -> list[MariaDBServer]:
+    """Two servers that list a session's user variables nowhere (no USER_VARIABLES,
+    performance_schema off), with an account st_sync that may read the password hashes
+    (what moves need) but not the stored programs' bodies."""
+    servers = [mariadb_factory((*BACKEND_ARGS, NO_USER_VARIABLES), BACKEND_USERS)
+               for _ in range(2)]
+    for server in servers:
+        server.sql(ROUTINES + "CREATE OR REPLACE USER st_sync IDENTIFIED BY 'sync-pass';"
+                   "GRANT SELECT ON mysql.user TO st_sync;")
+    return servers
 
 
 
@@ -145,17 +184,23 @@ def test_the_client_receives_what_the_server_would_send_it(
 
 # -- state where the proxy cannot see it ----------------------------------------------------------
 
+@pytest.mark.parametrize("servers", ["routines", "ps_routines", "unlisted_routines"],
+                         ids=["information_schema", "performance_schema", "program_bodies"])
 @pytest.mark.parametrize(("statements", "reads", "want"), [
     (["CALL st_var(@o)"], "SELECT @st_var, @o", ("from st_var", 7)),
+    (["CALL st_into()"], "SELECT @st_into, @st_dec", ("by into", Decimal("2.5"))),
     (["CALL st_sysvar()"], "SELECT @@time_zone", ("+02:00",)),
     (["SELECT st_fn()"], "SELECT @st_fn", ("from st_fn",)),
     (["INSERT INTO st_trig VALUES (5)"], "SELECT @st_trig", (5,)),
     (["CALL st_rows()"], "SELECT 'nothing to carry'", ("nothing to carry",)),
 ])
 def test_state_a_capture_carries_moves(
-    routines: list[MariaDBServer], proxy_factory: ProxyFactory, statements: list[str],
-    reads: str, want: tuple[Any, ...],
+    request: pytest.FixtureRequest, servers: str, proxy_factory: ProxyFactory, *,
+    statements: list[str], reads: str, want: tuple[Any, ...],
 ) -> None:
+    """Wherever the server lists user variables (information_schema, performance_schema) or
+    the stored programs name them, what a program set moves with the session."""
+    routines: list[MariaDBServer] = request.getfixturevalue(servers)
     with connect(routines[0], autocommit=True) as direct, direct.cursor() as cur:
         for sql in statements:
             cur.execute(sql)
@@ -171,6 +216,43 @@ def test_state_a_capture_carries_moves(
             proxy.move(conn.thread_id())
             cur.execute(reads)
             assert cur.fetchone() == want
+    log = proxy.log()
+    if servers == "program_bodies":
+        assert "performance_schema is off" in log  # the bodies named them
+    elif servers == "performance_schema":
+        assert "performance_schema lists what information_schema cannot (user variables" in log
+        assert "auth-sync-user cannot read every stored program" not in log
+
+
+def test_where_nothing_lists_user_variables_a_call_pins_until_reset(
+    unlisted_routines: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """No USER_VARIABLES, performance_schema off, and an auth-sync-user that cannot read the
+    stored programs: what a procedure set cannot be named, so the session stays where it is."""
+    proxy = proxy_factory([b.addr for b in unlisted_routines], SYNC_TOML)
+    conn = mysql.connector.connect(host="127.0.0.1", port=proxy.port, user=APP.name,
+                                   password=APP.password, database="test", use_pure=True)
+    try:
+        cur = conn.cursor()
+        cur.execute("SET @mine = 'named by the session'")
+        proxy.move(conn.connection_id)  # what the session names itself moves
+        cur.execute("SELECT @mine")
+        assert cur.fetchall() == [("named by the session",)]
+        cur.execute("CALL st_var(@o)")
+        reason = "a stored procedure ran (CALL)"
+        proxy.waits(conn.connection_id, reason)
+        assert "reset the connection" in proxy.session(conn.connection_id)["waiting"]
+        cur.execute("SELECT @st_var")
+        assert cur.fetchall() == [("from st_var",)]  # still there, where it was set
+        assert "cannot read every stored program's body" in proxy.log()
+        pinned_on = proxy.session(conn.connection_id)["backend"]
+        conn.cmd_reset_connection()
+        proxy.wait_moved(conn.connection_id, pinned_on)
+        cur = conn.cursor()
+        cur.execute("SELECT @st_var")
+        assert cur.fetchall() == [(None,)]
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize(("statements", "reason", "check"), [
@@ -267,15 +349,17 @@ def lock_info_servers(mariadb_factory: MariaDBFactory) -> list[MariaDBServer]:
     servers = [mariadb_factory((*BACKEND_ARGS, "--plugin-load-add=metadata_lock_info"),
                                BACKEND_USERS) for _ in range(2)]
     for server in servers:
-        server.sql(ROUTINES + "DELIMITER //\nCREATE OR REPLACE PROCEDURE st_lock() "
-                   "BEGIN DO GET_LOCK('st lock', 0); END//\nDELIMITER ;\n")
+        server.sql(ROUTINES + LOCK_ROUTINE)
     return servers
 
 
+@pytest.mark.parametrize("servers", ["lock_info_servers", "ps_routines"],
+                         ids=["metadata_lock_info", "performance_schema"])
 def test_a_named_lock_taken_in_a_procedure_holds_the_move_until_released(
-    lock_info_servers: list[MariaDBServer], proxy_factory: ProxyFactory,
+    request: pytest.FixtureRequest, servers: str, proxy_factory: ProxyFactory,
 ) -> None:
-    proxy = proxy_factory([s.addr for s in lock_info_servers], ADMIN_TOML)
+    lock_servers: list[MariaDBServer] = request.getfixturevalue(servers)
+    proxy = proxy_factory([s.addr for s in lock_servers], ADMIN_TOML)
     with proxy.connect(autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("CALL st_lock()")
         proxy.waits(conn.thread_id(), "named locks taken where the proxy cannot see")

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from tiproxy.session.dialects.mysql import capture_sql, missing_table, parse_capture
+from tiproxy.session.dialects.mysql import (
+    capture_sql,
+    missing_table,
+    parse_capture,
+    parse_performance_schema,
+    performance_schema_sql,
+)
 from tiproxy.session.state import SessionState
 from tiproxy.session.statements import statement_effects
 
@@ -48,6 +54,34 @@ def test_the_capture_reads_named_locks_where_the_server_lists_them() -> None:
     assert missing_table(1109, "Unknown table 'user_variables' in information_schema") \
         == "USER_VARIABLES"
     assert missing_table(1146, message) is None
+
+
+def test_performance_schema_answers_only_for_what_it_instruments() -> None:
+    """user_variables_by_thread and metadata_locks list what a connection holds only where
+    performance_schema is on, the connection instrumented and (locks) metadata locks too."""
+    sql = performance_schema_sql(42, users=True, locks=True)
+    assert "PROCESSLIST_ID = 42" in sql and "user_variables_by_thread" in sql
+    assert "metadata_locks" in sql and sql.endswith("LIMIT 18446744073709551615")
+    assert "metadata_locks" not in performance_schema_sql(42, users=True, locks=False)
+    assert "user_variables" not in performance_schema_sql(42, users=False, locks=True)
+
+    def rows(on: bytes, instrumented: bytes | None, mdl: bytes) -> list[list[bytes | None]]:
+        return [[b"ps", b"on", on], [b"ps", b"instrumented", instrumented], [b"ps", b"mdl", mdl],
+                [b"user", None, b"77C3A9697264"], [b"user", None, b"6E"],
+                [b"lock", None, b"4C31"]]
+
+    view = parse_performance_schema(rows(b"1", b"YES", b"YES"), users=True, locks=True)
+    assert view.on and view.users == ["wéird".encode(), b"n"] and view.locks == [b"L1"]
+    view = parse_performance_schema(rows(b"1", b"YES", b"NO"), users=True, locks=True)
+    assert view.users is not None and view.locks is None and not view.mdl_instrumented
+    view = parse_performance_schema(rows(b"1", b"NO", b"YES"), users=True, locks=True)
+    assert view.on and view.users is None and view.locks is None  # this connection unseen
+    view = parse_performance_schema(rows(b"1", None, b"YES"), users=True, locks=True)
+    assert view.users is None  # the thread is gone
+    view = parse_performance_schema(rows(b"0", b"YES", b"YES"), users=True, locks=True)
+    assert not view.on and view.users is None and view.locks is None
+    assert parse_performance_schema(rows(b"1", b"YES", b"YES"), users=False, locks=True).users \
+        is None
 
 
 def test_routine_bodies_and_flush_status() -> None:

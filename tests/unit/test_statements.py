@@ -119,12 +119,40 @@ def test_prepared_text_of_com_stmt_prepare() -> None:
 
 @pytest.mark.parametrize("sql", [
     b"SELECT 1", b"SELECT * FROM t WHERE c = 'CREATE TEMPORARY TABLE'", b"INSERT INTO t VALUES (1)",
-    b"UPDATE t SET a = 1", b"DELETE FROM t", b"COMMIT", b"CALL p()", b"SHOW TABLES",
-    b"EXPLAIN SELECT 1",
+    b"UPDATE t SET a = 1", b"DELETE FROM t", b"COMMIT", b"SHOW TABLES", b"EXPLAIN SELECT 1",
+    b"SELECT * FROM calls", b"CALLBACK",
 ])
 def test_ordinary_statements_change_nothing(sql: bytes) -> None:
     fx = effects(sql)
     assert not fx
+
+
+@pytest.mark.parametrize("sql", [
+    b"CALL p()", b"call db.p(@o)", b"/* c */ CALL p", b"SELECT 1; CALL p()",
+    b"SET STATEMENT max_statement_time = 1 FOR CALL p()", b"EXECUTE IMMEDIATE 'CALL p()'",
+])
+def test_a_procedure_call_is_noted_in_every_form(sql: bytes) -> None:
+    """What a procedure sets cannot be named from the statement: where the server cannot list
+    user variables, a session that ran one is pinned at its next move (net/migration.py)."""
+    assert applied(sql).procedure_called
+    assert not applied(b"SELECT 1").procedure_called
+
+
+def test_a_failed_call_is_noted_too_and_a_reset_forgets_it() -> None:
+    state = SessionState()
+    failed = effects(b"CALL p()")
+    assert failed is not None
+    state.ran(failed, failed=True)  # it may have set variables before it failed
+    assert state.procedure_called
+    state.reset()
+    assert not state.procedure_called
+    state.apply(statement_effects(b"PREPARE s FROM 'CALL p()'"))
+    assert not state.procedure_called  # prepared, not run
+    state.ran(statement_effects(b"EXECUTE s"), failed=True)
+    assert state.procedure_called
+    state = SessionState()
+    state.ran(statement_effects(b"CREATE TEMPORARY TABLE t (a INT)"), failed=True)
+    assert state.temp_tables == set()  # a failed statement leaves nothing else
 
 
 def test_literal_text() -> None:

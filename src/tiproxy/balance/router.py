@@ -84,6 +84,11 @@ class Backend:
     # information_schema.USER_VARIABLES answers there; None: not tried yet (net/migration.py)
     user_variables_table: bool | None = None
     lock_info_table: bool | None = None  # information_schema.METADATA_LOCK_INFO, the same way
+    # performance_schema answers auth-sync-user there, and metadata locks are instrumented;
+    # None: not tried yet (net/migration.py reads it where the tables above are missing)
+    performance_schema: bool | None = None
+    mdl_instrumented: bool | None = None
+    program_bodies: bool | None = None  # auth-sync-user sees every stored program's body
     mariadb_capabilities: int | None = None  # of its last greeting; None: not seen yet
     move_problem: str = ""  # why moves from or to it fail for a lasting reason, if they do
 

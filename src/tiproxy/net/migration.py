@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from tiproxy.client.admin import AdminConnection
 from tiproxy.client.channel import Row, query, read_prepare, send_prepare, sql_error
 from tiproxy.client.leg import BackendLeg
 from tiproxy.protocol.auth import NATIVE_PLUGIN, native_answer
@@ -38,7 +39,8 @@ from tiproxy.protocol.packets import (
 from tiproxy.protocol.tracker import ok_status
 from tiproxy.session.dialects import mysql as mysql_dialect
 from tiproxy.session.rebuild import Snapshot
-from tiproxy.session.statements import SESSION_ONLY_TYPES
+from tiproxy.session.state import MAX_TRACKED_USER_VARS, MAX_USER_VAR_NAME
+from tiproxy.session.statements import SESSION_ONLY_TYPES, user_variable_names
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
@@ -200,14 +202,120 @@ async def _capture_mysql(session: Session, leg: BackendLeg,
 async def read_mysql_state(session: Session, leg: BackendLeg,
                            deprecate_eof: bool) -> mysql_dialect.CapturedState:
     """Database, variables and user variables: listed by information_schema.USER_VARIABLES
-    where the server has it, else read by the names the session's statements used. Also what
-    a traffic capture writes first for a session it joins (traffic/rebuild.py)."""
+    where the server has it, else by performance_schema (as auth-sync-user) where it can, else
+    read by the names the session's statements used. Also what a traffic capture writes first
+    for a session it joins (traffic/rebuild.py)."""
     backend = session.backend
     users, rows = await _capture_rows(leg, backend, deprecate_eof)
     state = mysql_dialect.parse_capture(rows)
     await _capture_session_only(session, leg, deprecate_eof, state)
-    await _user_values(session, leg, deprecate_eof, state, users)
+    if users:
+        state.user_listing = "information_schema"
+    listed: list[bytes] = []
+    if backend is not None:
+        seen = await _seen_by_admin(session, backend, users=not users,
+                                    locks=backend.lock_info_table is False)
+        if seen is not None and seen.users is not None:
+            listed, state.user_listing = seen.users, seen.listing
+        if seen is not None and seen.locks is not None:
+            state.locks += seen.locks
+    await _user_values(session, leg, deprecate_eof, state, users, names_listed=listed)
     return state
+
+
+@dataclass
+class _AdminView:
+    """What the proxy's own account could tell of a session's backend connection."""
+
+    users: list[bytes] | None = None  # user variables' names
+    listing: str = ""  # where they come from: performance_schema or the stored programs
+    locks: list[bytes] | None = None  # named locks it holds
+
+
+async def _seen_by_admin(session: Session, backend: Backend, users: bool,
+                         locks: bool) -> _AdminView | None:
+    """Where information_schema cannot list the session's user variables (`users`) or named
+    locks (`locks`), what auth-sync-user can: performance_schema for both, if it is on and
+    instruments them, else the names of every user variable the stored programs' bodies use
+    (what a procedure, function or trigger can set without the session naming it). None where
+    nothing is needed or there is no auth-sync-user; what does not answer is learnt once per
+    backend."""
+    locks = locks and backend.mdl_instrumented is not False and \
+        backend.performance_schema is not False
+    users = users and (backend.performance_schema is not False
+                       or backend.program_bodies is not False)
+    security = session.server.config().security
+    if not (users or locks) or not security.auth_sync_user:
+        return None
+    conn = await AdminConnection.open(backend.host, backend.port, security.auth_sync_user,
+                                      security.auth_sync_password,
+                                      **session.server.tls.admin_options())
+    try:
+        view = _AdminView()
+        if backend.performance_schema is not False:
+            await _performance_schema(conn, session.backend_connection_id, backend,
+                                      users=users, locks=locks, view=view)
+        if users and view.users is None and backend.program_bodies is not False:
+            await _stored_program_names(conn, backend, view)
+        return view
+    finally:
+        conn.close()
+
+
+async def _performance_schema(conn: AdminConnection, thread_id: int, backend: Backend, *,
+                              users: bool, locks: bool, view: _AdminView) -> None:
+    try:
+        rows = await conn.query(mysql_dialect.performance_schema_sql(thread_id, users, locks))
+    except SQLError as e:
+        backend.performance_schema = False
+        log.warning("backend %s: performance_schema cannot be read as auth-sync-user (%d: %s)",
+                    backend.addr, e.code, e.message)
+        return
+    ps = mysql_dialect.parse_performance_schema(rows, users, locks)
+    if not ps.on:
+        backend.performance_schema = False
+        log.info("backend %s: performance_schema is off: it lists no session's user variables "
+                 "or named locks", backend.addr)
+        return
+    listed = [what for what, found in (("user variables", ps.users), ("named locks", ps.locks))
+              if found is not None]
+    if backend.performance_schema is None and listed:
+        log.info("backend %s: performance_schema lists what information_schema cannot (%s)",
+                 backend.addr, " and ".join(listed))
+    backend.performance_schema = True
+    if locks and not ps.mdl_instrumented:
+        backend.mdl_instrumented = False
+        log.info("backend %s: performance_schema does not instrument metadata locks "
+                 "(wait/lock/metadata/sql/mdl): named locks taken inside stored programs are "
+                 "not seen there", backend.addr)
+    view.locks = ps.locks
+    if ps.users is not None:
+        view.users, view.listing = ps.users, "performance_schema"
+
+
+async def _stored_program_names(conn: AdminConnection, backend: Backend,
+                                view: _AdminView) -> None:
+    try:
+        bodies = mysql_dialect.stored_program_bodies(
+            await conn.query(mysql_dialect.STORED_PROGRAM_BODIES))
+        why = "it lacks the global SELECT and TRIGGER privileges" if bodies is None else ""
+    except SQLError as e:
+        bodies, why = None, f"{e.code}: {e.message}"
+    backend.program_bodies = bodies is not None
+    if bodies is None:
+        log.warning("backend %s: auth-sync-user cannot read every stored program's body (%s): a "
+                    "session that CALLs a procedure there is pinned, and user variables that "
+                    "functions and triggers set are not carried", backend.addr, why)
+        return
+    names: set[bytes] = set()
+    for body in bodies:
+        names |= user_variable_names(body)
+    names = {n for n in names if len(n) <= MAX_USER_VAR_NAME}
+    if len(names) > MAX_TRACKED_USER_VARS:
+        log.warning("backend %s: its stored programs use more than %d user variables: a session "
+                    "that CALLs a procedure there is pinned", backend.addr, MAX_TRACKED_USER_VARS)
+        return
+    view.users, view.listing = sorted(names), "stored programs"
 
 
 async def capture_user_variables(session: Session, leg: BackendLeg) -> \
@@ -246,16 +354,18 @@ async def capture_named_variables(session: Session, leg: BackendLeg, names: list
 
 
 async def _user_values(session: Session, leg: BackendLeg, deprecate_eof: bool,
-                       state: mysql_dialect.CapturedState, listed: bool) -> None:
+                       state: mysql_dialect.CapturedState, listed: bool, *,
+                       names_listed: list[bytes] | tuple[()] = ()) -> None:
     """The user variables' exact values: the strings' bytes where USER_VARIABLES `listed`
-    them, else every variable by the names the session's statements used."""
+    them, else every variable by name: those performance_schema listed and those the
+    session's statements used."""
     if listed:
         second = mysql_dialect.string_values_sql(state)
         if second is not None:
             values = await query(leg, second, deprecate_eof)
             mysql_dialect.apply_string_values(state, values.rows[0])
         return
-    names = sorted(session.state.user_var_names)
+    names = sorted(session.state.user_var_names.union(names_listed))
     if names:
         extended = bool(session.mariadb_caps & MariaDBCapability.EXTENDED_METADATA)
         named = await query(leg, mysql_dialect.named_user_vars_sql(names), deprecate_eof,
@@ -306,6 +416,10 @@ def _check_unseen(session: Session, captured: mysql_dialect.CapturedState) -> No
     proxy's own record of the session's locks pinned it before the capture, so any lock the
     server lists here was taken unseen)."""
     pin = session.state.unseen(captured.counts)
+    if not pin and session.state.procedure_called and not captured.user_listing:
+        pin = ("a stored procedure ran (CALL) where the server lists user variables neither in "
+               "information_schema.USER_VARIABLES nor, for auth-sync-user, in "
+               "performance_schema: what it set cannot be carried; reset the connection to move")
     if pin:
         session.state.hidden = pin
         raise HiddenStateError(pin)

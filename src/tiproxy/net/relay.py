@@ -806,8 +806,8 @@ class Session(TransactionReplay, SessionLogin):
         kind = token[0]
         state = self.state
         if kind == "query":
-            if not failed and token[1]:
-                state.apply(token[1])
+            if token[1]:
+                state.ran(token[1], failed)
             if token[2] is not None:
                 self.variables_changed(token[2], failed)
         elif kind == "prepare":
@@ -816,8 +816,8 @@ class Session(TransactionReplay, SessionLogin):
             stmt = state.stmts.get(token[1])
             if stmt is not None:
                 stmt.cursor_open = not failed and bool(status & _CURSOR_EXISTS)
-                if stmt.effects is not None and not failed:
-                    state.apply(stmt.effects)
+                if stmt.effects is not None:
+                    state.ran(stmt.effects, failed)
                 if stmt.variables is not None:
                     self.variables_changed(stmt.variables, failed)
         elif kind == "fetch":

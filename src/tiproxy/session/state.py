@@ -78,6 +78,9 @@ class SessionState:
     # pinned on such servers instead.
     user_var_names: set[bytes] = field(default_factory=set)
     user_vars_overflow: bool = False
+    # A CALL ran (even one that failed part way): where the server can list user variables
+    # neither in information_schema nor in performance_schema, what it set cannot be named.
+    procedure_called: bool = False
 
     @property
     def mapped(self) -> bool:
@@ -136,8 +139,18 @@ class SessionState:
 
     # -- statements with effects ------------------------------------------------------------
 
+    def ran(self, fx: StatementEffects, failed: bool) -> None:
+        """A statement completed: what it did, if it succeeded; a CALL counts either way."""
+        if not failed:
+            self.apply(fx)
+            return
+        executed = self.sql_prepared_effects.get(fx.executed) if fx.executed else None
+        if fx.calls_procedure or (executed is not None and executed.calls_procedure):
+            self.procedure_called = True
+
     def apply(self, fx: StatementEffects) -> None:
         """A statement succeeded: record what it did."""
+        self.procedure_called = self.procedure_called or fx.calls_procedure
         self.counts_reset = self.counts_reset or fx.counts_reset
         self.temp_tables.update(fx.temp_created)
         self.temp_creates += len(fx.temp_created)

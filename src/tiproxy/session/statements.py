@@ -7,7 +7,8 @@ None of these set a status flag, so the proxy reads them from the statements.
 
 Cost matters: every COM_QUERY passes `may_change_state` on the hot path. It looks at the first
 byte and does three substring searches; only statements that pass it are parsed with the regular
-expressions below. Statements inside stored procedures are not seen (a documented limit).
+expressions below. Statements inside stored programs are not seen here: what they leave is found
+at a move from the server's own counts and lists (net/migration.py).
 References: https://mariadb.com/kb/en/create-table/#create-temporary-table ,
 https://mariadb.com/kb/en/get_lock/ , https://mariadb.com/kb/en/lock-tables/ ,
 https://mariadb.com/kb/en/prepare-statement/
@@ -23,16 +24,16 @@ from tiproxy.protocol.codec import Buffer
 from tiproxy.session.commands import MAYBE_KILL_FIRST_BYTES
 
 # First bytes of statements that may change what the proxy tracks (CREATE, DROP, LOCK, UNLOCK,
-# PREPARE, DEALLOCATE, EXECUTE, KILL, HANDLER, XA) or that hide their first keyword behind
+# PREPARE, DEALLOCATE, EXECUTE, KILL, HANDLER, XA, CALL) or that hide their first keyword behind
 # whitespace or a comment. BEGIN and START matter only while a move is due, when every statement
 # is looked at.
 STATE_FIRST_BYTES = frozenset(b"CcDdLlUuPpHhXxEeSsFf") | MAYBE_KILL_FIRST_BYTES
 LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # The first four letters, upper case, of the statements behind STATE_FIRST_BYTES that do change
-# tracked state. COMMIT, UPDATE, DELETE, CALL, LOAD and the like start with the same letters
-# and are common: a four-byte look lets them stay on the fast path.
+# tracked state. COMMIT, UPDATE, DELETE, LOAD and the like start with the same letters and are
+# common: a four-byte look lets them stay on the fast path.
 STATE_PREFIXES = frozenset((b"CREA", b"DROP", b"DEAL", b"LOCK", b"UNLO", b"PREP", b"HAND",
-                            b"KILL", b"EXEC", b"SET ", b"USE ", b"FLUS"))
+                            b"KILL", b"EXEC", b"SET ", b"USE ", b"FLUS", b"CALL"))
 
 _LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
 _WORD = re.compile(rb"[A-Za-z_]+")
@@ -182,6 +183,9 @@ class StatementEffects:
     session_only: tuple[tuple[str, bool], ...] = ()  # (timestamp|insert_id, set: True/unset)
     use_db: bytes | None = None  # USE db: the current database after it
     counts_reset: bool = False  # FLUSH STATUS: the server's counts start again from 0
+    # CALL: a stored procedure ran, and may have set user variables the proxy cannot name
+    # (it matters where the server cannot list them: net/migration.py)
+    calls_procedure: bool = False
 
     def __bool__(self) -> bool:
         return self != _NOTHING
@@ -290,6 +294,8 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
         fx.begins_transaction = True
     elif word == b"FLUSH" and _FLUSH_STATUS.match(body):
         fx.counts_reset = True
+    elif word == b"CALL":
+        fx.calls_procedure = True
     _lock_functions(body, fx)
 
 

@@ -65,6 +65,88 @@ def capture_sql(user_variables: bool, lock_info: bool) -> str:
             + (_CAPTURE_LOCKS if lock_info else "") + _ALL_ROWS)
 
 
+# performance_schema, for one backend connection (by its thread id), read by the proxy's own
+# account (auth-sync-user): its tables need SELECT on performance_schema, which the sessions'
+# users rarely have. First whether it is on, the connection instrumented and metadata locks
+# instrumented (MariaDB and MySQL 5.7 leave that off); then the names of the connection's user
+# variables (MySQL's way to list them, MariaDB's too since 10.5) and the named locks it holds.
+# https://mariadb.com/kb/en/performance-schema-user_variables_by_thread-table/ ,
+# https://mariadb.com/kb/en/performance-schema-metadata_locks-table/
+_PS_THREAD = "(SELECT THREAD_ID FROM performance_schema.threads WHERE PROCESSLIST_ID = {id})"
+_PS_BASE = (
+    "SELECT 'ps', 'on', @@performance_schema "
+    "UNION ALL SELECT 'ps', 'instrumented', (SELECT INSTRUMENTED FROM performance_schema.threads "
+    "WHERE PROCESSLIST_ID = {id}) "
+    "UNION ALL SELECT 'ps', 'mdl', (SELECT ENABLED FROM performance_schema.setup_instruments "
+    "WHERE NAME = 'wait/lock/metadata/sql/mdl')"
+)
+_PS_USER = (" UNION ALL SELECT 'user', NULL, HEX(VARIABLE_NAME) "
+            "FROM performance_schema.user_variables_by_thread WHERE THREAD_ID = {thread}")
+_PS_LOCKS = (" UNION ALL SELECT 'lock', NULL, HEX(OBJECT_NAME) "
+             "FROM performance_schema.metadata_locks "
+             "WHERE OWNER_THREAD_ID = {thread} AND OBJECT_TYPE = 'USER LEVEL LOCK'")
+
+
+def performance_schema_sql(thread_id: int, users: bool, locks: bool) -> str:
+    """What performance_schema says of backend connection `thread_id`: its user variables'
+    names (`users`), the named locks it holds (`locks`)."""
+    sql = _PS_BASE + (_PS_USER if users else "") + (_PS_LOCKS if locks else "") + _ALL_ROWS
+    return sql.format(thread=_PS_THREAD.format(id=int(thread_id)), id=int(thread_id))
+
+
+@dataclass
+class PerformanceSchemaView:
+    """performance_schema_sql's answer. `users` / `locks` are None where it cannot tell: the
+    connection is not instrumented, or (locks) metadata locks are not."""
+
+    on: bool
+    mdl_instrumented: bool
+    users: list[bytes] | None
+    locks: list[bytes] | None
+
+
+def parse_performance_schema(rows: list[Row], users: bool, locks: bool) -> PerformanceSchemaView:
+    flags: dict[bytes, bytes | None] = {}
+    names: list[bytes] = []
+    held: list[bytes] = []
+    for kind, key, value in (_three(r) for r in rows):
+        if kind == b"ps" and key is not None:
+            flags[key] = value
+        elif kind == b"user" and value is not None:
+            names.append(bytes.fromhex(value.decode()))
+        elif kind == b"lock" and value is not None:
+            held.append(bytes.fromhex(value.decode()))
+    on = flags.get(b"on") == b"1"
+    instrumented = on and flags.get(b"instrumented") == b"YES"
+    mdl = on and flags.get(b"mdl") == b"YES"
+    return PerformanceSchemaView(
+        on, mdl, names if users and instrumented else None,
+        held if locks and instrumented and mdl else None)
+
+
+# The bodies of every stored procedure, function and trigger that names a user variable: where
+# nothing lists a session's user variables, their names are read from the bodies, as the
+# proxy's account. The first row says whether it sees every body: information_schema shows
+# an account only the routines it may use, and their bodies only with the global SELECT
+# privilege; triggers only with TRIGGER (https://mariadb.com/kb/en/information-schema-routines-table/).
+STORED_PROGRAM_BODIES = (
+    "SELECT 'sees', COUNT(*) FROM information_schema.USER_PRIVILEGES "
+    "WHERE GRANTEE = CONCAT('''', SUBSTRING_INDEX(CURRENT_USER(), '@', 1), '''@''', "
+    "SUBSTRING_INDEX(CURRENT_USER(), '@', -1), '''') AND PRIVILEGE_TYPE IN ('SELECT', 'TRIGGER') "
+    "UNION ALL SELECT 'body', ROUTINE_DEFINITION FROM information_schema.ROUTINES "
+    "WHERE ROUTINE_DEFINITION LIKE '%@%' "
+    "UNION ALL SELECT 'body', ACTION_STATEMENT FROM information_schema.TRIGGERS "
+    "WHERE ACTION_STATEMENT LIKE '%@%' LIMIT 18446744073709551615"
+)
+
+
+def stored_program_bodies(rows: list[Row]) -> list[bytes] | None:
+    """STORED_PROGRAM_BODIES' answer: the bodies, or None if the account cannot see them all."""
+    if not rows or rows[0][:2] != [b"sees", b"2"]:
+        return None
+    return [row[1] for row in rows[1:] if len(row) == 2 and row[1] is not None]
+
+
 def capture_user_sql() -> str:
     """The user variables and LAST_INSERT_ID() alone, in capture_sql's rows (a checkpoint after
     a statement that changed only user variables: a tenth of the cost of the whole capture)."""
@@ -110,6 +192,9 @@ class CapturedState:
     user: list[UserVariable] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # SESSION_STATUS counters by name
     locks: list[bytes] = field(default_factory=list)  # named locks held (METADATA_LOCK_INFO)
+    # Where the user variables were listed: "information_schema", "performance_schema", or ""
+    # (read only by the names the session's statements used)
+    user_listing: str = ""
 
     def strings(self) -> list[UserVariable]:
         """String variables, NULL ones too: a NULL keeps its character set."""
