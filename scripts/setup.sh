@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # chromium and chromium-driver: the status page is tested in headless Chromium (Selenium);
 # zlib1g-dev: the compiled row scanner's CRC-32 (traffic captures);
 # prometheus: a real Prometheus (and promtool) for the Grafana dashboard and alert rules tests;
-# iproute2: `ip`, which puts [ha] virtual-ip on its interface, and the tests' network namespaces.
+# iproute2: `ip`, which puts [ha] virtual-ip on its interface, and the tests' network namespaces;
+# nodejs and npm: the Node.js clients' tests (mysql2, mariadb), unless a Node.js is there already.
 debs=(mariadb-server mariadb-client galera-4 rsync etcd-server etcd-client sysbench haproxy
       libmariadb-dev pkg-config build-essential openjdk-17-jdk-headless libmariadb-java
       chromium chromium-driver zlib1g-dev prometheus iproute2)
@@ -17,6 +18,9 @@ missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  missing+=(nodejs npm)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_=sudo
@@ -39,4 +43,12 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+
+# The Node.js clients, at the versions package-lock.json names.
+node_dir=tests/support/node
+node_stamp=$node_dir/node_modules/.installed-$(sha1sum < $node_dir/package-lock.json | cut -c1-12)
+if [ ! -f "$node_stamp" ]; then
+  npm ci --prefix "$node_dir" --no-audit --no-fund --loglevel=error
+  touch "$node_stamp"
 fi
