@@ -174,8 +174,11 @@ def test_mariadb_cli_ctrl_c_kills_its_query(idproxy: ProxyProcess, pair: list[Ma
     fillers: list[Any] = []
     try:
         deadline = time.monotonic() + 10
-        while not (new := [s for s in idproxy.sessions() if s["id"] not in before]):
-            assert time.monotonic() < deadline, "the CLI's session did not appear"
+        addrs = {s.addr for s in pair}
+        # a session is listed from its greeting on; its backend is named once it has logged in
+        while not (new := [s for s in idproxy.sessions()
+                           if s["id"] not in before and s.get("backend") in addrs]):
+            assert time.monotonic() < deadline, "the CLI's session did not reach a backend"
             time.sleep(0.05)
         victim_port = _port_of_session(idproxy, new[0]["id"], pair)
         wanted = victim_port if where == "same" else next(s.port for s in pair
