@@ -153,23 +153,8 @@ class TransactionReplay(SessionRecovery):
         assert leg is not None and self.tracker is not None
         eof = bool(self.backend_caps & Capability.DEPRECATE_EOF)
         leg.detach()
-        why = ""
-        try:
-            if reason == "lock_wait_timeout":  # only the statement was rolled back
-                await query(leg, "ROLLBACK", eof)
-            why, status = await replay_log(self, leg, txlog, eof)
-            # The replay met a conflict of its own (a storm goes on): again, while it may.
-            while why == CONFLICT and txlog.attempts < MAX_ATTEMPTS:
-                txlog.attempts += 1
-                await query(leg, "ROLLBACK", eof)
-                why, status = await replay_log(self, leg, txlog, eof)
-            if why:
-                status = (await query(leg, "ROLLBACK", eof)).status
-            self.tracker.status = status
-        except (SQLError, ProtocolError, OSError, TimeoutError) as e:
-            why = f"the replay failed: {e}"
-        finally:
-            self._replaying = False
+        # After a lock wait timeout only the statement was rolled back: the transaction first.
+        why = await self._replay_on(leg, txlog, eof, rollback_first=reason == "lock_wait_timeout")
         if self.phase != 1:
             return
         if leg.closed or not leg.clean:
@@ -185,6 +170,30 @@ class TransactionReplay(SessionRecovery):
             self.txlog = txlog
             self._cbuf[:0] = packet  # the statement that failed, once more
         self.release_input("replay")
+
+    async def _replay_on(self, leg: BackendLeg, txlog: TransactionLog, eof: bool,
+                         rollback_first: bool) -> str:
+        """Run the recorded transaction on a detached leg; again when the replay meets a
+        conflict of its own (a storm goes on), while attempts remain. On failure the
+        transaction there is rolled back. Why it failed, or "" when every answer matched."""
+        assert self.tracker is not None
+        self._replaying = True
+        try:
+            if rollback_first:
+                await query(leg, "ROLLBACK", eof)
+            why, status = await replay_log(self, leg, txlog, eof)
+            while why == CONFLICT and txlog.attempts < MAX_ATTEMPTS:
+                txlog.attempts += 1
+                await query(leg, "ROLLBACK", eof)
+                why, status = await replay_log(self, leg, txlog, eof)
+            if why:
+                status = (await query(leg, "ROLLBACK", eof)).status
+            self.tracker.status = status
+        except (SQLError, ProtocolError, OSError, TimeoutError) as e:
+            why = f"the replay failed: {e}"
+        finally:
+            self._replaying = False
+        return why
 
     def _replayed(self, reason: str, why: str) -> None:
         self.server.metrics.replays[(reason, "fail" if why else "succeed")] += 1
@@ -213,16 +222,7 @@ class TransactionReplay(SessionRecovery):
         assert leg is not None and self.tracker is not None
         eof = bool(self.backend_caps & Capability.DEPRECATE_EOF)
         leg.detach()
-        self._replaying = True
-        try:
-            why, status = await replay_log(self, leg, txlog, eof)
-            if why:
-                status = (await query(leg, "ROLLBACK", eof)).status
-            self.tracker.status = status
-        except (SQLError, ProtocolError, OSError, TimeoutError) as e:
-            why = f"the replay failed: {e}"
-        finally:
-            self._replaying = False
+        why = await self._replay_on(leg, txlog, eof, rollback_first=False)
         if leg.closed or not leg.clean:
             self.close(f"backend connection broke during a transaction replay: {why}",
                        kind=counters.BACKEND_NETWORK)
