@@ -295,3 +295,44 @@ def test_kill_connection_id_means_the_killers_own_session(
         cur.execute("SELECT 'still here'")
         assert cur.fetchall() == (("still here",),)
         assert len(proxy.sessions()) == 1
+
+
+@pytest.mark.parametrize("settings", [
+    "SET SESSION sql_mode = 'ORACLE'",
+    "SET SESSION max_statement_time = 0.000001",
+    "SET SESSION character_set_results = NULL",
+    "SET NAMES latin1",
+    "SET SESSION sql_select_limit = 1",
+    "SET SESSION autocommit = 0",
+    "SET SESSION sql_mode = 'ANSI', SESSION sql_safe_updates = 1, SESSION big_tables = 1",
+    "SET SESSION max_join_size = 1",
+    "SET SESSION character_set_results = utf32",
+    "SET SESSION max_join_size = 1, SESSION sql_big_selects = 1",
+], ids=["oracle", "max_statement_time", "results_charset_null", "latin1", "select_limit",
+        "autocommit_off", "ansi_safe_updates", "max_join_size", "results_utf32",
+        "big_selects_after_join_size"])
+def test_a_session_moves_whatever_it_set_for_its_own_statements(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory, settings: str,
+) -> None:
+    """Settings that change how the server parses, limits or encodes statements apply to the
+    session's statements, never to the proxy's own capture and restore."""
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    # Binary, so that the test reads them whatever character_set_results says.
+    seen = "SELECT " + ", ".join(f"CAST({e} AS BINARY)" for e in (
+        "@@sql_mode", "@@max_statement_time", "@@max_join_size", "@@sql_big_selects",
+        "@@character_set_results", "@@character_set_client", "@@collation_connection",
+        "@@sql_select_limit", "@@autocommit", "@@sql_safe_updates", "@@big_tables", "HEX(@v)",
+        "@n"))
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SET @v = 'caf\u00e9', @n = 7")
+        cur.execute(settings)
+        if "autocommit = 0" in settings:
+            cur.execute("COMMIT")  # a session without autocommit moves between transactions
+        cur.execute(seen)
+        before = cur.fetchone()
+        for _ in range(2):
+            proxy.move(conn.thread_id())
+            cur.execute(seen)
+            assert cur.fetchone() == before
+            if "autocommit = 0" in settings:
+                cur.execute("COMMIT")

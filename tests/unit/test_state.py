@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from tiproxy.session.dialects.mysql import (
+    PROXY_TERMS,
+    apply_terms,
     capture_sql,
-    missing_table,
+    lifted,
     parse_capture,
     parse_performance_schema,
     performance_schema_sql,
+    plugin_tables,
+    restore_sql,
+    terms_sql,
 )
 from tiproxy.session.state import SessionState
 from tiproxy.session.statements import statement_effects
@@ -49,11 +54,40 @@ def test_the_capture_reads_named_locks_where_the_server_lists_them() -> None:
         assert sql.endswith("LIMIT 18446744073709551615")  # sql_select_limit cannot cut it
     rows: list[list[bytes | None]] = [[b"lock", None, b"7374206C6F636B"], [b"lock", None, b""]]
     assert parse_capture(rows).locks == [b"st lock", b""]
-    message = "Unknown table 'METADATA_LOCK_INFO' in information_schema"
-    assert missing_table(1109, message) == "METADATA_LOCK_INFO"
-    assert missing_table(1109, "Unknown table 'user_variables' in information_schema") \
-        == "USER_VARIABLES"
-    assert missing_table(1146, message) is None
+    assert plugin_tables([[b"user_variables"]]) == {"USER_VARIABLES"}
+    assert plugin_tables([]) == set()
+
+
+def test_what_the_capture_overrides_is_read_apart_and_restored_in_order() -> None:
+    """A capture refused by the session's own limits runs again with them lifted, so the
+    session's own values of those variables come from terms_sql; max_join_size is set before
+    sql_big_selects, which setting it turns off."""
+    for name in ("max_statement_time", "max_join_size", "character_set_results"):
+        assert name.upper() in capture_sql(True, True)  # left out of the table's rows
+        assert f"@@session.{name} AS BINARY" in terms_sql([])
+    assert "character_set_results" not in PROXY_TERMS  # a binary column is never re-encoded
+    assert capture_sql(True, True).startswith("SELECT CAST(kind AS BINARY)")
+    assert lifted("SELECT 1", 1969) == PROXY_TERMS + "SELECT 1"  # max_statement_time
+    assert lifted("SELECT 1", 1104) == PROXY_TERMS + "SELECT 1"  # max_join_size
+    assert lifted("SELECT 1", 1146) is None
+    assert terms_sql([("timestamp", "DOUBLE")]).endswith(
+        "CAST(@@session.sql_big_selects AS BINARY), CAST(@@session.timestamp AS BINARY)"
+        " LIMIT 18446744073709551615")
+    state = parse_capture([[b"sys", b"BOOLEAN SQL_BIG_SELECTS", b"4F4646"],
+                           [b"sys", b"VARCHAR COLLATION_CONNECTION", b"6C6174696E315F62696E"]])
+    # session, global of each term; sql_big_selects; then the session-only variables
+    apply_terms(state, [b"0.000001", b"0.000000", b"1", b"18446744073709551615", None,
+                        b"utf8mb4", b"ON", b"1700000000.5"], [("timestamp", "DOUBLE")])
+    assert [name for name, _, _ in state.system] == [
+        "character_set_results", "collation_connection", "max_join_size", "max_statement_time",
+        "sql_big_selects", "timestamp"]
+    sql = restore_sql(state)
+    assert sql is not None and "SESSION character_set_results = NULL" in sql
+    assert "max_statement_time = 0.000001" in sql and "timestamp = 1700000000.5" in sql
+    assert "SESSION sql_big_selects = _utf8mb4 X'4f4e'" in sql  # the session's, after max_join_size
+    same = parse_capture([])
+    apply_terms(same, [b"0", b"0", b"5", b"5", b"latin1", b"latin1", b"ON"], [])
+    assert same.system == []  # equal to the global values: nothing of the session's own
 
 
 def test_performance_schema_answers_only_for_what_it_instruments() -> None:

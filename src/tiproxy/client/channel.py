@@ -6,6 +6,7 @@ results only: everything is held in memory.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tiproxy.client.leg import BackendLeg
@@ -34,12 +35,29 @@ async def query(leg: BackendLeg, sql: str | bytes, deprecate_eof: bool,
                 extended_metadata: bool = False) -> Result:
     """Run one statement; its rows as text values (a statement without rows gives []).
     `extended_metadata`: the connection negotiated MariaDB's extended type info."""
-    body = sql.encode() if isinstance(sql, str) else sql
-    leg.write(frame(bytes((Command.QUERY,)) + body, 0))
-    result = await read_result(leg, deprecate_eof, extended_metadata)
-    while result.status & ServerStatus.MORE_RESULTS_EXISTS:
-        result = await read_result(leg, deprecate_eof, extended_metadata)
-    return result
+    return (await queries(leg, [sql], deprecate_eof, extended_metadata))[0]
+
+
+async def queries(leg: BackendLeg, sqls: Sequence[str | bytes], deprecate_eof: bool,
+                  extended_metadata: bool = False) -> list[Result]:
+    """Several statements sent at once and answered in order: one round trip. The first
+    statement's error is raised once every answer has been read (the leg stays in step)."""
+    for sql in sqls:
+        body = sql.encode() if isinstance(sql, str) else sql
+        leg.write(frame(bytes((Command.QUERY,)) + body, 0))
+    results: list[Result] = []
+    error: SQLError | None = None
+    for _ in sqls:
+        try:
+            result = await read_result(leg, deprecate_eof, extended_metadata)
+            while result.status & ServerStatus.MORE_RESULTS_EXISTS:
+                result = await read_result(leg, deprecate_eof, extended_metadata)
+            results.append(result)
+        except SQLError as e:
+            error = error or e
+    if error is not None:
+        raise error
+    return results
 
 
 async def read_result(leg: BackendLeg, deprecate_eof: bool,

@@ -204,7 +204,9 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
         await query(leg, b"DEALLOCATE PREPARE " + _PROBE, eof)
         # CONNECTION_ID() means the killer's own id, which the client knows as the proxy's.
         expression = _CONNECTION_ID.sub(str(session.id).encode(), parts.expression)
-        result = await query(leg, b"SELECT CAST((" + expression + b") AS SIGNED)", eof)
+        # BINARY: the session's character_set_results cannot re-encode the number
+        result = await query(leg, b"SELECT CAST(CAST((" + expression + b") AS SIGNED) AS BINARY)",
+                             eof)
         value = result.rows[0][0] if result.rows and result.rows[0] else None
         target = int(value) if value is not None else 0
     except SQLError as e:

@@ -24,7 +24,15 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from tiproxy.client.admin import AdminConnection
-from tiproxy.client.channel import Row, query, read_prepare, send_prepare, sql_error
+from tiproxy.client.channel import (
+    Result,
+    Row,
+    queries,
+    query,
+    read_prepare,
+    send_prepare,
+    sql_error,
+)
 from tiproxy.client.leg import BackendLeg
 from tiproxy.protocol.auth import NATIVE_PLUGIN, native_answer
 from tiproxy.protocol.constants import Capability, MariaDBCapability
@@ -148,6 +156,8 @@ def _reattach(old: BackendLeg | None, session: Session) -> bool:
 
 
 def _why(e: BaseException) -> str:
+    if isinstance(e, SQLError):  # the code too: a session's character set can garble the text
+        return f"error {e.code}: {e.message}"
     return str(e) or type(e).__name__
 
 
@@ -176,7 +186,8 @@ async def _capture(session: Session, leg: BackendLeg, deprecate_eof: bool) -> _C
     state = await _capture_mysql(session, leg, deprecate_eof)
     gtid = ""
     if session.backend is not None and session.backend.galera:
-        rows = (await query(leg, "SELECT WSREP_LAST_WRITTEN_GTID()", deprecate_eof)).rows
+        rows = (await query(leg, "SELECT CAST(WSREP_LAST_WRITTEN_GTID() AS BINARY)",
+                            deprecate_eof)).rows
         gtid = (rows[0][0] or b"").decode("ascii", "replace") if rows else ""
     return _Captured(mysql=state, galera_gtid=gtid)
 
@@ -206,9 +217,11 @@ async def read_mysql_state(session: Session, leg: BackendLeg,
     read by the names the session's statements used. Also what a traffic capture writes first
     for a session it joins (traffic/rebuild.py)."""
     backend = session.backend
-    users, rows = await _capture_rows(leg, backend, deprecate_eof)
+    # timestamp and insert_id, when the session set them (they have no global value)
+    session_only = [(name, SESSION_ONLY_TYPES[name]) for name in sorted(session.state.session_only)]
+    users, rows, terms = await _capture_rows(leg, backend, deprecate_eof, session_only)
     state = mysql_dialect.parse_capture(rows)
-    await _capture_session_only(session, leg, deprecate_eof, state)
+    mysql_dialect.apply_terms(state, terms, session_only)
     if users:
         state.user_listing = "information_schema"
     listed: list[bytes] = []
@@ -325,14 +338,16 @@ async def capture_user_variables(session: Session, leg: BackendLeg) -> \
     deprecate_eof = bool(session.backend_caps & Capability.DEPRECATE_EOF)
     backend = session.backend
     state = mysql_dialect.CapturedState()
+    if backend is not None:
+        await _learn_plugin_tables(leg, backend, deprecate_eof)
     users = backend is None or backend.user_variables_table is not False
     if users:
         try:
-            result = await query(leg, mysql_dialect.capture_user_sql(), deprecate_eof)
+            result, = await _unlimited(leg, [mysql_dialect.capture_user_sql()], deprecate_eof)
         except SQLError as e:
-            if backend is None or mysql_dialect.missing_table(e.code, e.message) is None:
+            if backend is None or e.code != mysql_dialect.ER_UNKNOWN_TABLE:
                 raise
-            backend.user_variables_table = users = False
+            backend.user_variables_table = users = False  # unloaded since the proxy looked
         else:
             state = mysql_dialect.parse_capture(result.rows)
     await _user_values(session, leg, deprecate_eof, state, users)
@@ -378,36 +393,60 @@ async def capture_state(session: Session, leg: BackendLeg) -> mysql_dialect.Capt
     return await _capture_mysql(session, leg, bool(session.backend_caps & Capability.DEPRECATE_EOF))
 
 
-async def _capture_rows(leg: BackendLeg, backend: Backend | None,
-                        deprecate_eof: bool) -> tuple[bool, list[Row]]:
+async def _capture_rows(leg: BackendLeg, backend: Backend | None, deprecate_eof: bool,
+                        session_only: list[tuple[str, str]]) -> tuple[bool, list[Row], Row]:
     """The capture statement with the plugin tables this backend has, learnt at the first
-    move from it: (USER_VARIABLES read, rows)."""
+    move from it, sent with terms_sql: (USER_VARIABLES read, rows, terms_sql's row)."""
+    terms = mysql_dialect.terms_sql(session_only)
+    learnt_again = False
     while True:
+        if backend is not None:
+            await _learn_plugin_tables(leg, backend, deprecate_eof)
         users = backend is None or backend.user_variables_table is not False
         locks = backend is not None and backend.lock_info_table is not False
         try:
-            result = await query(leg, mysql_dialect.capture_sql(users, locks), deprecate_eof)
+            result, own = await _unlimited(leg, [mysql_dialect.capture_sql(users, locks), terms],
+                                           deprecate_eof)
         except SQLError as e:
-            missing = mysql_dialect.missing_table(e.code, e.message)
-            if backend is None or missing is None:
+            if backend is None or e.code != mysql_dialect.ER_UNKNOWN_TABLE or learnt_again:
                 raise
-            if missing == mysql_dialect.USER_VARIABLES and users:
-                backend.user_variables_table = False
-                log.warning("backend %s has no information_schema.USER_VARIABLES (%s): user "
-                            "variables are carried by the names sessions use", backend.addr,
-                            e.message)
-            elif missing == mysql_dialect.METADATA_LOCK_INFO and locks:
-                backend.lock_info_table = False
-                log.info("backend %s has no information_schema.METADATA_LOCK_INFO: named locks "
-                         "taken inside stored programs are not seen there (load the "
-                         "metadata_lock_info plugin to see them)", backend.addr)
-            else:
-                raise
+            # A plugin was unloaded since the proxy looked: look again.
+            backend.user_variables_table = backend.lock_info_table = None
+            learnt_again = True
             continue
-        if backend is not None:
-            backend.user_variables_table = users
-            backend.lock_info_table = locks
-        return users, result.rows
+        return users, result.rows, own.rows[0]
+
+
+async def _learn_plugin_tables(leg: BackendLeg, backend: Backend, deprecate_eof: bool) -> None:
+    """Which of the capture's plugin tables the backend has, asked at the first capture there."""
+    if backend.user_variables_table is not None and backend.lock_info_table is not None:
+        return
+    result, = await _unlimited(leg, [mysql_dialect.PLUGIN_TABLES_SQL], deprecate_eof)
+    tables = mysql_dialect.plugin_tables(result.rows)
+    backend.user_variables_table = mysql_dialect.USER_VARIABLES in tables
+    backend.lock_info_table = mysql_dialect.METADATA_LOCK_INFO in tables
+    if not backend.user_variables_table:
+        log.warning("backend %s has no information_schema.USER_VARIABLES: user variables are "
+                    "listed by performance_schema or carried by the names sessions use",
+                    backend.addr)
+    if not backend.lock_info_table:
+        log.info("backend %s has no information_schema.METADATA_LOCK_INFO: named locks taken "
+                 "inside stored programs are seen only through performance_schema (or load the "
+                 "metadata_lock_info plugin)", backend.addr)
+
+
+async def _unlimited(leg: BackendLeg, sqls: list[str], deprecate_eof: bool) -> list[Result]:
+    """The proxy's statements, the first of which reads tables: run once more with the
+    session's own limits lifted if they are what refused it (mysql_dialect.PROXY_TERMS)."""
+    try:
+        return await queries(leg, sqls, deprecate_eof)
+    except SQLError as e:
+        again = mysql_dialect.lifted(sqls[0], e.code)
+        if again is None:
+            raise
+        log.debug("the session's own limits refused the proxy's statement (%s): lifted",
+                  e.message)
+        return await queries(leg, [again, *sqls[1:]], deprecate_eof)
 
 
 def _check_unseen(session: Session, captured: mysql_dialect.CapturedState) -> None:
@@ -427,18 +466,6 @@ def _check_unseen(session: Session, captured: mysql_dialect.CapturedState) -> No
         names = ", ".join(n.decode("utf-8", "replace") for n in captured.locks)
         raise HiddenStateError(f"named locks taken where the proxy cannot see (a stored "
                                f"program): {names}", recheck=True)
-
-
-async def _capture_session_only(session: Session, leg: BackendLeg, deprecate_eof: bool,
-                                state: mysql_dialect.CapturedState) -> None:
-    """timestamp and insert_id, when the session set them (they have no global value)."""
-    names = sorted(session.state.session_only)
-    if not names:
-        return
-    cols = ", ".join(f"@@session.{name}" for name in names)
-    result = await query(leg, f"SELECT {cols} LIMIT 1", deprecate_eof)
-    for name, value in zip(names, result.rows[0], strict=True):
-        state.system.append((name, SESSION_ONLY_TYPES[name], value))
 
 
 async def _login(session: Session, leg: BackendLeg, captured: _Captured,

@@ -31,12 +31,27 @@ Row = list[bytes | None]
 # An explicit LIMIT: the session's own sql_select_limit would otherwise cut the capture short
 # (an explicit LIMIT overrides it; a trailing one applies to the whole UNION).
 _ALL_ROWS = " LIMIT 18446744073709551615"
+# What the proxy reads on a session's own connection must not meet the terms the session set for
+# its own statements. character_set_results re-encodes every text value, numbers too (utf32 sends
+# 5 as '\0\0\0' '5'), but never a binary one: the proxy's columns are cast to BINARY.
+# max_statement_time interrupts (ER_STATEMENT_TIMEOUT) and max_join_size refuses
+# (ER_TOO_BIG_SELECT) a statement that reads tables: such a statement is run again with them
+# lifted for its duration (https://mariadb.com/kb/en/set-statement/). Only then, because SET
+# STATEMENT reports the variables to a client that tracks them, in its next OK.
+PROXY_TERMS = "SET STATEMENT max_statement_time = 0, max_join_size = 18446744073709551615 FOR "
+ER_TOO_BIG_SELECT, ER_STATEMENT_TIMEOUT = 1104, 1969
+# A statement sees the values SET STATEMENT gave it, and information_schema shows
+# character_set_results = NULL as '': the capture reads these apart (terms_sql), and
+# sql_big_selects with them (setting max_join_size turns it off, so it is set again after).
+_TERMS = (("max_statement_time", "DOUBLE"), ("max_join_size", "BIGINT UNSIGNED"),
+          ("character_set_results", "ENUM"))
 _CAPTURE_BASE = (
-    "SELECT 'db', NULL, HEX(DATABASE()) "
+    "SELECT 'db' AS kind, NULL AS name, HEX(DATABASE()) AS value "
     "UNION ALL SELECT 'lii', NULL, LAST_INSERT_ID() "
     "UNION ALL SELECT 'sys', CONCAT(VARIABLE_TYPE, ' ', VARIABLE_NAME), HEX(SESSION_VALUE) "
     "FROM information_schema.SYSTEM_VARIABLES WHERE VARIABLE_SCOPE = 'SESSION' "
     "AND READ_ONLY = 'NO' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE) "
+    "AND VARIABLE_NAME NOT IN ('MAX_STATEMENT_TIME', 'MAX_JOIN_SIZE', 'CHARACTER_SET_RESULTS') "
     # What the connection made, counted by the server wherever it was made (SessionState.unseen)
     "UNION ALL SELECT 'count', VARIABLE_NAME, VARIABLE_VALUE "
     "FROM information_schema.SESSION_STATUS "
@@ -61,8 +76,19 @@ USER_VARIABLES, METADATA_LOCK_INFO = "USER_VARIABLES", "METADATA_LOCK_INFO"
 
 def capture_sql(user_variables: bool, lock_info: bool) -> str:
     """The one statement that captures a session, with the plugin tables the server has."""
-    return (_CAPTURE_BASE + (_CAPTURE_USER if user_variables else "")
-            + (_CAPTURE_LOCKS if lock_info else "") + _ALL_ROWS)
+    return _binary_rows(_CAPTURE_BASE + (_CAPTURE_USER if user_variables else "")
+                        + (_CAPTURE_LOCKS if lock_info else ""))
+
+
+def _binary_rows(union: str) -> str:
+    """A UNION of the capture's rows (constant text), each value binary."""
+    columns = "CAST(kind AS BINARY), CAST(name AS BINARY), CAST(value AS BINARY)"
+    return f"SELECT {columns} FROM ({union}) AS capture{_ALL_ROWS}"  # noqa: S608
+
+
+def lifted(sql: str, code: int) -> str | None:
+    """`sql` once more with the session's limits lifted, if they are what refused it."""
+    return PROXY_TERMS + sql if code in (ER_TOO_BIG_SELECT, ER_STATEMENT_TIMEOUT) else None
 
 
 # performance_schema, for one backend connection (by its thread id), read by the proxy's own
@@ -150,17 +176,21 @@ def stored_program_bodies(rows: list[Row]) -> list[bytes] | None:
 def capture_user_sql() -> str:
     """The user variables and LAST_INSERT_ID() alone, in capture_sql's rows (a checkpoint after
     a statement that changed only user variables: a tenth of the cost of the whole capture)."""
-    return "SELECT 'lii', NULL, LAST_INSERT_ID()" + _CAPTURE_USER + _ALL_ROWS
+    return _binary_rows("SELECT 'lii' AS kind, NULL AS name, LAST_INSERT_ID() AS value"
+                        + _CAPTURE_USER)
 
 
-def missing_table(code: int, message: str) -> str | None:
-    """Which plugin table an error says the server lacks, if it says so."""
-    if code != ER_UNKNOWN_TABLE:
-        return None
-    for table in (USER_VARIABLES, METADATA_LOCK_INFO):
-        if f"'{table}'" in message.upper():
-            return table
-    return None
+# Which of the plugin tables the server has: asked, not read from a refusal's message, which
+# the session's character_set_results can garble (utf32 leaves it empty).
+PLUGIN_TABLES_SQL = (
+    "SELECT CAST(TABLE_NAME AS BINARY) FROM information_schema.TABLES "
+    "WHERE TABLE_SCHEMA = 'information_schema' "
+    "AND TABLE_NAME IN ('USER_VARIABLES', 'METADATA_LOCK_INFO') LIMIT 18446744073709551615"
+)
+
+
+def plugin_tables(rows: list[Row]) -> set[str]:
+    return {row[0].decode().upper() for row in rows if row and row[0] is not None}
 
 # Column types of `SELECT @v` (https://mariadb.com/kb/en/result-set-packets/#field-types):
 # how a named user variable's type is read where USER_VARIABLES is missing.
@@ -173,7 +203,8 @@ _SKIP_SYSTEM = frozenset(
 )
 _NUMERIC_SYSTEM_TYPES = frozenset({"INT", "INT UNSIGNED", "BIGINT", "BIGINT UNSIGNED", "DOUBLE"})
 # Charsets first, then collations: a collation implies its charset, not the other way round.
-_ORDER = ("character_set_", "collation_")
+# max_join_size before sql_big_selects: setting it turns sql_big_selects off.
+_ORDER = ("character_set_", "collation_", "max_join_size")
 
 
 @dataclass
@@ -225,6 +256,31 @@ def parse_capture(rows: list[Row]) -> CapturedState:
     return state
 
 
+def terms_sql(session_only: list[tuple[str, str]]) -> str:
+    """The session's own values of _TERMS, each with its global value, sql_big_selects, then
+    those of `session_only` (name, type): a statement without a table, which no limit stops,
+    its values binary."""
+    cols = [f"CAST(@@{scope}.{name} AS BINARY)" for name, _ in _TERMS
+            for scope in ("session", "global")]
+    cols += [f"CAST(@@session.{name} AS BINARY)"
+             for name in ["sql_big_selects", *(name for name, _ in session_only)]]
+    return f"SELECT {', '.join(cols)}{_ALL_ROWS}"
+
+
+def apply_terms(state: CapturedState, row: Row, session_only: list[tuple[str, str]]) -> None:
+    """terms_sql's answer into `state.system`: the terms where the session's value is its own."""
+    for i, (name, vtype) in enumerate(_TERMS):
+        if row[2 * i] != row[2 * i + 1]:
+            state.system.append((name, vtype, row[2 * i]))
+    after = 2 * len(_TERMS)
+    if any(name == "max_join_size" for name, _, _ in state.system):
+        state.system = [item for item in state.system if item[0] != "sql_big_selects"]
+        state.system.append(("sql_big_selects", "BOOLEAN", row[after]))
+    for (name, vtype), value in zip(session_only, row[after + 1:], strict=True):
+        state.system.append((name, vtype, value))
+    state.system.sort(key=_system_order)
+
+
 def _three(row: Row) -> tuple[bytes, bytes | None, bytes | None]:
     if len(row) != 3 or row[0] is None:
         raise ValueError("unexpected capture row")
@@ -241,9 +297,13 @@ def _system_order(item: tuple[str, str, bytes | None]) -> tuple[int, str]:
 
 def named_user_vars_sql(names: list[bytes], last_insert_id: bool = False) -> str:
     """Capture named user variables without USER_VARIABLES: each as itself (its column type
-    says its type), as HEX() and with its COLLATION(); LAST_INSERT_ID() first if asked."""
-    cols = ", ".join(f"{_uvar(n)}, HEX({_uvar(n)}), COLLATION({_uvar(n)})" for n in names)
-    return f"SELECT {'LAST_INSERT_ID(), ' if last_insert_id else ''}{cols}{_ALL_ROWS}"
+    says its type, its value may be re-encoded), its value as BINARY, as HEX() and with its
+    COLLATION(); LAST_INSERT_ID() first if asked."""
+    cols = ["CAST(LAST_INSERT_ID() AS BINARY)"] if last_insert_id else []
+    for n in names:
+        var = _uvar(n)
+        cols += [var, *(f"CAST({e} AS BINARY)" for e in (var, f"HEX({var})", f"COLLATION({var})"))]
+    return f"SELECT {', '.join(cols)}{_ALL_ROWS}"
 
 
 def apply_named_user_vars(state: CapturedState, names: list[bytes], row: Row,
@@ -254,8 +314,8 @@ def apply_named_user_vars(state: CapturedState, names: list[bytes], row: Row,
         state.last_insert_id = int(row[0] or b"0")
         row, types = row[1:], types[1:]
     for i, name in enumerate(names):
-        value, hexvalue, collation = row[3 * i], row[3 * i + 1], row[3 * i + 2]
-        column_type, flags = types[3 * i]
+        value, hexvalue, collation = row[4 * i + 1], row[4 * i + 2], row[4 * i + 3]
+        column_type, flags = types[4 * i]
         if value is None or column_type == _TYPE_NULL:
             continue
         if column_type == _TYPE_LONGLONG:
@@ -275,7 +335,8 @@ def string_values_sql(state: CapturedState) -> str | None:
     strings = state.strings()
     if not strings:
         return None
-    cols = ", ".join(f"HEX({_uvar(v.name)}), COLLATION({_uvar(v.name)})" for v in strings)
+    cols = ", ".join(f"CAST(HEX({_uvar(v.name)}) AS BINARY), "
+                     f"CAST(COLLATION({_uvar(v.name)}) AS BINARY)" for v in strings)
     return f"SELECT {cols}{_ALL_ROWS}"
 
 
