@@ -17,6 +17,7 @@ from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, EDU, 
 from support.faults import CuttingRelay
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.mariadb import MariaDBServer
+from tiproxy.protocol.packets import frame
 
 pytestmark = pytest.mark.integration
 
@@ -445,3 +446,46 @@ def test_a_redirect_that_cannot_happen_is_given_up(pair: list[MariaDBServer],
         cur.execute("SELECT 1")  # the session lives on where it was
         assert cur.fetchone() == (1,)
     assert "given up" in proxy.log()
+
+
+def test_an_execute_without_its_types_works_after_a_move(mproxy: ProxyProcess) -> None:
+    """Clients send a statement's parameter types with its first execute only (libmariadb, PHP's
+    mysqlnd: new_params_bound_flag = 0 after). After a move the proxy puts them back, also when
+    the new backend gave the statement the client's own id, as it does when the ids count from 1
+    on both connections."""
+    conn = pymysql.connect(host="127.0.0.1", port=mproxy.port, user=APP.name,
+                           password=APP.password, database="test")
+
+    def command(payload: bytes) -> bytes:
+        conn._write_bytes(frame(payload, 0))
+        conn._next_seq_id = 1
+        return bytes(conn._read_packet().get_all_data())  # raises on an ERR packet
+
+    try:
+        prepared = command(b"\x16SELECT CAST(? AS SIGNED) + 1")  # COM_STMT_PREPARE
+        stmt, params = int.from_bytes(prepared[1:5], "little"), prepared[7]
+        assert (stmt, params) == (1, 1)  # the first statement: id 1 on any connection
+        for _ in range(4):  # the parameter, EOF, the column, EOF
+            conn._read_packet()
+
+        def execute(value: int, with_types: bool) -> int:
+            body = (b"\x17" + stmt.to_bytes(4, "little") + b"\x00" + (1).to_bytes(4, "little")
+                    + b"\x00"  # NULL bitmap: one parameter, not NULL
+                    + (b"\x01\x08\x00" if with_types else b"\x00")  # LONGLONG, signed
+                    + value.to_bytes(8, "little", signed=True))
+            assert command(body) == b"\x01"  # one column
+            for _ in range(2):  # its definition, EOF
+                conn._read_packet()
+            row = bytes(conn._read_packet().get_all_data())
+            conn._read_packet()  # EOF
+            return int.from_bytes(row[2:10], "little", signed=True)  # header, NULL bitmap
+
+        assert execute(41, with_types=True) == 42
+        assert execute(1, with_types=False) == 2
+        backends = set()
+        for n in range(3):
+            backends.add(mproxy.move(conn.thread_id()))
+            assert execute(n * 10, with_types=False) == n * 10 + 1
+        assert len(backends) == 2
+    finally:
+        conn.close()

@@ -390,13 +390,18 @@ class Session(TransactionReplay, SessionLogin):
 
     def _execute_is_plain(self, packet: bytes) -> bool:
         """A COM_STMT_EXECUTE without a cursor, for a statement with nothing pending.
-        Keeps the parameter types it carries, for the first execute after a move."""
+        Keeps the parameter types it carries, for the first execute after a move; one that
+        must have them put back is not plain (the new backend may well have given the
+        statement the same id: ids count from 1 on every connection)."""
         stmt = self.state.stmts.get(packet_stmt_id(packet))
         if stmt is None:
             return True  # unknown to the proxy: the backend will answer with an error
         flags, types = execute_types(packet, stmt.params)
         if types is not None:
             stmt.param_types = types
+            stmt.types_sent = True
+        elif not stmt.types_sent:
+            return False
         return not flags and not stmt.long_data and not stmt.cursor_open \
             and stmt.effects is None and not stmt.renames and stmt.variables is None
 

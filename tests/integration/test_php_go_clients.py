@@ -1,0 +1,67 @@
+"""PHP and Go clients through the proxy: two protocol implementations of their own.
+
+PHP's mysqlnd (tests/support/php/workload.php), through mysqli (plain and over the compressed
+protocol) and PDO: long data sent in pieces with a move asked for in between, an unbuffered
+result, COM_CHANGE_USER, native and emulated prepares, persistent connections. Go's
+go-sql-driver/mysql under database/sql (tests/support/go/workload.go): its prepared statements
+kept by the pool across moves or its own interpolation into text, session variables set from the
+DSN at connect, LOAD DATA LOCAL, a deadline that ends a query. Each workload runs directly and then
+through the proxy while it moves (support/scripted.py), and every step must match.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from support.backends import BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
+from support.proxy import ProxyFactory
+from support.scripted import same_through_moves
+from tiproxy.playground.mariadb import MariaDBServer
+
+pytestmark = pytest.mark.integration
+
+SUPPORT = Path(__file__).resolve().parent.parent / "support"
+# Debian's packaged driver (golang-github-go-sql-driver-mysql-dev), built in GOPATH mode: the
+# module proxy is not reachable from every machine the tests run on.
+GOPATH = "/usr/share/gocode"
+
+
+@pytest.fixture(scope="module")
+def server(mariadb_factory: MariaDBFactory) -> MariaDBServer:
+    return mariadb_factory(BACKEND_ARGS, BACKEND_USERS)
+
+
+@pytest.fixture(scope="module")
+def go_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    go = shutil.which("go")
+    assert go is not None, "Go is missing (scripts/setup.sh installs golang-go)"
+    assert Path(GOPATH, "src/github.com/go-sql-driver/mysql").is_dir(), \
+        "scripts/setup.sh installs golang-github-go-sql-driver-mysql-dev"
+    binary = tmp_path_factory.mktemp("go") / "workload"
+    env = {**os.environ, "GOPATH": GOPATH, "GO111MODULE": "off", "GOFLAGS": "",
+           "GOCACHE": os.environ.get("GOCACHE", str(Path.home() / ".cache" / "go-build"))}
+    subprocess.run([go, "build", "-o", str(binary), "workload.go"], cwd=SUPPORT / "go", env=env,
+                   check=True, timeout=600)
+    return binary
+
+
+@pytest.mark.parametrize("api", ["mysqli", "mysqli_compressed", "pdo"])
+def test_a_php_client_gets_through_the_proxy_what_it_gets_directly(
+    server: MariaDBServer, proxy_factory: ProxyFactory, api: str,
+) -> None:
+    php = shutil.which("php")
+    assert php is not None, "PHP is missing (scripts/setup.sh installs php-cli and php-mysql)"
+    same_through_moves(server, proxy_factory, [php, str(SUPPORT / "php" / "workload.php"), api],
+                       SUPPORT / "php")
+
+
+@pytest.mark.parametrize("mode", ["binary", "interpolate"])
+def test_a_go_client_gets_through_the_proxy_what_it_gets_directly(
+    server: MariaDBServer, proxy_factory: ProxyFactory, go_workload: Path, mode: str,
+) -> None:
+    same_through_moves(server, proxy_factory, [str(go_workload), mode], go_workload.parent)
