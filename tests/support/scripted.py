@@ -49,7 +49,7 @@ def run_workload(command: list[str], cwd: Path, port: int, on_move: Callable[[st
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert code == 0, f"{command} failed after {len(results)} steps:\n{stderr}"
+    assert code == 0, f"{command} failed ({code}) after {len(results)} steps:\n{stderr}"
     assert moves >= 3
     return results
 

@@ -129,6 +129,13 @@ class SessionLogin:
         self._splitter = PacketSplitter(LOGIN_PACKET_LIMIT, Origin.CLIENT)
         self._native_salt: bytes | None = None  # a native-password auth switch in progress
         self._native_exchange: tuple[bytes, bytes] | None = None  # (salt, client's scramble)
+        # The native-password salt the client last answered: Connector/C answers a
+        # COM_CHANGE_USER's auth switch with it whatever salt the switch carries.
+        self.client_salt: bytes | None = None
+        # COM_CHANGE_USER on a backend whose salt the client never saw (after a move): the
+        # backend's salt and the user, while the client answers client_salt instead.
+        self._switch_salt: tuple[bytes, str] | None = None
+        self._changing_to: str | None = None  # the user a COM_CHANGE_USER in flight names
         self._login_timer = None
         self._tls_early: bytearray | None = None  # client bytes while its TLS is set up
         self._tls_refusal = ""  # why the client's certificate is not accepted
@@ -508,6 +515,7 @@ class SessionLogin:
         """Keep SHA1(password) if this login proved it against a stored hash."""
         exchange, self._native_exchange = self._native_exchange, None
         self.credential = None
+        self.client_salt = exchange[0] if exchange is not None else None
         if self.dialect == "tidb":
             self.state.no_credential = ""  # TiDB moves with a session token
             return

@@ -42,6 +42,7 @@ from tiproxy.net.login_phase import (
     SessionLogin,
 )
 from tiproxy.net.replay import TransactionReplay
+from tiproxy.protocol.auth import native_answer
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
 from tiproxy.protocol.constants import (
@@ -495,7 +496,8 @@ class Session(TransactionReplay, SessionLogin):
         elif cmd == Command.CHANGE_USER:
             change = rewrite_change_user(packet[4:], self.client_caps, FORCE_SWITCH_PLUGIN)
             packet = frame(change.rewritten, 0)
-            token = ("change_user", change.user.decode("utf-8", "replace"))
+            self._changing_to = change.user.decode("utf-8", "replace")
+            token = ("change_user", self._changing_to)
         elif cmd == Command.RESET_CONNECTION:
             token = ("reset",)
         elif cmd == Command.INIT_DB:
@@ -637,10 +639,20 @@ class Session(TransactionReplay, SessionLogin):
         return packet, Expect.RESULT
 
     def _change_user_auth(self, packet: bytes) -> None:
-        """A client packet in the middle of COM_CHANGE_USER's authentication."""
+        """A client packet in the middle of COM_CHANGE_USER's authentication: the answer to a
+        switch whose salt the proxy replaced is answered to the backend's own salt, from the
+        SHA1(password) it proves (a wrong password goes on as it came, for the server to
+        refuse)."""
         if self._native_salt is not None:
             self._native_exchange = (self._native_salt, packet[4:])
             self._native_salt = None
+        switched, self._switch_salt = self._switch_salt, None
+        if switched is not None and self._native_exchange is not None:
+            salt, answer = self._native_exchange
+            stage1 = self.server.credentials.recover(switched[1], salt, answer) if answer \
+                else None
+            if stage1 is not None:
+                packet = frame(native_answer(stage1, switched[0]), packet[3])
         self._to_backend(packet)
 
     def _connection_ids(self, packet: bytes, prepare: bool) -> bytes | Literal[False]:
@@ -734,6 +746,8 @@ class Session(TransactionReplay, SessionLogin):
             self.answer_crc = zlib.crc32(data, self.answer_crc)
         tracker = self.tracker
         assert tracker is not None
+        if tracker.phase == AUTH:
+            data = self._watch_auth_switch(data)
         if self._intercept is not None:
             self._intercept += data
         elif self.held_answer is not None:
@@ -744,8 +758,6 @@ class Session(TransactionReplay, SessionLogin):
             self.client.write(data)
         else:
             self.send_client(data)
-        if tracker.phase == AUTH:
-            self._watch_auth_switch(data)
         traffic = self._traffic
         traffic.in_bytes += len(data)
         if self._cross:
@@ -768,15 +780,30 @@ class Session(TransactionReplay, SessionLogin):
         return self.backend is not None and self.backend.galera \
             and self.wsrep_not_ready(data, packet)
 
-    def _watch_auth_switch(self, data: bytes) -> None:
-        """COM_CHANGE_USER: note a native-password salt, to recover the new credential."""
-        if len(data) > 5 and data[4] == 0xFE:
-            try:
-                switch = parse_auth_switch(data[4 : 4 + (_unpack_u32(data, 0)[0] & 0xFFFFFF)])
-            except ProtocolError:
-                return
-            native = switch.plugin == "mysql_native_password"
-            self._native_salt = switch.data[:20] if native else None
+    def _watch_auth_switch(self, data: bytes) -> bytes:
+        """COM_CHANGE_USER: note a native-password salt, to recover the new credential. A salt
+        the client never saw (the backend is not the one it logged in to) is replaced by the
+        one it answered last, when the proxy holds the new user's hash to answer the backend's
+        (_change_user_auth): Connector/C answers with its old salt whatever the switch says."""
+        if len(data) <= 5 or data[4] != 0xFE:
+            return data
+        length = _unpack_u32(data, 0)[0] & 0xFFFFFF
+        try:
+            switch = parse_auth_switch(data[4 : 4 + length])
+        except ProtocolError:
+            return data
+        native = switch.plugin == "mysql_native_password"
+        salt = switch.data[:20] if native else None
+        self._native_salt = salt
+        mine, change = self.client_salt, self._changing_to
+        if salt is None or mine is None or len(salt) != len(mine) or salt == mine \
+                or change is None or not self.server.credentials.knows(change) \
+                or len(data) != length + 4:
+            return data
+        self._switch_salt = (salt, change)
+        self._native_salt = mine
+        at = 4 + 1 + len(switch.plugin) + 1  # header, 0xFE, the plugin's name and its NUL
+        return data[:at] + mine + data[at + len(mine):]
 
     def _response_done(self, token: Any, status: int, failed: bool) -> None:
         sent = self._sent  # Histogram.observe, inlined: once per command
@@ -853,6 +880,7 @@ class Session(TransactionReplay, SessionLogin):
             self._to_client(bytes(held))
 
     def _user_changed(self, user: str, failed: bool) -> None:
+        self._changing_to = self._switch_salt = None
         self.variables_reset()
         if failed:
             self._native_exchange = None

@@ -1,4 +1,4 @@
-// A Go client's workload, driven by tests/integration/test_php_go_clients.py.
+// A Go client's workload, driven by tests/integration/test_connectors.py.
 //
 // Usage: workload binary|interpolate   (TIPROXY_HOST, TIPROXY_PORT, TIPROXY_USER,
 // TIPROXY_PASSWORD, TIPROXY_DATABASE in the environment)

@@ -1,5 +1,5 @@
 <?php
-// A PHP client's workload, driven by tests/integration/test_php_go_clients.py.
+// A PHP client's workload, driven by tests/integration/test_connectors.py.
 //
 // Usage: php workload.php mysqli|mysqli_compressed|pdo   (TIPROXY_HOST, TIPROXY_PORT,
 // TIPROXY_USER, TIPROXY_PASSWORD, TIPROXY_DATABASE in the environment)

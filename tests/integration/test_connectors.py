@@ -1,12 +1,14 @@
-"""PHP and Go clients through the proxy: two protocol implementations of their own.
+"""PHP, Go and MariaDB Connector/Python through the proxy: protocol implementations of their own.
 
 PHP's mysqlnd (tests/support/php/workload.php), through mysqli (plain and over the compressed
 protocol) and PDO: long data sent in pieces with a move asked for in between, an unbuffered
 result, COM_CHANGE_USER, native and emulated prepares, persistent connections. Go's
 go-sql-driver/mysql under database/sql (tests/support/go/workload.go): its prepared statements
 kept by the pool across moves or its own interpolation into text, session variables set from the
-DSN at connect, LOAD DATA LOCAL, a deadline that ends a query. Each workload runs directly and then
-through the proxy while it moves (support/scripted.py), and every step must match.
+DSN at connect, LOAD DATA LOCAL, a deadline that ends a query. MariaDB Connector/Python
+(tests/support/mariadb_py/workload.py), on Connector/C: prepared cursors that send their types once,
+executemany() as COM_STMT_BULK_EXECUTE, its own reset and change_user. Each workload runs directly
+and then through the proxy while it moves (support/scripted.py), and every step must match.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,11 @@ def test_a_go_client_gets_through_the_proxy_what_it_gets_directly(
     server: MariaDBServer, proxy_factory: ProxyFactory, go_workload: Path, mode: str,
 ) -> None:
     same_through_moves(server, proxy_factory, [str(go_workload), mode], go_workload.parent)
+
+
+def test_mariadb_connector_python_gets_through_the_proxy_what_it_gets_directly(
+    server: MariaDBServer, proxy_factory: ProxyFactory,
+) -> None:
+    same_through_moves(server, proxy_factory,
+                       [sys.executable, str(SUPPORT / "mariadb_py" / "workload.py")],
+                       SUPPORT / "mariadb_py")
