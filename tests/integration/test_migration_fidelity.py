@@ -336,3 +336,33 @@ def test_a_session_moves_whatever_it_set_for_its_own_statements(
             assert cur.fetchone() == before
             if "autocommit = 0" in settings:
                 cur.execute("COMMIT")
+
+
+def test_wait_timeout_counts_the_clients_idle_time_across_moves(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """The server closes a connection idle for its wait_timeout; a move gives the session a new
+    connection whose count starts at the move. The proxy keeps the old count: idle 3.5 s in all
+    (2 s since the move) with wait_timeout = 3, it is gone as it would be directly. One that
+    keeps sending commands is not."""
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    with proxy.connect() as busy, busy.cursor() as cur:
+        cur.execute("SET SESSION wait_timeout = 3")
+        for _ in range(3):
+            cur.execute("SELECT 1")
+            time.sleep(1.2)
+            proxy.move(busy.thread_id())
+        cur.execute("SELECT @@wait_timeout")
+        assert cur.fetchall() == ((3,),)
+    idle = proxy.connect()
+    with idle.cursor() as cur:
+        cur.execute("SET SESSION wait_timeout = 3")
+    time.sleep(1.5)
+    proxy.move(idle.thread_id())
+    moved = time.monotonic()
+    time.sleep(2.0)
+    with pytest.raises(pymysql.err.OperationalError) as gone, idle.cursor() as cur:
+        cur.execute("SELECT 1")
+    assert time.monotonic() - moved < 3  # the new connection's own count had not run out
+    assert gone.value.args[0] in (2006, 2013)
+    proxy.wait_log("idle for its wait_timeout (3s) since its last answer")

@@ -71,13 +71,14 @@ def test_what_the_capture_overrides_is_read_apart_and_restored_in_order() -> Non
     assert lifted("SELECT 1", 1104) == PROXY_TERMS + "SELECT 1"  # max_join_size
     assert lifted("SELECT 1", 1146) is None
     assert terms_sql([("timestamp", "DOUBLE")]).endswith(
-        "CAST(@@session.sql_big_selects AS BINARY), CAST(@@session.timestamp AS BINARY)"
+        "CAST(@@session.sql_big_selects AS BINARY), CAST(@@session.wait_timeout AS BINARY), "
+        "CAST(@@session.timestamp AS BINARY)"
         " LIMIT 18446744073709551615")
     state = parse_capture([[b"sys", b"BOOLEAN SQL_BIG_SELECTS", b"4F4646"],
                            [b"sys", b"VARCHAR COLLATION_CONNECTION", b"6C6174696E315F62696E"]])
     # session, global of each term; sql_big_selects; then the session-only variables
     apply_terms(state, [b"0.000001", b"0.000000", b"1", b"18446744073709551615", None,
-                        b"utf8mb4", b"ON", b"1700000000.5"], [("timestamp", "DOUBLE")])
+                        b"utf8mb4", b"ON", b"28800", b"1700000000.5"], [("timestamp", "DOUBLE")])
     assert [name for name, _, _ in state.system] == [
         "character_set_results", "collation_connection", "max_join_size", "max_statement_time",
         "sql_big_selects", "timestamp"]
@@ -86,8 +87,9 @@ def test_what_the_capture_overrides_is_read_apart_and_restored_in_order() -> Non
     assert "max_statement_time = 0.000001" in sql and "timestamp = 1700000000.5" in sql
     assert "SESSION sql_big_selects = _utf8mb4 X'4f4e'" in sql  # the session's, after max_join_size
     same = parse_capture([])
-    apply_terms(same, [b"0", b"0", b"5", b"5", b"latin1", b"latin1", b"ON"], [])
+    apply_terms(same, [b"0", b"0", b"5", b"5", b"latin1", b"latin1", b"ON", b"1"], [])
     assert same.system == []  # equal to the global values: nothing of the session's own
+    assert (state.wait_timeout, same.wait_timeout) == (28800, 1)  # kept across a move
 
 
 def test_performance_schema_answers_only_for_what_it_instruments() -> None:

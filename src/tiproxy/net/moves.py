@@ -90,6 +90,8 @@ class SessionMoves:
         self._move_task: asyncio.Task[None] | None = None
         self._soon: asyncio.TimerHandle | None = None  # a quiet session's move, after the grace
         self.answered_at = float("-inf")  # when a response last completed with a move due
+        self.last_answer = time.monotonic()  # when a response last completed (the login's, first)
+        self._idle_timer: asyncio.TimerHandle | None = None  # the session's wait_timeout, moved
         self.balanced_at = float("-inf")  # when the rebalance loop last moved this session
         self.moves = 0
         self.namespace = ""
@@ -324,6 +326,31 @@ class SessionMoves:
             self.state.use(result.database or None)
         result.leg.attach(self)
         self.server.router.forget_empty()
+        if result.captured is not None:
+            self._keep_wait_timeout(result.captured.wait_timeout)
+
+    def _keep_wait_timeout(self, wait_timeout: float | None) -> None:
+        """A server closes a connection idle for its wait_timeout, counted from its last answer;
+        the new backend counts from the move. Until the client sends a command, the proxy
+        keeps the old count: a session idle that long is closed as its server would have."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if wait_timeout:
+            since = self.last_answer
+            delay = max(since + wait_timeout - time.monotonic(), 0.0)
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                delay, self._idle_too_long, since, wait_timeout)
+
+    def _idle_too_long(self, since: float, wait_timeout: float) -> None:
+        self._idle_timer = None
+        tracker = self.tracker
+        if self.phase != 1 or self._moving or self.last_answer != since or tracker is None \
+                or not tracker.idle or self._cbuf:
+            return  # it sent a command since: the backend counts from that one's answer
+        self.close(f"idle for its wait_timeout ({wait_timeout:g}s) since its last answer, "
+                   "counted across its moves: closed as its server would",
+                   kind=counters.BACKEND_NETWORK)
 
     def _begin_shortcut(self, sql: bytes) -> bool:
         """A BEGIN inside a transaction while a move is due: commit, move, then BEGIN."""

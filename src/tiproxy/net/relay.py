@@ -809,7 +809,8 @@ class Session(TransactionReplay, SessionLogin):
         sent = self._sent  # Histogram.observe, inlined: once per command
         if sent:
             cmd, started = sent.pop(0)
-            seconds = _monotonic() - started
+            self.last_answer = now = _monotonic()
+            seconds = now - started
             times = self._traffic.commands[cmd]
             times.counts[bisect_left(QUERY_BUCKETS, seconds)] += 1
             times.total += seconds

@@ -226,6 +226,7 @@ class CapturedState:
     # Where the user variables were listed: "information_schema", "performance_schema", or ""
     # (read only by the names the session's statements used)
     user_listing: str = ""
+    wait_timeout: float | None = None  # the session's, whether its own or the global one
 
     def strings(self) -> list[UserVariable]:
         """String variables, NULL ones too: a NULL keeps its character set."""
@@ -257,13 +258,13 @@ def parse_capture(rows: list[Row]) -> CapturedState:
 
 
 def terms_sql(session_only: list[tuple[str, str]]) -> str:
-    """The session's own values of _TERMS, each with its global value, sql_big_selects, then
-    those of `session_only` (name, type): a statement without a table, which no limit stops,
-    its values binary."""
+    """The session's own values of _TERMS, each with its global value, sql_big_selects,
+    wait_timeout, then those of `session_only` (name, type): a statement without a table,
+    which no limit stops, its values binary."""
     cols = [f"CAST(@@{scope}.{name} AS BINARY)" for name, _ in _TERMS
             for scope in ("session", "global")]
-    cols += [f"CAST(@@session.{name} AS BINARY)"
-             for name in ["sql_big_selects", *(name for name, _ in session_only)]]
+    cols += [f"CAST(@@session.{name} AS BINARY)" for name in
+             ["sql_big_selects", "wait_timeout", *(name for name, _ in session_only)]]
     return f"SELECT {', '.join(cols)}{_ALL_ROWS}"
 
 
@@ -276,7 +277,8 @@ def apply_terms(state: CapturedState, row: Row, session_only: list[tuple[str, st
     if any(name == "max_join_size" for name, _, _ in state.system):
         state.system = [item for item in state.system if item[0] != "sql_big_selects"]
         state.system.append(("sql_big_selects", "BOOLEAN", row[after]))
-    for (name, vtype), value in zip(session_only, row[after + 1:], strict=True):
+    state.wait_timeout = float(row[after + 1] or b"0") or None
+    for (name, vtype), value in zip(session_only, row[after + 2:], strict=True):
         state.system.append((name, vtype, value))
     state.system.sort(key=_system_order)
 
