@@ -48,6 +48,16 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# mysqlclient's own test suite, from its source distribution at the installed version: run
+# through the proxy while its sessions move (tests/integration/test_driver_suites.py).
+suites=.venv/driver-suites
+mc_version=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("mysqlclient"))')
+if [ ! -d "$suites/mysqlclient-$mc_version/tests" ]; then
+  mkdir -p "$suites"
+  .venv/bin/python -m pip download -q --no-binary :all: --no-deps -d "$suites" "mysqlclient==$mc_version"
+  tar xzf "$suites/mysqlclient-$mc_version.tar.gz" -C "$suites"
+fi
+
 # The Node.js clients, at the versions package-lock.json names.
 node_dir=tests/support/node
 node_stamp=$node_dir/node_modules/.installed-$(sha1sum < $node_dir/package-lock.json | cut -c1-12)
