@@ -1,4 +1,5 @@
-"""PHP, Go and MariaDB Connector/Python through the proxy: protocol implementations of their own.
+"""PHP, Go, Java and MariaDB Connector/Python through the proxy: protocol implementations of
+their own.
 
 PHP's mysqlnd (tests/support/php/workload.php), through mysqli (plain and over the compressed
 protocol) and PDO: long data sent in pieces with a move asked for in between, an unbuffered
@@ -7,7 +8,10 @@ go-sql-driver/mysql under database/sql (tests/support/go/workload.go): its prepa
 kept by the pool across moves or its own interpolation into text, session variables set from the
 DSN at connect, LOAD DATA LOCAL, a deadline that ends a query. MariaDB Connector/Python
 (tests/support/mariadb_py/workload.py), on Connector/C: prepared cursors that send their types once,
-executemany() as COM_STMT_BULK_EXECUTE, its own reset and change_user. Each workload runs directly
+executemany() as COM_STMT_BULK_EXECUTE, its own reset and change_user. MariaDB Connector/J
+(tests/support/java/Workload.java): its cached server-side statements or its client-side ones,
+batches sent without waiting for each answer (also into a move), a streamed result. Each
+workload runs directly
 and then through the proxy while it moves (support/scripted.py), and every step must match.
 """
 
@@ -29,6 +33,7 @@ from tiproxy.playground.mariadb import MariaDBServer
 pytestmark = pytest.mark.integration
 
 SUPPORT = Path(__file__).resolve().parent.parent / "support"
+CONNECTOR_J = Path("/usr/share/java/mariadb-java-client.jar")  # Debian's libmariadb-java
 # Debian's packaged driver (golang-github-go-sql-driver-mysql-dev), built in GOPATH mode: the
 # module proxy is not reachable from every machine the tests run on.
 GOPATH = "/usr/share/gocode"
@@ -51,6 +56,16 @@ def go_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     subprocess.run([go, "build", "-o", str(binary), "workload.go"], cwd=SUPPORT / "go", env=env,
                    check=True, timeout=600)
     return binary
+
+
+@pytest.fixture(scope="module")
+def java_workload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    javac = shutil.which("javac")
+    assert javac is not None, "the JDK is missing (scripts/setup.sh installs it)"
+    classes = tmp_path_factory.mktemp("java")
+    subprocess.run([javac, "-cp", str(CONNECTOR_J), "-d", str(classes),
+                    str(SUPPORT / "java" / "Workload.java")], check=True, timeout=300)
+    return classes
 
 
 @pytest.mark.parametrize("api", ["mysqli", "mysqli_compressed", "pdo"])
@@ -76,3 +91,12 @@ def test_mariadb_connector_python_gets_through_the_proxy_what_it_gets_directly(
     same_through_moves(server, proxy_factory,
                        [sys.executable, str(SUPPORT / "mariadb_py" / "workload.py")],
                        SUPPORT / "mariadb_py")
+
+
+@pytest.mark.parametrize("prepares", ["server", "text"])
+def test_connector_j_gets_through_the_proxy_what_it_gets_directly(
+    server: MariaDBServer, proxy_factory: ProxyFactory, java_workload: Path, prepares: str,
+) -> None:
+    same_through_moves(server, proxy_factory,
+                       ["java", "-cp", f"{CONNECTOR_J}:{java_workload}", "Workload", prepares],
+                       java_workload)
