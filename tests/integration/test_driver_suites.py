@@ -1,7 +1,8 @@
 """A driver's own test suite through the proxy while its sessions keep moving.
 
 mysqlclient's tests (from its source distribution at the installed version, which
-scripts/setup.sh unpacks into .venv/driver-suites) run twice: directly against a MariaDB server,
+scripts/setup.sh unpacks into .venv/driver-suites) run twice: directly against a MariaDB server
+(the usual one, and one with Oracle-mode, latin1 and statement limits as its defaults),
 then through the proxy whose two backends are two addresses of that server, with every session
 asked to move every 30 ms. Each test must end the same way both times: the suite's authors'
 assertions, not ours, say whether the proxy changed anything a client can see.
@@ -52,9 +53,19 @@ def moving(proxy: ProxyProcess, stop: threading.Event) -> None:
         proxy.redirect()
 
 
-@pytest.fixture(scope="module")
-def server(mariadb_factory: MariaDBFactory) -> MariaDBServer:
-    return mariadb_factory(BACKEND_ARGS, BACKEND_USERS)
+# The tests' usual server, and one whose defaults differ from it in what the proxy's own
+# statements must not depend on: Oracle-mode parsing, latin1, limits on every statement.
+SERVERS = {
+    "default": BACKEND_ARGS,
+    "oracle_latin1_limits": (*BACKEND_ARGS, "--sql-mode=ORACLE", "--character-set-server=latin1",
+                             "--collation-server=latin1_swedish_ci", "--max-statement-time=5",
+                             "--max-join-size=1000000", "--wait-timeout=60"),
+}
+
+
+@pytest.fixture(params=list(SERVERS))
+def server(request: pytest.FixtureRequest, mariadb_factory: MariaDBFactory) -> MariaDBServer:
+    return mariadb_factory(SERVERS[request.param], BACKEND_USERS)
 
 
 def test_mysqlclients_own_suite_ends_the_same_through_moves(
