@@ -448,6 +448,38 @@ def test_a_redirect_that_cannot_happen_is_given_up(pair: list[MariaDBServer],
     assert "given up" in proxy.log()
 
 
+class _Raw:
+    """Binary-protocol commands written by hand on a PyMySQL connection that has logged in."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def command(self, payload: bytes, answered: bool = True) -> bytes:
+        self.conn._write_bytes(frame(payload, 0))
+        if not answered:
+            return b""
+        self.conn._next_seq_id = 1
+        return bytes(self.conn._read_packet().get_all_data())  # raises on an ERR packet
+
+    def prepare(self, sql: bytes) -> tuple[int, int]:
+        """COM_STMT_PREPARE: (statement id, parameters)."""
+        ok = self.command(b"\x16" + sql)
+        stmt, columns, params = (int.from_bytes(ok[1:5], "little"), ok[5], ok[7])
+        for _ in range(params + bool(params) + columns + bool(columns)):  # definitions, EOFs
+            self.conn._read_packet()
+        return stmt, params
+
+    def execute(self, stmt: int, parameters: bytes = b"") -> bytes:
+        """COM_STMT_EXECUTE of a statement with one column: its one row."""
+        body = b"\x17" + stmt.to_bytes(4, "little") + b"\x00" + (1).to_bytes(4, "little")
+        assert self.command(body + parameters) == b"\x01"  # one column
+        for _ in range(2):  # its definition, EOF
+            self.conn._read_packet()
+        row = bytes(self.conn._read_packet().get_all_data())
+        self.conn._read_packet()  # EOF
+        return row
+
+
 def test_an_execute_without_its_types_works_after_a_move(mproxy: ProxyProcess) -> None:
     """Clients send a statement's parameter types with its first execute only (libmariadb, PHP's
     mysqlnd: new_params_bound_flag = 0 after). After a move the proxy puts them back, also when
@@ -455,29 +487,15 @@ def test_an_execute_without_its_types_works_after_a_move(mproxy: ProxyProcess) -
     on both connections."""
     conn = pymysql.connect(host="127.0.0.1", port=mproxy.port, user=APP.name,
                            password=APP.password, database="test")
-
-    def command(payload: bytes) -> bytes:
-        conn._write_bytes(frame(payload, 0))
-        conn._next_seq_id = 1
-        return bytes(conn._read_packet().get_all_data())  # raises on an ERR packet
-
+    raw = _Raw(conn)
     try:
-        prepared = command(b"\x16SELECT CAST(? AS SIGNED) + 1")  # COM_STMT_PREPARE
-        stmt, params = int.from_bytes(prepared[1:5], "little"), prepared[7]
+        stmt, params = raw.prepare(b"SELECT CAST(? AS SIGNED) + 1")
         assert (stmt, params) == (1, 1)  # the first statement: id 1 on any connection
-        for _ in range(4):  # the parameter, EOF, the column, EOF
-            conn._read_packet()
 
         def execute(value: int, with_types: bool) -> int:
-            body = (b"\x17" + stmt.to_bytes(4, "little") + b"\x00" + (1).to_bytes(4, "little")
-                    + b"\x00"  # NULL bitmap: one parameter, not NULL
-                    + (b"\x01\x08\x00" if with_types else b"\x00")  # LONGLONG, signed
-                    + value.to_bytes(8, "little", signed=True))
-            assert command(body) == b"\x01"  # one column
-            for _ in range(2):  # its definition, EOF
-                conn._read_packet()
-            row = bytes(conn._read_packet().get_all_data())
-            conn._read_packet()  # EOF
+            row = raw.execute(stmt, b"\x00"  # NULL bitmap: one parameter, not NULL
+                              + (b"\x01\x08\x00" if with_types else b"\x00")  # LONGLONG
+                              + value.to_bytes(8, "little", signed=True))
             return int.from_bytes(row[2:10], "little", signed=True)  # header, NULL bitmap
 
         assert execute(41, with_types=True) == 42
@@ -487,5 +505,30 @@ def test_an_execute_without_its_types_works_after_a_move(mproxy: ProxyProcess) -
             backends.add(mproxy.move(conn.thread_id()))
             assert execute(n * 10, with_types=False) == n * 10 + 1
         assert len(backends) == 2
+    finally:
+        conn.close()
+
+
+def test_the_statement_prepared_last_stays_the_last_across_moves(mproxy: ProxyProcess) -> None:
+    """Statement id 0xFFFFFFFF names the one prepared last (Connector/C's execute_direct sends
+    it right behind its COM_STMT_PREPARE). After moves, the last one the client prepared is the
+    last one the new backend prepared, even when its id is not the highest."""
+    conn = pymysql.connect(host="127.0.0.1", port=mproxy.port, user=APP.name,
+                           password=APP.password, database="test")
+    raw = _Raw(conn)
+    last = (0xFFFFFFFF).to_bytes(4, "little")
+    try:
+        ids = [raw.prepare(f"SELECT '{name}'".encode())[0] for name in "abc"]
+        for stmt in ids[:2]:
+            raw.command(b"\x19" + stmt.to_bytes(4, "little"), answered=False)  # COM_STMT_CLOSE
+        mproxy.move(conn.thread_id())  # c alone, as the new backend's statement 1
+        d, _ = raw.prepare(b"SELECT 'd'")
+        assert d < ids[2]  # the client's id for d is lower than c's
+        assert raw.execute(int.from_bytes(last, "little")).endswith(b"\x01d")
+        for _ in range(2):
+            mproxy.move(conn.thread_id())
+            assert raw.execute(int.from_bytes(last, "little")).endswith(b"\x01d")
+            assert raw.execute(ids[2]).endswith(b"\x01c")
+            assert raw.execute(d).endswith(b"\x01d")
     finally:
         conn.close()

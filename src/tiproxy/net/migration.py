@@ -554,7 +554,12 @@ async def _restore(session: Session, leg: BackendLeg, target: Backend, captured:
     again = mysql_dialect.restore_sql(captured.mysql, user_only=True)
     if state.sql_prepared and again is not None:
         await query(leg, again, deprecate_eof)
-    stmts = sorted(state.stmts.values(), key=lambda s: (s.database or b"", s.client_id))
+    # The statement the client prepared last is prepared last here too (SessionState.
+    # last_prepared), its database's group last of all.
+    last = state.stmts.get(state.last_prepared) if state.last_prepared is not None else None
+    stmts = sorted(state.stmts.values(),
+                   key=lambda s: (s.database == last.database if last else False,
+                                  s.database or b"", s is last, s.client_id))
     new_ids: dict[int, int] = {}
     for database in dict.fromkeys(s.database for s in stmts):
         await where.enter(database)

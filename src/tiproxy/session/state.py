@@ -47,6 +47,10 @@ class PreparedStatement:
 @dataclass
 class SessionState:
     stmts: dict[int, PreparedStatement] = field(default_factory=dict)
+    # The client id of the statement prepared last: a statement command with id 0xFFFFFFFF
+    # (MariaDB: "the one prepared last", sent right behind its COM_STMT_PREPARE by
+    # Connector/C's execute_direct) means it on any backend, which a move must keep true.
+    last_prepared: int | None = None
     # backend id -> client id, only once they differ (after a move); empty means identity
     to_client: dict[int, int] = field(default_factory=dict)
     sql_prepared: dict[str, bytes] = field(default_factory=dict)
@@ -101,6 +105,7 @@ class SessionState:
             client_id, backend_id, sql, params, columns, effects=prepared_effects(sql),
             database=self.database if self.database_known else None,
             variables=changes if changes.stale or changes.replays else None)
+        self.last_prepared = client_id
         return client_id
 
     def _free_client_id(self, wanted: int) -> int:
@@ -113,6 +118,8 @@ class SessionState:
         stmt = self.stmts.pop(client_id, None)
         if stmt is not None:
             self.to_client.pop(stmt.backend_id, None)
+        if client_id == self.last_prepared:
+            self.last_prepared = None
 
     def backend_id(self, client_id: int) -> int:
         stmt = self.stmts.get(client_id)
