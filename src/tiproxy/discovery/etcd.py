@@ -40,6 +40,7 @@ from tiproxy.discovery.etcdapi import (
     MAX_MESSAGE_BYTES,
     EtcdError,
     b64,
+    client_session,
     endpoint_url,
     json_object,
     post,
@@ -227,9 +228,7 @@ class EtcdTopology:
         self.error = ""
 
     async def run(self, sink: BackendSink) -> None:
-        connector = aiohttp.TCPConnector(limit=4, ssl=self._tls if self._tls else True)
-        timeout = aiohttp.ClientTimeout(total=self._timeout)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async with client_session(self._tls, self._timeout, limit=4) as session:
             index = 0
             delay = _BACKOFF_FIRST
             while True:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import ssl
 from typing import Any
 
 import aiohttp
@@ -27,6 +28,15 @@ class EtcdError(Exception):
 # What a failed attempt to talk to an endpoint can raise (ValueError, KeyError and TypeError: an
 # answer of the wrong shape); anything else is a bug and propagates.
 FAILURES = (EtcdError, aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError, TypeError)
+
+
+def client_session(tls: ssl.SSLContext | None, timeout: float,
+                   limit: int = 2) -> aiohttp.ClientSession:
+    """An HTTP client for the gateway: `tls` (cluster-tls) for https endpoints, at most `limit`
+    connections, every request bounded by `timeout` seconds."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, ssl=tls if tls else True),
+        timeout=aiohttp.ClientTimeout(total=timeout))
 
 
 def b64(data: bytes) -> str:

@@ -38,6 +38,7 @@ import aiohttp
 from tiproxy.discovery.etcdapi import (
     FAILURES,
     b64,
+    client_session,
     endpoint_url,
     json_object,
     post,
@@ -122,7 +123,8 @@ class PeerSessions:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2 * REQUEST_TIMEOUT), self._session() as session:
+            async with asyncio.timeout(2 * REQUEST_TIMEOUT), \
+                    client_session(self._tls, REQUEST_TIMEOUT) as session:
                 for url in self._urls:
                     try:
                         if delete:
@@ -137,13 +139,8 @@ class PeerSessions:
         log.warning("could not remove this proxy's session counts from etcd: they go when "
                     "their lease expires")
 
-    def _session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=2, ssl=self._tls if self._tls else True),
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
-
     async def _run(self) -> None:
-        async with self._session() as session:
+        async with client_session(self._tls, REQUEST_TIMEOUT) as session:
             index = 0
             while True:
                 url = self._urls[index]

@@ -40,7 +40,7 @@ import aiohttp
 from tiproxy import __version__
 from tiproxy.config.model import Config
 from tiproxy.config.values import split_host_port
-from tiproxy.discovery.etcdapi import FAILURES, b64, endpoint_url, post
+from tiproxy.discovery.etcdapi import FAILURES, b64, client_session, endpoint_url, post
 from tiproxy.net.interfaces import first_global_unicast, names_no_one
 
 log = logging.getLogger("tiproxy.discovery")
@@ -151,7 +151,8 @@ class TopologyRegistration:
                 await self._task
 
         try:  # a shutdown must not wait long for an etcd that does not answer
-            async with asyncio.timeout(2 * self._timeout), self._session() as session:
+            async with asyncio.timeout(2 * self._timeout), \
+                    client_session(self._tls, self._timeout) as session:
                 for url in self._urls:
                     if await self._remove(session, url, delete):
                         log.info("unregistered %s from etcd", self.info.addr)
@@ -172,13 +173,8 @@ class TopologyRegistration:
             return False
         return True
 
-    def _session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=2, ssl=self._tls if self._tls else True),
-            timeout=aiohttp.ClientTimeout(total=self._timeout))
-
     async def _run(self) -> None:
-        async with self._session() as session:
+        async with client_session(self._tls, self._timeout) as session:
             index = 0
             delay = _BACKOFF_FIRST
             while True:

@@ -40,6 +40,7 @@ import aiohttp
 from tiproxy.discovery.etcdapi import (
     FAILURES,
     b64,
+    client_session,
     endpoint_url,
     json_object,
     post,
@@ -103,7 +104,8 @@ class Election:
         if not lease:
             return
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(2 * REQUEST_TIMEOUT), self._session() as session:
+            async with asyncio.timeout(2 * REQUEST_TIMEOUT), \
+                    client_session(self._tls, REQUEST_TIMEOUT, limit=4) as session:
                 for url in self._urls:
                     try:
                         await post(session, f"{url}/v3/lease/revoke", {"ID": str(lease)})
@@ -115,13 +117,8 @@ class Election:
         log.warning("could not resign from the election of %s: the next owner is elected when "
                     "this proxy's lease expires (%ds)", self.name, self._ttl)
 
-    def _session(self) -> aiohttp.ClientSession:
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=4, ssl=self._tls if self._tls else True),
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT))
-
     async def _run(self) -> None:
-        async with self._session() as session:
+        async with client_session(self._tls, REQUEST_TIMEOUT, limit=4) as session:
             index = 0
             delay = _BACKOFF_FIRST
             while True:
