@@ -8,7 +8,6 @@ until enough land there (least connections alternates between the two).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 
 from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
 from support.proxy import ProxyFactory, ProxyProcess
+from support.sleeper import StatementThread
 from tiproxy.playground.mariadb import MariaDBServer
 
 pytestmark = pytest.mark.integration
@@ -154,25 +154,6 @@ def test_idle_sessions_survive_a_killed_backend(pair: list[MariaDBServer],
         conn.close()
 
 
-class _InFlight(threading.Thread):
-    """A statement run in a thread, to kill its backend while it runs."""
-
-    def __init__(self, conn: Any, sql: str) -> None:
-        super().__init__(daemon=True)
-        self.conn, self.sql = conn, sql
-        self.rows: Any = None
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            with self.conn.cursor() as cur:
-                cur.execute(self.sql)
-                self.rows = cur.fetchall()
-        except BaseException as e:  # what the client saw is the result
-            self.error = e
-
-
 def test_statements_in_flight_and_an_open_transaction(pair: list[MariaDBServer],
                                                       lproxy: ProxyProcess) -> None:
     doomed, survivor = pair
@@ -185,8 +166,8 @@ def test_statements_in_flight_and_an_open_transaction(pair: list[MariaDBServer],
     with in_trans.cursor() as cur:
         cur.execute("BEGIN")
         cur.execute("INSERT INTO loss_db.ai (v) VALUES (7)")
-    read = _InFlight(reader, "SELECT SLEEP(2), @@port, @mine")
-    write = _InFlight(writer, "UPDATE loss_db.ai SET v = v + SLEEP(2)")
+    read = StatementThread(reader, "SELECT SLEEP(2), @@port, @mine")
+    write = StatementThread(writer, "UPDATE loss_db.ai SET v = v + SLEEP(2)")
     deadline = time.monotonic() + 10
     while len(doomed.sql("SELECT ID FROM information_schema.PROCESSLIST "
                          "WHERE INFO LIKE '%SLEEP(2)%' AND INFO NOT LIKE '%PROCESSLIST%'"

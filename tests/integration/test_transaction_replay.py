@@ -6,7 +6,6 @@ come through as they are.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -15,6 +14,7 @@ import pytest
 
 from support.backends import ADMIN_TOML, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
 from support.proxy import ProxyFactory, ProxyProcess
+from support.sleeper import StatementThread
 from tiproxy.playground.mariadb import MariaDBServer
 
 pytestmark = pytest.mark.integration
@@ -30,25 +30,6 @@ def pair(mariadb_factory: MariaDBFactory) -> list[MariaDBServer]:
         server.sql("CREATE DATABASE rp; CREATE TABLE rp.t (id INT PRIMARY KEY, v INT);\n"
                    "INSERT INTO rp.t VALUES (1, 0), (2, 0);\nGRANT ALL ON rp.* TO app;")
     return servers
-
-
-class _Statement(threading.Thread):
-    """A statement that blocks (on a lock), run in a thread; its error, if any."""
-
-    def __init__(self, conn: Any, sql: str) -> None:
-        super().__init__(daemon=True)
-        self.conn, self.sql = conn, sql
-        self.rows: Any = None
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self) -> None:
-        try:
-            with self.conn.cursor() as cur:
-                cur.execute(self.sql)
-                self.rows = cur.fetchall()
-        except BaseException as e:  # what the client saw is the result
-            self.error = e
 
 
 def _waiting_for_lock(server: MariaDBServer, count: int) -> None:
@@ -76,7 +57,7 @@ def _deadlock(proxy: ProxyProcess, server: MariaDBServer, before: str = "") -> t
             cur.execute(before)
             cur.fetchall()
         cur.execute("UPDATE t SET v = v + 10 WHERE id = 2")
-    a.blocked = _Statement(a, "UPDATE t SET v = v + 1 WHERE id = 2")
+    a.blocked = StatementThread(a, "UPDATE t SET v = v + 1 WHERE id = 2")
     _waiting_for_lock(server, 1)
     return a, b
 
@@ -86,7 +67,7 @@ def test_a_deadlock_victim_is_replayed_and_never_sees_1213(
     server = pair[0]
     proxy = proxy_factory([server.addr], REPLAY)
     a, b = _deadlock(proxy, server)
-    victim = _Statement(b, "UPDATE t SET v = v + 10 WHERE id = 1")
+    victim = StatementThread(b, "UPDATE t SET v = v + 10 WHERE id = 1")
     a.blocked.join(20)  # b was rolled back: a got row 2
     assert a.blocked.error is None, a.blocked.error
     assert victim.is_alive()  # b's replay waits for a's locks
@@ -164,7 +145,7 @@ def test_an_open_transaction_goes_on_after_its_backend_is_killed(
             cur.execute(f"INSERT INTO t VALUES ({10 + n}, {n})")
             cur.execute("SELECT COUNT(*) FROM t")
             assert cur.fetchone() == (3,)
-    in_flight = _Statement(busy, "UPDATE t SET v = v + SLEEP(2) WHERE id = 11")
+    in_flight = StatementThread(busy, "UPDATE t SET v = v + SLEEP(2) WHERE id = 11")
     deadline = time.monotonic() + 10
     while "SLEEP(2)" not in doomed.sql("SHOW PROCESSLIST"):
         assert time.monotonic() < deadline

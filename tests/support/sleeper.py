@@ -38,3 +38,23 @@ class SleepingQuery:
         if ended:
             self._thread.join()
         return ended
+
+
+class StatementThread(threading.Thread):
+    """Any statement run in a thread (one that blocks, or whose backend a test kills while it
+    runs): its rows, or the error the client saw."""
+
+    def __init__(self, conn: Any, sql: str) -> None:
+        super().__init__(daemon=True)
+        self.conn, self.sql = conn, sql
+        self.rows: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(self.sql)
+                self.rows = cur.fetchall()
+        except BaseException as e:  # what the client saw is the result
+            self.error = e
