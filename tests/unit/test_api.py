@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from support.views import QuietView
 from tiproxy.api import BackendView, ProxyView, start_api
 from tiproxy.api.interface import (
     HealthStats,
@@ -56,18 +57,13 @@ def _counts() -> DataPlaneCounts:
 
 
 @dataclass
-class FakeView:
+class FakeView(QuietView):
     """The data plane as the API sees it, with values a test can change between requests."""
 
-    shutting_down: bool = False
-    unhealthy: str = ""
+    cfg: Config = CONFIG
     connections: int = 7
     backend_list: list[BackendView] = field(default_factory=list)
-    cfg: Config = CONFIG
     counts: DataPlaneCounts = field(default_factory=_counts)
-
-    async def refresh(self) -> None:
-        pass
 
     def connection_count(self) -> int:
         return self.connections
@@ -75,17 +71,11 @@ class FakeView:
     def backends(self) -> list[BackendView]:
         return self.backend_list
 
-    def config(self) -> Config:
-        return self.cfg
-
     def discovery_status(self) -> dict[str, str]:
         return {"etcd": "ok"}
 
     def server_errors(self) -> dict[str, int]:
         return {"load_cert": 2}
-
-    def rejected_connections(self) -> dict[str, int]:
-        return {}
 
     async def session_views(self) -> list[SessionView]:
         return [SessionView(3, "app", "127.0.0.1:5000", "127.0.0.1:3308", True, "drained",

@@ -18,21 +18,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from support.views import QuietProxy
 from tiproxy.api import build_app, listener, start_api
 from tiproxy.api.auth import NEED_CREDENTIAL, NO_TOKEN_FILE, WRONG_TOKEN, is_loopback
 from tiproxy.api.interface import (
-    HealthStats,
-    MigrationStats,
     ProxyControl,
-    ServerStats,
-    SessionGauges,
-    SessionView,
-    UpgradeError,
 )
 from tiproxy.api.server import MAX_BODY_BYTES
 from tiproxy.config import Config, parse_config
 from tiproxy.config.files import USERS_FILE_LIMIT
-from tiproxy.net.counters import DataPlaneCounts
 from tiproxy.protocol.proxyproto import SIGNATURE, build
 
 CONFIG = parse_config('[proxy]\naddr = "127.0.0.1:6000"\nbackend-addrs = ["127.0.0.1:3306"]\n')
@@ -40,54 +34,10 @@ TOKEN = "s3cret-token-for-the-tests"
 
 
 @dataclass
-class ControlledView:
-    """The data plane as the API sees it, recording the changes the write routes ask for."""
-
+class ControlledView(QuietProxy):
     cfg: Config = CONFIG
-    shutting_down: bool = False
-    unhealthy: str = ""
-    applied: list[Config] = field(default_factory=list)
     drained: list[tuple[str, bool]] = field(default_factory=list)
     redirects: int = 0
-
-    async def refresh(self) -> None:
-        pass
-
-    def connection_count(self) -> int:
-        return 0
-
-    def backends(self) -> list[object]:
-        return []
-
-    async def session_views(self) -> list[SessionView]:
-        return []
-
-    def migration_stats(self) -> MigrationStats:
-        return MigrationStats({}, (), [0], 0.0)
-
-    def config(self) -> Config:
-        return self.cfg
-
-    def discovery_status(self) -> dict[str, str]:
-        return {}
-
-    def server_errors(self) -> dict[str, int]:
-        return {}
-
-    def rejected_connections(self) -> dict[str, int]:
-        return {}
-
-    def data_plane_counts(self) -> DataPlaneCounts:
-        return DataPlaneCounts()
-
-    def session_gauges(self) -> SessionGauges:
-        return SessionGauges({}, {})
-
-    def health_stats(self) -> HealthStats:
-        return HealthStats(0.0, {}, {})
-
-    def server_stats(self) -> ServerStats:
-        return ServerStats([os.getpid()], 1, {}, 0, 0)
 
     def drain(self, addr: str, drain: bool) -> None:
         self.drained.append((addr, drain))
@@ -95,13 +45,6 @@ class ControlledView:
     async def redirect_all(self) -> int:
         self.redirects += 1
         return 2
-
-    async def upgrade(self) -> int:
-        raise UpgradeError("no upgrade in these tests")
-
-    async def apply_config(self, cfg: Config) -> None:
-        self.applied.append(cfg)
-        self.cfg = cfg
 
 
 def test_the_fake_is_a_control() -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from support.views import QuietProxy
 from tiproxy.api import APIServer, BackendView, start_api
-from tiproxy.api.interface import MigrationStats, SessionView
 from tiproxy.cli.ctl import CtlError, Target, _parser, api_target, main
 from tiproxy.config import Config, config_checksum, config_to_dict, parse_config
 
@@ -23,43 +23,17 @@ CONFIG = parse_config('[proxy]\nbackend-addrs = ["127.0.0.1:3306"]\nmax-connecti
 
 
 @dataclass
-class FakeView:
-    shutting_down: bool = False
-    unhealthy: str = ""
-    backend_list: list[BackendView] = field(default_factory=list)
+class FakeView(QuietProxy):
     cfg: Config = CONFIG
+    backend_list: list[BackendView] = field(default_factory=list)
     redirects: int = 0
     upgrades: int = 0
-
-    async def refresh(self) -> None:
-        pass
 
     def connection_count(self) -> int:
         return sum(b.connections for b in self.backend_list)
 
     def backends(self) -> list[BackendView]:
         return self.backend_list
-
-    def config(self) -> Config:
-        return self.cfg
-
-    def discovery_status(self) -> dict[str, str]:
-        return {}
-
-    async def session_views(self) -> list[SessionView]:
-        return []
-
-    def migration_stats(self) -> MigrationStats:
-        return MigrationStats({}, (), [0], 0.0)
-
-    def server_errors(self) -> dict[str, int]:
-        return {}
-
-    def rejected_connections(self) -> dict[str, int]:
-        return {}
-
-    def drain(self, addr: str, drain: bool) -> None:
-        raise KeyError(addr)
 
     async def redirect_all(self) -> int:
         self.redirects += 1
@@ -68,9 +42,6 @@ class FakeView:
     async def upgrade(self) -> int:
         self.upgrades += 1
         return 4242
-
-    async def apply_config(self, cfg: Config) -> None:
-        self.cfg = cfg
 
 
 @dataclass

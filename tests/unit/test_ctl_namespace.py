@@ -9,13 +9,13 @@ import threading
 import tomllib
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from support.views import QuietProxy
 from tiproxy.api import APIServer, start_api
-from tiproxy.api.interface import MigrationStats, SessionView, UpgradeError
 from tiproxy.cli.ctl import main
 from tiproxy.config import Config, parse_config
 
@@ -25,53 +25,10 @@ CONFIG = parse_config(
 
 
 @dataclass
-class ConfigHolder:
+class ConfigHolder(QuietProxy):
     """The proxy as the API sees it: only its config matters here."""
 
     cfg: Config = CONFIG
-    applied: list[Config] = field(default_factory=list)
-    shutting_down: bool = False
-    unhealthy: str = ""
-
-    async def refresh(self) -> None:
-        pass
-
-    def connection_count(self) -> int:
-        return 0
-
-    def backends(self) -> list[object]:
-        return []
-
-    async def session_views(self) -> list[SessionView]:
-        return []
-
-    def migration_stats(self) -> MigrationStats:
-        return MigrationStats({}, (), [0], 0.0)
-
-    def config(self) -> Config:
-        return self.cfg
-
-    def discovery_status(self) -> dict[str, str]:
-        return {}
-
-    def server_errors(self) -> dict[str, int]:
-        return {}
-
-    def rejected_connections(self) -> dict[str, int]:
-        return {}
-
-    def drain(self, addr: str, drain: bool) -> None:
-        raise KeyError(addr)
-
-    async def redirect_all(self) -> int:
-        return 0
-
-    async def upgrade(self) -> int:
-        raise UpgradeError("no upgrade in these tests")
-
-    async def apply_config(self, cfg: Config) -> None:
-        self.applied.append(cfg)
-        self.cfg = cfg
 
 
 @dataclass

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import aiohttp
 
+from support.views import QuietView
 from tiproxy.api import start_api
 from tiproxy.api.dashboard import CSP, FILES, PAGE
 from tiproxy.api.history import RECENT, SPAN, STEP, MoveHistory, MoveRecord, history_json
-from tiproxy.api.interface import BackendView, MigrationStats, SessionView
+from tiproxy.api.interface import MigrationStats
 from tiproxy.config import Config, parse_config
 
 CONFIG = parse_config('[proxy]\naddr = "127.0.0.1:6000"\nbackend-addrs = ["127.0.0.1:3306"]\n')
@@ -35,39 +36,14 @@ def _move(at: float, session: int = 1, ok: bool = True, reason: str = "drained")
 
 
 @dataclass
-class PageView:
+class PageView(QuietView):
+    cfg: Config = CONFIG
     history: MoveHistory = field(default_factory=MoveHistory)
-    shutting_down: bool = False
-    unhealthy: str = ""
-
-    async def refresh(self) -> None:
-        pass
-
-    def connection_count(self) -> int:
-        return 0
-
-    def backends(self) -> list[BackendView]:
-        return []
-
-    async def session_views(self) -> list[SessionView]:
-        return []
 
     def migration_stats(self) -> MigrationStats:
         return MigrationStats({("10.0.0.1:3306", "10.0.0.2:3306", "drained", "succeed"): 7,
                                ("10.0.0.1:3306", "10.0.0.2:3306", "drained", "fail"): 1},
                               (0.01,), [8, 0], 0.03, self.history)
-
-    def config(self) -> Config:
-        return CONFIG
-
-    def discovery_status(self) -> dict[str, str]:
-        return {}
-
-    def server_errors(self) -> dict[str, int]:
-        return {}
-
-    def rejected_connections(self) -> dict[str, int]:
-        return {}
 
 
 Check = Callable[[aiohttp.ClientSession, str], Awaitable[None]]
