@@ -194,3 +194,35 @@ def test_statements_in_flight_and_an_open_transaction(pair: list[MariaDBServer],
         assert cur.fetchone() == (0, survivor.port, in_trans.thread_id())
     for conn in (reader, writer, in_trans, *others):
         conn.close()
+
+
+def test_character_set_changes_survive_a_killed_backend(pair: list[MariaDBServer],
+                                                        lproxy: ProxyProcess) -> None:
+    """`SET NAMES` is kept as a statement to run again (drivers send it first, and a capture
+    would cost every such login two milliseconds); one that comes after a kept quoted literal
+    takes a checkpoint instead: kept in the order of each variable's last assignment, the
+    literal would run again after the first SET NAMES no more, and be read under the other
+    character set. Either way the rebuilt session holds its strings' bytes as before."""
+    doomed, survivor = pair
+    others: list[Any] = []
+    charset = "SELECT HEX(@s), COLLATION(@s), @@character_set_client, @@collation_connection"
+    first = _on(doomed, lambda: _pymysql(lproxy), others)
+    late = _on(doomed, lambda: _pymysql(lproxy), others)
+    before = []
+    for conn, statements in ((first, ["SET NAMES latin1", "SET @s = 'caf\u00e9'"]),
+                             (late, ["SET NAMES latin1", "SET @s = 'caf\u00e9'",
+                                     "SET NAMES utf8mb4"])):
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+            cur.execute(charset)
+            before.append(cur.fetchone())
+    assert before[0][:2] == before[1][:2]  # read under latin1 both times
+    doomed.kill()
+    for conn, want in zip((first, late), before, strict=True):
+        with conn.cursor() as cur:
+            cur.execute(charset)
+            assert cur.fetchone() == want
+        assert _port(conn) == survivor.port
+    for conn in (first, late, *others):
+        conn.close()

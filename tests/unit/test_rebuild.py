@@ -12,6 +12,7 @@ from tiproxy.session.rebuild import (
     VARS_ALL,
     VARS_NONE,
     VARS_USER,
+    charset_change,
     read_only,
     retryable,
     variable_changes,
@@ -47,8 +48,8 @@ def test_literal_assignments_are_kept_to_run_again(sql: bytes,
         (b"SET @t = NOW()", VARS_USER),
         (b"SELECT @n := @n + 1", VARS_USER),
         (b"SELECT a INTO @x FROM t", VARS_USER),
-        (b"SET NAMES utf8mb4", VARS_ALL),
-        (b"SET character_set_client = latin1", VARS_ALL),  # how later literals are read
+        (b"SET CHARACTER SET utf8", VARS_ALL),  # the connection's from the database's
+        (b"SET @s = 'x', NAMES latin1", VARS_ALL),  # @s read under the old character set
         (b"SET SESSION div_precision_increment = 3 + 4", VARS_ALL),
         (b"CALL p()", VARS_ALL),
         (b"EXECUTE stmt", VARS_ALL),
@@ -57,6 +58,29 @@ def test_literal_assignments_are_kept_to_run_again(sql: bytes,
 )
 def test_what_only_a_capture_can_tell_is_stale(sql: bytes, stale: int) -> None:
     assert variable_changes(sql).stale == stale
+
+
+@pytest.mark.parametrize(
+    ("sql", "replays"),
+    [
+        (b"SET NAMES utf8mb4", [(b"names", b"SET NAMES utf8mb4")]),
+        (b"set names 'latin1' collate 'latin1_bin'",
+         [(b"names", b"SET names 'latin1' collate 'latin1_bin'")]),
+        (b"SET character_set_results = NULL", [(b"character_set_results",
+                                                 b"SET character_set_results = NULL")]),
+        (b"SET NAMES latin1, @s = 'x'", [(b"names", b"SET NAMES latin1"), (b"@s", b"SET @s = 'x'")]),
+    ],
+)
+def test_a_character_set_change_is_kept_while_no_literal_came_before_it(
+        sql: bytes, replays: list[tuple[bytes, bytes]]) -> None:
+    """What drivers send first (mysqlclient's SET NAMES) needs no capture; one that comes after
+    a kept quoted literal does: replayed in order, the literal would be read under the new
+    character set (charset_change)."""
+    changes = variable_changes(sql)
+    assert (changes.replays, changes.stale, changes.charset) == (replays, VARS_NONE, True)
+    assert not charset_change(changes, [b"SET @n = 5", b"SET autocommit = 0"])
+    assert charset_change(changes, [b"SET @n = 5", b"SET @s = 'caf\xc3\xa9'"])
+    assert not charset_change(variable_changes(b"SET @t = 'x'"), [b"SET @s = 'y'"])
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,7 @@ from tiproxy.session.rebuild import (
     VARS_USER,
     Snapshot,
     VariableChanges,
+    charset_change,
     retryable,
 )
 from tiproxy.session.statements import first_keyword, reads_diagnostics
@@ -125,6 +126,8 @@ class SessionRecovery(SessionMoves):
             self.stale = max(self.stale, changes.stale)  # (else: read right after it)
         if failed:
             return
+        if charset_change(changes, list(self.replays.values())):
+            self.stale = VARS_ALL  # only a capture knows the literals' bytes now
         for key, statement in changes.replays:
             old = self.replays.pop(key, None)
             if old is not None:

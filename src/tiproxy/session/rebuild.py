@@ -14,7 +14,10 @@ so the proxy keeps, beside each session, what rebuilding needs without it (net/r
 - and whether a statement since then may have changed variables in a way only the server can
   tell ("stale"): USER after one that assigns a user variable from an expression
   (`SELECT @n := @n + 1`, `... INTO @v`, `SET @t = NOW()`), ALL after one that may set
-  anything (`CALL`, `EXECUTE`, `SET NAMES`, an expression assigned to a system variable). The
+  anything (`CALL`, `EXECUTE`, `SET CHARACTER SET`, an expression assigned to a system
+  variable). A change of the connection's character set (`SET NAMES utf8mb4`, what many
+  drivers send first) is a replay too, but only while no replay before it holds a quoted
+  literal, whose bytes were read under the old character set (`charset_change`). The
   two degrees exist because reading the user variables costs a tenth of a millisecond and
   reading every system variable two.
 A stale session takes a new checkpoint when its next command arrives (before the command runs,
@@ -71,6 +74,10 @@ _WORD_VALUE = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
 _NOT_VARIABLES = frozenset((b"password",))
 # System variables whose value decides how the connection reads a literal's bytes.
 _CHARSET_NAMES = (b"character_set", b"collation", b"names")
+# SET NAMES charset [COLLATE collation]: the names quoted or not (DEFAULT included).
+_NAMES = re.compile(
+    rb"\s*NAMES\s+(?:'[^']*'|\"[^\"]*\"|[A-Za-z0-9_]+)"
+    rb"(?:\s+COLLATE\s+(?:'[^']*'|\"[^\"]*\"|[A-Za-z0-9_]+))?\s*\Z", re.IGNORECASE)
 # Statements that only read: run again on another backend they give the same answer (of the
 # data as it is there) and change nothing.
 _READ_WORDS = frozenset((b"SELECT", b"SHOW", b"DESCRIBE", b"DESC", b"EXPLAIN", b"HELP",
@@ -138,6 +145,9 @@ class VariableChanges:
     # else (`SELECT @n := @n + 1`, `SET @t = NOW()`): the variables it names, which a capture
     # right after its answer reads back, and it may run again if that capture cannot.
     rerun_names: frozenset[bytes] = frozenset()
+    # Its replays change the connection's character set: they stand only if no replay kept
+    # before them holds a quoted literal (charset_change).
+    charset: bool = False
 
 
 def variable_changes(sql: bytes) -> VariableChanges:
@@ -181,12 +191,31 @@ def _one(sql: bytes, changes: VariableChanges) -> None:
         changes.stale = max(changes.stale, VARS_USER)  # SELECT @n := ..., ... INTO @v
 
 
+def quotes(statement: bytes) -> bool:
+    """Whether a kept assignment holds a quoted literal, whose bytes the connection's character
+    set decided."""
+    return b"'" in statement or b'"' in statement
+
+
+def charset_change(changes: VariableChanges, kept: list[bytes]) -> bool:
+    """Whether `changes` changes the character set after an assignment `kept` holds a quoted
+    literal: replayed in that order, the literal would be read under the new one."""
+    return changes.charset and any(quotes(statement) for statement in kept)
+
+
 def _set(assignments: bytes, changes: VariableChanges) -> None:
     """The items of a SET list: literals to replay, the rest stale."""
     scope = b""
     for item in _top_level_items(assignments):
+        if _NAMES.match(item):
+            if any(quotes(statement) for _, statement in changes.replays):
+                changes.stale = VARS_ALL  # a literal before it in this statement: see above
+                return
+            changes.replays.append((b"names", b"SET " + item.strip()))
+            changes.charset = True
+            continue
         m = _SET_ITEM.match(item)
-        if m is None:  # SET NAMES, CHARACTER SET, ROLE, PASSWORD, an expression...
+        if m is None:  # SET CHARACTER SET, ROLE, PASSWORD, an expression...
             changes.stale = VARS_ALL
             return
         if m.group("scope"):
@@ -206,10 +235,14 @@ def _set(assignments: bytes, changes: VariableChanges) -> None:
             if key in _NOT_VARIABLES:
                 continue  # SET PASSWORD = ...: an account's, never the session's (nor kept)
             value = m.group("value").strip()
-            if key.startswith(_CHARSET_NAMES) or not (
-                    _LITERAL.fullmatch(value) or _WORD_VALUE.fullmatch(value)):
-                changes.stale = VARS_ALL  # a literal's bytes depend on the connection's
-                return                   # character set: only a capture is exact there
+            if not (_LITERAL.fullmatch(value) or _WORD_VALUE.fullmatch(value)):
+                changes.stale = VARS_ALL  # an expression: only a capture can tell
+                return
+            if key.startswith(_CHARSET_NAMES):
+                if any(quotes(statement) for _, statement in changes.replays):
+                    changes.stale = VARS_ALL  # a literal before it in this statement
+                    return
+                changes.charset = True
         statement = b"SET " + (b"SESSION " if scope in (b"SESSION", b"LOCAL") else b"") + \
             m.group("assign").strip()
         changes.replays.append((key, statement))
