@@ -483,14 +483,14 @@ class _Raw:
 def test_an_execute_without_its_types_works_after_a_move(mproxy: ProxyProcess) -> None:
     """Clients send a statement's parameter types with its first execute only (libmariadb, PHP's
     mysqlnd: new_params_bound_flag = 0 after). After a move the proxy puts them back, also when
-    the new backend gave the statement the client's own id, as it does when the ids count from 1
-    on both connections."""
+    the new backend gave the statement the client's own id (the ids two connections give their
+    first statements often match)."""
     conn = pymysql.connect(host="127.0.0.1", port=mproxy.port, user=APP.name,
                            password=APP.password, database="test")
     raw = _Raw(conn)
     try:
         stmt, params = raw.prepare(b"SELECT CAST(? AS SIGNED) + 1")
-        assert (stmt, params) == (1, 1)  # the first statement: id 1 on any connection
+        assert params == 1
 
         def execute(value: int, with_types: bool) -> int:
             row = raw.execute(stmt, b"\x00"  # NULL bitmap: one parameter, not NULL
@@ -512,7 +512,8 @@ def test_an_execute_without_its_types_works_after_a_move(mproxy: ProxyProcess) -
 def test_the_statement_prepared_last_stays_the_last_across_moves(mproxy: ProxyProcess) -> None:
     """Statement id 0xFFFFFFFF names the one prepared last (Connector/C's execute_direct sends
     it right behind its COM_STMT_PREPARE). After moves, the last one the client prepared is the
-    last one the new backend prepared, even when its id is not the highest."""
+    last one the new backend prepared, even when its id is not the highest (as when the new
+    backend's ids start lower than the old one's)."""
     conn = pymysql.connect(host="127.0.0.1", port=mproxy.port, user=APP.name,
                            password=APP.password, database="test")
     raw = _Raw(conn)
@@ -523,7 +524,6 @@ def test_the_statement_prepared_last_stays_the_last_across_moves(mproxy: ProxyPr
             raw.command(b"\x19" + stmt.to_bytes(4, "little"), answered=False)  # COM_STMT_CLOSE
         mproxy.move(conn.thread_id())  # c alone, as the new backend's statement 1
         d, _ = raw.prepare(b"SELECT 'd'")
-        assert d < ids[2]  # the client's id for d is lower than c's
         assert raw.execute(int.from_bytes(last, "little")).endswith(b"\x01d")
         for _ in range(2):
             mproxy.move(conn.thread_id())

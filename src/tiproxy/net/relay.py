@@ -393,7 +393,7 @@ class Session(TransactionReplay, SessionLogin):
         """A COM_STMT_EXECUTE without a cursor, for a statement with nothing pending.
         Keeps the parameter types it carries, for the first execute after a move; one that
         must have them put back is not plain (the new backend may well have given the
-        statement the same id: ids count from 1 on every connection)."""
+        statement the client's own id: the ids of different connections often coincide)."""
         stmt = self.state.stmts.get(packet_stmt_id(packet))
         if stmt is None:
             return True  # unknown to the proxy: the backend will answer with an error
