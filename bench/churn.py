@@ -15,6 +15,10 @@ ratios proxy/direct and proxy/haproxy.
 as many threads unless --haproxy-threads says otherwise. A proxy that fails to start is reported
 and the other targets still run. A proxy that dies is restarted before its next run.
 
+--auth-sync gives the proxy an `auth-sync-user` (and creates it), as a deployment that moves
+sessions has: its sessions then get a reusable credential, and the checkpoints that let them
+outlive a dead backend (net/recovery.py), which a login's first statements may call for.
+
 --idle-sessions N, after the rounds: N connections are opened through the proxy (each runs
 `SELECT 1`, so both legs are up) and left idle; the proxy's memory per idle session is (VmRSS of
 its process tree with N sessions - VmRSS with none) / N. RLIMIT_NOFILE is raised before anything
@@ -83,6 +87,9 @@ class WrongResultError(Exception):
 
 # --- clients ------------------------------------------------------------------------------
 
+
+# --auth-sync: the proxy's own account, which reads the password hashes.
+_SYNC_USER, _SYNC_PASSWORD = "churn_sync", "churn-sync-pass"
 
 def connect(port: int) -> Any:
     """A mysqlclient connection to 127.0.0.1:port as the bench's account (MySQLdb is untyped)."""
@@ -285,10 +292,17 @@ class ChurnBench:
         for process in self.processes.values():
             process.stop()
 
+    @property
+    def more_toml(self) -> str:
+        if not self.args.auth_sync:
+            return ""
+        return (f'[security]\nauth-sync-user = "{_SYNC_USER}"\n'
+                f'auth-sync-password = "{_SYNC_PASSWORD}"\n')
+
     def start_proxy(self) -> None:
         try:
             self.processes["proxy"], self.ports["proxy"] = start_proxy(
-                self.workdir, self.server.addr, None, self.proxy_keys
+                self.workdir, self.server.addr, None, self.proxy_keys, self.more_toml
             )
         except BenchError as exc:
             self.processes.pop("proxy", None)
@@ -518,6 +532,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="after the rounds, the proxy's memory per idle session with N sessions open",
     )
+    parser.add_argument(
+        "--auth-sync",
+        action="store_true",
+        help="give the proxy an auth-sync-user, as a deployment that moves sessions has "
+        "(its sessions get a reusable credential, and with it the checkpoints of net/recovery.py)",
+    )
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
@@ -543,6 +563,9 @@ def run_all(
     server_args = [f"--max-connections={wanted}"] if wanted > _DEFAULT_MAX_CONNECTIONS else []
     server = start_mariadb(workdir, None, server_args)
     stack.callback(server.stop)
+    if args.auth_sync:
+        server.sql(f"CREATE USER '{_SYNC_USER}'@'%' IDENTIFIED BY '{_SYNC_PASSWORD}'; "
+                   f"GRANT SELECT ON mysql.* TO '{_SYNC_USER}'@'%';")
     bench = ChurnBench(args, workdir, server, ports={"direct": server.port})
     stack.callback(bench.stop_targets)
     bench.start_proxy()

@@ -306,11 +306,12 @@ class ChildProcess:
 
 
 def start_proxy(
-    workdir: Path, backend: str, tls: TlsFiles | None, proxy_keys: str = ""
+    workdir: Path, backend: str, tls: TlsFiles | None, proxy_keys: str = "", more_toml: str = ""
 ) -> tuple[ChildProcess, int]:
     """Start `python -m tiproxy` and wait for its health endpoint and SQL port.
 
-    proxy_keys: more TOML lines for the [proxy] table (churn.py's `workers = N`).
+    proxy_keys: more TOML lines for the [proxy] table (churn.py's `workers = N`); more_toml:
+    whole tables at the end (churn.py's `[security]` with `--auth-sync`).
     """
     port, api_port = free_port(), free_port()
     config = workdir / "proxy.toml"
@@ -320,7 +321,7 @@ def start_proxy(
         f'backend-addrs = ["{backend}"]\n' + proxy_keys + "[api]\n"
         f'addr = "{HOST}:{api_port}"\n'
         "[log]\n"
-        'level = "warn"\n' + (tls.proxy_toml() if tls else "")
+        'level = "warn"\n' + (tls.proxy_toml() if tls else "") + more_toml
     )
     proxy = ChildProcess(
         "proxy", [sys.executable, "-m", "tiproxy", "--config", str(config)], workdir / "proxy.log"
