@@ -196,7 +196,7 @@ def test_statements_in_flight_and_an_open_transaction(pair: list[MariaDBServer],
         conn.close()
 
 
-def test_character_set_changes_survive_a_killed_backend(pair: list[MariaDBServer],
+def test_character_sets_and_driver_settings_survive_a_killed_backend(pair: list[MariaDBServer],
                                                         lproxy: ProxyProcess) -> None:
     """`SET NAMES` is kept as a statement to run again (drivers send it first, and a capture
     would cost every such login two milliseconds); one that comes after a kept quoted literal
@@ -218,11 +218,25 @@ def test_character_set_changes_survive_a_killed_backend(pair: list[MariaDBServer
             cur.execute(charset)
             before.append(cur.fetchone())
     assert before[0][:2] == before[1][:2]  # read under latin1 both times
+    # What Connector/J sends at connect: sql_mode from an expression, read back by name by the
+    # checkpoint the next statement takes (not a capture of every variable).
+    jdbc = _on(doomed, lambda: _pymysql(lproxy), others)
+    mode = "SELECT @@sql_mode, @@autocommit, @@session_track_schema"
+    with jdbc.cursor() as cur:
+        cur.execute("set autocommit=1, session_track_schema=1, "
+                    "sql_mode = concat(@@sql_mode,',ANSI_QUOTES')")
+        cur.execute(mode)
+        modes = cur.fetchone()
+    assert "ANSI_QUOTES" in modes[0]
     doomed.kill()
     for conn, want in zip((first, late), before, strict=True):
         with conn.cursor() as cur:
             cur.execute(charset)
             assert cur.fetchone() == want
         assert _port(conn) == survivor.port
-    for conn in (first, late, *others):
+    with jdbc.cursor() as cur:
+        cur.execute(mode)
+        assert cur.fetchone() == modes
+    assert _port(jdbc) == survivor.port
+    for conn in (first, late, jdbc, *others):
         conn.close()

@@ -11,6 +11,7 @@ from tiproxy.protocol.constants import Command
 from tiproxy.session.rebuild import (
     VARS_ALL,
     VARS_NONE,
+    VARS_SYSTEM,
     VARS_USER,
     charset_change,
     read_only,
@@ -50,7 +51,8 @@ def test_literal_assignments_are_kept_to_run_again(sql: bytes,
         (b"SELECT a INTO @x FROM t", VARS_USER),
         (b"SET CHARACTER SET utf8", VARS_ALL),  # the connection's from the database's
         (b"SET @s = 'x', NAMES latin1", VARS_ALL),  # @s read under the old character set
-        (b"SET SESSION div_precision_increment = 3 + 4", VARS_ALL),
+        (b"SET SESSION div_precision_increment = 3 + 4", VARS_SYSTEM),
+        (b"SET character_set_client = CONCAT('lat', 'in1')", VARS_ALL),
         (b"CALL p()", VARS_ALL),
         (b"EXECUTE stmt", VARS_ALL),
         (b"SET @a = 1; CALL p()", VARS_ALL),
@@ -81,6 +83,16 @@ def test_a_character_set_change_is_kept_while_no_literal_came_before_it(
     assert not charset_change(changes, [b"SET @n = 5", b"SET autocommit = 0"])
     assert charset_change(changes, [b"SET @n = 5", b"SET @s = 'caf\xc3\xa9'"])
     assert not charset_change(variable_changes(b"SET @t = 'x'"), [b"SET @s = 'y'"])
+
+
+def test_system_variables_assigned_from_expressions_are_read_back_by_name() -> None:
+    """What Connector/J sends at every connect: the literals kept, sql_mode read back by name
+    at the next command's checkpoint rather than every system variable."""
+    changes = variable_changes(b"set autocommit=1, session_track_schema=1, "
+                               b"sql_mode = concat(@@sql_mode,',STRICT_TRANS_TABLES')")
+    assert (changes.stale, changes.system_names) == (VARS_SYSTEM, frozenset({b"sql_mode"}))
+    assert changes.replays == [(b"autocommit", b"SET autocommit=1"),
+                               (b"session_track_schema", b"SET session_track_schema=1")]
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ from tiproxy.session.dialects.mysql import (
     apply_terms,
     capture_sql,
     lifted,
+    named_system_assignments,
+    named_system_vars_sql,
     parse_capture,
     parse_performance_schema,
     performance_schema_sql,
@@ -90,6 +92,19 @@ def test_what_the_capture_overrides_is_read_apart_and_restored_in_order() -> Non
     apply_terms(same, [b"0", b"0", b"5", b"5", b"latin1", b"latin1", b"ON", b"1"], [])
     assert same.system == []  # equal to the global values: nothing of the session's own
     assert (state.wait_timeout, same.wait_timeout) == (28800, 1)  # kept across a move
+
+
+def test_system_variables_read_by_name_become_assignments() -> None:
+    names = ["div_precision_increment", "sql_mode", "max_statement_time"]
+    assert named_system_vars_sql(names).startswith(
+        "SELECT @@session.div_precision_increment, "
+        "CAST(@@session.div_precision_increment AS BINARY), @@session.sql_mode")
+    row: list[bytes | None] = [b"7", b"7", b"ANSI", b"ANSI", b"1.5", b"1.500000"]
+    types = [(8, 0), (253, 0), (253, 0), (253, 0), (5, 0), (253, 0)]  # LONGLONG, ..., DOUBLE
+    assert named_system_assignments(names, row, types) == [
+        ("div_precision_increment", b"SET SESSION div_precision_increment = 7"),
+        ("sql_mode", b"SET SESSION sql_mode = _utf8mb4 X'414e5349'"),
+        ("max_statement_time", b"SET SESSION max_statement_time = 1.500000")]
 
 
 def test_performance_schema_answers_only_for_what_it_instruments() -> None:

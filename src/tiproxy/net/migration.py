@@ -354,6 +354,17 @@ async def capture_user_variables(session: Session, leg: BackendLeg) -> \
     return state.user, state.last_insert_id if users else None
 
 
+async def capture_system_variables(session: Session, leg: BackendLeg,
+                                   names: list[str]) -> list[tuple[str, bytes]]:
+    """System variables by name (those statements assigned from expressions), read without a
+    table, as (name, the SET statement that gives it back)."""
+    deprecate_eof = bool(session.backend_caps & Capability.DEPRECATE_EOF)
+    extended = bool(session.mariadb_caps & MariaDBCapability.EXTENDED_METADATA)
+    result = await query(leg, mysql_dialect.named_system_vars_sql(names), deprecate_eof,
+                         extended_metadata=extended)
+    return mysql_dialect.named_system_assignments(names, result.rows[0], result.types)
+
+
 async def capture_named_variables(session: Session, leg: BackendLeg, names: list[bytes]
                                   ) -> tuple[list[mysql_dialect.UserVariable], int]:
     """The user variables of these names (those set: a NULL one is left out) and

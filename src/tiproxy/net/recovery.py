@@ -42,6 +42,7 @@ from tiproxy.net.migration import (
     MigrationError,
     capture_named_variables,
     capture_state,
+    capture_system_variables,
     capture_user_variables,
     move_session,
 )
@@ -54,6 +55,7 @@ from tiproxy.session.dialects.mysql import CapturedState
 from tiproxy.session.rebuild import (
     VARS_ALL,
     VARS_NONE,
+    VARS_SYSTEM,
     VARS_USER,
     Snapshot,
     VariableChanges,
@@ -107,6 +109,7 @@ class SessionRecovery(SessionMoves):
         self.replays: dict[bytes, bytes] = {}  # variable -> its last literal assignment
         self._replay_bytes = 0
         self.stale = VARS_NONE
+        self._stale_system: set[str] = set()  # assigned from expressions: read at a checkpoint
         # The last command sent while nothing else was outstanding, until its answer begins:
         # what may be sent again if the backend dies first.
         self.inflight: bytes | None = None
@@ -128,7 +131,12 @@ class SessionRecovery(SessionMoves):
             return
         if charset_change(changes, list(self.replays.values())):
             self.stale = VARS_ALL  # only a capture knows the literals' bytes now
-        for key, statement in changes.replays:
+        self._stale_system.update(name.decode() for name in changes.system_names)
+        self._keep(changes.replays)
+
+    def _keep(self, replays: list[tuple[bytes, bytes]]) -> None:
+        """Assignments to run again: the last of each variable, in the order of the last ones."""
+        for key, statement in replays:
             old = self.replays.pop(key, None)
             if old is not None:
                 self._replay_bytes -= len(old)
@@ -150,6 +158,7 @@ class SessionRecovery(SessionMoves):
             return
         self.checkpoint = state
         self._forget_replays()
+        self._stale_system.clear()
         self.stale = VARS_NONE
 
     def _forget_replays(self, users_only: bool = False) -> None:
@@ -192,10 +201,13 @@ class SessionRecovery(SessionMoves):
     async def _take_checkpoint(self) -> None:
         leg = self.backend_leg
         assert leg is not None
-        users_only = self.stale == VARS_USER
+        by_name = self.stale in (VARS_USER, VARS_SYSTEM)
         leg.detach()
         try:
-            if users_only:
+            if by_name:
+                system = sorted(self._stale_system)
+                assignments = await capture_system_variables(
+                    self, leg, system) if system else []  # type: ignore[arg-type]
                 users, last_insert_id = await capture_user_variables(
                     self, leg)  # type: ignore[arg-type]
                 base = self.checkpoint or CapturedState()
@@ -204,7 +216,10 @@ class SessionRecovery(SessionMoves):
                     base.last_insert_id = last_insert_id
                 self.checkpoint = base
                 self._forget_replays(users_only=True)
-                self.stale = VARS_NONE
+                self._keep([(name.encode(), statement) for name, statement in assignments])
+                self._stale_system.clear()
+                if self.stale != VARS_ALL:  # (_keep: too many to keep)
+                    self.stale = VARS_NONE
             else:
                 self.captured_whole(await capture_state(self, leg))  # type: ignore[arg-type]
         except HiddenStateError as e:  # state made unseen: no rebuild could carry it

@@ -13,13 +13,16 @@ so the proxy keeps, beside each session, what rebuilding needs without it (net/r
   bounded by the variables a session uses. A literal means the same on any backend;
 - and whether a statement since then may have changed variables in a way only the server can
   tell ("stale"): USER after one that assigns a user variable from an expression
-  (`SELECT @n := @n + 1`, `... INTO @v`, `SET @t = NOW()`), ALL after one that may set
-  anything (`CALL`, `EXECUTE`, `SET CHARACTER SET`, an expression assigned to a system
-  variable). A change of the connection's character set (`SET NAMES utf8mb4`, what many
-  drivers send first) is a replay too, but only while no replay before it holds a quoted
-  literal, whose bytes were read under the old character set (`charset_change`). The
-  two degrees exist because reading the user variables costs a tenth of a millisecond and
-  reading every system variable two.
+  (`SELECT @n := @n + 1`, `... INTO @v`, `SET @t = NOW()`), SYSTEM after one that assigns a
+  system variable from an expression (`SET sql_mode = CONCAT(@@sql_mode, ',STRICT_...')`,
+  which Connector/J sends at every connect: the checkpoint reads those by name and keeps their
+  values as assignments to run again), ALL after one that may set anything (`CALL`,
+  `EXECUTE`, `SET CHARACTER SET`, an expression assigned to a character set variable). A
+  change of the connection's character set (`SET NAMES utf8mb4`, what many drivers send
+  first) is a replay too, but only while no replay before it holds a quoted literal, whose
+  bytes were read under the old character set (`charset_change`). The degrees exist because
+  reading variables by name costs a tenth of a millisecond and reading every system variable
+  two.
 A stale session takes a new checkpoint when its next command arrives (before the command runs,
 unless the command reads the last statement's diagnostics, which the capture would clear); a
 session whose backend dies while it is stale cannot be rebuilt faithfully, and is closed.
@@ -41,7 +44,9 @@ from tiproxy.protocol.constants import Command
 from tiproxy.session.dialects.mysql import CapturedState
 from tiproxy.session.statements import user_variable_names
 
-VARS_NONE, VARS_USER, VARS_ALL = 0, 1, 2
+# How stale: nothing; user variables; those and system variables assigned from expressions,
+# read back by name (VariableChanges.system_names); anything.
+VARS_NONE, VARS_USER, VARS_SYSTEM, VARS_ALL = 0, 1, 2, 3
 
 _LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
 _WORD = re.compile(rb"[A-Za-z_]+")
@@ -70,6 +75,8 @@ _LITERAL = re.compile(
     re.IGNORECASE)
 # A system variable's value may be a bare word (SET sql_mode = ANSI, autocommit = ON).
 _WORD_VALUE = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*")
+# A system variable's name, as the proxy may write it into a statement of its own.
+_NAME = re.compile(rb"[a-z_][a-z0-9_]*")
 # What `SET name = ...` may name that is no session variable.
 _NOT_VARIABLES = frozenset((b"password",))
 # System variables whose value decides how the connection reads a literal's bytes.
@@ -148,6 +155,8 @@ class VariableChanges:
     # Its replays change the connection's character set: they stand only if no replay kept
     # before them holds a quoted literal (charset_change).
     charset: bool = False
+    # SYSTEM staleness: the system variables it assigned from expressions (lower case).
+    system_names: frozenset[bytes] = frozenset()
 
 
 def variable_changes(sql: bytes) -> VariableChanges:
@@ -235,9 +244,14 @@ def _set(assignments: bytes, changes: VariableChanges) -> None:
             if key in _NOT_VARIABLES:
                 continue  # SET PASSWORD = ...: an account's, never the session's (nor kept)
             value = m.group("value").strip()
-            if not (_LITERAL.fullmatch(value) or _WORD_VALUE.fullmatch(value)):
-                changes.stale = VARS_ALL  # an expression: only a capture can tell
+            fixed = bool(_LITERAL.fullmatch(value) or _WORD_VALUE.fullmatch(value))
+            if not fixed and (key.startswith(_CHARSET_NAMES) or not _NAME.fullmatch(key)):
+                changes.stale = VARS_ALL  # how later literals are read: only a capture knows
                 return
+            if not fixed:  # an expression: its value is read back by name
+                changes.system_names |= {key}
+                changes.stale = max(changes.stale, VARS_SYSTEM)
+                continue
             if key.startswith(_CHARSET_NAMES):
                 if any(quotes(statement) for _, statement in changes.replays):
                     changes.stale = VARS_ALL  # a literal before it in this statement

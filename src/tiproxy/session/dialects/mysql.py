@@ -332,6 +332,30 @@ def apply_named_user_vars(state: CapturedState, names: list[bytes], row: Row,
                                            collation.decode() if collation else None))
 
 
+# Column types of `SELECT @@x` that are numbers: its value goes unquoted into a SET.
+_INTEGER_TYPES = frozenset({1, 2, 3, 8, 9})  # TINY, SHORT, LONG, LONGLONG, INT24
+_FRACTION_TYPES = frozenset({0, 4, 5, 246})  # DECIMAL, FLOAT, DOUBLE, NEWDECIMAL
+
+
+def named_system_vars_sql(names: list[str]) -> str:
+    """System variables by name, each as itself (its column type says whether it is a number)
+    and as BINARY (its value, which no character set re-encodes)."""
+    cols = ", ".join(f"@@session.{n}, CAST(@@session.{n} AS BINARY)" for n in names)
+    return f"SELECT {cols}{_ALL_ROWS}"
+
+
+def named_system_assignments(names: list[str], row: Row,
+                             types: list[tuple[int, int]]) -> list[tuple[str, bytes]]:
+    """named_system_vars_sql's answer as (name, the SET statement that gives it back)."""
+    out = []
+    for i, name in enumerate(names):
+        column_type, value = types[2 * i][0], row[2 * i + 1]
+        vtype = "INT" if column_type in _INTEGER_TYPES else \
+            "DOUBLE" if column_type in _FRACTION_TYPES else "VARCHAR"
+        out.append((name, f"SET SESSION {name} = {_system_literal(vtype, value)}".encode()))
+    return out
+
+
 def string_values_sql(state: CapturedState) -> str | None:
     """The second capture statement: exact bytes and collation of string user variables."""
     strings = state.strings()
