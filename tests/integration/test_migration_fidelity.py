@@ -308,9 +308,12 @@ def test_kill_connection_id_means_the_killers_own_session(
     "SET SESSION max_join_size = 1",
     "SET SESSION character_set_results = utf32",
     "SET SESSION max_join_size = 1, SESSION sql_big_selects = 1",
+    # The capture is refused (1969) and runs again lifted: sql_big_selects stays as it was.
+    "SET SESSION max_join_size = 1000, SESSION sql_big_selects = 1,"
+    " SESSION max_statement_time = 0.000001",
 ], ids=["oracle", "max_statement_time", "results_charset_null", "latin1", "select_limit",
         "autocommit_off", "ansi_safe_updates", "max_join_size", "results_utf32",
-        "big_selects_after_join_size"])
+        "big_selects_after_join_size", "lifted_keeps_big_selects"])
 def test_a_session_moves_whatever_it_set_for_its_own_statements(
     backends: list[MariaDBServer], proxy_factory: ProxyFactory, settings: str,
 ) -> None:

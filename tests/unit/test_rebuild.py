@@ -83,6 +83,8 @@ def test_a_character_set_change_is_kept_while_no_literal_came_before_it(
     assert not charset_change(changes, [b"SET @n = 5", b"SET autocommit = 0"])
     assert charset_change(changes, [b"SET @n = 5", b"SET @s = 'caf\xc3\xa9'"])
     assert not charset_change(variable_changes(b"SET @t = 'x'"), [b"SET @s = 'y'"])
+    # what a checkpoint read back by name: bytes written out, whatever the character set
+    assert not charset_change(changes, [b"SET SESSION sql_mode = _utf8mb4 X'414e5349'"])
 
 
 def test_system_variables_assigned_from_expressions_are_read_back_by_name() -> None:

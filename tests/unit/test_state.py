@@ -64,32 +64,35 @@ def test_what_the_capture_overrides_is_read_apart_and_restored_in_order() -> Non
     """A capture refused by the session's own limits runs again with them lifted, so the
     session's own values of those variables come from terms_sql; max_join_size is set before
     sql_big_selects, which setting it turns off."""
-    for name in ("max_statement_time", "max_join_size", "character_set_results"):
+    for name in ("max_statement_time", "sql_big_selects", "character_set_results"):
         assert name.upper() in capture_sql(True, True)  # left out of the table's rows
         assert f"@@session.{name} AS BINARY" in terms_sql([])
+    # Lifting max_join_size would reset sql_big_selects when it is restored: never lifted.
+    assert "max_join_size" not in PROXY_TERMS and "sql_big_selects = 1" in PROXY_TERMS
     assert "character_set_results" not in PROXY_TERMS  # a binary column is never re-encoded
     assert capture_sql(True, True).startswith("SELECT CAST(kind AS BINARY)")
     assert lifted("SELECT 1", 1969) == PROXY_TERMS + "SELECT 1"  # max_statement_time
     assert lifted("SELECT 1", 1104) == PROXY_TERMS + "SELECT 1"  # max_join_size
     assert lifted("SELECT 1", 1146) is None
     assert terms_sql([("timestamp", "DOUBLE")]).endswith(
-        "CAST(@@session.sql_big_selects AS BINARY), CAST(@@session.wait_timeout AS BINARY), "
-        "CAST(@@session.timestamp AS BINARY)"
+        "CAST(@@session.wait_timeout AS BINARY), CAST(@@session.timestamp AS BINARY)"
         " LIMIT 18446744073709551615")
-    state = parse_capture([[b"sys", b"BOOLEAN SQL_BIG_SELECTS", b"4F4646"],
+    state = parse_capture([[b"sys", b"BIGINT UNSIGNED MAX_JOIN_SIZE", b"31"],
                            [b"sys", b"VARCHAR COLLATION_CONNECTION", b"6C6174696E315F62696E"]])
-    # session, global of each term; sql_big_selects; then the session-only variables
-    apply_terms(state, [b"0.000001", b"0.000000", b"1", b"18446744073709551615", None,
-                        b"utf8mb4", b"ON", b"28800", b"1700000000.5"], [("timestamp", "DOUBLE")])
+    # session, global of each term (max_statement_time, sql_big_selects,
+    # character_set_results); wait_timeout; then the session-only variables
+    apply_terms(state, [b"0.000001", b"0.000000", b"ON", b"ON", None, b"utf8mb4", b"28800",
+                        b"1700000000.5"], [("timestamp", "DOUBLE")])
     assert [name for name, _, _ in state.system] == [
         "character_set_results", "collation_connection", "max_join_size", "max_statement_time",
         "sql_big_selects", "timestamp"]
     sql = restore_sql(state)
     assert sql is not None and "SESSION character_set_results = NULL" in sql
     assert "max_statement_time = 0.000001" in sql and "timestamp = 1700000000.5" in sql
-    assert "SESSION sql_big_selects = _utf8mb4 X'4f4e'" in sql  # the session's, after max_join_size
+    # the session's own, though equal to the global value: after max_join_size turned it off
+    assert "SESSION sql_big_selects = _utf8mb4 X'4f4e'" in sql
     same = parse_capture([])
-    apply_terms(same, [b"0", b"0", b"5", b"5", b"latin1", b"latin1", b"ON", b"1"], [])
+    apply_terms(same, [b"0", b"0", b"ON", b"ON", b"latin1", b"latin1", b"1"], [])
     assert same.system == []  # equal to the global values: nothing of the session's own
     assert (state.wait_timeout, same.wait_timeout) == (28800, 1)  # kept across a move
 

@@ -76,6 +76,9 @@ class SessionHandover:
     replay_limit: int
     txlog: TransactionLog | None
     pending: bytes = b""  # client bytes read and not yet handled (a command that arrived)
+    # Added later: a sender without them is older (its stale 2 meant "everything").
+    stale_system: tuple[str, ...] | None = None  # system variables to read back by name
+    client_salt: bytes | None = None  # the salt the client last answered (COM_CHANGE_USER)
 
 
 @dataclass(frozen=True)

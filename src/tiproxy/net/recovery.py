@@ -128,6 +128,9 @@ class SessionRecovery(SessionMoves):
         if not (changes.rerun_names and self.held_answer is not None):
             self.stale = max(self.stale, changes.stale)  # (else: read right after it)
         if failed:
+            if changes.replays or changes.system_names:
+                # Several statements, a later one failed: the assignments before it took.
+                self.stale = VARS_ALL
             return
         if charset_change(changes, list(self.replays.values())):
             self.stale = VARS_ALL  # only a capture knows the literals' bytes now

@@ -56,6 +56,7 @@ from tiproxy.protocol.errors import ProtocolError
 from tiproxy.protocol.packets import (
     HandshakeResponse,
     build_err,
+    connect_attribute,
     frame,
     parse_auth_switch,
 )
@@ -72,7 +73,7 @@ from tiproxy.session.login import (
     FORCE_SWITCH_PLUGIN,
 )
 from tiproxy.session.prepared import execute_types, packet_stmt_id, with_stmt_id, with_types
-from tiproxy.session.rebuild import variable_changes
+from tiproxy.session.rebuild import VARS_ALL, VARS_SYSTEM, variable_changes
 from tiproxy.session.state import SessionState
 from tiproxy.session.statements import (
     LETTERS,
@@ -262,7 +263,7 @@ class Session(TransactionReplay, SessionLogin):
             self.login_response, self.credential, self.state, self.tracker.status,
             self._decompress is not None, self._origin, self.started, self.moves,
             self.checkpoint, self.replays, self.stale, self.replay_limit, self.txlog,
-            bytes(self._cbuf))
+            bytes(self._cbuf), tuple(sorted(self._stale_system)), self.client_salt)
 
     def _adopt(self, h: SessionHandover, leg: BackendLeg) -> None:
         """Go on with a session another process handed over, in the command phase."""
@@ -276,6 +277,10 @@ class Session(TransactionReplay, SessionLogin):
             h.state
         self._origin, self.started, self.moves = h.origin, h.started, h.moves
         self.checkpoint, self.replays, self.stale = h.checkpoint, h.replays, h.stale
+        if h.stale_system is None and h.stale >= VARS_SYSTEM:
+            self.stale = VARS_ALL  # an older process's 2 meant "everything"
+        self._stale_system = set(h.stale_system or ())
+        self.client_salt = h.client_salt
         self.replay_limit, self.txlog = h.replay_limit, h.txlog
         self._replay_bytes = sum(len(s) for s in h.replays.values())
         self._decompress = Decompressor() if h.compressed else None
@@ -401,7 +406,7 @@ class Session(TransactionReplay, SessionLogin):
         if types is not None:
             stmt.param_types = types
             stmt.types_sent = True
-        elif not stmt.types_sent:
+        elif not stmt.types_sent and stmt.param_types is not None:
             return False
         return not flags and not stmt.long_data and not stmt.cursor_open \
             and stmt.effects is None and not stmt.renames and stmt.variables is None
@@ -798,12 +803,20 @@ class Session(TransactionReplay, SessionLogin):
         mine, change = self.client_salt, self._changing_to
         if salt is None or mine is None or len(salt) != len(mine) or salt == mine \
                 or change is None or not self.server.credentials.knows(change) \
-                or len(data) != length + 4:
+                or len(data) != length + 4 or not self._answers_login_salt():
             return data
         self._switch_salt = (salt, change)
         self._native_salt = mine
         at = 4 + 1 + len(switch.plugin) + 1  # header, 0xFE, the plugin's name and its NUL
         return data[:at] + mine + data[at + len(mine):]
+
+    def _answers_login_salt(self) -> bool:
+        """Whether the client is Connector/C (libmariadb, MySQL's libmysql), which answers a
+        COM_CHANGE_USER's auth switch with its login's salt: any other answers the switch's,
+        which the proxy then leaves alone (a stale stored hash cannot fail its answer)."""
+        response = self.login_response
+        name = connect_attribute(response.attrs, b"_client_name") if response else None
+        return name in (b"libmariadb", b"libmysql")
 
     def _response_done(self, token: Any, status: int, failed: bool) -> None:
         sent = self._sent  # Histogram.observe, inlined: once per command
@@ -874,6 +887,8 @@ class Session(TransactionReplay, SessionLogin):
             backend_id, columns, params = prepared
             client_id = self.state.prepared(backend_id, sql, columns, params)
             self.state.stmts[client_id].renames = renames
+        elif failed:
+            self.state.last_prepared = None  # MariaDB forgets its last one too
         held, self._intercept = self._intercept, None
         if held is not None:
             if client_id is not None and len(held) >= 9:
@@ -995,6 +1010,8 @@ class Session(TransactionReplay, SessionLogin):
             self._login_timer.cancel()
         if self._soon is not None:
             self._soon.cancel()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         early = self._take_early()
         if early is not None:
             early[1].abort()

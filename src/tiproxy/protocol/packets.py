@@ -145,6 +145,24 @@ class HandshakeResponse:
     extra: bytes = field(default=b"", repr=False)  # trailing bytes we do not interpret
 
 
+def connect_attribute(attrs: bytes | None, name: bytes) -> bytes | None:
+    """One connect attribute's value from a HandshakeResponse's encoded block (a length, then
+    length-encoded names and values), or None: absent, or the block is malformed."""
+    if not attrs:
+        return None
+    try:
+        size, pos = read_lenenc_int(attrs, 0)
+        end = min(pos + size, len(attrs))
+        while pos < end:
+            key, pos = read_lenenc_bytes(attrs, pos)
+            value, pos = read_lenenc_bytes(attrs, pos)
+            if key == name:
+                return bytes(value)
+    except ProtocolError:
+        return None
+    return None
+
+
 def parse_handshake_response(payload: Buffer) -> HandshakeResponse:
     caps, pos = read_u32(payload, 0)
     if not caps & Capability.PROTOCOL_41:

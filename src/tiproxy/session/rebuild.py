@@ -200,10 +200,14 @@ def _one(sql: bytes, changes: VariableChanges) -> None:
         changes.stale = max(changes.stale, VARS_USER)  # SELECT @n := ..., ... INTO @v
 
 
+_HEX_LITERAL = re.compile(rb"[xX]'[0-9A-Fa-f]*'")
+
+
 def quotes(statement: bytes) -> bool:
     """Whether a kept assignment holds a quoted literal, whose bytes the connection's character
-    set decided."""
-    return b"'" in statement or b'"' in statement
+    set decided (a hexadecimal one, as the proxy's own read-back assignments write, did not)."""
+    text = _HEX_LITERAL.sub(b"", statement)
+    return b"'" in text or b'"' in text
 
 
 def charset_change(changes: VariableChanges, kept: list[bytes]) -> bool:

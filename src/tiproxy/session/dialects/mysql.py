@@ -36,14 +36,14 @@ _ALL_ROWS = " LIMIT 18446744073709551615"
 # 5 as '\0\0\0' '5'), but never a binary one: the proxy's columns are cast to BINARY.
 # max_statement_time interrupts (ER_STATEMENT_TIMEOUT) and max_join_size refuses
 # (ER_TOO_BIG_SELECT) a statement that reads tables: such a statement is run again with them
-# lifted for its duration (https://mariadb.com/kb/en/set-statement/). Only then, because SET
-# STATEMENT reports the variables to a client that tracks them, in its next OK.
-PROXY_TERMS = "SET STATEMENT max_statement_time = 0, max_join_size = 18446744073709551615 FOR "
+# lifted for its duration (https://mariadb.com/kb/en/set-statement/): sql_big_selects = 1
+# rather than max_join_size, whose restoring would reset sql_big_selects. Only then, because
+# SET STATEMENT reports the variables to a client that tracks them, in its next OK.
+PROXY_TERMS = "SET STATEMENT max_statement_time = 0, sql_big_selects = 1 FOR "
 ER_TOO_BIG_SELECT, ER_STATEMENT_TIMEOUT = 1104, 1969
 # A statement sees the values SET STATEMENT gave it, and information_schema shows
-# character_set_results = NULL as '': the capture reads these apart (terms_sql), and
-# sql_big_selects with them (setting max_join_size turns it off, so it is set again after).
-_TERMS = (("max_statement_time", "DOUBLE"), ("max_join_size", "BIGINT UNSIGNED"),
+# character_set_results = NULL as '': the capture reads these apart (terms_sql).
+_TERMS = (("max_statement_time", "DOUBLE"), ("sql_big_selects", "BOOLEAN"),
           ("character_set_results", "ENUM"))
 _CAPTURE_BASE = (
     "SELECT 'db' AS kind, NULL AS name, HEX(DATABASE()) AS value "
@@ -51,7 +51,7 @@ _CAPTURE_BASE = (
     "UNION ALL SELECT 'sys', CONCAT(VARIABLE_TYPE, ' ', VARIABLE_NAME), HEX(SESSION_VALUE) "
     "FROM information_schema.SYSTEM_VARIABLES WHERE VARIABLE_SCOPE = 'SESSION' "
     "AND READ_ONLY = 'NO' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE) "
-    "AND VARIABLE_NAME NOT IN ('MAX_STATEMENT_TIME', 'MAX_JOIN_SIZE', 'CHARACTER_SET_RESULTS') "
+    "AND VARIABLE_NAME NOT IN ('MAX_STATEMENT_TIME', 'SQL_BIG_SELECTS', 'CHARACTER_SET_RESULTS') "
     # What the connection made, counted by the server wherever it was made (SessionState.unseen)
     "UNION ALL SELECT 'count', VARIABLE_NAME, VARIABLE_VALUE "
     "FROM information_schema.SESSION_STATUS "
@@ -258,27 +258,27 @@ def parse_capture(rows: list[Row]) -> CapturedState:
 
 
 def terms_sql(session_only: list[tuple[str, str]]) -> str:
-    """The session's own values of _TERMS, each with its global value, sql_big_selects,
-    wait_timeout, then those of `session_only` (name, type): a statement without a table,
-    which no limit stops, its values binary."""
+    """The session's own values of _TERMS, each with its global value, wait_timeout, then
+    those of `session_only` (name, type): a statement without a table, which no limit stops,
+    its values binary."""
     cols = [f"CAST(@@{scope}.{name} AS BINARY)" for name, _ in _TERMS
             for scope in ("session", "global")]
     cols += [f"CAST(@@session.{name} AS BINARY)" for name in
-             ["sql_big_selects", "wait_timeout", *(name for name, _ in session_only)]]
+             ["wait_timeout", *(name for name, _ in session_only)]]
     return f"SELECT {', '.join(cols)}{_ALL_ROWS}"
 
 
 def apply_terms(state: CapturedState, row: Row, session_only: list[tuple[str, str]]) -> None:
     """terms_sql's answer into `state.system`: the terms where the session's value is its own."""
+    join_size = any(name == "max_join_size" for name, _, _ in state.system)
     for i, (name, vtype) in enumerate(_TERMS):
-        if row[2 * i] != row[2 * i + 1]:
+        # sql_big_selects also when equal to its global value if max_join_size is restored
+        # (which turns it off): it is set after it (_ORDER).
+        if row[2 * i] != row[2 * i + 1] or (join_size and name == "sql_big_selects"):
             state.system.append((name, vtype, row[2 * i]))
     after = 2 * len(_TERMS)
-    if any(name == "max_join_size" for name, _, _ in state.system):
-        state.system = [item for item in state.system if item[0] != "sql_big_selects"]
-        state.system.append(("sql_big_selects", "BOOLEAN", row[after]))
-    state.wait_timeout = float(row[after + 1] or b"0") or None
-    for (name, vtype), value in zip(session_only, row[after + 2:], strict=True):
+    state.wait_timeout = float(row[after] or b"0") or None
+    for (name, vtype), value in zip(session_only, row[after + 1:], strict=True):
         state.system.append((name, vtype, value))
     state.system.sort(key=_system_order)
 
