@@ -619,11 +619,13 @@ class Session(TransactionReplay, SessionLogin):
             token = ("fetch", client_id)
         elif cmd == Command.STMT_CLOSE:
             state.closed(client_id)
+            self.last_answer = _monotonic()  # unanswered, it restarts the server's idle clock
         elif cmd == Command.STMT_RESET:
             stmt.long_data = False
             stmt.cursor_open = False
         elif cmd == Command.STMT_SEND_LONG_DATA:
             stmt.long_data = True
+            self.last_answer = _monotonic()  # (as COM_STMT_CLOSE)
         return packet, token
 
     def _to_backend(self, packet: bytes) -> None:
