@@ -231,6 +231,8 @@ class SessionRecovery(SessionMoves):
                      "%.0fs): %s", self.id, CHECKPOINT_BACKOFF, e)
         except (SQLError, ProtocolError, OSError, TimeoutError) as e:
             self._checkpoint_after = time.monotonic() + CHECKPOINT_BACKOFF
+            if by_name:  # what could not be read by name: the next one reads everything
+                self.stale, self._stale_system = VARS_ALL, set()
             log.info("session %d: checkpoint failed (tried again in %.0fs): %s", self.id,
                      CHECKPOINT_BACKOFF, e)
         finally:
