@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from tiproxy.cli.replay_options import add_replay_options
 from tiproxy.config.values import split_host_port
 from tiproxy.net.loop import install_event_loop
 from tiproxy.traffic.format import FormatError, parse_time
@@ -38,22 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tiproxy-replayer",
                                 description="Replay captured traffic and report differences.")
     p.add_argument("--addr", default="127.0.0.1:4000", help="the server to replay against")
-    p.add_argument("--input", required=True, help="the directory of the traffic files")
     p.add_argument("--username", default="root", help="the user to log in as")
-    p.add_argument("--password", help="its password (asked for when not given)")
     p.add_argument("--speed", type=float, default=1.0, help="replay speed, 0.1 to 10")
-    p.add_argument("--read-only", action="store_true", help="replay reads only")
-    p.add_argument("--ignore-errs", action="store_true",
-                   help="skip what cannot be read in the files instead of stopping")
-    p.add_argument("--command-start-time", "--cmd-start-time", default="",
-                   help="replay the commands that started after this time (RFC 3339)")
-    p.add_argument("--command-end-time", "--cmd-end-time", default="",
-                   help="replay the commands that started up to this time (RFC 3339)")
-    p.add_argument("--start-time", default="", help="start at this time (RFC 3339)")
-    p.add_argument("--format", default="", help="the files' format: native (the default)")
+    add_replay_options(p)
     p.add_argument("--encryption-key-path", default="",
                    help="the AES-256 key file of an encrypted capture")
-    p.add_argument("--report-dir", default="", help="where the report goes (default: --input)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warn", "error"))
     return p
 

@@ -21,6 +21,7 @@ import urllib.parse
 from typing import TYPE_CHECKING
 
 from tiproxy.cli.apiclient import request
+from tiproxy.cli.replay_options import add_replay_options
 
 if TYPE_CHECKING:
     from tiproxy.cli.ctl import _Commands
@@ -42,21 +43,9 @@ def add_commands(commands: _Commands) -> None:
     capture.add_argument("--start-time", default="", help="the job's start time (RFC 3339)")
 
     replay = commands.add("replay", "replay captured traffic through the proxy", _replay)
-    replay.add_argument("--input", required=True, help="the directory of the traffic files")
     replay.add_argument("--username", required=True, help="the user the replay logs in as")
-    replay.add_argument("--password", help="its password (asked for when not given)")
     replay.add_argument("--speed", default="1", help="replay speed, 0.1 to 10 (default 1)")
-    replay.add_argument("--read-only", action="store_true", help="replay reads only")
-    replay.add_argument("--ignore-errs", action="store_true",
-                        help="skip what cannot be read in the files instead of stopping")
-    replay.add_argument("--command-start-time", "--cmd-start-time", default="",
-                        help="replay the commands that started after this time (RFC 3339)")
-    replay.add_argument("--command-end-time", "--cmd-end-time", default="",
-                        help="replay the commands that started up to this time (RFC 3339)")
-    replay.add_argument("--format", default="", help="the files' format: native (the default)")
-    replay.add_argument("--report-dir", default="",
-                        help="where report.json and report.html go (default: --input)")
-    replay.add_argument("--start-time", default="", help="start at this time (RFC 3339)")
+    add_replay_options(replay)
 
     cancel = commands.add("cancel", "stop the running capture or replay",
                           lambda args: _post(args, "/api/traffic/cancel", {

@@ -89,8 +89,9 @@ class SessionMoves:
         self._moving = False
         self._move_task: asyncio.Task[None] | None = None
         self._soon: asyncio.TimerHandle | None = None  # a quiet session's move, after the grace
-        self.answered_at = float("-inf")  # when a response last completed with a move due
-        self.last_answer = time.monotonic()  # when a response last completed (the login's, first)
+        # When a response last completed (the login's, first), or an unanswered statement
+        # command went out: the server's idle clock, and how long a session has been quiet.
+        self.last_answer = time.monotonic()
         self._idle_timer: asyncio.TimerHandle | None = None  # the session's wait_timeout, moved
         self.balanced_at = float("-inf")  # when the rebalance loop last moved this session
         self.moves = 0
@@ -174,7 +175,7 @@ class SessionMoves:
         move.waiting = self.wait_reason()
         if move.waiting:
             return False
-        quiet = now - max(self.answered_at, move.requested_at)
+        quiet = now - max(self.last_answer, move.requested_at)
         if not at_command and quiet < DIAGNOSTICS_GRACE:
             self._move_soon(DIAGNOSTICS_GRACE - quiet)
             return False

@@ -846,7 +846,6 @@ class Session(TransactionReplay, SessionLogin):
             self.server.doubt_backend(self.backend, "a session got 1047 (WSREP not ready)")
         if (self._held or self._move is not None) and self.tracker is not None \
                 and self.tracker.idle:
-            self.answered_at = time.monotonic()
             asyncio.get_running_loop().call_soon(self._idle_again)
 
     def _record(self, token: tuple[Any, ...], status: int, failed: bool) -> None:
