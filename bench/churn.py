@@ -19,6 +19,9 @@ and the other targets still run. A proxy that dies is restarted before its next 
 sessions has: its sessions then get a reusable credential, and the checkpoints that let them
 outlive a dead backend (net/recovery.py), which a login's first statements may call for.
 
+--pool N writes `[proxy] backend-pool-size = N` (net/pool.py: a backend connection is kept,
+reset, for the next login of the same user) and implies --auth-sync, which that needs.
+
 --idle-sessions N, after the rounds: N connections are opened through the proxy (each runs
 `SELECT 1`, so both legs are up) and left idle; the proxy's memory per idle session is (VmRSS of
 its process tree with N sessions - VmRSS with none) / N. RLIMIT_NOFILE is raised before anything
@@ -286,7 +289,8 @@ class ChurnBench:
 
     @property
     def proxy_keys(self) -> str:
-        return workers_toml(self.args.workers)
+        pool = f"backend-pool-size = {self.args.pool}\n" if self.args.pool else ""
+        return workers_toml(self.args.workers) + pool
 
     def stop_targets(self) -> None:
         for process in self.processes.values():
@@ -538,6 +542,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="give the proxy an auth-sync-user, as a deployment that moves sessions has "
         "(its sessions get a reusable credential, and with it the checkpoints of net/recovery.py)",
     )
+    parser.add_argument(
+        "--pool",
+        type=int,
+        default=0,
+        metavar="N",
+        help="[proxy] backend-pool-size = N: logins reuse kept backend connections (implies "
+        "--auth-sync)",
+    )
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
@@ -546,8 +558,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.time, args.rounds, args.warmup = 3, 1, 0
-    if args.threads < 1 or args.rounds < 1 or args.time <= 0 or args.idle_sessions < 0:
-        parser.error("--threads, --rounds and --time must be positive, --idle-sessions >= 0")
+    if args.threads < 1 or args.rounds < 1 or args.time <= 0 or args.idle_sessions < 0 \
+            or args.pool < 0:
+        parser.error("--threads, --rounds and --time must be positive, --idle-sessions and "
+                     "--pool >= 0")
+    args.auth_sync = args.auth_sync or bool(args.pool)
     return args
 
 
@@ -607,7 +622,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"workdir {workdir}; {args.threads} threads, {args.time:g} s x {args.rounds} rounds, "
             f"{os.cpu_count()} CPUs"
-            + f", [proxy] workers = {args.workers}, HAProxy nbthread = "
+            + f", [proxy] workers = {args.workers}"
+            + (f", backend-pool-size = {args.pool}" if args.pool else "")
+            + ", HAProxy nbthread = "
             f"{args.haproxy_threads or args.workers}"
             + (f", then {args.idle_sessions} idle sessions" if args.idle_sessions else ""),
             flush=True,

@@ -261,6 +261,21 @@ def test_merge_can_complete_a_cross_checked_pair() -> None:
     assert merged.security.server_tls.key == "k.pem"
 
 
+@pytest.mark.parametrize(("text", "reason"), [
+    ("[proxy]\nbackend-pool-size = 4", "needs [security] auth-sync-user or users-file"),
+    ('[proxy]\nbackend-pool-size = 4\nproxy-protocol = "v2"\n[security]\nusers-file = "u"',
+     "not supported with [proxy] proxy-protocol"),
+])
+def test_a_backend_pool_the_proxy_cannot_keep_safely_is_refused(text: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert info.value.key == "proxy.backend-pool-size"
+    assert reason in info.value.reason
+    cfg = parse_config('[proxy]\nbackend-pool-size = 4\nbackend-pool-idle = "5s"\n'
+                       '[security]\nauth-sync-user = "sync"')
+    assert (cfg.proxy.backend_pool_size, cfg.proxy.backend_pool_idle) == (4, 5.0)
+
+
 def test_advertise_addr_is_taken() -> None:
     cfg = parse_config('[proxy]\nadvertise-addr = "proxy-0.example"')
     assert cfg.proxy.advertise_addr == "proxy-0.example"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -325,6 +326,52 @@ def test_route_without_database() -> None:
     login = Login(TEMPLATE, 1, tls_available=False)
     resp = replace(RESPONSE, capabilities=CLIENT_CAPS & ~C.CONNECT_WITH_DB, database=None)
     assert login.client_packet(1, build_handshake_response(resp)) == [Route("app", None)]
+
+
+# -- a kept backend connection (net/pool.py) ---------------------------------------------------
+
+
+def test_a_kept_connection_answers_with_its_own_logins_ok() -> None:
+    """A login served by a kept connection: the client gets the OK that connection's first
+    login ended with, at the sequence id its handshake response calls for, and the session
+    has the backend leg's capabilities as a backend greeting would have given them."""
+    first = Login(TEMPLATE, 1, tls_available=False)
+    first.client_packet(1, build_handshake_response(RESPONSE))
+    first.backend_greeting_received(build_greeting(BACKEND))
+    [_, established] = first.backend_packet(4, OK)
+    assert isinstance(established, Established) and established.ok == OK
+    login = Login(TEMPLATE, 2, tls_available=False)
+    login.client_packet(1, build_handshake_response(RESPONSE))
+    assert login.pool_key() == first.pool_key()
+    reply, est = login.pooled(BACKEND, OK)
+    assert reply == SendClient(frame(OK, 2))
+    assert est == established  # the same capabilities, status and backend connection id
+    assert est.backend_connection_id == BACKEND.connection_id
+    with pytest.raises(ProtocolError):
+        login.pooled(BACKEND, OK)  # once
+
+
+@pytest.mark.parametrize("change", [
+    {"user": b"other"},
+    {"database": b"other"},
+    {"database": None, "capabilities": CLIENT_CAPS & ~C.CONNECT_WITH_DB},
+    {"charset": 8},
+    {"capabilities": CLIENT_CAPS & ~C.FOUND_ROWS},
+    {"capabilities": CLIENT_CAPS & ~C.DEPRECATE_EOF},
+])
+def test_what_a_kept_connection_must_share_with_a_login(change: dict[str, Any]) -> None:
+    """The server fixed these at the kept connection's login (or the reset keeps them): a login
+    that differs in one of them needs a connection of its own."""
+    login, other = at_routing(), Login(TEMPLATE, 2, tls_available=False)
+    other.client_packet(1, build_handshake_response(replace(RESPONSE, **change)))
+    assert login.pool_key() != other.pool_key()
+
+
+def test_compression_is_the_client_legs_own() -> None:
+    login, other = at_routing(), Login(TEMPLATE, 2, tls_available=False)
+    resp = replace(RESPONSE, capabilities=CLIENT_CAPS & ~C.COMPRESS)
+    other.client_packet(1, build_handshake_response(resp))
+    assert login.pool_key() == other.pool_key()
 
 
 # -- out of turn -------------------------------------------------------------------------------

@@ -40,7 +40,9 @@ factor of the router, lower is better: `status`, `health`, `label`, `load`, `con
 until the move picks its target); a session rebuilt on another backend after its own was lost
 is a move with reason `backend_lost`. Ours: `tiproxy_session_transaction_replay_total{reason,
 replay_res}` (transaction-replay's replays after a `deadlock`, a `lock_wait_timeout` or
-`backend_lost`, `succeed` or `fail`).
+`backend_lost`, `succeed` or `fail`), `tiproxy_session_backend_pool_total{event}`
+(`backend-pool-size`: backend connections `kept` for the next login, and logins that `reused`
+one).
 Traffic: `tiproxy_traffic_inbound_bytes{backend}`, `_inbound_packets`, `_outbound_bytes`,
 `_outbound_packets` (the clients' commands and their responses, counted as the relay passes
 them; not the logins nor the proxy's own statements), `tiproxy_traffic_cross_location_bytes`
@@ -252,7 +254,11 @@ def _balance(view: ProxyView, counts: DataPlaneCounts,
                      "counter", ("reason", "replay_res"))
     for replay, count in sorted(counts.replays.items()):
         replays.add(replay, count)
-    yield from (conns, scores, moves, times, pending, replays)
+    pool = _by("tiproxy_session_backend_pool_total",
+               "Backend connections kept for the next login (kept), and logins that took one "
+               "(reused).", "counter", "event",
+               {event: counts.pool_events.get(event, 0) for event in ("kept", "reused")})
+    yield from (conns, scores, moves, times, pending, replays, pool)
 
 
 def _traffic(counts: DataPlaneCounts) -> Iterator[Family]:

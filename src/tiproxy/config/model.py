@@ -272,6 +272,11 @@ class ProxyConfig:
     # Ours: DNS names ("name:port") re-resolved every dns-interval, one backend per address.
     backend_dns: tuple[str, ...] = field(default=(), metadata=_ADDR_LIST)
     dns_interval: float = field(default=5.0, metadata=DURATION)
+    # Ours: backend connections kept per backend for the next login of the same user, reset
+    # between clients (net/pool.py); 0: off. The proxy must verify logins itself, so it needs
+    # [security] auth-sync-user or users-file. Kept at most backend-pool-idle seconds.
+    backend_pool_size: int = field(default=0, metadata=COUNT)
+    backend_pool_idle: float = field(default=30.0, metadata=DURATION)
     backend_labels: tuple[BackendLabels, ...] = field(
         default=(), metadata=rules(decode=_decode_backend_labels, encode=_encode_backend_labels))
 
@@ -526,6 +531,13 @@ class Config:
     def cross_check(self) -> tuple[str, str] | None:
         """A backend belongs to one namespace: the default one ([proxy] backend-addrs) or one
         of [namespaces]. A virtual IP's owner is elected in PD's etcd."""
+        if self.proxy.backend_pool_size and not (self.security.auth_sync_user
+                                                 or self.security.users_file):
+            return ("proxy.backend-pool-size", "needs [security] auth-sync-user or users-file: "
+                    "a kept connection is handed only to a login the proxy verified itself")
+        if self.proxy.backend_pool_size and self.proxy.proxy_protocol:
+            return ("proxy.backend-pool-size", "not supported with [proxy] proxy-protocol: a "
+                    "kept connection's PROXY header names its first client")
         if self.ha.virtual_ip and not self.proxy.pd_addrs:
             return ("ha.virtual-ip", "needs [proxy] pd-addrs: the proxies elect the "
                     "address's owner in PD's etcd")

@@ -38,6 +38,7 @@ from tiproxy.balance.balancer import Rebalancer
 from tiproxy.balance.health import HealthChecker
 from tiproxy.balance.router import LASTING_RETRY, Backend, Router
 from tiproxy.client.admin import AdminConnection
+from tiproxy.client.channel import Row
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.config.files import USERS_FILE_LIMIT, FileRefusedError, read_small_file
 from tiproxy.discovery.base import DiscoveredBackend, DiscoverySource
@@ -57,6 +58,16 @@ log = logging.getLogger("tiproxy.server")
 
 MIN_SYNC_GAP = 2.0  # a burst of unmatched logins triggers one sync, not one each
 USERS_QUERY = "SELECT User, plugin, authentication_string FROM mysql.user"
+# Locked accounts and expired passwords log in nowhere: their hashes are not kept, so no session
+# logs in with them (a move, a kept backend connection of net/pool.py). MariaDB keeps the lock in
+# mysql.global_priv, MySQL in mysql.user; a server with neither gets USERS_QUERY.
+LOGIN_USERS_QUERIES = (
+    "SELECT u.User, u.plugin, u.authentication_string FROM mysql.user u "
+    "JOIN mysql.global_priv g USING (User, Host) "
+    "WHERE u.password_expired <> 'Y' AND JSON_VALUE(g.Priv, '$.account_locked') IS NOT TRUE",
+    USERS_QUERY + " WHERE account_locked <> 'Y' AND password_expired <> 'Y'",
+    USERS_QUERY,
+)
 
 
 class Cluster:
@@ -288,7 +299,7 @@ class Cluster:
                                                   security.auth_sync_password,
                                                   **self.tls.admin_options())
                 try:
-                    rows = await conn.query(USERS_QUERY)
+                    rows = await _users(conn)
                 finally:
                     conn.close()
             except (OSError, TimeoutError, ProtocolError, SQLError) as e:
@@ -349,3 +360,11 @@ def _dns(names: tuple[str, ...], interval: float) -> DiscoverySource:
 
 def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace") if value is not None else ""
+
+
+async def _users(conn: AdminConnection) -> list[Row]:
+    """The accounts that may log in, by the first of LOGIN_USERS_QUERIES this server knows."""
+    for query in LOGIN_USERS_QUERIES[:-1]:
+        with contextlib.suppress(SQLError):  # not this server's columns
+            return await conn.query(query)
+    return await conn.query(LOGIN_USERS_QUERIES[-1])

@@ -138,6 +138,8 @@ class DataPlaneCounts:
         self.migration_times: dict[tuple[str, str, str], Histogram] = {}
         # Transaction replays (net/replay.py): (reason, "succeed" | "fail") -> replays
         self.replays: Counter[tuple[str, str]] = Counter()
+        # Backend connections kept for the next login, and logins that took one (net/pool.py)
+        self.pool_events: Counter[str] = Counter()
 
     def backend(self, addr: str) -> BackendCounts:
         counts = self.backends.get(addr)
@@ -166,6 +168,7 @@ class DataPlaneCounts:
         self.cross_location_bytes += other.cross_location_bytes
         self.migrations.update(other.migrations)
         self.replays.update(other.replays)
+        self.pool_events.update(other.pool_events)
         for key, times in other.migration_times.items():
             mine = self.migration_times.get(key)
             if mine is None:

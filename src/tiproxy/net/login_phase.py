@@ -49,6 +49,7 @@ from tiproxy.session.login import (
     BackendUnfit,
     Established,
     Login,
+    PoolKey,
     Refused,
     Route,
     SendBackend,
@@ -103,6 +104,7 @@ class SessionLogin:
     credential: bytes | None
     state: SessionState
     tracker: ResponseTracker | None
+    role_changed: bool
     client_tls: bool
     backend_tls: bool
     keepalive_unhealthy: bool
@@ -141,6 +143,10 @@ class SessionLogin:
         self._tls_refusal = ""  # why the client's certificate is not accepted
         # A backend connected before the greeting: (backend, leg, its greeting packet)
         self._early: tuple[Backend, BackendLeg, bytes] | None = None
+        # With [proxy] backend-pool-size: what the backend connection can be kept under when
+        # the session ends, the backend's greeting and the OK of the login (net/pool.py)
+        self._pool_login: tuple[PoolKey, Greeting, bytes] | None = None
+        self._verified: bytes | None = None  # SHA1(password), as _take_kept recovered it
 
     def _refuse_at_once(self, kind: str, message: str) -> None:
         """Before the greeting (max-connections, memory): MySQL's 1040, as a server full."""
@@ -151,9 +157,20 @@ class SessionLogin:
 
     # -- login ------------------------------------------------------------------------------
 
+    def _greet_now(self) -> bool:
+        """Greet at once with the proxy's own salt, when no early backend connection is worth
+        making (`_greet`): False leaves the greeting to `_greet`."""
+        server = self.server
+        # A kept connection (net/pool.py) serves only a login that answered the proxy's salt.
+        if server.router.template is None or (server.logins_recently() and not server.pool.idle):
+            return False
+        self._send_greeting(server.router.template, early=False)
+        return True
+
     async def _greet(self) -> None:
-        router = self.server.router
-        template = await self._connect_early() if self.server.logins_recently() else None
+        server = self.server
+        router = server.router
+        template = await self._connect_early() if server.logins_recently() else None
         if template is None and router.template is None:
             await self.server.probe_template()
             if router.template is None:
@@ -162,13 +179,15 @@ class SessionLogin:
                 return
         if self.phase == CLOSED:
             return  # close() dropped the early backend connection, if there was one
-        tls = self.server.tls
         greeting = template or router.template
         assert greeting is not None  # the probe found one, or the client was refused
-        self.login = Login(greeting, self.id,
+        self._send_greeting(greeting, early=template is not None)
+
+    def _send_greeting(self, template: Greeting, early: bool) -> None:
+        tls = self.server.tls
+        self.login = Login(template, self.id,
                            tls_available=tls.server is not None, sql_tls=tls.sql is not None,
-                           require_backend_tls=tls.require_backend_tls,
-                           early_salt=template is not None)
+                           require_backend_tls=tls.require_backend_tls, early_salt=early)
         self.client.write(self.login.start())
 
     async def _connect_early(self) -> Greeting | None:
@@ -305,7 +324,8 @@ class SessionLogin:
                                  self._tls_refusal, ER_ACCESS_DENIED_ERROR, "28000",
                                  kind=counters.CLIENT_HANDSHAKE)
                     return
-                self._task = asyncio.get_running_loop().create_task(self._route())
+                if not self._take_kept():
+                    self._task = asyncio.get_running_loop().create_task(self._route())
             elif isinstance(action, Established):
                 self._established(action)
             elif isinstance(action, Refused):
@@ -319,8 +339,8 @@ class SessionLogin:
         login = self.login
         router = self.server.router
         self.namespace = router.namespace_of_user(self.user)
-        unfit = ""
         started = _monotonic()
+        unfit = ""
         candidates, early = self._candidates()
         for backend in candidates:
             if self.phase == CLOSED:
@@ -371,6 +391,41 @@ class SessionLogin:
                          kind=counters.BACKEND_HANDSHAKE)
             return
         self._refuse_no_backend(login.client_reply_seq)
+
+    def _take_kept(self) -> bool:
+        """Log in on a kept backend connection (net/pool.py) when the proxy verifies the
+        client's answer itself and the router's choice has one with this login's key."""
+        login, server = self.login, self.server
+        assert login is not None
+        resp = login.response
+        if not server.pool.idle or self._early is not None or resp is None \
+                or resp.auth_plugin != "mysql_native_password" or not resp.auth_data \
+                or self._origin is not None:
+            return False
+        started = _monotonic()
+        self.namespace = server.router.namespace_of_user(self.user)
+        tls = server.tls
+        if tls.require_backend_tls or (login.client_tls and tls.sql is not None):
+            return False  # the backend leg would be TLS: kept connections are plaintext
+        candidates = server.router.candidates(namespace=self.namespace)
+        if not candidates:
+            return False
+        salt = login.greeting.salt
+        credential = server.credentials.recover(self.user, salt, resp.auth_data)
+        if credential is None:
+            return False  # a backend judges it (the password may be new, or wrong)
+        kept = server.pool.take(candidates[0], login.pool_key())
+        if kept is None:
+            return False
+        backend = kept.backend
+        server.got_backend(_monotonic() - started, True)
+        self._native_exchange = (salt, resp.auth_data)
+        self._verified = credential  # _take_credential need not recover it again
+        self.backend, self.backend_leg, self.backend_tls = backend, kept.leg, False
+        self.keepalive_unhealthy = False  # kept only while the backend is healthy
+        backend.connections += 1
+        self._run(login.pooled(kept.greeting, kept.ok))
+        return True
 
     async def _backend_greeting(self, backend: Backend, early: tuple[Backend, BackendLeg, bytes]
                                 | None) -> tuple[BackendLeg, list[Action]]:
@@ -496,6 +551,8 @@ class SessionLogin:
             self._decompress = Decompressor()
         self._take_credential()
         proxy = self.server.config().proxy
+        if proxy.backend_pool_size and self.login.backend_greeting is not None:
+            self._pool_login = (self.login.pool_key(), self.login.backend_greeting, est.ok)
         self.replay_configured(proxy.transaction_replay, proxy.transaction_replay_max_size)
         self.bt = self.backend_leg.transport
         self.bound_writes(self.bt)
@@ -505,6 +562,23 @@ class SessionLogin:
             self.follow_capture(self.server.capture, fresh=True)
         log.debug("session %d: %s@%s logged in on %s",
                   self.id, self.user, self.peer, self.backend.addr)
+
+    def keep_backend(self) -> bool:
+        """The session ends between commands: hand its backend connection to the pool
+        (net/pool.py) if it may serve the next login with the same key. False: close it."""
+        kept, backend, leg = self._pool_login, self.backend, self.backend_leg
+        attached: object = leg.session if leg is not None else None
+        if kept is None or backend is None or leg is None or attached is not self:
+            return False
+        key, greeting, ok = kept
+        state = self.state
+        if self.credential is None or self.credential == EMPTY_PASSWORD or self.backend_tls \
+                or self.dialect == "tidb" or self.user != key.user or self.role_changed \
+                or self.backend_connection_id != greeting.connection_id \
+                or not state.database_known or state.database != key.database \
+                or backend.draining or backend.health:
+            return False  # moved, changed user or database, or the backend is leaving
+        return self.server.pool.keep(backend, key, leg, greeting, ok)
 
     def count_on(self, backend: Backend) -> None:
         """From now on the commands and traffic count on `backend` (a login, a move)."""
@@ -524,7 +598,8 @@ class SessionLogin:
             # no password, and an empty answer logs in anywhere the account is the same.
             self.credential = EMPTY_PASSWORD
         elif exchange is not None:
-            self.credential = self.server.credentials.recover(self.user, *exchange)
+            verified, self._verified = self._verified, None
+            self.credential = verified or self.server.credentials.recover(self.user, *exchange)
         self.state.no_credential = "" if self.credential is not None else NO_CREDENTIAL
         if self.credential is None and exchange is not None:
             self.server.refresh_credential(self, exchange)  # type: ignore[arg-type]  # stale?

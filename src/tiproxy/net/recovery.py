@@ -110,6 +110,7 @@ class SessionRecovery(SessionMoves):
         self._replay_bytes = 0
         self.stale = VARS_NONE
         self._stale_system: set[str] = set()  # assigned from expressions: read at a checkpoint
+        self.role_changed = False  # the current role may differ from the login's (pool.py)
         # The last command sent while nothing else was outstanding, until its answer begins:
         # what may be sent again if the backend dies first.
         self.inflight: bytes | None = None
@@ -125,6 +126,8 @@ class SessionRecovery(SessionMoves):
 
     def variables_changed(self, changes: VariableChanges, failed: bool) -> None:
         """A statement that assigns variables completed."""
+        if changes.role:
+            self.role_changed = True  # even if it failed part way
         if not (changes.rerun_names and self.held_answer is not None):
             self.stale = max(self.stale, changes.stale)  # (else: read right after it)
         if failed:

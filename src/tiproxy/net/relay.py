@@ -228,7 +228,8 @@ class Session(TransactionReplay, SessionLogin):
             return
         loop = asyncio.get_running_loop()
         self._login_timer = loop.call_later(LOGIN_TIMEOUT, self._login_timed_out)
-        self._task = loop.create_task(self._greet())
+        if not self._greet_now():
+            self._task = loop.create_task(self._greet())
 
     def _admitted(self) -> bool:
         """Not refused at once: counted in tiproxy_server_create_connection_total."""
@@ -1023,13 +1024,19 @@ class Session(TransactionReplay, SessionLogin):
                 task.cancel()
         if self.backend_leg is not None:
             idle = was_established and self.tracker is not None and self.tracker.idle
-            self.backend_leg.close(quit_first=idle)  # COM_QUIT: the backend logs a clean exit
+            if not (idle and self._pool_login is not None and kind in _KEEPABLE
+                    and self.keep_backend()):
+                self.backend_leg.close(quit_first=idle)  # COM_QUIT: the server logs a clean exit
         if self.backend is not None:
             self.backend.connections -= 1
         self.client.close()
         self.server.session_closed(self)
         # A client that ends its own session is routine (debug); the proxy ending one is not.
         (log.debug if quiet else log.warning)("session %d closed: %s", self.id, reason)
+
+
+# Sessions whose end leaves their backend connection fit for the next login (net/pool.py).
+_KEEPABLE = frozenset((counters.QUIT_OK, counters.CLIENT_NETWORK))
 
 
 def _proxy_protocol_start(server: ProxyServer, transport: asyncio.Transport) -> tuple[

@@ -32,6 +32,7 @@ from tiproxy.net.counters import MIGRATE_BUCKETS, DataPlaneCounts, Histogram
 from tiproxy.net.handover import Departure, Receiver, SessionHandover, Staying, receiver_name
 from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.login_phase import COMMAND
+from tiproxy.net.pool import BackendPool
 from tiproxy.net.relay import ClientLeg
 from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
@@ -77,6 +78,8 @@ class ProxyServer:
         self._shutting_down = False
         self._stale: list[tuple[Session, tuple[bytes, bytes]]] = []
         self.metrics = DataPlaneCounts()  # what the sessions count (net/counters.py)
+        self.pool = BackendPool(self.metrics.pool_events)  # connections kept for logins
+        self.pool.configure(cfg.proxy.backend_pool_size, cfg.proxy.backend_pool_idle)
         self.errors: Counter[str] = Counter()  # tiproxy_server_err by type, besides TLS's
         self.rejected: Counter[str] = Counter()  # clients refused at once, by why
         self.memory_high = ""  # why new clients are refused for memory; set by the control plane
@@ -136,6 +139,8 @@ class ProxyServer:
         session that can travel to the receivers, each at its next safe point."""
         for server in self._servers:
             server.close()
+        self.pool.configure(0, 0.0)  # the new process keeps its own
+        self.pool.close_all()
         self._departure = Departure(receivers, lambda: list(self.sessions.values()))
         for session in self.sessions.values():
             session.leaving = self._departure
@@ -200,6 +205,8 @@ class ProxyServer:
         `linger` (an upgrade's old process, left with sessions that could not travel), they
         first have `timeout` seconds to end by themselves."""
         self._shutting_down = True
+        self.pool.configure(0, 0.0)
+        self.pool.close_all()
         for task in self._tasks:
             task.cancel()
         for server in self._servers:
@@ -233,6 +240,8 @@ class ProxyServer:
 
     def config_changed(self, cfg: Config) -> None:
         self._config = cfg
+        if not self._shutting_down and self._departure is None:
+            self.pool.configure(cfg.proxy.backend_pool_size, cfg.proxy.backend_pool_idle)
         for server in self._servers:  # for the connections accepted from now on
             for sock in server.sockets:
                 apply_keepalive_socket(sock, cfg.proxy.frontend_keepalive)
@@ -381,6 +390,7 @@ class ProxyServer:
             self._switch_keepalive()
             timeout = self._config.proxy.failover_timeout
             now = time.monotonic()
+            self.pool.sweep(self.router, now)
             for session in [s for s in self.sessions.values() if s.move_request is not None]:
                 move = session.move_request
                 if move is None or session.phase != COMMAND or session.try_move():

@@ -48,7 +48,7 @@ import enum
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from tiproxy.protocol.constants import (
     PER_LEG_CAPABILITIES,
@@ -122,6 +122,19 @@ class Established:
     backend_connection_id: int
     user: str
     mariadb_capabilities: int = 0  # MariaDB's extended capabilities of both legs
+    # The backend's OK that ended the login (payload), for net/pool.py: the client got it.
+    ok: bytes = field(default=b"", compare=False)
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    """What a kept backend connection must share with a login to serve it (net/pool.py)."""
+
+    user: str
+    database: bytes | None
+    capabilities: int  # the client's, but those of its own leg (compression, TLS)
+    mariadb_capabilities: int
+    charset: int
 
 
 @dataclass(frozen=True)
@@ -133,10 +146,13 @@ Action = (SendClient | SendBackend | StartClientTLS | StartBackendTLS | BackendU
           | Established | Refused)
 
 
+# Any byte to a printable one that is not '$' (0x21-0x7D, '$' to '%'), as servers make salts.
+_SALT_BYTES = bytes(0x21 + b % 0x5D if 0x21 + b % 0x5D != 0x24 else 0x25 for b in range(256))
+
+
 def make_salt() -> bytes:
     """20 random printable bytes, never NUL or '$', as servers make them."""
-    raw = secrets.token_bytes(20)
-    return bytes(0x21 + b % 0x5D if 0x21 + b % 0x5D != 0x24 else 0x25 for b in raw)
+    return secrets.token_bytes(20).translate(_SALT_BYTES)
 
 
 @contextmanager
@@ -269,6 +285,38 @@ class Login:
         return [SendBackend(frame(build_handshake_response(ssl_request), 1)),
                 StartBackendTLS(), response]
 
+    def pool_key(self) -> PoolKey:
+        """What a kept backend connection must share with this login to serve it (net/pool.py):
+        the backend leg's capabilities follow from the client's and the backend's own."""
+        resp = self.response
+        assert resp is not None
+        return PoolKey(resp.user.decode("utf-8", "replace"),
+                       resp.database if resp.capabilities & Capability.CONNECT_WITH_DB
+                       and resp.database else None,
+                       resp.capabilities & ~PER_LEG_CAPABILITIES, resp.mariadb_capabilities,
+                       resp.charset)
+
+    def pooled(self, greeting: Greeting, ok: bytes) -> list[Action]:
+        """Routed to a kept connection (net/pool.py) whose first login had this login's key
+        and ended with `ok`, the backend's greeting then `greeting`: the client gets that OK."""
+        if self.state is not LoginState.ROUTING or self.response is None:
+            raise ProtocolError("kept connection out of turn", Origin.PROXY)
+        self.backend_greeting = greeting
+        forwarded = self._forwarded(False)
+        self.state = LoginState.DONE
+        return [
+            SendClient(frame(ok, self.client_reply_seq)),
+            Established(
+                client_capabilities=self.response.capabilities,
+                mariadb_capabilities=forwarded.mariadb_capabilities,
+                backend_capabilities=forwarded.capabilities,
+                status=ok_status(ok, 0, len(ok)),
+                backend_connection_id=greeting.connection_id,
+                user=self.response.user.decode("utf-8", "replace"),
+                ok=ok,
+            ),
+        ]
+
     def backend_failed(self) -> None:
         """The backend leg broke before its answer (its TLS handshake): try another."""
         if self.state is LoginState.AUTH:
@@ -313,6 +361,7 @@ class Login:
                     status=status,
                     backend_connection_id=self.backend_greeting.connection_id,
                     user=self.response.user.decode("utf-8", "replace"),
+                    ok=payload,
                 ),
             ]
         if first == 0xFF:

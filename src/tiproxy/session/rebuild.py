@@ -157,6 +157,9 @@ class VariableChanges:
     charset: bool = False
     # SYSTEM staleness: the system variables it assigned from expressions (lower case).
     system_names: frozenset[bytes] = frozenset()
+    # It may have changed the current role (SET ROLE, a procedure, a prepared statement),
+    # which COM_RESET_CONNECTION keeps: a kept backend connection would hand it on (pool.py).
+    role: bool = False
 
 
 def variable_changes(sql: bytes) -> VariableChanges:
@@ -196,10 +199,12 @@ def _one(sql: bytes, changes: VariableChanges) -> None:
             _one(m.group(1)[1:-1].replace(b"''", b"'"), changes)
         else:  # a procedure or a prepared statement may set anything
             changes.stale = VARS_ALL
+            changes.role = True
     elif _USER_VAR.search(body) and _ASSIGNS.search(body):
         changes.stale = max(changes.stale, VARS_USER)  # SELECT @n := ..., ... INTO @v
 
 
+_ROLE = re.compile(rb"\s*(?:DEFAULT\s+)?ROLE\b", re.IGNORECASE)
 _HEX_LITERAL = re.compile(rb"[xX]'[0-9A-Fa-f]*'")
 
 
@@ -230,6 +235,7 @@ def _set(assignments: bytes, changes: VariableChanges) -> None:
         m = _SET_ITEM.match(item)
         if m is None:  # SET CHARACTER SET, ROLE, PASSWORD, an expression...
             changes.stale = VARS_ALL
+            changes.role = _ROLE.match(item) is not None
             return
         if m.group("scope"):
             scope = m.group("scope").strip().upper()

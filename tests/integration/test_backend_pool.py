@@ -1,0 +1,271 @@
+"""Backend connections kept for the next login (`[proxy] backend-pool-size`, net/pool.py).
+
+What a user checks: a client that connects, works and disconnects leaves the server one idle
+connection instead of none, the next client of the same user and database is served on it
+without the server seeing a new connection, and that client finds the session as a new login
+would (nothing of the first client's variables, temporary tables, transaction or character
+set). Logins the proxy cannot vouch for, and sessions whose connection no longer matches their
+login, never share. Each test has a server of its own, so its thread counts are its own.
+
+A kept connection belongs to the data-plane process that kept it, and the kernel picks the
+process that accepts a client: the tests that follow one connection from client to client run
+the proxy as one process (`workers = 1`); the last test shows reuse with the suite's workers.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import MySQLdb
+import pymysql
+import pytest
+
+from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
+from support.metrics import scrape
+from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.mariadb import MariaDBServer
+
+pytestmark = pytest.mark.integration
+
+ONE_PROCESS = "workers = 1\n"
+
+
+def pool_toml(size: int = 4, idle: str = "30s", more: str = ONE_PROCESS) -> str:
+    return f'backend-pool-size = {size}\nbackend-pool-idle = "{idle}"\n{more}' + ADMIN_TOML
+
+
+class Watch:
+    """The server seen from one root connection of its own (so watching opens none)."""
+
+    def __init__(self, server: MariaDBServer) -> None:
+        self.conn = MySQLdb.connect(unix_socket=str(server.socket_path), user="root")
+
+    def _rows(self, sql: str) -> list[tuple[object, ...]]:
+        cur = self.conn.cursor()
+        cur.execute(sql)
+        return list(cur.fetchall())
+
+    def threads(self, user: str = APP.name) -> set[int]:
+        """The server's connections of `user`, by thread id."""
+        return {int(row[0]) for row in self._rows(  # type: ignore[call-overload]
+            f"SELECT ID FROM information_schema.PROCESSLIST WHERE USER = '{user}'")}
+
+    def connections(self) -> int:
+        """How many connections the server has accepted since it started."""
+        return int(self._rows("SHOW GLOBAL STATUS LIKE 'Connections'")[0][1])  # type: ignore[call-overload]
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def pool_events(proxy: ProxyProcess) -> dict[str, float]:
+    """tiproxy_session_backend_pool_total by event (kept, reused), summed over the workers."""
+    metrics = scrape(proxy)
+    return {event: metrics.value("tiproxy_session_backend_pool_total", event=event)
+            for event in ("kept", "reused")}
+
+
+def kept_after_close(proxy: ProxyProcess, before: float) -> None:
+    """Until the proxy has kept one more connection (reset and answered) than `before`."""
+    wait_until(lambda: pool_events(proxy).get("kept", 0) > before, "no connection was kept")
+
+
+@pytest.fixture
+def server(mariadb_factory: MariaDBFactory) -> MariaDBServer:
+    srv = mariadb_factory(BACKEND_ARGS, BACKEND_USERS)
+    srv.sql("CREATE TABLE IF NOT EXISTS test.pool_rows (a INT)")
+    return srv
+
+
+@pytest.fixture
+def watch(server: MariaDBServer) -> Iterator[Watch]:
+    w = Watch(server)
+    yield w
+    w.conn.close()
+
+
+def test_the_next_login_is_served_on_the_kept_connection_as_a_new_one(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([server.addr], pool_toml())
+    with proxy.connect(autocommit=True) as fresh, fresh.cursor() as cur:
+        cur.execute("SELECT @@character_set_client, @@sql_mode, @@autocommit, @@time_zone")
+        new_login = cur.fetchone()
+    kept_after_close(proxy, 0)
+    first = watch.threads()
+    assert len(first) == 1  # the client left; its connection stayed, idle
+    first_client = proxy.connect(autocommit=True)
+    assert watch.threads() == first  # that connection serves it
+    with first_client.cursor() as cur:
+        cur.execute("SET @secret = 'first client', NAMES latin1, SESSION sql_mode = 'ANSI', "
+                    "time_zone = '+05:00'")
+        cur.execute("CREATE TEMPORARY TABLE mine (a INT)")
+        cur.execute("SELECT GET_LOCK('pool-test', 0)")
+        cur.execute("START TRANSACTION")
+        cur.execute("INSERT INTO pool_rows VALUES (1)")
+    before = pool_events(proxy).get("kept", 0)
+    first_client.close()  # COM_QUIT inside the transaction
+    kept_after_close(proxy, before)
+    accepted = watch.connections()
+    with proxy.connect(autocommit=True) as second, second.cursor() as cur:
+        assert watch.threads() == first
+        cur.execute("SELECT @secret, @@character_set_client, @@sql_mode, @@autocommit, "
+                    "@@time_zone")
+        assert cur.fetchone() == (None, *new_login)
+        cur.execute("SELECT DATABASE(), IS_FREE_LOCK('pool-test'), COUNT(*) FROM pool_rows")
+        assert cur.fetchone() == ("test", 1, 0)  # the lock freed, the insert rolled back
+        with pytest.raises(pymysql.err.ProgrammingError) as info:
+            cur.execute("SELECT * FROM mine")
+        assert info.value.args[0] == 1146  # the temporary table is gone
+        cur.execute("SELECT CONNECTION_ID()")
+        assert cur.fetchone()[0] != min(first)  # the proxy's own id, as for any session
+    assert watch.connections() == accepted  # the server saw no new connection
+    assert pool_events(proxy)["reused"] >= 2
+
+
+def test_only_the_same_login_verified_by_the_proxy_shares_a_connection(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([server.addr], pool_toml())
+    proxy.connect().close()
+    kept_after_close(proxy, 0)
+    kept = watch.threads()
+    accepted = watch.connections()
+    # A wrong password: the proxy cannot vouch for it, the server refuses it.
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        pymysql.connect(host="127.0.0.1", port=proxy.port, user=APP.name, password="wrong",
+                        database="test")
+    assert info.value.args[0] == 1045
+    # Another database, no database, another user (ed25519: never verified by the proxy).
+    for conn in (proxy.connect(database="mysql"), proxy.connect(database=None),
+                 proxy.connect(EDU)):
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT 1")
+    assert watch.connections() >= accepted + 4  # each of them a connection of its own
+    assert kept <= watch.threads()  # and the kept one is still there, untouched
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT DATABASE()")
+        assert cur.fetchone() == ("test",)
+
+
+def test_a_session_that_changed_what_its_login_fixed_is_not_kept(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([server.addr], pool_toml())
+    conn = proxy.connect()
+    with conn.cursor() as cur:
+        cur.execute("USE mysql")  # the reset would keep this database
+    mine = watch.threads()
+    conn.close()
+    wait_until(lambda: not watch.threads() & mine, "the connection was kept after USE")
+    assert pool_events(proxy).get("kept", 0) == 0
+    # COM_RESET_CONNECTION keeps the current role: a session that set one is not kept.
+    server.sql(f"CREATE ROLE IF NOT EXISTS pool_role; GRANT pool_role TO {APP.name}@'%'")
+    conn = proxy.connect()
+    with conn.cursor() as cur:
+        cur.execute("SET ROLE pool_role")
+    mine = watch.threads()
+    conn.close()
+    wait_until(lambda: not watch.threads() & mine, "the connection was kept after SET ROLE")
+    assert pool_events(proxy)["kept"] == 0
+        # A client that hangs up in the middle of a result is not kept either.
+    conn = proxy.connect()
+    mine = watch.threads()
+    query = b"\x03SELECT SLEEP(2)"
+    conn._sock.sendall(len(query).to_bytes(3, "little") + b"\x00" + query)  # then gone
+    conn._sock.shutdown(socket.SHUT_RDWR)
+    conn._sock.close()
+    wait_until(lambda: not watch.threads() & mine, "a busy connection was kept",
+               timeout=15)
+    assert pool_events(proxy).get("kept", 0) == 0
+
+
+def test_a_locked_account_is_not_served_from_kept_connections(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
+) -> None:
+    """The stored hashes leave out locked accounts, so once the proxy has synced them (here
+    every second) the server judges the next login, and refuses it."""
+    proxy = proxy_factory([server.addr], pool_toml() + '\nauth-sync-interval = "1s"')
+    proxy.connect().close()
+    kept_after_close(proxy, 0)
+    assert watch.threads()
+    server.sql(f"ALTER USER {APP.name}@'%' ACCOUNT LOCK")
+    try:
+        refused: list[int] = []
+
+        def login_refused() -> bool:
+            try:
+                proxy.connect().close()
+            except pymysql.err.OperationalError as e:
+                refused.append(e.args[0])
+                return True
+            return False
+
+        wait_until(login_refused, "a locked account still logged in on kept connections")
+        assert refused == [4151]  # ER_ACCOUNT_HAS_BEEN_LOCKED, from the server
+    finally:
+        server.sql(f"ALTER USER {APP.name}@'%' ACCOUNT UNLOCK")
+
+
+def test_kept_connections_expire_and_leave_a_drained_backend(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
+) -> None:
+    proxy = proxy_factory([server.addr], pool_toml(idle="1s"))
+    proxy.connect().close()
+    kept_after_close(proxy, 0)
+    assert watch.threads()
+    wait_until(lambda: not watch.threads(), "the kept connection outlived backend-pool-idle")
+    proxy = proxy_factory([server.addr], pool_toml(idle="1h"))
+    proxy.connect().close()
+    kept_after_close(proxy, 0)
+    assert watch.threads()
+    status, body = proxy.api(f"/api/admin/backends/{server.addr}/drain", method="POST")
+    assert status == 200, body
+    wait_until(lambda: not watch.threads(), "a drained backend kept a pooled connection")
+
+
+def test_churn_reuses_connections_with_the_suites_workers(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
+) -> None:
+    """mysqlclient (Connector/C) logins one after another, then from 4 threads at once: every
+    one succeeds and sees a clean session, and the server sees few connections."""
+    proxy = proxy_factory([server.addr], pool_toml(size=8, more=""))
+    accepted = watch.connections()
+
+    def login_and_check() -> None:
+        conn = MySQLdb.connect(host="127.0.0.1", port=proxy.port, user=APP.name,
+                               password=APP.password, database="test")
+        cur = conn.cursor()
+        cur.execute("SELECT @mark")
+        assert cur.fetchone() == (None,)
+        cur.execute("SET @mark = 1")
+        conn.close()
+
+    for _ in range(40):
+        login_and_check()
+    # At most one new connection per login until each worker has kept one; then none.
+    assert watch.connections() - accepted < 40
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            for _ in range(50):
+                login_and_check()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert watch.connections() - accepted < 100  # 240 logins
+    assert pool_events(proxy)["reused"] >= 140
