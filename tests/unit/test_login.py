@@ -8,7 +8,7 @@ the same actions. Reference: https://mariadb.com/kb/en/connection/
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import pytest
@@ -41,6 +41,7 @@ from tiproxy.session.login import (
     SendBackend,
     SendClient,
     StartClientTLS,
+    _with_capabilities,
     make_salt,
 )
 
@@ -483,3 +484,15 @@ def test_malformed_ok_or_err_is_the_backends_error(payload: bytes) -> None:
         login.backend_packet(2, payload)
     assert info.value.origin is Origin.BACKEND
     assert login.state is LoginState.AUTH  # not established on a packet that did not parse
+
+
+def test_the_clients_response_is_kept_whole_but_for_capabilities() -> None:
+    """Login copies the response field by field (cheaper than dataclasses.replace): every field
+    a response has must survive the copy."""
+    full = replace(RESPONSE, extra=b"tail", ssl_request_only=False, mariadb_capabilities=0x1F)
+    copied = _with_capabilities(full, 7, 3)
+    assert copied == replace(full, capabilities=7, mariadb_capabilities=3)
+    # A field added to HandshakeResponse must be added to the copy too (then here).
+    assert [f.name for f in fields(HandshakeResponse)] == [
+        "capabilities", "max_packet", "charset", "user", "auth_data", "database", "auth_plugin",
+        "attrs", "mariadb_capabilities", "ssl_request_only", "extra"]

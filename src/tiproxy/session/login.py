@@ -150,6 +150,14 @@ Action = (SendClient | SendBackend | StartClientTLS | StartBackendTLS | BackendU
 _SALT_BYTES = bytes(0x21 + b % 0x5D if 0x21 + b % 0x5D != 0x24 else 0x25 for b in range(256))
 
 
+def _with_capabilities(resp: HandshakeResponse, caps: int, ext: int) -> HandshakeResponse:
+    return HandshakeResponse(
+        capabilities=caps, max_packet=resp.max_packet, charset=resp.charset, user=resp.user,
+        auth_data=resp.auth_data, database=resp.database, auth_plugin=resp.auth_plugin,
+        attrs=resp.attrs, mariadb_capabilities=ext, ssl_request_only=resp.ssl_request_only,
+        extra=resp.extra)
+
+
 def make_salt() -> bytes:
     """20 random printable bytes, never NUL or '$', as servers make them."""
     return secrets.token_bytes(20).translate(_SALT_BYTES)
@@ -183,13 +191,15 @@ class Login:
         if ext:
             caps &= ~Capability.LONG_PASSWORD
         self.early_salt = early_salt  # the template is the greeting of the early backend
-        self.greeting = replace(
-            template,
+        self.greeting = Greeting(  # (built whole: dataclasses.replace costs a login more)
+            server_version=template.server_version,
             connection_id=connection_id,
             salt=template.salt if early_salt else make_salt(),
             capabilities=caps,
-            mariadb_capabilities=ext,
+            charset=template.charset,
+            status=template.status,
             auth_plugin=template.auth_plugin or "mysql_native_password",
+            mariadb_capabilities=ext,
         )
         self.state = LoginState.GREETED
         self.response: HandshakeResponse | None = None
@@ -230,9 +240,8 @@ class Login:
         resp = parse_handshake_response(payload)
         # Bit 0 is the client's own statement (CLIENT_MYSQL: no MariaDB extensions): kept.
         offered = self.greeting.capabilities | Capability.LONG_PASSWORD
-        resp = replace(resp, capabilities=resp.capabilities & offered,
-                       mariadb_capabilities=resp.mariadb_capabilities
-                       & self.greeting.mariadb_capabilities)
+        resp = _with_capabilities(resp, resp.capabilities & offered,
+                                  resp.mariadb_capabilities & self.greeting.mariadb_capabilities)
         if resp.ssl_request_only:
             if self.state is LoginState.TLS or not resp.capabilities & Capability.SSL:
                 raise ProtocolError("SSLRequest where a handshake response was due")
@@ -302,14 +311,14 @@ class Login:
         if self.state is not LoginState.ROUTING or self.response is None:
             raise ProtocolError("kept connection out of turn", Origin.PROXY)
         self.backend_greeting = greeting
-        forwarded = self._forwarded(False)
+        caps, ext = self._backend_leg(tls=False)
         self.state = LoginState.DONE
         return [
             SendClient(frame(ok, self.client_reply_seq)),
             Established(
                 client_capabilities=self.response.capabilities,
-                mariadb_capabilities=forwarded.mariadb_capabilities,
-                backend_capabilities=forwarded.capabilities,
+                mariadb_capabilities=ext,
+                backend_capabilities=caps,
                 status=ok_status(ok, 0, len(ok)),
                 backend_connection_id=greeting.connection_id,
                 user=self.response.user.decode("utf-8", "replace"),
@@ -323,7 +332,8 @@ class Login:
             self.state = LoginState.ROUTING
             self.backend_tls = False
 
-    def _forwarded(self, tls: bool, same_salt: bool = False) -> HandshakeResponse:
+    def _backend_leg(self, tls: bool) -> tuple[int, int]:
+        """The capabilities and MariaDB capabilities the backend leg negotiates."""
         resp, greeting = self.response, self.backend_greeting
         assert resp is not None and greeting is not None
         caps = resp.capabilities & ~PER_LEG_CAPABILITIES & greeting.capabilities
@@ -333,6 +343,12 @@ class Login:
             caps &= ~Capability.LONG_PASSWORD  # CLIENT_MYSQL clear: the extension is read
         if tls:
             caps |= Capability.SSL
+        return caps, ext
+
+    def _forwarded(self, tls: bool, same_salt: bool = False) -> HandshakeResponse:
+        resp = self.response
+        assert resp is not None
+        caps, ext = self._backend_leg(tls)
         return replace(
             resp,
             capabilities=caps,
