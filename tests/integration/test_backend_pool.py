@@ -226,6 +226,15 @@ def test_kept_connections_expire_and_leave_a_drained_backend(
     proxy.connect().close()
     kept_after_close(proxy, 0)
     assert watch.threads()
+    # A reload that makes the pool smaller closes the oldest beyond the new size.
+    conns = [proxy.connect() for _ in range(3)]
+    for conn in conns:
+        conn.close()
+    wait_until(lambda: len(watch.threads()) == 3, "three sessions left three connections")
+    status, body = proxy.api("/api/admin/config", method="PUT",
+                             body=b"[proxy]\nbackend-pool-size = 1\n")
+    assert status == 200, body
+    wait_until(lambda: len(watch.threads()) == 1, "the pool did not shrink to its new size")
     status, body = proxy.api(f"/api/admin/backends/{server.addr}/drain", method="POST")
     assert status == 200, body
     wait_until(lambda: not watch.threads(), "a drained backend kept a pooled connection")

@@ -183,13 +183,20 @@ class BackendPool:
 
     def sweep(self, router: Router, now: float) -> None:
         """Close what expired, and what is kept for a backend the router no longer routes to
-        (drained, unhealthy, removed); everything when the pool is off."""
+        (drained, unhealthy, removed); everything when the pool is off, and the oldest beyond
+        backend-pool-size after a reload made it smaller."""
         for queue in list(self._idle.values()):
             for kept in list(queue):
                 backend = kept.backend
                 if self.size == 0 or now - kept.since >= self.idle_seconds \
                         or backend.draining or backend.health \
                         or router.backends.get(backend.addr) is not backend:
+                    self._close(kept)
+        for addr, count in list(self._per_backend.items()):
+            if count > self.size:
+                ready = sorted((k for queue in self._idle.values() for k in queue
+                                if k.backend.addr == addr), key=lambda k: k.since)
+                for kept in ready[:count - self.size]:
                     self._close(kept)
         for kept in [k for k in self._resetting if now - k.since >= RESET_TIMEOUT]:
             self.drop(kept, f"COM_RESET_CONNECTION not answered within {RESET_TIMEOUT:g}s")
