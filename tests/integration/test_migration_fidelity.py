@@ -116,6 +116,21 @@ def test_every_sql_path_to_session_state_pins(
         cur.execute("SELECT 1")  # the session goes on where its state is
 
 
+def test_set_role_pins_the_session(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """No capture reads the current role, and the new backend's login would have the account's
+    default one: the session stays, with its privileges, and says why."""
+    for server in backends:
+        server.sql(f"CREATE ROLE IF NOT EXISTS fid_role; GRANT fid_role TO {APP.name}@'%'")
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SET ROLE fid_role")
+        proxy.waits(conn.thread_id(), "SET ROLE")
+        cur.execute("SELECT CURRENT_ROLE()")
+        assert cur.fetchone() == ("fid_role",)
+
+
 def test_a_server_side_prepared_statement_that_creates_a_temporary_table_pins(
     backends: list[MariaDBServer], proxy_factory: ProxyFactory,
 ) -> None:

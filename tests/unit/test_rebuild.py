@@ -87,21 +87,23 @@ def test_a_character_set_change_is_kept_while_no_literal_came_before_it(
     assert not charset_change(changes, [b"SET SESSION sql_mode = _utf8mb4 X'414e5349'"])
 
 
-@pytest.mark.parametrize(("sql", "role"), [
-    (b"SET ROLE analyst", True),
-    (b"set role none", True),
-    (b"SET DEFAULT ROLE analyst", True),
-    (b"SET @a = 1; SET ROLE analyst", True),
-    (b"CALL refresh()", True),  # a procedure may set it
-    (b"EXECUTE stmt", True),
-    (b"SET CHARACTER SET latin1", False),
-    (b"SET @role = 'x', rolex = 1", False),
-    (b"SELECT 1", False),
+@pytest.mark.parametrize(("sql", "role", "role_set"), [
+    (b"SET ROLE analyst", True, True),
+    (b"set role none", True, True),
+    (b"SET DEFAULT ROLE analyst", True, False),  # the account's default, not the current one
+    (b"SET @a = 1; SET ROLE analyst", True, True),
+    (b"CALL refresh()", True, False),  # a procedure may set it
+    (b"EXECUTE stmt", True, False),
+    (b"SET CHARACTER SET latin1", False, False),
+    (b"SET @role = 'x', rolex = 1", False, False),
+    (b"SELECT 1", False, False),
 ])
-def test_what_may_change_the_current_role(sql: bytes, role: bool) -> None:
+def test_what_may_change_the_current_role(sql: bytes, role: bool, role_set: bool) -> None:
     """COM_RESET_CONNECTION keeps the current role, so a session that may have changed it does
-    not leave its backend connection to the next login (net/pool.py)."""
-    assert variable_changes(sql).role is role
+    not leave its backend connection to the next login (net/pool.py); SET ROLE itself pins the
+    session (a move cannot carry the role)."""
+    changes = variable_changes(sql)
+    assert (changes.role, changes.role_set) == (role, role_set)
 
 
 def test_system_variables_assigned_from_expressions_are_read_back_by_name() -> None:

@@ -154,3 +154,14 @@ def test_routine_bodies_and_flush_status() -> None:
     assert state.unseen({}) == ""  # a server without the counts: nothing to compare anyway
     state.reset()
     assert state.unseen({TEMP: 0, PREP: 0}) == ""
+
+
+def test_set_role_pins_until_a_new_login() -> None:
+    """SET ROLE: no capture reads the current role and a new login gets the account's default,
+    so the session cannot move; COM_RESET_CONNECTION keeps the role, so the pin stays."""
+    state = SessionState()
+    state.role_set = True
+    assert state.pinned()
+    assert "role" in state.pin_kinds()
+    state.reset()
+    assert state.pinned()

@@ -128,6 +128,8 @@ class SessionRecovery(SessionMoves):
         """A statement that assigns variables completed."""
         if changes.role:
             self.role_changed = True  # even if it failed part way
+            if changes.role_set:
+                self.state.role_set = True
         if not (changes.rerun_names and self.held_answer is not None):
             self.stale = max(self.stale, changes.stale)  # (else: read right after it)
         if failed:

@@ -908,6 +908,7 @@ class Session(TransactionReplay, SessionLogin):
             return
         self.user = user
         self.state.reset()
+        self.state.role_set = False  # a new login: the account's default role
         self.state.database_known = False  # the new login named its own database, if any
         self._take_credential()
 

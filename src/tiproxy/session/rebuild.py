@@ -160,6 +160,7 @@ class VariableChanges:
     # It may have changed the current role (SET ROLE, a procedure, a prepared statement),
     # which COM_RESET_CONNECTION keeps: a kept backend connection would hand it on (pool.py).
     role: bool = False
+    role_set: bool = False  # SET ROLE itself: the session's current role is its own now
 
 
 def variable_changes(sql: bytes) -> VariableChanges:
@@ -204,7 +205,7 @@ def _one(sql: bytes, changes: VariableChanges) -> None:
         changes.stale = max(changes.stale, VARS_USER)  # SELECT @n := ..., ... INTO @v
 
 
-_ROLE = re.compile(rb"\s*(?:DEFAULT\s+)?ROLE\b", re.IGNORECASE)
+_ROLE = re.compile(rb"\s*(DEFAULT\s+)?ROLE\b", re.IGNORECASE)
 _HEX_LITERAL = re.compile(rb"[xX]'[0-9A-Fa-f]*'")
 
 
@@ -235,7 +236,9 @@ def _set(assignments: bytes, changes: VariableChanges) -> None:
         m = _SET_ITEM.match(item)
         if m is None:  # SET CHARACTER SET, ROLE, PASSWORD, an expression...
             changes.stale = VARS_ALL
-            changes.role = _ROLE.match(item) is not None
+            role = _ROLE.match(item)
+            changes.role = role is not None
+            changes.role_set = role is not None and not role.group(1)
             return
         if m.group("scope"):
             scope = m.group("scope").strip().upper()

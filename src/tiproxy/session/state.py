@@ -77,6 +77,10 @@ class SessionState:
     table_locks: bool = False
     handlers: set[str] = field(default_factory=set)
     no_credential: str = ""  # why the proxy cannot log this user in elsewhere, if it cannot
+    # SET ROLE ran: a new login has the account's default role, and no capture reads the current
+    # one, so a move would change the session's privileges. COM_RESET_CONNECTION keeps the role
+    # (this pin too); COM_CHANGE_USER logs in again and clears it.
+    role_set: bool = False
     # User variables the session's statements named, for servers that cannot list them
     # (information_schema.USER_VARIABLES disabled). Bounded: past the bound the session is
     # pinned on such servers instead.
@@ -211,10 +215,10 @@ class SessionState:
     def reset(self) -> None:
         """COM_RESET_CONNECTION or COM_CHANGE_USER: the server forgot all of it (on MariaDB the
         current database stays through COM_RESET_CONNECTION)."""
-        credential_reason = self.no_credential
+        credential_reason, role_set = self.no_credential, self.role_set
         database, known = self.database, self.database_known
         self.__init__()  # type: ignore[misc]
-        self.no_credential = credential_reason
+        self.no_credential, self.role_set = credential_reason, role_set
         self.database, self.database_known = database, known
 
     # -- pins -------------------------------------------------------------------------------
@@ -245,7 +249,8 @@ class SessionState:
     def pinned(self) -> bool:
         """bool(pins()), without building the reasons for the usual session that has none."""
         if self.temp_tables or self.named_locks or self.table_locks or self.handlers \
-                or self.no_credential or self.opaque or self.hidden or self.opaque_prepared:
+                or self.no_credential or self.opaque or self.hidden or self.opaque_prepared \
+                or self.role_set:
             return True
         return bool(self.stmts) and bool(self.pins())
 
@@ -279,6 +284,9 @@ class SessionState:
             pins.append(("unreadable_statement", self.opaque))
         if self.hidden:
             pins.append(("unseen_state", self.hidden))
+        if self.role_set:
+            pins.append(("role", "SET ROLE: a move would give the session the account's default "
+                         "role instead (COM_CHANGE_USER clears this)"))
         if self.opaque_prepared:
             pins.append(("prepared_from_variable",
                          "statements prepared from a variable (deallocate them to move): "
