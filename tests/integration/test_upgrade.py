@@ -259,3 +259,30 @@ def test_a_tls_session_stays_with_the_old_process_until_the_timeout(
         cur.execute("SELECT @mine")
         assert cur.fetchone() == ("kept",)
     plain.close()
+
+
+def test_the_idle_clock_a_move_keeps_goes_on_in_the_new_process(
+        pair: list[MariaDBServer], proxy_factory: ProxyFactory,
+        new_processes: list[int]) -> None:
+    """A move restarts the server's idle count, so the proxy keeps the old one (the session is
+    closed once idle for its wait_timeout since its last answer). The new process of an upgrade
+    goes on counting: idle 10 s in all, the session is gone 2 s before the moved connection's
+    own count would have run out."""
+    proxy = proxy_factory([pair[0].addr, pair[1].addr], ADMIN_TOML)
+    old = proxy.proc
+    assert old is not None
+    idle = proxy.connect(autocommit=True)
+    with idle.cursor() as cur:
+        cur.execute("SET SESSION wait_timeout = 10")
+    answered = time.monotonic()
+    time.sleep(2)
+    proxy.move(idle.thread_id())  # the new connection's server would close it 10 s from now
+    moved = time.monotonic()
+    new_processes.append(int(re.search(r"new proxy process (\d+)",  # type: ignore[union-attr]
+                                       _ctl(proxy, "upgrade")).group(1)))
+    assert old.wait(30) == 0  # the idle session travelled
+    assert time.monotonic() - answered < 9, "the upgrade took too long for this test to tell"
+    proxy.wait_log("idle for its wait_timeout (10s) since its last answer", timeout=15)
+    assert time.monotonic() - moved < 10  # before the moved connection's own count ran out
+    with pytest.raises(pymysql.err.OperationalError), idle.cursor() as cur:
+        cur.execute("SELECT 1")

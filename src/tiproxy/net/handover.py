@@ -79,6 +79,10 @@ class SessionHandover:
     # Added later: a sender without them is older (its stale 2 meant "everything").
     stale_system: tuple[str, ...] | None = None  # system variables to read back by name
     client_salt: bytes | None = None  # the salt the client last answered (COM_CHANGE_USER)
+    # The idle clock a move keeps (net/moves.py): the last answer (time.monotonic(), the same
+    # clock in every process of the machine) and the wait_timeout counted from it, if pending.
+    last_answer: float = 0.0
+    idle_wait_timeout: float | None = None
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ class SessionMoves:
         # command went out: the server's idle clock, and how long a session has been quiet.
         self.last_answer = time.monotonic()
         self._idle_timer: asyncio.TimerHandle | None = None  # the session's wait_timeout, moved
+        self._idle_wait = 0.0  # the wait_timeout _idle_timer counts
         self.balanced_at = float("-inf")  # when the rebalance loop last moved this session
         self.moves = 0
         self.namespace = ""
@@ -338,6 +339,7 @@ class SessionMoves:
             self._idle_timer.cancel()
             self._idle_timer = None
         if wait_timeout:
+            self._idle_wait = wait_timeout
             since = self.last_answer
             delay = max(since + wait_timeout - time.monotonic(), 0.0)
             self._idle_timer = asyncio.get_running_loop().call_later(

@@ -264,7 +264,8 @@ class Session(TransactionReplay, SessionLogin):
             self.login_response, self.credential, self.state, self.tracker.status,
             self._decompress is not None, self._origin, self.started, self.moves,
             self.checkpoint, self.replays, self.stale, self.replay_limit, self.txlog,
-            bytes(self._cbuf), tuple(sorted(self._stale_system)), self.client_salt)
+            bytes(self._cbuf), tuple(sorted(self._stale_system)), self.client_salt,
+            self.last_answer, self._idle_wait if self._idle_timer is not None else None)
 
     def _adopt(self, h: SessionHandover, leg: BackendLeg) -> None:
         """Go on with a session another process handed over, in the command phase."""
@@ -282,6 +283,10 @@ class Session(TransactionReplay, SessionLogin):
             self.stale = VARS_ALL  # an older process's 2 meant "everything"
         self._stale_system = set(h.stale_system or ())
         self.client_salt = h.client_salt
+        if h.last_answer:
+            self.last_answer = h.last_answer
+        if h.idle_wait_timeout:  # a move's idle clock, still running
+            self._keep_wait_timeout(h.idle_wait_timeout)
         self.replay_limit, self.txlog = h.replay_limit, h.txlog
         self._replay_bytes = sum(len(s) for s in h.replays.values())
         self._decompress = Decompressor() if h.compressed else None
