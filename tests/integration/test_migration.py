@@ -509,6 +509,44 @@ def test_an_execute_without_its_types_works_after_a_move(mproxy: ProxyProcess) -
         conn.close()
 
 
+def test_the_types_an_execute_direct_sent_serve_its_statement_after_a_move(
+        mproxy: ProxyProcess) -> None:
+    """Connector/C's execute_direct sends COM_STMT_PREPARE and, before its answer, the first
+    COM_STMT_EXECUTE with id 0xFFFFFFFF and the parameter types; later executes of the
+    statement by its id carry none. After a move the new backend needs them: the proxy keeps
+    the direct execute's types for the statement its prepare made."""
+    conn = pymysql.connect(host="127.0.0.1", port=mproxy.port, user=APP.name,
+                           password=APP.password, database="test")
+    raw = _Raw(conn)
+
+    def parameters(value: int, with_types: bool) -> bytes:
+        return (b"\x00"  # NULL bitmap: one parameter, not NULL
+                + (b"\x01\x08\x00" if with_types else b"\x00")  # LONGLONG
+                + value.to_bytes(8, "little", signed=True))
+
+    try:
+        direct = (b"\x17" + (0xFFFFFFFF).to_bytes(4, "little") + b"\x00"
+                  + (1).to_bytes(4, "little") + parameters(41, with_types=True))
+        conn._write_bytes(frame(b"\x16SELECT CAST(? AS SIGNED) + 1", 0) + frame(direct, 0))
+        conn._next_seq_id = 1
+        ok = bytes(conn._read_packet().get_all_data())
+        stmt, columns, params = int.from_bytes(ok[1:5], "little"), ok[5], ok[7]
+        for _ in range(params + 1 + columns + 1):  # definitions, EOFs
+            conn._read_packet()
+        conn._next_seq_id = 1
+        assert bytes(conn._read_packet().get_all_data()) == b"\x01"  # one column
+        for _ in range(2):
+            conn._read_packet()
+        assert int.from_bytes(bytes(conn._read_packet().get_all_data())[2:10], "little") == 42
+        conn._read_packet()  # EOF
+        for n in range(3):
+            mproxy.move(conn.thread_id())
+            row = raw.execute(stmt, parameters(n, with_types=False))
+            assert int.from_bytes(row[2:10], "little", signed=True) == n + 1
+    finally:
+        conn.close()
+
+
 def test_the_statement_prepared_last_stays_the_last_across_moves(mproxy: ProxyProcess) -> None:
     """Statement id 0xFFFFFFFF names the one prepared last (Connector/C's execute_direct sends
     it right behind its COM_STMT_PREPARE). After moves, the last one the client prepared is the

@@ -27,6 +27,7 @@ import time
 import zlib
 from bisect import bisect_left
 from collections.abc import Coroutine
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tiproxy.client.leg import BackendLeg
@@ -72,7 +73,13 @@ from tiproxy.session.connid import ResultRewriter, find_id_uses, might_name_ids,
 from tiproxy.session.login import (
     FORCE_SWITCH_PLUGIN,
 )
-from tiproxy.session.prepared import execute_types, packet_stmt_id, with_stmt_id, with_types
+from tiproxy.session.prepared import (
+    LAST_PREPARED_ID,
+    execute_types,
+    packet_stmt_id,
+    with_stmt_id,
+    with_types,
+)
 from tiproxy.session.rebuild import VARS_ALL, VARS_SYSTEM, variable_changes
 from tiproxy.session.state import SessionState
 from tiproxy.session.statements import (
@@ -215,6 +222,10 @@ class Session(TransactionReplay, SessionLogin):
         # Commands whose responses have not ended, for their durations: (command byte, when
         # it came), in order. A list: it is empty or short (pipelines).
         self._sent: list[tuple[int, float]] = []
+        # COM_STMT_PREPAREs sent and not answered, and an execute of "the one prepared last"
+        # sent behind them (execute_direct): its types are the new statement's first ones.
+        self._prepares_sent = 0
+        self._direct_execute: bytes | None = None
         self.leaving: Departure | None = None  # an upgrade's: to the new process, when safe
         self.client_tls = False
         self.backend_tls = False  # kept when the session moves: the target must offer TLS
@@ -405,9 +416,10 @@ class Session(TransactionReplay, SessionLogin):
         Keeps the parameter types it carries, for the first execute after a move; one that
         must have them put back is not plain (the new backend may well have given the
         statement the client's own id: the ids of different connections often coincide)."""
-        stmt = self.state.stmts.get(packet_stmt_id(packet))
-        if stmt is None:
-            return True  # unknown to the proxy: the backend will answer with an error
+        stmt_id = packet_stmt_id(packet)
+        stmt = self.state.stmts.get(stmt_id)
+        if stmt is None:  # the one prepared last (its types are recorded), or unknown to the
+            return stmt_id != LAST_PREPARED_ID  # proxy: the backend will answer with an error
         flags, types = execute_types(packet, stmt.params)
         if types is not None:
             stmt.param_types = types
@@ -570,6 +582,7 @@ class Session(TransactionReplay, SessionLogin):
         # Rewritten: the rewriter was made for this statement's response just now.
         renames = self._rewriter.renames if rewritten is not packet and self._rewriter else ()
         packet = rewritten
+        self._prepares_sent += 1
         return packet, ("prepare", packet[5:], renames)
 
     def _executed_sql(self, packet: bytes, cmd: int) -> bytes | None:
@@ -604,7 +617,17 @@ class Session(TransactionReplay, SessionLogin):
         state = self.state
         client_id = packet_stmt_id(packet)
         stmt = state.stmts.get(client_id)
-        if stmt is not None and stmt.backend_id != client_id:
+        if stmt is None and client_id == LAST_PREPARED_ID and cmd == Command.STMT_EXECUTE:
+            if self._prepares_sent and self.tracker is not None and not self.tracker.idle:
+                # Its statement is still being prepared: its types are recorded with it.
+                self._direct_execute = packet
+                return packet, cmd
+            stmt = state.stmts.get(state.last_prepared) if state.last_prepared is not None \
+                else None
+            if stmt is not None:  # that statement, by its id on this backend
+                client_id = stmt.client_id
+                packet = with_stmt_id(packet, stmt.backend_id)
+        elif stmt is not None and stmt.backend_id != client_id:
             packet = with_stmt_id(packet, stmt.backend_id)
         token: Any = cmd
         if stmt is None:
@@ -890,10 +913,20 @@ class Session(TransactionReplay, SessionLogin):
         assert self.tracker is not None
         prepared = self.tracker.prepared
         client_id = None
+        self._prepares_sent = max(self._prepares_sent - 1, 0)
+        direct = self._direct_execute if not self._prepares_sent else None
+        if direct is not None:
+            self._direct_execute = None
         if not failed and prepared is not None:
             backend_id, columns, params = prepared
             client_id = self.state.prepared(backend_id, sql, columns, params)
-            self.state.stmts[client_id].renames = renames
+            stmt = self.state.stmts[client_id]
+            stmt.renames = renames
+            if direct is not None:  # an execute_direct's: the first execute's types
+                with suppress(ProtocolError):  # malformed: the backend refused it already
+                    types = execute_types(direct, params)[1]
+                    if types is not None:
+                        stmt.param_types, stmt.types_sent = types, True
         elif failed:
             self.state.last_prepared = None  # MariaDB forgets its last one too
         held, self._intercept = self._intercept, None

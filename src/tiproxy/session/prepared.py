@@ -15,6 +15,9 @@ from tiproxy.protocol.constants import MAX_PAYLOAD
 from tiproxy.protocol.errors import ProtocolError
 
 _HEADER = 4
+# The statement id MariaDB reads as "the one prepared last" (Connector/C's execute_direct sends
+# its COM_STMT_EXECUTE with it right behind the COM_STMT_PREPARE, before the answer).
+LAST_PREPARED_ID = 0xFFFFFFFF
 
 
 def packet_stmt_id(packet: Buffer) -> int:
