@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import MySQLdb
 import pymysql
@@ -26,7 +27,9 @@ import pytest
 from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
 from support.metrics import scrape
 from support.proxy import ProxyFactory, ProxyProcess
-from tiproxy.playground.mariadb import MariaDBServer
+from tiproxy.playground.mariadb import AppUser, MariaDBServer
+from tiproxy.protocol.auth import native_password_scramble
+from tiproxy.protocol.packets import frame, parse_auth_switch
 
 pytestmark = pytest.mark.integration
 
@@ -94,38 +97,47 @@ def watch(server: MariaDBServer) -> Iterator[Watch]:
 def test_the_next_login_is_served_on_the_kept_connection_as_a_new_one(
     server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
 ) -> None:
+    """The second client gets a session as a new login would make it: its login's database and
+    character set (latin1 here, not the server's utf8mb4), the account's own statement time
+    limit, and nothing of the first client's variables, temporary table, lock or transaction."""
+    server.sql(f"ALTER USER {APP.name}@'%' WITH MAX_STATEMENT_TIME 7")
     proxy = proxy_factory([server.addr], pool_toml())
-    with proxy.connect(autocommit=True) as fresh, fresh.cursor() as cur:
-        cur.execute("SELECT @@character_set_client, @@sql_mode, @@autocommit, @@time_zone")
+    latin1 = {"autocommit": True, "charset": "latin1"}
+    looks = ("SELECT @secret, DATABASE(), @@character_set_client, @@collation_connection, "
+             "@@sql_mode, @@autocommit, @@time_zone, @@max_statement_time")
+    with proxy.connect(**latin1) as fresh, fresh.cursor() as cur:
+        cur.execute(looks)
         new_login = cur.fetchone()
+    assert new_login[1:4] == ("test", "latin1", "latin1_swedish_ci")
+    assert new_login[-1] == 7.0
     kept_after_close(proxy, 0)
     first = watch.threads()
     assert len(first) == 1  # the client left; its connection stayed, idle
-    first_client = proxy.connect(autocommit=True)
+    first_client = proxy.connect(**latin1)
     assert watch.threads() == first  # that connection serves it
     with first_client.cursor() as cur:
-        cur.execute("SET @secret = 'first client', NAMES latin1, SESSION sql_mode = 'ANSI', "
-                    "time_zone = '+05:00'")
+        cur.execute("SET @secret = 'first client'")
+        cur.execute("SET NAMES utf8mb4")
+        cur.execute("SET SESSION sql_mode = 'ANSI', time_zone = '+05:00', "
+                    "max_statement_time = 0")
         cur.execute("CREATE TEMPORARY TABLE mine (a INT)")
         cur.execute("SELECT GET_LOCK('pool-test', 0)")
         cur.execute("START TRANSACTION")
         cur.execute("INSERT INTO pool_rows VALUES (1)")
-    before = pool_events(proxy).get("kept", 0)
+        cur.execute("USE mysql")
+    before = pool_events(proxy)["kept"]
     first_client.close()  # COM_QUIT inside the transaction
     kept_after_close(proxy, before)
     accepted = watch.connections()
-    with proxy.connect(autocommit=True) as second, second.cursor() as cur:
+    with proxy.connect(**latin1) as second, second.cursor() as cur:
         assert watch.threads() == first
-        cur.execute("SELECT @secret, @@character_set_client, @@sql_mode, @@autocommit, "
-                    "@@time_zone")
-        assert cur.fetchone() == (None, *new_login)
-        cur.execute("SELECT DATABASE(), IS_FREE_LOCK('pool-test'), COUNT(*) FROM pool_rows")
-        assert cur.fetchone() == ("test", 1, 0)  # the lock freed, the insert rolled back
+        cur.execute(looks)
+        assert cur.fetchone() == new_login
+        cur.execute("SELECT IS_FREE_LOCK('pool-test'), COUNT(*) FROM pool_rows")
+        assert cur.fetchone() == (1, 0)  # the lock freed, the insert rolled back
         with pytest.raises(pymysql.err.ProgrammingError) as info:
             cur.execute("SELECT * FROM mine")
         assert info.value.args[0] == 1146  # the temporary table is gone
-        cur.execute("SELECT CONNECTION_ID()")
-        assert cur.fetchone()[0] != min(first)  # the proxy's own id, as for any session
     assert watch.connections() == accepted  # the server saw no new connection
     assert pool_events(proxy)["reused"] >= 2
 
@@ -133,58 +145,111 @@ def test_the_next_login_is_served_on_the_kept_connection_as_a_new_one(
 def test_only_the_same_login_verified_by_the_proxy_shares_a_connection(
     server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
 ) -> None:
+    """The proxy's connections reach the server from 127.0.0.1, where an account of the same
+    name with another password wins: a client who knows only the other account's password is
+    refused by the server, kept connection or not. Another database, no database, or a user
+    whose plugin the proxy cannot verify (ed25519) get connections of their own."""
+    server.sql(f"CREATE USER {APP.name}@'127.0.0.1' IDENTIFIED BY 'local-pass'; "
+               f"GRANT ALL ON *.* TO {APP.name}@'127.0.0.1'")
     proxy = proxy_factory([server.addr], pool_toml())
-    proxy.connect().close()
+    local = AppUser(APP.name, "local-pass")
+    proxy.connect(local).close()
     kept_after_close(proxy, 0)
     kept = watch.threads()
     accepted = watch.connections()
-    # A wrong password: the proxy cannot vouch for it, the server refuses it.
-    with pytest.raises(pymysql.err.OperationalError) as info:
-        pymysql.connect(host="127.0.0.1", port=proxy.port, user=APP.name, password="wrong",
-                        database="test")
-    assert info.value.args[0] == 1045
-    # Another database, no database, another user (ed25519: never verified by the proxy).
-    for conn in (proxy.connect(database="mysql"), proxy.connect(database=None),
+    for password in ("wrong", APP.password):  # the stored hash of app@'%' verifies the second
+        with pytest.raises(pymysql.err.OperationalError) as info:
+            pymysql.connect(host="127.0.0.1", port=proxy.port, user=APP.name,
+                            password=password, database="test")
+        assert info.value.args[0] == 1045
+    for conn in (proxy.connect(local, database="mysql"), proxy.connect(local, database=None),
                  proxy.connect(EDU)):
         with conn, conn.cursor() as cur:
             cur.execute("SELECT 1")
-    assert watch.connections() >= accepted + 4  # each of them a connection of its own
-    assert kept <= watch.threads()  # and the kept one is still there, untouched
-    with proxy.connect() as conn, conn.cursor() as cur:
-        cur.execute("SELECT DATABASE()")
-        assert cur.fetchone() == ("test",)
+    assert watch.connections() >= accepted + 5  # each of them a connection of its own
+    assert kept <= watch.threads()  # and the kept one is still there
+    before, accepted = watch.threads(), watch.connections()
+    with proxy.connect(local) as conn, conn.cursor() as cur:
+        assert watch.threads() == before  # served on a kept connection
+        cur.execute("SELECT CURRENT_USER()")
+        assert cur.fetchone() == (f"{APP.name}@127.0.0.1",)
+    assert watch.connections() == accepted
+    assert pool_events(proxy)["reused"] == 1
 
 
-def test_a_session_that_changed_what_its_login_fixed_is_not_kept(
-    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
+def set_option(conn: pymysql.connections.Connection[Any], on: bool) -> None:
+    """COM_SET_OPTION: multi-statements on or off (mysqli's multi_query sends it)."""
+    conn._write_bytes(frame(b"\x1b" + (b"\x00\x00" if on else b"\x01\x00"), 0))
+    conn._next_seq_id = 1
+    conn._read_packet()  # EOF (or OK): it took
+
+
+def change_user(conn: pymysql.connections.Connection[Any], user: AppUser) -> None:
+    """COM_CHANGE_USER by hand (PyMySQL has none), answering the auth switch it gets."""
+    payload = (b"\x11" + user.name.encode() + b"\0" + b"\x00" + b"test\0"
+               + (45).to_bytes(2, "little") + b"mysql_native_password\0" + b"\x00")
+    conn._write_bytes(frame(payload, 0))
+    conn._next_seq_id = 1
+    answer = conn._read_packet()
+    data = bytes(answer.get_all_data())
+    if data[:1] == b"\xfe":
+        switch = parse_auth_switch(data)
+        scramble = native_password_scramble(user.password.encode(), switch.data[:20])
+        conn._write_bytes(frame(scramble, conn._next_seq_id))
+        conn._next_seq_id += 1
+        data = bytes(conn._read_packet().get_all_data())
+    assert data[:1] == b"\x00", data
+
+
+@pytest.mark.parametrize("change", ["SET ROLE", "compound SET ROLE", "COM_SET_OPTION",
+                                    "COM_CHANGE_USER", "busy"])
+def test_a_session_that_changed_what_a_new_login_would_not_give_back_is_not_kept(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory, change: str,
 ) -> None:
+    """The server keeps the current role through COM_CHANGE_USER, and the multi-statements
+    option COM_SET_OPTION set; COM_CHANGE_USER makes another login; and a connection whose
+    command is still running is of no use: none of them is kept."""
+    server.sql(f"CREATE ROLE IF NOT EXISTS pool_role; GRANT pool_role TO {APP.name}@'%'")
     proxy = proxy_factory([server.addr], pool_toml())
     conn = proxy.connect()
+    mine = watch.threads()
     with conn.cursor() as cur:
-        cur.execute("USE mysql")  # the reset would keep this database
-    mine = watch.threads()
-    conn.close()
-    wait_until(lambda: not watch.threads() & mine, "the connection was kept after USE")
-    assert pool_events(proxy).get("kept", 0) == 0
-    # COM_RESET_CONNECTION keeps the current role: a session that set one is not kept.
-    server.sql(f"CREATE ROLE IF NOT EXISTS pool_role; GRANT pool_role TO {APP.name}@'%'")
-    conn = proxy.connect()
-    with conn.cursor() as cur:
-        cur.execute("SET ROLE pool_role")
-    mine = watch.threads()
-    conn.close()
-    wait_until(lambda: not watch.threads() & mine, "the connection was kept after SET ROLE")
-    assert pool_events(proxy)["kept"] == 0
-        # A client that hangs up in the middle of a result is not kept either.
-    conn = proxy.connect()
-    mine = watch.threads()
-    query = b"\x03SELECT SLEEP(2)"
-    conn._sock.sendall(len(query).to_bytes(3, "little") + b"\x00" + query)  # then gone
-    conn._sock.shutdown(socket.SHUT_RDWR)
-    conn._sock.close()
-    wait_until(lambda: not watch.threads() & mine, "a busy connection was kept",
+        if change == "SET ROLE":
+            cur.execute("SET ROLE pool_role")
+        elif change == "compound SET ROLE":
+            cur.execute("BEGIN NOT ATOMIC SET ROLE pool_role; END")
+        elif change == "COM_SET_OPTION":
+            set_option(conn, on=True)
+        elif change == "COM_CHANGE_USER":
+            change_user(conn, APP)
+    if change == "busy":
+        query = b"\x03SELECT SLEEP(2)"
+        conn._sock.sendall(len(query).to_bytes(3, "little") + b"\x00" + query)  # then gone
+        conn._sock.shutdown(socket.SHUT_RDWR)
+        conn._sock.close()
+    else:
+        conn.close()
+    wait_until(lambda: not watch.threads() & mine, f"the connection was kept after {change}",
                timeout=15)
-    assert pool_events(proxy).get("kept", 0) == 0
+    assert pool_events(proxy)["kept"] == 0
+
+
+def test_a_dropped_database_is_not_served_from_a_kept_connection(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
+) -> None:
+    """The pool logs a connection in again when it keeps it: a database dropped meanwhile
+    fails that, and the next login naming it gets the server's own error."""
+    server.sql(f"CREATE DATABASE scratch; GRANT ALL ON scratch.* TO {APP.name}@'%'")
+    proxy = proxy_factory([server.addr], pool_toml())
+    conn = proxy.connect(database="scratch")
+    with conn.cursor() as cur:
+        cur.execute("DROP DATABASE scratch")
+    conn.close()
+    proxy.wait_log("the server refused to log it in again: 1049")
+    assert pool_events(proxy)["kept"] == 0
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        proxy.connect(database="scratch")
+    assert info.value.args[0] == 1049
 
 
 def test_a_locked_account_is_not_served_from_kept_connections(

@@ -9,10 +9,12 @@ from typing import Any
 import mysql.connector
 import pymysql
 import pytest
+from pymysql.constants import CLIENT
 
 from support.backends import ADMIN, ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFactory
 from support.proxy import ProxyFactory
 from tiproxy.playground.mariadb import MariaDBServer
+from tiproxy.protocol.packets import frame
 
 pytestmark = pytest.mark.integration
 
@@ -116,19 +118,44 @@ def test_every_sql_path_to_session_state_pins(
         cur.execute("SELECT 1")  # the session goes on where its state is
 
 
+@pytest.mark.parametrize("statement", ["SET ROLE fid_role",
+                                       "BEGIN NOT ATOMIC SET ROLE fid_role; END",
+                                       "SET CHARACTER SET utf8mb4; SET ROLE fid_role"])
 def test_set_role_pins_the_session(
-    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory, statement: str,
 ) -> None:
     """No capture reads the current role, and the new backend's login would have the account's
-    default one: the session stays, with its privileges, and says why."""
+    default one: the session stays, with its privileges, and says why; also when the SET ROLE
+    is inside a compound statement or behind a statement the proxy reads no further."""
     for server in backends:
         server.sql(f"CREATE ROLE IF NOT EXISTS fid_role; GRANT fid_role TO {APP.name}@'%'")
     proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
-    with proxy.connect() as conn, conn.cursor() as cur:
-        cur.execute("SET ROLE fid_role")
+    with proxy.connect(client_flag=CLIENT.MULTI_STATEMENTS) as conn, conn.cursor() as cur:
+        cur.execute(statement)
+        while cur.nextset():
+            pass
         proxy.waits(conn.thread_id(), "SET ROLE")
         cur.execute("SELECT CURRENT_ROLE()")
         assert cur.fetchone() == ("fid_role",)
+
+
+def test_multi_statements_turned_on_by_com_set_option_stay_on_after_a_move(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """mysqli's multi_query turns multi-statements on with COM_SET_OPTION for the rest of the
+    connection; the new backend's login after a move must have them on as well."""
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        with pytest.raises(pymysql.err.ProgrammingError):
+            cur.execute("SELECT 1; SELECT 2")  # off: logged in without them
+        conn._write_bytes(frame(b"\x1b\x00\x00", 0))  # COM_SET_OPTION: on
+        conn._next_seq_id = 1
+        conn._read_packet()
+        for _ in range(2):
+            proxy.move(conn.thread_id())
+            cur.execute("SELECT 1; SELECT 2")
+            assert cur.fetchall() == ((1,),)
+            assert cur.nextset() and cur.fetchall() == ((2,),)
 
 
 def test_a_server_side_prepared_statement_that_creates_a_temporary_table_pins(

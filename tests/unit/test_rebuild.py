@@ -95,6 +95,16 @@ def test_a_character_set_change_is_kept_while_no_literal_came_before_it(
     (b"CALL refresh()", True, False),  # a procedure may set it
     (b"EXECUTE stmt", True, False),
     (b"SET CHARACTER SET latin1", False, False),
+    # Behind a statement the scan reads no further, or inside a compound statement.
+    (b"SET CHARACTER SET x; SET ROLE r", True, True),
+    (b"SET PASSWORD FOR u = PASSWORD('p'); SET ROLE r", True, True),
+    (b"SET character_set_client = @x; SET ROLE r", True, True),
+    (b"BEGIN NOT ATOMIC SET ROLE r1; END", True, True),
+    (b"begin not atomic select 1; set role r1; end", True, True),
+    (b"IF 1 THEN SET ROLE r; END IF", True, True),
+    (b"BEGIN NOT ATOMIC SET @a = 1; END", True, False),
+    (b"BEGIN", False, False),
+    (b"SET CHARACTER SET x; CALL p()", True, False),
     (b"SET @role = 'x', rolex = 1", False, False),
     (b"SELECT 1", False, False),
 ])

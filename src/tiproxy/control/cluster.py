@@ -95,6 +95,7 @@ class Cluster:
         self._started = time.time()
         self._sync_now = asyncio.Event()
         self._last_sync = 0.0
+        self._unfiltered: set[str] = set()  # backends whose locked accounts the sync cannot see
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -299,7 +300,7 @@ class Cluster:
                                                   security.auth_sync_password,
                                                   **self.tls.admin_options())
                 try:
-                    rows = await _users(conn)
+                    rows, filtered = await _users(conn)
                 finally:
                     conn.close()
             except (OSError, TimeoutError, ProtocolError, SQLError) as e:
@@ -308,6 +309,11 @@ class Cluster:
             count = self.credentials.replace_synced(
                 (_text(r[0]), _text(r[1]), _text(r[2])) for r in rows if len(r) == 3)
             log.info("credential sync from %s: %d password hashes", backend.addr, count)
+            if not filtered and backend.addr not in self._unfiltered:
+                self._unfiltered.add(backend.addr)
+                log.warning("credential sync from %s: locked accounts and expired passwords "
+                            "cannot be told apart (on MariaDB, grant the auth-sync-user SELECT "
+                            "on mysql.global_priv): their hashes are kept", backend.addr)
             self.on_credentials()
             return True
         return False
@@ -362,9 +368,10 @@ def _text(value: bytes | None) -> str:
     return value.decode("utf-8", "replace") if value is not None else ""
 
 
-async def _users(conn: AdminConnection) -> list[Row]:
-    """The accounts that may log in, by the first of LOGIN_USERS_QUERIES this server knows."""
+async def _users(conn: AdminConnection) -> tuple[list[Row], bool]:
+    """The accounts that may log in, by the first of LOGIN_USERS_QUERIES this server knows (and
+    whether it told locked accounts apart)."""
     for query in LOGIN_USERS_QUERIES[:-1]:
-        with contextlib.suppress(SQLError):  # not this server's columns
-            return await conn.query(query)
-    return await conn.query(LOGIN_USERS_QUERIES[-1])
+        with contextlib.suppress(SQLError):  # not this server's columns, or not readable
+            return await conn.query(query), True
+    return await conn.query(LOGIN_USERS_QUERIES[-1]), False

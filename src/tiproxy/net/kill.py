@@ -89,10 +89,29 @@ def _kill(session: Session, target_id: int, target: KillTarget | None, query_onl
     session.run_task(_kill_here(session, target, sql))
 
 
+def _gone(session: Session, target: KillTarget) -> bool:
+    """The target, a session of this process, ended since it was looked up: its backend
+    connection may now serve another client (a kept one, net/pool.py), so the KILL must not
+    run. It answers the killer as if the target were never there."""
+    if not session.server.sessions.get(target.id) and session.server.kill_target_elsewhere(
+            target.id):
+        return False  # another worker's: looked up there just now
+    local = session.server.sessions.get(target.id)
+    if local is not None and local.backend is not None \
+            and local.backend.addr == target.backend_addr \
+            and local.backend_connection_id == target.backend_connection_id:
+        return False
+    session.reply_error(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {target.id}")
+    return True
+
+
 async def _kill_here(session: Session, target: KillTarget, sql: str) -> None:
     """On the killer's own connection, out of the hot path for one statement."""
     leg = session.backend_leg
     assert leg is not None
+    if _gone(session, target):
+        session.release_input("kill")
+        return
     leg.detach()
     try:
         await query(leg, sql, bool(session.backend_caps & Capability.DEPRECATE_EOF))
@@ -141,6 +160,8 @@ def _kill_elsewhere(session: Session, target: KillTarget, sql: str) -> None:
             conn = await AdminConnection.open(host, port, user, password, stage1=credential,
                                               header=header, **session.server.tls.admin_options())
             try:
+                if _gone(session, target):  # it ended while the proxy logged in
+                    return
                 await conn.query(sql)
             finally:
                 conn.close()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net import counters
 from tiproxy.net.keepalive import apply_keepalive
+from tiproxy.net.pool import PoolLogin
 from tiproxy.protocol import proxyproto
 from tiproxy.protocol.compress import Decompressor
 from tiproxy.protocol.constants import (
@@ -49,7 +50,6 @@ from tiproxy.session.login import (
     BackendUnfit,
     Established,
     Login,
-    PoolKey,
     Refused,
     Route,
     SendBackend,
@@ -105,6 +105,9 @@ class SessionLogin:
     state: SessionState
     tracker: ResponseTracker | None
     role_changed: bool
+    _replaying: bool
+    _move_task: asyncio.Task[None] | None
+    _checkpoint_task: asyncio.Task[None] | None
     client_tls: bool
     backend_tls: bool
     keepalive_unhealthy: bool
@@ -143,9 +146,9 @@ class SessionLogin:
         self._tls_refusal = ""  # why the client's certificate is not accepted
         # A backend connected before the greeting: (backend, leg, its greeting packet)
         self._early: tuple[Backend, BackendLeg, bytes] | None = None
-        # With [proxy] backend-pool-size: what the backend connection can be kept under when
-        # the session ends, the backend's greeting and the OK of the login (net/pool.py)
-        self._pool_login: tuple[PoolKey, Greeting, bytes] | None = None
+        # With [proxy] backend-pool-size: what keeping the backend connection when the session
+        # ends needs of the login (net/pool.py); None once it no longer holds
+        self._pool_login: PoolLogin | None = None
         self._verified: bytes | None = None  # SHA1(password), as _take_kept recovered it
 
     def _refuse_at_once(self, kind: str, message: str) -> None:
@@ -414,9 +417,9 @@ class SessionLogin:
         credential = server.credentials.recover(self.user, salt, resp.auth_data)
         if credential is None:
             return False  # a backend judges it (the password may be new, or wrong)
-        kept = server.pool.take(candidates[0], login.pool_key())
+        kept = server.pool.take(candidates[0], login.pool_key(), credential)
         if kept is None:
-            return False
+            return False  # (or one the server verified with another password: its account's)
         backend = kept.backend
         server.got_backend(_monotonic() - started, True)
         self._native_exchange = (salt, resp.auth_data)
@@ -424,7 +427,7 @@ class SessionLogin:
         self.backend, self.backend_leg, self.backend_tls = backend, kept.leg, False
         self.keepalive_unhealthy = False  # kept only while the backend is healthy
         backend.connections += 1
-        self._run(login.pooled(kept.greeting, kept.ok))
+        self._run(login.pooled(kept.login.greeting, kept.login.ok))
         return True
 
     async def _backend_greeting(self, backend: Backend, early: tuple[Backend, BackendLeg, bytes]
@@ -551,8 +554,11 @@ class SessionLogin:
             self._decompress = Decompressor()
         self._take_credential()
         proxy = self.server.config().proxy
-        if proxy.backend_pool_size and self.login.backend_greeting is not None:
-            self._pool_login = (self.login.pool_key(), self.login.backend_greeting, est.ok)
+        if proxy.backend_pool_size and self.login.backend_greeting is not None \
+                and self.login.response is not None:
+            self._pool_login = PoolLogin(self.login.pool_key(), self.backend_leg,
+                                         self.login.backend_greeting, est.ok,
+                                         est.backend_capabilities, self.login.response)
         self.replay_configured(proxy.transaction_replay, proxy.transaction_replay_max_size)
         self.bt = self.backend_leg.transport
         self.bound_writes(self.bt)
@@ -566,19 +572,19 @@ class SessionLogin:
     def keep_backend(self) -> bool:
         """The session ends between commands: hand its backend connection to the pool
         (net/pool.py) if it may serve the next login with the same key. False: close it."""
-        kept, backend, leg = self._pool_login, self.backend, self.backend_leg
+        login, backend, leg = self._pool_login, self.backend, self.backend_leg
         attached: object = leg.session if leg is not None else None
-        if kept is None or backend is None or leg is None or attached is not self:
+        credential = self.credential
+        if login is None or backend is None or leg is None or leg is not login.leg \
+                or attached is not self or not credential:  # (EMPTY_PASSWORD: no password)
             return False
-        key, greeting, ok = kept
-        state = self.state
-        if self.credential is None or self.credential == EMPTY_PASSWORD or self.backend_tls \
-                or self.dialect == "tidb" or self.user != key.user or self.role_changed \
-                or self.backend_connection_id != greeting.connection_id \
-                or not state.database_known or state.database != key.database \
-                or backend.draining or backend.health:
-            return False  # moved, changed user or database, or the backend is leaving
-        return self.server.pool.keep(backend, key, leg, greeting, ok)
+        busy = any(task is not None and not task.done()
+                   for task in (self._task, self._move_task, self._checkpoint_task))
+        if busy or self._replaying or self.backend_tls or self._origin is not None \
+                or self.dialect == "tidb" or self.user != login.key.user or self.role_changed \
+                or self.backend_caps != login.backend_caps or backend.draining or backend.health:
+            return False  # COM_SET_OPTION, SET ROLE, a task on the leg, a backend leaving
+        return self.server.pool.keep(backend, login, credential)
 
     def count_on(self, backend: Backend) -> None:
         """From now on the commands and traffic count on `backend` (a login, a move)."""

@@ -83,6 +83,8 @@ from tiproxy.session.prepared import (
 from tiproxy.session.rebuild import VARS_ALL, VARS_SYSTEM, variable_changes
 from tiproxy.session.state import SessionState
 from tiproxy.session.statements import (
+    COMPOUND_FIRST_BYTES,
+    COMPOUND_START,
     LETTERS,
     STATE_FIRST_BYTES,
     STATE_PREFIXES,
@@ -111,7 +113,7 @@ _FAST: dict[int, Expect] = {
     if cmd not in (Command.QUIT, Command.PROCESS_KILL, Command.CHANGE_USER,
                    Command.STMT_PREPARE, Command.STMT_CLOSE, Command.STMT_RESET,
                    Command.STMT_SEND_LONG_DATA, Command.STMT_FETCH, Command.RESET_CONNECTION,
-                   Command.STMT_BULK_EXECUTE, Command.INIT_DB)
+                   Command.STMT_BULK_EXECUTE, Command.INIT_DB, Command.SET_OPTION)
 }
 _STMT_COMMANDS = frozenset((Command.STMT_EXECUTE, Command.STMT_FETCH, Command.STMT_CLOSE,
                             Command.STMT_RESET, Command.STMT_SEND_LONG_DATA,
@@ -387,7 +389,9 @@ class Session(TransactionReplay, SessionLogin):
                                 and (first not in STATE_FIRST_BYTES or (
                                     first in LETTERS
                                     and data[5:9].upper() not in STATE_PREFIXES))
-                                and b"@" not in data and not (self._multi and b";" in data))
+                                and b"@" not in data and not (self._multi and b";" in data)
+                                and not (first in COMPOUND_FIRST_BYTES
+                                         and COMPOUND_START.match(data, 5)))
                         if fast:  # named locks and connection ids, in any letter case
                             low = data.lower()
                             fast = (b"_lock" not in low and b"ection_id" not in low
@@ -521,10 +525,8 @@ class Session(TransactionReplay, SessionLogin):
             packet = frame(change.rewritten, 0)
             self._changing_to = change.user.decode("utf-8", "replace")
             token = ("change_user", self._changing_to)
-        elif cmd == Command.RESET_CONNECTION:
-            token = ("reset",)
-        elif cmd == Command.INIT_DB:
-            token = ("init_db", packet[5:])
+        elif cmd in _RECORDED:
+            token = (_RECORDED[cmd], packet[5:])
         self._ccont = length == MAX_PAYLOAD
         self.inflight = original if tracker.idle and not self._ccont else None
         # What a transaction replay sends again: a rewritten statement's text cannot be.
@@ -905,6 +907,13 @@ class Session(TransactionReplay, SessionLogin):
             self.variables_reset()
         elif kind == "init_db" and not failed:
             state.use(token[1])
+        elif kind == "set_option" and not failed:
+            # Multi-statements turned on or off for the rest of the connection: the proxy
+            # reads `;` by it, and a move logs in again with it (net/migration.py).
+            multi = token[1][:2] == _MULTI_STATEMENTS_ON
+            self._multi = multi
+            caps = self.backend_caps & ~Capability.MULTI_STATEMENTS
+            self.backend_caps = caps | Capability.MULTI_STATEMENTS if multi else caps
         elif kind == "change_user":
             self._user_changed(token[1], failed)
 
@@ -937,6 +946,7 @@ class Session(TransactionReplay, SessionLogin):
 
     def _user_changed(self, user: str, failed: bool) -> None:
         self._changing_to = self._switch_salt = None
+        self._pool_login = None  # another login's user, character set, attributes: not kept
         self.variables_reset()
         if failed:
             self._native_exchange = None
@@ -945,8 +955,7 @@ class Session(TransactionReplay, SessionLogin):
                 self.state.reset()
             return
         self.user = user
-        self.state.reset()
-        self.state.role_set = False  # a new login: the account's default role
+        self.state.reset()  # (MariaDB keeps the current role: so does role_set)
         self.state.database_known = False  # the new login named its own database, if any
         self._take_credential()
 
@@ -1058,14 +1067,17 @@ class Session(TransactionReplay, SessionLogin):
             early[1].abort()
         if self._capture is not None:
             self._capture.closed()
-        for task in (self._task, self._move_task):
+        leg = self.backend_leg
+        idle = was_established and self.tracker is not None and self.tracker.idle
+        # Kept for the next login (net/pool.py) before the tasks are cancelled: a cancelled
+        # task is not done yet, and no task may be at work on a kept leg.
+        kept = idle and self._pool_login is not None and kind in _KEEPABLE \
+            and self.keep_backend()
+        for task in (self._task, self._move_task, self._checkpoint_task):
             if task is not None and not task.done():
                 task.cancel()
-        if self.backend_leg is not None:
-            idle = was_established and self.tracker is not None and self.tracker.idle
-            if not (idle and self._pool_login is not None and kind in _KEEPABLE
-                    and self.keep_backend()):
-                self.backend_leg.close(quit_first=idle)  # COM_QUIT: the server logs a clean exit
+        if leg is not None and not kept:
+            leg.close(quit_first=idle)  # COM_QUIT: the server logs a clean exit
         if self.backend is not None:
             self.backend.connections -= 1
         self.client.close()
@@ -1073,6 +1085,12 @@ class Session(TransactionReplay, SessionLogin):
         # A client that ends its own session is routine (debug); the proxy ending one is not.
         (log.debug if quiet else log.warning)("session %d closed: %s", self.id, reason)
 
+
+_MULTI_STATEMENTS_ON = b"\x00\x00"  # COM_SET_OPTION's MYSQL_OPTION_MULTI_STATEMENTS_ON
+# Commands whose effect is recorded when they succeed (_record): the token's kind; its argument
+# is the command's payload.
+_RECORDED: dict[int, str] = {Command.RESET_CONNECTION: "reset", Command.SET_OPTION: "set_option",
+             Command.INIT_DB: "init_db"}
 
 # Sessions whose end leaves their backend connection fit for the next login (net/pool.py).
 _KEEPABLE = frozenset((counters.QUIT_OK, counters.CLIENT_NETWORK))

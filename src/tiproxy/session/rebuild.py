@@ -166,9 +166,15 @@ class VariableChanges:
 def variable_changes(sql: bytes) -> VariableChanges:
     """How a COM_QUERY statement changes the session's variables."""
     changes = VariableChanges()
-    for part in _statements(sql):
+    parts = _statements(sql)
+    for i, part in enumerate(parts):
         _one(part, changes)
         if changes.stale == VARS_ALL:
+            # The statements after it are not read: one of them may change the current role.
+            rest = b";".join(parts[i + 1:])
+            if _MAY_SET_ROLE.search(rest):
+                changes.role = True
+                changes.role_set = changes.role_set or bool(_SET_ROLE_ANYWHERE.search(rest))
             break
     if changes.stale == VARS_USER and _assigns_only(sql):
         names = user_variable_names(sql)
@@ -189,7 +195,11 @@ def _assigns_only(sql: bytes) -> bool:
 
 def _one(sql: bytes, changes: VariableChanges) -> None:
     word, body = _first_word(sql)
-    if word == b"SET":
+    if word in _COMPOUND or (word == b"BEGIN" and _NOT_ATOMIC.match(body)):
+        changes.stale = VARS_ALL  # MariaDB's compound statements may set anything, a role too
+        changes.role = True
+        changes.role_set = changes.role_set or bool(_SET_ROLE_ANYWHERE.search(body))
+    elif word == b"SET":
         if m := _SET_STATEMENT.match(body):
             _one(body[m.end():], changes)  # its variables hold for that one statement only
         elif not _SET_TRANSACTION.match(body):
@@ -206,6 +216,13 @@ def _one(sql: bytes, changes: VariableChanges) -> None:
 
 
 _ROLE = re.compile(rb"\s*(DEFAULT\s+)?ROLE\b", re.IGNORECASE)
+_SET_ROLE_ANYWHERE = re.compile(rb"\bSET\s+ROLE\b", re.IGNORECASE)
+_MAY_SET_ROLE = re.compile(rb"\bROLE\b|\bCALL\b|\bEXECUTE\b|\bNOT\s+ATOMIC\b|"
+                           rb"(?:^|;)\s*(?:IF|CASE|LOOP|WHILE|REPEAT|FOR)\b", re.IGNORECASE)
+# Statements that are MariaDB compound statements outside a stored program
+# (https://mariadb.com/kb/en/using-compound-statements-outside-of-stored-programs/).
+_COMPOUND = frozenset((b"IF", b"CASE", b"LOOP", b"WHILE", b"REPEAT", b"FOR"))
+_NOT_ATOMIC = re.compile(rb"BEGIN\s+NOT\s+ATOMIC\b", re.IGNORECASE)
 _HEX_LITERAL = re.compile(rb"[xX]'[0-9A-Fa-f]*'")
 
 
@@ -237,8 +254,8 @@ def _set(assignments: bytes, changes: VariableChanges) -> None:
         if m is None:  # SET CHARACTER SET, ROLE, PASSWORD, an expression...
             changes.stale = VARS_ALL
             role = _ROLE.match(item)
-            changes.role = role is not None
-            changes.role_set = role is not None and not role.group(1)
+            changes.role = changes.role or role is not None
+            changes.role_set = changes.role_set or (role is not None and not role.group(1))
             return
         if m.group("scope"):
             scope = m.group("scope").strip().upper()

@@ -78,8 +78,8 @@ class SessionState:
     handlers: set[str] = field(default_factory=set)
     no_credential: str = ""  # why the proxy cannot log this user in elsewhere, if it cannot
     # SET ROLE ran: a new login has the account's default role, and no capture reads the current
-    # one, so a move would change the session's privileges. COM_RESET_CONNECTION keeps the role
-    # (this pin too); COM_CHANGE_USER logs in again and clears it.
+    # one, so a move would change the session's privileges. COM_RESET_CONNECTION and
+    # COM_CHANGE_USER keep the role (MariaDB 10.11), so this pin stays for the connection's life.
     role_set: bool = False
     # User variables the session's statements named, for servers that cannot list them
     # (information_schema.USER_VARIABLES disabled). Bounded: past the bound the session is
@@ -286,7 +286,7 @@ class SessionState:
             pins.append(("unseen_state", self.hidden))
         if self.role_set:
             pins.append(("role", "SET ROLE: a move would give the session the account's default "
-                         "role instead (COM_CHANGE_USER clears this)"))
+                         "role instead"))
         if self.opaque_prepared:
             pins.append(("prepared_from_variable",
                          "statements prepared from a variable (deallocate them to move): "

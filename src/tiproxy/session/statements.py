@@ -35,6 +35,12 @@ LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 STATE_PREFIXES = frozenset((b"CREA", b"DROP", b"DEAL", b"LOCK", b"UNLO", b"PREP", b"HAND",
                             b"KILL", b"EXEC", b"SET ", b"USE ", b"FLUS", b"CALL"))
 
+# MariaDB's compound statements outside a stored program may set anything (a role among it):
+# never relayed unread. First bytes, then the statement's start.
+COMPOUND_FIRST_BYTES = frozenset(b"BbIiCcLlWwRrFf")
+COMPOUND_START = re.compile(rb"(?:BEGIN\s+NOT\s+ATOMIC|IF|CASE|LOOP|WHILE|REPEAT|FOR)\b",
+                            re.IGNORECASE)
+
 _LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
 _WORD = re.compile(rb"[A-Za-z_]+")
 _IDENT = rb"(?:`(?:[^`]|``)+`|[A-Za-z0-9_$]+)"
