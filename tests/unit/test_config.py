@@ -262,9 +262,11 @@ def test_merge_can_complete_a_cross_checked_pair() -> None:
 
 
 @pytest.mark.parametrize(("text", "reason"), [
-    ("[proxy]\nbackend-pool-size = 4", "needs [security] auth-sync-user or users-file"),
-    ('[proxy]\nbackend-pool-size = 4\nproxy-protocol = "v2"\n[security]\nusers-file = "u"',
-     "not supported with [proxy] proxy-protocol"),
+    ("[proxy]\nbackend-pool-size = 4", "needs [security] auth-sync-user"),
+    ('[proxy]\nbackend-pool-size = 4\n[security]\nusers-file = "u"',
+     "needs [security] auth-sync-user"),
+    ('[proxy]\nbackend-pool-size = 4\nproxy-protocol = "v2"\n[security]\n'
+     'auth-sync-user = "sync"', "not supported with [proxy] proxy-protocol"),
 ])
 def test_a_backend_pool_the_proxy_cannot_keep_safely_is_refused(text: str, reason: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -48,7 +48,7 @@ log = logging.getLogger("tiproxy.health")
 STATUS_SQL = ("SHOW GLOBAL STATUS WHERE Variable_name IN "
               "('wsrep_ready', 'wsrep_local_state', 'wsrep_local_state_comment', "
               "'Threads_running', 'Questions')")
-WSREP_ON_SQL = "SHOW GLOBAL VARIABLES WHERE Variable_name = 'wsrep_on'"
+WSREP_ON_SQL = "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('wsrep_on', 'init_connect')"
 GALERA_SYNCED = "4"
 SMOOTHING = 0.5  # weight of the newest load sample
 METRICS_LIMIT = 4 << 20  # bytes of a TiDB's /metrics read: enough for its own, bounded
@@ -161,6 +161,7 @@ class HealthChecker:
         wsrep = {_text(r[0]).lower(): _text(r[1]) for r in await conn.query(WSREP_ON_SQL)}
         _sample_load(backend, streak, status)
         backend.galera = wsrep.get("wsrep_on", "OFF").upper() == "ON"
+        backend.init_connect = bool(wsrep.get("init_connect"))
         if not backend.galera:
             return ""
         ready = status.get("wsrep_ready", "OFF")

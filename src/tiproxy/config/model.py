@@ -531,10 +531,10 @@ class Config:
     def cross_check(self) -> tuple[str, str] | None:
         """A backend belongs to one namespace: the default one ([proxy] backend-addrs) or one
         of [namespaces]. A virtual IP's owner is elected in PD's etcd."""
-        if self.proxy.backend_pool_size and not (self.security.auth_sync_user
-                                                 or self.security.users_file):
-            return ("proxy.backend-pool-size", "needs [security] auth-sync-user or users-file: "
-                    "a kept connection is handed only to a login the proxy verified itself")
+        if self.proxy.backend_pool_size and not self.security.auth_sync_user:
+            return ("proxy.backend-pool-size", "needs [security] auth-sync-user: a kept "
+                    "connection is handed only to a login the proxy verified itself, and only "
+                    "where the backends' settings let a reset stand for a new login")
         if self.proxy.backend_pool_size and self.proxy.proxy_protocol:
             return ("proxy.backend-pool-size", "not supported with [proxy] proxy-protocol: a "
                     "kept connection's PROXY header names its first client")

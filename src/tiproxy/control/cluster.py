@@ -57,16 +57,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("tiproxy.server")
 
 MIN_SYNC_GAP = 2.0  # a burst of unmatched logins triggers one sync, not one each
-USERS_QUERY = "SELECT User, plugin, authentication_string FROM mysql.user"
 # Locked accounts and expired passwords log in nowhere: their hashes are not kept, so no session
 # logs in with them (a move, a kept backend connection of net/pool.py). MariaDB keeps the lock in
-# mysql.global_priv, MySQL in mysql.user; a server with neither gets USERS_QUERY.
+# mysql.global_priv, MySQL in mysql.user; a server with neither gets the last query.
+# The fourth column is MariaDB's per-account MAX_STATEMENT_TIME (MySQL has none; NULL: unknown).
 LOGIN_USERS_QUERIES = (
-    "SELECT u.User, u.plugin, u.authentication_string FROM mysql.user u "
+    "SELECT u.User, u.plugin, u.authentication_string, u.max_statement_time FROM mysql.user u "
     "JOIN mysql.global_priv g USING (User, Host) "
     "WHERE u.password_expired <> 'Y' AND JSON_VALUE(g.Priv, '$.account_locked') IS NOT TRUE",
-    USERS_QUERY + " WHERE account_locked <> 'Y' AND password_expired <> 'Y'",
-    USERS_QUERY,
+    "SELECT User, plugin, authentication_string, 0 FROM mysql.user "
+    "WHERE account_locked <> 'Y' AND password_expired <> 'Y'",
+    "SELECT User, plugin, authentication_string, NULL FROM mysql.user",
 )
 
 
@@ -307,7 +308,8 @@ class Cluster:
                 log.warning("credential sync from %s failed: %s", backend.addr, e)
                 continue
             count = self.credentials.replace_synced(
-                (_text(r[0]), _text(r[1]), _text(r[2])) for r in rows if len(r) == 3)
+                (_text(r[0]), _text(r[1]), _text(r[2]), None if r[3] is None else _text(r[3]))
+                for r in rows if len(r) == 4)
             log.info("credential sync from %s: %d password hashes", backend.addr, count)
             if not filtered and backend.addr not in self._unfiltered:
                 self._unfiltered.add(backend.addr)

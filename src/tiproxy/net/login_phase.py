@@ -150,6 +150,7 @@ class SessionLogin:
         # ends needs of the login (net/pool.py); None once it no longer holds
         self._pool_login: PoolLogin | None = None
         self._verified: bytes | None = None  # SHA1(password), as _take_kept recovered it
+        self._authenticated = 0.0  # when the server last checked the account on this leg
 
     def _refuse_at_once(self, kind: str, message: str) -> None:
         """Before the greeting (max-connections, memory): MySQL's 1040, as a server full."""
@@ -424,6 +425,7 @@ class SessionLogin:
         server.got_backend(_monotonic() - started, True)
         self._native_exchange = (salt, resp.auth_data)
         self._verified = credential  # _take_credential need not recover it again
+        self._authenticated = kept.login.authenticated
         self.backend, self.backend_leg, self.backend_tls = backend, kept.leg, False
         self.keepalive_unhealthy = False  # kept only while the backend is healthy
         backend.connections += 1
@@ -554,11 +556,11 @@ class SessionLogin:
             self._decompress = Decompressor()
         self._take_credential()
         proxy = self.server.config().proxy
-        if proxy.backend_pool_size and self.login.backend_greeting is not None \
-                and self.login.response is not None:
+        if proxy.backend_pool_size and self.login.backend_greeting is not None:
             self._pool_login = PoolLogin(self.login.pool_key(), self.backend_leg,
                                          self.login.backend_greeting, est.ok,
-                                         est.backend_capabilities, self.login.response)
+                                         est.backend_capabilities,
+                                         self._authenticated or _monotonic())
         self.replay_configured(proxy.transaction_replay, proxy.transaction_replay_max_size)
         self.bt = self.backend_leg.transport
         self.bound_writes(self.bt)
@@ -584,6 +586,14 @@ class SessionLogin:
                 or self.dialect == "tidb" or self.user != login.key.user or self.role_changed \
                 or self.backend_caps != login.backend_caps or backend.draining or backend.health:
             return False  # COM_SET_OPTION, SET ROLE, a task on the leg, a backend leaving
+        security = self.server.config().security
+        state = self.state
+        if "MariaDB" not in login.greeting.server_version or backend.init_connect is not False \
+                or self.server.credentials.own_limits(self.user) \
+                or _monotonic() - login.authenticated >= (security.auth_sync_interval or 60.0) \
+                or (login.key.database is None
+                    and (not state.database_known or state.database is not None)):
+            return False  # what a reset would not give back, or the server's check is due
         return self.server.pool.keep(backend, login, credential)
 
     def count_on(self, backend: Backend) -> None:

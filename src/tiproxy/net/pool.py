@@ -4,30 +4,37 @@ ours): a client that connects, runs a query and disconnects costs the backend no
 Theory of operation
 -------------------
 Keeping. A session that ends between commands (the client quit or hung up) hands its backend
-connection here instead of closing it, when all of these hold: the proxy holds the SHA1(password)
-the login proved (a reusable credential, session/credentials.py); the session is still on the
-connection it logged in on, with its login's user and capabilities (COM_SET_OPTION changes
-them); it never ran what may change the current role (SET ROLE, a procedure, a compound
-statement: the server keeps the role through COM_CHANGE_USER); the leg is plaintext and carries
-no PROXY header (a header names the first client); and the backend is one the router still
-routes to. The pool then logs the connection in again as that login, with COM_CHANGE_USER (the
-login's user, database, character set and connect attributes) answered from the credential:
-the server checks the account (a dropped database, a locked account or a new password now fail
-it), rolls back, drops temporary tables, user variables, prepared statements and locks, sets
-the session variables back to their global values and the account's own limits, and runs
-init_connect, as for a new connection. The connection is kept once the server says OK.
+connection here instead of closing it, when what COM_RESET_CONNECTION leaves is what a new
+login would have, that is when all of these hold:
+- the backend is MariaDB (MySQL's reset sets the character set to the server's, not the
+  login's) without an init_connect (which a reset does not run; read by the health checks, so
+  `auth-sync-user` is required), and the account has no MAX_STATEMENT_TIME of its own (a reset
+  sets the global one; read by the credential sync);
+- the session is still on the connection it logged in on, with its login's user and
+  capabilities (COM_SET_OPTION changes them), in its login's database or one COM_INIT_DB can
+  give back, and never ran what may change the current role (SET ROLE, a procedure, a compound
+  statement: the reset keeps the role);
+- the proxy holds the SHA1(password) that login proved, and the server checked the account less
+  than auth-sync-interval ago (a reused connection carries its first login's time: a connection
+  never idle long enough to expire still goes back to the server for a new login);
+- the leg is plaintext and carries no PROXY header (a header names the first client), and the
+  backend is one the router still routes to.
+The pool then sends COM_RESET_CONNECTION (the server rolls back, drops temporary tables, user
+variables, prepared statements and locks, and sets session variables back to their global
+values and the character set to the login's) and COM_INIT_DB with the login's database (a
+dropped one, or one no longer granted, fails it), and keeps the connection once both are OK.
 
 Taking. A login whose answer the proxy verifies against a stored hash, routed to a backend that
 keeps a connection with the same key (user, database, the client's capabilities and character
 set) and the same credential (so a password another account of that user name has, on another
-host pattern, or an old one in users-file, does not take it), takes that connection: the client
-gets the OK the backend gave the first login, and no byte goes to the backend. Most recently
-kept first (its server thread is the warmest).
+host pattern, does not take it), takes that connection: the client gets the OK the backend gave
+the first login, and no byte goes to the backend. Most recently kept first (its server thread
+is the warmest).
 
 What a reused connection shows that a new one would not: the server's connection id is the
 kept one's (clients see the proxy's own id), its connect attributes are the first client's, and
-what changed on the server since the connection was kept (at most backend-pool-idle ago) is
-seen at the next keep.
+an account locked, dropped or given a new password is seen at the next credential sync (the
+proxy then no longer verifies it) or when the first login's auth-sync-interval is up.
 
 Kept connections are closed after `backend-pool-idle` seconds, when their backend is drained,
 unhealthy or gone, when the server closes them, and when the proxy stops or hands over.
@@ -42,24 +49,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tiproxy.client.leg import BackendLeg
-from tiproxy.protocol.auth import NATIVE_PLUGIN, native_answer
 from tiproxy.protocol.errors import ProtocolError
-from tiproxy.protocol.packets import (
-    Greeting,
-    HandshakeResponse,
-    frame,
-    parse_auth_switch,
-    parse_err,
-)
-from tiproxy.session.commands import build_change_user
-from tiproxy.session.login import FORCE_SWITCH_PLUGIN, PoolKey
+from tiproxy.protocol.packets import Greeting, frame, parse_err
+from tiproxy.session.login import PoolKey
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend, Router
 
 log = logging.getLogger("tiproxy.pool")
 
-LOGIN_TIMEOUT = 10.0  # for the server to answer the pool's COM_CHANGE_USER
+RESET_TIMEOUT = 10.0  # for the server to answer the pool's COM_RESET_CONNECTION
+RESET_CONNECTION = frame(b"\x1f", 0)
+INIT_DB = 0x02
 KEPT, REUSED = "kept", "reused"  # tiproxy_session_backend_pool_total's events
 
 
@@ -72,14 +73,14 @@ class PoolLogin:
     greeting: Greeting  # the backend's, at that login (its connection id)
     ok: bytes  # the OK that ended the login, payload only: what the next client gets
     backend_caps: int  # what the backend leg negotiated
-    response: HandshakeResponse  # the client's, as the backend got it (user, database...)
+    authenticated: float  # time.monotonic() of the login the server checked
 
 
 class Kept:
-    """One kept connection: the owner of its leg while the pool logs it in again, and while it
-    waits (nothing is due from the server then)."""
+    """One kept connection: the owner of its leg while the pool resets it, and while it waits
+    (nothing is due from the server then)."""
 
-    __slots__ = ("_buf", "_pool", "_switched", "backend", "credential", "leg", "login", "ready",
+    __slots__ = ("_buf", "_due", "_pool", "backend", "credential", "leg", "login", "ready",
                  "since")
 
     def __init__(self, pool: BackendPool, backend: Backend, login: PoolLogin,
@@ -90,15 +91,17 @@ class Kept:
         self.leg = login.leg
         self.credential = credential  # SHA1(password): secret, never logged
         self.since = time.monotonic()
-        self.ready = False  # logged in again: COM_CHANGE_USER was answered with OK
-        self._switched = False
+        self.ready = False  # the reset (and COM_INIT_DB) were answered with OK
+        self._due = 0  # answers still to come
         self._buf = b""
 
-    def change_user(self) -> bytes:
-        resp = self.login.response
-        return frame(build_change_user(resp.user, resp.database, resp.charset, resp.attrs,
-                                       capabilities=self.login.backend_caps,
-                                       plugin=FORCE_SWITCH_PLUGIN), 0)
+    def reset(self) -> bytes:
+        """COM_RESET_CONNECTION, then COM_INIT_DB with the login's database if it named one."""
+        database = self.login.key.database
+        self._due = 1 + (database is not None)
+        if database is None:
+            return RESET_CONNECTION
+        return RESET_CONNECTION + frame(bytes((INIT_DB,)) + database, 0)
 
     # The leg's Owner (client/leg.py).
     def backend_data(self, data: bytes) -> None:
@@ -107,40 +110,29 @@ class Kept:
             end = 4 + int.from_bytes(buf[:3], "little")
             if len(buf) < end:
                 break
-            seq, payload = buf[3], buf[4:end]
+            payload = buf[4:end]
             buf = buf[end:]
-            if not self._answer(seq, payload):
+            if not self._answer(payload):
                 return
         self._buf = buf
 
-    def _answer(self, seq: int, payload: bytes) -> bool:
-        """One packet of the server's answer to COM_CHANGE_USER; False once dropped."""
-        why = ""
+    def _answer(self, payload: bytes) -> bool:
+        """One packet of the server's answers to the reset; False once dropped."""
         if self.ready or not payload:
             why = "the backend spoke while the connection was kept"
         elif payload[0] == 0x00:
-            self._pool.ready(self)
+            self._due -= 1
+            if not self._due:
+                self._pool.ready(self)
             return True
-        elif payload[0] == 0xFE and not self._switched:
-            try:
-                switch = parse_auth_switch(payload)
-            except ProtocolError as e:
-                why = f"malformed auth switch: {e}"
-            else:
-                if switch.plugin == NATIVE_PLUGIN:
-                    self._switched = True
-                    self.leg.write(frame(native_answer(self.credential, switch.data[:20]),
-                                         seq + 1))
-                    return True
-                why = f"the server asks for {switch.plugin}"
         elif payload[0] == 0xFF:
             try:
                 err = parse_err(payload)
-                why = f"the server refused to log it in again: {err.code} {err.message}"
+                why = f"the server refused the reset: {err.code} {err.message}"
             except ProtocolError:
-                why = "the server refused to log it in again"
+                why = "the server refused the reset"
         else:
-            why = "an unexpected answer to COM_CHANGE_USER"
+            why = "an unexpected answer to COM_RESET_CONNECTION"
         self._pool.drop(self, why)
         return False
 
@@ -156,8 +148,8 @@ class BackendPool:
 
     def __init__(self, events: Counter[str]) -> None:
         self._idle: dict[tuple[str, PoolKey, bytes], deque[Kept]] = {}
-        self._per_backend: dict[str, int] = {}  # kept or logging in again, by address
-        self._changing: set[Kept] = set()  # COM_CHANGE_USER sent, not yet answered
+        self._per_backend: dict[str, int] = {}  # kept or being reset, by address
+        self._resetting: set[Kept] = set()  # reset sent, not yet answered
         self.size = 0  # [proxy] backend-pool-size: at most this many per backend; 0: off
         self.idle_seconds = 0.0
         self.idle = 0  # kept and ready
@@ -167,9 +159,9 @@ class BackendPool:
         self.size, self.idle_seconds = size, idle_seconds
 
     def keep(self, backend: Backend, login: PoolLogin, credential: bytes) -> bool:
-        """Take a session's leg (attached to the session, between responses) and log it in
-        again for the next login with the same key and credential; False (the caller closes
-        the leg) when the backend has its share already or the leg is closing."""
+        """Take a session's leg (attached to the session, between responses) and reset it for
+        the next login with the same key and credential; False (the caller closes the leg)
+        when the backend has its share already or the leg is closing."""
         addr, leg = backend.addr, login.leg
         count = self._per_backend.get(addr, 0)
         if count >= self.size or leg.closed or leg.transport is None:
@@ -177,17 +169,17 @@ class BackendPool:
         kept = Kept(self, backend, login, credential)
         leg.session = kept
         try:
-            leg.write(kept.change_user())
+            leg.write(kept.reset())
         except ConnectionError:
             leg.session = None
             return False
         leg.transport.resume_reading()  # a slow client may have paused it
         self._per_backend[addr] = count + 1
-        self._changing.add(kept)
+        self._resetting.add(kept)
         return True
 
     def ready(self, kept: Kept) -> None:
-        self._changing.discard(kept)
+        self._resetting.discard(kept)
         kept.ready = True
         kept.since = time.monotonic()
         slot = (kept.backend.addr, kept.login.key, kept.credential)
@@ -211,10 +203,11 @@ class BackendPool:
             self.idle -= 1
             self._forget(kept)
             kept.leg.session = None
-            if not kept.leg.closed and kept.backend is backend:
+            if not kept.leg.closed and kept.backend is backend and backend.init_connect is False:
                 self.events[REUSED] += 1
                 return kept
-            kept.leg.abort()  # closing, or kept for a backend object the router replaced
+            kept.leg.abort()  # closing, kept for a backend object the router replaced, or the
+            # backend has an init_connect since (which a reset does not run)
         return None
 
     def drop(self, kept: Kept, why: str) -> None:
@@ -235,7 +228,7 @@ class BackendPool:
                 if not queue:
                     del self._idle[slot]
         else:
-            self._changing.discard(kept)
+            self._resetting.discard(kept)
         kept.ready = False
         addr = kept.backend.addr
         left = self._per_backend.get(addr, 0) - 1
@@ -252,7 +245,7 @@ class BackendPool:
             for kept in list(queue):
                 backend = kept.backend
                 if self.size == 0 or now - kept.since >= self.idle_seconds \
-                        or backend.draining or backend.health \
+                        or backend.draining or backend.health or backend.init_connect is not False \
                         or router.backends.get(backend.addr) is not backend:
                     self._close(kept)
         for addr, count in list(self._per_backend.items()):
@@ -261,14 +254,14 @@ class BackendPool:
                                 if k.backend.addr == addr), key=lambda k: k.since)
                 for kept in ready[:count - self.size]:
                     self._close(kept)
-        for kept in [k for k in self._changing if now - k.since >= LOGIN_TIMEOUT]:
-            self.drop(kept, f"COM_CHANGE_USER not answered within {LOGIN_TIMEOUT:g}s")
+        for kept in [k for k in self._resetting if now - k.since >= RESET_TIMEOUT]:
+            self.drop(kept, f"COM_RESET_CONNECTION not answered within {RESET_TIMEOUT:g}s")
 
     def close_all(self) -> None:
         for queue in list(self._idle.values()):
             for kept in list(queue):
                 self._close(kept)
-        for kept in list(self._changing):
+        for kept in list(self._resetting):
             self.drop(kept, "")
 
     def _close(self, kept: Kept) -> None:

@@ -207,14 +207,3 @@ def rewrite_change_user(payload: bytes, capabilities: int, plugin: str) -> Chang
     )
     return ChangeUser(user, database, rewritten)
 
-
-def build_change_user(user: bytes, database: bytes | None, charset: int, attrs: bytes | None,
-                      *, capabilities: int, plugin: str) -> bytes:
-    """A COM_CHANGE_USER of the proxy's own, without auth data (`plugin` is one no server has,
-    so the server answers with an auth switch and a salt of its own): a login's user, database,
-    character set and connect attributes (`attrs` still encoded, its length first)."""
-    parts = [bytes((Command.CHANGE_USER,)), user + b"\0", b"\0", (database or b"") + b"\0",
-             charset.to_bytes(2, "little"), plugin.encode() + b"\0"]
-    if capabilities & Capability.CONNECT_ATTRS:
-        parts.append(attrs if attrs is not None else b"\0")
-    return b"".join(parts)

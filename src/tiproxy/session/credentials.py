@@ -17,10 +17,15 @@ class UsersFileError(ValueError):
     pass
 
 
+# (users file hashes, synced hashes, users with limits of their own), by user name.
+CredentialSnapshot = tuple[dict[str, set[bytes]], dict[str, set[bytes]], set[str]]
+
+
 class CredentialStore:
     def __init__(self) -> None:
         self._file: dict[str, set[bytes]] = {}
         self._synced: dict[str, set[bytes]] = {}
+        self._limited: set[str] = set()
 
     def load_users(self, data: bytes, origin: str) -> int:
         """Replace the hashes of the users file with those in `data` (its content; `origin`
@@ -45,15 +50,26 @@ class CredentialStore:
         self._file = hashes
         return sum(len(v) for v in hashes.values())
 
-    def replace_synced(self, rows: Iterable[tuple[str, str, str]]) -> int:
-        """Rows of (user, plugin, authentication_string) read from a backend."""
+    def replace_synced(self, rows: Iterable[tuple[str, str, str, str | None]]) -> int:
+        """Rows of (user, plugin, authentication_string, max_statement_time) read from a
+        backend; the last is None where the server could not say."""
         hashes: dict[str, set[bytes]] = {}
-        for user, plugin, auth in rows:
+        limited: set[str] = set()
+        for user, plugin, auth, statement_time in rows:
             parsed = parse_native_hash(auth) if plugin in (NATIVE_PLUGIN, "") else None
             if parsed is not None:
                 hashes.setdefault(user, set()).add(parsed)
+            if statement_time is None or float(statement_time or 0):
+                limited.add(user)
         self._synced = hashes
+        self._limited = limited
         return sum(len(v) for v in hashes.values())
+
+    def own_limits(self, user: str) -> bool:
+        """Whether an account of this name may have limits of its own that a session starts
+        with (MariaDB's MAX_STATEMENT_TIME), as far as the last sync could tell: a reset
+        connection has the global ones instead (net/pool.py)."""
+        return user in self._limited or not self._synced
 
     def knows(self, user: str) -> bool:
         return user in self._file or user in self._synced
@@ -66,9 +82,9 @@ class CredentialStore:
                 return stage1
         return None
 
-    def snapshot(self) -> tuple[dict[str, set[bytes]], dict[str, set[bytes]]]:
+    def snapshot(self) -> CredentialSnapshot:
         """Every stored hash, for a worker process to hold the same (workers/messages.py)."""
-        return self._file, self._synced
+        return self._file, self._synced, self._limited
 
-    def restore(self, snapshot: tuple[dict[str, set[bytes]], dict[str, set[bytes]]]) -> None:
-        self._file, self._synced = snapshot
+    def restore(self, snapshot: CredentialSnapshot) -> None:
+        self._file, self._synced, self._limited = snapshot

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from tiproxy.discovery.base import DiscoveredBackend
     from tiproxy.net.counters import DataPlaneCounts
     from tiproxy.protocol.packets import Greeting
+    from tiproxy.session.credentials import CredentialSnapshot
     from tiproxy.tls.store import Material
     from tiproxy.traffic.sink import Record
 
@@ -94,6 +95,7 @@ class BackendState:
     move_problem: str
     slot: int  # its column in the shared session counts
     peers: int = 0  # the other proxies' sessions on it (discovery/peers.py)
+    init_connect: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class TLSChanged:
 
 @dataclass(frozen=True)
 class Credentials:
-    snapshot: tuple[dict[str, set[bytes]], dict[str, set[bytes]]]
+    snapshot: CredentialSnapshot
 
 
 @dataclass(frozen=True)

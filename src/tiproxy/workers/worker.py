@@ -122,6 +122,7 @@ class ReplicaRouter(Router):
             backend.last_error = state.last_error
             backend.load = state.load
             backend.galera = state.galera
+            backend.init_connect = state.init_connect
             if state.offers_tls is not None:
                 backend.offers_tls = state.offers_tls
             if state.mariadb_capabilities is not None:
