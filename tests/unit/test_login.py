@@ -352,6 +352,18 @@ def test_a_kept_connection_answers_with_its_own_logins_ok() -> None:
         login.pooled(BACKEND, OK)  # once
 
 
+def test_a_kept_connection_answers_a_tls_client_one_packet_later() -> None:
+    """After an SSLRequest (sequence id 1) and the response (2), the OK is packet 3."""
+    login = Login(TEMPLATE, 2, tls_available=True)
+    ssl_request = HandshakeResponse(CLIENT_CAPS | C.SSL, 1 << 24, 224, ssl_request_only=True)
+    assert login.client_packet(1, build_handshake_response(ssl_request)) == [StartClientTLS()]
+    login.client_packet(2, build_handshake_response(replace(RESPONSE,
+                                                            capabilities=CLIENT_CAPS | C.SSL)))
+    reply, est = login.pooled(BACKEND, OK)
+    assert reply == SendClient(frame(OK, 3))
+    assert isinstance(est, Established) and not est.backend_capabilities & C.SSL
+
+
 @pytest.mark.parametrize("change", [
     {"user": b"other"},
     {"database": b"other"},
