@@ -1073,7 +1073,7 @@ class Session(TransactionReplay, SessionLogin):
         # task is not done yet, and no task may be at work on a kept leg.
         kept = idle and self._pool_login is not None and kind in _KEEPABLE \
             and self.keep_backend()
-        for task in (self._task, self._move_task, self._checkpoint_task):
+        for task in (self._task, self._move_task):
             if task is not None and not task.done():
                 task.cancel()
         if leg is not None and not kept:
@@ -1089,8 +1089,8 @@ class Session(TransactionReplay, SessionLogin):
 _MULTI_STATEMENTS_ON = b"\x00\x00"  # COM_SET_OPTION's MYSQL_OPTION_MULTI_STATEMENTS_ON
 # Commands whose effect is recorded when they succeed (_record): the token's kind; its argument
 # is the command's payload.
-_RECORDED: dict[int, str] = {Command.RESET_CONNECTION: "reset", Command.SET_OPTION: "set_option",
-             Command.INIT_DB: "init_db"}
+_RECORDED: dict[int, str] = {Command.RESET_CONNECTION: "reset",
+                             Command.SET_OPTION: "set_option", Command.INIT_DB: "init_db"}
 
 # Sessions whose end leaves their backend connection fit for the next login (net/pool.py).
 _KEEPABLE = frozenset((counters.QUIT_OK, counters.CLIENT_NETWORK))
