@@ -93,12 +93,11 @@ def _gone(session: Session, target: KillTarget) -> bool:
     """The target, a session of this process, ended since it was looked up: its backend
     connection may now serve another client (a kept one, net/pool.py), so the KILL must not
     run. It answers the killer as if the target were never there."""
-    if not session.server.sessions.get(target.id) and session.server.kill_target_elsewhere(
-            target.id):
-        return False  # another worker's: looked up there just now
     local = session.server.sessions.get(target.id)
-    if local is not None and local.backend is not None \
-            and local.backend.addr == target.backend_addr \
+    if local is None:
+        if session.server.kill_target_elsewhere(target.id):
+            return False  # another worker's: looked up there just now
+    elif local.backend is not None and local.backend.addr == target.backend_addr \
             and local.backend_connection_id == target.backend_connection_id:
         return False
     session.reply_error(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {target.id}")

@@ -257,7 +257,9 @@ class BackendPool:
         for kept in [k for k in self._resetting if now - k.since >= RESET_TIMEOUT]:
             self.drop(kept, f"COM_RESET_CONNECTION not answered within {RESET_TIMEOUT:g}s")
 
-    def close_all(self) -> None:
+    def stop(self) -> None:
+        """Keep nothing more, and close what is kept (the proxy stops or hands over)."""
+        self.configure(0, 0.0)
         for queue in list(self._idle.values()):
             for kept in list(queue):
                 self._close(kept)

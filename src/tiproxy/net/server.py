@@ -139,8 +139,7 @@ class ProxyServer:
         session that can travel to the receivers, each at its next safe point."""
         for server in self._servers:
             server.close()
-        self.pool.configure(0, 0.0)  # the new process keeps its own
-        self.pool.close_all()
+        self.pool.stop()  # the new process keeps its own
         self._departure = Departure(receivers, lambda: list(self.sessions.values()))
         for session in self.sessions.values():
             session.leaving = self._departure
@@ -205,8 +204,7 @@ class ProxyServer:
         `linger` (an upgrade's old process, left with sessions that could not travel), they
         first have `timeout` seconds to end by themselves."""
         self._shutting_down = True
-        self.pool.configure(0, 0.0)
-        self.pool.close_all()
+        self.pool.stop()
         for task in self._tasks:
             task.cancel()
         for server in self._servers:

@@ -206,4 +206,3 @@ def rewrite_change_user(payload: bytes, capabilities: int, plugin: str) -> Chang
         )
     )
     return ChangeUser(user, database, rewritten)
-
