@@ -163,9 +163,9 @@ error_code(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
  * after it, the code of the ERR it ended with (0 if none, 1 if the ERR is too short to hold
  * a code) and how many packets it held. None whenever anything is not plain: the response
  * does not end in `data`, a 16 MiB packet, LOCAL INFILE, a terminator or 251+ columns where the
- * first packet is, a progress report, a column count without column definitions (cached
- * metadata), or bytes that are not a response. The tracker then reads the same bytes with its
- * Python state machine, which is the reference; this only makes the common case cheap.
+ * first packet is, a progress report, or bytes that are not a response. The tracker then reads
+ * the same bytes with its Python state machine, which is the reference; this only makes the
+ * common case cheap.
  */
 static PyObject *
 scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -216,9 +216,9 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         if (first >= 0xFB)                         /* LOCAL INFILE, a terminator, 251+ columns */
             goto plain;
-        Py_ssize_t columns = first;
-        if (len > 1 && p[pos + 5] == 0)            /* cached metadata: no definitions */
-            goto plain;
+        /* MariaDB's cached metadata: a 0 "metadata follows" byte after the count means no
+         * column definitions (an execute whose client already has them); the EOF stays. */
+        Py_ssize_t columns = len > 1 && p[pos + 5] == 0 ? 0 : first;
         pos += 4 + len;
         for (Py_ssize_t c = 0; c < columns; c++) {
             PACKET(len, first)

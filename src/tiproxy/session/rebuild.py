@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from tiproxy.protocol.constants import Command
 from tiproxy.session.dialects.mysql import CapturedState
-from tiproxy.session.statements import user_variable_names
+from tiproxy.session.statements import memo_by_text, user_variable_names
 
 # How stale: nothing; user variables; those and system variables assigned from expressions,
 # read back by name (VariableChanges.system_names); anything.
@@ -163,8 +163,10 @@ class VariableChanges:
     role_set: bool = False  # SET ROLE itself: the session's current role is its own now
 
 
+@memo_by_text
 def variable_changes(sql: bytes) -> VariableChanges:
-    """How a COM_QUERY statement changes the session's variables."""
+    """How a COM_QUERY statement changes the session's variables. The result is shared
+    (memo_by_text): read it, never change it."""
     changes = VariableChanges()
     parts = _statements(sql)
     for i, part in enumerate(parts):

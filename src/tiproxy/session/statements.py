@@ -17,8 +17,11 @@ https://mariadb.com/kb/en/prepare-statement/
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tiproxy.protocol.codec import Buffer
 from tiproxy.session.commands import MAYBE_KILL_FIRST_BYTES
@@ -125,6 +128,28 @@ def reads_diagnostics(packet: Buffer, prepared_sql: bytes | None = None) -> bool
     if packet[4] == 0x03:
         return _DIAGNOSTICS.search(packet, 5) is not None
     return prepared_sql is not None and _DIAGNOSTICS.search(prepared_sql) is not None
+
+
+_T = TypeVar("_T")
+MEMO_MAX_LEN = 512  # longer statements are read afresh: they are rarely sent twice word for word
+MEMO_ENTRIES = 1024
+
+
+def memo_by_text(analyse: Callable[[bytes], _T]) -> Callable[[bytes], _T]:
+    """`analyse`, remembered for the last MEMO_ENTRIES short statement texts.
+
+    Applications send the same statements again and again: a driver's `SET NAMES` and
+    `SET autocommit` at every connect, an ORM's `BEGIN`. Reading one costs tens of regular
+    expression matches; a repeat costs a hash lookup. The analysis must depend on the text alone,
+    and its result is shared by every caller: nobody may change it.
+    """
+    remembered = functools.lru_cache(maxsize=MEMO_ENTRIES)(analyse)
+
+    @functools.wraps(analyse)
+    def lookup(sql: bytes) -> _T:
+        return remembered(sql) if len(sql) <= MEMO_MAX_LEN else analyse(sql)
+
+    return lookup
 
 
 def may_change_state(payload: Buffer, multi_statements: bool) -> bool:
@@ -234,9 +259,10 @@ def _merge(into: StatementEffects, other: StatementEffects) -> None:
             setattr(into, f.name, value)
 
 
+@memo_by_text
 def statement_effects(sql: bytes) -> StatementEffects:
     """Parse a statement that passed may_change_state. Statements in a multi-statement query
-    are each looked at."""
+    are each looked at. The result is shared (memo_by_text): read it, never change it."""
     effects = StatementEffects()
     if _CREATE_ROUTINE.match(sql, _skip_leading(sql)):
         return effects  # one statement, whatever semicolons its body holds
