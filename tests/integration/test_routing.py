@@ -78,9 +78,11 @@ def _raw_login(proxy: ProxyProcess) -> socket.socket:
         b"\x04\x00\x00\x07\x03SEL",  # a command packet with a wrong sequence id
         b"\x00\x00\x00\x00",  # an empty command
         b"\xff\xff\xff\x00" + b"\x03" + b"x" * 100,  # a 16 MiB packet that never comes
+        b"\x03\x00\x00\x00\x17\x01\x00",  # COM_STMT_EXECUTE too short to hold a statement id
     ],
 )
 def test_malformed_packets_close_only_that_session(proxy: ProxyProcess, garbage: bytes) -> None:
+    logged_before = len(proxy.log())
     with proxy.connect() as bystander:
         sock = _raw_login(proxy)
         sock.sendall(garbage)
@@ -102,9 +104,45 @@ def test_malformed_packets_close_only_that_session(proxy: ProxyProcess, garbage:
     assert proxy.alive
     if not garbage.startswith(b"\xff\xff\xff"):
         deadline = time.monotonic() + 5
-        while "protocol error from client" not in proxy.log() and time.monotonic() < deadline:
+        while "protocol error from client" not in proxy.log()[logged_before:] \
+                and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert "protocol error from client" in proxy.log()
+        logged = proxy.log()[logged_before:]
+        assert "protocol error from client" in logged
+        assert "Traceback" not in logged
+
+
+def test_execute_cut_short_closes_only_that_session(proxy: ProxyProcess) -> None:
+    """A COM_STMT_EXECUTE of a prepared statement that stops before its parameters: the
+    session ends with a protocol error, logged as one, and nothing else notices."""
+    logged_before = len(proxy.log())
+    with proxy.connect() as bystander:
+        sock = _raw_login(proxy)
+        sock.settimeout(10)
+        sock.sendall(struct.pack("<I", 9) + b"\x16SELECT ?")  # COM_STMT_PREPARE, one parameter
+        answer = b""
+        while answer.count(b"\xfe\x00\x00") < 1 and len(answer) < 4096:  # through its EOF
+            answer += sock.recv(4096)
+        assert answer[4] == 0x00, answer  # PREPARE_OK
+        stmt_id = answer[5:9]
+        sock.sendall(struct.pack("<I", 10) + b"\x17" + stmt_id + b"\x00\x01\x00\x00\x00")
+        try:
+            while sock.recv(4096):
+                pass
+        except OSError:
+            pass
+        sock.close()
+        with bystander.cursor() as cur:
+            cur.execute("SELECT 'still here'")
+            assert cur.fetchall() == (("still here",),)
+    deadline = time.monotonic() + 5
+    while "protocol error from client" not in proxy.log()[logged_before:] \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logged = proxy.log()[logged_before:]
+    assert "protocol error from client: COM_STMT_EXECUTE without its parameters" in logged
+    assert "Traceback" not in logged
+    assert proxy.alive
 
 
 def test_garbage_before_login(proxy: ProxyProcess) -> None:

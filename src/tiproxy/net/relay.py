@@ -397,7 +397,11 @@ class Session(TransactionReplay, SessionLogin):
                             fast = (b"_lock" not in low and b"ection_id" not in low
                                     and b"ocesslist" not in low)
                     elif cmd == _EXECUTE:
-                        fast = not self.state.to_client and self._execute_is_plain(data)
+                        try:
+                            fast = not self.state.to_client and self._execute_is_plain(data)
+                        except ProtocolError as e:  # too short for what it must hold
+                            self._protocol_error(e)
+                            return
                     else:
                         fast = cmd in _FAST
                     if fast and (self._capture is None or self._capture.take(data)):
@@ -668,6 +672,7 @@ class Session(TransactionReplay, SessionLogin):
         traffic.out_packets += 1
         if self._cross:
             self.server.metrics.cross_location_bytes += len(packet)
+
     def packet_for_replay(self, packet: bytes) -> tuple[bytes, Expect]:
         """A recorded command as the current backend must get it (statement ids translated)."""
         if packet[4] == _EXECUTE:
