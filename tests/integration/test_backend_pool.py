@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import mariadb
+import mysql.connector
 import MySQLdb
 import pymysql
 import pytest
@@ -368,7 +370,6 @@ def test_churn_reuses_connections_with_the_suites_workers(
 
     for _ in range(40):
         login_and_check()
-    # At most one new connection per login until each worker has kept one; then none.
     # A new connection only until each worker has kept one (one process: none).
     assert watch.connections() - accepted < 10
     errors: list[BaseException] = []
@@ -389,3 +390,51 @@ def test_churn_reuses_connections_with_the_suites_workers(
     # 240 logins: new connections only while 4 at once outnumber what is kept
     assert watch.connections() - accepted < 30
     assert pool_events(proxy)["reused"] >= 200
+
+
+def _python_connector(name: str, port: int) -> Any:
+    account = {"host": "127.0.0.1", "port": port, "user": APP.name, "password": APP.password,
+               "database": "test"}
+    if name == "mysql-connector-python":
+        return mysql.connector.connect(use_pure=True, **account)
+    if name == "mariadb":
+        return mariadb.connect(**account)
+    if name == "mysqlclient":
+        return MySQLdb.connect(**{k: v for k, v in account.items() if k != "database"},
+                               db="test")
+    return pymysql.connect(**account)
+
+
+@pytest.mark.parametrize("connector", ["mysql-connector-python", "mariadb", "mysqlclient",
+                                       "pymysql"])
+def test_each_python_connector_logs_in_on_kept_connections(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory, connector: str,
+) -> None:
+    """Each connector negotiates its own capabilities and reads the login's OK its own way:
+    a login served on a kept connection must look to it like the new one it asked for (same
+    database, character set and autocommit, none of the last client's variables), and the
+    server must see no new connection for it."""
+    proxy = proxy_factory([server.addr], pool_toml())
+    first_kept(proxy)
+    looks = ("SELECT DATABASE(), @@character_set_client, @@collation_connection, "
+             "@@autocommit, @last_client")
+    seen = []
+    accepted = None
+    for i in range(6):
+        conn = _python_connector(connector, proxy.port)
+        cur = conn.cursor()
+        cur.execute(looks)
+        seen.append(tuple(cur.fetchall()[0]))
+        cur.execute(f"SET @last_client = {i}")
+        cur.execute(f"SELECT {i} + 1")
+        assert cur.fetchall()[0][0] == i + 1
+        cur.close()
+        before = pool_events(proxy)["kept"]
+        conn.close()
+        kept_after_close(proxy, before)
+        if accepted is None:
+            accepted = watch.connections()
+    assert len(set(seen)) == 1, seen
+    assert seen[0][0] == "test" and seen[0][4] is None
+    assert watch.connections() == accepted  # logins 2 to 6 opened nothing on the server
+    assert pool_events(proxy)["reused"] >= 5
