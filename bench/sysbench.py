@@ -54,6 +54,13 @@ fetched every second (bench/scrape.py), as a Prometheus with `scrape_interval: 1
 QPS ratio to HAProxy's is shown beside the proxy's own, with the difference.
 
     .venv/bin/python bench/sysbench.py --scrape
+
+With --bare-relay one more target, "bare_relay", is bench/bare_relay.py: a Python relay on
+uvloop that forwards bytes both ways and reads none of them (no TLS). proxy/bare_relay is what
+the proxy's own reading of the protocol costs; bare_relay/haproxy what Python and uvloop cost
+before any of it.
+
+    .venv/bin/python bench/sysbench.py --bare-relay --db-ps-mode=auto --workloads oltp_point_select
 """
 
 from __future__ import annotations
@@ -92,6 +99,7 @@ TARGETS = ("direct", "proxy", "haproxy")
 CAPTURE_TARGETS = ("direct", "proxy", "capture", "haproxy")  # with --capture
 REPLAY_TARGETS = ("direct", "proxy", "replay", "haproxy")  # with --transaction-replay
 SCRAPED = "proxy_scraped"  # --scrape: the proxy while its /metrics is scraped every second
+BARE = "bare_relay"  # --bare-relay: bench/bare_relay.py, bytes forwarded and never read
 
 # Only the range query of oltp_read_only, 1,000 rows (about 120 KB) per result, no BEGIN/COMMIT.
 _LARGE_RESULT_ARGS = (
@@ -388,6 +396,24 @@ def start_haproxy(workdir: Path, backend: str, threads: int = 1) -> tuple[ChildP
         haproxy.stop()
         raise
     return haproxy, port
+
+
+def start_bare_relay(workdir: Path, backend: str) -> tuple[ChildProcess, int]:
+    port = free_port()
+    host, backend_port = backend.rsplit(":", 1)
+    relay = ChildProcess(
+        BARE,
+        [sys.executable, str(Path(__file__).with_name("bare_relay.py")), str(port), host,
+         backend_port],
+        workdir / "bare_relay.log",
+    )
+    relay.spawn()
+    try:
+        wait_for_port(port, time.monotonic() + _READY_TIMEOUT, relay)
+    except BaseException:
+        relay.stop()
+        raise
+    return relay, port
 
 
 def start_mariadb(
@@ -773,6 +799,8 @@ def summarize(runs: list[Run], workload: str,
             pairs += [(variant, "proxy"), (variant, "haproxy")]
     if SCRAPED in targets:
         pairs += [(SCRAPED, "haproxy")]
+    if BARE in targets:
+        pairs += [("proxy", BARE), (BARE, "haproxy")]
     ratios = {
         f"{key}_{top}/{bottom}": ratio(key, top, bottom)
         for key in ("qps", "p95_ms", "cpu_s_per_1k")
@@ -797,7 +825,8 @@ def print_table(title: str, summary: dict[str, Any]) -> None:
         )
     r = summary["ratios"]
     for top, bottom in (("proxy", "direct"), ("proxy", "haproxy"), ("capture", "proxy"),
-                        ("capture", "haproxy"), ("replay", "proxy"), ("replay", "haproxy")):
+                        ("capture", "haproxy"), ("replay", "proxy"), ("replay", "haproxy"),
+                        ("proxy", BARE), (BARE, "haproxy")):
         if f"qps_{top}/{bottom}" not in r:
             continue
         line = (
@@ -879,7 +908,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scrape", action="store_true",
         help=f"also measure the proxy while /metrics is scraped every second ({SCRAPED})",
     )
+    parser.add_argument(
+        "--bare-relay", action="store_true",
+        help=f"also measure bench/bare_relay.py, which forwards bytes unread ({BARE})",
+    )
     args = parser.parse_args(argv)
+    if args.bare_relay and args.tls:
+        parser.error("--bare-relay does not do TLS: it cannot be measured with --tls")
     if args.quick:
         args.time, args.rounds, args.warmup = 5, 1, 0
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
@@ -920,8 +955,10 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
     processes["proxy"], ports["proxy"] = start_proxy(workdir, server.addr, tls,
                                                      workers_toml(args.workers))
     processes["haproxy"], ports["haproxy"] = start_haproxy(workdir, server.addr, args.workers)
+    if args.bare_relay:
+        processes[BARE], ports[BARE] = start_bare_relay(workdir, server.addr)
     bench = Bench(args, workdir, ports, processes, server.addr, tls)
-    for target in TARGETS:
+    for target in (*TARGETS, BARE) if args.bare_relay else TARGETS:
         if tls is None:
             error = check_login(target, bench.ports[target], None)
         else:
@@ -960,6 +997,7 @@ def run_targets(args: argparse.Namespace) -> tuple[str, ...]:
         targets = CAPTURE_TARGETS
     else:
         targets = REPLAY_TARGETS if args.transaction_replay else TARGETS
+    targets = (*targets, BARE) if args.bare_relay else targets
     return (*targets, SCRAPED) if args.scrape else targets
 
 
