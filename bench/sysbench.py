@@ -389,13 +389,7 @@ def start_haproxy(workdir: Path, backend: str, threads: int = 1) -> tuple[ChildP
     haproxy = ChildProcess(
         "haproxy", [haproxy_bin, "-f", str(config), "-db"], workdir / "haproxy.log"
     )
-    haproxy.spawn()
-    try:
-        wait_for_port(port, time.monotonic() + _READY_TIMEOUT, haproxy)
-    except BaseException:
-        haproxy.stop()
-        raise
-    return haproxy, port
+    return _listening(haproxy, port)
 
 
 def start_bare_relay(workdir: Path, backend: str) -> tuple[ChildProcess, int]:
@@ -407,13 +401,18 @@ def start_bare_relay(workdir: Path, backend: str) -> tuple[ChildProcess, int]:
          backend_port],
         workdir / "bare_relay.log",
     )
-    relay.spawn()
+    return _listening(relay, port)
+
+
+def _listening(process: ChildProcess, port: int) -> tuple[ChildProcess, int]:
+    """Start `process` and wait until it accepts on `port`; stopped if it never does."""
+    process.spawn()
     try:
-        wait_for_port(port, time.monotonic() + _READY_TIMEOUT, relay)
+        wait_for_port(port, time.monotonic() + _READY_TIMEOUT, process)
     except BaseException:
-        relay.stop()
+        process.stop()
         raise
-    return relay, port
+    return process, port
 
 
 def start_mariadb(
