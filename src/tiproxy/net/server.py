@@ -420,9 +420,13 @@ class ProxyServer:
 
     # -- traffic capture --------------------------------------------------------------------------
 
-    def start_capture(self, deliver: Deliver) -> None:
+    async def start_capture(self, deliver: Deliver) -> None:
         """Every session, open or to come, records its commands for the capture
         (traffic/session.py) until stop_capture."""
+        self.begin_capture(deliver)
+
+    def begin_capture(self, deliver: Deliver) -> None:
+        """start_capture, done at once: this process holds the sessions."""
         if self.capture is not None:
             self.capture.close()
         self.capture = sink = CaptureSink(deliver)

@@ -40,7 +40,7 @@ FINISH_TIMEOUT = 30.0  # seconds the writer gets to complete its files once the 
 class CaptureHolder(Protocol):
     """Whoever holds the sessions (control/proxy.py's SessionHolder)."""
 
-    def start_capture(self, deliver: Deliver) -> None: ...
+    async def start_capture(self, deliver: Deliver) -> None: ...  # recording when it returns
     async def stop_capture(self) -> int: ...  # the commands dropped, now final
     def capture_dropped(self) -> int: ...  # the commands dropped so far
 
@@ -101,7 +101,7 @@ class CaptureJob:
                                     lambda: self._tell(loop, self._failed),
                                     lambda: self._tell(loop, self._finished))
         self._began = time.monotonic()
-        self.holder.start_capture(self.writer.put)
+        await self.holder.start_capture(self.writer.put)
         log.info("traffic capture started: output %s, duration %s, compress %s%s", spec.output,
                  format_duration(spec.duration_ns / 1e9), spec.compress,
                  f", encrypted ({method})" if method else "")

@@ -470,10 +470,13 @@ class Workers:
             rejected.update(stats.rejected)
         return dict(rejected)
 
-    def start_capture(self, deliver: Deliver) -> None:
+    async def start_capture(self, deliver: Deliver) -> None:
+        """Returns once every live worker records: the API's "capture started" is then true
+        of the next command any session sends. A worker (re)started later gets CaptureStart
+        with its setup."""
         self._capture = deliver
         self._capture_dropped = Counter()
-        self._broadcast(m.CaptureStart())
+        await self._ask_all("capture_start")
 
     async def stop_capture(self) -> int:
         for worker, dropped in await self._ask_all("capture_stop"):

@@ -5,7 +5,8 @@ ends are this program, started by the control process; nothing else can reach th
 
 Control to worker: Setup first, then Table whenever what a worker routes by changes, Config on a
 reload, Credentials when the stored hashes change, TLSChanged when a context was rebuilt, Moves
-from the rebalancer, CaptureStart when a traffic capture begins, Shutdown.
+from the rebalancer, CaptureStart to a worker that starts while a traffic capture runs (the
+others are asked "capture_start", and the capture is started once they answered), Shutdown.
 Worker to control: Stats once a second (counters), and the events the control plane acts on:
 Failed, Succeeded, Doubt, SyncNow, LastingProblem, LogLine; while a capture runs, CaptureBatch
 (its sessions' commands, for the one writer in the control process; sent only while the link

@@ -208,8 +208,8 @@ class WorkerServer(ProxyServer):
             self.tls.follow(message.tls)
         elif isinstance(message, m.MemoryHigh):
             self.memory_high = message.reason
-        elif isinstance(message, m.CaptureStart):
-            self.start_capture(self._send_capture)
+        elif isinstance(message, m.CaptureStart):  # a capture that ran before this worker
+            self.begin_capture(self._send_capture)
 
     def _send_capture(self, records: list[Record], size: int) -> bool:
         """A batch of the capture to the control process's writer, with what each response
@@ -237,6 +237,9 @@ class WorkerServer(ProxyServer):
             return await self.max_session_id()
         if what == "receiver":
             return (await self.open_receivers())[0]
+        if what == "capture_start":
+            self.begin_capture(self._send_capture)
+            return True
         if what == "capture_stop":
             return await self.stop_capture()
         raise ValueError(what)
@@ -344,6 +347,9 @@ async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.so
             early.append(message)
 
     async def answer(what: str, arg: Any) -> Any:
+        if server is None and what == "capture_start":
+            early.append(m.CaptureStart())  # applied before the first session is accepted
+            return True
         return await server.answer(what, arg) if server is not None else None
 
     link = m.Link(channel, handle, answer)
