@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from tiproxy.session.state import PreparedStatement, SessionState
 from tiproxy.session.statements import (
+    MEMO_MAX_LEN,
     OPAQUE,
     StatementEffects,
     literal_text,
@@ -258,3 +259,16 @@ def test_pinned_says_what_pins_says(pin: dict[str, object]) -> None:
         setattr(state.stmts[1] if name in ("long_data", "cursor_open") else state, name, value)
     assert state.pinned() == bool(state.pins()) == bool(pin)
     assert not SessionState().pinned()
+
+
+def test_a_statement_text_is_read_once_and_any_buffer_still_works() -> None:
+    """memo_by_text: the same text gives the same (shared) result without a second reading;
+    a bytearray, which cannot be a key, is read afresh and agrees; long texts are not kept."""
+    sql = b"CREATE TEMPORARY TABLE memo_t (a INT)"
+    first = statement_effects(sql)
+    assert statement_effects(bytes(sql)) is first
+    assert first.temp_created == ("memo_t",)
+    again = statement_effects(bytearray(sql))
+    assert again == first and again is not first
+    long_sql = sql + b" " * MEMO_MAX_LEN
+    assert statement_effects(long_sql) == first and statement_effects(long_sql) is not first

@@ -141,13 +141,16 @@ def memo_by_text(analyse: Callable[[bytes], _T]) -> Callable[[bytes], _T]:
     Applications send the same statements again and again: a driver's `SET NAMES` and
     `SET autocommit` at every connect, an ORM's `BEGIN`. Reading one costs tens of regular
     expression matches; a repeat costs a hash lookup. The analysis must depend on the text alone,
-    and its result is shared by every caller: nobody may change it.
+    and its result is shared by every caller: nobody may change it. Only `bytes` are remembered
+    (a bytearray cannot be a key, and could change after).
     """
     remembered = functools.lru_cache(maxsize=MEMO_ENTRIES)(analyse)
 
     @functools.wraps(analyse)
     def lookup(sql: bytes) -> _T:
-        return remembered(sql) if len(sql) <= MEMO_MAX_LEN else analyse(sql)
+        if sql.__class__ is bytes and len(sql) <= MEMO_MAX_LEN:
+            return remembered(sql)
+        return analyse(sql)
 
     return lookup
 
