@@ -79,7 +79,7 @@ def test_a_deadlock_victim_is_replayed_and_never_sees_1213(
         cur.execute("COMMIT")
         cur.execute("SELECT id, v FROM t WHERE id <= 2 ORDER BY id")
         assert cur.fetchall() == ((1, 11), (2, 11))  # both transactions, each once
-    assert "transaction replayed after deadlock" in proxy.log()
+    proxy.wait_log("transaction replayed after deadlock")  # a worker's line comes by its link
     _, metrics = proxy.api("/metrics")
     assert b'tiproxy_session_transaction_replay_total{reason="deadlock",replay_res="succeed"} 1' \
         in metrics
@@ -104,8 +104,8 @@ def test_a_replay_whose_answers_differ_gives_the_original_error(
     with b.cursor() as cur:  # rolled back, as MariaDB left it
         cur.execute("SELECT @@in_transaction, v FROM t WHERE id = 2")
         assert cur.fetchone() == (0, 0)
-    assert "transaction not replayed after deadlock: the answer to a SELECT is not the one " \
-        "the client got" in proxy.log()
+    proxy.wait_log("transaction not replayed after deadlock: the answer to a SELECT is not the "
+                   "one the client got")
     a.close()
     b.close()
 
