@@ -1,7 +1,11 @@
-"""Builds the one compiled helper (protocol/_rowscan.c); everything else is in pyproject.toml.
+"""Builds the compiled helpers; everything else is in pyproject.toml.
 
-The package works without it: tracker.py and traffic/outcome.py fall back to the same loops in
-Python. It links zlib (zlib1g-dev) for the CRC-32 a traffic capture sums rows with.
+- protocol/_rowscan.c: the tracker's row loops and the traffic writer's row sum. It links zlib
+  (zlib1g-dev) for the CRC-32 a traffic capture sums rows with.
+- net/_hotpath.c: the relay's per-query path.
+
+Both read whole responses with protocol/_scan.h. The package works without them: tracker.py,
+traffic/outcome.py and relay.py fall back to the same logic in Python.
 """
 
 from setuptools import Extension, setup
@@ -9,6 +13,8 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension("tiproxy.protocol._rowscan", ["src/tiproxy/protocol/_rowscan.c"],
-                  libraries=["z"], optional=True),
+                  depends=["src/tiproxy/protocol/_scan.h"], libraries=["z"], optional=True),
+        Extension("tiproxy.net._hotpath", ["src/tiproxy/net/_hotpath.c"],
+                  depends=["src/tiproxy/protocol/_scan.h"], optional=True),
     ],
 )

@@ -16,18 +16,26 @@ out. After login the hot path takes over:
   record once it succeeded (a prepared statement, a temporary table, a cursor...).
 Each leg pausing its writes pauses reads on the other (paired flow control). Moving the session
 to another backend is the SessionMoves part (net/moves.py).
+
+The commonest case of both directions, a plain command and then its whole answer in one chunk
+each, is compiled (net/_hotpath.c): `client_data` and `backend_data` hand the chunk to it
+first, and it either does all that the code below would do for it or nothing at all. The code
+below stays the reference and takes every other case; it also runs alone where the module was
+not built.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import time
 import zlib
 from bisect import bisect_left
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import suppress
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tiproxy.client.leg import BackendLeg
@@ -61,7 +69,13 @@ from tiproxy.protocol.packets import (
     frame,
     parse_auth_switch,
 )
-from tiproxy.protocol.tracker import AUTH, EXPECT_BY_COMMAND, Expect, ResponseTracker
+from tiproxy.protocol.tracker import (
+    AUTH,
+    EXPECT_BY_COMMAND,
+    FIRST_STEP,
+    Expect,
+    ResponseTracker,
+)
 from tiproxy.session.commands import (
     MAYBE_KILL_FIRST_BYTES,
     is_unmapped_kill,
@@ -95,6 +109,11 @@ from tiproxy.session.statements import (
 )
 from tiproxy.traffic.session import SessionCapture
 
+try:
+    from tiproxy.net import _hotpath
+except ImportError:  # pragma: no cover - built by setup.py; the Python path does the same
+    _hotpath = None  # type: ignore[assignment]
+
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend
     from tiproxy.net.server import ProxyServer
@@ -125,6 +144,10 @@ _REFUSED = frozenset(
 )
 _unpack_u32 = U32.unpack_from
 _monotonic = time.monotonic
+
+# The compiled per-query path (net/_hotpath.c), if built: configured below, after Session.
+_fast_command: Callable[[Session, bytes], bool] | None = None
+_fast_response: Callable[[Session, bytes], bool] | None = None
 _QUERY = int(Command.QUERY)
 _EXECUTE = int(Command.STMT_EXECUTE)
 _IN_TRANS = int(ServerStatus.IN_TRANS)
@@ -358,6 +381,8 @@ class Session(TransactionReplay, SessionLogin):
     # -- command phase: client to backend ---------------------------------------------------
 
     def client_data(self, data: bytes) -> None:
+        if _fast_command is not None and _fast_command(self, data):
+            return
         if self.phase != COMMAND:
             if self.phase == LOGIN:
                 self._login_client_data(data)
@@ -778,6 +803,8 @@ class Session(TransactionReplay, SessionLogin):
     # -- command phase: backend to client ---------------------------------------------------
 
     def backend_data(self, data: bytes) -> None:
+        if _fast_response is not None and _fast_response(self, data):
+            return
         if self.phase != COMMAND:
             return
         inflight = self.inflight
@@ -1126,3 +1153,26 @@ def _peer(transport: asyncio.Transport) -> str:
 
 def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
+
+
+
+def _configure_compiled_path(hotpath: ModuleType) -> None:
+    """Hand net/_hotpath.c what it reads."""
+    # It reads these from the session's own dict, which a descriptor would have overridden.
+    described = [name for name in hotpath.SESSION_FIELDS
+                 if hasattr(type(inspect.getattr_static(Session, name, None)), "__set__")]
+    if described:
+        raise RuntimeError(f"net/_hotpath.c reads Session attributes that are descriptors: "
+                           f"{', '.join(described)}")
+    hotpath.configure(
+        COMMAND,
+        {cmd: (kind, *FIRST_STEP[kind]) for cmd, kind in _FAST.items()
+         if kind is not Expect.NOTHING},
+        STATE_FIRST_BYTES, LETTERS, STATE_PREFIXES, COMPOUND_FIRST_BYTES, COMPOUND_START.match,
+        ResponseTracker, BackendCounts, Histogram,
+    )
+
+
+if _hotpath is not None:
+    _configure_compiled_path(_hotpath)
+    _fast_command, _fast_response = _hotpath.command, _hotpath.response

@@ -20,6 +20,8 @@
 #include <string.h>
 #include <zlib.h>
 
+#include "_scan.h"
+
 static PyObject *
 skip_plain_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -106,66 +108,9 @@ sum_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nnk)", pos, rows, crc);
 }
 
-/* A length-encoded integer at p[*at], within [.., end). Returns 0 on success. */
-static int
-lenenc(const unsigned char *p, Py_ssize_t *at, Py_ssize_t end, unsigned long long *out)
-{
-    Py_ssize_t i = *at;
-    if (i >= end)
-        return -1;
-    unsigned char b = p[i];
-    int size = b < 0xFB ? 0 : b == 0xFC ? 2 : b == 0xFD ? 3 : b == 0xFE ? 8 : -1;
-    if (size < 0 || i + 1 + size > end)
-        return -1;
-    if (size == 0) {
-        *out = b;
-    } else {
-        unsigned long long v = 0;
-        for (int k = size - 1; k >= 0; k--)
-            v = v << 8 | p[i + 1 + k];
-        *out = v;
-    }
-    *at = i + 1 + size;
-    return 0;
-}
-
-/* Status flags of a terminator (EOF of 5 bytes, or an OK); -1 if malformed. */
-static long
-terminator(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
-{
-    if (length == 5)
-        return p[start + 3] | p[start + 4] << 8;
-    Py_ssize_t at = start + 1, end = start + length;
-    unsigned long long skip;
-    if (lenenc(p, &at, end, &skip) || lenenc(p, &at, end, &skip) || at + 2 > end)
-        return -1;
-    return p[at] | p[at + 1] << 8;
-}
-
-/* The code of an ERR packet; 1 when it is too short to hold one (0 means "no error"). */
-static int
-error_code(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
-{
-    int code = length >= 3 ? (p[start + 1] | p[start + 2] << 8) : 0;
-    return code ? code : 1;
-}
-
-#define MORE_RESULTS 0x0008
-#define CURSOR_EXISTS 0x0040
-
 /*
  * scan_result(data, pos, deprecate_eof, binary, status) -> (end, status, error, packets) | None
- * binary: 0 text, 1 binary, 2 binary with a cursor asked for (only then CURSOR_EXISTS after the
- * column definitions ends the response).
- *
- * A whole result response (what COM_QUERY or COM_STMT_EXECUTE gets back, several results if
- * MORE_RESULTS_EXISTS says so) lying wholly in `data` from `pos`: where it ends, the status
- * after it, the code of the ERR it ended with (0 if none, 1 if the ERR is too short to hold
- * a code) and how many packets it held. None whenever anything is not plain: the response
- * does not end in `data`, a 16 MiB packet, LOCAL INFILE, a terminator or 251+ columns where the
- * first packet is, a progress report, or bytes that are not a response. The tracker then reads
- * the same bytes with its Python state machine, which is the reference; this only makes the
- * common case cheap.
+ * scan_whole (_scan.h) over `data` from `pos`; None where it returns 0.
  */
 static PyObject *
 scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -183,84 +128,15 @@ scan_result(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    const unsigned char *p = (const unsigned char *)view.buf;
-    Py_ssize_t n = view.len;
-    int error = 0, done = 0;
-    Py_ssize_t packets = 0;
-
-#define PACKET(len_, first_)                                                               \
-    if (pos < 0 || pos + 4 > n) goto plain;                                                \
-    len_ = (Py_ssize_t)p[pos] | (Py_ssize_t)p[pos + 1] << 8 | (Py_ssize_t)p[pos + 2] << 16; \
-    if (len_ == 0 || len_ == 0xFFFFFF || pos + 4 + len_ > n) goto plain;                    \
-    first_ = p[pos + 4];                                                                   \
-    packets++;
-
-    while (!done) {
-        Py_ssize_t len;
-        unsigned char first;
-        PACKET(len, first)
-        if (first == 0x00) {                       /* OK */
-            long st = terminator(p, pos + 4, len);
-            if (st < 0) goto plain;
-            status = st;
-            pos += 4 + len;
-            done = !(st & MORE_RESULTS);
-            continue;
-        }
-        if (first == 0xFF) {                       /* ERR: the response ends */
-            if (len >= 3 && p[pos + 5] == 0xFF && p[pos + 6] == 0xFF)
-                goto plain;                        /* a progress report: it does not */
-            error = error_code(p, pos + 4, len);
-            pos += 4 + len;
-            break;
-        }
-        if (first >= 0xFB)                         /* LOCAL INFILE, a terminator, 251+ columns */
-            goto plain;
-        /* MariaDB's cached metadata: a 0 "metadata follows" byte after the count means no
-         * column definitions (an execute whose client already has them); the EOF stays. */
-        Py_ssize_t columns = len > 1 && p[pos + 5] == 0 ? 0 : first;
-        pos += 4 + len;
-        for (Py_ssize_t c = 0; c < columns; c++) {
-            PACKET(len, first)
-            pos += 4 + len;
-        }
-        if (!deprecate_eof) {                      /* the EOF after the column definitions */
-            PACKET(len, first)
-            if (first != 0xFE) goto plain;
-            long st = terminator(p, pos + 4, len);
-            if (st < 0) goto plain;
-            pos += 4 + len;
-            status = st;
-            if (binary == 2 && (st & CURSOR_EXISTS)) {  /* a cursor: rows come with COM_STMT_FETCH */
-                done = !(st & MORE_RESULTS);
-                continue;
-            }
-        }
-        for (;;) {                                 /* rows, then a terminator or an ERR */
-            PACKET(len, first)
-            pos += 4 + len;
-            if (first == 0xFE) {
-                long st = terminator(p, pos - len, len);
-                if (st < 0) goto plain;
-                status = st;
-                done = !(st & MORE_RESULTS);
-                break;
-            }
-            if (first == 0xFF) {
-                if (len >= 3 && p[pos - len + 1] == 0xFF && p[pos - len + 2] == 0xFF)
-                    goto plain;                    /* a progress report between rows */
-                error = error_code(p, pos - len, len);
-                done = 1;
-                break;
-            }
-        }
-    }
+    Py_ssize_t end, packets;
+    long status_out;
+    int error;
+    int whole = scan_whole((const unsigned char *)view.buf, view.len, pos, deprecate_eof, binary,
+                           status, &end, &status_out, &error, &packets);
     PyBuffer_Release(&view);
-    return Py_BuildValue("(nlin)", pos, status & ~MORE_RESULTS, error, packets);
-plain:
-    PyBuffer_Release(&view);
-    Py_RETURN_NONE;
-#undef PACKET
+    if (!whole)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(nlin)", end, status_out, error, packets);
 }
 
 static PyMethodDef methods[] = {

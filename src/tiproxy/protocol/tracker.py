@@ -162,6 +162,13 @@ _FIRST_PHASE = {
     Expect.FIELD_LIST: FIELDS,
     Expect.AUTH: AUTH,
 }
+# (_binary, phase) as a response of each kind starts: also what the compiled relay path
+# (net/_hotpath.c) sets when it sends a command.
+FIRST_STEP: dict[Expect, tuple[int, int]] = {
+    kind: (_CURSOR_BINARY if kind is Expect.CURSOR
+           else int(kind is Expect.BINARY or kind is Expect.FETCH), phase)
+    for kind, phase in _FIRST_PHASE.items()
+}
 
 
 def _skip_plain_rows_py(data: Buffer, pos: int) -> tuple[int, int]:
@@ -554,7 +561,4 @@ class ResponseTracker:
                 self.on_done(other, status, False)
 
     def _start_next(self) -> None:
-        kind, _ = self._pending[0]
-        self._binary = (_CURSOR_BINARY if kind is Expect.CURSOR
-                        else int(kind is Expect.BINARY or kind is Expect.FETCH))
-        self.phase = _FIRST_PHASE[kind]
+        self._binary, self.phase = FIRST_STEP[self._pending[0][0]]
