@@ -37,6 +37,7 @@ from tiproxy.config.info import ConfigInfoError, config_info
 from tiproxy.config.reload import check_reload
 from tiproxy.config.values import check_host
 from tiproxy.control.upgrade import Takeover, Upgrader
+from tiproxy.net import relay
 from tiproxy.net.loop import install_event_loop
 from tiproxy.tls import TLSLoadError
 
@@ -86,6 +87,9 @@ async def serve(cfg: Config, config_path: Path | None = None,
                           proxy_protocol=bool(cfg.api.proxy_protocol),
                           sock=takeover.api_socket() if takeover is not None else None)
     log.info("tiproxy %s (pid %d): API listening on port %d", __version__, os.getpid(), api.port)
+    if relay.COMPILED_OFF:
+        log.warning("compiled relay path off (%s): every query takes the Python path",
+                    relay.COMPILED_OFF)
     server.upgrader = Upgrader(holder, lambda: api, lambda: _handed_over(server, stop))
     loop.add_signal_handler(signal.SIGUSR2, lambda: _upgrade_soon(server))
     if takeover is not None:

@@ -34,7 +34,8 @@ class Owner(Protocol):
 class BackendLeg(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.session: Owner | None = None  # attached: chunks go to its hot path
+        self._session: Owner | None = None  # attached: chunks go to its hot path
+        self._feed: object = None  # the owner's backend_feed, while it is data_received
         self._splitter = PacketSplitter(origin=Origin.BACKEND)
         self._packets: deque[tuple[int, bytes]] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -76,6 +77,26 @@ class BackendLeg(asyncio.Protocol):
         return 2
 
     @property
+    def session(self) -> Owner | None:
+        return self._session
+
+    @session.setter
+    def session(self, owner: Owner | None) -> None:
+        """Attach (or detach, with None). An owner with a `backend_feed` (a session with the
+        compiled path, net/_hotpath.c) has the event loop call it directly for each chunk."""
+        self._session = owner
+        feed = getattr(owner, "backend_feed", None)
+        if feed is self._feed:
+            return
+        self._feed = feed
+        if feed is not None:
+            self.data_received = feed  # type: ignore[method-assign]
+        else:
+            self.__dict__.pop("data_received", None)
+        if self.transport is not None:
+            self.transport.set_protocol(self)  # (uvloop keeps the data_received it was given)
+
+    @property
     def tls(self) -> bool:
         return self.transport is not None and \
             self.transport.get_extra_info("ssl_object") is not None
@@ -86,8 +107,8 @@ class BackendLeg(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.session is not None:
-            self.session.backend_data(data)
+        if self._session is not None:
+            self._session.backend_data(data)
             return
         try:
             self._packets.extend(self._splitter.feed(data))
@@ -97,8 +118,8 @@ class BackendLeg(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._error = exc or ConnectionError("backend closed the connection")
-        if self.session is not None:
-            self.session.backend_lost(exc)
+        if self._session is not None:
+            self._session.backend_lost(exc)
         self._wake()
 
     def pause_writing(self) -> None:

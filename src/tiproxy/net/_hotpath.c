@@ -139,41 +139,6 @@ s_none(PyObject *d, PyObject *s, PyObject *name)
     return r;
 }
 
-/* The same for any object's attribute. */
-static int
-attr_true(PyObject *obj, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    int r = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return r;
-}
-
-static int
-attr_none(PyObject *obj, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    int r = v == Py_None;
-    Py_DECREF(v);
-    return r;
-}
-
-/* obj.name as a C long (it must be an int). */
-static int
-attr_long(PyObject *obj, PyObject *name, long *out)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    if (v == NULL)
-        return -1;
-    *out = PyLong_AsLong(v);
-    Py_DECREF(v);
-    return *out == -1 && PyErr_Occurred() ? -1 : 0;
-}
-
 /* A slot holding an int, as a C long; -1 with an exception if it is not one. */
 static int
 slot_long(PyObject *obj, Py_ssize_t at, long *out)
@@ -317,10 +282,10 @@ contains_folded(const unsigned char *hay, Py_ssize_t n, const char *needle)
 
 /* relay.py's fast-path test of a COM_QUERY's text: 1 if it need not be read, 0 if it must. */
 static int
-query_is_plain(PyObject *d, PyObject *s, PyObject *state, PyObject *data,
+query_is_plain(PyObject *d, PyObject *s, PyObject *sd, PyObject *state, PyObject *data,
                const unsigned char *p, Py_ssize_t n)
 {
-    int r = attr_true(state, s_table_locks);
+    int r = s_true(sd, state, s_table_locks);
     if (r != 0)
         return r < 0 ? -1 : 0;
     unsigned char first = p[5];
@@ -368,13 +333,13 @@ query_is_plain(PyObject *d, PyObject *s, PyObject *state, PyObject *data,
 /* Session._execute_is_plain: 1 plain, 0 not (or too short: the Python path says why). May set
  * the statement's param_types and types_sent, as the Python one does (the same values). */
 static int
-execute_is_plain(PyObject *state, const unsigned char *p, Py_ssize_t n)
+execute_is_plain(PyObject *sd, PyObject *state, const unsigned char *p, Py_ssize_t n)
 {
     if (n < 4 + 10)
         return 0;
     unsigned long stmt_id = (unsigned long)p[5] | (unsigned long)p[6] << 8
                             | (unsigned long)p[7] << 16 | (unsigned long)p[8] << 24;
-    PyObject *stmts = PyObject_GetAttr(state, s_stmts);
+    PyObject *stmts = sget(sd, state, s_stmts);
     if (stmts == NULL)
         return -1;
     PyObject *key = PyLong_FromUnsignedLong(stmt_id);
@@ -389,8 +354,11 @@ execute_is_plain(PyObject *state, const unsigned char *p, Py_ssize_t n)
     if (stmt == NULL)
         return PyErr_Occurred() ? -1 : stmt_id != LAST_PREPARED_ID;
     int r = -1;
-    long params;
-    if (attr_long(stmt, s_params, &params) < 0)
+    PyObject *d = PyObject_GenericGetDict(stmt, NULL), *v = NULL;
+    if (d == NULL || (v = sget(d, stmt, s_params)) == NULL)
+        goto done;
+    long params = PyLong_AsLong(v);
+    if (params == -1 && PyErr_Occurred())
         goto done;
     unsigned char flags = p[4 + 5];
     int sends_types = 0;
@@ -416,16 +384,13 @@ execute_is_plain(PyObject *state, const unsigned char *p, Py_ssize_t n)
             sends_types = 1;
         }
     }
+    int t;
     if (!sends_types) {
-        int sent = attr_true(stmt, s_types_sent);
-        if (sent < 0)
+        if ((t = s_true(d, stmt, s_types_sent)) < 0)
             goto done;
-        if (!sent) {
-            int none = attr_none(stmt, s_param_types);
-            if (none < 0)
-                goto done;
-            if (!none) {
-                r = 0;
+        if (!t) {
+            if ((t = s_none(d, stmt, s_param_types)) != 1) {
+                r = t < 0 ? -1 : 0;
                 goto done;
             }
         }
@@ -434,18 +399,19 @@ execute_is_plain(PyObject *state, const unsigned char *p, Py_ssize_t n)
         r = 0;
         goto done;
     }
-    int t;
-    if ((t = attr_true(stmt, s_long_data)) != 0 || (t = attr_true(stmt, s_cursor_open)) != 0
-        || (t = attr_true(stmt, s_renames)) != 0) {
+    if ((t = s_true(d, stmt, s_long_data)) != 0 || (t = s_true(d, stmt, s_cursor_open)) != 0
+        || (t = s_true(d, stmt, s_renames)) != 0) {
         r = t < 0 ? -1 : 0;
         goto done;
     }
-    if ((t = attr_none(stmt, s_effects)) != 1 || (t = attr_none(stmt, s_variables)) != 1) {
+    if ((t = s_none(d, stmt, s_effects)) != 1 || (t = s_none(d, stmt, s_variables)) != 1) {
         r = t < 0 ? -1 : 0;
         goto done;
     }
     r = 1;
 done:
+    Py_XDECREF(v);
+    Py_XDECREF(d);
     Py_DECREF(stmt);
     return r;
 }
@@ -567,8 +533,8 @@ command(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (plan_kind[cmd] == NULL)
         Py_RETURN_FALSE;
 
-    PyObject *d = NULL, *tracker = NULL, *state = NULL, *obj = NULL, *cmd_obj = NULL;
-    PyObject *result = NULL;
+    PyObject *d = NULL, *tracker = NULL, *state = NULL, *sd = NULL, *obj = NULL;
+    PyObject *cmd_obj = NULL, *result = NULL;
     int r;
     if ((d = PyObject_GenericGetDict(s, NULL)) == NULL)
         goto fail;
@@ -595,17 +561,17 @@ command(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         r = waiting < 0 ? -1 : 0;
         goto refuse;
     }
-    if ((state = sget(d, s, s_state)) == NULL)
+    if ((state = sget(d, s, s_state)) == NULL || (sd = PyObject_GenericGetDict(state, NULL)) == NULL)
         goto fail;
     if (cmd == COM_QUERY) {
-        if ((r = query_is_plain(d, s, state, data, p, n)) <= 0)
+        if ((r = query_is_plain(d, s, sd, state, data, p, n)) <= 0)
             goto refuse;
     } else if (cmd == COM_STMT_EXECUTE) {
-        if ((r = attr_true(state, s_to_client)) != 0) {
+        if ((r = s_true(sd, state, s_to_client)) != 0) {
             r = r < 0 ? -1 : 0;
             goto refuse;
         }
-        if ((r = execute_is_plain(state, p, n)) <= 0)
+        if ((r = execute_is_plain(sd, state, p, n)) <= 0)
             goto refuse;
     }
 
@@ -631,7 +597,11 @@ command(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     if ((obj = sget(d, s, s__sent)) == NULL)
         goto fail;
-    PyObject *item = Py_BuildValue("(Od)", cmd_obj, monotonic());
+    PyObject *item, *when = PyFloat_FromDouble(monotonic());
+    if (when == NULL)
+        goto fail;
+    item = PyTuple_Pack(2, cmd_obj, when);
+    Py_DECREF(when);
     if (item == NULL)
         goto fail;
     r = PyList_Check(obj) ? PyList_Append(obj, item) : -1;
@@ -668,6 +638,7 @@ done:
     Py_XDECREF(d);
     Py_XDECREF(tracker);
     Py_XDECREF(state);
+    Py_XDECREF(sd);
     Py_XDECREF(obj);
     Py_XDECREF(cmd_obj);
     Py_XINCREF(result);
@@ -946,6 +917,109 @@ configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/*
+ * Feed(fast, session, fallback): what an event loop calls with each chunk a socket read, as
+ * a protocol's data_received: `fast(session, data)` (command or response, above), and when
+ * that returns False, `fallback(data)` (the session's Python method). No Python frame runs
+ * for a chunk the compiled path takes.
+ */
+typedef struct {
+    PyObject_HEAD
+    PyObject *session;
+    PyObject *fallback;
+    int is_response;
+    vectorcallfunc vectorcall;
+} Feed;
+
+static PyObject *command(PyObject *, PyObject *const *, Py_ssize_t);
+static PyObject *response(PyObject *, PyObject *const *, Py_ssize_t);
+
+static PyObject *
+feed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Feed *feed = (Feed *)self;
+    if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames))) {
+        PyErr_SetString(PyExc_TypeError, "Feed(data)");
+        return NULL;
+    }
+    PyObject *both[2] = {feed->session, args[0]};
+    PyObject *took = feed->is_response ? response(NULL, both, 2) : command(NULL, both, 2);
+    if (took == NULL)
+        return NULL;
+    Py_DECREF(took);
+    if (took == Py_True)
+        Py_RETURN_NONE;
+    return PyObject_CallOneArg(feed->fallback, args[0]);
+}
+
+static PyObject *
+feed_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    PyObject *fast, *session, *fallback;
+    if (!PyArg_ParseTuple(args, "OOO:Feed", &fast, &session, &fallback))
+        return NULL;
+    int is_response = PyCFunction_Check(fast) && PyCFunction_GET_FUNCTION(fast)
+                      == (PyCFunction)(void (*)(void))response;
+    int is_command = PyCFunction_Check(fast) && PyCFunction_GET_FUNCTION(fast)
+                     == (PyCFunction)(void (*)(void))command;
+    if (!is_response && !is_command) {
+        PyErr_SetString(PyExc_TypeError, "Feed: fast is this module's command or response");
+        return NULL;
+    }
+    if (!PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "Feed: fallback is callable");
+        return NULL;
+    }
+    Feed *feed = (Feed *)type->tp_alloc(type, 0);
+    if (feed == NULL)
+        return NULL;
+    Py_INCREF(session);
+    feed->session = session;
+    Py_INCREF(fallback);
+    feed->fallback = fallback;
+    feed->is_response = is_response;
+    feed->vectorcall = feed_call;
+    return (PyObject *)feed;
+}
+
+static int
+feed_traverse(Feed *feed, visitproc visit, void *arg)
+{
+    Py_VISIT(feed->session);
+    Py_VISIT(feed->fallback);
+    return 0;
+}
+
+static int
+feed_clear(Feed *feed)
+{
+    Py_CLEAR(feed->session);
+    Py_CLEAR(feed->fallback);
+    return 0;
+}
+
+static void
+feed_dealloc(Feed *feed)
+{
+    PyObject_GC_UnTrack(feed);
+    feed_clear(feed);
+    Py_TYPE(feed)->tp_free((PyObject *)feed);
+}
+
+static PyTypeObject FeedType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tiproxy.net._hotpath.Feed",
+    .tp_doc = "Feed(fast, session, fallback): a data_received that tries the compiled path.",
+    .tp_basicsize = sizeof(Feed),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_new = feed_new,
+    .tp_traverse = (traverseproc)feed_traverse,
+    .tp_clear = (inquiry)feed_clear,
+    .tp_dealloc = (destructor)feed_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(Feed, vectorcall),
+};
+
 static PyMethodDef methods[] = {
     {"command", (PyCFunction)(void (*)(void))command, METH_FASTCALL,
      "Relay one plain command packet from the client; False if the Python path must."},
@@ -965,18 +1039,30 @@ PyInit__hotpath(void)
 {
     if (intern_names() < 0)
         return NULL;
+    if (PyType_Ready(&FeedType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    /* The session attributes read from (and written to) its own dict: relay.py checks that
-     * the class has no descriptor of these names, which the dict would bypass. */
+    Py_INCREF(&FeedType);
+    if (PyModule_AddObject(m, "Feed", (PyObject *)&FeedType) < 0) {
+        Py_DECREF(&FeedType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* The attributes read from (and written to) the objects' own dicts, by class: relay.py
+     * checks that no class has a descriptor of these names, which the dict would bypass. */
     PyObject *fields = Py_BuildValue(
-        "(ssssssssssssssssssssssssssss)", "phase", "_decompress", "_capture", "_move", "_held",
-        "replay_limit", "_intercept", "held_answer", "_rewriter", "_cbuf", "_ccont", "stale",
+        "{s(ssssssssssssssssssssssssssss)s(sss)s(ssssssss)}",
+        "Session", "phase", "_decompress", "_capture", "_move", "_held", "replay_limit",
+        "_intercept", "held_answer", "_rewriter", "_cbuf", "_ccont", "stale",
         "lost_transaction", "leaving", "_cross", "server", "tracker", "state", "inflight",
         "last_command", "bt", "_traffic", "_sent", "client", "last_answer", "_opened", "_ages",
-        "_multi");
-    if (fields == NULL || PyModule_AddObject(m, "SESSION_FIELDS", fields) < 0) {
+        "_multi",
+        "SessionState", "stmts", "to_client", "table_locks",
+        "PreparedStatement", "params", "param_types", "types_sent", "long_data", "cursor_open",
+        "renames", "effects", "variables");
+    if (fields == NULL || PyModule_AddObject(m, "DICT_FIELDS", fields) < 0) {
         Py_XDECREF(fields);
         Py_DECREF(m);
         return NULL;

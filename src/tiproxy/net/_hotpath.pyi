@@ -1,7 +1,7 @@
 from collections.abc import Callable, Iterable
 from typing import Any
 
-SESSION_FIELDS: tuple[str, ...]
+DICT_FIELDS: dict[str, tuple[str, ...]]
 
 def command(session: Any, data: bytes, /) -> bool: ...
 def response(session: Any, data: bytes, /) -> bool: ...
@@ -18,3 +18,10 @@ def configure(
     histogram_class: type,
     /,
 ) -> None: ...
+
+class Feed:
+    def __init__(
+        self, fast: Callable[[Any, bytes], bool], session: Any,
+        fallback: Callable[[bytes], object], /,
+    ) -> None: ...
+    def __call__(self, data: bytes, /) -> None: ...

@@ -18,10 +18,10 @@ Each leg pausing its writes pauses reads on the other (paired flow control). Mov
 to another backend is the SessionMoves part (net/moves.py).
 
 The commonest case of both directions, a plain command and then its whole answer in one chunk
-each, is compiled (net/_hotpath.c): `client_data` and `backend_data` hand the chunk to it
-first, and it either does all that the code below would do for it or nothing at all. The code
-below stays the reference and takes every other case; it also runs alone where the module was
-not built.
+each, is compiled (net/_hotpath.c): the event loop hands each chunk to a `Feed` (the client
+leg's and the backend leg's data_received), which either does all that `client_data` or
+`backend_data` would do for it or nothing, and then calls them. The code below stays the
+reference and takes every other case; it also runs alone where the module was not built.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import os
 import time
 import zlib
 from bisect import bisect_left
@@ -95,7 +96,7 @@ from tiproxy.session.prepared import (
     with_types,
 )
 from tiproxy.session.rebuild import VARS_ALL, VARS_SYSTEM, variable_changes
-from tiproxy.session.state import SessionState
+from tiproxy.session.state import PreparedStatement, SessionState
 from tiproxy.session.statements import (
     COMPOUND_FIRST_BYTES,
     COMPOUND_START,
@@ -171,8 +172,14 @@ class ClientLeg(asyncio.Protocol):
         self._adopted = adopted  # a session another process handed over (net/handover.py)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.session = Session(self.server, cast(asyncio.Transport, transport), self._adopted)
-        self.session.bound_writes(transport)
+        session = self.session = Session(self.server, cast(asyncio.Transport, transport),
+                                         self._adopted)
+        session.bound_writes(transport)
+        if _fast_command is not None:
+            # The event loop calls the compiled path itself; the method below is its fallback.
+            self.data_received = _hotpath.Feed(  # type: ignore[method-assign,assignment]
+                _fast_command, session, session.client_data)
+            transport.set_protocol(self)  # (uvloop keeps the data_received it was given)
 
     def data_received(self, data: bytes) -> None:
         self.session.client_data(data)  # type: ignore[union-attr]
@@ -205,7 +212,6 @@ class Session(TransactionReplay, SessionLogin):
     _counted = False  # accepted: its end counts in tiproxy_server_disconnection_total
     _early_seconds = 0.0  # how long the early backend connection took (the login waited)
     _login_timer: asyncio.TimerHandle | None
-    _capture: SessionCapture | None = None  # while a traffic capture runs (follow_capture)
 
     def __init__(self, server: ProxyServer, transport: asyncio.Transport,
                  adopted: tuple[SessionHandover, BackendLeg] | None = None) -> None:
@@ -233,6 +239,10 @@ class Session(TransactionReplay, SessionLogin):
         self.credential: bytes | None = None  # SHA1(password): secret, never logged
         self.state = SessionState()
         self.tracker: ResponseTracker | None = None
+        # What the event loop calls with each chunk of an attached backend leg (client/leg.py
+        # installs it): the compiled path, else backend_data. None without the compiled path.
+        self.backend_feed = (None if _fast_response is None else
+                             _hotpath.Feed(_fast_response, self, self.backend_data))
         self.started = time.time()
         self._login_fields()
         self._cbuf = bytearray()  # client bytes not yet handled (partial or held packets)
@@ -247,6 +257,7 @@ class Session(TransactionReplay, SessionLogin):
         # Commands whose responses have not ended, for their durations: (command byte, when
         # it came), in order. A list: it is empty or short (pipelines).
         self._sent: list[tuple[int, float]] = []
+        self._capture: SessionCapture | None = None  # while a traffic capture runs
         # COM_STMT_PREPAREs sent and not answered, and an execute of "the one prepared last"
         # sent behind them (execute_direct): its types are the new statement's first ones.
         self._prepares_sent = 0
@@ -381,8 +392,6 @@ class Session(TransactionReplay, SessionLogin):
     # -- command phase: client to backend ---------------------------------------------------
 
     def client_data(self, data: bytes) -> None:
-        if _fast_command is not None and _fast_command(self, data):
-            return
         if self.phase != COMMAND:
             if self.phase == LOGIN:
                 self._login_client_data(data)
@@ -803,8 +812,6 @@ class Session(TransactionReplay, SessionLogin):
     # -- command phase: backend to client ---------------------------------------------------
 
     def backend_data(self, data: bytes) -> None:
-        if _fast_response is not None and _fast_response(self, data):
-            return
         if self.phase != COMMAND:
             return
         inflight = self.inflight
@@ -1158,11 +1165,14 @@ def _reason(e: BaseException) -> str:
 
 def _configure_compiled_path(hotpath: ModuleType) -> None:
     """Hand net/_hotpath.c what it reads."""
-    # It reads these from the session's own dict, which a descriptor would have overridden.
-    described = [name for name in hotpath.SESSION_FIELDS
-                 if hasattr(type(inspect.getattr_static(Session, name, None)), "__set__")]
+    # It reads these from the objects' own dicts, which a descriptor would have overridden.
+    classes = {"Session": Session, "SessionState": SessionState,
+               "PreparedStatement": PreparedStatement}
+    described = [f"{name}.{field}" for name, fields in hotpath.DICT_FIELDS.items()
+                 for field in fields
+                 if hasattr(type(inspect.getattr_static(classes[name], field, None)), "__set__")]
     if described:
-        raise RuntimeError(f"net/_hotpath.c reads Session attributes that are descriptors: "
+        raise RuntimeError(f"net/_hotpath.c reads attributes that are descriptors: "
                            f"{', '.join(described)}")
     hotpath.configure(
         COMMAND,
@@ -1173,6 +1183,10 @@ def _configure_compiled_path(hotpath: ModuleType) -> None:
     )
 
 
-if _hotpath is not None:
+# Why the compiled path is off, or "" when it is on (cli/server.py logs it at start).
+COMPILED_OFF = ("not built" if _hotpath is None else
+                "TIPROXY_COMPILED_RELAY=0" if os.environ.get("TIPROXY_COMPILED_RELAY") == "0"
+                else "")
+if _hotpath is not None and not COMPILED_OFF:
     _configure_compiled_path(_hotpath)
     _fast_command, _fast_response = _hotpath.command, _hotpath.response
