@@ -512,18 +512,47 @@ counts_of(PyObject *d, PyObject *s)
     return c;
 }
 
+/* The chunk of a command() or response() call: 1 with its bytes, 0 when the compiled path
+ * cannot take it (not configured, not bytes), -1 (TypeError) on a wrong call. */
+static int
+chunk_of(PyObject *const *args, Py_ssize_t nargs, const char *usage,
+         const unsigned char **p, Py_ssize_t *n)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    if (!configured || !PyBytes_CheckExact(args[1]))
+        return 0;
+    *p = (const unsigned char *)PyBytes_AS_STRING(args[1]);
+    *n = PyBytes_GET_SIZE(args[1]);
+    return 1;
+}
+
+/* session.<leg>.write(data): the transport named `leg` (bt or client). */
+static int
+send_on(PyObject *d, PyObject *s, PyObject *leg, PyObject *data)
+{
+    PyObject *transport = sget(d, s, leg);
+    if (transport == NULL)
+        return -1;
+    PyObject *written = PyObject_CallMethodOneArg(transport, s_write, data);
+    Py_DECREF(transport);
+    if (written == NULL)
+        return -1;
+    Py_DECREF(written);
+    return 0;
+}
+
 static PyObject *
 command(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "command(session, data)");
-        return NULL;
-    }
+    const unsigned char *p;
+    Py_ssize_t n;
+    int took = chunk_of(args, nargs, "command(session, data)", &p, &n);
+    if (took <= 0)
+        return took < 0 ? NULL : Py_NewRef(Py_False);
     PyObject *s = args[0], *data = args[1];
-    if (!configured || !PyBytes_CheckExact(data))
-        Py_RETURN_FALSE;
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
-    Py_ssize_t n = PyBytes_GET_SIZE(data);
     if (n <= 5)
         Py_RETURN_FALSE;
     Py_ssize_t length = (Py_ssize_t)p[0] | (Py_ssize_t)p[1] << 8 | (Py_ssize_t)p[2] << 16;
@@ -578,13 +607,8 @@ command(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* It goes. */
     if (PyDict_SetItem(d, s_inflight, data) < 0 || PyDict_SetItem(d, s_last_command, data) < 0)
         goto fail;
-    if ((obj = sget(d, s, s_bt)) == NULL)
+    if (send_on(d, s, s_bt, data) < 0)
         goto fail;
-    PyObject *written = PyObject_CallMethodOneArg(obj, s_write, data);
-    Py_CLEAR(obj);
-    if (written == NULL)
-        goto fail;
-    Py_DECREF(written);
     if ((obj = counts_of(d, s)) == NULL)
         goto fail;
     if (slot_add(obj, counts_at[C_OUT_BYTES], n) < 0
@@ -694,15 +718,12 @@ done:
 static PyObject *
 response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "response(session, data)");
-        return NULL;
-    }
+    const unsigned char *p;
+    Py_ssize_t n;
+    int took = chunk_of(args, nargs, "response(session, data)", &p, &n);
+    if (took <= 0)
+        return took < 0 ? NULL : Py_NewRef(Py_False);
     PyObject *s = args[0], *data = args[1];
-    if (!configured || !PyBytes_CheckExact(data))
-        Py_RETURN_FALSE;
-    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(data);
-    Py_ssize_t n = PyBytes_GET_SIZE(data);
     if (n < 5 || p[4] == 0xFF)  /* an error: what to do with it is the Python path's */
         Py_RETURN_FALSE;
 
@@ -756,13 +777,8 @@ response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* It is the whole answer. */
     if (PyDict_SetItem(d, s_inflight, Py_None) < 0)
         goto fail;
-    if ((obj = sget(d, s, s_client)) == NULL)
+    if (send_on(d, s, s_client, data) < 0)
         goto fail;
-    PyObject *written = PyObject_CallMethodOneArg(obj, s_write, data);
-    Py_CLEAR(obj);
-    if (written == NULL)
-        goto fail;
-    Py_DECREF(written);
     if (slot_add(counts, counts_at[C_IN_BYTES], n) < 0 || count_cross(d, s, n) < 0)
         goto fail;
     /* ResponseTracker._finish, for its one pending response */
