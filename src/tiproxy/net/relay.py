@@ -20,8 +20,8 @@ to another backend is the SessionMoves part (net/moves.py).
 The commonest case of both directions, a plain command and then its whole answer in one chunk
 each, is compiled (net/_hotpath.c): the event loop hands each chunk to a `Feed` (the client
 leg's and the backend leg's data_received), which either does all that `client_data` or
-`backend_data` would do for it or nothing, and then calls them. The code below stays the
-reference and takes every other case; it also runs alone where the module was not built.
+`backend_data` would do for that chunk, or nothing and calls them with it. The code below
+stays the reference and takes every other case; it runs alone where the module was not built.
 """
 
 from __future__ import annotations
@@ -1160,7 +1160,6 @@ def _peer(transport: asyncio.Transport) -> str:
 
 def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
-
 
 
 def _configure_compiled_path(hotpath: ModuleType) -> None:
