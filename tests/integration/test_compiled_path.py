@@ -2,9 +2,9 @@
 nothing tells them apart: the same workload through a proxy with it and one without it
 (`TIPROXY_COMPILED_RELAY=0`) gets the same answers, and the proxies count the same commands,
 bytes and packets, to the byte. The workload mixes what the compiled path takes (plain text
-queries, prepared executes with and without their parameter types, pings) with what it must
-leave to Python (errors, multi-statements, results over several reads, procedures with
-several results, statements that change the session, cursors)."""
+queries, prepared executes, pings) with what it must leave to Python (errors, multi-statements,
+results over several reads, procedures with several results, statements that change the
+session, executes sent right behind their prepare)."""
 
 from __future__ import annotations
 
