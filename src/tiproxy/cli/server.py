@@ -49,7 +49,8 @@ WATCH_INTERVAL = 2.0  # seconds between looks at the config file, as TiProxy pol
 
 
 async def serve(cfg: Config, config_path: Path | None = None,
-                adjust: Callable[[Config], Config] = lambda cfg: cfg) -> None:
+                adjust: Callable[[Config], Config] = lambda cfg: cfg,
+                read_stamp: tuple[int, int, int] | None = None) -> None:
     """Run the proxy and its API until SIGINT/SIGTERM, then shut down gracefully.
 
     The config file is reloaded when it changes (looked at every WATCH_INTERVAL, as TiProxy
@@ -58,7 +59,9 @@ async def serve(cfg: Config, config_path: Path | None = None,
     signals are handled from before the
     ports open (a signal's default action would end the process): a SIGHUP that comes while the
     proxy starts is carried out once it has started, a SIGTERM shuts it down then. `adjust`
-    applies the command line's overrides to each config read from the file.
+    applies the command line's overrides to each config read from the file. `read_stamp` is the
+    file's stamp from before `cfg` was read from it: a change made while the proxy starts (its
+    SQL port may answer before the watch begins) is then a change, not the starting point.
     """
     from tiproxy.api.server import start_api  # noqa: PLC0415
     from tiproxy.control.cluster import Cluster  # noqa: PLC0415
@@ -76,7 +79,8 @@ async def serve(cfg: Config, config_path: Path | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    reload = _Reloader(server, config_path, adjust) if config_path is not None else None
+    reload = _Reloader(server, config_path, adjust, read_stamp) \
+        if config_path is not None else None
     if reload is not None:
         loop.add_signal_handler(signal.SIGHUP, reload.schedule)
     if takeover is not None and isinstance(holder, ProxyServer):
@@ -139,9 +143,11 @@ class _Reloader:
     """Each SIGHUP, and each change of the file, schedules a reload of it; reloads run one at
     a time, in order, and read the file (and the files it names) in a thread."""
 
-    def __init__(self, server: Proxy, path: Path, adjust: Callable[[Config], Config]) -> None:
+    def __init__(self, server: Proxy, path: Path, adjust: Callable[[Config], Config],
+                 read_stamp: tuple[int, int, int] | None) -> None:
         self._server = server
         self._path = path
+        self._last = read_stamp if read_stamp is not None else _stamp(path)
         self._adjust = adjust
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()  # kept, or the loop may drop them
@@ -154,16 +160,16 @@ class _Reloader:
 
     async def watch(self) -> None:
         """A new modification time, size or inode (an editor that writes a new file and
-        renames it) means a reload. A file that is gone is not read until it is back."""
-        last = _stamp(self._path)
+        renames it) means a reload. A file that is gone is not read until it is back. The first
+        look is at once: the file may have changed since it was read at start."""
         while True:
-            await asyncio.sleep(WATCH_INTERVAL)
             now = _stamp(self._path)
-            if now != last:
-                last = now
+            if now != self._last:
+                self._last = now
                 if now is not None:
                     log.info("config file %s changed", self._path)
                     self.schedule()
+            await asyncio.sleep(WATCH_INTERVAL)
 
     async def _reload(self) -> None:
         await self.started.wait()
@@ -219,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     # read after this point anyway.
     signal.signal(signal.SIGHUP, lambda _signum, _frame: None)  # SIG_IGN would pass to children
     try:
+        read_stamp = _stamp(ns.config) if ns.config is not None else None  # before reading
         cfg = adjust(load_config(ns.config))
         check_config_files(cfg)  # before the loop runs, so reading them blocks nothing
         _check_virtual_ip(cfg)
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                         flag.removeprefix("log_"))
     install_event_loop()
     try:
-        asyncio.run(serve(cfg, ns.config, adjust))
+        asyncio.run(serve(cfg, ns.config, adjust, read_stamp))
     except TLSLoadError as e:  # a certificate named in the config does not load
         print(f"tiproxy: invalid config: {e}", file=sys.stderr)
         return 2
