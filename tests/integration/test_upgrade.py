@@ -162,7 +162,7 @@ def test_upgrade_under_load_drops_no_one(
     log = proxy.log()
     context = f"{line}\n" + "\n".join(workload.problems()[:20]) + "\n" + log[-3000:]
     assert sysbench.result.returncode == 0, sysbench.result.stdout[-2000:] + \
-        sysbench.result.stderr[-2000:]
+        sysbench.result.stderr[-2000:] + context
     assert not any(c.broken for c in workload.clients), context
     assert (figures.errors, figures.lost_state, figures.row_mismatches,
             figures.reconnects) == (0, 0, 0, 0), context

@@ -9,10 +9,14 @@ session over at its next safe point: between commands, every answer relayed, no 
 read and not yet handled, nothing of the session's own under way (a move, a checkpoint, a
 replay). It stops reading both sockets, and sends, on a connection of its own, the session's
 state (`SessionHandover`, pickled) with the two file descriptors (SCM_RIGHTS). The new process
-builds the session around them (Session with `adopted=`), and answers one byte; only then does
-the old one close its copies of the descriptors, which leaves the connections open (the new
-process holds them). No answer within HANDOVER_TIMEOUT: the old process keeps the session and
-reads again, as if nothing happened.
+answers one byte (ready); the old one then sends one byte (commit), closes its copies of the
+descriptors, which leaves the connections open (the new process holds them), and forgets the
+session. Only on the commit does the new process build the session around them (Session with
+`adopted=`). No answer within HANDOVER_TIMEOUT: the old process hangs up without the commit,
+keeps the session and reads again, as if nothing happened; the new one, seeing the hang-up,
+closes its copies. So the old process alone decides, and at no moment do both use a session's
+sockets, however late either side runs. (A sender older than the commit, which says so by
+leaving `commits` false, is answered once the session is built, as it expects.)
 
 What cannot travel stays: a TLS leg (its keys live in this process's OpenSSL state). Such a
 session stays with the old process until it ends, or until graceful-close-conn-timeout closes
@@ -45,7 +49,12 @@ HANDOVER_TIMEOUT = 5.0
 # receiver never reads without end (the sender is a process of our own user, but may be broken).
 MAX_HANDOVER_BYTES = 64 << 20
 _LENGTH = struct.Struct("<I")
-_ACK = b"\x01"
+_ACK = b"\x01"  # the receiver's "ready" (or, to a sender that does not commit, "taken")
+_COMMIT = b"\x01"
+# How long a receiver waits for the commit after it said ready. The sender commits as soon as it
+# reads the ready byte, so only a sender stopped for this long is not heard; the session is then
+# lost (its sockets closed by both), never served twice.
+COMMIT_TIMEOUT = 60.0
 
 
 @dataclass
@@ -83,6 +92,7 @@ class SessionHandover:
     # clock in every process of the machine) and the wait_timeout counted from it, if pending.
     last_answer: float = 0.0
     idle_wait_timeout: float | None = None
+    commits: bool = False  # the sender sends the commit byte after the ready one (see above)
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,8 @@ def receiver_name(pid: int, index: int) -> str:
 
 def send_session(name: str, handover: SessionHandover | Staying, fds: list[int]) -> bool:
     """Blocking (run it in a thread): hand the session to the receiver `name` (or, with no
-    descriptors, tell it which sessions stay); True once the receiver took it."""
+    descriptors, tell it which sessions stay); True once the receiver took it: then this process
+    must let go of the session. False: the receiver will not use it."""
     payload = pickle.dumps(handover, protocol=pickle.HIGHEST_PROTOCOL)
     message = _LENGTH.pack(len(payload)) + payload
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -109,13 +120,21 @@ def send_session(name: str, handover: SessionHandover | Staying, fds: list[int])
         try:
             sock.connect(name)
             sent = socket.send_fds(sock, [message], fds)
-            sock.sendall(message[sent:])
-            return sock.recv(1) == _ACK
+            if sent < len(message):  # (an empty send to a receiver done already fails: EPIPE)
+                sock.sendall(message[sent:])
+            if sock.recv(1) != _ACK:
+                return False  # the receiver hung up: it refused the session
         except OSError as e:
             what = f"session {handover.id}" if isinstance(handover, SessionHandover) \
                 else "the list of sessions that stay"
             log.warning("%s: the new process did not take it: %s", what, e)
             return False
+        if isinstance(handover, SessionHandover):
+            # Ready: the decision is made here. The receiver waits for this byte; should it fail
+            # to arrive (the receiver died), the session is lost, not kept by two processes.
+            with contextlib.suppress(OSError):
+                sock.sendall(_COMMIT)
+        return True
 
 
 class Receiver:
@@ -132,10 +151,12 @@ class Receiver:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(name)
         self._sock.listen(128)
+        self._closed = False
         self._thread = threading.Thread(target=self._serve, name="handover", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
+        self._closed = True
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
@@ -179,8 +200,25 @@ class Receiver:
                 return
             if not isinstance(handover, SessionHandover) or not socks:
                 raise TypeError("not a session with its sockets")
+            if self._closed:
+                return  # shutting down: the sender keeps the session
+            if handover.commits:
+                conn.sendall(_ACK)
+                conn.settimeout(COMMIT_TIMEOUT)
+                if conn.recv(1) != _COMMIT:  # the sender gave up (it keeps the session)
+                    log.info("session %d: the previous process kept it", handover.id)
+                    return
             future = asyncio.run_coroutine_threadsafe(self._adopt_async(handover, socks),
                                                       self._loop)
+            if handover.commits:
+                # Committed: the sender has let go. Wait as long as adopting takes: the
+                # sockets are the session's from now on, whether it gets built or not.
+                if future.result():
+                    socks = []
+                else:
+                    log.warning("session %d lost: handed over, but not taken up here",
+                                handover.id)
+                return
             if future.result(HANDOVER_TIMEOUT):
                 socks = []  # the session owns them now
                 conn.sendall(_ACK)

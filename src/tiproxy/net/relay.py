@@ -312,7 +312,8 @@ class Session(TransactionReplay, SessionLogin):
             self._decompress is not None, self._origin, self.started, self.moves,
             self.checkpoint, self.replays, self.stale, self.replay_limit, self.txlog,
             bytes(self._cbuf), tuple(sorted(self._stale_system)), self.client_salt,
-            self.last_answer, self._idle_wait if self._idle_timer is not None else None)
+            self.last_answer, self._idle_wait if self._idle_timer is not None else None,
+            commits=True)
 
     def _adopt(self, h: SessionHandover, leg: BackendLeg) -> None:
         """Go on with a session another process handed over, in the command phase."""
