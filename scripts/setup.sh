@@ -40,7 +40,8 @@ py=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
 fi
-stamp=.venv/.installed-$(cat pyproject.toml setup.py src/tiproxy/protocol/_rowscan.c | sha1sum | cut -c1-12)
+# The stamp covers every compiled source: a changed one is built again (pip install -e builds in place).
+stamp=.venv/.installed-$(cat pyproject.toml setup.py src/tiproxy/*/*.c src/tiproxy/*/*.h | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e '.[test]'
