@@ -6,15 +6,26 @@ the client's first byte is read. Measured beside the proxy and HAProxy in one in
 proxy/bare_relay says what the proxy's own reading of the protocol costs, and
 bare_relay/haproxy what Python and uvloop cost per query before any of it.
 
-    .venv/bin/python bench/bare_relay.py LISTEN_PORT BACKEND_HOST BACKEND_PORT
+With --epoll, established pairs are relayed by C instead (bench/epoll_relay.c, compiled at
+start into a temporary directory): an epoll set of its own that the loop watches as one
+descriptor, so a chunk costs one recv and one send and no transport, bytes object or Python
+call of its own. It says what a relay that leaves uvloop's streams for its steady state could
+reach from Python.
+
+    .venv/bin/python bench/bare_relay.py [--epoll] LISTEN_PORT BACKEND_HOST BACKEND_PORT
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import socket
+import subprocess
 import sys
-from typing import cast
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Any, cast
 
 import uvloop
 
@@ -71,11 +82,55 @@ async def _serve(port: int, backend: tuple[str, int]) -> None:
     await server.serve_forever()
 
 
+def _epoll_relay() -> Any:
+    """bench/epoll_relay.c, compiled and loaded."""
+    source = Path(__file__).with_name("epoll_relay.c")
+    built = Path(tempfile.mkdtemp(prefix="epoll-relay-")) / \
+        f"epoll_relay{sysconfig.get_config_var('EXT_SUFFIX')}"
+    subprocess.run(["cc", "-O2", "-fPIC", "-shared", f"-I{sysconfig.get_paths()['include']}",
+                    str(source), "-o", str(built)], check=True)
+    spec = importlib.util.spec_from_file_location("epoll_relay", built)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Relay()
+
+
+async def _serve_epoll(port: int, backend: tuple[str, int]) -> None:
+    loop = asyncio.get_running_loop()
+    relay = _epoll_relay()
+    loop.add_reader(relay.fileno(), relay.run)
+    listener = socket.create_server(("127.0.0.1", port), backlog=1024)
+    listener.setblocking(False)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pair(client: socket.socket) -> None:
+        with client, socket.socket() as server:
+            server.setblocking(False)
+            try:
+                await loop.sock_connect(server, backend)
+            except OSError:
+                return
+            for sock in (client, server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.setblocking(False)
+            relay.add(client.detach(), server.detach())  # the relay closes them
+
+    while True:
+        client, _ = await loop.sock_accept(listener)
+        task = loop.create_task(pair(client))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
+    epoll = argv[:1] == ["--epoll"]
+    args = argv[1:] if epoll else argv
+    if len(args) != 3:
         print(__doc__, file=sys.stderr)
         return 2
-    uvloop.run(_serve(int(argv[0]), (argv[1], int(argv[2]))))
+    serve = _serve_epoll if epoll else _serve
+    uvloop.run(serve(int(args[0]), (args[1], int(args[2]))))
     return 0
 
 

@@ -55,10 +55,13 @@ QPS ratio to HAProxy's is shown beside the proxy's own, with the difference.
 
     .venv/bin/python bench/sysbench.py --scrape
 
-With --bare-relay one more target, "bare_relay", is bench/bare_relay.py: a Python relay on
+With --bare-relay two more targets: "bare_relay" is bench/bare_relay.py, a Python relay on
 uvloop that forwards bytes both ways and reads none of them (no TLS). proxy/bare_relay is what
 the proxy's own reading of the protocol costs; bare_relay/haproxy what Python and uvloop cost
-before any of it.
+before any of it. "epoll_relay" is the same relay with its established pairs moved off uvloop's
+streams (bare_relay.py --epoll: C reads and writes them from an epoll set of its own):
+epoll_relay/haproxy is how near a Python process can come when its steady state leaves the
+per-chunk transport machinery.
 
     .venv/bin/python bench/sysbench.py --bare-relay --db-ps-mode=auto --workloads oltp_point_select
 """
@@ -100,6 +103,8 @@ CAPTURE_TARGETS = ("direct", "proxy", "capture", "haproxy")  # with --capture
 REPLAY_TARGETS = ("direct", "proxy", "replay", "haproxy")  # with --transaction-replay
 SCRAPED = "proxy_scraped"  # --scrape: the proxy while its /metrics is scraped every second
 BARE = "bare_relay"  # --bare-relay: bench/bare_relay.py, bytes forwarded and never read
+EPOLL = "epoll_relay"  # --bare-relay too: bench/bare_relay.py --epoll
+YARDSTICKS = (BARE, EPOLL)
 
 # Only the range query of oltp_read_only, 1,000 rows (about 120 KB) per result, no BEGIN/COMMIT.
 _LARGE_RESULT_ARGS = (
@@ -392,14 +397,14 @@ def start_haproxy(workdir: Path, backend: str, threads: int = 1) -> tuple[ChildP
     return _listening(haproxy, port)
 
 
-def start_bare_relay(workdir: Path, backend: str) -> tuple[ChildProcess, int]:
+def start_bare_relay(workdir: Path, backend: str, name: str) -> tuple[ChildProcess, int]:
     port = free_port()
     host, backend_port = backend.rsplit(":", 1)
     relay = ChildProcess(
-        BARE,
-        [sys.executable, str(Path(__file__).with_name("bare_relay.py")), str(port), host,
-         backend_port],
-        workdir / "bare_relay.log",
+        name,
+        [sys.executable, str(Path(__file__).with_name("bare_relay.py")),
+         *(["--epoll"] if name == EPOLL else []), str(port), host, backend_port],
+        workdir / f"{name}.log",
     )
     return _listening(relay, port)
 
@@ -798,8 +803,9 @@ def summarize(runs: list[Run], workload: str,
             pairs += [(variant, "proxy"), (variant, "haproxy")]
     if SCRAPED in targets:
         pairs += [(SCRAPED, "haproxy")]
-    if BARE in targets:
-        pairs += [("proxy", BARE), (BARE, "haproxy")]
+    for yardstick in YARDSTICKS:
+        if yardstick in targets:
+            pairs += [("proxy", yardstick), (yardstick, "haproxy")]
     ratios = {
         f"{key}_{top}/{bottom}": ratio(key, top, bottom)
         for key in ("qps", "p95_ms", "cpu_s_per_1k")
@@ -825,7 +831,8 @@ def print_table(title: str, summary: dict[str, Any]) -> None:
     r = summary["ratios"]
     for top, bottom in (("proxy", "direct"), ("proxy", "haproxy"), ("capture", "proxy"),
                         ("capture", "haproxy"), ("replay", "proxy"), ("replay", "haproxy"),
-                        ("proxy", BARE), (BARE, "haproxy")):
+                        ("proxy", BARE), (BARE, "haproxy"), ("proxy", EPOLL),
+                        (EPOLL, "haproxy")):
         if f"qps_{top}/{bottom}" not in r:
             continue
         line = (
@@ -909,7 +916,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--bare-relay", action="store_true",
-        help=f"also measure bench/bare_relay.py, which forwards bytes unread ({BARE})",
+        help=f"also measure bench/bare_relay.py, which forwards bytes unread ({BARE}), and "
+             f"its C epoll variant ({EPOLL})",
     )
     args = parser.parse_args(argv)
     if args.bare_relay and args.tls:
@@ -955,9 +963,10 @@ def run_all(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
                                                      workers_toml(args.workers))
     processes["haproxy"], ports["haproxy"] = start_haproxy(workdir, server.addr, args.workers)
     if args.bare_relay:
-        processes[BARE], ports[BARE] = start_bare_relay(workdir, server.addr)
+        for name in YARDSTICKS:
+            processes[name], ports[name] = start_bare_relay(workdir, server.addr, name)
     bench = Bench(args, workdir, ports, processes, server.addr, tls)
-    for target in (*TARGETS, BARE) if args.bare_relay else TARGETS:
+    for target in (*TARGETS, *YARDSTICKS) if args.bare_relay else TARGETS:
         if tls is None:
             error = check_login(target, bench.ports[target], None)
         else:
@@ -996,7 +1005,7 @@ def run_targets(args: argparse.Namespace) -> tuple[str, ...]:
         targets = CAPTURE_TARGETS
     else:
         targets = REPLAY_TARGETS if args.transaction_replay else TARGETS
-    targets = (*targets, BARE) if args.bare_relay else targets
+    targets = (*targets, *YARDSTICKS) if args.bare_relay else targets
     return (*targets, SCRAPED) if args.scrape else targets
 
 
