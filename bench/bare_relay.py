@@ -83,16 +83,16 @@ async def _serve(port: int, backend: tuple[str, int]) -> None:
 
 
 def _epoll_relay() -> Any:
-    """bench/epoll_relay.c, compiled and loaded."""
+    """bench/epoll_relay.c, compiled and loaded (the build is removed once loaded)."""
     source = Path(__file__).with_name("epoll_relay.c")
-    built = Path(tempfile.mkdtemp(prefix="epoll-relay-")) / \
-        f"epoll_relay{sysconfig.get_config_var('EXT_SUFFIX')}"
-    subprocess.run(["cc", "-O2", "-fPIC", "-shared", f"-I{sysconfig.get_paths()['include']}",
-                    str(source), "-o", str(built)], check=True)
-    spec = importlib.util.spec_from_file_location("epoll_relay", built)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="epoll-relay-") as tmp:
+        built = Path(tmp) / f"epoll_relay{sysconfig.get_config_var('EXT_SUFFIX')}"
+        subprocess.run(["cc", "-O2", "-fPIC", "-shared", f"-I{sysconfig.get_paths()['include']}",
+                        str(source), "-o", str(built)], check=True)
+        spec = importlib.util.spec_from_file_location("epoll_relay", built)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module.Relay()
 
 
