@@ -2,7 +2,8 @@
 
 - protocol/_rowscan.c: the tracker's row loops and the traffic writer's row sum. It links zlib
   (zlib1g-dev) for the CRC-32 a traffic capture sums rows with.
-- net/_hotpath.c: the relay's per-query path.
+- net/_hotpath.c: the relay's per-query path; net/_direct.c: the reader that runs it for a
+  steady session straight from the sockets.
 
 Both read whole responses with protocol/_scan.h. The package works without them: tracker.py,
 traffic/outcome.py and relay.py fall back to the same logic in Python.
@@ -14,7 +15,9 @@ setup(
     ext_modules=[
         Extension("tiproxy.protocol._rowscan", ["src/tiproxy/protocol/_rowscan.c"],
                   depends=["src/tiproxy/protocol/_scan.h"], libraries=["z"], optional=True),
-        Extension("tiproxy.net._hotpath", ["src/tiproxy/net/_hotpath.c"],
-                  depends=["src/tiproxy/protocol/_scan.h"], optional=True),
+        Extension("tiproxy.net._hotpath",
+                  ["src/tiproxy/net/_hotpath.c", "src/tiproxy/net/_direct.c"],
+                  depends=["src/tiproxy/protocol/_scan.h", "src/tiproxy/net/_hotpath.h"],
+                  optional=True),
     ],
 )

@@ -1,7 +1,8 @@
 """The relay's compiled per-query path (net/_hotpath.c) stands in for the Python path only where
-nothing tells them apart: the same workload through a proxy with it and one without it
-(`TIPROXY_COMPILED_RELAY=0`) gets the same answers, and the proxies count the same commands,
-bytes and packets, to the byte. The workload mixes what the compiled path takes (plain text
+nothing tells them apart: the same workload through a proxy with it, one with it but without its
+direct reader (net/_direct.c, `TIPROXY_DIRECT_RELAY=0`: the event loop's transports read every
+chunk) and one without it (`TIPROXY_COMPILED_RELAY=0`) gets the same answers, and the proxies
+count the same commands, bytes and packets, to the byte. The workload mixes what the compiled path takes (plain text
 queries, prepared executes, pings) with what it must leave to Python (errors, multi-statements,
 results over several reads, procedures with several results, statements that change the
 session, executes sent right behind their prepare)."""
@@ -25,7 +26,8 @@ from tiproxy.playground.mariadb import MariaDBServer
 pytestmark = pytest.mark.integration
 
 OFF = {"TIPROXY_COMPILED_RELAY": "0"}
-EXECUTES = 12  # prepared executes per connector
+LOOP = {"TIPROXY_DIRECT_RELAY": "0"}
+EXECUTES = 24  # prepared executes per connector: enough for the direct reader to take over
 ROWS = 3000  # a result larger than one read
 
 
@@ -164,17 +166,22 @@ def test_the_same_answers_and_counts_with_and_without_the_compiled_path(
         backends: list[MariaDBServer], proxy_factory: ProxyFactory) -> None:
     server = backends[0]
     # Two tables whose names are as long as each other: the same statements in bytes
-    tables = {"on": "hp_on", "off": "hp_no"}
+    tables = {"on": "hp_on", "loop": "hp_lp", "off": "hp_no"}
     _prepare_tables(server, tuple(tables.values()))
     proxies = {"on": proxy_factory([server.addr]),
+               "loop": proxy_factory([server.addr], env=LOOP),
                "off": proxy_factory([server.addr], env=OFF)}
     proxies["off"].wait_log("compiled relay path off")
-    assert "compiled relay path off" not in proxies["on"].log()
+    proxies["loop"].wait_log("direct relay off")
+    assert "relay path off" not in proxies["on"].log()
+    assert "direct relay off" not in proxies["on"].log()
     answers = {side: [work(proxies[side].port, tables[side]) for work in WORKLOADS]
                for side in proxies}
     assert answers["on"] == answers["off"]
+    assert answers["loop"] == answers["off"]
     counted = {side: _settled(proxy) for side, proxy in proxies.items()}
     assert counted["on"] == counted["off"]
+    assert counted["loop"] == counted["off"]
     # and what they counted is what was sent: Connector/Python's executes (the loop, the
     # large result, the missing table's: execute_direct sends it behind its prepare) and
     # mysql-connector's (the loop, the updates)

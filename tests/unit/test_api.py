@@ -209,7 +209,7 @@ def test_sessions_say_why_they_wait() -> None:
         assert body == [{"id": 3, "user": "app", "client": "127.0.0.1:5000",
                          "backend": "127.0.0.1:3308", "moving": True, "move_reason": "drained",
                          "waiting": "pinned: LOCK TABLES", "moves": 0,
-                         "client_tls": False, "backend_tls": False}]
+                         "client_tls": False, "backend_tls": False, "direct": False}]
 
     _serve(_view(), check)
 

@@ -94,6 +94,9 @@ async def serve(cfg: Config, config_path: Path | None = None,
     if relay.COMPILED_OFF:
         log.warning("compiled relay path off (%s): every query takes the Python path",
                     relay.COMPILED_OFF)
+    elif relay.DIRECT_OFF:
+        log.warning("direct relay off (%s): the event loop reads every socket",
+                    relay.DIRECT_OFF)
     server.upgrader = Upgrader(holder, lambda: api, lambda: _handed_over(server, stop))
     loop.add_signal_handler(signal.SIGUSR2, lambda: _upgrade_soon(server))
     if takeover is not None:

@@ -83,7 +83,13 @@ class BackendLeg(asyncio.Protocol):
     @session.setter
     def session(self, owner: Owner | None) -> None:
         """Attach (or detach, with None). An owner with a `backend_feed` (a session with the
-        compiled path, net/_hotpath.c) has the event loop call it directly for each chunk."""
+        compiled path, net/_hotpath.c) has the event loop call it directly for each chunk.
+        The owner let go of first reads nothing more from the socket itself (leave_direct)."""
+        previous = self._session
+        if previous is not None and previous is not owner:
+            leave = getattr(previous, "leave_direct", None)
+            if leave is not None:
+                leave()
         self._session = owner
         feed = getattr(owner, "backend_feed", None)
         if feed is self._feed:

@@ -27,8 +27,10 @@
 #include <structmember.h>
 #include <string.h>
 #include <time.h>
+#include <sys/socket.h>
 
 #include "../protocol/_scan.h"
+#include "_hotpath.h"
 
 #define MAX_PAYLOAD 0xFFFFFF
 #define COM_QUERY 0x03
@@ -85,7 +87,8 @@ slot_set(PyObject *obj, Py_ssize_t at, PyObject *v)
     X(server) X(metrics) X(cross_location_bytes) X(_sent) X(_binary) X(replay_limit)         \
     X(_intercept) X(held_answer) X(_rewriter) X(_skip) X(_carry) X(_continued)               \
     X(deprecate_eof) X(status) X(client) X(packets) X(popleft) X(last_answer) X(commands)    \
-    X(bounds) X(counts) X(total) X(_opened) X(_ages) X(append)
+    X(bounds) X(counts) X(total) X(_opened) X(_ages) X(append)                                \
+    X(get_write_buffer_size)
 #define DECLARE(name) static PyObject *s_##name;
 NAMES(DECLARE)
 #undef DECLARE
@@ -529,6 +532,45 @@ chunk_of(PyObject *const *args, Py_ssize_t nargs, const char *usage,
     return 1;
 }
 
+/* Set by a DirectLeg (net/_direct.c) while it serves a chunk: the other leg's transport and a
+ * descriptor of its socket, which send_on writes to itself. */
+struct direct_out hotpath_out = {-1, NULL};
+
+/* Straight to the socket when the transport holds nothing back (else the bytes would overtake
+ * what it holds); what the socket does not take, and any error, goes to the transport, which
+ * sends the rest when it can or meets the error itself. */
+static int
+send_direct(PyObject *transport, PyObject *data)
+{
+    PyObject *held = PyObject_CallMethodNoArgs(transport, s_get_write_buffer_size);
+    if (held == NULL)
+        return -1;
+    Py_ssize_t pending = PyLong_AsSsize_t(held);
+    Py_DECREF(held);
+    if (pending < 0 && PyErr_Occurred())
+        return -1;
+    int empty = pending == 0;
+    const char *p = PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    Py_ssize_t sent = 0;
+    if (empty) {
+        sent = send(hotpath_out.fd, p, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (sent == n)
+            return 0;
+        if (sent < 0)
+            sent = 0;  /* full (EAGAIN) or an error: the transport's write meets it */
+    }
+    PyObject *rest = sent ? PyBytes_FromStringAndSize(p + sent, n - sent) : Py_NewRef(data);
+    if (rest == NULL)
+        return -1;
+    PyObject *written = PyObject_CallMethodOneArg(transport, s_write, rest);
+    Py_DECREF(rest);
+    if (written == NULL)
+        return -1;
+    Py_DECREF(written);
+    return 0;
+}
+
 /* session.<leg>.write(data): the transport named `leg` (bt or client). */
 static int
 send_on(PyObject *d, PyObject *s, PyObject *leg, PyObject *data)
@@ -536,16 +578,20 @@ send_on(PyObject *d, PyObject *s, PyObject *leg, PyObject *data)
     PyObject *transport = sget(d, s, leg);
     if (transport == NULL)
         return -1;
-    PyObject *written = PyObject_CallMethodOneArg(transport, s_write, data);
+    int r;
+    if (transport == hotpath_out.transport) {
+        r = send_direct(transport, data);
+    } else {
+        PyObject *written = PyObject_CallMethodOneArg(transport, s_write, data);
+        r = written == NULL ? -1 : 0;
+        Py_XDECREF(written);
+    }
     Py_DECREF(transport);
-    if (written == NULL)
-        return -1;
-    Py_DECREF(written);
-    return 0;
+    return r;
 }
 
-static PyObject *
-command(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+PyObject *
+hotpath_command(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     const unsigned char *p;
     Py_ssize_t n;
@@ -715,8 +761,8 @@ done:
     return r;
 }
 
-static PyObject *
-response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+PyObject *
+hotpath_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     const unsigned char *p;
     Py_ssize_t n;
@@ -944,11 +990,14 @@ typedef struct {
     PyObject *session;
     PyObject *fallback;
     int is_response;
+    unsigned int streak;  /* answers in a row that the compiled path took (is_response) */
     vectorcallfunc vectorcall;
 } Feed;
 
-static PyObject *command(PyObject *, PyObject *const *, Py_ssize_t);
-static PyObject *response(PyObject *, PyObject *const *, Py_ssize_t);
+/* Every this many answers in a row the compiled path takes, a backend Feed offers the session
+ * to the worker's Direct reader (net/_direct.c): session._direct_enter() says whether it goes. */
+#define DIRECT_AFTER 8
+static PyObject *s_direct_enter;
 
 static PyObject *
 feed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
@@ -959,12 +1008,17 @@ feed_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwname
         return NULL;
     }
     PyObject *both[2] = {feed->session, args[0]};
-    PyObject *took = feed->is_response ? response(NULL, both, 2) : command(NULL, both, 2);
+    PyObject *took = feed->is_response ? hotpath_response(NULL, both, 2)
+                                       : hotpath_command(NULL, both, 2);
     if (took == NULL)
         return NULL;
     Py_DECREF(took);
-    if (took == Py_True)
+    if (took == Py_True) {
+        if (feed->is_response && ++feed->streak % DIRECT_AFTER == 0)
+            return PyObject_CallMethodNoArgs(feed->session, s_direct_enter);
         Py_RETURN_NONE;
+    }
+    feed->streak = 0;
     return PyObject_CallOneArg(feed->fallback, args[0]);
 }
 
@@ -975,9 +1029,9 @@ feed_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTuple(args, "OOO:Feed", &fast, &session, &fallback))
         return NULL;
     int is_response = PyCFunction_Check(fast) && PyCFunction_GET_FUNCTION(fast)
-                      == (PyCFunction)(void (*)(void))response;
+                      == (PyCFunction)(void (*)(void))hotpath_response;
     int is_command = PyCFunction_Check(fast) && PyCFunction_GET_FUNCTION(fast)
-                     == (PyCFunction)(void (*)(void))command;
+                     == (PyCFunction)(void (*)(void))hotpath_command;
     if (!is_response && !is_command) {
         PyErr_SetString(PyExc_TypeError, "Feed: fast is this module's command or response");
         return NULL;
@@ -1037,9 +1091,9 @@ static PyTypeObject FeedType = {
 };
 
 static PyMethodDef methods[] = {
-    {"command", (PyCFunction)(void (*)(void))command, METH_FASTCALL,
+    {"command", (PyCFunction)(void (*)(void))hotpath_command, METH_FASTCALL,
      "Relay one plain command packet from the client; False if the Python path must."},
-    {"response", (PyCFunction)(void (*)(void))response, METH_FASTCALL,
+    {"response", (PyCFunction)(void (*)(void))hotpath_response, METH_FASTCALL,
      "Relay one whole plain answer from the backend; False if the Python path must."},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "Hand over the tables the two relay functions read."},
@@ -1063,6 +1117,11 @@ PyInit__hotpath(void)
     Py_INCREF(&FeedType);
     if (PyModule_AddObject(m, "Feed", (PyObject *)&FeedType) < 0) {
         Py_DECREF(&FeedType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if ((s_direct_enter = PyUnicode_InternFromString("_direct_enter")) == NULL
+            || direct_add_type(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

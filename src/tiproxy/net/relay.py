@@ -22,6 +22,17 @@ each, is compiled (net/_hotpath.c): the event loop hands each chunk to a `Feed` 
 leg's and the backend leg's data_received), which either does all that `client_data` or
 `backend_data` would do for that chunk, or nothing and calls them with it. The code below
 stays the reference and takes every other case; it runs alone where the module was not built.
+
+A session that the compiled path has served for a while (every DIRECT_AFTER answers in a row
+the backend's Feed asks `_direct_enter`) goes further when nothing else is going on: the
+transports stop reading its two sockets, and the loop calls a `DirectLeg` (net/_direct.c) for
+each instead, which reads the socket itself and calls the compiled path with the chunk, without
+the stream machinery; what that sends goes straight to the other socket when its transport
+holds nothing back, else through the transport. A chunk the compiled path refuses, and
+any end or error, comes back through `_direct_exit`, which gives the sockets back to the
+transports first; and everything here that pauses a leg, detaches the backend leg, hands the
+session over, loses a peer or closes calls `leave_direct` first, so nothing reads a socket the
+session no longer has.
 """
 
 from __future__ import annotations
@@ -200,6 +211,10 @@ class ClientLeg(asyncio.Protocol):
 class Session(TransactionReplay, SessionLogin):
     """One client session; see the module docstring."""
 
+    # While the loop reads the sockets through DirectLegs (net/_direct.c): (the loop, the
+    # duplicates of the client's and the backend's descriptors, the backend transport paused).
+    _direct: tuple[asyncio.AbstractEventLoop, int, int, asyncio.Transport] | None = None
+
     # Backend thread id -> proxy id on the backend named, for the statement that waits for it
     # (set only then: the class's None serves every session until one needs it).
     _id_map: tuple[str, dict[int, int]] | None = None
@@ -375,6 +390,7 @@ class Session(TransactionReplay, SessionLogin):
     def handed_over(self) -> None:
         """Another process has taken this session: let go of it without a word to either
         peer (closing this process's descriptors leaves the connections open)."""
+        self.leave_direct()  # (done at hold_for_handover: a handed-over socket must not stay)
         self.phase = CLOSED
         if self.backend is not None:
             self.backend.connections -= 1
@@ -1028,6 +1044,88 @@ class Session(TransactionReplay, SessionLogin):
         frames, self._zseq = compress_frames(data, self._zseq)
         self.client.writelines(frames)
 
+    # -- read straight from the sockets (net/_direct.c) -------------------------------------
+
+    def _direct_enter(self) -> None:
+        """The backend's Feed offers it after DIRECT_AFTER answers in a row on the compiled
+        path: have the loop call the compiled path straight from both sockets (net/_direct.c)
+        if nothing else is going on."""
+        if DIRECT_OFF or self._direct is not None:
+            return
+        client, bt, leg, tracker = self.client, self.bt, self.backend_leg, self.tracker
+        if bt is None or leg is None or leg.session is not self or leg.transport is not bt \
+                or tracker is None or not tracker.idle or self.phase != COMMAND \
+                or self._cbuf or self._held or self._ccont or self._pause_reasons \
+                or self._decompress is not None or self.client_tls or self.backend_tls \
+                or self._moving or self._soon is not None or self.leaving is not None \
+                or self._capture is not None or self._intercept is not None \
+                or self._rewriter is not None \
+                or client.is_closing() or bt.is_closing() \
+                or not client.is_reading() or not bt.is_reading() \
+                or client.get_write_buffer_size() or bt.get_write_buffer_size():
+            return
+        client_socket = client.get_extra_info("socket")
+        backend_socket = bt.get_extra_info("socket")
+        if client_socket is None or backend_socket is None:
+            return
+        loop = asyncio.get_running_loop()
+        client_fd = backend_fd = -1
+        try:
+            client_fd = os.dup(client_socket.fileno())
+            backend_fd = os.dup(backend_socket.fileno())
+            loop.add_reader(client_fd,
+                            _hotpath.DirectLeg(self, client_fd, False, backend_fd, bt))
+            loop.add_reader(backend_fd,
+                            _hotpath.DirectLeg(self, backend_fd, True, client_fd, client))
+        except OSError as e:  # (out of descriptors) the transports go on reading
+            _stop_direct(loop, client_fd, backend_fd)
+            log.debug("session %d: not read directly: %s", self.id, e)
+            return
+        client.pause_reading()
+        bt.pause_reading()
+        self._direct = (loop, client_fd, backend_fd, bt)
+
+    def leave_direct(self) -> None:
+        """Give the sockets back to the transports' reading, if DirectLegs read them: before
+        anything but the compiled path acts on the session's sockets."""
+        held = self._direct
+        if held is None:
+            return
+        self._direct = None
+        loop, client_fd, backend_fd, bt = held
+        _stop_direct(loop, client_fd, backend_fd)
+        if not bt.is_closing():
+            bt.resume_reading()
+        if not self.client.is_closing() and not self._pause_reasons:
+            self.client.resume_reading()
+
+    @property
+    def reads_direct(self) -> bool:
+        return self._direct is not None
+
+    def _direct_exit(self, backend: bool, data: bytes | None, error: int) -> None:
+        """A DirectLeg met what the compiled path does not take: a chunk (`data`); the end
+        of the stream (None: the transport meets it when it reads again); or a socket error
+        (`error`, which the DirectLeg's read consumed: the transport meets the end after it)."""
+        self.leave_direct()
+        if data is not None:
+            if backend:
+                self.backend_data(data)
+            else:
+                self.client_data(data)
+        elif error:
+            exc = OSError(error, os.strerror(error))
+            if backend:  # (recovery needs only that it went, which the transport meets next)
+                log.debug("session %d: backend socket error: %s", self.id, exc)
+            else:
+                self.client_lost(exc)  # as the transport would have: then it closes
+
+    def _direct_error(self, exc: BaseException) -> None:
+        """What the event loop does when a data_received raises: log it, end the session."""
+        self.leave_direct()
+        log.error("session %d: relaying failed", self.id, exc_info=exc)
+        self.close(f"internal error: {_reason(exc)}")
+
     # -- flow control and closing -----------------------------------------------------------
 
     def bound_writes(self, transport: asyncio.BaseTransport | None) -> None:
@@ -1042,12 +1140,14 @@ class Session(TransactionReplay, SessionLogin):
     def pause_backend_reading(self, pause: bool) -> None:
         if self.bt is None:
             return
+        self.leave_direct()
         if pause:
             self.bt.pause_reading()
         else:
             self.bt.resume_reading()
 
     def pause_client_reading(self, reason: str, pause: bool) -> None:
+        self.leave_direct()
         if pause:
             if not self._pause_reasons:
                 self.client.pause_reading()
@@ -1064,11 +1164,13 @@ class Session(TransactionReplay, SessionLogin):
             and not self._cbuf
 
     def client_lost(self, exc: Exception | None) -> None:
+        self.leave_direct()
         if self.phase != CLOSED:  # a socket error (keep-alive gave up, a reset) is worth a line
             self.close("client disconnected" + (f": {exc}" if exc else ""), quiet=exc is None,
                        kind=counters.CLIENT_NETWORK)
 
     def backend_lost(self, exc: Exception | None) -> None:
+        self.leave_direct()
         if self.phase == COMMAND:
             self.backend_gone(exc)  # rebuilt elsewhere, or closed with the reason (recovery.py)
         elif self.phase == LOGIN:
@@ -1093,6 +1195,7 @@ class Session(TransactionReplay, SessionLogin):
         """End the session; `kind` is what ended it (net/counters.py), for the metrics."""
         if self.phase == CLOSED:
             return
+        self.leave_direct()
         was_established = self.phase == COMMAND
         self.phase = CLOSED
         self._count_end(kind)
@@ -1163,6 +1266,16 @@ def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def _stop_direct(loop: asyncio.AbstractEventLoop, *fds: int) -> None:
+    """Stop watching the duplicate descriptors, then close them (in that order: the loop
+    forgets a descriptor it watches as it stops, by its number)."""
+    for fd in fds:
+        if fd >= 0:
+            if not loop.is_closed():
+                loop.remove_reader(fd)
+            os.close(fd)
+
+
 def _configure_compiled_path(hotpath: ModuleType) -> None:
     """Hand net/_hotpath.c what it reads."""
     # It reads these from the objects' own dicts, which a descriptor would have overridden.
@@ -1187,6 +1300,9 @@ def _configure_compiled_path(hotpath: ModuleType) -> None:
 COMPILED_OFF = ("not built" if _hotpath is None else
                 "TIPROXY_COMPILED_RELAY=0" if os.environ.get("TIPROXY_COMPILED_RELAY") == "0"
                 else "")
+# Why the Direct reader is off, or "" when it is on.
+DIRECT_OFF = ("the compiled path is off" if COMPILED_OFF else
+              "TIPROXY_DIRECT_RELAY=0" if os.environ.get("TIPROXY_DIRECT_RELAY") == "0" else "")
 if _hotpath is not None and not COMPILED_OFF:
     _configure_compiled_path(_hotpath)
     _fast_command, _fast_response = _hotpath.command, _hotpath.response

@@ -493,7 +493,7 @@ class ProxyServer:
                 backend=s.backend.addr if s.backend else "",
                 moving=move is not None, move_reason=move.reason if move else "",
                 waiting=waiting, moves=s.moves, client_tls=s.client_tls,
-                backend_tls=s.backend_tls,
+                backend_tls=s.backend_tls, direct=s.reads_direct,
             ))
         return views + self._staying_views()
 
