@@ -38,7 +38,7 @@ from tiproxy.config.reload import check_reload
 from tiproxy.config.values import check_host
 from tiproxy.control.upgrade import Takeover, Upgrader
 from tiproxy.net import relay
-from tiproxy.net.loop import install_event_loop
+from tiproxy.net.loop import install_event_loop, raise_open_files_limit
 from tiproxy.tls import TLSLoadError
 
 if TYPE_CHECKING:
@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(ns, flag) is not None:
             log.warning("--%s is deprecated and ignored, as in TiProxy: [log] %s sets it", flag,
                         flag.removeprefix("log_"))
+    raise_open_files_limit()
     install_event_loop()
     try:
         asyncio.run(serve(cfg, ns.config, adjust, read_stamp))

@@ -62,6 +62,7 @@ from tiproxy.net.login_phase import (
     LOGIN_TIMEOUT,
     SessionLogin,
 )
+from tiproxy.net.loop import open_files_limit
 from tiproxy.net.replay import TransactionReplay
 from tiproxy.protocol.auth import native_answer
 from tiproxy.protocol.codec import U32
@@ -1064,6 +1065,10 @@ class Session(TransactionReplay, SessionLogin):
                 or not client.is_reading() or not bt.is_reading() \
                 or client.get_write_buffer_size() or bt.get_write_buffer_size():
             return
+        # Two descriptors more: only while every session could have them and new ones still be
+        # accepted (the soft limit is raised to the hard one at start, net/loop.py).
+        if 4 * len(self.server.sessions) + _SPARE_FDS > open_files_limit():
+            return
         client_socket = client.get_extra_info("socket")
         backend_socket = bt.get_extra_info("socket")
         if client_socket is None or backend_socket is None:
@@ -1234,6 +1239,10 @@ _MULTI_STATEMENTS_ON = b"\x00\x00"  # COM_SET_OPTION's MYSQL_OPTION_MULTI_STATEM
 # is the command's payload.
 _RECORDED: dict[int, str] = {Command.RESET_CONNECTION: "reset",
                              Command.SET_OPTION: "set_option", Command.INIT_DB: "init_db"}
+
+# Descriptors kept free of sessions' sockets for everything else (listeners, the API, pools,
+# health checks, files), when deciding whether a session may read its sockets directly.
+_SPARE_FDS = 256
 
 # Sessions whose end leaves their backend connection fit for the next login (net/pool.py).
 _KEEPABLE = frozenset((counters.QUIT_OK, counters.CLIENT_NETWORK))
