@@ -178,12 +178,18 @@ class ClientLeg(asyncio.Protocol):
     """The client's socket: hands everything to its Session."""
 
     def __init__(self, server: ProxyServer,
-                 adopted: tuple[SessionHandover, BackendLeg] | None = None) -> None:
+                 adopted: tuple[SessionHandover, BackendLeg] | None = None,
+                 passed: bool = False) -> None:
         self.server = server
         self.session: Session | None = None
         self._adopted = adopted  # a session another process handed over (net/handover.py)
+        self._passed = passed  # accepted by another worker, which passed it here
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._adopted is None and not self._passed \
+                and self.server.hand_off(transport.get_extra_info("socket")):
+            transport.close()  # (the connection lives on in the worker it went to)
+            return
         session = self.session = Session(self.server, cast(asyncio.Transport, transport),
                                          self._adopted)
         session.bound_writes(transport)

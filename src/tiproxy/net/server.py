@@ -191,6 +191,20 @@ class ProxyServer:
         log.info("session %d taken over from the previous process", handover.id)
         return True
 
+    def hand_off(self, sock: socket.socket) -> bool:
+        """Pass a connection just accepted to another worker (workers/worker.py); True if
+        it went. One process keeps every connection."""
+        return False
+
+    async def serve_passed(self, sock: socket.socket) -> None:
+        """Serve a connection another worker accepted and passed here, as if accepted here."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: ClientLeg(self, passed=True), sock=sock)
+        except OSError as e:  # (the client has gone already)
+            log.debug("a connection passed from another worker is not served: %s", e)
+            sock.close()
+
     async def serve_sockets(self, socks: list[socket.socket]) -> None:
         """Accept on listening sockets made elsewhere (a worker's, bound by the control
         process)."""

@@ -36,6 +36,7 @@ from tiproxy.net.counters import DataPlaneCounts
 from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.server import migration_summary
 from tiproxy.workers import messages as m
+from tiproxy.workers.handoff import socket_pairs
 from tiproxy.workers.shared import FIRST_SLOT, SESSIONS, SLOTS, SharedCounts
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class Workers:
         self._stopping = False
         self.errors: Counter[str] = Counter()
         self.counts = SharedCounts(count)
+        self._handoff = socket_pairs(count)  # kept here: a worker started again gets its own
         self._slots: dict[str, int] = {}  # backend addr -> its column in self.counts
         self._table: m.Table | None = None  # the last table built
         self._memory_high = ""  # as last told to the workers
@@ -199,9 +201,12 @@ class Workers:
 
     async def _spawn(self, worker: _Worker) -> None:
         parent, child = socket.socketpair()
-        fds = [child.fileno(), self.counts.fd, *(s.fileno() for s in self._listening[worker.index])]
+        outboxes = ",".join(str(pair[1].fileno()) for pair in self._handoff)
+        fds = [child.fileno(), self.counts.fd, self._handoff[worker.index][0].fileno(),
+               *(s.fileno() for s in self._listening[worker.index])]
         worker.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tiproxy.workers.worker", *map(str, fds), pass_fds=fds)
+            sys.executable, "-m", "tiproxy.workers.worker", *map(str, fds[:3]), outboxes,
+            *map(str, fds[3:]), pass_fds=fds + [pair[1].fileno() for pair in self._handoff])
         child.close()
         link = m.Link(parent, lambda msg: self._handle(worker, msg),
                       self._answer)
@@ -265,6 +270,9 @@ class Workers:
                       [p.pid for p in stuck])
             for proc in stuck:
                 proc.kill()
+        for pair in self._handoff:  # (a connection passed on and not taken ends here)
+            for end in pair:
+                end.close()
 
     # -- from the workers -------------------------------------------------------------------
 

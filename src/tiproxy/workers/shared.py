@@ -2,7 +2,8 @@
 
 A worker writes only its own row: column 0 holds its sessions, column 1 when a client last
 logged in there (time.monotonic() in ms: a new connection to any worker is then likely one more
-login, worth a backend connection before its greeting), column `slot` its sessions on the
+login, worth a backend connection before its greeting), column 2 whether it serves now (1: other
+workers may pass it new connections, workers/handoff.py), column `slot` its sessions on the
 backend the control process gave that slot (BackendState.slot, from FIRST_SLOT on). Any process
 reads every row, so a worker routing a new connection knows its peers' sessions per backend as
 of now (not as of a message some time ago), `max-connections` counts every worker's sessions,
@@ -19,7 +20,8 @@ import os
 
 SESSIONS = 0
 LAST_LOGIN = 1
-FIRST_SLOT = 2
+ALIVE = 2
+FIRST_SLOT = 3
 SLOTS = 4096  # backends a control process gives a slot to before it takes the oldest again
 _WORD = 8
 

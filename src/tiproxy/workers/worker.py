@@ -10,8 +10,11 @@ learn that the control plane acts on (a backend refusing connections, a doubt, a
 stored hash verifies, a lasting move problem) goes up as an event; the control process's answer
 comes back as a table.
 
-Run as `python -m tiproxy.workers.worker CHANNEL_FD COUNTS_FD LISTEN_FD...` by the control
-process only.
+A worker that accepts a connection while another worker holds fewer sessions passes it there
+before reading a byte (workers/handoff.py), so that few long-lived connections spread evenly too.
+
+Run as `python -m tiproxy.workers.worker CHANNEL_FD COUNTS_FD INBOX_FD OUTBOX_FD,... LISTEN_FD...`
+by the control process only.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
 from tiproxy.traffic.writer import summarized
 from tiproxy.workers import messages as m
+from tiproxy.workers.handoff import Handoff
 from tiproxy.workers.shared import LAST_LOGIN, SESSIONS, SharedCounts
 
 if TYPE_CHECKING:
@@ -167,7 +171,8 @@ class LinkedControl:
 class WorkerServer(ProxyServer):
     """The data plane of one worker; see the module docstring."""
 
-    def __init__(self, cfg: Config, setup: m.Setup, link: m.Link, counts: SharedCounts) -> None:
+    def __init__(self, cfg: Config, setup: m.Setup, link: m.Link, counts: SharedCounts,
+                 handoff: Handoff) -> None:
         router = ReplicaRouter(link, counts, setup.index)
         router.configure(cfg)
         super().__init__(cfg, router, CertStore(cfg, setup.tls), CredentialStore(),
@@ -176,13 +181,34 @@ class WorkerServer(ProxyServer):
         self.link = link
         self.index, self.count = setup.index, setup.count
         self.counts = counts
+        self.handoff = handoff
         counts.clear(self.index)
         self._next_id = setup.incarnation * 1_000_000
         self.take_ids_from(setup.first_id)
+        self._passed: set[asyncio.Task[None]] = set()  # connections passed here, being set up
 
     async def start(self) -> None:
         await super().start()
         self._tasks.append(asyncio.get_running_loop().create_task(self._report()))
+        self.handoff.start(self._passed_here)
+
+    async def stop(self, timeout: float, linger: bool = False) -> None:
+        self.handoff.stop()
+        await super().stop(timeout, linger)
+
+    # -- new connections kept even over the workers (workers/handoff.py) ---------------------
+
+    def hand_off(self, sock: socket.socket) -> bool:
+        worker = self.handoff.target(len(self.sessions))
+        return worker >= 0 and self.handoff.send(worker, sock)
+
+    def _passed_here(self, sock: socket.socket) -> None:
+        if self._shutting_down:
+            sock.close()
+            return
+        task = asyncio.get_running_loop().create_task(self.serve_passed(sock))
+        self._passed.add(task)
+        task.add_done_callback(self._passed.discard)
 
     # -- from the control process -------------------------------------------------------------
 
@@ -325,7 +351,8 @@ class _Forward(logging.Handler):
         self._link.send(m.LogLine(record.name, record.levelno, message))
 
 
-async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.socket]) -> None:
+async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.socket],
+               inbox: socket.socket, outboxes: list[socket.socket]) -> None:
     setup_received: asyncio.Future[m.Setup] = asyncio.get_running_loop().create_future()
     server: WorkerServer | None = None
     early: list[object] = []  # what came with Setup, for the server once it exists
@@ -360,7 +387,9 @@ async def _run(channel: socket.socket, counts_fd: int, listening: list[socket.so
         root.removeHandler(old)
     root.addHandler(_Forward(link, setup.index))
     root.setLevel(setup.log_level)
-    server = WorkerServer(setup.config, setup, link, SharedCounts(setup.count, counts_fd))
+    counts = SharedCounts(setup.count, counts_fd)
+    server = WorkerServer(setup.config, setup, link, counts,
+                          Handoff(setup.index, counts, inbox, outboxes))
     for message in early:
         server.handle(message)
     await server.serve_sockets(listening)
@@ -383,9 +412,11 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     channel = socket.socket(fileno=int(argv[0]))
-    listening = [socket.socket(fileno=int(fd)) for fd in argv[2:]]
+    inbox = socket.socket(fileno=int(argv[2]))
+    outboxes = [socket.socket(fileno=int(fd)) for fd in argv[3].split(",")]
+    listening = [socket.socket(fileno=int(fd)) for fd in argv[4:]]
     install_event_loop()
-    asyncio.run(_run(channel, int(argv[1]), listening))
+    asyncio.run(_run(channel, int(argv[1]), listening, inbox, outboxes))
     return 0
 
 
