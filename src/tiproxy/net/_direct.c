@@ -84,7 +84,7 @@ leg_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames
         Py_RETURN_NONE;
     Py_INCREF(session);
     PyObject *data = Py_None;
-    ssize_t got = recv(leg->fd, chunk, CHUNK, 0);
+    ssize_t got = recv(leg->fd, chunk, CHUNK, MSG_DONTWAIT);  /* (never wait in the loop) */
     if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         goto done;
     if (got > 0) {
