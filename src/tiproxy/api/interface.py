@@ -53,7 +53,7 @@ class SessionView:
     moves: int = 0  # how many times it has moved
     client_tls: bool = False  # the client leg is TLS
     backend_tls: bool = False  # the backend leg is TLS (kept when the session moves)
-    direct: bool = False  # the worker's Direct reader has its sockets now (net/_direct.c)
+    direct: bool = False  # its sockets are read directly now (net/_direct.c)
 
 
 @dataclass(frozen=True)

@@ -995,7 +995,7 @@ typedef struct {
 } Feed;
 
 /* Every this many answers in a row the compiled path takes, a backend Feed offers the session
- * to the worker's Direct reader (net/_direct.c): session._direct_enter() says whether it goes. */
+ * to direct reading (net/_direct.c): session._direct_enter() says whether it goes. */
 #define DIRECT_AFTER 8
 static PyObject *s_direct_enter;
 

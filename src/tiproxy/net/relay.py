@@ -1315,7 +1315,7 @@ def _configure_compiled_path(hotpath: ModuleType) -> None:
 COMPILED_OFF = ("not built" if _hotpath is None else
                 "TIPROXY_COMPILED_RELAY=0" if os.environ.get("TIPROXY_COMPILED_RELAY") == "0"
                 else "")
-# Why the Direct reader is off, or "" when it is on.
+# Why reading sockets directly (net/_direct.c) is off, or "" when it is on.
 DIRECT_OFF = ("the compiled path is off" if COMPILED_OFF else
               "TIPROXY_DIRECT_RELAY=0" if os.environ.get("TIPROXY_DIRECT_RELAY") == "0" else "")
 if _hotpath is not None and not COMPILED_OFF:
