@@ -55,14 +55,19 @@ def _prepare_tables(server: MariaDBServer, names: tuple[str, ...]) -> None:
         )
 
 
-def _text(port: int, table: str) -> list[Any]:
+def _text(proxy: ProxyProcess, table: str, direct: list[bool]) -> list[Any]:
+    """Says in `direct` whether its session was read directly after its first selects. (The
+    prepared workloads below are not: mysql-connector resets each statement before it executes
+    it, a command the compiled path leaves to Python; Connector/Python's binary cursors did
+    not get there either.)"""
     got: list[Any] = []
-    conn = pymysql.connect(host="127.0.0.1", port=port, user=APP.name, password=APP.password,
+    conn = pymysql.connect(host="127.0.0.1", port=proxy.port, user=APP.name, password=APP.password,
                            database="test", client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS)
     with conn, conn.cursor() as cur:
-        for i in range(1, 6):
+        for i in range(1, EXECUTES):
             cur.execute(f"SELECT id, v, n FROM {table} WHERE id = %s", (i,))
             got.append(cur.fetchall())
+        direct.append(proxy.session(conn.thread_id())["direct"])
         cur.execute(f"UPDATE {table} SET v = 'changed' WHERE id = 1")
         got.append(cur.rowcount)
         cur.execute(f"SELECT id, v FROM {table} ORDER BY id")  # several reads' worth
@@ -87,9 +92,9 @@ def _text(port: int, table: str) -> list[Any]:
     return got
 
 
-def _connector_prepared(port: int, table: str) -> list[Any]:
+def _connector_prepared(proxy: ProxyProcess, table: str, direct: list[bool]) -> list[Any]:
     got: list[Any] = []
-    conn = mysql.connector.connect(host="127.0.0.1", port=port, user=APP.name,
+    conn = mysql.connector.connect(host="127.0.0.1", port=proxy.port, user=APP.name,
                                    password=APP.password, database="test", use_pure=True)
     try:
         cur = conn.cursor(prepared=True)
@@ -105,10 +110,10 @@ def _connector_prepared(port: int, table: str) -> list[Any]:
     return got
 
 
-def _mariadb_prepared(port: int, table: str) -> list[Any]:
+def _mariadb_prepared(proxy: ProxyProcess, table: str, direct: list[bool]) -> list[Any]:
     """MariaDB Connector/C underneath: cached metadata, as sysbench's own executes."""
     got: list[Any] = []
-    conn = mariadb.connect(host="127.0.0.1", port=port, user=APP.name, password=APP.password,
+    conn = mariadb.connect(host="127.0.0.1", port=proxy.port, user=APP.name, password=APP.password,
                            database="test")
     try:
         # Binary cursors (Connector/C's execute_direct); one per statement: Connector/Python
@@ -131,7 +136,7 @@ def _mariadb_prepared(port: int, table: str) -> list[Any]:
     return got
 
 
-WORKLOADS: tuple[Callable[[int, str], list[Any]], ...] = (
+WORKLOADS: tuple[Callable[[ProxyProcess, str, list[bool]], list[Any]], ...] = (
     _text, _connector_prepared, _mariadb_prepared)
 
 # What each proxy counted, by series: commands by type, their durations' count, traffic.
@@ -175,8 +180,11 @@ def test_the_same_answers_and_counts_with_and_without_the_compiled_path(
     proxies["loop"].wait_log("direct relay off")
     assert "relay path off" not in proxies["on"].log()
     assert "direct relay off" not in proxies["on"].log()
-    answers = {side: [work(proxies[side].port, tables[side]) for work in WORKLOADS]
+    direct: dict[str, list[bool]] = {side: [] for side in proxies}
+    answers = {side: [work(proxies[side], tables[side], direct[side]) for work in WORKLOADS]
                for side in proxies}
+    # the first proxy's compiled path read that session straight from its sockets
+    assert direct == {"on": [True], "loop": [False], "off": [False]}
     assert answers["on"] == answers["off"]
     assert answers["loop"] == answers["off"]
     counted = {side: _settled(proxy) for side, proxy in proxies.items()}
