@@ -111,6 +111,8 @@ def test_a_few_sessions_are_spread_evenly_too(
     """The kernel's hash puts four connections two and two only 3 times in 8; a worker that
     accepts one while the other holds fewer sessions passes it over (workers/handoff.py)."""
     proxy = proxy_factory([backends[0].addr], WORKERS_TOML)
+    for worker in (0, 1):  # the port answers once the control process listens; a worker that
+        proxy.wait_log(f"[worker {worker}] started", timeout=20)  # is still starting is not chosen
     for _ in range(5):
         conns = []
         for i in range(5):
