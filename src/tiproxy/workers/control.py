@@ -36,7 +36,7 @@ from tiproxy.net.counters import DataPlaneCounts
 from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.server import migration_summary
 from tiproxy.workers import messages as m
-from tiproxy.workers.handoff import socket_pairs
+from tiproxy.workers.handoff import Cover, socket_pairs
 from tiproxy.workers.shared import FIRST_SLOT, SESSIONS, SLOTS, SharedCounts
 
 if TYPE_CHECKING:
@@ -120,6 +120,8 @@ class Workers:
         self.errors: Counter[str] = Counter()
         self.counts = SharedCounts(count)
         self._handoff = socket_pairs(count)  # kept here: a worker started again gets its own
+        outboxes = [pair[1] for pair in self._handoff]
+        self._covers = [Cover(i, self.counts, outboxes) for i in range(count)]  # a dead one's
         self._slots: dict[str, int] = {}  # backend addr -> its column in self.counts
         self._table: m.Table | None = None  # the last table built
         self._memory_high = ""  # as last told to the workers
@@ -190,10 +192,15 @@ class Workers:
     def hand_over(self, receivers: list[str]) -> None:
         """Every worker hands its sessions over and ends; none is started again."""
         self._stopping = True
+        self._close_listening()
+        self._broadcast(m.HandOver(tuple(receivers)))
+
+    def _close_listening(self) -> None:
+        for cover in self._covers:  # (a dead worker's, served here until now)
+            cover.stop()
         for socks in self._listening:
             for sock in socks:
                 sock.close()
-        self._broadcast(m.HandOver(tuple(receivers)))
 
     async def handed_over(self) -> None:
         procs = [w.proc for w in self._workers if w.proc is not None]
@@ -246,7 +253,14 @@ class Workers:
             log.error("worker %d (pid %d) exited with %s: its %d sessions are lost; "
                       "starting it again in %.1fs", worker.index, worker.proc.pid,
                       _exit_status(code), lost, delay)
-            await asyncio.sleep(delay)
+            cover = self._covers[worker.index]
+            cover.start(self._listening[worker.index])
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                cover.stop()
+            if self._stopping:  # (an upgrade began meanwhile: this process starts no worker)
+                return
             worker.incarnation += 1
             await self._spawn(worker)
 
@@ -257,9 +271,7 @@ class Workers:
         self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for socks in self._listening:
-            for sock in socks:
-                sock.close()
+        self._close_listening()
         self._broadcast(m.Shutdown())
         procs = [w.proc for w in self._workers if w.proc is not None]
         try:
