@@ -8,6 +8,7 @@ connector verifies the proxy's certificate against the CA; `SHOW SESSION STATUS 
 from __future__ import annotations
 
 import base64
+import os
 import socket
 import ssl
 import subprocess
@@ -196,6 +197,83 @@ def test_tls_with_compression_big_rows_local_infile_prepared_and_kill(
             victim.ping(reconnect=False)
 
 
+# -- TLS legs read directly (net/_direct.c drives their TLS connections) --------------------------
+
+STEADY = 20  # plain queries in a row: more than the compiled path needs before it reads directly
+
+
+def _steady(conn: Any, proxy: ProxyProcess) -> None:
+    with conn.cursor() as cur:
+        for i in range(STEADY):
+            cur.execute("SELECT %s + 1", (i,))
+            assert cur.fetchall() == ((i + 1,),)
+    session = proxy.session(conn.thread_id())
+    assert session["direct"] is True, session
+
+
+@pytest.mark.parametrize("legs", ["both", "client", "backend"])
+def test_a_steady_tls_session_is_read_directly_and_answers_right(
+    legs: str, tls_backends: list[MariaDBServer], pki: PKI, proxy_factory: ProxyFactory,
+) -> None:
+    """Whichever legs are TLS, a steady session is read straight from its sockets, and
+    everything else (a result over many reads, a statement bigger than a TLS record, an
+    error, a change of state) comes back to the transports and is answered right."""
+    toml = {"both": tls_toml(pki), "client": tls_toml(pki, sql=False),
+            "backend": tls_toml(pki, server=False, require=True)}[legs]
+    proxy = proxy_factory([tls_backends[0].addr], toml)
+    conn = proxy.connect(ssl_disabled=True) if legs == "backend" else verified(proxy, pki)
+    with conn:
+        session = proxy.session(conn.thread_id())
+        assert (session["client_tls"], session["backend_tls"]) == \
+            (legs != "backend", legs != "client")
+        _steady(conn, proxy)
+        with conn.cursor() as cur:
+            text = "".join(chr(97 + i % 26) for i in range(100_000))
+            cur.execute("SELECT LENGTH(%s), RIGHT(%s, 3)", (text, text))  # many TLS records
+            assert cur.fetchall() == ((100_000, text[-3:]),)
+            cur.execute("SELECT seq, REPEAT('x', 100) FROM seq_1_to_20000")  # many reads
+            rows = cur.fetchall()
+            assert len(rows) == 20000 and rows[-1] == (20000, "x" * 100)
+            with pytest.raises(pymysql.err.ProgrammingError):
+                cur.execute("SELECT * FROM test.no_such_table")
+            cur.execute("SET @kept = 'kept'")
+        _steady(conn, proxy)
+        with conn.cursor() as cur:
+            cur.execute("SELECT @kept, LENGTH(%s)", (text,))
+            assert cur.fetchall() == (("kept", 100_000),)
+            assert bool(backend_cipher(cur)) is (legs != "client")
+    proxy.wait_sessions(0)
+    assert "Traceback" not in proxy.log()
+
+
+def test_bytes_that_are_not_tls_end_only_that_session(tls_proxy: ProxyProcess, pki: PKI) -> None:
+    """Garbage on a TLS client's socket, while its TLS is driven from the compiled side, ends
+    that session with the reason logged; the others go on."""
+    other = verified(tls_proxy, pki)
+    victim = verified(tls_proxy, pki)
+    _steady(other, tls_proxy)
+    _steady(victim, tls_proxy)
+    victim_id = victim.thread_id()
+    raw = socket.socket(fileno=os.dup(victim._sock.fileno()))  # under the client's TLS
+    try:
+        raw.sendall(b"\x00" * 64)  # no TLS record starts so
+        deadline = time.monotonic() + 10
+        while any(s["id"] == victim_id for s in tls_proxy.sessions()):
+            assert time.monotonic() < deadline, tls_proxy.session(victim_id)
+            time.sleep(0.05)
+    finally:
+        raw.close()
+    tls_proxy.wait_log(f"session {victim_id}")
+    assert f"session {victim_id} closed: client disconnected: TLS failed on its connection: " \
+        in tls_proxy.log()
+    with other.cursor() as cur:
+        cur.execute("SELECT 'still here'")
+        assert cur.fetchall() == (("still here",),)
+    other.close()
+    victim._sock.close()
+    assert "Traceback" not in tls_proxy.log()
+
+
 # -- TiProxy's three rules for the backend leg ---------------------------------------------------
 
 
@@ -311,6 +389,7 @@ def test_tls_session_moves_to_another_tls_backend(tls_backends: list[MariaDBServ
         cur.execute("SET @tls_var = 'kept', SESSION sql_mode = 'ANSI_QUOTES'")
         cur.execute("SELECT @@port")
         port_before = cur.fetchone()[0]
+        _steady(conn, proxy)  # read directly as the move begins
         old = proxy.session(conn.thread_id())["backend"]
         status, body = proxy.api(f"/api/admin/backends/{old}/drain", method="POST", body=b"")
         assert status == 200, body
@@ -321,6 +400,7 @@ def test_tls_session_moves_to_another_tls_backend(tls_backends: list[MariaDBServ
         assert port_after != port_before
         assert backend_cipher(cur)
         assert proxy.session(conn.thread_id())["backend_tls"] is True
+        _steady(conn, proxy)  # and again on the new backend's TLS connection
 
 
 def test_tls_session_never_moves_to_a_backend_without_tls(

@@ -34,6 +34,7 @@ class Owner(Protocol):
 class BackendLeg(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.raw: asyncio.Transport | None = None  # the TCP transport under a TLS one
         self._session: Owner | None = None  # attached: chunks go to its hot path
         self._feed: object = None  # the owner's backend_feed, while it is data_received
         self._splitter = PacketSplitter(origin=Origin.BACKEND)
@@ -63,7 +64,7 @@ class BackendLeg(asyncio.Protocol):
                                    ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         if tls is None:
             raise ConnectionError("backend closed the connection during the TLS handshake")
-        self.transport = tls
+        self.raw, self.transport = self.transport, tls
 
     async def ssl_request(self, response: HandshakeResponse, ctx: ssl.SSLContext,
                           server_hostname: str) -> int:

@@ -28,12 +28,33 @@
  * a leg, detaches the backend leg, hands the session over or closes it does so first.
  *
  * An exception from the compiled path or the exit goes to session._direct_error(exc).
+ *
+ * A TLS leg is read and written here too, with its own TLS connection: the OpenSSL object of
+ * Python's ssl.SSLObject, which the event loop's TLS protocol drives through two memory BIOs.
+ * The DirectLeg does what that protocol would: it puts the bytes it read into the incoming BIO,
+ * reads the plaintext out, and seals what goes to a TLS peer into its outgoing BIO, whose bytes
+ * it sends on the socket, or through the TCP transport under the TLS one when that holds
+ * something back. relay.py starts this only when the TLS protocol holds nothing in either
+ * direction, and pauses the reading of both transports of the leg. The sockets go back to the
+ * transports when the TLS connection has anything else to say (a close_notify, a key update to
+ * answer, an alert), when the plaintext fills the buffer, and when a socket takes less than it
+ * was given (flow control is then the transports' again); the TLS protocol then goes on from
+ * the same state. A TLS failure (a record that does not decrypt, an alert) ends the leg: the
+ * error is then OpenSSL's reason, a string.
+ * The SSL object is private to Python's ssl module; its place, right after the weak reference
+ * to the socket, has been the same since Python 3.0, and SSL_get_app_data, which that module
+ * sets to the object, confirms it each time (else the session is not read directly).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <stddef.h>
+#include <string.h>
 #include <sys/socket.h>
+
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #include "_hotpath.h"
 
@@ -46,11 +67,156 @@ typedef struct {
     int backend;
     int peer_fd;        /* a descriptor of the other leg's socket, which the answer goes to */
     PyObject *peer;     /* the other leg's transport */
+    PyObject *tls;      /* this leg's ssl.SSLObject._sslobj, or NULL */
+    SSL *ssl;
+    PyObject *peer_tls; /* the other leg's, or NULL */
+    SSL *peer_ssl;
+    PyObject *peer_raw; /* the TCP transport under the other leg's TLS one, or NULL */
     vectorcallfunc vectorcall;
 } DirectLeg;
 
 static char chunk[CHUNK];
+static char plain[CHUNK];           /* what a TLS leg's chunk decrypts to */
+static char sealed[64 * 1024];      /* what the outgoing BIO holds, on its way to the socket */
 static PyObject *s_direct_exit, *s_direct_error;
+
+/* The head of CPython's _ssl._SSLSocket (see the top of this file). */
+typedef struct {
+    PyObject_HEAD
+    PyObject *socket;
+    SSL *ssl;
+} ssl_socket_head;
+
+/* The SSL object of an ssl.SSLObject's _sslobj; NULL if it is not one. */
+static SSL *
+ssl_of(PyObject *obj)
+{
+    if (obj == NULL || obj == Py_None || strcmp(Py_TYPE(obj)->tp_name, "_ssl._SSLSocket") != 0)
+        return NULL;
+    SSL *ssl = ((ssl_socket_head *)obj)->ssl;
+    if (ssl == NULL || SSL_get_app_data(ssl) != (void *)obj)
+        return NULL;
+    return ssl;
+}
+
+/* tls_quiet(sslobj): whether a DirectLeg may drive this TLS connection now: it is one, and
+ * nothing waits in it (no plaintext, no record read or to send). */
+static PyObject *
+tls_quiet(PyObject *module, PyObject *obj)
+{
+    SSL *ssl = ssl_of(obj);
+    if (ssl == NULL || !SSL_is_init_finished(ssl) || SSL_pending(ssl) > 0
+            || BIO_pending(SSL_get_rbio(ssl)) > 0 || BIO_pending(SSL_get_wbio(ssl)) > 0)
+        Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
+static PyMethodDef tls_quiet_def = {
+    "tls_quiet", tls_quiet, METH_O,
+    "tls_quiet(sslobj): whether a DirectLeg may drive this TLS connection (ssl.SSLObject's "
+    "_sslobj) now: nothing waits in it.",
+};
+
+/* OpenSSL's error queue emptied, as SSL_get_error needs it before a call (and Python's ssl
+ * module after one); ERR_clear_error walks the whole queue, so only when it holds anything. */
+static inline void
+clear_errors(void)
+{
+    if (ERR_peek_error() != 0)
+        ERR_clear_error();
+}
+
+/* Why the last TLS call failed, as OpenSSL says it (a static string), and the queue emptied. */
+static const char *
+failure(void)
+{
+    const char *why = ERR_reason_error_string(ERR_peek_last_error());
+    ERR_clear_error();
+    return why != NULL ? why : "unknown error";
+}
+
+/* A TLS leg's chunk (in `chunk`) into the incoming BIO, and the plaintext out (into `plain`,
+ * *size bytes): 0; 1 when the sockets go back to the transports after it (the connection has
+ * more to say, or more plaintext than fits); -1 when the TLS connection failed (*why: how). */
+static int
+unseal(SSL *ssl, Py_ssize_t got, Py_ssize_t *size, const char **why_failed)
+{
+    *size = 0;
+    clear_errors();
+    if (BIO_write(SSL_get_rbio(ssl), chunk, (int)got) != got) {
+        *why_failed = failure();
+        return -1;
+    }
+    int why = 0;
+    while (*size < CHUNK) {
+        size_t n = 0;
+        if (SSL_read_ex(ssl, plain + *size, (size_t)(CHUNK - *size), &n)) {
+            *size += (Py_ssize_t)n;
+            continue;
+        }
+        int e = SSL_get_error(ssl, 0);
+        if (e == SSL_ERROR_ZERO_RETURN) {
+            why = 1;  /* close_notify */
+        } else if (e != SSL_ERROR_WANT_READ) {
+            why = -1;
+            *why_failed = failure();
+        }
+        break;
+    }
+    clear_errors();
+    if (why == 0 && (*size == CHUNK || BIO_pending(SSL_get_wbio(ssl)) > 0))
+        why = 1;  /* more plaintext than fits; an answer of its own (a key update) to send */
+    return why;
+}
+
+int
+direct_send_tls(PyObject *transport, PyObject *data)
+{
+    SSL *ssl = hotpath_out.ssl;
+    Py_ssize_t held = held_back(transport);  /* the TLS protocol's own backlog */
+    if (held < 0)
+        return -1;
+    if (held > 0) {
+        hotpath_out.leave = 1;
+        return write_to(transport, data);
+    }
+    Py_ssize_t raw_held = held_back(hotpath_out.raw);
+    if (raw_held < 0)
+        return -1;
+    size_t written = 0;
+    clear_errors();
+    int ok = SSL_write_ex(ssl, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data),
+                          &written);
+    clear_errors();
+    if (!ok || written != (size_t)PyBytes_GET_SIZE(data)) {
+        /* (not expected of a memory BIO): the TLS protocol meets whatever it was */
+        hotpath_out.leave = 1;
+        return written ? 0 : write_to(transport, data);
+    }
+    BIO *out = SSL_get_wbio(ssl);
+    int direct = raw_held == 0, k;
+    while ((k = BIO_read(out, sealed, (int)sizeof sealed)) > 0) {
+        Py_ssize_t sent = 0;
+        if (direct) {
+            sent = send(hotpath_out.fd, sealed, (size_t)k, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (sent == k)
+                continue;
+            if (sent < 0)
+                sent = 0;  /* full (EAGAIN) or an error: the TCP transport's write meets it */
+            direct = 0;
+        }
+        PyObject *rest = PyBytes_FromStringAndSize(sealed + sent, k - sent);
+        if (rest == NULL)
+            return -1;
+        int r = write_to(hotpath_out.raw, rest);
+        Py_DECREF(rest);
+        if (r < 0)
+            return -1;
+    }
+    if (!direct)
+        hotpath_out.leave = 1;  /* the transport holds bytes: its flow control takes over */
+    return 0;
+}
 
 /* session._direct_error(exc) with the exception raised; one that escapes it is unraisable. */
 static void
@@ -87,8 +253,22 @@ leg_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames
     ssize_t got = recv(leg->fd, chunk, CHUNK, MSG_DONTWAIT);  /* (never wait in the loop) */
     if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         goto done;
-    if (got > 0) {
-        data = PyBytes_FromStringAndSize(chunk, got);
+    /* got <= 0: the end of the stream, which the transport meets again once it reads; or an
+     * error, which this recv consumed (the transport would meet the end of the stream after
+     * it): its number goes along. */
+    int error = got < 0 ? errno : 0, leave = got == 0;
+    const char *bytes = chunk, *tls_failed = NULL;
+    Py_ssize_t size = got > 0 ? got : 0;
+    if (size > 0 && leg->ssl != NULL) {
+        int why = unseal(leg->ssl, got, &size, &tls_failed);
+        bytes = plain;
+        if (why < 0)
+            error = -1;
+        else if (why > 0)
+            leave = 1;
+    }
+    if (size > 0) {
+        data = PyBytes_FromStringAndSize(bytes, size);
         if (data == NULL) {
             report(session);
             goto done;
@@ -97,8 +277,12 @@ leg_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames
         struct direct_out was = hotpath_out;
         hotpath_out.fd = leg->peer_fd;
         hotpath_out.transport = leg->peer;
+        hotpath_out.ssl = leg->peer_ssl;
+        hotpath_out.raw = leg->peer_raw;
+        hotpath_out.leave = 0;
         PyObject *took = leg->backend ? hotpath_response(NULL, both, 2)
                                       : hotpath_command(NULL, both, 2);
+        leave |= hotpath_out.leave;
         hotpath_out = was;
         if (took == NULL) {
             Py_DECREF(data);
@@ -108,16 +292,16 @@ leg_call(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames
         Py_DECREF(took);
         if (took == Py_True) {
             Py_DECREF(data);
-            goto done;
+            data = Py_None;
         }
     }
-    /* got <= 0: the end of the stream, which the transport meets again once it reads; or an
-     * error, which this recv consumed (the transport would meet the end of the stream after
-     * it): its number goes along. */
-    PyObject *error = PyLong_FromLong(got < 0 ? errno : 0);
-    PyObject *r = error == NULL ? NULL : PyObject_CallMethodObjArgs(
-        session, s_direct_exit, leg->backend ? Py_True : Py_False, data, error, NULL);
-    Py_XDECREF(error);
+    if (data == Py_None && !error && !leave)
+        goto done;  /* relayed (or a TLS record not whole yet) */
+    PyObject *code = tls_failed != NULL ? PyUnicode_FromString(tls_failed)
+                                        : PyLong_FromLong(error);
+    PyObject *r = code == NULL ? NULL : PyObject_CallMethodObjArgs(
+        session, s_direct_exit, leg->backend ? Py_True : Py_False, data, code, NULL);
+    Py_XDECREF(code);
     if (data != Py_None)
         Py_DECREF(data);
     if (r == NULL)
@@ -131,12 +315,19 @@ done:
 static PyObject *
 leg_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    PyObject *session, *peer;
+    PyObject *session, *peer, *tls = Py_None, *peer_tls = Py_None, *peer_raw = Py_None;
     int fd, backend, peer_fd;
-    if (!PyArg_ParseTuple(args, "OipiO:DirectLeg", &session, &fd, &backend, &peer_fd, &peer))
+    if (!PyArg_ParseTuple(args, "OipiO|OOO:DirectLeg", &session, &fd, &backend, &peer_fd,
+                          &peer, &tls, &peer_tls, &peer_raw))
         return NULL;
     if (fd < 0 || peer_fd < 0) {
         PyErr_SetString(PyExc_ValueError, "DirectLeg: descriptors");
+        return NULL;
+    }
+    SSL *ssl = ssl_of(tls), *peer_ssl = ssl_of(peer_tls);
+    if ((tls != Py_None && ssl == NULL) || (peer_tls != Py_None && peer_ssl == NULL)
+            || ((peer_ssl == NULL) != (peer_raw == Py_None))) {
+        PyErr_SetString(PyExc_ValueError, "DirectLeg: not a TLS connection it can drive");
         return NULL;
     }
     DirectLeg *leg = (DirectLeg *)type->tp_alloc(type, 0);
@@ -147,6 +338,11 @@ leg_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     leg->backend = backend;
     leg->peer_fd = peer_fd;
     leg->peer = Py_NewRef(peer);
+    leg->tls = ssl ? Py_NewRef(tls) : NULL;
+    leg->ssl = ssl;
+    leg->peer_tls = peer_ssl ? Py_NewRef(peer_tls) : NULL;
+    leg->peer_ssl = peer_ssl;
+    leg->peer_raw = peer_ssl ? Py_NewRef(peer_raw) : NULL;
     leg->vectorcall = leg_call;
     return (PyObject *)leg;
 }
@@ -156,6 +352,9 @@ leg_traverse(DirectLeg *leg, visitproc visit, void *arg)
 {
     Py_VISIT(leg->session);
     Py_VISIT(leg->peer);
+    Py_VISIT(leg->tls);
+    Py_VISIT(leg->peer_tls);
+    Py_VISIT(leg->peer_raw);
     return 0;
 }
 
@@ -164,6 +363,10 @@ leg_clear(DirectLeg *leg)
 {
     Py_CLEAR(leg->session);
     Py_CLEAR(leg->peer);
+    Py_CLEAR(leg->tls);
+    Py_CLEAR(leg->peer_tls);
+    Py_CLEAR(leg->peer_raw);
+    leg->ssl = leg->peer_ssl = NULL;
     return 0;
 }
 
@@ -178,8 +381,10 @@ leg_dealloc(DirectLeg *leg)
 static PyTypeObject DirectLegType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "tiproxy.net._hotpath.DirectLeg",
-    .tp_doc = "DirectLeg(session, fd, backend, peer_fd, peer): the loop's reader callback for "
-              "one socket; the answer goes to peer_fd, the other leg's (transport peer).",
+    .tp_doc = "DirectLeg(session, fd, backend, peer_fd, peer[, tls, peer_tls, peer_raw]): the "
+              "loop's reader callback for one socket; the answer goes to peer_fd, the other "
+              "leg's (transport peer). tls, peer_tls: the legs' ssl.SSLObject._sslobj, for a "
+              "TLS leg; peer_raw: the TCP transport under the peer's TLS transport.",
     .tp_basicsize = sizeof(DirectLeg),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_new = leg_new,
@@ -201,6 +406,11 @@ direct_add_type(PyObject *module)
     Py_INCREF(&DirectLegType);
     if (PyModule_AddObject(module, "DirectLeg", (PyObject *)&DirectLegType) < 0) {
         Py_DECREF(&DirectLegType);
+        return -1;
+    }
+    PyObject *quiet = PyCFunction_NewEx(&tls_quiet_def, NULL, NULL);
+    if (quiet == NULL || PyModule_AddObject(module, "tls_quiet", quiet) < 0) {
+        Py_XDECREF(quiet);
         return -1;
     }
     return 0;

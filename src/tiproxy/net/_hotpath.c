@@ -534,7 +534,28 @@ chunk_of(PyObject *const *args, Py_ssize_t nargs, const char *usage,
 
 /* Set by a DirectLeg (net/_direct.c) while it serves a chunk: the other leg's transport and a
  * descriptor of its socket, which send_on writes to itself. */
-struct direct_out hotpath_out = {-1, NULL};
+struct direct_out hotpath_out = {-1, NULL, NULL, NULL, 0};
+
+Py_ssize_t
+held_back(PyObject *transport)
+{
+    PyObject *held = PyObject_CallMethodNoArgs(transport, s_get_write_buffer_size);
+    if (held == NULL)
+        return -1;
+    Py_ssize_t pending = PyLong_AsSsize_t(held);
+    Py_DECREF(held);
+    return pending;
+}
+
+int
+write_to(PyObject *transport, PyObject *data)
+{
+    PyObject *written = PyObject_CallMethodOneArg(transport, s_write, data);
+    if (written == NULL)
+        return -1;
+    Py_DECREF(written);
+    return 0;
+}
 
 /* Straight to the socket when the transport holds nothing back (else the bytes would overtake
  * what it holds); what the socket does not take, and any error, goes to the transport, which
@@ -542,18 +563,15 @@ struct direct_out hotpath_out = {-1, NULL};
 static int
 send_direct(PyObject *transport, PyObject *data)
 {
-    PyObject *held = PyObject_CallMethodNoArgs(transport, s_get_write_buffer_size);
-    if (held == NULL)
+    if (hotpath_out.ssl != NULL)
+        return direct_send_tls(transport, data);
+    Py_ssize_t pending = held_back(transport);
+    if (pending < 0)
         return -1;
-    Py_ssize_t pending = PyLong_AsSsize_t(held);
-    Py_DECREF(held);
-    if (pending < 0 && PyErr_Occurred())
-        return -1;
-    int empty = pending == 0;
     const char *p = PyBytes_AS_STRING(data);
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     Py_ssize_t sent = 0;
-    if (empty) {
+    if (pending == 0) {
         sent = send(hotpath_out.fd, p, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (sent == n)
             return 0;
@@ -563,12 +581,9 @@ send_direct(PyObject *transport, PyObject *data)
     PyObject *rest = sent ? PyBytes_FromStringAndSize(p + sent, n - sent) : Py_NewRef(data);
     if (rest == NULL)
         return -1;
-    PyObject *written = PyObject_CallMethodOneArg(transport, s_write, rest);
+    int r = write_to(transport, rest);
     Py_DECREF(rest);
-    if (written == NULL)
-        return -1;
-    Py_DECREF(written);
-    return 0;
+    return r;
 }
 
 /* session.<leg>.write(data): the transport named `leg` (bt or client). */
@@ -578,14 +593,8 @@ send_on(PyObject *d, PyObject *s, PyObject *leg, PyObject *data)
     PyObject *transport = sget(d, s, leg);
     if (transport == NULL)
         return -1;
-    int r;
-    if (transport == hotpath_out.transport) {
-        r = send_direct(transport, data);
-    } else {
-        PyObject *written = PyObject_CallMethodOneArg(transport, s_write, data);
-        r = written == NULL ? -1 : 0;
-        Py_XDECREF(written);
-    }
+    int r = transport == hotpath_out.transport ? send_direct(transport, data)
+                                                : write_to(transport, data);
     Py_DECREF(transport);
     return r;
 }

@@ -29,6 +29,10 @@ class Feed:
 class DirectLeg:
     """The loop's reader callback for one socket of a steady session (net/_direct.c)."""
 
-    def __init__(self, session: Any, fd: int, backend: bool, peer_fd: int, peer: Any, /
+    def __init__(self, session: Any, fd: int, backend: bool, peer_fd: int, peer: Any,
+                 tls: object = None, peer_tls: object = None, peer_raw: Any = None, /
                  ) -> None: ...
     def __call__(self) -> None: ...
+
+def tls_quiet(sslobj: object, /) -> bool:
+    """Whether a DirectLeg may drive this TLS connection (ssl.SSLObject's _sslobj) now."""

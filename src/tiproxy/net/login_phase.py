@@ -109,6 +109,7 @@ class SessionLogin:
     _move_task: asyncio.Task[None] | None
     _checkpoint_task: asyncio.Task[None] | None
     client_tls: bool
+    client_raw: asyncio.Transport | None = None  # the TCP transport under the client's TLS one
     backend_tls: bool
     keepalive_unhealthy: bool
     _task: asyncio.Task[None] | None
@@ -497,6 +498,7 @@ class SessionLogin:
                        kind=counters.CLIENT_HANDSHAKE)
             return
         self.client_tls = True
+        self.client_raw = raw
         refusal = peer_cn_allowed(self.server.tls.server_config,
                                   self.client.get_extra_info("peercert"))
         if refusal is not None:

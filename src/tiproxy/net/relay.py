@@ -219,8 +219,10 @@ class Session(TransactionReplay, SessionLogin):
     """One client session; see the module docstring."""
 
     # While the loop reads the sockets through DirectLegs (net/_direct.c): (the loop, the
-    # duplicates of the client's and the backend's descriptors, the backend transport paused).
-    _direct: tuple[asyncio.AbstractEventLoop, int, int, asyncio.Transport] | None = None
+    # duplicates of the client's and the backend's descriptors, the transports paused: the
+    # backend's, and the TCP ones under TLS ones).
+    _direct: tuple[asyncio.AbstractEventLoop, int, int, tuple[asyncio.Transport, ...]] | None \
+        = None
 
     # Backend thread id -> proxy id on the backend named, for the statement that waits for it
     # (set only then: the class's None serves every session until one needs it).
@@ -1063,7 +1065,7 @@ class Session(TransactionReplay, SessionLogin):
         if bt is None or leg is None or leg.session is not self or leg.transport is not bt \
                 or tracker is None or not tracker.idle or self.phase != COMMAND \
                 or self._cbuf or self._held or self._ccont or self._pause_reasons \
-                or self._decompress is not None or self.client_tls or self.backend_tls \
+                or self._decompress is not None \
                 or self._moving or self._soon is not None or self.leaving is not None \
                 or self._capture is not None or self._intercept is not None \
                 or self._rewriter is not None \
@@ -1071,6 +1073,9 @@ class Session(TransactionReplay, SessionLogin):
                 or not client.is_reading() or not bt.is_reading() \
                 or client.get_write_buffer_size() or bt.get_write_buffer_size():
             return
+        client_tls, backend_tls = _tls_parts(client, self.client_raw), _tls_parts(bt, leg.raw)
+        if client_tls is False or backend_tls is False:
+            return  # a TLS leg with something in flight (or one this cannot drive)
         # Two descriptors more: only while every session could have them and new ones still be
         # accepted (the soft limit is raised to the hard one at start, net/loop.py).
         if 4 * len(self.server.sessions) + _SPARE_FDS > open_files_limit():
@@ -1079,22 +1084,26 @@ class Session(TransactionReplay, SessionLogin):
         backend_socket = bt.get_extra_info("socket")
         if client_socket is None or backend_socket is None:
             return
+        ctls, craw = client_tls or (None, None)
+        btls, braw = backend_tls or (None, None)
         loop = asyncio.get_running_loop()
         client_fd = backend_fd = -1
         try:
             client_fd = os.dup(client_socket.fileno())
             backend_fd = os.dup(backend_socket.fileno())
-            loop.add_reader(client_fd,
-                            _hotpath.DirectLeg(self, client_fd, False, backend_fd, bt))
-            loop.add_reader(backend_fd,
-                            _hotpath.DirectLeg(self, backend_fd, True, client_fd, client))
+            loop.add_reader(client_fd, _hotpath.DirectLeg(self, client_fd, False, backend_fd, bt,
+                                                          ctls, btls, braw))
+            loop.add_reader(backend_fd, _hotpath.DirectLeg(self, backend_fd, True, client_fd,
+                                                           client, btls, ctls, craw))
         except OSError as e:  # (out of descriptors) the transports go on reading
             _stop_direct(loop, client_fd, backend_fd)
             log.debug("session %d: not read directly: %s", self.id, e)
             return
+        paused = tuple(t for t in (bt, craw, braw) if t is not None)
         client.pause_reading()
-        bt.pause_reading()
-        self._direct = (loop, client_fd, backend_fd, bt)
+        for transport in paused:
+            transport.pause_reading()
+        self._direct = (loop, client_fd, backend_fd, paused)
 
     def leave_direct(self) -> None:
         """Give the sockets back to the transports' reading, if DirectLegs read them: before
@@ -1103,10 +1112,11 @@ class Session(TransactionReplay, SessionLogin):
         if held is None:
             return
         self._direct = None
-        loop, client_fd, backend_fd, bt = held
+        loop, client_fd, backend_fd, paused = held
         _stop_direct(loop, client_fd, backend_fd)
-        if not bt.is_closing():
-            bt.resume_reading()
+        for transport in paused:  # (a TLS transport then reads what its connection holds)
+            if not transport.is_closing():
+                transport.resume_reading()
         if not self.client.is_closing() and not self._pause_reasons:
             self.client.resume_reading()
 
@@ -1114,16 +1124,27 @@ class Session(TransactionReplay, SessionLogin):
     def reads_direct(self) -> bool:
         return self._direct is not None
 
-    def _direct_exit(self, backend: bool, data: bytes | None, error: int) -> None:
+    def _direct_exit(self, backend: bool, data: bytes | None, error: int | str) -> None:
         """A DirectLeg met what the compiled path does not take: a chunk (`data`); the end
-        of the stream (None: the transport meets it when it reads again); or a socket error
-        (`error`, which the DirectLeg's read consumed: the transport meets the end after it)."""
+        of the stream, or something the TLS connection has to say (neither: the transport
+        meets it when it reads again); a socket error (`error`, which the DirectLeg's read
+        consumed: the transport meets the end after it); or a TLS failure (`error`: OpenSSL's
+        reason)."""
         self.leave_direct()
         if data is not None:
             if backend:
                 self.backend_data(data)
             else:
                 self.client_data(data)
+        if isinstance(error, str):  # the connection is unusable: ended here, as the TLS
+            transport = self.bt if backend else self.client  # transport would have
+            if backend:
+                log.warning("session %d: TLS failed on the backend connection: %s", self.id,
+                            error)
+            else:
+                self.client_lost(ConnectionError(f"TLS failed on its connection: {error}"))
+            if transport is not None:
+                transport.abort()
         elif error:
             exc = OSError(error, os.strerror(error))
             if backend:  # (recovery needs only that it went, which the transport meets next)
@@ -1279,6 +1300,21 @@ def _peer(transport: asyncio.Transport) -> str:
 
 def _reason(e: BaseException) -> str:
     return str(e) or type(e).__name__
+
+
+def _tls_parts(transport: asyncio.Transport, raw: asyncio.Transport | None
+               ) -> tuple[object, asyncio.Transport] | Literal[False] | None:
+    """For a DirectLeg: None for a plain leg; for a TLS one, its connection (ssl.SSLObject's
+    _sslobj) and the TCP transport under it, if neither holds anything back in either
+    direction; else False."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    sslobj = getattr(ssl_object, "_sslobj", None)
+    if sslobj is None or raw is None or raw.is_closing() or not raw.is_reading() \
+            or raw.get_write_buffer_size() or not _hotpath.tls_quiet(sslobj):
+        return False
+    return sslobj, raw
 
 
 def _stop_direct(loop: asyncio.AbstractEventLoop, *fds: int) -> None:
