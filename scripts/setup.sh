@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 # openjdk-17-jdk-headless and libmariadb-java: MariaDB Connector/J for the bulk-execution tests;
 # chromium and chromium-driver: the status page is tested in headless Chromium (Selenium);
-# zlib1g-dev: the compiled row scanner's CRC-32 (traffic captures);
+# zlib1g-dev: the compiled row scanner's CRC-32 (traffic captures); libssl-dev: the compiled
+# relay drives the TLS connections of Python's ssl module (OpenSSL) for sessions it reads directly;
 # prometheus: a real Prometheus (and promtool) for the Grafana dashboard and alert rules tests;
 # iproute2: `ip`, which puts [ha] virtual-ip on its interface, and the tests' network namespaces;
 # nodejs and npm: the Node.js clients' tests (mysql2, mariadb), unless a Node.js is there already;
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 # the PHP and Go clients' tests.
 debs=(mariadb-server mariadb-client galera-4 rsync etcd-server etcd-client sysbench haproxy
       libmariadb-dev pkg-config build-essential openjdk-17-jdk-headless libmariadb-java
-      chromium chromium-driver zlib1g-dev prometheus iproute2 php-cli php-mysql golang-go
+      chromium chromium-driver zlib1g-dev libssl-dev prometheus iproute2 php-cli php-mysql golang-go
       golang-github-go-sql-driver-mysql-dev)
 missing=()
 for p in "${debs[@]}"; do
