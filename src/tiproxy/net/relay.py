@@ -28,8 +28,9 @@ the backend's Feed asks `_direct_enter`) goes further when nothing else is going
 transports stop reading its two sockets, and the loop calls a `DirectLeg` (net/_direct.c) for
 each instead, which reads the socket itself and calls the compiled path with the chunk, without
 the stream machinery; what that sends goes straight to the other socket when its transport
-holds nothing back, else through the transport. A chunk the compiled path refuses, and
-any end or error, comes back through `_direct_exit`, which gives the sockets back to the
+holds nothing back, else through the transport. A TLS leg's DirectLeg drives its TLS
+connection itself (and the TCP transport under the TLS one is the one paused). A chunk the
+compiled path refuses, and any end or error, comes back through `_direct_exit`, which gives the sockets back to the
 transports first; and everything here that pauses a leg, detaches the backend leg, hands the
 session over, loses a peer or closes calls `leave_direct` first, so nothing reads a socket the
 session no longer has.
