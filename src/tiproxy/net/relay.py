@@ -30,10 +30,10 @@ each instead, which reads the socket itself and calls the compiled path with the
 the stream machinery; what that sends goes straight to the other socket when its transport
 holds nothing back, else through the transport. A TLS leg's DirectLeg drives its TLS
 connection itself (and the TCP transport under the TLS one is the one paused). A chunk the
-compiled path refuses, and any end or error, comes back through `_direct_exit`, which gives the sockets back to the
-transports first; and everything here that pauses a leg, detaches the backend leg, hands the
-session over, loses a peer or closes calls `leave_direct` first, so nothing reads a socket the
-session no longer has.
+compiled path refuses, and any end or error, comes back through `_direct_exit`, which gives
+the sockets back to the transports first; and everything here that pauses a leg, detaches the
+backend leg, hands the session over, loses a peer or closes calls `leave_direct` first, so
+nothing reads a socket the session no longer has.
 """
 
 from __future__ import annotations
