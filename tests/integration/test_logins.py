@@ -29,6 +29,7 @@ from support.backends import (
     connect,
 )
 from support.proxy import ProxyFactory
+from tiproxy.net.login_phase import LOGIN_TIMEOUT
 from tiproxy.playground.mariadb import MariaDBServer
 from tiproxy.protocol.auth import native_password_scramble
 from tiproxy.protocol.constants import Capability
@@ -190,3 +191,30 @@ def test_clients_that_hang_up_before_answering_leave_no_backend_connection(
         time.sleep(0.1)
     with proxy.connect() as conn, conn.cursor() as cur:  # and logins still work
         cur.execute("SELECT 1")
+
+
+def test_a_client_that_stalls_in_its_login_is_cut_off(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """LOGIN_TIMEOUT after it connected, a client still logging in is cut off (one that never
+    answers the greeting, one that sent half its answer); the others go on."""
+    proxy = proxy_factory([backends[0].addr])
+    started = time.monotonic()
+    silent = socket.create_connection(("127.0.0.1", proxy.port), timeout=LOGIN_TIMEOUT + 10)
+    halfway = socket.create_connection(("127.0.0.1", proxy.port), timeout=LOGIN_TIMEOUT + 10)
+    try:
+        for sock in (silent, halfway):
+            assert sock.recv(4096)  # the greeting
+        halfway.sendall(b"\x40\x00\x00\x01\x8d\xa2")  # the start of a handshake response
+        with proxy.connect() as conn, conn.cursor() as cur:  # logins go on meanwhile
+            cur.execute("SELECT 1")
+            assert cur.fetchall() == ((1,),)
+            for sock in (silent, halfway):
+                assert sock.recv(4096) == b""  # cut off: the end of the stream
+            assert time.monotonic() - started >= LOGIN_TIMEOUT - 0.5
+            cur.execute("SELECT 2")  # a session logged in long ago is not
+            assert cur.fetchall() == ((2,),)
+    finally:
+        silent.close()
+        halfway.close()
+    assert proxy.log().count(f"login not finished within {LOGIN_TIMEOUT:.0f}s") == 2

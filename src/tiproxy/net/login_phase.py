@@ -116,7 +116,6 @@ class SessionLogin:
     _decompress: Decompressor | None
     _pp: bytearray | None
     _origin: tuple[tuple[str, int], tuple[str, int]] | None
-    _login_timer: asyncio.TimerHandle | None
     _opened: float
 
     if TYPE_CHECKING:  # provided by Session (net/relay.py): declared for the type checker only
@@ -142,7 +141,6 @@ class SessionLogin:
         # backend's salt and the user, while the client answers client_salt instead.
         self._switch_salt: tuple[bytes, str] | None = None
         self._changing_to: str | None = None  # the user a COM_CHANGE_USER in flight names
-        self._login_timer = None
         self._tls_early: bytearray | None = None  # client bytes while its TLS is set up
         self._tls_refusal = ""  # why the client's certificate is not accepted
         # A backend connected before the greeting: (backend, leg, its greeting packet)
@@ -538,8 +536,7 @@ class SessionLogin:
     def _established(self, est: Established) -> None:
         assert self.backend is not None and self.backend_leg is not None and self.login
         self.phase = COMMAND
-        if self._login_timer is not None:
-            self._login_timer.cancel()
+        self.server.logging_in.pop(self, None)  # (Session is hashed by identity)
         self.backend_connection_id = est.backend_connection_id
         self.backend_caps = est.backend_capabilities
         self.client_caps = est.client_capabilities
@@ -627,7 +624,8 @@ class SessionLogin:
         self.credential = credential
         self.state.no_credential = ""
 
-    def _login_timed_out(self) -> None:
+    def login_timed_out(self) -> None:
+        """LOGIN_TIMEOUT after it connected (server.py's maintenance finds it)."""
         if self.phase == LOGIN:
             self.close(f"login not finished within {LOGIN_TIMEOUT:.0f}s",
                        kind=counters.CLIENT_HANDSHAKE)

@@ -236,7 +236,6 @@ class Session(TransactionReplay, SessionLogin):
     _ages: Histogram = _UNROUTED_AGES
     _counted = False  # accepted: its end counts in tiproxy_server_disconnection_total
     _early_seconds = 0.0  # how long the early backend connection took (the login waited)
-    _login_timer: asyncio.TimerHandle | None
 
     def __init__(self, server: ProxyServer, transport: asyncio.Transport,
                  adopted: tuple[SessionHandover, BackendLeg] | None = None) -> None:
@@ -298,10 +297,9 @@ class Session(TransactionReplay, SessionLogin):
             return
         if not self._admitted():
             return
-        loop = asyncio.get_running_loop()
-        self._login_timer = loop.call_later(LOGIN_TIMEOUT, self._login_timed_out)
+        server.logging_in[self] = self._opened + LOGIN_TIMEOUT  # (server.py cuts it off then)
         if not self._greet_now():
-            self._task = loop.create_task(self._greet())
+            self._task = asyncio.get_running_loop().create_task(self._greet())
 
     def _admitted(self) -> bool:
         """Not refused at once: counted in tiproxy_server_create_connection_total."""
@@ -1232,8 +1230,7 @@ class Session(TransactionReplay, SessionLogin):
         was_established = self.phase == COMMAND
         self.phase = CLOSED
         self._count_end(kind)
-        if self._login_timer is not None:
-            self._login_timer.cancel()
+        self.server.logging_in.pop(self, None)
         if self._soon is not None:
             self._soon.cancel()
         if self._idle_timer is not None:

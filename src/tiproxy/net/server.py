@@ -31,7 +31,7 @@ from tiproxy.net import counters
 from tiproxy.net.counters import MIGRATE_BUCKETS, DataPlaneCounts, Histogram
 from tiproxy.net.handover import Departure, Receiver, SessionHandover, Staying, receiver_name
 from tiproxy.net.keepalive import apply_keepalive_socket
-from tiproxy.net.login_phase import COMMAND
+from tiproxy.net.login_phase import COMMAND, SessionLogin
 from tiproxy.net.pool import BackendPool
 from tiproxy.net.relay import ClientLeg
 from tiproxy.session.credentials import CredentialStore
@@ -70,6 +70,10 @@ class ProxyServer:
         self.credentials = credentials
         self.control = control
         self.sessions: dict[int, Session] = {}
+        # Sessions logging in -> when they are cut off (LOGIN_TIMEOUT after they connected), in
+        # that order: one sweep in the maintenance, where a timer per login cost more than the
+        # rest of the login's bookkeeping (a libuv timer made and closed each time).
+        self.logging_in: dict[SessionLogin, float] = {}
         self._next_id = 0
         self.last_login = float("-inf")  # when a session last logged in (monotonic)
         self.early_legs = 0  # backend connections made before a greeting, not yet taken
@@ -402,6 +406,7 @@ class ProxyServer:
             self._switch_keepalive()
             timeout = self._config.proxy.failover_timeout
             now = time.monotonic()
+            self._cut_slow_logins(now)
             self.pool.sweep(self.router, now)
             for session in [s for s in self.sessions.values() if s.move_request is not None]:
                 move = session.move_request
@@ -420,6 +425,16 @@ class ProxyServer:
                     session.cancel_move()
             self.router.forget_empty()
             self.metrics.forget(self.router.backends)
+
+    def _cut_slow_logins(self, now: float) -> None:
+        late = []
+        for session, deadline in self.logging_in.items():  # the oldest first
+            if deadline > now:
+                break
+            late.append(session)
+        for session in late:
+            del self.logging_in[session]
+            session.login_timed_out()
 
     def _switch_keepalive(self) -> None:
         """Backend sockets take the keep-alive of their backend's health as it changes."""
