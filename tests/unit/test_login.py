@@ -7,6 +7,7 @@ the same actions. Reference: https://mariadb.com/kb/en/connection/
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import fields, replace
 from typing import Any
@@ -168,10 +169,27 @@ def test_each_login_has_its_own_salt() -> None:
 
 
 def test_make_salt() -> None:
-    for _ in range(200):
-        salt = make_salt()
-        assert len(salt) == 20
+    salts = [make_salt() for _ in range(1000)]  # more than one batch of random bytes
+    for salt in salts:
+        assert type(salt) is bytes and len(salt) == 20
         assert all(0x21 <= b <= 0x7E and b != 0x24 for b in salt)
+    assert len(set(salts)) == len(salts)
+
+
+def test_a_forked_child_never_hands_out_its_parents_salts() -> None:
+    make_salt()  # the batch is filled
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next salts, to the parent
+        os.close(read)
+        os.write(write, b"".join(make_salt() for _ in range(5)))
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    mine = b"".join(make_salt() for _ in range(5))
+    assert len(child) == 100 and child != mine
 
 
 # -- transcripts -------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ Anything else is a protocol error.
 from __future__ import annotations
 
 import enum
-import secrets
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -158,9 +158,20 @@ def _with_capabilities(resp: HandshakeResponse, caps: int, ext: int) -> Handshak
         extra=resp.extra)
 
 
+# os.urandom's bytes, fetched 4 KiB at a time: a getrandom call per login cost more than the
+# rest of the salt. (Emptied in a forked child, which must not reuse the parent's.)
+_RANDOM_BATCH = 4096
+_random = bytearray()
+os.register_at_fork(after_in_child=_random.clear)
+
+
 def make_salt() -> bytes:
     """20 random printable bytes, never NUL or '$', as servers make them."""
-    return secrets.token_bytes(20).translate(_SALT_BYTES)
+    if len(_random) < 20:
+        _random[:] = os.urandom(_RANDOM_BATCH)
+    salt = _random[-20:].translate(_SALT_BYTES)
+    del _random[-20:]
+    return bytes(salt)
 
 
 @contextmanager
