@@ -56,10 +56,9 @@ def _prepare_tables(server: MariaDBServer, names: tuple[str, ...]) -> None:
 
 
 def _text(proxy: ProxyProcess, table: str, direct: list[bool]) -> list[Any]:
-    """Says in `direct` whether its session was read directly after its first selects. (The
-    prepared workloads below are not: mysql-connector resets each statement before it executes
-    it, a command the compiled path leaves to Python; Connector/Python's binary cursors did
-    not get there either.)"""
+    """Says in `direct` whether its session was read directly after its first selects (as
+    _connector_prepared does: mysql-connector resets each statement before it executes it,
+    and COM_STMT_RESET is compiled too. Connector/Python's binary cursors do not get there.)"""
     got: list[Any] = []
     conn = pymysql.connect(host="127.0.0.1", port=proxy.port, user=APP.name, password=APP.password,
                            database="test", client_flag=pymysql.constants.CLIENT.MULTI_STATEMENTS)
@@ -98,9 +97,13 @@ def _connector_prepared(proxy: ProxyProcess, table: str, direct: list[bool]) -> 
                                    password=APP.password, database="test", use_pure=True)
     try:
         cur = conn.cursor(prepared=True)
+        # One string: the cursor prepares again for another object, and for the same one
+        # sends COM_STMT_RESET before each execute.
+        select = f"SELECT id, v, n FROM {table} WHERE id = %s"
         for i in range(EXECUTES):
-            cur.execute(f"SELECT id, v, n FROM {table} WHERE id = %s", (i + 10,))
+            cur.execute(select, (i + 10,))
             got.append(cur.fetchall())
+        direct.append(proxy.session(conn.connection_id)["direct"])
         for i in range(3):
             cur.execute(f"UPDATE {table} SET n = %s WHERE id = %s", (i * 1.5, i + 20))
             got.append(cur.rowcount)
@@ -184,7 +187,7 @@ def test_the_same_answers_and_counts_with_and_without_the_compiled_path(
     answers = {side: [work(proxies[side], tables[side], direct[side]) for work in WORKLOADS]
                for side in proxies}
     # the first proxy's compiled path read that session straight from its sockets
-    assert direct == {"on": [True], "loop": [False], "off": [False]}
+    assert direct == {"on": [True, True], "loop": [False, False], "off": [False, False]}
     assert answers["on"] == answers["off"]
     assert answers["loop"] == answers["off"]
     counted = {side: _settled(proxy) for side, proxy in proxies.items()}

@@ -163,3 +163,36 @@ def test_a_session_read_directly_is_killed_by_another(
     killer.close()
     dproxy.wait_sessions(0)
     _wait_app_connections(backends, before)
+
+
+def test_pings_are_read_directly_and_the_status_they_carry_holds_a_move(
+        dproxy: ProxyProcess) -> None:
+    """COM_PING's answer (one packet, as COM_STMT_RESET's) is taken on the compiled path too,
+    with the transaction status it carries: a session in a transaction is not moved until
+    its COMMIT."""
+    conn = dproxy.connect(autocommit=True)
+    sid = conn.thread_id()
+    _steady(conn, dproxy)
+    for i in range(16):
+        conn.ping(reconnect=False)
+        with conn.cursor() as cur:
+            cur.execute("SELECT %s", (i,))
+            assert cur.fetchall() == ((i,),)
+    assert dproxy.session(sid)["direct"] is True  # the pings did not send it back to Python
+    with conn.cursor() as cur:
+        cur.execute("SET @carried = 'carried'")
+        cur.execute("BEGIN")
+        cur.execute("SELECT 1")
+        for _ in range(10):
+            conn.ping(reconnect=False)
+        old = dproxy.session(sid)["backend"]
+        dproxy.redirect()
+        time.sleep(1)
+        assert dproxy.session(sid)["backend"] == old  # in its transaction: it waits
+        cur.execute("COMMIT")
+        for _ in range(10):
+            conn.ping(reconnect=False)
+        dproxy.wait_moved(sid, old)
+        cur.execute("SELECT @carried")
+        assert cur.fetchall() == (("carried",),)
+    conn.close()

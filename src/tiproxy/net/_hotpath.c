@@ -8,7 +8,8 @@
  *   `data` from the client is one whole command packet (sequence id 0, under 16 MiB) that goes
  *   to the backend untouched: a command of relay._FAST, a COM_QUERY whose text the relay need
  *   not read (the same tests as statements.py's, byte for byte), or a COM_STMT_EXECUTE of a
- *   statement with nothing pending (relay.Session._execute_is_plain). The session is in its
+ *   statement with nothing pending (relay.Session._execute_is_plain), or a COM_STMT_RESET of
+ *   a statement the proxy knows (_reset_is_plain). The session is in its
  *   command phase with no bytes held, no move, capture, compression, file upload or pending
  *   response. Sends it, counts it, and tells the tracker what comes back.
  *
@@ -35,9 +36,11 @@
 #define MAX_PAYLOAD 0xFFFFFF
 #define COM_QUERY 0x03
 #define COM_STMT_EXECUTE 0x17
+#define COM_STMT_RESET 0x1A
 #define LAST_PREPARED_ID 0xFFFFFFFFu
-#define TRACKER_IDLE 0
+#define TRACKER_IDLE 0     /* tracker.py's phases (relay.py checks them: TRACKER_PHASES) */
 #define TRACKER_FIRST 1
+#define TRACKER_SINGLE 5
 
 /* What configure() hands over. */
 static long phase_command = -1;                  /* login_phase.COMMAND */
@@ -331,6 +334,35 @@ query_is_plain(PyObject *d, PyObject *s, PyObject *sd, PyObject *state, PyObject
     /* named locks and connection ids, in any letter case */
     return !(contains_folded(p, n, "_lock") || contains_folded(p, n, "ection_id")
              || contains_folded(p, n, "ocesslist"));
+}
+
+/* Session._reset_is_plain: a COM_STMT_RESET of a statement the proxy knows: it has no long
+ * data and no open cursor from now on (1); 0 for any other (the Python path's). */
+static int
+reset_statement(PyObject *sd, PyObject *state, const unsigned char *p, Py_ssize_t n)
+{
+    if (n != 4 + 5)
+        return 0;
+    unsigned long stmt_id = (unsigned long)p[5] | (unsigned long)p[6] << 8
+                            | (unsigned long)p[7] << 16 | (unsigned long)p[8] << 24;
+    PyObject *stmts = sget(sd, state, s_stmts);
+    if (stmts == NULL)
+        return -1;
+    PyObject *key = PyLong_FromUnsignedLong(stmt_id);
+    if (key == NULL) {
+        Py_DECREF(stmts);
+        return -1;
+    }
+    PyObject *stmt = PyDict_Check(stmts) ? PyDict_GetItemWithError(stmts, key) : NULL;
+    Py_DECREF(key);
+    Py_XINCREF(stmt);
+    Py_DECREF(stmts);
+    if (stmt == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    int r = PyObject_SetAttr(stmt, s_long_data, Py_False) < 0
+            || PyObject_SetAttr(stmt, s_cursor_open, Py_False) < 0 ? -1 : 1;
+    Py_DECREF(stmt);
+    return r;
 }
 
 /* Session._execute_is_plain: 1 plain, 0 not (or too short: the Python path says why). May set
@@ -657,6 +689,13 @@ hotpath_command(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         if ((r = execute_is_plain(sd, state, p, n)) <= 0)
             goto refuse;
+    } else if (cmd == COM_STMT_RESET) {
+        if ((r = s_true(sd, state, s_to_client)) != 0) {
+            r = r < 0 ? -1 : 0;
+            goto refuse;
+        }
+        if ((r = reset_statement(sd, state, p, n)) <= 0)
+            goto refuse;
     }
 
     /* It goes. */
@@ -770,6 +809,28 @@ done:
     return r;
 }
 
+/* The one packet a command such as COM_PING or COM_STMT_RESET gets back, wholly in p[0..n)
+ * and not an ERR: 1, with the status after it (an OK's or an EOF's, else unchanged), as the
+ * tracker's SINGLE phase takes it; else 0. */
+static int
+scan_single(const unsigned char *p, Py_ssize_t n, long status, long *status_out,
+            Py_ssize_t *packets_out)
+{
+    if (n < 5)
+        return 0;
+    Py_ssize_t len = (Py_ssize_t)p[0] | (Py_ssize_t)p[1] << 8 | (Py_ssize_t)p[2] << 16;
+    if (len == 0 || len >= MAX_PAYLOAD || len + 4 != n || p[4] == 0xFF)
+        return 0;
+    if ((p[4] == 0x00 && len >= 7) || (p[4] == 0xFE && len == 5)) {
+        long st = terminator(p, 4, len);
+        if (st >= 0)  /* (a malformed OK leaves it, as the tracker does) */
+            status = st;
+    }
+    *status_out = status;
+    *packets_out = 1;
+    return 1;
+}
+
 PyObject *
 hotpath_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -799,7 +860,7 @@ hotpath_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         || slot_long(tracker, tracker_at[T_SKIP], &skip) < 0)
         goto fail;
     PyObject *pending = SLOT(tracker, tracker_at[T_PENDING]);
-    if (tphase != TRACKER_FIRST || skip)
+    if ((tphase != TRACKER_FIRST && tphase != TRACKER_SINGLE) || skip)
         goto refuse_ok;
     int continued = PyObject_IsTrue(SLOT(tracker, tracker_at[T_CONTINUED]));
     Py_ssize_t carried = PyObject_Size(SLOT(tracker, tracker_at[T_CARRY]));
@@ -823,9 +884,13 @@ hotpath_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t end, packets;
     long status_after;
     int error;
-    if (!scan_whole(p, n, 0, deprecate_eof, binary, status, &end, &status_after, &error,
-                    &packets) || end != n || error)
+    if (tphase == TRACKER_SINGLE) {
+        if (!scan_single(p, n, status, &status_after, &packets))
+            goto refuse_ok;
+    } else if (!scan_whole(p, n, 0, deprecate_eof, binary, status, &end, &status_after, &error,
+                           &packets) || end != n || error) {
         goto refuse_ok;
+    }
     if ((counts = counts_of(d, s)) == NULL)
         goto fail;
 
@@ -1131,6 +1196,12 @@ PyInit__hotpath(void)
     }
     if ((s_direct_enter = PyUnicode_InternFromString("_direct_enter")) == NULL
             || direct_add_type(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *phases = Py_BuildValue("(iii)", TRACKER_IDLE, TRACKER_FIRST, TRACKER_SINGLE);
+    if (phases == NULL || PyModule_AddObject(m, "TRACKER_PHASES", phases) < 0) {
+        Py_XDECREF(phases);
         Py_DECREF(m);
         return NULL;
     }

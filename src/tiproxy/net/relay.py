@@ -65,6 +65,7 @@ from tiproxy.net.login_phase import (
 )
 from tiproxy.net.loop import open_files_limit
 from tiproxy.net.replay import TransactionReplay
+from tiproxy.protocol import tracker as tracker_phases
 from tiproxy.protocol.auth import native_answer
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
@@ -144,7 +145,7 @@ _FAST: dict[int, Expect] = {
     cmd: kind
     for cmd, kind in EXPECT_BY_COMMAND.items()
     if cmd not in (Command.QUIT, Command.PROCESS_KILL, Command.CHANGE_USER,
-                   Command.STMT_PREPARE, Command.STMT_CLOSE, Command.STMT_RESET,
+                   Command.STMT_PREPARE, Command.STMT_CLOSE,
                    Command.STMT_SEND_LONG_DATA, Command.STMT_FETCH, Command.RESET_CONNECTION,
                    Command.STMT_BULK_EXECUTE, Command.INIT_DB, Command.SET_OPTION)
 }
@@ -164,6 +165,7 @@ _fast_command: Callable[[Session, bytes], bool] | None = None
 _fast_response: Callable[[Session, bytes], bool] | None = None
 _QUERY = int(Command.QUERY)
 _EXECUTE = int(Command.STMT_EXECUTE)
+_RESET_STMT = int(Command.STMT_RESET)
 _IN_TRANS = int(ServerStatus.IN_TRANS)
 _CURSOR_EXISTS = int(ServerStatus.CURSOR_EXISTS)
 _LAST_ROW_SENT = int(ServerStatus.LAST_ROW_SENT)
@@ -461,6 +463,8 @@ class Session(TransactionReplay, SessionLogin):
                         except ProtocolError as e:  # too short for what it must hold
                             self._protocol_error(e)
                             return
+                    elif cmd == _RESET_STMT:  # (mysql-connector sends one before each execute)
+                        fast = not self.state.to_client and self._reset_is_plain(data)
                     else:
                         fast = cmd in _FAST
                     if fast and (self._capture is None or self._capture.take(data)):
@@ -495,6 +499,18 @@ class Session(TransactionReplay, SessionLogin):
             return False
         return not flags and not stmt.long_data and not stmt.cursor_open \
             and stmt.effects is None and not stmt.renames and stmt.variables is None
+
+    def _reset_is_plain(self, packet: bytes) -> bool:
+        """A COM_STMT_RESET of a statement the proxy knows, which from now on has no long data
+        and no open cursor (as _statement_command records)."""
+        if len(packet) != 9:
+            return False
+        stmt = self.state.stmts.get(packet_stmt_id(packet))
+        if stmt is None:
+            return False
+        stmt.long_data = False
+        stmt.cursor_open = False
+        return True
 
     def _drain_client(self) -> None:
         buf = self._cbuf
@@ -1336,6 +1352,9 @@ def _configure_compiled_path(hotpath: ModuleType) -> None:
     if described:
         raise RuntimeError(f"net/_hotpath.c reads attributes that are descriptors: "
                            f"{', '.join(described)}")
+    if hotpath.TRACKER_PHASES != (tracker_phases.IDLE, tracker_phases.FIRST,
+                                  tracker_phases.SINGLE):
+        raise RuntimeError("net/_hotpath.c's tracker phases are not protocol/tracker.py's")
     hotpath.configure(
         COMMAND,
         {cmd: (kind, *FIRST_STEP[kind]) for cmd, kind in _FAST.items()
