@@ -336,6 +336,34 @@ query_is_plain(PyObject *d, PyObject *s, PyObject *sd, PyObject *state, PyObject
              || contains_folded(p, n, "ocesslist"));
 }
 
+/* The statement id a COM_STMT_* packet starts with (p[5..9)). */
+static inline unsigned long
+stmt_id_of(const unsigned char *p)
+{
+    return (unsigned long)p[5] | (unsigned long)p[6] << 8 | (unsigned long)p[7] << 16
+           | (unsigned long)p[8] << 24;
+}
+
+/* The statement it names, from state.stmts: a new reference; NULL with an exception set, or
+ * NULL alone when the proxy does not know the id. */
+static PyObject *
+statement_of(PyObject *sd, PyObject *state, const unsigned char *p)
+{
+    PyObject *stmts = sget(sd, state, s_stmts);
+    if (stmts == NULL)
+        return NULL;
+    PyObject *key = PyLong_FromUnsignedLong(stmt_id_of(p));
+    if (key == NULL) {
+        Py_DECREF(stmts);
+        return NULL;
+    }
+    PyObject *stmt = PyDict_Check(stmts) ? PyDict_GetItemWithError(stmts, key) : NULL;
+    Py_DECREF(key);
+    Py_XINCREF(stmt);
+    Py_DECREF(stmts);
+    return stmt;
+}
+
 /* Session._reset_is_plain: a COM_STMT_RESET of a statement the proxy knows: it has no long
  * data and no open cursor from now on (1); 0 for any other (the Python path's). */
 static int
@@ -343,20 +371,7 @@ reset_statement(PyObject *sd, PyObject *state, const unsigned char *p, Py_ssize_
 {
     if (n != 4 + 5)
         return 0;
-    unsigned long stmt_id = (unsigned long)p[5] | (unsigned long)p[6] << 8
-                            | (unsigned long)p[7] << 16 | (unsigned long)p[8] << 24;
-    PyObject *stmts = sget(sd, state, s_stmts);
-    if (stmts == NULL)
-        return -1;
-    PyObject *key = PyLong_FromUnsignedLong(stmt_id);
-    if (key == NULL) {
-        Py_DECREF(stmts);
-        return -1;
-    }
-    PyObject *stmt = PyDict_Check(stmts) ? PyDict_GetItemWithError(stmts, key) : NULL;
-    Py_DECREF(key);
-    Py_XINCREF(stmt);
-    Py_DECREF(stmts);
+    PyObject *stmt = statement_of(sd, state, p);
     if (stmt == NULL)
         return PyErr_Occurred() ? -1 : 0;
     int r = PyObject_SetAttr(stmt, s_long_data, Py_False) < 0
@@ -372,22 +387,9 @@ execute_is_plain(PyObject *sd, PyObject *state, const unsigned char *p, Py_ssize
 {
     if (n < 4 + 10)
         return 0;
-    unsigned long stmt_id = (unsigned long)p[5] | (unsigned long)p[6] << 8
-                            | (unsigned long)p[7] << 16 | (unsigned long)p[8] << 24;
-    PyObject *stmts = sget(sd, state, s_stmts);
-    if (stmts == NULL)
-        return -1;
-    PyObject *key = PyLong_FromUnsignedLong(stmt_id);
-    if (key == NULL) {
-        Py_DECREF(stmts);
-        return -1;
-    }
-    PyObject *stmt = PyDict_Check(stmts) ? PyDict_GetItemWithError(stmts, key) : NULL;
-    Py_DECREF(key);
-    Py_XINCREF(stmt);
-    Py_DECREF(stmts);
-    if (stmt == NULL)
-        return PyErr_Occurred() ? -1 : stmt_id != LAST_PREPARED_ID;
+    PyObject *stmt = statement_of(sd, state, p);
+    if (stmt == NULL)  /* unknown: the one prepared last (its types are recorded), or none */
+        return PyErr_Occurred() ? -1 : stmt_id_of(p) != LAST_PREPARED_ID;
     int r = -1;
     PyObject *d = PyObject_GenericGetDict(stmt, NULL), *v = NULL;
     if (d == NULL || (v = sget(d, stmt, s_params)) == NULL)
@@ -682,19 +684,14 @@ hotpath_command(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (cmd == COM_QUERY) {
         if ((r = query_is_plain(d, s, sd, state, data, p, n)) <= 0)
             goto refuse;
-    } else if (cmd == COM_STMT_EXECUTE) {
-        if ((r = s_true(sd, state, s_to_client)) != 0) {
+    } else if (cmd == COM_STMT_EXECUTE || cmd == COM_STMT_RESET) {
+        if ((r = s_true(sd, state, s_to_client)) != 0) {  /* ids to translate: Python's */
             r = r < 0 ? -1 : 0;
             goto refuse;
         }
-        if ((r = execute_is_plain(sd, state, p, n)) <= 0)
-            goto refuse;
-    } else if (cmd == COM_STMT_RESET) {
-        if ((r = s_true(sd, state, s_to_client)) != 0) {
-            r = r < 0 ? -1 : 0;
-            goto refuse;
-        }
-        if ((r = reset_statement(sd, state, p, n)) <= 0)
+        r = cmd == COM_STMT_EXECUTE ? execute_is_plain(sd, state, p, n)
+                                    : reset_statement(sd, state, p, n);
+        if (r <= 0)
             goto refuse;
     }
 
