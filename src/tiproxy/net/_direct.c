@@ -189,9 +189,16 @@ direct_send_tls(PyObject *transport, PyObject *data)
                           &written);
     clear_errors();
     if (!ok || written != (size_t)PyBytes_GET_SIZE(data)) {
-        /* (not expected of a memory BIO): the TLS protocol meets whatever it was */
+        /* (not expected of a memory BIO) The rest goes through the TLS protocol, which meets
+         * whatever it was, and sends what was sealed here first, from the same BIO. */
         hotpath_out.leave = 1;
-        return written ? 0 : write_to(transport, data);
+        PyObject *rest = PyBytes_FromStringAndSize(PyBytes_AS_STRING(data) + written,
+                                                   PyBytes_GET_SIZE(data) - (Py_ssize_t)written);
+        if (rest == NULL)
+            return -1;
+        int r = write_to(transport, rest);
+        Py_DECREF(rest);
+        return r;
     }
     BIO *out = SSL_get_wbio(ssl);
     int direct = raw_held == 0, k;
