@@ -508,8 +508,7 @@ class Session(TransactionReplay, SessionLogin):
         stmt = self.state.stmts.get(packet_stmt_id(packet))
         if stmt is None:
             return False
-        stmt.long_data = False
-        stmt.cursor_open = False
+        stmt.reset()
         return True
 
     def _drain_client(self) -> None:
@@ -721,8 +720,7 @@ class Session(TransactionReplay, SessionLogin):
             elif not stmt.types_sent and stmt.param_types is not None:
                 packet = with_types(packet, stmt.params, stmt.param_types)
                 stmt.types_sent = True
-            stmt.long_data = False
-            stmt.cursor_open = False
+            stmt.reset()
             recorded = flags or stmt.effects is not None or stmt.variables is not None
             token = ("execute", client_id) if recorded else cmd
         elif cmd == Command.STMT_FETCH:
@@ -731,8 +729,7 @@ class Session(TransactionReplay, SessionLogin):
             state.closed(client_id)
             self.last_answer = _monotonic()  # unanswered, it restarts the server's idle clock
         elif cmd == Command.STMT_RESET:
-            stmt.long_data = False
-            stmt.cursor_open = False
+            stmt.reset()
         elif cmd == Command.STMT_SEND_LONG_DATA:
             stmt.long_data = True
             self.last_answer = _monotonic()  # (as COM_STMT_CLOSE)

@@ -43,6 +43,12 @@ class PreparedStatement:
     # What executing it does to the session's variables (session/rebuild.py), if anything
     variables: VariableChanges | None = None
 
+    def reset(self) -> None:
+        """An execute or a COM_STMT_RESET: no long data and no open cursor from now on (the
+        compiled relay path does the same for a COM_STMT_RESET, net/_hotpath.c)."""
+        self.long_data = False
+        self.cursor_open = False
+
 
 @dataclass
 class SessionState:
