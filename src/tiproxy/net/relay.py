@@ -190,7 +190,7 @@ class ClientLeg(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._adopted is None and not self._passed \
-                and self.server.hand_off(transport.get_extra_info("socket")):
+                and self.server.hand_off(transport):
             transport.close()  # (the connection lives on in the worker it went to)
             return
         session = self.session = Session(self.server, cast(asyncio.Transport, transport),

@@ -195,9 +195,9 @@ class ProxyServer:
         log.info("session %d taken over from the previous process", handover.id)
         return True
 
-    def hand_off(self, sock: socket.socket) -> bool:
+    def hand_off(self, transport: asyncio.BaseTransport) -> bool:
         """Pass a connection just accepted to another worker (workers/worker.py); True if
-        it went. One process keeps every connection."""
+        it went (the caller then closes `transport`). One process keeps every connection."""
         return False
 
     async def serve_passed(self, sock: socket.socket) -> None:

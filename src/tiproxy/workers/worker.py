@@ -198,9 +198,10 @@ class WorkerServer(ProxyServer):
 
     # -- new connections kept even over the workers (workers/handoff.py) ---------------------
 
-    def hand_off(self, sock: socket.socket) -> bool:
+    def hand_off(self, transport: asyncio.BaseTransport) -> bool:
         worker = self.handoff.target(len(self.sessions))
-        return worker >= 0 and self.handoff.send(worker, sock)
+        # (The transport's socket object costs a getsockname: asked for only to pass it.)
+        return worker >= 0 and self.handoff.send(worker, transport.get_extra_info("socket"))
 
     def _passed_here(self, sock: socket.socket) -> None:
         if self._shutting_down:
