@@ -24,8 +24,15 @@ log = logging.getLogger("tiproxy.net")
 
 def apply_keepalive(transport: asyncio.BaseTransport | None, cfg: KeepAliveConfig) -> None:
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is not None:
-        apply_keepalive_socket(sock, cfg)
+    if sock is None or (fd := sock.fileno()) < 0:
+        return
+    # uvloop's socket object makes a socket.socket for each setsockopt, and each of those asks
+    # the kernel for the address (getsockname): one wrapper told its kind does all five.
+    own = socket.socket(sock.family, sock.type, sock.proto, fd)
+    try:
+        apply_keepalive_socket(own, cfg)
+    finally:
+        own.detach()  # the descriptor stays the transport's
 
 
 def apply_keepalive_socket(sock: socket.socket, cfg: KeepAliveConfig) -> None:
