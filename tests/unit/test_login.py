@@ -341,6 +341,29 @@ def test_forwarded_response() -> None:
     assert login.backend_greeting == BACKEND
 
 
+def test_a_backend_connected_before_the_greeting_gets_the_clients_answer_as_it_is() -> None:
+    """Greeted with the early backend's salt, the client answered that backend: its scramble and
+    plugin go on unchanged (no auth switch), and only the early backend's greeting says so."""
+    login = Login(BACKEND, 1234, tls_available=False, early_salt=True)
+    _, g = greeting_of(login)
+    assert g.salt == BACKEND.salt
+    login.client_packet(1, build_handshake_response(RESPONSE))
+    [action] = login.backend_greeted(BACKEND, early=True)
+    assert isinstance(action, SendBackend)
+    [(_, payload)] = list(PacketSplitter().feed(action.data))
+    sent = parse_handshake_response(payload)
+    assert (sent.auth_plugin, sent.auth_data) == ("mysql_native_password", RESPONSE.auth_data)
+    assert login.backend_greeting == BACKEND
+    # Another backend (the early one failed meanwhile) never saw that salt: it switches.
+    login = Login(BACKEND, 1234, tls_available=False, early_salt=True)
+    login.client_packet(1, build_handshake_response(RESPONSE))
+    [action] = login.backend_greeting_received(build_greeting(BACKEND))
+    assert isinstance(action, SendBackend)
+    [(_, payload)] = list(PacketSplitter().feed(action.data))
+    sent = parse_handshake_response(payload)
+    assert (sent.auth_plugin, sent.auth_data) == (FORCE_SWITCH_PLUGIN, b"")
+
+
 def test_route_without_database() -> None:
     login = Login(TEMPLATE, 1, tls_available=False)
     resp = replace(RESPONSE, capabilities=CLIENT_CAPS & ~C.CONNECT_WITH_DB, database=None)

@@ -143,8 +143,8 @@ class SessionLogin:
         self._changing_to: str | None = None  # the user a COM_CHANGE_USER in flight names
         self._tls_early: bytearray | None = None  # client bytes while its TLS is set up
         self._tls_refusal = ""  # why the client's certificate is not accepted
-        # A backend connected before the greeting: (backend, leg, its greeting packet)
-        self._early: tuple[Backend, BackendLeg, bytes] | None = None
+        # A backend connected before the greeting: (backend, leg, its greeting)
+        self._early: tuple[Backend, BackendLeg, Greeting] | None = None
         # With [proxy] backend-pool-size: what keeping the backend connection when the session
         # ends needs of the login (net/pool.py); None once it no longer holds
         self._pool_login: PoolLogin | None = None
@@ -219,7 +219,7 @@ class SessionLogin:
                         or len(greeting.salt) != SALT_LENGTH:
                     return None  # the usual path, with a greeting of the proxy's own
                 router.succeeded(backend, greeting)
-                self._early = (backend, leg, payload)
+                self._early = (backend, leg, greeting)
                 self._early_seconds = _monotonic() - started
                 backend.connections += 1  # counted now, so that a burst spreads
                 return greeting
@@ -230,7 +230,7 @@ class SessionLogin:
                         leg.abort()
         return None
 
-    def _candidates(self) -> tuple[list[Backend], tuple[Backend, BackendLeg, bytes] | None]:
+    def _candidates(self) -> tuple[list[Backend], tuple[Backend, BackendLeg, Greeting] | None]:
         """The backends to try for this login, best first: the early one first while it is
         still a choice for the user's namespace (else its connection is dropped)."""
         candidates = self.server.router.candidates(namespace=self.namespace)
@@ -241,7 +241,7 @@ class SessionLogin:
             early[1].abort()
         return candidates, None
 
-    def _take_early(self) -> tuple[Backend, BackendLeg, bytes] | None:
+    def _take_early(self) -> tuple[Backend, BackendLeg, Greeting] | None:
         """The early backend connection, for the route to use or drop; nobody else's."""
         early, self._early = self._early, None
         if early is not None:
@@ -431,8 +431,9 @@ class SessionLogin:
         self._run(login.pooled(kept.login.greeting, kept.login.ok))
         return True
 
-    async def _backend_greeting(self, backend: Backend, early: tuple[Backend, BackendLeg, bytes]
-                                | None) -> tuple[BackendLeg, list[Action]]:
+    async def _backend_greeting(self, backend: Backend,
+                                early: tuple[Backend, BackendLeg, Greeting] | None
+                                ) -> tuple[BackendLeg, list[Action]]:
         """A leg to `backend` that has greeted, and what the login answers its greeting."""
         login = self.login
         assert login is not None
@@ -443,7 +444,7 @@ class SessionLogin:
             await BackendLeg.open(backend.host, backend.port, header=self.backend_header())
         try:
             if early is not None:
-                actions = login.backend_greeting_received(early[2], early=True)
+                actions = login.backend_greeted(early[2], early=True)
                 resp = login.response
                 if resp is not None and resp.auth_plugin == "mysql_native_password":
                     # The client answered the backend's own salt: the exchange to recover the

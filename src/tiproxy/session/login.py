@@ -268,9 +268,8 @@ class Login:
         db = resp.database.decode("utf-8", "replace") if resp.database else None
         return [Route(resp.user.decode("utf-8", "replace"), db)]
 
-    def backend_greeting_received(self, payload: bytes, early: bool = False) -> list[Action]:
-        """The driver connected to a backend; this is its first packet. `early`: the backend
-        whose salt the client's greeting carried."""
+    def backend_greeting_received(self, payload: bytes) -> list[Action]:
+        """The driver connected to a backend; this is its first packet."""
         if self.state is not LoginState.ROUTING or self.response is None:
             raise ProtocolError("backend greeting out of turn", Origin.PROXY)
         with _backend_bytes():
@@ -280,6 +279,13 @@ class Login:
                     f"backend refused the connection: {err.code} {err.message}", Origin.BACKEND
                 )
             greeting = parse_greeting(payload)
+        return self.backend_greeted(greeting)
+
+    def backend_greeted(self, greeting: Greeting, early: bool = False) -> list[Action]:
+        """The backend's greeting, parsed. `early`: the backend whose salt the client's
+        greeting carried (the driver parsed its greeting before the client's)."""
+        if self.state is not LoginState.ROUTING or self.response is None:
+            raise ProtocolError("backend greeting out of turn", Origin.PROXY)
         if not greeting.capabilities & Capability.PLUGIN_AUTH:
             raise ProtocolError("backend does not support pluggable authentication", Origin.BACKEND)
         self.backend_greeting = greeting
