@@ -270,8 +270,6 @@ class Login:
 
     def backend_greeting_received(self, payload: bytes) -> list[Action]:
         """The driver connected to a backend; this is its first packet."""
-        if self.state is not LoginState.ROUTING or self.response is None:
-            raise ProtocolError("backend greeting out of turn", Origin.PROXY)
         with _backend_bytes():
             if payload[:1] == b"\xff":
                 err = parse_err(payload)
