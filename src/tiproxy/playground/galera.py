@@ -51,8 +51,11 @@ _PROVIDER_SEARCH = (
     "/usr/lib/libgalera_smm.so",
 )
 SYNCED = 4  # wsrep_local_state: 1 joining, 2 donor/desynced, 3 joined, 4 synced
-_PORT_ATTEMPTS = 3  # another process may take a port between free_port() and the node's bind
-_PORT_IN_USE = "Address already in use"
+_PORT_ATTEMPTS = 3  # another process may take a port between free_port() and its bind
+_PORT_TAKEN = (  # what a node's error log says when one of its ports was not free after all
+    "Address already in use",
+    "the rsync or stunnel daemon",  # "... (PID: n) terminated unexpectedly": its bind failed
+)
 _POLL_INTERVAL = 0.2  # each poll runs the mariadb client once
 _NODE_ARGS = (
     "--wsrep-on=ON",
@@ -242,7 +245,7 @@ class GaleraCluster:
                 node.start(max(deadline - time.monotonic(), 1.0))
                 break
             except LauncherError as exc:
-                if attempt == _PORT_ATTEMPTS or _PORT_IN_USE not in str(exc):
+                if attempt == _PORT_ATTEMPTS or not any(m in str(exc) for m in _PORT_TAKEN):
                     raise
         self._wait_status(i, deadline, self._is_synced)
 
