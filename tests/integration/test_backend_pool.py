@@ -29,7 +29,7 @@ import pytest
 from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
 from support.metrics import scrape
 from support.proxy import ProxyFactory, ProxyProcess
-from tiproxy.playground.mariadb import AppUser, MariaDBServer
+from tiproxy.playground.mariadb import HOST, AppUser, MariaDBServer
 from tiproxy.protocol.auth import native_password_scramble
 from tiproxy.protocol.packets import frame, parse_auth_switch
 
@@ -183,6 +183,139 @@ def test_what_a_reset_would_not_give_back_keeps_no_connection(
         logins(ordinary, ("hello", 0.0))
     finally:
         server.sql("SET GLOBAL init_connect = ''")
+
+
+def created(server: MariaDBServer, user: AppUser, limits: str = "") -> AppUser:
+    """An account of `user` that may read `test` (and nothing more: no CONNECTION ADMIN)."""
+    server.sql(f"CREATE USER {user.name}@'%' IDENTIFIED BY '{user.password}' {limits}; "
+               f"GRANT SELECT ON test.* TO {user.name}@'%'")
+    return user
+
+
+def one_then_another(proxy: ProxyProcess, watch: Watch, user: AppUser) -> None:
+    """A login, then one with another character set (which a kept connection would not serve):
+    the first one's connection is gone, and the second gets one of its own."""
+    proxy.connect(user, charset="latin1").close()
+    wait_until(lambda: not watch.threads(user.name), f"a connection of {user.name} was kept")
+    with proxy.connect(user, charset="utf8mb4") as conn, conn.cursor() as cur:
+        cur.execute("SELECT CURRENT_USER()")
+        assert cur.fetchone() == (f"{user.name}@%",)
+
+
+def test_an_accounts_connection_limits_count_every_login_and_connection_as_without_the_pool(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
+) -> None:
+    """An account's MAX_CONNECTIONS_PER_HOUR counts its logins and its MAX_USER_CONNECTIONS
+    the connections it holds: the proxy keeps no connection of such an account, so a login is
+    refused when it would be without the proxy, and never because a connection kept idle holds
+    the place it needs."""
+    hourly = created(server, AppUser("hourly", "hourly-pass"), "WITH MAX_CONNECTIONS_PER_HOUR 3")
+    single = created(server, AppUser("single", "single-pass"), "WITH MAX_USER_CONNECTIONS 1")
+    proxy = proxy_factory([server.addr], pool_toml())
+    first_kept(proxy)
+    before = pool_events(proxy)["kept"]
+    for _ in range(3):
+        proxy.connect(hourly).close()
+    with pytest.raises(pymysql.err.OperationalError) as info:
+        proxy.connect(hourly)
+    assert info.value.args[0] == 1226  # ER_USER_LIMIT_REACHED: the server counted 3 logins
+    one_then_another(proxy, watch, single)
+    assert pool_events(proxy)["kept"] == before
+
+
+def test_a_server_with_max_user_connections_keeps_no_connection(
+    mariadb_factory: MariaDBFactory, proxy_factory: ProxyFactory,
+) -> None:
+    """The server's max_user_connections limits every account: once a health check has read
+    it (every second here), the proxy closes what it keeps there and keeps nothing more. (A
+    MariaDB started with 0 cannot set it later: this one starts with 1, set to 0 at first.)"""
+    server = mariadb_factory((*BACKEND_ARGS, "--max-user-connections=1"), BACKEND_USERS)
+    server.sql("SET GLOBAL max_user_connections = 0")
+    user = created(server, AppUser("plain", "plain-pass"))
+    watch = Watch(server)
+    try:
+        proxy = proxy_factory([server.addr], pool_toml() + '\n[health]\ninterval = "1s"')
+        first_kept(proxy, user)
+        assert watch.threads(user.name)
+        server.sql("SET GLOBAL max_user_connections = 1")
+        wait_until(lambda: not watch.threads(user.name), "a kept connection stayed")
+        before = pool_events(proxy)["kept"]
+        one_then_another(proxy, watch, user)
+        assert pool_events(proxy)["kept"] == before
+    finally:
+        watch.conn.close()
+
+
+def test_a_login_the_server_finds_one_too_many_gets_the_place_of_a_kept_connection(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
+) -> None:
+    """Kept connections count toward the server's max_connections. MariaDB greets one connection
+    beyond it and refuses it after the password, for want of CONNECTION ADMIN, and refuses the
+    one after that at once: either way the proxy closes the longest idle connection it keeps
+    there and tries again, and the login goes through."""
+    user = created(server, AppUser("plain", "plain-pass"))
+    proxy = proxy_factory([server.addr], pool_toml() + '\n[health]\ninterval = "60s"')
+    first_kept(proxy, user, charset="latin1")
+    clients = [proxy.connect(user, charset="latin1") for _ in range(3)]
+    before = pool_events(proxy)["kept"]
+    for conn in clients:
+        conn.close()
+    wait_until(lambda: pool_events(proxy)["kept"] >= before + 3, "the connections were not kept")
+    kept = watch.threads(user.name)
+    assert len(kept) == 3
+
+    def direct(who: AppUser) -> MySQLdb.Connection:
+        return MySQLdb.connect(host=HOST, port=server.port, user=who.name, password=who.password)
+
+    watch.conn.query("SET GLOBAL max_connections = 10")  # MariaDB's least
+    watch.conn.query("SHOW STATUS LIKE 'Threads_connected'")
+    connected = int(watch.conn.store_result().fetch_row()[0][1])
+    others = [direct(APP) for _ in range(10 - connected)]  # now the server is full
+    try:
+        with pytest.raises(MySQLdb.OperationalError) as info:
+            direct(user)
+        assert info.value.args[0] == 1040  # a new connection is one too many
+        with proxy.connect(user, charset="utf8mb4") as conn, conn.cursor() as cur:
+            cur.execute("SELECT CURRENT_USER(), @@character_set_client")
+            assert cur.fetchone() == ("plain@%", "utf8mb4")
+            others.append(direct(APP))  # the one beyond, for CONNECTION ADMIN (ALL PRIVILEGES)
+            with pytest.raises(MySQLdb.OperationalError) as info:
+                direct(APP)
+            assert info.value.args[0] == 1040  # and the next is refused before its greeting
+            with proxy.connect(APP, charset="utf8mb4") as again, again.cursor() as cur2:
+                cur2.execute("SELECT CURRENT_USER()")
+                assert cur2.fetchone() == ("app@%",)
+        assert len(watch.threads(user.name) & kept) == 1  # two made room
+        proxy.wait_log("the server has too many connections")
+    finally:
+        for conn in others:
+            conn.close()
+        watch.conn.query("SET GLOBAL max_connections = 151")
+
+
+def test_a_session_a_kill_named_leaves_no_connection_behind(
+    server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory,
+) -> None:
+    """A KILL runs against its target's backend thread a moment after naming the target (one
+    in another worker is looked up there first), when the target may have ended: a session a
+    KILL named is not kept, so that thread never serves another client."""
+    proxy = proxy_factory([server.addr], pool_toml())
+    first_kept(proxy)
+    (kept_thread,) = watch.threads()
+    target = proxy.connect()
+    assert watch.threads() == {kept_thread}  # the target is served on it
+    with target.cursor() as cur:
+        cur.execute("SELECT CONNECTION_ID()")
+        (target_id,) = cur.fetchone()
+    before = pool_events(proxy)["kept"]
+    with proxy.connect() as killer, killer.cursor() as cur:
+        cur.execute(f"KILL QUERY {target_id}")  # it runs nothing: the session lives on
+    kept_after_close(proxy, before)  # the killer's connection
+    with target.cursor() as cur:
+        cur.execute("SELECT 1")
+    target.close()
+    wait_until(lambda: kept_thread not in watch.threads(), "the KILL's target was kept")
+    assert pool_events(proxy)["kept"] == before + 1
 
 
 def test_only_the_same_login_verified_by_the_proxy_shares_a_connection(

@@ -30,3 +30,18 @@ def test_a_bad_line_is_named_and_not_shown(line: str) -> None:
     with pytest.raises(UsersFileError) as info:
         CredentialStore().load_users(f"ok {APP_HASH}\n{line}\n".encode(), "users")
     assert str(info.value) == "users:2: expected `user *HEX41`"
+
+
+def test_synced_accounts_with_limits_of_their_own_are_told_apart() -> None:
+    """The sync's fourth column: 1 for an account with limits of its own, NULL where the server
+    could not say (then it may have them); before any sync, every account may."""
+    store = CredentialStore()
+    assert store.own_limits("app")
+    rows = [("app", "mysql_native_password", APP_HASH, "0"),
+            ("capped", "mysql_native_password", APP_HASH, "1"),
+            ("unknown", "mysql_native_password", APP_HASH, None),
+            ("edu", "ed25519", "", "0")]
+    assert store.replace_synced(rows) == 3  # ed25519's key is no password hash
+    assert [store.own_limits(u) for u in ("app", "capped", "unknown", "edu")] == \
+        [False, True, True, False]
+    assert store.knows("edu") is False and store.knows("capped")

@@ -55,7 +55,7 @@ def leg() -> tuple[BackendLeg, Transport]:
 @pytest.fixture
 def backend() -> Backend:
     b = Backend("127.0.0.1:3306", "127.0.0.1", 3306)
-    b.init_connect = False
+    b.keep_unfit = ""
     return b
 
 
@@ -152,10 +152,10 @@ def test_sweep_closes_what_expired_left_or_no_longer_fits(pool: BackendPool,
     pool.sweep(router, legs[1][0].session.since)  # type: ignore[union-attr]
     assert pool.idle == 1 and legs[0][1].ended == "closed"
     assert legs[0][1].written.endswith(b"\x01\x00\x00\x00\x01")  # COM_QUIT first
-    backend.init_connect = True  # a health check found one: a reset would not run it
+    backend.keep_unfit = "init_connect is set"  # a health check found one: a reset would not run it
     assert pool.take(backend, KEY, CREDENTIAL) is None
     assert legs[1][1].ended == "aborted" and pool.idle == 0
-    backend.init_connect = False
+    backend.keep_unfit = ""
     backend_leg, transport = kept(pool, backend)
     backend_leg.data_received(OK + OK)
     pool.sweep(router, backend_leg.session.since + 30.0)  # type: ignore[union-attr]

@@ -48,7 +48,8 @@ log = logging.getLogger("tiproxy.health")
 STATUS_SQL = ("SHOW GLOBAL STATUS WHERE Variable_name IN "
               "('wsrep_ready', 'wsrep_local_state', 'wsrep_local_state_comment', "
               "'Threads_running', 'Questions')")
-WSREP_ON_SQL = "SHOW GLOBAL VARIABLES WHERE Variable_name IN ('wsrep_on', 'init_connect')"
+VARIABLES_SQL = ("SHOW GLOBAL VARIABLES WHERE Variable_name IN "
+                 "('wsrep_on', 'init_connect', 'max_user_connections')")
 GALERA_SYNCED = "4"
 SMOOTHING = 0.5  # weight of the newest load sample
 METRICS_LIMIT = 4 << 20  # bytes of a TiDB's /metrics read: enough for its own, bounded
@@ -158,10 +159,10 @@ class HealthChecker:
 
     async def _status(self, conn: AdminConnection, backend: Backend, streak: _Streak) -> str:
         status = {_text(r[0]).lower(): _text(r[1]) for r in await conn.query(STATUS_SQL)}
-        wsrep = {_text(r[0]).lower(): _text(r[1]) for r in await conn.query(WSREP_ON_SQL)}
+        variables = {_text(r[0]).lower(): _text(r[1]) for r in await conn.query(VARIABLES_SQL)}
         _sample_load(backend, streak, status)
-        backend.galera = wsrep.get("wsrep_on", "OFF").upper() == "ON"
-        backend.init_connect = bool(wsrep.get("init_connect"))
+        backend.galera = variables.get("wsrep_on", "OFF").upper() == "ON"
+        backend.keep_unfit = _keep_unfit(variables)
         if not backend.galera:
             return ""
         ready = status.get("wsrep_ready", "OFF")
@@ -218,6 +219,15 @@ def _metric(text: bytes, name: bytes) -> float | None:
             except (IndexError, ValueError):
                 return None
     return None
+
+
+def _keep_unfit(variables: dict[str, str]) -> str:
+    """Why a backend with these global variables is no place for a kept connection (net/pool.py)."""
+    if variables.get("init_connect"):
+        return "init_connect is set (a reset connection does not run it)"
+    if variables.get("max_user_connections", "0") not in ("0", ""):
+        return "max_user_connections is set (kept connections count toward it)"
+    return ""
 
 
 def _sample_load(backend: Backend, streak: _Streak, status: dict[str, str]) -> None:

@@ -80,9 +80,11 @@ class Backend:
     drained_by: set[str] = field(default_factory=set)  # the reasons it is draining
     load: Load = field(default_factory=Load)
     galera: bool = False  # a Galera node (wsrep_on), as the health checks found
-    # It has an init_connect, which COM_RESET_CONNECTION does not run (net/pool.py); None: the
-    # health checks have not read it (they need auth-sync-user)
-    init_connect: bool | None = None
+    # Why a connection kept for the next login (net/pool.py) would not serve it as a new one
+    # would: an init_connect (COM_RESET_CONNECTION does not run it), a max_user_connections
+    # (kept connections count toward it); "": neither; None: the health checks have not read
+    # them (they need auth-sync-user)
+    keep_unfit: str | None = None
     offers_tls: bool | None = None  # its last greeting had CLIENT_SSL; None: not seen yet
     # information_schema.USER_VARIABLES answers there; None: not tried yet (net/migration.py)
     user_variables_table: bool | None = None

@@ -60,12 +60,17 @@ MIN_SYNC_GAP = 2.0  # a burst of unmatched logins triggers one sync, not one eac
 # Locked accounts and expired passwords log in nowhere: their hashes are not kept, so no session
 # logs in with them (a move, a kept backend connection of net/pool.py). MariaDB keeps the lock in
 # mysql.global_priv, MySQL in mysql.user; a server with neither gets the last query.
-# The fourth column is MariaDB's per-account MAX_STATEMENT_TIME (MySQL has none; NULL: unknown).
+# The fourth column says whether the account has limits of its own (1; NULL: unknown) that a
+# kept connection of net/pool.py would not honour: MariaDB's MAX_STATEMENT_TIME (a reset sets the
+# global one), MAX_USER_CONNECTIONS (kept connections count toward it) and
+# MAX_CONNECTIONS_PER_HOUR (a login on a kept connection is not counted).
 LOGIN_USERS_QUERIES = (
-    "SELECT u.User, u.plugin, u.authentication_string, u.max_statement_time FROM mysql.user u "
+    "SELECT u.User, u.plugin, u.authentication_string, u.max_statement_time <> 0 OR "
+    "u.max_user_connections <> 0 OR u.max_connections <> 0 FROM mysql.user u "
     "JOIN mysql.global_priv g USING (User, Host) "
     "WHERE u.password_expired <> 'Y' AND JSON_VALUE(g.Priv, '$.account_locked') IS NOT TRUE",
-    "SELECT User, plugin, authentication_string, 0 FROM mysql.user "
+    "SELECT User, plugin, authentication_string, max_user_connections <> 0 OR "
+    "max_connections <> 0 FROM mysql.user "
     "WHERE account_locked <> 'Y' AND password_expired <> 'Y'",
     "SELECT User, plugin, authentication_string, NULL FROM mysql.user",
 )

@@ -57,6 +57,7 @@ def handle_kill(session: Session, target_id: int, query_only: bool, prefix: byte
     if local is not None or not server.kill_target_elsewhere(target_id):
         target = None
         if local is not None and local.backend is not None and local.backend_connection_id:
+            local.named_by_kill()
             target = KillTarget(local.id, local.user, local.backend.addr,
                                 local.backend_connection_id)
         _kill(session, target_id, target, query_only, prefix)
@@ -90,9 +91,9 @@ def _kill(session: Session, target_id: int, target: KillTarget | None, query_onl
 
 
 def _gone(session: Session, target: KillTarget) -> bool:
-    """The target, a session of this process, ended since it was looked up: its backend
-    connection may now serve another client (a kept one, net/pool.py), so the KILL must not
-    run. It answers the killer as if the target were never there."""
+    """The target, a session of this process, ended since it was looked up: it answers the
+    killer as if the target were never there. (Its backend connection was not kept for another
+    client, net/pool.py: a target is marked when it is looked up, here or in its worker.)"""
     local = session.server.sessions.get(target.id)
     if local is None:
         if session.server.kill_target_elsewhere(target.id):

@@ -28,13 +28,14 @@ from tiproxy.net import counters
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.pool import PoolLogin
 from tiproxy.protocol import proxyproto
+from tiproxy.protocol.auth import native_answer
 from tiproxy.protocol.compress import Decompressor
 from tiproxy.protocol.constants import (
     ER_ACCESS_DENIED_ERROR,
     ER_CON_COUNT_ERROR,
     Capability,
 )
-from tiproxy.protocol.errors import Origin, ProtocolError
+from tiproxy.protocol.errors import BackendRefusedError, Origin, ProtocolError
 from tiproxy.protocol.framer import PacketSplitter
 from tiproxy.protocol.packets import (
     Greeting,
@@ -42,6 +43,7 @@ from tiproxy.protocol.packets import (
     build_err,
     frame,
     parse_auth_switch,
+    parse_err,
     parse_greeting,
 )
 from tiproxy.protocol.tracker import ResponseTracker
@@ -73,6 +75,11 @@ LOGIN_TIMEOUT = 30.0  # a client that does not finish logging in by then is cut 
 # Early backend connections (before the greeting) waiting for their clients at once, at most:
 # a burst of connections that never log in cannot take more of the backends' connections.
 EARLY_LEGS_MAX = 64
+# A backend that answers "too many connections" while this worker keeps idle connections to it
+# (net/pool.py) gets one of them closed and is tried again after ROOM_WAIT, at most ROOM_TRIES
+# times, waiting ROOM_WAIT longer each time.
+ROOM_TRIES = 3
+ROOM_WAIT = 0.02
 SALT_LENGTH = 20  # the greeting's salt the proxy can hand on (8 + 12 bytes)
 NO_CREDENTIAL = "no reusable credential"
 EMPTY_PASSWORD = b""  # the credential of a user without a password (else SHA1(password))
@@ -340,12 +347,13 @@ class SessionLogin:
     async def _route(self) -> None:
         assert self.login is not None
         login = self.login
-        router = self.server.router
-        self.namespace = router.namespace_of_user(self.user)
+        self.namespace = self.server.router.namespace_of_user(self.user)
         started = _monotonic()
         unfit = ""
         candidates, early = self._candidates()
-        for backend in candidates:
+        room_made = 0
+        while candidates:
+            backend = candidates.pop(0)
             if self.phase == CLOSED:
                 if early is not None:
                     early[1].abort()
@@ -364,10 +372,15 @@ class SessionLogin:
                     continue
                 await self._backend_handshake(leg, backend, actions)
             except (OSError, TimeoutError, ProtocolError, ssl.SSLError) as e:
-                self.server.dial_failed(backend, _reason(e))
                 login.backend_failed()
                 if leg is not None:
                     leg.abort()
+                if room_made < ROOM_TRIES and _too_many(e) \
+                        and await self._make_room(backend, room_made):
+                    room_made += 1
+                    candidates.insert(0, backend)
+                else:
+                    self.server.dial_failed(backend, _reason(e))
                 continue
             except BaseException:  # cancelled: the session is closing
                 for other in (leg, early[1] if early is not None else None):
@@ -377,15 +390,8 @@ class SessionLogin:
             if self.phase == CLOSED:
                 leg.abort()
                 return
-            self.backend = backend
-            self.backend_leg = leg
-            self.backend_tls = login.backend_tls
-            backend.connections += 1
             self.server.got_backend(_monotonic() - started, True)
-            greeting = login.backend_greeting
-            if greeting is not None and "TiDB" in greeting.server_version:
-                self.dialect = "tidb"
-            await self._relay_login(leg)
+            await self._attached(backend, leg)
             return
         self.server.got_backend(_monotonic() - started, False)
         if unfit:
@@ -394,6 +400,28 @@ class SessionLogin:
                          kind=counters.BACKEND_HANDSHAKE)
             return
         self._refuse_no_backend(login.client_reply_seq)
+
+    async def _attached(self, backend: Backend, leg: BackendLeg) -> None:
+        """The login goes on with `backend`, which has answered the client's response."""
+        login = self.login
+        assert login is not None
+        self.backend = backend
+        self.backend_leg = leg
+        self.backend_tls = login.backend_tls
+        backend.connections += 1
+        greeting = login.backend_greeting
+        if greeting is not None and "TiDB" in greeting.server_version:
+            self.dialect = "tidb"
+        await self._relay_login(leg, backend)
+
+    async def _make_room(self, backend: Backend, tries: int) -> bool:
+        """`backend` refused a connection as one too many: close a connection this worker
+        keeps there (net/pool.py), if there is one, and give the server a moment, longer each
+        time, to free its place (it does once it has read the COM_QUIT)."""
+        if not self.server.pool.make_room(backend):
+            return False
+        await asyncio.sleep(ROOM_WAIT * (tries + 1))
+        return True
 
     def _take_kept(self) -> bool:
         """Log in on a kept backend connection (net/pool.py) when the proxy verifies the
@@ -507,7 +535,7 @@ class SessionLogin:
         if early_data:
             self._login_client_data(bytes(early_data))
 
-    async def _relay_login(self, leg: BackendLeg) -> None:
+    async def _relay_login(self, leg: BackendLeg, backend: Backend) -> None:
         """Relay the backend's side of the authentication until OK or ERR."""
         assert self.login is not None
         try:
@@ -518,12 +546,70 @@ class SessionLogin:
                     switch = parse_auth_switch(payload)
                     native = switch.plugin == "mysql_native_password"
                     self._native_salt = switch.data[:20] if native else None
+                elif payload[:1] == b"\xff" and self.server.pool.holds(backend):
+                    payload = await self._in_place_of_kept(backend, payload)
                 self._run(self.login.backend_packet(seq, payload))
         except ProtocolError as e:
             self._protocol_error(e)
         except (OSError, TimeoutError) as e:
             self.close(f"backend failed during login: {_reason(e)}",
                        kind=counters.BACKEND_HANDSHAKE)
+
+    async def _in_place_of_kept(self, backend: Backend, refusal: bytes) -> bytes:
+        """The backend refused the login (`refusal`, an ERR) after the password. If as one
+        connection too many (MariaDB greets one beyond max_connections and refuses it then,
+        for want of CONNECTION ADMIN), and the proxy can answer for the client (it verified
+        its mysql_native_password answer), close a connection kept there (net/pool.py) and log
+        in again on a new one: what comes back, OK or ERR, is the client's answer."""
+        login = self.login
+        assert login is not None
+        exchange = self._native_exchange
+        if parse_err(refusal).code != ER_CON_COUNT_ERROR or exchange is None or login.backend_tls:
+            return refusal
+        credential = self.server.credentials.recover(self.user, *exchange)
+        if credential is None:
+            return refusal
+        for tries in range(ROOM_TRIES):
+            if not await self._make_room(backend, tries):
+                break
+            leg = await BackendLeg.open(backend.host, backend.port, header=self.backend_header())
+            try:
+                answer = await self._log_in_again(leg, credential)
+            except BaseException:
+                leg.abort()
+                raise
+            if answer[:1] == b"\x00":
+                assert self.backend_leg is not None
+                self.backend_leg.abort()
+                self.backend_leg = leg
+                self.set_backend_keepalive(leg, bool(backend.health))
+                return answer
+            leg.abort()
+            refusal = answer
+            if answer[:1] != b"\xff" or parse_err(answer).code != ER_CON_COUNT_ERROR:
+                break
+        return refusal
+
+    async def _log_in_again(self, leg: BackendLeg, credential: bytes) -> bytes:
+        """Log in on a new connection with the session's login, answering for the client;
+        returns the backend's last packet (OK, or the ERR it refused the connection with)."""
+        login = self.login
+        assert login is not None
+        _, payload = await leg.read_packet(CONNECT_TIMEOUT)
+        if payload[:1] == b"\xff":
+            return payload
+        greeting = parse_greeting(payload)
+        native = greeting.auth_plugin == "mysql_native_password"
+        leg.write(login.native_response(greeting, native_answer(credential, greeting.salt)
+                                        if native else b""))
+        while True:
+            seq, payload = await leg.read_packet(LOGIN_TIMEOUT)
+            if payload[:1] != b"\xfe":
+                return payload
+            switch = parse_auth_switch(payload)
+            if switch.plugin != "mysql_native_password":
+                raise ProtocolError(f"backend asks for {switch.plugin}", Origin.BACKEND)
+            leg.write(frame(native_answer(credential, switch.data[:20]), seq + 1))
 
     def _refuse_no_backend(self, seq: int) -> None:
         self._refuse(seq, "TiProxy: no backend is available, try again later",
@@ -571,6 +657,12 @@ class SessionLogin:
         log.debug("session %d: %s@%s logged in on %s",
                   self.id, self.user, self.peer, self.backend.addr)
 
+    def named_by_kill(self) -> None:
+        """A KILL (in this worker or another) named this session: its backend connection is
+        not kept when it ends (net/pool.py), so the thread id that KILL runs against never
+        serves another client, however long the KILL takes to get there."""
+        self._pool_login = None
+
     def keep_backend(self) -> bool:
         """The session ends between commands: hand its backend connection to the pool
         (net/pool.py) if it may serve the next login with the same key. False: close it."""
@@ -588,7 +680,7 @@ class SessionLogin:
             return False  # COM_SET_OPTION, SET ROLE, a task on the leg, a backend leaving
         security = self.server.config().security
         state = self.state
-        if "MariaDB" not in login.greeting.server_version or backend.init_connect is not False \
+        if "MariaDB" not in login.greeting.server_version or backend.keep_unfit != "" \
                 or self.server.credentials.own_limits(self.user) \
                 or _monotonic() - login.authenticated >= (security.auth_sync_interval or 60.0) \
                 or (login.key.database is None
@@ -631,6 +723,11 @@ class SessionLogin:
             self.close(f"login not finished within {LOGIN_TIMEOUT:.0f}s",
                        kind=counters.CLIENT_HANDSHAKE)
 
+
+
+def _too_many(e: BaseException) -> bool:
+    """Whether a backend refused a new connection as one too many (its max_connections)."""
+    return isinstance(e, BackendRefusedError) and e.code == ER_CON_COUNT_ERROR
 
 
 def _reason(e: BaseException) -> str:

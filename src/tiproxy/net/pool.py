@@ -7,13 +7,17 @@ Keeping. A session that ends between commands (the client quit or hung up) hands
 connection here instead of closing it, when what COM_RESET_CONNECTION leaves is what a new
 login would have, that is when all of these hold:
 - the backend is MariaDB (MySQL's reset sets the character set to the server's, not the
-  login's) without an init_connect (which a reset does not run; read by the health checks, so
-  `auth-sync-user` is required), and the account has no MAX_STATEMENT_TIME of its own (a reset
-  sets the global one; read by the credential sync);
+  login's) without an init_connect (which a reset does not run) or a global
+  max_user_connections (kept connections would count toward it), as the health checks read them
+  (so `auth-sync-user` is required), and the account has no limits of its own, as the
+  credential sync reads them: MAX_STATEMENT_TIME (a reset sets the global one),
+  MAX_USER_CONNECTIONS (as above) or MAX_CONNECTIONS_PER_HOUR (a login on a kept connection is
+  not counted);
 - the session is still on the connection it logged in on, with its login's user and
   capabilities (COM_SET_OPTION changes them), in its login's database or one COM_INIT_DB can
   give back, and never ran what may change the current role (SET ROLE, a procedure, a compound
-  statement: the reset keeps the role);
+  statement: the reset keeps the role), and no KILL named it (the KILL runs against its thread
+  a moment later: net/kill.py);
 - the proxy holds the SHA1(password) that login proved, and the server checked the account less
   than auth-sync-interval ago (a reused connection carries its first login's time: a connection
   never idle long enough to expire still goes back to the server for a new login);
@@ -203,11 +207,11 @@ class BackendPool:
             self.idle -= 1
             self._forget(kept)
             kept.leg.session = None
-            if not kept.leg.closed and kept.backend is backend and backend.init_connect is False:
+            if not kept.leg.closed and kept.backend is backend and backend.keep_unfit == "":
                 self.events[REUSED] += 1
                 return kept
             kept.leg.abort()  # closing, kept for a backend object the router replaced, or the
-            # backend has an init_connect since (which a reset does not run)
+            # backend has an init_connect or a max_user_connections since
         return None
 
     def drop(self, kept: Kept, why: str) -> None:
@@ -245,7 +249,7 @@ class BackendPool:
             for kept in list(queue):
                 backend = kept.backend
                 if self.size == 0 or now - kept.since >= self.idle_seconds \
-                        or backend.draining or backend.health or backend.init_connect is not False \
+                        or backend.draining or backend.health or backend.keep_unfit != "" \
                         or router.backends.get(backend.addr) is not backend:
                     self._close(kept)
         for addr, count in list(self._per_backend.items()):
@@ -256,6 +260,23 @@ class BackendPool:
                     self._close(kept)
         for kept in [k for k in self._resetting if now - k.since >= RESET_TIMEOUT]:
             self.drop(kept, f"COM_RESET_CONNECTION not answered within {RESET_TIMEOUT:g}s")
+
+    def holds(self, backend: Backend) -> bool:
+        """Whether a connection is kept for `backend`, ready for the next login."""
+        return any(k.backend is backend for queue in self._idle.values() for k in queue)
+
+    def make_room(self, backend: Backend) -> bool:
+        """Close the longest idle connection kept for `backend`, if there is one: the server
+        refused a new connection as too many (its max_connections), and kept connections must
+        not be why a login fails."""
+        ready = [k for queue in self._idle.values() for k in queue if k.backend is backend]
+        if not ready:
+            return False
+        kept = min(ready, key=lambda k: k.since)
+        log.info("kept connection to %s closed: the server has too many connections",
+                 backend.addr)
+        self._close(kept)
+        return True
 
     def stop(self) -> None:
         """Keep nothing more, and close what is kept (the proxy stops or hands over)."""

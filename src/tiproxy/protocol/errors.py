@@ -21,6 +21,15 @@ class ProtocolError(Exception):
         self.origin = origin
 
 
+class BackendRefusedError(ProtocolError):
+    """A backend answered a new connection with an ERR packet instead of its greeting (1040:
+    too many connections; 1129: host blocked)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"backend refused the connection: {code} {message}", Origin.BACKEND)
+        self.code = code
+
+
 class SQLError(Exception):
     """An error the client sees as an ERR packet with this code and SQLSTATE."""
 

@@ -51,24 +51,26 @@ class CredentialStore:
         return sum(len(v) for v in hashes.values())
 
     def replace_synced(self, rows: Iterable[tuple[str, str, str, str | None]]) -> int:
-        """Rows of (user, plugin, authentication_string, max_statement_time) read from a
-        backend; the last is None where the server could not say."""
+        """Rows of (user, plugin, authentication_string, limited) read from a backend: limited
+        is "1" for an account with limits of its own (control/cluster.py), None where the
+        server could not say."""
         hashes: dict[str, set[bytes]] = {}
         limited: set[str] = set()
-        for user, plugin, auth, statement_time in rows:
+        for user, plugin, auth, limits in rows:
             parsed = parse_native_hash(auth) if plugin in (NATIVE_PLUGIN, "") else None
             if parsed is not None:
                 hashes.setdefault(user, set()).add(parsed)
-            if statement_time is None or float(statement_time or 0):
+            if limits != "0":  # (None: unknown)
                 limited.add(user)
         self._synced = hashes
         self._limited = limited
         return sum(len(v) for v in hashes.values())
 
     def own_limits(self, user: str) -> bool:
-        """Whether an account of this name may have limits of its own that a session starts
-        with (MariaDB's MAX_STATEMENT_TIME), as far as the last sync could tell: a reset
-        connection has the global ones instead (net/pool.py)."""
+        """Whether an account of this name may have limits of its own, as far as the last sync
+        could tell: a statement time (a reset connection has the global one instead) or a cap
+        on its connections (a kept connection counts toward it, a login on one is not counted);
+        net/pool.py keeps no connection of such an account."""
         return user in self._limited or not self._synced
 
     def knows(self, user: str) -> bool:

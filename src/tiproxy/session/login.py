@@ -50,13 +50,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+from tiproxy.protocol.auth import NATIVE_PLUGIN
 from tiproxy.protocol.constants import (
     PER_LEG_CAPABILITIES,
     PROXY_CAPABILITIES,
     PROXY_MARIADB_CAPABILITIES,
     Capability,
 )
-from tiproxy.protocol.errors import Origin, ProtocolError
+from tiproxy.protocol.errors import BackendRefusedError, Origin, ProtocolError
 from tiproxy.protocol.packets import (
     Greeting,
     HandshakeResponse,
@@ -273,9 +274,7 @@ class Login:
         with _backend_bytes():
             if payload[:1] == b"\xff":
                 err = parse_err(payload)
-                raise ProtocolError(
-                    f"backend refused the connection: {err.code} {err.message}", Origin.BACKEND
-                )
+                raise BackendRefusedError(err.code, err.message)
             greeting = parse_greeting(payload)
         return self.backend_greeted(greeting)
 
@@ -340,6 +339,17 @@ class Login:
                 ok=ok,
             ),
         ]
+
+    def native_response(self, greeting: Greeting, auth: bytes) -> bytes:
+        """The response for a new plaintext connection to the backend this login is on, which
+        greeted with `greeting`, the proxy answering its salt with `auth` (mysql_native_password)
+        in the client's place: its login refused as one too many, the session's is tried again
+        (net/login_phase.py). Its OK is then the client's."""
+        if self.state is not LoginState.AUTH or self.backend_tls:
+            raise ProtocolError("a login again out of turn", Origin.PROXY)
+        self.backend_greeting = greeting
+        forwarded = replace(self._forwarded(tls=False), auth_data=auth, auth_plugin=NATIVE_PLUGIN)
+        return frame(build_handshake_response(forwarded), 1)
 
     def backend_failed(self) -> None:
         """The backend leg broke before its answer (its TLS handshake): try another."""

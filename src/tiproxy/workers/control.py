@@ -373,7 +373,7 @@ class Workers:
                 b.addr, b.namespace, dict(b.sources), frozenset(b.drained_by), b.health,
                 b.doubt, b.failures, b.retry_at, b.last_error, dataclasses.replace(b.load),
                 b.galera, b.offers_tls, b.mariadb_capabilities, b.move_problem,
-                self._slot(b.addr), b.peers, b.init_connect,
+                self._slot(b.addr), b.peers, b.keep_unfit,
             ) for b in router.backends.values()),
             router.template,
         )

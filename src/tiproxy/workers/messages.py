@@ -96,7 +96,7 @@ class BackendState:
     move_problem: str
     slot: int  # its column in the shared session counts
     peers: int = 0  # the other proxies' sessions on it (discovery/peers.py)
-    init_connect: bool | None = None
+    keep_unfit: str | None = None
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ class ReplicaRouter(Router):
             backend.last_error = state.last_error
             backend.load = state.load
             backend.galera = state.galera
-            backend.init_connect = state.init_connect
+            backend.keep_unfit = state.keep_unfit
             if state.offers_tls is not None:
                 backend.offers_tls = state.offers_tls
             if state.mariadb_capabilities is not None:
@@ -275,6 +275,7 @@ class WorkerServer(ProxyServer):
         s = self.sessions.get(session_id)
         if s is None or s.backend is None or not s.backend_connection_id:
             return None
+        s.named_by_kill()
         return KillTarget(s.id, s.user, s.backend.addr, s.backend_connection_id)
 
     # -- to the control process -----------------------------------------------------------------
