@@ -37,7 +37,7 @@ from tiproxy.config.info import ConfigInfoError, config_info
 from tiproxy.config.reload import check_reload
 from tiproxy.config.values import check_host
 from tiproxy.control.upgrade import Takeover, Upgrader
-from tiproxy.net import relay
+from tiproxy.net import direct
 from tiproxy.net.loop import install_event_loop, raise_open_files_limit
 from tiproxy.tls import TLSLoadError
 
@@ -91,12 +91,12 @@ async def serve(cfg: Config, config_path: Path | None = None,
                           proxy_protocol=bool(cfg.api.proxy_protocol),
                           sock=takeover.api_socket() if takeover is not None else None)
     log.info("tiproxy %s (pid %d): API listening on port %d", __version__, os.getpid(), api.port)
-    if relay.COMPILED_OFF:
+    if direct.COMPILED_OFF:
         log.warning("compiled relay path off (%s): every query takes the Python path",
-                    relay.COMPILED_OFF)
-    elif relay.DIRECT_OFF:
+                    direct.COMPILED_OFF)
+    elif direct.DIRECT_OFF:
         log.warning("direct relay off (%s): the event loop reads every socket",
-                    relay.DIRECT_OFF)
+                    direct.DIRECT_OFF)
     server.upgrader = Upgrader(holder, lambda: api, lambda: _handed_over(server, stop))
     loop.add_signal_handler(signal.SIGUSR2, lambda: _upgrade_soon(server))
     if takeover is not None:
