@@ -55,6 +55,7 @@ from tiproxy.net.login_phase import (
     SessionLogin,
 )
 from tiproxy.net.replay import TransactionReplay
+from tiproxy.net.session_handover import SessionHandoverPart
 from tiproxy.protocol import tracker as tracker_phases
 from tiproxy.protocol.auth import native_answer
 from tiproxy.protocol.codec import U32
@@ -99,7 +100,7 @@ from tiproxy.session.prepared import (
     with_stmt_id,
     with_types,
 )
-from tiproxy.session.rebuild import VARS_ALL, VARS_SYSTEM, variable_changes
+from tiproxy.session.rebuild import variable_changes
 from tiproxy.session.state import PreparedStatement, SessionState
 from tiproxy.session.statements import (
     COMPOUND_FIRST_BYTES,
@@ -208,7 +209,7 @@ class ClientLeg(asyncio.Protocol):
             self.session.pause_backend_reading(False)
 
 
-class Session(DirectReading, TransactionReplay, SessionLogin):
+class Session(DirectReading, SessionHandoverPart, TransactionReplay, SessionLogin):
     """One client session; see the module docstring."""
 
     # Backend thread id -> proxy id on the backend named, for the statement that waits for it
@@ -296,105 +297,6 @@ class Session(DirectReading, TransactionReplay, SessionLogin):
         self.server.metrics.created += 1
         self._counted = True
         return True
-    # -- handed over to or from another process (net/handover.py) ---------------------------
-
-    def at_handover_point(self) -> str:
-        """Why this session cannot be handed over now; "" when it can."""
-        if self.client_tls or self.backend_tls:
-            return "a TLS leg, whose keys stay in this process"
-        tracker = self.tracker
-        if self.phase != COMMAND or tracker is None or not tracker.idle \
-                or self._ccont or self._held - {"idle"} or self._moving \
-                or self._intercept is not None or self._rewriter is not None \
-                or self.held_answer is not None or self.lost_transaction \
-                or (self._task is not None and not self._task.done()) \
-                or (self._decompress is not None and self._decompress.buffered):
-            return "busy"
-        return ""
-
-    def handover_state(self) -> SessionHandover:
-        assert self.backend is not None and self.tracker is not None
-        return SessionHandover(
-            self.id, self.peer, self.user, self.namespace, self.dialect, self.backend.addr,
-            self.backend_connection_id, self.backend_caps, self.client_caps, self.mariadb_caps,
-            self.login_response, self.credential, self.state, self.tracker.status,
-            self._decompress is not None, self._origin, self.started, self.moves,
-            self.checkpoint, self.replays, self.stale, self.replay_limit, self.txlog,
-            bytes(self._cbuf), tuple(sorted(self._stale_system)), self.client_salt,
-            self.last_answer, self._idle_wait if self._idle_timer is not None else None,
-            commits=True)
-
-    def _adopt(self, h: SessionHandover, leg: BackendLeg) -> None:
-        """Go on with a session another process handed over, in the command phase."""
-        self.phase = COMMAND
-        self.peer, self.user, self.namespace, self.dialect = h.peer, h.user, h.namespace, \
-            h.dialect
-        self.backend_connection_id, self.backend_caps = h.backend_connection_id, h.backend_caps
-        self.client_caps, self.mariadb_caps = h.client_caps, h.mariadb_caps
-        self._multi = bool(h.client_caps & Capability.MULTI_STATEMENTS)
-        self.login_response, self.credential, self.state = h.login_response, h.credential, \
-            h.state
-        self._origin, self.started, self.moves = h.origin, h.started, h.moves
-        self.checkpoint, self.replays, self.stale = h.checkpoint, h.replays, h.stale
-        if h.stale_system is None and h.stale >= VARS_SYSTEM:
-            self.stale = VARS_ALL  # an older process's 2 meant "everything"
-        self._stale_system = set(h.stale_system or ())
-        self.client_salt = h.client_salt
-        if h.last_answer:
-            self.last_answer = h.last_answer
-        if h.idle_wait_timeout:  # a move's idle clock, still running
-            self._keep_wait_timeout(h.idle_wait_timeout)
-        self.replay_limit, self.txlog = h.replay_limit, h.txlog
-        self._replay_bytes = sum(len(s) for s in h.replays.values())
-        self._decompress = Decompressor() if h.compressed else None
-        self.backend = self.server.router.adopted_backend(h.backend_addr)
-        self.backend.connections += 1
-        self.count_on(self.backend)
-        self._counted = True  # accepted by the old process: its end counts here
-        self._opened = _monotonic() - max(0.0, time.time() - h.started)
-        deprecate_eof = bool(h.backend_caps & Capability.DEPRECATE_EOF)
-        self.tracker = ResponseTracker(deprecate_eof, self._response_done, h.status)
-        self.backend_leg, self.bt = leg, leg.transport
-        self.bound_writes(self.bt)
-        self.set_backend_keepalive(leg, bool(self.backend.health))
-        leg.attach(self)
-        if h.pending:  # a command that arrived as the old process let go
-            self._cbuf += h.pending
-            asyncio.get_running_loop().call_soon(self._drain_client)
-
-    def staying_view(self) -> tuple[int, str, str, str, str]:
-        return (self.id, self.user, self.peer, self.backend.addr if self.backend else "",
-                self.at_handover_point())
-
-    def handover_sockets(self) -> list[int]:
-        """The client's and the backend's socket descriptors, in that order."""
-        assert self.bt is not None
-        return [self.client.get_extra_info("socket").fileno(),
-                self.bt.get_extra_info("socket").fileno()]
-
-    def hold_for_handover(self, hold: bool) -> None:
-        """Nothing read from either peer (nor any move begun) while the session travels."""
-        if hold:
-            self.hold_input("handover")
-            self.pause_backend_reading(True)
-        else:
-            self.pause_backend_reading(False)
-            self.release_input("handover")
-
-    def handed_over(self) -> None:
-        """Another process has taken this session: let go of it without a word to either
-        peer (closing this process's descriptors leaves the connections open)."""
-        self.leave_direct()  # (done at hold_for_handover: a handed-over socket must not stay)
-        self.phase = CLOSED
-        if self.backend is not None:
-            self.backend.connections -= 1
-        if self.backend_leg is not None:
-            self.backend_leg.detach()
-            self.backend_leg.close(quit_first=False)
-        self.client.close()
-        self.server.session_closed(self)
-        log.info("session %d handed over to the new process", self.id)
-
     def follow_capture(self, sink: CaptureSink | None, fresh: bool = False) -> None:
         """A traffic capture starts (its sink in this process) or ends (None): see
         traffic/session.py. `fresh`: the session logged in during the capture."""
