@@ -30,7 +30,6 @@ on: the event loop calls the compiled path straight from its two sockets (net/di
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import logging
 import time
@@ -39,13 +38,14 @@ from bisect import bisect_left
 from collections.abc import Callable, Coroutine
 from contextlib import suppress
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from tiproxy.client.leg import BackendLeg
 from tiproxy.net import counters
 from tiproxy.net.counters import QUERY_BUCKETS, SINCE_CREATION_BUCKETS, BackendCounts, Histogram
 from tiproxy.net.direct import COMPILED_OFF, DirectReading
 from tiproxy.net.handover import Departure, SessionHandover
+from tiproxy.net.ids import CURSOR_TYPES, ConnectionIds
 from tiproxy.net.kill import handle_kill, handle_kill_expression
 from tiproxy.net.login_phase import (
     CLOSED,
@@ -89,7 +89,7 @@ from tiproxy.session.commands import (
     parse_process_kill,
     rewrite_change_user,
 )
-from tiproxy.session.connid import ResultRewriter, find_id_uses, might_name_ids, rewrite
+from tiproxy.session.connid import ResultRewriter
 from tiproxy.session.login import (
     FORCE_SWITCH_PLUGIN,
 )
@@ -160,8 +160,6 @@ _RESET_STMT = int(Command.STMT_RESET)
 _IN_TRANS = int(ServerStatus.IN_TRANS)
 _CURSOR_EXISTS = int(ServerStatus.CURSOR_EXISTS)
 _LAST_ROW_SENT = int(ServerStatus.LAST_ROW_SENT)
-# COM_STMT_EXECUTE's flags byte: CURSOR_TYPE_READ_ONLY, FOR_UPDATE, SCROLLABLE
-_CURSOR_TYPES = 0x07
 
 # Where an unrouted session's traffic would count: nowhere (nothing is relayed before login).
 _UNROUTED = BackendCounts()
@@ -209,12 +207,10 @@ class ClientLeg(asyncio.Protocol):
             self.session.pause_backend_reading(False)
 
 
-class Session(DirectReading, SessionHandoverPart, TransactionReplay, SessionLogin):
+class Session(DirectReading, ConnectionIds, SessionHandoverPart, TransactionReplay,
+              SessionLogin):
     """One client session; see the module docstring."""
 
-    # Backend thread id -> proxy id on the backend named, for the statement that waits for it
-    # (set only then: the class's None serves every session until one needs it).
-    _id_map: tuple[str, dict[int, int]] | None = None
     # The metrics (net/counters.py), set at login and when the session moves: the backend's
     # counters, whether that backend is in another location, and the data plane's histogram of
     # the session's age at each command.
@@ -477,7 +473,7 @@ class Session(DirectReading, SessionHandoverPart, TransactionReplay, SessionLogi
             if result is None:
                 return True
             packet, token = result
-            if cmd == _EXECUTE and length > 5 and packet[9] & _CURSOR_TYPES:
+            if cmd == _EXECUTE and length > 5 and packet[9] & CURSOR_TYPES:
                 kind = Expect.CURSOR  # only a cursor asked for ends the response at the EOF
         elif cmd == Command.STMT_PREPARE:
             prepare = self._prepare_command(packet)
@@ -655,65 +651,6 @@ class Session(DirectReading, SessionHandoverPart, TransactionReplay, SessionLogi
             if stage1 is not None:
                 packet = frame(native_answer(stage1, switched[0]), packet[3])
         self._to_backend(packet)
-
-    def _connection_ids(self, packet: bytes, prepare: bool) -> bytes | Literal[False]:
-        """A statement that names connection ids, made to show the proxy's (session/connid.py):
-        the packet to send (the same one when nothing changes), or False to wait (for the
-        backend to finish earlier responses, or for the other sessions' ids)."""
-        sql = packet[5:]
-        if len(sql) + 1 >= MAX_PAYLOAD or not might_name_ids(sql.lower()):
-            return packet  # the first 16 MiB of a longer command goes as it came
-        uses = find_id_uses(sql)
-        backend = self.backend
-        tracker = self.tracker
-        if uses is None or backend is None or tracker is None:
-            return packet
-        if prepare:
-            # Executed later, when other sessions' ids are not the ones known now: no lock call
-            # is mapped, nor a processlist's rows (its CONNECTION_ID() stays the backend's).
-            uses = dataclasses.replace(uses, lock_calls=())
-        if not tracker.idle:
-            return False  # the rewritten response must be the first one that comes back
-        ids: dict[int, int] | None = None
-        if uses.needs_holders and not prepare:
-            known, self._id_map = self._id_map, None
-            if known is None or known[0] != backend.addr:
-                self._look_up_ids(backend.addr, locks_only=not uses.processlist)
-                return False
-            ids = known[1]
-            ids[self.backend_connection_id] = self.id  # whatever it took without the proxy seeing
-        out = rewrite(sql, uses, self.id, ids)
-        if out.renames or (uses.processlist and ids):
-            self._rewriter = ResultRewriter(
-                out.renames, ids if uses.processlist and not prepare else None,
-                show_processlist=uses.show_processlist, binary=prepare, prepare=prepare,
-                deprecate_eof=bool(self.backend_caps & Capability.DEPRECATE_EOF),
-                id_names=out.id_names)
-        return frame(packet[4:5] + out.sql, 0) if out.sql != sql else packet
-
-    def _look_up_ids(self, addr: str, locks_only: bool) -> None:
-        self.hold_input("ids")
-
-        async def look_up() -> None:
-            self._id_map = (addr, await self.server.backend_ids(addr, locks_only))
-            self.release_input("ids")
-
-        self.run_task(look_up())
-
-    def _renamed_execute(self, packet: bytes) -> Literal[False] | None:
-        """An execute whose statement's column names come back rewritten; False: wait until
-        the backend finished earlier responses."""
-        stmt = self.state.stmts.get(packet_stmt_id(packet))
-        if stmt is None or not stmt.renames:
-            return None
-        assert self.tracker is not None
-        if not self.tracker.idle:
-            return False
-        self._rewriter = ResultRewriter(
-            stmt.renames, None, show_processlist=False, binary=True, prepare=False,
-            deprecate_eof=bool(self.backend_caps & Capability.DEPRECATE_EOF),
-            cursor=len(packet) > 9 and bool(packet[9] & _CURSOR_TYPES))
-        return None
 
     def _to_client(self, data: bytes) -> None:
         """Backend bytes through the response rewriter, while there is one."""
