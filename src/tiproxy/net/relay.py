@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from tiproxy.client.leg import BackendLeg
 from tiproxy.net import counters
+from tiproxy.net.change_user import ChangeUser
 from tiproxy.net.counters import QUERY_BUCKETS, SINCE_CREATION_BUCKETS, BackendCounts, Histogram
 from tiproxy.net.direct import COMPILED_OFF, DirectReading
 from tiproxy.net.handover import Departure, SessionHandover
@@ -57,7 +58,6 @@ from tiproxy.net.login_phase import (
 from tiproxy.net.replay import TransactionReplay
 from tiproxy.net.session_handover import SessionHandoverPart
 from tiproxy.protocol import tracker as tracker_phases
-from tiproxy.protocol.auth import native_answer
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor, compress_frames
 from tiproxy.protocol.constants import (
@@ -71,9 +71,7 @@ from tiproxy.protocol.errors import ProtocolError
 from tiproxy.protocol.packets import (
     HandshakeResponse,
     build_err,
-    connect_attribute,
     frame,
-    parse_auth_switch,
 )
 from tiproxy.protocol.tracker import (
     AUTH,
@@ -87,12 +85,8 @@ from tiproxy.session.commands import (
     is_unmapped_kill,
     parse_kill_query,
     parse_process_kill,
-    rewrite_change_user,
 )
 from tiproxy.session.connid import ResultRewriter
-from tiproxy.session.login import (
-    FORCE_SWITCH_PLUGIN,
-)
 from tiproxy.session.prepared import (
     LAST_PREPARED_ID,
     execute_types,
@@ -207,8 +201,8 @@ class ClientLeg(asyncio.Protocol):
             self.session.pause_backend_reading(False)
 
 
-class Session(DirectReading, ConnectionIds, SessionHandoverPart, TransactionReplay,
-              SessionLogin):
+class Session(DirectReading, ConnectionIds, ChangeUser, SessionHandoverPart,
+              TransactionReplay, SessionLogin):
     """One client session; see the module docstring."""
 
     # The metrics (net/counters.py), set at login and when the session moves: the backend's
@@ -481,10 +475,7 @@ class Session(DirectReading, ConnectionIds, SessionHandoverPart, TransactionRepl
                 return False
             packet, token = prepare
         elif cmd == Command.CHANGE_USER:
-            change = rewrite_change_user(packet[4:], self.client_caps, FORCE_SWITCH_PLUGIN)
-            packet = frame(change.rewritten, 0)
-            self._changing_to = change.user.decode("utf-8", "replace")
-            token = ("change_user", self._changing_to)
+            packet, token = self._change_user_command(packet)
         elif cmd in _RECORDED:
             token = (_RECORDED[cmd], packet[5:])
         self._ccont = length == MAX_PAYLOAD
@@ -635,23 +626,6 @@ class Session(DirectReading, ConnectionIds, SessionHandoverPart, TransactionRepl
             return result[0], Expect.BINARY
         return packet, Expect.RESULT
 
-    def _change_user_auth(self, packet: bytes) -> None:
-        """A client packet in the middle of COM_CHANGE_USER's authentication: the answer to a
-        switch whose salt the proxy replaced is answered to the backend's own salt, from the
-        SHA1(password) it proves (a wrong password goes on as it came, for the server to
-        refuse)."""
-        if self._native_salt is not None:
-            self._native_exchange = (self._native_salt, packet[4:])
-            self._native_salt = None
-        switched, self._switch_salt = self._switch_salt, None
-        if switched is not None and self._native_exchange is not None:
-            salt, answer = self._native_exchange
-            stage1 = self.server.credentials.recover(switched[1], salt, answer) if answer \
-                else None
-            if stage1 is not None:
-                packet = frame(native_answer(stage1, switched[0]), packet[3])
-        self._to_backend(packet)
-
     def _to_client(self, data: bytes) -> None:
         """Backend bytes through the response rewriter, while there is one."""
         rewriter = self._rewriter
@@ -717,39 +691,6 @@ class Session(DirectReading, ConnectionIds, SessionHandoverPart, TransactionRepl
             return True
         return self.backend is not None and self.backend.galera \
             and self.wsrep_not_ready(data, packet)
-
-    def _watch_auth_switch(self, data: bytes) -> bytes:
-        """COM_CHANGE_USER: note a native-password salt, to recover the new credential. A salt
-        the client never saw (the backend is not the one it logged in to) is replaced by the
-        one it answered last, when the proxy holds the new user's hash to answer the backend's
-        (_change_user_auth): Connector/C answers with its old salt whatever the switch says."""
-        if len(data) <= 5 or data[4] != 0xFE:
-            return data
-        length = _unpack_u32(data, 0)[0] & 0xFFFFFF
-        try:
-            switch = parse_auth_switch(data[4 : 4 + length])
-        except ProtocolError:
-            return data
-        native = switch.plugin == "mysql_native_password"
-        salt = switch.data[:20] if native else None
-        self._native_salt = salt
-        mine, change = self.client_salt, self._changing_to
-        if salt is None or mine is None or len(salt) != len(mine) or salt == mine \
-                or change is None or not self.server.credentials.knows(change) \
-                or len(data) != length + 4 or not self._answers_login_salt():
-            return data
-        self._switch_salt = (salt, change)
-        self._native_salt = mine
-        at = 4 + 1 + len(switch.plugin) + 1  # header, 0xFE, the plugin's name and its NUL
-        return data[:at] + mine + data[at + len(mine):]
-
-    def _answers_login_salt(self) -> bool:
-        """Whether the client is Connector/C (libmariadb, MySQL's libmysql), which answers a
-        COM_CHANGE_USER's auth switch with its login's salt: any other answers the switch's,
-        which the proxy then leaves alone (a stale stored hash cannot fail its answer)."""
-        response = self.login_response
-        name = connect_attribute(response.attrs, b"_client_name") if response else None
-        return name in (b"libmariadb", b"libmysql")
 
     def _response_done(self, token: Any, status: int, failed: bool) -> None:
         sent = self._sent  # Histogram.observe, inlined: once per command
@@ -843,21 +784,6 @@ class Session(DirectReading, ConnectionIds, SessionHandoverPart, TransactionRepl
             if client_id is not None and len(held) >= 9:
                 held[5:9] = U32.pack(client_id)  # PREPARE_OK's statement id, first packet
             self._to_client(bytes(held))
-
-    def _user_changed(self, user: str, failed: bool) -> None:
-        self._changing_to = self._switch_salt = None
-        self._pool_login = None  # another login's user, character set, attributes: not kept
-        self.variables_reset()
-        if failed:
-            self._native_exchange = None
-            if self.dialect != "tidb":
-                # MariaDB keeps the old user but has reset the session all the same.
-                self.state.reset()
-            return
-        self.user = user
-        self.state.reset()  # (MariaDB keeps the current role: so does role_set)
-        self.state.database_known = False  # the new login named its own database, if any
-        self._take_credential()
 
     def _idle_again(self) -> None:
         """The backend finished every response: held commands go on, or a move can start."""
