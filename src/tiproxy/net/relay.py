@@ -36,7 +36,6 @@ import time
 import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Coroutine
-from contextlib import suppress
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -55,6 +54,7 @@ from tiproxy.net.login_phase import (
     LOGIN_TIMEOUT,
     SessionLogin,
 )
+from tiproxy.net.records import CommandRecords
 from tiproxy.net.replay import TransactionReplay
 from tiproxy.net.session_handover import SessionHandoverPart
 from tiproxy.protocol import tracker as tracker_phases
@@ -63,7 +63,6 @@ from tiproxy.protocol.compress import Decompressor, compress_frames
 from tiproxy.protocol.constants import (
     ER_UNKNOWN_COM_ERROR,
     MAX_PAYLOAD,
-    Capability,
     Command,
     ServerStatus,
 )
@@ -91,10 +90,7 @@ from tiproxy.session.prepared import (
     LAST_PREPARED_ID,
     execute_types,
     packet_stmt_id,
-    with_stmt_id,
-    with_types,
 )
-from tiproxy.session.rebuild import variable_changes
 from tiproxy.session.state import PreparedStatement, SessionState
 from tiproxy.session.statements import (
     COMPOUND_FIRST_BYTES,
@@ -102,9 +98,7 @@ from tiproxy.session.statements import (
     LETTERS,
     STATE_FIRST_BYTES,
     STATE_PREFIXES,
-    may_change_state,
     reads_diagnostics,
-    statement_effects,
     user_variable_names,
 )
 from tiproxy.traffic.session import SessionCapture
@@ -152,8 +146,6 @@ _QUERY = int(Command.QUERY)
 _EXECUTE = int(Command.STMT_EXECUTE)
 _RESET_STMT = int(Command.STMT_RESET)
 _IN_TRANS = int(ServerStatus.IN_TRANS)
-_CURSOR_EXISTS = int(ServerStatus.CURSOR_EXISTS)
-_LAST_ROW_SENT = int(ServerStatus.LAST_ROW_SENT)
 
 # Where an unrouted session's traffic would count: nowhere (nothing is relayed before login).
 _UNROUTED = BackendCounts()
@@ -201,7 +193,7 @@ class ClientLeg(asyncio.Protocol):
             self.session.pause_backend_reading(False)
 
 
-class Session(DirectReading, ConnectionIds, ChangeUser, SessionHandoverPart,
+class Session(DirectReading, CommandRecords, ConnectionIds, ChangeUser, SessionHandoverPart,
               TransactionReplay, SessionLogin):
     """One client session; see the module docstring."""
 
@@ -489,19 +481,6 @@ class Session(DirectReading, ConnectionIds, ChangeUser, SessionHandoverPart,
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
 
-    def _query_token(self, packet: bytes, original: bytes) -> Any:
-        """What to record of a COM_QUERY when it completes: ("query", effects, variable
-        changes), or just its command byte when there is nothing."""
-        # While LOCK TABLES holds, every statement is read: START TRANSACTION releases it.
-        look = self.state.table_locks or may_change_state(packet[4:], True)
-        fx = statement_effects(packet[5:]) if look else None
-        variables = variable_changes(packet[5:]) if self.dialect == "mysql" else None
-        if variables is not None and variables.rerun_names and self._rewriter is None:
-            self.hold_answer(original, variables)  # recovery.py: read them right after it
-        if fx or (variables is not None and (variables.stale or variables.replays)):
-            return ("query", fx, variables)
-        return _QUERY
-
     def _before_command(self, packet: bytes, cmd: int, tracker: ResponseTracker) -> bool | None:
         """What comes before a command runs: _command's answer, or None to run it."""
         if cmd == Command.QUIT:
@@ -519,31 +498,6 @@ class Session(DirectReading, ConnectionIds, ChangeUser, SessionHandoverPart,
         if self.stale and tracker.idle and self.checkpoint_due(packet, cmd):
             return False  # the checkpoint first (session/rebuild.py)
         return None
-
-    def _prepare_command(self, packet: bytes) -> tuple[bytes, tuple[Any, ...]] | None:
-        """COM_STMT_PREPARE: what to send and its token; None: wait."""
-        if b"@" in packet:
-            self.state.note_user_vars(user_variable_names(packet[5:]))
-        assert self.tracker is not None
-        if self.state.mapped and not self.tracker.idle:
-            return None
-        rewritten = self._connection_ids(packet, prepare=True)
-        if rewritten is False:
-            return None
-        if self.state.mapped:
-            self._intercept = bytearray()  # its PREPARE_OK gets the client's id
-        # Rewritten: the rewriter was made for this statement's response just now.
-        renames = self._rewriter.renames if rewritten is not packet and self._rewriter else ()
-        packet = rewritten
-        self._prepares_sent += 1
-        return packet, ("prepare", packet[5:], renames)
-
-    def _executed_sql(self, packet: bytes, cmd: int) -> bytes | None:
-        """The text of the prepared statement a COM_STMT_EXECUTE runs, if the proxy knows it."""
-        if cmd != _EXECUTE:
-            return None
-        stmt = self.state.stmts.get(packet_stmt_id(packet))
-        return stmt.sql if stmt is not None else None
 
     def _query_command(self, packet: bytes) -> bool | None:
         """A COM_QUERY the proxy answers or holds: True answered (KILL), False wait (the
@@ -565,49 +519,6 @@ class Session(DirectReading, ConnectionIds, ChangeUser, SessionHandoverPart,
             self.state.note_user_vars(user_variable_names(sql))
         return None
 
-    def _statement_command(self, packet: bytes, cmd: int) -> tuple[bytes, Any] | None:
-        """Translate the statement id and record what the command does; None: nothing to send."""
-        state = self.state
-        client_id = packet_stmt_id(packet)
-        stmt = state.stmts.get(client_id)
-        if stmt is None and client_id == LAST_PREPARED_ID and cmd == Command.STMT_EXECUTE:
-            if self._prepares_sent and self.tracker is not None and not self.tracker.idle:
-                # Its statement is still being prepared: its types are recorded with it.
-                self._direct_execute = packet
-                return packet, cmd
-            stmt = state.stmts.get(state.last_prepared) if state.last_prepared is not None \
-                else None
-            if stmt is not None:  # that statement, by its id on this backend
-                client_id = stmt.client_id
-                packet = with_stmt_id(packet, stmt.backend_id)
-        elif stmt is not None and stmt.backend_id != client_id:
-            packet = with_stmt_id(packet, stmt.backend_id)
-        token: Any = cmd
-        if stmt is None:
-            pass  # unknown statement: the backend answers with its own error
-        elif cmd == Command.STMT_EXECUTE:
-            flags, types = execute_types(packet, stmt.params)
-            if types is not None:
-                stmt.param_types = types
-                stmt.types_sent = True
-            elif not stmt.types_sent and stmt.param_types is not None:
-                packet = with_types(packet, stmt.params, stmt.param_types)
-                stmt.types_sent = True
-            stmt.reset()
-            recorded = flags or stmt.effects is not None or stmt.variables is not None
-            token = ("execute", client_id) if recorded else cmd
-        elif cmd == Command.STMT_FETCH:
-            token = ("fetch", client_id)
-        elif cmd == Command.STMT_CLOSE:
-            state.closed(client_id)
-            self.last_answer = _monotonic()  # unanswered, it restarts the server's idle clock
-        elif cmd == Command.STMT_RESET:
-            stmt.reset()
-        elif cmd == Command.STMT_SEND_LONG_DATA:
-            stmt.long_data = True
-            self.last_answer = _monotonic()  # (as COM_STMT_CLOSE)
-        return packet, token
-
     def _to_backend(self, packet: bytes) -> None:
         """One client packet to the backend, counted (the fast path does the same inline)."""
         assert self.bt is not None
@@ -617,14 +528,6 @@ class Session(DirectReading, ConnectionIds, ChangeUser, SessionHandoverPart,
         traffic.out_packets += 1
         if self._cross:
             self.server.metrics.cross_location_bytes += len(packet)
-
-    def packet_for_replay(self, packet: bytes) -> tuple[bytes, Expect]:
-        """A recorded command as the current backend must get it (statement ids translated)."""
-        if packet[4] == _EXECUTE:
-            result = self._statement_command(packet, _EXECUTE)
-            assert result is not None
-            return result[0], Expect.BINARY
-        return packet, Expect.RESULT
 
     def _to_client(self, data: bytes) -> None:
         """Backend bytes through the response rewriter, while there is one."""
@@ -719,71 +622,6 @@ class Session(DirectReading, ConnectionIds, ChangeUser, SessionHandoverPart,
         if (self._held or self._move is not None) and self.tracker is not None \
                 and self.tracker.idle:
             asyncio.get_running_loop().call_soon(self._idle_again)
-
-    def _record(self, token: tuple[Any, ...], status: int, failed: bool) -> None:
-        """A response completed: record what its command did to the session."""
-        kind = token[0]
-        state = self.state
-        if kind == "query":
-            if token[1]:
-                state.ran(token[1], failed)
-            if token[2] is not None:
-                self.variables_changed(token[2], failed)
-        elif kind == "prepare":
-            self._prepared(token[1], token[2], failed)
-        elif kind == "execute":
-            stmt = state.stmts.get(token[1])
-            if stmt is not None:
-                stmt.cursor_open = not failed and bool(status & _CURSOR_EXISTS)
-                if stmt.effects is not None:
-                    state.ran(stmt.effects, failed)
-                if stmt.variables is not None:
-                    self.variables_changed(stmt.variables, failed)
-        elif kind == "fetch":
-            stmt = state.stmts.get(token[1])
-            if stmt is not None and (failed or status & _LAST_ROW_SENT):
-                stmt.cursor_open = False
-        elif kind == "reset" and not failed:
-            state.reset()
-            self.variables_reset()
-        elif kind == "init_db" and not failed:
-            state.use(token[1])
-        elif kind == "set_option" and not failed:
-            # Multi-statements turned on or off for the rest of the connection: the proxy
-            # reads `;` by it, and a move logs in again with it (net/migration.py).
-            multi = token[1][:2] == _MULTI_STATEMENTS_ON
-            self._multi = multi
-            caps = self.backend_caps & ~Capability.MULTI_STATEMENTS
-            self.backend_caps = caps | Capability.MULTI_STATEMENTS if multi else caps
-        elif kind == "change_user":
-            self._user_changed(token[1], failed)
-
-    def _prepared(self, sql: bytes, renames: tuple[tuple[bytes, bytes], ...],
-                  failed: bool) -> None:
-        assert self.tracker is not None
-        prepared = self.tracker.prepared
-        client_id = None
-        self._prepares_sent = max(self._prepares_sent - 1, 0)
-        direct = self._direct_execute if not self._prepares_sent else None
-        if direct is not None:
-            self._direct_execute = None
-        if not failed and prepared is not None:
-            backend_id, columns, params = prepared
-            client_id = self.state.prepared(backend_id, sql, columns, params)
-            stmt = self.state.stmts[client_id]
-            stmt.renames = renames
-            if direct is not None:  # an execute_direct's: the first execute's types
-                with suppress(ProtocolError):  # malformed: the backend refused it already
-                    types = execute_types(direct, params)[1]
-                    if types is not None:
-                        stmt.param_types, stmt.types_sent = types, True
-        elif failed:
-            self.state.last_prepared = None  # MariaDB forgets its last one too
-        held, self._intercept = self._intercept, None
-        if held is not None:
-            if client_id is not None and len(held) >= 9:
-                held[5:9] = U32.pack(client_id)  # PREPARE_OK's statement id, first packet
-            self._to_client(bytes(held))
 
     def _idle_again(self) -> None:
         """The backend finished every response: held commands go on, or a move can start."""
@@ -916,9 +754,6 @@ class Session(DirectReading, ConnectionIds, ChangeUser, SessionHandoverPart,
         (log.debug if quiet else log.warning)("session %d closed: %s", self.id, reason)
 
 
-_MULTI_STATEMENTS_ON = b"\x00\x00"  # COM_SET_OPTION's MYSQL_OPTION_MULTI_STATEMENTS_ON
-# Commands whose effect is recorded when they succeed (_record): the token's kind; its argument
-# is the command's payload.
 _RECORDED: dict[int, str] = {Command.RESET_CONNECTION: "reset",
                              Command.SET_OPTION: "set_option", Command.INIT_DB: "init_db"}
 
