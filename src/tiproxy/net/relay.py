@@ -14,8 +14,14 @@ out. After login the hot path takes over:
 - backend to client: every chunk is forwarded whole and fed to the ResponseTracker, which says
   when each response ends and what the server status is. Each response's token says what to
   record once it succeeded (a prepared statement, a temporary table, a cursor...).
-Each leg pausing its writes pauses reads on the other (paired flow control). Moving the session
-to another backend is the SessionMoves part (net/moves.py).
+Each leg pausing its writes pauses reads on the other (paired flow control).
+
+The rest of the session is in parts mixed into Session, each a module with its own theory of
+operation that declares what it uses of the session: the login (net/login_phase.py), what is
+recorded of commands (net/records.py), statements that name connection ids (net/ids.py),
+COM_CHANGE_USER (net/change_user.py), moves and recovery after a backend is lost (net/moves.py,
+net/recovery.py), transaction replay (net/replay.py), a handover to another process
+(net/session_handover.py) and reading the sockets directly (net/direct.py).
 
 The commonest case of both directions, a plain command and then its whole answer in one chunk
 each, is compiled (net/_hotpath.c): the event loop hands each chunk to a `Feed` (the client
