@@ -10,7 +10,9 @@ given to `Login`, whose actions (`SendClient`, `SendBackend`, `Route`, `StartCli
 `StartBackendTLS`, `Established`, `Refused`) are carried out here. `Route` picks the backends to
 try, best first; the client's handshake response goes to the first that greets, after TLS if
 the login chose it, and the backend's side of the authentication is relayed until OK or ERR.
-Then the session enters the command phase (net/relay.py's hot path).
+Then the session enters the command phase (net/relay.py's hot path). A login the proxy can
+verify itself may be served on a backend connection kept from an earlier session instead
+(net/kept.py, net/pool.py).
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from typing import TYPE_CHECKING, Any
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net import counters
 from tiproxy.net.keepalive import apply_keepalive
+from tiproxy.net.kept import ROOM_TRIES, too_many
 from tiproxy.net.pool import PoolLogin
 from tiproxy.protocol import proxyproto
-from tiproxy.protocol.auth import native_answer
 from tiproxy.protocol.compress import Decompressor
 from tiproxy.protocol.constants import (
     ER_ACCESS_DENIED_ERROR,
     ER_CON_COUNT_ERROR,
     Capability,
 )
-from tiproxy.protocol.errors import BackendRefusedError, Origin, ProtocolError
+from tiproxy.protocol.errors import Origin, ProtocolError
 from tiproxy.protocol.framer import PacketSplitter
 from tiproxy.protocol.packets import (
     Greeting,
@@ -43,7 +45,6 @@ from tiproxy.protocol.packets import (
     build_err,
     frame,
     parse_auth_switch,
-    parse_err,
     parse_greeting,
 )
 from tiproxy.protocol.tracker import ResponseTracker
@@ -75,11 +76,6 @@ LOGIN_TIMEOUT = 30.0  # a client that does not finish logging in by then is cut 
 # Early backend connections (before the greeting) waiting for their clients at once, at most:
 # a burst of connections that never log in cannot take more of the backends' connections.
 EARLY_LEGS_MAX = 64
-# A backend that answers "too many connections" while this worker keeps idle connections to it
-# (net/pool.py) gets one of them closed and is tried again after ROOM_WAIT, at most ROOM_TRIES
-# times, waiting ROOM_WAIT longer each time.
-ROOM_TRIES = 3
-ROOM_WAIT = 0.02
 SALT_LENGTH = 20  # the greeting's salt the proxy can hand on (8 + 12 bytes)
 NO_CREDENTIAL = "no reusable credential"
 EMPTY_PASSWORD = b""  # the credential of a user without a password (else SHA1(password))
@@ -134,6 +130,9 @@ class SessionLogin:
         def _protocol_error(self, e: ProtocolError) -> None: ...
         def replay_configured(self, enabled: bool, limit: int) -> None: ...
         def follow_capture(self, sink: Any, fresh: bool = False) -> None: ...
+        def _take_kept(self) -> bool: ...  # net/kept.py
+        async def _make_room(self, backend: Backend, tries: int) -> bool: ...
+        async def _in_place_of_kept(self, backend: Backend, refusal: bytes) -> bytes: ...
 
     def _login_fields(self) -> None:
         """What the login phase keeps, from its start."""
@@ -375,7 +374,7 @@ class SessionLogin:
                 login.backend_failed()
                 if leg is not None:
                     leg.abort()
-                if room_made < ROOM_TRIES and _too_many(e) \
+                if room_made < ROOM_TRIES and too_many(e) \
                         and await self._make_room(backend, room_made):
                     room_made += 1
                     candidates.insert(0, backend)
@@ -413,51 +412,6 @@ class SessionLogin:
         if greeting is not None and "TiDB" in greeting.server_version:
             self.dialect = "tidb"
         await self._relay_login(leg, backend)
-
-    async def _make_room(self, backend: Backend, tries: int) -> bool:
-        """`backend` refused a connection as one too many: close a connection this worker
-        keeps there (net/pool.py), if there is one, and give the server a moment, longer each
-        time, to free its place (it does once it has read the COM_QUIT)."""
-        if not self.server.pool.make_room(backend):
-            return False
-        await asyncio.sleep(ROOM_WAIT * (tries + 1))
-        return True
-
-    def _take_kept(self) -> bool:
-        """Log in on a kept backend connection (net/pool.py) when the proxy verifies the
-        client's answer itself and the router's choice has one with this login's key."""
-        login, server = self.login, self.server
-        assert login is not None
-        resp = login.response
-        if not server.pool.idle or self._early is not None or resp is None \
-                or resp.auth_plugin != "mysql_native_password" or not resp.auth_data \
-                or self._origin is not None:
-            return False
-        started = _monotonic()
-        self.namespace = server.router.namespace_of_user(self.user)
-        tls = server.tls
-        if tls.require_backend_tls or (login.client_tls and tls.sql is not None):
-            return False  # the backend leg would be TLS: kept connections are plaintext
-        candidates = server.router.candidates(namespace=self.namespace)
-        if not candidates:
-            return False
-        salt = login.greeting.salt
-        credential = server.credentials.recover(self.user, salt, resp.auth_data)
-        if credential is None:
-            return False  # a backend judges it (the password may be new, or wrong)
-        kept = server.pool.take(candidates[0], login.pool_key(), credential)
-        if kept is None:
-            return False  # (or one the server verified with another password: its account's)
-        backend = kept.backend
-        server.got_backend(_monotonic() - started, True)
-        self._native_exchange = (salt, resp.auth_data)
-        self._verified = credential  # _take_credential need not recover it again
-        self._authenticated = kept.login.authenticated
-        self.backend, self.backend_leg, self.backend_tls = backend, kept.leg, False
-        self.keepalive_unhealthy = False  # kept only while the backend is healthy
-        backend.connections += 1
-        self._run(login.pooled(kept.login.greeting, kept.login.ok))
-        return True
 
     async def _backend_greeting(self, backend: Backend,
                                 early: tuple[Backend, BackendLeg, Greeting] | None
@@ -555,62 +509,6 @@ class SessionLogin:
             self.close(f"backend failed during login: {_reason(e)}",
                        kind=counters.BACKEND_HANDSHAKE)
 
-    async def _in_place_of_kept(self, backend: Backend, refusal: bytes) -> bytes:
-        """The backend refused the login (`refusal`, an ERR) after the password. If as one
-        connection too many (MariaDB greets one beyond max_connections and refuses it then,
-        for want of CONNECTION ADMIN), and the proxy can answer for the client (it verified
-        its mysql_native_password answer), close a connection kept there (net/pool.py) and log
-        in again on a new one: what comes back, OK or ERR, is the client's answer."""
-        login = self.login
-        assert login is not None
-        exchange = self._native_exchange
-        if parse_err(refusal).code != ER_CON_COUNT_ERROR or exchange is None or login.backend_tls:
-            return refusal
-        credential = self.server.credentials.recover(self.user, *exchange)
-        if credential is None:
-            return refusal
-        for tries in range(ROOM_TRIES):
-            if not await self._make_room(backend, tries):
-                break
-            leg = await BackendLeg.open(backend.host, backend.port, header=self.backend_header())
-            try:
-                answer = await self._log_in_again(leg, credential)
-            except BaseException:
-                leg.abort()
-                raise
-            if answer[:1] == b"\x00":
-                assert self.backend_leg is not None
-                self.backend_leg.abort()
-                self.backend_leg = leg
-                self.set_backend_keepalive(leg, bool(backend.health))
-                return answer
-            leg.abort()
-            refusal = answer
-            if answer[:1] != b"\xff" or parse_err(answer).code != ER_CON_COUNT_ERROR:
-                break
-        return refusal
-
-    async def _log_in_again(self, leg: BackendLeg, credential: bytes) -> bytes:
-        """Log in on a new connection with the session's login, answering for the client;
-        returns the backend's last packet (OK, or the ERR it refused the connection with)."""
-        login = self.login
-        assert login is not None
-        _, payload = await leg.read_packet(CONNECT_TIMEOUT)
-        if payload[:1] == b"\xff":
-            return payload
-        greeting = parse_greeting(payload)
-        native = greeting.auth_plugin == "mysql_native_password"
-        leg.write(login.native_response(greeting, native_answer(credential, greeting.salt)
-                                        if native else b""))
-        while True:
-            seq, payload = await leg.read_packet(LOGIN_TIMEOUT)
-            if payload[:1] != b"\xfe":
-                return payload
-            switch = parse_auth_switch(payload)
-            if switch.plugin != "mysql_native_password":
-                raise ProtocolError(f"backend asks for {switch.plugin}", Origin.BACKEND)
-            leg.write(frame(native_answer(credential, switch.data[:20]), seq + 1))
-
     def _refuse_no_backend(self, seq: int) -> None:
         self._refuse(seq, "TiProxy: no backend is available, try again later",
                      "no backend available", kind=counters.NO_BACKEND)
@@ -657,37 +555,6 @@ class SessionLogin:
         log.debug("session %d: %s@%s logged in on %s",
                   self.id, self.user, self.peer, self.backend.addr)
 
-    def named_by_kill(self) -> None:
-        """A KILL (in this worker or another) named this session: its backend connection is
-        not kept when it ends (net/pool.py), so the thread id that KILL runs against never
-        serves another client, however long the KILL takes to get there."""
-        self._pool_login = None
-
-    def keep_backend(self) -> bool:
-        """The session ends between commands: hand its backend connection to the pool
-        (net/pool.py) if it may serve the next login with the same key. False: close it."""
-        login, backend, leg = self._pool_login, self.backend, self.backend_leg
-        attached: object = leg.session if leg is not None else None
-        credential = self.credential
-        if login is None or backend is None or leg is None or leg is not login.leg \
-                or attached is not self or not credential:  # (EMPTY_PASSWORD: no password)
-            return False
-        busy = any(task is not None and not task.done()
-                   for task in (self._task, self._move_task, self._checkpoint_task))
-        if busy or self._replaying or self.backend_tls or self._origin is not None \
-                or self.dialect == "tidb" or self.user != login.key.user or self.role_changed \
-                or self.backend_caps != login.backend_caps or backend.draining or backend.health:
-            return False  # COM_SET_OPTION, SET ROLE, a task on the leg, a backend leaving
-        security = self.server.config().security
-        state = self.state
-        if "MariaDB" not in login.greeting.server_version or backend.keep_unfit != "" \
-                or self.server.credentials.own_limits(self.user) \
-                or _monotonic() - login.authenticated >= (security.auth_sync_interval or 60.0) \
-                or (login.key.database is None
-                    and (not state.database_known or state.database is not None)):
-            return False  # what a reset would not give back, or the server's check is due
-        return self.server.pool.keep(backend, login, credential)
-
     def count_on(self, backend: Backend) -> None:
         """From now on the commands and traffic count on `backend` (a login, a move)."""
         self._traffic = self.server.metrics.backend(backend.addr)
@@ -723,11 +590,6 @@ class SessionLogin:
             self.close(f"login not finished within {LOGIN_TIMEOUT:.0f}s",
                        kind=counters.CLIENT_HANDSHAKE)
 
-
-
-def _too_many(e: BaseException) -> bool:
-    """Whether a backend refused a new connection as one too many (its max_connections)."""
-    return isinstance(e, BackendRefusedError) and e.code == ER_CON_COUNT_ERROR
 
 
 def _reason(e: BaseException) -> str:

@@ -17,9 +17,10 @@ out. After login the hot path takes over:
 Each leg pausing its writes pauses reads on the other (paired flow control).
 
 The rest of the session is in parts mixed into Session, each a module with its own theory of
-operation that declares what it uses of the session: the login (net/login_phase.py), what is
-recorded of commands (net/records.py), statements that name connection ids (net/ids.py),
-COM_CHANGE_USER (net/change_user.py), moves and recovery after a backend is lost (net/moves.py,
+operation that declares what it uses of the session: the login (net/login_phase.py, and
+net/kept.py for the backend connections kept for the next one), what is recorded of commands
+(net/records.py), statements that name connection ids (net/ids.py), COM_CHANGE_USER
+(net/change_user.py), moves and recovery after a backend is lost (net/moves.py,
 net/recovery.py), transaction replay (net/replay.py), a handover to another process
 (net/session_handover.py) and reading the sockets directly (net/direct.py).
 
@@ -52,6 +53,7 @@ from tiproxy.net.counters import QUERY_BUCKETS, SINCE_CREATION_BUCKETS, BackendC
 from tiproxy.net.direct import COMPILED_OFF, DirectReading
 from tiproxy.net.handover import Departure, SessionHandover
 from tiproxy.net.ids import CURSOR_TYPES, ConnectionIds
+from tiproxy.net.kept import KeptConnections
 from tiproxy.net.kill import handle_kill, handle_kill_expression
 from tiproxy.net.login_phase import (
     CLOSED,
@@ -200,7 +202,7 @@ class ClientLeg(asyncio.Protocol):
 
 
 class Session(DirectReading, CommandRecords, ConnectionIds, ChangeUser, SessionHandoverPart,
-              TransactionReplay, SessionLogin):
+              KeptConnections, TransactionReplay, SessionLogin):
     """One client session; see the module docstring."""
 
     # The metrics (net/counters.py), set at login and when the session moves: the backend's
