@@ -1,5 +1,5 @@
 """A proxy as the API sees it, quiet: no backends, no sessions, nothing counted, no upgrade.
-QuietView is api/interface.py's ProxyView alone (the API refuses control routes with it);
+QuietView is views/interface.py's ProxyView alone (the API refuses control routes with it);
 QuietProxy is a ProxyControl too. Unit tests of the API subclass them and say what differs."""
 
 from __future__ import annotations
@@ -7,17 +7,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from tiproxy.api.interface import (
+from tiproxy.config import Config, parse_config
+from tiproxy.control.processes import ProcessReader
+from tiproxy.views.interface import (
     BackendView,
     DataPlaneCounts,
     HealthStats,
     MigrationStats,
+    ProcessTotals,
     ServerStats,
     SessionGauges,
     SessionView,
     UpgradeError,
 )
-from tiproxy.config import Config, parse_config
 
 QUIET_CONFIG = parse_config('[proxy]\nbackend-addrs = ["127.0.0.1:3306"]\n')
 
@@ -66,6 +68,9 @@ class QuietView:
 
     def server_stats(self) -> ServerStats:
         return ServerStats([os.getpid()], 1, {}, 0, 0)
+
+    def process_totals(self) -> ProcessTotals:
+        return ProcessReader().read([os.getpid()])  # this test process's own
 
 
 @dataclass

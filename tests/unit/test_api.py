@@ -15,16 +15,16 @@ import pytest
 
 from support.views import QuietView
 from tiproxy.api import BackendView, ProxyView, start_api
-from tiproxy.api.interface import (
+from tiproxy.config import Config, config_checksum, config_to_dict, parse_config
+from tiproxy.protocol.constants import Command
+from tiproxy.views.counters import DataPlaneCounts
+from tiproxy.views.interface import (
     HealthStats,
     MigrationStats,
     ServerStats,
     SessionGauges,
     SessionView,
 )
-from tiproxy.config import Config, config_checksum, config_to_dict, parse_config
-from tiproxy.net.counters import DataPlaneCounts
-from tiproxy.protocol.constants import Command
 
 CONFIG = parse_config(
     """

@@ -21,13 +21,13 @@ from aiohttp import web
 from support.views import QuietProxy
 from tiproxy.api import build_app, listener, start_api
 from tiproxy.api.auth import NEED_CREDENTIAL, NO_TOKEN_FILE, WRONG_TOKEN, is_loopback
-from tiproxy.api.interface import (
-    ProxyControl,
-)
 from tiproxy.api.server import MAX_BODY_BYTES
 from tiproxy.config import Config, parse_config
 from tiproxy.config.files import USERS_FILE_LIMIT
 from tiproxy.protocol.proxyproto import SIGNATURE, build
+from tiproxy.views.interface import (
+    ProxyControl,
+)
 
 CONFIG = parse_config('[proxy]\naddr = "127.0.0.1:6000"\nbackend-addrs = ["127.0.0.1:3306"]\n')
 TOKEN = "s3cret-token-for-the-tests"

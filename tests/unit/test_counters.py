@@ -15,7 +15,10 @@ from tiproxy.control.monitor import ClockMonitor
 from tiproxy.control.processes import ProcessReader
 from tiproxy.control.proxy import owned_job
 from tiproxy.discovery.base import DiscoveredBackend
-from tiproxy.net.counters import (
+from tiproxy.protocol.constants import Command
+from tiproxy.session.state import PIN_KINDS, SessionState
+from tiproxy.session.statements import statement_effects
+from tiproxy.views.counters import (
     GET_BACKEND_BUCKETS,
     LIFETIME_BUCKETS,
     MIGRATE_BUCKETS,
@@ -24,9 +27,6 @@ from tiproxy.net.counters import (
     DataPlaneCounts,
     Histogram,
 )
-from tiproxy.protocol.constants import Command
-from tiproxy.session.state import PIN_KINDS, SessionState
-from tiproxy.session.statements import statement_effects
 
 
 def test_buckets_are_tiproxys() -> None:

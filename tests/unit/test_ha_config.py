@@ -13,7 +13,7 @@ from tiproxy.config.reload import check_offline_keys
 from tiproxy.discovery.registration import advertise_host
 from tiproxy.ha.address import CAP_NET_ADMIN, CAP_NET_RAW, VirtualAddress, effective_capabilities
 from tiproxy.ha.vip import VIP_KEY
-from tiproxy.net.interfaces import first_global_unicast
+from tiproxy.interfaces import first_global_unicast
 
 PD = '[proxy]\npd-addrs = ["10.0.0.9:2379"]\n'
 

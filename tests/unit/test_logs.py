@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tiproxy.cli.logs import RotatingLogFile, apply_level, setup_logging
 from tiproxy.config import parse_config
+from tiproxy.logs import RotatingLogFile, apply_level, setup_logging
 
 
 @pytest.fixture(autouse=True)

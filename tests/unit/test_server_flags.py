@@ -12,7 +12,7 @@ from tiproxy import __version__
 from tiproxy.cli.server import main
 from tiproxy.config import Config, config_to_dict, parse_config
 from tiproxy.discovery.registration import ProxyInfo, advertise_host
-from tiproxy.net.interfaces import first_global_unicast, interface_addresses, names_no_one
+from tiproxy.interfaces import first_global_unicast, interface_addresses, names_no_one
 
 
 def _flatten(table: dict[str, object], path: str = "") -> dict[str, object]:

@@ -21,9 +21,9 @@ import aiohttp
 from support.views import QuietView
 from tiproxy.api import start_api
 from tiproxy.api.dashboard import CSP, FILES, PAGE
-from tiproxy.api.history import RECENT, SPAN, STEP, MoveHistory, MoveRecord, history_json
-from tiproxy.api.interface import MigrationStats
 from tiproxy.config import Config, parse_config
+from tiproxy.views.history import RECENT, SPAN, STEP, MoveHistory, MoveRecord, history_json
+from tiproxy.views.interface import MigrationStats
 
 CONFIG = parse_config('[proxy]\naddr = "127.0.0.1:6000"\nbackend-addrs = ["127.0.0.1:3306"]\n')
 STATIC = resources.files("tiproxy.api") / "static"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tiproxy.api.interface import BackendView, ProxyView
 from tiproxy.api.server import APIServer, build_app, start_api
+from tiproxy.views.interface import BackendView, ProxyView
 
 __all__ = ["APIServer", "BackendView", "ProxyView", "build_app", "start_api"]

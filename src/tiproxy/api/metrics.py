@@ -1,7 +1,7 @@
 """Prometheus metrics with TiProxy's names, types, labels and buckets, read from the `ProxyView`
 at scrape time.
 
-The data path never touches a metric object: sessions keep plain counts (net/counters.py), and
+The data path never touches a metric object: sessions keep plain counts (views/counters.py), and
 this module turns a snapshot of them into families only when Prometheus scrapes. Names follow
 TiProxy's pkg/metrics exactly (a counter without `_total` stays so: api/exposition.py), so that
 its Grafana dashboard and alert rules work unchanged; deploy/ has ours.
@@ -49,7 +49,8 @@ them; not the logins nor the proxy's own statements), `tiproxy_traffic_cross_loc
 (both ways, with backends whose `label-name` label is not the proxy's).
 Process: `process_cpu_seconds_total`, `process_resident_memory_bytes`,
 `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`,
-`process_start_time_seconds`, for all the proxy's processes together (control/processes.py).
+`process_start_time_seconds`, for all the proxy's processes together (the view's
+process_totals, which control/processes.py reads).
 Traffic capture and replay (api/traffic.py adds them): `tiproxy_traffic_capture_cmds_total{type}`
 (ours) and TiProxy's `tiproxy_replay_pending_cmds`.
 Not exported, having no meaning here: `tiproxy_replay_wait_time`, `go_*`.
@@ -60,10 +61,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 from tiproxy.api.exposition import CONTENT_TYPE, Family, render
-from tiproxy.api.interface import BackendView, ProxyView
-from tiproxy.control.processes import ProcessReader
-from tiproxy.net.counters import DataPlaneCounts, command_name
 from tiproxy.session.state import PIN_KINDS
+from tiproxy.views.counters import DataPlaneCounts, command_name
+from tiproxy.views.interface import BackendView, ProxyView
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE
 
@@ -81,7 +81,6 @@ class ProxyMetrics:
 
     def __init__(self, view: ProxyView) -> None:
         self._view = view
-        self._processes = ProcessReader()
         self._sources: list[Callable[[], Iterable[Family]]] = []
 
     def add_source(self, source: Callable[[], Iterable[Family]]) -> None:
@@ -102,7 +101,7 @@ class ProxyMetrics:
         yield from self._process()
 
     def _process(self) -> Iterator[Family]:
-        totals = self._processes.read(self._view.server_stats().pids)
+        totals = self._view.process_totals()
         for name, kind, text, value in (
             ("process_cpu_seconds_total", "counter", "CPU seconds of the proxy's processes.",
              totals.cpu_seconds),

@@ -39,8 +39,6 @@ from aiohttp import web
 from tiproxy import __version__
 from tiproxy.api.auth import write_guard
 from tiproxy.api.dashboard import add_page_routes
-from tiproxy.api.history import history_json
-from tiproxy.api.interface import ProxyControl, ProxyView, UpgradeError
 from tiproxy.api.listener import APIConnection, plain_http_guard
 from tiproxy.api.metrics import (
     METRICS_CONTENT_TYPE,
@@ -62,6 +60,8 @@ from tiproxy.config.model import TLSConfig
 from tiproxy.config.reload import check_reload
 from tiproxy.config.values import split_host_port
 from tiproxy.tls.contexts import server_enabled
+from tiproxy.views.history import history_json
+from tiproxy.views.interface import ProxyControl, ProxyView, UpgradeError
 
 log = logging.getLogger("tiproxy.api")
 _VIEW: web.AppKey[ProxyView] = web.AppKey("view")

@@ -28,9 +28,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
-from tiproxy.cli.logs import setup_logging
 from tiproxy.cli.server import serve
 from tiproxy.config import Config
+from tiproxy.logs import setup_logging
 from tiproxy.net.loop import install_event_loop
 from tiproxy.playground.galera import GaleraCluster
 from tiproxy.playground.mariadb import AppUser, LauncherError, MariaDBCluster

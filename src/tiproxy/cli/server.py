@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiproxy import __version__
-from tiproxy.api.interface import UpgradeError
-from tiproxy.cli.logs import setup_logging
 from tiproxy.config import Config, ConfigError, load_config, parse_config
 from tiproxy.config.files import (
     CONFIG_FILE_LIMIT,
@@ -37,9 +35,11 @@ from tiproxy.config.info import ConfigInfoError, config_info
 from tiproxy.config.reload import check_reload
 from tiproxy.config.values import check_host
 from tiproxy.control.upgrade import Takeover, Upgrader
+from tiproxy.logs import setup_logging
 from tiproxy.net import direct
 from tiproxy.net.loop import install_event_loop, raise_open_files_limit
 from tiproxy.tls import TLSLoadError
+from tiproxy.views.interface import UpgradeError
 
 if TYPE_CHECKING:
     from tiproxy.control.proxy import Proxy

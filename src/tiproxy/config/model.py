@@ -320,7 +320,7 @@ class LogFileConfig:
 class LogConfig:
     """`[log]`: the encoder and the file are set up once at start; the level follows reloads."""
 
-    # Online, as in TiProxy: a reload sets the new level (cli/logs.py apply_level).
+    # Online, as in TiProxy: a reload sets the new level (logs.py apply_level).
     level: str = field(default="info", metadata=rules(check=_check_log_level))
     encoder: str = field(default="tidb", metadata=offline(one_of_rules(*LOG_ENCODERS)))
     log_file: LogFileConfig = field(default=LogFileConfig(), metadata=offline())

@@ -33,7 +33,6 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tiproxy.api.interface import BackendView
 from tiproxy.balance.balancer import Rebalancer
 from tiproxy.balance.health import HealthChecker
 from tiproxy.balance.router import LASTING_RETRY, Backend, Router
@@ -49,10 +48,11 @@ from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import parse_greeting
 from tiproxy.session.credentials import CredentialStore, UsersFileError
 from tiproxy.tls import CertStore
+from tiproxy.views.interface import BackendView
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
-    from tiproxy.net.counters import DataPlaneCounts
+    from tiproxy.views.counters import DataPlaneCounts
 
 log = logging.getLogger("tiproxy.server")
 

@@ -16,24 +16,14 @@ from __future__ import annotations
 import os
 import resource
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from tiproxy.control.memory import resident_bytes
+from tiproxy.views.interface import ProcessTotals
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 # Fields of /proc/PID/stat counted after the command name's closing parenthesis (state is 0).
 _UTIME, _STIME, _STARTTIME, _VSIZE = 11, 12, 19, 20
-
-
-@dataclass(frozen=True)
-class ProcessTotals:
-    cpu_seconds: float
-    resident_bytes: int
-    virtual_bytes: int
-    open_fds: int
-    max_fds: int
-    start_time: float  # seconds since the epoch
 
 
 class ProcessReader:

@@ -17,21 +17,22 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from tiproxy.api.interface import HealthStats, ServerStats, UpgradeError
 from tiproxy.balance.balancer import INTERVAL
-from tiproxy.cli.logs import apply_level
 from tiproxy.control.memory import effective_threshold, memory_use
 from tiproxy.control.monitor import ClockMonitor
+from tiproxy.control.processes import ProcessReader
 from tiproxy.control.upgrade import Upgrader
+from tiproxy.logs import apply_level
 from tiproxy.traffic.jobs import TrafficJobs
+from tiproxy.views.interface import HealthStats, ProcessTotals, ServerStats, UpgradeError
 
 if TYPE_CHECKING:
-    from tiproxy.api.interface import BackendView, MigrationStats, SessionGauges, SessionView
     from tiproxy.balance.balancer import MoveOrder
     from tiproxy.config import Config
     from tiproxy.control.cluster import Cluster
-    from tiproxy.net.counters import DataPlaneCounts
     from tiproxy.traffic.sink import Deliver
+    from tiproxy.views.counters import DataPlaneCounts
+    from tiproxy.views.interface import BackendView, MigrationStats, SessionGauges, SessionView
 
 log = logging.getLogger("tiproxy.server")
 MEMORY_INTERVAL = 1.0  # seconds between looks at the memory use
@@ -82,6 +83,7 @@ class Proxy:
         self._monitoring: asyncio.Task[None] | None = None
         self.memory_high = ""  # why new clients are refused for memory, if they are
         self.monitor = ClockMonitor()
+        self._processes = ProcessReader()
         self.events: Counter[str] = Counter()  # tiproxy_server_event: start, close
         self._reloading = asyncio.Lock()  # reloads one at a time, cluster and holder alike
         self.upgrader: Upgrader | None = None  # set by whoever serves (cli/server.py)
@@ -215,6 +217,9 @@ class Proxy:
         return ServerStats(self.holder.pids(), self.holder.data_plane_processes(),
                            dict(self.events), self.monitor.time_jump_back,
                            self.monitor.keep_alive, owner_of)
+
+    def process_totals(self) -> ProcessTotals:
+        return self._processes.read(self.holder.pids())
 
     @property
     def unhealthy(self) -> str:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from tiproxy import __version__
-from tiproxy.api.interface import UpgradeError
+from tiproxy.views.interface import UpgradeError
 
 if TYPE_CHECKING:
     from tiproxy.api.server import APIServer

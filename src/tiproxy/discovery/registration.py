@@ -41,7 +41,7 @@ from tiproxy import __version__
 from tiproxy.config.model import Config
 from tiproxy.config.values import split_host_port
 from tiproxy.discovery.etcdapi import FAILURES, b64, client_session, endpoint_url, post
-from tiproxy.net.interfaces import first_global_unicast, names_no_one
+from tiproxy.interfaces import first_global_unicast, names_no_one
 
 log = logging.getLogger("tiproxy.discovery")
 

@@ -44,10 +44,10 @@ if TYPE_CHECKING:
     from tiproxy.client.leg import BackendLeg
     from tiproxy.net.handover import Departure
     from tiproxy.net.server import ProxyServer
+    from tiproxy.net.session_capture import SessionCapture
     from tiproxy.protocol.compress import Decompressor
     from tiproxy.protocol.tracker import ResponseTracker
     from tiproxy.session.connid import ResultRewriter
-    from tiproxy.traffic.session import SessionCapture
 
 log = logging.getLogger("tiproxy.session")
 

@@ -24,11 +24,11 @@ from tiproxy.balance.router import split_addr
 from tiproxy.client.admin import AdminConnection
 from tiproxy.client.channel import query
 from tiproxy.client.leg import BackendLeg
-from tiproxy.net import counters
 from tiproxy.protocol.constants import ER_NO_SUCH_THREAD, Capability, ServerStatus
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import build_ok, frame
 from tiproxy.session.commands import KillExpression, split_kill_expression
+from tiproxy.views import counters
 
 if TYPE_CHECKING:
     from tiproxy.net.relay import Session

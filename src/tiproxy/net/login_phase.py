@@ -26,7 +26,6 @@ from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
-from tiproxy.net import counters
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kept import ROOM_TRIES, too_many
 from tiproxy.net.pool import PoolLogin
@@ -63,6 +62,7 @@ from tiproxy.session.login import (
 from tiproxy.session.state import SessionState
 from tiproxy.tls import peer_cn_allowed
 from tiproxy.tls.upgrade import start_server_tls
+from tiproxy.views import counters
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend

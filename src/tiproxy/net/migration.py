@@ -215,7 +215,7 @@ async def read_mysql_state(session: Session, leg: BackendLeg,
     """Database, variables and user variables: listed by information_schema.USER_VARIABLES
     where the server has it, else by performance_schema (as auth-sync-user) where it can, else
     read by the names the session's statements used. Also what a traffic capture writes first
-    for a session it joins (traffic/rebuild.py)."""
+    for a session it joins (net/capture_rebuild.py)."""
     backend = session.backend
     # timestamp and insert_id, when the session set them (they have no global value)
     session_only = [(name, SESSION_ONLY_TYPES[name]) for name in sorted(session.state.session_only)]

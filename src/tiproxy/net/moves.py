@@ -24,13 +24,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tiproxy.api.history import MoveRecord
 from tiproxy.balance.router import LASTING_RETRY
 from tiproxy.client.channel import query
-from tiproxy.net import counters
 from tiproxy.net.migration import MigrationError, move_session
 from tiproxy.protocol.constants import Capability, ServerStatus
 from tiproxy.session.statements import statement_effects
+from tiproxy.views import counters
+from tiproxy.views.history import MoveRecord
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend

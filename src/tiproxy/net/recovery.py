@@ -34,9 +34,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from tiproxy.api.history import MoveRecord
 from tiproxy.client.leg import BackendLeg
-from tiproxy.net import counters
 from tiproxy.net.migration import (
     HiddenStateError,
     MigrationError,
@@ -64,6 +62,8 @@ from tiproxy.session.rebuild import (
 )
 from tiproxy.session.statements import first_keyword, reads_diagnostics
 from tiproxy.session.txlog import TransactionLog
+from tiproxy.views import counters
+from tiproxy.views.history import MoveRecord
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend

@@ -47,9 +47,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 from tiproxy.client.leg import BackendLeg
-from tiproxy.net import counters
 from tiproxy.net.change_user import ChangeUser
-from tiproxy.net.counters import QUERY_BUCKETS, SINCE_CREATION_BUCKETS, BackendCounts, Histogram
 from tiproxy.net.direct import COMPILED_OFF, DirectReading
 from tiproxy.net.handover import Departure, SessionHandover
 from tiproxy.net.ids import CURSOR_TYPES, ConnectionIds
@@ -64,6 +62,7 @@ from tiproxy.net.login_phase import (
 )
 from tiproxy.net.records import CommandRecords
 from tiproxy.net.replay import TransactionReplay
+from tiproxy.net.session_capture import SessionCapture
 from tiproxy.net.session_handover import SessionHandoverPart
 from tiproxy.protocol import tracker as tracker_phases
 from tiproxy.protocol.codec import U32
@@ -109,7 +108,8 @@ from tiproxy.session.statements import (
     reads_diagnostics,
     user_variable_names,
 )
-from tiproxy.traffic.session import SessionCapture
+from tiproxy.views import counters
+from tiproxy.views.counters import QUERY_BUCKETS, SINCE_CREATION_BUCKETS, BackendCounts, Histogram
 
 try:
     from tiproxy.net import _hotpath
@@ -205,7 +205,7 @@ class Session(DirectReading, CommandRecords, ConnectionIds, ChangeUser, SessionH
               KeptConnections, TransactionReplay, SessionLogin):
     """One client session; see the module docstring."""
 
-    # The metrics (net/counters.py), set at login and when the session moves: the backend's
+    # The metrics (views/counters.py), set at login and when the session moves: the backend's
     # counters, whether that backend is in another location, and the data plane's histogram of
     # the session's age at each command.
     _traffic: BackendCounts = _UNROUTED
@@ -289,7 +289,7 @@ class Session(DirectReading, CommandRecords, ConnectionIds, ChangeUser, SessionH
         return True
     def follow_capture(self, sink: CaptureSink | None, fresh: bool = False) -> None:
         """A traffic capture starts (its sink in this process) or ends (None): see
-        traffic/session.py. `fresh`: the session logged in during the capture."""
+        net/session_capture.py. `fresh`: the session logged in during the capture."""
         self._capture = SessionCapture(sink, self, fresh) if sink is not None else None
 
     # -- command phase: client to backend ---------------------------------------------------
@@ -726,7 +726,7 @@ class Session(DirectReading, CommandRecords, ConnectionIds, ChangeUser, SessionH
         self.close(f"protocol error from {e.origin.value}: {e}", kind=counters.MALFORMED)
 
     def close(self, reason: str, quiet: bool = False, kind: str = counters.PROXY_ERROR) -> None:
-        """End the session; `kind` is what ended it (net/counters.py), for the metrics."""
+        """End the session; `kind` is what ended it (views/counters.py), for the metrics."""
         if self.phase == CLOSED:
             return
         self.leave_direct()

@@ -28,7 +28,6 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.client.channel import query
-from tiproxy.net import counters
 from tiproxy.net.recovery import SessionRecovery
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import COMMAND_NAMES, Capability, Command, ServerStatus
@@ -36,6 +35,7 @@ from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.tracker import Expect, ResponseTracker
 from tiproxy.session.statements import first_keyword
 from tiproxy.session.txlog import DEFAULT_LIMIT, TransactionLog
+from tiproxy.views import counters
 
 if TYPE_CHECKING:
     from tiproxy.client.leg import BackendLeg

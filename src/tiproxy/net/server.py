@@ -22,13 +22,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from tiproxy.api.history import MoveHistory, MoveRecord
-from tiproxy.api.interface import MigrationStats, SessionGauges, SessionView
 from tiproxy.balance.balancer import MoveOrder, carry_out, count_movable
 from tiproxy.balance.router import Backend, Router, split_addr
 from tiproxy.client.leg import BackendLeg
-from tiproxy.net import counters
-from tiproxy.net.counters import MIGRATE_BUCKETS, DataPlaneCounts, Histogram
 from tiproxy.net.handover import Departure, Receiver, SessionHandover, Staying, receiver_name
 from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.login_phase import COMMAND, SessionLogin
@@ -37,6 +33,10 @@ from tiproxy.net.relay import ClientLeg
 from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
 from tiproxy.traffic.sink import CaptureSink, Deliver
+from tiproxy.views import counters
+from tiproxy.views.counters import MIGRATE_BUCKETS, DataPlaneCounts, Histogram
+from tiproxy.views.history import MoveHistory, MoveRecord
+from tiproxy.views.interface import MigrationStats, SessionGauges, SessionView
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
@@ -81,7 +81,7 @@ class ProxyServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._shutting_down = False
         self._stale: list[tuple[Session, tuple[bytes, bytes]]] = []
-        self.metrics = DataPlaneCounts()  # what the sessions count (net/counters.py)
+        self.metrics = DataPlaneCounts()  # what the sessions count (views/counters.py)
         self.pool = BackendPool(self.metrics.pool_events)  # connections kept for logins
         self.pool.configure(cfg.proxy.backend_pool_size, cfg.proxy.backend_pool_idle)
         self.errors: Counter[str] = Counter()  # tiproxy_server_err by type, besides TLS's
@@ -451,7 +451,7 @@ class ProxyServer:
 
     async def start_capture(self, deliver: Deliver) -> None:
         """Every session, open or to come, records its commands for the capture
-        (traffic/session.py) until stop_capture."""
+        (net/session_capture.py) until stop_capture."""
         self.begin_capture(deliver)
 
     def begin_capture(self, deliver: Deliver) -> None:

@@ -28,13 +28,13 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tiproxy.api.history import MoveHistory
-from tiproxy.api.interface import MigrationStats, SessionGauges, SessionView
 from tiproxy.balance.balancer import MoveOrder
 from tiproxy.balance.router import split_addr
-from tiproxy.net.counters import DataPlaneCounts
 from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.server import migration_summary
+from tiproxy.views.counters import DataPlaneCounts
+from tiproxy.views.history import MoveHistory
+from tiproxy.views.interface import MigrationStats, SessionGauges, SessionView
 from tiproxy.workers import messages as m
 from tiproxy.workers.handoff import Cover, socket_pairs
 from tiproxy.workers.shared import FIRST_SLOT, SESSIONS, SLOTS, SharedCounts

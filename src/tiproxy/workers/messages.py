@@ -34,19 +34,19 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tiproxy.api.history import MoveHistory
+from tiproxy.views.history import MoveHistory
 
 if TYPE_CHECKING:
-    from tiproxy.api.interface import SessionGauges
     from tiproxy.balance.balancer import MoveOrder
     from tiproxy.balance.router import Load
     from tiproxy.config import Config
     from tiproxy.discovery.base import DiscoveredBackend
-    from tiproxy.net.counters import DataPlaneCounts
     from tiproxy.protocol.packets import Greeting
     from tiproxy.session.credentials import CredentialSnapshot
     from tiproxy.tls.store import Material
     from tiproxy.traffic.sink import Record
+    from tiproxy.views.counters import DataPlaneCounts
+    from tiproxy.views.interface import SessionGauges
 
 log = logging.getLogger("tiproxy.workers")
 
@@ -145,7 +145,7 @@ class HandOver:
 class Stats:
     """Totals since the worker started (the control process adds them up)."""
 
-    counts: DataPlaneCounts  # what its sessions counted (net/counters.py)
+    counts: DataPlaneCounts  # what its sessions counted (views/counters.py)
     errors: Mapping[str, int]
     rejected: Mapping[str, int] = dataclasses.field(default_factory=dict)  # clients refused
     history: MoveHistory = dataclasses.field(default_factory=MoveHistory)  # for the page

@@ -31,8 +31,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
-from tiproxy.cli.logs import apply_level
 from tiproxy.client.leg import CONNECT_TIMEOUT
+from tiproxy.logs import apply_level
 from tiproxy.net.kill import KillTarget
 from tiproxy.net.loop import install_event_loop
 from tiproxy.net.server import EARLY_WINDOW, ProxyServer

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from tiproxy.api.history import MoveHistory
 from tiproxy.config import Config
-from tiproxy.net.counters import DataPlaneCounts
+from tiproxy.views.counters import DataPlaneCounts
+from tiproxy.views.history import MoveHistory
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,19 @@ class HealthStats:
     results: Mapping[tuple[str, str], int]  # (backend, "succeed"|"fail") -> checks
 
 
+
+@dataclass(frozen=True)
+class ProcessTotals:
+    """Every process of the proxy together, for Prometheus' process_* metrics
+    (control/processes.py reads them)."""
+
+    cpu_seconds: float
+    resident_bytes: int
+    virtual_bytes: int
+    open_fds: int
+    max_fds: int
+    start_time: float  # seconds since the epoch
+
 @dataclass(frozen=True)
 class ServerStats:
     """The proxy as a whole: its processes and the control process's clock monitor."""
@@ -117,6 +130,7 @@ class ProxyView(Protocol):
     def session_gauges(self) -> SessionGauges: ...  # as of the last refresh()
     def health_stats(self) -> HealthStats: ...
     def server_stats(self) -> ServerStats: ...
+    def process_totals(self) -> ProcessTotals: ...  # the proxy's processes, read now
 
 
 class UpgradeError(Exception):

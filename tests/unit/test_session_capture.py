@@ -1,4 +1,4 @@
-"""The relay's capture hook (traffic/session.py) as transcripts: commands taken, responses fed to
+"""The relay's capture hook (net/session_capture.py) as transcripts: commands taken, responses fed to
 a real ResponseTracker, the records handed to a real sink. The session around it is only what the
 hook reads of one (its id, capabilities, tracker, state); the state read of a session open before
 the capture runs against real servers in tests/integration/test_traffic.py."""
@@ -9,12 +9,12 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from tiproxy.net.session_capture import PASS, READY, WAITING, SessionCapture
 from tiproxy.protocol.codec import lenenc_int
 from tiproxy.protocol.constants import MAX_PAYLOAD, Capability, ServerStatus
 from tiproxy.protocol.packets import build_eof, build_ok, frame
 from tiproxy.protocol.tracker import EXPECT_BY_COMMAND, ResponseTracker
 from tiproxy.session.state import SessionState
-from tiproxy.traffic.session import PASS, READY, WAITING, SessionCapture
 from tiproxy.traffic.sink import CaptureSink, Record
 
 AUTO = ServerStatus.AUTOCOMMIT

@@ -31,6 +31,7 @@ from collections import deque
 from time import time_ns
 from typing import TYPE_CHECKING
 
+from tiproxy.net.capture_rebuild import rebuild
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import (
     MAX_PAYLOAD,
@@ -42,7 +43,6 @@ from tiproxy.protocol.constants import (
 from tiproxy.protocol.errors import ProtocolError
 from tiproxy.session.commands import rewrite_change_user
 from tiproxy.session.statements import reads_diagnostics
-from tiproxy.traffic.rebuild import rebuild
 from tiproxy.traffic.sink import DEPRECATE_EOF, EXTENDED_METADATA, FOUND_ROWS, CaptureSink
 
 if TYPE_CHECKING:
