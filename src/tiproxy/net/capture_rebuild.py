@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tiproxy.client.channel import query
-from tiproxy.net.migration import read_mysql_state, tidb_restore_sql
+from tiproxy.net.migration import tidb_restore_sql
+from tiproxy.net.state_capture import read_mysql_state
 from tiproxy.protocol.constants import Capability, Command
 from tiproxy.protocol.errors import Origin, ProtocolError
 from tiproxy.session.dialects.mysql import CapturedState, restore_sql

@@ -35,16 +35,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.client.leg import BackendLeg
-from tiproxy.net.migration import (
+from tiproxy.net.migration import MigrationError, move_session
+from tiproxy.net.moves import SessionMoves
+from tiproxy.net.state_capture import (
     HiddenStateError,
-    MigrationError,
     capture_named_variables,
     capture_state,
     capture_system_variables,
     capture_user_variables,
-    move_session,
 )
-from tiproxy.net.moves import SessionMoves
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import Command, ServerStatus
 from tiproxy.protocol.errors import ProtocolError, SQLError
