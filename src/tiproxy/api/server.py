@@ -10,7 +10,7 @@ Routes (TiProxy's, plus our own backend list):
 - `GET /api/admin/config`: the effective config as TOML; as JSON with `?format=json` or
   `Accept: application/json`. Always redacted.
 - `GET /api/admin/backends`: `[{"addr", "status", "connections"}, ...]`.
-- `GET /api/admin/migrations`: moves over time (history.py) and the cumulative counts.
+- `GET /api/admin/migrations`: moves over time (views/history.py) and the cumulative counts.
 - `GET /` and `GET /dashboard`: the status page (dashboard.py).
 - `GET /metrics` and `GET /api/metrics`: Prometheus text format.
 - `/api/admin/namespace/...`: TiProxy's namespace routes (api/namespace.py).

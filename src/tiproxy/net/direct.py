@@ -56,7 +56,6 @@ log = logging.getLogger("tiproxy.session")
 _SPARE_FDS = 256
 
 
-
 class DirectReading:
     """Mixed into Session (net/relay.py), whose attributes it uses."""
 

@@ -5,11 +5,12 @@ a new connection one too many.
 Making room. Kept connections count toward the server's max_connections. MariaDB refuses the
 connection after the first one too many before its greeting, and greets that one, for want of
 CONNECTION ADMIN refusing its login after the password. Either way, if this worker keeps
-connections there, it closes the one kept longest and tries again (ROOM_TRIES times, a little
-later each time, as the server frees the place once it has read the COM_QUIT): before the
-greeting, _route simply connects again; after the password, the proxy answers the new
-connection's salt for the client with the SHA1(password) the client's answer proved, and the
-new connection's OK is the client's.
+connections there, it closes the one kept longest and tries again a moment later (the server
+frees the place once it has read the COM_QUIT), closing another only if that is refused too,
+at most ROOM_TRIES for one login: before the greeting, _route simply connects again; after the
+password, the proxy answers the new connection's salt for the client with the SHA1(password)
+the client's answer proved, and the new connection's OK is the client's. If that fails, the
+client gets the server's refusal.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 # gets one of them closed and is tried again after ROOM_WAIT, at most ROOM_TRIES times, waiting
 # ROOM_WAIT longer each time.
 ROOM_TRIES = 3
-ROOM_WAIT = 0.02
+ROOM_WAIT = 0.05
 _monotonic = time.monotonic
 
 
@@ -68,6 +69,7 @@ class KeptConnections:
     _task: asyncio.Task[None] | None
     _move_task: asyncio.Task[None] | None
     _checkpoint_task: asyncio.Task[None] | None
+    _rooms_made = 0  # kept connections this login closed to make room (net/pool.py)
 
     if TYPE_CHECKING:  # provided by Session and its other mixins: for the type checker only
         def _run(self, actions: Sequence[Action]) -> None: ...
@@ -110,13 +112,15 @@ class KeptConnections:
         self._run(login.pooled(kept.login.greeting, kept.login.ok))
         return True
 
-    async def _make_room(self, backend: Backend, tries: int) -> bool:
+    async def _make_room(self, backend: Backend) -> bool:
         """`backend` refused a connection as one too many: close a connection this worker
-        keeps there (net/pool.py), if there is one, and give the server a moment, longer each
-        time, to free its place (it does once it has read the COM_QUIT)."""
-        if not self.server.pool.make_room(backend):
+        keeps there (net/pool.py), if there is one and this login has not closed ROOM_TRIES
+        already, and give the server a moment, longer each time, to free its place (it does
+        once it has read the COM_QUIT). False: try no more."""
+        if self._rooms_made >= ROOM_TRIES or not self.server.pool.make_room(backend):
             return False
-        await asyncio.sleep(ROOM_WAIT * (tries + 1))
+        self._rooms_made += 1
+        await asyncio.sleep(ROOM_WAIT * self._rooms_made)
         return True
 
     async def _in_place_of_kept(self, backend: Backend, refusal: bytes) -> bytes:
@@ -133,14 +137,19 @@ class KeptConnections:
         credential = self.server.credentials.recover(self.user, *exchange)
         if credential is None:
             return refusal
-        for tries in range(ROOM_TRIES):
-            if not await self._make_room(backend, tries):
-                break
-            leg = await BackendLeg.open(backend.host, backend.port, header=self.backend_header())
+        while await self._make_room(backend):
+            leg: BackendLeg | None = None
             try:
+                leg = await BackendLeg.open(backend.host, backend.port,
+                                            header=self.backend_header())
                 answer = await self._log_in_again(leg, credential)
+            except (OSError, TimeoutError, ProtocolError):  # the client gets the refusal
+                if leg is not None:
+                    leg.abort()
+                return refusal
             except BaseException:
-                leg.abort()
+                if leg is not None:
+                    leg.abort()
                 raise
             if answer[:1] == b"\x00":
                 assert self.backend_leg is not None
@@ -165,7 +174,7 @@ class KeptConnections:
         greeting = parse_greeting(payload)
         native = greeting.auth_plugin == "mysql_native_password"
         leg.write(login.native_response(greeting, native_answer(credential, greeting.salt)
-                                        if native else b""))
+                                        if native else None))
         while True:
             seq, payload = await leg.read_packet(CONNECT_TIMEOUT)
             if payload[:1] != b"\xfe":

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net.keepalive import apply_keepalive
-from tiproxy.net.kept import ROOM_TRIES, too_many
+from tiproxy.net.kept import too_many
 from tiproxy.net.pool import PoolLogin
 from tiproxy.protocol import proxyproto
 from tiproxy.protocol.compress import Decompressor
@@ -131,7 +131,7 @@ class SessionLogin:
         def replay_configured(self, enabled: bool, limit: int) -> None: ...
         def follow_capture(self, sink: Any, fresh: bool = False) -> None: ...
         def _take_kept(self) -> bool: ...  # net/kept.py
-        async def _make_room(self, backend: Backend, tries: int) -> bool: ...
+        async def _make_room(self, backend: Backend) -> bool: ...
         async def _in_place_of_kept(self, backend: Backend, refusal: bytes) -> bytes: ...
 
     def _login_fields(self) -> None:
@@ -350,7 +350,6 @@ class SessionLogin:
         started = _monotonic()
         unfit = ""
         candidates, early = self._candidates()
-        room_made = 0
         while candidates:
             backend = candidates.pop(0)
             if self.phase == CLOSED:
@@ -374,9 +373,7 @@ class SessionLogin:
                 login.backend_failed()
                 if leg is not None:
                     leg.abort()
-                if room_made < ROOM_TRIES and too_many(e) \
-                        and await self._make_room(backend, room_made):
-                    room_made += 1
+                if too_many(e) and await self._make_room(backend):
                     candidates.insert(0, backend)
                 else:
                     self.server.dial_failed(backend, _reason(e))
@@ -560,6 +557,7 @@ class SessionLogin:
         self._traffic = self.server.metrics.backend(backend.addr)
         self._cross = self.server.router.cross_location(backend)
         self._ages = self.server.metrics.since_creation
+
     def _take_credential(self) -> None:
         """Keep SHA1(password) if this login proved it against a stored hash."""
         exchange, self._native_exchange = self._native_exchange, None
@@ -589,7 +587,6 @@ class SessionLogin:
         if self.phase == LOGIN:
             self.close(f"login not finished within {LOGIN_TIMEOUT:.0f}s",
                        kind=counters.CLIENT_HANDSHAKE)
-
 
 
 def _reason(e: BaseException) -> str:

@@ -317,7 +317,6 @@ class _Databases:
         self._active = database
 
 
-
 def tidb_restore_sql(states: bytes) -> bytes:
     """SET SESSION_STATES with the JSON as a string literal (backslashes and quotes escaped)."""
     escaped = states.replace(b"\\", b"\\\\").replace(b"'", b"\\'")

@@ -10,17 +10,18 @@ While a capture runs, and only then (`Session._capture` is None otherwise), the 
 - `response(data)` with each chunk the backend sends, `done(status, failed)` when a response
   ends (the tracker's callback: in the order the commands were taken);
 - `closed()` when the session ends.
-A command becomes a record (sink.py) when its response ends: its start and end, the client's
+A command becomes a record (traffic/sink.py) when its response ends: its start and end, the client's
 packet, the error code and server status, and the response's bytes when the response came alone
 (no pipelined response shares its chunks) and is at most RESPONSE_LIMIT long. Nothing is parsed
-here: the writer reads those bytes (outcome.py) in the control process or its thread.
+here: the writer reads those bytes (traffic/outcome.py) in the control process or its thread.
 
 A session that logs in during the capture is captured from its login on (COM_INIT_DB of its
 database first). One that was open before is WAITING until a safe point (every response
 complete, no transaction, cursor or pending long data): then READY, and its next command takes
 the slow path; unless that command reads the last statement's diagnostics (PASS: it runs first,
 uncaptured), it waits while the session's state is read on its backend connection (REBUILDING,
-rebuild.py), and the session's capture begins with the commands that rebuild that state.
+net/capture_rebuild.py), and the session's capture begins with the commands that rebuild
+that state.
 A rebuild that fails leaves the session out of this capture (OFF).
 """
 

@@ -54,7 +54,7 @@ SYNCED = 4  # wsrep_local_state: 1 joining, 2 donor/desynced, 3 joined, 4 synced
 _PORT_ATTEMPTS = 3  # another process may take a port between free_port() and its bind
 _PORT_TAKEN = (  # what a node's error log says when one of its ports was not free after all
     "Address already in use",
-    "the rsync or stunnel daemon",  # "... (PID: n) terminated unexpectedly": its bind failed
+    "rsync or stunnel daemon",  # "(PID: n) terminated unexpectedly" or "port ... has been taken"
 )
 _POLL_INTERVAL = 0.2  # each poll runs the mariadb client once
 _NODE_ARGS = (

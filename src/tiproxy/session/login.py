@@ -340,15 +340,18 @@ class Login:
             ),
         ]
 
-    def native_response(self, greeting: Greeting, auth: bytes) -> bytes:
+    def native_response(self, greeting: Greeting, auth: bytes | None) -> bytes:
         """The response for a new plaintext connection to the backend this login is on, which
         greeted with `greeting`, the proxy answering its salt with `auth` (mysql_native_password)
-        in the client's place: its login refused as one too many, the session's is tried again
-        (net/login_phase.py). Its OK is then the client's."""
+        in the client's place, or (None: the greeting named another plugin) asking for the
+        switch to the user's own: its login refused as one too many, the session's is tried
+        again (net/kept.py). Its OK is then the client's."""
         if self.state is not LoginState.AUTH or self.backend_tls:
             raise ProtocolError("a login again out of turn", Origin.PROXY)
         self.backend_greeting = greeting
-        forwarded = replace(self._forwarded(tls=False), auth_data=auth, auth_plugin=NATIVE_PLUGIN)
+        forwarded = self._forwarded(tls=False)  # the forced switch: no auth data
+        if auth is not None:
+            forwarded = replace(forwarded, auth_data=auth, auth_plugin=NATIVE_PLUGIN)
         return frame(build_handshake_response(forwarded), 1)
 
     def backend_failed(self) -> None:

@@ -86,7 +86,6 @@ class HealthStats:
     results: Mapping[tuple[str, str], int]  # (backend, "succeed"|"fail") -> checks
 
 
-
 @dataclass(frozen=True)
 class ProcessTotals:
     """Every process of the proxy together, for Prometheus' process_* metrics
