@@ -158,8 +158,10 @@ class KeptConnections:
                 self.set_backend_keepalive(leg, bool(backend.health))
                 return answer
             leg.abort()
+            if answer[:1] != b"\xff":
+                break  # (not an answer the client's login could end with: the refusal is)
             refusal = answer
-            if answer[:1] != b"\xff" or parse_err(answer).code != ER_CON_COUNT_ERROR:
+            if parse_err(answer).code != ER_CON_COUNT_ERROR:
                 break
         return refusal
 
