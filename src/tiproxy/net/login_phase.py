@@ -10,9 +10,10 @@ given to `Login`, whose actions (`SendClient`, `SendBackend`, `Route`, `StartCli
 `StartBackendTLS`, `Established`, `Refused`) are carried out here. `Route` picks the backends to
 try, best first; the client's handshake response goes to the first that greets, after TLS if
 the login chose it, and the backend's side of the authentication is relayed until OK or ERR.
-Then the session enters the command phase (net/relay.py's hot path). A login the proxy can
-verify itself may be served on a backend connection kept from an earlier session instead
-(net/kept.py, net/pool.py).
+Then the session enters the command phase (net/relay.py's hot path). The way to a backend, from
+the early connection to the backend's OK, is net/login_route.py's. A login the proxy can verify
+itself may be served on a backend connection kept from an earlier session instead (net/kept.py,
+net/pool.py).
 """
 
 from __future__ import annotations
@@ -25,9 +26,7 @@ from collections.abc import Sequence
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
-from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
-from tiproxy.net.keepalive import apply_keepalive
-from tiproxy.net.kept import too_many
+from tiproxy.client.leg import BackendLeg
 from tiproxy.net.pool import PoolLogin
 from tiproxy.protocol import proxyproto
 from tiproxy.protocol.compress import Decompressor
@@ -43,20 +42,16 @@ from tiproxy.protocol.packets import (
     HandshakeResponse,
     build_err,
     frame,
-    parse_auth_switch,
-    parse_greeting,
 )
 from tiproxy.protocol.tracker import ResponseTracker
 from tiproxy.session.login import (
     Action,
-    BackendUnfit,
     Established,
     Login,
     Refused,
     Route,
     SendBackend,
     SendClient,
-    StartBackendTLS,
     StartClientTLS,
 )
 from tiproxy.session.state import SessionState
@@ -73,10 +68,6 @@ log = logging.getLogger("tiproxy.session")
 ER_UNKNOWN_ERROR = 1105
 LOGIN_PACKET_LIMIT = 1 << 20  # a handshake response with connect attributes is a few KiB
 LOGIN_TIMEOUT = 30.0  # a client that does not finish logging in by then is cut off
-# Early backend connections (before the greeting) waiting for their clients at once, at most:
-# a burst of connections that never log in cannot take more of the backends' connections.
-EARLY_LEGS_MAX = 64
-SALT_LENGTH = 20  # the greeting's salt the proxy can hand on (8 + 12 bytes)
 NO_CREDENTIAL = "no reusable credential"
 EMPTY_PASSWORD = b""  # the credential of a user without a password (else SHA1(password))
 LOGIN, COMMAND, CLOSED = 0, 1, 2
@@ -133,6 +124,8 @@ class SessionLogin:
         def _take_kept(self) -> bool: ...  # net/kept.py
         async def _make_room(self, backend: Backend) -> bool: ...
         async def _in_place_of_kept(self, backend: Backend, refusal: bytes) -> bytes: ...
+        async def _connect_early(self) -> Greeting | None: ...  # net/login_route.py
+        async def _route(self) -> None: ...
 
     def _login_fields(self) -> None:
         """What the login phase keeps, from its start."""
@@ -198,62 +191,6 @@ class SessionLogin:
                            tls_available=tls.server is not None, sql_tls=tls.sql is not None,
                            require_backend_tls=tls.require_backend_tls, early_salt=early)
         self.client.write(self.login.start())
-
-    async def _connect_early(self) -> Greeting | None:
-        """Connect to the backend this session will most likely use before greeting the client,
-        and greet with that backend's salt (session/login.py: the auth switch round trip is
-        saved). Only where the backend does not depend on the user (no user namespaces), and
-        only while clients are logging in (server.logins_recently): a proxy probed by a load
-        balancer's TCP checks and nothing else opens no backend connections for them."""
-        server, router = self.server, self.server.router
-        if router.user_namespaces or server.early_legs >= EARLY_LEGS_MAX \
-                or server.config().proxy.proxy_protocol:  # its header needs the client's own
-            return None
-        for backend in router.candidates()[:1]:
-            leg: BackendLeg | None = None
-            server.early_legs += 1
-            started = _monotonic()
-            try:
-                leg = await BackendLeg.open(backend.host, backend.port)
-                _, payload = await leg.read_packet(CONNECT_TIMEOUT)
-                greeting = parse_greeting(payload) if payload[:1] != b"\xff" else None
-            except (OSError, TimeoutError, ProtocolError) as e:
-                server.dial_failed(backend, _reason(e))
-                return None
-            else:
-                if greeting is None or not greeting.capabilities & Capability.PLUGIN_AUTH \
-                        or len(greeting.salt) != SALT_LENGTH:
-                    return None  # the usual path, with a greeting of the proxy's own
-                router.succeeded(backend, greeting)
-                self._early = (backend, leg, greeting)
-                self._early_seconds = _monotonic() - started
-                backend.connections += 1  # counted now, so that a burst spreads
-                return greeting
-            finally:
-                if self._early is None:
-                    server.early_legs -= 1
-                    if leg is not None:
-                        leg.abort()
-        return None
-
-    def _candidates(self) -> tuple[list[Backend], tuple[Backend, BackendLeg, Greeting] | None]:
-        """The backends to try for this login, best first: the early one first while it is
-        still a choice for the user's namespace (else its connection is dropped)."""
-        candidates = self.server.router.candidates(namespace=self.namespace)
-        early = self._take_early()
-        if early is not None and early[0] in candidates:
-            return [early[0], *(b for b in candidates if b is not early[0])], early
-        if early is not None:
-            early[1].abort()
-        return candidates, None
-
-    def _take_early(self) -> tuple[Backend, BackendLeg, Greeting] | None:
-        """The early backend connection, for the route to use or drop; nobody else's."""
-        early, self._early = self._early, None
-        if early is not None:
-            self.server.early_legs -= 1
-            early[0].connections -= 1  # counted again if the login goes through on it
-        return early
 
     def _login_client_data(self, data: bytes) -> None:
         if self._pp is not None:
@@ -343,120 +280,6 @@ class SessionLogin:
                 self._tls_early = bytearray()
                 self.client.pause_reading()
 
-    async def _route(self) -> None:
-        assert self.login is not None
-        login = self.login
-        self.namespace = self.server.router.namespace_of_user(self.user)
-        started = _monotonic()
-        unfit = ""
-        candidates, early = self._candidates()
-        while candidates:
-            backend = candidates.pop(0)
-            if self.phase == CLOSED:
-                if early is not None:
-                    early[1].abort()
-                return
-            leg: BackendLeg | None = None
-            try:
-                mine = early if early is not None and backend is early[0] else None
-                early = None if mine is not None else early
-                if mine is not None:  # the login waited for it before the greeting
-                    started -= self._early_seconds
-                leg, actions = await self._backend_greeting(backend, mine)
-                self.set_backend_keepalive(leg, bool(backend.health))
-                if isinstance(actions[0], BackendUnfit):
-                    unfit = f"{actions[0].reason} ({backend.addr})"
-                    leg.abort()
-                    continue
-                await self._backend_handshake(leg, backend, actions)
-            except (OSError, TimeoutError, ProtocolError, ssl.SSLError) as e:
-                login.backend_failed()
-                if leg is not None:
-                    leg.abort()
-                if too_many(e) and await self._make_room(backend):
-                    candidates.insert(0, backend)
-                else:
-                    self.server.dial_failed(backend, _reason(e))
-                continue
-            except BaseException:  # cancelled: the session is closing
-                for other in (leg, early[1] if early is not None else None):
-                    if other is not None:
-                        other.abort()
-                raise
-            if self.phase == CLOSED:
-                leg.abort()
-                return
-            self.server.got_backend(_monotonic() - started, True)
-            await self._attached(backend, leg)
-            return
-        self.server.got_backend(_monotonic() - started, False)
-        if unfit:
-            log.warning("session %d: %s", self.id, unfit)
-            self._refuse(login.client_reply_seq, f"TiProxy: {unfit}", "no backend fits",
-                         kind=counters.BACKEND_HANDSHAKE)
-            return
-        self._refuse_no_backend(login.client_reply_seq)
-
-    async def _attached(self, backend: Backend, leg: BackendLeg) -> None:
-        """The login goes on with `backend`, which has answered the client's response."""
-        login = self.login
-        assert login is not None
-        self.backend = backend
-        self.backend_leg = leg
-        self.backend_tls = login.backend_tls
-        backend.connections += 1
-        greeting = login.backend_greeting
-        if greeting is not None and "TiDB" in greeting.server_version:
-            self.dialect = "tidb"
-        await self._relay_login(leg, backend)
-
-    async def _backend_greeting(self, backend: Backend,
-                                early: tuple[Backend, BackendLeg, Greeting] | None
-                                ) -> tuple[BackendLeg, list[Action]]:
-        """A leg to `backend` that has greeted, and what the login answers its greeting."""
-        login = self.login
-        assert login is not None
-        if early is not None and (early[1].closed or not early[1].clean):
-            early[1].abort()  # the backend hung up while the client was answering: a new leg
-            early = None
-        leg = early[1] if early is not None else \
-            await BackendLeg.open(backend.host, backend.port, header=self.backend_header())
-        try:
-            if early is not None:
-                actions = login.backend_greeted(early[2], early=True)
-                resp = login.response
-                if resp is not None and resp.auth_plugin == "mysql_native_password":
-                    # The client answered the backend's own salt: the exchange to recover the
-                    # credential from, unless the backend switches plugins after all.
-                    self._native_exchange = (login.greeting.salt, resp.auth_data)
-                return leg, actions
-            _, payload = await leg.read_packet(CONNECT_TIMEOUT)
-            actions = login.backend_greeting_received(payload)
-        except BaseException:
-            leg.abort()
-            raise
-        self.server.router.succeeded(backend, login.backend_greeting)
-        return leg, actions
-
-    def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None:
-        """The backend socket's keep-alive, by the health of its backend."""
-        proxy = self.server.config().proxy
-        cfg = proxy.backend_unhealthy_keepalive if unhealthy else proxy.backend_healthy_keepalive
-        apply_keepalive(leg.transport if leg is not None else None, cfg)
-        self.keepalive_unhealthy = unhealthy
-
-    async def _backend_handshake(self, leg: BackendLeg, backend: Backend,
-                                 actions: Sequence[Action]) -> None:
-        """Send the client's response to the backend, after TLS if the login chose it."""
-        for action in actions:
-            if isinstance(action, StartBackendTLS):
-                ctx = self.server.tls.sql
-                if ctx is None:  # sql-tls turned off by a reload during this login
-                    raise ProtocolError("sql-tls was turned off during the login", Origin.PROXY)
-                await leg.start_tls(ctx, backend.host)
-            elif isinstance(action, SendBackend):
-                leg.write(action.data)
-
     def _start_client_tls(self, early: bytes) -> None:
         """The client asked for TLS: upgrade its transport; `early` is what followed its
         SSLRequest in the same read (the start of its TLS handshake)."""
@@ -472,7 +295,7 @@ class SessionLogin:
             self.client = await start_server_tls(raw, ctx, early, LOGIN_TIMEOUT)
             self.bound_writes(self.client)
         except (OSError, ssl.SSLError, TimeoutError) as e:
-            self.close(f"TLS handshake with the client failed: {_reason(e)}", quiet=True,
+            self.close(f"TLS handshake with the client failed: {reason_of(e)}", quiet=True,
                        kind=counters.CLIENT_HANDSHAKE)
             return
         self.client_tls = True
@@ -485,26 +308,6 @@ class SessionLogin:
         early_data, self._tls_early = self._tls_early, None
         if early_data:
             self._login_client_data(bytes(early_data))
-
-    async def _relay_login(self, leg: BackendLeg, backend: Backend) -> None:
-        """Relay the backend's side of the authentication until OK or ERR."""
-        assert self.login is not None
-        try:
-            while self.phase == LOGIN:
-                seq, payload = await leg.read_packet(LOGIN_TIMEOUT)
-                if payload[:1] == b"\xfe":
-                    self._native_exchange = None
-                    switch = parse_auth_switch(payload)
-                    native = switch.plugin == "mysql_native_password"
-                    self._native_salt = switch.data[:20] if native else None
-                elif payload[:1] == b"\xff" and self.server.pool.holds(backend):
-                    payload = await self._in_place_of_kept(backend, payload)
-                self._run(self.login.backend_packet(seq, payload))
-        except ProtocolError as e:
-            self._protocol_error(e)
-        except (OSError, TimeoutError) as e:
-            self.close(f"backend failed during login: {_reason(e)}",
-                       kind=counters.BACKEND_HANDSHAKE)
 
     def _refuse_no_backend(self, seq: int) -> None:
         self._refuse(seq, "TiProxy: no backend is available, try again later",
@@ -589,5 +392,6 @@ class SessionLogin:
                        kind=counters.CLIENT_HANDSHAKE)
 
 
-def _reason(e: BaseException) -> str:
+def reason_of(e: BaseException) -> str:
+    """An exception as a log line says it: its message, else its type."""
     return str(e) or type(e).__name__

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Protocol
 from tiproxy.balance.balancer import MoveOrder, carry_out, count_movable
 from tiproxy.balance.router import Backend, Router, split_addr
 from tiproxy.client.leg import BackendLeg
+from tiproxy.net.client_leg import ClientLeg
 from tiproxy.net.handover import Departure, Receiver, SessionHandover, Staying, receiver_name
 from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.login_phase import COMMAND, SessionLogin
 from tiproxy.net.pool import BackendPool
-from tiproxy.net.relay import ClientLeg
 from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
 from tiproxy.traffic.sink import CaptureSink, Deliver
