@@ -9,6 +9,11 @@ moves whose retry time has come are tried again; sessions still pinned on a drai
 after `[proxy] failover-timeout` are closed with a logged reason, and other moves still waiting
 then (a redirect of a pinned session) are given up; backend sockets follow their backend's
 health in keep-alive.
+
+Two parts of it are modules of their own: an upgrade's handover of the sessions to a new
+process (net/server_upgrade.py), and what it shows and is told besides the sessions' traffic:
+traffic captures, refreshed credentials, the API's and the metrics' views
+(net/server_views.py).
 """
 
 from __future__ import annotations
@@ -19,24 +24,24 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from tiproxy.balance.balancer import MoveOrder, carry_out, count_movable
 from tiproxy.balance.router import Backend, Router, split_addr
-from tiproxy.client.leg import BackendLeg
 from tiproxy.net.client_leg import ClientLeg
-from tiproxy.net.handover import Departure, Receiver, SessionHandover, Staying, receiver_name
+from tiproxy.net.handover import Departure, Receiver, Staying
 from tiproxy.net.keepalive import apply_keepalive_socket
 from tiproxy.net.login_phase import COMMAND, SessionLogin
 from tiproxy.net.pool import BackendPool
+from tiproxy.net.server_upgrade import ServerUpgrade
+from tiproxy.net.server_views import ServerViews
 from tiproxy.session.credentials import CredentialStore
 from tiproxy.tls import CertStore
-from tiproxy.traffic.sink import CaptureSink, Deliver
+from tiproxy.traffic.sink import CaptureSink
 from tiproxy.views import counters
-from tiproxy.views.counters import MIGRATE_BUCKETS, DataPlaneCounts, Histogram
+from tiproxy.views.counters import DataPlaneCounts
 from tiproxy.views.history import MoveHistory, MoveRecord
-from tiproxy.views.interface import MigrationStats, SessionGauges, SessionView
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
@@ -59,7 +64,7 @@ class ControlPlane(Protocol):
     async def probe_template(self) -> None: ...
 
 
-class ProxyServer:
+class ProxyServer(ServerUpgrade, ServerViews):
     """Accepts clients and keeps their sessions; see the module docstring."""
 
     def __init__(self, cfg: Config, router: Router, tls: CertStore,
@@ -126,74 +131,7 @@ class ProxyServer:
             self.port = self.port or server.sockets[0].getsockname()[1]
             log.info("proxy listening on %s:%d", host, server.sockets[0].getsockname()[1])
 
-    # -- an upgrade (control/upgrade.py, net/handover.py) ----------------------------------
-
-    def listening(self) -> list[list[socket.socket]]:
-        return [[s for server in self._servers for s in server.sockets]]
-
-    async def max_session_id(self) -> int:
-        return self._next_id
-
-    def take_ids_from(self, first_id: int) -> None:
-        """The new process of an upgrade: ids the old one gave out are never given again."""
-        self._next_id = max(self._next_id, first_id)
-
-    def hand_over(self, receivers: list[str]) -> None:
-        """Stop accepting (the new process accepts on the same sockets) and send every
-        session that can travel to the receivers, each at its next safe point."""
-        for server in self._servers:
-            server.close()
-        self.pool.stop()  # the new process keeps its own
-        self._departure = Departure(receivers, lambda: list(self.sessions.values()))
-        for session in self.sessions.values():
-            session.leaving = self._departure
-
-    async def handed_over(self) -> None:
-        if self._departure is not None:
-            await self._departure.done.wait()
-
-    async def open_receivers(self) -> list[str]:
-        """The new process of an upgrade: take the sessions the old one hands over."""
-        if self._receiver is None:  # (asked again, it is the same one)
-            self._receiver = Receiver(receiver_name(os.getpid(), 0), self._adopt,
-                                      self._note_staying)
-        return [self._receiver.name]
-
-    def _note_staying(self, staying: Staying) -> None:
-        self._staying = staying
-        for sid, _, client, _, why in staying.sessions:
-            log.info("session %d (%s) stays with the previous process (pid %d): %s", sid,
-                     client, staying.pid, why)
-
-    def _staying_views(self) -> list[SessionView]:
-        """The previous process's sessions that could not travel, while it runs."""
-        staying = self._staying
-        if staying is None:
-            return []
-        try:
-            os.kill(staying.pid, 0)
-        except ProcessLookupError:
-            self._staying = None
-            return []
-        return [SessionView(id=sid, user=user, client=client, backend=backend, moving=False,
-                            move_reason="", waiting=f"stays with the previous process (pid "
-                            f"{staying.pid}) until it ends: {why}")
-                for sid, user, client, backend, why in staying.sessions]
-
-    async def _adopt(self, handover: SessionHandover, socks: list[socket.socket]) -> bool:
-        if self._shutting_down:
-            return False
-        client_sock, backend_sock = socks
-        loop = asyncio.get_running_loop()
-        try:
-            _, leg = await loop.create_connection(BackendLeg, sock=backend_sock)
-            await loop.connect_accepted_socket(lambda: ClientLeg(self, (handover, leg)),
-                                               sock=client_sock)
-        except OSError as e:
-            log.warning("session %d could not be taken over: %s", handover.id, e)
-            return False
-        log.info("session %d taken over from the previous process", handover.id)
-        return True
+    # -- new connections ---------------------------------------------------------------------
 
     def hand_off(self, transport: asyncio.BaseTransport) -> bool:
         """Pass a connection just accepted to another worker (workers/worker.py); True if
@@ -446,117 +384,3 @@ class ProxyServer:
             backend = session.backend
             if backend is not None and bool(backend.health) != session.keepalive_unhealthy:
                 session.set_backend_keepalive(session.backend_leg, bool(backend.health))
-
-    # -- traffic capture --------------------------------------------------------------------------
-
-    async def start_capture(self, deliver: Deliver) -> None:
-        """Every session, open or to come, records its commands for the capture
-        (net/session_capture.py) until stop_capture."""
-        self.begin_capture(deliver)
-
-    def begin_capture(self, deliver: Deliver) -> None:
-        """start_capture, done at once: this process holds the sessions."""
-        if self.capture is not None:
-            self.capture.close()
-        self.capture = sink = CaptureSink(deliver)
-        for session in self.sessions.values():
-            if session.phase == COMMAND:
-                session.follow_capture(sink)
-
-    async def stop_capture(self) -> int:
-        """The capture ends here; returns the commands this process dropped."""
-        sink, self.capture = self.capture, None
-        for session in self.sessions.values():
-            session.follow_capture(None)
-        if sink is None:
-            return 0
-        sink.close()
-        self._capture_dropped = sink.dropped
-        return sink.dropped
-
-    def capture_dropped(self) -> int:
-        """Commands the running capture (else the last one) had no room for."""
-        return self.capture.dropped if self.capture is not None else self._capture_dropped
-
-    # -- credentials ------------------------------------------------------------------------------
-
-    def refresh_credential(self, session: Session, exchange: tuple[bytes, bytes]) -> None:
-        """A login matched no stored hash: sync now, then try that login again."""
-        if not self._config.security.auth_sync_user:
-            return
-        self._stale.append((session, exchange))
-        del self._stale[:-1000]  # bounded: unmatched logins of a burst, not forever
-        self.control.sync_soon()
-
-    def credentials_changed(self) -> None:
-        """The stored hashes changed: logins that matched none are tried again."""
-        stale, self._stale = self._stale, []
-        for session, exchange in stale:
-            if session.phase != COMMAND:
-                continue
-            credential = self.credentials.recover(session.user, *exchange)
-            if credential is not None:
-                session.credential_recovered(credential)
-
-    # -- what the API sees ------------------------------------------------------------------------
-
-    async def refresh(self) -> None:
-        pass  # this process holds the sessions: its counters are current
-
-    def connection_count(self) -> int:
-        return len(self.sessions)
-
-    async def session_views(self) -> list[SessionView]:
-        return self.local_session_views()
-
-    def local_session_views(self) -> list[SessionView]:
-        views = []
-        for s in self.sessions.values():
-            move = s.move_request
-            waiting = move.waiting if move is not None else ""
-            if not waiting and move is None and s.phase == COMMAND:
-                pins = s.state.pins()
-                waiting = "pinned: " + "; ".join(pins) if pins else ""
-            views.append(SessionView(
-                id=s.id, user=s.user, client=s.peer,
-                backend=s.backend.addr if s.backend else "",
-                moving=move is not None, move_reason=move.reason if move else "",
-                waiting=waiting, moves=s.moves, client_tls=s.client_tls,
-                backend_tls=s.backend_tls, direct=s.reads_direct,
-            ))
-        return views + self._staying_views()
-
-    def data_plane_counts(self) -> DataPlaneCounts:
-        return self.metrics
-
-    def session_gauges(self) -> SessionGauges:
-        """Moves asked for and not done, and pinned sessions, by kind: one walk, when asked."""
-        pending: Counter[tuple[str, str, str]] = Counter()
-        pinned: Counter[str] = Counter()
-        for session in self.sessions.values():
-            move = session.move_request
-            if move is not None and session.backend is not None:
-                target = move.target.addr if move.target is not None else ""
-                pending[(session.backend.addr, target, move.reason)] += 1
-            if session.phase == COMMAND:
-                pinned.update(session.state.pin_kinds())
-        return SessionGauges(pending, pinned)
-
-    def migration_stats(self) -> MigrationStats:
-        return migration_summary(self.metrics, self._history.copy())
-
-    def data_plane_processes(self) -> int:
-        return 1
-
-    def server_errors(self) -> Mapping[str, int]:
-        """This data plane's own errors (the cluster counts the TLS store's)."""
-        return dict(self.errors)
-
-
-def migration_summary(counts: DataPlaneCounts, history: MoveHistory) -> MigrationStats:
-    """The moves, their durations whatever their backends and result, and the recent ones."""
-    times = Histogram(MIGRATE_BUCKETS)
-    for histogram in counts.migration_times.values():
-        times.add(histogram)
-    return MigrationStats(dict(counts.migrations), MIGRATE_BUCKETS, times.counts, times.total,
-                          history)

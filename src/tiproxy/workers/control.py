@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from tiproxy.balance.balancer import MoveOrder
 from tiproxy.balance.router import split_addr
 from tiproxy.net.keepalive import apply_keepalive_socket
-from tiproxy.net.server import migration_summary
+from tiproxy.net.server_views import migration_summary
 from tiproxy.views.counters import DataPlaneCounts
 from tiproxy.views.history import MoveHistory
 from tiproxy.views.interface import MigrationStats, SessionGauges, SessionView
