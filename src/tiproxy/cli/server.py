@@ -67,7 +67,8 @@ async def serve(cfg: Config, config_path: Path | None = None,
     from tiproxy.control.cluster import Cluster  # noqa: PLC0415
     from tiproxy.control.proxy import Proxy, SessionHolder  # noqa: PLC0415
     from tiproxy.net.server import ProxyServer  # noqa: PLC0415
-    from tiproxy.workers.control import Workers, worker_count  # noqa: PLC0415
+    from tiproxy.workers.control import Workers  # noqa: PLC0415
+    from tiproxy.workers.sockets import worker_count  # noqa: PLC0415
 
     takeover = Takeover.from_environment()  # an upgrade's new process (control/upgrade.py)
     cluster = Cluster(cfg)

@@ -2,15 +2,16 @@
 
 The control process runs the Cluster (control/cluster.py) and the API, as a one-process proxy
 does, with Workers as the holder of the sessions (control/proxy.py) instead of a ProxyServer.
-Workers binds every listening address once per worker (SO_REUSEPORT: the kernel spreads new
-connections over the sockets) and starts each worker with its sockets; it keeps its own copies
-open, so a worker that dies leaves its queue of new connections intact for the one that replaces
-it. The control process holds no session:
+Workers binds every listening address once per worker (workers/sockets.py; SO_REUSEPORT: the
+kernel spreads new connections over the sockets) and starts each worker with its sockets; it
+keeps its own copies open, so a worker that dies leaves its queue of new connections intact for
+the one that replaces it. The control process holds no session:
 - every 100 ms each worker gets the backend table if it changed (at once after a drain), so
   routing a new connection never waits for this process;
 - the workers' session counts are in shared memory (workers/shared.py): the backends'
   connections here are their sums, so the rebalancer, the API and `/metrics` see one proxy;
-  counters add up the live workers' and those of workers that died before;
+  counters add up the live workers' and those of workers that died before
+  (workers/summed.py);
 - a worker that dies is logged, counted (tiproxy_server_err{type="worker_died"}) and started
   again, sooner or later depending on how long it lived; the others go on untouched.
 """
@@ -20,24 +21,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import socket
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.balance.balancer import MoveOrder
-from tiproxy.balance.router import split_addr
 from tiproxy.net.keepalive import apply_keepalive_socket
-from tiproxy.net.server_views import migration_summary
-from tiproxy.views.counters import DataPlaneCounts
-from tiproxy.views.history import MoveHistory
-from tiproxy.views.interface import MigrationStats, SessionGauges, SessionView
 from tiproxy.workers import messages as m
 from tiproxy.workers.handoff import Cover, socket_pairs
 from tiproxy.workers.shared import FIRST_SLOT, SESSIONS, SLOTS, SharedCounts
+from tiproxy.workers.sockets import bind_listeners
+from tiproxy.workers.summed import Retired, SummedViews
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -57,24 +53,8 @@ STABLE_AFTER = 30.0  # a worker that lived this long restarts at once again if i
 RECEIVER_TIMEOUT = 30.0  # an upgrade's new workers: seconds to start and open their receivers
 
 
-def available_cpus() -> int:
-    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
-
-
-def worker_count(cfg: Config) -> int:
-    return cfg.proxy.workers or available_cpus()
-
-
 @dataclasses.dataclass
-class _Worker:
+class WorkerSlot:
     index: int
     incarnation: int = 0
     proc: asyncio.subprocess.Process | None = None
@@ -89,32 +69,16 @@ class _Worker:
         return self.link is not None and self.proc is not None and self.proc.returncode is None
 
 
-@dataclasses.dataclass
-class _Totals:
-    """Counters of workers that have died: they must not go back."""
-
-    counts: DataPlaneCounts = dataclasses.field(default_factory=DataPlaneCounts)
-    errors: Counter[str] = dataclasses.field(default_factory=Counter)
-    rejected: Counter[str] = dataclasses.field(default_factory=Counter)
-    history: MoveHistory = dataclasses.field(default_factory=MoveHistory)
-
-    def add(self, stats: m.Stats) -> None:
-        self.counts.add(stats.counts)
-        self.history.add(stats.history)
-        self.errors.update(stats.errors)
-        self.rejected.update(stats.rejected)
-
-
-class Workers:
+class Workers(SummedViews):
     """The worker processes, as control/proxy.py's SessionHolder; see the module docstring."""
 
     def __init__(self, cluster: Cluster, count: int, takeover: Takeover | None = None) -> None:
         self.cluster = cluster
         self.count = count
         self._takeover = takeover  # an upgrade's new process: sockets from the old one
-        self._workers = [_Worker(i) for i in range(count)]
+        self._workers = [WorkerSlot(i) for i in range(count)]
         self._listening: list[list[socket.socket]] = [[] for _ in range(count)]
-        self._retired = _Totals()
+        self._retired = Retired()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.errors: Counter[str] = Counter()
@@ -140,7 +104,7 @@ class Workers:
         if self._takeover is not None:
             self._take_sockets(self._takeover)
         for addr in cfg.proxy.listen_addrs if self._takeover is None else ():
-            for i, socks in enumerate(_bind(addr, self.count)):
+            for i, socks in enumerate(bind_listeners(addr, self.count)):
                 for sock in socks:
                     apply_keepalive_socket(sock, cfg.proxy.frontend_keepalive)
                 self._listening[i] += socks
@@ -206,7 +170,7 @@ class Workers:
         procs = [w.proc for w in self._workers if w.proc is not None]
         await asyncio.gather(*(p.wait() for p in procs))
 
-    async def _spawn(self, worker: _Worker) -> None:
+    async def _spawn(self, worker: WorkerSlot) -> None:
         parent, child = socket.socketpair()
         outboxes = ",".join(str(pair[1].fileno()) for pair in self._handoff)
         fds = [child.fileno(), self.counts.fd, self._handoff[worker.index][0].fileno(),
@@ -231,7 +195,7 @@ class Workers:
         self._send_tables(only=worker)
         worker.reader = asyncio.get_running_loop().create_task(link.run())
 
-    async def _supervise(self, worker: _Worker) -> None:
+    async def _supervise(self, worker: WorkerSlot) -> None:
         delay = RESTART_FIRST
         while True:
             assert worker.proc is not None
@@ -288,7 +252,7 @@ class Workers:
 
     # -- from the workers -------------------------------------------------------------------
 
-    def _handle(self, worker: _Worker, message: object) -> None:
+    def _handle(self, worker: WorkerSlot, message: object) -> None:
         cluster = self.cluster
         backend = cluster.router.backends.get(getattr(message, "addr", ""))
         if isinstance(message, m.Stats):
@@ -333,7 +297,7 @@ class Workers:
         target: KillTarget | None = await owner.link.ask_or_none("kill_target", session_id)
         return target
 
-    def _captured(self, worker: _Worker, batch: m.CaptureBatch) -> None:
+    def _captured(self, worker: WorkerSlot, batch: m.CaptureBatch) -> None:
         self._capture_dropped[worker.index] = batch.dropped
         if self._capture is None or not self._capture(batch.records, batch.size):
             self._capture_dropped[-1] += len(batch.records)
@@ -358,7 +322,7 @@ class Workers:
             self.cluster.router.forget_empty()
             self._send_tables()
 
-    def _send_tables(self, only: _Worker | None = None) -> None:
+    def _send_tables(self, only: WorkerSlot | None = None) -> None:
         """The table, built once, to every worker (or `only`) whose last one differs."""
         table = self._current_table()
         for worker in self._workers if only is None else [only]:
@@ -423,127 +387,6 @@ class Workers:
         for worker, share in zip(self._workers, shares, strict=True):
             if share and worker.link is not None:
                 worker.link.send(m.Moves(tuple(share)))
-
-    # -- what the API sees ------------------------------------------------------------------------
-
-    async def _ask_all(self, what: str, arg: Any = None) -> list[tuple[_Worker, Any]]:
-        live = [w for w in self._workers if w.live and w.link is not None]
-        answers = await asyncio.gather(*(w.link.ask(what, arg) for w in live
-                                         if w.link is not None),
-                                       return_exceptions=True)
-        return [(w, a) for w, a in zip(live, answers, strict=True)
-                if not isinstance(a, BaseException)]
-
-    async def refresh(self) -> None:
-        """The workers' counters as of now (the API reads them right after what it checks)."""
-        for worker, stats in await self._ask_all("stats"):
-            if isinstance(stats, m.Stats):
-                worker.stats = stats
-        self._recount()
-        self._retired.counts.forget(self.cluster.router.backends)
-
-    async def session_views(self) -> list[SessionView]:
-        views = [v for _, answer in await self._ask_all("sessions") for v in answer or ()]
-        return sorted(views, key=lambda v: v.id)
-
-    async def redirect_all(self) -> int:
-        return sum(n or 0 for _, n in await self._ask_all("redirect"))
-
-    def connection_count(self) -> int:
-        return self.counts.total(SESSIONS)
-
-    def _live_stats(self) -> list[m.Stats]:
-        return [w.stats for w in self._workers if w.stats is not None]
-
-    def data_plane_counts(self) -> DataPlaneCounts:
-        """The workers' counters as last reported, and those of workers that died."""
-        counts = DataPlaneCounts()
-        counts.add(self._retired.counts)
-        for stats in self._live_stats():
-            counts.add(stats.counts)
-        return counts
-
-    def session_gauges(self) -> SessionGauges:
-        gauges = SessionGauges({}, {})
-        for stats in self._live_stats():
-            if stats.gauges is not None:
-                gauges += stats.gauges
-        return gauges
-
-    def migration_stats(self) -> MigrationStats:
-        history = MoveHistory.merged([self._retired.history,
-                                      *(stats.history for stats in self._live_stats())])
-        return migration_summary(self.data_plane_counts(), history)
-
-    def data_plane_processes(self) -> int:
-        return self.count
-
-    def server_errors(self) -> dict[str, int]:
-        errors = self.errors + self._retired.errors
-        for stats in self._live_stats():
-            errors.update(stats.errors)
-        return dict(errors)
-
-    def rejected_connections(self) -> dict[str, int]:
-        rejected = Counter(self._retired.rejected)
-        for stats in self._live_stats():
-            rejected.update(stats.rejected)
-        return dict(rejected)
-
-    async def start_capture(self, deliver: Deliver) -> None:
-        """Returns once every live worker records: the API's "capture started" is then true
-        of the next command any session sends. A worker (re)started later gets CaptureStart
-        with its setup."""
-        self._capture = deliver
-        self._capture_dropped = Counter()
-        await self._ask_all("capture_start")
-
-    async def stop_capture(self) -> int:
-        for worker, dropped in await self._ask_all("capture_stop"):
-            self._capture_dropped[worker.index] = int(dropped or 0)
-        self._capture = None
-        return self.capture_dropped()
-
-    def capture_dropped(self) -> int:
-        return sum(self._capture_dropped.values())
-
-    def set_memory_high(self, reason: str) -> None:
-        self._memory_high = reason
-        self._broadcast(m.MemoryHigh(reason))
-
-    def pids(self) -> list[int]:
-        return [os.getpid(), *(w.proc.pid for w in self._workers if w.live and w.proc)]
-
-
-def _bind(addr: str, count: int) -> list[list[socket.socket]]:
-    """`count` listening sockets on `addr`, in one SO_REUSEPORT group (all interfaces for an
-    empty host, as asyncio binds them): a list of sockets for each worker."""
-    host, port = split_addr(addr, default_host="")
-    infos = list(dict.fromkeys(
-        (family, sockaddr[0]) for family, _, _, _, sockaddr in
-        socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)))
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            for family, ip in infos:
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((ip, port))
-                port = port or sock.getsockname()[1]  # port 0: every socket on the first's
-                sock.listen(1024)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setblocking(False)
-    except OSError:
-        for sock in socks:
-            sock.close()
-        raise
-    n = len(infos)
-    return [socks[i * n:(i + 1) * n] for i in range(count)]
-
 
 def _exit_status(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"code {code}"
