@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from tiproxy.protocol import tracker as tracker_module
 from tiproxy.protocol.errors import ProtocolError
-from tiproxy.protocol.tracker import Expect, ResponseTracker
+from tiproxy.protocol.responses import Expect
+from tiproxy.protocol.tracker import ResponseTracker
 
 MORE, CURSOR, IN_TRANS = 0x0008, 0x0040, 0x0001
 

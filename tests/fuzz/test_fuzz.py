@@ -32,7 +32,8 @@ from tiproxy.protocol.packets import (
     parse_greeting,
     parse_handshake_response,
 )
-from tiproxy.protocol.tracker import Expect, ResponseTracker, _skip_plain_rows_py, skip_plain_rows
+from tiproxy.protocol.responses import Expect
+from tiproxy.protocol.tracker import ResponseTracker, _skip_plain_rows_py, skip_plain_rows
 from tiproxy.session.commands import parse_kill_query, parse_process_kill, rewrite_change_user
 from tiproxy.session.login import Login
 

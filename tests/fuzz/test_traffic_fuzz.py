@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tiproxy.protocol.errors import ProtocolError
-from tiproxy.protocol.tracker import Expect
+from tiproxy.protocol.responses import Expect
 from tiproxy.traffic.format import Decoder, FormatError, go_unquote
 from tiproxy.traffic.outcome import OutcomeReader, summary_of
 

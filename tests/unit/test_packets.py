@@ -34,7 +34,7 @@ from tiproxy.protocol.packets import (
     parse_handshake_response,
     with_capabilities,
 )
-from tiproxy.protocol.tracker import ok_status, terminator_status
+from tiproxy.protocol.responses import ok_status, terminator_status
 
 C = Capability
 

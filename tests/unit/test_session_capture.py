@@ -13,7 +13,8 @@ from tiproxy.net.session_capture import PASS, READY, WAITING, SessionCapture
 from tiproxy.protocol.codec import lenenc_int
 from tiproxy.protocol.constants import MAX_PAYLOAD, Capability, ServerStatus
 from tiproxy.protocol.packets import build_eof, build_ok, frame
-from tiproxy.protocol.tracker import EXPECT_BY_COMMAND, ResponseTracker
+from tiproxy.protocol.responses import EXPECT_BY_COMMAND
+from tiproxy.protocol.tracker import ResponseTracker
 from tiproxy.session.state import SessionState
 from tiproxy.traffic.sink import CaptureSink, Record
 

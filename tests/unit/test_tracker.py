@@ -28,7 +28,8 @@ from tiproxy.protocol.codec import U16, U32, U64, lenenc_bytes, lenenc_int
 from tiproxy.protocol.constants import MAX_PAYLOAD, Command, ServerStatus
 from tiproxy.protocol.errors import Origin, ProtocolError
 from tiproxy.protocol.packets import build_auth_switch, build_eof, build_err, build_ok, frame
-from tiproxy.protocol.tracker import EXPECT_BY_COMMAND, Expect, ResponseTracker
+from tiproxy.protocol.responses import EXPECT_BY_COMMAND, Expect
+from tiproxy.protocol.tracker import ResponseTracker
 
 AUTOCOMMIT = int(ServerStatus.AUTOCOMMIT)
 IN_TRANS = int(ServerStatus.IN_TRANS)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tiproxy.protocol.codec import U16, U32, lenenc_bytes, lenenc_int
 from tiproxy.protocol.constants import MAX_PAYLOAD, ServerStatus
 from tiproxy.protocol.packets import build_eof, build_err, build_ok, frame
-from tiproxy.protocol.tracker import Expect
+from tiproxy.protocol.responses import Expect
 from tiproxy.traffic.outcome import (
     Outcome,
     OutcomeReader,

@@ -14,7 +14,7 @@ from tiproxy.protocol.codec import U16, U32, read_lenenc_bytes, read_lenenc_int
 from tiproxy.protocol.constants import Command, ServerStatus
 from tiproxy.protocol.errors import Origin, ProtocolError, SQLError
 from tiproxy.protocol.packets import frame, parse_err
-from tiproxy.protocol.tracker import terminator_status
+from tiproxy.protocol.responses import terminator_status
 
 Row = list[bytes | None]
 

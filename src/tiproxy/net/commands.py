@@ -19,7 +19,7 @@ from tiproxy.net.login_phase import COMMAND
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import ER_UNKNOWN_COM_ERROR, MAX_PAYLOAD, Command
 from tiproxy.protocol.errors import ProtocolError
-from tiproxy.protocol.tracker import AUTH, EXPECT_BY_COMMAND, Expect
+from tiproxy.protocol.responses import AUTH, EXPECT_BY_COMMAND, Expect
 from tiproxy.session.commands import (
     MAYBE_KILL_FIRST_BYTES,
     is_unmapped_kill,

@@ -43,7 +43,7 @@ from tiproxy.protocol.packets import (
     parse_auth_switch,
     parse_greeting,
 )
-from tiproxy.protocol.tracker import ok_status
+from tiproxy.protocol.responses import ok_status
 from tiproxy.session.dialects import mysql as mysql_dialect
 from tiproxy.session.rebuild import Snapshot
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import Capability, Command, ServerStatus
 from tiproxy.protocol.errors import ProtocolError
-from tiproxy.protocol.tracker import Expect
+from tiproxy.protocol.responses import Expect
 from tiproxy.session.prepared import (
     LAST_PREPARED_ID,
     execute_types,

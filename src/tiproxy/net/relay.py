@@ -65,7 +65,7 @@ from tiproxy.net.records import CommandRecords
 from tiproxy.net.replay import TransactionReplay
 from tiproxy.net.session_capture import SessionCapture
 from tiproxy.net.session_handover import SessionHandoverPart
-from tiproxy.protocol import tracker as tracker_phases
+from tiproxy.protocol import responses as tracker_phases
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor
 from tiproxy.protocol.constants import (
@@ -79,13 +79,8 @@ from tiproxy.protocol.packets import (
     build_err,
     frame,
 )
-from tiproxy.protocol.tracker import (
-    AUTH,
-    EXPECT_BY_COMMAND,
-    FIRST_STEP,
-    Expect,
-    ResponseTracker,
-)
+from tiproxy.protocol.responses import AUTH, EXPECT_BY_COMMAND, FIRST_STEP, Expect
+from tiproxy.protocol.tracker import ResponseTracker
 from tiproxy.session.connid import ResultRewriter
 from tiproxy.session.state import PreparedStatement, SessionState
 from tiproxy.session.statements import (

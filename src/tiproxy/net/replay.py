@@ -32,7 +32,8 @@ from tiproxy.net.recovery import SessionRecovery
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import COMMAND_NAMES, Capability, Command, ServerStatus
 from tiproxy.protocol.errors import ProtocolError, SQLError
-from tiproxy.protocol.tracker import Expect, ResponseTracker
+from tiproxy.protocol.responses import Expect
+from tiproxy.protocol.tracker import ResponseTracker
 from tiproxy.session.statements import first_keyword
 from tiproxy.session.txlog import DEFAULT_LIMIT, TransactionLog
 from tiproxy.views import counters

@@ -17,6 +17,9 @@ starts on the next expected response; a response with SERVER_MORE_RESULTS_EXISTS
 terminator continues with the next result. `packets` counts the packets whose header it read
 (every one, once; the owner takes the count and resets it, for the traffic metrics).
 
+What each command's response looks like (Expect), the state machine's phases and the readers
+of status flags are protocol/responses.py's, shared with the compiled relay path.
+
 Response layouts: https://dev.mysql.com/doc/dev/mysql-server/latest/page_protocol_command_phase.html
 MariaDB's extended capabilities change two shapes (https://mariadb.com/kb/en/err_packet/ ,
 https://mariadb.com/kb/en/result-set-packets/): with PROGRESS, ERR packets with error code 0xFFFF
@@ -32,143 +35,40 @@ terminator of 5 bytes is an EOF packet (warnings, status); a longer one is an OK
 
 from __future__ import annotations
 
-import enum
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-from tiproxy.protocol.codec import U16, U32, Buffer, read_lenenc_int
-from tiproxy.protocol.constants import MAX_PAYLOAD, Command, ServerStatus
+from tiproxy.protocol.codec import U16, U32, Buffer
+from tiproxy.protocol.constants import MAX_PAYLOAD, ServerStatus
 from tiproxy.protocol.errors import Origin, ProtocolError
-
-
-class Expect(enum.IntEnum):
-    """What a command's response looks like."""
-
-    NOTHING = 0  # COM_STMT_CLOSE, COM_STMT_SEND_LONG_DATA, COM_QUIT
-    RESULT = 1  # OK | ERR | LOCAL INFILE | text result sets, possibly several
-    BINARY = 2  # COM_STMT_EXECUTE: OK | ERR | LOCAL INFILE | binary result sets
-    SINGLE = 3  # exactly one packet of any shape (COM_PING, COM_STATISTICS, ...)
-    PREPARE = 4  # PREPARE_OK, parameter and column definitions | ERR
-    FETCH = 5  # binary rows then a terminator | ERR
-    FIELD_LIST = 6  # column definitions then a terminator | ERR
-    AUTH = 7  # COM_CHANGE_USER: auth switch and more-data rounds, then OK | ERR
-    # COM_STMT_EXECUTE that asked for a cursor: as BINARY, and a CURSOR_EXISTS status after the
-    # column definitions ends the response (rows come with COM_STMT_FETCH). Only then: a plain
-    # execute of a CALL whose procedure has a cursor open carries the flag too, rows following.
-    CURSOR = 8
-
-
-# What every command's response looks like. A command missing here is refused by the proxy.
-EXPECT_BY_COMMAND: dict[int, Expect] = {
-    Command.SLEEP: Expect.SINGLE,
-    Command.QUIT: Expect.NOTHING,
-    Command.INIT_DB: Expect.SINGLE,
-    Command.QUERY: Expect.RESULT,
-    Command.FIELD_LIST: Expect.FIELD_LIST,
-    Command.CREATE_DB: Expect.SINGLE,
-    Command.DROP_DB: Expect.SINGLE,
-    Command.REFRESH: Expect.SINGLE,
-    Command.SHUTDOWN: Expect.SINGLE,
-    Command.STATISTICS: Expect.SINGLE,
-    Command.PROCESS_INFO: Expect.RESULT,
-    Command.CONNECT: Expect.SINGLE,
-    Command.PROCESS_KILL: Expect.SINGLE,
-    Command.DEBUG: Expect.SINGLE,
-    Command.PING: Expect.SINGLE,
-    Command.TIME: Expect.SINGLE,
-    Command.DELAYED_INSERT: Expect.SINGLE,
-    Command.CHANGE_USER: Expect.AUTH,
-    Command.STMT_PREPARE: Expect.PREPARE,
-    Command.STMT_EXECUTE: Expect.BINARY,
-    Command.STMT_SEND_LONG_DATA: Expect.NOTHING,
-    Command.STMT_CLOSE: Expect.NOTHING,
-    Command.STMT_RESET: Expect.SINGLE,
-    Command.SET_OPTION: Expect.SINGLE,
-    Command.STMT_FETCH: Expect.FETCH,
-    Command.DAEMON: Expect.SINGLE,
-    Command.RESET_CONNECTION: Expect.SINGLE,
-    Command.STMT_BULK_EXECUTE: Expect.BINARY,  # OK, or the rows of INSERT ... RETURNING
-}
+from tiproxy.protocol.responses import (
+    AUTH,
+    COLUMNS,
+    COLUMNS_EOF,
+    CURSOR_BINARY,
+    FIELDS,
+    FIRST,
+    FIRST_STEP,
+    IDLE,
+    PREPARE_DEFS,
+    PREPARE_EOF,
+    PREPARE_OK,
+    ROWS,
+    SINGLE,
+    Expect,
+    backend_lenenc,
+    error_code,
+    is_progress,
+    ok_status,
+    terminator_status,
+)
 
 _NOTHING = Expect.NOTHING
-
-# Phases of the state machine, as plain ints: they are compared once per packet on the hot path.
-IDLE = 0
-FIRST = 1  # the first packet of a (text or binary) result
-COLUMNS = 2  # column definitions to skip
-COLUMNS_EOF = 3  # the EOF after the column definitions (no CLIENT_DEPRECATE_EOF)
-ROWS = 4
-SINGLE = 5
-PREPARE_OK = 6
-PREPARE_DEFS = 7  # parameter, then column, definitions of a prepared statement
-PREPARE_EOF = 8
-FIELDS = 9
-AUTH = 10
-
 # Plain ints: IntFlag arithmetic costs a Python call per operation on the hot path.
 _MORE = int(ServerStatus.MORE_RESULTS_EXISTS)
 _CURSOR = int(ServerStatus.CURSOR_EXISTS)
-_CURSOR_BINARY = 2  # ResponseTracker._binary: 0 text, 1 binary, 2 binary with a cursor asked for
-
-
-def _error_code(buf: Buffer, start: int, length: int) -> int:
-    """The code of an ERR packet read whole; 1 when it is too short to hold one."""
-    return (buf[start + 1] | buf[start + 2] << 8) or 1 if length >= 3 else 1
-
-
-def _progress(buf: Buffer, start: int, length: int) -> bool:
-    """An ERR packet (read whole) that is a MariaDB progress report: error code 0xFFFF."""
-    return length >= 3 and buf[start + 1] == 0xFF and buf[start + 2] == 0xFF
-
-
-def terminator_status(buf: Buffer, start: int, length: int) -> int:
-    """The status flags of an EOF packet (5 bytes) or of an OK packet (7 bytes or more)."""
-    if length == 5:
-        return buf[start + 3] | buf[start + 4] << 8
-    return ok_status(buf, start, length)
-
-
-def ok_status(buf: Buffer, start: int, length: int) -> int:
-    if length >= 7 and buf[start + 1] < 0xFB and buf[start + 2] < 0xFB:
-        # Both counts fit in one byte, as in almost every OK: the status follows them.
-        return buf[start + 3] | buf[start + 4] << 8
-    pos = start + 1
-    end = start + length
-    _, pos = _lenenc(buf, pos)  # affected rows
-    _, pos = _lenenc(buf, pos)  # last insert id
-    if pos + 2 > end:
-        raise ProtocolError("OK packet without status flags", Origin.BACKEND)
-    return int(U16.unpack_from(buf, pos)[0])
-
-
-def _lenenc(buf: Buffer, pos: int) -> tuple[int, int]:
-    """A length-encoded integer the backend sent: a bad one is the backend's protocol error."""
-    try:
-        return read_lenenc_int(buf, pos)
-    except ProtocolError as e:
-        raise ProtocolError(str(e), Origin.BACKEND) from None
-
-
-# The phase a response starts in, by what the command expects.
-_FIRST_PHASE = {
-    Expect.RESULT: FIRST,
-    Expect.BINARY: FIRST,
-    Expect.CURSOR: FIRST,
-    Expect.SINGLE: SINGLE,
-    Expect.PREPARE: PREPARE_OK,
-    Expect.FETCH: ROWS,
-    Expect.FIELD_LIST: FIELDS,
-    Expect.AUTH: AUTH,
-}
-# (_binary, phase) as a response of each kind starts: also what the compiled relay path
-# (net/_hotpath.c) sets when it sends a command.
-FIRST_STEP: dict[Expect, tuple[int, int]] = {
-    kind: (_CURSOR_BINARY if kind is Expect.CURSOR
-           else int(kind is Expect.BINARY or kind is Expect.FETCH), phase)
-    for kind, phase in _FIRST_PHASE.items()
-}
 
 
 def _skip_plain_rows_py(data: Buffer, pos: int) -> tuple[int, int]:
@@ -245,7 +145,7 @@ class ResponseTracker:
         self._carry = bytearray()
         self._skip = 0  # payload bytes of the current packet still to pass over
         self._continued = False  # the last packet was 16 MiB: the next one continues it
-        self._binary = 0  # 0 text, 1 binary, _CURSOR_BINARY: a cursor was asked for
+        self._binary = 0  # 0 text, 1 binary, CURSOR_BINARY: a cursor was asked for
         self._columns = 0
         self._defs_left = 0
         self._eof_after_defs = 0  # PREPARE: column definitions still to come after the params
@@ -414,9 +314,9 @@ class ResponseTracker:
             first = buf[start]
             if first == 0xFE and length < MAX_PAYLOAD:
                 self._end_result(terminator_status(buf, start, length))
-            elif first == 0xFF and not _progress(buf, start, length):
+            elif first == 0xFF and not is_progress(buf, start, length):
                 # (REPAIR TABLE reports progress between its rows)
-                self._finish(self.status, _error_code(buf, start, length))
+                self._finish(self.status, error_code(buf, start, length))
             return
         if phase == COLUMNS:
             self._columns -= 1
@@ -428,14 +328,14 @@ class ResponseTracker:
             self._first(buf, start, length, first)
         elif phase == COLUMNS_EOF:
             if first == 0xFF:
-                if not _progress(buf, start, length):
+                if not is_progress(buf, start, length):
                     # a cursor that failed to open
-                    self._finish(self.status, _error_code(buf, start, length))
+                    self._finish(self.status, error_code(buf, start, length))
                 return
             if first != 0xFE:
                 raise ProtocolError("column definitions not followed by EOF", Origin.BACKEND)
             status = terminator_status(buf, start, length)
-            if self._binary == _CURSOR_BINARY and status & _CURSOR:
+            if self._binary == CURSOR_BINARY and status & _CURSOR:
                 self._end_result(status)  # a cursor: rows come with COM_STMT_FETCH
             else:
                 self.status = status
@@ -448,12 +348,12 @@ class ResponseTracker:
                     self.status = ok_status(buf, start, length)
             elif first == 0xFE and length == 5:
                 self.status = terminator_status(buf, start, length)
-            self._finish(self.status, _error_code(buf, start, length) if first == 0xFF else 0)
+            self._finish(self.status, error_code(buf, start, length) if first == 0xFF else 0)
         elif phase == FIELDS:
             if first == 0xFE and length < MAX_PAYLOAD:
                 self._finish(terminator_status(buf, start, length), 0)
             elif first == 0xFF:
-                self._finish(self.status, _error_code(buf, start, length))
+                self._finish(self.status, error_code(buf, start, length))
         elif phase == PREPARE_OK:
             self._prepare_ok(buf, start, length, first)
         elif phase == PREPARE_DEFS:
@@ -468,7 +368,7 @@ class ResponseTracker:
             if first == 0x00:
                 self._finish(ok_status(buf, start, length), 0)
             elif first == 0xFF:
-                self._finish(self.status, _error_code(buf, start, length))
+                self._finish(self.status, error_code(buf, start, length))
             # 0xFE auth switch and 0x01 more data: the client answers, the exchange goes on.
         else:
             raise ProtocolError(f"backend sent a packet nobody asked for (0x{first:02x})",
@@ -478,8 +378,8 @@ class ResponseTracker:
         if first == 0x00:
             self._end_result(ok_status(buf, start, length))
         elif first == 0xFF:
-            if not _progress(buf, start, length):  # a report: the answer is still to come
-                self._finish(self.status, _error_code(buf, start, length))
+            if not is_progress(buf, start, length):  # a report: the answer is still to come
+                self._finish(self.status, error_code(buf, start, length))
         elif first == 0xFB:
             # LOCAL INFILE (a prepared LOAD DATA LOCAL too): the OK or ERR comes after the
             # client's file. No column count starts with 0xFB (the length-encoded NULL).
@@ -487,7 +387,7 @@ class ResponseTracker:
         elif first == 0xFE:
             self._end_result(terminator_status(buf, start, length))
         else:
-            count, end = (first, start + 1) if first < 0xFB else _lenenc(buf, start)
+            count, end = (first, start + 1) if first < 0xFB else backend_lenenc(buf, start)
             if end > start + length:
                 raise ProtocolError("column count longer than its packet", Origin.BACKEND)
             if count == 0:
@@ -501,7 +401,7 @@ class ResponseTracker:
 
     def _prepare_ok(self, buf: Buffer, start: int, length: int, first: int) -> None:
         if first == 0xFF:
-            self._finish(self.status, _error_code(buf, start, length))
+            self._finish(self.status, error_code(buf, start, length))
             return
         if first != 0x00 or length < 12:
             raise ProtocolError("malformed PREPARE_OK", Origin.BACKEND)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from tiproxy.protocol.codec import U16, lenenc_bytes, lenenc_int, read_lenenc_int
 from tiproxy.protocol.constants import MAX_PAYLOAD
 from tiproxy.protocol.errors import ProtocolError
-from tiproxy.protocol.tracker import terminator_status
+from tiproxy.protocol.responses import terminator_status
 from tiproxy.session.statements import first_keyword
 
 # A cheap first look, on the lower-cased statement: only these statements are scanned.

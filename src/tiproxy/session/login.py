@@ -68,7 +68,7 @@ from tiproxy.protocol.packets import (
     parse_greeting,
     parse_handshake_response,
 )
-from tiproxy.protocol.tracker import ok_status
+from tiproxy.protocol.responses import ok_status
 
 # Sent to the backend in place of the client's plugin: no server has it, so every server answers
 # with an AuthSwitchRequest for the user's real plugin and a salt of its own.

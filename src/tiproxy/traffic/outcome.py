@@ -27,7 +27,7 @@ from tiproxy.protocol.codec import U16, U32, lenenc_int, read_lenenc_int
 from tiproxy.protocol.constants import MAX_PAYLOAD, Command, ServerStatus
 from tiproxy.protocol.errors import Origin, ProtocolError
 from tiproxy.protocol.packets import parse_err
-from tiproxy.protocol.tracker import EXPECT_BY_COMMAND, Expect, terminator_status
+from tiproxy.protocol.responses import EXPECT_BY_COMMAND, Expect, terminator_status
 
 _MORE = ServerStatus.MORE_RESULTS_EXISTS
 _CURSOR = ServerStatus.CURSOR_EXISTS
