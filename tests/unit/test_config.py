@@ -21,7 +21,7 @@ from tiproxy.config import (
     parse_config,
 )
 from tiproxy.config.dump import section_to_dict
-from tiproxy.config.model import rules
+from tiproxy.config.fields import rules
 from tiproxy.config.values import format_duration, parse_duration, split_host_port
 
 # The example from TiProxy's documentation (tiproxy-configuration.md).

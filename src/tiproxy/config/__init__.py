@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from tiproxy.config.dump import config_checksum, config_to_dict, config_to_toml
+from tiproxy.config.fields import REDACTED
 from tiproxy.config.load import ConfigError, load_config, merge_config, parse_config
 from tiproxy.config.model import (
-    REDACTED,
     APIConfig,
     BalanceConfig,
     Config,

@@ -14,7 +14,8 @@ from typing import Any
 
 import tomli_w
 
-from tiproxy.config.model import ENCODE, REDACTED, SECRET, Config
+from tiproxy.config.fields import ENCODE, REDACTED, SECRET
+from tiproxy.config.model import Config
 
 
 def config_to_dict(cfg: Config, *, redact: bool = False) -> dict[str, Any]:

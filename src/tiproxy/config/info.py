@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from tiproxy import __version__
-from tiproxy.config.model import ENCODE, OFFLINE_SECTIONS, ONLINE, Config
+from tiproxy.config.fields import ENCODE, ONLINE
+from tiproxy.config.model import OFFLINE_SECTIONS, Config
 
 COMPONENT = "TiProxy Server"  # TiProxy's name for it: tools read this field
 

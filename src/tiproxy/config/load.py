@@ -18,16 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tiproxy.config.model import (
-    CHECK,
-    DECODE,
-    OFFLINE_SECTIONS,
-    ONLINE,
-    REDACTED,
-    SECRET,
-    Config,
-    FrozenMap,
-)
+from tiproxy.config.fields import CHECK, DECODE, ONLINE, REDACTED, SECRET
+from tiproxy.config.model import OFFLINE_SECTIONS, Config
+from tiproxy.config.tables import FrozenMap
 from tiproxy.config.values import ItemError
 
 T = TypeVar("T")

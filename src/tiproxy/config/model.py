@@ -1,8 +1,8 @@
 """The config's shape: frozen dataclasses with TiProxy's keys, defaults and value checks.
 
 Every attribute is the TOML key with "-" written as "_" (`max-connections` is
-`cfg.proxy.max_connections`). A field's metadata (built by `rules()`) records how the loader
-checks it and how the dumper writes it; the loader and the dumper
+`cfg.proxy.max_connections`). A field's metadata (built by `rules()`, config/fields.py) records
+how the loader checks it and how the dumper writes it; the loader and the dumper
 walk these dataclasses generically, so adding a key is one line here. Defaults are TiProxy's
 (lib/config in pingcap/tiproxy) except where noted: `pd-addrs` is empty because we start without
 PD, and `backend-addrs` is our own key.
@@ -10,13 +10,29 @@ PD, and `backend-addrs` is our own key.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
+from tiproxy.config.fields import (
+    COUNT,
+    DURATION,
+    RATE,
+    not_built,
+    offline,
+    one_of_rules,
+    rules,
+)
+from tiproxy.config.tables import (
+    BackendLabels,
+    FrozenMap,
+    NamespaceConfig,
+    decode_addr_list,
+    decode_backend_labels,
+    decode_namespaces,
+    encode_backend_labels,
+    encode_namespaces,
+)
 from tiproxy.config.values import (
-    Check,
-    ItemError,
     all_of,
     check_backend_name,
     check_dial_addr,
@@ -24,31 +40,13 @@ from tiproxy.config.values import (
     check_interface_name,
     check_listen_addr,
     check_listen_addr_list,
-    check_namespace_name,
     check_virtual_ip,
     each,
-    format_duration,
     in_range,
-    non_negative,
-    one_of,
-    parse_duration,
     unique,
     zero_or_above,
     zero_or_range,
 )
-
-# Field metadata keys, read by load.py and dump.py.
-CHECK = "check"  # Check: raises ValueError with the reason a value is refused
-DECODE = "decode"  # raw TOML value -> attribute value, instead of the type-driven decoding
-ENCODE = "encode"  # attribute value -> TOML value, the inverse of DECODE
-# True: config_to_dict(redact=True) writes REDACTED instead of the value.
-SECRET = "secret"  # noqa: S105 - a metadata key, not a password
-# False: the running proxy reads the field only at start, so a reload (PUT /api/admin/config,
-# SIGHUP) that changes it is refused by name (load.offline_changes). A dataclass-valued field
-# marked offline counts as one key; so does a field whose class is in OFFLINE_SECTIONS.
-ONLINE = "online"
-
-REDACTED = "******"
 
 PROXY_PROTOCOLS = ("", "v2")
 LOG_LEVELS = ("debug", "info", "warn", "warning", "error", "panic")  # any case, as zap reads
@@ -62,151 +60,14 @@ _MIN_CONN_BUFFER_SIZE = 1024
 _MAX_CONN_BUFFER_SIZE = 16 * 1024 * 1024
 
 
-def not_built(section: object, keys: Mapping[str, str]) -> tuple[str, str] | None:
-    """(key, "not supported yet: why") for the first of `keys` whose value differs from its
-    default: a key the proxy does not act on is refused, never parsed and ignored. The default
-    itself passes, so a config written out by the API (every key) can be sent back."""
-    default = type(section)()
-    for key, why in keys.items():
-        attr = key.replace("-", "_")
-        if getattr(section, attr) != getattr(default, attr):
-            return key, f"not supported yet: {why}"
-    return None
-
-
-def rules(
-    *,
-    check: Check | None = None,
-    decode: Callable[[object], Any] | None = None,
-    encode: Callable[[Any], object] | None = None,
-    secret: bool = False,
-    online: bool = True,
-) -> dict[str, Any]:
-    """Field metadata telling the loader and the dumper how to treat a field."""
-    return {CHECK: check, DECODE: decode, ENCODE: encode, SECRET: secret, ONLINE: online}
-
-
-def offline(metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """`metadata` (or no rules) for a field that cannot change while the proxy runs."""
-    return {**(metadata if metadata is not None else rules()), ONLINE: False}
-
-
-def one_of_rules(*choices: str) -> dict[str, Any]:
-    return rules(check=one_of(*choices))
-
-
-# A duration in seconds, written as a Go duration string ("60s"), which TiProxy also reads.
-DURATION = rules(check=non_negative, decode=parse_duration, encode=format_duration)
-# A count or a number of seconds: never negative.
-COUNT = rules(check=non_negative)
-# Migrations per second: never negative, 0 means the router's default.
-RATE = COUNT
-
-
-def _decode_addr_list(raw: object) -> tuple[str, ...]:
-    """TiProxy writes `pd-addrs` as one comma-separated string; a TOML list is accepted too."""
-    if isinstance(raw, str):
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
-    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
-        return tuple(raw)
-    raise TypeError('a list of "host:port" strings')
-
-
 _ADDR_LIST = rules(check=all_of(each(check_dial_addr), unique))
-_PD_ADDRS = rules(check=all_of(each(check_dial_addr), unique), decode=_decode_addr_list)
+_PD_ADDRS = rules(check=all_of(each(check_dial_addr), unique), decode=decode_addr_list)
 _BACKEND_NAMES = rules(check=all_of(each(check_backend_name), unique))
 _CONN_BUFFER_SIZE = rules(check=zero_or_range(_MIN_CONN_BUFFER_SIZE, _MAX_CONN_BUFFER_SIZE))
 # What a session records of an open transaction for a replay: 1 KiB to 64 MiB.
 _REPLAY_SIZE = rules(check=zero_or_range(1024, 64 << 20))
 # RSA keys for auto-certs: 0 is TiProxy's default (4096); smaller than 2048 is not safe.
 _RSA_KEY_SIZE = rules(check=zero_or_range(2048, 16384))
-
-
-@dataclass(frozen=True)
-class BackendLabels:
-    """Labels of one statically listed backend (TiDB's come from its topology instead)."""
-
-    addr: str
-    labels: Mapping[str, str]
-
-
-def _decode_backend_labels(raw: object) -> tuple[BackendLabels, ...]:
-    """`[proxy.backend-labels]` "host:port" = { zone = "east" }."""
-    if not isinstance(raw, dict):
-        raise TypeError('a table of "host:port" = { label = "value" }')
-    out = []
-    for addr, labels in raw.items():
-        try:
-            check_dial_addr(addr)
-        except ValueError as e:
-            raise ItemError(f".{addr}", str(e)) from None
-        if not isinstance(labels, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-        ):
-            raise ItemError(f".{addr}", "expected a table of strings")
-        out.append(BackendLabels(addr, FrozenMap(labels)))
-    return tuple(out)
-
-
-def _encode_backend_labels(value: tuple[BackendLabels, ...]) -> dict[str, dict[str, str]]:
-    return {b.addr: dict(b.labels) for b in value}
-
-
-DEFAULT_NAMESPACE_NAME = "default"  # TiProxy's: users in no namespace; [proxy] backend-addrs
-
-
-@dataclass(frozen=True)
-class NamespaceConfig:
-    """Ours, in the spirit of TiProxy's namespaces: these users go to these backends only."""
-
-    name: str
-    users: tuple[str, ...]
-    backend_addrs: tuple[str, ...]
-
-
-def _decode_namespaces(raw: object) -> tuple[NamespaceConfig, ...]:
-    """`[namespaces.NAME]` users = [...], backend-addrs = [...]."""
-    if not isinstance(raw, dict):
-        raise TypeError("a table of namespaces")
-    out = []
-    seen_users: set[str] = set()
-    seen_addrs: dict[str, str] = {}
-    for name, table in raw.items():
-        try:
-            check_namespace_name(name)
-        except ValueError as e:
-            raise ItemError(f".{name}", str(e)) from None
-        if name == DEFAULT_NAMESPACE_NAME:
-            raise ItemError(f".{name}", "the name of TiProxy's default namespace, which is "
-                            "[proxy] backend-addrs: give this one another name")
-        if not isinstance(table, dict) or set(table) - {"users", "backend-addrs"}:
-            raise ItemError(f".{name}", "expected a table with users and backend-addrs")
-        users, addrs = table.get("users", []), table.get("backend-addrs", [])
-        for key, values in (("users", users), ("backend-addrs", addrs)):
-            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-                raise ItemError(f".{name}.{key}", "expected a list of strings")
-        for i, addr in enumerate(addrs):
-            try:
-                check_dial_addr(addr)
-            except ValueError as e:
-                raise ItemError(f".{name}.backend-addrs[{i}]", str(e)) from None
-            other = seen_addrs.setdefault(addr, name)
-            if other != name or addrs.index(addr) != i:
-                raise ItemError(f".{name}.backend-addrs[{i}]",
-                                f"{addr} is in namespace {other!r} already")
-        if not addrs:
-            raise ItemError(f".{name}.backend-addrs", "a namespace needs backends")
-        for user in users:
-            if user in seen_users:
-                raise ItemError(f".{name}.users", f"user {user!r} is in two namespaces")
-            seen_users.add(user)
-        out.append(NamespaceConfig(name, tuple(users), tuple(addrs)))
-    return tuple(out)
-
-
-def _encode_namespaces(value: tuple[NamespaceConfig, ...]) -> dict[str, dict[str, list[str]]]:
-    return {n.name: {"users": list(n.users), "backend-addrs": list(n.backend_addrs)}
-            for n in value}
 
 
 @dataclass(frozen=True)
@@ -278,7 +139,7 @@ class ProxyConfig:
     backend_pool_size: int = field(default=0, metadata=COUNT)
     backend_pool_idle: float = field(default=30.0, metadata=DURATION)
     backend_labels: tuple[BackendLabels, ...] = field(
-        default=(), metadata=rules(decode=_decode_backend_labels, encode=_encode_backend_labels))
+        default=(), metadata=rules(decode=decode_backend_labels, encode=encode_backend_labels))
 
     @property
     def buffer_size(self) -> int:
@@ -483,34 +344,6 @@ class HAConfig:
         return None
 
 
-class FrozenMap(Mapping[str, str]):
-    """An immutable, hashable and picklable str -> str mapping (unlike MappingProxyType, which
-    cannot be pickled: configs will travel to worker processes)."""
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: Mapping[str, str] | None = None) -> None:
-        self._items: dict[str, str] = dict(items or {})
-
-    def __getitem__(self, key: str) -> str:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._items.items()))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Mapping) and dict(self._items) == dict(other)
-
-    def __repr__(self) -> str:
-        return f"FrozenMap({self._items!r})"
-
-
 @dataclass(frozen=True)
 class Config:
     """The whole config file. `Config()` is the config of an empty file."""
@@ -523,7 +356,7 @@ class Config:
     labels: Mapping[str, str] = field(default=FrozenMap())  # e.g. zone = "z1"
     health: HealthConfig = field(default=HealthConfig())
     namespaces: tuple[NamespaceConfig, ...] = field(
-        default=(), metadata=rules(decode=_decode_namespaces, encode=_encode_namespaces))
+        default=(), metadata=rules(decode=decode_namespaces, encode=encode_namespaces))
     # TiProxy's: false refuses the /api/traffic routes (capture, replay, cancel, show).
     enable_traffic_replay: bool = True
     ha: HAConfig = field(default=HAConfig())

@@ -30,7 +30,8 @@ from typing import Any
 
 import tomli_w
 
-from tiproxy.config.model import DEFAULT_NAMESPACE_NAME, Config
+from tiproxy.config.model import Config
+from tiproxy.config.tables import DEFAULT_NAMESPACE_NAME
 from tiproxy.config.values import check_dial_addr, check_namespace_name
 
 DEFAULT_NAME = DEFAULT_NAMESPACE_NAME  # TiProxy's namespace for the users no other one names
