@@ -53,7 +53,8 @@ from typing import Any
 
 import MySQLdb
 
-from tiproxy.playground.mariadb import HOST, LauncherError, MariaDBServer
+from tiproxy.playground.install import LauncherError
+from tiproxy.playground.mariadb import HOST, MariaDBServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sysbench import (

@@ -18,13 +18,8 @@ from support.proxy import ProxyFactory, ProxyProcess
 from support.workload import DATABASE
 from tiproxy.playground.etcd import EtcdLauncherError, EtcdServer, find_etcd
 from tiproxy.playground.galera import GaleraCluster
-from tiproxy.playground.mariadb import (
-    AppUser,
-    LauncherError,
-    MariaDBServer,
-    create_app_user,
-    find_mariadbd,
-)
+from tiproxy.playground.install import LauncherError, find_mariadbd
+from tiproxy.playground.mariadb import AppUser, MariaDBServer, create_app_user
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import pytest
 from support.backends import ADMIN_TOML
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.galera import GaleraCluster
-from tiproxy.playground.mariadb import LauncherError
+from tiproxy.playground.install import LauncherError
 
 pytestmark = pytest.mark.integration
 

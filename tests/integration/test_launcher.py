@@ -10,7 +10,8 @@ import pytest
 
 from support.backends import APP, EDU, MariaDBFactory, connect
 from support.net import port_refuses, split_addr
-from tiproxy.playground.mariadb import LauncherError, MariaDBCluster, MariaDBServer
+from tiproxy.playground.install import LauncherError
+from tiproxy.playground.mariadb import MariaDBCluster, MariaDBServer
 
 pytestmark = pytest.mark.integration
 

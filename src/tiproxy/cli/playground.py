@@ -33,7 +33,8 @@ from tiproxy.config import Config
 from tiproxy.logs import setup_logging
 from tiproxy.net.loop import install_event_loop
 from tiproxy.playground.galera import GaleraCluster
-from tiproxy.playground.mariadb import AppUser, LauncherError, MariaDBCluster
+from tiproxy.playground.install import LauncherError
+from tiproxy.playground.mariadb import AppUser, MariaDBCluster
 
 DEFAULT_USER = "tiproxy"
 DEFAULT_PASSWORD = "tiproxy-playground"  # noqa: S105 - a local playground on loopback

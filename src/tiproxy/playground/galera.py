@@ -34,14 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from tiproxy.playground.mariadb import (
-    HOST,
-    AppUser,
-    LauncherError,
-    MariaDBServer,
-    create_app_user,
-    free_port,
-)
+from tiproxy.playground.install import LauncherError
+from tiproxy.playground.mariadb import HOST, AppUser, MariaDBServer, create_app_user, free_port
 
 _PROVIDER_SEARCH = (
     "/usr/lib/galera/libgalera_smm.so",  # Debian and Ubuntu (galera-4)

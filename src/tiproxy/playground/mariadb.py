@@ -1,12 +1,12 @@
 """Start, stop, crash and freeze throwaway MariaDB servers on free local ports.
 
-Theory of operation: `mariadb-install-db` runs once per mariadbd version and user, into a template
-datadir cached in the temp directory (built in a private directory, then renamed into place, so
-concurrent processes never see half a template). Each server copies the template (about 25 MB)
-into its own base directory and runs `mariadbd --no-defaults` with small memory settings as a child
-process, so a server is up in well under a second and dozens fit in a few GB. A server counts as
-started once its error log says it is ready for connections. An atexit hook SIGKILLs every server
-still running, so a failed test run or a crashed playground leaves none behind.
+Theory of operation: `mariadb-install-db` runs once per mariadbd version and user, into a
+template datadir cached in the temp directory (playground/install.py). Each server copies the
+template (about 25 MB) into its own base directory and runs `mariadbd --no-defaults` with small
+memory settings as a child process, so a server is up in well under a second and dozens fit in a
+few GB. A server counts as started once its error log says it is ready for connections. An
+atexit hook SIGKILLs every server still running, so a failed test run or a crashed playground
+leaves none behind.
 
 Standard library only: the installed package must not depend on test libraries.
 """
@@ -14,7 +14,6 @@ Standard library only: the installed package must not depend on test libraries.
 from __future__ import annotations
 
 import atexit
-import functools
 import hashlib
 import os
 import random
@@ -30,14 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from tiproxy.playground.install import (
+    TEMPLATE_ARGS,
+    LauncherError,
+    find_companion,
+    find_mariadbd,
+    template_datadir,
+    user_args,
+)
+
 HOST = "127.0.0.1"
 
-# Bump when _TEMPLATE_ARGS change: cached templates built with other options must not be reused.
-_TEMPLATE_LAYOUT = "2"
-# The redo log is created by mariadb-install-db; servers must start with the same size.
-_TEMPLATE_ARGS = ("--innodb-log-file-size=8M",)
 _SERVER_ARGS = (
-    *_TEMPLATE_ARGS,
+    *TEMPLATE_ARGS,
     "--innodb-buffer-pool-size=32M",
     # Commits reach the OS at once (they survive a SIGKILL of mariadbd) without an fsync each:
     # the disk is shared with everything else running on the machine.
@@ -48,19 +52,6 @@ _SERVER_ARGS = (
     "--character-set-server=utf8mb4",
     "--collation-server=utf8mb4_general_ci",
     "--plugin-load-add=auth_ed25519",
-)
-# install-db also grants root@<hostname>, which --skip-name-resolve warns about at every start.
-_TEMPLATE_CLEANUP_SQL = """
-DELETE FROM mysql.global_priv WHERE Host NOT IN ('localhost', '127.0.0.1', '::1');
-DELETE FROM mysql.proxies_priv WHERE Host NOT IN ('localhost', '127.0.0.1', '::1');
-"""
-_SEARCH_DIRS = (
-    "/usr/sbin",
-    "/usr/local/sbin",
-    "/usr/libexec",
-    "/usr/bin",
-    "/usr/local/bin",
-    "/usr/local/mysql/bin",
 )
 _SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
 _PORT_ATTEMPTS = 3  # another process may take a port between free_port() and mariadbd's bind
@@ -73,27 +64,6 @@ _PICK_ATTEMPTS = 100
 _READY = "ready for connections"
 _POLL_INTERVAL = 0.05
 _LOG_TAIL_BYTES = 64 * 1024
-
-
-class LauncherError(Exception):
-    """A MariaDB server could not be found, prepared, started, stopped or queried."""
-
-
-def find_mariadbd() -> Path:
-    """Return the mariadbd binary ($TIPROXY_MARIADBD overrides the search)."""
-    override = os.environ.get("TIPROXY_MARIADBD")
-    if override:
-        if not os.access(override, os.X_OK):
-            raise LauncherError(f"TIPROXY_MARIADBD={override} is not an executable file")
-        return Path(override)
-    found = _find_program("mariadbd", ())
-    if found is None:
-        raise LauncherError(
-            "mariadbd not found on PATH or in /usr/sbin: install MariaDB "
-            "(Debian: apt-get install mariadb-server mariadb-client, or run scripts/setup.sh) "
-            "or set TIPROXY_MARIADBD to the server binary"
-        )
-    return found
 
 
 def free_port() -> int:
@@ -129,81 +99,6 @@ def _ephemeral_range() -> tuple[int, int]:
     except (OSError, ValueError):
         return 32768, 60999
     return low, high
-
-
-def _find_program(name: str, first_dirs: Sequence[Path]) -> Path | None:
-    for directory in first_dirs:
-        if os.access(directory / name, os.X_OK):
-            return directory / name
-    found = shutil.which(name)
-    if found:
-        return Path(found)
-    for directory in map(Path, _SEARCH_DIRS):
-        if os.access(directory / name, os.X_OK):
-            return directory / name
-    return None
-
-
-def _find_companion(name: str) -> Path:
-    """Find a MariaDB tool (client, install-db) from the same installation as mariadbd."""
-    server_dir = find_mariadbd().resolve().parent
-    found = _find_program(name, (server_dir, server_dir.parent / "bin"))
-    if found is None:
-        raise LauncherError(f"{name} not found: install mariadb-client next to mariadbd")
-    return found
-
-
-@functools.cache
-def _server_version(mariadbd: Path) -> str:
-    result = subprocess.run([mariadbd, "--version"], capture_output=True, text=True, check=False)
-    match = re.search(r"Ver\s+(\S+)", result.stdout)
-    if result.returncode != 0 or match is None:
-        raise LauncherError(f"{mariadbd} --version failed: {result.stdout}{result.stderr}")
-    return match.group(1)
-
-
-def _user_args() -> list[str]:
-    # mariadbd refuses to run as root unless told to; the datadir then belongs to root.
-    return ["--user=root"] if os.geteuid() == 0 else []
-
-
-def template_datadir() -> Path:
-    """Return a freshly installed datadir for this mariadbd, building and caching it once."""
-    version = re.sub(r"[^A-Za-z0-9._+-]", "_", _server_version(find_mariadbd()))
-    name = f"tiproxy-mariadb-template-{version}-{_TEMPLATE_LAYOUT}-u{os.geteuid()}"
-    final = Path(tempfile.gettempdir()) / name
-    if final.is_dir():
-        return final
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    try:
-        _install_db(staging / "data", staging / "cleanup.sql")
-        try:
-            (staging / "data").rename(final)
-        except OSError:
-            if not final.is_dir():  # else another process renamed its template first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
-
-
-def _install_db(datadir: Path, cleanup_sql: Path) -> None:
-    cleanup_sql.write_text(_TEMPLATE_CLEANUP_SQL)
-    cmd = [
-        str(_find_companion("mariadb-install-db")),
-        "--no-defaults",
-        "--auth-root-authentication-method=normal",  # root@localhost, no password
-        "--skip-test-db",
-        "--skip-name-resolve",  # grants for 127.0.0.1/::1, not for this machine's hostname
-        f"--datadir={datadir}",
-        f"--extra-file={cleanup_sql}",
-        *_user_args(),
-        *_TEMPLATE_ARGS,
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    if result.returncode != 0:
-        output = (result.stdout + result.stderr).strip().splitlines()[-40:]
-        raise LauncherError(f"{' '.join(cmd)} failed:\n" + "\n".join(output))
 
 
 _running: set[subprocess.Popen[bytes]] = set()
@@ -319,7 +214,7 @@ class MariaDBServer:
         if not self.running:
             raise LauncherError(f"cannot run SQL: mariadbd on {self.addr} is not running")
         cmd = [
-            str(_find_companion("mariadb")),
+            str(find_companion("mariadb")),
             "--no-defaults",
             "-uroot",
             f"--socket={self.socket_path}",
@@ -363,7 +258,7 @@ class MariaDBServer:
             f"--socket={self.socket_path}",
             f"--pid-file={self.pid_file}",
             f"--log-error={self.error_log}",
-            *_user_args(),
+            *user_args(),
             *_SERVER_ARGS,
             *self.extra_args,
         ]
