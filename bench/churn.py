@@ -9,7 +9,10 @@ error messages of each run are kept. Each round runs every target once, in an or
 from round to round, so a slow spell of the machine hurts every target alike. The CPU time of the
 proxy's and HAProxy's process trees (and of mariadbd) over a run, divided by the connections the
 run made, gives CPU seconds per 1,000 connections. The table shows medians across rounds and the
-ratios proxy/direct and proxy/haproxy.
+ratios proxy/direct and proxy/haproxy. A second table splits the proxy's and HAProxy's CPU into
+user and system time (what the kernel spent on their sockets is about the same for any relay,
+so the user time is where a relay's own work shows) and counts the times their threads were
+preempted per connection (nonvoluntary context switches, which make each one dearer).
 
 --workers N writes `[proxy] workers = N` into the proxy's config (default 1) and gives HAProxy
 as many threads unless --haproxy-threads says otherwise. A proxy that fails to start is reported
@@ -230,6 +233,27 @@ def tree_rss_kb(pid: int) -> int:
     return total
 
 
+def tree_cpu_split(pid: int) -> tuple[float, float, int]:
+    """(user seconds, system seconds, nonvoluntary context switches) of pid's live process
+    tree so far. Children that exited are left out: the targets' processes live through a run."""
+    user = system = 0
+    preempted = 0
+    for member in tree_pids(pid):
+        try:
+            stat = Path(f"/proc/{member}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            user += int(fields[11])
+            system += int(fields[12])
+            for task in os.scandir(f"/proc/{member}/task"):
+                for line in Path(task.path, "status").read_text().splitlines():
+                    if line.startswith("nonvoluntary_ctxt_switches:"):
+                        preempted += int(line.split()[1])
+        except OSError:  # it exited meanwhile
+            continue
+    ticks = os.sysconf("SC_CLK_TCK")
+    return user / ticks, system / ticks, preempted
+
+
 def raise_nofile(needed: int) -> str:
     """Raise this process's soft RLIMIT_NOFILE to needed (children inherit it); warn if short."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -256,6 +280,9 @@ class Run:
     errors: int = 0
     error_samples: dict[str, int] = field(default_factory=dict)
     cpu_seconds: float | None = None  # the proxy's or HAProxy's process tree; None for direct
+    user_seconds: float | None = None  # of cpu_seconds: in user space (the rest, the kernel's)
+    sys_seconds: float | None = None
+    preempted: int | None = None  # the tree's threads' nonvoluntary context switches
     db_cpu_seconds: float | None = None  # mariadbd's
     skipped: str = ""  # why the target could not be measured at all
     notes: list[str] = field(default_factory=list)
@@ -276,7 +303,13 @@ class Run:
             "conns_per_s": self.conns_per_s,
             "cpu_s_per_1k": self.per_1k(self.cpu_seconds),
             "db_cpu_s_per_1k": self.per_1k(self.db_cpu_seconds),
+            "user_s_per_1k": self.per_1k(self.user_seconds),
+            "sys_s_per_1k": self.per_1k(self.sys_seconds),
+            "preempted_per_conn": self.per_conn(self.preempted),
         }
+
+    def per_conn(self, count: int | None) -> float | None:
+        return None if count is None or not self.ok else count / self.connections
 
 
 @dataclass
@@ -343,12 +376,18 @@ class ChurnBench:
         process = self.processes.get(target)
         log_offset = process.log_size() if process else 0
         cpu_before = tree_cpu_seconds(process.pid) if process else None
+        split_before = tree_cpu_split(process.pid) if process else None
         db_pid = self.server.pid
         db_before = tree_cpu_seconds(db_pid) if db_pid else None
         clients = run_clients(self.ports[target], self.args.threads, seconds)
         if process is not None:
             if cpu_before is not None and process.running:
                 run.cpu_seconds = tree_cpu_seconds(process.pid) - cpu_before
+                if split_before is not None:
+                    user, system, preempted = tree_cpu_split(process.pid)
+                    run.user_seconds = user - split_before[0]
+                    run.sys_seconds = system - split_before[1]
+                    run.preempted = preempted - split_before[2]
             elif not process.running:
                 run.notes.append(f"{target} exited with code {process.returncode} during the run")
             logged = tail(process.log_since(log_offset), 20)
@@ -441,6 +480,9 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
             "conns_per_s": _median([run.conns_per_s for run in ok]),
             "cpu_s_per_1k": _median([run.per_1k(run.cpu_seconds) for run in ok]),
             "db_cpu_s_per_1k": _median([run.per_1k(run.db_cpu_seconds) for run in ok]),
+            "user_s_per_1k": _median([run.per_1k(run.user_seconds) for run in ok]),
+            "sys_s_per_1k": _median([run.per_1k(run.sys_seconds) for run in ok]),
+            "preempted_per_conn": _median([run.per_conn(run.preempted) for run in ok]),
             "connections": sum(run.connections for run in mine),
             "errors": sum(run.errors for run in mine),
             "ok_runs": len(ok),
@@ -471,6 +513,14 @@ def print_table(title: str, summary: dict[str, Any]) -> None:
             f"{_fmt(row['cpu_s_per_1k'], '.4f'):>14} {_fmt(row['db_cpu_s_per_1k'], '.4f'):>12} "
             f"{row['errors']:>7} {row['ok_runs']:>4}/{row['runs']}"
         )
+    print(f"{'target':<9} {'user s/1k conn':>15} {'sys s/1k conn':>14} {'preempted/conn':>15}")
+    for target, row in summary["targets"].items():
+        if row["user_s_per_1k"] is not None:
+            print(
+                f"{target:<9} {_fmt(row['user_s_per_1k'], '.4f'):>15} "
+                f"{_fmt(row['sys_s_per_1k'], '.4f'):>14} "
+                f"{_fmt(row['preempted_per_conn'], '.1f'):>15}"
+            )
     r = summary["ratios"]
     print(f"proxy/direct   conn/s x{_fmt(r['conns_per_s_proxy/direct'], '.3f')}")
     print(
