@@ -25,6 +25,10 @@ outlive a dead backend (net/recovery.py), which a login's first statements may c
 --pool N writes `[proxy] backend-pool-size = N` (net/pool.py: a backend connection is kept,
 reset, for the next login of the same user) and implies --auth-sync, which that needs.
 
+--bare-relay adds bench/bare_relay.py as a target: a relay on uvloop that forwards bytes both
+ways and reads none of them, the least a Python relay can spend per connection (its user time
+is the floor under the proxy's).
+
 --idle-sessions N, after the rounds: N connections are opened through the proxy (each runs
 `SELECT 1`, so both legs are up) and left idle; the proxy's memory per idle session is (VmRSS of
 its process tree with N sessions - VmRSS with none) / N. RLIMIT_NOFILE is raised before anything
@@ -61,12 +65,14 @@ from tiproxy.playground.mariadb import HOST, MariaDBServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sysbench import (
+    BARE,
     DATABASE,
     PASSWORD,
     TARGETS,
     USER,
     BenchError,
     ChildProcess,
+    start_bare_relay,
     start_haproxy,
     start_mariadb,
     start_proxy,
@@ -357,6 +363,13 @@ class ChurnBench:
         except BenchError as exc:
             self.unavailable["haproxy"] = f"HAProxy did not start: {tail(str(exc))}"
 
+    def start_bare_relay(self) -> None:
+        try:
+            self.processes[BARE], self.ports[BARE] = start_bare_relay(
+                self.workdir, self.server.addr, BARE)
+        except BenchError as exc:
+            self.unavailable[BARE] = f"bench/bare_relay.py did not start: {tail(str(exc))}"
+
     def ensure_running(self, target: str, run: Run) -> bool:
         """Restart a proxy that died; False (run.skipped set) if target cannot be measured."""
         process = self.processes.get(target)
@@ -473,7 +486,8 @@ def _ratio(top: float | None, bottom: float | None) -> float | None:
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
     per_target: dict[str, dict[str, Any]] = {}
-    for target in TARGETS:
+    measured = dict.fromkeys((*TARGETS, *(run.target for run in runs)))  # (--bare-relay's too)
+    for target in measured:
         mine = [run for run in runs if run.target == target]
         ok = [run for run in mine if run.ok]
         per_target[target] = {
@@ -490,6 +504,9 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         }
     proxy, direct, haproxy = (per_target[t] for t in ("proxy", "direct", "haproxy"))
     ratios = {
+        **({"conns_per_s_bare_relay/haproxy": _ratio(per_target[BARE]["conns_per_s"],
+                                                     haproxy["conns_per_s"])}
+           if BARE in per_target else {}),
         "conns_per_s_proxy/direct": _ratio(proxy["conns_per_s"], direct["conns_per_s"]),
         "conns_per_s_proxy/haproxy": _ratio(proxy["conns_per_s"], haproxy["conns_per_s"]),
         "cpu_s_per_1k_proxy/haproxy": _ratio(proxy["cpu_s_per_1k"], haproxy["cpu_s_per_1k"]),
@@ -527,6 +544,8 @@ def print_table(title: str, summary: dict[str, Any]) -> None:
         f"proxy/haproxy  conn/s x{_fmt(r['conns_per_s_proxy/haproxy'], '.3f')}"
         f"  CPU/conn x{_fmt(r['cpu_s_per_1k_proxy/haproxy'], '.1f')}"
     )
+    if "conns_per_s_bare_relay/haproxy" in r:
+        print(f"{BARE}/haproxy  conn/s x{_fmt(r['conns_per_s_bare_relay/haproxy'], '.3f')}")
 
 
 def print_idle(idle: dict[str, Any]) -> None:
@@ -601,6 +620,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="[proxy] backend-pool-size = N: logins reuse kept backend connections (implies "
         "--auth-sync)",
     )
+    parser.add_argument(
+        "--bare-relay", action="store_true",
+        help=f"also measure bench/bare_relay.py ({BARE}), a relay on uvloop that reads no byte: "
+        "the least a Python relay spends per connection",
+    )
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument(
@@ -636,19 +660,23 @@ def run_all(
     stack.callback(bench.stop_targets)
     bench.start_proxy()
     bench.start_haproxy()
+    targets = TARGETS
+    if args.bare_relay:
+        bench.start_bare_relay()
+        targets = (*TARGETS, BARE)
     for target, why in bench.unavailable.items():
         print(f"{target}: not measured: {why}", flush=True)
-    for target in TARGETS:
+    for target in targets:
         print(f"login through {target}: {bench.check_login(target)}", flush=True)
     if args.warmup:
-        for target in TARGETS:
+        for target in targets:
             warm = bench.run(target, 0, args.warmup)
             status = warm.skipped or f"{_fmt(warm.conns_per_s, '.0f')} conn/s"
             print(f"warm-up {target}: {status}", flush=True)
     runs: list[Run] = []
     for round_ in range(1, args.rounds + 1):
-        shift = (round_ - 1) % len(TARGETS)
-        for target in TARGETS[shift:] + TARGETS[:shift]:
+        shift = (round_ - 1) % len(targets)
+        for target in targets[shift:] + targets[:shift]:
             run = bench.run(target, round_, args.time)
             runs.append(run)
             if run.skipped:
