@@ -46,9 +46,11 @@ class BackendLeg(asyncio.Protocol):
     async def open(cls, host: str, port: int, timeout: float = CONNECT_TIMEOUT, *,
                    header: bytes | None = None) -> BackendLeg:
         """Connect; `header` (a PROXY protocol header) is the first thing sent."""
-        loop = asyncio.get_running_loop()
         leg = cls()
-        await asyncio.wait_for(loop.create_connection(lambda: leg, host, port), timeout)
+        # asyncio.timeout, not wait_for: that wraps the coroutine in a task of its own, which
+        # costs a login more than the connect's own Python work (py-spy, churn without the pool).
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().create_connection(lambda: leg, host, port)
         if header:
             leg.write(header)
         return leg
@@ -148,10 +150,15 @@ class BackendLeg(asyncio.Protocol):
         while not self._packets:
             if self._error is not None:
                 raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
+            # One timer that fails the waiter, rather than wait_for's second future and
+            # callbacks around it: a login reads three or four packets this way.
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _time_out, waiter)
             try:
-                await asyncio.wait_for(self._waiter, timeout)
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
         return self._packets.popleft()
 
@@ -192,3 +199,8 @@ class BackendLeg(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("no answer from the backend in time"))
