@@ -6,55 +6,57 @@ afterwards must wait for the next read rather than be lost or answer a read that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
 from tiproxy.client.leg import BackendLeg
 
 
-async def _listener(greet: asyncio.Event, accepted: list[asyncio.StreamWriter]
-                    ) -> asyncio.Server:
+@contextlib.asynccontextmanager
+async def _hanging_backend() -> AsyncIterator[tuple[BackendLeg, asyncio.Event]]:
+    """A leg to a listener that says nothing until the event is set, then one packet
+    (sequence 0, payload 0x0a)."""
+    greet = asyncio.Event()
+    accepted: list[asyncio.StreamWriter] = []
+
     async def serve(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.append(writer)
         await greet.wait()
-        writer.write(b"\x01\x00\x00\x00\x0a")  # one packet: sequence 0, payload 0x0a
+        writer.write(b"\x01\x00\x00\x00\x0a")
         await writer.drain()
 
-    return await asyncio.start_server(serve, "127.0.0.1", 0)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    leg = await BackendLeg.open("127.0.0.1", server.sockets[0].getsockname()[1], timeout=2.0)
+    try:
+        yield leg, greet
+    finally:
+        leg.abort()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 def test_a_backend_that_says_nothing_times_out_and_a_late_packet_waits() -> None:
     async def main() -> None:
-        greet, accepted = asyncio.Event(), []
-        server = await _listener(greet, accepted)
-        port = server.sockets[0].getsockname()[1]
-        leg = await BackendLeg.open("127.0.0.1", port, timeout=2.0)
-        try:
+        async with _hanging_backend() as (leg, greet):
             started = time.monotonic()
             with pytest.raises(TimeoutError):
                 await leg.read_packet(timeout=0.2)
             assert 0.15 < time.monotonic() - started < 2.0
             greet.set()
             assert await leg.read_packet(timeout=2.0) == (0, b"\x0a")
-        finally:
-            leg.abort()
-            for writer in accepted:
-                writer.close()
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(main())
 
 
 def test_a_read_that_is_cancelled_leaves_no_waiter_behind() -> None:
     async def main() -> None:
-        greet, accepted = asyncio.Event(), []
-        server = await _listener(greet, accepted)
-        port = server.sockets[0].getsockname()[1]
-        leg = await BackendLeg.open("127.0.0.1", port, timeout=2.0)
-        try:
+        async with _hanging_backend() as (leg, greet):
             read = asyncio.ensure_future(leg.read_packet(timeout=30.0))
             await asyncio.sleep(0.05)
             read.cancel()
@@ -62,12 +64,6 @@ def test_a_read_that_is_cancelled_leaves_no_waiter_behind() -> None:
                 await read
             greet.set()
             assert await leg.read_packet(timeout=2.0) == (0, b"\x0a")
-        finally:
-            leg.abort()
-            for writer in accepted:
-                writer.close()
-            server.close()
-            await server.wait_closed()
 
     asyncio.run(main())
 
