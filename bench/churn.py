@@ -286,7 +286,8 @@ class Run:
     errors: int = 0
     error_samples: dict[str, int] = field(default_factory=dict)
     cpu_seconds: float | None = None  # the proxy's or HAProxy's process tree; None for direct
-    user_seconds: float | None = None  # of cpu_seconds: in user space (the rest, the kernel's)
+    user_seconds: float | None = None  # the tree's live processes in user space (and below,
+    # in the kernel): cpu_seconds also counts children that exited during the run
     sys_seconds: float | None = None
     preempted: int | None = None  # the tree's threads' nonvoluntary context switches
     db_cpu_seconds: float | None = None  # mariadbd's

@@ -108,7 +108,7 @@ class ProxyConfig:
     # health says so (0: off; (0, 0.5) counts as 0.5). See control/memory.py.
     high_memory_usage_reject_threshold: float = field(
         default=0.9, metadata=rules(check=in_range(0.0, 1.0)))
-    # Ours: data-plane processes; 0: one per CPU this process may use (workers/control.py).
+    # Ours: data-plane processes; 0: one per CPU this process may use (workers/sockets.py).
     workers: int = field(default=0, metadata=offline(COUNT))
     conn_buffer_size: int = field(default=DEFAULT_CONN_BUFFER_SIZE,
                                   metadata=offline(_CONN_BUFFER_SIZE))

@@ -8,7 +8,7 @@
  *   `data` from the client is one whole command packet (sequence id 0, under 16 MiB) that goes
  *   to the backend untouched: a command of relay._FAST, a COM_QUERY whose text the relay need
  *   not read (the same tests as statements.py's, byte for byte), or a COM_STMT_EXECUTE of a
- *   statement with nothing pending (relay.Session._execute_is_plain), or a COM_STMT_RESET of
+ *   statement with nothing pending (commands.py's _execute_is_plain), or a COM_STMT_RESET of
  *   a statement the proxy knows (_reset_is_plain). The session is in its
  *   command phase with no bytes held, no move, capture, compression, file upload or pending
  *   response. Sends it, counts it, and tells the tracker what comes back.
@@ -21,7 +21,8 @@
  *
  * configure(...) hands over the Python objects these read (see relay.py's call).
  *
- * Python (relay.py and tracker.py) stays the reference: everything these refuse, it does.
+ * Python (relay.py, commands.py and tracker.py) stays the reference: everything these refuse,
+ * it does.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,7 +39,7 @@
 #define COM_STMT_EXECUTE 0x17
 #define COM_STMT_RESET 0x1A
 #define LAST_PREPARED_ID 0xFFFFFFFFu
-#define TRACKER_IDLE 0     /* tracker.py's phases (relay.py checks them: TRACKER_PHASES) */
+#define TRACKER_IDLE 0     /* responses.py's phases (relay.py checks them: TRACKER_PHASES) */
 #define TRACKER_FIRST 1
 #define TRACKER_SINGLE 5
 

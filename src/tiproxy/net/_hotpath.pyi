@@ -2,7 +2,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 DICT_FIELDS: dict[str, tuple[str, ...]]
-TRACKER_PHASES: tuple[int, int, int]  # tracker.py's IDLE, FIRST, SINGLE, as the C knows them
+TRACKER_PHASES: tuple[int, int, int]  # responses.py's IDLE, FIRST, SINGLE, as the C knows them
 
 def command(session: Any, data: bytes, /) -> bool: ...
 def response(session: Any, data: bytes, /) -> bool: ...

@@ -245,7 +245,7 @@ class CommandPhase:
                 and self.try_move(at_command=True):
             return False  # the move first; the command then runs on the new backend
         if self.stale and tracker.idle and self.checkpoint_due(packet, cmd):
-            return False  # the checkpoint first (session/rebuild.py)
+            return False  # the checkpoint first (net/checkpoints.py)
         return None
 
     def _query_command(self, packet: bytes) -> bool | None:

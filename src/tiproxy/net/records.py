@@ -71,7 +71,7 @@ class CommandRecords:
         fx = statement_effects(packet[5:]) if look else None
         variables = variable_changes(packet[5:]) if self.dialect == "mysql" else None
         if variables is not None and variables.rerun_names and self._rewriter is None:
-            self.hold_answer(original, variables)  # recovery.py: read them right after it
+            self.hold_answer(original, variables)  # checkpoints.py: read right after it
         if fx or (variables is not None and (variables.stale or variables.replays)):
             return ("query", fx, variables)
         return _QUERY

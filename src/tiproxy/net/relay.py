@@ -18,12 +18,13 @@ Each leg pausing its writes pauses reads on the other (paired flow control, net/
 The client's socket is a ClientLeg (net/client_leg.py), which starts the session. The rest of
 the session is in parts mixed into Session, each a module with its own theory of operation that
 declares what it uses of the session: the command phase's slow path (net/commands.py), flow
-control and the session's end (net/flow.py), the login (net/login_phase.py, and
-net/kept.py for the backend connections kept for the next one), what is recorded of commands
-(net/records.py), statements that name connection ids (net/ids.py), COM_CHANGE_USER
-(net/change_user.py), moves and recovery after a backend is lost (net/moves.py,
-net/recovery.py), transaction replay (net/replay.py), a handover to another process
-(net/session_handover.py) and reading the sockets directly (net/direct.py).
+control and the session's end (net/flow.py), the login (net/login_phase.py; net/login_route.py
+for the way to a backend, net/kept.py for the backend connections kept for the next one), what
+is recorded of commands (net/records.py), statements that name connection ids (net/ids.py),
+COM_CHANGE_USER (net/change_user.py), moves (net/moves.py), what a rebuild needs, kept as the
+session runs (net/checkpoints.py), the rebuild after a backend is lost (net/recovery.py),
+transaction replay (net/replay.py), a handover to another process (net/session_handover.py) and
+reading the sockets directly (net/direct.py).
 
 The commonest case of both directions, a plain command and then its whole answer in one chunk
 each, is compiled (net/_hotpath.c): the event loop hands each chunk to a `Feed` (the client
@@ -380,7 +381,7 @@ class Session(DirectReading, CommandPhase, SessionFlow, CommandRecords, Connecti
         if token.__class__ is not int:
             self._record(token, status, failed)
             if self.held_answer is not None:
-                self.answer_complete()  # recovery.py: its variables are read, then it goes
+                self.answer_complete()  # checkpoints.py: its variables are read, then it goes
         if self._capture is not None:
             self._capture.done(status, failed)
         if failed and self.backend is not None and self.backend.galera \
@@ -437,7 +438,7 @@ def _configure_compiled_path(hotpath: ModuleType) -> None:
                            f"{', '.join(described)}")
     if hotpath.TRACKER_PHASES != (tracker_phases.IDLE, tracker_phases.FIRST,
                                   tracker_phases.SINGLE):
-        raise RuntimeError("net/_hotpath.c's tracker phases are not protocol/tracker.py's")
+        raise RuntimeError("net/_hotpath.c's tracker phases are not protocol/responses.py's")
     hotpath.configure(
         COMMAND,
         {cmd: (kind, *FIRST_STEP[kind]) for cmd, kind in _FAST.items()

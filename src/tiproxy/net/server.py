@@ -214,7 +214,7 @@ class ProxyServer(ServerUpgrade, ServerViews):
 
     def logins_recently(self) -> bool:
         """Clients logged in within the last EARLY_WINDOW seconds: a new connection is most
-        likely one more, worth a backend connection before its greeting (net/relay.py)."""
+        likely one more, worth a backend connection before its greeting (net/login_route.py)."""
         return time.monotonic() - self.last_login < EARLY_WINDOW
 
     def new_session_id(self) -> int:

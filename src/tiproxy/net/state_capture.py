@@ -1,5 +1,6 @@
 """Reading a session's state on its own backend connection, for a move (net/migration.py), a
-checkpoint (net/recovery.py) and a traffic capture that joins the session (net/capture_rebuild.py).
+checkpoint (net/checkpoints.py) and a traffic capture that joins the session
+(net/capture_rebuild.py).
 
 Theory of operation
 -------------------

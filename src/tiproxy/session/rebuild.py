@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A move reads a session's state from its old backend. A backend that died can be asked nothing,
-so the proxy keeps, beside each session, what rebuilding needs without it (net/recovery.py):
+so the proxy keeps, beside each session, what rebuilding needs without it (net/checkpoints.py):
 - the parts it follows itself as statements pass: the current database, server-side and SQL
   prepared statements, the credential;
 - a checkpoint: the variables as the server reported them at the last capture (a move's, or one
