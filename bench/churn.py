@@ -286,8 +286,9 @@ class Run:
     errors: int = 0
     error_samples: dict[str, int] = field(default_factory=dict)
     cpu_seconds: float | None = None  # the proxy's or HAProxy's process tree; None for direct
-    user_seconds: float | None = None  # the tree's live processes in user space (and below,
-    # in the kernel): cpu_seconds also counts children that exited during the run
+    # cpu_seconds split: the tree's live processes' time in user space and in the kernel
+    # (cpu_seconds also counts children that exited during the run; the targets have none)
+    user_seconds: float | None = None
     sys_seconds: float | None = None
     preempted: int | None = None  # the tree's threads' nonvoluntary context switches
     db_cpu_seconds: float | None = None  # mariadbd's
