@@ -18,6 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from tiproxy.net.login_phase import COMMAND
 from tiproxy.net.moves import SessionMoves
 from tiproxy.net.state_capture import (
     HiddenStateError,
@@ -50,7 +51,6 @@ CHECKPOINT_BACKOFF = 5.0  # after a checkpoint failed, seconds before the next t
 # An answer kept back until the variables its statement assigned are read: past this size it
 # goes on to the client (the session is then stale until its next command's checkpoint).
 HELD_ANSWER_LIMIT = 256 * 1024
-_COMMAND = 1  # relay.COMMAND
 
 
 class SessionCheckpoints(SessionMoves):
@@ -200,7 +200,7 @@ class SessionCheckpoints(SessionMoves):
             log.info("session %d: checkpoint failed (tried again in %.0fs): %s", self.id,
                      CHECKPOINT_BACKOFF, e)
         finally:
-            if self.phase == _COMMAND:
+            if self.phase == COMMAND:
                 if leg.closed or not leg.clean:
                     self.backend_gone(None)
                 else:
@@ -244,7 +244,7 @@ class SessionCheckpoints(SessionMoves):
             users, last_insert_id = await capture_named_variables(
                 self, leg, names)  # type: ignore[arg-type]
         except (OSError, TimeoutError, ProtocolError, SQLError) as e:
-            if self.phase != _COMMAND:
+            if self.phase != COMMAND:
                 return
             if leg.closed or not leg.clean:  # gone before the client saw the answer
                 self.held_answer = None
@@ -262,7 +262,7 @@ class SessionCheckpoints(SessionMoves):
             for name in names:  # read after them: their assignments need not run again
                 old = self.replays.pop(b"@" + name, None)
                 self._replay_bytes -= len(old) if old is not None else 0
-        if self.phase != _COMMAND:
+        if self.phase != COMMAND:
             return
         held, self.held_answer = self.held_answer, None
         leg.attach(self)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from tiproxy.balance.router import LASTING_RETRY
 from tiproxy.client.channel import query
+from tiproxy.net.login_phase import COMMAND
 from tiproxy.net.migration import MigrationError, move_session
 from tiproxy.protocol.constants import Capability, ServerStatus
 from tiproxy.session.statements import statement_effects
@@ -136,7 +137,7 @@ class SessionMoves:
         """wait_reason() == "", without building the reasons: the rebalancer asks it of every
         session once a second."""
         tracker = self.tracker
-        if self.phase != 1 or tracker is None or not tracker.idle or self._ccont \
+        if self.phase != COMMAND or tracker is None or not tracker.idle or self._ccont \
                 or tracker.local_infile or tracker.status & _IN_TRANS or self.state.pinned():
             return False
         if self._held and self._held != {"idle"}:
@@ -147,7 +148,7 @@ class SessionMoves:
     def wait_reason(self) -> str:
         """Why the session cannot move right now; "" at a safe point."""
         tracker = self.tracker
-        if self.phase != 1 or tracker is None:
+        if self.phase != COMMAND or tracker is None:
             return "not logged in"
         if not tracker.idle or self._ccont or tracker.local_infile or self._held - {"idle"}:
             return "busy with a command"
@@ -168,7 +169,7 @@ class SessionMoves:
         this backend. A session that sends nothing moves once it has been quiet for
         DIAGNOSTICS_GRACE, a client reading its warnings asks for them sooner than that."""
         move = self._move
-        if move is None or self._moving or self.phase != 1:
+        if move is None or self._moving or self.phase != COMMAND:
             return False
         now = time.monotonic()
         if now < move.retry_at:
@@ -196,7 +197,7 @@ class SessionMoves:
 
     def _quiet_enough(self) -> None:
         self._soon = None
-        if self.phase == 1 and self._move is not None and self.tracker is not None \
+        if self.phase == COMMAND and self._move is not None and self.tracker is not None \
                 and self.tracker.idle and not self._cbuf:
             self.try_move()
 
@@ -248,7 +249,7 @@ class SessionMoves:
             self._move = None
         finally:
             self._moving = False
-            if self.phase == 1:
+            if self.phase == COMMAND:
                 self.release_input("move")
 
     async def rescue_move(self, error: MigrationError, target: Backend) -> MoveResult | None:
@@ -348,7 +349,7 @@ class SessionMoves:
     def _idle_too_long(self, since: float, wait_timeout: float) -> None:
         self._idle_timer = None
         tracker = self.tracker
-        if self.phase != 1 or self._moving or self.last_answer != since or tracker is None \
+        if self.phase != COMMAND or self._moving or self.last_answer != since or tracker is None \
                 or not tracker.idle or self._cbuf:
             return  # it sent a command since: the backend counts from that one's answer
         self.close(f"idle for its wait_timeout ({wait_timeout:g}s) since its last answer, "

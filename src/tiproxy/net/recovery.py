@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from tiproxy.client.leg import BackendLeg
 from tiproxy.net.checkpoints import SessionCheckpoints
+from tiproxy.net.login_phase import COMMAND
 from tiproxy.net.migration import MigrationError, move_session
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import Command, ServerStatus
@@ -59,7 +60,6 @@ PROBE_TIMEOUT = 1.0  # is the server that lost a connection still up: a greeting
 ER_UNKNOWN_ERROR = 1105
 ER_WSREP_NOT_READY = 1047  # ER_UNKNOWN_COM_ERROR, what a Galera node outside the primary says
 _IN_TRANS = int(ServerStatus.IN_TRANS)
-_COMMAND = 1  # relay.COMMAND
 
 
 class SessionRecovery(SessionCheckpoints):
@@ -91,7 +91,7 @@ class SessionRecovery(SessionCheckpoints):
         """The backend connection was lost unplanned: rebuild the session elsewhere, or close
         it with the reason. `unanswered`: a statement that only reads and assigns user
         variables, whose answer the client never got: it runs again after the rebuild."""
-        if self.phase != _COMMAND or self.backend is None or self.tracker is None:
+        if self.phase != COMMAND or self.backend is None or self.tracker is None:
             return
         if self._moving:
             return  # the move's own queries fail; it lands from the snapshot (see _run_move)
@@ -183,13 +183,13 @@ class SessionRecovery(SessionCheckpoints):
             landed = await self._land_elsewhere(lost)
         finally:
             self._moving = False
-        if landed is None or self.phase != _COMMAND:
+        if landed is None or self.phase != COMMAND:
             return
         if replay is not None and await self.replay_elsewhere(replay[0]):
             notice, lost_transaction, resend = None, "", replay[1]  # and the one in flight
         elif original is not None:
             self.send_client(original)  # the node's own error: its transaction is gone
-        if self.phase != _COMMAND:
+        if self.phase != COMMAND:
             return
         self.server.record_migration(MoveRecord(
             time.time(), self.id, self.user, lost.addr, landed.addr, "backend_lost", True,
