@@ -13,9 +13,9 @@ from tiproxy.session.dialects.mysql import (
     parse_performance_schema,
     performance_schema_sql,
     plugin_tables,
-    restore_sql,
     terms_sql,
 )
+from tiproxy.session.dialects.mysql_restore import restore_sql
 from tiproxy.session.state import SessionState
 from tiproxy.session.statements import statement_effects
 

@@ -6,9 +6,9 @@ commands, outside a transaction) on the session's own backend connection, as a m
 them (net/migration.py):
 - MariaDB and MySQL: COM_INIT_DB of the current database; one SET of every session variable that
   differs from its global value, the user variables and LAST_INSERT_ID() (the migration's
-  restore statement, session/dialects/mysql.py); the SQL-level PREPAREs; a COM_STMT_PREPARE of
-  each server-side prepared statement under the id its client uses, in the database it was
-  prepared in;
+  restore statement, session/dialects/mysql_restore.py); the SQL-level PREPAREs; a
+  COM_STMT_PREPARE of each server-side prepared statement under the id its client uses, in the
+  database it was prepared in;
 - TiDB: `SET SESSION_STATES` with what `SHOW SESSION_STATES` returned, as TiProxy writes it.
 Not rebuilt (no statement recreates them): temporary tables, locks and an open HANDLER; a
 replay of statements that use them fails, and its report says so.
@@ -24,7 +24,7 @@ from tiproxy.net.migration import tidb_restore_sql
 from tiproxy.net.state_capture import read_mysql_state
 from tiproxy.protocol.constants import Capability, Command
 from tiproxy.protocol.errors import Origin, ProtocolError
-from tiproxy.session.dialects.mysql import CapturedState, restore_sql
+from tiproxy.session.dialects.mysql_restore import CapturedState, restore_sql
 
 if TYPE_CHECKING:
     from tiproxy.client.leg import BackendLeg

@@ -28,7 +28,7 @@ from tiproxy.net.state_capture import (
     capture_user_variables,
 )
 from tiproxy.protocol.errors import ProtocolError, SQLError
-from tiproxy.session.dialects.mysql import CapturedState
+from tiproxy.session.dialects.mysql_restore import CapturedState
 from tiproxy.session.rebuild import (
     VARS_ALL,
     VARS_NONE,

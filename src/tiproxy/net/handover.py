@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tiproxy.protocol.packets import HandshakeResponse
-from tiproxy.session.dialects.mysql import CapturedState
+from tiproxy.session.dialects.mysql_restore import CapturedState
 from tiproxy.session.state import SessionState
 from tiproxy.session.txlog import TransactionLog
 

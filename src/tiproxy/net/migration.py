@@ -44,7 +44,7 @@ from tiproxy.protocol.packets import (
     parse_greeting,
 )
 from tiproxy.protocol.responses import ok_status
-from tiproxy.session.dialects import mysql as mysql_dialect
+from tiproxy.session.dialects.mysql_restore import CapturedState, restore_sql
 from tiproxy.session.rebuild import Snapshot
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class MoveResult:
     status: int
     stmt_ids: dict[int, int]  # client id -> new backend id
     database: bytes | None = None  # the current database after the move (b"": none; None: ?)
-    captured: mysql_dialect.CapturedState | None = None  # what the move captured (MySQL)
+    captured: CapturedState | None = None  # what the move captured (MySQL)
 
 
 async def move_session(session: Session, target: Backend,
@@ -151,7 +151,7 @@ def _why(e: BaseException) -> str:
 
 @dataclass
 class _Captured:
-    mysql: mysql_dialect.CapturedState | None = None
+    mysql: CapturedState | None = None
     tidb_states: bytes = b""
     tidb_token: bytes = b""
     galera_gtid: str = ""  # the session's last write on a Galera node: read it back after
@@ -262,7 +262,7 @@ async def _restore(session: Session, leg: BackendLeg, target: Backend, captured:
         # The old node is gone with the session's last GTID: wait until this node has applied
         # everything the cluster had ordered, the session's own last commit included.
         await query(leg, "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT 1", deprecate_eof)
-    restore = mysql_dialect.restore_sql(captured.mysql)
+    restore = restore_sql(captured.mysql)
     if restore is not None:
         await query(leg, restore, deprecate_eof)
     for statement in captured.replays:  # in their order: the last of each variable counts
@@ -274,7 +274,7 @@ async def _restore(session: Session, leg: BackendLeg, target: Backend, captured:
     for name, text in state.sql_prepared.items():
         await where.enter(state.sql_prepared_db.get(name))
         await query(leg, text, deprecate_eof)
-    again = mysql_dialect.restore_sql(captured.mysql, user_only=True)
+    again = restore_sql(captured.mysql, user_only=True)
     if state.sql_prepared and again is not None:
         await query(leg, again, deprecate_eof)
     # The statement the client prepared last is prepared last here too (SessionState.

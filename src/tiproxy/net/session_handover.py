@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from tiproxy.net.server import ProxyServer
     from tiproxy.protocol.packets import HandshakeResponse
     from tiproxy.session.connid import ResultRewriter
-    from tiproxy.session.dialects.mysql import CapturedState
+    from tiproxy.session.dialects.mysql_restore import CapturedState
     from tiproxy.session.state import SessionState
     from tiproxy.session.txlog import TransactionLog
 

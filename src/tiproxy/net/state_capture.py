@@ -31,6 +31,7 @@ from tiproxy.client.leg import BackendLeg
 from tiproxy.protocol.constants import Capability, MariaDBCapability
 from tiproxy.protocol.errors import SQLError
 from tiproxy.session.dialects import mysql as mysql_dialect
+from tiproxy.session.dialects.mysql_restore import CapturedState, UserVariable
 from tiproxy.session.state import MAX_TRACKED_USER_VARS, MAX_USER_VAR_NAME
 from tiproxy.session.statements import SESSION_ONLY_TYPES, user_variable_names
 
@@ -51,7 +52,7 @@ class HiddenStateError(Exception):
 
 
 async def capture_mysql(session: Session, leg: BackendLeg,
-                         deprecate_eof: bool) -> mysql_dialect.CapturedState:
+                         deprecate_eof: bool) -> CapturedState:
     """The session's state, refused (HiddenStateError) when it holds what cannot travel."""
     state = await read_mysql_state(session, leg, deprecate_eof)
     check_unseen(session, state)
@@ -59,7 +60,7 @@ async def capture_mysql(session: Session, leg: BackendLeg,
 
 
 async def read_mysql_state(session: Session, leg: BackendLeg,
-                           deprecate_eof: bool) -> mysql_dialect.CapturedState:
+                           deprecate_eof: bool) -> CapturedState:
     """Database, variables and user variables: listed by information_schema.USER_VARIABLES
     where the server has it, else by performance_schema (as auth-sync-user) where it can, else
     read by the names the session's statements used. Also what a traffic capture writes first
@@ -180,12 +181,12 @@ async def _stored_program_names(conn: AdminConnection, backend: Backend,
 
 
 async def capture_user_variables(session: Session, leg: BackendLeg) -> \
-        tuple[list[mysql_dialect.UserVariable], int | None]:
+        tuple[list[UserVariable], int | None]:
     """The user variables and LAST_INSERT_ID() (None where USER_VARIABLES is missing: not
     read), for a checkpoint after a statement that changed only user variables."""
     deprecate_eof = bool(session.backend_caps & Capability.DEPRECATE_EOF)
     backend = session.backend
-    state = mysql_dialect.CapturedState()
+    state = CapturedState()
     if backend is not None:
         await _learn_plugin_tables(leg, backend, deprecate_eof)
     users = backend is None or backend.user_variables_table is not False
@@ -214,21 +215,21 @@ async def capture_system_variables(session: Session, leg: BackendLeg,
 
 
 async def capture_named_variables(session: Session, leg: BackendLeg, names: list[bytes]
-                                  ) -> tuple[list[mysql_dialect.UserVariable], int]:
+                                  ) -> tuple[list[UserVariable], int]:
     """The user variables of these names (those set: a NULL one is left out) and
     LAST_INSERT_ID(), read without a table: the last statement's warnings stay as they were."""
     deprecate_eof = bool(session.backend_caps & Capability.DEPRECATE_EOF)
     extended = bool(session.mariadb_caps & MariaDBCapability.EXTENDED_METADATA)
     named = await query(leg, mysql_dialect.named_user_vars_sql(names, last_insert_id=True),
                         deprecate_eof, extended_metadata=extended)
-    state = mysql_dialect.CapturedState()
+    state = CapturedState()
     mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types,
                                         last_insert_id=True)
     return state.user, state.last_insert_id
 
 
 async def _user_values(session: Session, leg: BackendLeg, deprecate_eof: bool,
-                       state: mysql_dialect.CapturedState, listed: bool, *,
+                       state: CapturedState, listed: bool, *,
                        names_listed: list[bytes] | tuple[()] = ()) -> None:
     """The user variables' exact values: the strings' bytes where USER_VARIABLES `listed`
     them, else every variable by name: those performance_schema listed and those the
@@ -247,7 +248,7 @@ async def _user_values(session: Session, leg: BackendLeg, deprecate_eof: bool,
         mysql_dialect.apply_named_user_vars(state, names, named.rows[0], named.types)
 
 
-async def capture_state(session: Session, leg: BackendLeg) -> mysql_dialect.CapturedState:
+async def capture_state(session: Session, leg: BackendLeg) -> CapturedState:
     """Everything a move captures of a MySQL-dialect session (a checkpoint)."""
     return await capture_mysql(session, leg, bool(session.backend_caps & Capability.DEPRECATE_EOF))
 
@@ -308,7 +309,7 @@ async def _unlimited(leg: BackendLeg, sqls: list[str], deprecate_eof: bool) -> l
         return await queries(leg, [again, *sqls[1:]], deprecate_eof)
 
 
-def check_unseen(session: Session, captured: mysql_dialect.CapturedState) -> None:
+def check_unseen(session: Session, captured: CapturedState) -> None:
     """State the session made where the proxy could not see it: temporary tables and prepared
     statements pin it until a reset; named locks hold the move until they are released (the
     proxy's own record of the session's locks pinned it before the capture, so any lock the

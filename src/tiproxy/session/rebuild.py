@@ -41,7 +41,7 @@ import re
 from dataclasses import dataclass, field
 
 from tiproxy.protocol.constants import Command
-from tiproxy.session.dialects.mysql import CapturedState
+from tiproxy.session.dialects.mysql_restore import CapturedState
 from tiproxy.session.statements import memo_by_text, user_variable_names
 
 # How stale: nothing; user variables; those and system variables assigned from expressions,

@@ -1,20 +1,15 @@
-"""The MySQL dialect (MariaDB, MySQL): capture a session's state with queries, restore it with SET.
+"""The MySQL dialect (MariaDB, MySQL): capture a session's state with queries.
 
 Theory of operation
 -------------------
 At a safe point the proxy asks the old backend, in one statement, for the current database,
 LAST_INSERT_ID(), every session system variable that differs from its global value (with its
 type) and the user variables (with their types); string user variables need a second statement
-for their exact bytes and collation. The new backend gets one SET statement that assigns all of
-them, with literals that give back the same types: integers as integers (unsigned through CAST),
-decimals through CAST with their scale, doubles with an exponent, strings as hex literals with
-their character set and collation. The current database goes in the login packet. SQL-level
-prepared statements are prepared again by their original text, server-side ones by
-COM_STMT_PREPARE (see net/migration.py).
+for their exact bytes and collation. What it reads fills a CapturedState, which the new backend
+gets back in one SET statement (session/dialects/mysql_restore.py).
 
-Everything the proxy sends is ASCII, so the new session's character set does not matter while
-it parses it. Values travel as HEX() so that the session's character_set_results cannot change
-them on the way.
+Values travel as HEX() so that the session's character_set_results cannot change them on the
+way.
 
 Not carried over (documented limits): FOUND_ROWS(), ROW_COUNT() and warnings of the last
 statement; one-shot `SET TRANSACTION` characteristics; variables only a stored program set.
@@ -24,7 +19,14 @@ https://mariadb.com/kb/en/information-schema-user_variables-table/
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from tiproxy.session.dialects.mysql_restore import (
+    CapturedState,
+    UserVariable,
+    quoted_user_var,
+    system_literal,
+)
 
 Row = list[bytes | None]
 
@@ -201,36 +203,9 @@ _UNSIGNED_FLAG = 0x20
 _SKIP_SYSTEM = frozenset(
     {"character_set_database", "collation_database", "wsrep_trx_fragment_size"}
 )
-_NUMERIC_SYSTEM_TYPES = frozenset({"INT", "INT UNSIGNED", "BIGINT", "BIGINT UNSIGNED", "DOUBLE"})
 # Charsets first, then collations: a collation implies its charset, not the other way round.
 # max_join_size before sql_big_selects: setting it turns sql_big_selects off.
 _ORDER = ("character_set_", "collation_", "max_join_size")
-
-
-@dataclass
-class UserVariable:
-    name: bytes
-    type: str  # INT, INT UNSIGNED, DECIMAL, DOUBLE, VARCHAR
-    value: bytes | None  # text from USER_VARIABLES; for strings, filled by the second query
-    collation: str | None = None
-
-
-@dataclass
-class CapturedState:
-    database: bytes | None = None
-    last_insert_id: int = 0
-    system: list[tuple[str, str, bytes | None]] = field(default_factory=list)  # name, type, value
-    user: list[UserVariable] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=dict)  # SESSION_STATUS counters by name
-    locks: list[bytes] = field(default_factory=list)  # named locks held (METADATA_LOCK_INFO)
-    # Where the user variables were listed: "information_schema", "performance_schema", or ""
-    # (read only by the names the session's statements used)
-    user_listing: str = ""
-    wait_timeout: float | None = None  # the session's, whether its own or the global one
-
-    def strings(self) -> list[UserVariable]:
-        """String variables, NULL ones too: a NULL keeps its character set."""
-        return [v for v in self.user if v.type == "VARCHAR"]
 
 
 def parse_capture(rows: list[Row]) -> CapturedState:
@@ -303,7 +278,7 @@ def named_user_vars_sql(names: list[bytes], last_insert_id: bool = False) -> str
     COLLATION(); LAST_INSERT_ID() first if asked."""
     cols = ["CAST(LAST_INSERT_ID() AS BINARY)"] if last_insert_id else []
     for n in names:
-        var = _uvar(n)
+        var = quoted_user_var(n)
         cols += [var, *(f"CAST({e} AS BINARY)" for e in (var, f"HEX({var})", f"COLLATION({var})"))]
     return f"SELECT {', '.join(cols)}{_ALL_ROWS}"
 
@@ -352,7 +327,7 @@ def named_system_assignments(names: list[str], row: Row,
         column_type, value = types[2 * i][0], row[2 * i + 1]
         vtype = "INT" if column_type in _INTEGER_TYPES else \
             "DOUBLE" if column_type in _FRACTION_TYPES else "VARCHAR"
-        out.append((name, f"SET SESSION {name} = {_system_literal(vtype, value)}".encode()))
+        out.append((name, f"SET SESSION {name} = {system_literal(vtype, value)}".encode()))
     return out
 
 
@@ -361,8 +336,8 @@ def string_values_sql(state: CapturedState) -> str | None:
     strings = state.strings()
     if not strings:
         return None
-    cols = ", ".join(f"CAST(HEX({_uvar(v.name)}) AS BINARY), "
-                     f"CAST(COLLATION({_uvar(v.name)}) AS BINARY)" for v in strings)
+    cols = ", ".join(f"CAST(HEX({quoted_user_var(v.name)}) AS BINARY), "
+                     f"CAST(COLLATION({quoted_user_var(v.name)}) AS BINARY)" for v in strings)
     return f"SELECT {cols}{_ALL_ROWS}"
 
 
@@ -371,65 +346,3 @@ def apply_string_values(state: CapturedState, row: Row) -> None:
         hexvalue, collation = row[2 * i], row[2 * i + 1]
         var.value = hexvalue
         var.collation = collation.decode() if collation else None
-
-
-def restore_sql(state: CapturedState, user_only: bool = False) -> str | None:
-    """One SET statement that gives a new session the captured variables (`user_only`: the
-    user variables alone, set again after PREPARE: MariaDB's PREPARE of `SET @v = ?` makes
-    @v binary)."""
-    parts = [f"SESSION {name} = {_system_literal(vtype, value)}"
-             for name, vtype, value in state.system if not user_only]
-    parts += [f"{_uvar(v.name)} = {_user_literal(v)}" for v in state.user]
-    if user_only:
-        return "SET " + ", ".join(parts) if parts else None
-    if state.last_insert_id:
-        parts.append(f"SESSION last_insert_id = {state.last_insert_id}")
-    return "SET " + ", ".join(parts) if parts else None
-
-
-def _uvar(name: bytes) -> str:
-    # Backquoted: user variable names may hold anything; a backquote is doubled.
-    text = name.decode("utf-8", "replace").replace("`", "``")
-    return f"@`{text}`"
-
-
-def _system_literal(vtype: str, value: bytes | None) -> str:
-    if value is None:
-        return "NULL"
-    if vtype in _NUMERIC_SYSTEM_TYPES:
-        text = value.decode("ascii")
-        float(text)  # a number, or ValueError: never pass other text unquoted
-        return text
-    return f"_utf8mb4 X'{value.hex()}'"
-
-
-# A NULL keeps its variable's type (SET @d = 1.5e0; SET @d = NULL leaves a DOUBLE).
-_TYPED_NULLS = {"INT": "CAST(NULL AS SIGNED)", "INT UNSIGNED": "CAST(NULL AS UNSIGNED)",
-                "DECIMAL": "CAST(NULL AS DECIMAL(65,0))", "DOUBLE": "CAST(NULL AS DOUBLE)"}
-
-
-def _user_literal(var: UserVariable) -> str:
-    value = var.value
-    if value is None and var.type == "VARCHAR" and var.collation not in (None, "binary"):
-        charset = var.collation.split("_", 1)[0]
-        return f"CAST(NULL AS CHAR CHARACTER SET {charset}) COLLATE {var.collation}"
-    if value is None:
-        return _TYPED_NULLS.get(var.type, "NULL")
-    text = value.decode("ascii", "replace")
-    if var.type == "INT":
-        return str(int(text))
-    if var.type == "INT UNSIGNED":
-        return f"CAST({int(text)} AS UNSIGNED)"
-    if var.type == "DECIMAL":
-        digits = text.lstrip("-")
-        scale = len(digits.partition(".")[2])
-        float(text)
-        return f"CAST('{text}' AS DECIMAL(65,{scale}))"
-    if var.type == "DOUBLE":
-        float(text)
-        return text if "e" in text.lower() else f"{text}e0"
-    # A string: the hex of its bytes (from the second capture statement) and its collation.
-    collation = var.collation or "binary"
-    charset = "binary" if collation == "binary" else collation.split("_", 1)[0]
-    literal = f"_{charset} X'{text}'"
-    return literal if collation == "binary" else f"{literal} COLLATE {collation}"
