@@ -2,13 +2,13 @@
 
 It accepts on the listening sockets the control process bound and handed down (one
 SO_REUSEPORT socket per address and worker, so the kernel spreads connections over workers),
-and owns the sessions it accepts. It routes on its own replica of the backend table: every
-field comes from the control process's Table, except the session counts, which every worker
-keeps in shared memory (workers/shared.py): its own row it writes, its peers' it reads, so
-least-connections holds across workers at every login without a round trip. What its sessions
-learn that the control plane acts on (a backend refusing connections, a doubt, a login no
-stored hash verifies, a lasting move problem) goes up as an event; the control process's answer
-comes back as a table.
+and owns the sessions it accepts. It routes on its own replica of the backend table
+(workers/replica.py): every field comes from the control process's Table, except the session
+counts, which every worker keeps in shared memory (workers/shared.py): its own row it writes,
+its peers' it reads, so least-connections holds across workers at every login without a round
+trip. What its sessions learn that the control plane acts on (a backend refusing connections, a
+doubt, a login no stored hash verifies, a lasting move problem) goes up as an event; the
+control process's answer comes back as a table.
 
 A worker that accepts a connection while another worker holds fewer sessions passes it there
 before reading a byte (workers/handoff.py), so that few long-lived connections spread evenly too.
@@ -27,11 +27,8 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tiproxy.balance.router import DRAIN_REMOVED, Backend, Router, split_addr
-from tiproxy.client.leg import CONNECT_TIMEOUT
 from tiproxy.logs import apply_level
 from tiproxy.net.kill import KillTarget
 from tiproxy.net.loop import install_event_loop
@@ -41,11 +38,11 @@ from tiproxy.tls import CertStore
 from tiproxy.traffic.writer import summarized
 from tiproxy.workers import messages as m
 from tiproxy.workers.handoff import Handoff
+from tiproxy.workers.replica import LinkedControl, ReplicaRouter
 from tiproxy.workers.shared import LAST_LOGIN, SESSIONS, SharedCounts
 
 if TYPE_CHECKING:
     from tiproxy.config import Config
-    from tiproxy.protocol.packets import Greeting
     from tiproxy.traffic.sink import Record
 
 log = logging.getLogger("tiproxy.workers")
@@ -53,119 +50,6 @@ log = logging.getLogger("tiproxy.workers")
 STATS_INTERVAL = 1.0
 ID_SPACE = 1 << 32
 CAPTURE_LINK_LIMIT = 16 * 1024 * 1024  # capture batches waiting on the link, at most
-
-
-class SharedBackend(Backend):
-    """A replica's backend: its session count is this worker's cell of the shared table, and
-    `elsewhere` the sum of the other workers' cells."""
-
-    def __init__(self, addr: str, host: str, port: int, *, counts: SharedCounts, worker: int,
-                 slot: int) -> None:
-        self._counts, self._worker, self.slot = counts, worker, slot
-        super().__init__(addr, host, port)
-
-    @property
-    def connections(self) -> int:
-        return self._counts.get(self._worker, self.slot)
-
-    @connections.setter
-    def connections(self, value: int) -> None:
-        self._counts.set(self._worker, self.slot, value)
-
-    @property
-    def elsewhere(self) -> int:
-        return self._counts.others(self._worker, self.slot)
-
-    @elsewhere.setter
-    def elsewhere(self, value: int) -> None:
-        pass  # read from the table, never set
-
-
-class ReplicaRouter(Router):
-    """The control process's router as last pushed; connect results also go up."""
-
-    def __init__(self, link: m.Link, counts: SharedCounts, worker: int) -> None:
-        super().__init__()
-        self._link = link
-        self._counts = counts
-        self._worker = worker
-
-    def succeeded(self, backend: Backend, greeting: Greeting | None) -> None:
-        if backend.failures:
-            self._link.send(m.Succeeded(backend.addr))
-        super().succeeded(backend, greeting)
-
-    def failed(self, backend: Backend, reason: str) -> None:
-        self._link.send(m.Failed(backend.addr, reason))
-        super().failed(backend, reason)
-
-    def apply(self, table: m.Table) -> list[str]:
-        """Take the pushed table; returns the backends that stopped draining."""
-        if table.template is not None:
-            self.template = table.template
-        undrained = []
-        listed = set()
-        for state in table.backends:
-            listed.add(state.addr)
-            backend = self.backends.get(state.addr)
-            if backend is None:
-                host, port = split_addr(state.addr)
-                backend = SharedBackend(state.addr, host, port, counts=self._counts,
-                                        worker=self._worker, slot=state.slot)
-                backend.static_labels = self.static_labels.get(state.addr, {})
-                self.backends[state.addr] = backend
-            elif backend.draining and not state.drained_by:
-                undrained.append(state.addr)
-            backend.namespace = state.namespace
-            backend.sources = dict(state.sources)
-            backend.drained_by = set(state.drained_by)
-            backend.health = state.health
-            backend.doubt = state.doubt
-            backend.failures = state.failures
-            backend.retry_at = state.retry_at
-            backend.last_error = state.last_error
-            backend.load = state.load
-            backend.galera = state.galera
-            backend.keep_unfit = state.keep_unfit
-            if state.offers_tls is not None:
-                backend.offers_tls = state.offers_tls
-            if state.mariadb_capabilities is not None:
-                backend.mariadb_capabilities = state.mariadb_capabilities
-            backend.move_problem = state.move_problem
-            backend.peers = state.peers
-        for addr, backend in self.backends.items():
-            if addr not in listed:  # gone from every source; sessions here still move away
-                backend.drained_by.add(DRAIN_REMOVED)
-        self.forget_empty()
-        return undrained
-
-
-class LinkedControl:
-    """The ControlPlane of a worker's sessions: the control process, through the link."""
-
-    def __init__(self, link: m.Link, router: Router, health_enabled: Callable[[], bool]) -> None:
-        self._link = link
-        self._router = router
-        self._health_enabled = health_enabled
-
-    def doubt(self, backend: Backend, why: str) -> None:
-        if self._health_enabled():
-            self._router.doubt(backend, why)  # at once here; the table confirms it
-            self._link.send(m.Doubt(backend.addr, why))
-
-    def lasting_problem(self, backend: Backend, problem: str) -> None:
-        if backend.move_problem != problem:
-            backend.move_problem = problem
-            self._link.send(m.LastingProblem(backend.addr, problem))
-
-    def sync_soon(self) -> None:
-        self._link.send(m.SyncNow())
-
-    async def probe_template(self) -> None:
-        """No greeting known yet: the control process probes once for every worker."""
-        template = await self._link.ask_or_none("template", timeout=CONNECT_TIMEOUT + 1)
-        if template is not None and self._router.template is None:
-            self._router.template = template
 
 
 class WorkerServer(ProxyServer):
