@@ -33,7 +33,8 @@ from tiproxy.protocol.packets import (
     parse_handshake_response,
 )
 from tiproxy.protocol.responses import Expect
-from tiproxy.protocol.tracker import ResponseTracker, _skip_plain_rows_py, skip_plain_rows
+from tiproxy.protocol.rows import skip_plain_rows, skip_plain_rows_py
+from tiproxy.protocol.tracker import ResponseTracker
 from tiproxy.session.commands import parse_kill_query, parse_process_kill, rewrite_change_user
 from tiproxy.session.login import Login
 
@@ -261,7 +262,7 @@ def test_tracker_framed_packets_whole_or_cut(
 @FUZZ
 @given(st.binary(max_size=120), st.integers(0, 130))
 def test_compiled_row_skipping_matches_the_python_loop(data: bytes, pos: int) -> None:
-    assert skip_plain_rows(data, pos) == _skip_plain_rows_py(data, pos)
+    assert skip_plain_rows(data, pos) == skip_plain_rows_py(data, pos)
 
 
 @FUZZ
@@ -273,7 +274,7 @@ def test_compiled_row_skipping_matches_the_python_loop(data: bytes, pos: int) ->
 def test_compiled_row_skipping_on_rows(rows: list[tuple[int, int]]) -> None:
     data = b"".join(frame(bytes((first,)) + b"r" * (size - 1), 1) for size, first in rows)
     for pos in range(len(data) + 1):
-        assert skip_plain_rows(data, pos) == _skip_plain_rows_py(data, pos)
+        assert skip_plain_rows(data, pos) == skip_plain_rows_py(data, pos)
 
 
 # -- the login ---------------------------------------------------------------------------------

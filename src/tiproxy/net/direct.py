@@ -1,5 +1,5 @@
-"""Reading a session's two sockets straight from the event loop (net/_direct.c), and whether
-the compiled path (net/_hotpath.c) is on at all.
+"""Reading a session's two sockets straight from the event loop (net/_direct.c); whether the
+compiled path (net/_hotpath.c) is on at all, and handing it what it reads.
 
 Theory of operation
 -------------------
@@ -19,12 +19,26 @@ socket the session no longer has.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 from tiproxy.net.login_phase import COMMAND
 from tiproxy.net.loop import open_files_limit
+from tiproxy.protocol import responses as tracker_phases
+from tiproxy.protocol.responses import FIRST_STEP, Expect
+from tiproxy.protocol.tracker import ResponseTracker
+from tiproxy.session.state import PreparedStatement, SessionState
+from tiproxy.session.statements import (
+    COMPOUND_FIRST_BYTES,
+    COMPOUND_START,
+    LETTERS,
+    STATE_FIRST_BYTES,
+    STATE_PREFIXES,
+)
+from tiproxy.views.counters import BackendCounts, Histogram
 
 try:
     from tiproxy.net import _hotpath
@@ -46,7 +60,6 @@ if TYPE_CHECKING:
     from tiproxy.net.server import ProxyServer
     from tiproxy.net.session_capture import SessionCapture
     from tiproxy.protocol.compress import Decompressor
-    from tiproxy.protocol.tracker import ResponseTracker
     from tiproxy.session.connid import ResultRewriter
 
 log = logging.getLogger("tiproxy.session")
@@ -221,3 +234,32 @@ def _stop_direct(loop: asyncio.AbstractEventLoop, *fds: int) -> None:
             if not loop.is_closed():
                 loop.remove_reader(fd)
             os.close(fd)
+
+
+def configure_compiled_path(session: type, fast: dict[int, Expect]) -> tuple[
+        Callable[[Any, bytes], bool], Callable[[Any, bytes], bool]] | None:
+    """Hand net/_hotpath.c what it reads: `session` is net/relay.py's Session, `fast` the
+    commands it may send untouched, with what each expects back. Its entry points for a client
+    chunk and a backend chunk, or None where the compiled path is off (COMPILED_OFF)."""
+    if _hotpath is None or COMPILED_OFF:
+        return None
+    # It reads these from the objects' own dicts, which a descriptor would have overridden.
+    classes = {"Session": session, "SessionState": SessionState,
+               "PreparedStatement": PreparedStatement}
+    described = [f"{name}.{field}" for name, fields in _hotpath.DICT_FIELDS.items()
+                 for field in fields
+                 if hasattr(type(inspect.getattr_static(classes[name], field, None)), "__set__")]
+    if described:
+        raise RuntimeError(f"net/_hotpath.c reads attributes that are descriptors: "
+                           f"{', '.join(described)}")
+    if _hotpath.TRACKER_PHASES != (tracker_phases.IDLE, tracker_phases.FIRST,
+                                   tracker_phases.SINGLE):
+        raise RuntimeError("net/_hotpath.c's tracker phases are not protocol/responses.py's")
+    _hotpath.configure(
+        COMMAND,
+        {cmd: (kind, *FIRST_STEP[kind]) for cmd, kind in fast.items()
+         if kind is not Expect.NOTHING},
+        STATE_FIRST_BYTES, LETTERS, STATE_PREFIXES, COMPOUND_FIRST_BYTES, COMPOUND_START.match,
+        ResponseTracker, BackendCounts, Histogram,
+    )
+    return _hotpath.command, _hotpath.response

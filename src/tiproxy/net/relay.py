@@ -39,18 +39,16 @@ on: the event loop calls the compiled path straight from its two sockets (net/di
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Coroutine
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.client.leg import BackendLeg
 from tiproxy.net.change_user import ChangeUser
 from tiproxy.net.commands import CommandPhase
-from tiproxy.net.direct import COMPILED_OFF, DirectReading
+from tiproxy.net.direct import DirectReading, configure_compiled_path
 from tiproxy.net.flow import SessionFlow
 from tiproxy.net.handover import Departure, SessionHandover
 from tiproxy.net.ids import ConnectionIds
@@ -66,7 +64,6 @@ from tiproxy.net.records import CommandRecords
 from tiproxy.net.replay import TransactionReplay
 from tiproxy.net.session_capture import SessionCapture
 from tiproxy.net.session_handover import SessionHandoverPart
-from tiproxy.protocol import responses as tracker_phases
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor
 from tiproxy.protocol.constants import (
@@ -80,10 +77,10 @@ from tiproxy.protocol.packets import (
     build_err,
     frame,
 )
-from tiproxy.protocol.responses import AUTH, EXPECT_BY_COMMAND, FIRST_STEP, Expect
+from tiproxy.protocol.responses import AUTH, EXPECT_BY_COMMAND, Expect
 from tiproxy.protocol.tracker import ResponseTracker
 from tiproxy.session.connid import ResultRewriter
-from tiproxy.session.state import PreparedStatement, SessionState
+from tiproxy.session.state import SessionState
 from tiproxy.session.statements import (
     COMPOUND_FIRST_BYTES,
     COMPOUND_START,
@@ -117,7 +114,8 @@ _FAST: dict[int, Expect] = {
 _unpack_u32 = U32.unpack_from
 _monotonic = time.monotonic
 
-# The compiled per-query path (net/_hotpath.c), if built: configured below, after Session.
+# The compiled per-query path (net/_hotpath.c), if on: configured below, after Session
+# (net/direct.py's configure_compiled_path).
 _fast_command: Callable[[Session, bytes], bool] | None = None
 _fast_response: Callable[[Session, bytes], bool] | None = None
 _QUERY = int(Command.QUERY)
@@ -425,29 +423,6 @@ def _peer(transport: asyncio.Transport) -> str:
     return str(peer)
 
 
-def _configure_compiled_path(hotpath: ModuleType) -> None:
-    """Hand net/_hotpath.c what it reads."""
-    # It reads these from the objects' own dicts, which a descriptor would have overridden.
-    classes = {"Session": Session, "SessionState": SessionState,
-               "PreparedStatement": PreparedStatement}
-    described = [f"{name}.{field}" for name, fields in hotpath.DICT_FIELDS.items()
-                 for field in fields
-                 if hasattr(type(inspect.getattr_static(classes[name], field, None)), "__set__")]
-    if described:
-        raise RuntimeError(f"net/_hotpath.c reads attributes that are descriptors: "
-                           f"{', '.join(described)}")
-    if hotpath.TRACKER_PHASES != (tracker_phases.IDLE, tracker_phases.FIRST,
-                                  tracker_phases.SINGLE):
-        raise RuntimeError("net/_hotpath.c's tracker phases are not protocol/responses.py's")
-    hotpath.configure(
-        COMMAND,
-        {cmd: (kind, *FIRST_STEP[kind]) for cmd, kind in _FAST.items()
-         if kind is not Expect.NOTHING},
-        STATE_FIRST_BYTES, LETTERS, STATE_PREFIXES, COMPOUND_FIRST_BYTES, COMPOUND_START.match,
-        ResponseTracker, BackendCounts, Histogram,
-    )
-
-
-if _hotpath is not None and not COMPILED_OFF:
-    _configure_compiled_path(_hotpath)
-    _fast_command, _fast_response = _hotpath.command, _hotpath.response
+_compiled = configure_compiled_path(Session, _FAST)
+if _compiled is not None:
+    _fast_command, _fast_response = _compiled

@@ -7,7 +7,7 @@
  *   first byte is neither 0xFE nor 0xFF, that are not empty and not 16 MiB long, and return the
  *   offset of the first packet that is none of those, or that is not wholly in `data`, and how
  *   many packets were passed over.
- *   The same contract as tracker._skip_plain_rows_py, which stays as the fallback and the
+ *   The same contract as rows.skip_plain_rows_py, which stays as the fallback and the
  *   reference the tests compare against.
  *
  * sum_rows(data, pos, crc) -> (pos, rows, crc)

@@ -297,7 +297,7 @@ _unpack = U32.unpack_from
 
 def _sum_rows_py(data: bytes, pos: int, crc: int) -> tuple[int, int, int]:
     """Where the plain whole rows from `pos` end, how many, and the CRC-32 of their payloads
-    after `crc` (rows as tracker.skip_plain_rows passes them). _rowscan.c compiles it."""
+    after `crc` (rows as rows.skip_plain_rows passes them). _rowscan.c compiles it."""
     n, rows = len(data), 0
     while pos + 4 < n:
         length = _unpack(data, pos)[0] & 0xFFFFFF
