@@ -12,7 +12,7 @@ from typing import Any
 import pymysql
 import pytest
 
-from support.backends import ADMIN_TOML, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
+from support.backends import ADMIN_TOML, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory, connect
 from support.proxy import ProxyFactory, ProxyProcess
 from support.sleeper import SleepingQuery
 from tiproxy.playground.mariadb import MariaDBServer, free_port
@@ -62,6 +62,58 @@ def test_max_connections(backends: list[MariaDBServer], proxy_factory: ProxyFact
     for conn in held:
         conn.close()
 
+
+
+def test_a_full_backend_answers_with_its_own_1040_and_takes_the_next_login(
+        mariadb_factory: MariaDBFactory, proxy_factory: ProxyFactory) -> None:
+    """A server at max_connections (and its one place beyond, for CONNECTION ADMIN) refuses a
+    new connection before its greeting: it is full, not down. The client gets the server's own
+    1040, as it would connecting to the server itself; and once a connection there ends, the
+    next login goes through at once, however many were refused and whatever the health checks
+    (every 0.2 s here) met meanwhile, rather than "no backend is available" for a while."""
+    server = mariadb_factory(BACKEND_ARGS, BACKEND_USERS)
+    proxy = proxy_factory([server.addr], '\n[health]\ninterval = "0.2s"')
+    with connect(server) as conn, conn.cursor() as cur:
+        cur.execute("SET GLOBAL max_connections = 10")  # MariaDB's least
+    held: list[pymysql.connections.Connection[Any]] = []
+    try:
+        while True:  # APP has CONNECTION ADMIN: refused at once only beyond the extra place
+            try:
+                held.append(connect(server))
+            except pymysql.err.OperationalError as e:
+                assert e.args == (1040, "Too many connections"), e.args
+                break
+            assert len(held) < 20, "the server never said it had too many connections"
+        for _ in range(5):
+            with pytest.raises(pymysql.err.OperationalError) as info:
+                proxy.connect()
+            assert info.value.args == (1040, "Too many connections")
+        time.sleep(1.0)  # five health checks, each refused as one too many
+        assert [b["status"] for b in proxy.backends()] == ["healthy"]
+        held.pop().close()  # two places: a health check may take one for a moment
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while threads(held[0]) > len(held):
+            assert time.monotonic() < deadline, "the server did not see the connection end"
+            time.sleep(0.05)
+        with proxy.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT 7")
+            assert cur.fetchall() == ((7,),)
+    finally:
+        if held:
+            with held[0].cursor() as cur:
+                cur.execute("SET GLOBAL max_connections = 151")
+        for conn in held:
+            conn.close()
+
+
+def threads(conn: pymysql.connections.Connection[Any]) -> int:
+    """The server's Threads_connected, as `conn` reads it."""
+    with conn.cursor() as cur:
+        cur.execute("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
+        row = cur.fetchone()
+    assert row is not None
+    return int(row[1])
 
 def _raw_login(proxy: ProxyProcess) -> socket.socket:
     """Log in with PyMySQL and steal its socket, to write bytes no client library would."""

@@ -13,6 +13,9 @@ A session whose Galera node answers 1047 (WSREP not ready: the node left the pri
 or is shutting down) puts the node in doubt: it is checked at once, and until a check passes it is
 tried last for new sessions and gets no balancing moves, so that clients reconnecting after the
 error do not land on it again before `failure-threshold` checks have failed.
+A backend at its max_connections, which refuses the check's connection with 1040, is full, not
+down: that check gives no verdict either way (a health check must not turn a full server into
+"no backend" for every login; sessions' own logins get its 1040, net/login_route.py).
 `failure-threshold` failures in a row mark a backend unhealthy (it gets no new sessions and its
 sessions move away while it still answers); `success-threshold` successes mark it healthy again.
 The checks run in the event loop but never touch the data path: they are separate connections
@@ -37,6 +40,7 @@ from tiproxy.balance.router import Backend, Router
 from tiproxy.client.admin import AdminConnection
 from tiproxy.client.channel import sql_error
 from tiproxy.client.leg import BackendLeg
+from tiproxy.protocol.constants import ER_CON_COUNT_ERROR
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import parse_greeting
 
@@ -123,7 +127,12 @@ class HealthChecker:
             problem = await asyncio.wait_for(self._probe(backend, streak), health.timeout)
         except TimeoutError:
             problem = f"no answer within {health.timeout:g}s"
-        except (OSError, ProtocolError, SQLError, aiohttp.ClientError) as e:
+        except SQLError as e:
+            problem = "" if e.code == ER_CON_COUNT_ERROR else str(e)
+            if not problem:  # full, not down (the module docstring): no verdict either way
+                self.probe_seconds[backend.addr] = time.monotonic() - started
+                return
+        except (OSError, ProtocolError, aiohttp.ClientError) as e:
             problem = str(e) or type(e).__name__
         self.probe_seconds[backend.addr] = time.monotonic() - started
         self.results[(backend.addr, "fail" if problem else "succeed")] += 1
@@ -182,6 +191,8 @@ async def _greets(router: Router, backend: Backend) -> str:
         leg.abort()
     if payload[:1] == b"\xff":
         err = sql_error(payload)
+        if err.code == ER_CON_COUNT_ERROR:
+            raise err  # full, not down (HealthChecker._check)
         return f"refuses connections: {err.code} {err.message}"
     router.note_greeting(backend, parse_greeting(payload))
     return ""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.protocol.auth import native_answer
@@ -218,6 +218,6 @@ class KeptConnections:
         return self.server.pool.keep(backend, login, credential)
 
 
-def too_many(e: BaseException) -> bool:
+def too_many(e: BaseException) -> TypeGuard[BackendRefusedError]:
     """Whether a backend refused a new connection as one too many (its max_connections)."""
     return isinstance(e, BackendRefusedError) and e.code == ER_CON_COUNT_ERROR

@@ -7,7 +7,9 @@ to it as it is. Any other backend greets a new connection, and the login (sessio
 says what to answer it: the response as it came, one rewritten for the backend's salt after an
 auth switch, or TLS first. A backend that fails is counted against (server.dial_failed) and the
 next one tried; one that refuses a connection as one too many while this worker keeps idle
-connections there gets one of them closed and is tried again (net/kept.py).
+connections there gets one of them closed and is tried again (net/kept.py). One that refuses it
+as one too many otherwise is full, not down: the next one is tried, the backend stays a choice
+for the next login, and if no backend takes this one the client gets the server's own 1040.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from tiproxy.client.leg import CONNECT_TIMEOUT, BackendLeg
 from tiproxy.net.keepalive import apply_keepalive
 from tiproxy.net.kept import too_many
 from tiproxy.net.login_phase import CLOSED, LOGIN, LOGIN_TIMEOUT, reason_of
-from tiproxy.protocol.constants import Capability
-from tiproxy.protocol.errors import Origin, ProtocolError
+from tiproxy.protocol.constants import ER_CON_COUNT_ERROR, Capability
+from tiproxy.protocol.errors import BackendRefusedError, Origin, ProtocolError
 from tiproxy.protocol.packets import Greeting, parse_auth_switch, parse_greeting
 from tiproxy.session.login import Action, BackendUnfit, SendBackend, StartBackendTLS
 from tiproxy.views import counters
@@ -135,6 +137,7 @@ class LoginRoute:
         self.namespace = self.server.router.namespace_of_user(self.user)
         started = _monotonic()
         unfit = ""
+        full: BackendRefusedError | None = None  # a backend's 1040: full right now, not down
         candidates, early = self._candidates()
         while candidates:
             backend = candidates.pop(0)
@@ -161,6 +164,11 @@ class LoginRoute:
                     leg.abort()
                 if too_many(e) and await self._make_room(backend):
                     candidates.insert(0, backend)
+                elif too_many(e):
+                    # At max_connections now, and may take the next login: no back-off for
+                    # everyone's logins, the next backend for this one, else its own 1040.
+                    full = e
+                    self.server.dial_refused(backend)
                 else:
                     self.server.dial_failed(backend, reason_of(e))
                 continue
@@ -176,12 +184,20 @@ class LoginRoute:
             await self._attached(backend, leg)
             return
         self.server.got_backend(_monotonic() - started, False)
-        if unfit:
+        self._no_backend_took_it(login.client_reply_seq, unfit, full)
+
+    def _no_backend_took_it(self, seq: int, unfit: str, full: BackendRefusedError | None) -> None:
+        """The client's answer when no backend took the login: a full backend's own 1040 (what
+        a client of that server would get), why none fits the login, or that none is up."""
+        if full is not None:
+            self._refuse(seq, full.message, str(full), code=ER_CON_COUNT_ERROR, sqlstate="08004",
+                         kind=counters.NO_BACKEND)
+        elif unfit:
             log.warning("session %d: %s", self.id, unfit)
-            self._refuse(login.client_reply_seq, f"TiProxy: {unfit}", "no backend fits",
+            self._refuse(seq, f"TiProxy: {unfit}", "no backend fits",
                          kind=counters.BACKEND_HANDSHAKE)
-            return
-        self._refuse_no_backend(login.client_reply_seq)
+        else:
+            self._refuse_no_backend(seq)
 
     async def _attached(self, backend: Backend, leg: BackendLeg) -> None:
         """The login goes on with `backend`, which has answered the client's response."""

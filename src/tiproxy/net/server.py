@@ -332,6 +332,11 @@ class ProxyServer(ServerUpgrade, ServerViews):
         self.metrics.backend(backend.addr).dial_failures += 1
         self.router.failed(backend, reason)
 
+    def dial_refused(self, backend: Backend) -> None:
+        """A backend at its max_connections refused a session's connection (1040): counted
+        as a dial failure, but the backend stays a choice: it may take the next one."""
+        self.metrics.backend(backend.addr).dial_failures += 1
+
     def got_backend(self, seconds: float, ok: bool) -> None:
         """A login waited `seconds` for a backend, and got one or not."""
         self.metrics.get_backend.observe(seconds)

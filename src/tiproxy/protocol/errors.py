@@ -28,6 +28,7 @@ class BackendRefusedError(ProtocolError):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(f"backend refused the connection: {code} {message}", Origin.BACKEND)
         self.code = code
+        self.message = message  # the server's own words, for the client
 
 
 class SQLError(Exception):
