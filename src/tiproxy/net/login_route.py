@@ -190,8 +190,8 @@ class LoginRoute:
         """The client's answer when no backend took the login: a full backend's own 1040 (what
         a client of that server would get), why none fits the login, or that none is up."""
         if full is not None:
-            self._refuse(seq, full.message, str(full), code=ER_CON_COUNT_ERROR, sqlstate="08004",
-                         kind=counters.NO_BACKEND)
+            self._refuse(seq, full.message, str(full), code=ER_CON_COUNT_ERROR,
+                         sqlstate=full.sqlstate, kind=counters.NO_BACKEND)
         elif unfit:
             log.warning("session %d: %s", self.id, unfit)
             self._refuse(seq, f"TiProxy: {unfit}", "no backend fits",

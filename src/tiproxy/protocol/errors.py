@@ -25,10 +25,11 @@ class BackendRefusedError(ProtocolError):
     """A backend answered a new connection with an ERR packet instead of its greeting (1040:
     too many connections; 1129: host blocked)."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, sqlstate: str = "HY000") -> None:
         super().__init__(f"backend refused the connection: {code} {message}", Origin.BACKEND)
         self.code = code
-        self.message = message  # the server's own words, for the client
+        self.message = message  # the server's own words and SQLSTATE, for the client
+        self.sqlstate = sqlstate  # (HY000 where it sent none, as a client reads it then)
 
 
 class SQLError(Exception):

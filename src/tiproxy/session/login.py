@@ -274,7 +274,7 @@ class Login:
         with _backend_bytes():
             if payload[:1] == b"\xff":
                 err = parse_err(payload)
-                raise BackendRefusedError(err.code, err.message)
+                raise BackendRefusedError(err.code, err.message, err.sqlstate)
             greeting = parse_greeting(payload)
         return self.backend_greeted(greeting)
 
