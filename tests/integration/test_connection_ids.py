@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -257,6 +258,49 @@ def test_connection_id_is_the_greetings_and_kill_takes_it(idproxy: ProxyProcess)
         cur.execute("SELECT 1")
     killer.close()
 
+
+
+def test_a_kill_follows_a_session_that_moves_under_it(idproxy: ProxyProcess) -> None:
+    """KILL QUERY, over and over, of a session that runs short statements and moves between
+    them, as fast as it can be asked to (MariaDB's main.myisam_icp_notembedded through moving
+    sessions): each KILL finds the session where it is at that moment, never "Unknown thread
+    id", even when it moved after the proxy looked it up."""
+    victim, killer = idproxy.connect(), idproxy.connect()
+    _wait_credential(idproxy, victim.thread_id(), killer.thread_id())
+    stop = threading.Event()
+    problems: list[BaseException] = []
+
+    def busy() -> None:
+        try:
+            with victim.cursor() as cur:
+                while not stop.is_set():
+                    try:
+                        cur.execute("SELECT SLEEP(0.002)")  # killed in its sleep: answers 1
+                    except pymysql.err.OperationalError as e:
+                        if e.args[0] != 1317:  # killed before it slept: "interrupted"
+                            raise
+        except BaseException as e:
+            problems.append(e)
+
+    def moving() -> None:
+        while not stop.wait(0.005):
+            idproxy.redirect()
+
+    threads = [threading.Thread(target=busy), threading.Thread(target=moving)]
+    for thread in threads:
+        thread.start()
+    try:
+        with killer.cursor() as cur:
+            for _ in range(300):
+                cur.execute(f"KILL QUERY {victim.thread_id()}")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not problems, problems
+    assert idproxy.log().count(" moved ") >= 20  # it did move, over and over
+    victim.close()
+    killer.close()
 
 def test_ids_stay_the_same_when_the_session_moves(idproxy: ProxyProcess) -> None:
     session = idproxy.connect()

@@ -19,6 +19,7 @@ from tiproxy.session.statements import (
     may_change_state,
     prepared_effects,
     reads_diagnostics,
+    split_statements,
     statement_effects,
     user_variable_names,
 )
@@ -99,6 +100,34 @@ def test_sql_prepare_execute_and_deallocate() -> None:
     state = applied(b"PREPARE s FROM 'SELECT ?'", b"EXECUTE s USING @a")
     assert state.pins() == []  # a statement without effects runs freely
 
+
+
+def test_a_semicolon_in_a_prepared_text_is_part_of_it() -> None:
+    """What a move prepares again is the whole PREPARE (MariaDB's main.lotofstack prepares
+    `"select * from t3;"`): a `;` in a string, a quoted name or a comment ends nothing."""
+    for prepare in (b'prepare stmt2 from "select * from t3;"',
+                    b"PREPARE s FROM 'SELECT 1; SELECT 2'",
+                    b"PREPARE s FROM 'SELECT `a;b` FROM t /* ; */'"):
+        assert applied(prepare).sql_prepared == {prepare.split()[1].decode(): prepare}
+    state = applied(b"SELECT ';'; PREPARE b FROM \"SELECT ';'\" -- ;\n")
+    assert state.sql_prepared == {"b": b"PREPARE b FROM \"SELECT ';'\" -- ;"}
+
+
+def test_statements_split_where_the_server_splits_them() -> None:
+    assert split_statements(b"SELECT 1") == [b"SELECT 1"]
+    assert split_statements(b"SELECT ';' ; SELECT 2 -- x;y\nSELECT 3 /* ; */;;") == [
+        b"SELECT ';' ", b" SELECT 2 -- x;y\nSELECT 3 /* ; */"]
+    assert split_statements(b"SELECT `a;b`; SELECT \"c\\\";d\"; SELECT 'e'';f'") == [
+        b"SELECT `a;b`", b' SELECT "c\\";d"', b" SELECT 'e'';f'"]
+    # /*! ... */ is code to the server; an unterminated quote splits (more, shorter parts).
+    assert split_statements(b"SELECT 1 /*! ; */") == [b"SELECT 1 /*! ", b" */"]
+    assert split_statements(b"SELECT 'x; y") == [b"SELECT 'x", b" y"]
+
+
+@given(st.lists(st.sampled_from([b"SELECT 1", b"SET @a = 'p;q'", b"DO `x;y`", b"SELECT 2 /* ; */",
+                                 b"SELECT \"r;\\\"s\""]), min_size=1, max_size=5))
+def test_joined_statements_split_back(statements: list[bytes]) -> None:
+    assert split_statements(b";".join(statements)) == statements
 
 def test_a_statement_prepared_from_a_variable_pins_and_running_it_pins_for_good() -> None:
     # Prepared again after a move it would take the variable's text of then: pinned at once.

@@ -10,7 +10,8 @@ would directly (a user kills their own sessions; CONNECTION ADMIN or SUPER kills
   account, `[security] auth-sync-user`, which the proxy then lets kill only the killer's own
   user's sessions (every user may kill those).
 The server's errors come back as they are, with the backend's thread id in their text turned
-into the proxy id the client named.
+into the proxy id the client named. A target of this process that moved since it was looked up
+(its backend connection is another now) is followed there: the KILL runs again where it is.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ log = logging.getLogger("tiproxy.session")
 
 ER_UNKNOWN_ERROR = 1105
 ER_KILL_DENIED = 1095
+RETARGETS = 3  # moves a KILL follows its target through (_follow)
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def handle_kill(session: Session, target_id: int, query_only: bool, prefix: byte
 
 
 def _kill(session: Session, target_id: int, target: KillTarget | None, query_only: bool,
-          prefix: bytes | None) -> None:
+          prefix: bytes | None, *, tries: int = RETARGETS) -> None:
     if target is None:
         session.reply_error(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {target_id}")
         return
@@ -83,11 +85,35 @@ def _kill(session: Session, target_id: int, target: KillTarget | None, query_onl
         prefix = b"KILL QUERY " if query_only else b"KILL CONNECTION "
     sql = prefix.decode("ascii", "replace") + str(target.backend_connection_id)
     if target.backend_addr != session.backend.addr:
-        _kill_elsewhere(session, target, sql)
+        _kill_elsewhere(session, target, sql, tries)
         return
     log.info("session %d: %s (session %d)", session.id, sql, target.id)
     session.hold_input("kill")
-    session.run_task(_kill_here(session, target, sql))
+    session.run_task(_kill_here(session, target, sql, tries))
+
+
+def _moved(session: Session, target: KillTarget) -> KillTarget | None:
+    """The target, a session of this process, on the backend connection it has now if that is
+    not the one it was looked up on: it moved (between commands) since, and the KILL follows it
+    there, as it would find the session directly."""
+    local = session.server.sessions.get(target.id)
+    if local is None or local.backend is None or not local.backend_connection_id:
+        return None
+    now = KillTarget(local.id, local.user, local.backend.addr, local.backend_connection_id)
+    return now if now != target else None
+
+
+def _follow(session: Session, moved: KillTarget, sql: str, tries: int) -> None:
+    """The KILL again, on the connection the target moved to; a target that keeps moving
+    under it gets the server's answer for a thread it cannot find, after RETARGETS tries."""
+    if tries <= 0:
+        session.reply_error(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {moved.id}")
+        return
+    local = session.server.sessions.get(moved.id)
+    if local is not None:
+        local.named_by_kill()  # (its new connection is not kept for another client either)
+    prefix = sql.rsplit(" ", 1)[0].encode("ascii") + b" "
+    _kill(session, moved.id, moved, query_only=False, prefix=prefix, tries=tries - 1)
 
 
 def _gone(session: Session, target: KillTarget) -> bool:
@@ -105,18 +131,31 @@ def _gone(session: Session, target: KillTarget) -> bool:
     return True
 
 
-async def _kill_here(session: Session, target: KillTarget, sql: str) -> None:
+async def _kill_here(session: Session, target: KillTarget, sql: str, tries: int) -> None:
     """On the killer's own connection, out of the hot path for one statement."""
+    try:
+        moved = await _kill_on_own_connection(session, target, sql)
+    finally:
+        session.release_input("kill")
+    if moved is not None:
+        _follow(session, moved, sql, tries)
+
+
+async def _kill_on_own_connection(session: Session, target: KillTarget,
+                                  sql: str) -> KillTarget | None:
+    """Run it and answer the killer; or, where the target moved, where to run it instead."""
     leg = session.backend_leg
     assert leg is not None
-    if _gone(session, target):
-        session.release_input("kill")
-        return
+    moved = _moved(session, target)
+    if moved is not None or _gone(session, target):
+        return moved
     leg.detach()
     try:
         await query(leg, sql, bool(session.backend_caps & Capability.DEPRECATE_EOF))
     except SQLError as e:
-        session.reply_error(e.code, e.sqlstate, _proxy_ids(e.message, target))
+        moved = _moved(session, target) if e.code == ER_NO_SUCH_THREAD else None
+        if moved is None:
+            session.reply_error(e.code, e.sqlstate, _proxy_ids(e.message, target))
         _reattached(session, leg)  # killing itself closes the connection: the error first
     except (OSError, TimeoutError, ProtocolError) as e:
         if _reattached(session, leg):
@@ -128,11 +167,10 @@ async def _kill_here(session: Session, target: KillTarget, sql: str) -> None:
     else:
         if _reattached(session, leg):
             _reply_ok(session)
-    finally:
-        session.release_input("kill")
+    return moved
 
 
-def _kill_elsewhere(session: Session, target: KillTarget, sql: str) -> None:
+def _kill_elsewhere(session: Session, target: KillTarget, sql: str, tries: int) -> None:
     security = session.server.config().security
     credential = session.credential if session.dialect != "tidb" else None
     if credential is not None:
@@ -156,25 +194,36 @@ def _kill_elsewhere(session: Session, target: KillTarget, sql: str) -> None:
 
     async def run() -> None:
         try:
+            moved = await kill_there()
+        finally:
+            session.release_input("kill")
+        if moved is not None:
+            _follow(session, moved, sql, tries)
+
+    async def kill_there() -> KillTarget | None:
+        moved: KillTarget | None = None
+        try:
             header = session.backend_header() if credential is not None else None
             conn = await AdminConnection.open(host, port, user, password, stage1=credential,
                                               header=header, **session.server.tls.admin_options())
             try:
-                if _gone(session, target):  # it ended while the proxy logged in
-                    return
+                moved = _moved(session, target)  # it moved while the proxy logged in
+                if moved is not None or _gone(session, target):  # or it ended
+                    return moved
                 await conn.query(sql)
             finally:
                 conn.close()
         except SQLError as e:
-            session.reply_error(e.code, e.sqlstate, _proxy_ids(e.message, target))
+            moved = _moved(session, target) if e.code == ER_NO_SUCH_THREAD else None
+            if moved is None:
+                session.reply_error(e.code, e.sqlstate, _proxy_ids(e.message, target))
         except (OSError, TimeoutError, ProtocolError, ValueError) as e:
             why = str(e) or type(e).__name__
             session.reply_error(ER_UNKNOWN_ERROR, "HY000",
                                 f"TiProxy: KILL on the other backend failed: {why}")
         else:
             _reply_ok(session)
-        finally:
-            session.release_input("kill")
+        return moved
 
     session.run_task(run())
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 from tiproxy.protocol.constants import Command
 from tiproxy.session.dialects.mysql_restore import CapturedState
-from tiproxy.session.statements import memo_by_text, user_variable_names
+from tiproxy.session.statements import memo_by_text, split_statements, user_variable_names
 
 # How stale: nothing; user variables; those and system variables assigned from expressions,
 # read back by name (VariableChanges.system_names); anything.
@@ -124,10 +124,6 @@ def _first_word(sql: bytes) -> tuple[bytes, bytes]:
     return (word.group(0).upper() if word else b""), body
 
 
-def _statements(sql: bytes) -> list[bytes]:
-    # Semicolons inside quotes only make more, shorter parts: each is judged on its own, which
-    # can only make a statement look more stale or less retryable than it is.
-    return [p for p in sql.split(b";") if p.strip()] if b";" in sql else [sql]
 
 
 @dataclass(frozen=True)
@@ -168,7 +164,7 @@ def variable_changes(sql: bytes) -> VariableChanges:
     """How a COM_QUERY statement changes the session's variables. The result is shared
     (memo_by_text): read it, never change it."""
     changes = VariableChanges()
-    parts = _statements(sql)
+    parts = split_statements(sql)
     for i, part in enumerate(parts):
         _one(part, changes)
         if changes.stale == VARS_ALL:
@@ -188,7 +184,7 @@ def variable_changes(sql: bytes) -> VariableChanges:
 def _assigns_only(sql: bytes) -> bool:
     """Whether every statement only reads and assigns user variables (so that running it once
     more, in place of a first run whose answer the client never got, changes nothing else)."""
-    for part in _statements(sql):
+    for part in split_statements(sql):
         word, body = _first_word(part)
         if word not in _ASSIGNING_WORDS or _NOT_ASSIGN_ONLY.search(body):
             return False
@@ -326,7 +322,7 @@ def read_only(sql: bytes) -> bool:
 
     A stored function with side effects called from a SELECT looks read-only here: the
     documented limit of retrying a read whose backend died before answering."""
-    for part in _statements(sql):
+    for part in split_statements(sql):
         word, body = _first_word(part)
         if word in _TRANSACTION_WORDS and _TRANSACTION_START.match(body):
             continue

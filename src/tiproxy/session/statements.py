@@ -46,6 +46,13 @@ COMPOUND_START = re.compile(rb"(?:BEGIN\s+NOT\s+ATOMIC|IF|CASE|LOOP|WHILE|REPEAT
 
 _LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
 _WORD = re.compile(rb"[A-Za-z_]+")
+# What a `;` inside of ends no statement (strings, quoted names, comments; not `/*!...*/`,
+# whose text the server reads as code), or a `;` outside all of them.
+_QUOTED_OR_END = re.compile(
+    rb"'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\"|`(?:[^`]|``)*`"
+    rb"|/\*(?!M?!).*?\*/|#[^\n]*|--[ \t\r\n\f\v][^\n]*|;",
+    re.DOTALL,
+)
 _IDENT = rb"(?:`(?:[^`]|``)+`|[A-Za-z0-9_$]+)"
 _QUALIFIED = rb"(?:" + _IDENT + rb"\s*\.\s*)?(" + _IDENT + rb")"
 
@@ -269,15 +276,26 @@ def statement_effects(sql: bytes) -> StatementEffects:
     effects = StatementEffects()
     if _CREATE_ROUTINE.match(sql, _skip_leading(sql)):
         return effects  # one statement, whatever semicolons its body holds
-    for part in _split(sql):
+    for part in split_statements(sql):
         _one_statement(part, effects)
     return effects
 
 
-def _split(sql: bytes) -> list[bytes]:
+def split_statements(sql: bytes) -> list[bytes]:
+    """The statements of a multi-statement text: split at each `;` that is not inside a
+    string, a quoted name or a comment (`PREPARE s FROM 'SELECT 1; SELECT 2'` is one
+    statement, and its text is what a move prepares again). An unterminated quote ends nothing:
+    the `;` after it splits, which can only make a part look like more than it is."""
     if b";" not in sql:
         return [sql]
-    return [p for p in sql.split(b";") if p.strip()]  # quotes with ';' only over-report
+    parts: list[bytes] = []
+    start = 0
+    for m in _QUOTED_OR_END.finditer(sql):
+        if m.end() - m.start() == 1 and sql[m.start()] == 0x3B:  # a `;` outside every quote
+            parts.append(sql[start:m.start()])
+            start = m.end()
+    parts.append(sql[start:])
+    return [p for p in parts if p.strip()]
 
 
 def _one_statement(sql: bytes, fx: StatementEffects) -> None:
