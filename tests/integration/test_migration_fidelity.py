@@ -94,6 +94,28 @@ def test_a_user_without_a_password_moves(backends: list[MariaDBServer],
                         database="test")
 
 
+@pytest.mark.parametrize("collation", ["ucs2_general_ci", "utf32_unicode_ci", "utf16_bin"])
+def test_a_session_with_a_wide_connection_character_set_moves_whole(
+        backends: list[MariaDBServer], proxy_factory: ProxyFactory, collation: str) -> None:
+    """character_set_connection may be ucs2, utf16 or utf32 (not character_set_client), and
+    then every literal the proxy's own capture selects comes back in it: the capture must
+    not depend on it (MariaDB's main.ctype_ucs2_general_ci_casefold lost its database to a
+    move, and its collation_connection with it)."""
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute(f"SET collation_connection = {collation}, @kept = 'yes', time_zone = '+03:00'")
+        before = _wide_state(cur)
+        assert before[:2] == ("test", collation)
+        for _ in range(2):
+            proxy.move(conn.thread_id())
+            assert _wide_state(cur) == before
+
+
+def _wide_state(cur: Any) -> tuple[Any, ...]:
+    cur.execute("SELECT DATABASE(), @@collation_connection, @kept, @@time_zone")
+    row = cur.fetchone()
+    assert row is not None
+    return tuple(row)
 
 
 @pytest.mark.parametrize(("statements", "reason"), [

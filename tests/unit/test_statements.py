@@ -113,6 +113,23 @@ def test_a_semicolon_in_a_prepared_text_is_part_of_it() -> None:
     assert state.sql_prepared == {"b": b"PREPARE b FROM \"SELECT ';'\" -- ;"}
 
 
+
+def test_a_multi_statement_text_is_recorded_statement_by_statement() -> None:
+    """Each statement of the text in its order: two PREPAREs are two statements to prepare
+    again after a move, and a DEALLOCATE after its PREPARE leaves nothing. MariaDB's
+    main.lotofstack sends a PREPARE and then a CREATE PROCEDURE whose body (read as statements
+    too, which can only over-report) prepares and deallocates another name."""
+    state = applied(b"PREPARE a FROM 'SELECT 1'; PREPARE b FROM 'SELECT 2'; DO 1")
+    assert state.sql_prepared == {"a": b"PREPARE a FROM 'SELECT 1'",
+                                  "b": b"PREPARE b FROM 'SELECT 2'"}
+    state = applied(b"PREPARE a FROM 'SELECT 1'; DEALLOCATE PREPARE a; PREPARE b FROM 'DO 2'")
+    assert state.sql_prepared == {"b": b"PREPARE b FROM 'DO 2'"}
+    state = applied(b'prepare stmt2 from "select * from t3;";\n'
+                    b"create procedure p(level int) begin\n"
+                    b'  prepare stmt1 from "update t3 set a=a+2"; execute stmt1;\n'
+                    b"  deallocate prepare stmt1; execute stmt2; end")
+    assert state.sql_prepared == {"stmt2": b'prepare stmt2 from "select * from t3;"'}
+
 def test_statements_split_where_the_server_splits_them() -> None:
     assert split_statements(b"SELECT 1") == [b"SELECT 1"]
     assert split_statements(b"SELECT ';' ; SELECT 2 -- x;y\nSELECT 3 /* ; */;;") == [

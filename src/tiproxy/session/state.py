@@ -161,12 +161,18 @@ class SessionState:
         if not failed:
             self.apply(fx)
             return
-        executed = self.sql_prepared_effects.get(fx.executed) if fx.executed else None
-        if fx.calls_procedure or (executed is not None and executed.calls_procedure):
-            self.procedure_called = True
+        for one in fx.parts or (fx,):
+            executed = self.sql_prepared_effects.get(one.executed) if one.executed else None
+            if one.calls_procedure or (executed is not None and executed.calls_procedure):
+                self.procedure_called = True
 
     def apply(self, fx: StatementEffects) -> None:
-        """A statement succeeded: record what it did."""
+        """A statement succeeded: record what it did (a multi-statement text's statements
+        one after the other)."""
+        if fx.parts:
+            for one in fx.parts:
+                self.apply(one)
+            return
         self.procedure_called = self.procedure_called or fx.calls_procedure
         self.counts_reset = self.counts_reset or fx.counts_reset
         self.temp_tables.update(fx.temp_created)

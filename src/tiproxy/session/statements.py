@@ -227,6 +227,10 @@ class StatementEffects:
     # CALL: a stored procedure ran, and may have set user variables the proxy cannot name
     # (it matters where the server cannot list them: net/migration.py)
     calls_procedure: bool = False
+    # A multi-statement text's statements, each one's own effects in order, which is how
+    # SessionState.apply records them (PREPARE a ...; PREPARE b ...: both); the fields above
+    # merge them, for the readers that only ask whether the text does something.
+    parts: tuple[StatementEffects, ...] = ()
 
     def __bool__(self) -> bool:
         return self != _NOTHING
@@ -276,8 +280,17 @@ def statement_effects(sql: bytes) -> StatementEffects:
     effects = StatementEffects()
     if _CREATE_ROUTINE.match(sql, _skip_leading(sql)):
         return effects  # one statement, whatever semicolons its body holds
-    for part in split_statements(sql):
+    statements = split_statements(sql)
+    parts = []
+    for part in statements:
         _one_statement(part, effects)
+        if len(statements) > 1:
+            one = StatementEffects()
+            _one_statement(part, one)
+            if one:
+                parts.append(one)
+    if len(parts) > 1:
+        effects.parts = tuple(parts)
     return effects
 
 

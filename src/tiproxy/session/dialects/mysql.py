@@ -9,7 +9,10 @@ for their exact bytes and collation. What it reads fills a CapturedState, which 
 gets back in one SET statement (session/dialects/mysql_restore.py).
 
 Values travel as HEX() so that the session's character_set_results cannot change them on the
-way.
+way. What the proxy selects must not depend on the session's character_set_connection either,
+which may be ucs2, utf16 or utf32 (`SET collation_connection = ucs2_general_ci`): a string
+literal and HEX()'s answer are in it, so the literals that name each row's kind are binary
+(`_binary'db'`) and HEX()'s answer is converted to latin1.
 
 Not carried over (documented limits): FOUND_ROWS(), ROW_COUNT() and warnings of the last
 statement; one-shot `SET TRANSACTION` characteristics; variables only a stored program set.
@@ -30,6 +33,12 @@ from tiproxy.session.dialects.mysql_restore import (
 
 Row = list[bytes | None]
 
+
+def _hex(expr: str) -> str:
+    """HEX(expr) as ASCII whatever the session's character_set_connection (HEX() answers in
+    it: ucs2 or utf32 would make `\0`7`\0`4 of 74)."""
+    return f"CONVERT(HEX({expr}) USING latin1)"
+
 # An explicit LIMIT: the session's own sql_select_limit would otherwise cut the capture short
 # (an explicit LIMIT overrides it; a trailing one applies to the whole UNION).
 _ALL_ROWS = " LIMIT 18446744073709551615"
@@ -48,25 +57,28 @@ ER_TOO_BIG_SELECT, ER_STATEMENT_TIMEOUT = 1104, 1969
 _TERMS = (("max_statement_time", "DOUBLE"), ("sql_big_selects", "BOOLEAN"),
           ("character_set_results", "ENUM"))
 _CAPTURE_BASE = (
-    "SELECT 'db' AS kind, NULL AS name, HEX(DATABASE()) AS value "
-    "UNION ALL SELECT 'lii', NULL, LAST_INSERT_ID() "
-    "UNION ALL SELECT 'sys', CONCAT(VARIABLE_TYPE, ' ', VARIABLE_NAME), HEX(SESSION_VALUE) "
+    "SELECT _binary'db' AS kind, NULL AS name, CONVERT(HEX(DATABASE()) USING latin1) AS value "
+    "UNION ALL SELECT _binary'lii', NULL, LAST_INSERT_ID() "
+    "UNION ALL SELECT _binary'sys', CONCAT(VARIABLE_TYPE, ' ', VARIABLE_NAME), "
+    "CONVERT(HEX(SESSION_VALUE) USING latin1) "
     "FROM information_schema.SYSTEM_VARIABLES WHERE VARIABLE_SCOPE = 'SESSION' "
     "AND READ_ONLY = 'NO' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE) "
     "AND VARIABLE_NAME NOT IN ('MAX_STATEMENT_TIME', 'SQL_BIG_SELECTS', 'CHARACTER_SET_RESULTS') "
     # What the connection made, counted by the server wherever it was made (SessionState.unseen)
-    "UNION ALL SELECT 'count', VARIABLE_NAME, VARIABLE_VALUE "
+    "UNION ALL SELECT _binary'count', VARIABLE_NAME, VARIABLE_VALUE "
     "FROM information_schema.SESSION_STATUS "
     "WHERE VARIABLE_NAME IN ('COM_CREATE_TEMPORARY_TABLE', 'COM_PREPARE_SQL')"
 )
 _CAPTURE_USER = (
-    " UNION ALL SELECT 'user', CONCAT(VARIABLE_TYPE, ' ', HEX(VARIABLE_NAME)), VARIABLE_VALUE "
-    "FROM information_schema.USER_VARIABLES"
+    " UNION ALL SELECT _binary'user', "
+    "CONCAT(VARIABLE_TYPE, ' ', CONVERT(HEX(VARIABLE_NAME) USING latin1)), "
+    "VARIABLE_VALUE FROM information_schema.USER_VARIABLES"
 )
 # Named locks (GET_LOCK) the connection holds, wherever it took them: only where the
 # metadata_lock_info plugin is loaded (https://mariadb.com/kb/en/metadata-lock-info-plugin/).
 _CAPTURE_LOCKS = (
-    " UNION ALL SELECT 'lock', NULL, HEX(TABLE_SCHEMA) FROM information_schema.METADATA_LOCK_INFO "
+    " UNION ALL SELECT _binary'lock', NULL, CONVERT(HEX(TABLE_SCHEMA) USING latin1) "
+    "FROM information_schema.METADATA_LOCK_INFO "
     "WHERE THREAD_ID = CONNECTION_ID() AND LOCK_TYPE = 'User lock'"
 )
 # MariaDB's answer when a plugin's table is missing (the user_variables plugin disabled with
@@ -102,15 +114,16 @@ def lifted(sql: str, code: int) -> str | None:
 # https://mariadb.com/kb/en/performance-schema-metadata_locks-table/
 _PS_THREAD = "(SELECT THREAD_ID FROM performance_schema.threads WHERE PROCESSLIST_ID = {id})"
 _PS_BASE = (
-    "SELECT 'ps', 'on', @@performance_schema "
-    "UNION ALL SELECT 'ps', 'instrumented', (SELECT INSTRUMENTED FROM performance_schema.threads "
-    "WHERE PROCESSLIST_ID = {id}) "
-    "UNION ALL SELECT 'ps', 'mdl', (SELECT ENABLED FROM performance_schema.setup_instruments "
+    "SELECT _binary'ps', _binary'on', @@performance_schema "
+    "UNION ALL SELECT _binary'ps', _binary'instrumented', "
+    "(SELECT INSTRUMENTED FROM performance_schema.threads WHERE PROCESSLIST_ID = {id}) "
+    "UNION ALL SELECT _binary'ps', _binary'mdl', "
+    "(SELECT ENABLED FROM performance_schema.setup_instruments "
     "WHERE NAME = 'wait/lock/metadata/sql/mdl')"
 )
-_PS_USER = (" UNION ALL SELECT 'user', NULL, HEX(VARIABLE_NAME) "
+_PS_USER = (" UNION ALL SELECT _binary'user', NULL, CONVERT(HEX(VARIABLE_NAME) USING latin1) "
             "FROM performance_schema.user_variables_by_thread WHERE THREAD_ID = {thread}")
-_PS_LOCKS = (" UNION ALL SELECT 'lock', NULL, HEX(OBJECT_NAME) "
+_PS_LOCKS = (" UNION ALL SELECT _binary'lock', NULL, CONVERT(HEX(OBJECT_NAME) USING latin1) "
              "FROM performance_schema.metadata_locks "
              "WHERE OWNER_THREAD_ID = {thread} AND OBJECT_TYPE = 'USER LEVEL LOCK'")
 
@@ -178,7 +191,7 @@ def stored_program_bodies(rows: list[Row]) -> list[bytes] | None:
 def capture_user_sql() -> str:
     """The user variables and LAST_INSERT_ID() alone, in capture_sql's rows (a checkpoint after
     a statement that changed only user variables: a tenth of the cost of the whole capture)."""
-    return _binary_rows("SELECT 'lii' AS kind, NULL AS name, LAST_INSERT_ID() AS value"
+    return _binary_rows("SELECT _binary'lii' AS kind, NULL AS name, LAST_INSERT_ID() AS value"
                         + _CAPTURE_USER)
 
 
@@ -228,6 +241,8 @@ def parse_capture(rows: list[Row]) -> CapturedState:
         elif kind == b"user" and key is not None:
             vtype, _, hexname = key.decode().rpartition(" ")
             state.user.append(UserVariable(bytes.fromhex(hexname), vtype, value))
+        elif kind not in (b"sys", b"count", b"user"):
+            raise ValueError(f"unexpected capture row kind {kind!r}")  # the move does not land
     state.system.sort(key=_system_order)
     return state
 
@@ -279,7 +294,7 @@ def named_user_vars_sql(names: list[bytes], last_insert_id: bool = False) -> str
     cols = ["CAST(LAST_INSERT_ID() AS BINARY)"] if last_insert_id else []
     for n in names:
         var = quoted_user_var(n)
-        cols += [var, *(f"CAST({e} AS BINARY)" for e in (var, f"HEX({var})", f"COLLATION({var})"))]
+        cols += [var, *(f"CAST({e} AS BINARY)" for e in (var, _hex(var), f"COLLATION({var})"))]
     return f"SELECT {', '.join(cols)}{_ALL_ROWS}"
 
 
@@ -336,7 +351,7 @@ def string_values_sql(state: CapturedState) -> str | None:
     strings = state.strings()
     if not strings:
         return None
-    cols = ", ".join(f"CAST(HEX({quoted_user_var(v.name)}) AS BINARY), "
+    cols = ", ".join(f"CAST({_hex(quoted_user_var(v.name))} AS BINARY), "
                      f"CAST(COLLATION({quoted_user_var(v.name)}) AS BINARY)" for v in strings)
     return f"SELECT {cols}{_ALL_ROWS}"
 
