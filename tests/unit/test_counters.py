@@ -116,6 +116,12 @@ def test_pins_have_fixed_kinds_for_the_labels() -> None:
     assert state.pin_kinds() == ["temporary_table", "lock_tables"]
     assert set(state.pin_kinds()) <= set(PIN_KINDS)
     assert len(state.pins()) == 2 and "secret_name" in state.pins()[0]
+    state = SessionState(role_set=True)  # every kind a pin can have is a label
+    for sql in (b"FLUSH TABLES WITH READ LOCK", b"BACKUP STAGE START", b"HANDLER t OPEN",
+                b"DO GET_LOCK('x', 1)", b"PREPARE s FROM @v"):
+        state.apply(statement_effects(sql))
+    assert len(state.pin_kinds()) == 6
+    assert set(state.pin_kinds()) <= set(PIN_KINDS)
 
 
 def test_the_routers_factors_and_what_is_another_location() -> None:

@@ -130,6 +130,25 @@ def test_a_multi_statement_text_is_recorded_statement_by_statement() -> None:
                     b"  deallocate prepare stmt1; execute stmt2; end")
     assert state.sql_prepared == {"stmt2": b'prepare stmt2 from "select * from t3;"'}
 
+
+def test_the_global_read_lock_and_backup_stages_pin_until_released() -> None:
+    """What a backup tool holds on its connection: a move would drop it unseen."""
+    for hold, release in ((b"FLUSH TABLES WITH READ LOCK", b"UNLOCK TABLES"),
+                          (b"flush local tables t1, t2 with read lock", b"unlock tables"),
+                          (b"FLUSH TABLES t1 FOR EXPORT", b"UNLOCK TABLES"),
+                          (b"BACKUP STAGE START", b"BACKUP STAGE END"),
+                          (b"BACKUP LOCK test.t1", b"BACKUP UNLOCK")):
+        state = applied(hold)
+        assert len(state.pins()) == 1, hold
+        assert applied(hold, b"BACKUP STAGE BLOCK_DDL", b"SELECT 1").pins() == state.pins()
+        assert applied(hold, release).pins() == [], release
+    assert applied(b"FLUSH TABLES").pins() == []
+    assert applied(b"FLUSH TABLES WITH READ LOCK", b"BEGIN").pins() != []  # BEGIN keeps it
+
+
+def test_reading_the_optimizer_trace_reads_the_last_statement() -> None:
+    assert reads_diagnostics(b"\0\0\0\0\x03SELECT * FROM information_schema.OPTIMIZER_TRACE")
+
 def test_statements_split_where_the_server_splits_them() -> None:
     assert split_statements(b"SELECT 1") == [b"SELECT 1"]
     assert split_statements(b"SELECT ';' ; SELECT 2 -- x;y\nSELECT 3 /* ; */;;") == [

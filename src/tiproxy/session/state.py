@@ -19,8 +19,9 @@ from tiproxy.session.rebuild import VariableChanges, variable_changes
 from tiproxy.session.statements import OPAQUE, StatementEffects, prepared_effects
 
 # What may pin a session, as SessionState.pin_kinds names it (the metrics' labels).
-PIN_KINDS = ("temporary_table", "named_lock", "lock_tables", "handler", "long_data", "cursor",
-             "no_credential", "unreadable_statement", "unseen_state", "prepared_from_variable")
+PIN_KINDS = ("temporary_table", "named_lock", "lock_tables", "read_lock", "backup", "handler",
+             "long_data", "cursor", "no_credential", "unreadable_statement", "unseen_state",
+             "role", "prepared_from_variable")
 MAX_TRACKED_USER_VARS = 1024  # a client naming more is pinned where they cannot be listed
 MAX_USER_VAR_NAME = 64 * 4  # MariaDB refuses names over 64 characters (4 bytes each at most)
 
@@ -81,6 +82,8 @@ class SessionState:
     temp_tables: set[str] = field(default_factory=set)
     named_locks: set[str] = field(default_factory=set)
     table_locks: bool = False
+    read_lock: bool = False  # FLUSH TABLES WITH READ LOCK (or FOR EXPORT) holds
+    backup: bool = False  # BACKUP STAGE or BACKUP LOCK holds
     handlers: set[str] = field(default_factory=set)
     no_credential: str = ""  # why the proxy cannot log this user in elsewhere, if it cannot
     # SET ROLE ran: a new login has the account's default role, and no capture reads the current
@@ -181,6 +184,10 @@ class SessionState:
             self.temp_tables.discard(name)
         if fx.table_locks is not None:
             self.table_locks = fx.table_locks
+        if fx.read_lock is not None:
+            self.read_lock = fx.read_lock
+        if fx.backup is not None:
+            self.backup = fx.backup
         if fx.named_lock is not None:
             self.named_locks.add(fx.named_lock)
         if fx.lock_released is not None:
@@ -261,8 +268,8 @@ class SessionState:
     def pinned(self) -> bool:
         """bool(pins()), without building the reasons for the usual session that has none."""
         if self.temp_tables or self.named_locks or self.table_locks or self.handlers \
-                or self.no_credential or self.opaque or self.hidden or self.opaque_prepared \
-                or self.role_set:
+                or self.read_lock or self.backup or self.no_credential or self.opaque \
+                or self.hidden or self.opaque_prepared or self.role_set:
             return True
         return bool(self.stmts) and bool(self.pins())
 
@@ -284,6 +291,10 @@ class SessionState:
             pins.append(("named_lock", "named locks (GET_LOCK)"))
         if self.table_locks:
             pins.append(("lock_tables", "LOCK TABLES"))
+        if self.read_lock:
+            pins.append(("read_lock", "FLUSH TABLES WITH READ LOCK"))
+        if self.backup:
+            pins.append(("backup", "BACKUP STAGE or BACKUP LOCK"))
         if self.handlers:
             pins.append(("handler", "open HANDLER"))
         if any(s.long_data for s in self.stmts.values()):

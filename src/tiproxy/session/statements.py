@@ -27,16 +27,16 @@ from tiproxy.protocol.codec import Buffer
 from tiproxy.session.commands import MAYBE_KILL_FIRST_BYTES
 
 # First bytes of statements that may change what the proxy tracks (CREATE, DROP, LOCK, UNLOCK,
-# PREPARE, DEALLOCATE, EXECUTE, KILL, HANDLER, XA, CALL) or that hide their first keyword behind
-# whitespace or a comment. BEGIN and START matter only while a move is due, when every statement
-# is looked at.
-STATE_FIRST_BYTES = frozenset(b"CcDdLlUuPpHhXxEeSsFf") | MAYBE_KILL_FIRST_BYTES
+# PREPARE, DEALLOCATE, EXECUTE, KILL, HANDLER, XA, CALL, FLUSH, BACKUP) or that hide their first
+# keyword behind whitespace or a comment. BEGIN and START matter only while a move is due, when
+# every statement is looked at.
+STATE_FIRST_BYTES = frozenset(b"CcDdLlUuPpHhXxEeSsFfBb") | MAYBE_KILL_FIRST_BYTES
 LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # The first four letters, upper case, of the statements behind STATE_FIRST_BYTES that do change
 # tracked state. COMMIT, UPDATE, DELETE, LOAD and the like start with the same letters and are
 # common: a four-byte look lets them stay on the fast path.
 STATE_PREFIXES = frozenset((b"CREA", b"DROP", b"DEAL", b"LOCK", b"UNLO", b"PREP", b"HAND",
-                            b"KILL", b"EXEC", b"SET ", b"USE ", b"FLUS", b"CALL"))
+                            b"KILL", b"EXEC", b"SET ", b"USE ", b"FLUS", b"CALL", b"BACK"))
 
 # MariaDB's compound statements outside a stored program may set anything (a role among it):
 # never relayed unread. First bytes, then the statement's start.
@@ -98,6 +98,13 @@ _CREATE_ROUTINE = re.compile(
     re.IGNORECASE)
 # FLUSH STATUS zeroes the connection's counters that SessionState.unseen compares.
 _FLUSH_STATUS = re.compile(rb"FLUSH\b.*\bSTATUS\b", re.IGNORECASE | re.DOTALL)
+# The connection's global read lock, or its tables' read locks for an export, until UNLOCK
+# TABLES (https://mariadb.com/kb/en/flush/); and its backup stage or backup lock
+# (https://mariadb.com/kb/en/backup-stage/, .../backup-lock/): held by the connection, so a
+# session that holds one cannot move.
+_READ_LOCK = re.compile(rb"FLUSH\s+(?:(?:NO_WRITE_TO_BINLOG|LOCAL)\s+)?TABLES?\b.*"
+                        rb"\b(?:WITH\s+READ\s+LOCK|FOR\s+EXPORT)\b", re.IGNORECASE | re.DOTALL)
+_BACKUP = re.compile(rb"BACKUP\s+(?:STAGE\s+(\w+)|(LOCK|UNLOCK)\b)", re.IGNORECASE)
 _BEGIN = re.compile(rb"(?:BEGIN(?:\s+WORK)?|START\s+TRANSACTION\b[^;]*)\s*;?\s*\Z", re.IGNORECASE)
 
 
@@ -119,10 +126,12 @@ def user_variable_names(sql: bytes) -> set[bytes]:
 
 
 # Statements that read what the previous statement left: its warnings and errors, FOUND_ROWS(),
-# ROW_COUNT() (https://mariadb.com/kb/en/show-warnings/ , .../get-diagnostics/).
+# ROW_COUNT(), its optimizer trace (https://mariadb.com/kb/en/show-warnings/ ,
+# .../get-diagnostics/ , .../information-schema-optimizer_trace-table/).
 _DIAGNOSTICS = re.compile(
     rb"SHOW\s+(?:COUNT\s*\(\s*\*\s*\)\s+)?(?:WARNINGS|ERRORS)|GET\s+(?:CURRENT\s+)?DIAGNOSTICS"
-    rb"|@@(?:SESSION\.|LOCAL\.)?(?:WARNING_COUNT|ERROR_COUNT)|FOUND_ROWS\s*\(|ROW_COUNT\s*\(",
+    rb"|@@(?:SESSION\.|LOCAL\.)?(?:WARNING_COUNT|ERROR_COUNT)|FOUND_ROWS\s*\(|ROW_COUNT\s*\("
+    rb"|OPTIMIZER_TRACE\b",
     re.IGNORECASE)
 
 
@@ -224,6 +233,8 @@ class StatementEffects:
     session_only: tuple[tuple[str, bool], ...] = ()  # (timestamp|insert_id, set: True/unset)
     use_db: bytes | None = None  # USE db: the current database after it
     counts_reset: bool = False  # FLUSH STATUS: the server's counts start again from 0
+    read_lock: bool | None = None  # True: FLUSH TABLES WITH READ LOCK / FOR EXPORT; False: UNLOCK
+    backup: bool | None = None  # True: BACKUP STAGE START, BACKUP LOCK; False: their ends
     # CALL: a stored procedure ran, and may have set user variables the proxy cannot name
     # (it matters where the server cannot list them: net/migration.py)
     calls_procedure: bool = False
@@ -332,6 +343,7 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
         fx.table_locks = True
     elif word == b"UNLOCK" and _UNLOCK_TABLES.match(body):
         fx.table_locks = False
+        fx.read_lock = False
     elif word == b"PREPARE" and (m := _PREPARE.match(body)):
         fx.prepared = (_name(m.group(1)), body.strip())
         inner = literal_text(body[m.end():])
@@ -358,11 +370,24 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
             fx.handler_closed = _name(m.group(1))
     elif word in (b"BEGIN", b"START") and _BEGIN.match(body):
         fx.begins_transaction = True
-    elif word == b"FLUSH" and _FLUSH_STATUS.match(body):
-        fx.counts_reset = True
+    elif word in (b"FLUSH", b"BACKUP"):
+        _server_locks(word, body, fx)
     elif word == b"CALL":
         fx.calls_procedure = True
     _lock_functions(body, fx)
+
+
+def _server_locks(word: bytes, body: bytes, fx: StatementEffects) -> None:
+    """FLUSH STATUS, the global read lock, backup stages and backup locks."""
+    if word == b"FLUSH":
+        if _FLUSH_STATUS.match(body):
+            fx.counts_reset = True
+        elif _READ_LOCK.match(body):
+            fx.read_lock = True
+    elif (m := _BACKUP.match(body)) is not None:
+        stage, lock = (g.upper() if g else None for g in m.groups())
+        if stage in (b"START", b"END") or lock is not None:
+            fx.backup = stage == b"START" or lock == b"LOCK"
 
 
 def _lock_functions(body: bytes, fx: StatementEffects) -> None:
