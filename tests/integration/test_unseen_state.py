@@ -292,6 +292,24 @@ def test_state_no_capture_carries_pins_until_reset(
         conn.close()
 
 
+
+def test_after_flush_status_a_move_waits_without_reading_the_session(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """FLUSH STATUS zeroes the counts the proxy compares before a move, so the session waits
+    until it is reset; and the proxy decides that without running its capture on the session's
+    connection, whose counters the session is about to read (MariaDB's
+    main.long_unique_bugs_no_sp_protocol found Handler_tmp_write counting the capture's rows)."""
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("FLUSH STATUS")
+        for _ in range(2):
+            proxy.waits(conn.thread_id(), "FLUSH STATUS")
+        cur.execute("SHOW SESSION STATUS WHERE Variable_name IN "
+                    "('Handler_tmp_write', 'Handler_read_rnd_next', 'Com_select')")
+        assert {name: int(value) for name, value in cur.fetchall()} == {
+            "Com_select": 0, "Handler_read_rnd_next": 0, "Handler_tmp_write": 0}
+
 def test_a_failed_call_that_left_a_temporary_table_pins(
     routines: list[MariaDBServer], proxy_factory: ProxyFactory,
 ) -> None:

@@ -54,6 +54,10 @@ class HiddenStateError(Exception):
 async def capture_mysql(session: Session, leg: BackendLeg,
                          deprecate_eof: bool) -> CapturedState:
     """The session's state, refused (HiddenStateError) when it holds what cannot travel."""
+    pin = session.state.counts_unusable()
+    if pin:  # known before reading, which would count in what a session after FLUSH STATUS
+        session.state.hidden = pin  # reads next (SHOW STATUS: Handler_tmp_write...)
+        raise HiddenStateError(pin)
     state = await read_mysql_state(session, leg, deprecate_eof)
     check_unseen(session, state)
     return state

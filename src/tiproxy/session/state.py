@@ -242,6 +242,14 @@ class SessionState:
 
     # -- pins -------------------------------------------------------------------------------
 
+    def counts_unusable(self) -> str:
+        """Why the server's per-connection counts cannot be compared (unseen), known before
+        asking: FLUSH STATUS zeroed them. "" while they can."""
+        if not self.counts_reset:
+            return ""
+        return ("FLUSH STATUS reset the server's counts of what this connection made, so they "
+                "cannot be compared: reset the connection to move")
+
     def unseen(self, counts: dict[str, int]) -> str:
         """What this backend connection holds that the proxy never saw made, by the server's
         own per-connection counts (reset with the connection); "" when it holds nothing.
@@ -253,8 +261,7 @@ class SessionState:
         which the server counts too), and no move can carry them.
         """
         if self.counts_reset and counts:
-            return ("FLUSH STATUS reset the server's counts of what this connection made, so "
-                    "they cannot be compared: reset the connection to move")
+            return self.counts_unusable()
         made = []
         if counts.get("COM_CREATE_TEMPORARY_TABLE", self.temp_creates) != self.temp_creates:
             made.append("a temporary table")
