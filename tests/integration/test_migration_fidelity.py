@@ -111,6 +111,25 @@ def test_a_session_with_a_wide_connection_character_set_moves_whole(
             assert _wide_state(cur) == before
 
 
+
+def test_session_only_variables_move(backends: list[MariaDBServer],
+                                     proxy_factory: ProxyFactory) -> None:
+    """Variables with no global value, only a default, that a session sets for itself
+    (MariaDB's main.strings sets default_master_connection to 190 letters, then expects CHANGE
+    MASTER to name that connection)."""
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    query = ("SELECT @@default_master_connection, @@skip_replication, "
+             "@@skip_parallel_replication, @@pseudo_slave_mode")
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SET SESSION default_master_connection = REPEAT('m', 190), "
+                    "skip_replication = ON, skip_parallel_replication = ON")
+        cur.execute(query)
+        before = cur.fetchone()
+        assert before == ("m" * 190, 1, 1, 0)
+        proxy.move(conn.thread_id())
+        cur.execute(query)
+        assert cur.fetchone() == before
+
 def _wide_state(cur: Any) -> tuple[Any, ...]:
     cur.execute("SELECT DATABASE(), @@collation_connection, @kept, @@time_zone")
     row = cur.fetchone()

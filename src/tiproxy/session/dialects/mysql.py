@@ -4,9 +4,10 @@ Theory of operation
 -------------------
 At a safe point the proxy asks the old backend, in one statement, for the current database,
 LAST_INSERT_ID(), every session system variable that differs from its global value (with its
-type) and the user variables (with their types); string user variables need a second statement
-for their exact bytes and collation. What it reads fills a CapturedState, which the new backend
-gets back in one SET statement (session/dialects/mysql_restore.py).
+type), the session-only ones that differ from their default (default_master_connection,
+skip_replication...) and the user variables (with their types); string user variables need a
+second statement for their exact bytes and collation. What it reads fills a CapturedState,
+which the new backend gets back in one SET statement (session/dialects/mysql_restore.py).
 
 Values travel as HEX() so that the session's character_set_results cannot change them on the
 way. What the proxy selects must not depend on the session's character_set_connection either,
@@ -61,8 +62,13 @@ _CAPTURE_BASE = (
     "UNION ALL SELECT _binary'lii', NULL, LAST_INSERT_ID() "
     "UNION ALL SELECT _binary'sys', CONCAT(VARIABLE_TYPE, ' ', VARIABLE_NAME), "
     "CONVERT(HEX(SESSION_VALUE) USING latin1) "
-    "FROM information_schema.SYSTEM_VARIABLES WHERE VARIABLE_SCOPE = 'SESSION' "
-    "AND READ_ONLY = 'NO' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE) "
+    "FROM information_schema.SYSTEM_VARIABLES WHERE READ_ONLY = 'NO' AND ("
+    "(VARIABLE_SCOPE = 'SESSION' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE)) "
+    # Session-only variables with a fixed default (timestamp and insert_id have none: the
+    # proxy reads those by name, when the session set them):
+    "OR (VARIABLE_NAME IN ('DEFAULT_MASTER_CONNECTION', 'SKIP_REPLICATION', "
+    "'SKIP_PARALLEL_REPLICATION', 'PSEUDO_SLAVE_MODE') "
+    "AND NOT (SESSION_VALUE <=> DEFAULT_VALUE))) "
     "AND VARIABLE_NAME NOT IN ('MAX_STATEMENT_TIME', 'SQL_BIG_SELECTS', 'CHARACTER_SET_RESULTS') "
     # What the connection made, counted by the server wherever it was made (SessionState.unseen)
     "UNION ALL SELECT _binary'count', VARIABLE_NAME, VARIABLE_VALUE "
