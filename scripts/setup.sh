@@ -13,11 +13,12 @@ cd "$(dirname "$0")/.."
 # iproute2: `ip`, which puts [ha] virtual-ip on its interface, and the tests' network namespaces;
 # nodejs and npm: the Node.js clients' tests (mysql2, mariadb), unless a Node.js is there already;
 # php-cli and php-mysql (mysqlnd: mysqli, PDO), golang-go and golang-github-go-sql-driver-mysql-dev:
-# the PHP and Go clients' tests.
+# the PHP and Go clients' tests; mariadb-test: MariaDB's own test suite and its mariadb-test
+# (mysqltest) program, run directly and through the proxy.
 debs=(mariadb-server mariadb-client galera-4 rsync etcd-server etcd-client sysbench haproxy
       libmariadb-dev pkg-config build-essential openjdk-17-jdk-headless libmariadb-java
       chromium chromium-driver zlib1g-dev libssl-dev prometheus iproute2 php-cli php-mysql golang-go
-      golang-github-go-sql-driver-mysql-dev)
+      golang-github-go-sql-driver-mysql-dev mariadb-test)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,165 @@
+"""MariaDB's own test suite through the proxy while its sessions keep moving.
+
+The server's tests (the `main` suite of Debian's mariadb-test, the files that
+tests/support/server_suite.txt names and says how they were chosen) are run by the server's own
+test program, mariadb-test (mysqltest), which compares what every statement answers with the
+result file the server's authors recorded: once directly against one MariaDB server, then
+through the proxy, whose two backends are two addresses of that server, with every session asked
+to move every 30 ms. A test that passes directly must pass through the proxy: the recorded
+results, not ours, say whether the proxy changed anything a client can see. Between tests the
+server is put back as the tests expect it (database `test` empty, no user left behind), over its
+unix socket as an account of the harness's own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from support.backends import MariaDBFactory
+from support.proxy import ProxyFactory, ProxyProcess
+from tiproxy.playground.install import find_companion
+from tiproxy.playground.mariadb import MariaDBServer
+
+pytestmark = pytest.mark.integration
+
+SUITE = Path("/usr/share/mysql/mysql-test")
+LIST = Path(__file__).resolve().parent.parent / "support" / "server_suite.txt"
+TEST_TIMEOUT = 120  # seconds for one test file (they take under one here)
+
+# The options of mariadb-test-run's default server configuration that the chosen tests' results
+# depend on (include/default_mysqld.cnf).
+SERVER_ARGS = ("--character-set-server=latin1", "--collation-server=latin1_swedish_ci",
+               "--local-infile", "--log-bin-trust-function-creators=1",
+               "--max-heap-table-size=1M", "--sort-buffer-size=256K", "--key-buffer-size=1M",
+               "--performance-schema")
+HARNESS = ("harness", "harness-pass")  # puts the server back between tests, over the socket
+PROXY_ADMIN = ("suite_proxy", "suite-proxy-pass")  # the proxy's auth-sync-user
+KEPT_USERS = ("root", HARNESS[0], PROXY_ADMIN[0], "mariadb.sys", "mysql", "PUBLIC", "")
+SETUP_SQL = f"""
+GRANT ALL ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;
+CREATE DATABASE IF NOT EXISTS mtr;
+CREATE TABLE mtr.test_suppressions (pattern VARCHAR(255)) ENGINE=MyISAM;
+CREATE PROCEDURE mtr.add_suppression(pattern VARCHAR(255))
+  INSERT INTO mtr.test_suppressions VALUES (pattern);
+CREATE USER {HARNESS[0]}@localhost IDENTIFIED BY '{HARNESS[1]}';
+GRANT ALL ON *.* TO {HARNESS[0]}@localhost WITH GRANT OPTION;
+CREATE USER {PROXY_ADMIN[0]}@'%' IDENTIFIED BY '{PROXY_ADMIN[1]}';
+GRANT ALL ON *.* TO {PROXY_ADMIN[0]}@'%';
+"""
+# What a test may leave changed that the next one relies on.
+RESET_SQL = """
+DROP DATABASE IF EXISTS test; CREATE DATABASE test;
+DROP DATABASE IF EXISTS mysqltest; DROP DATABASE IF EXISTS mysqltest1;
+DROP DATABASE IF EXISTS mysqltest2;
+ALTER USER root@localhost IDENTIFIED VIA unix_socket OR mysql_native_password USING '';
+GRANT ALL ON *.* TO root@localhost WITH GRANT OPTION;
+CREATE USER IF NOT EXISTS root@'127.0.0.1'; ALTER USER root@'127.0.0.1' IDENTIFIED BY '';
+GRANT ALL ON *.* TO root@'127.0.0.1' WITH GRANT OPTION;
+SET GLOBAL event_scheduler = OFF; SET GLOBAL sql_mode = DEFAULT;
+SET GLOBAL character_set_server = latin1; SET GLOBAL collation_server = latin1_swedish_ci;
+SET GLOBAL max_connections = 151;
+"""
+
+
+def chosen_tests() -> list[str]:
+    """The list's tests, or those named in TIPROXY_SERVER_SUITE (comma-separated: to look at
+    a few again)."""
+    named = os.environ.get("TIPROXY_SERVER_SUITE")
+    if named:
+        return named.split(",")
+    return [line.strip() for line in LIST.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+@dataclass
+class Suite:
+    server: MariaDBServer
+    var: Path  # MYSQLTEST_VARDIR: the tests' files, and the server's secure_file_priv
+
+    def sql(self, statements: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(find_companion("mariadb")), "--no-defaults", f"-u{HARNESS[0]}",
+             f"-p{HARNESS[1]}", f"--socket={self.server.socket_path}", "--batch",
+             "--skip-column-names"],
+            input=statements, capture_output=True, text=True, timeout=60, check=False)
+
+    def reset(self) -> None:
+        """The server as the next test expects it; any user a test left behind dropped."""
+        users = self.sql("SELECT CONCAT(QUOTE(User), '@', QUOTE(Host)) FROM mysql.user "
+                         "WHERE User NOT IN (" + ", ".join(f"'{u}'" for u in KEPT_USERS) + ")")
+        assert users.returncode == 0, users.stderr
+        drops = "".join(f"DROP USER {u};\n" for u in users.stdout.split())
+        done = self.sql(RESET_SQL + drops)
+        assert done.returncode == 0, f"the server could not be put back: {done.stderr}"
+
+    def run(self, test: str, port: int) -> tuple[bool, str]:
+        """Whether `test` passed against `port`, and what mariadb-test said."""
+        self.reset()
+        try:
+            result = subprocess.run(
+                [str(find_companion("mariadb-test")), "--host=127.0.0.1", f"--port={port}",
+                 "--protocol=tcp", "--user=root", "--database=test", f"--basedir={SUITE}",
+                 f"--tmpdir={self.var / 'tmp'}", f"--logdir={self.var / 'log'}",
+                 f"--test-file={SUITE / 'main' / (test + '.test')}",
+                 f"--result-file={SUITE / 'main' / (test + '.result')}",
+                 "--silent", "--max-connect-retries=2"],
+                cwd=SUITE, env=self.env(), capture_output=True, text=True, errors="replace",
+                timeout=TEST_TIMEOUT, check=False)
+        except subprocess.TimeoutExpired:
+            return False, f"no end within {TEST_TIMEOUT}s"
+        return result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    def env(self) -> dict[str, str]:
+        return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MYSQL_TEST_DIR": str(SUITE),
+                "MYSQLTEST_VARDIR": str(self.var), "MYSQL_TMP_DIR": str(self.var / "tmp"),
+                "MYSQL_CHARSETSDIR": "/usr/share/mysql/charsets",
+                "MYSQL_SHAREDIR": "/usr/share/mysql"}
+
+
+@pytest.fixture
+def suite(mariadb_factory: MariaDBFactory, tmp_path: Path) -> Iterator[Suite]:
+    assert (SUITE / "main").is_dir(), "scripts/setup.sh installs mariadb-test"
+    var = tmp_path / "var"
+    for sub in ("tmp", "log"):
+        (var / sub).mkdir(parents=True)
+    server = mariadb_factory((*SERVER_ARGS, f"--secure-file-priv={var}"))
+    server.sql(SETUP_SQL)
+    yield Suite(server, var)
+
+
+def moving(proxy: ProxyProcess, stop: threading.Event) -> None:
+    while not stop.wait(0.03):
+        proxy.redirect()
+
+
+def test_the_servers_own_tests_pass_through_moves(suite: Suite,
+                                                  proxy_factory: ProxyFactory) -> None:
+    tests = chosen_tests()
+    direct = {test: suite.run(test, suite.server.port) for test in set(tests)}
+    failed = {test: said for test, (ok, said) in direct.items() if not ok}
+    assert len(failed) <= 0.1 * len(direct), f"directly, {len(failed)} failed: {failed}"
+    passed = [test for test in tests if direct[test][0]]
+    proxy = proxy_factory(
+        [suite.server.addr, f"localhost:{suite.server.port}"],
+        f'\n[security]\nauth-sync-user = "{PROXY_ADMIN[0]}"\n'
+        f'auth-sync-password = "{PROXY_ADMIN[1]}"')
+    stop = threading.Event()
+    mover = threading.Thread(target=moving, args=(proxy, stop), daemon=True)
+    mover.start()
+    try:
+        through = [(test, *suite.run(test, proxy.port)) for test in passed]
+    finally:
+        stop.set()
+        mover.join()
+    changed = {test: said for test, ok, said in through if not ok}
+    assert not changed, "\n\n".join(f"== {test}\n{said}" for test, said in changed.items())
+    assert proxy.alive
+    moves = proxy.log().count(" moved ")
+    assert moves >= len(passed) // 3, moves  # it really moved them, over and over
