@@ -260,6 +260,33 @@ def test_connection_id_is_the_greetings_and_kill_takes_it(idproxy: ProxyProcess)
 
 
 
+
+def test_a_prepared_kill_names_the_proxy_id(idproxy: ProxyProcess) -> None:
+    """A KILL sent as a prepared statement (mysqltest's --ps-protocol, PDO's native prepares)
+    names a session by the proxy's id, as the same KILL sent as a query does: each execute is
+    carried out as that KILL. One whose target is a parameter or an expression, which the
+    backend would read as one of its own thread ids, is refused when it is prepared."""
+    victim = idproxy.connect()
+    killer = mysql.connector.connect(host="127.0.0.1", port=idproxy.port, user=APP.name,
+                                     password=APP.password, database="test", use_pure=True)
+    _wait_credential(idproxy, victim.thread_id(), killer.connection_id)
+    try:
+        cur = killer.cursor(prepared=True)
+        cur.execute(f"KILL QUERY {victim.thread_id()}")  # nothing running: nothing to stop
+        with victim.cursor() as vcur:
+            vcur.execute("SELECT 1")
+            assert vcur.fetchall() == ((1,),)
+        cur.execute(f"KILL CONNECTION {victim.thread_id()}")
+        time.sleep(0.3)
+        with pytest.raises(pymysql.err.OperationalError), victim.cursor() as vcur:
+            vcur.execute("SELECT 1")
+        with pytest.raises(mysql.connector.Error, match="cannot be prepared"):
+            cur.execute("KILL ?", (killer.connection_id,))
+        cur.execute("SELECT 2")  # the killer's session goes on
+        assert cur.fetchall() == [(2,)]
+    finally:
+        killer.close()
+
 def test_a_kill_follows_a_session_that_moves_under_it(idproxy: ProxyProcess) -> None:
     """KILL QUERY, over and over, of a session that runs short statements and moves between
     them, as fast as it can be asked to (MariaDB's main.myisam_icp_notembedded through moving

@@ -86,8 +86,8 @@ slot_set(PyObject *obj, Py_ssize_t at, PyObject *v)
     X(phase) X(_decompress) X(tracker) X(_cbuf) X(_held) X(_ccont) X(local_infile) X(_move)  \
     X(stale) X(lost_transaction) X(leaving) X(_capture) X(_pending) X(state) X(table_locks)  \
     X(_multi) X(to_client) X(stmts) X(params) X(param_types) X(types_sent) X(long_data)       \
-    X(cursor_open) X(effects) X(renames) X(variables) X(inflight) X(last_command) X(bt)       \
-    X(write) X(_traffic) X(out_bytes) X(out_packets) X(in_bytes) X(in_packets) X(_cross)     \
+    X(cursor_open) X(effects) X(renames) X(variables) X(kill) X(inflight) X(last_command)     \
+    X(bt) X(write) X(_traffic) X(out_bytes) X(out_packets) X(in_bytes) X(in_packets) X(_cross)     \
     X(server) X(metrics) X(cross_location_bytes) X(_sent) X(_binary) X(replay_limit)         \
     X(_intercept) X(held_answer) X(_rewriter) X(_skip) X(_carry) X(_continued)               \
     X(deprecate_eof) X(status) X(client) X(packets) X(popleft) X(last_answer) X(commands)    \
@@ -442,7 +442,8 @@ execute_is_plain(PyObject *sd, PyObject *state, const unsigned char *p, Py_ssize
         r = t < 0 ? -1 : 0;
         goto done;
     }
-    if ((t = s_none(d, stmt, s_effects)) != 1 || (t = s_none(d, stmt, s_variables)) != 1) {
+    if ((t = s_none(d, stmt, s_effects)) != 1 || (t = s_none(d, stmt, s_variables)) != 1
+        || (t = s_none(d, stmt, s_kill)) != 1) {  /* a prepared KILL is the proxy's to run */
         r = t < 0 ? -1 : 0;
         goto done;
     }
@@ -1206,7 +1207,7 @@ PyInit__hotpath(void)
     /* The attributes read from (and written to) the objects' own dicts, by class: relay.py
      * checks that no class has a descriptor of these names, which the dict would bypass. */
     PyObject *fields = Py_BuildValue(
-        "{s(ssssssssssssssssssssssssssss)s(sss)s(ssssssss)}",
+        "{s(ssssssssssssssssssssssssssss)s(sss)s(sssssssss)}",
         "Session", "phase", "_decompress", "_capture", "_move", "_held", "replay_limit",
         "_intercept", "held_answer", "_rewriter", "_cbuf", "_ccont", "stale",
         "lost_transaction", "leaving", "_cross", "server", "tracker", "state", "inflight",
@@ -1214,7 +1215,7 @@ PyInit__hotpath(void)
         "_multi",
         "SessionState", "stmts", "to_client", "table_locks",
         "PreparedStatement", "params", "param_types", "types_sent", "long_data", "cursor_open",
-        "renames", "effects", "variables");
+        "renames", "effects", "variables", "kill");
     if (fields == NULL || PyModule_AddObject(m, "DICT_FIELDS", fields) < 0) {
         Py_XDECREF(fields);
         Py_DECREF(m);

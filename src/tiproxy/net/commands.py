@@ -114,7 +114,8 @@ class CommandPhase:
         elif not stmt.types_sent and stmt.param_types is not None:
             return False
         return not flags and not stmt.long_data and not stmt.cursor_open \
-            and stmt.effects is None and not stmt.renames and stmt.variables is None
+            and stmt.effects is None and not stmt.renames and stmt.variables is None \
+            and stmt.kill is None
 
     def _reset_is_plain(self, packet: bytes) -> bool:
         """A COM_STMT_RESET of a statement the proxy knows, which from now on has no long data
@@ -202,6 +203,10 @@ class CommandPhase:
                         query_only=False, prefix=None)
             return True
         elif cmd in _STMT_COMMANDS:
+            if cmd == _EXECUTE:
+                killed = self._kill_by_execute(packet, tracker)
+                if killed is not None:
+                    return killed
             if cmd == _EXECUTE and self._renamed_execute(packet) is False:
                 return False
             result = self._statement_command(packet, cmd)
@@ -211,6 +216,8 @@ class CommandPhase:
             if cmd == _EXECUTE and length > 5 and packet[9] & CURSOR_TYPES:
                 kind = Expect.CURSOR  # only a cursor asked for ends the response at the EOF
         elif cmd == Command.STMT_PREPARE:
+            if self._unmapped_kill_prepare(packet[5:]):
+                return True
             prepare = self._prepare_command(packet)
             if prepare is None:
                 return False
@@ -247,6 +254,30 @@ class CommandPhase:
         if self.stale and tracker.idle and self.checkpoint_due(packet, cmd):
             return False  # the checkpoint first (net/checkpoints.py)
         return None
+
+    def _kill_by_execute(self, packet: bytes, tracker: ResponseTracker) -> bool | None:
+        """A COM_STMT_EXECUTE of a prepared KILL of a proxy id: carried out as that KILL sent
+        as a query would be (True), once the backend is idle (False: wait). None: not one."""
+        stmt = self.state.stmts.get(packet_stmt_id(packet)) if len(packet) >= 9 else None
+        if stmt is None or stmt.kill is None:
+            return None
+        if not tracker.idle:
+            return False
+        kill = stmt.kill
+        handle_kill(self, kill.connection_id, kill.query_only, kill.prefix)  # type: ignore[arg-type]
+        return True
+
+    def _unmapped_kill_prepare(self, sql: bytes) -> bool:
+        """A KILL whose target the proxy cannot map (`KILL ?`, an expression) is not prepared:
+        executed, the backend would read a proxy id as one of its own thread ids. Refused with
+        the reason (True); CONNECTION_ID() is no such target (net/ids.py makes it the proxy's)."""
+        if not sql or sql[0] not in MAYBE_KILL_FIRST_BYTES or parse_kill_query(sql) is not None \
+                or b"ection_id" in sql.lower() or not is_unmapped_kill(sql):
+            return False
+        self.reply_error(ER_UNKNOWN_COM_ERROR, "HY000",
+                         "TiProxy: a KILL whose target is a parameter or an expression cannot "
+                         "be prepared through the proxy; send it as a query")
+        return True
 
     def _query_command(self, packet: bytes) -> bool | None:
         """A COM_QUERY the proxy answers or holds: True answered (KILL), False wait (the

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tiproxy.session.commands import MAYBE_KILL_FIRST_BYTES, KillRequest, parse_kill_query
 from tiproxy.session.rebuild import VariableChanges, variable_changes
 from tiproxy.session.statements import OPAQUE, StatementEffects, prepared_effects
 
@@ -22,6 +23,7 @@ from tiproxy.session.statements import OPAQUE, StatementEffects, prepared_effect
 PIN_KINDS = ("temporary_table", "named_lock", "lock_tables", "read_lock", "backup", "handler",
              "long_data", "cursor", "no_credential", "unreadable_statement", "unseen_state",
              "role", "prepared_from_variable")
+_MAYBE_KILL = frozenset(bytes((b,)) for b in MAYBE_KILL_FIRST_BYTES)
 MAX_TRACKED_USER_VARS = 1024  # a client naming more is pinned where they cannot be listed
 MAX_USER_VAR_NAME = 64 * 4  # MariaDB refuses names over 64 characters (4 bytes each at most)
 
@@ -43,6 +45,9 @@ class PreparedStatement:
     renames: tuple[tuple[bytes, bytes], ...] = ()
     # What executing it does to the session's variables (session/rebuild.py), if anything
     variables: VariableChanges | None = None
+    # A KILL of a proxy id: each execute is the proxy's to carry out (net/kill.py), as the
+    # same KILL sent as a query would be
+    kill: KillRequest | None = None
 
     def reset(self) -> None:
         """An execute or a COM_STMT_RESET: no long data and no open cursor from now on (the
@@ -117,7 +122,8 @@ class SessionState:
         self.stmts[client_id] = PreparedStatement(
             client_id, backend_id, sql, params, columns, effects=prepared_effects(sql),
             database=self.database if self.database_known else None,
-            variables=changes if changes.stale or changes.replays else None)
+            variables=changes if changes.stale or changes.replays else None,
+            kill=parse_kill_query(sql) if sql[:1] in _MAYBE_KILL else None)
         self.last_prepared = client_id
         return client_id
 
