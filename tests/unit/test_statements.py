@@ -149,6 +149,13 @@ def test_the_global_read_lock_and_backup_stages_pin_until_released() -> None:
 def test_reading_the_optimizer_trace_reads_the_last_statement() -> None:
     assert reads_diagnostics(b"\0\0\0\0\x03SELECT * FROM information_schema.OPTIMIZER_TRACE")
 
+
+def test_preparing_show_warnings_reads_the_last_statement() -> None:
+    """mysqltest --ps-protocol prepares SHOW WARNINGS: no move may come before the prepare."""
+    assert reads_diagnostics(b"\0\0\0\0\x16show warnings")
+    assert not reads_diagnostics(b"\0\0\0\0\x16SELECT 1")
+
+
 def test_statements_split_where_the_server_splits_them() -> None:
     assert split_statements(b"SELECT 1") == [b"SELECT 1"]
     assert split_statements(b"SELECT ';' ; SELECT 2 -- x;y\nSELECT 3 /* ; */;;") == [

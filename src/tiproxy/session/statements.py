@@ -141,7 +141,7 @@ def reads_diagnostics(packet: Buffer, prepared_sql: bytes | None = None) -> bool
     `prepared_sql`: the text of the statement a COM_STMT_EXECUTE runs."""
     if len(packet) <= 5:
         return False
-    if packet[4] == 0x03:
+    if packet[4] in (0x03, 0x16):  # COM_QUERY, or COM_STMT_PREPARE (SHOW WARNINGS, prepared)
         return _DIAGNOSTICS.search(packet, 5) is not None
     return prepared_sql is not None and _DIAGNOSTICS.search(prepared_sql) is not None
 
