@@ -154,6 +154,7 @@ def test_preparing_show_warnings_reads_the_last_statement() -> None:
     """mysqltest --ps-protocol prepares SHOW WARNINGS: no move may come before the prepare."""
     assert reads_diagnostics(b"\0\0\0\0\x16show warnings")
     assert not reads_diagnostics(b"\0\0\0\0\x16SELECT 1")
+    assert reads_diagnostics(b"\0\0\0\0\x19\x01\0\0\0")  # a close between them keeps them
 
 
 def test_statements_split_where_the_server_splits_them() -> None:

@@ -143,6 +143,8 @@ def reads_diagnostics(packet: Buffer, prepared_sql: bytes | None = None) -> bool
         return False
     if packet[4] in (0x03, 0x16):  # COM_QUERY, or COM_STMT_PREPARE (SHOW WARNINGS, prepared)
         return _DIAGNOSTICS.search(packet, 5) is not None
+    if packet[4] == 0x19:  # COM_STMT_CLOSE leaves them to the command after it, which may
+        return True  # read them (mysqltest --ps-protocol: execute, close, SHOW WARNINGS)
     return prepared_sql is not None and _DIAGNOSTICS.search(prepared_sql) is not None
 
 
