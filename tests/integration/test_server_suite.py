@@ -3,7 +3,8 @@
 The server's tests (the `main` suite of Debian's mariadb-test, the files that
 tests/support/server_suite.txt names and says how they were chosen) are run by the server's own
 test program, mariadb-test (mysqltest), which compares what every statement answers with the
-result file the server's authors recorded: once directly against one MariaDB server, then
+result file the server's authors recorded, with its statements sent as text and, again, each
+prepared and executed (--ps-protocol): once directly against one MariaDB server, then
 through the proxy, whose two backends are two addresses of that server, with every session asked
 to move every 30 ms. A test that passes directly must pass through the proxy: the recorded
 results, not ours, say whether the proxy changed anything a client can see. Between tests the
@@ -32,6 +33,9 @@ pytestmark = pytest.mark.integration
 SUITE = Path("/usr/share/mysql/mysql-test")
 LIST = Path(__file__).resolve().parent.parent / "support" / "server_suite.txt"
 TEST_TIMEOUT = 120  # seconds for one test file (they take under one here)
+# How mariadb-test sends the statements: as text, or each prepared and executed (the binary
+# protocol, and the proxy's prepared statements moving with the session).
+PROTOCOLS = {"text": (), "prepared": ("--ps-protocol",)}
 
 # The options of mariadb-test-run's default server configuration that the chosen tests' results
 # depend on (include/default_mysqld.cnf).
@@ -99,7 +103,7 @@ class Suite:
         done = self.sql(RESET_SQL + drops)
         assert done.returncode == 0, f"the server could not be put back: {done.stderr}"
 
-    def run(self, test: str, port: int) -> tuple[bool, str]:
+    def run(self, test: str, port: int, protocol: str) -> tuple[bool, str]:
         """Whether `test` passed against `port`, and what mariadb-test said."""
         self.reset()
         try:
@@ -109,7 +113,7 @@ class Suite:
                  f"--tmpdir={self.var / 'tmp'}", f"--logdir={self.var / 'log'}",
                  f"--test-file={SUITE / 'main' / (test + '.test')}",
                  f"--result-file={SUITE / 'main' / (test + '.result')}",
-                 "--silent", "--max-connect-retries=2"],
+                 "--silent", "--max-connect-retries=2", *PROTOCOLS[protocol]],
                 cwd=SUITE, env=self.env(), capture_output=True, text=True, errors="replace",
                 timeout=TEST_TIMEOUT, check=False)
         except subprocess.TimeoutExpired:
@@ -139,10 +143,11 @@ def moving(proxy: ProxyProcess, stop: threading.Event) -> None:
         proxy.redirect()
 
 
-def test_the_servers_own_tests_pass_through_moves(suite: Suite,
-                                                  proxy_factory: ProxyFactory) -> None:
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+def test_the_servers_own_tests_pass_through_moves(suite: Suite, proxy_factory: ProxyFactory,
+                                                  protocol: str) -> None:
     tests = chosen_tests()
-    direct = {test: suite.run(test, suite.server.port) for test in set(tests)}
+    direct = {test: suite.run(test, suite.server.port, protocol) for test in set(tests)}
     failed = {test: said for test, (ok, said) in direct.items() if not ok}
     assert len(failed) <= 0.1 * len(direct), f"directly, {len(failed)} failed: {failed}"
     passed = [test for test in tests if direct[test][0]]
@@ -154,7 +159,7 @@ def test_the_servers_own_tests_pass_through_moves(suite: Suite,
     mover = threading.Thread(target=moving, args=(proxy, stop), daemon=True)
     mover.start()
     try:
-        through = [(test, *suite.run(test, proxy.port)) for test in passed]
+        through = [(test, *suite.run(test, proxy.port, protocol)) for test in passed]
     finally:
         stop.set()
         mover.join()
