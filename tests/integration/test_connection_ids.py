@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import mariadb
 import mysql.connector
 import MySQLdb
 import pymysql
@@ -284,12 +285,25 @@ def test_a_prepared_kill_names_the_proxy_id(idproxy: ProxyProcess) -> None:
             cur.execute("KILL ?", (killer.connection_id,))
         cur.execute("SELECT 2")  # the killer's session goes on
         assert cur.fetchall() == [(2,)]
+        # Connector/C sends the prepare and the execute of "the one prepared last" (id -1)
+        # together (mariadb_stmt_execute_direct, Connector/Python's binary cursor).
+        other = idproxy.connect()
+        with mariadb.connect(host="127.0.0.1", port=idproxy.port, user=APP.name,
+                             password=APP.password, database="test") as direct:
+            _wait_credential(idproxy, direct.connection_id)
+            dcur = direct.cursor(binary=True)
+            dcur.execute(f"KILL CONNECTION {other.thread_id()}")
+            time.sleep(0.3)
+            with pytest.raises(pymysql.err.OperationalError), other.cursor() as ocur:
+                ocur.execute("SELECT 1")
+            dcur.execute("SELECT 3")
+            assert dcur.fetchall() == [(3,)]
     finally:
         killer.close()
 
 def test_a_kill_follows_a_session_that_moves_under_it(idproxy: ProxyProcess) -> None:
     """KILL QUERY, over and over, of a session that runs short statements and moves between
-    them, as fast as it can be asked to (MariaDB's main.myisam_icp_notembedded through moving
+    them, asked to every 20 ms (MariaDB's main.myisam_icp_notembedded through moving
     sessions): each KILL finds the session where it is at that moment, never "Unknown thread
     id", even when it moved after the proxy looked it up."""
     victim, killer = idproxy.connect(), idproxy.connect()
@@ -310,22 +324,29 @@ def test_a_kill_follows_a_session_that_moves_under_it(idproxy: ProxyProcess) -> 
             problems.append(e)
 
     def moving() -> None:
-        while not stop.wait(0.005):
-            idproxy.redirect()
+        try:
+            while not stop.wait(0.02):
+                idproxy.redirect()
+        except BaseException as e:
+            problems.append(e)
 
     threads = [threading.Thread(target=busy), threading.Thread(target=moving)]
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + 60
+    kills = 0
     try:
-        with killer.cursor() as cur:
-            for _ in range(300):
-                cur.execute(f"KILL QUERY {victim.thread_id()}")
+        with killer.cursor() as cur:  # 300 KILLs at least, over 20 moves at least
+            while kills < 300 or idproxy.log().count(" moved ") < 20:
+                for _ in range(50):
+                    cur.execute(f"KILL QUERY {victim.thread_id()}")
+                kills += 50
+                assert time.monotonic() < deadline, "the sessions did not move"
     finally:
         stop.set()
         for thread in threads:
             thread.join()
     assert not problems, problems
-    assert idproxy.log().count(" moved ") >= 20  # it did move, over and over
     victim.close()
     killer.close()
 

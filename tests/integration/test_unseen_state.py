@@ -297,12 +297,13 @@ def test_after_flush_status_a_move_waits_without_reading_the_session(
     backends: list[MariaDBServer], proxy_factory: ProxyFactory,
 ) -> None:
     """FLUSH STATUS zeroes the counts the proxy compares before a move, so the session waits
-    until it is reset; and the proxy decides that without running its capture on the session's
-    connection, whose counters the session is about to read (MariaDB's
+    until it is reset; and the proxy decides that without running its capture, a checkpoint or a
+    read of variables on the session's connection, whose counters the session is about to read (MariaDB's
     main.long_unique_bugs_no_sp_protocol found Handler_tmp_write counting the capture's rows)."""
     proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
     with proxy.connect() as conn, conn.cursor() as cur:
         cur.execute("FLUSH STATUS")
+        cur.execute("SET @t = NOW(6)")  # an expression the proxy would read back by name
         for _ in range(2):
             proxy.waits(conn.thread_id(), "FLUSH STATUS")
         cur.execute("SHOW SESSION STATUS WHERE Variable_name IN "

@@ -128,7 +128,7 @@ class HealthChecker:
         except TimeoutError:
             problem = f"no answer within {health.timeout:g}s"
         except SQLError as e:
-            problem = "" if e.code == ER_CON_COUNT_ERROR else str(e)
+            problem = "" if e.code == ER_CON_COUNT_ERROR else str(e) or f"error {e.code}"
             if not problem:  # full, not down (the module docstring): no verdict either way
                 self.probe_seconds[backend.addr] = time.monotonic() - started
                 return

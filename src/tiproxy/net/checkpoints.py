@@ -157,7 +157,8 @@ class SessionCheckpoints(SessionMoves):
         be rebuilt with one). True: the command waits for it."""
         if not self.stale or self._moving or time.monotonic() < self._checkpoint_after:
             return False
-        if self.dialect != "mysql" or self.state.pinned() or self.backend_leg is None:
+        if self.dialect != "mysql" or self.state.pinned() or self.backend_leg is None \
+                or self.state.counts_reset:  # (its counts cannot be compared: unseen)
             return False  # no checkpoint would make a rebuild possible
         if reads_diagnostics(packet, self._executed_sql(packet, cmd)):
             return False  # it reads what a capture would clear: it goes first

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.net.ids import CURSOR_TYPES
-from tiproxy.net.kill import handle_kill, handle_kill_expression
+from tiproxy.net.kill import CONNECTION_ID_CALL, handle_kill, handle_kill_expression
 from tiproxy.net.login_phase import COMMAND
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import ER_UNKNOWN_COM_ERROR, MAX_PAYLOAD, Command
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 _QUERY = int(Command.QUERY)
 _EXECUTE = int(Command.STMT_EXECUTE)
+ER_UNSUPPORTED_PS = 1295  # "This command is not supported in the prepared statement protocol"
 _unpack_u32 = U32.unpack_from
 _monotonic = time.monotonic
 
@@ -77,6 +78,7 @@ class CommandPhase:
     _capture: SessionCapture | None
     _move: MoveRequest | None
     _moving: bool
+    _prepares_sent: int
 
     if TYPE_CHECKING:  # provided by Session and its other mixins: for the type checker only
         def _to_backend(self, packet: bytes) -> None: ...
@@ -216,8 +218,9 @@ class CommandPhase:
             if cmd == _EXECUTE and length > 5 and packet[9] & CURSOR_TYPES:
                 kind = Expect.CURSOR  # only a cursor asked for ends the response at the EOF
         elif cmd == Command.STMT_PREPARE:
-            if self._unmapped_kill_prepare(packet[5:]):
-                return True
+            refused = self._unmapped_kill_prepare(packet[5:])
+            if refused is not False:
+                return bool(refused)
             prepare = self._prepare_command(packet)
             if prepare is None:
                 return False
@@ -258,7 +261,15 @@ class CommandPhase:
     def _kill_by_execute(self, packet: bytes, tracker: ResponseTracker) -> bool | None:
         """A COM_STMT_EXECUTE of a prepared KILL of a proxy id: carried out as that KILL sent
         as a query would be (True), once the backend is idle (False: wait). None: not one."""
-        stmt = self.state.stmts.get(packet_stmt_id(packet)) if len(packet) >= 9 else None
+        if len(packet) < 9:
+            return None
+        stmt_id = packet_stmt_id(packet)
+        if stmt_id == LAST_PREPARED_ID:  # "the one prepared last" (execute_direct)
+            if self._prepares_sent and not tracker.idle:
+                return False  # which one that is, its PREPARE_OK says
+            last = self.state.last_prepared
+            stmt_id = last if last is not None else stmt_id
+        stmt = self.state.stmts.get(stmt_id)
         if stmt is None or stmt.kill is None:
             return None
         if not tracker.idle:
@@ -267,14 +278,18 @@ class CommandPhase:
         handle_kill(self, kill.connection_id, kill.query_only, kill.prefix)  # type: ignore[arg-type]
         return True
 
-    def _unmapped_kill_prepare(self, sql: bytes) -> bool:
+    def _unmapped_kill_prepare(self, sql: bytes) -> bool | None:
         """A KILL whose target the proxy cannot map (`KILL ?`, an expression) is not prepared:
         executed, the backend would read a proxy id as one of its own thread ids. Refused with
-        the reason (True); CONNECTION_ID() is no such target (net/ids.py makes it the proxy's)."""
+        the reason (True; None: wait for the backend to be idle, False: not one). A lone
+        CONNECTION_ID() is no such target (net/ids.py makes it the proxy's id)."""
         if not sql or sql[0] not in MAYBE_KILL_FIRST_BYTES or parse_kill_query(sql) is not None \
-                or b"ection_id" in sql.lower() or not is_unmapped_kill(sql):
+                or parse_kill_query(CONNECTION_ID_CALL.sub(b"0", sql)) is not None \
+                or not is_unmapped_kill(sql):
             return False
-        self.reply_error(ER_UNKNOWN_COM_ERROR, "HY000",
+        if self.tracker is not None and not self.tracker.idle:
+            return None  # answered in turn, once the responses before it are
+        self.reply_error(ER_UNSUPPORTED_PS, "HY000",
                          "TiProxy: a KILL whose target is a parameter or an expression cannot "
                          "be prepared through the proxy; send it as a query")
         return True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from tiproxy.balance.router import split_addr
 from tiproxy.client.admin import AdminConnection
 from tiproxy.client.channel import query
 from tiproxy.client.leg import BackendLeg
+from tiproxy.net.login_phase import CLOSED
 from tiproxy.protocol.constants import ER_NO_SUCH_THREAD, Capability, ServerStatus
 from tiproxy.protocol.errors import ProtocolError, SQLError
 from tiproxy.protocol.packets import build_ok, frame
@@ -106,6 +108,8 @@ def _moved(session: Session, target: KillTarget) -> KillTarget | None:
 def _follow(session: Session, moved: KillTarget, sql: str, tries: int) -> None:
     """The KILL again, on the connection the target moved to; a target that keeps moving
     under it gets the server's answer for a thread it cannot find, after RETARGETS tries."""
+    if session.phase == CLOSED:
+        return
     if tries <= 0:
         session.reply_error(ER_NO_SUCH_THREAD, "HY000", f"Unknown thread id: {moved.id}")
         return
@@ -133,12 +137,25 @@ def _gone(session: Session, target: KillTarget) -> bool:
 
 async def _kill_here(session: Session, target: KillTarget, sql: str, tries: int) -> None:
     """On the killer's own connection, out of the hot path for one statement."""
+    await _then_follow(session, _kill_on_own_connection(session, target, sql), sql, tries)
+
+
+async def _then_follow(session: Session, killing: Awaitable[KillTarget | None], sql: str,
+                       tries: int) -> None:
+    """The KILL (the client's input held as "kill" meanwhile); where its target moved,
+    followed there before anything the client sent behind the KILL runs."""
+    moved = None
     try:
-        moved = await _kill_on_own_connection(session, target, sql)
+        moved = await killing
+        if moved is not None:
+            session.hold_input("kill follow")
     finally:
         session.release_input("kill")
     if moved is not None:
-        _follow(session, moved, sql, tries)
+        try:
+            _follow(session, moved, sql, tries)
+        finally:
+            session.release_input("kill follow")
 
 
 async def _kill_on_own_connection(session: Session, target: KillTarget,
@@ -192,14 +209,6 @@ def _kill_elsewhere(session: Session, target: KillTarget, sql: str, tries: int) 
              target.backend_addr, "its own user" if credential is not None else "auth-sync-user")
     session.hold_input("kill")
 
-    async def run() -> None:
-        try:
-            moved = await kill_there()
-        finally:
-            session.release_input("kill")
-        if moved is not None:
-            _follow(session, moved, sql, tries)
-
     async def kill_there() -> KillTarget | None:
         moved: KillTarget | None = None
         try:
@@ -225,7 +234,7 @@ def _kill_elsewhere(session: Session, target: KillTarget, sql: str, tries: int) 
             _reply_ok(session)
         return moved
 
-    session.run_task(run())
+    session.run_task(_then_follow(session, kill_there(), sql, tries))
 
 
 def _reply_ok(session: Session) -> None:
@@ -243,7 +252,7 @@ def _proxy_ids(message: str, target: KillTarget) -> str:
 # The server's own parser judges a KILL <expression>: the statement is prepared (not run) on
 # the killer's connection under this name, then deallocated.
 _PROBE = b"__tiproxy_kill"
-_CONNECTION_ID = re.compile(rb"\bCONNECTION_ID\s*\(\s*\)", re.IGNORECASE)
+CONNECTION_ID_CALL = re.compile(rb"\bCONNECTION_ID\s*\(\s*\)", re.IGNORECASE)
 
 
 def handle_kill_expression(session: Session, sql: bytes) -> None:
@@ -273,7 +282,7 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
             session.state.sql_prepares += 1  # the server counts it even when it fails
         await query(leg, b"DEALLOCATE PREPARE " + _PROBE, eof)
         # CONNECTION_ID() means the killer's own id, which the client knows as the proxy's.
-        expression = _CONNECTION_ID.sub(str(session.id).encode(), parts.expression)
+        expression = CONNECTION_ID_CALL.sub(str(session.id).encode(), parts.expression)
         # BINARY: the session's character_set_results cannot re-encode the number
         result = await query(leg, b"SELECT CAST(CAST((" + expression + b") AS SIGNED) AS BINARY)",
                              eof)

@@ -70,7 +70,8 @@ class CommandRecords:
         look = self.state.table_locks or may_change_state(packet[4:], True)
         fx = statement_effects(packet[5:]) if look else None
         variables = variable_changes(packet[5:]) if self.dialect == "mysql" else None
-        if variables is not None and variables.rerun_names and self._rewriter is None:
+        if variables is not None and variables.rerun_names and self._rewriter is None \
+                and not self.state.counts_reset:  # (no rebuild: reading would only count)
             self.hold_answer(original, variables)  # checkpoints.py: read right after it
         if fx or (variables is not None and (variables.stale or variables.replays)):
             return ("query", fx, variables)

@@ -48,7 +48,7 @@ from tiproxy.session.statements import memo_by_text, split_statements, user_vari
 # read back by name (VariableChanges.system_names); anything.
 VARS_NONE, VARS_USER, VARS_SYSTEM, VARS_ALL = 0, 1, 2, 3
 
-_LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
+_LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--(?=\s))[^\n]*\n?)*", re.DOTALL)
 _WORD = re.compile(rb"[A-Za-z_]+")
 _SET_STATEMENT = re.compile(rb"SET\s+STATEMENT\s+.*?\bFOR\s+", re.IGNORECASE | re.DOTALL)
 # SET TRANSACTION sets the next transaction's characteristics only: nothing that lasts.

@@ -44,15 +44,20 @@ COMPOUND_FIRST_BYTES = frozenset(b"BbIiCcLlWwRrFf")
 COMPOUND_START = re.compile(rb"(?:BEGIN\s+NOT\s+ATOMIC|IF|CASE|LOOP|WHILE|REPEAT|FOR)\b",
                             re.IGNORECASE)
 
-_LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--\s)[^\n]*\n?)*", re.DOTALL)
+_LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--(?=\s))[^\n]*\n?)*", re.DOTALL)
 _WORD = re.compile(rb"[A-Za-z_]+")
 # What a `;` inside of ends no statement (strings, quoted names, comments; not `/*!...*/`,
-# whose text the server reads as code), or a `;` outside all of them.
+# whose text the server reads as code), or a `;` outside all of them. A quote or comment left
+# open runs to the end, as the server reads it (and the scan stays linear: a text of many open
+# quotes is not read again from each one). The second form reads strings as the server does
+# under NO_BACKSLASH_ESCAPES, where a backslash escapes nothing.
+_OPEN_OR_END = (rb"|`(?:[^`]|``)*+(?:`|\Z)|/\*(?!M?!).*?(?:\*/|\Z)|#[^\n]*"
+                rb"|--(?:[ \t\r\f\v][^\n]*|(?=\n)|\Z)|;")
 _QUOTED_OR_END = re.compile(
-    rb"'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\"|`(?:[^`]|``)*`"
-    rb"|/\*(?!M?!).*?\*/|#[^\n]*|--[ \t\r\n\f\v][^\n]*|;",
-    re.DOTALL,
-)
+    rb"'(?:[^'\\]|\\.?|'')*+(?:'|\Z)|\"(?:[^\"\\]|\\.?|\"\")*+(?:\"|\Z)" + _OPEN_OR_END,
+    re.DOTALL)
+_QUOTED_RAW_OR_END = re.compile(
+    rb"'(?:[^']|'')*+(?:'|\Z)|\"(?:[^\"]|\"\")*+(?:\"|\Z)" + _OPEN_OR_END, re.DOTALL)
 _IDENT = rb"(?:`(?:[^`]|``)+`|[A-Za-z0-9_$]+)"
 _QUALIFIED = rb"(?:" + _IDENT + rb"\s*\.\s*)?(" + _IDENT + rb")"
 
@@ -310,18 +315,27 @@ def statement_effects(sql: bytes) -> StatementEffects:
 def split_statements(sql: bytes) -> list[bytes]:
     """The statements of a multi-statement text: split at each `;` that is not inside a
     string, a quoted name or a comment (`PREPARE s FROM 'SELECT 1; SELECT 2'` is one
-    statement, and its text is what a move prepares again). An unterminated quote ends nothing:
-    the `;` after it splits, which can only make a part look like more than it is."""
+    statement, and its text is what a move prepares again). With a backslash in the text it
+    splits where either reading of strings would (with NO_BACKSLASH_ESCAPES or without, which
+    the text alone does not say): more, shorter parts, each judged on its own, can only make a
+    text look like more than it is; a missed split could hide a statement."""
     if b";" not in sql:
         return [sql]
-    parts: list[bytes] = []
-    start = 0
-    for m in _QUOTED_OR_END.finditer(sql):
-        if m.end() - m.start() == 1 and sql[m.start()] == 0x3B:  # a `;` outside every quote
-            parts.append(sql[start:m.start()])
-            start = m.end()
+    ends = _ends(sql, _QUOTED_OR_END)
+    if b"\\" in sql:
+        ends = sorted(set(ends) | set(_ends(sql, _QUOTED_RAW_OR_END)))
+    parts, start = [], 0
+    for end in ends:
+        parts.append(sql[start:end])
+        start = end + 1
     parts.append(sql[start:])
     return [p for p in parts if p.strip()]
+
+
+def _ends(sql: bytes, pattern: re.Pattern[bytes]) -> list[int]:
+    """Where the `;`s outside every quote and comment are, by `pattern`."""
+    return [m.start() for m in pattern.finditer(sql)
+            if m.end() - m.start() == 1 and sql[m.start()] == 0x3B]
 
 
 def _one_statement(sql: bytes, fx: StatementEffects) -> None:
