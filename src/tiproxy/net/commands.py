@@ -61,6 +61,8 @@ _RECORDED: dict[int, str] = {Command.RESET_CONNECTION: "reset",
 class CommandPhase:
     """Mixed into Session (net/relay.py), whose attributes it uses."""
 
+    _kill_in_flight = False  # the last COM_STMT_PREPARE let through was a KILL (_kill_by_execute)
+
     # Provided by Session and its other mixins.
     phase: int
     state: SessionState
@@ -266,7 +268,9 @@ class CommandPhase:
         stmt_id = packet_stmt_id(packet)
         if stmt_id == LAST_PREPARED_ID:  # "the one prepared last" (execute_direct)
             if self._prepares_sent and not tracker.idle:
-                return False  # which one that is, its PREPARE_OK says
+                # Behind a KILL's prepare it waits for the PREPARE_OK; behind any other it goes
+                # on at once (records.py: _direct_execute), as Connector/C pipelines it.
+                return False if self._kill_in_flight else None
             last = self.state.last_prepared
             stmt_id = last if last is not None else stmt_id
         stmt = self.state.stmts.get(stmt_id)
@@ -281,11 +285,18 @@ class CommandPhase:
     def _unmapped_kill_prepare(self, sql: bytes) -> bool | None:
         """A KILL whose target the proxy cannot map (`KILL ?`, an expression) is not prepared:
         executed, the backend would read a proxy id as one of its own thread ids. Refused with
-        the reason (True; None: wait for the backend to be idle, False: not one). A lone
-        CONNECTION_ID() is no such target (net/ids.py makes it the proxy's id)."""
-        if not sql or sql[0] not in MAYBE_KILL_FIRST_BYTES or parse_kill_query(sql) is not None \
-                or parse_kill_query(CONNECTION_ID_CALL.sub(b"0", sql)) is not None \
-                or not is_unmapped_kill(sql):
+        the reason (True; None: wait for the backend to be idle, False: not one; it notes
+        whether what goes on is a KILL, for an execute of it by id -1). A lone CONNECTION_ID()
+        is no such target (net/ids.py makes it the proxy's id)."""
+        if not sql or sql[0] not in MAYBE_KILL_FIRST_BYTES:
+            self._kill_in_flight = False
+            return False
+        if parse_kill_query(sql) is not None \
+                or parse_kill_query(CONNECTION_ID_CALL.sub(b"0", sql)) is not None:
+            self._kill_in_flight = True  # (set again if the prepare waits and comes back)
+            return False
+        if not is_unmapped_kill(sql):
+            self._kill_in_flight = False
             return False
         if self.tracker is not None and not self.tracker.idle:
             return None  # answered in turn, once the responses before it are
