@@ -123,18 +123,19 @@ class HealthChecker:
         streak = self._streaks.setdefault(backend.addr, _Streak())
         health = self.config.health
         started = time.monotonic()
+        full = False
         try:
             problem = await asyncio.wait_for(self._probe(backend, streak), health.timeout)
         except TimeoutError:
             problem = f"no answer within {health.timeout:g}s"
         except SQLError as e:
-            problem = "" if e.code == ER_CON_COUNT_ERROR else str(e) or f"error {e.code}"
-            if not problem:  # full, not down (the module docstring): no verdict either way
-                self.probe_seconds[backend.addr] = time.monotonic() - started
-                return
+            problem = str(e) or f"error {e.code}"
+            full = e.code == ER_CON_COUNT_ERROR
         except (OSError, ProtocolError, aiohttp.ClientError) as e:
             problem = str(e) or type(e).__name__
         self.probe_seconds[backend.addr] = time.monotonic() - started
+        if full:  # full, not down (the module docstring): no verdict either way
+            return
         self.results[(backend.addr, "fail" if problem else "succeed")] += 1
         if problem:
             streak.failures += 1

@@ -61,8 +61,6 @@ _RECORDED: dict[int, str] = {Command.RESET_CONNECTION: "reset",
 class CommandPhase:
     """Mixed into Session (net/relay.py), whose attributes it uses."""
 
-    _kill_in_flight = False  # the last COM_STMT_PREPARE let through was a KILL (_kill_by_execute)
-
     # Provided by Session and its other mixins.
     phase: int
     state: SessionState
@@ -81,6 +79,7 @@ class CommandPhase:
     _move: MoveRequest | None
     _moving: bool
     _prepares_sent: int
+    _kill_in_flight: bool
 
     if TYPE_CHECKING:  # provided by Session and its other mixins: for the type checker only
         def _to_backend(self, packet: bytes) -> None: ...
@@ -285,18 +284,11 @@ class CommandPhase:
     def _unmapped_kill_prepare(self, sql: bytes) -> bool | None:
         """A KILL whose target the proxy cannot map (`KILL ?`, an expression) is not prepared:
         executed, the backend would read a proxy id as one of its own thread ids. Refused with
-        the reason (True; None: wait for the backend to be idle, False: not one; it notes
-        whether what goes on is a KILL, for an execute of it by id -1). A lone CONNECTION_ID()
-        is no such target (net/ids.py makes it the proxy's id)."""
-        if not sql or sql[0] not in MAYBE_KILL_FIRST_BYTES:
-            self._kill_in_flight = False
-            return False
-        if parse_kill_query(sql) is not None \
-                or parse_kill_query(CONNECTION_ID_CALL.sub(b"0", sql)) is not None:
-            self._kill_in_flight = True  # (set again if the prepare waits and comes back)
-            return False
-        if not is_unmapped_kill(sql):
-            self._kill_in_flight = False
+        the reason (True; None: wait for the backend to be idle, False: not one). A lone
+        CONNECTION_ID() is no such target (net/ids.py makes it the proxy's id)."""
+        if not sql or sql[0] not in MAYBE_KILL_FIRST_BYTES or parse_kill_query(sql) is not None \
+                or parse_kill_query(CONNECTION_ID_CALL.sub(b"0", sql)) is not None \
+                or not is_unmapped_kill(sql):
             return False
         if self.tracker is not None and not self.tracker.idle:
             return None  # answered in turn, once the responses before it are

@@ -14,6 +14,7 @@ from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import Capability, Command, ServerStatus
 from tiproxy.protocol.errors import ProtocolError
 from tiproxy.protocol.responses import Expect
+from tiproxy.session.commands import parse_kill_query
 from tiproxy.session.prepared import (
     LAST_PREPARED_ID,
     execute_types,
@@ -53,6 +54,7 @@ class CommandRecords:
     _rewriter: ResultRewriter | None
     _intercept: bytearray | None
     _prepares_sent: int
+    _kill_in_flight = False  # the last COM_STMT_PREPARE sent is a KILL (an execute by id -1 waits)
     _direct_execute: bytes | None
 
     if TYPE_CHECKING:  # provided by Session and its other mixins: for the type checker only
@@ -93,6 +95,7 @@ class CommandRecords:
         renames = self._rewriter.renames if rewritten is not packet and self._rewriter else ()
         packet = rewritten
         self._prepares_sent += 1
+        self._kill_in_flight = parse_kill_query(packet[5:]) is not None  # commands.py: id -1
         return packet, ("prepare", packet[5:], renames)
 
     def _executed_sql(self, packet: bytes, cmd: int) -> bytes | None:

@@ -42,13 +42,17 @@ from dataclasses import dataclass, field
 
 from tiproxy.protocol.constants import Command
 from tiproxy.session.dialects.mysql_restore import CapturedState
-from tiproxy.session.statements import memo_by_text, split_statements, user_variable_names
+from tiproxy.session.statements import (
+    memo_by_text,
+    skip_leading,
+    split_statements,
+    user_variable_names,
+)
 
 # How stale: nothing; user variables; those and system variables assigned from expressions,
 # read back by name (VariableChanges.system_names); anything.
 VARS_NONE, VARS_USER, VARS_SYSTEM, VARS_ALL = 0, 1, 2, 3
 
-_LEADING = re.compile(rb"(?:\s+|/\*.*?\*/|(?:#|--(?=\s))[^\n]*\n?)*", re.DOTALL)
 _WORD = re.compile(rb"[A-Za-z_]+")
 _SET_STATEMENT = re.compile(rb"SET\s+STATEMENT\s+.*?\bFOR\s+", re.IGNORECASE | re.DOTALL)
 # SET TRANSACTION sets the next transaction's characteristics only: nothing that lasts.
@@ -118,12 +122,9 @@ _RETRYABLE_COMMANDS = frozenset((Command.PING, Command.INIT_DB, Command.STMT_PRE
 
 def _first_word(sql: bytes) -> tuple[bytes, bytes]:
     """(the first keyword, upper case; the statement from it on)."""
-    m = _LEADING.match(sql)
-    body = sql[m.end():] if m else sql
+    body = sql[skip_leading(sql):]
     word = _WORD.match(body)
     return (word.group(0).upper() if word else b""), body
-
-
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tiproxy.session.commands import MAYBE_KILL_FIRST_BYTES, KillRequest, parse_kill_query
+from tiproxy.session.commands import KillRequest, parse_kill_query
 from tiproxy.session.rebuild import VariableChanges, variable_changes
 from tiproxy.session.statements import OPAQUE, StatementEffects, prepared_effects
 
@@ -23,7 +23,6 @@ from tiproxy.session.statements import OPAQUE, StatementEffects, prepared_effect
 PIN_KINDS = ("temporary_table", "named_lock", "lock_tables", "read_lock", "backup", "handler",
              "long_data", "cursor", "no_credential", "unreadable_statement", "unseen_state",
              "role", "prepared_from_variable")
-_MAYBE_KILL = frozenset(bytes((b,)) for b in MAYBE_KILL_FIRST_BYTES)
 MAX_TRACKED_USER_VARS = 1024  # a client naming more is pinned where they cannot be listed
 MAX_USER_VAR_NAME = 64 * 4  # MariaDB refuses names over 64 characters (4 bytes each at most)
 
@@ -123,7 +122,7 @@ class SessionState:
             client_id, backend_id, sql, params, columns, effects=prepared_effects(sql),
             database=self.database if self.database_known else None,
             variables=changes if changes.stale or changes.replays else None,
-            kill=parse_kill_query(sql) if sql[:1] in _MAYBE_KILL else None)
+            kill=parse_kill_query(sql))
         self.last_prepared = client_id
         return client_id
 

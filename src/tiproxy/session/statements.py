@@ -197,11 +197,11 @@ def may_change_state(payload: Buffer, multi_statements: bool) -> bool:
 
 def first_keyword(sql: bytes) -> bytes:
     """The statement's first word, upper case, after whitespace and comments."""
-    m = _WORD.match(sql, _skip_leading(sql))
+    m = _WORD.match(sql, skip_leading(sql))
     return m.group(0).upper() if m else b""
 
 
-def _skip_leading(sql: bytes) -> int:
+def skip_leading(sql: bytes) -> int:
     """Where the statement starts after whitespace and comments."""
     m = _LEADING.match(sql)
     return m.end() if m else 0
@@ -296,7 +296,7 @@ def statement_effects(sql: bytes) -> StatementEffects:
     """Parse a statement that passed may_change_state. Statements in a multi-statement query
     are each looked at. The result is shared (memo_by_text): read it, never change it."""
     effects = StatementEffects()
-    if _CREATE_ROUTINE.match(sql, _skip_leading(sql)):
+    if _CREATE_ROUTINE.match(sql, skip_leading(sql)):
         return effects  # one statement, whatever semicolons its body holds
     statements = split_statements(sql)
     parts = []
@@ -339,7 +339,7 @@ def _ends(sql: bytes, pattern: re.Pattern[bytes]) -> list[int]:
 
 
 def _one_statement(sql: bytes, fx: StatementEffects) -> None:
-    body = sql[_skip_leading(sql) :]
+    body = sql[skip_leading(sql) :]
     word = first_keyword(body)
     if word == b"SET" and (m := _SET_STATEMENT.match(body)):
         _one_statement(body[m.end():], fx)
