@@ -10,8 +10,9 @@ would directly (a user kills their own sessions; CONNECTION ADMIN or SUPER kills
   account, `[security] auth-sync-user`, which the proxy then lets kill only the killer's own
   user's sessions (every user may kill those).
 The server's errors come back as they are, with the backend's thread id in their text turned
-into the proxy id the client named. A target of this process that moved since it was looked up
-(its backend connection is another now) is followed there: the KILL runs again where it is.
+into the proxy id the client named. A target that moved since it was looked up (its backend
+connection is another now), in this process or another worker, is followed there: the KILL runs
+again where it is.
 """
 
 from __future__ import annotations
@@ -105,6 +106,16 @@ def _moved(session: Session, target: KillTarget) -> KillTarget | None:
     return now if now != target else None
 
 
+async def _moved_anywhere(session: Session, target: KillTarget) -> KillTarget | None:
+    """As _moved, for a target in any worker: one another worker owns is looked up there again
+    (after the server said it has no such thread, not before every KILL)."""
+    server = session.server
+    if target.id in server.sessions or not server.kill_target_elsewhere(target.id):
+        return _moved(session, target)
+    now = await server.find_kill_target(target.id)
+    return now if now is not None and now != target else None
+
+
 def _follow(session: Session, moved: KillTarget, sql: str, tries: int) -> None:
     """The KILL again, on the connection the target moved to; a target that keeps moving
     under it gets the server's answer for a thread it cannot find, after RETARGETS tries."""
@@ -170,7 +181,8 @@ async def _kill_on_own_connection(session: Session, target: KillTarget,
     try:
         await query(leg, sql, bool(session.backend_caps & Capability.DEPRECATE_EOF))
     except SQLError as e:
-        moved = _moved(session, target) if e.code == ER_NO_SUCH_THREAD else None
+        if e.code == ER_NO_SUCH_THREAD:
+            moved = await _moved_anywhere(session, target)
         if moved is None:
             session.reply_error(e.code, e.sqlstate, _proxy_ids(e.message, target))
         _reattached(session, leg)  # killing itself closes the connection: the error first
@@ -223,7 +235,8 @@ def _kill_elsewhere(session: Session, target: KillTarget, sql: str, tries: int) 
             finally:
                 conn.close()
         except SQLError as e:
-            moved = _moved(session, target) if e.code == ER_NO_SUCH_THREAD else None
+            if e.code == ER_NO_SUCH_THREAD:
+                moved = await _moved_anywhere(session, target)
             if moved is None:
                 session.reply_error(e.code, e.sqlstate, _proxy_ids(e.message, target))
         except (OSError, TimeoutError, ProtocolError, ValueError) as e:
