@@ -4,8 +4,8 @@ mysqlclient's tests (from its source distribution at the installed version, whic
 scripts/setup.sh unpacks into .venv/driver-suites) run twice: directly against a MariaDB server
 (the usual one, and one with Oracle-mode, latin1 and statement limits as its defaults),
 then through the proxy whose two backends are two addresses of that server, with every session
-asked to move every 30 ms. Each test must end the same way both times: the suite's authors'
-assertions, not ours, say whether the proxy changed anything a client can see.
+asked to move every 10 ms (a test takes a few). Each test must end the same way both times: the
+suite's authors' assertions, not ours, say whether the proxy changed anything a client can see.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def run_suite(tests: Path, port: int, work: Path) -> dict[str, str]:
 
 
 def moving(proxy: ProxyProcess, stop: threading.Event) -> None:
-    while not stop.wait(0.03):
+    while not stop.wait(0.01):
         proxy.redirect()
 
 
