@@ -5,10 +5,11 @@ and whether a statement since changed them in a way only the server knows ("stal
 A stale session takes a new checkpoint when its next command arrives, before that command runs
 (commands that read the last statement's diagnostics, which a capture would clear, go first):
 a session made stale by assignments from expressions reads only those variables by name,
-anything else reads every variable. A statement that only reads and assigns user variables from
-expressions has its answer held until those variables are read right after it, so that the
-session is never stale for it; if the backend dies first, the client never got the answer and
-the statement runs again where the session is rebuilt.
+anything else reads every variable. A statement (a query, or a prepared statement executed)
+that only reads and assigns user variables from expressions has its answer held until those
+variables are read right after it, so that the session is never stale for it; if the backend
+dies first, the client never got the answer and the statement runs again where the session is
+rebuilt.
 """
 
 from __future__ import annotations

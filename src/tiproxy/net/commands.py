@@ -93,6 +93,7 @@ class CommandPhase:
         def _renamed_execute(self, packet: bytes) -> Any: ...
         def _query_token(self, packet: bytes, original: bytes) -> Any: ...
         def _statement_command(self, packet: bytes, cmd: int) -> tuple[bytes, Any] | None: ...
+        def _hold_assigned(self, client_id: int, original: bytes) -> None: ...
         def _prepare_command(self, packet: bytes) -> tuple[bytes, tuple[Any, ...]] | None: ...
         def _executed_sql(self, packet: bytes, cmd: int) -> bytes | None: ...
         def _begin_shortcut(self, sql: bytes) -> bool: ...
@@ -216,8 +217,8 @@ class CommandPhase:
             if result is None:
                 return True
             packet, token = result
-            if cmd == _EXECUTE and length > 5 and packet[9] & CURSOR_TYPES:
-                kind = Expect.CURSOR  # only a cursor asked for ends the response at the EOF
+            if cmd == _EXECUTE:
+                kind = self._execute_expects(packet, token, original)
         elif cmd == Command.STMT_PREPARE:
             refused = self._unmapped_kill_prepare(packet[5:])
             if refused is not False:
@@ -240,6 +241,17 @@ class CommandPhase:
             self._capture.sent()
         tracker.expect(kind, token)  # type: ignore[arg-type]
         return True
+
+    def _execute_expects(self, packet: bytes, token: Any, original: bytes) -> Expect:
+        """How a COM_STMT_EXECUTE's response ends: at the EOF only when a cursor was asked
+        for. Without one, the answer of a statement that only assigns user variables is held
+        until they are read (records.py; `original`, as the client sent it, runs again if the
+        backend is lost before)."""
+        if len(packet) > 9 and packet[9] & CURSOR_TYPES:
+            return Expect.CURSOR
+        if token.__class__ is tuple:
+            self._hold_assigned(token[1], original)
+        return Expect.BINARY
 
     def _before_command(self, packet: bytes, cmd: int, tracker: ResponseTracker) -> bool | None:
         """What comes before a command runs: _command's answer, or None to run it."""

@@ -79,6 +79,16 @@ class CommandRecords:
             return ("query", fx, variables)
         return _QUERY
 
+    def _hold_assigned(self, client_id: int, original: bytes) -> None:
+        """A COM_STMT_EXECUTE of a statement that only reads and assigns user variables: its
+        answer is held until they are read by name, as a query's is (_query_token), rather
+        than the next command's checkpoint reading every user variable from a table."""
+        stmt = self.state.stmts.get(client_id)
+        variables = stmt.variables if stmt is not None else None
+        if variables is not None and variables.rerun_names and self.dialect == "mysql" \
+                and self._rewriter is None and not self.state.counts_reset:
+            self.hold_answer(original, variables)
+
     def _prepare_command(self, packet: bytes) -> tuple[bytes, tuple[Any, ...]] | None:
         """COM_STMT_PREPARE: what to send and its token; None: wait."""
         if b"@" in packet:
