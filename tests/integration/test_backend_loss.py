@@ -125,6 +125,8 @@ def test_idle_sessions_survive_a_killed_backend(pair: list[MariaDBServer],
     with timed.cursor() as cur:  # read back right after it: kept, whatever its value
         cur.execute("SELECT @t := NOW(6), @t2 := RAND()")
         assigned = cur.fetchone()
+    timed_ps = _on(doomed, connector, others)  # the same, prepared: read after it too
+    timed_ps.cursor(prepared=True).execute("SET @p = CONCAT(?, @@port)", ("on ",))
     stale = _on(doomed, lambda: _pymysql(lproxy), others)
     with stale.cursor() as cur:  # only its server knew the value: nothing ran after it
         cur.execute("SET SESSION div_precision_increment = 3 + 5")
@@ -143,6 +145,9 @@ def test_idle_sessions_survive_a_killed_backend(pair: list[MariaDBServer],
     with timed.cursor() as cur:
         cur.execute("SELECT @t, @t2, @@port")
         assert cur.fetchone() == (*assigned, survivor.port)
+    cur = timed_ps.cursor()
+    cur.execute("SELECT @p, @@port")
+    assert cur.fetchall() == [(f"on {doomed.port}", survivor.port)]
     for gone in (pinned, stale):  # closed, not continued with state they lost
         with pytest.raises(pymysql.err.OperationalError), gone.cursor() as cur:
             cur.execute("SELECT 1")
@@ -150,7 +155,7 @@ def test_idle_sessions_survive_a_killed_backend(pair: list[MariaDBServer],
     assert "the session cannot be rebuilt elsewhere: pinned: temporary tables: scratch" in log
     assert "changed since its last checkpoint in a way only its backend knew" in log
     assert f"backend {doomed.addr} was lost; the session goes on on {survivor.addr}" in log
-    for conn in (rich, quiet, timed, *others):
+    for conn in (rich, quiet, timed, timed_ps, *others):
         conn.close()
 
 
@@ -240,3 +245,29 @@ def test_character_sets_and_driver_settings_survive_a_killed_backend(pair: list[
     assert _port(jdbc) == survivor.port
     for conn in (first, late, jdbc, *others):
         conn.close()
+
+
+@pytest.mark.parametrize("release", ["SET completion_type = 'RELEASE'", "COMMIT RELEASE"])
+def test_a_connection_the_server_ends_after_a_commit_ends_the_session(
+        pair: list[MariaDBServer], lproxy: ProxyProcess, release: str) -> None:
+    """A COMMIT that releases the connection (completion_type = RELEASE, COMMIT RELEASE) ends
+    the session as it would directly, even when a move waited for that transaction to end: the
+    move finds the connection closed by a server that runs on, and does not carry the session
+    anywhere from its checkpoint."""
+    for _ in range(20):  # (the move and the server's hang-up race: 20 chances to lose it)
+        conn = _pymysql(lproxy)
+        with conn.cursor() as cur:
+            if release.startswith("SET"):
+                cur.execute(release)
+            cur.execute("BEGIN")
+            cur.execute("INSERT INTO loss_db.ai (v) VALUES (5)")
+            lproxy.redirect()  # the move waits for the transaction's end
+            assert lproxy.session(conn.thread_id())["moving"]
+            cur.execute("COMMIT RELEASE" if release == "COMMIT RELEASE" else "COMMIT")
+            with pytest.raises(pymysql.err.OperationalError) as lost:
+                cur.execute("SELECT 1")
+            assert lost.value.args[0] in (2006, 2013), lost.value
+        conn.close()
+    log = lproxy.log()
+    assert "closed the connection while the server runs on" in log
+    assert "goes on on" not in log and "moving it from its snapshot" not in log

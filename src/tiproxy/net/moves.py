@@ -236,7 +236,8 @@ class SessionMoves:
             except MigrationError as e:
                 rescued = await self.rescue_move(e, target)
                 if rescued is None:
-                    self._move_failed(e, move, source, target, started)
+                    if self.phase == COMMAND:  # (else the rescue found the session ended)
+                        self._move_failed(e, move, source, target, started)
                     return
                 result = rescued
             self._swap(result, target)

@@ -176,7 +176,7 @@ class SessionRecovery(SessionCheckpoints):
         try:
             if probe and await self._server_still_up(lost):
                 self.close(f"backend {lost.addr} closed the connection while the server runs on "
-                           "(killed, or a timeout): the session ends with it",
+                           "(killed, a timeout, or a RELEASE): the session ends with it",
                            kind=counters.BACKEND_NETWORK)
                 return
             self.server.doubt_backend(lost, "a session's connection to it was lost")
@@ -250,6 +250,15 @@ class SessionRecovery(SessionCheckpoints):
         if error.step != "capture" or (error.old_intact and error.code != ER_WSREP_NOT_READY):
             return None
         if self.rebuild_problem():
+            return None
+        leg, backend = self.backend_leg, self.backend
+        if error.code != ER_WSREP_NOT_READY and leg is not None and leg.closed \
+                and backend is not None and await self._server_still_up(backend):
+            # It ended the connection on purpose (a KILL, a timeout, a COMMIT RELEASE) just
+            # before the move: the session ends with it, as when no move came (backend_gone).
+            self.close(f"backend {backend.addr} closed the connection while the server runs on "
+                       "(killed, a timeout, or a RELEASE): the session ends with it",
+                       kind=counters.BACKEND_NETWORK)
             return None
         log.info("session %d: its backend cannot be read (%s): moving it from its snapshot",
                  self.id, error)
