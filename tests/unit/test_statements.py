@@ -81,6 +81,24 @@ def test_pins(sql: bytes, pin: str) -> None:
 def test_pins_are_released_by_their_undoing() -> None:
     assert applied(b"SELECT GET_LOCK('a', 1)", b"SELECT RELEASE_LOCK('a')").pins() == []
     assert applied(b"SELECT GET_LOCK('a', 1)", b"DO RELEASE_ALL_LOCKS()").pins() == []
+
+
+def test_a_named_lock_taken_twice_is_held_until_given_back_twice() -> None:
+    """MariaDB counts a named lock's GET_LOCKs and each RELEASE_LOCK gives back one (its
+    main.func_isnull takes one inside a subquery, once per row, and releases it once): the
+    session stays pinned while any is held, and where it cannot be counted, until
+    RELEASE_ALL_LOCKS."""
+    twice = (b"SELECT GET_LOCK('a', 1)", b"DO GET_LOCK('a', 1)")
+    assert applied(*twice, b"SELECT RELEASE_LOCK('a')").pins() != []
+    assert applied(*twice, b"SELECT RELEASE_LOCK('a')", b"SELECT RELEASE_LOCK('a')").pins() == []
+    assert applied(b"SELECT GET_LOCK('a', 1), GET_LOCK('a', 1)",
+                   b"SELECT RELEASE_LOCK('a')", b"SELECT RELEASE_LOCK('a')").pins() != []
+    per_row = b"SELECT ISNULL((SELECT GET_LOCK('a', 0) FROM t1 GROUP BY f1)) FROM t1"
+    for releases in (1, 3):
+        state = applied(per_row, *[b"SELECT RELEASE_LOCK('a')"] * releases)
+        assert state.pins() == ["named locks (GET_LOCK)"]
+    assert applied(per_row, b"SELECT RELEASE_ALL_LOCKS()").pins() == []
+    assert applied(b"SELECT GET_LOCK('b', 1)", b"SELECT RELEASE_LOCK('a')").pins() != []
     assert applied(b"LOCK TABLES t READ", b"UNLOCK TABLES").pins() == []
     assert applied(b"LOCK TABLES t READ", b"START TRANSACTION").pins() == []
     assert applied(b"HANDLER t OPEN", b"HANDLER t CLOSE").pins() == []

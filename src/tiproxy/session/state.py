@@ -25,6 +25,7 @@ PIN_KINDS = ("temporary_table", "named_lock", "lock_tables", "read_lock", "backu
              "role", "prepared_from_variable")
 MAX_TRACKED_USER_VARS = 1024  # a client naming more is pinned where they cannot be listed
 MAX_USER_VAR_NAME = 64 * 4  # MariaDB refuses names over 64 characters (4 bytes each at most)
+UNCOUNTED = -1  # (SessionState.lock_counts) a named lock taken an unknown number of times
 
 
 @dataclass
@@ -85,6 +86,9 @@ class SessionState:
     session_only: set[str] = field(default_factory=set)  # set session-only variables
     temp_tables: set[str] = field(default_factory=set)
     named_locks: set[str] = field(default_factory=set)
+    # How many times each named lock was taken (MariaDB's are counted: each RELEASE_LOCK gives
+    # back one); UNCOUNTED where a statement may have taken it any number of times.
+    lock_counts: dict[str, int] = field(default_factory=dict)
     table_locks: bool = False
     read_lock: bool = False  # FLUSH TABLES WITH READ LOCK (or FOR EXPORT) holds
     backup: bool = False  # BACKUP STAGE or BACKUP LOCK holds
@@ -193,12 +197,8 @@ class SessionState:
             self.read_lock = fx.read_lock
         if fx.backup is not None:
             self.backup = fx.backup
-        if fx.named_lock is not None:
-            self.named_locks.add(fx.named_lock)
-        if fx.lock_released is not None:
-            self.named_locks.discard(fx.lock_released)
-        if fx.all_locks_released:
-            self.named_locks.clear()
+        if fx.named_lock is not None or fx.lock_released is not None or fx.all_locks_released:
+            self._named_locks(fx)
         if fx.use_db is not None:
             self.use(fx.use_db)
         if fx.prepared is not None:
@@ -235,6 +235,26 @@ class SessionState:
         """The current database is now known to be `database`."""
         self.database = database
         self.database_known = True
+
+    def _named_locks(self, fx: StatementEffects) -> None:
+        """GET_LOCK, RELEASE_LOCK, RELEASE_ALL_LOCKS. A lock is gone once given back as often
+        as it was taken; one taken an unknown number of times stays (pinned) until
+        RELEASE_ALL_LOCKS or a reset."""
+        if (name := fx.named_lock) is not None:
+            self.named_locks.add(name)
+            held = self.lock_counts.get(name, 0)
+            once = fx.lock_once and held != UNCOUNTED
+            self.lock_counts[name] = held + 1 if once else UNCOUNTED
+        if (name := fx.lock_released) is not None:
+            held = self.lock_counts.get(name, 1)
+            if held > 1:
+                self.lock_counts[name] = held - 1
+            elif held != UNCOUNTED:
+                self.named_locks.discard(name)
+                self.lock_counts.pop(name, None)
+        if fx.all_locks_released:
+            self.named_locks.clear()
+            self.lock_counts.clear()
 
     def reset(self) -> None:
         """COM_RESET_CONNECTION or COM_CHANGE_USER: the server forgot all of it (on MariaDB the

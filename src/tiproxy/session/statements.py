@@ -70,6 +70,7 @@ _DROP_TABLE = re.compile(rb"DROP\s+(?:TEMPORARY\s+)?TABLES?\s+(?:IF\s+EXISTS\s+)
 _GET_LOCK = re.compile(rb"GET_LOCK\s*\(", re.IGNORECASE)
 _RELEASE_LOCK = re.compile(rb"RELEASE_LOCK\s*\(\s*'((?:[^'\\]|\\.|'')*)'", re.IGNORECASE)
 _RELEASE_ALL = re.compile(rb"RELEASE_ALL_LOCKS\s*\(", re.IGNORECASE)
+_FROM = re.compile(rb"\bFROM\b", re.IGNORECASE)
 _GET_LOCK_NAME = re.compile(rb"GET_LOCK\s*\(\s*'((?:[^'\\]|\\.|'')*)'", re.IGNORECASE)
 _LOCK_TABLES = re.compile(rb"LOCK\s+TABLES?\b", re.IGNORECASE)
 _UNLOCK_TABLES = re.compile(rb"UNLOCK\s+TABLES?\b", re.IGNORECASE)
@@ -225,6 +226,7 @@ class StatementEffects:
     temp_dropped: tuple[str, ...] = ()
     table_locks: bool | None = None  # True: LOCK TABLES; False: UNLOCK TABLES
     named_lock: str | None = None  # GET_LOCK('name'); "" for a name that is not a literal
+    lock_once: bool = False  # that GET_LOCK runs once (no table: not once per row)
     lock_released: str | None = None
     all_locks_released: bool = False
     prepared: tuple[str, bytes] | None = None  # (name, the whole PREPARE statement)
@@ -411,6 +413,9 @@ def _lock_functions(body: bytes, fx: StatementEffects) -> None:
     if _GET_LOCK.search(body):
         m = _GET_LOCK_NAME.search(body)
         fx.named_lock = _literal(m.group(1)) if m else ""
+        # A lock is taken as often as GET_LOCK runs (MariaDB counts them; RELEASE_LOCK gives
+        # back one): once, unless the statement reads a table or names it twice.
+        fx.lock_once = len(_GET_LOCK.findall(body)) == 1 and not _FROM.search(body)
     if m := _RELEASE_LOCK.search(body):
         fx.lock_released = _literal(m.group(1))
     if _RELEASE_ALL.search(body):
