@@ -1,15 +1,15 @@
 """MariaDB's own test suite through the proxy while its sessions keep moving.
 
-The server's tests (the `main` suite of Debian's mariadb-test, the files that
-tests/support/server_suite.txt names and says how they were chosen) are run by the server's own
-test program, mariadb-test (mysqltest), which compares what every statement answers with the
-result file the server's authors recorded, with its statements sent as text and, again, each
-prepared and executed (--ps-protocol): once directly against one MariaDB server, then
-through the proxy, whose two backends are two addresses of that server, with every session asked
-to move every 30 ms. A test that passes directly must pass through the proxy: the recorded
-results, not ours, say whether the proxy changed anything a client can see. Between tests the
-server is put back as the tests expect it (database `test` empty, no user left behind), over its
-unix socket as an account of the harness's own.
+The server's tests (the `main` suite of Debian's mariadb-test and some of its other suites,
+the files that tests/support/server_suite.txt names and says how they were chosen) are run by
+the server's own test program, mariadb-test (mysqltest), which compares what every statement
+answers with the result file the server's authors recorded, with its statements sent as text
+and, again, each prepared and executed (--ps-protocol): once directly against one MariaDB
+server, then through the proxy, whose two backends are two addresses of that server, with every
+session asked to move every 30 ms. A test that passes directly must pass through the proxy: the
+recorded results, not ours, say whether the proxy changed anything a client can see. Between
+tests the server is put back as the tests expect it (database `test` empty, no database or user
+left behind), over its unix socket as an account of the harness's own.
 """
 
 from __future__ import annotations
@@ -57,11 +57,12 @@ GRANT ALL ON *.* TO {HARNESS[0]}@localhost WITH GRANT OPTION;
 CREATE USER {PROXY_ADMIN[0]}@'%' IDENTIFIED BY '{PROXY_ADMIN[1]}';
 GRANT ALL ON *.* TO {PROXY_ADMIN[0]}@'%';
 """
-# What a test may leave changed that the next one relies on.
+KEPT_DATABASES = ("mysql", "information_schema", "performance_schema", "sys", "mtr")
+# What a test may leave changed that the next one relies on (after the databases and users
+# a test left behind are dropped).
 RESET_SQL = """
-DROP DATABASE IF EXISTS test; CREATE DATABASE test;
-DROP DATABASE IF EXISTS mysqltest; DROP DATABASE IF EXISTS mysqltest1;
-DROP DATABASE IF EXISTS mysqltest2;
+CREATE DATABASE test;
+CREATE USER IF NOT EXISTS root@localhost;
 ALTER USER root@localhost IDENTIFIED VIA unix_socket OR mysql_native_password USING '';
 GRANT ALL ON *.* TO root@localhost WITH GRANT OPTION;
 CREATE USER IF NOT EXISTS root@'127.0.0.1'; ALTER USER root@'127.0.0.1' IDENTIFIED BY '';
@@ -82,6 +83,17 @@ def chosen_tests() -> list[str]:
             if line.strip() and not line.startswith("#")]
 
 
+def files(test: str) -> tuple[Path, Path]:
+    """The test file and the result file of `test`: a name of the `main` suite, or
+    `suite/name` of another (suite/<suite>/t/<name>.test and r/<name>.result, or both in the
+    suite's own directory)."""
+    suite, _, name = test.rpartition("/")
+    where = SUITE / "suite" / suite if suite else SUITE / "main"
+    if (where / "t").is_dir():
+        return where / "t" / f"{name}.test", where / "r" / f"{name}.result"
+    return where / f"{name}.test", where / f"{name}.result"
+
+
 @dataclass
 class Suite:
     server: MariaDBServer
@@ -95,24 +107,30 @@ class Suite:
             input=statements, capture_output=True, text=True, timeout=60, check=False)
 
     def reset(self) -> None:
-        """The server as the next test expects it; any user a test left behind dropped."""
-        users = self.sql("SELECT CONCAT(QUOTE(User), '@', QUOTE(Host)) FROM mysql.user "
-                         "WHERE User NOT IN (" + ", ".join(f"'{u}'" for u in KEPT_USERS) + ")")
-        assert users.returncode == 0, users.stderr
-        drops = "".join(f"DROP USER {u};\n" for u in users.stdout.split())
-        done = self.sql(RESET_SQL + drops)
+        """The server as the next test expects it: any database (`test` too) or user a test
+        left behind dropped."""
+        found = self.sql(
+            "SELECT IF(is_role = 'Y', CONCAT('DROP ROLE ', QUOTE(User)), "
+            "CONCAT('DROP USER ', QUOTE(User), '@', QUOTE(Host))) FROM mysql.user "
+            "WHERE User NOT IN (" + ", ".join(f"'{u}'" for u in KEPT_USERS) + ") UNION ALL "
+            "SELECT CONCAT('DROP DATABASE `', REPLACE(SCHEMA_NAME, '`', '``'), '`') "
+            "FROM information_schema.SCHEMATA WHERE SCHEMA_NAME NOT IN ("
+            + ", ".join(f"'{d}'" for d in KEPT_DATABASES) + ")")
+        assert found.returncode == 0, found.stderr
+        drops = "".join(f"{drop};\n" for drop in found.stdout.splitlines())
+        done = self.sql(drops + RESET_SQL)
         assert done.returncode == 0, f"the server could not be put back: {done.stderr}"
 
     def run(self, test: str, port: int, protocol: str) -> tuple[bool, str]:
         """Whether `test` passed against `port`, and what mariadb-test said."""
         self.reset()
+        test_file, result_file = files(test)
         try:
             result = subprocess.run(
                 [str(find_companion("mariadb-test")), "--host=127.0.0.1", f"--port={port}",
                  "--protocol=tcp", "--user=root", "--database=test", f"--basedir={SUITE}",
                  f"--tmpdir={self.var / 'tmp'}", f"--logdir={self.var / 'log'}",
-                 f"--test-file={SUITE / 'main' / (test + '.test')}",
-                 f"--result-file={SUITE / 'main' / (test + '.result')}",
+                 f"--test-file={test_file}", f"--result-file={result_file}",
                  "--silent", "--max-connect-retries=2", *PROTOCOLS[protocol]],
                 cwd=SUITE, env=self.env(), capture_output=True, text=True, errors="replace",
                 timeout=TEST_TIMEOUT, check=False)
