@@ -61,7 +61,8 @@ from typing import Any
 import MySQLdb
 
 from tiproxy.playground.install import LauncherError
-from tiproxy.playground.mariadb import HOST, MariaDBServer
+from tiproxy.playground.mariadb import MariaDBServer
+from tiproxy.playground.ports import HOST
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sysbench import (

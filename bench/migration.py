@@ -34,7 +34,8 @@ from typing import Any
 import mysql.connector
 import pymysql
 
-from tiproxy.playground.mariadb import MariaDBServer, create_app_user, free_port
+from tiproxy.playground.mariadb import MariaDBServer, create_app_user
+from tiproxy.playground.ports import free_port
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sysbench import ChildProcess, wait_for_port

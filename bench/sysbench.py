@@ -92,7 +92,8 @@ from typing import IO, Any
 
 from scrape import Scraper
 
-from tiproxy.playground.mariadb import HOST, MariaDBServer, create_app_user, free_port
+from tiproxy.playground.mariadb import MariaDBServer, create_app_user
+from tiproxy.playground.ports import HOST, free_port
 from tiproxy.tls.autocert import issue
 
 USER = "sbtest"

@@ -29,7 +29,8 @@ import pytest
 from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
 from support.metrics import scrape
 from support.proxy import ProxyFactory, ProxyProcess
-from tiproxy.playground.mariadb import HOST, AppUser, MariaDBServer
+from tiproxy.playground.mariadb import AppUser, MariaDBServer
+from tiproxy.playground.ports import HOST
 from tiproxy.protocol.auth import native_password_scramble
 from tiproxy.protocol.packets import frame, parse_auth_switch
 

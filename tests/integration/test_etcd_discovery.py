@@ -30,7 +30,7 @@ from tiproxy.discovery.etcd import (
     prefix_range_end,
 )
 from tiproxy.playground.etcd import EtcdServer
-from tiproxy.playground.mariadb import free_port
+from tiproxy.playground.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,8 @@ import pytest
 from support.backends import ADMIN_TOML, APP
 from support.prometheus import PrometheusServer
 from support.proxy import ProxyFactory, ProxyProcess
-from tiproxy.playground.mariadb import MariaDBServer, free_port
+from tiproxy.playground.mariadb import MariaDBServer
+from tiproxy.playground.ports import free_port
 
 pytestmark = pytest.mark.integration
 

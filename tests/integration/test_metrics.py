@@ -13,7 +13,8 @@ import pytest
 from support.backends import ADMIN_TOML, APP
 from support.metrics import Scrape, scrape
 from support.proxy import WORKERS, ProxyFactory, ProxyProcess
-from tiproxy.playground.mariadb import AppUser, MariaDBServer, free_port
+from tiproxy.playground.mariadb import AppUser, MariaDBServer
+from tiproxy.playground.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ import pytest
 
 from support.net import port_accepts
 from tiproxy.cli.playground import DEFAULT_PASSWORD, DEFAULT_USER
-from tiproxy.playground.mariadb import HOST, free_port
+from tiproxy.playground.ports import HOST, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -132,7 +132,7 @@ def test_an_unreachable_etcd_is_retried_and_reported(etcd_server: EtcdServer,
                                                      prefix: str) -> None:
     """The first endpoint is down: the registration says why and goes through the second."""
     async def body() -> None:
-        from tiproxy.playground.mariadb import free_port  # noqa: PLC0415
+        from tiproxy.playground.ports import free_port  # noqa: PLC0415
 
         dead = f"127.0.0.1:{free_port()}"
         reg = TopologyRegistration([dead, etcd_server.endpoint], info(), prefix=prefix, ttl=3)
@@ -147,7 +147,7 @@ def test_an_unreachable_etcd_is_retried_and_reported(etcd_server: EtcdServer,
 
 def test_with_no_etcd_it_says_why_and_still_stops(caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> None:
-        from tiproxy.playground.mariadb import free_port  # noqa: PLC0415
+        from tiproxy.playground.ports import free_port  # noqa: PLC0415
 
         dead = f"127.0.0.1:{free_port()}"
         reg = TopologyRegistration([dead], info(), timeout=0.5)

@@ -15,7 +15,8 @@ import pytest
 from support.backends import ADMIN_TOML, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory, connect
 from support.proxy import ProxyFactory, ProxyProcess
 from support.sleeper import SleepingQuery
-from tiproxy.playground.mariadb import MariaDBServer, free_port
+from tiproxy.playground.mariadb import MariaDBServer
+from tiproxy.playground.ports import free_port
 
 pytestmark = pytest.mark.integration
 

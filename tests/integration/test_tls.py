@@ -29,7 +29,8 @@ from support.backends import ADMIN, APP, BACKEND_ARGS, BACKEND_USERS, MariaDBFac
 from support.certs import PKI, make_pki, mariadb_tls_args
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.etcd import EtcdServer
-from tiproxy.playground.mariadb import MariaDBServer, free_port
+from tiproxy.playground.mariadb import MariaDBServer
+from tiproxy.playground.ports import free_port
 from tiproxy.protocol.auth import native_password_scramble
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import Capability

@@ -22,7 +22,8 @@ from support.backends import APP, BACKEND_ARGS, MariaDBFactory
 from support.netns import Member, bridged_namespaces
 from support.proxy import ProxyFactory, ProxyProcess
 from tiproxy.playground.etcd import EtcdServer
-from tiproxy.playground.mariadb import MariaDBServer, free_port
+from tiproxy.playground.mariadb import MariaDBServer
+from tiproxy.playground.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import contextlib
 import socket
 import threading
 
-from tiproxy.playground.mariadb import free_port
+from tiproxy.playground.ports import free_port
 
 
 class CuttingRelay:

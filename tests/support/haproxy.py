@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from support.net import wait_for_port
-from tiproxy.playground.mariadb import HOST, free_port
+from tiproxy.playground.ports import HOST, free_port
 
 
 def haproxy_config(port: int, servers: Sequence[str], *, check: bool = False) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tiproxy.playground.mariadb import HOST, free_port
+from tiproxy.playground.ports import HOST, free_port
 
 
 class PrometheusServer:

@@ -16,9 +16,11 @@ import pymysql
 
 from support.backends import APP
 from support.net import wait_for_port
-from tiproxy.playground.mariadb import AppUser, free_port
+from tiproxy.playground.mariadb import AppUser
 
 # The data plane's processes of every proxy the tests start: 1 (everything in one process) unless
+from tiproxy.playground.ports import free_port
+
 # TIPROXY_TEST_WORKERS says otherwise.
 WORKERS = int(os.environ.get("TIPROXY_TEST_WORKERS", "1"))
 

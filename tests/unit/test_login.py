@@ -32,18 +32,20 @@ from tiproxy.protocol.packets import (
 )
 from tiproxy.session.login import (
     FORCE_SWITCH_PLUGIN,
+    Login,
+    LoginState,
+    _with_capabilities,
+    make_salt,
+)
+from tiproxy.session.login_actions import (
     Action,
     BackendUnfit,
     Established,
-    Login,
-    LoginState,
     Refused,
     Route,
     SendBackend,
     SendClient,
     StartClientTLS,
-    _with_capabilities,
-    make_salt,
 )
 
 C = Capability

@@ -13,7 +13,7 @@ from tiproxy.client.leg import BackendLeg
 from tiproxy.net.pool import KEPT, REUSED, BackendPool, PoolLogin
 from tiproxy.protocol.constants import ServerStatus
 from tiproxy.protocol.packets import Greeting, build_err, build_ok, frame
-from tiproxy.session.login import PoolKey
+from tiproxy.session.login_actions import PoolKey
 
 OK = frame(build_ok(int(ServerStatus.AUTOCOMMIT)), 1)
 GREETING = Greeting("5.5.5-10.11.19-MariaDB", 42, b"s" * 20, 0, 45, 2, "mysql_native_password")

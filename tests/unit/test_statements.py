@@ -10,18 +10,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tiproxy.session.sqltext import MEMO_MAX_LEN, reads_diagnostics, user_variable_names
 from tiproxy.session.state import PreparedStatement, SessionState
 from tiproxy.session.statements import (
-    MEMO_MAX_LEN,
     OPAQUE,
     StatementEffects,
     literal_text,
     may_change_state,
     prepared_effects,
-    reads_diagnostics,
     split_statements,
     statement_effects,
-    user_variable_names,
 )
 
 

@@ -39,7 +39,7 @@ from tiproxy.session.rebuild import (
     VariableChanges,
     charset_change,
 )
-from tiproxy.session.statements import reads_diagnostics
+from tiproxy.session.sqltext import reads_diagnostics
 
 log = logging.getLogger("tiproxy.session")
 

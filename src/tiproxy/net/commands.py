@@ -27,7 +27,7 @@ from tiproxy.session.commands import (
     parse_process_kill,
 )
 from tiproxy.session.prepared import LAST_PREPARED_ID, execute_types, packet_stmt_id
-from tiproxy.session.statements import reads_diagnostics, user_variable_names
+from tiproxy.session.sqltext import reads_diagnostics, user_variable_names
 from tiproxy.views import counters
 
 if TYPE_CHECKING:

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from tiproxy.net.pool import PoolLogin
     from tiproxy.net.server import ProxyServer
     from tiproxy.protocol.packets import Greeting
-    from tiproxy.session.login import Action, Login
+    from tiproxy.session.login import Login
+    from tiproxy.session.login_actions import Action
     from tiproxy.session.state import SessionState
 
 # A backend that answers "too many connections" while this worker keeps idle connections to it

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 from tiproxy.client.leg import BackendLeg
 from tiproxy.net.pool import PoolLogin
-from tiproxy.protocol import proxyproto
 from tiproxy.protocol.compress import Decompressor
 from tiproxy.protocol.constants import (
     ER_ACCESS_DENIED_ERROR,
@@ -44,10 +43,10 @@ from tiproxy.protocol.packets import (
     frame,
 )
 from tiproxy.protocol.tracker import ResponseTracker
-from tiproxy.session.login import (
+from tiproxy.session.login import Login
+from tiproxy.session.login_actions import (
     Action,
     Established,
-    Login,
     Refused,
     Route,
     SendBackend,
@@ -109,13 +108,13 @@ class SessionLogin:
     _task: asyncio.Task[None] | None
     _decompress: Decompressor | None
     _pp: bytearray | None
-    _origin: tuple[tuple[str, int], tuple[str, int]] | None
     _opened: float
 
     if TYPE_CHECKING:  # provided by Session (net/relay.py): declared for the type checker only
         def close(self, reason: str, quiet: bool = False, kind: str = "") -> None: ...
         def send_client(self, data: bytes) -> None: ...
         def client_data(self, data: bytes) -> None: ...
+        def _client_proxy_header(self, data: bytes) -> bytes: ...  # net/client_origin.py
         def bound_writes(self, transport: asyncio.BaseTransport | None) -> None: ...
         def _response_done(self, token: Any, status: int, failed: bool) -> None: ...
         def _protocol_error(self, e: ProtocolError) -> None: ...
@@ -223,34 +222,6 @@ class SessionLogin:
             rest = self._splitter.take_rest()
             if rest:
                 self.client_data(rest)
-
-    def _client_proxy_header(self, data: bytes) -> bytes:
-        """The client's PROXY header, if it starts with one (protocol/proxyproto.py): the
-        client's address is then the one it names. Returns what follows it."""
-        assert self._pp is not None
-        buf = self._pp
-        buf += data
-        try:
-            parsed = proxyproto.parse(bytes(buf))
-        except ProtocolError as e:
-            self._pp = None
-            self._protocol_error(e)
-            return b""
-        if parsed is None:
-            return b""  # not enough bytes to tell yet
-        header, used = parsed
-        self._pp = None
-        if header is not None and header.source is not None and self._origin is not None:
-            self._origin = (header.source, header.destination or self._origin[1])
-            log.info("session %d: PROXY header from %s: client %s:%d", self.id, self.peer,
-                     *header.source)
-            self.peer = f"{header.source[0]}:{header.source[1]}"
-        return bytes(buf[used:])
-
-    def backend_header(self) -> bytes | None:
-        """What every backend connection of this session starts with: a PROXY header naming
-        the client, when `[proxy] proxy-protocol = "v2"` was set as it connected; else None."""
-        return proxyproto.build(*self._origin) if self._origin is not None else None
 
     def _run(self, actions: Sequence[Action]) -> None:
         for action in actions:

@@ -27,7 +27,7 @@ from tiproxy.net.login_phase import CLOSED, LOGIN, LOGIN_TIMEOUT, reason_of
 from tiproxy.protocol.constants import ER_CON_COUNT_ERROR, Capability
 from tiproxy.protocol.errors import BackendRefusedError, Origin, ProtocolError
 from tiproxy.protocol.packets import Greeting, parse_auth_switch, parse_greeting
-from tiproxy.session.login import Action, BackendUnfit, SendBackend, StartBackendTLS
+from tiproxy.session.login_actions import Action, BackendUnfit, SendBackend, StartBackendTLS
 from tiproxy.views import counters
 
 if TYPE_CHECKING:

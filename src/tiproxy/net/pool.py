@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 from tiproxy.client.leg import BackendLeg
 from tiproxy.protocol.errors import ProtocolError
 from tiproxy.protocol.packets import Greeting, frame, parse_err
-from tiproxy.session.login import PoolKey
+from tiproxy.session.login_actions import PoolKey
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend, Router

@@ -23,7 +23,8 @@ from tiproxy.session.prepared import (
     with_types,
 )
 from tiproxy.session.rebuild import variable_changes
-from tiproxy.session.statements import may_change_state, statement_effects, user_variable_names
+from tiproxy.session.sqltext import user_variable_names
+from tiproxy.session.statements import may_change_state, statement_effects
 
 if TYPE_CHECKING:
     from tiproxy.protocol.tracker import ResponseTracker

@@ -17,14 +17,14 @@ Each leg pausing its writes pauses reads on the other (paired flow control, net/
 
 The client's socket is a ClientLeg (net/client_leg.py), which starts the session. The rest of
 the session is in parts mixed into Session, each a module with its own theory of operation that
-declares what it uses of the session: the command phase's slow path (net/commands.py), flow
-control and the session's end (net/flow.py), the login (net/login_phase.py; net/login_route.py
-for the way to a backend, net/kept.py for the backend connections kept for the next one), what
-is recorded of commands (net/records.py), statements that name connection ids (net/ids.py),
-COM_CHANGE_USER (net/change_user.py), moves (net/moves.py), what a rebuild needs, kept as the
-session runs (net/checkpoints.py), the rebuild after a backend is lost (net/recovery.py),
-transaction replay (net/replay.py), a handover to another process (net/session_handover.py) and
-reading the sockets directly (net/direct.py).
+declares what it uses of the session: who the client is (net/client_origin.py), the command
+phase's slow path (net/commands.py), flow control and the session's end (net/flow.py), the login
+(net/login_phase.py; net/login_route.py for the way to a backend, net/kept.py for the backend
+connections kept for the next one), what is recorded of commands (net/records.py), statements
+that name connection ids (net/ids.py), COM_CHANGE_USER (net/change_user.py), moves
+(net/moves.py), what a rebuild needs, kept as the session runs (net/checkpoints.py), the rebuild
+after a backend is lost (net/recovery.py), transaction replay (net/replay.py), a handover to
+another process (net/session_handover.py) and reading the sockets directly (net/direct.py).
 
 The commonest case of both directions, a plain command and then its whole answer in one chunk
 each, is compiled (net/_hotpath.c): the event loop hands each chunk to a `Feed` (the client
@@ -47,18 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 from tiproxy.client.leg import BackendLeg
 from tiproxy.net.change_user import ChangeUser
+from tiproxy.net.client_origin import ClientOrigin
 from tiproxy.net.commands import CommandPhase
 from tiproxy.net.direct import DirectReading, configure_compiled_path
 from tiproxy.net.flow import SessionFlow
 from tiproxy.net.handover import Departure, SessionHandover
 from tiproxy.net.ids import ConnectionIds
 from tiproxy.net.kept import KeptConnections
-from tiproxy.net.login_phase import (
-    COMMAND,
-    LOGIN,
-    LOGIN_TIMEOUT,
-    SessionLogin,
-)
+from tiproxy.net.login_phase import COMMAND, LOGIN, LOGIN_TIMEOUT, SessionLogin
 from tiproxy.net.login_route import LoginRoute
 from tiproxy.net.records import CommandRecords
 from tiproxy.net.replay import TransactionReplay
@@ -66,17 +62,9 @@ from tiproxy.net.session_capture import SessionCapture
 from tiproxy.net.session_handover import SessionHandoverPart
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.compress import Decompressor
-from tiproxy.protocol.constants import (
-    ER_UNKNOWN_COM_ERROR,
-    MAX_PAYLOAD,
-    Command,
-)
+from tiproxy.protocol.constants import ER_UNKNOWN_COM_ERROR, MAX_PAYLOAD, Command
 from tiproxy.protocol.errors import ProtocolError
-from tiproxy.protocol.packets import (
-    HandshakeResponse,
-    build_err,
-    frame,
-)
+from tiproxy.protocol.packets import HandshakeResponse, build_err, frame
 from tiproxy.protocol.responses import AUTH, EXPECT_BY_COMMAND, Expect
 from tiproxy.protocol.tracker import ResponseTracker
 from tiproxy.session.connid import ResultRewriter
@@ -129,7 +117,7 @@ _UNROUTED_AGES = Histogram(SINCE_CREATION_BUCKETS)
 
 class Session(DirectReading, CommandPhase, SessionFlow, CommandRecords, ConnectionIds,
               ChangeUser, SessionHandoverPart, KeptConnections, TransactionReplay, LoginRoute,
-              SessionLogin):
+              SessionLogin, ClientOrigin):
     """One client session; see the module docstring."""
 
     # The metrics (views/counters.py), set at login and when the session moves: the backend's
@@ -147,11 +135,7 @@ class Session(DirectReading, CommandPhase, SessionFlow, CommandRecords, Connecti
         self.server = server
         self.client = transport
         self.id = server.new_session_id() if adopted is None else adopted[0].id
-        self.peer = _peer(transport)
-        # PROXY protocol, if on when the client connected: the bytes of the client's header
-        # until it is judged, then None; and the (client, proxy) addresses that the backends'
-        # headers name (the socket's, or the ones the client's header gave). None: off.
-        self._pp, self._origin = _proxy_protocol_start(server, transport)
+        self._origin_fields(server, transport)  # peer, PROXY protocol: net/client_origin.py
         self.phase = LOGIN
         self.backend: Backend | None = None
         self.backend_leg: BackendLeg | None = None
@@ -214,6 +198,7 @@ class Session(DirectReading, CommandPhase, SessionFlow, CommandRecords, Connecti
         self.server.metrics.created += 1
         self._counted = True
         return True
+
     def follow_capture(self, sink: CaptureSink | None, fresh: bool = False) -> None:
         """A traffic capture starts (its sink in this process) or ends (None): see
         net/session_capture.py. `fresh`: the session logged in during the capture."""
@@ -398,29 +383,6 @@ def compiled_client_feed(session: Session) -> Callable[[bytes], None] | None:
     if _fast_command is None:
         return None
     return _hotpath.Feed(_fast_command, session, session.client_data)
-
-
-def _proxy_protocol_start(server: ProxyServer, transport: asyncio.Transport) -> tuple[
-        bytearray | None, tuple[tuple[str, int], tuple[str, int]] | None]:
-    """A new session's PROXY protocol state (Session._pp, Session._origin)."""
-    if not server.config().proxy.proxy_protocol:
-        return None, None
-    return bytearray(), _addresses(transport)
-
-
-def _addresses(transport: asyncio.Transport) -> tuple[tuple[str, int], tuple[str, int]] | None:
-    """(peer, local) of a TCP connection; None for another kind of socket."""
-    peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-    if not (isinstance(peer, tuple) and isinstance(local, tuple)):
-        return None
-    return (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))
-
-
-def _peer(transport: asyncio.Transport) -> str:
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
 
 
 _compiled = configure_compiled_path(Session, _FAST)

@@ -43,7 +43,7 @@ from tiproxy.protocol.constants import (
 )
 from tiproxy.protocol.errors import ProtocolError
 from tiproxy.session.commands import rewrite_change_user
-from tiproxy.session.statements import reads_diagnostics
+from tiproxy.session.sqltext import reads_diagnostics
 from tiproxy.traffic.sink import DEPRECATE_EOF, EXTENDED_METADATA, FOUND_ROWS, CaptureSink
 
 if TYPE_CHECKING:

@@ -32,8 +32,9 @@ from tiproxy.protocol.constants import Capability, MariaDBCapability
 from tiproxy.protocol.errors import SQLError
 from tiproxy.session.dialects import mysql as mysql_dialect
 from tiproxy.session.dialects.mysql_restore import CapturedState, UserVariable
+from tiproxy.session.sqltext import user_variable_names
 from tiproxy.session.state import MAX_TRACKED_USER_VARS, MAX_USER_VAR_NAME
-from tiproxy.session.statements import SESSION_ONLY_TYPES, user_variable_names
+from tiproxy.session.statements import SESSION_ONLY_TYPES
 
 if TYPE_CHECKING:
     from tiproxy.balance.router import Backend

@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tiproxy.playground.mariadb import free_port
+from tiproxy.playground.ports import free_port
 
 HOST = "127.0.0.1"
 TIDB_TOPOLOGY_PREFIX = "/topology/tidb/"

@@ -35,7 +35,8 @@ from pathlib import Path
 from types import TracebackType
 
 from tiproxy.playground.install import LauncherError
-from tiproxy.playground.mariadb import HOST, AppUser, MariaDBServer, create_app_user, free_port
+from tiproxy.playground.mariadb import AppUser, MariaDBServer, create_app_user
+from tiproxy.playground.ports import HOST, free_port
 
 _PROVIDER_SEARCH = (
     "/usr/lib/galera/libgalera_smm.so",  # Debian and Ubuntu (galera-4)

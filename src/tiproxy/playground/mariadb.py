@@ -16,11 +16,9 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -37,8 +35,7 @@ from tiproxy.playground.install import (
     template_datadir,
     user_args,
 )
-
-HOST = "127.0.0.1"
+from tiproxy.playground.ports import HOST, free_port
 
 _SERVER_ARGS = (
     *TEMPLATE_ARGS,
@@ -56,49 +53,11 @@ _SERVER_ARGS = (
 _SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; keep a margin
 _PORT_ATTEMPTS = 3  # another process may take a port between free_port() and mariadbd's bind
 _PORT_IN_USE = "Address already in use"
-_EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
-_LOWEST_PICKED_PORT = 10000  # below: well-known and commonly configured services
-_PICK_ATTEMPTS = 100
 # Logged once the listeners are open. Waiting for it instead of probing the port keeps the log
 # free of "Aborted connection" warnings and the host's connect-error count at zero.
 _READY = "ready for connections"
 _POLL_INTERVAL = 0.05
 _LOG_TAIL_BYTES = 64 * 1024
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing holds right now, outside the ephemeral range.
-
-    A port picked to be bound later must not be one the kernel hands out to outgoing
-    connections: under a busy test (thousands of client connections) an established connection
-    can sit on it by the time a server binds it, and a listener setting SO_REUSEADDR still may not
-    share a port with a connection that did not (rsync's SST daemon then dies at once). So the
-    port comes from below net.ipv4.ip_local_port_range (or above it, where the range starts low),
-    chosen at random and proved free by binding it without SO_REUSEADDR.
-    """
-    low, high = _ephemeral_range()
-    below, above = (_LOWEST_PICKED_PORT, low - 1), (high + 1, 65535)
-    first, last = max(below, above, key=lambda span: span[1] - span[0])
-    for _ in range(_PICK_ATTEMPTS):
-        # no room outside the range (a system that made it everything): the kernel's choice
-        port = random.randint(first, last) if last - first >= _PICK_ATTEMPTS else 0
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((HOST, port))
-            except OSError:
-                continue
-            picked: int = sock.getsockname()[1]
-            return picked
-    raise LauncherError(f"no free port on {HOST} after {_PICK_ATTEMPTS} tries")
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    """The kernel's range of local ports for outgoing connections (Linux's default elsewhere)."""
-    try:
-        low, high = map(int, Path(_EPHEMERAL_RANGE_FILE).read_text().split())
-    except (OSError, ValueError):
-        return 32768, 60999
-    return low, high
 
 
 _running: set[subprocess.Popen[bytes]] = set()

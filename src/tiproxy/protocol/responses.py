@@ -4,7 +4,19 @@ path that stands in for it (net/_hotpath.c), and the clients of the proxy's own.
 
 A command's Expect says the shape of its answer; the tracker's phases (plain ints, compared once
 per packet on the hot path) say where in that shape a response is. Status flags are read from
-an EOF packet (5 bytes) or an OK packet (7 bytes or more): see tracker.py's terminator rule.
+an EOF packet (5 bytes) or an OK packet (7 bytes or more), by the terminator rule below.
+
+Response layouts: https://dev.mysql.com/doc/dev/mysql-server/latest/page_protocol_command_phase.html
+MariaDB's extended capabilities change two shapes (https://mariadb.com/kb/en/err_packet/ ,
+https://mariadb.com/kb/en/result-set-packets/): with PROGRESS, ERR packets with error code 0xFFFF
+are progress reports, and the real answer still follows; with CACHE_METADATA, a column count is
+followed by one more byte, 0 when the column definitions are left out (an execute of a prepared
+statement whose client already has them). Both are read from the packets themselves: without the
+capability no server sends an error 0xFFFF or a byte after the column count.
+
+Terminator rule: a packet starting 0xFE with a payload shorter than 0xFFFFFF ends a row stream;
+a text row may start with 0xFE only as an 8-byte length, which makes its packet 16 MiB long. A
+terminator of 5 bytes is an EOF packet (warnings, status); a longer one is an OK packet.
 """
 
 from __future__ import annotations

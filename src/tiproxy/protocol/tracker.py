@@ -17,20 +17,9 @@ starts on the next expected response; a response with SERVER_MORE_RESULTS_EXISTS
 terminator continues with the next result. `packets` counts the packets whose header it read
 (every one, once; the owner takes the count and resets it, for the traffic metrics).
 
-What each command's response looks like (Expect), the state machine's phases and the readers
-of status flags are protocol/responses.py's, shared with the compiled relay path.
-
-Response layouts: https://dev.mysql.com/doc/dev/mysql-server/latest/page_protocol_command_phase.html
-MariaDB's extended capabilities change two shapes (https://mariadb.com/kb/en/err_packet/ ,
-https://mariadb.com/kb/en/result-set-packets/): with PROGRESS, ERR packets with error code 0xFFFF
-are progress reports, and the real answer still follows; with CACHE_METADATA, a column count is
-followed by one more byte, 0 when the column definitions are left out (an execute of a prepared
-statement whose client already has them). Both are read from the packets themselves: without the
-capability no server sends an error 0xFFFF or a byte after the column count.
-
-Terminator rule: a packet starting 0xFE with a payload shorter than 0xFFFFFF ends a row stream;
-a text row may start with 0xFE only as an 8-byte length, which makes its packet 16 MiB long. A
-terminator of 5 bytes is an EOF packet (warnings, status); a longer one is an OK packet.
+What each command's response looks like (Expect), the state machine's phases, the readers of
+status flags, MariaDB's two changes to the layouts and the terminator rule are
+protocol/responses.py's, shared with the compiled relay path.
 """
 
 from __future__ import annotations
@@ -76,30 +65,13 @@ class ResponseTracker:
     """Frames the backend's responses; see the module docstring."""
 
     __slots__ = (
-        "_binary",
-        "_carry",
-        "_columns",
-        "_continued",
-        "_defs_left",
-        "_eof_after_defs",
-        "_pending",
-        "_skip",
-        "deprecate_eof",
-        "error",
-        "local_infile",
-        "on_done",
-        "packets",
-        "phase",
-        "prepared",
-        "status",
+        "_binary", "_carry", "_columns", "_continued", "_defs_left", "_eof_after_defs",
+        "_pending", "_skip", "deprecate_eof", "error", "local_infile", "on_done", "packets",
+        "phase", "prepared", "status",
     )
 
-    def __init__(
-        self,
-        deprecate_eof: bool,
-        on_done: Callable[[Any, int, bool], None],
-        status: int = ServerStatus.AUTOCOMMIT,
-    ) -> None:
+    def __init__(self, deprecate_eof: bool, on_done: Callable[[Any, int, bool], None],
+                 status: int = ServerStatus.AUTOCOMMIT) -> None:
         self.deprecate_eof = deprecate_eof
         self.on_done = on_done
         self.status = status
@@ -328,8 +300,11 @@ class ResponseTracker:
             self._prepare_ok(buf, start, length, first)
         elif phase == PREPARE_DEFS:
             self._defs_left -= 1
-            if not self._defs_left:
-                self._defs_done()
+            if not self._defs_left:  # without EOFs the next definitions or the end follow
+                if self.deprecate_eof:
+                    self._after_prepare_eof()
+                else:
+                    self.phase = PREPARE_EOF
         elif phase == PREPARE_EOF:
             if first != 0xFE:
                 raise ProtocolError("prepared statement definitions without EOF", Origin.BACKEND)
@@ -385,12 +360,6 @@ class ResponseTracker:
             self.phase = PREPARE_DEFS
         else:
             self._after_prepare_eof()
-
-    def _defs_done(self) -> None:
-        if self.deprecate_eof:
-            self._after_prepare_eof()
-        else:
-            self.phase = PREPARE_EOF
 
     def _after_prepare_eof(self) -> None:
         columns = self._eof_after_defs

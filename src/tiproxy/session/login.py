@@ -48,7 +48,7 @@ import enum
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from tiproxy.protocol.auth import NATIVE_PLUGIN
 from tiproxy.protocol.constants import (
@@ -69,6 +69,18 @@ from tiproxy.protocol.packets import (
     parse_handshake_response,
 )
 from tiproxy.protocol.responses import ok_status
+from tiproxy.session.login_actions import (
+    Action,
+    BackendUnfit,
+    Established,
+    PoolKey,
+    Refused,
+    Route,
+    SendBackend,
+    SendClient,
+    StartBackendTLS,
+    StartClientTLS,
+)
 
 # Sent to the backend in place of the client's plugin: no server has it, so every server answers
 # with an AuthSwitchRequest for the user's real plugin and a salt of its own.
@@ -82,69 +94,6 @@ class LoginState(enum.Enum):
     AUTH = "auth"
     DONE = "done"
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class SendClient:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class SendBackend:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class StartClientTLS:
-    pass
-
-
-@dataclass(frozen=True)
-class StartBackendTLS:
-    pass
-
-
-@dataclass(frozen=True)
-class BackendUnfit:
-    reason: str  # this backend cannot serve this client (TLS, MariaDB capabilities): try another
-
-
-@dataclass(frozen=True)
-class Route:
-    user: str
-    database: str | None
-
-
-@dataclass(frozen=True)
-class Established:
-    client_capabilities: int  # what the client leg negotiated (COMPRESS among them)
-    backend_capabilities: int  # what the backend leg negotiated
-    status: int
-    backend_connection_id: int
-    user: str
-    mariadb_capabilities: int = 0  # MariaDB's extended capabilities of both legs
-    # The backend's OK that ended the login (payload), for net/pool.py: the client got it.
-    ok: bytes = field(default=b"", compare=False)
-
-
-@dataclass(frozen=True)
-class PoolKey:
-    """What a kept backend connection must share with a login to serve it (net/pool.py)."""
-
-    user: str
-    database: bytes | None
-    capabilities: int  # the client's, but those of its own leg (compression, TLS)
-    mariadb_capabilities: int
-    charset: int
-
-
-@dataclass(frozen=True)
-class Refused:
-    reason: str  # for the log; the client already has the backend's ERR
-
-
-Action = (SendClient | SendBackend | StartClientTLS | StartBackendTLS | BackendUnfit | Route
-          | Established | Refused)
 
 
 # Any byte to a printable one that is not '$' (0x21-0x7D, '$' to '%'), as servers make salts.

@@ -42,12 +42,8 @@ from dataclasses import dataclass, field
 
 from tiproxy.protocol.constants import Command
 from tiproxy.session.dialects.mysql_restore import CapturedState
-from tiproxy.session.statements import (
-    memo_by_text,
-    skip_leading,
-    split_statements,
-    user_variable_names,
-)
+from tiproxy.session.sqltext import memo_by_text, user_variable_names
+from tiproxy.session.statements import skip_leading, split_statements
 
 # How stale: nothing; user variables; those and system variables assigned from expressions,
 # read back by name (VariableChanges.system_names); anything.

@@ -17,14 +17,12 @@ https://mariadb.com/kb/en/prepare-statement/
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 from tiproxy.protocol.codec import Buffer
 from tiproxy.session.commands import MAYBE_KILL_FIRST_BYTES
+from tiproxy.session.sqltext import memo_by_text
 
 # First bytes of statements that may change what the proxy tracks (CREATE, DROP, LOCK, UNLOCK,
 # PREPARE, DEALLOCATE, EXECUTE, KILL, HANDLER, XA, CALL, FLUSH, BACKUP) or that hide their first
@@ -112,71 +110,6 @@ _READ_LOCK = re.compile(rb"FLUSH\s+(?:(?:NO_WRITE_TO_BINLOG|LOCAL)\s+)?TABLES?\b
                         rb"\b(?:WITH\s+READ\s+LOCK|FOR\s+EXPORT)\b", re.IGNORECASE | re.DOTALL)
 _BACKUP = re.compile(rb"BACKUP\s+(?:STAGE\s+(\w+)|(LOCK|UNLOCK)\b)", re.IGNORECASE)
 _BEGIN = re.compile(rb"(?:BEGIN(?:\s+WORK)?|START\s+TRANSACTION\b[^;]*)\s*;?\s*\Z", re.IGNORECASE)
-
-
-# A user variable: @name, @`name`, @'name' or @"name" (not @@, a system variable).
-_USER_VAR = re.compile(
-    rb"(?<![@\w$])@(`(?:[^`]|``)+`|'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\""
-    rb"|[A-Za-z0-9_$.]+)")
-
-
-def user_variable_names(sql: bytes) -> set[bytes]:
-    """Every user variable a statement names (set or read: reading one is harmless to carry).
-    Used where the server cannot list a session's user variables."""
-    names = set()
-    for found in _USER_VAR.findall(sql):
-        quote = found[:1]
-        names.add(found[1:-1].replace(quote + quote, quote) if quote in (b"`", b"'", b'"')
-                  else found)
-    return names
-
-
-# Statements that read what the previous statement left: its warnings and errors, FOUND_ROWS(),
-# ROW_COUNT(), its optimizer trace (https://mariadb.com/kb/en/show-warnings/ ,
-# .../get-diagnostics/ , .../information-schema-optimizer_trace-table/).
-_DIAGNOSTICS = re.compile(
-    rb"SHOW\s+(?:COUNT\s*\(\s*\*\s*\)\s+)?(?:WARNINGS|ERRORS)|GET\s+(?:CURRENT\s+)?DIAGNOSTICS"
-    rb"|@@(?:SESSION\.|LOCAL\.)?(?:WARNING_COUNT|ERROR_COUNT)|FOUND_ROWS\s*\(|ROW_COUNT\s*\("
-    rb"|OPTIMIZER_TRACE\b",
-    re.IGNORECASE)
-
-
-def reads_diagnostics(packet: Buffer, prepared_sql: bytes | None = None) -> bool:
-    """Whether a command packet (with its 4-byte header) reads the last statement's
-    diagnostics: a move waits until after it, so it reads them on the backend that has them.
-    `prepared_sql`: the text of the statement a COM_STMT_EXECUTE runs."""
-    if len(packet) <= 5:
-        return False
-    if packet[4] in (0x03, 0x16):  # COM_QUERY, or COM_STMT_PREPARE (SHOW WARNINGS, prepared)
-        return _DIAGNOSTICS.search(packet, 5) is not None
-    if packet[4] == 0x19:  # COM_STMT_CLOSE leaves them to the command after it, which may
-        return True  # read them (mysqltest --ps-protocol: execute, close, SHOW WARNINGS)
-    return prepared_sql is not None and _DIAGNOSTICS.search(prepared_sql) is not None
-
-
-_T = TypeVar("_T")
-MEMO_MAX_LEN = 512  # longer statements are read afresh: they are rarely sent twice word for word
-MEMO_ENTRIES = 1024
-
-
-def memo_by_text(analyse: Callable[[bytes], _T]) -> Callable[[bytes], _T]:
-    """`analyse`, remembered for the last MEMO_ENTRIES short statement texts.
-
-    Applications send the same statements again and again: a driver's `SET NAMES` and
-    `SET autocommit` at every connect, an ORM's `BEGIN`. Reading one costs tens of regular
-    expression matches; a repeat costs a hash lookup. The analysis must depend on the text alone,
-    and its result is shared by every caller: nobody may change it. Only `bytes` are remembered
-    (a bytearray cannot be a key, and could change after).
-    """
-    remembered = functools.lru_cache(maxsize=MEMO_ENTRIES)(analyse)
-
-    @functools.wraps(analyse)
-    def lookup(sql: bytes) -> _T:
-        if sql.__class__ is bytes and len(sql) <= MEMO_MAX_LEN:
-            return remembered(sql)
-        return analyse(sql)
-
-    return lookup
 
 
 def may_change_state(payload: Buffer, multi_statements: bool) -> bool:
