@@ -27,6 +27,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <limits.h>
 #include <string.h>
 #include <time.h>
 #include <sys/socket.h>
@@ -1163,6 +1164,52 @@ static PyTypeObject FeedType = {
     .tp_vectorcall_offset = offsetof(Feed, vectorcall),
 };
 
+/* setsockopts(fd, options): setsockopt(fd, level, name, value) for each (level, name, value)
+ * of `options`, a tuple of int triples; raises OSError at the first that fails. What
+ * net/keepalive.py does per backend connection, without a Python socket object and a method
+ * call per option. */
+static int
+as_int(PyObject *o, int *out)
+{
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < INT_MIN || v > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "socket option value out of range");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static PyObject *
+setsockopts(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyTuple_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "setsockopts(fd, options: tuple)");
+        return NULL;
+    }
+    int fd;
+    if (as_int(args[0], &fd) < 0)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(args[1]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *option = PyTuple_GET_ITEM(args[1], i);
+        if (!PyTuple_Check(option) || PyTuple_GET_SIZE(option) != 3) {
+            PyErr_SetString(PyExc_TypeError, "each option is (level, name, value)");
+            return NULL;
+        }
+        int level, name, value;
+        if (as_int(PyTuple_GET_ITEM(option, 0), &level) < 0
+                || as_int(PyTuple_GET_ITEM(option, 1), &name) < 0
+                || as_int(PyTuple_GET_ITEM(option, 2), &value) < 0)
+            return NULL;
+        if (setsockopt(fd, level, name, &value, sizeof value) < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"command", (PyCFunction)(void (*)(void))hotpath_command, METH_FASTCALL,
      "Relay one plain command packet from the client; False if the Python path must."},
@@ -1170,6 +1217,8 @@ static PyMethodDef methods[] = {
      "Relay one whole plain answer from the backend; False if the Python path must."},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "Hand over the tables the two relay functions read."},
+    {"setsockopts", (PyCFunction)(void (*)(void))setsockopts, METH_FASTCALL,
+     "setsockopt(fd, level, name, value) for each (level, name, value) of a tuple."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -20,6 +20,8 @@ def configure(
     /,
 ) -> None: ...
 
+def setsockopts(fd: int, options: tuple[tuple[int, int, int], ...], /) -> None: ...
+
 class Feed:
     def __init__(
         self, fast: Callable[[Any, bytes], bool], session: Any,
