@@ -263,3 +263,20 @@ def test_a_killed_worker_loses_only_its_sessions_and_comes_back(
     assert len({_worker_of(c) for c in fresh}) == 2
     for conn in fresh + [c for c in conns if owner[c.thread_id()] != doomed_index]:
         conn.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_proxy_on_a_port_in_use_does_not_start(
+        workers: int, backends: list[MariaDBServer], proxy_factory: ProxyFactory) -> None:
+    """Two proxies must never share a port without a word: with workers the listening sockets
+    are an SO_REUSEPORT group, which a second proxy of the same user could join, and the kernel
+    would hand it half the new connections."""
+    first = proxy_factory([backends[0].addr], f"workers = {workers}")
+    with pytest.raises(RuntimeError, match="in use"):
+        proxy_factory([backends[0].addr], f"workers = {workers}", port=first.port)
+    assert first.alive  # and serves on
+    conn = first.connect()
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    conn.close()

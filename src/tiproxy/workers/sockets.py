@@ -43,6 +43,9 @@ def bind_listeners(addr: str, count: int) -> list[list[socket.socket]]:
     infos = list(dict.fromkeys(
         (family, sockaddr[0]) for family, _, _, _, sockaddr in
         socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)))
+    if port:
+        for family, ip in infos:
+            _must_be_free(family, str(ip), port)
     socks: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -64,3 +67,20 @@ def bind_listeners(addr: str, count: int) -> list[list[socket.socket]]:
         raise
     n = len(infos)
     return [socks[i * n:(i + 1) * n] for i in range(count)]
+
+
+def _must_be_free(family: int, ip: str, port: int) -> None:
+    """Raise EADDRINUSE if anything listens on (ip, port) already. SO_REUSEPORT would let the
+    group join another process's (a second proxy started by mistake, run by the same user),
+    and the kernel would split new connections between the two without a word; a socket
+    bound without it is refused by any listener there. (An upgrade's new process takes the
+    old one's sockets over a Unix socket and binds nothing.)"""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind((ip, port))
+        except OSError as e:
+            raise OSError(e.errno, f"cannot listen on {ip}:{port}: {e.strerror} "
+                                   "(another process listens there)") from e
