@@ -424,6 +424,30 @@ def test_a_session_moves_whatever_it_set_for_its_own_statements(
                 cur.execute("COMMIT")
 
 
+def test_names_set_back_to_the_servers_own_move_too(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """The login's character set, not the server's, is what a new connection starts with: a
+    session that logged in as latin1 and then chose the server's own utf8mb4 keeps utf8mb4."""
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    names = ("SELECT @@character_set_client, @@character_set_connection, "
+             "@@character_set_results, @@collation_connection")
+    with proxy.connect(charset="latin1") as conn, conn.cursor() as cur:
+        cur.execute("SELECT @@global.character_set_server")
+        assert cur.fetchone() == ("utf8mb4",)
+        cur.execute("SET NAMES utf8mb4 COLLATE utf8mb4_general_ci")
+        conn.encoding = "utf8"  # PyMySQL's name for what it now decodes
+        cur.execute(names)
+        before = cur.fetchone()
+        assert before == ("utf8mb4",) * 3 + ("utf8mb4_general_ci",)
+        for _ in range(2):
+            proxy.move(conn.thread_id())
+            cur.execute(names)
+            assert cur.fetchone() == before
+            cur.execute("SELECT HEX('\u20ac'), '\u20ac'")  # the euro sign, three bytes
+            assert cur.fetchone() == ("E282AC", "\u20ac")
+
+
 def test_wait_timeout_counts_the_clients_idle_time_across_moves(
     backends: list[MariaDBServer], proxy_factory: ProxyFactory,
 ) -> None:

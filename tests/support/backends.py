@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -17,7 +19,10 @@ ADMIN_TOML = (f'\n[security]\nauth-sync-user = "{ADMIN.name}"\n'
 EDU = AppUser("edu", "ed-pass", plugin="ed25519")
 BACKEND_USERS = (APP, EDU, ADMIN)
 # 64M so rows larger than one 16 MiB protocol packet go through; LOAD DATA LOCAL for its tests.
-BACKEND_ARGS = ("--max-allowed-packet=64M", "--local-infile=ON")
+# TIPROXY_TEST_SERVER_ARGS adds server options, to run the suite against another configuration
+# (e.g. "--autocommit=0 --sql-mode=ORACLE").
+BACKEND_ARGS = ("--max-allowed-packet=64M", "--local-infile=ON",
+                *shlex.split(os.environ.get("TIPROXY_TEST_SERVER_ARGS", "")))
 
 
 class MariaDBFactory(Protocol):

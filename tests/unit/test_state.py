@@ -67,6 +67,8 @@ def test_what_the_capture_overrides_is_read_apart_and_restored_in_order() -> Non
     for name in ("max_statement_time", "sql_big_selects", "character_set_results"):
         assert name.upper() in capture_sql(True, True)  # left out of the table's rows
         assert f"@@session.{name} AS BINARY" in terms_sql([])
+    for name in ("CHARACTER_SET_CLIENT", "CHARACTER_SET_CONNECTION", "COLLATION_CONNECTION"):
+        assert f"'{name}'" in capture_sql(True, True)  # read whatever the global value
     # Lifting max_join_size would reset sql_big_selects when it is restored: never lifted.
     assert "max_join_size" not in PROXY_TERMS and "sql_big_selects = 1" in PROXY_TERMS
     assert "character_set_results" not in PROXY_TERMS  # a binary column is never re-encoded
@@ -93,7 +95,9 @@ def test_what_the_capture_overrides_is_read_apart_and_restored_in_order() -> Non
     assert "SESSION sql_big_selects = _utf8mb4 X'4f4e'" in sql
     same = parse_capture([])
     apply_terms(same, [b"0", b"0", b"ON", b"ON", b"latin1", b"latin1", b"1"], [])
-    assert same.system == []  # equal to the global values: nothing of the session's own
+    # Equal to the global values: nothing of the session's own, but character_set_results,
+    # which a new connection takes from its handshake, not from the global value.
+    assert same.system == [("character_set_results", "ENUM", b"latin1")]
     assert (state.wait_timeout, same.wait_timeout) == (28800, 1)  # kept across a move
 
 

@@ -4,10 +4,12 @@ Theory of operation
 -------------------
 At a safe point the proxy asks the old backend, in one statement, for the current database,
 LAST_INSERT_ID(), every session system variable that differs from its global value (with its
-type), the session-only ones that differ from their default (default_master_connection,
-skip_replication...) and the user variables (with their types); string user variables need a
-second statement for their exact bytes and collation. What it reads fills a CapturedState,
-which the new backend gets back in one SET statement (session/dialects/mysql_restore.py).
+type) and the connection's character sets whatever their value (a new connection takes them
+from the login's handshake, not from the global values), the session-only ones that differ
+from their default (default_master_connection, skip_replication...) and the user variables
+(with their types); string user variables need a second statement for their exact bytes and
+collation. What it reads fills a CapturedState, which the new backend gets back in one SET
+statement (session/dialects/mysql_restore.py).
 
 Values travel as HEX() so that the session's character_set_results cannot change them on the
 way. What the proxy selects must not depend on the session's character_set_connection either,
@@ -64,6 +66,11 @@ _CAPTURE_BASE = (
     "CONVERT(HEX(SESSION_VALUE) USING latin1) "
     "FROM information_schema.SYSTEM_VARIABLES WHERE READ_ONLY = 'NO' AND ("
     "(VARIABLE_SCOPE = 'SESSION' AND NOT (SESSION_VALUE <=> GLOBAL_VALUE)) "
+    # Set by the login's handshake, not from the global values: the new connection's may
+    # differ from them even where the session's equal them (SET NAMES latin1 on a latin1
+    # server, logged in as utf8mb4).
+    "OR VARIABLE_NAME IN ('CHARACTER_SET_CLIENT', 'CHARACTER_SET_CONNECTION', "
+    "'COLLATION_CONNECTION') "
     # Session-only variables with a fixed default (timestamp and insert_id have none: the
     # proxy reads those by name, when the session set them):
     "OR (VARIABLE_NAME IN ('DEFAULT_MASTER_CONNECTION', 'SKIP_REPLICATION', "
@@ -270,7 +277,8 @@ def apply_terms(state: CapturedState, row: Row, session_only: list[tuple[str, st
     for i, (name, vtype) in enumerate(_TERMS):
         # sql_big_selects also when equal to its global value if max_join_size is restored
         # (which turns it off): it is set after it (_ORDER).
-        if row[2 * i] != row[2 * i + 1] or (join_size and name == "sql_big_selects"):
+        if row[2 * i] != row[2 * i + 1] or (join_size and name == "sql_big_selects") \
+                or name == "character_set_results":  # the handshake sets it, as above
             state.system.append((name, vtype, row[2 * i]))
     after = 2 * len(_TERMS)
     state.wait_timeout = float(row[after] or b"0") or None
