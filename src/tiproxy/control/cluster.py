@@ -101,6 +101,7 @@ class Cluster:
         self._started = time.time()
         self._sync_now = asyncio.Event()
         self._last_sync = 0.0
+        self._last_found: tuple[str, int] | None = None  # (backend, hashes) of the last sync
         self._unfiltered: set[str] = set()  # backends whose locked accounts the sync cannot see
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -315,7 +316,11 @@ class Cluster:
             count = self.credentials.replace_synced(
                 (_text(r[0]), _text(r[1]), _text(r[2]), None if r[3] is None else _text(r[3]))
                 for r in rows if len(r) == 4)
-            log.info("credential sync from %s: %d password hashes", backend.addr, count)
+            # Every minute: logged at info when what it found changed (the first sync too).
+            found = (backend.addr, count)
+            log.log(logging.INFO if found != self._last_found else logging.DEBUG,
+                    "credential sync from %s: %d password hashes", *found)
+            self._last_found = found
             if not filtered and backend.addr not in self._unfiltered:
                 self._unfiltered.add(backend.addr)
                 log.warning("credential sync from %s: locked accounts and expired passwords "
