@@ -100,6 +100,49 @@ def test_a_login_while_clients_log_in_needs_no_authentication_switch(
     conn.close()
 
 
+def _old_client_login(port: int, user: str, password: str) -> tuple[int, bytes]:
+    """Log in as a client from before pluggable authentication does (mysqljs): no
+    CLIENT_PLUGIN_AUTH, a native scramble, an auth switch answered when one comes. The number
+    of switches and the final answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        _, greeting = _read_packet(sock)
+        caps = Capability.PROTOCOL_41 | Capability.SECURE_CONNECTION | Capability.LONG_PASSWORD
+        response = HandshakeResponse(
+            capabilities=caps, max_packet=1 << 24, charset=33, user=user.encode(),
+            auth_data=native_password_scramble(password.encode(), parse_greeting(greeting).salt))
+        sock.sendall(frame(build_handshake_response(response), 1))
+        seq, answer = _read_packet(sock)
+        switches = 0
+        while answer[:1] == b"\xfe":
+            switches += 1
+            switch = parse_auth_switch(answer)
+            assert switch.plugin == "mysql_native_password", switch
+            sock.sendall(frame(native_password_scramble(password.encode(), switch.data[:20]),
+                               seq + 1))
+            seq, answer = _read_packet(sock)
+        return switches, answer
+
+
+def test_a_client_without_pluggable_authentication_logs_in(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """As directly: a native-password account logs in (the first login by the switch to the
+    backend's salt, the next ones while clients log in with none), another plugin's account
+    gets the server's own refusal, 1251."""
+    proxy = proxy_factory([backends[0].addr], ADMIN_TOML)
+    switches = []
+    for _ in range(6):
+        switched, answer = _old_client_login(proxy.port, APP.name, APP.password)
+        assert answer[:1] == b"\x00", answer
+        switches.append(switched)
+    assert switches[0] == 1 and set(switches) == {0, 1}  # (each worker switches its first)
+    direct = _old_client_login(backends[0].port, EDU.name, EDU.password)[1]
+    through = _old_client_login(proxy.port, EDU.name, EDU.password)[1]
+    assert direct[:3] == through[:3] == b"\xff\xe3\x04"  # 1251
+    assert through == direct
+    assert proxy.alive and proxy.sessions() == []
+
+
 def test_tcp_checks_of_an_idle_proxy_open_no_backend_connection(
     mariadb_factory: MariaDBFactory, proxy_factory: ProxyFactory,
 ) -> None:

@@ -32,7 +32,7 @@ def server(mariadb_factory: MariaDBFactory) -> MariaDBServer:
     return mariadb_factory(BACKEND_ARGS, BACKEND_USERS)
 
 
-@pytest.mark.parametrize("client", ["mysql2", "mariadb"])
+@pytest.mark.parametrize("client", ["mysql2", "mariadb", "mysql"])
 def test_a_node_client_gets_through_the_proxy_what_it_gets_directly(
     server: MariaDBServer, proxy_factory: ProxyFactory, client: str,
 ) -> None:

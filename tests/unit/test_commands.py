@@ -234,8 +234,12 @@ def test_change_user_keeps_empty_database_and_unicode_user() -> None:
 
 
 def test_change_user_from_a_client_without_plugin_auth() -> None:
-    with pytest.raises(ProtocolError):
-        rewrite_change_user(change_user(plugin=None, attrs=None), FULL & ~C.PLUGIN_AUTH, "x")
+    """It names no plugin (mysqljs); the backend leg, which has CLIENT_PLUGIN_AUTH, gets one."""
+    old = FULL & ~(C.PLUGIN_AUTH | C.CONNECT_ATTRS)
+    change = rewrite_change_user(change_user(plugin=None, attrs=None), old, "x")
+    got = fields(change.rewritten, FULL)
+    assert (got["user"], got["auth"], got["db"], got["charset"], got["plugin"], got["rest"]) == (
+        b"bob", b"", b"shop", b"\xe0\x00", b"x", b"")
 
 
 def test_change_user_truncated() -> None:

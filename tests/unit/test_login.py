@@ -27,6 +27,7 @@ from tiproxy.protocol.packets import (
     build_handshake_response,
     build_ok,
     frame,
+    parse_err,
     parse_greeting,
     parse_handshake_response,
 )
@@ -495,10 +496,54 @@ def test_handshake_response_with_wrong_sequence_id(seq: int) -> None:
         Login(TEMPLATE, 1, False).client_packet(seq, build_handshake_response(RESPONSE))
 
 
-def test_client_without_plugin_auth() -> None:
-    resp = replace(RESPONSE, capabilities=CLIENT_CAPS & ~C.PLUGIN_AUTH, auth_plugin=None)
-    with pytest.raises(ProtocolError):
-        Login(TEMPLATE, 1, False).client_packet(1, build_handshake_response(resp))
+OLD_CLIENT = replace(RESPONSE, capabilities=CLIENT_CAPS & ~(C.PLUGIN_AUTH | C.CONNECT_ATTRS
+                                                             | C.PLUGIN_AUTH_LENENC_CLIENT_DATA),
+                     auth_plugin=None, attrs=None)  # mysqljs: no CLIENT_PLUGIN_AUTH
+
+
+def _sent(action: Action) -> HandshakeResponse:
+    assert isinstance(action, SendBackend)
+    [(_, payload)] = list(PacketSplitter().feed(action.data))
+    return parse_handshake_response(payload)
+
+
+def test_a_client_without_plugin_auth_logs_in_with_its_native_scramble() -> None:
+    """Its answer is a mysql_native_password scramble: to the backend whose salt it answered
+    as it is, plugin named; to another, by the switch, which it answers as such clients do."""
+    login = Login(BACKEND, 1, tls_available=False, early_salt=True)
+    assert login.client_packet(1, build_handshake_response(OLD_CLIENT)) == [Route("app", "shop")]
+    [action] = login.backend_greeted(BACKEND, early=True)
+    sent = _sent(action)
+    assert (sent.auth_plugin, sent.auth_data) == ("mysql_native_password", OLD_CLIENT.auth_data)
+    assert sent.capabilities & C.PLUGIN_AUTH  # the backend leg's own
+    login = Login(TEMPLATE, 1, tls_available=False)
+    login.client_packet(1, build_handshake_response(OLD_CLIENT))
+    [action] = login.backend_greeting_received(build_greeting(BACKEND))
+    assert (_sent(action).auth_plugin, _sent(action).auth_data) == (FORCE_SWITCH_PLUGIN, b"")
+    assert login.backend_packet(2, SWITCH) == [SendClient(frame(SWITCH, 2))]
+    assert login.client_packet(3, SCRAMBLE) == [SendBackend(frame(SCRAMBLE, 3))]
+    [reply, done] = login.backend_packet(4, OK)
+    assert reply == SendClient(frame(OK, 4)) and isinstance(done, Established)
+    assert not done.client_capabilities & C.PLUGIN_AUTH
+
+
+def test_a_client_without_plugin_auth_gets_the_servers_refusal_of_another_plugin() -> None:
+    login = Login(TEMPLATE, 1, tls_available=False)
+    login.client_packet(1, build_handshake_response(OLD_CLIENT))
+    login.backend_greeting_received(build_greeting(BACKEND))
+    [reply, refused] = login.backend_packet(2, build_auth_switch("client_ed25519", b"x" * 32))
+    assert isinstance(reply, SendClient) and isinstance(refused, Refused)
+    [(seq, payload)] = list(PacketSplitter().feed(reply.data))
+    assert (seq, parse_err(payload).code, parse_err(payload).sqlstate) == (2, 1251, "08004")
+    assert login.state is LoginState.FAILED
+    # The pre-4.1 password hash (no CLIENT_SECURE_CONNECTION): refused at once, as a server does.
+    login = Login(TEMPLATE, 1, tls_available=False)
+    ancient = replace(OLD_CLIENT, capabilities=OLD_CLIENT.capabilities & ~C.SECURE_CONNECTION,
+                      auth_data=b"12345678")
+    [reply, refused] = login.client_packet(1, build_handshake_response(ancient))
+    assert isinstance(refused, Refused)
+    [(_, payload)] = list(PacketSplitter().feed(reply.data))
+    assert parse_err(payload).code == 1251
 
 
 @pytest.mark.parametrize(

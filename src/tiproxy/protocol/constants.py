@@ -193,6 +193,7 @@ ER_CON_COUNT_ERROR = 1040  # Too many connections, SQLSTATE 08004
 ER_ACCESS_DENIED_ERROR = 1045  # Access denied, SQLSTATE 28000
 ER_UNKNOWN_COM_ERROR = 1047  # Unknown command, SQLSTATE 08S01
 ER_NO_SUCH_THREAD = 1094  # Unknown thread id, SQLSTATE HY000
+ER_NOT_SUPPORTED_AUTH_MODE = 1251  # Client does not support authentication protocol, 08004
 ER_NET_PACKET_TOO_LARGE = 1153  # SQLSTATE 08S01
 ER_CONNECTION_KILLED = 1927  # MariaDB's "Connection was killed", SQLSTATE 70100
 

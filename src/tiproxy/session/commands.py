@@ -189,8 +189,8 @@ def rewrite_change_user(payload: bytes, capabilities: int, plugin: str) -> Chang
         _, pos = read_lenenc_bytes(payload, pos)
         attrs = payload[start:pos]
     rest, _ = read_eof_bytes(payload, pos)
-    if not capabilities & Capability.PLUGIN_AUTH:
-        raise ProtocolError("COM_CHANGE_USER from a client without pluggable authentication")
+    # (A client without CLIENT_PLUGIN_AUTH names no plugin; the backend leg has it, and the
+    # switch to mysql_native_password that follows is one such a client answers too.)
     # No auth data: a zero length byte (SECURE_CONNECTION) or an empty NUL-ended string.
     auth = b"\0"
     rewritten = b"".join(

@@ -11,7 +11,10 @@ data, so the backend answers with an AuthSwitchRequest carrying its own salt and
 plugin. From there the proxy relays every packet both ways, renumbering the client's leg by one
 if TLS added a packet, until the backend says OK (the session is established) or ERR (the client
 gets the server's own error). Any plugin works this way (mysql_native_password, ed25519,
-caching_sha2_password); the proxy never sees a password.
+caching_sha2_password); the proxy never sees a password. A client without CLIENT_PLUGIN_AUTH
+(mysqljs, old connectors) answers with a mysql_native_password scramble and can follow only a
+switch to that plugin: the backend leg names the plugin for it, and a switch to another gets
+the refusal MariaDB gives such a client itself (1251).
 
 An early backend: when the driver connected to a backend before greeting the client, the proxy
 greets with that backend's own salt and plugin (`early_salt`), so the client's answer is valid
@@ -52,6 +55,7 @@ from dataclasses import replace
 
 from tiproxy.protocol.auth import NATIVE_PLUGIN
 from tiproxy.protocol.constants import (
+    ER_NOT_SUPPORTED_AUTH_MODE,
     PER_LEG_CAPABILITIES,
     PROXY_CAPABILITIES,
     PROXY_MARIADB_CAPABILITIES,
@@ -61,9 +65,11 @@ from tiproxy.protocol.errors import BackendRefusedError, Origin, ProtocolError
 from tiproxy.protocol.packets import (
     Greeting,
     HandshakeResponse,
+    build_err,
     build_greeting,
     build_handshake_response,
     frame,
+    parse_auth_switch,
     parse_err,
     parse_greeting,
     parse_handshake_response,
@@ -171,6 +177,7 @@ class Login:
         self.backend_tls = False  # the proxy sent one to the backend
         self._backend_caps = 0
         self._backend_ext = 0
+        self.plugin_auth = True  # the client speaks CLIENT_PLUGIN_AUTH (auth switches)
 
     @property
     def seq_shift(self) -> int:
@@ -209,10 +216,15 @@ class Login:
             self.state = LoginState.TLS
             self.client_tls = True
             return [StartClientTLS()]
-        if not resp.capabilities & Capability.PLUGIN_AUTH:
-            raise ProtocolError("client does not support pluggable authentication")
         if seq != 1 + self.client_tls:
             raise ProtocolError(f"handshake response with sequence id {seq}")
+        if not resp.capabilities & Capability.PLUGIN_AUTH:
+            # From before pluggable authentication (mysqljs, old connectors): the answer is a
+            # mysql_native_password scramble. The backend leg names the plugin.
+            if not resp.capabilities & Capability.SECURE_CONNECTION:
+                return self._not_supported("the client answers with the pre-4.1 password hash")
+            resp = replace(resp, auth_plugin=NATIVE_PLUGIN)
+            self.plugin_auth = False
         self.response = resp
         self.state = LoginState.ROUTING
         db = resp.database.decode("utf-8", "replace") if resp.database else None
@@ -362,4 +374,18 @@ class Login:
                 err = parse_err(payload)
             self.state = LoginState.FAILED
             return [SendClient(out), Refused(f"backend refused login: {err.code} {err.message}")]
+        if first == 0xFE and not self.plugin_auth:
+            with _backend_bytes():
+                plugin = parse_auth_switch(payload).plugin
+            if plugin != NATIVE_PLUGIN:  # what the server tells such a client itself
+                return self._not_supported(f"the account uses {plugin}")
         return [SendClient(out)]
+
+    def _not_supported(self, why: str) -> list[Action]:
+        """MariaDB's answer to a client that cannot speak the account's authentication."""
+        self.state = LoginState.FAILED
+        err = build_err(ER_NOT_SUPPORTED_AUTH_MODE, "08004",
+                        "Client does not support authentication protocol requested by server; "
+                        "consider upgrading MariaDB client")
+        return [SendClient(frame(err, self.client_reply_seq)),
+                Refused(f"client without pluggable authentication: {why}")]

@@ -1,6 +1,6 @@
 // A Node.js client's workload, driven by tests/integration/test_node_clients.py.
 //
-// Usage: node workload.js mysql2|mariadb   (TIPROXY_HOST, TIPROXY_PORT, TIPROXY_USER,
+// Usage: node workload.js mysql2|mariadb|mysql   (TIPROXY_HOST, TIPROXY_PORT, TIPROXY_USER,
 // TIPROXY_PASSWORD, TIPROXY_DATABASE in the environment)
 //
 // Each step's result goes to stdout as a line `R <json>`. Where the test may move the session,
@@ -138,7 +138,82 @@ async function mariadbWorkload() {
   await conn.end();
 }
 
-const workloads = { mysql2: mysql2Workload, mariadb: mariadbWorkload };
+// mysql (mysqljs, the oldest and still the most installed): its own protocol code, text only,
+// parameters escaped by the client; a result streamed with the connection paused and resumed
+// (the proxy must hold the backend while the client reads nothing), LOAD DATA LOCAL from a
+// stream, COM_CHANGE_USER, and an error in the middle of a multi-statement.
+async function mysqlWorkload() {
+  const mysql = require('mysql');
+  const fs = require('fs');
+  const os = require('os');
+  const path = require('path');
+  const conn = mysql.createConnection({ ...options, supportBigNumbers: true, bigNumberStrings: true });
+  const call = (method, ...args) => new Promise((resolve, reject) => {
+    conn[method](...args, (err, results, fields) => (err ? reject(err) : resolve([results, fields])));
+  });
+  await call('connect');
+  const id = conn.threadId;
+  const column = (f) => (f ? [f.name, f.type, f.flags] : null);
+  const shape = ([rows, fields]) => (Array.isArray(rows)
+    ? { rows, fields: fields && fields.map((f) => (Array.isArray(f) ? f.map(column) : column(f))) }
+    : { affectedRows: rows.affectedRows, insertId: rows.insertId, warningCount: rows.warningCount });
+  const q = async (step, sql, params) => out(step, shape(await call('query', sql, params)));
+  const failed = async (step, sql) => {
+    try {
+      await call('query', sql);
+      out(step, 'no error');
+    } catch (err) {
+      out(step, { code: err.code, errno: err.errno, sqlState: err.sqlState, index: err.index });
+    }
+  };
+
+  await q('table', 'CREATE OR REPLACE TABLE node_j (id INT PRIMARY KEY, name VARCHAR(40), '
+    + 'price DECIMAL(10,2), raw BLOB, big BIGINT UNSIGNED)');
+  await q('variables', "SET @j = 'jay', @n = 42, SESSION time_zone = '-02:00'");
+  for (let i = 1; i <= 5; i += 1) {
+    await q(`insert ${i}`, 'INSERT INTO node_j VALUES (?, ?, ?, ?, ?)',
+      [i, `j'${i}"\\`, `${i}.5`, Buffer.from([i, 0, 254]), '18446744073709551615']);
+  }
+  await move(id);
+  await q('state after a move', 'SELECT @j, @n, @@time_zone, DATABASE()');
+  await q('escaped values came back', 'SELECT * FROM node_j ORDER BY id');
+  await failed('an error in a multi-statement', 'SELECT 1 AS one; SELECT * FROM no_such_table; SELECT 3');
+  await q('after the error', 'SELECT COUNT(*) AS n FROM node_j');
+  const rows = [];
+  await new Promise((resolve, reject) => {
+    const query = conn.query("SELECT seq, REPEAT('y', 200) AS pad FROM seq_1_to_30000");
+    query.on('error', reject).on('result', (row) => {
+      rows.push(row);
+      if (rows.length % 5000 === 0) { // read nothing for a while: the proxy's buffers fill
+        conn.pause();
+        setTimeout(() => conn.resume(), 50);
+      }
+    }).on('end', resolve);
+  });
+  out('paused stream', digest(rows));
+  await move(id);
+  await q('moved after the stream', 'SELECT COUNT(*) AS n, @j FROM node_j');
+  await redirect(id);
+  const file = path.join(os.tmpdir(), `tiproxy-node-${process.pid}.tsv`);
+  fs.writeFileSync(file, '100\tfrom a file\t1.00\n101\tsecond line\t2.00\n');
+  try {
+    await q('LOAD DATA LOCAL into a move', `LOAD DATA LOCAL INFILE ${conn.escape(file)} INTO TABLE node_j (id, name, price)`);
+  } finally {
+    fs.unlinkSync(file);
+  }
+  await q('loaded', 'SELECT id, name, price FROM node_j WHERE id >= 100 ORDER BY id');
+  await call('beginTransaction');
+  await q('in a transaction', 'UPDATE node_j SET price = price * 2 WHERE id = 1');
+  await call('rollback');
+  await call('ping');
+  await call('changeUser', { user: options.user, password: options.password, database: options.database });
+  await q('after COM_CHANGE_USER', 'SELECT @j, @@time_zone = \'-02:00\' AS tz, DATABASE()');
+  await move(id);
+  await q('moved after COM_CHANGE_USER', 'SELECT price FROM node_j WHERE id = 1');
+  await call('end');
+}
+
+const workloads = { mysql2: mysql2Workload, mariadb: mariadbWorkload, mysql: mysqlWorkload };
 const which = workloads[process.argv[2]];
 if (!which) {
   process.stderr.write(`usage: node workload.js ${Object.keys(workloads).join('|')}\n`);
