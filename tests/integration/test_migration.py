@@ -16,7 +16,7 @@ import pytest
 from support.backends import ADMIN_TOML, APP, BACKEND_ARGS, BACKEND_USERS, EDU, MariaDBFactory
 from support.faults import CuttingRelay
 from support.proxy import ProxyFactory, ProxyProcess
-from tiproxy.playground.mariadb import MariaDBServer
+from tiproxy.playground.mariadb import AppUser, MariaDBServer
 from tiproxy.protocol.packets import frame
 
 pytestmark = pytest.mark.integration
@@ -214,6 +214,43 @@ def test_user_without_reusable_credential_stays_and_says_why(mproxy: ProxyProces
         assert cur.fetchall() == (("edu@%",),)
 
 
+def test_a_session_whose_password_changed_stays_and_says_why(
+        mproxy: ProxyProcess, pair: list[MariaDBServer]) -> None:
+    """Its password rotated under it (on every backend, as a cluster shares accounts): a move
+    would log in with the old one. The refused move reads the stored hashes again, which tell
+    the session's password is gone: it stays where it is, says why, and no backend is blamed."""
+    for b in pair:
+        b.sql("CREATE OR REPLACE USER rot@'%' IDENTIFIED BY 'first-pass'; "
+              "GRANT ALL ON mig_db.* TO rot@'%';")
+    rot = AppUser("rot", "first-pass", database="mig_db")
+    with mproxy.connect(rot) as conn, conn.cursor() as cur:
+        cur.execute("SET @kept = 1")
+        deadline = time.monotonic() + 10  # a new account: its hash is read once it logs in
+        while "no reusable credential" in mproxy.session(conn.thread_id())["waiting"]:
+            assert time.monotonic() < deadline, mproxy.session(conn.thread_id())
+            time.sleep(0.1)
+        for b in pair:
+            b.sql("ALTER USER rot@'%' IDENTIFIED BY 'second-pass'")
+        old = mproxy.session(conn.thread_id())["backend"]
+        mproxy.redirect()
+        cur.execute("SELECT @kept")  # the move is tried (and refused) as this arrives
+        assert cur.fetchall() == ((1,),)
+        deadline = time.monotonic() + 10
+        while "password changed" not in mproxy.session(conn.thread_id())["waiting"]:
+            assert time.monotonic() < deadline, mproxy.session(conn.thread_id())
+            time.sleep(0.1)
+        assert mproxy.session(conn.thread_id())["backend"] == old
+        assert all(not b["move_problem"] for b in mproxy.backends())
+        mproxy.redirect()  # asked again: it does not try
+        cur.execute("SELECT @kept, CURRENT_USER()")
+        assert cur.fetchall() == ((1, "rot@%"),)
+    assert "the target refused its login" in mproxy.log()
+    with mproxy.connect(AppUser("rot", "second-pass", database="mig_db")) as conn:
+        old = mproxy.session(conn.thread_id())["backend"]
+        mproxy.redirect()
+        assert mproxy.wait_moved(conn.thread_id(), old)  # a new login of it moves again
+
+
 def test_drain_and_undrain_through_the_api(mproxy: ProxyProcess, pair: list[MariaDBServer]) -> None:
     conns = [mproxy.connect() for _ in range(4)]
     try:
@@ -292,6 +329,13 @@ def test_failed_move_leaves_the_session_working(
         assert cur.fetchone() == ("me", pair[0].port)
         s = proxy.session(conn.thread_id())
         assert "failed" in s["waiting"]
+        # The stored hashes, read again from its backend, still match its password: the
+        # target's account differs, and the target is named for it.
+        deadline = time.monotonic() + 10
+        while not next(b for b in proxy.backends() if b["addr"] == other.addr)["move_problem"]:
+            assert time.monotonic() < deadline, proxy.backends()
+            time.sleep(0.1)
+        assert "password changed" not in proxy.session(conn.thread_id())["waiting"]
     _, body = proxy.api("/metrics")
     assert b'migrate_res="fail"' in body
     assert "move" in proxy.log() and "failed" in proxy.log()

@@ -102,6 +102,7 @@ class Cluster:
         self._sync_now = asyncio.Event()
         self._last_sync = 0.0
         self._last_found: tuple[str, int] | None = None  # (backend, hashes) of the last sync
+        self._sync_prefer = ""  # the backend the next sync reads first (sync_soon)
         self._unfiltered: set[str] = set()  # backends whose locked accounts the sync cannot see
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -241,8 +242,11 @@ class Cluster:
             log.error("moves involving backend %s failed for a lasting reason; such moves "
                       "are held for %.0fs: %s", backend.addr, LASTING_RETRY, problem)
 
-    def sync_soon(self) -> None:
-        """A login matched no stored hash: read them again (at most every MIN_SYNC_GAP)."""
+    def sync_soon(self, prefer: str = "") -> None:
+        """A login matched no stored hash, or a move's was refused: read them again (at most
+        every MIN_SYNC_GAP), from the backend `prefer` names first if it answers."""
+        if prefer:
+            self._sync_prefer = prefer
         if self.config.security.auth_sync_user:
             self._sync_now.set()
 
@@ -300,7 +304,12 @@ class Cluster:
         """Read the stored hashes from the first backend that answers."""
         security = self.config.security
         self._last_sync = time.monotonic()
-        for backend in self.router.candidates():
+        candidates = self.router.candidates()
+        preferred = self.router.backends.get(self._sync_prefer)
+        self._sync_prefer = ""
+        if preferred is not None:  # (drained or not: the account on it is what is asked)
+            candidates = [preferred, *(b for b in candidates if b is not preferred)]
+        for backend in candidates:
             try:
                 conn = await AdminConnection.open(backend.host, backend.port,
                                                   security.auth_sync_user,
@@ -314,8 +323,8 @@ class Cluster:
                 log.warning("credential sync from %s failed: %s", backend.addr, e)
                 continue
             count = self.credentials.replace_synced(
-                (_text(r[0]), _text(r[1]), _text(r[2]), None if r[3] is None else _text(r[3]))
-                for r in rows if len(r) == 4)
+                ((_text(r[0]), _text(r[1]), _text(r[2]), None if r[3] is None else _text(r[3]))
+                 for r in rows if len(r) == 4), backend.addr)
             # Every minute: logged at info when what it found changed (the first sync too).
             found = (backend.addr, count)
             log.log(logging.INFO if found != self._last_found else logging.DEBUG,

@@ -9,7 +9,8 @@ The end. Whatever ends a session (the client's COM_QUIT or its socket, the proxy
 lost with no way to rebuild it) goes through close(), which counts it once by its kind
 (views/counters.py), hands an idle backend connection to the pool for the next login when it is
 fit for one (net/pool.py), and otherwise ends it with a COM_QUIT so that the server logs a
-clean exit.
+clean exit. One end is the server's own, carried across moves: a session idle for its
+wait_timeout since its last answer is closed, though its new backend counts from the move.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class SessionFlow:
     _move_task: asyncio.Task[None] | None
     _soon: asyncio.TimerHandle | None
     _idle_timer: asyncio.TimerHandle | None
+    _idle_wait: float
+    _moving: bool
+    last_answer: float
 
     if TYPE_CHECKING:  # provided by Session and its other mixins: for the type checker only
         def _drain_client(self) -> None: ...
@@ -89,6 +93,30 @@ class SessionFlow:
         if self._move is not None and self.try_move():
             return
         self.release_input("idle")
+
+    def _keep_wait_timeout(self, wait_timeout: float | None) -> None:
+        """A server closes a connection idle for its wait_timeout, counted from its last answer;
+        the new backend counts from the move. Until the client sends a command, the proxy
+        keeps the old count: a session idle that long is closed as its server would have."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if wait_timeout:
+            self._idle_wait = wait_timeout
+            since = self.last_answer
+            delay = max(since + wait_timeout - time.monotonic(), 0.0)
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                delay, self._idle_too_long, since, wait_timeout)
+
+    def _idle_too_long(self, since: float, wait_timeout: float) -> None:
+        self._idle_timer = None
+        tracker = self.tracker
+        if self.phase != COMMAND or self._moving or self.last_answer != since or tracker is None \
+                or not tracker.idle or self._cbuf:
+            return  # it sent a command since: the backend counts from that one's answer
+        self.close(f"idle for its wait_timeout ({wait_timeout:g}s) since its last answer, "
+                   "counted across its moves: closed as its server would",
+                   kind=counters.BACKEND_NETWORK)
 
     def hold_input(self, reason: str) -> None:
         """Client commands wait (they are read into the buffer no further)."""

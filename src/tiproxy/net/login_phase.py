@@ -68,6 +68,7 @@ ER_UNKNOWN_ERROR = 1105
 LOGIN_PACKET_LIMIT = 1 << 20  # a handshake response with connect attributes is a few KiB
 LOGIN_TIMEOUT = 30.0  # a client that does not finish logging in by then is cut off
 NO_CREDENTIAL = "no reusable credential"
+PASSWORD_CHANGED = "the account's password changed since the session logged in"  # noqa: S105
 EMPTY_PASSWORD = b""  # the credential of a user without a password (else SHA1(password))
 LOGIN, COMMAND, CLOSED = 0, 1, 2
 _monotonic = time.monotonic
@@ -115,6 +116,7 @@ class SessionLogin:
         def send_client(self, data: bytes) -> None: ...
         def client_data(self, data: bytes) -> None: ...
         def _client_proxy_header(self, data: bytes) -> bytes: ...  # net/client_origin.py
+        def recheck_move(self) -> None: ...  # net/moves.py
         def bound_writes(self, transport: asyncio.BaseTransport | None) -> None: ...
         def _response_done(self, token: Any, status: int, failed: bool) -> None: ...
         def _protocol_error(self, e: ProtocolError) -> None: ...
@@ -355,6 +357,17 @@ class SessionLogin:
         """A refresh of the stored hashes verified this session's login after all."""
         self.credential = credential
         self.state.no_credential = ""
+        self.recheck_move()
+
+    def credential_outdated(self) -> None:
+        """The account's stored hash no longer matches this session's password: it was changed
+        since the login (ALTER USER, SET PASSWORD). A login elsewhere would be refused, so the
+        session stays where it is, and says why."""
+        self.credential = None
+        self.state.no_credential = PASSWORD_CHANGED
+        log.info("session %d: the password of %s changed since it logged in: it cannot move",
+                 self.id, self.user)
+        self.recheck_move()
 
     def login_timed_out(self) -> None:
         """LOGIN_TIMEOUT after it connected (server.py's maintenance finds it)."""

@@ -28,7 +28,7 @@ from tiproxy.balance.router import LASTING_RETRY
 from tiproxy.client.channel import query
 from tiproxy.net.login_phase import COMMAND
 from tiproxy.net.migration import MigrationError, move_session
-from tiproxy.protocol.constants import Capability, ServerStatus
+from tiproxy.protocol.constants import ER_ACCESS_DENIED_ERROR, Capability, ServerStatus
 from tiproxy.session.statements import statement_effects
 from tiproxy.views import counters
 from tiproxy.views.history import MoveRecord
@@ -98,6 +98,10 @@ class SessionMoves:
         self.balanced_at = float("-inf")  # when the rebalance loop last moved this session
         self.moves = 0
         self.namespace = ""
+        # A move's target refused the login (1045): (target, why, the session's backend),
+        # until the stored hashes, read again from that backend, say whether the session's
+        # password or the target is to blame (server_views.py's credentials_changed).
+        self.refused_login: tuple[Backend, str, str] | None = None
 
     if TYPE_CHECKING:  # provided by Session and its other mixins: for the type checker only
         def set_backend_keepalive(self, leg: BackendLeg | None, unhealthy: bool) -> None: ...
@@ -109,6 +113,7 @@ class SessionMoves:
         def backend_data(self, data: bytes) -> None: ...
         def backend_lost(self, exc: Exception | None) -> None: ...
         def pause_client_reading(self, reason: str, pause: bool) -> None: ...
+        def _keep_wait_timeout(self, wait_timeout: float | None) -> None: ...  # net/flow.py
 
     # -- asking -----------------------------------------------------------------------------
 
@@ -190,6 +195,13 @@ class SessionMoves:
             return False
         self._start_move(target)
         return True
+
+    def recheck_move(self) -> None:
+        """What pins the session changed between commands (its credential): the move asked
+        for is looked at afresh, its reason with it, whenever it was to be tried again."""
+        if self._move is not None:
+            self._move.retry_at = 0.0
+            self.try_move()
 
     def _move_soon(self, delay: float) -> None:
         if self._soon is None:
@@ -283,7 +295,17 @@ class SessionMoves:
             delay = LASTING_RETRY
             move.waiting = (f"last move failed for a lasting reason ({e}); next try in "
                             f"{delay:.0f}s")
-            self.server.lasting_move_problem(source if e.step == "capture" else target, str(e))
+            if e.step == "login" and e.code == ER_ACCESS_DENIED_ERROR \
+                    and self.server.config().security.auth_sync_user:
+                # The session's password changed since its login, or the target's account
+                # differs: the stored hashes, read again, tell which (credentials_changed).
+                log.warning("session %d: move %s -> %s failed: the target refused its login: "
+                            "%s", self.id, source.addr, target.addr, e)
+                self.refused_login = (target, str(e), source.addr)
+                self.server.control.sync_soon(source.addr)  # its account matched there
+            else:
+                self.server.lasting_move_problem(source if e.step == "capture" else target,
+                                                 str(e))
         else:
             delay = min(RETRY_MAX, RETRY_FIRST * 2 ** (move.failures - 1))
             move.waiting = f"last move failed ({e}); next try in {delay:.0f}s"
@@ -332,30 +354,6 @@ class SessionMoves:
         self.server.router.forget_empty()
         if result.captured is not None:
             self._keep_wait_timeout(result.captured.wait_timeout)
-
-    def _keep_wait_timeout(self, wait_timeout: float | None) -> None:
-        """A server closes a connection idle for its wait_timeout, counted from its last answer;
-        the new backend counts from the move. Until the client sends a command, the proxy
-        keeps the old count: a session idle that long is closed as its server would have."""
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        if wait_timeout:
-            self._idle_wait = wait_timeout
-            since = self.last_answer
-            delay = max(since + wait_timeout - time.monotonic(), 0.0)
-            self._idle_timer = asyncio.get_running_loop().call_later(
-                delay, self._idle_too_long, since, wait_timeout)
-
-    def _idle_too_long(self, since: float, wait_timeout: float) -> None:
-        self._idle_timer = None
-        tracker = self.tracker
-        if self.phase != COMMAND or self._moving or self.last_answer != since or tracker is None \
-                or not tracker.idle or self._cbuf:
-            return  # it sent a command since: the backend counts from that one's answer
-        self.close(f"idle for its wait_timeout ({wait_timeout:g}s) since its last answer, "
-                   "counted across its moves: closed as its server would",
-                   kind=counters.BACKEND_NETWORK)
 
     def _begin_shortcut(self, sql: bytes) -> bool:
         """A BEGIN inside a transaction while a move is due: commit, move, then BEGIN."""

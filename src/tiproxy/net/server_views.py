@@ -17,6 +17,7 @@ from tiproxy.views.history import MoveHistory
 from tiproxy.views.interface import MigrationStats, SessionGauges, SessionView
 
 if TYPE_CHECKING:
+    from tiproxy.balance.router import Backend
     from tiproxy.config import Config
     from tiproxy.net.relay import Session
     from tiproxy.net.server import ControlPlane
@@ -39,6 +40,7 @@ class ServerViews:
 
     if TYPE_CHECKING:  # provided by ProxyServer's other parts: for the type checker only
         def _staying_views(self) -> list[SessionView]: ...
+        def lasting_move_problem(self, backend: Backend, problem: str) -> None: ...
 
     # -- traffic capture --------------------------------------------------------------------------
 
@@ -82,7 +84,9 @@ class ServerViews:
         self.control.sync_soon()
 
     def credentials_changed(self) -> None:
-        """The stored hashes changed: logins that matched none are tried again."""
+        """The stored hashes changed: logins that matched none are tried again, and a move's
+        refused login is judged: the session's password changed since it logged in (it stops
+        trying to move with it), or the target's account differs (a lasting move problem)."""
         stale, self._stale = self._stale, []
         for session, exchange in stale:
             if session.phase != COMMAND:
@@ -90,6 +94,20 @@ class ServerViews:
             credential = self.credentials.recover(session.user, *exchange)
             if credential is not None:
                 session.credential_recovered(credential)
+        for session in self.sessions.values():
+            if session.phase != COMMAND:
+                continue
+            refused, session.refused_login = session.refused_login, None
+            if refused is None:
+                continue
+            target, why, source = refused
+            # Read from the backend the session is logged in to, the hashes tell whether its
+            # password is still the account's there; if it is, the target's account differs.
+            if self.credentials.synced_from == source and session.credential is not None \
+                    and self.credentials.verifies(session.user, session.credential) is False:
+                session.credential_outdated()
+            else:
+                self.lasting_move_problem(target, why)
 
     # -- what the API sees ------------------------------------------------------------------------
 

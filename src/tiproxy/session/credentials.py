@@ -8,6 +8,8 @@ account `[security] auth-sync-user` (see control/cluster.py). A user may have se
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Iterable
 
 from tiproxy.protocol.auth import NATIVE_PLUGIN, parse_native_hash, recover_stage1
@@ -17,8 +19,9 @@ class UsersFileError(ValueError):
     pass
 
 
-# (users file hashes, synced hashes, users with limits of their own), by user name.
-CredentialSnapshot = tuple[dict[str, set[bytes]], dict[str, set[bytes]], set[str]]
+# (users file hashes, synced hashes, users with limits of their own), by user name ...
+# ... and the backend the synced ones were read from.
+CredentialSnapshot = tuple[dict[str, set[bytes]], dict[str, set[bytes]], set[str], str]
 
 
 class CredentialStore:
@@ -26,6 +29,7 @@ class CredentialStore:
         self._file: dict[str, set[bytes]] = {}
         self._synced: dict[str, set[bytes]] = {}
         self._limited: set[str] = set()
+        self.synced_from = ""  # the backend (address) the last sync read
 
     def load_users(self, data: bytes, origin: str) -> int:
         """Replace the hashes of the users file with those in `data` (its content; `origin`
@@ -50,7 +54,8 @@ class CredentialStore:
         self._file = hashes
         return sum(len(v) for v in hashes.values())
 
-    def replace_synced(self, rows: Iterable[tuple[str, str, str, str | None]]) -> int:
+    def replace_synced(self, rows: Iterable[tuple[str, str, str, str | None]],
+                       origin: str = "") -> int:
         """Rows of (user, plugin, authentication_string, limited) read from a backend: limited
         is "1" for an account with limits of its own (control/cluster.py), None where the
         server could not say."""
@@ -64,6 +69,7 @@ class CredentialStore:
                 limited.add(user)
         self._synced = hashes
         self._limited = limited
+        self.synced_from = origin
         return sum(len(v) for v in hashes.values())
 
     def own_limits(self, user: str) -> bool:
@@ -84,9 +90,19 @@ class CredentialStore:
                 return stage1
         return None
 
+    def verifies(self, user: str, credential: bytes) -> bool | None:
+        """Whether a session's SHA1(password) still matches a stored hash of its user: None
+        where no hash of the user is stored (an account of another plugin, a users-file that
+        does not list it), so nothing can be told."""
+        stored = self._file.get(user, set()) | self._synced.get(user, set())
+        if not stored or not credential:  # (an empty password has no stored hash to match)
+            return None
+        mine = hashlib.sha1(credential).digest()  # noqa: S324 - the protocol's own hash
+        return any(hmac.compare_digest(mine, hashed) for hashed in stored)
+
     def snapshot(self) -> CredentialSnapshot:
         """Every stored hash, for a worker process to hold the same (workers/messages.py)."""
-        return self._file, self._synced, self._limited
+        return self._file, self._synced, self._limited, self.synced_from
 
     def restore(self, snapshot: CredentialSnapshot) -> None:
-        self._file, self._synced, self._limited = snapshot
+        self._file, self._synced, self._limited, self.synced_from = snapshot

@@ -262,7 +262,7 @@ class Workers(SummedViews):
         elif isinstance(message, m.LogLine):
             logging.getLogger(message.name).log(message.level, "%s", message.message)
         elif isinstance(message, m.SyncNow):
-            cluster.sync_soon()
+            cluster.sync_soon(message.prefer)
         elif isinstance(message, m.CaptureBatch):
             self._captured(worker, message)
         elif backend is None:

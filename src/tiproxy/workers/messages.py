@@ -180,7 +180,7 @@ class Doubt:
 
 @dataclass(frozen=True)
 class SyncNow:
-    pass
+    prefer: str = ""  # the backend to read first (its address), if any
 
 
 @dataclass(frozen=True)

@@ -127,8 +127,8 @@ class LinkedControl:
             backend.move_problem = problem
             self._link.send(m.LastingProblem(backend.addr, problem))
 
-    def sync_soon(self) -> None:
-        self._link.send(m.SyncNow())
+    def sync_soon(self, prefer: str = "") -> None:
+        self._link.send(m.SyncNow(prefer))
 
     async def probe_template(self) -> None:
         """No greeting known yet: the control process probes once for every worker."""
