@@ -251,6 +251,39 @@ def test_a_session_whose_password_changed_stays_and_says_why(
         assert mproxy.wait_moved(conn.thread_id(), old)  # a new login of it moves again
 
 
+@pytest.mark.parametrize("change", [
+    "SET PASSWORD = PASSWORD('{0}')",
+    "set password for current_user() = password(\"{0}\");",
+])
+def test_a_session_that_sets_its_own_password_moves_with_it(
+        mproxy: ProxyProcess, pair: list[MariaDBServer], change: str) -> None:
+    """The new password is in the statement: a move's login answers with it (the other
+    backend gets it too, as a cluster's would)."""
+    for b in pair:
+        b.sql("CREATE OR REPLACE USER own@'%' IDENTIFIED BY 'own-first'; "
+              "GRANT ALL ON mig_db.* TO own@'%';")
+    with mproxy.connect(AppUser("own", "own-first", database="mig_db")) as conn, \
+            conn.cursor() as cur:
+        deadline = time.monotonic() + 10  # a new account: its hash is read once it logs in
+        while "no reusable credential" in mproxy.session(conn.thread_id())["waiting"]:
+            assert time.monotonic() < deadline, mproxy.session(conn.thread_id())
+            time.sleep(0.1)
+        cur.execute("SET @kept = 'still'")
+        cur.execute(change.format("own-second"))
+        cur.execute("SELECT @@port")
+        here = cur.fetchone()[0]
+        for b in pair:
+            if b.port != here:
+                b.sql("ALTER USER own@'%' IDENTIFIED BY 'own-second'")
+        for _ in range(2):
+            old = mproxy.session(conn.thread_id())["backend"]
+            mproxy.redirect()
+            cur.execute("SELECT @kept, CURRENT_USER()")
+            assert cur.fetchall() == (("still", "own@%"),)
+            assert mproxy.wait_moved(conn.thread_id(), old)
+    assert "own-second" not in mproxy.log()
+
+
 def test_drain_and_undrain_through_the_api(mproxy: ProxyProcess, pair: list[MariaDBServer]) -> None:
     conns = [mproxy.connect() for _ in range(4)]
     try:

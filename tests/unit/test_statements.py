@@ -371,3 +371,18 @@ def test_a_statement_text_is_read_once_and_any_buffer_still_works() -> None:
     assert again == first and again is not first
     long_sql = sql + b" " * MEMO_MAX_LEN
     assert statement_effects(long_sql) == first and statement_effects(long_sql) is not first
+
+
+def test_a_session_setting_its_own_password_is_read_and_never_shown() -> None:
+    for sql, want in ((b"SET PASSWORD = PASSWORD('n3w')", b"n3w"),
+                      (b"set password for current_user() = password(\"it''s\") ;", b"it''s"),
+                      (b"SET PASSWORD FOR CURRENT_USER = PASSWORD('a\\'b\\\\c')", b"a'b\\c"),
+                      (b"SET PASSWORD = PASSWORD('')", b"")):
+        fx = statement_effects(sql)
+        assert fx.own_password == want, sql
+        assert bool(fx) and repr(want) not in repr(fx)
+    for sql in (b"SET PASSWORD FOR bob@'%' = PASSWORD('x')",  # another account, maybe
+                b"SET PASSWORD = '*0123456789ABCDEF0123456789ABCDEF01234567'",  # a hash
+                b"ALTER USER CURRENT_USER() IDENTIFIED BY 'x'",  # MariaDB 10.11 ignores it
+                b"SET @p = PASSWORD('x')"):
+        assert statement_effects(sql).own_password is None, sql

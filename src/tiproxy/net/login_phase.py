@@ -19,6 +19,7 @@ net/pool.py).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import ssl
 import time
@@ -356,6 +357,16 @@ class SessionLogin:
     def credential_recovered(self, credential: bytes) -> None:
         """A refresh of the stored hashes verified this session's login after all."""
         self.credential = credential
+        self.state.no_credential = ""
+        self.recheck_move()
+
+    def own_password_set(self, password: bytes) -> None:
+        """The session set its own password in clear text (SET PASSWORD): a login elsewhere
+        answers with it from now on, if its login was a mysql_native_password one (the account
+        keeps its plugin)."""
+        if self.dialect == "tidb" or self.client_salt is None:
+            return
+        self.credential = hashlib.sha1(password).digest() if password else EMPTY_PASSWORD  # noqa: S324
         self.state.no_credential = ""
         self.recheck_move()
 

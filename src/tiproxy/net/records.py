@@ -64,6 +64,7 @@ class CommandRecords:
         def variables_reset(self) -> None: ...
         def _connection_ids(self, packet: bytes, prepare: bool) -> Any: ...
         def _user_changed(self, user: str, failed: bool) -> None: ...
+        def own_password_set(self, password: bytes) -> None: ...  # net/login_phase.py
         def _to_client(self, data: bytes) -> None: ...
 
     def _query_token(self, packet: bytes, original: bytes) -> Any:
@@ -174,6 +175,8 @@ class CommandRecords:
         if kind == "query":
             if token[1]:
                 state.ran(token[1], failed)
+                if token[1].own_password is not None and not failed:
+                    self.own_password_set(token[1].own_password)
             if token[2] is not None:
                 self.variables_changed(token[2], failed)
         elif kind == "prepare":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tiproxy.protocol.codec import Buffer
 from tiproxy.session.commands import MAYBE_KILL_FIRST_BYTES
@@ -83,6 +83,14 @@ _EXECUTE_IMMEDIATE = re.compile(rb"EXECUTE\s+IMMEDIATE\s*", re.IGNORECASE)
 # escapes and doubled quotes (https://mariadb.com/kb/en/string-literals/).
 _LITERAL = re.compile(rb"(?:_[A-Za-z0-9]+\s*)?('(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\")"
                       rb"(?P<using>\s+USING\b.*)?\Z", re.DOTALL | re.IGNORECASE)
+# The session setting its own password in clear text, which a move's login then answers with:
+# SET PASSWORD [FOR CURRENT_USER()] = PASSWORD('...') (https://mariadb.com/kb/en/set-password/).
+# A hash, another account's name or ALTER USER: not read (MariaDB 10.11 answers OK to ALTER USER
+# CURRENT_USER() IDENTIFIED BY and changes nothing); the move that fails then tells the
+# session's password changed (net/server_views.py).
+_OWN_PASSWORD = re.compile(
+    rb"SET\s+PASSWORD\s*(?:FOR\s+CURRENT_USER\s*(?:\(\s*\))?\s*)?=\s*PASSWORD\s*\(\s*"
+    rb"('(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.|\"\")*\")\s*\)\s*;?\s*\Z", re.IGNORECASE | re.DOTALL)
 _ESCAPES = {b"0": b"\0", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"Z": b"\x1a"}
 _DEALLOCATE = re.compile(rb"(?:DEALLOCATE|DROP)\s+PREPARE\s+(" + _IDENT + rb")", re.IGNORECASE)
 # HANDLER tbl OPEN [[AS] alias]: later statements name the alias (https://mariadb.com/kb/en/handler-commands/)
@@ -176,6 +184,7 @@ class StatementEffects:
     use_db: bytes | None = None  # USE db: the current database after it
     counts_reset: bool = False  # FLUSH STATUS: the server's counts start again from 0
     read_lock: bool | None = None  # True: FLUSH TABLES WITH READ LOCK / FOR EXPORT; False: UNLOCK
+    own_password: bytes | None = field(default=None, repr=False)  # secret: never shown
     backup: bool | None = None  # True: BACKUP STAGE START, BACKUP LOCK; False: their ends
     # CALL: a stored procedure ran, and may have set user variables the proxy cannot name
     # (it matters where the server cannot list them: net/migration.py)
@@ -205,7 +214,11 @@ def literal_text(sql: bytes, using: bool = False) -> bytes | None:
         return None
     raw = m.group(1)
     quote = raw[:1]
-    body = raw[1:-1].replace(quote + quote, quote)
+    return _unescaped(raw[1:-1].replace(quote + quote, quote))
+
+
+def _unescaped(body: bytes) -> bytes:
+    """A literal's bytes with its backslash escapes read."""
     return re.sub(rb"\\(.)", lambda e: _ESCAPES.get(e.group(1), e.group(1)), body, flags=re.DOTALL)
 
 
@@ -276,12 +289,8 @@ def _ends(sql: bytes, pattern: re.Pattern[bytes]) -> list[int]:
 def _one_statement(sql: bytes, fx: StatementEffects) -> None:
     body = sql[skip_leading(sql) :]
     word = first_keyword(body)
-    if word == b"SET" and (m := _SET_STATEMENT.match(body)):
-        _one_statement(body[m.end():], fx)
+    if word == b"SET" and _set(body, fx):
         return
-    if word == b"SET":
-        fx.session_only += tuple((m.group(1).decode().lower(), m.group(2) is None)
-                                 for m in _SESSION_ONLY.finditer(body))
     if word == b"CREATE" and (m := _CREATE_TEMP.match(body)):
         fx.temp_created += (_name(m.group(1)),)
     elif word == b"DROP":
@@ -326,6 +335,24 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
     elif word == b"CALL":
         fx.calls_procedure = True
     _lock_functions(body, fx)
+
+
+def _set(body: bytes, fx: StatementEffects) -> bool:
+    """A SET statement's effects; True for SET STATEMENT ... FOR, whose statement was read."""
+    if m := _SET_STATEMENT.match(body):
+        _one_statement(body[m.end():], fx)
+        return True
+    fx.session_only += tuple((m.group(1).decode().lower(), m.group(2) is None)
+                             for m in _SESSION_ONLY.finditer(body))
+    _own_password(body, fx)
+    return False
+
+
+def _own_password(body: bytes, fx: StatementEffects) -> None:
+    if m := _OWN_PASSWORD.match(body):
+        raw = m.group(1)
+        quote = raw[:1]
+        fx.own_password = _unescaped(raw[1:-1].replace(quote + quote, quote))
 
 
 def _server_locks(word: bytes, body: bytes, fx: StatementEffects) -> None:
