@@ -203,6 +203,28 @@ def test_begin_inside_a_transaction_moves_by_the_shortcut(mproxy: ProxyProcess) 
         assert cur.fetchall() == ((1,),)
 
 
+@pytest.mark.parametrize("completion", ["CHAIN", "RELEASE"])
+def test_the_shortcuts_commit_neither_chains_nor_releases(mproxy: ProxyProcess,
+                                                          completion: str) -> None:
+    """The BEGIN shortcut commits on the old backend as the client's BEGIN would have: the
+    session's completion_type does not make that COMMIT open another transaction there (CHAIN)
+    or end the connection (RELEASE: mysqltest's sys_vars.completion_type_func)."""
+    with mproxy.connect() as conn, conn.cursor() as cur:
+        cur.execute(f"SET SESSION completion_type = '{completion}'")
+        cur.execute("START TRANSACTION")
+        cur.execute("SELECT @@port")
+        port = cur.fetchone()[0]
+        old = mproxy.session(conn.thread_id())["backend"]
+        mproxy.redirect()
+        time.sleep(0.3)
+        assert mproxy.session(conn.thread_id())["backend"] == old  # in a transaction: waits
+        cur.execute("START TRANSACTION")  # commits the open one, whatever completion_type says
+        cur.execute("SELECT @@port, @@in_transaction, @@completion_type")
+        new_port, in_trans, kept = cur.fetchone()
+        assert (new_port != port, in_trans, kept) == (True, 1, completion)
+        cur.execute("ROLLBACK AND NO CHAIN NO RELEASE")
+
+
 def test_user_without_reusable_credential_stays_and_says_why(mproxy: ProxyProcess) -> None:
     with mproxy.connect(EDU) as conn, conn.cursor() as cur:
         old = mproxy.session(conn.thread_id())["backend"]

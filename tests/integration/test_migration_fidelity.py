@@ -309,7 +309,13 @@ def test_a_lasting_move_failure_is_reported_once_and_not_retried_in_a_loop(
         proxy.redirect()
         deadline = time.monotonic() + 10
         while "lasting reason" not in proxy.session(conn.thread_id())["waiting"]:
-            assert time.monotonic() < deadline, proxy.session(conn.thread_id())
+            assert time.monotonic() < deadline, (proxy.session(conn.thread_id())["waiting"],
+                                                 proxy.log()[-3000:])
+            time.sleep(0.05)
+        # Refused at login: the backend is named once the stored hashes, read again from the
+        # session's backend, show its password is still the account's there.
+        while not {b["addr"]: b["move_problem"] for b in proxy.backends()}[other.addr]:
+            assert time.monotonic() < deadline, proxy.backends()
             time.sleep(0.05)
         time.sleep(2.5)  # a retry loop would have tried again by now (first retry: 1 s)
         metrics = proxy.api("/metrics")[1].decode()

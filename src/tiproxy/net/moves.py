@@ -319,7 +319,10 @@ class SessionMoves:
         assert leg is not None
         leg.detach()
         try:
-            result = await query(leg, "COMMIT", bool(self.backend_caps & Capability.DEPRECATE_EOF))
+            # As the client's BEGIN would: whatever completion_type says (CHAIN would open
+            # another transaction there, RELEASE would end the connection).
+            result = await query(leg, "COMMIT AND NO CHAIN NO RELEASE",
+                                 bool(self.backend_caps & Capability.DEPRECATE_EOF))
         except Exception as e:
             raise MigrationError("commit", str(e), old_intact=_reattach(self, leg)) from e
         assert self.tracker is not None  # moves happen in the command phase

@@ -59,6 +59,10 @@ _NOT_REPLAYED = frozenset((Command.PING, Command.STMT_PREPARE, Command.STMT_CLOS
 _INSIDE = frozenset((b"SELECT", b"INSERT", b"UPDATE", b"DELETE", b"REPLACE", b"WITH",
                      b"VALUES", b"TABLE", b"SAVEPOINT", b"DO", b"SHOW", b"DESCRIBE", b"DESC"))
 
+# The proxy's own ROLLBACK on a replay's leg: whatever the session's completion_type says
+# (CHAIN would open another transaction, RELEASE would end the connection).
+_ROLLBACK = "ROLLBACK AND NO CHAIN NO RELEASE"
+
 
 class TransactionReplay(SessionRecovery):
     """Mixed into Session (net/relay.py), after SessionRecovery."""
@@ -181,14 +185,14 @@ class TransactionReplay(SessionRecovery):
         self._replaying = True
         try:
             if rollback_first:
-                await query(leg, "ROLLBACK", eof)
+                await query(leg, _ROLLBACK, eof)
             why, status = await replay_log(self, leg, txlog, eof)
             while why == CONFLICT and txlog.attempts < MAX_ATTEMPTS:
                 txlog.attempts += 1
-                await query(leg, "ROLLBACK", eof)
+                await query(leg, _ROLLBACK, eof)
                 why, status = await replay_log(self, leg, txlog, eof)
             if why:
-                status = (await query(leg, "ROLLBACK", eof)).status
+                status = (await query(leg, _ROLLBACK, eof)).status
             self.tracker.status = status
         except (SQLError, ProtocolError, OSError, TimeoutError) as e:
             why = f"the replay failed: {e}"
