@@ -76,12 +76,13 @@ class ServerViews:
     # -- credentials ------------------------------------------------------------------------------
 
     def refresh_credential(self, session: Session, exchange: tuple[bytes, bytes]) -> None:
-        """A login matched no stored hash: sync now, then try that login again."""
+        """A login matched no stored hash: sync now, from the backend it logged in to first
+        (another may not have the account, or not yet), then try that login again."""
         if not self._config.security.auth_sync_user:
             return
         self._stale.append((session, exchange))
         del self._stale[:-1000]  # bounded: unmatched logins of a burst, not forever
-        self.control.sync_soon()
+        self.control.sync_soon(session.backend.addr if session.backend is not None else "")
 
     def credentials_changed(self) -> None:
         """The stored hashes changed: logins that matched none are tried again, and a move's
