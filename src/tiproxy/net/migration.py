@@ -234,17 +234,24 @@ async def _login(session: Session, leg: BackendLeg, captured: _Captured,
         seq = await _start_tls(session, leg, greeting.capabilities, response, target)
         response = replace(response, capabilities=caps | Capability.SSL)
     leg.write(frame(build_handshake_response(response), seq))
+    unanswerable = ""  # a plugin the proxy cannot speak, answered empty once
     while True:
         seq, payload = await leg.read_packet()
         if payload[:1] == b"\x00":
             return greeting.connection_id, ok_status(payload, 0, len(payload))
         if payload[:1] == b"\xff":
             raise sql_error(payload)
-        if payload[:1] != b"\xfe" or session.dialect == "tidb":
-            raise ProtocolError("unexpected packet while logging in again", Origin.BACKEND)
+        if payload[:1] != b"\xfe" or session.dialect == "tidb" or unanswerable:
+            raise ProtocolError(f"backend asks for {unanswerable}" if unanswerable else
+                                "unexpected packet while logging in again", Origin.BACKEND)
         switch = parse_auth_switch(payload)
         if switch.plugin != NATIVE_PLUGIN or session.credential is None:
-            raise ProtocolError(f"backend asks for {switch.plugin}", Origin.BACKEND)
+            # The account has another plugin there, or does not exist (MariaDB then names a
+            # plugin of some other account, not to tell): an empty answer has the server say
+            # which, as an error (1045), which is what decides whether to try again.
+            unanswerable = switch.plugin
+            leg.write(frame(b"", seq + 1))
+            continue
         leg.write(frame(native_answer(session.credential, switch.data), seq + 1))
 
 
