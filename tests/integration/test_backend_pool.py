@@ -383,13 +383,14 @@ def change_user(conn: pymysql.connections.Connection[Any], user: AppUser) -> Non
 
 
 @pytest.mark.parametrize("change", ["SET ROLE", "compound SET ROLE", "COM_SET_OPTION",
-                                    "COM_CHANGE_USER", "busy"])
+                                    "COM_CHANGE_USER", "busy", "profiling"])
 def test_a_session_that_changed_what_a_new_login_would_not_give_back_is_not_kept(
     server: MariaDBServer, watch: Watch, proxy_factory: ProxyFactory, change: str,
 ) -> None:
-    """The server keeps the current role through COM_CHANGE_USER, and the multi-statements
-    option COM_SET_OPTION set; COM_CHANGE_USER makes another login; and a connection whose
-    command is still running is of no use: none of them is kept."""
+    """The server keeps the current role through COM_CHANGE_USER, the multi-statements
+    option COM_SET_OPTION set, and the profiles SHOW PROFILES lists through a reset (the next
+    session would see what this one ran); COM_CHANGE_USER makes another login; and a
+    connection whose command is still running is of no use: none of them is kept."""
     server.sql(f"CREATE ROLE IF NOT EXISTS pool_role; GRANT pool_role TO {APP.name}@'%'")
     proxy = proxy_factory([server.addr], pool_toml())
     first_kept(proxy)
@@ -405,6 +406,9 @@ def test_a_session_that_changed_what_a_new_login_would_not_give_back_is_not_kept
             set_option(conn, on=True)
         elif change == "COM_CHANGE_USER":
             change_user(conn, APP)
+        elif change == "profiling":
+            cur.execute("SET profiling = 1")
+            cur.execute("SELECT 'mine alone'")
     if change == "busy":
         query = b"\x03SELECT SLEEP(2)"
         conn._sock.sendall(len(query).to_bytes(3, "little") + b"\x00" + query)  # then gone

@@ -180,6 +180,26 @@ def test_set_role_pins_the_session(
         assert cur.fetchone() == ("fid_role",)
 
 
+@pytest.mark.parametrize("statement", ["SET profiling = 1",
+                                       "BEGIN NOT ATOMIC SET profiling = 1; END"])
+def test_profiling_pins_the_session(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory, statement: str,
+) -> None:
+    """SHOW PROFILES lists what the connection ran, which no other connection can show: a
+    session that turned profiling on stays with its profiles and says why, also when a compound
+    statement turned it on where the proxy reads no statement (the capture sees it)."""
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute(statement)
+        cur.execute("SELECT 'profiled'")
+        proxy.waits(conn.thread_id(), "profiling (SET profiling)")
+        cur.execute("SHOW PROFILES")
+        ran = [row[2] for row in cur.fetchall()]
+        assert "SELECT 'profiled'" in ran
+        if statement.startswith("SET"):
+            assert ran == ["SELECT 'profiled'"]  # the proxy ran nothing of its own there
+
+
 def test_multi_statements_turned_on_by_com_set_option_stay_on_after_a_move(
     backends: list[MariaDBServer], proxy_factory: ProxyFactory,
 ) -> None:

@@ -348,7 +348,7 @@ def test_user_variable_names_past_the_servers_limit_are_not_kept() -> None:
     {"temp_tables": {"t"}}, {"named_locks": {"a"}}, {"table_locks": True}, {"handlers": {"t"}},
     {"no_credential": "no reusable credential"}, {"opaque": "a statement"},
     {"hidden": "a temporary table the proxy did not see"}, {"opaque_prepared": {"s"}},
-    {"long_data": True}, {"cursor_open": True}, {},
+    {"long_data": True}, {"cursor_open": True}, {"profiling": True}, {"role_set": True}, {},
 ])
 def test_pinned_says_what_pins_says(pin: dict[str, object]) -> None:
     """The rebalancer's quick test (every session, once a second) agrees with the reasons."""
@@ -386,3 +386,21 @@ def test_a_session_setting_its_own_password_is_read_and_never_shown() -> None:
                 b"ALTER USER CURRENT_USER() IDENTIFIED BY 'x'",  # MariaDB 10.11 ignores it
                 b"SET @p = PASSWORD('x')"):
         assert statement_effects(sql).own_password is None, sql
+
+
+@pytest.mark.parametrize(("sql", "on"), [
+    (b"SET profiling = 1", True), (b"set @@profiling=ON", True),
+    (b"SET SESSION profiling = TRUE", True), (b"SET @@local.profiling := 2", True),
+    (b"SET sql_mode = '', profiling = 1", True),
+    (b"SET STATEMENT profiling = 1 FOR SELECT 1", True),
+    (b"SET profiling = 0", False), (b"SET profiling = OFF", False),
+    (b"SET profiling = DEFAULT", False), (b"SET profiling_history_size = 20", False),
+    (b"SET @profiling = 1", False), (b"SELECT 'SET profiling = 1'", False),
+])
+def test_profiling_turned_on_pins_for_the_connections_life(sql: bytes, on: bool) -> None:
+    """The server keeps the profiles SHOW PROFILES lists with the connection, through
+    COM_RESET_CONNECTION too: a session that turned profiling on stays, whatever follows."""
+    state = applied(sql, b"SET profiling = 0")
+    assert ("profiling" in state.pin_kinds()) is on
+    state.reset()
+    assert state.pinned() is on

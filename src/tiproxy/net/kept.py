@@ -206,8 +206,9 @@ class KeptConnections:
                    for task in (self._task, self._move_task, self._checkpoint_task))
         if busy or self._replaying or self.backend_tls or self._origin is not None \
                 or self.dialect == "tidb" or self.user != login.key.user or self.role_changed \
-                or self.backend_caps != login.backend_caps or backend.draining or backend.health:
-            return False  # COM_SET_OPTION, SET ROLE, a task on the leg, a backend leaving
+                or self.state.profiling or self.backend_caps != login.backend_caps \
+                or backend.draining or backend.health:
+            return False  # COM_SET_OPTION, SET ROLE, profiles, a task on the leg, a backend leaving
         security = self.server.config().security
         state = self.state
         if "MariaDB" not in login.greeting.server_version or backend.keep_unfit != "" \

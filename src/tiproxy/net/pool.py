@@ -16,7 +16,8 @@ login would have, that is when all of these hold:
 - the session is still on the connection it logged in on, with its login's user and
   capabilities (COM_SET_OPTION changes them), in its login's database or one COM_INIT_DB can
   give back, and never ran what may change the current role (SET ROLE, a procedure, a compound
-  statement: the reset keeps the role), and no KILL named it (the KILL runs against its thread
+  statement: the reset keeps the role) nor turned profiling on (the reset keeps the profiles
+  SHOW PROFILES lists), and no KILL named it (the KILL runs against its thread
   a moment later: net/kill.py);
 - the proxy holds the SHA1(password) that login proved, and the server checked the account less
   than auth-sync-interval ago (a reused connection carries its first login's time: a connection

@@ -33,7 +33,7 @@ from tiproxy.protocol.errors import SQLError
 from tiproxy.session.dialects import mysql as mysql_dialect
 from tiproxy.session.dialects.mysql_restore import CapturedState, UserVariable
 from tiproxy.session.sqltext import user_variable_names
-from tiproxy.session.state import MAX_TRACKED_USER_VARS, MAX_USER_VAR_NAME
+from tiproxy.session.state import MAX_TRACKED_USER_VARS, MAX_USER_VAR_NAME, PROFILING
 from tiproxy.session.statements import SESSION_ONLY_TYPES
 
 if TYPE_CHECKING:
@@ -327,6 +327,9 @@ def check_unseen(session: Session, captured: CapturedState) -> None:
     if pin:
         session.state.hidden = pin
         raise HiddenStateError(pin)
+    if any(name == "profiling" and raw == b"ON" for name, _, raw in captured.system):
+        session.state.profiling = True  # set where the proxy cannot see (a stored program)
+        raise HiddenStateError(PROFILING)
     if captured.locks:
         names = ", ".join(n.decode("utf-8", "replace") for n in captured.locks)
         raise HiddenStateError(f"named locks taken where the proxy cannot see (a stored "

@@ -56,6 +56,10 @@ class PreparedStatement:
         self.cursor_open = False
 
 
+PROFILING = ("profiling (SET profiling): SHOW PROFILES lists what this connection ran, which "
+             "no other connection can show")
+
+
 @dataclass
 class SessionState:
     stmts: dict[int, PreparedStatement] = field(default_factory=dict)
@@ -98,6 +102,10 @@ class SessionState:
     # one, so a move would change the session's privileges. COM_RESET_CONNECTION and
     # COM_CHANGE_USER keep the role (MariaDB 10.11), so this pin stays for the connection's life.
     role_set: bool = False
+    # SET profiling = 1 ran: SHOW PROFILES lists the statements this connection ran, which no
+    # other connection can show. The server keeps them through COM_RESET_CONNECTION (MariaDB
+    # 10.11), so this pin too stays for the connection's life.
+    profiling: bool = False
     # User variables the session's statements named, for servers that cannot list them
     # (information_schema.USER_VARIABLES disabled). Bounded: past the bound the session is
     # pinned on such servers instead.
@@ -186,6 +194,7 @@ class SessionState:
                 self.apply(one)
             return
         self.procedure_called = self.procedure_called or fx.calls_procedure
+        self.profiling = self.profiling or fx.profiling
         self.counts_reset = self.counts_reset or fx.counts_reset
         self.temp_tables.update(fx.temp_created)
         self.temp_creates += len(fx.temp_created)
@@ -259,10 +268,10 @@ class SessionState:
     def reset(self) -> None:
         """COM_RESET_CONNECTION or COM_CHANGE_USER: the server forgot all of it (on MariaDB the
         current database stays through COM_RESET_CONNECTION)."""
-        credential_reason, role_set = self.no_credential, self.role_set
+        kept = self.no_credential, self.role_set, self.profiling
         database, known = self.database, self.database_known
         self.__init__()  # type: ignore[misc]
-        self.no_credential, self.role_set = credential_reason, role_set
+        self.no_credential, self.role_set, self.profiling = kept
         self.database, self.database_known = database, known
 
     # -- pins -------------------------------------------------------------------------------
@@ -301,7 +310,7 @@ class SessionState:
         """bool(pins()), without building the reasons for the usual session that has none."""
         if self.temp_tables or self.named_locks or self.table_locks or self.handlers \
                 or self.read_lock or self.backup or self.no_credential or self.opaque \
-                or self.hidden or self.opaque_prepared or self.role_set:
+                or self.hidden or self.opaque_prepared or self.role_set or self.profiling:
             return True
         return bool(self.stmts) and bool(self.pins())
 
@@ -342,6 +351,8 @@ class SessionState:
         if self.role_set:
             pins.append(("role", "SET ROLE: a move would give the session the account's default "
                          "role instead"))
+        if self.profiling:
+            pins.append(("profiling", PROFILING))
         if self.opaque_prepared:
             pins.append(("prepared_from_variable",
                          "statements prepared from a variable (deallocate them to move): "

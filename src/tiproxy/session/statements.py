@@ -102,6 +102,11 @@ _SESSION_ONLY = re.compile(rb"(?<![@\w$])(?:@@(?:SESSION\.|LOCAL\.)?|(?:SESSION|
                            rb"(timestamp|insert_id)\s*:?=\s*(DEFAULT\b|0+(?![\d.]))?",
                            re.IGNORECASE)
 SESSION_ONLY_TYPES = {"timestamp": "DOUBLE", "insert_id": "BIGINT UNSIGNED"}
+# profiling = 1 (https://mariadb.com/kb/en/show-profiles/): the server keeps the statements'
+# profiles with the connection, through COM_RESET_CONNECTION too (MariaDB 10.11), and SHOW
+# PROFILES lists them; no other connection can show them. Any value but an off one.
+_PROFILING = re.compile(rb"(?<![@\w$.])(?:@@(?:SESSION\.|LOCAL\.)?|(?:SESSION|LOCAL)\s+)?"
+                        rb"profiling\s*:?=\s*+(?!(?:0+|OFF|FALSE|DEFAULT)\b)", re.IGNORECASE)
 # CREATE PROCEDURE/FUNCTION/TRIGGER/EVENT/PACKAGE: the body's statements run later, elsewhere
 # (inside CALL and the like), so nothing in it is read as this statement's effects.
 _CREATE_ROUTINE = re.compile(
@@ -186,6 +191,7 @@ class StatementEffects:
     read_lock: bool | None = None  # True: FLUSH TABLES WITH READ LOCK / FOR EXPORT; False: UNLOCK
     own_password: bytes | None = field(default=None, repr=False)  # secret: never shown
     backup: bool | None = None  # True: BACKUP STAGE START, BACKUP LOCK; False: their ends
+    profiling: bool = False  # SET profiling = 1 (SET STATEMENT profiling = 1 FOR ... too)
     # CALL: a stored procedure ran, and may have set user variables the proxy cannot name
     # (it matters where the server cannot list them: net/migration.py)
     calls_procedure: bool = False
@@ -340,8 +346,10 @@ def _one_statement(sql: bytes, fx: StatementEffects) -> None:
 def _set(body: bytes, fx: StatementEffects) -> bool:
     """A SET statement's effects; True for SET STATEMENT ... FOR, whose statement was read."""
     if m := _SET_STATEMENT.match(body):
+        fx.profiling = fx.profiling or bool(_PROFILING.search(body, 0, m.end()))
         _one_statement(body[m.end():], fx)
         return True
+    fx.profiling = fx.profiling or bool(_PROFILING.search(body))
     fx.session_only += tuple((m.group(1).decode().lower(), m.group(2) is None)
                              for m in _SESSION_ONLY.finditer(body))
     _own_password(body, fx)
