@@ -510,6 +510,24 @@ def test_tiproxyctl_drain_sessions_redirect(mproxy: ProxyProcess, pair: list[Mar
         assert out.returncode == 1 and "unknown backend" in out.stderr
 
 
+def test_a_server_that_pads_char_columns_gives_its_hashes_all_the_same(
+    mariadb_factory: MariaDBFactory, proxy_factory: ProxyFactory,
+) -> None:
+    """With PAD_CHAR_TO_FULL_LENGTH in the server's sql_mode, mysql.user's names and plugins
+    come back padded with spaces: the credential sync reads them as the names they are, and
+    the session moves."""
+    servers = [mariadb_factory((*BACKEND_ARGS, "--sql-mode=PAD_CHAR_TO_FULL_LENGTH"),
+                               BACKEND_USERS) for _ in range(2)]
+    proxy = proxy_factory([s.addr for s in servers], ADMIN_TOML)
+    with proxy.connect() as conn, conn.cursor() as cur:
+        cur.execute("SET @kept = 'yes'")
+        old = proxy.session(conn.thread_id())["backend"]
+        proxy.redirect()
+        proxy.wait_moved(conn.thread_id(), old)
+        cur.execute("SELECT @kept, @@sql_mode")
+        assert cur.fetchone() == ("yes", "PAD_CHAR_TO_FULL_LENGTH")
+
+
 def test_users_file_is_enough_to_move(pair: list[MariaDBServer], proxy_factory: ProxyFactory,
                                       tmp_path: Path) -> None:
     """No auth-sync-user: the stored hash comes from a file written by the operator."""

@@ -64,15 +64,17 @@ MIN_SYNC_GAP = 2.0  # a burst of unmatched logins triggers one sync, not one eac
 # kept connection of net/pool.py would not honour: MariaDB's MAX_STATEMENT_TIME (a reset sets the
 # global one), MAX_USER_CONNECTIONS (kept connections count toward it) and
 # MAX_CONNECTIONS_PER_HOUR (a login on a kept connection is not counted).
+# User and plugin are CHAR columns: a server whose sql_mode has PAD_CHAR_TO_FULL_LENGTH pads
+# them with spaces, which no name ends with (CHAR drops them when it stores one).
 LOGIN_USERS_QUERIES = (
-    "SELECT u.User, u.plugin, u.authentication_string, u.max_statement_time <> 0 OR "
+    "SELECT RTRIM(u.User), RTRIM(u.plugin), u.authentication_string, u.max_statement_time <> 0 OR "
     "u.max_user_connections <> 0 OR u.max_connections <> 0 FROM mysql.user u "
     "JOIN mysql.global_priv g USING (User, Host) "
     "WHERE u.password_expired <> 'Y' AND JSON_VALUE(g.Priv, '$.account_locked') IS NOT TRUE",
-    "SELECT User, plugin, authentication_string, max_user_connections <> 0 OR "
+    "SELECT RTRIM(User), RTRIM(plugin), authentication_string, max_user_connections <> 0 OR "
     "max_connections <> 0 FROM mysql.user "
     "WHERE account_locked <> 'Y' AND password_expired <> 'Y'",
-    "SELECT User, plugin, authentication_string, NULL FROM mysql.user",
+    "SELECT RTRIM(User), RTRIM(plugin), authentication_string, NULL FROM mysql.user",
 )
 
 
