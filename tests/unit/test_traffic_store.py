@@ -251,6 +251,13 @@ def test_read_only_statements(text: str, read_only: bool) -> None:
     ("/* c */ grant all on *.* to u", True), ("CHANGE MASTER TO MASTER_PASSWORD='p'", True),
     ("LOAD DATA LOCAL INFILE 'f' INTO TABLE t", True), ("SELECT password FROM users", False),
     ("SELECT * FROM grants", False), ("UPDATE t SET identified = 1", False),
+    # after another statement, inside another one, and the other password functions
+    ("SELECT 1; SET PASSWORD = '*0123456789ABCDEF0123456789ABCDEF01234567'", True),
+    ("DO 1;grant all on db.* to u", True), ("SELECT ED25519_PASSWORD('p')", True),
+    ("EXECUTE IMMEDIATE 'SET PASSWORD = ''*0123'''", True),
+    ("PREPARE s FROM 'ALTER USER u ACCOUNT LOCK'", True),
+    ("BEGIN NOT ATOMIC CREATE USER u; END", True),
+    ("SELECT 'a; grant' FROM t", False), ("SELECT user_password FROM t", False),
 ])
 def test_statements_that_may_carry_secrets(text: str, sensitive: bool) -> None:
     assert sql.is_sensitive(text.encode()) is sensitive

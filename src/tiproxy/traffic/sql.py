@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from tiproxy.session.statements import split_statements
+
 _TOKEN = re.compile(
     r"""(?P<space>\s+)
       | (?P<exec>/\*M?!\d*)                      # MariaDB / MySQL executable comment: kept
@@ -85,8 +87,13 @@ _SENSITIVE_STARTS = (
     ("change", "master"), ("change", "replication"), ("create", "server"),
     ("create", "or", "replace", "server"), ("alter", "server"),
 )
-_SECRET_WORDS = re.compile(r"\bidentified\s+(?:by|via|with)\b|\b(?:old_)?password\s*\(",
-                           re.IGNORECASE)
+# Anywhere in the text, not only at a statement's start: after another statement of a
+# multi-statement text, inside EXECUTE IMMEDIATE '...', PREPARE ... FROM '...' or a compound
+# statement. PASSWORD(), OLD_PASSWORD() and ED25519_PASSWORD() take a password in clear.
+_SECRET_WORDS = re.compile(
+    r"\bidentified\s+(?:by|via|with)\b|password\s*\(|\bset\s+password\b|"
+    r"\b(?:create|alter)\s+(?:or\s+replace\s+)?(?:user|server)\b|\bmaster_password\b|"
+    r"\bchange\s+(?:master|replication)\b", re.IGNORECASE)
 
 
 # Every sensitive statement holds one of these words: most statements are cleared by one search.
@@ -98,10 +105,13 @@ def is_sensitive(sql: bytes) -> bool:
     if _HINTS.search(sql.lower()) is None:
         return False
     text = text_of(sql)
-    words = tuple(leading_words(text, 4))
-    if any(words[: len(start)] == start for start in _SENSITIVE_STARTS):
+    if _SECRET_WORDS.search(text) is not None:
         return True
-    return _SECRET_WORDS.search(text) is not None
+    for statement in split_statements(sql):  # (as the server splits a multi-statement text)
+        words = tuple(leading_words(text_of(statement), 4))
+        if any(words[: len(start)] == start for start in _SENSITIVE_STARTS):
+            return True
+    return False
 
 
 _READ_ONLY_FIRST = frozenset(("show", "with", "use", "desc", "describe", "table", "do", "begin",
