@@ -44,7 +44,7 @@ SESSION_TRACK = 1 << 23
 ROUTINES = """
 USE test;
 CREATE OR REPLACE TABLE st_trig (a INT);
-CREATE OR REPLACE TABLE st_plain (a INT);
+CREATE OR REPLACE TABLE st_plain (a INT) ENGINE=InnoDB;  -- each transcript rolls back its rows
 DELIMITER //
 CREATE OR REPLACE PROCEDURE st_temp() BEGIN CREATE TEMPORARY TABLE st_tmp (a INT); END//
 CREATE OR REPLACE PROCEDURE st_var(OUT o INT) BEGIN SET @st_var = 'from st_var', o = 7; END//
