@@ -130,8 +130,16 @@ def test_idle_sessions_survive_a_killed_backend(pair: list[MariaDBServer],
     stale = _on(doomed, lambda: _pymysql(lproxy), others)
     with stale.cursor() as cur:  # only its server knew the value: nothing ran after it
         cur.execute("SET SESSION div_precision_increment = 3 + 5")
+    profiled = _on(doomed, lambda: _pymysql(lproxy), others)
+    with profiled.cursor() as cur:  # pinned against moves; its profiles die with the backend
+        cur.execute("SET @kept = 'profiled', profiling = 1")
+        cur.execute("SELECT 'profiled'")
 
     doomed.kill()
+
+    with profiled.cursor() as cur:  # rebuilt all the same, profiling anew
+        cur.execute("SELECT @kept, @@profiling, @@port")
+        assert cur.fetchone() == ("profiled", 1, survivor.port)
 
     after = _state(rich)
     assert after == (*before[:-1], "set last, then idle")
@@ -155,7 +163,7 @@ def test_idle_sessions_survive_a_killed_backend(pair: list[MariaDBServer],
     assert "the session cannot be rebuilt elsewhere: pinned: temporary tables: scratch" in log
     assert "changed since its last checkpoint in a way only its backend knew" in log
     assert f"backend {doomed.addr} was lost; the session goes on on {survivor.addr}" in log
-    for conn in (rich, quiet, timed, timed_ps, *others):
+    for conn in (rich, quiet, timed, timed_ps, profiled, *others):
         conn.close()
 
 

@@ -148,7 +148,10 @@ class SessionCheckpoints(SessionMoves):
         if self.stale:
             return ("its variables changed since its last checkpoint in a way only its backend "
                     "knew")
-        pins = self.state.pins()
+        # A profiling session is rebuilt all the same: the profiles went with the backend
+        # either way, and losing the session too would not give them back.
+        pins = [why for kind, why in zip(self.state.pin_kinds(), self.state.pins(), strict=True)
+                if kind != "profiling"]
         return "pinned: " + "; ".join(pins) if pins else ""
 
     # -- checkpoints ------------------------------------------------------------------------
