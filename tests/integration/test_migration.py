@@ -521,9 +521,7 @@ def test_a_server_that_pads_char_columns_gives_its_hashes_all_the_same(
     proxy = proxy_factory([s.addr for s in servers], ADMIN_TOML)
     with proxy.connect() as conn, conn.cursor() as cur:
         cur.execute("SET @kept = 'yes'")
-        old = proxy.session(conn.thread_id())["backend"]
-        proxy.redirect()
-        proxy.wait_moved(conn.thread_id(), old)
+        proxy.move(conn.thread_id())
         cur.execute("SELECT @kept, @@sql_mode")
         assert cur.fetchone() == ("yes", "PAD_CHAR_TO_FULL_LENGTH")
 
