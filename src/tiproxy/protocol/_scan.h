@@ -32,17 +32,24 @@ lenenc(const unsigned char *p, Py_ssize_t *at, Py_ssize_t end, unsigned long lon
     return 0;
 }
 
+/* Status flags of an OK packet (after its two counts, whatever its length); -1 if malformed. */
+static long
+ok_status(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
+{
+    Py_ssize_t at = start + 1, end = start + length;
+    unsigned long long skip;
+    if (lenenc(p, &at, end, &skip) || lenenc(p, &at, end, &skip) || at + 2 > end)
+        return -1;
+    return p[at] | p[at + 1] << 8;
+}
+
 /* Status flags of a terminator (EOF of 5 bytes, or an OK); -1 if malformed. */
 static long
 terminator(const unsigned char *p, Py_ssize_t start, Py_ssize_t length)
 {
     if (length == 5)
         return p[start + 3] | p[start + 4] << 8;
-    Py_ssize_t at = start + 1, end = start + length;
-    unsigned long long skip;
-    if (lenenc(p, &at, end, &skip) || lenenc(p, &at, end, &skip) || at + 2 > end)
-        return -1;
-    return p[at] | p[at + 1] << 8;
+    return ok_status(p, start, length);
 }
 
 /* The code of an ERR packet; 1 when it is too short to hold one (0 means "no error"). */
@@ -89,8 +96,8 @@ scan_whole(const unsigned char *p, Py_ssize_t n, Py_ssize_t pos, int deprecate_e
         Py_ssize_t len;
         unsigned char first;
         PACKET(len, first)
-        if (first == 0x00) {                       /* OK */
-            long st = terminator(p, pos + 4, len);
+        if (first == 0x00) {                       /* OK: never read as a 5-byte EOF */
+            long st = ok_status(p, pos + 4, len);
             if (st < 0) return 0;
             status = st;
             pos += 4 + len;
