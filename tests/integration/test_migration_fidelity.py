@@ -286,22 +286,36 @@ def test_the_last_statements_diagnostics_survive_a_move(
 def test_kill_with_an_expression_gets_the_servers_answer(
     backends: list[MariaDBServer], proxy_factory: ProxyFactory,
 ) -> None:
+    for server in backends:
+        server.sql("CREATE OR REPLACE SEQUENCE test.kill_seq; "
+                   "CREATE OR REPLACE FUNCTION test.kill_fn() RETURNS INT RETURN @v;")
     proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
     direct = pymysql.connect(host="127.0.0.1", port=backends[0].port, user=APP.name,
                              password=APP.password, database="test")
     with proxy.connect() as killer, proxy.connect() as victim, killer.cursor() as cur, \
             direct, direct.cursor() as dcur:
-        for statement in ("KILL abc", "KILL 1 2", "KILL QUERY"):
+        cur.execute(f"SET @v = {victim.thread_id()}")
+        # The server refuses a KILL whose expression reads a table or calls a stored function
+        # before it runs any of it: through the proxy kill_fn() must not name the victim, nor
+        # NEXTVAL take a value.
+        for statement in ("KILL abc", "KILL 1 2", "KILL QUERY", "KILL kill_fn()",
+                          "KILL NEXTVAL(kill_seq)", "KILL (SELECT 0) + LASTVAL(no_such_seq)",
+                          "KILL QUERY (SELECT 1 FROM kill_seq) + kill_fn()",
+                          "KILL no_such_column"):
             with pytest.raises(pymysql.err.MySQLError) as through:
                 cur.execute(statement)
             with pytest.raises(pymysql.err.MySQLError) as straight:
                 dcur.execute(statement)
             assert through.value.args == straight.value.args, statement
+        cur.execute("SELECT NEXTVAL(kill_seq)")
+        assert cur.fetchall() == ((1,),)
+        with victim.cursor() as vcur:
+            vcur.execute("SELECT 'victim still here'")
+            assert vcur.fetchall() == (("victim still here",),)
         with pytest.raises(pymysql.err.OperationalError) as info:
             cur.execute("SET @nobody = 999999")
             cur.execute("KILL @nobody")
         assert info.value.args == (1094, "Unknown thread id: 999999")
-        cur.execute(f"SET @v = {victim.thread_id()}")
         cur.execute("KILL CONNECTION @v - 0")  # the proxy id the expression gives
         time.sleep(0.3)
         with pytest.raises(pymysql.err.OperationalError), victim.cursor() as vcur:

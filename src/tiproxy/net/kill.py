@@ -266,6 +266,15 @@ def _proxy_ids(message: str, target: KillTarget) -> str:
 # the killer's connection under this name, then deallocated.
 _PROBE = b"__tiproxy_kill"
 CONNECTION_ID_CALL = re.compile(rb"\bCONNECTION_ID\s*\(\s*\)", re.IGNORECASE)
+# KILL refuses an expression that names a table or calls a stored function (a subquery FROM a
+# table, NEXTVAL(s), a function the server does not know) before it opens or runs anything,
+# which PREPARE does not check and the evaluation would do: MariaDB's SET STATEMENT applies the
+# same rule at the same point, and IF(0, ...) leaves the expression unevaluated. Its refusal
+# names the statement ("SET STATEMENT does not support ..." in any language), so the name is
+# put back. Any other answer (MySQL has no SET STATEMENT) leaves the judging to the evaluation.
+ER_SUBQUERIES_NOT_SUPPORTED = 1970
+ER_BAD_FIELD_ERROR = 1054
+_SAME_RULE = (b"SET STATEMENT max_statement_time = IF(0, (%s), 0) + 0 FOR DO 0", "SET STATEMENT")
 
 
 def handle_kill_expression(session: Session, sql: bytes) -> None:
@@ -294,6 +303,7 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
         finally:
             session.state.sql_prepares += 1  # the server counts it even when it fails
         await query(leg, b"DEALLOCATE PREPARE " + _PROBE, eof)
+        await _refuse_what_kill_refuses(leg, parts.expression, eof)
         # CONNECTION_ID() means the killer's own id, which the client knows as the proxy's.
         expression = CONNECTION_ID_CALL.sub(str(session.id).encode(), parts.expression)
         # BINARY: the session's character_set_results cannot re-encode the number
@@ -303,7 +313,7 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
         target = int(value) if value is not None else 0
     except SQLError as e:
         _reattached(session, leg)
-        session.reply_error(e.code, e.sqlstate, e.message)
+        session.reply_error(e.code, e.sqlstate, _as_kills(e))
     except (OSError, TimeoutError, ProtocolError, ValueError) as e:
         if _reattached(session, leg):
             session.reply_error(ER_UNKNOWN_ERROR, "HY000",
@@ -313,6 +323,26 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
             handle_kill(session, target, parts.query_only, parts.prefix)
     finally:
         session.release_input("kill expression")
+
+
+async def _refuse_what_kill_refuses(leg: BackendLeg, expression: bytes, eof: bool) -> None:
+    """Raise the server's ER_SUBQUERIES_NOT_SUPPORTED if KILL would refuse `expression`."""
+    statement, name = _SAME_RULE
+    try:
+        await query(leg, statement % expression, eof)
+    except SQLError as e:
+        if e.code == ER_SUBQUERIES_NOT_SUPPORTED:
+            raise SQLError(e.code, e.sqlstate, e.message.replace(name, "KILL", 1), e.origin) from e
+
+
+def _as_kills(error: SQLError) -> str:
+    """The evaluation's error as KILL words it: an unknown column is "in 'KILL'", not in the
+    SELECT's 'field list'."""
+    if error.code == ER_BAD_FIELD_ERROR:
+        head, found, tail = error.message.rpartition("'field list'")
+        if found:
+            return head + "'KILL'" + tail
+    return error.message
 
 
 def _reattached(session: Session, leg: BackendLeg) -> bool:
