@@ -265,9 +265,10 @@ def test_connection_id_is_the_greetings_and_kill_takes_it(idproxy: ProxyProcess)
 def test_a_prepared_kill_names_the_proxy_id(idproxy: ProxyProcess) -> None:
     """A KILL sent as a prepared statement (mysqltest's --ps-protocol, PDO's native prepares)
     names a session by the proxy's id, as the same KILL sent as a query does: each execute is
-    carried out as that KILL. One whose target is a parameter or an expression, which the
-    backend would read as one of its own thread ids, is refused when it is prepared."""
-    victim = idproxy.connect()
+    carried out as that KILL, an expression evaluated at each execute. One whose target is a
+    parameter, which the backend would read as one of its own thread ids, is refused when it
+    is prepared."""
+    victim, second = idproxy.connect(), idproxy.connect()
     killer = mysql.connector.connect(host="127.0.0.1", port=idproxy.port, user=APP.name,
                                      password=APP.password, database="test", use_pure=True)
     _wait_credential(idproxy, victim.thread_id(), killer.connection_id)
@@ -281,6 +282,16 @@ def test_a_prepared_kill_names_the_proxy_id(idproxy: ProxyProcess) -> None:
         time.sleep(0.3)
         with pytest.raises(pymysql.err.OperationalError), victim.cursor() as vcur:
             vcur.execute("SELECT 1")
+        # An expression, as mysqltest --ps-protocol prepares it: the server's refusal of a
+        # table in it (at the execute, as directly), and the session it names killed.
+        with pytest.raises(mysql.connector.Error) as refused:
+            cur.execute("KILL (SELECT 1 FROM mysql.user LIMIT 1)")
+        assert refused.value.errno == 1970, refused.value
+        assert "KILL does not support subqueries" in str(refused.value)
+        cur.execute(f"KILL CONNECTION {second.thread_id()} + 0")
+        time.sleep(0.3)
+        with pytest.raises(pymysql.err.OperationalError), second.cursor() as scur:
+            scur.execute("SELECT 1")
         with pytest.raises(mysql.connector.Error, match="cannot be prepared"):
             cur.execute("KILL ?", (killer.connection_id,))
         cur.execute("SELECT 2")  # the killer's session goes on

@@ -15,10 +15,12 @@ from tiproxy.protocol.constants import Capability, Command
 from tiproxy.protocol.errors import ProtocolError
 from tiproxy.session.commands import (
     MAYBE_KILL_FIRST_BYTES,
+    KillExpression,
     KillRequest,
     is_unmapped_kill,
     parse_kill_query,
     parse_process_kill,
+    prepared_kill,
     rewrite_change_user,
 )
 
@@ -277,3 +279,21 @@ def test_process_kill_id_is_little_endian() -> None:
 )
 def test_kill_the_proxy_cannot_map_is_recognised(sql: bytes, unmapped: bool) -> None:
     assert is_unmapped_kill(sql) is unmapped
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind"),
+    [
+        (b"KILL 5", KillRequest),
+        (b"KILL QUERY 5;", KillRequest),
+        (b"KILL @v + 1", KillExpression),
+        (b"KILL CONNECTION (SELECT 1 FROM t)", KillExpression),
+        (b"KILL ?", type(None)),  # a parameter: refused when prepared
+        (b"KILL @v + ?", type(None)),
+        (b"KILL CONCAT('1', '\\\\0')", type(None)),  # a backslash: refused when prepared
+        (b"KILL USER app", type(None)),  # the backend's to run
+        (b"SELECT 'KILL 4+1'", type(None)),
+    ],
+)
+def test_a_prepared_kill_is_what_each_execute_carries_out(sql: bytes, kind: type) -> None:
+    assert type(prepared_kill(sql)) is kind

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tiproxy.net.ids import CURSOR_TYPES
-from tiproxy.net.kill import CONNECTION_ID_CALL, handle_kill, handle_kill_expression
+from tiproxy.net.kill import CONNECTION_ID_CALL, evaluate_kill, handle_kill, handle_kill_expression
 from tiproxy.net.login_phase import COMMAND
 from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import ER_UNKNOWN_COM_ERROR, MAX_PAYLOAD, Command
@@ -22,9 +22,11 @@ from tiproxy.protocol.errors import ProtocolError
 from tiproxy.protocol.responses import AUTH, EXPECT_BY_COMMAND, Expect
 from tiproxy.session.commands import (
     MAYBE_KILL_FIRST_BYTES,
+    KillExpression,
     is_unmapped_kill,
     parse_kill_query,
     parse_process_kill,
+    prepared_kill,
 )
 from tiproxy.session.prepared import LAST_PREPARED_ID, execute_types, packet_stmt_id
 from tiproxy.session.sqltext import reads_diagnostics, user_variable_names
@@ -290,23 +292,29 @@ class CommandPhase:
         if not tracker.idle:
             return False
         kill = stmt.kill
-        handle_kill(self, kill.connection_id, kill.query_only, kill.prefix)  # type: ignore[arg-type]
+        if isinstance(kill, KillExpression):
+            evaluate_kill(self, kill)  # type: ignore[arg-type]
+        else:
+            handle_kill(self, kill.connection_id, kill.query_only, kill.prefix)  # type: ignore[arg-type]
         return True
 
     def _unmapped_kill_prepare(self, sql: bytes) -> bool | None:
-        """A KILL whose target the proxy cannot map (`KILL ?`, an expression) is not prepared:
-        executed, the backend would read a proxy id as one of its own thread ids. Refused with
-        the reason (True; None: wait for the backend to be idle, False: not one). A lone
-        CONNECTION_ID() is no such target (net/ids.py makes it the proxy's id)."""
-        if not sql or sql[0] not in MAYBE_KILL_FIRST_BYTES or parse_kill_query(sql) is not None \
+        """A KILL whose target the proxy cannot map (`KILL ?`) is not prepared: executed, the
+        backend would read a proxy id as one of its own thread ids. Refused with the reason
+        (True; None: wait for the backend to be idle, False: not one). A lone CONNECTION_ID()
+        is no such target (net/ids.py makes it the proxy's id), nor an expression without a
+        parameter, which each execute evaluates as the same KILL sent as a query
+        (prepared_kill: the backend prepares it and never runs it)."""
+        if not sql or sql[0] not in MAYBE_KILL_FIRST_BYTES or prepared_kill(sql) is not None \
                 or parse_kill_query(CONNECTION_ID_CALL.sub(b"0", sql)) is not None \
                 or not is_unmapped_kill(sql):
             return False
         if self.tracker is not None and not self.tracker.idle:
             return None  # answered in turn, once the responses before it are
         self.reply_error(ER_UNSUPPORTED_PS, "HY000",
-                         "TiProxy: a KILL whose target is a parameter or an expression cannot "
-                         "be prepared through the proxy; send it as a query")
+                         "TiProxy: a KILL whose target is a parameter cannot be prepared through "
+                         "the proxy; send it as a query" if b"?" in sql else
+                         "TiProxy: a KILL with a backslash in it is not evaluated")
         return True
 
     def _query_command(self, packet: bytes) -> bool | None:

@@ -286,6 +286,11 @@ def handle_kill_expression(session: Session, sql: bytes) -> None:
         session.reply_error(ER_UNKNOWN_ERROR, "HY000",
                             "TiProxy: a KILL with a backslash in it is not evaluated")
         return
+    evaluate_kill(session, parts)
+
+
+def evaluate_kill(session: Session, parts: KillExpression) -> None:
+    """A KILL <expression> taken apart (a query's, or a prepared statement's at each execute)."""
     session.hold_input("kill expression")  # the KILL it leads to holds "kill" of its own
     session.run_task(_evaluate(session, parts))
 

@@ -14,7 +14,7 @@ from tiproxy.protocol.codec import U32
 from tiproxy.protocol.constants import Capability, Command, ServerStatus
 from tiproxy.protocol.errors import ProtocolError
 from tiproxy.protocol.responses import Expect
-from tiproxy.session.commands import parse_kill_query
+from tiproxy.session.commands import prepared_kill
 from tiproxy.session.prepared import (
     LAST_PREPARED_ID,
     execute_types,
@@ -107,7 +107,7 @@ class CommandRecords:
         renames = self._rewriter.renames if rewritten is not packet and self._rewriter else ()
         packet = rewritten
         self._prepares_sent += 1
-        self._kill_in_flight = parse_kill_query(packet[5:]) is not None  # commands.py: id -1
+        self._kill_in_flight = prepared_kill(packet[5:]) is not None  # commands.py: id -1
         return packet, ("prepare", packet[5:], renames)
 
     def _executed_sql(self, packet: bytes, cmd: int) -> bytes | None:

@@ -122,6 +122,17 @@ def split_kill_expression(sql: bytes) -> KillExpression | None:
     return KillExpression(statement, m.group("expr"), what == b"QUERY", prefix)
 
 
+def prepared_kill(sql: bytes) -> KillRequest | KillExpression | None:
+    """What each execute of a prepared statement is, if it is a KILL the proxy carries out: a
+    KILL of an id, or of an expression it evaluates at each execute as it does for a query
+    (net/kill.py). None for any other statement, and for a KILL it cannot take (a parameter
+    marker: its value would need the execute's binding; a backslash), which is refused."""
+    kill = parse_kill_query(sql)
+    if kill is not None or b"?" in sql or not is_unmapped_kill(sql):
+        return kill
+    return split_kill_expression(sql)
+
+
 def _without_comments(sql: bytes) -> bytes | None:
     """The statement with its comments turned into spaces and its executable comments into their
     text, as the server reads it; None if it holds a quoted string, which no KILL <id> does.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tiproxy.session.commands import KillRequest, parse_kill_query
+from tiproxy.session.commands import KillExpression, KillRequest, prepared_kill
 from tiproxy.session.rebuild import VariableChanges, variable_changes
 from tiproxy.session.statements import OPAQUE, StatementEffects, prepared_effects
 
@@ -45,9 +45,9 @@ class PreparedStatement:
     renames: tuple[tuple[bytes, bytes], ...] = ()
     # What executing it does to the session's variables (session/rebuild.py), if anything
     variables: VariableChanges | None = None
-    # A KILL of a proxy id: each execute is the proxy's to carry out (net/kill.py), as the
-    # same KILL sent as a query would be
-    kill: KillRequest | None = None
+    # A KILL of a proxy id or of an expression: each execute is the proxy's to carry out
+    # (net/kill.py), as the same KILL sent as a query would be
+    kill: KillRequest | KillExpression | None = None
 
     def reset(self) -> None:
         """An execute or a COM_STMT_RESET: no long data and no open cursor from now on (the
@@ -134,7 +134,7 @@ class SessionState:
             client_id, backend_id, sql, params, columns, effects=prepared_effects(sql),
             database=self.database if self.database_known else None,
             variables=changes if changes.stale or changes.replays else None,
-            kill=parse_kill_query(sql))
+            kill=prepared_kill(sql))
         self.last_prepared = client_id
         return client_id
 
