@@ -255,6 +255,25 @@ def test_user_variables_set_through_prepared_statements_move(
         assert cur.fetchall() == (("again",),)
 
 
+def test_a_user_variable_larger_than_a_packet_moves(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory,
+) -> None:
+    """A value assigned from an expression is read back at once (net/checkpoints.py) and at
+    each move; 10 MiB is 20 MiB as HEX(), a row the server sends in two packets."""
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    with proxy.connect(autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute("SET @big := REPEAT('ab', 5 * 1024 * 1024), @small = 1")
+        for _ in range(2):
+            cur.execute("SELECT @@port")
+            port = cur.fetchone()[0]
+            proxy.move(conn.thread_id())
+            cur.execute("SELECT @@port, LENGTH(@big), @big = REPEAT('ab', 5 * 1024 * 1024), "
+                        "@small")
+            moved_to, *values = cur.fetchone()
+            assert moved_to != port
+            assert values == [10 * 1024 * 1024, 1, 1]
+
+
 def test_the_last_statements_diagnostics_survive_a_move(
     backends: list[MariaDBServer], proxy_factory: ProxyFactory,
 ) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tiproxy.client.leg import BackendLeg
 from tiproxy.protocol.codec import U16, U32, read_lenenc_bytes, read_lenenc_int
-from tiproxy.protocol.constants import Command, ServerStatus
+from tiproxy.protocol.constants import MAX_PAYLOAD, Command, ServerStatus
 from tiproxy.protocol.errors import Origin, ProtocolError, SQLError
 from tiproxy.protocol.packets import frame, parse_err
 from tiproxy.protocol.responses import terminator_status
@@ -60,6 +60,19 @@ async def queries(leg: BackendLeg, sqls: Sequence[str | bytes], deprecate_eof: b
     return results
 
 
+async def read_payload(leg: BackendLeg) -> bytes:
+    """One logical packet's payload: one of 16 MiB - 1 bytes goes on in the next packet (a row
+    that holds a large user variable, read by a checkpoint or a move)."""
+    _, payload = await leg.read_packet()
+    if len(payload) < MAX_PAYLOAD:
+        return payload
+    parts = [payload]
+    while len(payload) == MAX_PAYLOAD:
+        _, payload = await leg.read_packet()
+        parts.append(payload)
+    return b"".join(parts)
+
+
 async def read_result(leg: BackendLeg, deprecate_eof: bool,
                       extended_metadata: bool = False) -> Result:
     _, payload = await leg.read_packet()
@@ -79,8 +92,8 @@ async def read_result(leg: BackendLeg, deprecate_eof: bool,
         await leg.read_packet()
     rows: list[Row] = []
     while True:
-        _, payload = await leg.read_packet()
-        if payload[:1] == b"\xfe" and len(payload) < 0xFFFFFF:
+        payload = await read_payload(leg)
+        if payload[:1] == b"\xfe" and len(payload) < MAX_PAYLOAD:
             return Result(rows, terminator_status(payload, 0, len(payload)), types)
         if payload[:1] == b"\xff":
             raise sql_error(payload)
