@@ -200,6 +200,39 @@ def test_profiling_pins_the_session(
             assert ran == ["SELECT 'profiled'"]  # the proxy ran nothing of its own there
 
 
+@pytest.mark.parametrize("autocommit", [True, False], ids=["autocommit", "no_autocommit"])
+def test_set_transaction_for_the_next_one_holds_the_move_until_it_begins(
+    backends: list[MariaDBServer], proxy_factory: ProxyFactory, autocommit: bool,
+) -> None:
+    """SET TRANSACTION without SESSION is for the next transaction only, and no variable shows
+    it: the session stays on its connection until that transaction has begun, the transaction
+    runs as asked, and the session moves after it."""
+    for server in backends:
+        server.sql("CREATE TABLE IF NOT EXISTS test.next_trx (a INT) ENGINE=InnoDB")
+    proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
+    # (the transaction whose statement this is: CONNECTION_ID() would be the proxy's id)
+    isolation = ("SELECT trx_isolation_level FROM information_schema.INNODB_TRX "
+                 "WHERE trx_query LIKE '%INNODB_TRX%'")
+    with proxy.connect(autocommit=autocommit) as conn, conn.cursor() as cur:
+        cur.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        cur.execute("SELECT 1")  # opens no transaction (an autocommit one on InnoDB would)
+        proxy.waits(conn.thread_id(), "SET TRANSACTION for the next transaction only")
+        if autocommit:
+            cur.execute("BEGIN")
+        cur.execute("SELECT COUNT(*) FROM test.next_trx LOCK IN SHARE MODE")
+        cur.execute(isolation)
+        assert cur.fetchall() == (("SERIALIZABLE",),)
+        cur.execute("COMMIT")
+        proxy.move(conn.thread_id())
+        cur.execute("SELECT REPLACE(@@tx_isolation, '-', ' ')")
+        usual = cur.fetchone()[0]
+        cur.execute("BEGIN")  # the next transaction is as the session's variables say
+        cur.execute("SELECT COUNT(*) FROM test.next_trx LOCK IN SHARE MODE")
+        cur.execute(isolation)
+        assert cur.fetchall() == ((usual,),)
+        cur.execute("COMMIT")
+
+
 def test_multi_statements_turned_on_by_com_set_option_stay_on_after_a_move(
     backends: list[MariaDBServer], proxy_factory: ProxyFactory,
 ) -> None:

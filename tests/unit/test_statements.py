@@ -348,7 +348,8 @@ def test_user_variable_names_past_the_servers_limit_are_not_kept() -> None:
     {"temp_tables": {"t"}}, {"named_locks": {"a"}}, {"table_locks": True}, {"handlers": {"t"}},
     {"no_credential": "no reusable credential"}, {"opaque": "a statement"},
     {"hidden": "a temporary table the proxy did not see"}, {"opaque_prepared": {"s"}},
-    {"long_data": True}, {"cursor_open": True}, {"profiling": True}, {"role_set": True}, {},
+    {"long_data": True}, {"cursor_open": True}, {"profiling": True}, {"role_set": True},
+    {"next_transaction": True}, {},
 ])
 def test_pinned_says_what_pins_says(pin: dict[str, object]) -> None:
     """The rebalancer's quick test (every session, once a second) agrees with the reasons."""
@@ -404,3 +405,25 @@ def test_profiling_turned_on_pins_for_the_connections_life(sql: bytes, on: bool)
     assert ("profiling" in state.pin_kinds()) is on
     state.reset()
     assert state.pinned() is on
+
+
+@pytest.mark.parametrize(("statements", "waiting"), [
+    ([b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"], True),
+    ([b"set  transaction read only", b"SELECT 1"], True),
+    ([b"/* c */ SET TRANSACTION READ WRITE"], True),
+    ([b"SET TRANSACTION ISOLATION LEVEL READ COMMITTED", b"BEGIN"], False),
+    ([b"SET TRANSACTION READ ONLY; START TRANSACTION"], False),
+    ([b"BEGIN", b"COMMIT", b"SET TRANSACTION READ ONLY"], True),
+    ([b"SET SESSION TRANSACTION ISOLATION LEVEL SERIALIZABLE"], False),  # a variable: carried
+    ([b"SET GLOBAL TRANSACTION READ ONLY"], False),
+    ([b"SET @transaction = 1"], False),
+])
+def test_set_transaction_for_the_next_one_pins_until_a_transaction_begins(
+        statements: list[bytes], waiting: bool) -> None:
+    """Every statement read, as while a move is due (BEGIN is read only then)."""
+    state = SessionState()
+    for sql in statements:
+        state.apply(statement_effects(sql))
+    assert ("next_transaction" in state.pin_kinds()) is waiting
+    state.reset()
+    assert not state.pinned()

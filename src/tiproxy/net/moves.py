@@ -142,6 +142,8 @@ class SessionMoves:
         """wait_reason() == "", without building the reasons: the rebalancer asks it of every
         session once a second."""
         tracker = self.tracker
+        if tracker is not None and tracker.status & _IN_TRANS:
+            self.state.next_transaction = False  # the transaction that takes it has begun
         if self.phase != COMMAND or tracker is None or not tracker.idle or self._ccont \
                 or tracker.local_infile or tracker.status & _IN_TRANS or self.state.pinned():
             return False
@@ -158,6 +160,8 @@ class SessionMoves:
         if not tracker.idle or self._ccont or tracker.local_infile or self._held - {"idle"}:
             return "busy with a command"
         reasons = ["in a transaction"] if tracker.status & _IN_TRANS else []
+        if reasons:
+            self.state.next_transaction = False  # the transaction that takes it has begun
         pins = self.state.pins()
         if self.state.user_vars_overflow and self.backend is not None \
                 and self.backend.user_variables_table is False:

@@ -22,7 +22,7 @@ from tiproxy.session.statements import OPAQUE, StatementEffects, prepared_effect
 # What may pin a session, as SessionState.pin_kinds names it (the metrics' labels).
 PIN_KINDS = ("temporary_table", "named_lock", "lock_tables", "read_lock", "backup", "handler",
              "long_data", "cursor", "no_credential", "unreadable_statement", "unseen_state",
-             "role", "prepared_from_variable")
+             "role", "profiling", "next_transaction", "prepared_from_variable")
 MAX_TRACKED_USER_VARS = 1024  # a client naming more is pinned where they cannot be listed
 MAX_USER_VAR_NAME = 64 * 4  # MariaDB refuses names over 64 characters (4 bytes each at most)
 UNCOUNTED = -1  # (SessionState.lock_counts) a named lock taken an unknown number of times
@@ -56,6 +56,8 @@ class PreparedStatement:
         self.cursor_open = False
 
 
+NEXT_TRANSACTION = ("SET TRANSACTION for the next transaction only, which no variable shows "
+                    "and so no move carries: the move waits until that transaction begins")
 PROFILING = ("profiling (SET profiling): SHOW PROFILES lists what this connection ran, which "
              "no other connection can show")
 
@@ -106,6 +108,10 @@ class SessionState:
     # other connection can show. The server keeps them through COM_RESET_CONNECTION (MariaDB
     # 10.11), so this pin too stays for the connection's life.
     profiling: bool = False
+    # SET TRANSACTION (no SESSION) ran and no transaction has begun since: its characteristics
+    # wait on this connection for the next one. Cleared by BEGIN, or once the session is seen in
+    # a transaction (net/moves.py); a reset forgets them, as the server does.
+    next_transaction: bool = False
     # User variables the session's statements named, for servers that cannot list them
     # (information_schema.USER_VARIABLES disabled). Bounded: past the bound the session is
     # pinned on such servers instead.
@@ -195,6 +201,8 @@ class SessionState:
             return
         self.procedure_called = self.procedure_called or fx.calls_procedure
         self.profiling = self.profiling or fx.profiling
+        if fx.next_transaction or fx.begins_transaction:
+            self.next_transaction = fx.next_transaction  # BEGIN: the transaction that takes it
         self.counts_reset = self.counts_reset or fx.counts_reset
         self.temp_tables.update(fx.temp_created)
         self.temp_creates += len(fx.temp_created)
@@ -310,7 +318,8 @@ class SessionState:
         """bool(pins()), without building the reasons for the usual session that has none."""
         if self.temp_tables or self.named_locks or self.table_locks or self.handlers \
                 or self.read_lock or self.backup or self.no_credential or self.opaque \
-                or self.hidden or self.opaque_prepared or self.role_set or self.profiling:
+                or self.hidden or self.opaque_prepared or self.role_set or self.profiling \
+                or self.next_transaction:
             return True
         return bool(self.stmts) and bool(self.pins())
 
@@ -353,6 +362,8 @@ class SessionState:
                          "role instead"))
         if self.profiling:
             pins.append(("profiling", PROFILING))
+        if self.next_transaction:
+            pins.append(("next_transaction", NEXT_TRANSACTION))
         if self.opaque_prepared:
             pins.append(("prepared_from_variable",
                          "statements prepared from a variable (deallocate them to move): "

@@ -78,6 +78,10 @@ _USE = re.compile(rb"USE\s+(" + _IDENT + rb")\s*;?\s*\Z", re.IGNORECASE)
 # SET STATEMENT var = value [, ...] FOR statement: the statement is what runs
 # (https://mariadb.com/kb/en/set-statement/).
 _SET_STATEMENT = re.compile(rb"SET\s+STATEMENT\s+.*?\bFOR\s+", re.IGNORECASE | re.DOTALL)
+# SET TRANSACTION without SESSION or GLOBAL: characteristics (isolation level, READ ONLY) for the
+# next transaction only, which no variable shows, so no capture reads them back; that
+# transaction's end takes them (an autocommit statement does not: checked on MariaDB 10.11).
+_NEXT_TRANSACTION = re.compile(rb"SET\s++TRANSACTION\b", re.IGNORECASE)
 _EXECUTE_IMMEDIATE = re.compile(rb"EXECUTE\s+IMMEDIATE\s*", re.IGNORECASE)
 # A string literal, optionally with a character set introducer: '...' or "...", with backslash
 # escapes and doubled quotes (https://mariadb.com/kb/en/string-literals/).
@@ -192,6 +196,7 @@ class StatementEffects:
     own_password: bytes | None = field(default=None, repr=False)  # secret: never shown
     backup: bool | None = None  # True: BACKUP STAGE START, BACKUP LOCK; False: their ends
     profiling: bool = False  # SET profiling = 1 (SET STATEMENT profiling = 1 FOR ... too)
+    next_transaction: bool = False  # SET TRANSACTION: for the next transaction only
     # CALL: a stored procedure ran, and may have set user variables the proxy cannot name
     # (it matters where the server cannot list them: net/migration.py)
     calls_procedure: bool = False
@@ -350,6 +355,7 @@ def _set(body: bytes, fx: StatementEffects) -> bool:
         _one_statement(body[m.end():], fx)
         return True
     fx.profiling = fx.profiling or bool(_PROFILING.search(body))
+    fx.next_transaction = fx.next_transaction or bool(_NEXT_TRANSACTION.match(body))
     fx.session_only += tuple((m.group(1).decode().lower(), m.group(2) is None)
                              for m in _SESSION_ONLY.finditer(body))
     _own_password(body, fx)

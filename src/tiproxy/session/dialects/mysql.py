@@ -18,7 +18,8 @@ literal and HEX()'s answer are in it, so the literals that name each row's kind 
 (`_binary'db'`) and HEX()'s answer is converted to latin1.
 
 Not carried over (documented limits): FOUND_ROWS(), ROW_COUNT() and warnings of the last
-statement; one-shot `SET TRANSACTION` characteristics; variables only a stored program set.
+statement; variables only a stored program set. One-shot `SET TRANSACTION` characteristics are
+not read either: they hold the session until its next transaction (SessionState.next_transaction).
 References: https://mariadb.com/kb/en/information-schema-system_variables-table/ ,
 https://mariadb.com/kb/en/information-schema-user_variables-table/
 """
