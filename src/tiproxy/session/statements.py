@@ -79,8 +79,9 @@ _USE = re.compile(rb"USE\s+(" + _IDENT + rb")\s*;?\s*\Z", re.IGNORECASE)
 # (https://mariadb.com/kb/en/set-statement/).
 _SET_STATEMENT = re.compile(rb"SET\s+STATEMENT\s+.*?\bFOR\s+", re.IGNORECASE | re.DOTALL)
 # SET TRANSACTION without SESSION or GLOBAL: characteristics (isolation level, READ ONLY) for the
-# next transaction only, which no variable shows, so no capture reads them back; that
-# transaction's end takes them (an autocommit statement does not: checked on MariaDB 10.11).
+# next transaction only, which no variable shows, so no capture reads them back. That
+# transaction takes them, an autocommit statement on an InnoDB table too; SELECT 1 and reads of
+# information_schema do not (checked on MariaDB 10.11).
 _NEXT_TRANSACTION = re.compile(rb"SET\s++TRANSACTION\b", re.IGNORECASE)
 _EXECUTE_IMMEDIATE = re.compile(rb"EXECUTE\s+IMMEDIATE\s*", re.IGNORECASE)
 # A string literal, optionally with a character set introducer: '...' or "...", with backslash
