@@ -159,7 +159,7 @@ def test_every_sql_path_to_session_state_pins(
         cur.execute("SELECT 1")  # the session goes on where its state is
 
 
-@pytest.mark.parametrize("statement", ["SET ROLE fid_role",
+@pytest.mark.parametrize("statement", ["SET ROLE fid_role", "SET\tROLE fid_role",
                                        "BEGIN NOT ATOMIC SET ROLE fid_role; END",
                                        "SET CHARACTER SET utf8mb4; SET ROLE fid_role"])
 def test_set_role_pins_the_session(

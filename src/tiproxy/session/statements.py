@@ -33,8 +33,12 @@ LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # The first four letters, upper case, of the statements behind STATE_FIRST_BYTES that do change
 # tracked state. COMMIT, UPDATE, DELETE, LOAD and the like start with the same letters and are
 # common: a four-byte look lets them stay on the fast path.
+# SET and USE are three letters: what may follow them is any whitespace or a comment's start
+# (`SET\tROLE r`, `SET/**/TRANSACTION ...` are statements the server runs).
 STATE_PREFIXES = frozenset((b"CREA", b"DROP", b"DEAL", b"LOCK", b"UNLO", b"PREP", b"HAND",
-                            b"KILL", b"EXEC", b"SET ", b"USE ", b"FLUS", b"CALL", b"BACK"))
+                            b"KILL", b"EXEC", b"FLUS", b"CALL", b"BACK",
+                            *(word + bytes((after,)) for word in (b"SET", b"USE")
+                              for after in b" \t\n\x0b\x0c\r/#-")))
 
 # MariaDB's compound statements outside a stored program may set anything (a role among it):
 # never relayed unread. First bytes, then the statement's start.
