@@ -292,7 +292,7 @@ def test_a_user_variable_larger_than_a_packet_moves(
     backends: list[MariaDBServer], proxy_factory: ProxyFactory,
 ) -> None:
     """A value assigned from an expression is read back at once (net/checkpoints.py) and at
-    each move; 10 MiB is 20 MiB as HEX(), a row the server sends in two packets."""
+    each move; 10 MiB is 20 MiB as HEX(), in a row the server sends in several packets."""
     proxy = proxy_factory([b.addr for b in backends], ADMIN_TOML)
     with proxy.connect(autocommit=True) as conn, conn.cursor() as cur:
         cur.execute("SET @big := REPEAT('ab', 5 * 1024 * 1024), @small = 1")

@@ -274,7 +274,7 @@ CONNECTION_ID_CALL = re.compile(rb"\bCONNECTION_ID\s*\(\s*\)", re.IGNORECASE)
 # put back. Any other answer (MySQL has no SET STATEMENT) leaves the judging to the evaluation.
 ER_SUBQUERIES_NOT_SUPPORTED = 1970
 ER_BAD_FIELD_ERROR = 1054
-_SAME_RULE = (b"SET STATEMENT max_statement_time = IF(0, (%s), 0) + 0 FOR DO 0", "SET STATEMENT")
+_SAME_RULE = b"SET STATEMENT max_statement_time = IF(0, (%s), 0) + 0 FOR DO 0"
 
 
 def handle_kill_expression(session: Session, sql: bytes) -> None:
@@ -332,12 +332,12 @@ async def _evaluate(session: Session, parts: KillExpression) -> None:
 
 async def _refuse_what_kill_refuses(leg: BackendLeg, expression: bytes, eof: bool) -> None:
     """Raise the server's ER_SUBQUERIES_NOT_SUPPORTED if KILL would refuse `expression`."""
-    statement, name = _SAME_RULE
     try:
-        await query(leg, statement % expression, eof)
+        await query(leg, _SAME_RULE % expression, eof)
     except SQLError as e:
         if e.code == ER_SUBQUERIES_NOT_SUPPORTED:
-            raise SQLError(e.code, e.sqlstate, e.message.replace(name, "KILL", 1), e.origin) from e
+            message = e.message.replace("SET STATEMENT", "KILL", 1)
+            raise SQLError(e.code, e.sqlstate, message, e.origin) from e
 
 
 def _as_kills(error: SQLError) -> str:
